@@ -1,0 +1,9 @@
+"""blocksparse_attn: block-sparse flash attention (Phi-3-small pattern, paged KV cache) for PyTorch.
+
+Ops: torch.ops.blocksparse_attn.* (typed wrappers in blocksparse_attn.ops); the vLLM-style backend
+classes are importable from here.
+"""
+from . import ops
+from .layout import BlockLayout, SparsePattern
+
+__all__ = ["ops", "SparsePattern", "BlockLayout"]

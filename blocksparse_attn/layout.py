@@ -1,0 +1,201 @@
+"""The sparsity pattern as an object: parameters, dense block mask, CSR layout, density, picture.
+
+`SparsePattern` is the parametric Phi-3-small pattern (spec §2); `BlockLayout` is an explicit per-head
+CSR block layout. Both are accepted by every attention op in `blocksparse_attn.ops`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    """Key block j is visible to query block i of q head h iff j <= i and
+    (i - j < local_blocks or (j + off(h)) % vert_stride == 0), with
+    off(h) = (head_offset + h) * head_sliding_step + 1, or with the kv-head index in place of the
+    q-head index when slide_by_kv_head (vLLM's homo_head_group). Token-causal inside the diagonal.
+    """
+
+    block_size: int = 64
+    local_blocks: int = 16
+    vert_stride: int = 8
+    head_sliding_step: int = 1
+    slide_by_kv_head: bool = False
+    head_offset: int = 0
+
+    def __post_init__(self):
+        if self.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.block_size}")
+        if self.local_blocks < 1:
+            raise ValueError(f"local_blocks must be >= 1, got {self.local_blocks}")
+        if self.vert_stride < 1:
+            raise ValueError(f"vert_stride must be >= 1, got {self.vert_stride}")
+        if self.head_sliding_step < 0:
+            raise ValueError(f"head_sliding_step must be >= 0, got {self.head_sliding_step}")
+        if self.head_offset < 0:
+            raise ValueError(f"head_offset must be >= 0, got {self.head_offset}")
+
+    @classmethod
+    def phi3_small(cls, num_heads: int = 32, tp_size: int = 1, tp_rank: int = 0) -> "SparsePattern":
+        """Phi-3-small's attention pattern (B = 64, L = 16, V = 8) for `num_heads` q heads per rank."""
+        vert_stride = 8
+        step = max(1, vert_stride // (num_heads * tp_size))
+        return cls(64, 16, vert_stride, step, False, tp_rank * num_heads)
+
+    def vertical_offsets(self, num_heads: int, num_kv_heads: int | None = None) -> torch.Tensor:
+        """off(h) for the local q heads 0..num_heads-1, as an int64 tensor [num_heads]."""
+        heads = torch.arange(num_heads) + self.head_offset
+        if self.slide_by_kv_head:
+            if num_kv_heads is None or num_heads % num_kv_heads:
+                raise ValueError("slide_by_kv_head needs num_kv_heads dividing num_heads")
+            heads = heads // (num_heads // num_kv_heads)
+        return heads * self.head_sliding_step + 1
+
+    def block_mask(self, num_heads: int, num_q_blocks: int, num_kv_heads: int | None = None) -> torch.Tensor:
+        """Dense bool [num_heads, num_q_blocks, num_q_blocks]: True where key block j is visible to i."""
+        i = torch.arange(num_q_blocks).view(1, -1, 1)
+        j = torch.arange(num_q_blocks).view(1, 1, -1)
+        off = self.vertical_offsets(num_heads, num_kv_heads).view(-1, 1, 1)
+        return (j <= i) & ((i - j < self.local_blocks) | ((j + off) % self.vert_stride == 0))
+
+    def to_layout(self, num_heads: int, max_seqlen: int, num_kv_heads: int | None = None) -> "BlockLayout":
+        """The same pattern as an explicit CSR layout covering sequences of up to max_seqlen tokens."""
+        num_q_blocks = -(-max_seqlen // self.block_size)
+        return BlockLayout.from_block_mask(self.block_mask(num_heads, num_q_blocks, num_kv_heads), self.block_size)
+
+    def op_args(self) -> tuple:
+        """The sparsity arguments of the attention ops (csrc/ops.cpp), in schema order."""
+        return (self.block_size, self.local_blocks, self.vert_stride, self.head_sliding_step,
+                self.slide_by_kv_head, self.head_offset, None, None)
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """An explicit block-sparse layout: per q head, CSR rows of visible key blocks.
+
+    crow: int32 [num_heads, num_q_blocks + 1] row pointers; col: int32 [num_heads, max_nnz] ascending
+    key blocks of each row (entries past a head's last row pointer are padding). Key blocks above the
+    diagonal are rejected; the diagonal block, where present, is cut token-causally.
+    """
+
+    block_size: int
+    crow: torch.Tensor
+    col: torch.Tensor
+
+    def __post_init__(self):
+        if self.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.block_size}")
+        if self.crow.dim() != 2 or self.col.dim() != 2 or self.crow.shape[0] != self.col.shape[0]:
+            raise ValueError(f"crow must be [H, num_q_blocks + 1] and col [H, max_nnz], got "
+                             f"{tuple(self.crow.shape)} and {tuple(self.col.shape)}")
+
+    @classmethod
+    def from_block_mask(cls, block_mask: torch.Tensor, block_size: int) -> "BlockLayout":
+        """From a dense bool [H, num_q_blocks, num_k_blocks] mask (only j <= i may be set)."""
+        if block_mask.dim() != 3:
+            raise ValueError(f"block_mask must be [H, num_q_blocks, num_k_blocks], got {tuple(block_mask.shape)}")
+        block_mask = block_mask.bool().cpu()
+        num_heads, num_q_blocks, num_k_blocks = block_mask.shape
+        above = torch.ones(num_q_blocks, num_k_blocks, dtype=torch.bool).triu(1)
+        if (block_mask & above).any():
+            raise ValueError("block_mask has key blocks above the diagonal; they can never be visible")
+        counts = block_mask.sum(-1)
+        crow = torch.zeros(num_heads, num_q_blocks + 1, dtype=torch.int32)
+        crow[:, 1:] = counts.cumsum(-1)
+        max_nnz = max(int(crow[:, -1].max()), 1)
+        col = torch.zeros(num_heads, max_nnz, dtype=torch.int32)
+        for h in range(num_heads):
+            cols = block_mask[h].nonzero()[:, 1].to(torch.int32)  # row-major, so ascending per row
+            col[h, : cols.numel()] = cols
+        return cls(block_size, crow, col)
+
+    @property
+    def num_heads(self) -> int:
+        return self.crow.shape[0]
+
+    @property
+    def num_q_blocks(self) -> int:
+        return self.crow.shape[1] - 1
+
+    def to(self, device) -> "BlockLayout":
+        return BlockLayout(self.block_size, self.crow.to(device), self.col.to(device))
+
+    def block_mask(self, num_heads: int | None = None, num_q_blocks: int | None = None,
+                   num_kv_heads: int | None = None) -> torch.Tensor:
+        """Dense bool [H, n, n] with n = num_q_blocks (default: all the layout's rows)."""
+        n = self.num_q_blocks if num_q_blocks is None else num_q_blocks
+        if n > self.num_q_blocks:
+            raise ValueError(f"the layout has {self.num_q_blocks} query blocks, {n} were asked for")
+        crow, col = self.crow.cpu().long(), self.col.cpu().long()
+        mask = torch.zeros(self.num_heads, n, max(n, 1), dtype=torch.bool)
+        for h in range(self.num_heads):
+            for i in range(n):
+                mask[h, i, col[h, crow[h, i]: crow[h, i + 1]]] = True
+        return mask[:, :, :n]
+
+    def op_args(self) -> tuple:
+        return (self.block_size, 0, 0, 0, False, 0, self.crow, self.col)
+
+
+Pattern = SparsePattern | BlockLayout
+
+
+def attended_pairs(block_mask: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    """Attended (query, key) token pairs per head of one sequence of seq_len tokens: int64 [H].
+    Full blocks count B*B pairs, the diagonal block B*(B+1)/2, and the last partial block its rows."""
+    num_blocks = -(-seq_len // block_size)
+    mask = block_mask[:, :num_blocks, :num_blocks].long()
+    rows = torch.full((num_blocks,), block_size, dtype=torch.long)
+    rows[-1] = seq_len - (num_blocks - 1) * block_size
+    i = torch.arange(num_blocks)
+    full = mask * rows.view(1, -1, 1) * rows.view(1, 1, -1)  # key block j has rows[j] keys
+    diag = mask[:, i, i] * (rows * (rows + 1) // 2)
+    return full.sum((1, 2)) - (mask[:, i, i] * rows * rows).sum(-1) + diag.sum(-1)
+
+
+def density(pattern: Pattern, num_heads: int, seq_len: int, num_kv_heads: int | None = None) -> dict:
+    """Block density (visible / causal blocks) and attended fraction of causal (q, k) token pairs,
+    per head and overall, for one sequence of seq_len tokens."""
+    b = pattern.block_size
+    n = -(-seq_len // b)
+    mask = pattern.block_mask(num_heads, n, num_kv_heads)
+    causal_blocks = n * (n + 1) // 2
+    pairs = attended_pairs(mask, seq_len, b)
+    causal_pairs = seq_len * (seq_len + 1) // 2
+    block_density = mask.sum((1, 2)).double() / causal_blocks
+    pair_fraction = pairs.double() / causal_pairs
+    return {
+        "block_density_per_head": block_density,
+        "pair_fraction_per_head": pair_fraction,
+        "block_density": float(block_density.mean()),
+        "pair_fraction": float(pair_fraction.mean()),
+        "attended_pairs": int(pairs.sum()),
+    }
+
+
+def draw(pattern: Pattern, num_heads: int, seq_len: int, out_path: str, heads=(0, 1, 2, 3),
+         num_kv_heads: int | None = None) -> None:
+    """Draws the block mask of a few heads side by side into out_path (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = -(-seq_len // pattern.block_size)
+    mask = pattern.block_mask(num_heads, n, num_kv_heads)
+    heads = [h for h in heads if h < num_heads]
+    fig, axes = plt.subplots(1, len(heads), figsize=(3.2 * len(heads), 3.4), squeeze=False)
+    for ax, h in zip(axes[0], heads):
+        ax.imshow(mask[h].numpy(), cmap="Blues", interpolation="nearest", vmin=0, vmax=1.3)
+        frac = float(mask[h].sum()) / (n * (n + 1) // 2)
+        ax.set_title(f"head {h}: {frac:.0%} of causal blocks", fontsize=9)
+        ax.set_xlabel("key block")
+        ax.set_ylabel("query block")
+    fig.suptitle(f"{type(pattern).__name__}, {seq_len} tokens, block {pattern.block_size}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,109 @@
+"""Typed wrappers over torch.ops.blocksparse_attn.* and their fake (meta) kernels.
+
+The schemas are declared in csrc/ops.cpp. These wrappers only allocate outputs and unpack a
+`SparsePattern` / `BlockLayout` into the ops' sparsity arguments; all checks happen in C++.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the library that registers the ops)
+from .layout import Pattern
+
+_ops = torch.ops.blocksparse_attn
+
+
+def _maybe_lse(q: torch.Tensor, return_lse: bool) -> torch.Tensor | None:
+    return q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32) if return_lse else None
+
+
+def varlen_prefill(q, k, v, cu_seqlens_q, cu_seqlens_k, scale: float, pattern: Pattern, *,
+                   out=None, return_lse: bool = False):
+    """Block-sparse causal attention over packed sequences with contiguous keys/values.
+
+    q [T, Hq, D]; k, v [Tk, Hkv, D]; cu_seqlens_q/k [S + 1] int32. Sequence r's queries are its last
+    cu_seqlens_q[r+1] - cu_seqlens_q[r] positions. Returns out [T, Hq, D] (and lse [Hq, T] float32).
+    """
+    out = torch.empty_like(q) if out is None else out
+    lse = _maybe_lse(q, return_lse)
+    _ops.varlen_prefill(out, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, *pattern.op_args(), lse)
+    return (out, lse) if return_lse else out
+
+
+def paged_prefill(q, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, scale: float,
+                  pattern: Pattern, *, out=None, return_lse: bool = False):
+    """Prefill whose keys/values (context and new tokens) are read from the paged cache.
+
+    q [T, Hq, D]; key_cache/value_cache [NB, Hkv, kvbs, D]; block_tables [S, max_blocks] int32;
+    cu_seqlens_q [S + 1] int32; seq_lens [S] int32. Returns out [T, Hq, D] (and lse [Hq, T]).
+    """
+    out = torch.empty_like(q) if out is None else out
+    lse = _maybe_lse(q, return_lse)
+    _ops.paged_prefill(out, q, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, scale,
+                       *pattern.op_args(), lse)
+    return (out, lse) if return_lse else out
+
+
+def paged_decode(q, key_cache, value_cache, block_tables, seq_lens, scale: float, pattern: Pattern, *,
+                 out=None, return_lse: bool = False):
+    """One query token per sequence (at position seq_lens[r] - 1) against the paged cache.
+
+    q [S, Hq, D]; key_cache/value_cache [NB, Hkv, kvbs, D]; block_tables [S, max_blocks] int32;
+    seq_lens [S] int32 (0 = padding row, answered with zeros). Returns out [S, Hq, D] (and lse [Hq, S]).
+    """
+    out = torch.empty_like(q) if out is None else out
+    lse = _maybe_lse(q, return_lse)
+    _ops.paged_decode(out, q, key_cache, value_cache, block_tables, seq_lens, scale, *pattern.op_args(), lse)
+    return (out, lse) if return_lse else out
+
+
+def write_kv_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
+    """key/value [T, Hkv, D] into key_cache/value_cache [NB, Hkv, kvbs, D] at slot_mapping [T] int64
+    (slot = block * kvbs + offset; negative slots are skipped)."""
+    _ops.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
+
+
+def copy_blocks(kv_caches: list[torch.Tensor], block_mapping: torch.Tensor) -> None:
+    """In each cache [2, NB, ...] copy block src to dst (block_mapping [N, 2] int64) in both halves."""
+    _ops.copy_blocks(kv_caches, block_mapping)
+
+
+def swap_blocks(src_kv_cache, dst_kv_cache, block_mapping) -> None:
+    """Copy blocks between caches [2, NB, ...], possibly on different devices (block_mapping [N, 2])."""
+    _ops.swap_blocks(src_kv_cache, dst_kv_cache, block_mapping)
+
+
+# ---- fake kernels: every op writes into tensors it is given, so the fakes only return ----------------
+
+
+@torch.library.register_fake("blocksparse_attn::varlen_prefill")
+def _(out, q, k, v, cu_seqlens_q, cu_seqlens_k, scale, sparse_block_size, local_blocks, vert_stride,
+      head_sliding_step, slide_by_kv_head, head_offset, layout_crow, layout_col, lse):
+    return None
+
+
+@torch.library.register_fake("blocksparse_attn::paged_prefill")
+def _(out, q, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, scale, sparse_block_size,
+      local_blocks, vert_stride, head_sliding_step, slide_by_kv_head, head_offset, layout_crow, layout_col, lse):
+    return None
+
+
+@torch.library.register_fake("blocksparse_attn::paged_decode")
+def _(out, q, key_cache, value_cache, block_tables, seq_lens, scale, sparse_block_size, local_blocks,
+      vert_stride, head_sliding_step, slide_by_kv_head, head_offset, layout_crow, layout_col, lse):
+    return None
+
+
+@torch.library.register_fake("blocksparse_attn::write_kv_cache")
+def _(key, value, key_cache, value_cache, slot_mapping):
+    return None
+
+
+@torch.library.register_fake("blocksparse_attn::copy_blocks")
+def _(kv_caches, block_mapping):
+    return None
+
+
+@torch.library.register_fake("blocksparse_attn::swap_blocks")
+def _(src_kv_cache, dst_kv_cache, block_mapping):
+    return None

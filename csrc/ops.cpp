@@ -1,0 +1,81 @@
+// The schema of every blocksparse_attn op, in one place. Backends register implementations at the
+// end of their own files (csrc/cpu/*.cpp, csrc/cuda/*.cu); fake kernels live in blocksparse_attn/ops.py.
+//
+// Conventions (shapes are in the comments of each op):
+//   T   packed query tokens            Tk  packed key tokens           S   sequences in the batch
+//   Hq  query heads                    Hkv key/value heads (Hq % Hkv == 0; q head h reads h / (Hq/Hkv))
+//   D   head size (64, 80, 96, 112, 128, 256)
+//   NB  KV-cache blocks                kvbs tokens per cache block
+// Outputs are passed in (`Tensor(a!) out`) so that the hot path allocates nothing and calls can be
+// captured in CUDA graphs. Query positions are absolute: the new tokens of a sequence are its last
+// ones, so sequence r's query row x sits at position seq_len_k[r] - seq_len_q[r] + x.
+//
+// The sparsity arguments, shared by every attention op (spec §2):
+//   sparse_block_size  B, tokens per sparse block (16, 32, 64, 128)
+//   local_blocks       L >= 1, local band width in blocks, the diagonal block included
+//   vert_stride        V >= 1, one vertical key-block column every V blocks (V = 1: dense causal)
+//   head_sliding_step  s >= 0, shift of the vertical columns from one head to the next
+//   slide_by_kv_head   homo_head_group: the columns shift per kv head, so a q-head group shares them
+//   head_offset        global index of this rank's q head 0 (tp_rank * Hq)
+//   layout_crow        optional [Hq, num_q_blocks + 1] int32 row pointers of an explicit block layout
+//   layout_col         optional [Hq, max_nnz] int32 ascending key blocks of each row
+// With an explicit layout, pass local_blocks = vert_stride = 0: the layout alone decides visibility.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import blocksparse_attn._C` loads this library, which runs the registrations below; the module
+// itself has no Python functions (every op is reached through torch.ops.blocksparse_attn).
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(blocksparse_attn, m) {
+  // ---- attention -----------------------------------------------------------------------------
+  // Prefill over packed variable-length sequences whose keys and values are contiguous tensors.
+  //   out [T, Hq, D], q [T, Hq, D], k/v [Tk, Hkv, D], cu_seqlens_q/k [S + 1] int32,
+  //   lse [Hq, T] float32 (natural-log log-sum-exp of each query row), written when given.
+  m.def(
+      "varlen_prefill(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, float scale, int sparse_block_size, int local_blocks, int vert_stride, "
+      "int head_sliding_step, bool slide_by_kv_head, int head_offset, Tensor? layout_crow, "
+      "Tensor? layout_col, Tensor(b!)? lse) -> ()");
+
+  // Prefill (chunked, or with a reused prefix) whose keys and values are all read from the paged
+  // cache; the new tokens' k/v must have been written there first (write_kv_cache).
+  //   out/q [T, Hq, D], key_cache/value_cache [NB, Hkv, kvbs, D], block_tables [S, max_blocks] int32,
+  //   cu_seqlens_q [S + 1] int32, seq_lens [S] int32 (context + new tokens), lse [Hq, T] float32.
+  m.def(
+      "paged_prefill(Tensor(a!) out, Tensor q, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_tables, Tensor cu_seqlens_q, Tensor seq_lens, float scale, int sparse_block_size, "
+      "int local_blocks, int vert_stride, int head_sliding_step, bool slide_by_kv_head, "
+      "int head_offset, Tensor? layout_crow, Tensor? layout_col, Tensor(b!)? lse) -> ()");
+
+  // One new token per sequence at position seq_lens[r] - 1, against the paged cache. A sequence
+  // with seq_len 0 is padding: its output rows are zero (and its lse -inf).
+  //   out/q [S, Hq, D], key_cache/value_cache [NB, Hkv, kvbs, D], block_tables [S, max_blocks] int32,
+  //   seq_lens [S] int32, lse [Hq, S] float32.
+  m.def(
+      "paged_decode(Tensor(a!) out, Tensor q, Tensor key_cache, Tensor value_cache, "
+      "Tensor block_tables, Tensor seq_lens, float scale, int sparse_block_size, int local_blocks, "
+      "int vert_stride, int head_sliding_step, bool slide_by_kv_head, int head_offset, "
+      "Tensor? layout_crow, Tensor? layout_col, Tensor(b!)? lse) -> ()");
+
+  // ---- KV cache ------------------------------------------------------------------------------
+  // Writes token t's key/value to cache slot slot_mapping[t] = block * kvbs + offset; negative
+  // slots are skipped, a slot >= NB * kvbs is an error raised before anything is written.
+  //   key/value [T, Hkv, D] (any strides with a unit last stride, e.g. views of a fused QKV),
+  //   key_cache/value_cache [NB, Hkv, kvbs, D], slot_mapping [T] int64.
+  m.def(
+      "write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+      "Tensor slot_mapping) -> ()");
+
+  // In every cache of the list, copies block src to block dst in both halves (copy-on-write).
+  //   kv_caches: each [2, NB, ...] on one device, block_mapping [N, 2] int64 (src, dst).
+  m.def("copy_blocks(Tensor(a!)[] kv_caches, Tensor block_mapping) -> ()");
+
+  // Copies blocks between two caches that may live on different devices (swap in / swap out).
+  //   src_kv_cache [2, NB_src, ...], dst_kv_cache [2, NB_dst, ...] of the same dtype and block shape,
+  //   block_mapping [N, 2] int64 on the CPU (src block, dst block).
+  m.def("swap_blocks(Tensor src_kv_cache, Tensor(a!) dst_kv_cache, Tensor block_mapping) -> ()");
+}

@@ -1,0 +1,62 @@
+"""Builds the blocksparse_attn._C extension; everything else is plain Python packaging (pyproject.toml).
+
+A CUDAExtension is built when the installed torch has CUDA and a CUDA toolkit is found, a
+CppExtension otherwise. Knobs (environment variables):
+  TORCH_CUDA_ARCH_LIST   GPU architectures, read by torch's build helpers (e.g. "9.0a" for H100)
+  MAX_JOBS               parallel compile jobs, read by torch's ninja build
+  BSA_DEBUG=1            -O0 -g (and -G for device code), for sanitizers and debuggers
+  BSA_FORCE_CPU=1        build the CPU-only extension even where CUDA is available
+  BSA_HEAD_DIMS=64,128   instantiate only these head dims in the CUDA kernels (quick dev builds)
+"""
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _use_cuda():
+    if _flag("BSA_FORCE_CPU"):
+        return False
+    import torch
+
+    return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _extension():
+    debug = _flag("BSA_DEBUG")
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O0", "-g"] if debug else ["-O3"]
+    cxx += ["-std=c++17", "-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not _use_cuda():
+        return cpp_extension.CppExtension(
+            "blocksparse_attn._C", sources, include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
+    nvcc += ["-std=c++17", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
+             "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+             "-U__CUDA_NO_BFLOAT16_OPERATORS__"]
+    head_dims = os.environ.get("BSA_HEAD_DIMS")
+    if head_dims:
+        define = "-DBSA_HEAD_DIMS=" + "_".join(d.strip() for d in head_dims.split(","))
+        nvcc.append(define)
+        cxx.append(define)
+    cxx.append("-DBSA_WITH_CUDA")
+    nvcc.append("-DBSA_WITH_CUDA")
+    return cpp_extension.CUDAExtension(
+        "blocksparse_attn._C", sources + cuda_sources, include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
