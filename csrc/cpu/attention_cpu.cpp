@@ -1,0 +1,348 @@
+// CPU kernels of the attention ops: varlen_prefill, paged_prefill, paged_decode.
+//
+// The work unit is one (sequence, q head, query block): its visible key blocks come from the shared
+// pattern enumeration (common/pattern.h) as runs of consecutive blocks. Long runs (the local band)
+// are used in place; short runs (vertical columns) are gathered into one buffer, so each unit costs
+// at most a few BLAS calls. All arithmetic is float32: inputs are converted once per sequence.
+// Work units of one sequence run in parallel (at::parallel_for); the per-unit ATen calls then run
+// single-threaded, which is what we want for small matrices.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "common/attention_args.h"
+#include "common/pattern.h"
+
+namespace blocksparse_attn {
+namespace {
+
+// Runs of at least this many keys are used in place; shorter ones are gathered.
+constexpr int64_t kMinInPlaceRunTokens = 128;
+
+// One sequence's keys and values in float32, head-major [Hkv, len, D], and where its queries are.
+struct SequenceInputs {
+  at::Tensor key;    // [Hkv, len, D] float32
+  at::Tensor value;  // [Hkv, len, D] float32
+  int64_t len = 0;           // keys of the sequence (= its current length)
+  int64_t q_start = 0;       // first packed query row of the sequence
+  int64_t q_len = 0;         // its new tokens, at positions len - q_len ... len - 1
+};
+
+struct KeyRange {
+  int64_t begin, end;  // key positions [begin, end)
+};
+
+// Attention of the query rows of one sequence, head h, query block i.
+//   q_scaled [T, Hq, D] float32 (already multiplied by scale), out [T, Hq, D] (any float dtype),
+//   lse [Hq, T] float32 or undefined.
+void attend_query_block(const SparsePattern& pattern, const SequenceInputs& seq, int64_t h, int64_t i,
+                        const at::Tensor& q_scaled, const at::Tensor& out, const at::Tensor& lse) {
+  const int64_t b = pattern.block_size;
+  const int64_t first_pos = seq.len - seq.q_len;
+  const int64_t pos_begin = std::max(i * b, first_pos);
+  const int64_t pos_end = std::min((i + 1) * b, seq.len);
+  if (pos_begin >= pos_end) return;
+  const int64_t rows = pos_end - pos_begin;
+  const int64_t row0 = seq.q_start + (pos_begin - first_pos);
+  const int64_t kv_head = h / pattern.q_heads_per_kv;
+
+  std::vector<KeyRange> runs;
+  for_each_visible_run(pattern, static_cast<int>(h), static_cast<int>(i), [&](int first_block, int num_blocks) {
+    runs.push_back({first_block * b, std::min<int64_t>((first_block + num_blocks) * b, seq.len)});
+  });
+
+  at::Tensor out_rows = out.select(1, h).narrow(0, row0, rows);  // [rows, D]
+  if (runs.empty()) {  // only an explicit layout can leave a row with nothing to see
+    out_rows.zero_();
+    if (lse.defined()) lse.select(0, h).narrow(0, row0, rows).fill_(-std::numeric_limits<float>::infinity());
+    return;
+  }
+
+  // Segments of keys in the order their scores are laid out: the run holding the diagonal block (the
+  // last run) must come last, so its causal mask is on the last columns.
+  const at::Tensor keys = seq.key[kv_head];
+  const at::Tensor values = seq.value[kv_head];
+  std::vector<at::Tensor> short_keys, short_values;
+  std::vector<std::pair<at::Tensor, at::Tensor>> segments;
+  for (const KeyRange& run : runs) {
+    const int64_t n = run.end - run.begin;
+    if (n >= kMinInPlaceRunTokens) {
+      segments.emplace_back(keys.narrow(0, run.begin, n), values.narrow(0, run.begin, n));
+    } else {
+      short_keys.push_back(keys.narrow(0, run.begin, n));
+      short_values.push_back(values.narrow(0, run.begin, n));
+    }
+  }
+  if (!short_keys.empty()) {
+    auto gathered = std::make_pair(at::cat(short_keys), at::cat(short_values));
+    const bool last_run_is_short = runs.back().end - runs.back().begin < kMinInPlaceRunTokens;
+    if (last_run_is_short)
+      segments.push_back(std::move(gathered));
+    else
+      segments.insert(segments.begin(), std::move(gathered));
+  }
+
+  int64_t num_keys = 0;
+  for (const auto& s : segments) num_keys += s.first.size(0);
+  const at::Tensor q_rows = q_scaled.select(1, h).narrow(0, row0, rows);  // [rows, D]
+  at::Tensor scores = at::empty({rows, num_keys}, q_scaled.options());
+  int64_t col = 0;
+  for (const auto& s : segments) {
+    at::Tensor dst = scores.narrow(1, col, s.first.size(0));
+    at::mm_out(dst, q_rows, s.first.t());
+    col += s.first.size(0);
+  }
+
+  // Causal cut of the diagonal block: key position t > query position p is masked. Only keys of
+  // block i can lie after a query of block i, and they are the last columns.
+  if (runs.back().end > i * b) {
+    const int64_t diag_keys = runs.back().end - i * b;
+    float* s = scores.data_ptr<float>();
+    for (int64_t x = 0; x < rows; ++x) {
+      const int64_t p = pos_begin + x;
+      for (int64_t u = 0; u < diag_keys; ++u)
+        if (i * b + u > p) s[x * num_keys + (num_keys - diag_keys) + u] = -std::numeric_limits<float>::infinity();
+    }
+  }
+
+  // Softmax over all visible keys at once (every row sees at least its own key, so max is finite
+  // unless the inputs hold inf/NaN, which then propagate as in dense attention).
+  at::Tensor row_max = std::get<0>(scores.max(1, /*keepdim=*/true));
+  scores.sub_(row_max).exp_();
+  at::Tensor row_sum = scores.sum(1, /*keepdim=*/true);
+  at::Tensor acc = at::empty({rows, keys.size(1)}, q_scaled.options());
+  col = 0;
+  bool first = true;
+  for (const auto& s : segments) {
+    const int64_t n = s.first.size(0);
+    if (first)
+      at::mm_out(acc, scores.narrow(1, col, n), s.second);
+    else
+      acc.addmm_(scores.narrow(1, col, n), s.second);
+    first = false;
+    col += n;
+  }
+  acc.div_(row_sum);
+  out_rows.copy_(acc);
+  if (lse.defined()) lse.select(0, h).narrow(0, row0, rows).copy_((row_max + row_sum.log()).squeeze(1));
+}
+
+void attend_sequence(const SparsePattern& pattern, const SequenceInputs& seq, const at::Tensor& q_scaled,
+                     const at::Tensor& out, const at::Tensor& lse) {
+  if (seq.q_len == 0) return;
+  const int64_t b = pattern.block_size;
+  const int64_t first_block = (seq.len - seq.q_len) / b;
+  const int64_t num_blocks = (seq.len - 1) / b + 1 - first_block;
+  const int64_t num_heads = q_scaled.size(1);
+  at::parallel_for(0, num_heads * num_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit)
+      attend_query_block(pattern, seq, unit / num_blocks, first_block + unit % num_blocks, q_scaled, out, lse);
+  });
+}
+
+// Host copies of the pattern's layout tensors, with the pattern's pointers aimed at them.
+struct HostPattern {
+  SparsePattern pattern;
+  at::Tensor crow, col;
+};
+
+HostPattern host_pattern(SparsePattern p, const std::optional<at::Tensor>& layout_crow,
+                         const std::optional<at::Tensor>& layout_col, int64_t num_q_heads) {
+  HostPattern hp{p, {}, {}};
+  if (layout_crow) {
+    hp.crow = layout_crow->contiguous();
+    hp.col = layout_col->contiguous();
+    hp.pattern.layout_crow = hp.crow.data_ptr<int32_t>();
+    hp.pattern.layout_col = hp.col.data_ptr<int32_t>();
+    check_layout_values(hp.pattern, num_q_heads);
+  }
+  return hp;
+}
+
+at::Tensor scaled_float_queries(const at::Tensor& q, double scale) {
+  return q.to(at::kFloat).mul(scale);  // out of place: for float32 q, to() returns q itself
+}
+
+at::Tensor lse_or_undefined(const std::optional<at::Tensor>& lse) { return lse ? *lse : at::Tensor(); }
+
+// [len, Hkv, D] contiguous-source keys -> [Hkv, len, D] float32.
+at::Tensor head_major_float(const at::Tensor& tokens) { return tokens.to(at::kFloat).transpose(0, 1).contiguous(); }
+
+// The first `len` keys (or values) of a sequence from a paged cache [NB, Hkv, kvbs, D] -> [Hkv, len, D].
+at::Tensor gather_paged(const at::Tensor& cache, const at::Tensor& block_table_row, int64_t len) {
+  const int64_t kvbs = cache.size(2);
+  const int64_t num_pages = (len + kvbs - 1) / kvbs;
+  at::Tensor pages = cache.index_select(0, block_table_row.narrow(0, 0, num_pages).to(at::kLong));
+  return pages.to(at::kFloat).permute({1, 0, 2, 3}).reshape({cache.size(1), num_pages * kvbs, cache.size(3)})
+      .narrow(1, 0, len).contiguous();
+}
+
+// Checks every used block-table entry of the paged ops: lengths within capacity, block ids in range.
+void check_paged_values(const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t num_blocks,
+                        int64_t kv_block_size) {
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int64_t capacity = block_tables.size(1) * kv_block_size;
+  for (int64_t r = 0; r < seq_lens.numel(); ++r) {
+    TORCH_CHECK(lens[r] >= 0, "seq_lens[", r, "] must be >= 0, got ", lens[r]);
+    TORCH_CHECK(lens[r] <= capacity, "seq_lens[", r, "] = ", lens[r], " exceeds what block_tables can address (",
+                block_tables.size(1), " blocks of ", kv_block_size, " = ", capacity, " tokens)");
+    const int64_t used = (lens[r] + kv_block_size - 1) / kv_block_size;
+    const int32_t* row = block_tables[r].data_ptr<int32_t>();
+    for (int64_t m = 0; m < used; ++m)
+      TORCH_CHECK(row[m] >= 0 && row[m] < num_blocks, "block_tables[", r, ", ", m, "] = ", row[m],
+                  " is not a cache block: expected [0, ", num_blocks, ")");
+  }
+}
+
+void varlen_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, double scale,
+                        int64_t sparse_block_size, int64_t local_blocks, int64_t vert_stride,
+                        int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
+                        const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
+                        const std::optional<at::Tensor>& lse) {
+  AttentionShape shape = check_query_and_out(out, q);
+  check_dim(k, "k", 3, "[num_key_tokens, num_kv_heads, head_size]");
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  for (auto* t : {&k, &v}) {
+    const char* name = t == &k ? "k" : "v";
+    check_same_dtype(*t, name, q, "q");
+    check_same_device(*t, name, q, "q");
+    check_last_dim_contiguous(*t, name);
+  }
+  check_size(k, "k", 2, shape.head_size, "head_size of q");
+  check_kv_heads(shape, k.size(1), "k");
+  check_int_vector(cu_seqlens_q, "cu_seqlens_q", -1, q, "[num_seqs + 1]");
+  TORCH_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
+  shape.num_seqs = cu_seqlens_q.numel() - 1;
+  check_int_vector(cu_seqlens_k, "cu_seqlens_k", shape.num_seqs + 1, q, "[num_seqs + 1], like cu_seqlens_q");
+  check_lse(lse, shape, q);
+  SparsePattern p = check_pattern(shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
+                                  slide_by_kv_head, head_offset, layout_crow, layout_col, q);
+  HostPattern hp = host_pattern(p, layout_crow, layout_col, shape.num_q_heads);
+
+  check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", shape.num_q_tokens);
+  check_cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", k.size(0));
+  const int32_t* cu_q = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* cu_k = cu_seqlens_k.data_ptr<int32_t>();
+  int64_t max_len = 0;
+  for (int64_t r = 0; r < shape.num_seqs; ++r) {
+    const int64_t q_len = cu_q[r + 1] - cu_q[r], k_len = cu_k[r + 1] - cu_k[r];
+    TORCH_CHECK(q_len <= k_len, "sequence ", r, " has ", q_len, " queries (cu_seqlens_q) but only ", k_len,
+                " keys (cu_seqlens_k): queries are the last positions of their sequence, so q_len <= k_len");
+    max_len = std::max(max_len, k_len);
+  }
+  check_layout_covers(hp.pattern, max_len);
+
+  const at::Tensor q_scaled = scaled_float_queries(q, scale);
+  const at::Tensor lse_t = lse_or_undefined(lse);
+  for (int64_t r = 0; r < shape.num_seqs; ++r) {
+    SequenceInputs seq;
+    seq.len = cu_k[r + 1] - cu_k[r];
+    seq.q_start = cu_q[r];
+    seq.q_len = cu_q[r + 1] - cu_q[r];
+    if (seq.q_len == 0) continue;
+    seq.key = head_major_float(k.narrow(0, cu_k[r], seq.len));
+    seq.value = head_major_float(v.narrow(0, cu_k[r], seq.len));
+    attend_sequence(hp.pattern, seq, q_scaled, out, lse_t);
+  }
+}
+
+void paged_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tensor& key_cache,
+                       const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q,
+                       const at::Tensor& seq_lens, double scale, int64_t sparse_block_size, int64_t local_blocks,
+                       int64_t vert_stride, int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
+                       const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
+                       const std::optional<at::Tensor>& lse) {
+  AttentionShape shape = check_query_and_out(out, q);
+  const int64_t kv_block_size = check_paged_cache(shape, key_cache, value_cache, q);
+  check_int_vector(cu_seqlens_q, "cu_seqlens_q", -1, q, "[num_seqs + 1]");
+  TORCH_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
+  shape.num_seqs = cu_seqlens_q.numel() - 1;
+  check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs]");
+  check_block_tables(block_tables, shape.num_seqs, q);
+  check_lse(lse, shape, q);
+  SparsePattern p = check_pattern(shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
+                                  slide_by_kv_head, head_offset, layout_crow, layout_col, q);
+  check_block_size_compatible(sparse_block_size, kv_block_size);
+  HostPattern hp = host_pattern(p, layout_crow, layout_col, shape.num_q_heads);
+
+  check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", shape.num_q_tokens);
+  check_paged_values(block_tables, seq_lens, key_cache.size(0), kv_block_size);
+  const int32_t* cu_q = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  int64_t max_len = 0;
+  for (int64_t r = 0; r < shape.num_seqs; ++r) {
+    TORCH_CHECK(cu_q[r + 1] - cu_q[r] <= lens[r], "sequence ", r, " has ", cu_q[r + 1] - cu_q[r],
+                " new tokens (cu_seqlens_q) but seq_lens[", r, "] = ", lens[r], ": seq_len counts context + new tokens");
+    max_len = std::max<int64_t>(max_len, lens[r]);
+  }
+  check_layout_covers(hp.pattern, max_len);
+
+  const at::Tensor q_scaled = scaled_float_queries(q, scale);
+  const at::Tensor lse_t = lse_or_undefined(lse);
+  for (int64_t r = 0; r < shape.num_seqs; ++r) {
+    SequenceInputs seq;
+    seq.len = lens[r];
+    seq.q_start = cu_q[r];
+    seq.q_len = cu_q[r + 1] - cu_q[r];
+    if (seq.q_len == 0) continue;
+    seq.key = gather_paged(key_cache, block_tables[r], seq.len);
+    seq.value = gather_paged(value_cache, block_tables[r], seq.len);
+    attend_sequence(hp.pattern, seq, q_scaled, out, lse_t);
+  }
+}
+
+void paged_decode_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tensor& key_cache,
+                      const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                      double scale, int64_t sparse_block_size, int64_t local_blocks, int64_t vert_stride,
+                      int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
+                      const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
+                      const std::optional<at::Tensor>& lse) {
+  AttentionShape shape = check_query_and_out(out, q);
+  const int64_t kv_block_size = check_paged_cache(shape, key_cache, value_cache, q);
+  shape.num_seqs = shape.num_q_tokens;
+  check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs], one per query row");
+  check_block_tables(block_tables, shape.num_seqs, q);
+  check_lse(lse, shape, q);
+  SparsePattern p = check_pattern(shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
+                                  slide_by_kv_head, head_offset, layout_crow, layout_col, q);
+  check_block_size_compatible(sparse_block_size, kv_block_size);
+  HostPattern hp = host_pattern(p, layout_crow, layout_col, shape.num_q_heads);
+  check_paged_values(block_tables, seq_lens, key_cache.size(0), kv_block_size);
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  int64_t max_len = 0;
+  for (int64_t r = 0; r < shape.num_seqs; ++r) max_len = std::max<int64_t>(max_len, lens[r]);
+  check_layout_covers(hp.pattern, max_len);
+
+  const at::Tensor q_scaled = scaled_float_queries(q, scale);
+  const at::Tensor lse_t = lse_or_undefined(lse);
+  for (int64_t r = 0; r < shape.num_seqs; ++r) {
+    if (lens[r] == 0) {  // padding row (e.g. a CUDA-graph batch padded to a captured size)
+      out[r].zero_();
+      if (lse_t.defined()) lse_t.select(1, r).fill_(-std::numeric_limits<float>::infinity());
+      continue;
+    }
+    SequenceInputs seq;
+    seq.len = lens[r];
+    seq.q_start = r;
+    seq.q_len = 1;
+    seq.key = gather_paged(key_cache, block_tables[r], seq.len);
+    seq.value = gather_paged(value_cache, block_tables[r], seq.len);
+    attend_sequence(hp.pattern, seq, q_scaled, out, lse_t);
+  }
+}
+
+}  // namespace
+}  // namespace blocksparse_attn
+
+TORCH_LIBRARY_IMPL(blocksparse_attn, CPU, m) {
+  m.impl("varlen_prefill", &blocksparse_attn::varlen_prefill_cpu);
+  m.impl("paged_prefill", &blocksparse_attn::paged_prefill_cpu);
+  m.impl("paged_decode", &blocksparse_attn::paged_decode_cpu);
+}
