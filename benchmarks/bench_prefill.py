@@ -1,0 +1,296 @@
+"""Prefill benchmark: our block-sparse varlen_prefill (Phi-3-small pattern) against dense causal attention.
+
+Device-agnostic. For every sequence length S it times, in this one process and on the same inputs:
+  ours        blocksparse_attn varlen_prefill, q/k/v packed [B*S, H, D], Phi-3-small's pattern
+  sdpa        torch.nn.functional.scaled_dot_product_attention, dense causal, enable_gqa, [B, H, S, D]
+  sdpa-flash  / sdpa-cudnn: the same call pinned to one backend (CUDA only, when the backend accepts it)
+  flex        torch.compile(flex_attention) with a BlockMask of the same pattern (CUDA only)
+  reference   blocksparse_attn.reference (pure PyTorch, float32), only while it is small enough
+
+Effective TFLOP/s = 4 * D * (attended (q, k) pairs of the sparse pattern, summed over heads and
+sequences) / time: the SAME work count for every method, so dense methods are charged only for the
+useful work and the column compares directly with the times. Speed-up = baseline time / our time.
+
+Example (CPU, the run recorded in benchmarks/RESULTS.md):
+    python benchmarks/bench_prefill.py --device cpu --dtype float32
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from blocksparse_attn import ops, reference
+from blocksparse_attn.layout import SparsePattern, attended_pairs
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128  # Phi-3-small
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# ---- timing ----------------------------------------------------------------------------------------
+
+def time_cpu(fns, warmup: int, repeats: int) -> float:
+    """Median wall time (ms) of calls that cycle through `fns` (one closure per input set)."""
+    for w in range(warmup):
+        fns[w % len(fns)]()
+    times = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        fns[r % len(fns)]()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def time_cuda(fns, warmup: int, repeats: int) -> float:
+    """Median time (ms) from CUDA events around each call; inputs rotate so no call sees warm L2 data
+    left by the same inputs (two sets of a few hundred MB each exceed the L2 by far)."""
+    for w in range(warmup):
+        fns[w % len(fns)]()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for r in range(repeats):
+        starts[r].record()
+        fns[r % len(fns)]()
+        ends[r].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+# ---- inputs and methods ----------------------------------------------------------------------------
+
+def make_inputs(batch: int, seq_len: int, dtype, device, seed: int):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    t = batch * seq_len
+    q = torch.randn(t, NUM_HEADS, HEAD_DIM, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(t, NUM_KV_HEADS, HEAD_DIM, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(t, NUM_KV_HEADS, HEAD_DIM, generator=g).to(device=device, dtype=dtype)
+    cu = torch.arange(0, t + 1, seq_len, dtype=torch.int32, device=device)
+
+    def bhsd(x):  # [B*S, H, D] -> contiguous [B, H, S, D], SDPA's native layout
+        return x.view(batch, seq_len, x.shape[1], HEAD_DIM).transpose(1, 2).contiguous()
+
+    return {"q": q, "k": k, "v": v, "cu": cu, "out": torch.empty_like(q),
+            "q4": bhsd(q), "k4": bhsd(k), "v4": bhsd(v)}
+
+
+def ours_fn(x, scale, pattern):
+    return lambda: ops.varlen_prefill(x["q"], x["k"], x["v"], x["cu"], x["cu"], scale, pattern, out=x["out"])
+
+
+def sdpa_fn(x, scale, backend=None):
+    def call():
+        return F.scaled_dot_product_attention(x["q4"], x["k4"], x["v4"], is_causal=True, scale=scale,
+                                              enable_gqa=True)
+    if backend is None:
+        return call
+
+    from torch.nn.attention import sdpa_kernel
+
+    def pinned():
+        with sdpa_kernel(backend):
+            return call()
+    return pinned
+
+
+def flex_fns(inputs, scale, pattern, seq_len, device):
+    """torch.compile(flex_attention) closures with the pattern as a BlockMask; None when unavailable."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    b, l, v = pattern.block_size, pattern.local_blocks, pattern.vert_stride
+    offsets = pattern.vertical_offsets(NUM_HEADS, NUM_KV_HEADS).to(device)
+
+    def mask_mod(batch_idx, h, q_idx, kv_idx):
+        qb, kb = q_idx // b, kv_idx // b
+        return (kv_idx <= q_idx) & ((qb - kb < l) | ((kb + offsets[h]) % v == 0))
+
+    block_mask = create_block_mask(mask_mod, B=None, H=NUM_HEADS, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+    flex = torch.compile(flex_attention, dynamic=False)
+    return [lambda x=x: flex(x["q4"], x["k4"], x["v4"], block_mask=block_mask, scale=scale, enable_gqa=True)
+            for x in inputs]
+
+
+def ref_fn(x, scale, pattern):
+    return lambda: reference.varlen_prefill_ref(x["q"], x["k"], x["v"], x["cu"].cpu(), x["cu"].cpu(), scale,
+                                                pattern)
+
+
+def sanity_check(x, scale, pattern, seq_len, dtype) -> float:
+    """Our output vs SDPA given the same pattern as an explicit token mask, first sequence only."""
+    b = pattern.block_size
+    n = -(-seq_len // b)
+    blocks = pattern.block_mask(NUM_HEADS, n, NUM_KV_HEADS).to(x["q"].device)
+    tok = torch.arange(seq_len, device=x["q"].device) // b
+    mask = blocks[:, tok][:, :, tok] & torch.ones(seq_len, seq_len, dtype=torch.bool, device=x["q"].device).tril()
+    want = F.scaled_dot_product_attention(x["q4"][:1].float(), x["k4"][:1].float(), x["v4"][:1].float(),
+                                          attn_mask=mask[None], scale=scale, enable_gqa=True)
+    got = ops.varlen_prefill(x["q"][:seq_len], x["k"][:seq_len], x["v"][:seq_len], x["cu"][:2], x["cu"][:2],
+                             scale, pattern)
+    err = (got.float().transpose(0, 1) - want[0]).abs().max().item()
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
+    if not err <= tol:
+        raise SystemExit(f"sanity check FAILED at S={seq_len}: max |ours - sdpa(mask)| = {err:.3g} > {tol:g}")
+    return err
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: bfloat16 (CUDA), float32 (CPU)")
+    ap.add_argument("--seq-lens", default="1024,2048,4096,8192")
+    ap.add_argument("--tokens-per-batch", type=int, default=None,
+                    help="batch = tokens / S (default: 32768 on CUDA; on CPU one sequence per S)")
+    ap.add_argument("--warmup", type=int, default=None, help="default: 1 (CPU), 5 (CUDA)")
+    ap.add_argument("--repeats", type=int, default=None, help="default: 3 (CPU), 20 (CUDA)")
+    ap.add_argument("--ref-max-tokens", type=int, default=1024,
+                    help="time the pure-PyTorch reference up to this many tokens per batch (0: never)")
+    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (CUDA)")
+    ap.add_argument("--out-dir", default="out", help="where the CSV and the PNG go")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda, but torch sees no GPU")
+    dtype = DTYPES[args.dtype or ("bfloat16" if cuda else "float32")]
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    repeats = args.repeats if args.repeats is not None else (20 if cuda else 3)
+    timer = time_cuda if cuda else time_cpu
+    seq_lens = [int(s) for s in args.seq_lens.split(",")]
+    pattern = SparsePattern.phi3_small(NUM_HEADS)
+    scale = 1.0 / HEAD_DIM  # Phi-3-small's softmax scale
+
+    dev_name = torch.cuda.get_device_name(device) if cuda else _cpu_name()
+    print(f"device {device} ({dev_name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"dtype {str(dtype).removeprefix('torch.')}")
+    print(f"Phi-3-small layer: Hq={NUM_HEADS}, Hkv={NUM_KV_HEADS}, D={HEAD_DIM}; pattern {pattern}")
+
+    rows = []
+    for s_idx, seq_len in enumerate(seq_lens):
+        tokens = args.tokens_per_batch or (32768 if cuda else seq_len)
+        batch = max(1, tokens // seq_len)
+        n_sets = 2  # rotate two input sets so consecutive calls do not reuse cached data
+        inputs = [make_inputs(batch, seq_len, dtype, device, seed=1000 * seq_len + i) for i in range(n_sets)]
+        mask = pattern.block_mask(NUM_HEADS, -(-seq_len // pattern.block_size), NUM_KV_HEADS)
+        pairs = batch * int(attended_pairs(mask, seq_len, pattern.block_size).sum())
+        causal_pairs = batch * NUM_HEADS * seq_len * (seq_len + 1) // 2
+        flops = 4 * HEAD_DIM * pairs
+
+        if s_idx == 0:
+            err = sanity_check(inputs[0], scale, pattern, seq_len, dtype)
+            print(f"sanity: ours vs SDPA with the same mask at S={seq_len}: max abs error {err:.2e}")
+
+        methods = {"ours": [ours_fn(x, scale, pattern) for x in inputs],
+                   "sdpa": [sdpa_fn(x, scale) for x in inputs]}
+        if cuda:
+            from torch.nn.attention import SDPBackend
+
+            for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                                  ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+                methods[name] = [sdpa_fn(x, scale, backend) for x in inputs]
+            if not args.no_flex:
+                fns = flex_fns(inputs, scale, pattern, seq_len, device)
+                if fns is not None:
+                    methods["flex"] = fns
+        if batch * seq_len <= args.ref_max_tokens:
+            methods["reference"] = [ref_fn(x, scale, pattern) for x in inputs]
+
+        times = {}
+        for name, fns in methods.items():
+            slow = name == "reference"
+            try:
+                times[name] = timer(fns, warmup=0 if slow else warmup, repeats=1 if slow else repeats)
+            except Exception as e:  # a pinned SDPA backend may refuse these shapes; report, go on
+                print(f"  S={seq_len}: {name} unavailable ({type(e).__name__}: {str(e).splitlines()[0][:90]})")
+        for name, ms in times.items():
+            rows.append({"S": seq_len, "batch": batch, "method": name, "ms": ms,
+                         "eff_tflops": flops / (ms * 1e-3) / 1e12, "attended_pairs": pairs,
+                         "causal_pairs": causal_pairs})
+        del inputs
+        print(f"  S={seq_len} done: " + ", ".join(f"{n} {t:.1f} ms" for n, t in times.items()), flush=True)
+
+    _print_table(rows)
+    os.makedirs(args.out_dir, exist_ok=True)
+    stem = os.path.join(args.out_dir, f"bench_prefill_{device.type}_{str(dtype).removeprefix('torch.')}")
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    _plot(rows, stem + ".png", f"{dev_name}, {str(dtype).removeprefix('torch.')}")
+    print(f"wrote {stem}.csv and {stem}.png")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        return f"{names[0]}, {len(names)} cpus" if names else platform.machine()
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _print_table(rows):
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    baselines = [m for m in methods if m != "ours"]
+    by = {(r["S"], r["method"]): r for r in rows}
+    head = f"{'S':>6} {'batch':>5} {'density':>7} " + " ".join(f"{m + ' ms':>14}" for m in methods)
+    head += " " + " ".join(f"{m + ' TF/s':>14}" for m in methods)
+    head += " " + " ".join(f"{'x vs ' + m:>14}" for m in baselines)
+    print()
+    print(head)
+    for s in dict.fromkeys(r["S"] for r in rows):
+        some = next(r for r in rows if r["S"] == s)
+        line = f"{s:>6} {some['batch']:>5} {some['attended_pairs'] / some['causal_pairs']:>7.1%} "
+        cells = [by.get((s, m)) for m in methods]
+        line += " ".join(f"{c['ms']:>14.2f}" if c else f"{'-':>14}" for c in cells)
+        line += " " + " ".join(f"{c['eff_tflops']:>14.3f}" if c else f"{'-':>14}" for c in cells)
+        ours = by.get((s, "ours"))
+        for m in baselines:
+            c = by.get((s, m))
+            line += f" {c['ms'] / ours['ms']:>13.2f}x" if c and ours else f" {'-':>14}"
+        print(line)
+    print("(density: attended (q, k) pairs / causal pairs; TF/s: 4*D*attended pairs / time for every method; "
+          "x vs M: time of M / our time)")
+
+
+def _plot(rows, path, title):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for m in methods:
+        pts = [(r["S"], r["ms"], r["eff_tflops"]) for r in rows if r["method"] == m]
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=m)
+        ax2.plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=m)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length S")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("ms per call")
+    ax2.set_ylabel("effective TFLOP/s (sparse work)")
+    fig.suptitle(f"prefill, Phi-3-small layer (32 q / 8 kv heads, D=128): {title}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
