@@ -145,6 +145,85 @@ inline void check_block_size_compatible(int64_t sparse_block_size, int64_t kv_bl
               ") must divide one another");
 }
 
+// ---- whole-op argument checks (no data reads) ---------------------------------------------------
+
+struct CheckedArgs {
+  AttentionShape shape;
+  SparsePattern pattern;      // layout pointers still null
+  int64_t kv_block_size = 0;  // paged ops
+};
+
+inline CheckedArgs check_varlen_prefill_args(
+    const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t sparse_block_size, int64_t local_blocks,
+    int64_t vert_stride, int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
+    const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
+    const std::optional<at::Tensor>& lse) {
+  CheckedArgs args;
+  AttentionShape& shape = args.shape;
+  shape = check_query_and_out(out, q);
+  check_dim(k, "k", 3, "[num_key_tokens, num_kv_heads, head_size]");
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  for (auto* t : {&k, &v}) {
+    const char* name = t == &k ? "k" : "v";
+    check_same_dtype(*t, name, q, "q");
+    check_same_device(*t, name, q, "q");
+    check_last_dim_contiguous(*t, name);
+  }
+  check_size(k, "k", 2, shape.head_size, "head_size of q");
+  check_kv_heads(shape, k.size(1), "k");
+  check_int_vector(cu_seqlens_q, "cu_seqlens_q", -1, q, "[num_seqs + 1]");
+  TORCH_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
+  shape.num_seqs = cu_seqlens_q.numel() - 1;
+  check_int_vector(cu_seqlens_k, "cu_seqlens_k", shape.num_seqs + 1, q, "[num_seqs + 1], like cu_seqlens_q");
+  check_lse(lse, shape, q);
+  args.pattern = check_pattern(shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
+                               slide_by_kv_head, head_offset, layout_crow, layout_col, q);
+  return args;
+}
+
+inline CheckedArgs check_paged_prefill_args(
+    const at::Tensor& out, const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+    const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+    int64_t sparse_block_size, int64_t local_blocks, int64_t vert_stride, int64_t head_sliding_step,
+    bool slide_by_kv_head, int64_t head_offset, const std::optional<at::Tensor>& layout_crow,
+    const std::optional<at::Tensor>& layout_col, const std::optional<at::Tensor>& lse) {
+  CheckedArgs args;
+  AttentionShape& shape = args.shape;
+  shape = check_query_and_out(out, q);
+  args.kv_block_size = check_paged_cache(shape, key_cache, value_cache, q);
+  check_int_vector(cu_seqlens_q, "cu_seqlens_q", -1, q, "[num_seqs + 1]");
+  TORCH_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
+  shape.num_seqs = cu_seqlens_q.numel() - 1;
+  check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs]");
+  check_block_tables(block_tables, shape.num_seqs, q);
+  check_lse(lse, shape, q);
+  args.pattern = check_pattern(shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
+                               slide_by_kv_head, head_offset, layout_crow, layout_col, q);
+  check_block_size_compatible(sparse_block_size, args.kv_block_size);
+  return args;
+}
+
+inline CheckedArgs check_paged_decode_args(
+    const at::Tensor& out, const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
+    const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t sparse_block_size, int64_t local_blocks,
+    int64_t vert_stride, int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
+    const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
+    const std::optional<at::Tensor>& lse) {
+  CheckedArgs args;
+  AttentionShape& shape = args.shape;
+  shape = check_query_and_out(out, q);
+  args.kv_block_size = check_paged_cache(shape, key_cache, value_cache, q);
+  shape.num_seqs = shape.num_q_tokens;
+  check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs], one per query row");
+  check_block_tables(block_tables, shape.num_seqs, q);
+  check_lse(lse, shape, q);
+  args.pattern = check_pattern(shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
+                               slide_by_kv_head, head_offset, layout_crow, layout_col, q);
+  check_block_size_compatible(sparse_block_size, args.kv_block_size);
+  return args;
+}
+
 // ---- checks that read values (host tensors) ------------------------------------------------------
 
 // cu_seqlens: starts at 0, never decreases, ends at num_tokens.

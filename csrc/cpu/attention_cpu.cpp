@@ -206,24 +206,11 @@ void varlen_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Te
                         int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
                         const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
                         const std::optional<at::Tensor>& lse) {
-  AttentionShape shape = check_query_and_out(out, q);
-  check_dim(k, "k", 3, "[num_key_tokens, num_kv_heads, head_size]");
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
-  for (auto* t : {&k, &v}) {
-    const char* name = t == &k ? "k" : "v";
-    check_same_dtype(*t, name, q, "q");
-    check_same_device(*t, name, q, "q");
-    check_last_dim_contiguous(*t, name);
-  }
-  check_size(k, "k", 2, shape.head_size, "head_size of q");
-  check_kv_heads(shape, k.size(1), "k");
-  check_int_vector(cu_seqlens_q, "cu_seqlens_q", -1, q, "[num_seqs + 1]");
-  TORCH_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
-  shape.num_seqs = cu_seqlens_q.numel() - 1;
-  check_int_vector(cu_seqlens_k, "cu_seqlens_k", shape.num_seqs + 1, q, "[num_seqs + 1], like cu_seqlens_q");
-  check_lse(lse, shape, q);
-  SparsePattern p = check_pattern(shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
-                                  slide_by_kv_head, head_offset, layout_crow, layout_col, q);
+  const CheckedArgs args = check_varlen_prefill_args(out, q, k, v, cu_seqlens_q, cu_seqlens_k, sparse_block_size,
+                                                     local_blocks, vert_stride, head_sliding_step, slide_by_kv_head,
+                                                     head_offset, layout_crow, layout_col, lse);
+  const AttentionShape& shape = args.shape;
+  const SparsePattern& p = args.pattern;
   HostPattern hp = host_pattern(p, layout_crow, layout_col, shape.num_q_heads);
 
   check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", shape.num_q_tokens);
@@ -259,17 +246,13 @@ void paged_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Ten
                        int64_t vert_stride, int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
                        const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
                        const std::optional<at::Tensor>& lse) {
-  AttentionShape shape = check_query_and_out(out, q);
-  const int64_t kv_block_size = check_paged_cache(shape, key_cache, value_cache, q);
-  check_int_vector(cu_seqlens_q, "cu_seqlens_q", -1, q, "[num_seqs + 1]");
-  TORCH_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
-  shape.num_seqs = cu_seqlens_q.numel() - 1;
-  check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs]");
-  check_block_tables(block_tables, shape.num_seqs, q);
-  check_lse(lse, shape, q);
-  SparsePattern p = check_pattern(shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
-                                  slide_by_kv_head, head_offset, layout_crow, layout_col, q);
-  check_block_size_compatible(sparse_block_size, kv_block_size);
+  const CheckedArgs args = check_paged_prefill_args(out, q, key_cache, value_cache, block_tables, cu_seqlens_q,
+                                                    seq_lens, sparse_block_size, local_blocks, vert_stride,
+                                                    head_sliding_step, slide_by_kv_head, head_offset, layout_crow,
+                                                    layout_col, lse);
+  const AttentionShape& shape = args.shape;
+  const SparsePattern& p = args.pattern;
+  const int64_t kv_block_size = args.kv_block_size;
   HostPattern hp = host_pattern(p, layout_crow, layout_col, shape.num_q_heads);
 
   check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", shape.num_q_tokens);
@@ -304,15 +287,12 @@ void paged_decode_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tens
                       int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
                       const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
                       const std::optional<at::Tensor>& lse) {
-  AttentionShape shape = check_query_and_out(out, q);
-  const int64_t kv_block_size = check_paged_cache(shape, key_cache, value_cache, q);
-  shape.num_seqs = shape.num_q_tokens;
-  check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs], one per query row");
-  check_block_tables(block_tables, shape.num_seqs, q);
-  check_lse(lse, shape, q);
-  SparsePattern p = check_pattern(shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
-                                  slide_by_kv_head, head_offset, layout_crow, layout_col, q);
-  check_block_size_compatible(sparse_block_size, kv_block_size);
+  const CheckedArgs args = check_paged_decode_args(out, q, key_cache, value_cache, block_tables, seq_lens,
+                                                   sparse_block_size, local_blocks, vert_stride, head_sliding_step,
+                                                   slide_by_kv_head, head_offset, layout_crow, layout_col, lse);
+  const AttentionShape& shape = args.shape;
+  const SparsePattern& p = args.pattern;
+  const int64_t kv_block_size = args.kv_block_size;
   HostPattern hp = host_pattern(p, layout_crow, layout_col, shape.num_q_heads);
   check_paged_values(block_tables, seq_lens, key_cache.size(0), kv_block_size);
   const int32_t* lens = seq_lens.data_ptr<int32_t>();

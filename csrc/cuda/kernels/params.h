@@ -1,0 +1,50 @@
+// Plain-data parameters of the CUDA attention kernels: the seam between host glue (which fills them
+// from tensors) and device code (which never sees a torch type).
+#pragma once
+
+#include <cstdint>
+
+#include "common/pattern.h"
+
+namespace blocksparse_attn {
+
+// Where a sequence's keys and values live: packed contiguous tensors or the paged cache.
+struct KeyValueSource {
+  const void* key;    // contiguous: k [Tk, Hkv, D]; paged: key_cache [NB, Hkv, kvbs, D]
+  const void* value;  // same layout as key
+  // contiguous tensors (element strides)
+  int64_t row_stride;   // between tokens
+  int64_t head_stride;  // between kv heads
+  const int32_t* cu_seqlens_k;  // [S + 1] (contiguous) or null (paged)
+  // paged cache
+  const int32_t* block_tables;  // [S, block_table_stride] or null (contiguous)
+  const int32_t* seq_lens;      // [S] (paged)
+  int64_t block_table_stride;
+  int64_t cache_block_stride;  // elements between cache blocks (Hkv * kvbs * D)
+  int64_t cache_head_stride;   // elements between kv heads inside a block (kvbs * D)
+  int kv_block_size;           // kvbs
+  BSA_HOST_DEVICE bool paged() const { return block_tables != nullptr; }
+};
+
+struct PrefillParams {
+  const void* q;  // [T, Hq, D], element strides below
+  void* out;      // [T, Hq, D] contiguous
+  float* lse;     // [Hq, T] or null
+  int64_t q_row_stride, q_head_stride;
+  int64_t out_row_stride, out_head_stride;
+  const int32_t* cu_seqlens_q;  // [S + 1]
+  KeyValueSource kv;
+  int num_seqs;
+  int num_q_tokens;
+  int num_q_heads;
+  int num_kv_heads;
+  int head_size;
+  float scale_log2;  // softmax scale * log2(e): the kernels use exp2
+  SparsePattern pattern;
+  // The work list written by the plan kernel: packed (sequence, query tile) items, longest first.
+  const int32_t* tile_seq;    // [max_tiles]
+  const int32_t* tile_index;  // [max_tiles]: absolute query tile (positions tile * kBlockM ...)
+  const int32_t* num_tiles;   // [1]
+};
+
+}  // namespace blocksparse_attn
