@@ -5,5 +5,10 @@ classes are importable from here.
 """
 from . import ops
 from .layout import BlockLayout, SparsePattern
+from .backend import BlocksparseFlashAttentionBackend, BlocksparseFlashAttentionImpl
+from .kv_cache import allocate_kv_cache, split_kv_cache
+from .metadata import BlocksparseFlashAttentionMetadata, BlocksparseParams
 
 __all__ = ["ops", "SparsePattern", "BlockLayout"]
+__all__ += ["BlocksparseParams", "BlocksparseFlashAttentionMetadata", "BlocksparseFlashAttentionBackend",
+            "BlocksparseFlashAttentionImpl", "allocate_kv_cache", "split_kv_cache"]

@@ -1,0 +1,261 @@
+"""Per-batch metadata in vLLM's shape, and the sparsity parameters of one attention layer.
+
+`BlocksparseFlashAttentionMetadata` is built once per batch (by an engine, or by `build` from plain
+lists) and read by every layer's `forward`; `BlocksparseParams` is fixed per layer. Batch layout
+(spec §4): every prefill sequence's new tokens in order, then one token per decode sequence, then
+possibly padding rows.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .layout import SUPPORTED_BLOCK_SIZES, SparsePattern
+
+
+@dataclass
+class BlocksparseParams:
+    """Phi-3-small-style sparsity of one attention layer, with vLLM's field names and conventions.
+
+    num_heads / num_kv_heads are the counts on this tensor-parallel rank; the pattern is defined over
+    global heads (rank tp_rank holds global q heads tp_rank * num_heads ... + num_heads - 1).
+    Derived:
+      head_sliding_step  vLLM's encoding: 0 for homo_head; -max(1, int(V / total_kv_heads)) for
+                         homo_head_group (negative = slide along kv heads); max(1, int(V / total_heads))
+                         otherwise, with total_* = tp_size * per-rank count.
+      active_head_range  (first, last + 1) global q head of this rank.
+    """
+
+    max_seqlen: int
+    num_heads: int
+    num_kv_heads: int
+    block_size: int
+    local_blocks: int
+    vert_stride: int
+    homo_head: bool = False
+    homo_head_group: bool = False
+    tp_size: int = 1
+    tp_rank: int = 0
+    head_sliding_step: int = field(init=False)
+    active_head_range: tuple[int, int] = field(init=False)
+
+    def __post_init__(self):
+        if self.max_seqlen < 1:
+            raise ValueError(f"max_seqlen must be >= 1, got {self.max_seqlen}")
+        if self.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"block_size (the sparse block size) must be one of {SUPPORTED_BLOCK_SIZES}, "
+                             f"got {self.block_size}")
+        if self.local_blocks < 1:
+            raise ValueError(f"local_blocks must be >= 1, got {self.local_blocks}")
+        if self.vert_stride < 1:
+            raise ValueError(f"vert_stride must be >= 1, got {self.vert_stride}")
+        if self.num_heads < 1 or self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must be >= 1 and divide num_heads "
+                             f"({self.num_heads})")
+        if self.tp_size < 1 or not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"tp_rank must lie in [0, tp_size) and tp_size >= 1, got tp_rank={self.tp_rank}, "
+                             f"tp_size={self.tp_size}")
+        if self.homo_head and self.homo_head_group:
+            raise ValueError("homo_head and homo_head_group are exclusive; got both set")
+        total_heads = self.tp_size * self.num_heads
+        total_kv_heads = self.tp_size * self.num_kv_heads
+        # int(a / b), not a // b: vLLM truncates a float quotient; equal for the positive values here.
+        if self.homo_head:
+            self.head_sliding_step = 0
+        elif self.homo_head_group:
+            self.head_sliding_step = -max(1, int(self.vert_stride / total_kv_heads))
+        else:
+            self.head_sliding_step = max(1, int(self.vert_stride / total_heads))
+        self.active_head_range = (self.tp_rank * self.num_heads, (self.tp_rank + 1) * self.num_heads)
+
+    @property
+    def pattern(self) -> SparsePattern:
+        """The same sparsity as the ops' SparsePattern (non-negative step plus a slide_by_kv_head flag)."""
+        return SparsePattern(self.block_size, self.local_blocks, self.vert_stride, abs(self.head_sliding_step),
+                             slide_by_kv_head=self.homo_head_group, head_offset=self.tp_rank * self.num_heads)
+
+
+@dataclass
+class BlocksparseFlashAttentionMetadata:
+    """One batch, vLLM's field names (construct by keyword). S sequences, the first num_prefills of them
+    prefills, the rest decodes; N = num_prefill_tokens + num_decode_tokens real tokens.
+
+    slot_mapping         int64 [>= N] cache slot of each token (block * kvbs + offset); -1 = don't write
+    seq_lens             host list[int] [S] context + new tokens, or None (decode-only CUDA-graph batches)
+    seq_lens_tensor      int32 [S] the same on the device (0 marks a padding decode row)
+    max_query_len        longest query of the batch (host int)
+    max_prefill_seq_len  longest prefill sequence, 0 without prefills (host int)
+    max_decode_seq_len   longest decode sequence, 0 without decodes (host int)
+    query_start_loc      int32 [S + 1] (or at least [num_prefills + 1]) cumulative query lengths
+    seq_start_loc        int32 [S + 1] cumulative seq lengths
+    context_lens_tensor  int32 [S] tokens already in the cache
+    block_tables         int32 [S, max_blocks] physical cache block of each logical block; an empty
+                         tensor (or None) when no sequence has cached context: prefill then attends over
+                         the new tokens' contiguous k/v instead of reading them back from the cache
+    use_cuda_graph       the decode part runs inside a captured CUDA graph
+
+    `prefill_metadata` / `decode_metadata` are views on the prefill / decode part (None when empty),
+    computed once and cached; treat the metadata as immutable after the first access.
+    """
+
+    num_prefills: int
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    slot_mapping: torch.Tensor
+    seq_lens: list[int] | None = None
+    seq_lens_tensor: torch.Tensor | None = None
+    max_query_len: int | None = None
+    max_prefill_seq_len: int = 0
+    max_decode_seq_len: int = 0
+    query_start_loc: torch.Tensor | None = None
+    seq_start_loc: torch.Tensor | None = None
+    context_lens_tensor: torch.Tensor | None = None
+    block_tables: torch.Tensor | None = None
+    use_cuda_graph: bool = False
+    # Accepted because vLLM's base metadata has them; unused here.
+    multi_modal_placeholder_index_maps: dict | None = None
+    enable_kv_scales_calculation: bool = False
+
+    _cached_prefill_metadata: BlocksparseFlashAttentionMetadata | None = field(
+        default=None, init=False, repr=False, compare=False)
+    _cached_decode_metadata: BlocksparseFlashAttentionMetadata | None = field(
+        default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        for name in ("num_prefills", "num_prefill_tokens", "num_decode_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_prefills > 0 and self.num_prefill_tokens == 0:
+            raise ValueError(f"num_prefills = {self.num_prefills} but num_prefill_tokens = 0")
+
+    @property
+    def prefill_metadata(self) -> BlocksparseFlashAttentionMetadata | None:
+        """The first num_prefills sequences / num_prefill_tokens tokens, or None without prefills."""
+        if self.num_prefills == 0:
+            return None
+        if self._cached_prefill_metadata is None:
+            s, t = self.num_prefills, self.num_prefill_tokens
+            self._cached_prefill_metadata = BlocksparseFlashAttentionMetadata(
+                num_prefills=s,
+                num_prefill_tokens=t,
+                num_decode_tokens=0,
+                slot_mapping=self.slot_mapping[:t],
+                seq_lens=None if self.seq_lens is None else self.seq_lens[:s],
+                seq_lens_tensor=_head(self.seq_lens_tensor, s),
+                max_query_len=self.max_query_len,
+                max_prefill_seq_len=self.max_prefill_seq_len,
+                max_decode_seq_len=0,
+                query_start_loc=_head(self.query_start_loc, s + 1),
+                seq_start_loc=_head(self.seq_start_loc, s + 1),
+                context_lens_tensor=_head(self.context_lens_tensor, s),
+                block_tables=_head(self.block_tables, s),
+                use_cuda_graph=False,
+            )
+        return self._cached_prefill_metadata
+
+    @property
+    def decode_metadata(self) -> BlocksparseFlashAttentionMetadata | None:
+        """The sequences after the prefills (one token each), or None without decodes."""
+        if self.num_decode_tokens == 0:
+            return None
+        if self._cached_decode_metadata is None:
+            s, t = self.num_prefills, self.num_prefill_tokens
+            self._cached_decode_metadata = BlocksparseFlashAttentionMetadata(
+                num_prefills=0,
+                num_prefill_tokens=0,
+                num_decode_tokens=self.num_decode_tokens,
+                slot_mapping=self.slot_mapping[t:],
+                seq_lens=None if self.seq_lens is None else self.seq_lens[s:],
+                seq_lens_tensor=_tail(self.seq_lens_tensor, s),
+                max_query_len=None,
+                max_prefill_seq_len=0,
+                max_decode_seq_len=self.max_decode_seq_len,
+                query_start_loc=None,
+                seq_start_loc=None,
+                context_lens_tensor=None,
+                block_tables=_tail(self.block_tables, s),
+                use_cuda_graph=self.use_cuda_graph,
+            )
+        return self._cached_decode_metadata
+
+    @classmethod
+    def build(cls, query_lens: Sequence[int], context_lens: Sequence[int],
+              block_tables: Sequence[Sequence[int]] | torch.Tensor, kv_block_size: int, *,
+              device: torch.device | str = "cpu") -> BlocksparseFlashAttentionMetadata:
+        """Metadata for a batch given as plain lists, for users without an engine.
+
+        Sequence r has context_lens[r] tokens in the cache and query_lens[r] new tokens, and owns the
+        physical cache blocks block_tables[r] (a list per sequence or an int [S, max_blocks] tensor),
+        which must cover its context_lens[r] + query_lens[r] tokens. Pack the new tokens of the
+        sequences in the order given.
+
+        Decode rule: the trailing run of sequences with query_len == 1 and context_len > 0 are decodes;
+        every sequence before them is a prefill (a one-token query with context placed before a
+        prefill is answered as a one-token chunked prefill, with the same result). Put decodes last
+        to get the decode kernel. When no sequence has context, block_tables is left empty in the
+        metadata (the slots still come from it), as vLLM does for prompts without a cached prefix.
+        """
+        query_lens, context_lens = [int(x) for x in query_lens], [int(x) for x in context_lens]
+        num_seqs = len(query_lens)
+        if len(context_lens) != num_seqs or len(block_tables) != num_seqs:
+            raise ValueError(f"query_lens, context_lens and block_tables must have one entry per sequence, got "
+                             f"{num_seqs}, {len(context_lens)} and {len(block_tables)}")
+        if kv_block_size < 1:
+            raise ValueError(f"kv_block_size must be >= 1, got {kv_block_size}")
+        if isinstance(block_tables, torch.Tensor):
+            block_tables = block_tables.tolist()
+        tables = [[int(b) for b in row] for row in block_tables]
+        seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
+        for r, (q, c, n, row) in enumerate(zip(query_lens, context_lens, seq_lens, tables)):
+            if q < 1 or c < 0:
+                raise ValueError(f"sequence {r}: query_len must be >= 1 and context_len >= 0, got {q} and {c}")
+            if len(row) * kv_block_size < n:
+                raise ValueError(f"sequence {r}: block_tables[{r}] has {len(row)} blocks of {kv_block_size} "
+                                 f"tokens, too few for its {n} tokens")
+
+        num_decodes = 0
+        while num_decodes < num_seqs and query_lens[-1 - num_decodes] == 1 and context_lens[-1 - num_decodes] > 0:
+            num_decodes += 1
+        num_prefills = num_seqs - num_decodes
+
+        slots = []
+        for c, n, row in zip(context_lens, seq_lens, tables):
+            slots += [row[p // kv_block_size] * kv_block_size + p % kv_block_size for p in range(c, n)]
+        max_blocks = max((len(row) for row in tables), default=0) if any(context_lens) else 0
+        table = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
+        for r, row in enumerate(tables):
+            if max_blocks:
+                table[r, : len(row)] = torch.tensor(row, dtype=torch.int32)
+
+        def cumsum(xs):
+            return torch.tensor([0] + xs, dtype=torch.int64).cumsum(0).to(torch.int32)
+
+        def int32(xs):
+            return torch.tensor(xs, dtype=torch.int32)
+
+        return cls(
+            num_prefills=num_prefills,
+            num_prefill_tokens=sum(query_lens[:num_prefills]),
+            num_decode_tokens=num_decodes,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device),
+            seq_lens=seq_lens,
+            seq_lens_tensor=int32(seq_lens).to(device),
+            max_query_len=max(query_lens, default=0),
+            max_prefill_seq_len=max(seq_lens[:num_prefills], default=0),
+            max_decode_seq_len=max(seq_lens[num_prefills:], default=0),
+            query_start_loc=cumsum(query_lens).to(device),
+            seq_start_loc=cumsum(seq_lens).to(device),
+            context_lens_tensor=int32(context_lens).to(device),
+            block_tables=table.to(device),
+            use_cuda_graph=False,
+        )
+
+
+def _head(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if t is None else t[:n]
+
+
+def _tail(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if t is None else t[n:]
