@@ -208,8 +208,9 @@ def test_profiling_run_with_empty_cache(device, gen):
     padded = torch.tensor([t + [0] * (13 - len(t)) for t in tables], dtype=torch.int32, device=device)
     md_tables = dataclasses.replace(md_empty, block_tables=padded)
     for md in (md_empty, md_tables):
+        output = None if md is md_empty else poison(torch.empty(sum(lens) + 2, HQ * D, dtype=dtype, device=device))
         out = impl.forward(q.flatten(1).to(device), k.flatten(1).to(device), v.flatten(1).to(device), empty, md,
-                           output=poison(torch.empty(sum(lens) + 2, HQ * D, dtype=dtype, device=device)))
+                           output=output)
         out = out.view(-1, HQ, D)
         start = 0
         for n in lens:
@@ -392,14 +393,38 @@ def test_metadata_build_and_views():
         BlocksparseFlashAttentionMetadata.build([10], [10], [[0]], 16)
 
 
-def test_metadata_by_keyword_like_an_engine():
-    """vLLM's decode-only CUDA-graph batch: padded rows have slot -1 and seq_len 0, no host seq_lens."""
+def test_padded_decode_batch_by_keyword(device, gen):
+    """vLLM's decode-only CUDA-graph batch, built by keyword: padding rows have slot -1 and seq_len 0 and
+    no host seq_lens; they come back zero and write nothing."""
+    dtype = engine_dtype(device)
+    impl = make_impl()
+    pattern = global_pattern("qslide")
+    cache = torch.randn(BlocksparseFlashAttentionBackend.get_kv_cache_shape(12, 16, HKV, D), generator=gen).to(dtype)
+    lens = [70, 33, 0, 0]
+    tables = torch.tensor([[3, 7, 1, 10, 9], [11, 2, 5, 0, 0], [0] * 5, [0] * 5], dtype=torch.int32)
+    slots = torch.tensor([9 * 16 + 5, 5 * 16 + 0, -1, -1])  # the last position of each real row
     md = BlocksparseFlashAttentionMetadata(
-        num_prefills=0, num_prefill_tokens=0, num_decode_tokens=4, slot_mapping=torch.tensor([5, 9, -1, -1]),
-        seq_lens=None, seq_lens_tensor=torch.tensor([6, 10, 0, 0], dtype=torch.int32), max_query_len=1,
-        max_prefill_seq_len=0, max_decode_seq_len=10, query_start_loc=None, seq_start_loc=None,
-        context_lens_tensor=None, block_tables=torch.zeros(4, 1, dtype=torch.int32), use_cuda_graph=True)
+        num_prefills=0, num_prefill_tokens=0, num_decode_tokens=4, slot_mapping=slots.to(device), seq_lens=None,
+        seq_lens_tensor=torch.tensor(lens, dtype=torch.int32, device=device), max_query_len=1,
+        max_prefill_seq_len=0, max_decode_seq_len=80, query_start_loc=None, seq_start_loc=None,
+        context_lens_tensor=None, block_tables=tables.to(device), use_cuda_graph=True)
     assert md.prefill_metadata is None and md.decode_metadata.use_cuda_graph
+    q = torch.randn(4, HQ, D, generator=gen).to(dtype)
+    k = torch.randn(4, HKV, D, generator=gen).to(dtype)
+    v = torch.randn(4, HKV, D, generator=gen).to(dtype)
+    expected_cache = cache.clone()
+    key_ref, value_ref = split_kv_cache(expected_cache, HKV, D)
+    for r in range(2):
+        key_ref[slots[r] // 16, :, slots[r] % 16], value_ref[slots[r] // 16, :, slots[r] % 16] = k[r], v[r]
+    cache = cache.to(device)
+    out = impl.forward(q.flatten(1).to(device), k.flatten(1).to(device), v.flatten(1).to(device), cache, md,
+                       output=poison(torch.empty(4, HQ * D, dtype=dtype, device=device))).view(4, HQ, D)
+    assert torch.equal(cache.cpu(), expected_cache), f"[{device}] the cache differs after a padded decode batch"
+    for r in range(2):
+        keys, values = reference.gather_paged_kv(key_ref, value_ref, tables[r], lens[r])
+        ref, _ = reference.attention_ref(q[r: r + 1], keys, values, SCALE, pattern)
+        assert_close_to_ref(out[r: r + 1], ref, dtype, f"{device} padded decode row {r}")
+    assert not out[2:].float().cpu().any(), f"[{device}] padding decode rows (seq_len 0) are not zero"
 
 
 # ---- CUDA graphs ------------------------------------------------------------------------------------------
