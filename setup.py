@@ -33,7 +33,7 @@ def _extension():
     debug = _flag("BSA_DEBUG")
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fopenmp"]
+    cxx += ["-fopenmp"]  # the C++ standard is chosen by torch (it knows what its headers need)
     include_dirs = [os.path.join(ROOT, "csrc")]
     if not _use_cuda():
         return cpp_extension.CppExtension(
@@ -41,12 +41,15 @@ def _extension():
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
-    nvcc += ["-std=c++17", "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
+    nvcc += ["--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
              "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
              "-U__CUDA_NO_BFLOAT16_OPERATORS__"]
-    head_dims = os.environ.get("BSA_HEAD_DIMS")
-    if head_dims:
-        define = "-DBSA_HEAD_DIMS=" + "_".join(d.strip() for d in head_dims.split(","))
+    # The sm80 kernels pad head dims to multiples of 64 (64 | 80-128 | 256); each padded family is
+    # a set of template instantiations that BSA_HEAD_DIMS can leave out for quick development builds.
+    head_dims = os.environ.get("BSA_HEAD_DIMS", "64,80,96,112,128,256")
+    pads = sorted({(int(d) + 63) // 64 * 64 for d in head_dims.split(",") if d.strip()})
+    for pad in pads:
+        define = f"-DBSA_HEAD_DIM_PAD_{pad}=1"
         nvcc.append(define)
         cxx.append(define)
     cxx.append("-DBSA_WITH_CUDA")

@@ -8,6 +8,10 @@
 
 namespace blocksparse_attn {
 
+// Query rows per CTA of the prefill kernel (one Phi-3-small sparse block) and keys per K/V tile.
+constexpr int kPrefillBlockM = 64;
+constexpr int kPrefillBlockN = 64;
+
 // Where a sequence's keys and values live: packed contiguous tensors or the paged cache.
 struct KeyValueSource {
   const void* key;    // contiguous: k [Tk, Hkv, D]; paged: key_cache [NB, Hkv, kvbs, D]
@@ -23,6 +27,7 @@ struct KeyValueSource {
   int64_t cache_block_stride;  // elements between cache blocks (Hkv * kvbs * D)
   int64_t cache_head_stride;   // elements between kv heads inside a block (kvbs * D)
   int kv_block_size;           // kvbs
+  int num_cache_blocks;        // NB: a block id outside [0, NB) is never dereferenced
   BSA_HOST_DEVICE bool paged() const { return block_tables != nullptr; }
 };
 
@@ -45,6 +50,20 @@ struct PrefillParams {
   const int32_t* tile_seq;    // [max_tiles]
   const int32_t* tile_index;  // [max_tiles]: absolute query tile (positions tile * kBlockM ...)
   const int32_t* num_tiles;   // [1]
+};
+
+// The plan kernel's inputs and outputs (cuda/kernels/plan.cuh).
+struct PlanParams {
+  const int32_t* cu_seqlens_q;  // [S + 1]
+  const int32_t* cu_seqlens_k;  // [S + 1] or null
+  const int32_t* seq_lens;      // [S] or null (then cu_seqlens_k)
+  int num_seqs;
+  int block_m;
+  int num_buckets;       // > every tile index (host bound from shapes)
+  int32_t* bucket;       // [num_buckets] scratch
+  int32_t* tile_seq;     // [max_tiles]
+  int32_t* tile_index;   // [max_tiles]
+  int32_t* num_tiles;    // [1]
 };
 
 }  // namespace blocksparse_attn

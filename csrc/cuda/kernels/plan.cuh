@@ -15,19 +15,6 @@ namespace blocksparse_attn {
 
 constexpr int kPlanThreads = 1024;
 
-struct PlanParams {
-  const int32_t* cu_seqlens_q;  // [S + 1]
-  const int32_t* cu_seqlens_k;  // [S + 1] or null
-  const int32_t* seq_lens;      // [S] or null (then cu_seqlens_k)
-  int num_seqs;
-  int block_m;
-  int num_buckets;       // > every tile index (host bound from shapes)
-  int32_t* bucket;       // [num_buckets] scratch
-  int32_t* tile_seq;     // [max_tiles]
-  int32_t* tile_index;   // [max_tiles]
-  int32_t* num_tiles;    // [1]
-};
-
 __device__ __forceinline__ void plan_tile_range(const PlanParams& p, int seq, int& first, int& last) {
   const int q_len = p.cu_seqlens_q[seq + 1] - p.cu_seqlens_q[seq];
   const int k_len = p.seq_lens ? p.seq_lens[seq] : p.cu_seqlens_k[seq + 1] - p.cu_seqlens_k[seq];

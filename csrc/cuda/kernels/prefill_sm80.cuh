@@ -20,15 +20,11 @@
 
 namespace blocksparse_attn {
 
-constexpr int kPrefillBlockM = 64;  // query rows per CTA: one Phi-3-small sparse block
-constexpr int kPrefillBlockN = 64;  // keys per K/V tile
 constexpr int kPrefillWarps = 4;
 constexpr int kPrefillThreads = kPrefillWarps * 32;
 
 // Head dims are padded in shared memory to a multiple of 64 elements (128-byte rows), so the XOR
 // swizzle of 16-byte chunks by (row % 8) is always defined; padding columns are zero.
-__host__ __device__ constexpr int padded_head_dim(int head_size) { return (head_size + 63) / 64 * 64; }
-
 template <typename Element, int kHeadDimPad>
 struct PrefillSmem {
   static constexpr int kTileElems = kPrefillBlockM * kHeadDimPad;
@@ -207,11 +203,12 @@ prefill_sm80_kernel(const PrefillParams params) {
     for (int c = tid; c < kTileChunks; c += kPrefillThreads) {
       const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
       const int pos = key_tile * kPrefillBlockN + row;
-      const bool valid = pos < k_len && col < head_size;
+      bool valid = pos < k_len && col < head_size;
       int64_t offset = 0;
       if (valid) {
         if (kv.paged()) {
           const int page = kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
+          valid = page >= 0 && page < kv.num_cache_blocks;  // a bad id reads zeros, never wild memory
           offset = page * kv.cache_block_stride + kv_head * kv.cache_head_stride +
                    static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
         } else {
@@ -219,8 +216,8 @@ prefill_sm80_kernel(const PrefillParams params) {
         }
       }
       const int dst = swizzle<kHeadDimPad>(row, col);
-      ptx::cp_async_16(dst_k + dst, key + offset, valid);
-      ptx::cp_async_16(dst_v + dst, value + offset, valid);
+      ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
+      ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
     }
   };
 
@@ -372,6 +369,15 @@ prefill_sm80_kernel(const PrefillParams params) {
     *reinterpret_cast<uint4*>(out + (q_begin + pos - first_pos) * params.out_row_stride + head * params.out_head_stride + col) =
         *reinterpret_cast<const uint4*>(s_q + swizzle<kHeadDimPad>(row, col));
   }
+}
+
+template <typename Element, int kHeadDimPad>
+void launch_prefill_sm80(const PrefillParams& params, int max_tiles, cudaStream_t stream) {
+  constexpr int kSmemBytes = PrefillSmem<Element, kHeadDimPad>::kBytes;
+  auto kernel = prefill_sm80_kernel<Element, kHeadDimPad>;
+  if (kSmemBytes > 48 * 1024)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  kernel<<<max_tiles * params.num_q_heads, kPrefillThreads, kSmemBytes, stream>>>(params);
 }
 
 }  // namespace blocksparse_attn

@@ -1,0 +1,232 @@
+// CUDA host glue of the attention ops: checks -> params -> plan -> dispatch -> launch.
+//
+// Nothing here reads device data, so every call can be captured in a CUDA graph. Checks that need
+// values (cu_seqlens monotone, block ids in range, layout well formed) run only when the environment
+// sets BSA_CHECK_INPUTS=1, at the cost of a device->host copy; without them a bad block id reads
+// zeros and a sequence with more queries than keys is skipped, but memory is never touched out of
+// bounds.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <optional>
+
+#include "common/attention_args.h"
+#include "cuda/dispatch.h"
+
+namespace blocksparse_attn {
+
+void launch_plan_prefill(const PlanParams& params, cudaStream_t stream);
+
+namespace {
+
+bool value_checks_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("BSA_CHECK_INPUTS");
+    return v != nullptr && v[0] == '1';
+  }();
+  return enabled;
+}
+
+void check_cuda_dtype(const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+              "on CUDA, q must be float16 or bfloat16, got ", q.scalar_type(), " (float32 runs on the CPU only)");
+}
+
+// 16-byte cp.async needs 16-byte aligned rows: views that are not (odd strides) are copied.
+at::Tensor aligned_rows(const at::Tensor& t) {
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (t.stride(d) * t.element_size()) % 16 == 0;
+  return ok ? t : t.contiguous();
+}
+
+void set_layout(SparsePattern& p, const std::optional<at::Tensor>& layout_crow,
+                const std::optional<at::Tensor>& layout_col, int64_t num_q_heads) {
+  if (!layout_crow) return;
+  p.layout_crow = layout_crow->data_ptr<int32_t>();
+  p.layout_col = layout_col->data_ptr<int32_t>();
+  if (value_checks_enabled()) {
+    const at::Tensor crow = layout_crow->cpu(), col = layout_col->cpu();
+    SparsePattern host = p;
+    host.layout_crow = crow.data_ptr<int32_t>();
+    host.layout_col = col.data_ptr<int32_t>();
+    check_layout_values(host, num_q_heads);
+  }
+}
+
+// Plans the work list on the device, then runs the prefill kernel over it.
+void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bound) {
+  const int max_tiles = static_cast<int>(params.num_q_tokens / kPrefillBlockM + 2 * params.num_seqs + 1);
+  const int num_buckets = static_cast<int>(key_len_bound / kPrefillBlockM + 2);
+  if (params.num_q_tokens == 0 || params.num_seqs == 0) return;
+  at::Tensor workspace = at::empty({num_buckets + 2 * max_tiles + 1}, q.options().dtype(at::kInt));
+  int32_t* ws = workspace.data_ptr<int32_t>();
+  PlanParams plan{};
+  plan.cu_seqlens_q = params.cu_seqlens_q;
+  plan.cu_seqlens_k = params.kv.cu_seqlens_k;
+  plan.seq_lens = params.kv.paged() ? params.kv.seq_lens : nullptr;
+  plan.num_seqs = params.num_seqs;
+  plan.block_m = kPrefillBlockM;
+  plan.num_buckets = num_buckets;
+  plan.bucket = ws;
+  plan.tile_seq = ws + num_buckets;
+  plan.tile_index = ws + num_buckets + max_tiles;
+  plan.num_tiles = ws + num_buckets + 2 * max_tiles;
+  params.tile_seq = plan.tile_seq;
+  params.tile_index = plan.tile_index;
+  params.num_tiles = plan.num_tiles;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  launch_plan_prefill(plan, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  dispatch_element_and_head_dim(q.scalar_type(), params.head_size, [&](auto element, auto pad) {
+    launch_prefill_sm80<decltype(element), decltype(pad)::value>(params, max_tiles, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+PrefillParams query_params(const at::Tensor& out, const at::Tensor& q, const CheckedArgs& args, double scale,
+                           const std::optional<at::Tensor>& lse) {
+  PrefillParams params{};
+  params.q = q.data_ptr();
+  params.out = out.data_ptr();
+  params.lse = lse ? lse->data_ptr<float>() : nullptr;
+  params.q_row_stride = q.stride(0);
+  params.q_head_stride = q.stride(1);
+  params.out_row_stride = out.stride(0);
+  params.out_head_stride = out.stride(1);
+  params.num_q_tokens = static_cast<int>(args.shape.num_q_tokens);
+  params.num_q_heads = static_cast<int>(args.shape.num_q_heads);
+  params.num_kv_heads = static_cast<int>(args.shape.num_kv_heads);
+  params.head_size = static_cast<int>(args.shape.head_size);
+  params.num_seqs = static_cast<int>(args.shape.num_seqs);
+  params.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  params.pattern = args.pattern;
+  return params;
+}
+
+void set_paged_source(PrefillParams& params, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                      const at::Tensor& block_tables, const at::Tensor& seq_lens) {
+  KeyValueSource& kv = params.kv;
+  kv.key = key_cache.data_ptr();
+  kv.value = value_cache.data_ptr();
+  kv.block_tables = block_tables.data_ptr<int32_t>();
+  kv.block_table_stride = block_tables.stride(0);
+  kv.seq_lens = seq_lens.data_ptr<int32_t>();
+  kv.cache_block_stride = key_cache.stride(0);
+  kv.cache_head_stride = key_cache.stride(1);
+  kv.kv_block_size = static_cast<int>(key_cache.size(2));
+  kv.num_cache_blocks = static_cast<int>(key_cache.size(0));
+}
+
+void check_paged_values_on_host(const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& key_cache,
+                                const at::Tensor* cu_seqlens_q) {
+  const at::Tensor lens = seq_lens.cpu(), tables = block_tables.cpu();
+  const int64_t kvbs = key_cache.size(2), capacity = tables.size(1) * kvbs;
+  const int32_t* len = lens.data_ptr<int32_t>();
+  at::Tensor cu;
+  if (cu_seqlens_q) cu = cu_seqlens_q->cpu();
+  for (int64_t r = 0; r < lens.numel(); ++r) {
+    TORCH_CHECK(len[r] >= 0 && len[r] <= capacity, "seq_lens[", r, "] = ", len[r], " must lie in [0, ", capacity,
+                "] (what block_tables can address)");
+    if (cu.defined()) {
+      const int32_t q_len = cu.data_ptr<int32_t>()[r + 1] - cu.data_ptr<int32_t>()[r];
+      TORCH_CHECK(q_len <= len[r], "sequence ", r, " has ", q_len, " new tokens but seq_lens[", r, "] = ", len[r]);
+    }
+    for (int64_t m = 0; m < (len[r] + kvbs - 1) / kvbs; ++m) {
+      const int32_t block = tables[r][m].item<int32_t>();
+      TORCH_CHECK(block >= 0 && block < key_cache.size(0), "block_tables[", r, ", ", m, "] = ", block,
+                  " is not a cache block: expected [0, ", key_cache.size(0), ")");
+    }
+  }
+}
+
+void varlen_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                         const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, double scale,
+                         int64_t sparse_block_size, int64_t local_blocks, int64_t vert_stride,
+                         int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
+                         const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
+                         const std::optional<at::Tensor>& lse) {
+  CheckedArgs args = check_varlen_prefill_args(out, q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, sparse_block_size,
+                                               local_blocks, vert_stride, head_sliding_step, slide_by_kv_head,
+                                               head_offset, layout_crow, layout_col, lse);
+  check_cuda_dtype(q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in), v = aligned_rows(v_in);
+  TORCH_CHECK(k.strides() == v.strides(), "k and v must have the same strides, got ", k.strides(), " and ",
+              v.strides());
+  set_layout(args.pattern, layout_crow, layout_col, args.shape.num_q_heads);
+  if (value_checks_enabled()) {
+    check_cu_seqlens_values(cu_seqlens_q.cpu(), "cu_seqlens_q", args.shape.num_q_tokens);
+    check_cu_seqlens_values(cu_seqlens_k.cpu(), "cu_seqlens_k", k.size(0));
+  }
+  PrefillParams params = query_params(out, q, args, scale, lse);
+  params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  params.kv.key = k.data_ptr();
+  params.kv.value = v.data_ptr();
+  params.kv.row_stride = k.stride(0);
+  params.kv.head_stride = k.stride(1);
+  params.kv.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  run_prefill(params, q, k.size(0));
+}
+
+void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
+                        const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q,
+                        const at::Tensor& seq_lens, double scale, int64_t sparse_block_size, int64_t local_blocks,
+                        int64_t vert_stride, int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
+                        const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
+                        const std::optional<at::Tensor>& lse) {
+  CheckedArgs args = check_paged_prefill_args(out, q_in, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens,
+                                              sparse_block_size, local_blocks, vert_stride, head_sliding_step,
+                                              slide_by_kv_head, head_offset, layout_crow, layout_col, lse);
+  check_cuda_dtype(q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned_rows(q_in);
+  set_layout(args.pattern, layout_crow, layout_col, args.shape.num_q_heads);
+  if (value_checks_enabled()) {
+    check_cu_seqlens_values(cu_seqlens_q.cpu(), "cu_seqlens_q", args.shape.num_q_tokens);
+    check_paged_values_on_host(block_tables, seq_lens, key_cache, &cu_seqlens_q);
+  }
+  PrefillParams params = query_params(out, q, args, scale, lse);
+  params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  set_paged_source(params, key_cache, value_cache, block_tables, seq_lens);
+  run_prefill(params, q, block_tables.size(1) * key_cache.size(2));
+}
+
+// Decode runs the prefill kernel with one query per sequence (a correct first CUDA path; the
+// dedicated split-KV decode kernel replaces it).
+void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
+                       const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                       double scale, int64_t sparse_block_size, int64_t local_blocks, int64_t vert_stride,
+                       int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
+                       const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
+                       const std::optional<at::Tensor>& lse) {
+  CheckedArgs args = check_paged_decode_args(out, q_in, key_cache, value_cache, block_tables, seq_lens,
+                                             sparse_block_size, local_blocks, vert_stride, head_sliding_step,
+                                             slide_by_kv_head, head_offset, layout_crow, layout_col, lse);
+  check_cuda_dtype(q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = aligned_rows(q_in);
+  set_layout(args.pattern, layout_crow, layout_col, args.shape.num_q_heads);
+  if (value_checks_enabled()) check_paged_values_on_host(block_tables, seq_lens, key_cache, nullptr);
+  // Padding rows (seq_len 0) get no work item: their answer is zeros and lse -inf.
+  out.zero_();
+  if (lse) lse->fill_(-std::numeric_limits<float>::infinity());
+  const at::Tensor cu_seqlens_q = at::arange(args.shape.num_seqs + 1, seq_lens.options());
+  PrefillParams params = query_params(out, q, args, scale, lse);
+  params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  set_paged_source(params, key_cache, value_cache, block_tables, seq_lens);
+  run_prefill(params, q, block_tables.size(1) * key_cache.size(2));
+}
+
+}  // namespace
+}  // namespace blocksparse_attn
+
+TORCH_LIBRARY_IMPL(blocksparse_attn, CUDA, m) {
+  m.impl("varlen_prefill", &blocksparse_attn::varlen_prefill_cuda);
+  m.impl("paged_prefill", &blocksparse_attn::paged_prefill_cuda);
+  m.impl("paged_decode", &blocksparse_attn::paged_decode_cuda);
+}

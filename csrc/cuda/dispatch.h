@@ -1,0 +1,58 @@
+// Runtime -> compile-time switches of the CUDA kernels, in one place: element type x padded head dim.
+//
+// Build knob: setup.py defines BSA_HEAD_DIM_PAD_<n> for the padded head dims to instantiate (all by
+// default; BSA_HEAD_DIMS=128 builds only the 128 family for quick development). A head size whose
+// family was not built fails loudly, never silently rounds.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <type_traits>
+
+#include "cuda/kernels/params.h"
+
+namespace blocksparse_attn {
+
+// Shared memory rows of the sm80 kernels are padded to multiples of 64 elements (128 bytes).
+constexpr int padded_head_dim(int head_size) { return (head_size + 63) / 64 * 64; }
+
+template <int kPad>
+using HeadDimPad = std::integral_constant<int, kPad>;
+
+template <typename Element, typename Fn>
+void dispatch_head_dim_pad(int64_t head_size, Fn&& fn) {
+  switch (padded_head_dim(static_cast<int>(head_size))) {
+#if BSA_HEAD_DIM_PAD_64
+    case 64: return fn(Element{}, HeadDimPad<64>{});
+#endif
+#if BSA_HEAD_DIM_PAD_128
+    case 128: return fn(Element{}, HeadDimPad<128>{});
+#endif
+#if BSA_HEAD_DIM_PAD_256
+    case 256: return fn(Element{}, HeadDimPad<256>{});
+#endif
+    default:
+      TORCH_CHECK(false, "head size ", head_size, " (padded to ", padded_head_dim(static_cast<int>(head_size)),
+                  ") is not compiled into this build; rebuild without BSA_HEAD_DIMS or include it");
+  }
+}
+
+// fn(Element{}, HeadDimPad<n>{}) with Element = __half or __nv_bfloat16.
+template <typename Fn>
+void dispatch_element_and_head_dim(at::ScalarType dtype, int64_t head_size, Fn&& fn) {
+  switch (dtype) {
+    case at::kHalf: return dispatch_head_dim_pad<__half>(head_size, fn);
+    case at::kBFloat16: return dispatch_head_dim_pad<__nv_bfloat16>(head_size, fn);
+    default:
+      TORCH_CHECK(false, "the CUDA kernels take float16 or bfloat16 inputs, got ", dtype,
+                  " (float32 attention runs on the CPU only)");
+  }
+}
+
+// Defined once per (element, padded head dim) in csrc/cuda/prefill_sm80_*.cu.
+template <typename Element, int kHeadDimPad>
+void launch_prefill_sm80(const PrefillParams& params, int max_tiles, cudaStream_t stream);
+
+}  // namespace blocksparse_attn

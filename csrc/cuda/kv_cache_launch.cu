@@ -1,0 +1,39 @@
+// Launchers of the KV-cache kernels (device code in cuda/kernels/kv_cache.cuh).
+#include <cuda_runtime.h>
+
+#include "cuda/kernels/kv_cache.cuh"
+
+namespace blocksparse_attn {
+
+void launch_write_kv_cache(const void* key, const void* value, void* key_cache, void* value_cache,
+                           const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, int64_t row_bytes,
+                           int64_t token_stride_bytes, int64_t head_stride_bytes, int kv_block_size,
+                           int64_t num_slots, bool vectorized, cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int vec_bytes = vectorized ? 16 : 2;
+  const int vecs_per_row = static_cast<int>(row_bytes / vec_bytes);
+  const int64_t total = num_tokens * num_kv_heads * vecs_per_row;
+  if (total == 0) return;
+  const unsigned grid = static_cast<unsigned>((total + kThreads - 1) / kThreads);
+  auto* k = static_cast<const char*>(key);
+  auto* v = static_cast<const char*>(value);
+  auto* kc = static_cast<char*>(key_cache);
+  auto* vc = static_cast<char*>(value_cache);
+  if (vectorized)
+    write_kv_cache_kernel<uint4><<<grid, kThreads, 0, stream>>>(k, v, kc, vc, slot_mapping, num_tokens, num_kv_heads,
+                                                                vecs_per_row, token_stride_bytes, head_stride_bytes,
+                                                                kv_block_size, num_slots);
+  else
+    write_kv_cache_kernel<uint16_t><<<grid, kThreads, 0, stream>>>(k, v, kc, vc, slot_mapping, num_tokens,
+                                                                    num_kv_heads, vecs_per_row, token_stride_bytes,
+                                                                    head_stride_bytes, kv_block_size, num_slots);
+}
+
+void launch_copy_blocks(const int64_t* cache_ptrs, const int64_t* mapping, int64_t num_pairs, int num_layers,
+                        int64_t num_blocks, int64_t block_bytes, cudaStream_t stream) {
+  if (num_pairs == 0 || num_layers == 0) return;
+  const dim3 grid(static_cast<unsigned>(num_pairs), static_cast<unsigned>(num_layers * 2));
+  copy_blocks_kernel<<<grid, 256, 0, stream>>>(cache_ptrs, mapping, num_blocks, block_bytes);
+}
+
+}  // namespace blocksparse_attn
