@@ -123,22 +123,26 @@ def ref_fn(x, scale, pattern):
                                                 pattern)
 
 
-def sanity_check(x, scale, pattern, seq_len, dtype) -> float:
-    """Our output vs SDPA given the same pattern as an explicit token mask, first sequence only."""
+def sanity_check(x, scale, pattern, seq_len, dtype, candidates) -> dict:
+    """Max abs error of each candidate's output against SDPA given the same pattern as an explicit token
+    mask (float32, first sequence only). candidates: name -> output [B, Hq, S, D] or [B*S, Hq, D]."""
     b = pattern.block_size
     n = -(-seq_len // b)
-    blocks = pattern.block_mask(NUM_HEADS, n, NUM_KV_HEADS).to(x["q"].device)
-    tok = torch.arange(seq_len, device=x["q"].device) // b
-    mask = blocks[:, tok][:, :, tok] & torch.ones(seq_len, seq_len, dtype=torch.bool, device=x["q"].device).tril()
+    dev = x["q"].device
+    blocks = pattern.block_mask(NUM_HEADS, n, NUM_KV_HEADS).to(dev)
+    tok = torch.arange(seq_len, device=dev) // b
+    mask = blocks[:, tok][:, :, tok] & torch.ones(seq_len, seq_len, dtype=torch.bool, device=dev).tril()
     want = F.scaled_dot_product_attention(x["q4"][:1].float(), x["k4"][:1].float(), x["v4"][:1].float(),
-                                          attn_mask=mask[None], scale=scale, enable_gqa=True)
-    got = ops.varlen_prefill(x["q"][:seq_len], x["k"][:seq_len], x["v"][:seq_len], x["cu"][:2], x["cu"][:2],
-                             scale, pattern)
-    err = (got.float().transpose(0, 1) - want[0]).abs().max().item()
+                                          attn_mask=mask[None], scale=scale, enable_gqa=True)[0]
     tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
-    if not err <= tol:
-        raise SystemExit(f"sanity check FAILED at S={seq_len}: max |ours - sdpa(mask)| = {err:.3g} > {tol:g}")
-    return err
+    errors = {}
+    for name, out in candidates.items():
+        got = out[0] if out.dim() == 4 else out[:seq_len].transpose(0, 1)
+        errors[name] = (got.float() - want).abs().max().item()
+        if not errors[name] <= tol:
+            raise SystemExit(f"sanity check FAILED at S={seq_len}: max |{name} - sdpa(mask)| = "
+                             f"{errors[name]:.3g} > {tol:g}")
+    return errors
 
 
 # ---- main ------------------------------------------------------------------------------------------
@@ -154,7 +158,9 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="default: 3 (CPU), 20 (CUDA)")
     ap.add_argument("--ref-max-tokens", type=int, default=1024,
                     help="time the pure-PyTorch reference up to this many tokens per batch (0: never)")
-    ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (CUDA)")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated subset of ours,sdpa,sdpa-flash,sdpa-cudnn,flex,reference (default: all "
+                         "that apply to the device)")
     ap.add_argument("--out-dir", default="out", help="where the CSV and the PNG go")
     args = ap.parse_args(argv)
 
@@ -167,6 +173,14 @@ def main(argv=None):
     repeats = args.repeats if args.repeats is not None else (20 if cuda else 3)
     timer = time_cuda if cuda else time_cpu
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
+    chosen = None if args.methods is None else {m.strip() for m in args.methods.split(",") if m.strip()}
+
+    known = {"ours", "sdpa", "sdpa-flash", "sdpa-cudnn", "flex", "reference"}
+    if chosen is not None and chosen - known:
+        raise SystemExit(f"--methods: unknown {sorted(chosen - known)}, expected a subset of {sorted(known)}")
+
+    def wanted(method: str) -> bool:
+        return chosen is None or method in chosen
     pattern = SparsePattern.phi3_small(NUM_HEADS)
     scale = 1.0 / HEAD_DIM  # Phi-3-small's softmax scale
 
@@ -186,10 +200,6 @@ def main(argv=None):
         causal_pairs = batch * NUM_HEADS * seq_len * (seq_len + 1) // 2
         flops = 4 * HEAD_DIM * pairs
 
-        if s_idx == 0:
-            err = sanity_check(inputs[0], scale, pattern, seq_len, dtype)
-            print(f"sanity: ours vs SDPA with the same mask at S={seq_len}: max abs error {err:.2e}")
-
         methods = {"ours": [ours_fn(x, scale, pattern) for x in inputs],
                    "sdpa": [sdpa_fn(x, scale) for x in inputs]}
         if cuda:
@@ -198,15 +208,23 @@ def main(argv=None):
             for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
                                   ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
                 methods[name] = [sdpa_fn(x, scale, backend) for x in inputs]
-            if not args.no_flex:
+            if wanted("flex"):
                 fns = flex_fns(inputs, scale, pattern, seq_len, device)
                 if fns is not None:
                     methods["flex"] = fns
         if batch * seq_len <= args.ref_max_tokens:
             methods["reference"] = [ref_fn(x, scale, pattern) for x in inputs]
 
+        if s_idx == 0:  # the sparse methods must compute the pattern they are timed on
+            outs = {m: methods[m][0]() for m in ("ours", "flex") if m in methods and wanted(m)}
+            errors = sanity_check(inputs[0], scale, pattern, seq_len, dtype, outs)
+            print("sanity: vs SDPA with the same mask at S=%d, max abs error: %s" % (
+                seq_len, ", ".join(f"{m} {e:.2e}" for m, e in errors.items()) or "nothing to check"))
+
         times = {}
         for name, fns in methods.items():
+            if not wanted(name):
+                continue
             slow = name == "reference"
             try:
                 times[name] = timer(fns, warmup=0 if slow else warmup, repeats=1 if slow else repeats)
