@@ -124,6 +124,14 @@ def assert_lse_close(lse: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, c
                              f"{where}: {lse[seen][k].item():.7g} vs {ref[seen][k].item():.7g}")
 
 
+def assert_unseen_rows_zero(out: torch.Tensor, ref_lse: torch.Tensor, config: str) -> None:
+    """Rows that see no key (padding decode rows, layout rows without blocks) are exactly zero."""
+    unseen = (ref_lse == -math.inf).T  # [T, Hq]
+    rows = out.detach().cpu()[unseen]
+    assert not rows.isnan().any() and (rows == 0).all(), (
+        f"[{config}] rows that see no key must be exactly 0; [token, head] {unseen.nonzero()[:5].tolist()} ...")
+
+
 def assert_pattern_is_sparse(pattern, num_heads: int, num_kv_heads: int, seq_len: int, config: str,
                              num_queries: int | None = None) -> None:
     """The reference mask of a sequence of seq_len tokens (its last num_queries rows) skips some causal
@@ -211,7 +219,3 @@ def build_paged_cache(keys, values, kv_block_size: int, gen: torch.Generator, de
         key_cache[blocks[t // kv_block_size], :, t % kv_block_size] = k
         value_cache[blocks[t // kv_block_size], :, t % kv_block_size] = v
     return key_cache.to(device), value_cache.to(device), block_tables.to(device)
-
-
-def blocks_per(tokens: int, block: int) -> int:
-    return -(-tokens // block)

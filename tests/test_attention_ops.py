@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from _helpers import (
-    DTYPE_IDS, HEAD_MODES, assert_close_to_ref, assert_lse_close, assert_pattern_is_sparse, build_paged_cache,
-    cu_seqlens, make_pattern, one_thread, poison, random_block_mask, randn, skip_unsupported,
+    DTYPE_IDS, HEAD_MODES, assert_close_to_ref, assert_lse_close, assert_pattern_is_sparse, assert_unseen_rows_zero,
+    build_paged_cache, cu_seqlens, make_pattern, one_thread, poison, random_block_mask, randn, skip_unsupported,
 )
 from blocksparse_attn import ops, reference
 from blocksparse_attn.layout import BlockLayout, SparsePattern
@@ -68,6 +68,7 @@ def run_varlen(device, dtype, hq, hkv, d, seqs, pattern, gen, scale=None):
                         *op_args(pattern, device), lse)
     assert_close_to_ref(out, ref_out, dtype, config)
     assert_lse_close(lse, ref_lse, dtype, config)
+    assert_unseen_rows_zero(out, ref_lse, config)
     return out, lse, ref_lse
 
 
@@ -84,14 +85,16 @@ def run_paged_prefill(device, dtype, hq, hkv, d, kvbs, seqs, pattern, gen, scale
               f"(context, new)={seqs} {describe(pattern)}")
     # reference from the contiguous keys: independent of how the cache was filled
     with one_thread():
-        ref_out, ref_lse = reference.varlen_prefill_ref(q, torch.cat(keys), torch.cat(values), cu_seqlens(q_lens, "cpu"),
-                                                        cu_seqlens(seq_lens, "cpu"), scale, pattern)
+        ref_out, ref_lse = reference.varlen_prefill_ref(q, torch.cat(keys), torch.cat(values),
+                                                        cu_seqlens(q_lens, "cpu"), cu_seqlens(seq_lens, "cpu"), scale,
+                                                        pattern)
     out = poison(torch.empty(q.shape, dtype=dtype, device=device))
     lse = poison(torch.empty(hq, q.shape[0], dtype=torch.float32, device=device))
     _ops.paged_prefill(out, q.to(device), key_cache, value_cache, block_tables, cu_seqlens(q_lens, device),
                        torch.tensor(seq_lens, dtype=torch.int32, device=device), scale, *op_args(pattern, device), lse)
     assert_close_to_ref(out, ref_out, dtype, config)
     assert_lse_close(lse, ref_lse, dtype, config)
+    assert_unseen_rows_zero(out, ref_lse, config)
     return out, lse, ref_lse
 
 
@@ -117,6 +120,7 @@ def run_paged_decode(device, dtype, hq, hkv, d, kvbs, seq_lens, pattern, gen, sc
                       torch.tensor(seq_lens, dtype=torch.int32, device=device), scale, *op_args(pattern, device), lse)
     assert_close_to_ref(out, ref_out, dtype, config)
     assert_lse_close(lse, ref_lse, dtype, config)
+    assert_unseen_rows_zero(out, ref_lse, config)
     return out, lse, ref_lse
 
 
@@ -218,7 +222,8 @@ def test_varlen_prefill_wrapper(device, gen):
     k, v = randn((110, hkv, d), dtype, gen).to(device), randn((110, hkv, d), dtype, gen).to(device)
     cu_q, cu_k = cu_seqlens([40, 3], device), cu_seqlens([40, 70], device)
     with one_thread():
-        ref_out, ref_lse = reference.varlen_prefill_ref(q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), 0.125, pattern)
+        ref_out, ref_lse = reference.varlen_prefill_ref(q.cpu(), k.cpu(), v.cpu(), cu_q.cpu(), cu_k.cpu(), 0.125,
+                                                        pattern)
     out, lse = ops.varlen_prefill(q, k, v, cu_q, cu_k, 0.125, pattern, return_lse=True)
     assert_close_to_ref(out, ref_out, dtype, f"wrapper {device} {seqs}")
     assert_lse_close(lse, ref_lse, dtype, f"wrapper {device} {seqs}")
@@ -304,8 +309,9 @@ def test_write_kv_cache_then_paged_prefill(device, dtype, gen):
     out = ops.paged_prefill(q, key_cache, value_cache, block_tables, cu_seqlens(q_lens, device),
                             torch.tensor(seq_lens, dtype=torch.int32, device=device), d ** -0.5, pattern)
     with one_thread():
-        ref_out, _ = reference.varlen_prefill_ref(q.cpu(), torch.cat(keys), torch.cat(values), cu_seqlens(q_lens, "cpu"),
-                                                  cu_seqlens(seq_lens, "cpu"), d ** -0.5, pattern)
+        ref_out, _ = reference.varlen_prefill_ref(q.cpu(), torch.cat(keys), torch.cat(values),
+                                                  cu_seqlens(q_lens, "cpu"), cu_seqlens(seq_lens, "cpu"), d ** -0.5,
+                                                  pattern)
     assert_close_to_ref(out, ref_out, dtype, f"write + paged_prefill {device} {dtype_ids(dtype)} {seqs}")
     via_varlen = ops.varlen_prefill(q, torch.cat(keys).to(device), torch.cat(values).to(device),
                                     cu_seqlens(q_lens, device), cu_seqlens(seq_lens, device), d ** -0.5, pattern)

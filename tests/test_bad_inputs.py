@@ -23,7 +23,6 @@ ERRORS = (RuntimeError, ValueError, TypeError)
 DTYPE = torch.float16  # supported on every device
 HQ, HKV, D, B, KVBS, NB = 4, 2, 64, 16, 16, 8
 PATTERN = SparsePattern(B, 2, 3, 1)
-CACHE_OPS = {"write_kv_cache", "copy_blocks", "swap_blocks"}
 MUTATED_CACHES = ("key_cache", "value_cache", "kv_caches", "dst_kv_cache")
 
 
@@ -167,6 +166,15 @@ def set_values(**values):
     return mutate
 
 
+def set_entry(name, index, value):
+    """A copy of args[name] with one entry changed (a used seq_lens / block_tables entry)."""
+    def make(t, device, other):
+        t = t.clone()
+        t[index] = value
+        return t
+    return setarg(name, make)
+
+
 def chain(*mutations):
     def mutate(args, device, other):
         for m in mutations:
@@ -290,14 +298,10 @@ for op in ("paged_prefill", "paged_decode"):
         Case(op, "block_tables-strided", setarg("block_tables", lambda t, d, o: noncontig(t)), r"block_tables"),
         Case(op, "seq_lens-int64", cast("seq_lens", torch.int64), r"seq_lens.*dtype"),
         Case(op, "seq_lens-length", setarg("seq_lens", lambda t, d, o: torch.cat([t, t[:1]])), r"seq_lens"),
-        Case(op, "seq_len-beyond-block-table", setarg("seq_lens", lambda t, d, o: t.index_fill(0, _t([1], torch.long, d), 65)),
-             r"seq_lens.*65", values=True),
-        Case(op, "seq_len-negative", setarg("seq_lens", lambda t, d, o: t.index_fill(0, _t([0], torch.long, d), -1)),
-             r"seq_lens.*-1", values=True),
-        Case(op, "block-id-too-large", setarg("block_tables", lambda t, d, o: t.index_put((_t([1], torch.long, d),
-             _t([2], torch.long, d)), _t([NB], torch.int32, d))), r"block_tables.*8", values=True),
-        Case(op, "block-id-negative", setarg("block_tables", lambda t, d, o: t.index_put((_t([1], torch.long, d),
-             _t([0], torch.long, d)), _t([-3], torch.int32, d))), r"block_tables.*-3", values=True),
+        Case(op, "seq_len-beyond-block-table", set_entry("seq_lens", 1, 65), r"seq_lens.*65", values=True),
+        Case(op, "seq_len-negative", set_entry("seq_lens", 0, -1), r"seq_lens.*-1", values=True),
+        Case(op, "block-id-too-large", set_entry("block_tables", (1, 2), NB), r"block_tables.*8", values=True),
+        Case(op, "block-id-negative", set_entry("block_tables", (1, 0), -3), r"block_tables.*-3", values=True),
         Case(op, "key_cache-device", to_other("key_cache"), r"key_cache.*device", cross_device=True),
         Case(op, "block_tables-device", to_other("block_tables"), r"block_tables.*device", cross_device=True),
         Case(op, "seq_lens-device", to_other("seq_lens"), r"seq_lens.*device", cross_device=True),
@@ -325,7 +329,8 @@ CACHE_CASES = [
     Case("write_kv_cache", "slot_mapping-length", setarg("slot_mapping", lambda t, d, o: t[:9]), r"slot_mapping"),
     Case("write_kv_cache", "value-shape", setarg("value", lambda t, d, o: t[:9]), r"\bvalue\b.*shape"),
     Case("write_kv_cache", "key-head-size", chain(setarg("key", lambda t, d, o: t[..., :32]),
-                                                   setarg("value", lambda t, d, o: t[..., :32])), both(r"\bkey\b", "64")),
+                                                   setarg("value", lambda t, d, o: t[..., :32])),
+         both(r"\bkey\b", "64")),
     Case("write_kv_cache", "key-last-stride", setarg("key", lambda t, d, o: noncontig(t)), r"\bkey\b.*stride"),
     Case("write_kv_cache", "key_cache-noncontiguous", setarg("key_cache", lambda t, d, o: noncontig(t)),
          r"key_cache.*contiguous"),
