@@ -24,12 +24,9 @@ void launch_plan_prefill(const PlanParams& params, cudaStream_t stream);
 
 namespace {
 
-bool value_checks_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("BSA_CHECK_INPUTS");
-    return v != nullptr && v[0] == '1';
-  }();
-  return enabled;
+bool value_checks_enabled() {  // read per call, so a test (or a debugging user) can flip it
+  const char* v = std::getenv("BSA_CHECK_INPUTS");
+  return v != nullptr && v[0] == '1';
 }
 
 void check_cuda_dtype(const at::Tensor& q) {
