@@ -259,6 +259,7 @@ def test_paged_prefill_patterns(device, heads, mode, dtype, gen):
     skip_unsupported(device, dtype)
     hq, hkv = heads
     pattern = make_pattern(mode, 32, LOCAL, VERT, hq, hkv)
+    assert_pattern_is_sparse(pattern, hq, hkv, long_len(32) + 17, f"{mode} paged prefill", num_queries=17)
     run_paged_prefill(device, dtype, hq, hkv, 64, 16, prefill_seqs(32), pattern, gen)
 
 
@@ -346,6 +347,7 @@ def test_paged_decode_patterns(device, heads, mode, dtype, gen):
     hq, hkv = heads
     pattern = make_pattern(mode, 16, LOCAL, VERT, hq, hkv)
     lengths = [1, 15, 16, 17, 0, long_len(16), 48, 49, 333]
+    assert_pattern_is_sparse(pattern, hq, hkv, long_len(16), f"{mode} decode", num_queries=1)
     run_paged_decode(device, dtype, hq, hkv, 64, 16, lengths, pattern, gen)
 
 
