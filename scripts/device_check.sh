@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the CUDA extension, run the GPU test suite, then benchmark.
-# Usage (repo root, on the device): bash scripts/device_check.sh [pytest -k expression]
+# Usage (repo root, on the device): [TEST_FILES=...] [PYTEST_K=...] [SKIP_BENCH=1] bash scripts/device_check.sh
 # Logs go to $OUT (default ./out); the last lines printed are a short summary.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -15,13 +15,19 @@ if ! python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
 fi
 echo "build: $(( $(date +%s) - t0 )) s"
 
-t0=$(date +%s)
-DEVICE=cuda timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests ${1:+-k "$1"} > "$OUT/tests.log" 2>&1
-echo "gpu tests: rc=$? in $(( $(date +%s) - t0 )) s: $(tail -1 "$OUT/tests.log")"
-grep -E "^(FAILED|ERROR)|Error|error" "$OUT/tests.log" | head -20
+# One process per test file, so a crash in one file cannot hide the results of the others.
+for f in ${TEST_FILES:-tests/test_*.py}; do
+  t0=$(date +%s)
+  name=$(basename "$f" .py)
+  DEVICE=cuda timeout 300 python3 -X faulthandler -m pytest -v -p no:cacheprovider -rf "$f" ${PYTEST_K:+-k "$PYTEST_K"} \
+    > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name: rc=$rc in $(( $(date +%s) - t0 )) s: $(grep -E "passed|failed|error" "$OUT/$name.log" | tail -1)"
+  if [ $rc -ne 0 ]; then grep -E "^(FAILED|ERROR)|Fatal|File .*tests/" "$OUT/$name.log" | head -12; grep -B1 "Fatal Python" "$OUT/$name.log" | head -3; fi
+done
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  timeout 300 python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-2048,4096,8192,16384,32768} \
+  PYTHONPATH=$PWD timeout 300 python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-2048,4096,8192,16384,32768} \
     --out-dir "$OUT" > "$OUT/bench.log" 2>&1
   echo "bench rc=$?"; tail -25 "$OUT/bench.log"
 fi
