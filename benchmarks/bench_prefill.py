@@ -112,7 +112,10 @@ def flex_fns(inputs, scale, pattern, seq_len, device):
         qb, kb = q_idx // b, kv_idx // b
         return (kv_idx <= q_idx) & ((qb - kb < l) | ((kb + offsets[h]) % v == 0))
 
-    block_mask = create_block_mask(mask_mod, B=None, H=NUM_HEADS, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+    # _compile=True builds the BlockMask block by block; the eager path materialises the whole
+    # [H, S, S] token mask (64 GiB at S = 32k).
+    block_mask = create_block_mask(mask_mod, B=None, H=NUM_HEADS, Q_LEN=seq_len, KV_LEN=seq_len, device=device,
+                                   _compile=True)
     flex = torch.compile(flex_attention, dynamic=False)
     return [lambda x=x: flex(x["q4"], x["k4"], x["v4"], block_mask=block_mask, scale=scale, enable_gqa=True)
             for x in inputs]

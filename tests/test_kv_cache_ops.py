@@ -62,8 +62,9 @@ def test_write_kv_cache(device, dtype, kv_block_size, head_dim, heads, gen):
     qkv = randn((num_tokens, hkv, q_per_kv + 2, head_dim), dtype, gen).to(device)
     key, value = qkv[:, :, q_per_kv], qkv[:, :, q_per_kv + 1]
     assert not key.is_contiguous() and key.stride(-1) == 1
-    slots = torch.randperm(num_blocks * kv_block_size, generator=gen)[:num_tokens]
-    slots[:2] = torch.tensor([0, num_blocks * kv_block_size - 1])  # the first and the last slot
+    # distinct slots (two tokens writing one slot have no defined winner), the first and last included
+    inner = torch.randperm(num_blocks * kv_block_size - 2, generator=gen)[:num_tokens - 2] + 1
+    slots = torch.cat([torch.tensor([0, num_blocks * kv_block_size - 1]), inner])
     slots[torch.rand(num_tokens, generator=gen) < 0.25] = -1  # padding tokens
     kv_cache = new_cache(num_blocks, kv_block_size, hkv, head_dim, dtype, gen, device)
     key_cache, value_cache = halves(kv_cache, hkv, head_dim)
