@@ -300,13 +300,13 @@ prefill_sm80_kernel(const PrefillParams params) {
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
       const float ref = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet: avoid inf - inf
-      const float alpha = exp2f(row_max[r] - ref);
+      const float alpha = ptx::exp2_approx(row_max[r] - ref);
       row_max[r] = mx;
       float sum = 0.f;
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
-        acc_s[n][2 * r] = exp2f(acc_s[n][2 * r] - ref);
-        acc_s[n][2 * r + 1] = exp2f(acc_s[n][2 * r + 1] - ref);
+        acc_s[n][2 * r] = ptx::exp2_approx(acc_s[n][2 * r] - ref);
+        acc_s[n][2 * r + 1] = ptx::exp2_approx(acc_s[n][2 * r + 1] - ref);
         sum += acc_s[n][2 * r] + acc_s[n][2 * r + 1];
       }
       row_sum[r] = row_sum[r] * alpha + sum;
