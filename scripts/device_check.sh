@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the CUDA extension, run the GPU test suite, then benchmark.
-# Usage (repo root, on the device): [TEST_FILES=...] [PYTEST_K=...] [SKIP_BENCH=1] bash scripts/device_check.sh
+# Usage (repo root, on the device):
+#   [TEST_FILES=...] [PYTEST_K=...] [SANITIZE="memcheck racecheck"] [SANITIZE_K=...] [SKIP_BENCH=1] \
+#   bash scripts/device_check.sh
 # Logs go to $OUT (default ./out); the last lines printed are a short summary.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -25,6 +27,16 @@ for f in ${TEST_FILES:-tests/test_*.py}; do
   echo "$name: rc=$rc in $(( $(date +%s) - t0 )) s: $(grep -E "passed|failed|error" "$OUT/$name.log" | tail -1)"
   if [ $rc -ne 0 ]; then grep -E "^(FAILED|ERROR)|Fatal|File .*tests/" "$OUT/$name.log" | head -12; grep -B1 "Fatal Python" "$OUT/$name.log" | head -3; fi
 done
+
+if [ -n "${SANITIZE:-}" ]; then  # e.g. SANITIZE="memcheck racecheck" SANITIZE_K="bf16"
+  for tool in $SANITIZE; do
+    t0=$(date +%s)
+    DEVICE=cuda timeout 400 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
+      python3 -m pytest -q -p no:cacheprovider ${SANITIZE_FILES:-tests/test_attention_ops.py tests/test_kv_cache_ops.py} \
+      ${SANITIZE_K:+-k "$SANITIZE_K"} > "$OUT/sanitizer_$tool.log" 2>&1
+    echo "compute-sanitizer $tool: rc=$? in $(( $(date +%s) - t0 )) s: $(grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitizer_$tool.log" | tail -2 | tr '\n' ' ')"
+  done
+fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   PYTHONPATH=$PWD timeout 300 python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-2048,4096,8192,16384,32768} \

@@ -28,7 +28,7 @@ inline AttentionShape check_query_and_out(const at::Tensor& out, const at::Tenso
   check_dtype(q, "q", {at::kFloat, at::kHalf, at::kBFloat16});
   check_last_dim_contiguous(q, "q");
   check_head_size(q.size(2), "q");
-  TORCH_CHECK(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
+  BSA_CHECK(out.sizes() == q.sizes(), "out must have the shape of q ", q.sizes(), ", got ", out.sizes());
   check_same_dtype(out, "out", q, "q");
   check_same_device(out, "out", q, "q");
   check_contiguous(out, "out");
@@ -40,7 +40,7 @@ inline AttentionShape check_query_and_out(const at::Tensor& out, const at::Tenso
 }
 
 inline void check_kv_heads(AttentionShape& shape, int64_t num_kv_heads, const char* name) {
-  TORCH_CHECK(num_kv_heads > 0 && shape.num_q_heads % num_kv_heads == 0, name, " has ", num_kv_heads,
+  BSA_CHECK(num_kv_heads > 0 && shape.num_q_heads % num_kv_heads == 0, name, " has ", num_kv_heads,
               " kv heads, which must divide the ", shape.num_q_heads, " query heads of q");
   shape.num_kv_heads = num_kv_heads;
 }
@@ -57,7 +57,7 @@ inline void check_int_vector(const at::Tensor& t, const char* name, int64_t leng
 inline void check_lse(const std::optional<at::Tensor>& lse, const AttentionShape& shape, const at::Tensor& q) {
   if (!lse) return;
   check_dim(*lse, "lse", 2, "[num_q_heads, num_tokens]");
-  TORCH_CHECK(lse->size(0) == shape.num_q_heads && lse->size(1) == shape.num_q_tokens, "lse must have shape [",
+  BSA_CHECK(lse->size(0) == shape.num_q_heads && lse->size(1) == shape.num_q_tokens, "lse must have shape [",
               shape.num_q_heads, ", ", shape.num_q_tokens, "] ([num_q_heads, num_tokens]), got ", lse->sizes());
   check_dtype(*lse, "lse", {at::kFloat});
   check_same_device(*lse, "lse", q, "q");
@@ -68,7 +68,7 @@ inline void check_lse(const std::optional<at::Tensor>& lse, const AttentionShape
 inline int64_t check_paged_cache(AttentionShape& shape, const at::Tensor& key_cache, const at::Tensor& value_cache,
                                  const at::Tensor& q) {
   check_dim(key_cache, "key_cache", 4, "[num_blocks, num_kv_heads, kv_block_size, head_size]");
-  TORCH_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
+  BSA_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
               key_cache.sizes(), ", got ", value_cache.sizes());
   for (auto* cache : {&key_cache, &value_cache}) {
     const char* name = cache == &key_cache ? "key_cache" : "value_cache";
@@ -78,7 +78,7 @@ inline int64_t check_paged_cache(AttentionShape& shape, const at::Tensor& key_ca
   }
   check_size(key_cache, "key_cache", 3, shape.head_size, "head_size of q");
   check_kv_heads(shape, key_cache.size(1), "key_cache");
-  TORCH_CHECK(key_cache.size(2) > 0, "key_cache must have a positive kv block size, got shape ", key_cache.sizes());
+  BSA_CHECK(key_cache.size(2) > 0, "key_cache must have a positive kv block size, got shape ", key_cache.sizes());
   return key_cache.size(2);
 }
 
@@ -86,7 +86,7 @@ inline void check_block_tables(const at::Tensor& block_tables, int64_t num_seqs,
   check_dim(block_tables, "block_tables", 2, "[num_seqs, max_blocks_per_seq]");
   check_dtype(block_tables, "block_tables", {at::kInt});
   check_same_device(block_tables, "block_tables", q, "q");
-  TORCH_CHECK(block_tables.stride(1) == 1, "block_tables rows must be contiguous, got strides ",
+  BSA_CHECK(block_tables.stride(1) == 1, "block_tables rows must be contiguous, got strides ",
               block_tables.strides());
   check_size(block_tables, "block_tables", 0, num_seqs, "one row per sequence");
 }
@@ -97,13 +97,13 @@ inline SparsePattern check_pattern(const AttentionShape& shape, int64_t sparse_b
                                    int64_t vert_stride, int64_t head_sliding_step, bool slide_by_kv_head,
                                    int64_t head_offset, const std::optional<at::Tensor>& layout_crow,
                                    const std::optional<at::Tensor>& layout_col, const at::Tensor& q) {
-  TORCH_CHECK(sparse_block_size == 16 || sparse_block_size == 32 || sparse_block_size == 64 ||
+  BSA_CHECK(sparse_block_size == 16 || sparse_block_size == 32 || sparse_block_size == 64 ||
                   sparse_block_size == 128,
               "sparse_block_size must be 16, 32, 64 or 128, got ", sparse_block_size);
-  TORCH_CHECK(layout_crow.has_value() == layout_col.has_value(),
+  BSA_CHECK(layout_crow.has_value() == layout_col.has_value(),
               "layout_crow and layout_col must be given together (an explicit block layout) or not at all");
-  TORCH_CHECK(head_sliding_step >= 0, "head_sliding_step must be >= 0, got ", head_sliding_step);
-  TORCH_CHECK(head_offset >= 0, "head_offset must be >= 0, got ", head_offset);
+  BSA_CHECK(head_sliding_step >= 0, "head_sliding_step must be >= 0, got ", head_sliding_step);
+  BSA_CHECK(head_offset >= 0, "head_offset must be >= 0, got ", head_offset);
   SparsePattern p{};
   p.block_size = static_cast<int>(sparse_block_size);
   p.head_sliding_step = static_cast<int>(head_sliding_step);
@@ -111,7 +111,7 @@ inline SparsePattern check_pattern(const AttentionShape& shape, int64_t sparse_b
   p.q_heads_per_kv = static_cast<int>(shape.num_q_heads / shape.num_kv_heads);
   p.slide_by_kv_head = slide_by_kv_head;
   if (layout_crow) {
-    TORCH_CHECK(local_blocks == 0 && vert_stride == 0,
+    BSA_CHECK(local_blocks == 0 && vert_stride == 0,
                 "with an explicit block layout pass local_blocks = 0 and vert_stride = 0, got local_blocks = ",
                 local_blocks, ", vert_stride = ", vert_stride);
     const at::Tensor& crow = *layout_crow;
@@ -125,14 +125,14 @@ inline SparsePattern check_pattern(const AttentionShape& shape, int64_t sparse_b
       check_contiguous(*t, name);
       check_size(*t, name, 0, shape.num_q_heads, "one row per query head");
     }
-    TORCH_CHECK(crow.size(1) >= 2, "layout_crow must describe at least one query block, got shape ", crow.sizes());
+    BSA_CHECK(crow.size(1) >= 2, "layout_crow must describe at least one query block, got shape ", crow.sizes());
     p.local_blocks = 0;
     p.vert_stride = 0;
     p.layout_rows = static_cast<int>(crow.size(1) - 1);
     p.layout_col_stride = static_cast<int>(col.size(1));
   } else {
-    TORCH_CHECK(local_blocks >= 1, "local_blocks must be >= 1, got ", local_blocks);
-    TORCH_CHECK(vert_stride >= 1, "vert_stride must be >= 1, got ", vert_stride);
+    BSA_CHECK(local_blocks >= 1, "local_blocks must be >= 1, got ", local_blocks);
+    BSA_CHECK(vert_stride >= 1, "vert_stride must be >= 1, got ", vert_stride);
     p.local_blocks = static_cast<int>(local_blocks);
     p.vert_stride = static_cast<int>(vert_stride);
   }
@@ -140,7 +140,7 @@ inline SparsePattern check_pattern(const AttentionShape& shape, int64_t sparse_b
 }
 
 inline void check_block_size_compatible(int64_t sparse_block_size, int64_t kv_block_size) {
-  TORCH_CHECK(sparse_block_size % kv_block_size == 0 || kv_block_size % sparse_block_size == 0,
+  BSA_CHECK(sparse_block_size % kv_block_size == 0 || kv_block_size % sparse_block_size == 0,
               "sparse_block_size (", sparse_block_size, ") and the cache's kv block size (", kv_block_size,
               ") must divide one another");
 }
@@ -163,7 +163,7 @@ inline CheckedArgs check_varlen_prefill_args(
   AttentionShape& shape = args.shape;
   shape = check_query_and_out(out, q);
   check_dim(k, "k", 3, "[num_key_tokens, num_kv_heads, head_size]");
-  TORCH_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  BSA_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   for (auto* t : {&k, &v}) {
     const char* name = t == &k ? "k" : "v";
     check_same_dtype(*t, name, q, "q");
@@ -173,7 +173,7 @@ inline CheckedArgs check_varlen_prefill_args(
   check_size(k, "k", 2, shape.head_size, "head_size of q");
   check_kv_heads(shape, k.size(1), "k");
   check_int_vector(cu_seqlens_q, "cu_seqlens_q", -1, q, "[num_seqs + 1]");
-  TORCH_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
+  BSA_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
   shape.num_seqs = cu_seqlens_q.numel() - 1;
   check_int_vector(cu_seqlens_k, "cu_seqlens_k", shape.num_seqs + 1, q, "[num_seqs + 1], like cu_seqlens_q");
   check_lse(lse, shape, q);
@@ -193,7 +193,7 @@ inline CheckedArgs check_paged_prefill_args(
   shape = check_query_and_out(out, q);
   args.kv_block_size = check_paged_cache(shape, key_cache, value_cache, q);
   check_int_vector(cu_seqlens_q, "cu_seqlens_q", -1, q, "[num_seqs + 1]");
-  TORCH_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
+  BSA_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
   shape.num_seqs = cu_seqlens_q.numel() - 1;
   check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs]");
   check_block_tables(block_tables, shape.num_seqs, q);
@@ -230,11 +230,11 @@ inline CheckedArgs check_paged_decode_args(
 inline void check_cu_seqlens_values(const at::Tensor& cu_seqlens_host, const char* name, int64_t num_tokens) {
   const int32_t* cu = cu_seqlens_host.data_ptr<int32_t>();
   const int64_t n = cu_seqlens_host.numel();
-  TORCH_CHECK(cu[0] == 0, name, "[0] must be 0, got ", cu[0]);
+  BSA_CHECK(cu[0] == 0, name, "[0] must be 0, got ", cu[0]);
   for (int64_t r = 0; r + 1 < n; ++r)
-    TORCH_CHECK(cu[r + 1] >= cu[r], name, " must not decrease, got ", name, "[", r, "] = ", cu[r], " > ", name, "[",
+    BSA_CHECK(cu[r + 1] >= cu[r], name, " must not decrease, got ", name, "[", r, "] = ", cu[r], " > ", name, "[",
                 r + 1, "] = ", cu[r + 1]);
-  TORCH_CHECK(cu[n - 1] == num_tokens, name, "[-1] must equal the number of packed tokens ", num_tokens, ", got ",
+  BSA_CHECK(cu[n - 1] == num_tokens, name, "[-1] must equal the number of packed tokens ", num_tokens, ", got ",
               cu[n - 1]);
 }
 
@@ -244,15 +244,15 @@ inline void check_layout_values(const SparsePattern& p, int64_t num_q_heads) {
   for (int64_t h = 0; h < num_q_heads; ++h) {
     const int32_t* crow = p.layout_crow + h * (p.layout_rows + 1);
     const int32_t* col = p.layout_col + h * p.layout_col_stride;
-    TORCH_CHECK(crow[0] == 0, "layout_crow[", h, ", 0] must be 0, got ", crow[0]);
+    BSA_CHECK(crow[0] == 0, "layout_crow[", h, ", 0] must be 0, got ", crow[0]);
     for (int i = 0; i < p.layout_rows; ++i) {
-      TORCH_CHECK(crow[i + 1] >= crow[i] && crow[i + 1] <= p.layout_col_stride, "layout_crow[", h, ", ", i + 1,
+      BSA_CHECK(crow[i + 1] >= crow[i] && crow[i + 1] <= p.layout_col_stride, "layout_crow[", h, ", ", i + 1,
                   "] = ", crow[i + 1], " must lie in [layout_crow[", h, ", ", i, "] = ", crow[i], ", max_nnz = ",
                   p.layout_col_stride, "]");
       for (int e = crow[i]; e < crow[i + 1]; ++e) {
-        TORCH_CHECK(col[e] >= 0 && col[e] <= i, "layout_col[", h, ", ", e, "] = ", col[e], " (query block ", i,
+        BSA_CHECK(col[e] >= 0 && col[e] <= i, "layout_col[", h, ", ", e, "] = ", col[e], " (query block ", i,
                     ") must be a key block in [0, ", i, "]: blocks above the diagonal are never visible");
-        TORCH_CHECK(e == crow[i] || col[e] > col[e - 1], "layout_col of head ", h, ", query block ", i,
+        BSA_CHECK(e == crow[i] || col[e] > col[e - 1], "layout_col of head ", h, ", query block ", i,
                     " must be strictly ascending, got ", col[e - 1], " then ", col[e]);
       }
     }
@@ -262,7 +262,7 @@ inline void check_layout_values(const SparsePattern& p, int64_t num_q_heads) {
 inline void check_layout_covers(const SparsePattern& p, int64_t max_seq_len) {
   if (!p.has_layout()) return;
   const int64_t needed = (max_seq_len + p.block_size - 1) / p.block_size;
-  TORCH_CHECK(needed <= p.layout_rows, "the explicit layout describes ", p.layout_rows,
+  BSA_CHECK(needed <= p.layout_rows, "the explicit layout describes ", p.layout_rows,
               " query blocks, but a sequence of ", max_seq_len, " tokens needs ", needed, " blocks of ",
               p.block_size);
 }

@@ -189,13 +189,13 @@ void check_paged_values(const at::Tensor& block_tables, const at::Tensor& seq_le
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   const int64_t capacity = block_tables.size(1) * kv_block_size;
   for (int64_t r = 0; r < seq_lens.numel(); ++r) {
-    TORCH_CHECK(lens[r] >= 0, "seq_lens[", r, "] must be >= 0, got ", lens[r]);
-    TORCH_CHECK(lens[r] <= capacity, "seq_lens[", r, "] = ", lens[r], " exceeds what block_tables can address (",
+    BSA_CHECK(lens[r] >= 0, "seq_lens[", r, "] must be >= 0, got ", lens[r]);
+    BSA_CHECK(lens[r] <= capacity, "seq_lens[", r, "] = ", lens[r], " exceeds what block_tables can address (",
                 block_tables.size(1), " blocks of ", kv_block_size, " = ", capacity, " tokens)");
     const int64_t used = (lens[r] + kv_block_size - 1) / kv_block_size;
     const int32_t* row = block_tables[r].data_ptr<int32_t>();
     for (int64_t m = 0; m < used; ++m)
-      TORCH_CHECK(row[m] >= 0 && row[m] < num_blocks, "block_tables[", r, ", ", m, "] = ", row[m],
+      BSA_CHECK(row[m] >= 0 && row[m] < num_blocks, "block_tables[", r, ", ", m, "] = ", row[m],
                   " is not a cache block: expected [0, ", num_blocks, ")");
   }
 }
@@ -220,7 +220,7 @@ void varlen_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Te
   int64_t max_len = 0;
   for (int64_t r = 0; r < shape.num_seqs; ++r) {
     const int64_t q_len = cu_q[r + 1] - cu_q[r], k_len = cu_k[r + 1] - cu_k[r];
-    TORCH_CHECK(q_len <= k_len, "sequence ", r, " has ", q_len, " queries (cu_seqlens_q) but only ", k_len,
+    BSA_CHECK(q_len <= k_len, "sequence ", r, " has ", q_len, " queries (cu_seqlens_q) but only ", k_len,
                 " keys (cu_seqlens_k): queries are the last positions of their sequence, so q_len <= k_len");
     max_len = std::max(max_len, k_len);
   }
@@ -261,7 +261,7 @@ void paged_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Ten
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   int64_t max_len = 0;
   for (int64_t r = 0; r < shape.num_seqs; ++r) {
-    TORCH_CHECK(cu_q[r + 1] - cu_q[r] <= lens[r], "sequence ", r, " has ", cu_q[r + 1] - cu_q[r],
+    BSA_CHECK(cu_q[r + 1] - cu_q[r] <= lens[r], "sequence ", r, " has ", cu_q[r + 1] - cu_q[r],
                 " new tokens (cu_seqlens_q) but seq_lens[", r, "] = ", lens[r], ": seq_len counts context + new tokens");
     max_len = std::max<int64_t>(max_len, lens[r]);
   }

@@ -30,7 +30,7 @@ bool value_checks_enabled() {  // read per call, so a test (or a debugging user)
 }
 
 void check_cuda_dtype(const at::Tensor& q) {
-  TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+  BSA_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "on CUDA, q must be float16 or bfloat16, got ", q.scalar_type(), " (float32 runs on the CPU only)");
 }
 
@@ -127,15 +127,15 @@ void check_paged_values_on_host(const at::Tensor& block_tables, const at::Tensor
   at::Tensor cu;
   if (cu_seqlens_q) cu = cu_seqlens_q->cpu();
   for (int64_t r = 0; r < lens.numel(); ++r) {
-    TORCH_CHECK(len[r] >= 0 && len[r] <= capacity, "seq_lens[", r, "] = ", len[r], " must lie in [0, ", capacity,
+    BSA_CHECK(len[r] >= 0 && len[r] <= capacity, "seq_lens[", r, "] = ", len[r], " must lie in [0, ", capacity,
                 "] (what block_tables can address)");
     if (cu.defined()) {
       const int32_t q_len = cu.data_ptr<int32_t>()[r + 1] - cu.data_ptr<int32_t>()[r];
-      TORCH_CHECK(q_len <= len[r], "sequence ", r, " has ", q_len, " new tokens but seq_lens[", r, "] = ", len[r]);
+      BSA_CHECK(q_len <= len[r], "sequence ", r, " has ", q_len, " new tokens but seq_lens[", r, "] = ", len[r]);
     }
     for (int64_t m = 0; m < (len[r] + kvbs - 1) / kvbs; ++m) {
       const int32_t block = tables[r][m].item<int32_t>();
-      TORCH_CHECK(block >= 0 && block < key_cache.size(0), "block_tables[", r, ", ", m, "] = ", block,
+      BSA_CHECK(block >= 0 && block < key_cache.size(0), "block_tables[", r, ", ", m, "] = ", block,
                   " is not a cache block: expected [0, ", key_cache.size(0), ")");
     }
   }
@@ -153,7 +153,7 @@ void varlen_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at
   check_cuda_dtype(q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in), v = aligned_rows(v_in);
-  TORCH_CHECK(k.strides() == v.strides(), "k and v must have the same strides, got ", k.strides(), " and ",
+  BSA_CHECK(k.strides() == v.strides(), "k and v must have the same strides, got ", k.strides(), " and ",
               v.strides());
   set_layout(args.pattern, layout_crow, layout_col, args.shape.num_q_heads);
   if (value_checks_enabled()) {

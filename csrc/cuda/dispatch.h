@@ -11,6 +11,7 @@
 
 #include <type_traits>
 
+#include "common/checks.h"
 #include "cuda/kernels/params.h"
 
 namespace blocksparse_attn {
@@ -34,7 +35,7 @@ void dispatch_head_dim_pad(int64_t head_size, Fn&& fn) {
     case 256: return fn(Element{}, HeadDimPad<256>{});
 #endif
     default:
-      TORCH_CHECK(false, "head size ", head_size, " (padded to ", padded_head_dim(static_cast<int>(head_size)),
+      BSA_CHECK(false, "head size ", head_size, " (padded to ", padded_head_dim(static_cast<int>(head_size)),
                   ") is not compiled into this build; rebuild without BSA_HEAD_DIMS or include it");
   }
 }
@@ -46,7 +47,7 @@ void dispatch_element_and_head_dim(at::ScalarType dtype, int64_t head_size, Fn&&
     case at::kHalf: return dispatch_head_dim_pad<__half>(head_size, fn);
     case at::kBFloat16: return dispatch_head_dim_pad<__nv_bfloat16>(head_size, fn);
     default:
-      TORCH_CHECK(false, "the CUDA kernels take float16 or bfloat16 inputs, got ", dtype,
+      BSA_CHECK(false, "the CUDA kernels take float16 or bfloat16 inputs, got ", dtype,
                   " (float32 attention runs on the CPU only)");
   }
 }

@@ -57,13 +57,13 @@ void copy_blocks_cuda(at::TensorList kv_caches, const at::Tensor& block_mapping)
     const std::string name = "kv_caches[" + std::to_string(l) + "]";
     check_kv_cache(kv_caches[l], name);
     check_same_device(kv_caches[l], name.c_str(), first, "kv_caches[0]");
-    TORCH_CHECK(kv_caches[l].sizes() == first.sizes() && kv_caches[l].scalar_type() == first.scalar_type(), name,
+    BSA_CHECK(kv_caches[l].sizes() == first.sizes() && kv_caches[l].scalar_type() == first.scalar_type(), name,
                 " must have the shape and dtype of kv_caches[0] (", first.sizes(), ", ", first.scalar_type(),
                 "), got ", kv_caches[l].sizes(), ", ", kv_caches[l].scalar_type());
   }
   const int64_t num_blocks = first.size(1);
   const int64_t block_bytes = first.numel() / (2 * num_blocks) * first.element_size();
-  TORCH_CHECK(block_bytes % 16 == 0, "copy_blocks needs blocks of a multiple of 16 bytes, got ", block_bytes);
+  BSA_CHECK(block_bytes % 16 == 0, "copy_blocks needs blocks of a multiple of 16 bytes, got ", block_bytes);
   const c10::cuda::CUDAGuard guard(first.device());
   if (value_checks_enabled() || block_mapping.device().is_cpu())
     check_block_mapping_values(block_mapping.cpu().contiguous(), num_blocks, num_blocks);
@@ -81,7 +81,7 @@ void copy_blocks_cuda(at::TensorList kv_caches, const at::Tensor& block_mapping)
 void swap_blocks_cuda(const at::Tensor& src_kv_cache, const at::Tensor& dst_kv_cache, const at::Tensor& block_mapping) {
   check_swap_caches(src_kv_cache, dst_kv_cache);
   check_block_mapping_shape(block_mapping);
-  TORCH_CHECK(block_mapping.device().is_cpu(), "block_mapping must be on the CPU, got ", block_mapping.device());
+  BSA_CHECK(block_mapping.device().is_cpu(), "block_mapping must be on the CPU, got ", block_mapping.device());
   const at::Tensor mapping = block_mapping.contiguous();
   check_block_mapping_values(mapping, src_kv_cache.size(1), dst_kv_cache.size(1));
   const at::Tensor& gpu = src_kv_cache.is_cuda() ? src_kv_cache : dst_kv_cache;
