@@ -113,7 +113,7 @@ void attend_query_block(const SparsePattern& pattern, const SequenceInputs& seq,
 
   // Softmax over all visible keys at once (every row sees at least its own key, so max is finite
   // unless the inputs hold inf/NaN, which then propagate as in dense attention).
-  at::Tensor row_max = std::get<0>(scores.max(1, /*keepdim=*/true));
+  at::Tensor row_max = scores.amax(1, /*keepdim=*/true);
   scores.sub_(row_max).exp_();
   at::Tensor row_sum = scores.sum(1, /*keepdim=*/true);
   at::Tensor acc = at::empty({rows, keys.size(1)}, q_scaled.options());
