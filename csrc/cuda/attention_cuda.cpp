@@ -55,10 +55,18 @@ void set_layout(SparsePattern& p, const std::optional<at::Tensor>& layout_crow,
   }
 }
 
+// Query rows per CTA: two 64-row m-tiles where the registers allow it (padded head dim <= 128),
+// one for head dim 256 and for decode, whose single query row would leave 127 of 128 rows idle.
+int prefill_m_tiles(int64_t head_size, bool decode) {
+  return !decode && padded_head_dim(static_cast<int>(head_size)) <= 128 ? 2 : 1;
+}
+
 // Plans the work list on the device, then runs the prefill kernel over it.
-void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bound) {
-  const int max_tiles = static_cast<int>(params.num_q_tokens / kPrefillBlockM + 2 * params.num_seqs + 1);
-  const int num_buckets = static_cast<int>(key_len_bound / kPrefillBlockM + 2);
+void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bound, bool decode) {
+  const int m_tiles = prefill_m_tiles(params.head_size, decode);
+  const int block_m = kPrefillRowsPerMTile * m_tiles;
+  const int max_tiles = static_cast<int>(params.num_q_tokens / block_m + 2 * params.num_seqs + 1);
+  const int num_buckets = static_cast<int>(key_len_bound / block_m + 2);
   if (params.num_q_tokens == 0 || params.num_seqs == 0) return;
   at::Tensor workspace = at::empty({num_buckets + 2 * max_tiles + 1}, q.options().dtype(at::kInt));
   int32_t* ws = workspace.data_ptr<int32_t>();
@@ -67,7 +75,7 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bou
   plan.cu_seqlens_k = params.kv.cu_seqlens_k;
   plan.seq_lens = params.kv.paged() ? params.kv.seq_lens : nullptr;
   plan.num_seqs = params.num_seqs;
-  plan.block_m = kPrefillBlockM;
+  plan.block_m = block_m;
   plan.num_buckets = num_buckets;
   plan.bucket = ws;
   plan.tile_seq = ws + num_buckets;
@@ -79,8 +87,8 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bou
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  dispatch_element_and_head_dim(q.scalar_type(), params.head_size, [&](auto element, auto pad) {
-    launch_prefill_sm80<decltype(element), decltype(pad)::value>(params, max_tiles, stream);
+  dispatch_prefill_kernel(q.scalar_type(), params.head_size, m_tiles, [&](auto element, auto pad, auto m) {
+    launch_prefill_sm80<decltype(element), decltype(pad)::value, decltype(m)::value>(params, max_tiles, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -167,7 +175,7 @@ void varlen_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at
   params.kv.row_stride = k.stride(0);
   params.kv.head_stride = k.stride(1);
   params.kv.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
-  run_prefill(params, q, k.size(0));
+  run_prefill(params, q, k.size(0), /*decode=*/false);
 }
 
 void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
@@ -190,7 +198,7 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
   PrefillParams params = query_params(out, q, args, scale, lse);
   params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   set_paged_source(params, key_cache, value_cache, block_tables, seq_lens);
-  run_prefill(params, q, block_tables.size(1) * key_cache.size(2));
+  run_prefill(params, q, block_tables.size(1) * key_cache.size(2), /*decode=*/false);
 }
 
 // Decode runs the prefill kernel with one query per sequence (a correct first CUDA path; the
@@ -216,7 +224,7 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
   PrefillParams params = query_params(out, q, args, scale, lse);
   params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   set_paged_source(params, key_cache, value_cache, block_tables, seq_lens);
-  run_prefill(params, q, block_tables.size(1) * key_cache.size(2));
+  run_prefill(params, q, block_tables.size(1) * key_cache.size(2), /*decode=*/true);
 }
 
 }  // namespace
