@@ -55,10 +55,14 @@ void set_layout(SparsePattern& p, const std::optional<at::Tensor>& layout_crow,
   }
 }
 
-// Query rows per CTA: two 64-row m-tiles where the registers allow it (padded head dim <= 128),
-// one for head dim 256 and for decode, whose single query row would leave 127 of 128 rows idle.
+// Query rows per CTA (64 per m-tile). One m-tile is the default: with two, the head-dim-128 kernel
+// needs more than 255 registers and spills (measured slower on the H200). BSA_PREFILL_M_TILES=2 (a
+// developer switch) selects the two-m-tile variant where it exists (padded head dim <= 128), for
+// benchmarking. Decode always uses one: its single query row would leave 127 of 128 rows idle.
 int prefill_m_tiles(int64_t head_size, bool decode) {
-  return !decode && padded_head_dim(static_cast<int>(head_size)) <= 128 ? 2 : 1;
+  const char* v = std::getenv("BSA_PREFILL_M_TILES");
+  const bool two = v != nullptr && v[0] == '2';
+  return two && !decode && padded_head_dim(static_cast<int>(head_size)) <= 128 ? 2 : 1;
 }
 
 // Plans the work list on the device, then runs the prefill kernel over it.

@@ -64,7 +64,6 @@ __device__ __forceinline__ bool block_visible(const SparsePattern& p, int h, int
 //  - Explicit layouts and B < 64: every causal key tile is tested against every query block of the
 //    tile (a tile then spans several blocks of both kinds); a correctness path.
 struct KeyTileCursor {
-  const SparsePattern* p;
   int head;
   int i_lo, i_hi;         // query blocks of the valid rows
   int last_tile;          // last key tile any valid row can see
@@ -73,71 +72,67 @@ struct KeyTileCursor {
   int next_tile;          // scan: next candidate tile; pattern: next sub-tile of `block`
   int block, band_lo;     // pattern: current key block; start of the union band
 
-  __device__ void init(const SparsePattern& pattern, int h, int valid_begin, int valid_end) {
-    p = &pattern;
+  __device__ void init(const SparsePattern& p, int h, int valid_begin, int valid_end) {
     head = h;
-    const int b = pattern.block_size;
+    const int b = p.block_size;
     i_lo = valid_begin / b;
     i_hi = (valid_end - 1) / b;
     last_tile = (valid_end - 1) / kPrefillBlockN;
     first_masked_tile = valid_begin / kPrefillBlockN;
-    scan = pattern.has_layout() || b < kPrefillBlockN;
+    scan = p.has_layout() || b < kPrefillBlockN;
     next_tile = 0;
     if (!scan) {
-      band_lo = max(i_lo - pattern.local_blocks + 1, 0);
-      const int rho = vertical_residue(pattern, h);
+      band_lo = max(i_lo - p.local_blocks + 1, 0);
+      const int rho = vertical_residue(p, h);
       block = rho < band_lo ? rho : band_lo;
     }
   }
 
   // Visibility of key blocks [j_lo, j_hi] to the query blocks [i_lo, i_hi]: any pair / every pair.
-  __device__ void test(int j_lo, int j_hi, bool& any, bool& all) const {
+  __device__ void test(const SparsePattern& p, int j_lo, int j_hi, bool& any, bool& all) const {
     any = false;
     all = true;
     for (int i = i_lo; i <= i_hi; ++i)
       for (int j = j_lo; j <= j_hi; ++j) {
-        const bool v = block_visible(*p, head, i, j);
+        const bool v = block_visible(p, head, i, j);
         any |= v;
         all &= v;
       }
   }
 
-  __device__ bool next(int& key_tile, bool& masked) {
-    const int b = p->block_size;
+  // The next key tile as (tile << 1 | masked), or -1 when there is none.
+  __device__ int next(const SparsePattern& p) {
+    const int b = p.block_size;
     if (scan) {
       for (; next_tile <= last_tile; ++next_tile) {
         const int t = next_tile;
         bool any, all;
-        test(t * kPrefillBlockN / b, ((t + 1) * kPrefillBlockN - 1) / b, any, all);
+        test(p, t * kPrefillBlockN / b, ((t + 1) * kPrefillBlockN - 1) / b, any, all);
         if (!any) continue;
-        key_tile = t;
-        masked = !all || t >= first_masked_tile;
         ++next_tile;
-        return true;
+        return t << 1 | (!all || t >= first_masked_tile);
       }
-      return false;
+      return -1;
     }
     const int tiles_per_block = b / kPrefillBlockN;
     while (block <= i_hi) {
       const int j = block;
       const int t = j * tiles_per_block + next_tile;
       bool any = true, all = true;
-      if (j >= band_lo) test(j, j, any, all);
+      if (j >= band_lo) test(p, j, j, any, all);
       if (++next_tile == tiles_per_block) {
         next_tile = 0;
         if (block < band_lo) {
-          block += p->vert_stride;
+          block += p.vert_stride;
           if (block >= band_lo) block = band_lo;
         } else {
           ++block;
         }
       }
       if (!any || t > last_tile) continue;
-      key_tile = t;
-      masked = !all || t >= first_masked_tile;
-      return true;
+      return t << 1 | (!all || t >= first_masked_tile);
     }
-    return false;
+    return -1;
   }
 };
 
@@ -226,12 +221,18 @@ prefill_sm80_kernel(const PrefillParams params) {
     }
   };
 
-  KeyTileCursor cursor;
-  cursor.init(params.pattern, head, valid_begin, valid_end);
-  int key_tile = 0;
-  bool masked = false;
-  bool have_tile = cursor.next(key_tile, masked);
-  if (have_tile) load_kv(key_tile, 0);
+  // The tile enumeration runs in thread 0 with its state in shared memory, so that it holds no
+  // registers across the main loop (the accumulators need them all); each step's result is
+  // published through a double-buffered slot read after the loop's barrier.
+  __shared__ KeyTileCursor cursor;
+  __shared__ int next_slot[2];
+  if (tid == 0) {
+    cursor.init(params.pattern, head, valid_begin, valid_end);
+    next_slot[0] = cursor.next(params.pattern);
+  }
+  __syncthreads();
+  int next = next_slot[0];
+  if (next >= 0) load_kv(next >> 1, 0);
   ptx::cp_async_commit();  // group: Q (+ first K/V tile)
 
   // Warp w owns rows w*16 + m*64 (+ 0..15) of the tile, m < kMTiles; a thread holds rows
@@ -251,13 +252,14 @@ prefill_sm80_kernel(const PrefillParams params) {
   auto tile_row = [&](int m, int r) { return m * 64 + warp * 16 + group + r * 8; };
 
   int stage = 0;
-  while (have_tile) {
-    const int cur_tile = key_tile;
-    const bool cur_masked = masked;
-    have_tile = cursor.next(key_tile, masked);
+  while (next >= 0) {
+    const int cur_tile = next >> 1;
+    const bool cur_masked = next & 1;
+    if (tid == 0) next_slot[stage ^ 1] = cursor.next(params.pattern);
     ptx::cp_async_wait<0>();
     __syncthreads();  // the current stage has landed; everyone is done with the other stage
-    if (have_tile) load_kv(key_tile, stage ^ 1);
+    next = next_slot[stage ^ 1];
+    if (next >= 0) load_kv(next >> 1, stage ^ 1);
     ptx::cp_async_commit();
 
     const Element* k_tile = s_k + stage * Traits::kKVElems;
@@ -291,9 +293,19 @@ prefill_sm80_kernel(const PrefillParams params) {
       }
     }
 
-    // Scale into the log2 domain and mask (select, never add: garbage K rows may hold NaN).
+    // Scale into the log2 domain and mask (select, never add: garbage K rows may hold NaN). With
+    // B >= 64 the key tile lies in one key block, so block visibility is one test per row.
     const int key_pos0 = cur_tile * kPrefillBlockN;
     const int b = params.pattern.block_size;
+    bool row_sees_tile[kMTiles][2];
+    if (cur_masked) {
+#pragma unroll
+      for (int m = 0; m < kMTiles; ++m)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          row_sees_tile[m][r] =
+              b < kPrefillBlockN || block_visible(params.pattern, head, (tile_pos + tile_row(m, r)) / b, key_pos0 / b);
+    }
 #pragma unroll
     for (int m = 0; m < kMTiles; ++m)
 #pragma unroll
@@ -304,7 +316,9 @@ prefill_sm80_kernel(const PrefillParams params) {
           if (cur_masked) {
             const int p = tile_pos + tile_row(m, e >> 1);
             const int t = key_pos0 + n * 8 + tig * 2 + (e & 1);
-            if (!(t <= p && t < k_len && block_visible(params.pattern, head, p / b, t / b))) s = -INFINITY;
+            bool visible = row_sees_tile[m][e >> 1] && t <= p && t < k_len;
+            if (b < kPrefillBlockN && visible) visible = block_visible(params.pattern, head, p / b, t / b);
+            if (!visible) s = -INFINITY;
           }
           acc_s[m][n][e] = s;
         }
