@@ -55,20 +55,12 @@ void set_layout(SparsePattern& p, const std::optional<at::Tensor>& layout_crow,
   }
 }
 
-// Query rows per CTA (64 per m-tile). One m-tile is the default: with two, the head-dim-128 kernel
-// needs more than 255 registers and spills (measured slower on the H200). BSA_PREFILL_M_TILES=2 (a
-// developer switch) selects the two-m-tile variant where it exists (padded head dim <= 128), for
-// benchmarking. Decode always uses one: its single query row would leave 127 of 128 rows idle.
-int prefill_m_tiles(int64_t head_size, bool decode) {
-  const char* v = std::getenv("BSA_PREFILL_M_TILES");
-  const bool two = v != nullptr && v[0] == '2';
-  return two && !decode && padded_head_dim(static_cast<int>(head_size)) <= 128 ? 2 : 1;
-}
+// Query rows per CTA: one 64-row m-tile (see PrefillTraits in cuda/kernels/prefill_sm80.cuh).
+constexpr int kPrefillMTiles = 1;
 
 // Plans the work list on the device, then runs the prefill kernel over it.
-void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bound, bool decode) {
-  const int m_tiles = prefill_m_tiles(params.head_size, decode);
-  const int block_m = kPrefillRowsPerMTile * m_tiles;
+void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bound) {
+  const int block_m = kPrefillRowsPerMTile * kPrefillMTiles;
   const int max_tiles = static_cast<int>(params.num_q_tokens / block_m + 2 * params.num_seqs + 1);
   const int num_buckets = static_cast<int>(key_len_bound / block_m + 2);
   if (params.num_q_tokens == 0 || params.num_seqs == 0) return;
@@ -91,8 +83,8 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bou
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  dispatch_prefill_kernel(q.scalar_type(), params.head_size, m_tiles, [&](auto element, auto pad, auto m) {
-    launch_prefill_sm80<decltype(element), decltype(pad)::value, decltype(m)::value>(params, max_tiles, stream);
+  dispatch_element_and_head_dim(q.scalar_type(), params.head_size, [&](auto element, auto pad) {
+    launch_prefill_sm80<decltype(element), decltype(pad)::value, kPrefillMTiles>(params, max_tiles, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -179,7 +171,7 @@ void varlen_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at
   params.kv.row_stride = k.stride(0);
   params.kv.head_stride = k.stride(1);
   params.kv.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
-  run_prefill(params, q, k.size(0), /*decode=*/false);
+  run_prefill(params, q, k.size(0));
 }
 
 void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
@@ -202,7 +194,7 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
   PrefillParams params = query_params(out, q, args, scale, lse);
   params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   set_paged_source(params, key_cache, value_cache, block_tables, seq_lens);
-  run_prefill(params, q, block_tables.size(1) * key_cache.size(2), /*decode=*/false);
+  run_prefill(params, q, block_tables.size(1) * key_cache.size(2));
 }
 
 // Decode runs the prefill kernel with one query per sequence (a correct first CUDA path; the
@@ -228,7 +220,7 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
   PrefillParams params = query_params(out, q, args, scale, lse);
   params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   set_paged_source(params, key_cache, value_cache, block_tables, seq_lens);
-  run_prefill(params, q, block_tables.size(1) * key_cache.size(2), /*decode=*/true);
+  run_prefill(params, q, block_tables.size(1) * key_cache.size(2));
 }
 
 }  // namespace

@@ -52,22 +52,6 @@ void dispatch_element_and_head_dim(at::ScalarType dtype, int64_t head_size, Fn&&
   }
 }
 
-template <int kMTiles>
-using MTiles = std::integral_constant<int, kMTiles>;
-
-// fn(Element{}, HeadDimPad<n>{}, MTiles<m>{}) for the prefill kernel variants that exist: two
-// 64-row m-tiles per CTA for padded head dims up to 128, one for 256 (registers).
-template <typename Fn>
-void dispatch_prefill_kernel(at::ScalarType dtype, int64_t head_size, int m_tiles, Fn&& fn) {
-  dispatch_element_and_head_dim(dtype, head_size, [&](auto element, auto pad) {
-    if constexpr (decltype(pad)::value <= 128) {
-      if (m_tiles == 2) return fn(element, pad, MTiles<2>{});
-    }
-    BSA_CHECK(m_tiles == 1, "no prefill kernel with ", m_tiles, " m-tiles for head size ", head_size);
-    fn(element, pad, MTiles<1>{});
-  });
-}
-
 // Defined once per kernel variant in csrc/cuda/prefill_sm80_*.cu.
 template <typename Element, int kHeadDimPad, int kMTiles>
 void launch_prefill_sm80(const PrefillParams& params, int max_tiles, cudaStream_t stream);

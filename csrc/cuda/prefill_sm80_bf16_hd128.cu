@@ -1,10 +1,9 @@
-// The sm80 prefill kernel variants of one (element, padded head dim), in their own file so that
-// they compile in parallel (variants: see dispatch_prefill_kernel in cuda/dispatch.h).
+// The sm80 prefill kernel of one (element, padded head dim), in its own file so that the
+// instantiations compile in parallel.
 #include "cuda/kernels/prefill_sm80.cuh"
 
 #if BSA_HEAD_DIM_PAD_128
 namespace blocksparse_attn {
 template void launch_prefill_sm80<__nv_bfloat16, 128, 1>(const PrefillParams&, int, cudaStream_t);
-template void launch_prefill_sm80<__nv_bfloat16, 128, 2>(const PrefillParams&, int, cudaStream_t);
 }
 #endif

@@ -1,5 +1,5 @@
-// The sm80 prefill kernel variants of one (element, padded head dim), in their own file so that
-// they compile in parallel (variants: see dispatch_prefill_kernel in cuda/dispatch.h).
+// The sm80 prefill kernel of one (element, padded head dim), in its own file so that the
+// instantiations compile in parallel.
 #include "cuda/kernels/prefill_sm80.cuh"
 
 #if BSA_HEAD_DIM_PAD_256
