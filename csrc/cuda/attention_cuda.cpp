@@ -55,14 +55,10 @@ void set_layout(SparsePattern& p, const std::optional<at::Tensor>& layout_crow,
   }
 }
 
-// Query rows per CTA: one 64-row m-tile (see PrefillTraits in cuda/kernels/prefill_sm80.cuh).
-constexpr int kPrefillMTiles = 1;
-
 // Plans the work list on the device, then runs the prefill kernel over it.
 void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bound) {
-  const int block_m = kPrefillRowsPerMTile * kPrefillMTiles;
-  const int max_tiles = static_cast<int>(params.num_q_tokens / block_m + 2 * params.num_seqs + 1);
-  const int num_buckets = static_cast<int>(key_len_bound / block_m + 2);
+  const int max_tiles = static_cast<int>(params.num_q_tokens / kPrefillBlockM + 2 * params.num_seqs + 1);
+  const int num_buckets = static_cast<int>(key_len_bound / kPrefillBlockM + 2);
   if (params.num_q_tokens == 0 || params.num_seqs == 0) return;
   at::Tensor workspace = at::empty({num_buckets + 2 * max_tiles + 1}, q.options().dtype(at::kInt));
   int32_t* ws = workspace.data_ptr<int32_t>();
@@ -71,7 +67,7 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bou
   plan.cu_seqlens_k = params.kv.cu_seqlens_k;
   plan.seq_lens = params.kv.paged() ? params.kv.seq_lens : nullptr;
   plan.num_seqs = params.num_seqs;
-  plan.block_m = block_m;
+  plan.block_m = kPrefillBlockM;
   plan.num_buckets = num_buckets;
   plan.bucket = ws;
   plan.tile_seq = ws + num_buckets;
@@ -84,7 +80,7 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bou
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dispatch_element_and_head_dim(q.scalar_type(), params.head_size, [&](auto element, auto pad) {
-    launch_prefill_sm80<decltype(element), decltype(pad)::value, kPrefillMTiles>(params, max_tiles, stream);
+    launch_prefill_sm80<decltype(element), decltype(pad)::value>(params, max_tiles, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -52,8 +52,8 @@ void dispatch_element_and_head_dim(at::ScalarType dtype, int64_t head_size, Fn&&
   }
 }
 
-// Defined once per kernel variant in csrc/cuda/prefill_sm80_*.cu.
-template <typename Element, int kHeadDimPad, int kMTiles>
+// Defined once per (element, padded head dim) in csrc/cuda/prefill_sm80_*.cu.
+template <typename Element, int kHeadDimPad>
 void launch_prefill_sm80(const PrefillParams& params, int max_tiles, cudaStream_t stream);
 
 }  // namespace blocksparse_attn

@@ -1,9 +1,8 @@
-// The sm80 prefill kernel of one (element, padded head dim), in its own file so that the
-// instantiations compile in parallel.
+// One instantiation of the sm80 prefill kernel per file, so they compile in parallel.
 #include "cuda/kernels/prefill_sm80.cuh"
 
 #if BSA_HEAD_DIM_PAD_64
 namespace blocksparse_attn {
-template void launch_prefill_sm80<__nv_bfloat16, 64, 1>(const PrefillParams&, int, cudaStream_t);
+template void launch_prefill_sm80<__nv_bfloat16, 64>(const PrefillParams&, int, cudaStream_t);
 }
 #endif

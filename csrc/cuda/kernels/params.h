@@ -8,9 +8,8 @@
 
 namespace blocksparse_attn {
 
-// The sm80 prefill kernel: 4 warps; each covers 16 rows of every 64-row m-tile of the CTA's query
-// tile (1 or 2 m-tiles, see prefill_sm80.cuh); K/V tiles of 64 keys.
-constexpr int kPrefillRowsPerMTile = 64;
+// Query rows per CTA of the prefill kernel (one Phi-3-small sparse block) and keys per K/V tile.
+constexpr int kPrefillBlockM = 64;
 constexpr int kPrefillBlockN = 64;
 
 // Where a sequence's keys and values live: packed contiguous tensors or the paged cache.
@@ -49,7 +48,7 @@ struct PrefillParams {
   SparsePattern pattern;
   // The work list written by the plan kernel: packed (sequence, query tile) items, longest first.
   const int32_t* tile_seq;    // [max_tiles]
-  const int32_t* tile_index;  // [max_tiles]: absolute query tile (positions tile * block_m ...)
+  const int32_t* tile_index;  // [max_tiles]: absolute query tile (positions tile * kBlockM ...)
   const int32_t* num_tiles;   // [1]
 };
 
