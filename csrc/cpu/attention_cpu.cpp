@@ -302,20 +302,24 @@ void paged_decode_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tens
 
   const at::Tensor q_scaled = scaled_float_queries(q, scale);
   const at::Tensor lse_t = lse_or_undefined(lse);
-  for (int64_t r = 0; r < shape.num_seqs; ++r) {
-    if (lens[r] == 0) {  // padding row (e.g. a CUDA-graph batch padded to a captured size)
-      out[r].zero_();
-      if (lse_t.defined()) lse_t.select(1, r).fill_(-std::numeric_limits<float>::infinity());
-      continue;
+  // One decode row is little work, so the threads take whole sequences (attend_sequence's own
+  // parallel_for then runs inline): one parallel region per call instead of one per sequence.
+  at::parallel_for(0, shape.num_seqs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (lens[r] == 0) {  // padding row (e.g. a CUDA-graph batch padded to a captured size)
+        out[r].zero_();
+        if (lse_t.defined()) lse_t.select(1, r).fill_(-std::numeric_limits<float>::infinity());
+        continue;
+      }
+      SequenceInputs seq;
+      seq.len = lens[r];
+      seq.q_start = r;
+      seq.q_len = 1;
+      seq.key = gather_paged(key_cache, block_tables[r], seq.len);
+      seq.value = gather_paged(value_cache, block_tables[r], seq.len);
+      attend_sequence(hp.pattern, seq, q_scaled, out, lse_t);
     }
-    SequenceInputs seq;
-    seq.len = lens[r];
-    seq.q_start = r;
-    seq.q_len = 1;
-    seq.key = gather_paged(key_cache, block_tables[r], seq.len);
-    seq.value = gather_paged(value_cache, block_tables[r], seq.len);
-    attend_sequence(hp.pattern, seq, q_scaled, out, lse_t);
-  }
+  });
 }
 
 }  // namespace
