@@ -5,7 +5,8 @@
 // are used in place; short runs (vertical columns) are gathered into one buffer, so each unit costs
 // at most a few BLAS calls. All arithmetic is float32: inputs are converted once per sequence.
 // Work units of one sequence run in parallel (at::parallel_for); the per-unit ATen calls then run
-// single-threaded, which is what we want for small matrices.
+// single-threaded, which is what we want for small matrices. Decode has its own path
+// (decode_sequence): one query row per sequence makes the q heads of a kv group the unit instead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -183,6 +184,65 @@ at::Tensor gather_paged(const at::Tensor& cache, const at::Tensor& block_table_r
       .narrow(1, 0, len).contiguous();
 }
 
+// Decode of one sequence: its single query (position len - 1, query block i) for every q head. Per
+// kv head, the keys of the union of key blocks that the group's q heads see are gathered once, only
+// those pages are read, and the group's heads are answered by one GEMM pair, with a per-head mask
+// on the blocks a head does not see (Phi-3-small: 4 heads, 4 different vertical residues).
+void decode_sequence(const SparsePattern& pattern, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                     const int32_t* block_table_row, int64_t len, int64_t row, const at::Tensor& q_scaled,
+                     const at::Tensor& out, const at::Tensor& lse) {
+  const int64_t b = pattern.block_size, kvbs = key_cache.size(2), group = pattern.q_heads_per_kv;
+  const int64_t i = (len - 1) / b;
+  for (int64_t g = 0; g < key_cache.size(1); ++g) {
+    std::vector<std::vector<char>> head_sees(group, std::vector<char>(i + 1, 0));
+    std::vector<char> group_sees(i + 1, 0);
+    for (int64_t hh = 0; hh < group; ++hh)
+      for_each_visible_run(pattern, static_cast<int>(g * group + hh), static_cast<int>(i), [&](int j0, int n) {
+        for (int j = j0; j < j0 + n; ++j) head_sees[hh][j] = group_sees[j] = 1;
+      });
+    std::vector<int64_t> pages, offsets, token_block;
+    for (int64_t j = 0; j <= i; ++j) {
+      if (!group_sees[j]) continue;
+      for (int64_t t = j * b; t < std::min((j + 1) * b, len); ++t) {
+        pages.push_back(block_table_row[t / kvbs]);
+        offsets.push_back(t % kvbs);
+        token_block.push_back(j);
+      }
+    }
+    at::Tensor out_rows = out[row].narrow(0, g * group, group);  // [group, D]
+    const int64_t n = static_cast<int64_t>(pages.size());
+    if (n == 0) {  // only an explicit layout can leave a query with nothing to see
+      out_rows.zero_();
+      if (lse.defined()) lse.select(1, row).narrow(0, g * group, group).fill_(-std::numeric_limits<float>::infinity());
+      continue;
+    }
+    const at::Tensor page_idx = at::tensor(pages, at::kLong), offset_idx = at::tensor(offsets, at::kLong);
+    const at::Tensor keys = key_cache.select(1, g).index({page_idx, offset_idx}).to(at::kFloat);      // [n, D]
+    const at::Tensor values = value_cache.select(1, g).index({page_idx, offset_idx}).to(at::kFloat);  // [n, D]
+    at::Tensor scores = at::mm(q_scaled[row].narrow(0, g * group, group), keys.t());  // [group, n]
+    float* sc = scores.data_ptr<float>();
+    std::vector<char> sees_any(group, 0);
+    for (int64_t hh = 0; hh < group; ++hh)
+      for (int64_t c = 0; c < n; ++c) {
+        if (head_sees[hh][token_block[c]])
+          sees_any[hh] = 1;
+        else
+          sc[hh * n + c] = -std::numeric_limits<float>::infinity();
+      }
+    const at::Tensor row_max = scores.amax(1, /*keepdim=*/true);
+    scores.sub_(row_max).exp_();
+    const at::Tensor row_sum = scores.sum(1, /*keepdim=*/true);
+    out_rows.copy_(at::mm(scores, values).div_(row_sum));
+    at::Tensor head_lse = (row_max + row_sum.log()).squeeze(1);
+    for (int64_t hh = 0; hh < group; ++hh) {
+      if (sees_any[hh]) continue;
+      out_rows[hh].zero_();
+      head_lse[hh] = -std::numeric_limits<float>::infinity();
+    }
+    if (lse.defined()) lse.select(1, row).narrow(0, g * group, group).copy_(head_lse);
+  }
+}
+
 // Checks every used block-table entry of the paged ops: lengths within capacity, block ids in range.
 void check_paged_values(const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t num_blocks,
                         int64_t kv_block_size) {
@@ -302,8 +362,7 @@ void paged_decode_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tens
 
   const at::Tensor q_scaled = scaled_float_queries(q, scale);
   const at::Tensor lse_t = lse_or_undefined(lse);
-  // One decode row is little work, so the threads take whole sequences (attend_sequence's own
-  // parallel_for then runs inline): one parallel region per call instead of one per sequence.
+  // One decode row is little work, so the threads take whole sequences: one parallel region per call.
   at::parallel_for(0, shape.num_seqs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (lens[r] == 0) {  // padding row (e.g. a CUDA-graph batch padded to a captured size)
@@ -311,13 +370,8 @@ void paged_decode_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tens
         if (lse_t.defined()) lse_t.select(1, r).fill_(-std::numeric_limits<float>::infinity());
         continue;
       }
-      SequenceInputs seq;
-      seq.len = lens[r];
-      seq.q_start = r;
-      seq.q_len = 1;
-      seq.key = gather_paged(key_cache, block_tables[r], seq.len);
-      seq.value = gather_paged(value_cache, block_tables[r], seq.len);
-      attend_sequence(hp.pattern, seq, q_scaled, out, lse_t);
+      decode_sequence(hp.pattern, key_cache, value_cache, block_tables[r].data_ptr<int32_t>(), lens[r], r, q_scaled,
+                      out, lse_t);
     }
   });
 }
