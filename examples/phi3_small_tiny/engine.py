@@ -1,0 +1,244 @@
+"""A minimal serving loop over the public blocksparse_attn API: paged blocks, chunked prefill, batched
+greedy decode (captured in CUDA graphs on a GPU).
+
+Each engine step packs a batch the way vLLM does: first a chunk of every prompt still being prefilled
+(at most `chunk_size` prompt tokens per step in all), then one token for every sequence that is
+decoding. `BlocksparseFlashAttentionMetadata.build` turns the per-sequence (new tokens, cached tokens,
+block table) into the batch's metadata; a prompt chunk after the first is a prefill with context,
+which the backend answers from the paged cache. Steps with no prompt tokens are decode-only: on CUDA
+they replay a CUDA graph captured for a padded batch size (padding rows: slot -1, seq_len 0).
+Sampling is greedy; with tensor parallelism every rank runs the same schedule and rank 0's tokens
+are broadcast, so the ranks never disagree.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from blocksparse_attn import BlocksparseFlashAttentionBackend as Backend
+from blocksparse_attn import BlocksparseFlashAttentionMetadata as Metadata
+
+from .model import Phi3SmallTiny
+
+
+class BlockAllocator:
+    """Physical KV-cache blocks, handed out from a free list (in a seeded shuffled order, so the
+    sequences' block tables are not contiguous, as in a long-running engine)."""
+
+    def __init__(self, num_blocks: int, seed: int = 0):
+        self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise RuntimeError(f"out of KV-cache blocks: {n} wanted, {len(self.free)} free")
+        blocks, self.free = self.free[:n], self.free[n:]
+        return blocks
+
+    def release(self, blocks: list[int]) -> None:
+        self.free.extend(blocks)
+
+
+@dataclass
+class Request:
+    rid: int
+    prompt: list[int]
+    max_new_tokens: int
+    arrival_step: int = 0                       # the engine step at which the request arrives
+    output: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # float32 [vocab] per generated token (CPU)
+    num_computed: int = 0                       # tokens whose k/v are in the cache
+    blocks: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.output) >= self.max_new_tokens
+
+
+class Engine:
+    def __init__(self, model: Phi3SmallTiny, num_blocks: int, kv_block_size: int = 16, chunk_size: int = 64,
+                 max_batch: int = 16, use_cuda_graph: bool | None = None, keep_logits: bool = False, seed: int = 0):
+        cfg = model.cfg
+        self.model, self.kvbs, self.chunk_size, self.max_batch = model, kv_block_size, chunk_size, max_batch
+        self.keep_logits = keep_logits
+        self.device = model.device
+        shape = Backend.get_kv_cache_shape(num_blocks, kv_block_size, model.hkv, cfg.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.allocator = BlockAllocator(num_blocks, seed)
+        self.max_blocks_per_seq = -(-cfg.max_seqlen // kv_block_size)
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.steps = 0
+        if use_cuda_graph is None:
+            use_cuda_graph = self.device.type == "cuda"
+        self.graphs = CudaGraphDecoder(self) if use_cuda_graph else None
+
+    def add_request(self, req: Request) -> None:
+        if len(req.prompt) < 1 or len(req.prompt) + req.max_new_tokens > self.model.cfg.max_seqlen:
+            raise ValueError(f"request {req.rid}: {len(req.prompt)} prompt + {req.max_new_tokens} new tokens "
+                             f"must be in [1, max_seqlen = {self.model.cfg.max_seqlen}]")
+        self.waiting.append(req)
+
+    def _admit(self) -> None:
+        """FCFS: arrived requests take the blocks for their whole length (prompt + new tokens but the
+        last, whose k/v are never needed), so a running request never waits for memory."""
+        while self.waiting and self.waiting[0].arrival_step <= self.steps and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            need = -(-(len(req.prompt) + req.max_new_tokens - 1) // self.kvbs)
+            if need > self.allocator.num_free:
+                break
+            req.blocks = self.allocator.allocate(need)
+            self.running.append(self.waiting.pop(0))
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def step(self) -> int:
+        """One forward over the scheduled batch; returns the number of tokens generated."""
+        self._admit()
+        budget, batch = self.chunk_size, []         # (request, number of new tokens)
+        for req in self.running:
+            if req.prefilling and budget > 0:
+                n = min(len(req.prompt) - req.num_computed, budget)
+                batch.append((req, n))
+                budget -= n
+        num_prefill_seqs = len(batch)
+        batch += [(req, 1) for req in self.running if not req.prefilling]
+        self.steps += 1
+        if not batch:
+            return 0
+
+        # a sequence samples when this step reaches its last known token (end of prompt, or a decode)
+        sample = [req.num_computed + n == len(req.tokens) for req, n in batch]
+        if num_prefill_seqs == 0 and self.graphs is not None:
+            logits = self.graphs.decode([req for req, _ in batch])
+        else:
+            logits = self._eager(batch, sample)
+        sampled = [req for (req, _), s in zip(batch, sample) if s]
+        next_tokens = logits.argmax(-1)
+        if self.model.tp_size > 1:  # one source of truth for the ranks' schedules
+            dist.broadcast(next_tokens, src=0, group=self.model.group)
+        for (req, n) in batch:
+            req.num_computed += n
+        for req, tok, row in zip(sampled, next_tokens.tolist(), logits):
+            req.output.append(tok)
+            if self.keep_logits:
+                req.logits.append(row.cpu())
+        for req in [r for r in self.running if r.finished]:
+            self.allocator.release(req.blocks)
+            self.running.remove(req)
+        return len(sampled)
+
+    def _eager(self, batch: list[tuple[Request, int]], sample: list[bool]) -> torch.Tensor:
+        query_lens = [n for _, n in batch]
+        context_lens = [req.num_computed for req, _ in batch]
+        md = Metadata.build(query_lens, context_lens, [req.blocks for req, _ in batch], self.kvbs,
+                            device=self.device)
+        ids = sum((req.tokens[c: c + n] for (req, n), c in zip(batch, context_lens)), [])
+        positions = torch.cat([torch.arange(c, c + n) for c, n in zip(context_lens, query_lens)])
+        ends = torch.tensor(query_lens).cumsum(0) - 1
+        rows = ends[torch.tensor(sample)]
+        return self.model.forward(torch.tensor(ids, device=self.device), positions.to(self.device), self.kv_caches,
+                                  md, rows.to(self.device))
+
+    def run(self, requests: list[Request], progress: bool = True) -> dict:
+        """Serves `requests` to completion; returns timing stats."""
+        for req in requests:
+            self.add_request(req)
+        total = sum(r.max_new_tokens for r in requests)
+        done, start = 0, time.perf_counter()
+        while self.has_work():
+            done += self.step()
+            if progress:
+                _progress(done, total, time.perf_counter() - start)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - start
+        if progress:
+            print(file=sys.stderr)
+        prompt_tokens = sum(len(r.prompt) for r in requests)
+        return dict(requests=len(requests), prompt_tokens=prompt_tokens, generated_tokens=done, seconds=elapsed,
+                    steps=self.steps)
+
+
+def _progress(done: int, total: int, seconds: float, width: int = 30) -> None:
+    filled = width * done // max(total, 1)
+    rate = done / seconds if seconds > 0 else 0.0
+    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tokens, {rate:.1f} tokens/s",
+          end="", file=sys.stderr, flush=True)
+
+
+class CudaGraphDecoder:
+    """Decode-only steps on CUDA, one graph per padded batch size (1, 2, 4, ... max_batch).
+
+    Static inputs: token ids, positions, slot_mapping (padding rows -1: nothing written), seq_lens
+    (padding rows 0: output 0), block tables. The metadata holds views of these buffers and no host
+    seq_lens (seq_lens=None, max_decode_seq_len = max_seqlen), so the backend does no host work that
+    would be frozen into the graph. With tensor parallelism the NCCL all-reduces are captured too.
+    Not exercised on the CPU development machine: the CPU engine always runs the eager path.
+    """
+
+    def __init__(self, engine: Engine):
+        model, dev, b = engine.model, engine.device, engine.max_batch
+        self.engine = engine
+        self.ids = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(b, dtype=torch.int64, device=dev)
+        self.slots = torch.full((b,), -1, dtype=torch.int64, device=dev)
+        self.seq_lens = torch.zeros(b, dtype=torch.int32, device=dev)
+        self.tables = torch.zeros(b, engine.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.sizes = sorted({min(1 << i, b) for i in range(b.bit_length() + 1)})
+        self.graphs, self.outputs = {}, {}
+        pool = None
+        for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
+            md = Metadata(num_prefills=0, num_prefill_tokens=0, num_decode_tokens=size,
+                          slot_mapping=self.slots[:size], seq_lens=None, seq_lens_tensor=self.seq_lens[:size],
+                          max_query_len=1, max_decode_seq_len=model.cfg.max_seqlen,
+                          block_tables=self.tables[:size], use_cuda_graph=True)
+
+            def run(md=md, size=size):
+                return model.forward(self.ids[:size], self.positions[:size], engine.kv_caches, md)
+
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up (all rows padding: writes nothing, reads nothing)
+                run()
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs[size] = run()
+            pool = graph.pool()
+            self.graphs[size] = graph
+
+    def decode(self, reqs: list[Request]) -> torch.Tensor:
+        """Logits [len(reqs), vocab] of each request's next token."""
+        n, kvbs = len(reqs), self.engine.kvbs
+        size = next(s for s in self.sizes if s >= n)
+        pos = [r.num_computed for r in reqs]  # the token being decoded: position num_computed
+        ids = [r.tokens[p] for r, p in zip(reqs, pos)]
+        slots = [r.blocks[p // kvbs] * kvbs + p % kvbs for r, p in zip(reqs, pos)]
+        table = torch.zeros(size, self.tables.shape[1], dtype=torch.int32)
+        for i, r in enumerate(reqs):
+            table[i, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
+        pad = size - n
+        self.ids[:size].copy_(torch.tensor(ids + [0] * pad), non_blocking=False)
+        self.positions[:size].copy_(torch.tensor(pos + [0] * pad))
+        self.slots[:size].copy_(torch.tensor(slots + [-1] * pad))
+        self.seq_lens[:size].copy_(torch.tensor([p + 1 for p in pos] + [0] * pad, dtype=torch.int32))
+        self.tables[:size].copy_(table)
+        self.graphs[size].replay()
+        return self.outputs[size][:n].clone()

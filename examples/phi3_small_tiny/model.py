@@ -1,0 +1,260 @@
+"""A decoder shaped like Phi-3-small, served through blocksparse_attn, plus a dense-mask reference.
+
+Phi-3-small's attention: grouped-query heads (32 q / 8 kv, D = 128), one fused head-major QKV
+projection (per kv head: its q_per_kv query heads, then its key, then its value), rotary embeddings,
+muP attention scale 1 / head_dim, and block-sparse attention in every layer except every second one,
+which is dense. `Config.tiny()` keeps all of that at a size the CPU tests run in seconds (8 q / 2 kv
+heads, D = 64, 4 layers, hidden 512, vocab 512, sparse blocks of 16 tokens, local band 2 blocks,
+vertical stride 8).
+
+Weights are random from a seed (`init_weights`) in the checkpoint layout; two models read them:
+  Phi3SmallTiny       the served model: our backend (paged KV cache), tensor-parallel over heads
+  ReferencePhi3Small  plain PyTorch, float32, no cache, dense token mask; for --check and the tests
+Their shared pieces (layer norm, rotary, MLP) are ordinary model maths, not the code under test.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from blocksparse_attn import BlocksparseFlashAttentionImpl, BlocksparseFlashAttentionMetadata
+from blocksparse_attn import reference
+from blocksparse_attn.layout import SparsePattern
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int          # q heads in the whole model (all tensor-parallel ranks)
+    num_kv_heads: int
+    head_dim: int
+    ffn_size: int
+    max_seqlen: int
+    sparse_block_size: int
+    local_blocks: int
+    vert_stride: int
+    dense_every: int = 2    # layer l is dense iff (l + 1) % dense_every == 0, as Phi-3-small
+    rope_base: float = 10000.0
+    embedding_multiplier: float = 10.0  # muP: embeddings scaled up, logits scaled down
+    width_multiplier: float = 8.0
+    norm_eps: float = 1e-5
+    init_scale: float = 4.0  # q/k weights' std in units of 1/sqrt(hidden): peaky, pattern-sensitive attention
+
+    @classmethod
+    def tiny(cls) -> Config:
+        return cls(vocab_size=512, hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=64,
+                   ffn_size=1024, max_seqlen=1024, sparse_block_size=16, local_blocks=2, vert_stride=8)
+
+    @classmethod
+    def phi3_small(cls) -> Config:
+        """Phi-3-small's sizes (7B parameters: far too big for the CPU; for a GPU run)."""
+        return cls(vocab_size=100352, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                   ffn_size=14336, max_seqlen=8192, sparse_block_size=64, local_blocks=16, vert_stride=8,
+                   rope_base=1e6, init_scale=1.0)
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / self.head_dim  # muP (Phi-3-small's mup_use_scaling), not 1 / sqrt(head_dim)
+
+    def is_dense(self, layer: int) -> bool:
+        return (layer + 1) % self.dense_every == 0
+
+    def blocksparse_params(self, layer: int, tp_size: int = 1, tp_rank: int = 0) -> dict:
+        """The backend's blocksparse_params of one layer on one rank; a dense layer is the same backend with
+        vert_stride = 1 (every key block is a vertical column, so the pattern is plain causal)."""
+        return dict(max_seqlen=self.max_seqlen, num_heads=self.num_heads // tp_size,
+                    num_kv_heads=self.num_kv_heads // tp_size, block_size=self.sparse_block_size,
+                    local_blocks=self.local_blocks, vert_stride=1 if self.is_dense(layer) else self.vert_stride,
+                    homo_head=False, tp_size=tp_size, tp_rank=tp_rank)
+
+
+def init_weights(cfg: Config, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random float32 weights in the checkpoint layout. qkv is [Hkv * (q_per_kv + 2) * D, hidden],
+    head-major: rows of kv head g are its q_per_kv query heads, then its key head, then its value head."""
+    g = torch.Generator().manual_seed(seed)
+    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_size
+
+    def normal(*shape, std):
+        return torch.randn(*shape, generator=g) * std
+
+    def norm_pair(prefix):
+        return {f"{prefix}.weight": 1 + normal(h, std=0.1), f"{prefix}.bias": normal(h, std=0.1)}
+
+    w = {"embed": normal(cfg.vocab_size, h, std=1.0 / cfg.embedding_multiplier)}
+    for layer in range(cfg.num_layers):
+        p = f"layers.{layer}"
+        w.update(norm_pair(f"{p}.input_norm"))
+        w[f"{p}.qkv"] = normal(cfg.num_kv_heads * (cfg.q_per_kv + 2) * d, h, std=cfg.init_scale / math.sqrt(h))
+        w[f"{p}.o_proj"] = normal(h, cfg.num_heads * d, std=1.0 / math.sqrt(cfg.num_heads * d))
+        w.update(norm_pair(f"{p}.post_attention_norm"))
+        w[f"{p}.gate"] = normal(f, h, std=1.0 / math.sqrt(h))
+        w[f"{p}.up"] = normal(f, h, std=1.0 / math.sqrt(h))
+        w[f"{p}.down"] = normal(h, f, std=1.0 / math.sqrt(f))
+    w.update(norm_pair("final_norm"))
+    return w
+
+
+# ---- shared model maths -------------------------------------------------------------------------------
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """x [T, H, D] rotated by the angle of each token's absolute position (NeoX halves layout)."""
+    d = x.shape[-1]
+    inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+    angle = positions.to(torch.float32)[:, None] * inv_freq[None, :]          # [T, D/2]
+    cos, sin = angle.cos()[:, None, :].to(x.dtype), angle.sin()[:, None, :].to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def layer_norm(x: torch.Tensor, w: dict, prefix: str, eps: float) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), w[f"{prefix}.weight"], w[f"{prefix}.bias"], eps)
+
+
+def mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Gated GELU; on a tensor-parallel rank gate/up are its rows and down its columns (a partial sum)."""
+    return F.linear(F.gelu(F.linear(x, gate), approximate="tanh") * F.linear(x, up), down)
+
+
+def logits_of(h: torch.Tensor, w: dict, cfg: Config) -> torch.Tensor:
+    """Tied LM head (Phi-3-small ties it to the embedding), scaled down by the muP width multiplier."""
+    return F.linear(layer_norm(h, w, "final_norm", cfg.norm_eps), w["embed"]) / cfg.width_multiplier
+
+
+# ---- the served model ---------------------------------------------------------------------------------
+
+class Phi3SmallTiny:
+    """The model on one tensor-parallel rank, its attention run by BlocksparseFlashAttentionImpl.
+
+    Rank r holds kv heads [r * Hkv/tp, (r + 1) * Hkv/tp) and their q heads (global q heads
+    r * Hq/tp ...): the rows of the fused QKV weight that belong to them (column parallel), the matching
+    columns of o_proj (row parallel), 1/tp of the MLP. The partial sums after o_proj and after the MLP's
+    down projection are all-reduced over `group`. Embedding, norms and LM head are replicated.
+    At load time the rank's QKV rows are regrouped from head-major to [all q | all k | all v], so q, k
+    and v are column slices of one GEMM output, with unit last stride as the backend wants, no copy.
+    """
+
+    def __init__(self, cfg: Config, weights: dict[str, torch.Tensor], tp_size: int = 1, tp_rank: int = 0,
+                 group=None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        if cfg.num_kv_heads % tp_size or cfg.ffn_size % tp_size:
+            raise ValueError(f"tp_size={tp_size} must divide num_kv_heads={cfg.num_kv_heads} and "
+                             f"ffn_size={cfg.ffn_size}")
+        self.cfg, self.tp_size, self.tp_rank, self.group = cfg, tp_size, tp_rank, group
+        self.device, self.dtype = torch.device(device), dtype
+        self.hq, self.hkv = cfg.num_heads // tp_size, cfg.num_kv_heads // tp_size
+        d, qpk, f = cfg.head_dim, cfg.q_per_kv, cfg.ffn_size // tp_size
+
+        def put(t):
+            return t.to(device=self.device, dtype=dtype).contiguous()
+
+        w = {name: put(t) for name, t in weights.items() if not name.startswith("layers.")}
+        self.impls = []
+        for layer in range(cfg.num_layers):
+            p = f"layers.{layer}"
+            for name in ("input_norm", "post_attention_norm"):
+                for part in ("weight", "bias"):
+                    w[f"{p}.{name}.{part}"] = put(weights[f"{p}.{name}.{part}"])
+            rows = weights[f"{p}.qkv"].view(cfg.num_kv_heads, qpk + 2, d, cfg.hidden_size)
+            rows = rows[tp_rank * self.hkv: (tp_rank + 1) * self.hkv]                # this rank's kv groups
+            w[f"{p}.qkv"] = put(torch.cat([rows[:, :qpk].flatten(0, 2), rows[:, qpk].flatten(0, 1),
+                                           rows[:, qpk + 1].flatten(0, 1)]))
+            w[f"{p}.o_proj"] = put(weights[f"{p}.o_proj"][:, tp_rank * self.hq * d: (tp_rank + 1) * self.hq * d])
+            w[f"{p}.gate"] = put(weights[f"{p}.gate"][tp_rank * f: (tp_rank + 1) * f])
+            w[f"{p}.up"] = put(weights[f"{p}.up"][tp_rank * f: (tp_rank + 1) * f])
+            w[f"{p}.down"] = put(weights[f"{p}.down"][:, tp_rank * f: (tp_rank + 1) * f])
+            self.impls.append(BlocksparseFlashAttentionImpl(
+                num_heads=self.hq, head_size=d, scale=cfg.scale, num_kv_heads=self.hkv, alibi_slopes=None,
+                sliding_window=None, kv_cache_dtype="auto",
+                blocksparse_params=cfg.blocksparse_params(layer, tp_size, tp_rank)))
+        self.w = w
+
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    # no_grad, not inference_mode: the CPU kernels' worker threads (at::parallel_for) do not inherit
+    # InferenceMode, so with more than one thread the ops reject inference tensors (a package bug).
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
+                attn_metadata: BlocksparseFlashAttentionMetadata,
+                logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids/positions [T] int64 packed as the metadata says; kv_caches one [2, NB, kvbs*Hkv*D] per
+        layer. Returns logits float32 [len(logits_rows), vocab] (every row when logits_rows is None)."""
+        cfg, w, d = self.cfg, self.w, self.cfg.head_dim
+        x = F.embedding(input_ids, w["embed"]) * cfg.embedding_multiplier
+        for layer, impl in enumerate(self.impls):
+            p = f"layers.{layer}"
+            qkv = F.linear(layer_norm(x, w, f"{p}.input_norm", cfg.norm_eps), w[f"{p}.qkv"])
+            q, k, v = qkv.split([self.hq * d, self.hkv * d, self.hkv * d], dim=1)
+            # rotary writes back into the fused buffer: q and k stay column slices of it
+            q.copy_(rotary(q.view(-1, self.hq, d), positions, cfg.rope_base).flatten(1))
+            k.copy_(rotary(k.view(-1, self.hkv, d), positions, cfg.rope_base).flatten(1))
+            attn = impl.forward(q, k, v, kv_caches[layer], attn_metadata)
+            x = x + self._all_reduce(F.linear(attn, w[f"{p}.o_proj"]))
+            h = layer_norm(x, w, f"{p}.post_attention_norm", cfg.norm_eps)
+            x = x + self._all_reduce(mlp(h, w[f"{p}.gate"], w[f"{p}.up"], w[f"{p}.down"]))
+        if logits_rows is not None:
+            x = x[logits_rows]
+        return logits_of(x, w, cfg).float()
+
+
+# ---- the reference ------------------------------------------------------------------------------------
+
+def reference_pattern(cfg: Config, layer: int) -> SparsePattern:
+    """Spec §2 over the model's global heads (head_offset 0), written from the config, not from
+    BlocksparseParams: step = max(1, V // Hq)."""
+    return SparsePattern(cfg.sparse_block_size, cfg.local_blocks, cfg.vert_stride,
+                         max(1, cfg.vert_stride // cfg.num_heads), False, 0)
+
+
+class ReferencePhi3Small:
+    """Plain float32 PyTorch on the CPU: no cache, no tensor parallelism, the checkpoint's head-major QKV
+    split by reshaping, and attention as softmax over a dense mask: blocksparse_attn.reference.token_mask
+    for the sparse layers, torch.tril for the dense ones. `sparse=False` makes every layer dense (used by
+    the tests to show that the pattern matters for the chosen lengths)."""
+
+    def __init__(self, cfg: Config, weights: dict[str, torch.Tensor], sparse: bool = True):
+        self.cfg, self.sparse = cfg, sparse
+        self.w = {name: t.float().cpu() for name, t in weights.items()}
+
+    def _mask(self, layer: int, n: int) -> torch.Tensor:
+        """Bool [Hq, n, n]."""
+        cfg = self.cfg
+        if self.sparse and not cfg.is_dense(layer):
+            return reference.token_mask(reference_pattern(cfg, layer), cfg.num_heads, cfg.num_kv_heads,
+                                        torch.arange(n), n)
+        return torch.ones(n, n, dtype=torch.bool).tril().expand(cfg.num_heads, n, n)
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [n] -> logits float32 [n, vocab] (row p predicts token p + 1)."""
+        cfg, w, d = self.cfg, self.w, self.cfg.head_dim
+        n = tokens.shape[0]
+        positions = torch.arange(n)
+        x = F.embedding(tokens.cpu(), w["embed"]) * cfg.embedding_multiplier
+        for layer in range(cfg.num_layers):
+            p = f"layers.{layer}"
+            qkv = F.linear(layer_norm(x, w, f"{p}.input_norm", cfg.norm_eps), w[f"{p}.qkv"])
+            qkv = qkv.view(n, cfg.num_kv_heads, cfg.q_per_kv + 2, d)
+            q = rotary(qkv[:, :, : cfg.q_per_kv].reshape(n, cfg.num_heads, d), positions, cfg.rope_base)
+            k = rotary(qkv[:, :, cfg.q_per_kv], positions, cfg.rope_base)
+            v = qkv[:, :, cfg.q_per_kv + 1]
+            k = k.repeat_interleave(cfg.q_per_kv, dim=1)  # q head h reads kv head h // q_per_kv
+            v = v.repeat_interleave(cfg.q_per_kv, dim=1)
+            scores = torch.einsum("qhd,khd->hqk", q, k) * cfg.scale
+            probs = scores.masked_fill(~self._mask(layer, n), float("-inf")).softmax(-1)
+            attn = torch.einsum("hqk,khd->qhd", probs, v).reshape(n, cfg.num_heads * d)
+            x = x + F.linear(attn, w[f"{p}.o_proj"])
+            h = layer_norm(x, w, f"{p}.post_attention_norm", cfg.norm_eps)
+            x = x + mlp(h, w[f"{p}.gate"], w[f"{p}.up"], w[f"{p}.down"])
+        return logits_of(x, w, cfg)
