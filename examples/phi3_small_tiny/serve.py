@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     if lead:
         print(f"model: {args.model}, {cfg.num_layers} layers ({'/'.join('dense' if cfg.is_dense(i) else 'sparse' for i in range(cfg.num_layers))}), "
               f"q heads {cfg.num_heads}, kv heads {cfg.num_kv_heads}, head dim {cfg.head_dim}; "
-              f"tp {world}, device {device} ({torch.get_num_threads()} threads per rank), "
+              f"tp {world}, device {device} (torch threads per rank: {torch.get_num_threads()}), "
               f"{str(dtype).removeprefix('torch.')}, CUDA graphs "
               f"{'on' if engine.graphs else 'off'}")
         print(f"requests: {len(requests)}, prompt lengths {[len(r.prompt) for r in requests]}, "
