@@ -31,8 +31,8 @@ SEED = 0
 # Prompt lengths: every one longer than CHUNK, some not multiples of the 16-token blocks; with blocks of
 # 16, a band of 2 blocks and vertical stride 8, prompts past 128 tokens see vertical columns outside the band.
 PROMPTS = (70, 133, 190)
-NEW_TOKENS = 4
-CHUNK = 48
+NEW_TOKENS = 10
+CHUNK = 64
 KV_BLOCK = 16
 TOL = LOGIT_TOL[torch.float32]
 
@@ -40,10 +40,11 @@ TOL = LOGIT_TOL[torch.float32]
 def make_requests(cfg: Config) -> list[Request]:
     g = torch.Generator().manual_seed(SEED + 1)
     return [Request(rid=i, prompt=torch.randint(cfg.vocab_size, (n,), generator=g).tolist(),
-                    max_new_tokens=NEW_TOKENS, arrival_step=2 * i) for i, n in enumerate(PROMPTS)]
+                    max_new_tokens=NEW_TOKENS, arrival_step=i) for i, n in enumerate(PROMPTS)]
 
 
-def serve(cfg, weights, tp_size=1, tp_rank=0, wrong_head_offset=False) -> list[Request]:
+def serve(cfg, weights, tp_size=1, tp_rank=0, wrong_head_offset=False, pad_decode=False,
+          history=None) -> list[Request]:
     model = Phi3SmallTiny(cfg, weights, tp_size, tp_rank)
     if wrong_head_offset:  # the pattern of global heads 0.. on every rank
         model.impls = [BlocksparseFlashAttentionImpl(model.hq, cfg.head_dim, cfg.scale, model.hkv,
@@ -52,7 +53,10 @@ def serve(cfg, weights, tp_size=1, tp_rank=0, wrong_head_offset=False) -> list[R
                        for i in range(cfg.num_layers)]
     requests = make_requests(cfg)
     num_blocks = sum(-(-(n + NEW_TOKENS) // KV_BLOCK) for n in PROMPTS)
-    Engine(model, num_blocks, KV_BLOCK, CHUNK, keep_logits=True, seed=SEED).run(requests, progress=False)
+    engine = Engine(model, num_blocks, KV_BLOCK, CHUNK, pad_decode=pad_decode, keep_logits=True, seed=SEED)
+    engine.run(requests, progress=False)
+    if history is not None:
+        history += engine.history
     return requests
 
 
@@ -60,12 +64,18 @@ def serve(cfg, weights, tp_size=1, tp_rank=0, wrong_head_offset=False) -> list[R
 def setup():
     cfg = Config.tiny()
     weights = init_weights(cfg, SEED)
-    return cfg, weights, serve(cfg, weights)
+    history = []
+    requests = serve(cfg, weights, history=history)
+    return cfg, weights, requests, history
 
 
 def test_chunked_serving_matches_reference(setup):
-    cfg, weights, requests = setup
+    cfg, weights, requests, history = setup
     assert min(PROMPTS) > CHUNK and not cfg.is_dense(0) and cfg.is_dense(1)
+    # the schedule covered: prefill chunks with context, prefill and decode in one batch, batched decode
+    assert any(with_ctx for _, with_ctx, _ in history), history
+    assert any(pre and dec for pre, _, dec in history), history
+    assert any(not pre and dec >= 2 for pre, _, dec in history), history
     for req in requests:
         assert len(req.output) == NEW_TOKENS and len(req.logits) == NEW_TOKENS, f"request {req.rid} incomplete"
     worst = check_against_reference(cfg, weights, requests, torch.float32, per_step=True)
@@ -98,7 +108,7 @@ def _tp_worker(rank: int, world: int, port: int, out_path: str) -> None:
 
 
 def test_tensor_parallel_matches_single_rank(setup, tmp_path):
-    cfg, _, single = setup
+    cfg, _, single, _ = setup
     out_path = str(tmp_path / "tp2.pt")
     mp.spawn(_tp_worker, args=(2, _free_port(), out_path), nprocs=2, join=True)
     results = torch.load(out_path)
@@ -111,3 +121,16 @@ def test_tensor_parallel_matches_single_rank(setup, tmp_path):
     worst = max(((logits - torch.stack(req.logits)).abs().amax(-1) / torch.stack(req.logits).abs().amax(-1)).max().item()
                 for req, (_, logits) in zip(single, results["wrong_offset"]))
     assert worst > 100 * TOL, f"a wrong tensor-parallel head offset changed the logits by only {worst:.2e}"
+
+
+def test_padded_decode_matches_eager(setup):
+    """The CUDA-graph decode path's static buffers, run eagerly: 3 sequences padded to a batch of 4
+    (slot -1, seq_len 0) give the eager engine's tokens and logits."""
+    cfg, weights, single, _ = setup
+    history = []
+    padded = serve(cfg, weights, pad_decode=True, history=history)
+    assert any(not pre and dec == 3 for pre, _, dec in history), history  # a padded batch was decoded
+    for a, b in zip(single, padded):
+        assert a.output == b.output, f"request {a.rid}: padded decode tokens {b.output}, eager {a.output}"
+        err = (torch.stack(a.logits) - torch.stack(b.logits)).abs().max() / torch.stack(a.logits).abs().max()
+        assert err <= TOL, f"request {a.rid}: padded decode logits differ by {err:.2e}"

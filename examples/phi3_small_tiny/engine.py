@@ -72,7 +72,10 @@ class Request:
 
 class Engine:
     def __init__(self, model: Phi3SmallTiny, num_blocks: int, kv_block_size: int = 16, chunk_size: int = 64,
-                 max_batch: int = 16, use_cuda_graph: bool | None = None, keep_logits: bool = False, seed: int = 0):
+                 max_batch: int = 16, use_cuda_graph: bool | None = None, pad_decode: bool = False,
+                 keep_logits: bool = False, seed: int = 0):
+        """use_cuda_graph (default: on CUDA) replays captured graphs for decode-only steps; pad_decode runs
+        those steps through the same padded static buffers eagerly (how the CPU tests cover that path)."""
         cfg = model.cfg
         self.model, self.kvbs, self.chunk_size, self.max_batch = model, kv_block_size, chunk_size, max_batch
         self.keep_logits = keep_logits
@@ -84,9 +87,10 @@ class Engine:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.steps = 0
+        self.history: list[tuple[int, int, int]] = []  # per step: (prefill seqs, of which with context, decodes)
         if use_cuda_graph is None:
             use_cuda_graph = self.device.type == "cuda"
-        self.graphs = CudaGraphDecoder(self) if use_cuda_graph else None
+        self.graphs = PaddedDecoder(self, capture=use_cuda_graph) if use_cuda_graph or pad_decode else None
 
     def add_request(self, req: Request) -> None:
         if len(req.prompt) < 1 or len(req.prompt) + req.max_new_tokens > self.model.cfg.max_seqlen:
@@ -123,6 +127,8 @@ class Engine:
         if not batch:
             return 0
 
+        self.history.append((num_prefill_seqs, sum(req.num_computed > 0 for req, _ in batch[:num_prefill_seqs]),
+                             len(batch) - num_prefill_seqs))
         # a sequence samples when this step reaches its last known token (end of prompt, or a decode)
         sample = [req.num_computed + n == len(req.tokens) for req, n in batch]
         if num_prefill_seqs == 0 and self.graphs is not None:
@@ -183,17 +189,19 @@ def _progress(done: int, total: int, seconds: float, width: int = 30) -> None:
           end="", file=sys.stderr, flush=True)
 
 
-class CudaGraphDecoder:
-    """Decode-only steps on CUDA, one graph per padded batch size (1, 2, 4, ... max_batch).
+class PaddedDecoder:
+    """Decode-only steps over static buffers padded to a batch size of 1, 2, 4, ... max_batch; with
+    capture=True (CUDA), one CUDA graph per size, replayed.
 
     Static inputs: token ids, positions, slot_mapping (padding rows -1: nothing written), seq_lens
     (padding rows 0: output 0), block tables. The metadata holds views of these buffers and no host
     seq_lens (seq_lens=None, max_decode_seq_len = max_seqlen), so the backend does no host work that
     would be frozen into the graph. With tensor parallelism the NCCL all-reduces are captured too.
-    Not exercised on the CPU development machine: the CPU engine always runs the eager path.
+    The capture and replay have not been run yet (no GPU on the development machine); the padded
+    buffers and metadata run eagerly on the CPU with capture=False (tests/test_example_model.py).
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, capture: bool):
         model, dev, b = engine.model, engine.device, engine.max_batch
         self.engine = engine
         self.ids = torch.zeros(b, dtype=torch.int64, device=dev)
@@ -202,7 +210,7 @@ class CudaGraphDecoder:
         self.seq_lens = torch.zeros(b, dtype=torch.int32, device=dev)
         self.tables = torch.zeros(b, engine.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.sizes = sorted({min(1 << i, b) for i in range(b.bit_length() + 1)})
-        self.graphs, self.outputs = {}, {}
+        self.graphs, self.outputs, self.runs = {}, {}, {}
         pool = None
         for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
             md = Metadata(num_prefills=0, num_prefill_tokens=0, num_decode_tokens=size,
@@ -213,6 +221,9 @@ class CudaGraphDecoder:
             def run(md=md, size=size):
                 return model.forward(self.ids[:size], self.positions[:size], engine.kv_caches, md)
 
+            self.runs[size] = run
+            if not capture:
+                continue
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):  # warm-up (all rows padding: writes nothing, reads nothing)
@@ -240,5 +251,7 @@ class CudaGraphDecoder:
         self.slots[:size].copy_(torch.tensor(slots + [-1] * pad))
         self.seq_lens[:size].copy_(torch.tensor([p + 1 for p in pos] + [0] * pad, dtype=torch.int32))
         self.tables[:size].copy_(table)
-        self.graphs[size].replay()
-        return self.outputs[size][:n].clone()
+        if size in self.graphs:
+            self.graphs[size].replay()
+            return self.outputs[size][:n].clone()
+        return self.runs[size]()[:n]
