@@ -43,8 +43,8 @@ def make_requests(cfg: Config) -> list[Request]:
                     max_new_tokens=NEW_TOKENS, arrival_step=i) for i, n in enumerate(PROMPTS)]
 
 
-def serve(cfg, weights, tp_size=1, tp_rank=0, wrong_head_offset=False, pad_decode=False,
-          history=None) -> list[Request]:
+def serve(cfg, weights, tp_size=1, tp_rank=0, wrong_head_offset=False, history=None, swaps=None,
+          **engine_options) -> list[Request]:
     model = Phi3SmallTiny(cfg, weights, tp_size, tp_rank)
     if wrong_head_offset:  # the pattern of global heads 0.. on every rank
         model.impls = [BlocksparseFlashAttentionImpl(model.hq, cfg.head_dim, cfg.scale, model.hkv,
@@ -53,10 +53,12 @@ def serve(cfg, weights, tp_size=1, tp_rank=0, wrong_head_offset=False, pad_decod
                        for i in range(cfg.num_layers)]
     requests = make_requests(cfg)
     num_blocks = sum(-(-(n + NEW_TOKENS) // KV_BLOCK) for n in PROMPTS)
-    engine = Engine(model, num_blocks, KV_BLOCK, CHUNK, pad_decode=pad_decode, keep_logits=True, seed=SEED)
+    engine = Engine(model, num_blocks, KV_BLOCK, CHUNK, keep_logits=True, seed=SEED, **engine_options)
     engine.run(requests, progress=False)
     if history is not None:
         history += engine.history
+    if swaps is not None:
+        swaps.append(engine.num_swaps)
     return requests
 
 
@@ -123,14 +125,20 @@ def test_tensor_parallel_matches_single_rank(setup, tmp_path):
     assert worst > 100 * TOL, f"a wrong tensor-parallel head offset changed the logits by only {worst:.2e}"
 
 
-def test_padded_decode_matches_eager(setup):
-    """The CUDA-graph decode path's static buffers, run eagerly: 3 sequences padded to a batch of 4
-    (slot -1, seq_len 0) give the eager engine's tokens and logits."""
+@pytest.mark.parametrize("mode", ["padded", "swap"])
+def test_engine_variants_match(setup, mode):
+    """padded: the CUDA-graph decode path's static buffers, run eagerly: 3 sequences padded to a batch
+    of 4 (slot -1, seq_len 0). swap: every 3rd step a decoding sequence is swapped out to a CPU cache and
+    back into other blocks (swap_blocks). Both give the plain engine's tokens and logits."""
     cfg, weights, single, _ = setup
-    history = []
-    padded = serve(cfg, weights, pad_decode=True, history=history)
-    assert any(not pre and dec == 3 for pre, _, dec in history), history  # a padded batch was decoded
-    for a, b in zip(single, padded):
-        assert a.output == b.output, f"request {a.rid}: padded decode tokens {b.output}, eager {a.output}"
+    history, swaps = [], []
+    options = dict(pad_decode=True) if mode == "padded" else dict(preempt_every=3)
+    other = serve(cfg, weights, history=history, swaps=swaps, **options)
+    if mode == "padded":
+        assert any(not pre and dec == 3 for pre, _, dec in history), history  # a padded batch was decoded
+    else:
+        assert swaps[0] >= 3, f"only {swaps[0]} swaps"
+    for a, b in zip(single, other):
+        assert a.output == b.output, f"[{mode}] request {a.rid}: tokens {b.output}, plain engine {a.output}"
         err = (torch.stack(a.logits) - torch.stack(b.logits)).abs().max() / torch.stack(a.logits).abs().max()
-        assert err <= TOL, f"request {a.rid}: padded decode logits differ by {err:.2e}"
+        assert err <= TOL, f"[{mode}] request {a.rid}: logits differ from the plain engine's by {err:.2e}"

@@ -73,9 +73,11 @@ class Request:
 class Engine:
     def __init__(self, model: Phi3SmallTiny, num_blocks: int, kv_block_size: int = 16, chunk_size: int = 64,
                  max_batch: int = 16, use_cuda_graph: bool | None = None, pad_decode: bool = False,
-                 keep_logits: bool = False, seed: int = 0):
+                 preempt_every: int = 0, keep_logits: bool = False, seed: int = 0):
         """use_cuda_graph (default: on CUDA) replays captured graphs for decode-only steps; pad_decode runs
-        those steps through the same padded static buffers eagerly (how the CPU tests cover that path)."""
+        those steps through the same padded static buffers eagerly (how the CPU tests cover that path).
+        preempt_every = n > 0 swaps the newest decoding sequence out to a CPU cache every n steps and back
+        in (to other blocks) the next step, as an engine under memory pressure would (swap_blocks)."""
         cfg = model.cfg
         self.model, self.kvbs, self.chunk_size, self.max_batch = model, kv_block_size, chunk_size, max_batch
         self.keep_logits = keep_logits
@@ -86,6 +88,10 @@ class Engine:
         self.max_blocks_per_seq = -(-cfg.max_seqlen // kv_block_size)
         self.waiting: list[Request] = []
         self.running: list[Request] = []
+        self.swapped: list[Request] = []
+        self.preempt_every, self.num_swaps = preempt_every, 0
+        self.cpu_caches: list[torch.Tensor] | None = None  # the swap space, allocated on first use
+        self.cpu_allocator = BlockAllocator(num_blocks, seed + 1)
         self.steps = 0
         self.history: list[tuple[int, int, int]] = []  # per step: (prefill seqs, of which with context, decodes)
         if use_cuda_graph is None:
@@ -96,24 +102,64 @@ class Engine:
         if len(req.prompt) < 1 or len(req.prompt) + req.max_new_tokens > self.model.cfg.max_seqlen:
             raise ValueError(f"request {req.rid}: {len(req.prompt)} prompt + {req.max_new_tokens} new tokens "
                              f"must be in [1, max_seqlen = {self.model.cfg.max_seqlen}]")
+        need, total = self._blocks_needed(req), len(self.allocator.free) + sum(len(r.blocks) for r in self.running)
+        if need > total:
+            raise ValueError(f"request {req.rid} needs {need} KV-cache blocks, the cache has {total}")
         self.waiting.append(req)
+
+    def _blocks_needed(self, req: Request) -> int:
+        return -(-(len(req.prompt) + req.max_new_tokens - 1) // self.kvbs)
 
     def _admit(self) -> None:
         """FCFS: arrived requests take the blocks for their whole length (prompt + new tokens but the
         last, whose k/v are never needed), so a running request never waits for memory."""
         while self.waiting and self.waiting[0].arrival_step <= self.steps and len(self.running) < self.max_batch:
             req = self.waiting[0]
-            need = -(-(len(req.prompt) + req.max_new_tokens - 1) // self.kvbs)
+            need = self._blocks_needed(req)
             if need > self.allocator.num_free:
                 break
             req.blocks = self.allocator.allocate(need)
             self.running.append(self.waiting.pop(0))
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
+
+    def _swap_out(self, req: Request) -> None:
+        """Copies the request's blocks to the CPU swap space (every layer) and frees them here."""
+        if self.cpu_caches is None:
+            pin = self.device.type == "cuda"
+            self.cpu_caches = [torch.zeros(c.shape, dtype=c.dtype, pin_memory=pin) for c in self.kv_caches]
+        cpu_blocks = self.cpu_allocator.allocate(len(req.blocks))
+        mapping = torch.tensor(list(zip(req.blocks, cpu_blocks)), dtype=torch.int64)
+        for cache, cpu_cache in zip(self.kv_caches, self.cpu_caches):
+            Backend.swap_blocks(cache, cpu_cache, mapping)
+        self.allocator.release(req.blocks)
+        req.blocks = cpu_blocks
+        self.running.remove(req)
+        self.swapped.append(req)
+        self.num_swaps += 1
+
+    def _swap_in(self, req: Request) -> bool:
+        """Copies a swapped-out request's blocks back into newly allocated blocks; False if none free."""
+        if len(req.blocks) > self.allocator.num_free or len(self.running) >= self.max_batch:
+            return False
+        blocks = self.allocator.allocate(len(req.blocks))
+        mapping = torch.tensor(list(zip(req.blocks, blocks)), dtype=torch.int64)
+        for cache, cpu_cache in zip(self.kv_caches, self.cpu_caches):
+            Backend.swap_blocks(cpu_cache, cache, mapping)
+        self.cpu_allocator.release(req.blocks)
+        req.blocks = blocks
+        self.running.append(req)
+        return True
 
     def step(self) -> int:
         """One forward over the scheduled batch; returns the number of tokens generated."""
+        while self.swapped and self._swap_in(self.swapped[0]):
+            self.swapped.pop(0)
+        if self.preempt_every and self.steps % self.preempt_every == self.preempt_every - 1:
+            decoding = [r for r in self.running if not r.prefilling]
+            if decoding:
+                self._swap_out(decoding[-1])
         self._admit()
         budget, batch = self.chunk_size, []         # (request, number of new tokens)
         for req in self.running:
@@ -179,7 +225,7 @@ class Engine:
             print(file=sys.stderr)
         prompt_tokens = sum(len(r.prompt) for r in requests)
         return dict(requests=len(requests), prompt_tokens=prompt_tokens, generated_tokens=done, seconds=elapsed,
-                    steps=self.steps)
+                    steps=self.steps, swaps=self.num_swaps)
 
 
 def _progress(done: int, total: int, seconds: float, width: int = 30) -> None:

@@ -94,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cuda-graph", action="store_true", help="decode eagerly on CUDA too")
+    p.add_argument("--preempt-every", type=int, default=0, metavar="N",
+                   help="every N steps swap a decoding sequence out to a CPU cache and back (swap_blocks)")
     p.add_argument("--pad-decode", action="store_true",
                    help="decode-only steps through the CUDA-graph path's padded buffers, without capture")
     p.add_argument("--no-progress", action="store_true")
@@ -123,6 +125,7 @@ def main(argv=None) -> int:
     need = sum(-(-(len(r.prompt) + r.max_new_tokens) // args.kv_block_size) for r in requests)
     engine = Engine(model, args.num_blocks or need, args.kv_block_size, args.chunk_size, args.max_batch,
                     use_cuda_graph=device.type == "cuda" and not args.no_cuda_graph, pad_decode=args.pad_decode,
+                    preempt_every=args.preempt_every,
                     keep_logits=args.check,
                     seed=args.seed)
     lead = rank == 0
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
     status = 0
     if lead:
         print(f"{stats['generated_tokens']} tokens generated ({stats['prompt_tokens']} prompt tokens) in "
-              f"{stats['steps']} steps, {stats['seconds']:.2f} s: "
+              f"{stats['steps']} steps ({stats['swaps']} swaps), {stats['seconds']:.2f} s: "
               f"{stats['generated_tokens'] / stats['seconds']:.1f} generated tokens/s, "
               f"{(stats['generated_tokens'] + stats['prompt_tokens']) / stats['seconds']:.1f} tokens/s in all")
         if args.check:
