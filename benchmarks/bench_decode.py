@@ -5,6 +5,7 @@ Device-agnostic. For every (batch, context) it times, in this one process:
          (kv block size 16, block tables shuffled), Phi-3-small's pattern
   sdpa   torch.nn.functional.scaled_dot_product_attention over contiguous K/V [B, Hkv, ctx, D],
          enable_gqa=True (a dense decode: every key is read)
+  flex   FlexAttention (torch.compile) over the same contiguous K/V with a BlockMask of the pattern
 
 Bandwidth is reported over the bytes that MUST be read: for each sequence and kv head, the keys and
 values of the union of key blocks that the group's q heads can see (read once), plus q and out.
@@ -13,7 +14,7 @@ method's time, so the GB/s column ranks methods exactly as time does; compare it
 copy bandwidth (H100: about 3.0 TB/s, read + write).
 
     python benchmarks/bench_decode.py                       # CUDA if present, else a small CPU run
-    python benchmarks/bench_decode.py --batches 1,16,64,256 --contexts 2048,8192,32768
+    python benchmarks/bench_decode.py --batches 1,16,64,256 --contexts 2048,8192,16384,32768
 """
 from __future__ import annotations
 
@@ -43,19 +44,52 @@ def must_read_bytes(pattern: SparsePattern, batch: int, context: int, elem: int)
     return batch * (2 * tokens * HEAD_DIM + 2 * NUM_HEADS * HEAD_DIM) * elem
 
 
-def make_inputs(batch: int, context: int, dtype, device, gen):
+def make_inputs(batch: int, context: int, dtype, device, gen, dense: bool):
+    """Inputs drawn on the device (a 256 x 32k cache is 34 GB: the CPU cannot fill it in time)."""
     blocks_per_seq = -(-context // KV_BLOCK)
     num_blocks = batch * blocks_per_seq
-    key_cache = torch.randn(num_blocks, NUM_KV_HEADS, KV_BLOCK, HEAD_DIM, generator=gen).to(dtype).to(device)
-    value_cache = torch.randn_like(key_cache)
-    block_tables = torch.randperm(num_blocks, generator=gen).view(batch, blocks_per_seq).to(torch.int32).to(device)
+    shape = (num_blocks, NUM_KV_HEADS, KV_BLOCK, HEAD_DIM)
+    key_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    value_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    block_tables = torch.randperm(num_blocks, generator=gen, device=device).view(batch, blocks_per_seq).to(torch.int32)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
-    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen).to(dtype).to(device)
-    # Dense decode's contiguous K/V [B, Hkv, ctx, D] (its own copy: SDPA cannot read a paged cache).
-    k4 = torch.randn(batch, NUM_KV_HEADS, context, HEAD_DIM, generator=gen).to(dtype).to(device)
-    v4 = torch.randn_like(k4)
-    return dict(q=q, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
-                seq_lens=seq_lens, q4=q.view(batch, NUM_HEADS, 1, HEAD_DIM), k4=k4, v4=v4)
+    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=dtype)
+    x = dict(q=q, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables, seq_lens=seq_lens,
+             q4=q.view(batch, NUM_HEADS, 1, HEAD_DIM))
+    if dense:  # dense decode's contiguous K/V [B, Hkv, ctx, D] (SDPA cannot read a paged cache)
+        x["k4"] = torch.randn(batch, NUM_KV_HEADS, context, HEAD_DIM, generator=gen, device=device, dtype=dtype)
+        x["v4"] = torch.randn_like(x["k4"])
+    return x
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    """The card's copy rate (bytes read + written per second) on a 1 GiB tensor: the ceiling we quote."""
+    src = torch.empty(1 << 29, dtype=torch.float16, device=device)
+    dst = torch.empty_like(src)
+    ms = timed_ms(lambda: dst.copy_(src), device, 3, 20)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def flex_decode(pattern: SparsePattern, batch: int, context: int, device: str, scale: float):
+    """FlexAttention decode (one query at position context - 1) with a BlockMask of the same pattern,
+    or None where this torch has no FlexAttention for the device."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    b, local, vert = pattern.block_size, pattern.local_blocks, pattern.vert_stride
+    offsets = pattern.vertical_offsets(NUM_HEADS, NUM_KV_HEADS).to(device)
+    query_block = (context - 1) // b
+
+    def mask_mod(batch_idx, head, q_idx, kv_idx):
+        key_block = kv_idx // b
+        local_ok = query_block - key_block < local
+        vertical_ok = (key_block + offsets[head]) % vert == 0
+        return (kv_idx < context) & (local_ok | vertical_ok)
+
+    block_mask = create_block_mask(mask_mod, None, NUM_HEADS, 1, context, device=device, BLOCK_SIZE=(128, b))
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda q4, k4, v4: compiled(q4, k4, v4, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
 def timed_ms(fn, device: str, warmup: int, repeats: int) -> float:
@@ -89,6 +123,7 @@ def main():
     ap.add_argument("--contexts", default=None, help="default: 2048,8192,32768 (CUDA), 2048,8192 (CPU)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline")
     args = ap.parse_args()
     on_cuda = args.device == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda else "float32"))
@@ -100,28 +135,51 @@ def main():
     name = torch.cuda.get_device_name() if on_cuda else "CPU"
     print(f"device {args.device} ({name}), torch {torch.__version__}, dtype {str(dtype)[6:]}, "
           f"Hq={NUM_HEADS}, Hkv={NUM_KV_HEADS}, D={HEAD_DIM}, kv block {KV_BLOCK}, {pattern}")
-    gen = torch.Generator().manual_seed(0)
+    copy_gbs = copy_bandwidth_gbs(args.device) if on_cuda else float("nan")
+    if on_cuda:
+        print(f"copy bandwidth (read + write, 1 GiB): {copy_gbs:.0f} GB/s")
+    gen = torch.Generator(device=args.device).manual_seed(0)
     scale = 1.0 / HEAD_DIM
     rows = []
     for context in contexts:
         for batch in batches:
-            x = make_inputs(batch, context, dtype, args.device, gen)
+            cache_bytes = 2 * batch * context * NUM_KV_HEADS * HEAD_DIM * torch.finfo(dtype).bits // 8
+            free = torch.cuda.mem_get_info()[0] if on_cuda else 1 << 62
+            dense = 2.2 * cache_bytes < free  # room for SDPA's own contiguous copy of K/V
+            if 1.1 * cache_bytes > free:
+                print(f"skip batch {batch} x {context}: the cache does not fit")
+                continue
+            x = make_inputs(batch, context, dtype, args.device, gen, dense)
             out = torch.empty_like(x["q"])
             ours = lambda: ops.paged_decode(x["q"], x["key_cache"], x["value_cache"], x["block_tables"],  # noqa: E731
                                             x["seq_lens"], scale, pattern, out=out)
-            dense = lambda: F.scaled_dot_product_attention(x["q4"], x["k4"], x["v4"], scale=scale,  # noqa: E731
-                                                           enable_gqa=True)
             ours_ms = timed_ms(ours, args.device, warmup, repeats)
-            dense_ms = timed_ms(dense, args.device, warmup, repeats)
+            dense_ms = flex_ms = float("nan")
+            if dense:
+                sdpa = lambda: F.scaled_dot_product_attention(x["q4"], x["k4"], x["v4"], scale=scale,  # noqa: E731
+                                                              enable_gqa=True)
+                dense_ms = timed_ms(sdpa, args.device, warmup, repeats)
+                if on_cuda and not args.no_flex:
+                    try:
+                        flex = flex_decode(pattern, batch, context, args.device, scale)
+                        if flex is not None:
+                            flex_ms = timed_ms(lambda: flex(x["q4"], x["k4"], x["v4"]), args.device, 3, repeats)
+                    except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+                        print(f"flex decode failed at batch {batch} x {context}: {type(e).__name__}: {str(e)[:200]}")
             nbytes = must_read_bytes(pattern, batch, context, x["q"].element_size())
-            rows.append((batch, context, nbytes, ours_ms, dense_ms))
+            rows.append((batch, context, nbytes, ours_ms, dense_ms, flex_ms))
             del x
-    print(f"\n{'batch':>6} {'context':>8} {'must read MB':>13} {'ours us':>10} {'sdpa us':>10} "
-          f"{'ours GB/s':>10} {'sdpa GB/s':>10} {'x vs sdpa':>10}")
-    for batch, context, nbytes, ours_ms, dense_ms in rows:
-        print(f"{batch:>6} {context:>8} {nbytes / 1e6:>13.1f} {1e3 * ours_ms:>10.1f} {1e3 * dense_ms:>10.1f} "
-              f"{nbytes / ours_ms / 1e6:>10.1f} {nbytes / dense_ms / 1e6:>10.1f} {dense_ms / ours_ms:>9.2f}x")
-    print("(GB/s: the bytes that must be read (visible K/V blocks, once per kv head) / time, for both methods)")
+            if on_cuda:
+                torch.cuda.empty_cache()
+    print(f"\n{'batch':>6} {'context':>8} {'must read MB':>13} {'ours us':>9} {'sdpa us':>9} {'flex us':>9} "
+          f"{'ours GB/s':>10} {'% copy':>7} {'x sdpa':>7} {'x flex':>7}")
+    for batch, context, nbytes, ours_ms, dense_ms, flex_ms in rows:
+        gbs = nbytes / ours_ms / 1e6
+        print(f"{batch:>6} {context:>8} {nbytes / 1e6:>13.1f} {1e3 * ours_ms:>9.1f} {1e3 * dense_ms:>9.1f} "
+              f"{1e3 * flex_ms:>9.1f} {gbs:>10.0f} {100 * gbs / copy_gbs:>6.0f}% {dense_ms / ours_ms:>6.2f}x "
+              f"{flex_ms / ours_ms:>6.2f}x")
+    print("(GB/s: the bytes that must be read (visible K/V blocks, once per kv head, plus q and out) / time;"
+          " % copy: of the card's copy bandwidth measured above)")
 
 
 if __name__ == "__main__":

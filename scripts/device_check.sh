@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: build the CUDA extension, run the GPU test suite, then benchmark.
 # Usage (repo root, on the device):
-#   [TEST_FILES=...] [PYTEST_K=...] [SANITIZE="memcheck racecheck"] [SANITIZE_K=...] [SKIP_BENCH=1] \
+#   [TEST_FILES=...] [PYTEST_K=...] [SANITIZE="memcheck racecheck synccheck"] [SANITIZE_K=...] \
+#   [BENCH="decode prefill"] [SKIP_BENCH=1] [BSA_FUZZ_PROFILE=long BSA_FUZZ_EXAMPLES=600] \
 #   bash scripts/device_check.sh
 # Logs go to $OUT (default ./out); the last lines printed are a short summary.
 set -uo pipefail
@@ -39,7 +40,13 @@ if [ -n "${SANITIZE:-}" ]; then  # e.g. SANITIZE="memcheck racecheck" SANITIZE_K
 fi
 
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
-  PYTHONPATH=$PWD timeout 300 python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-2048,4096,8192,16384,32768} \
-    --out-dir "$OUT" > "$OUT/bench.log" 2>&1
-  echo "bench rc=$?"; tail -25 "$OUT/bench.log"
+  for bench in ${BENCH:-prefill}; do
+    case $bench in
+      prefill) args="--seq-lens ${SEQ_LENS:-2048,4096,8192,16384,32768} --out-dir $OUT" ;;
+      decode) args="${DECODE_ARGS:-}" ;;
+    esac
+    PYTHONPATH=$PWD timeout ${BENCH_TIMEOUT:-300} python3 benchmarks/bench_$bench.py --device cuda $args \
+      > "$OUT/bench_$bench.log" 2>&1
+    echo "bench $bench rc=$?"; grep -v "^skip\|Warning\|warn" "$OUT/bench_$bench.log" | tail -22
+  done
 fi

@@ -380,6 +380,41 @@ def test_paged_decode_explicit_layout(device, dtype, diagonal, gen):
         assert (ref_lse == float("-inf"))[:, 0].all(), "test setup: a first-block query must see nothing"
 
 
+@pytest.mark.parametrize("splits", ("auto", "1", "3", "64"))
+def test_paged_decode_splits(device, splits, gen, monkeypatch):
+    """The split-KV path (several CTAs per sequence merged by log-sum-exp) with forced split counts,
+    including more splits than a short sequence has slices (empty splits must weigh nothing). The CPU
+    path ignores BSA_DECODE_SPLITS and checks the same cases."""
+    if splits != "auto":
+        monkeypatch.setenv("BSA_DECODE_SPLITS", splits)
+    pattern = make_pattern("qslide", 64, 4, 8, 8, 2)
+    run_paged_decode(device, torch.bfloat16, 8, 2, 128, 16, [1, 64, 65, 5000, 0, 777, 4096], pattern, gen)
+
+
+@pytest.mark.parametrize("heads", ((32, 8), (32, 1), (24, 1), (16, 2)), ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
+def test_paged_decode_large_batch(device, heads, gen):
+    """256 sequences of random lengths up to 4096 (one split each on a GPU): group sizes 4, 8, 24
+    and 32 (more heads than one CTA's 16 rows), Phi-3-small's pattern parameters."""
+    if device == "cpu":
+        pytest.skip("GPU-scale case; the CPU path is covered by the smaller ones")
+    hq, hkv = heads
+    lengths = torch.randint(1, 4097, (256,), generator=gen).tolist()
+    lengths[:6] = [1, 64, 65, 4096, 0, 1024]
+    pattern = make_pattern("qslide", 64, 16, 8, hq, hkv)
+    run_paged_decode(device, torch.bfloat16, hq, hkv, 128, 16, lengths, pattern, gen, scale=1 / 128)
+
+
+@pytest.mark.parametrize("kv_block_size", (16, 128))
+def test_paged_decode_long_context(device, kv_block_size, gen):
+    """Phi-3-small (32 q / 8 kv heads, D = 128) at 32k, 16k and block-boundary lengths; cache blocks
+    smaller and larger than the sparse block."""
+    if device == "cpu":
+        pytest.skip("GPU-scale case; the CPU path is covered by the smaller ones")
+    pattern = SparsePattern.phi3_small(num_heads=32)
+    run_paged_decode(device, torch.bfloat16, 32, 8, 128, kv_block_size, [32768, 16384, 16385, 8191, 1],
+                     pattern, gen, scale=1 / 128)
+
+
 def test_paged_decode_all_padding(device, gen):
     """A batch of padding rows only (seq_len 0 everywhere): out all zeros, lse all -inf."""
     dtype = torch.float16 if device != "cpu" else torch.float32

@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -193,8 +194,24 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
   run_prefill(params, q, block_tables.size(1) * key_cache.size(2));
 }
 
-// Decode runs the prefill kernel with one query per sequence (a correct first CUDA path; the
-// dedicated split-KV decode kernel replaces it).
+// How many CTAs share one sequence's key blocks. Host-known integers only (batch size, kv heads,
+// the block table's capacity), never device data, so the choice is fixed for a captured CUDA graph.
+// Enough (sequence, kv head) units to fill the GPU's CTA slots need no split; otherwise split until
+// the slots are full, keeping each split at least 4 slices per warp so the ring is worth filling.
+int choose_decode_splits(int64_t units, int64_t head_size, int64_t max_seq_len) {
+  if (const char* forced = std::getenv("BSA_DECODE_SPLITS")) {  // tests and benchmarks
+    const int n = std::atoi(forced);
+    if (n >= 1) return n;
+  }
+  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t ctas_per_sm = head_size <= 128 ? 2 : 1;  // shared memory: ~100 KB per CTA, ~200 KB at 256
+  const int64_t slots = num_sms * ctas_per_sm;
+  if (units * 5 >= slots * 4) return 1;
+  const int64_t max_slices = (max_seq_len + kDecodeSliceTokens - 1) / kDecodeSliceTokens;
+  const int64_t by_work = std::max<int64_t>(1, max_slices / (4 * kDecodeWarpsPerCta));
+  return static_cast<int>(std::min<int64_t>({(slots + units - 1) / units, by_work, kMaxDecodeSplits}));
+}
+
 void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
                        const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                        double scale, int64_t sparse_block_size, int64_t local_blocks, int64_t vert_stride,
@@ -205,18 +222,50 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
                                              sparse_block_size, local_blocks, vert_stride, head_sliding_step,
                                              slide_by_kv_head, head_offset, layout_crow, layout_col, lse);
   check_cuda_dtype(q_in);
+  BSA_CHECK(sparse_block_size % kDecodeSliceTokens == 0, "on CUDA, sparse_block_size must be a multiple of ",
+            kDecodeSliceTokens, ", got ", sparse_block_size);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in);
   set_layout(args.pattern, layout_crow, layout_col, args.shape.num_q_heads);
   if (value_checks_enabled()) check_paged_values_on_host(block_tables, seq_lens, key_cache, nullptr);
-  // Padding rows (seq_len 0) get no work item: their answer is zeros and lse -inf.
-  out.zero_();
-  if (lse) lse->fill_(-std::numeric_limits<float>::infinity());
-  const at::Tensor cu_seqlens_q = at::arange(args.shape.num_seqs + 1, seq_lens.options());
-  PrefillParams params = query_params(out, q, args, scale, lse);
-  params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
-  set_paged_source(params, key_cache, value_cache, block_tables, seq_lens);
-  run_prefill(params, q, block_tables.size(1) * key_cache.size(2));
+  if (args.shape.num_seqs == 0) return;
+
+  DecodeParams params{};
+  params.q = q.data_ptr();
+  params.out = out.data_ptr();
+  params.lse = lse ? lse->data_ptr<float>() : nullptr;
+  params.q_row_stride = q.stride(0);
+  params.q_head_stride = q.stride(1);
+  params.out_row_stride = out.stride(0);
+  params.out_head_stride = out.stride(1);
+  PrefillParams paged{};  // only its key/value source is used
+  set_paged_source(paged, key_cache, value_cache, block_tables, seq_lens);
+  params.kv = paged.kv;
+  params.num_seqs = static_cast<int>(args.shape.num_seqs);
+  params.num_q_heads = static_cast<int>(args.shape.num_q_heads);
+  params.num_kv_heads = static_cast<int>(args.shape.num_kv_heads);
+  params.head_size = static_cast<int>(args.shape.head_size);
+  params.head_chunks = static_cast<int>((args.pattern.q_heads_per_kv + kDecodeHeadsPerCta - 1) / kDecodeHeadsPerCta);
+  params.scale_log2 = static_cast<float>(scale * M_LOG2E);
+  params.pattern = args.pattern;
+  params.num_splits = choose_decode_splits(int64_t{params.num_seqs} * params.num_kv_heads * params.head_chunks,
+                                           params.head_size, block_tables.size(1) * key_cache.size(2));
+  // Split partials come from the caching allocator: no device sync, and stable inside a CUDA graph's
+  // private pool, so capture and replay work; no split, no workspace.
+  at::Tensor partial_out, partial_lse;
+  if (params.num_splits > 1) {
+    partial_out = at::empty({args.shape.num_seqs, args.shape.num_q_heads, params.num_splits, args.shape.head_size},
+                            q.options().dtype(at::kFloat));
+    partial_lse = at::empty({args.shape.num_seqs, args.shape.num_q_heads, params.num_splits},
+                            q.options().dtype(at::kFloat));
+    params.partial_out = partial_out.data_ptr<float>();
+    params.partial_lse = partial_lse.data_ptr<float>();
+  }
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  dispatch_element_and_head_dim(q.scalar_type(), params.head_size, [&](auto element, auto pad) {
+    launch_decode_sm80<decltype(element), decltype(pad)::value>(params, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace

@@ -52,6 +52,32 @@ struct PrefillParams {
   const int32_t* num_tiles;   // [1]
 };
 
+// Query heads of one kv group computed together by a decode CTA: the rows of one m16n8k16 tile.
+constexpr int kDecodeHeadsPerCta = 16;
+constexpr int kDecodeSliceTokens = 16;  // keys per warp step (the k extent of one P.V mma)
+constexpr int kDecodeWarpsPerCta = 4;
+constexpr int kMaxDecodeSplits = 64;
+
+struct DecodeParams {
+  const void* q;  // [S, Hq, D], element strides below
+  void* out;      // [S, Hq, D]
+  float* lse;     // [Hq, S] or null
+  int64_t q_row_stride, q_head_stride;
+  int64_t out_row_stride, out_head_stride;
+  KeyValueSource kv;  // paged
+  int num_seqs;
+  int num_q_heads;
+  int num_kv_heads;
+  int head_size;
+  int head_chunks;  // ceil(heads per kv group / kDecodeHeadsPerCta): CTAs per (sequence, kv head, split)
+  int num_splits;   // CTAs sharing one sequence's key blocks (flash-decoding)
+  float scale_log2;
+  SparsePattern pattern;
+  // num_splits > 1: each split writes its normalised output and lse here; a merge kernel combines them.
+  float* partial_out;  // [S, Hq, num_splits, head_size]
+  float* partial_lse;  // [S, Hq, num_splits]
+};
+
 // The plan kernel's inputs and outputs (cuda/kernels/plan.cuh).
 struct PlanParams {
   const int32_t* cu_seqlens_q;  // [S + 1]
