@@ -123,7 +123,8 @@ def main():
     ap.add_argument("--contexts", default=None, help="default: 2048,8192,32768 (CUDA), 2048,8192 (CPU)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention baseline")
+    ap.add_argument("--flex-at", default="64x16384,16x8192,1x32768",
+                    help="BATCHxCONTEXT pairs that also time FlexAttention (each compiles: seconds); '' for none")
     args = ap.parse_args()
     on_cuda = args.device == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda else "float32"))
@@ -159,7 +160,7 @@ def main():
                 sdpa = lambda: F.scaled_dot_product_attention(x["q4"], x["k4"], x["v4"], scale=scale,  # noqa: E731
                                                               enable_gqa=True)
                 dense_ms = timed_ms(sdpa, args.device, warmup, repeats)
-                if on_cuda and not args.no_flex:
+                if on_cuda and f"{batch}x{context}" in args.flex_at.split(","):
                     try:
                         flex = flex_decode(pattern, batch, context, args.device, scale)
                         if flex is not None:
