@@ -7,10 +7,14 @@
 (2) Tensor parallelism: two gloo ranks (spawned processes, 127.0.0.1 only) give the tp_size = 1
     logits and tokens; the same ranks with rank 1's pattern offset wrong (tp_rank 0 in its
     BlocksparseParams, i.e. global heads 0..3 instead of 4..7) do not.
+(3) serve.py's command line as scripts/device_serve.sh uses it (small sizes): --compare-eager over the
+    padded decode path, the warm-up, --num-layers, --dense-all, --init-on-device, and the RESULT line's
+    timing split; a forced token stream reproduces the served logits.
 CPU, float32.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
@@ -25,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from blocksparse_attn import BlocksparseFlashAttentionImpl  # noqa: E402
 from examples.phi3_small_tiny.engine import Engine, Request  # noqa: E402
 from examples.phi3_small_tiny.model import Config, Phi3SmallTiny, init_weights  # noqa: E402
+from examples.phi3_small_tiny import serve as serve_cli  # noqa: E402
 from examples.phi3_small_tiny.serve import LOGIT_TOL, check_against_reference  # noqa: E402
 
 SEED = 0
@@ -75,9 +80,9 @@ def test_chunked_serving_matches_reference(setup):
     cfg, weights, requests, history = setup
     assert min(PROMPTS) > CHUNK and not cfg.is_dense(0) and cfg.is_dense(1)
     # the schedule covered: prefill chunks with context, prefill and decode in one batch, batched decode
-    assert any(with_ctx for _, with_ctx, _ in history), history
-    assert any(pre and dec for pre, _, dec in history), history
-    assert any(not pre and dec >= 2 for pre, _, dec in history), history
+    assert any(r.prefills_with_context for r in history), history
+    assert any(r.prefills and r.decodes for r in history), history
+    assert any(not r.prefills and r.decodes >= 2 for r in history), history
     for req in requests:
         assert len(req.output) == NEW_TOKENS and len(req.logits) == NEW_TOKENS, f"request {req.rid} incomplete"
     worst = check_against_reference(cfg, weights, requests, torch.float32, per_step=True)
@@ -135,10 +140,51 @@ def test_engine_variants_match(setup, mode):
     options = dict(pad_decode=True) if mode == "padded" else dict(preempt_every=3)
     other = serve(cfg, weights, history=history, swaps=swaps, **options)
     if mode == "padded":
-        assert any(not pre and dec == 3 for pre, _, dec in history), history  # a padded batch was decoded
+        assert any(not r.prefills and r.decodes == 3 for r in history), history  # a padded batch was decoded
     else:
         assert swaps[0] >= 3, f"only {swaps[0]} swaps"
     for a, b in zip(single, other):
         assert a.output == b.output, f"[{mode}] request {a.rid}: tokens {b.output}, plain engine {a.output}"
         err = (torch.stack(a.logits) - torch.stack(b.logits)).abs().max() / torch.stack(a.logits).abs().max()
         assert err <= TOL, f"[{mode}] request {a.rid}: logits differ from the plain engine's by {err:.2e}"
+
+
+def _result(capsys, argv: list[str]) -> dict:
+    assert serve_cli.main(argv + ["--device", "cpu", "--no-progress"]) == 0, capsys.readouterr().err
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT json "), last
+    return json.loads(last[len("RESULT json "):])
+
+
+@pytest.mark.parametrize("variant", ["alternating", "dense_all"])
+def test_serve_cli_result_line(capsys, variant):
+    """The flags the GPU throughput and check runs use, at CPU size: 3 requests arriving together, a
+    warm-up, compare-eager over the padded decode path; --dense-all makes every layer dense."""
+    argv = ["--num-layers", "2", "--num-requests", "3", "--min-prompt", "70", "--max-prompt", "70",
+            "--max-new-tokens", "5", "--arrival-every", "0", "--chunk-size", "160", "--warmup-requests", "1",
+            "--init-on-device", "--pad-decode", "--compare-eager"]
+    res = _result(capsys, argv + (["--dense-all"] if variant == "dense_all" else []))
+    want_layers = "dense/dense" if variant == "dense_all" else "sparse/dense"
+    assert (res["num_layers"], res["layers"], res["compare_eager"]) == (2, want_layers, "ok"), res
+    assert res["prompt_tokens"] == 210 and res["generated_tokens"] == 15 and res["warmup_requests"] == 1, res
+    # every generated token is a decode-only step's, a decode batched into a prefill step, or the first
+    # token of a prompt (sampled by the step that finishes it)
+    assert res["generated_tokens"] == res["decode_tokens"] + res["decodes_in_prefill_steps"] + 3, res
+    assert res["prefill_steps"] + res["decode_steps"] == res["steps"], res
+    assert res["decode_steps"] >= 3 and res["wall_s"] >= res["prefill_s"] + res["decode_s"] > 0, res
+
+
+def test_forced_tokens_reproduce_logits(setup):
+    """Request.forced_output (what --compare-eager feeds the second run): an engine emitting the first
+    run's tokens computes the first run's logits, here on a different schedule (all requests at once)."""
+    cfg, weights, single, _ = setup
+    model = Phi3SmallTiny(cfg, weights)
+    again = [Request(rid=r.rid, prompt=r.prompt, max_new_tokens=NEW_TOKENS, forced_output=list(reversed(r.output)))
+             for r in single]
+    num_blocks = sum(-(-(n + NEW_TOKENS) // KV_BLOCK) for n in PROMPTS)
+    Engine(model, num_blocks, KV_BLOCK, CHUNK, keep_logits=True, seed=SEED).run(again, progress=False)
+    for a, b in zip(single, again):
+        assert b.output == list(reversed(a.output)), f"request {a.rid}: forced tokens not emitted"
+        # the first token's logits depend only on the prompt; later ones on the (reversed) forced tokens
+        err = (a.logits[0] - b.logits[0]).abs().max() / a.logits[0].abs().max()
+        assert err <= TOL, f"request {a.rid}: first-token logits differ by {err:.2e}"

@@ -39,7 +39,7 @@ class Config:
     sparse_block_size: int
     local_blocks: int
     vert_stride: int
-    dense_every: int = 2    # layer l is dense iff (l + 1) % dense_every == 0, as Phi-3-small
+    dense_every: int = 2    # layer l is dense iff (l + 1) % dense_every == 0, as Phi-3-small; 1: all dense
     rope_base: float = 10000.0
     embedding_multiplier: float = 10.0  # muP: embeddings scaled up, logits scaled down
     width_multiplier: float = 8.0
@@ -78,14 +78,18 @@ class Config:
                     homo_head=False, tp_size=tp_size, tp_rank=tp_rank)
 
 
-def init_weights(cfg: Config, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random float32 weights in the checkpoint layout. qkv is [Hkv * (q_per_kv + 2) * D, hidden],
-    head-major: rows of kv head g are its q_per_kv query heads, then its key head, then its value head."""
-    g = torch.Generator().manual_seed(seed)
+def init_weights(cfg: Config, seed: int = 0, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Random weights in the checkpoint layout. qkv is [Hkv * (q_per_kv + 2) * D, hidden], head-major:
+    rows of kv head g are its q_per_kv query heads, then its key head, then its value head.
+    Drawn by `device`'s generator (the values depend on the device; the CPU's are the reproducible
+    default) in float32, stored as `dtype`: Phi-3-small's 7B weights are drawn on a GPU in well under a
+    second, on the CPU in minutes, and in bfloat16 need no second copy when the model loads them."""
+    g = torch.Generator(device=device).manual_seed(seed)
     h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_size
 
     def normal(*shape, std):
-        return torch.randn(*shape, generator=g) * std
+        return (torch.randn(*shape, generator=g, device=device) * std).to(dtype)
 
     def norm_pair(prefix):
         return {f"{prefix}.weight": 1 + normal(h, std=0.1), f"{prefix}.bias": normal(h, std=0.1)}

@@ -2,18 +2,33 @@
 
     python -m examples.phi3_small_tiny.serve --chunk-size 48 --check           # one process, CPU or GPU
     torchrun --nproc-per-node 2 -m examples.phi3_small_tiny.serve --check      # tensor parallel, 2 ranks
+    python -m examples.phi3_small_tiny.serve --model phi3-small --num-layers 4 --num-requests 32 \
+        --min-prompt 2048 --max-prompt 2048 --max-new-tokens 256 --arrival-every 0 --max-batch 32 \
+        --chunk-size 8192 --warmup-requests 4 --init-on-device [--dense-all]       # throughput, one GPU
 
 (run from the repository root). Requests get random prompts of different lengths and arrive a few
 engine steps apart; prompts are prefilled in chunks of --chunk-size tokens, then decoded in batches,
-greedily. A progress bar goes to stderr, a tokens/s line to stdout. --check recomputes every request
+greedily. A progress bar goes to stderr, a tokens/s line to stdout, and last a line
+`RESULT json {...}` with the configuration and the timings. --check recomputes every request
 with the dense-mask float32 reference model (no cache, full recompute per generated token, the
 served tokens fed back) and fails unless each logit vector and each greedy token agrees.
+--compare-eager serves the same requests again in one process, one rank, no CUDA graphs, fed the
+served tokens, and fails unless the logits and tokens agree (checks CUDA-graph decode against eager
+decode, and tensor parallelism against one rank).
+
+Timing: the timed run excludes drawing the weights and loading the model (setup_s), allocating the
+cache and capturing the CUDA graphs (capture_s) and the --warmup-requests (warmup_s); they are
+reported apart. prefill = the steps that carry prompt tokens (with the decodes batched into them),
+decode = the decode-only steps.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -65,14 +80,37 @@ def _check(ref: ReferencePhi3Small, requests: list[Request], tol: float, per_ste
             every = ref.forward(torch.tensor(req.tokens[:-1]))[len(req.prompt) - 1:]
         for t, (tok, got) in enumerate(zip(req.output, req.logits)):
             want = ref.forward(torch.tensor(req.tokens[: len(req.prompt) + t]))[-1] if per_step else every[t]
-            scale = want.abs().max().item()
-            err = (got.float() - want).abs().max().item() / scale
-            worst = max(worst, err)
-            assert err <= tol, (f"request {req.rid} (prompt {len(req.prompt)}) token {t}: logits differ from the "
-                                f"reference by {err:.2e} of max |logit| (tolerance {tol:.0e})")
-            top2 = want.topk(2).values
-            assert tok == int(want.argmax()) or (top2[0] - top2[1]).item() <= tol * scale, (
-                f"request {req.rid} token {t}: served {tok}, reference argmax {int(want.argmax())}")
+            worst = max(worst, _agree(req, t, tok, got, want, tol, "the reference"))
+    return worst
+
+
+def _agree(req: Request, t: int, tok: int, got: torch.Tensor, want: torch.Tensor, tol: float, other: str) -> float:
+    """Asserts that token t's logits `got` are within tol of `want` (relative to want's largest |logit|) and
+    that the served token is want's argmax or a near-tie; returns the relative error."""
+    scale = want.abs().max().item()
+    err = (got.float() - want.float()).abs().max().item() / scale
+    assert err <= tol, (f"request {req.rid} (prompt {len(req.prompt)}) token {t}: logits differ from {other} "
+                        f"by {err:.2e} of max |logit| (tolerance {tol:.0e})")
+    top2 = want.float().topk(2).values
+    assert tok == int(want.argmax()) or (top2[0] - top2[1]).item() <= tol * scale, (
+        f"request {req.rid} token {t}: served {tok}, {other}'s argmax {int(want.argmax())}")
+    return err
+
+
+def compare_with_eager(model: Phi3SmallTiny, requests: list[Request], args: argparse.Namespace,
+                       num_blocks: int) -> float:
+    """Serves `requests` again on `model` (one rank) with eager decode, each fed its served tokens, and
+    asserts every logit vector and token agrees within LOGIT_TOL; returns the largest relative error."""
+    again = [Request(rid=r.rid, prompt=r.prompt, max_new_tokens=r.max_new_tokens,
+                     arrival_step=i * args.arrival_every, forced_output=r.output) for i, r in enumerate(requests)]
+    engine = Engine(model, num_blocks, args.kv_block_size, args.chunk_size, args.max_batch, use_cuda_graph=False,
+                    keep_logits=True, seed=args.seed)
+    engine.run(again, progress=False)
+    worst, tol = 0.0, LOGIT_TOL[model.dtype]
+    for a, b in zip(requests, again):
+        assert len(a.logits) == len(b.logits) == a.max_new_tokens, f"request {a.rid} incomplete"
+        for t, (tok, got, want) in enumerate(zip(a.output, a.logits, b.logits)):
+            worst = max(worst, _agree(a, t, tok, got, want, tol, "the eager one-rank run"))
     return worst
 
 
@@ -80,7 +118,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m examples.phi3_small_tiny.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("tiny", "phi3-small"), default="tiny",
-                   help="tiny: 8 q / 2 kv heads, D=64, 4 layers (CPU-sized); phi3-small: the real shape (GPU)")
+                   help="tiny: 8 q / 2 kv heads, D=64, 4 layers (CPU-sized); phi3-small: the real shape, 32 "
+                        "layers (GPU)")
+    p.add_argument("--num-layers", type=int, default=None, help="override the model's number of layers")
+    p.add_argument("--dense-all", action="store_true",
+                   help="every layer dense (the same backend with vert_stride 1), instead of alternating "
+                        "block-sparse and dense layers as Phi-3-small")
     p.add_argument("--num-requests", type=int, default=6)
     p.add_argument("--min-prompt", type=int, default=40)
     p.add_argument("--max-prompt", type=int, default=300)
@@ -98,12 +141,40 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="every N steps swap a decoding sequence out to a CPU cache and back (swap_blocks)")
     p.add_argument("--pad-decode", action="store_true",
                    help="decode-only steps through the CUDA-graph path's padded buffers, without capture")
+    p.add_argument("--warmup-requests", type=int, default=0, metavar="N",
+                   help="serve N untimed requests (--max-prompt tokens, up to 4 new tokens) before the timed run")
+    p.add_argument("--init-on-device", action="store_true",
+                   help="draw the random weights on --device in --dtype (fast for phi3-small; other values than "
+                        "the CPU's draw; with torchrun, rank 0's are broadcast)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--check", action="store_true", help="compare with the dense-mask float32 reference")
+    p.add_argument("--compare-eager", action="store_true",
+                   help="serve the requests again on one rank with eager decode (no CUDA graphs, no padding), fed "
+                        "the served tokens, and compare logits and tokens")
     args = p.parse_args(argv)
     if args.chunk_size < 1 or args.num_requests < 1 or not 1 <= args.min_prompt <= args.max_prompt:
         p.error("need --chunk-size >= 1, --num-requests >= 1 and 1 <= --min-prompt <= --max-prompt")
+    if (args.num_layers is not None and args.num_layers < 1) or args.warmup_requests < 0:
+        p.error("need --num-layers >= 1 and --warmup-requests >= 0")
     return args
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    cfg = Config.tiny() if args.model == "tiny" else Config.phi3_small()
+    if args.num_layers is not None:
+        cfg = dataclasses.replace(cfg, num_layers=args.num_layers)
+    if args.dense_all:
+        cfg = dataclasses.replace(cfg, dense_every=1)
+    return cfg
+
+
+def blocks_for(requests: list[Request], kv_block_size: int) -> int:
+    return sum(-(-(len(r.prompt) + r.max_new_tokens) // kv_block_size) for r in requests)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> int:
@@ -116,46 +187,127 @@ def main(argv=None) -> int:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = dist.get_backend() if world > 1 else None
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    cfg = Config.tiny() if args.model == "tiny" else Config.phi3_small()
-    weights = init_weights(cfg, args.seed)
+    cfg = make_config(args)
+    lead = rank == 0
+
+    start = time.perf_counter()
+    if args.init_on_device:
+        weights = init_weights(cfg, args.seed, device, dtype)
+        if world > 1:  # one draw for all ranks, whatever their generators do
+            for t in weights.values():
+                dist.broadcast(t, src=0)
+    else:
+        weights = init_weights(cfg, args.seed)
     model = Phi3SmallTiny(cfg, weights, tp_size=world, tp_rank=rank, device=device, dtype=dtype)
+    if not (args.check or args.compare_eager):
+        del weights  # the model holds what it needs (views of these where no copy was made)
+    _sync(device)
+    setup_s = time.perf_counter() - start
+
     requests = make_requests(cfg, args.num_requests, args.min_prompt, args.max_prompt, args.max_new_tokens,
                              args.arrival_every, args.seed)
-    need = sum(-(-(len(r.prompt) + r.max_new_tokens) // args.kv_block_size) for r in requests)
-    engine = Engine(model, args.num_blocks or need, args.kv_block_size, args.chunk_size, args.max_batch,
+    warmup = make_requests(cfg, args.warmup_requests, args.max_prompt, args.max_prompt,
+                           min(args.max_new_tokens, 4), 0, args.seed + 1000) if args.warmup_requests else []
+    num_blocks = args.num_blocks or max(blocks_for(requests, args.kv_block_size),
+                                        blocks_for(warmup, args.kv_block_size))
+    start = time.perf_counter()
+    engine = Engine(model, num_blocks, args.kv_block_size, args.chunk_size, args.max_batch,
                     use_cuda_graph=device.type == "cuda" and not args.no_cuda_graph, pad_decode=args.pad_decode,
-                    preempt_every=args.preempt_every,
-                    keep_logits=args.check,
-                    seed=args.seed)
-    lead = rank == 0
+                    preempt_every=args.preempt_every, keep_logits=args.check or args.compare_eager, seed=args.seed)
+    _sync(device)
+    capture_s = time.perf_counter() - start
+    cuda_graphs = bool(engine.graphs and engine.graphs.graphs)
+    layers = "/".join("dense" if cfg.is_dense(i) else "sparse" for i in range(cfg.num_layers))
     if lead:
-        print(f"model: {args.model}, {cfg.num_layers} layers ({'/'.join('dense' if cfg.is_dense(i) else 'sparse' for i in range(cfg.num_layers))}), "
+        lens = [len(r.prompt) for r in requests]
+        print(f"model: {args.model}, {cfg.num_layers} layers ({_short(layers)}), "
               f"q heads {cfg.num_heads}, kv heads {cfg.num_kv_heads}, head dim {cfg.head_dim}; "
-              f"tp {world}, device {device} (torch threads per rank: {torch.get_num_threads()}), "
-              f"{str(dtype).removeprefix('torch.')}, CUDA graphs "
-              f"{'on' if engine.graphs else 'off'}")
-        print(f"requests: {len(requests)}, prompt lengths {[len(r.prompt) for r in requests]}, "
-              f"{args.max_new_tokens} new tokens each, chunk {args.chunk_size}")
+              f"tp {world}{f' ({backend})' if backend else ''}, device {device} (torch threads per rank: "
+              f"{torch.get_num_threads()}), {str(dtype).removeprefix('torch.')}, CUDA graphs "
+              f"{'on' if cuda_graphs else 'off'}")
+        print(f"requests: {len(requests)}, prompt lengths {lens if len(lens) <= 8 else f'{min(lens)}..{max(lens)}'}, "
+              f"{args.max_new_tokens} new tokens each, chunk {args.chunk_size}, max batch {args.max_batch}")
+
+    start = time.perf_counter()
+    if warmup:
+        engine.run(warmup, progress=False)
+    warmup_s = time.perf_counter() - start
+    for req in requests:  # arrival steps count from the start of the timed run
+        req.arrival_step += engine.steps
     stats = engine.run(requests, progress=lead and not args.no_progress)
+
     status = 0
     if lead:
-        print(f"{stats['generated_tokens']} tokens generated ({stats['prompt_tokens']} prompt tokens) in "
-              f"{stats['steps']} steps ({stats['swaps']} swaps), {stats['seconds']:.2f} s: "
-              f"{stats['generated_tokens'] / stats['seconds']:.1f} generated tokens/s, "
-              f"{(stats['generated_tokens'] + stats['prompt_tokens']) / stats['seconds']:.1f} tokens/s in all")
+        generated, prompt, seconds = stats["generated_tokens"], stats["prompt_tokens"], stats["seconds"]
+        print(f"{generated} tokens generated ({prompt} prompt tokens) in "
+              f"{stats['steps']} steps ({stats['swaps']} swaps), {seconds:.2f} s: "
+              f"{generated / seconds:.1f} generated tokens/s, {(generated + prompt) / seconds:.1f} tokens/s in all")
+        print(f"prefill: {stats['prefill_steps']} steps, {stats['prefill_seconds']:.3f} s, "
+              f"{_rate(prompt, stats['prefill_seconds']):.1f} prompt tokens/s; decode: {stats['decode_steps']} "
+              f"decode-only steps, {stats['decode_seconds']:.3f} s, "
+              f"{_rate(stats['decode_tokens'], stats['decode_seconds']):.1f} tokens/s; "
+              f"untimed: setup {setup_s:.2f} s, cache + graph capture {capture_s:.2f} s, warm-up {warmup_s:.2f} s")
+        result = dict(
+            model=args.model, num_layers=cfg.num_layers, layers=layers, dense_all=args.dense_all,
+            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+            hidden_size=cfg.hidden_size, sparse_block_size=cfg.sparse_block_size, local_blocks=cfg.local_blocks,
+            vert_stride=cfg.vert_stride, dtype=str(dtype).removeprefix("torch."), device=str(device),
+            gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None, tp=world,
+            dist_backend=backend, cuda_graphs=cuda_graphs, num_requests=len(requests),
+            min_prompt=args.min_prompt, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens,
+            arrival_every=args.arrival_every, chunk_size=args.chunk_size, kv_block_size=args.kv_block_size,
+            max_batch=args.max_batch, num_blocks=num_blocks, warmup_requests=len(warmup),
+            prompt_tokens=prompt, generated_tokens=generated, steps=stats["steps"], wall_s=seconds,
+            prefill_steps=stats["prefill_steps"], prefill_s=stats["prefill_seconds"],
+            decodes_in_prefill_steps=stats["decodes_in_prefill_steps"],
+            prefill_tokens_per_s=_rate(prompt, stats["prefill_seconds"]),
+            decode_steps=stats["decode_steps"], decode_s=stats["decode_seconds"],
+            decode_tokens=stats["decode_tokens"], decode_tokens_per_s=_rate(stats["decode_tokens"],
+                                                                             stats["decode_seconds"]),
+            generated_tokens_per_s=_rate(generated, seconds), total_tokens_per_s=_rate(generated + prompt, seconds),
+            setup_s=setup_s, capture_s=capture_s, warmup_s=warmup_s,
+            max_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+            timed="wall_s excludes setup_s (weights, model load), capture_s (KV cache, CUDA graph capture) and "
+                  "warmup_s; prefill = steps carrying prompt tokens, decode = decode-only steps")
         if args.check:
             try:
                 worst = check_against_reference(cfg, weights, requests, dtype)
                 print(f"check: every token and logit matches the dense-mask reference "
                       f"(max rel err {worst:.1e}, tol {LOGIT_TOL[dtype]:.0e}) OK")
+                result.update(check="ok", check_max_rel_err=worst)
             except AssertionError as e:
                 print(f"check FAILED: {e}", file=sys.stderr)
+                result.update(check="FAILED")
                 status = 1
+        if args.compare_eager:
+            single = model if world == 1 else Phi3SmallTiny(cfg, weights, device=device, dtype=dtype)
+            what = f"tp {world}, CUDA graphs {'on' if cuda_graphs else 'off'}"
+            try:
+                worst = compare_with_eager(single, requests, args, num_blocks)
+                print(f"compare-eager: {what} matches one rank with eager decode "
+                      f"(max rel err {worst:.1e}, tol {LOGIT_TOL[dtype]:.0e}) OK")
+                result.update(compare_eager="ok", compare_eager_max_rel_err=worst)
+            except AssertionError as e:
+                print(f"compare-eager FAILED ({what}): {e}", file=sys.stderr)
+                result.update(compare_eager="FAILED")
+                status = 1
+        print("RESULT json " + json.dumps(result), flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return status
+
+
+def _rate(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def _short(layers: str) -> str:
+    """'sparse/dense/sparse/dense/...' for many layers."""
+    parts = layers.split("/")
+    return layers if len(parts) <= 4 else "/".join(parts[:4]) + f"/... ({parts.count('sparse')} sparse)"
 
 
 if __name__ == "__main__":
