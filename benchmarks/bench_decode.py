@@ -44,14 +44,15 @@ def must_read_bytes(pattern: SparsePattern, batch: int, context: int, elem: int)
     return batch * (2 * tokens * HEAD_DIM + 2 * NUM_HEADS * HEAD_DIM) * elem
 
 
-def make_inputs(batch: int, context: int, dtype, device, gen, dense: bool):
+def make_inputs(batch: int, context: int, dtype, device, gen, dense: bool, shuffled: bool = True):
     """Inputs drawn on the device (a 256 x 32k cache is 34 GB: the CPU cannot fill it in time)."""
     blocks_per_seq = -(-context // KV_BLOCK)
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks, NUM_KV_HEADS, KV_BLOCK, HEAD_DIM)
     key_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
     value_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-    block_tables = torch.randperm(num_blocks, generator=gen, device=device).view(batch, blocks_per_seq).to(torch.int32)
+    order = torch.randperm(num_blocks, generator=gen, device=device) if shuffled else torch.arange(num_blocks, device=device)
+    block_tables = order.view(batch, blocks_per_seq).to(torch.int32)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=dtype)
     x = dict(q=q, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables, seq_lens=seq_lens,
@@ -123,6 +124,8 @@ def main():
     ap.add_argument("--contexts", default=None, help="default: 2048,8192,32768 (CUDA), 2048,8192 (CPU)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--sequential-blocks", action="store_true",
+                    help="each sequence's cache blocks in order (default: shuffled, as after allocator churn)")
     ap.add_argument("--flex-at", default="64x16384,16x8192,1x32768",
                     help="BATCHxCONTEXT pairs that also time FlexAttention (each compiles: seconds); '' for none")
     args = ap.parse_args()
@@ -150,7 +153,7 @@ def main():
             if 1.1 * cache_bytes > free:
                 print(f"skip batch {batch} x {context}: the cache does not fit")
                 continue
-            x = make_inputs(batch, context, dtype, args.device, gen, dense)
+            x = make_inputs(batch, context, dtype, args.device, gen, dense, not args.sequential_blocks)
             out = torch.empty_like(x["q"])
             ours = lambda: ops.paged_decode(x["q"], x["key_cache"], x["value_cache"], x["block_tables"],  # noqa: E731
                                             x["seq_lens"], scale, pattern, out=out)

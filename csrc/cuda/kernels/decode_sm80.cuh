@@ -265,8 +265,10 @@ decode_sm80_kernel(const DecodeParams params) {
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.f, 0.f};
 
-  // Slices of this warp: slice_begin + warp + kDecodeWarps * m. Every iteration commits one group
-  // (possibly empty), so wait_group<kDecodeStages - 2> always means "slice m has landed".
+  // Slices of this warp: slice_begin + warp + kDecodeWarps * m. Iteration m first refills the stage
+  // that slice m - 1 used with slice m + kDecodeStages - 1, then waits for slice m: kDecodeStages - 1
+  // slices stay in flight while one computes (waiting first would leave one fewer). Every iteration
+  // commits one group, possibly empty, so wait_group<kDecodeStages - 1> always means "slice m landed".
 #pragma unroll
   for (int m = 0; m < kDecodeStages - 1; ++m) {
     if (slice_begin + warp + kDecodeWarps * m < slice_end) load_slice(m, m);
@@ -276,11 +278,12 @@ decode_sm80_kernel(const DecodeParams params) {
     const int slice = slice_begin + warp + kDecodeWarps * m;
     if (slice >= slice_end) break;
     const int stage = m % kDecodeStages;
-    ptx::cp_async_wait<kDecodeStages - 2>();
-    __syncwarp();  // every lane's copies of slice m are visible; every lane is done with slice m - 1
+    __syncwarp();  // every lane is done reading slice m - 1's stage
     const int ahead = m + kDecodeStages - 1;
     if (slice_begin + warp + kDecodeWarps * ahead < slice_end) load_slice(ahead, ahead % kDecodeStages);
     ptx::cp_async_commit();
+    ptx::cp_async_wait<kDecodeStages - 1>();
+    __syncwarp();  // every lane's copies of slice m are visible
 
     const Element* k_slice = warp_ring + stage * 2 * Smem::kSliceElems;
     const Element* v_slice = k_slice + Smem::kSliceElems;
