@@ -39,9 +39,11 @@ struct DecodeSmem {
 };
 
 // The union of the key blocks that the CTA's q heads see from query block i, as a list indexed
-// k = 0 .. total-1 in ascending block order.
+// k = 0 .. total-1 in ascending block order; seek(k, rows) returns block k and sets bit r of rows
+// when head row r sees it.
 //  - parametric pattern: the far vertical blocks j < band_start whose residue j % V belongs to some
-//    head (closed form, O(1) per index, so a split starts anywhere), then the band [band_start, i];
+//    head (closed form, O(1) per index, so a split starts anywhere and lanes may seek independently),
+//    then the band [band_start, i], seen by every head;
 //  - explicit layout: a warp-wide merge of the heads' sorted CSR rows (lane r holds head r's cursor),
 //    walked forwards; seek() must be called by all lanes of a warp with non-decreasing k.
 struct GroupKeyBlocks {
@@ -49,9 +51,13 @@ struct GroupKeyBlocks {
   int total;
   // parametric
   int vert_stride, band_start, num_far, num_residues;
-  const int* residues;  // sorted, distinct (shared memory)
+  const int* residues;               // sorted, distinct (shared memory)
+  const unsigned* residue_rows;      // rows whose heads have residues[e] (shared memory)
   // layout
+  const SparsePattern* pattern;
   const int32_t* col;
+  int query_block, lane_head;
+  bool lane_has_head;
   int entry, entry_end, head_block;  // this lane's head: next entry and its block (INT_MAX when done)
   int seek_index, seek_block;
 
@@ -61,21 +67,34 @@ struct GroupKeyBlocks {
     return j;
   }
 
-  __device__ int seek(int k) {
-    if (!layout) return k < num_far ? (k / num_residues) * vert_stride + residues[k % num_residues] : band_start + (k - num_far);
+  __device__ int seek(int k, unsigned& rows) {
+    if (!layout) {
+      if (k >= num_far) {
+        rows = 0xffffu;
+        return band_start + (k - num_far);
+      }
+      const int e = k % num_residues;
+      rows = residue_rows[e];
+      return (k / num_residues) * vert_stride + residues[e];
+    }
     while (seek_index < k) {
       seek_block = step();
       ++seek_index;
     }
+    rows = __ballot_sync(0xffffffffu, lane_has_head && layout_block_visible(*pattern, lane_head, query_block, seek_block));
     return seek_block;
   }
 
-  __device__ void init_layout(const SparsePattern& p, int lane_head, bool lane_has_head, int i) {
+  __device__ void init_layout(const SparsePattern& p, int head, bool has_head, int i) {
     layout = true;
+    pattern = &p;
+    query_block = i;
+    lane_head = head;
+    lane_has_head = has_head;
     entry = entry_end = 0;
-    if (lane_has_head && i < p.layout_rows) {
-      const int32_t* crow = p.layout_crow + static_cast<int64_t>(lane_head) * (p.layout_rows + 1);
-      col = p.layout_col + static_cast<int64_t>(lane_head) * p.layout_col_stride;
+    if (has_head && i < p.layout_rows) {
+      const int32_t* crow = p.layout_crow + static_cast<int64_t>(head) * (p.layout_rows + 1);
+      col = p.layout_col + static_cast<int64_t>(head) * p.layout_col_stride;
       entry = crow[i];
       entry_end = crow[i + 1];
     }
@@ -100,8 +119,10 @@ decode_sm80_kernel(const DecodeParams params) {
   Element* s_q = reinterpret_cast<Element*>(smem_raw);
   Element* s_ring = reinterpret_cast<Element*>(smem_raw + Smem::kQueryBytes);  // [warp][stage][K|V][16][pad]
   __shared__ int s_residues[kDecodeHeadsPerCta];
+  __shared__ unsigned s_residue_rows[kDecodeHeadsPerCta];
   __shared__ int s_num_residues;
   __shared__ int s_slice_token[kDecodeWarps][kDecodeStages];  // first key position of each staged slice
+  __shared__ unsigned s_slice_rows[kDecodeWarps][kDecodeStages];  // head rows that see it
   __shared__ float s_row_max[kDecodeWarps][kDecodeHeadsPerCta];
   __shared__ float s_row_sum[kDecodeWarps][kDecodeHeadsPerCta];
 
@@ -152,14 +173,15 @@ decode_sm80_kernel(const DecodeParams params) {
       ++n;
     }
     s_num_residues = n;
+    for (int e = 0; e < n; ++e) {
+      unsigned rows = 0;
+      for (int r = 0; r < num_rows; ++r) rows |= (vertical_residue(pattern, first_head + r) == s_residues[e]) << r;
+      s_residue_rows[e] = rows;
+    }
   }
   ptx::cp_async_wait<0>();
   __syncthreads();
 
-  // This lane's two fragment rows (heads group and group + 8) and when they see a key block.
-  const int row_head[2] = {first_head + group, first_head + group + 8};
-  const bool row_valid[2] = {group < num_rows, group + 8 < num_rows};
-  int row_residue[2] = {0, 0};
   GroupKeyBlocks blocks;
   if (pattern.has_layout()) {
     blocks.init_layout(pattern, first_head + lane, lane < num_rows, query_block);
@@ -169,22 +191,17 @@ decode_sm80_kernel(const DecodeParams params) {
     blocks.band_start = band_start;
     blocks.num_residues = s_num_residues;
     blocks.residues = s_residues;
+    blocks.residue_rows = s_residue_rows;
     int far = (band_start / pattern.vert_stride) * s_num_residues;
     for (int e = 0; e < s_num_residues; ++e) far += s_residues[e] < band_start % pattern.vert_stride;
     blocks.num_far = far;
     blocks.total = far + query_block - band_start + 1;
-    for (int r = 0; r < 2; ++r) row_residue[r] = row_valid[r] ? vertical_residue(pattern, row_head[r]) : -1;
   }
   if (seq_len == 0) blocks.total = 0;
-  auto row_sees = [&](int r, int j) -> bool {
-    if (!row_valid[r]) return false;
-    if (pattern.has_layout()) return layout_block_visible(pattern, row_head[r], query_block, j);
-    return j >= band_start || j % pattern.vert_stride == row_residue[r];
-  };
 
-  // This split's share of the union's 16-token slices.
-  const int slices_per_block = pattern.block_size / kDecodeSliceRows;
-  const int total_slices = blocks.total * slices_per_block;
+  // This split's share of the union's 16-token slices (B / 16 per block, a power of two).
+  const int slice_shift = __ffs(pattern.block_size / kDecodeSliceRows) - 1;
+  const int total_slices = blocks.total << slice_shift;
   const int per_split = (total_slices + params.num_splits - 1) / params.num_splits;
   const int slice_begin = min(split * per_split, total_slices);
   const int slice_end = min(slice_begin + per_split, total_slices);
@@ -196,21 +213,21 @@ decode_sm80_kernel(const DecodeParams params) {
     ptx::ldmatrix_x4(q_frag[ks], s_q + swizzle<kHeadDimPad>((lane & 7) + ((lane >> 3) & 1) * 8, ks * 16 + (lane >> 4) * 8));
 
   Element* warp_ring = s_ring + warp * kDecodeStages * 2 * Smem::kSliceElems;
-  // The warp's m-th slice is slice_begin + warp + kDecodeWarps * m.
-  auto slice_token = [&](int m) {
+  // The warp's m-th slice is slice_begin + warp + kDecodeWarps * m: its first key and its head rows.
+  auto slice_token = [&](int m, unsigned& rows) {
     const int slice = slice_begin + warp + kDecodeWarps * m;
-    const int block = blocks.seek(slice / slices_per_block);
-    return block * pattern.block_size + (slice % slices_per_block) * kDecodeSliceRows;
+    const int block = blocks.seek(slice >> slice_shift, rows);
+    return block * pattern.block_size + (slice & ((1 << slice_shift) - 1)) * kDecodeSliceRows;
   };
   // Page ids, fetched 32 slices ahead: with the parametric pattern and cache blocks holding whole
   // slices, lane l of the warp holds the page of the warp's slice 32 * batch + l. Looking the page up
-  // just before the copy instead puts a dependent global load in front of every slice's cp.async
-  // (measured: 64 % of the copy bandwidth at 64 x 16k on an H200 with per-row lookups).
+  // just before the copy instead puts a dependent global load in front of every slice's cp.async.
   const bool prefetch_pages = !pattern.has_layout() && kv.kv_block_size % kDecodeSliceRows == 0;
   auto fetch_pages = [&](int batch) {
     const int m = batch * 32 + lane;
     if (slice_begin + warp + kDecodeWarps * m >= slice_end) return -1;
-    const int token0 = slice_token(m);
+    unsigned rows;
+    const int token0 = slice_token(m, rows);
     if (token0 >= seq_len) return -1;  // the diagonal block's tail: past the table's used entries
     return kv.block_tables[seq * kv.block_table_stride + token0 / kv.kv_block_size];
   };
@@ -220,38 +237,62 @@ decode_sm80_kernel(const DecodeParams params) {
     pages_next = fetch_pages(1);
   }
 
+  // This lane's share of a slice copy: rows lane_row + u * kRowsPerCopy, 16-byte chunk lane_col.
+  constexpr int kRowsPerCopy = 32 / kChunksPerRow > 0 ? 32 / kChunksPerRow : 1;
+  constexpr int kCopies = kDecodeSliceRows * kChunksPerRow / 32;
+  const int lane_row = lane / kChunksPerRow, lane_col = (lane % kChunksPerRow) * 8;
+  const Element* key = static_cast<const Element*>(kv.key);
+  const Element* value = static_cast<const Element*>(kv.value);
+  const int64_t head_offset = kv_head * kv.cache_head_stride;
+
   // Stages the warp's m-th slice: positions past seq_len, past what the block table addresses, or in
   // a bad block read as zeros, which keeps unwritten (possibly NaN) cache slots out of P.V.
   auto load_slice = [&](int m, int stage) {
-    const int token0 = slice_token(m);
-    if (lane == 0) s_slice_token[warp][stage] = token0;
-    int slice_page = -1;
+    unsigned rows;
+    const int token0 = slice_token(m, rows);
+    if (lane == 0) {
+      s_slice_token[warp][stage] = token0;
+      s_slice_rows[warp][stage] = rows;
+    }
+    Element* dst_k = warp_ring + stage * 2 * Smem::kSliceElems;
+    Element* dst_v = dst_k + Smem::kSliceElems;
     if (prefetch_pages) {  // warp-uniform branch: the shuffles below see every lane
       if (m / 32 != pages_batch) {
         pages_batch = m / 32;
         pages_current = pages_next;
         pages_next = fetch_pages(pages_batch + 1);
       }
-      slice_page = __shfl_sync(0xffffffffu, pages_current, m % 32);
-    }
-    const Element* key = static_cast<const Element*>(kv.key);
-    const Element* value = static_cast<const Element*>(kv.value);
-    Element* dst_k = warp_ring + stage * 2 * Smem::kSliceElems;
-    Element* dst_v = dst_k + Smem::kSliceElems;
+      // The whole slice lies in one page: one base offset, then fixed steps.
+      const int page = __shfl_sync(0xffffffffu, pages_current, m % 32);
+      const bool page_ok = page >= 0 && page < kv.num_cache_blocks && lane_col < head_size;
+      const int rows_left = seq_len - token0;
+      const int64_t base = page_ok ? page * kv.cache_block_stride + head_offset +
+                                         static_cast<int64_t>(token0 % kv.kv_block_size + lane_row) * head_size + lane_col
+                                   : 0;
 #pragma unroll
-    for (int c = lane; c < kDecodeSliceRows * kChunksPerRow; c += 32) {
-      const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+      for (int u = 0; u < kCopies; ++u) {
+        const int row = lane_row + u * kRowsPerCopy;
+        const bool valid = page_ok && row < rows_left;
+        const int64_t offset = base + static_cast<int64_t>(u * kRowsPerCopy) * head_size;
+        const int dst = swizzle<kHeadDimPad>(row, lane_col);
+        ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
+        ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
+      }
+      return;
+    }
+#pragma unroll
+    for (int u = 0; u < kCopies; ++u) {  // general: a page lookup per row
+      const int row = lane_row + u * kRowsPerCopy;
       const int pos = token0 + row;
-      bool valid = pos < seq_len && col < head_size;
+      bool valid = pos < seq_len && lane_col < head_size;
       int64_t offset = 0;
       if (valid) {
-        const int page =
-            prefetch_pages ? slice_page : kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
+        const int page = kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
         valid = page >= 0 && page < kv.num_cache_blocks;
-        offset = page * kv.cache_block_stride + kv_head * kv.cache_head_stride +
-                 static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
+        offset = page * kv.cache_block_stride + head_offset + static_cast<int64_t>(pos % kv.kv_block_size) * head_size +
+                 lane_col;
       }
-      const int dst = swizzle<kHeadDimPad>(row, col);
+      const int dst = swizzle<kHeadDimPad>(row, lane_col);
       ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
       ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
     }
@@ -288,7 +329,7 @@ decode_sm80_kernel(const DecodeParams params) {
     const Element* k_slice = warp_ring + stage * 2 * Smem::kSliceElems;
     const Element* v_slice = k_slice + Smem::kSliceElems;
     const int token0 = s_slice_token[warp][stage];
-    const int block = token0 / pattern.block_size;
+    const unsigned slice_rows = s_slice_rows[warp][stage];
 
     // S = Q K^T: 16 heads x 16 keys.
     float acc_s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
@@ -300,23 +341,32 @@ decode_sm80_kernel(const DecodeParams params) {
       ptx::mma_16816<Element>(acc_s[1], q_frag[ks], b[2], b[3]);
     }
 
-    // Mask by head (which heads see this block) and by length (select, never add: NaN-safe).
-    const bool sees[2] = {row_sees(0, block), row_sees(1, block)};
+    // Mask by head (which heads see this block) and by length: only far blocks and the last slice
+    // need it (a select, never an added bias: NaN-safe). Rows past num_rows have zero queries and
+    // are never written, so the band needs no row mask.
+    if (slice_rows != 0xffffu || token0 + kDecodeSliceRows > seq_len) {  // warp-uniform
+      const bool sees[2] = {((slice_rows >> group) & 1u) != 0, ((slice_rows >> (group + 8)) & 1u) != 0};
+#pragma unroll
+      for (int n = 0; n < 2; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int t = token0 + n * 8 + tig * 2 + (e & 1);
+          if (!(sees[e >> 1] && t < seq_len)) acc_s[n][e] = -INFINITY;
+        }
+    }
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int t = token0 + n * 8 + tig * 2 + (e & 1);
-        acc_s[n][e] = sees[e >> 1] && t < seq_len ? acc_s[n][e] * params.scale_log2 : -INFINITY;
-      }
+      for (int e = 0; e < 4; ++e) acc_s[n][e] *= params.scale_log2;
 
+    float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = fmaxf(row_max[r], fmaxf(fmaxf(acc_s[0][2 * r], acc_s[0][2 * r + 1]), fmaxf(acc_s[1][2 * r], acc_s[1][2 * r + 1])));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float ref = mx == -INFINITY ? 0.f : mx;  // a head that has seen nothing yet: avoid inf - inf
-      const float alpha = ptx::exp2_approx(row_max[r] - ref);
+      alpha[r] = ptx::exp2_approx(row_max[r] - ref);
       row_max[r] = mx;
       float sum = 0.f;
 #pragma unroll
@@ -325,11 +375,16 @@ decode_sm80_kernel(const DecodeParams params) {
         acc_s[n][2 * r + 1] = ptx::exp2_approx(acc_s[n][2 * r + 1] - ref);
         sum += acc_s[n][2 * r] + acc_s[n][2 * r + 1];
       }
-      row_sum[r] = row_sum[r] * alpha + sum;
+      row_sum[r] = row_sum[r] * alpha[r] + sum;
+    }
+    // The running maxima settle after a few slices; skip the 2 x kDimTiles rescales while they hold.
+    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
       for (int d = 0; d < kDimTiles; ++d) {
-        acc_o[d][2 * r] *= alpha;
-        acc_o[d][2 * r + 1] *= alpha;
+        acc_o[d][0] *= alpha[0];
+        acc_o[d][1] *= alpha[0];
+        acc_o[d][2] *= alpha[1];
+        acc_o[d][3] *= alpha[1];
       }
     }
 
