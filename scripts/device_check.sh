@@ -22,7 +22,7 @@ echo "build: $(( $(date +%s) - t0 )) s"
 for f in ${TEST_FILES:-tests/test_*.py}; do
   t0=$(date +%s)
   name=$(basename "$f" .py)
-  DEVICE=cuda timeout 300 python3 -X faulthandler -m pytest -v -p no:cacheprovider -rf "$f" ${PYTEST_K:+-k "$PYTEST_K"} \
+  DEVICE=cuda timeout ${TEST_TIMEOUT:-300} python3 -X faulthandler -m pytest -v -p no:cacheprovider -rf "$f" ${PYTEST_K:+-k "$PYTEST_K"} \
     > "$OUT/$name.log" 2>&1
   rc=$?
   echo "$name: rc=$rc in $(( $(date +%s) - t0 )) s: $(grep -E "passed|failed|error" "$OUT/$name.log" | tail -1)"

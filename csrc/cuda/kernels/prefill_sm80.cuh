@@ -204,20 +204,37 @@ prefill_sm80_kernel(const PrefillParams params) {
     const Element* value = static_cast<const Element*>(kv.value);
     Element* dst_k = s_k + stage * Smem::kTileElems;
     Element* dst_v = s_v + stage * Smem::kTileElems;
-    for (int c = tid; c < kTileChunks; c += kPrefillThreads) {
-      const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-      const int pos = key_tile * kPrefillBlockN + row;
+    constexpr int kRowsPerCopy = kPrefillThreads / kChunksPerRow;
+    const int thread_row = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
+    const int tile_pos0 = key_tile * kPrefillBlockN;
+    if (!kv.paged()) {
+      // Contiguous keys: one base offset per tile, then fixed steps (a 64-bit product per copy
+      // costs more issue slots than the copy itself).
+      const int64_t base = static_cast<int64_t>(kv.cu_seqlens_k[seq] + tile_pos0 + thread_row) * kv.row_stride +
+                           kv_head * kv.head_stride + col;
+      const int64_t step = kRowsPerCopy * kv.row_stride;
+#pragma unroll
+      for (int u = 0; u < kTileChunks / kPrefillThreads; ++u) {
+        const int row = thread_row + u * kRowsPerCopy;
+        const bool valid = tile_pos0 + row < k_len && col < head_size;
+        const int64_t offset = base + u * step;
+        const int dst = swizzle<kHeadDimPad>(row, col);
+        ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
+        ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
+      }
+      return;
+    }
+#pragma unroll
+    for (int u = 0; u < kTileChunks / kPrefillThreads; ++u) {
+      const int row = thread_row + u * kRowsPerCopy;
+      const int pos = tile_pos0 + row;
       bool valid = pos < k_len && col < head_size;
       int64_t offset = 0;
       if (valid) {
-        if (kv.paged()) {
-          const int page = kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
-          valid = page >= 0 && page < kv.num_cache_blocks;  // a bad id reads zeros, never wild memory
-          offset = page * kv.cache_block_stride + kv_head * kv.cache_head_stride +
-                   static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
-        } else {
-          offset = static_cast<int64_t>(kv.cu_seqlens_k[seq] + pos) * kv.row_stride + kv_head * kv.head_stride + col;
-        }
+        const int page = kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
+        valid = page >= 0 && page < kv.num_cache_blocks;  // a bad id reads zeros, never wild memory
+        offset = page * kv.cache_block_stride + kv_head * kv.cache_head_stride +
+                 static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
       }
       const int dst = swizzle<kHeadDimPad>(row, col);
       ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
@@ -296,6 +313,7 @@ prefill_sm80_kernel(const PrefillParams params) {
       }
 
     // Online softmax: the 4 threads of a quad hold one row's 64 scores.
+    float row_alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float mx = row_max[r];
@@ -314,10 +332,16 @@ prefill_sm80_kernel(const PrefillParams params) {
         sum += acc_s[n][2 * r] + acc_s[n][2 * r + 1];
       }
       row_sum[r] = row_sum[r] * alpha + sum;
+      row_alpha[r] = alpha;
+    }
+    // Once the running maxima settle, most tiles leave them unchanged: skip the O rescale then.
+    if (__any_sync(0xffffffffu, row_alpha[0] != 1.f || row_alpha[1] != 1.f)) {
 #pragma unroll
       for (int d = 0; d < kDimTiles; ++d) {
-        acc_o[d][2 * r] *= alpha;
-        acc_o[d][2 * r + 1] *= alpha;
+        acc_o[d][0] *= row_alpha[0];
+        acc_o[d][1] *= row_alpha[0];
+        acc_o[d][2] *= row_alpha[1];
+        acc_o[d][3] *= row_alpha[1];
       }
     }
 
