@@ -4,7 +4,8 @@
 // pattern enumeration (common/pattern.h) as runs of consecutive blocks. Long runs (the local band)
 // are used in place; short runs (vertical columns) are gathered into one buffer, so each unit costs
 // at most a few BLAS calls. All arithmetic is float32: inputs are converted once per sequence.
-// Work units of one sequence run in parallel (at::parallel_for); the per-unit ATen calls then run
+// Work units of one sequence run in parallel (cpu/parallel.h: at::parallel_for with the caller's
+// thread-local state, so inference mode holds in every worker); the per-unit ATen calls then run
 // single-threaded, which is what we want for small matrices. Decode has its own path
 // (decode_sequence): one query row per sequence makes the q heads of a kv group the unit instead.
 #include <ATen/ATen.h>
@@ -19,6 +20,7 @@
 
 #include "common/attention_args.h"
 #include "common/pattern.h"
+#include "cpu/parallel.h"
 
 namespace blocksparse_attn {
 namespace {
@@ -141,7 +143,7 @@ void attend_sequence(const SparsePattern& pattern, const SequenceInputs& seq, co
   const int64_t first_block = (seq.len - seq.q_len) / b;
   const int64_t num_blocks = (seq.len - 1) / b + 1 - first_block;
   const int64_t num_heads = q_scaled.size(1);
-  at::parallel_for(0, num_heads * num_blocks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_with_caller_state(0, num_heads * num_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t unit = begin; unit < end; ++unit)
       attend_query_block(pattern, seq, unit / num_blocks, first_block + unit % num_blocks, q_scaled, out, lse);
   });
@@ -363,7 +365,7 @@ void paged_decode_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tens
   const at::Tensor q_scaled = scaled_float_queries(q, scale);
   const at::Tensor lse_t = lse_or_undefined(lse);
   // One decode row is little work, so the threads take whole sequences: one parallel region per call.
-  at::parallel_for(0, shape.num_seqs, 1, [&](int64_t begin, int64_t end) {
+  parallel_for_with_caller_state(0, shape.num_seqs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (lens[r] == 0) {  // padding row (e.g. a CUDA-graph batch padded to a captured size)
         out[r].zero_();

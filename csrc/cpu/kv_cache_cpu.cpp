@@ -26,6 +26,10 @@ void write_kv_cache_cpu(const at::Tensor& key, const at::Tensor& value, const at
     const char* src_base = static_cast<const char*>(src.data_ptr());
     char* cache_base = static_cast<char*>(cache.data_ptr());
     const int64_t token_stride = src.stride(0) * src.element_size(), head_stride = src.stride(1) * src.element_size();
+    // Plain at::parallel_for, unlike the attention kernels (cpu/parallel.h): the workers only copy
+    // bytes between pointers taken on the calling thread and touch no tensor, so the thread-local
+    // state they lack (inference mode, dispatch keys) cannot matter, and write_kv_cache runs once per
+    // layer and step, where capturing that state (a few us per call) would be a measurable share.
     at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         if (slot[t] < 0) continue;
