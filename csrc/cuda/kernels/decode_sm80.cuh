@@ -442,7 +442,9 @@ decode_sm80_kernel(const DecodeParams params) {
       weight[w] = s_row_max[w][row] == -INFINITY ? 0.f : ptx::exp2_approx(s_row_max[w][row] - mx);
       sum += weight[w] * s_row_sum[w][row];
     }
-    const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;  // nothing visible (empty split, seq_len 0): O = 0
+    // sum = 0: nothing visible (empty split, seq_len 0): O = 0, lse = -inf; a NaN sum (non-finite
+    // input) stays NaN in both, as in dense attention.
+    const float inv_sum = sum == 0.f ? 0.f : 1.f / sum;
     float o[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
@@ -451,7 +453,7 @@ decode_sm80_kernel(const DecodeParams params) {
       for (int w = 0; w < kDecodeWarps; ++w) acc += weight[w] * s_o[(w * kDecodeHeadsPerCta + row) * kHeadDimPad + col + e];
       o[e] = acc * inv_sum;
     }
-    const float lse = sum > 0.f ? (mx + __log2f(sum)) * 0.69314718055994531f : -INFINITY;
+    const float lse = sum == 0.f ? -INFINITY : (mx + __log2f(sum)) * 0.69314718055994531f;
     const int head = first_head + row;
     if (params.num_splits == 1) {
       uint4 packed;
@@ -478,21 +480,22 @@ __global__ void decode_merge_kernel(const DecodeParams params) {
   const int64_t part0 = static_cast<int64_t>(blockIdx.x) * params.num_splits;
   const float* lse = params.partial_lse + part0;
   float mx = -INFINITY;
-  for (int s = 0; s < params.num_splits; ++s) mx = fmaxf(mx, lse[s]);
+  for (int s = 0; s < params.num_splits; ++s) mx = fmaxf(mx, lse[s]);  // fmaxf skips NaN ...
+  const float ref = mx == -INFINITY ? 0.f : mx;
   float sum = 0.f;
-  for (int s = 0; s < params.num_splits; ++s) sum += mx == -INFINITY ? 0.f : __expf(lse[s] - mx);
-  const float inv_sum = sum > 0.f ? 1.f / sum : 0.f;
+  for (int s = 0; s < params.num_splits; ++s) sum += lse[s] == -INFINITY ? 0.f : __expf(lse[s] - ref);  // ... this not
+  const float inv_sum = sum == 0.f ? 0.f : 1.f / sum;  // every split empty: O = 0, lse = -inf
   Element* out = static_cast<Element*>(params.out) + seq * params.out_row_stride + head * params.out_head_stride;
   for (int d = threadIdx.x; d < params.head_size; d += blockDim.x) {
     float acc = 0.f;
     for (int s = 0; s < params.num_splits; ++s) {
-      const float w = lse[s] == -INFINITY ? 0.f : __expf(lse[s] - mx);
+      const float w = lse[s] == -INFINITY ? 0.f : __expf(lse[s] - ref);
       acc += w * params.partial_out[(part0 + s) * params.head_size + d];
     }
     out[d] = static_cast<Element>(acc * inv_sum);
   }
   if (params.lse != nullptr && threadIdx.x == 0)
-    params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = sum > 0.f ? mx + __logf(sum) : -INFINITY;
+    params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = sum == 0.f ? -INFINITY : ref + __logf(sum);
 }
 
 template <typename Element, int kHeadDimPad>
