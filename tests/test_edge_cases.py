@@ -365,7 +365,12 @@ def test_nonfinite_value(device, value, gen):
     """A non-finite element in v[P]: every row that attends P is non-finite; rows whose pattern skips
     P's key block entirely are exact (a sparse kernel never reads that block). Rows of the block pair
     that holds P but do not attend P token-wise (earlier rows of P's diagonal block) are not specified:
-    dense attention computes 0 * NaN there (the reference and SDPA give NaN for every row of the head)."""
+    dense attention computes 0 * NaN there (the reference and SDPA give NaN for every row of the head).
+
+    On CUDA the tensor cores multiply whole tiles: a masked weight 0 times the NaN value is NaN, so the
+    value also reaches the rows that share its 64-key tile (prefill, B < 64) or its kv group's slice
+    (decode, the group's heads are one tile). What holds there: the other kv head's rows, and rows
+    before P's 64-token tile (causality keeps the tile out of their walk), are exact."""
     dtype, q, k, v = _nan_case(device, gen)
     v[P, 0, 3] = value
     v_zero = v.clone()
@@ -379,5 +384,8 @@ def test_nonfinite_value(device, value, gen):
         out = out.float().cpu()
         nonfinite = ~out.isfinite().all(-1)
         assert nonfinite[sees].all(), f"[{op}] rows that attend v[{P}] = {value} must not be finite"
-        assert_close_to_ref(out[~block_sees], ref[~block_sees], dtype, f"{op} v[{P}] = {value}: rows skipping it")
+        exact = ~block_sees
+        if device != "cpu":
+            exact = (torch.arange(HQ) >= HQ // HKV) | (torch.arange(N_TOK) < P // 64 * 64).view(-1, 1)
+        assert_close_to_ref(out[exact], ref[exact], dtype, f"{op} v[{P}] = {value}: rows skipping it")
         assert_lse_close(lse.cpu(), ref_lse, dtype, f"{op} v[{P}] = {value}: lse (scores only)")
