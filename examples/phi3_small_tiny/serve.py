@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import sys
@@ -295,6 +296,11 @@ def main(argv=None) -> int:
                 status = 1
         print("RESULT json " + json.dumps(result), flush=True)
     if world > 1:
+        # Release the decode graphs (they captured NCCL all-reduces) before the communicator goes:
+        # tearing NCCL down under live graphs left the 2-GPU run hanging after its last line.
+        del engine
+        gc.collect()
+        _sync(device)
         dist.barrier()
         dist.destroy_process_group()
     return status
