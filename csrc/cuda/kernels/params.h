@@ -10,7 +10,10 @@ namespace blocksparse_attn {
 
 // Query rows per CTA of the prefill kernel (one Phi-3-small sparse block) and keys per K/V tile.
 constexpr int kPrefillBlockM = 64;
-constexpr int kPrefillBlockN = 64;
+#ifndef BSA_PREFILL_BLOCK_N
+#define BSA_PREFILL_BLOCK_N 64
+#endif
+constexpr int kPrefillBlockN = BSA_PREFILL_BLOCK_N;  // 32 or 64
 
 // Where a sequence's keys and values live: packed contiguous tensors or the paged cache.
 struct KeyValueSource {

@@ -29,10 +29,18 @@ constexpr int kPrefillThreads = kPrefillWarps * 32;
 
 // Head dims are padded in shared memory to a multiple of 64 elements (128-byte rows), so the XOR
 // swizzle of 16-byte chunks by (row % 8) is always defined; padding columns are zero.
+#ifndef BSA_PREFILL_STAGES
+#define BSA_PREFILL_STAGES 2
+#endif
+
 template <typename Element, int kHeadDimPad>
 struct PrefillSmem {
-  static constexpr int kTileElems = kPrefillBlockM * kHeadDimPad;
-  static constexpr int kBytes = (1 + 2 * 2) * kTileElems * sizeof(Element);  // Q + 2 stages of (K, V)
+  // K/V ring depth: head dims up to 128 take BSA_PREFILL_STAGES (2 keeps two CTAs per SM with room to
+  // spare, 3 just fits two); 256-wide tiles keep two stages (one CTA per SM either way).
+  static constexpr int kStages = kHeadDimPad <= 128 ? BSA_PREFILL_STAGES : 2;
+  static constexpr int kTileElems = kPrefillBlockM * kHeadDimPad;     // Q
+  static constexpr int kKeyTileElems = kPrefillBlockN * kHeadDimPad;  // one K or V stage
+  static constexpr int kBytes = (kTileElems + 2 * kStages * kKeyTileElems) * sizeof(Element);
 };
 
 // Element offset of (row, col) in a [rows][kHeadDimPad] tile whose 16-byte chunks are swizzled.
@@ -65,16 +73,18 @@ __device__ __forceinline__ bool block_visible(const SparsePattern& p, int h, int
   return p.has_layout() ? layout_block_visible(p, h, i, j) : pattern_block_visible(p, h, i, j);
 }
 
-// Enumerates, identically in every thread of the CTA, the 64-key tiles a 64-row query tile needs.
-// B >= 64: walks the visible key blocks of the tile's single query block (vertical columns, then the
-// band; or the layout's row) and splits each into B/64 tiles. B < 64: a tile spans several blocks
-// of both kinds, so every causal key tile is tested pair by pair (a correctness path; Phi-3-small
-// uses B = 64). `masked` says the tile needs the per-element mask.
+// Enumerates, identically in every thread of the CTA, the kPrefillBlockN-key tiles a 64-row query
+// tile needs. B >= 64 (and >= the key tile): walks the visible key blocks of the tile's single query
+// block (vertical columns, then the band; or the layout's row) and splits each into key tiles.
+// Smaller B: a tile spans several blocks of both kinds, so every causal key tile is tested pair by
+// pair (a correctness path; Phi-3-small uses B = 64). `masked` says the tile needs the per-element
+// mask.
 struct KeyTileCursor {
   const SparsePattern* p;
   int head;
   int q_tile;           // query tile index (positions q_tile * 64 ...)
   int qb_first, qb_last;  // query blocks of the tile's valid rows
+  int last_key_tile;    // the key tile holding the tile's last query position
   int block;            // B >= 64: current key block (or layout entry); B < 64: next key tile
   int block_end;        // layout: end entry
   int sub;              // B >= 64: next sub-tile of the current block
@@ -87,7 +97,8 @@ struct KeyTileCursor {
     qb_first = first_valid_pos / pattern.block_size;
     qb_last = last_valid_pos / pattern.block_size;
     sub = 0;
-    if (pattern.block_size < kPrefillBlockN) {
+    last_key_tile = (tile * kPrefillBlockM + kPrefillBlockM - 1) / kPrefillBlockN;
+    if (pairwise()) {
       block = 0;
     } else if (pattern.has_layout()) {
       const int32_t* crow = pattern.layout_crow + static_cast<int64_t>(h) * (pattern.layout_rows + 1);
@@ -101,11 +112,17 @@ struct KeyTileCursor {
     }
   }
 
+  // Blocks smaller than a query or key tile: the tile spans several blocks of both kinds.
+  __device__ bool pairwise() const { return p->block_size < kPrefillBlockM || p->block_size < kPrefillBlockN; }
+
+  // Does key tile t hold a key after the tile's first query position (so it needs the causal mask)?
+  __device__ bool crosses_diagonal(int t) const { return (t + 1) * kPrefillBlockN - 1 > q_tile * kPrefillBlockM; }
+
   __device__ bool next(int& key_tile, bool& masked) {
     const int b = p->block_size;
-    if (b < kPrefillBlockN) {
+    if (pairwise()) {
       const int per_tile = kPrefillBlockN / b;
-      for (; block <= q_tile; ++block) {
+      for (; block <= last_key_tile; ++block) {
         bool any = false, all = true;
         for (int i = qb_first; i <= qb_last; ++i)
           for (int j = block * per_tile; j < (block + 1) * per_tile; ++j) {
@@ -115,7 +132,7 @@ struct KeyTileCursor {
           }
         if (any) {
           key_tile = block;
-          masked = !all || block == q_tile;
+          masked = !all || crosses_diagonal(block);
           ++block;
           return true;
         }
@@ -145,9 +162,9 @@ struct KeyTileCursor {
           ++block;
         }
       }
-      if (tile > q_tile) continue;  // B = 128: the diagonal block's half after this query tile
+      if (tile > last_key_tile) continue;  // B = 128: the diagonal block's half after this query tile
       key_tile = tile;
-      masked = tile == q_tile;
+      masked = crosses_diagonal(tile);
       return true;
     }
   }
@@ -162,10 +179,12 @@ prefill_sm80_kernel(const PrefillParams params) {
   constexpr int kChunksPerRow = kHeadDimPad / 8;
   constexpr int kTileChunks = kPrefillBlockM * kChunksPerRow;
   constexpr int kDimTiles = kHeadDimPad / 8;  // n-tiles of the output
+  constexpr int kKeyNTiles = kPrefillBlockN / 8;  // n-tiles of S
+  constexpr int kKeyTileChunks = kPrefillBlockN * kChunksPerRow;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* s_q = reinterpret_cast<Element*>(smem_raw);
-  Element* s_k = s_q + Smem::kTileElems;      // [2][64][kHeadDimPad]
-  Element* s_v = s_k + 2 * Smem::kTileElems;  // [2][64][kHeadDimPad]
+  Element* s_k = s_q + Smem::kTileElems;  // [kStages][kPrefillBlockN][kHeadDimPad]
+  Element* s_v = s_k + Smem::kStages * Smem::kKeyTileElems;  // [kStages][kPrefillBlockN][kHeadDimPad]
 
   const int item = blockIdx.x / params.num_q_heads;
   const int head = blockIdx.x % params.num_q_heads;
@@ -202,8 +221,8 @@ prefill_sm80_kernel(const PrefillParams params) {
   auto load_kv = [&](int key_tile, int stage) {
     const Element* key = static_cast<const Element*>(kv.key);
     const Element* value = static_cast<const Element*>(kv.value);
-    Element* dst_k = s_k + stage * Smem::kTileElems;
-    Element* dst_v = s_v + stage * Smem::kTileElems;
+    Element* dst_k = s_k + stage * Smem::kKeyTileElems;
+    Element* dst_v = s_v + stage * Smem::kKeyTileElems;
     constexpr int kRowsPerCopy = kPrefillThreads / kChunksPerRow;
     const int thread_row = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
     const int tile_pos0 = key_tile * kPrefillBlockN;
@@ -214,7 +233,7 @@ prefill_sm80_kernel(const PrefillParams params) {
                            kv_head * kv.head_stride + col;
       const int64_t step = kRowsPerCopy * kv.row_stride;
 #pragma unroll
-      for (int u = 0; u < kTileChunks / kPrefillThreads; ++u) {
+      for (int u = 0; u < kKeyTileChunks / kPrefillThreads; ++u) {
         const int row = thread_row + u * kRowsPerCopy;
         const bool valid = tile_pos0 + row < k_len && col < head_size;
         const int64_t offset = base + u * step;
@@ -225,7 +244,7 @@ prefill_sm80_kernel(const PrefillParams params) {
       return;
     }
 #pragma unroll
-    for (int u = 0; u < kTileChunks / kPrefillThreads; ++u) {
+    for (int u = 0; u < kKeyTileChunks / kPrefillThreads; ++u) {
       const int row = thread_row + u * kRowsPerCopy;
       const int pos = tile_pos0 + row;
       bool valid = pos < k_len && col < head_size;
@@ -242,13 +261,35 @@ prefill_sm80_kernel(const PrefillParams params) {
     }
   };
 
+  // The ring: tiles 0 .. kStages - 2 in flight before the loop; iteration n waits for tile n, then
+  // refills the stage tile n - 1 used. Tile ids and masks travel with their stage through shared
+  // memory (written by thread 0 after the barrier that frees the stage, read after the next one).
+  constexpr int kStages = Smem::kStages;
+  __shared__ int s_stage_tile[kStages];
+  __shared__ bool s_stage_masked[kStages];
   KeyTileCursor cursor;
   cursor.init(params.pattern, head, q_tile, valid_begin, valid_end - 1);
-  int key_tile = 0;
-  bool masked = false;
-  bool have_tile = cursor.next(key_tile, masked);
-  if (have_tile) load_kv(key_tile, 0);
-  ptx::cp_async_commit();  // group: Q (+ first K/V tile)
+  int issued = 0;
+  bool exhausted = false;
+  auto issue_next = [&](int stage) {
+    int key_tile;
+    bool masked;
+    if (exhausted || !cursor.next(key_tile, masked)) {
+      exhausted = true;
+      return;
+    }
+    load_kv(key_tile, stage);
+    if (tid == 0) {
+      s_stage_tile[stage] = key_tile;
+      s_stage_masked[stage] = masked;
+    }
+    ++issued;
+  };
+#pragma unroll
+  for (int st = 0; st < kStages - 1; ++st) {
+    issue_next(st);
+    ptx::cp_async_commit();  // the first group carries Q too
+  }
 
   float acc_o[kDimTiles][4];
 #pragma unroll
@@ -260,23 +301,23 @@ prefill_sm80_kernel(const PrefillParams params) {
   const int group = lane >> 2, tig = lane & 3;
   const int row_in_tile[2] = {warp * 16 + group, warp * 16 + group + 8};
 
-  int stage = 0;
-  while (have_tile) {
-    const int cur_tile = key_tile;
-    const bool cur_masked = masked;
-    have_tile = cursor.next(key_tile, masked);
-    ptx::cp_async_wait<0>();
-    __syncthreads();  // the current stage has landed; everyone is done with the other stage
-    if (have_tile) load_kv(key_tile, stage ^ 1);
+  const bool pairwise = cursor.pairwise();
+  for (int n = 0; n < issued; ++n) {
+    ptx::cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile n has landed for everyone; everyone is done with tile n - 1's stage
+    issue_next((n + kStages - 1) % kStages);
     ptx::cp_async_commit();
+    const int stage = n % kStages;
+    const int cur_tile = s_stage_tile[stage];
+    const bool cur_masked = s_stage_masked[stage];
 
-    const Element* k_tile = s_k + stage * Smem::kTileElems;
-    const Element* v_tile = s_v + stage * Smem::kTileElems;
+    const Element* k_tile = s_k + stage * Smem::kKeyTileElems;
+    const Element* v_tile = s_v + stage * Smem::kKeyTileElems;
 
     // S = Q K^T for this warp's 16 rows x 64 keys.
-    float acc_s[8][4];
+    float acc_s[kKeyNTiles][4];
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
+    for (int n = 0; n < kKeyNTiles; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_s[n][e] = 0.f;
 #pragma unroll
@@ -285,7 +326,7 @@ prefill_sm80_kernel(const PrefillParams params) {
       ptx::ldmatrix_x4(a, s_q + swizzle<kHeadDimPad>(warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
                                                      ks * 16 + (lane >> 4) * 8));
 #pragma unroll
-      for (int np = 0; np < 4; ++np) {
+      for (int np = 0; np < kKeyNTiles / 2; ++np) {
         uint32_t b[4];
         ptx::ldmatrix_x4(b, k_tile + swizzle<kHeadDimPad>(np * 16 + (lane & 7) + (lane >> 4) * 8,
                                                           ks * 16 + ((lane >> 3) & 1) * 8));
@@ -297,7 +338,7 @@ prefill_sm80_kernel(const PrefillParams params) {
     // Scale into the log2 domain and mask (select, never add: garbage K rows may hold NaN).
     const int key_pos0 = cur_tile * kPrefillBlockN;
 #pragma unroll
-    for (int n = 0; n < 8; ++n)
+    for (int n = 0; n < kKeyNTiles; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float s = acc_s[n][e] * params.scale_log2;
@@ -305,7 +346,7 @@ prefill_sm80_kernel(const PrefillParams params) {
           const int p = tile_pos + row_in_tile[e >> 1];
           const int t = key_pos0 + n * 8 + tig * 2 + (e & 1);
           bool visible = t <= p && t < k_len;
-          if (params.pattern.block_size < kPrefillBlockN && visible)
+          if (pairwise && visible)
             visible = block_visible(params.pattern, head, p / params.pattern.block_size, t / params.pattern.block_size);
           if (!visible) s = -INFINITY;
         }
@@ -318,7 +359,7 @@ prefill_sm80_kernel(const PrefillParams params) {
     for (int r = 0; r < 2; ++r) {
       float mx = row_max[r];
 #pragma unroll
-      for (int n = 0; n < 8; ++n) mx = fmaxf(mx, fmaxf(acc_s[n][2 * r], acc_s[n][2 * r + 1]));
+      for (int n = 0; n < kKeyNTiles; ++n) mx = fmaxf(mx, fmaxf(acc_s[n][2 * r], acc_s[n][2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
       const float ref = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet: avoid inf - inf
@@ -326,7 +367,7 @@ prefill_sm80_kernel(const PrefillParams params) {
       row_max[r] = mx;
       float sum = 0.f;
 #pragma unroll
-      for (int n = 0; n < 8; ++n) {
+      for (int n = 0; n < kKeyNTiles; ++n) {
         acc_s[n][2 * r] = ptx::exp2_approx(acc_s[n][2 * r] - ref);
         acc_s[n][2 * r + 1] = ptx::exp2_approx(acc_s[n][2 * r + 1] - ref);
         sum += acc_s[n][2 * r] + acc_s[n][2 * r + 1];
@@ -347,7 +388,7 @@ prefill_sm80_kernel(const PrefillParams params) {
 
     // O += P V: P from registers (two n-tiles of S = one k-step), V via ldmatrix.trans.
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
+    for (int kk = 0; kk < kKeyNTiles / 2; ++kk) {
       uint32_t a[4];
       a[0] = ptx::pack2<Element>(acc_s[2 * kk][0], acc_s[2 * kk][1]);
       a[1] = ptx::pack2<Element>(acc_s[2 * kk][2], acc_s[2 * kk][3]);
@@ -362,7 +403,6 @@ prefill_sm80_kernel(const PrefillParams params) {
         ptx::mma_16816<Element>(acc_o[2 * nd + 1], a, b[2], b[3]);
       }
     }
-    stage ^= 1;
   }
   ptx::cp_async_wait<0>();
 
