@@ -25,3 +25,10 @@ while IFS= read -r flags; do
     grep -E "Duration|Throughput|No Eligible|Eligible Warps|Executed Instructions  |Warp Cycles Per Issued|Bank|Stall" "$OUT/ncu_$stages.txt" | head -20
   fi
 done <<< "${VARIANTS:-$'-DBSA_PREFILL_STAGES=2\n-DBSA_PREFILL_STAGES=3'}"
+
+# FULL_BENCH=1: the whole table (all methods, 2k..32k) with the last variant built.
+if [ "${FULL_BENCH:-0}" = 1 ]; then
+  timeout 240 python3 benchmarks/bench_prefill.py --device cuda --seq-lens 2048,4096,8192,16384,32768 --out-dir "$OUT" \
+    > "$OUT/bench_full.log" 2>&1
+  grep -A7 "^ *S batch" "$OUT/bench_full.log"
+fi

@@ -8,9 +8,12 @@
 // accumulator layout of two adjacent n-tiles is the A-fragment layout of m16n8k16).
 // Torch-free: compiled by bare nvcc in CI.
 //
-// Measured (H200, 8k x 4, Phi-3-small): 6.0 ms. Tried and dropped: 128-row tiles with two m-tiles per
-// warp (FA2's shape) need > 255 registers with 64-key S tiles and spill (6.8 ms); computing the
-// key-tile enumeration once in thread 0 and publishing it through shared memory (6.5 ms).
+// Measured (H100, 8k x 4, Phi-3-small), each step: 5.9 ms first version (64-key tiles, 2 stages);
+// 4.6 ms with one base offset per K/V tile copy and the O rescale skipped while the row maxima hold
+// (the kernel was issue/latency bound, not memory bound); 3.9 ms with 32-key tiles and a 3-stage ring
+// (three CTAs per SM instead of two). Tried and dropped: 128-row tiles with two m-tiles per warp
+// (FA2's shape) need > 255 registers with 64-key S tiles and spill (6.8 ms on an H200); computing the
+// key-tile enumeration once in thread 0 and publishing it through shared memory (6.5 ms, H200).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -30,13 +33,13 @@ constexpr int kPrefillThreads = kPrefillWarps * 32;
 // Head dims are padded in shared memory to a multiple of 64 elements (128-byte rows), so the XOR
 // swizzle of 16-byte chunks by (row % 8) is always defined; padding columns are zero.
 #ifndef BSA_PREFILL_STAGES
-#define BSA_PREFILL_STAGES 2
+#define BSA_PREFILL_STAGES 3
 #endif
 
 template <typename Element, int kHeadDimPad>
 struct PrefillSmem {
-  // K/V ring depth: head dims up to 128 take BSA_PREFILL_STAGES (2 keeps two CTAs per SM with room to
-  // spare, 3 just fits two); 256-wide tiles keep two stages (one CTA per SM either way).
+  // K/V ring depth: head dims up to 128 take BSA_PREFILL_STAGES (3 with 32-key tiles: 64 KB, three
+  // CTAs per SM); 256-wide tiles keep two stages.
   static constexpr int kStages = kHeadDimPad <= 128 ? BSA_PREFILL_STAGES : 2;
   static constexpr int kTileElems = kPrefillBlockM * kHeadDimPad;     // Q
   static constexpr int kKeyTileElems = kPrefillBlockN * kHeadDimPad;  // one K or V stage
@@ -172,8 +175,12 @@ struct KeyTileCursor {
 
 // ---- the kernel ---------------------------------------------------------------------------------
 
+// Three CTAs per SM where the shared memory allows it (head dims up to 128): up to 168 registers.
+#ifndef BSA_PREFILL_MIN_CTAS
+#define BSA_PREFILL_MIN_CTAS 3
+#endif
 template <typename Element, int kHeadDimPad>
-__global__ void __launch_bounds__(kPrefillThreads)
+__global__ void __launch_bounds__(kPrefillThreads, kHeadDimPad <= 128 ? BSA_PREFILL_MIN_CTAS : 1)
 prefill_sm80_kernel(const PrefillParams params) {
   using Smem = PrefillSmem<Element, kHeadDimPad>;
   constexpr int kChunksPerRow = kHeadDimPad / 8;
