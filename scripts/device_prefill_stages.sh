@@ -12,7 +12,7 @@ while IFS= read -r flags; do
   rm -rf build blocksparse_attn/_C*.so
   NVCC_APPEND_FLAGS="$flags" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-64,128} python3 setup.py build_ext --inplace \
     > "$OUT/build_$stages.log" 2>&1 || { grep error "$OUT/build_$stages.log" | head; exit 1; }
-  DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_attention_ops.py -k "prefill and not D256" \
+  DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_attention_ops.py -k "${TEST_K:-prefill and not D256}" \
     > "$OUT/test_$stages.log" 2>&1
   echo "variant $i tests: $(tail -1 "$OUT/test_$stages.log")"
   timeout 150 python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-8192} --out-dir "$OUT" \
