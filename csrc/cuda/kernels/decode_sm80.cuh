@@ -502,8 +502,9 @@ template <typename Element, int kHeadDimPad>
 void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad>::kBytes;
   auto kernel = decode_sm80_kernel<Element, kHeadDimPad>;
-  if (kSmemBytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  // Always: the 48 KB default counts the kernel's static shared memory too, so a dynamic size just
+  // under it can still fail to launch (seen with 32-key tiles and 2 stages: exactly 48 KB dynamic).
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   const dim3 grid(params.num_splits, params.num_kv_heads * params.head_chunks, params.num_seqs);
   kernel<<<grid, kDecodeThreads, kSmemBytes, stream>>>(params);
   if (params.num_splits > 1)

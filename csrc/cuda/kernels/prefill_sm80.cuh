@@ -452,8 +452,9 @@ template <typename Element, int kHeadDimPad>
 void launch_prefill_sm80(const PrefillParams& params, int max_tiles, cudaStream_t stream) {
   constexpr int kSmemBytes = PrefillSmem<Element, kHeadDimPad>::kBytes;
   auto kernel = prefill_sm80_kernel<Element, kHeadDimPad>;
-  if (kSmemBytes > 48 * 1024)
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  // Always: the 48 KB default counts the kernel's static shared memory too, so a dynamic size just
+  // under it can still fail to launch (seen with 32-key tiles and 2 stages: exactly 48 KB dynamic).
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   kernel<<<max_tiles * params.num_q_heads, kPrefillThreads, kSmemBytes, stream>>>(params);
 }
 
