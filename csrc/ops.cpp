@@ -72,6 +72,8 @@ TORCH_LIBRARY(blocksparse_attn, m) {
 
   // In every cache of the list, copies block src to block dst in both halves (copy-on-write).
   //   kv_caches: each [2, NB, ...] on one device, block_mapping [N, 2] int64 (src, dst).
+  // The pairs are copied concurrently on CUDA (in order on the CPU): a block that is the destination of
+  // one pair must not be the source of another (engines never chain copy-on-write copies).
   m.def("copy_blocks(Tensor(a!)[] kv_caches, Tensor block_mapping) -> ()");
 
   // Copies blocks between two caches that may live on different devices (swap in / swap out).
