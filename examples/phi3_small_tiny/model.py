@@ -186,9 +186,7 @@ class Phi3SmallTiny:
             dist.all_reduce(x, group=self.group)
         return x
 
-    # no_grad, not inference_mode: the CPU kernels' worker threads (at::parallel_for) do not inherit
-    # InferenceMode, so with more than one thread the ops reject inference tensors (a package bug).
-    @torch.no_grad()
+    @torch.no_grad()  # (torch.inference_mode works for the ops too: tests/test_inference_mode.py)
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 attn_metadata: BlocksparseFlashAttentionMetadata,
                 logits_rows: torch.Tensor | None = None) -> torch.Tensor:
