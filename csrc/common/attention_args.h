@@ -182,6 +182,20 @@ inline CheckedArgs check_varlen_prefill_args(
   return args;
 }
 
+// What the paged ops check alike once the batch size is known: block tables, lse, the pattern, and
+// the sparse block size against the cache's block size.
+inline void check_paged_rest(CheckedArgs& args, const at::Tensor& q, const at::Tensor& block_tables,
+                             const std::optional<at::Tensor>& lse, int64_t sparse_block_size, int64_t local_blocks,
+                             int64_t vert_stride, int64_t head_sliding_step, bool slide_by_kv_head,
+                             int64_t head_offset, const std::optional<at::Tensor>& layout_crow,
+                             const std::optional<at::Tensor>& layout_col) {
+  check_block_tables(block_tables, args.shape.num_seqs, q);
+  check_lse(lse, args.shape, q);
+  args.pattern = check_pattern(args.shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
+                               slide_by_kv_head, head_offset, layout_crow, layout_col, q);
+  check_block_size_compatible(sparse_block_size, args.kv_block_size);
+}
+
 inline CheckedArgs check_paged_prefill_args(
     const at::Tensor& out, const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
     const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
@@ -196,11 +210,8 @@ inline CheckedArgs check_paged_prefill_args(
   BSA_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
   shape.num_seqs = cu_seqlens_q.numel() - 1;
   check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs]");
-  check_block_tables(block_tables, shape.num_seqs, q);
-  check_lse(lse, shape, q);
-  args.pattern = check_pattern(shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
-                               slide_by_kv_head, head_offset, layout_crow, layout_col, q);
-  check_block_size_compatible(sparse_block_size, args.kv_block_size);
+  check_paged_rest(args, q, block_tables, lse, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
+                   slide_by_kv_head, head_offset, layout_crow, layout_col);
   return args;
 }
 
@@ -216,11 +227,8 @@ inline CheckedArgs check_paged_decode_args(
   args.kv_block_size = check_paged_cache(shape, key_cache, value_cache, q);
   shape.num_seqs = shape.num_q_tokens;
   check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs], one per query row");
-  check_block_tables(block_tables, shape.num_seqs, q);
-  check_lse(lse, shape, q);
-  args.pattern = check_pattern(shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
-                               slide_by_kv_head, head_offset, layout_crow, layout_col, q);
-  check_block_size_compatible(sparse_block_size, args.kv_block_size);
+  check_paged_rest(args, q, block_tables, lse, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
+                   slide_by_kv_head, head_offset, layout_crow, layout_col);
   return args;
 }
 

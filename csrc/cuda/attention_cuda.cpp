@@ -106,9 +106,9 @@ PrefillParams query_params(const at::Tensor& out, const at::Tensor& q, const Che
   return params;
 }
 
-void set_paged_source(PrefillParams& params, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                      const at::Tensor& block_tables, const at::Tensor& seq_lens) {
-  KeyValueSource& kv = params.kv;
+KeyValueSource paged_source(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens) {
+  KeyValueSource kv{};
   kv.key = key_cache.data_ptr();
   kv.value = value_cache.data_ptr();
   kv.block_tables = block_tables.data_ptr<int32_t>();
@@ -118,6 +118,7 @@ void set_paged_source(PrefillParams& params, const at::Tensor& key_cache, const 
   kv.cache_head_stride = key_cache.stride(1);
   kv.kv_block_size = static_cast<int>(key_cache.size(2));
   kv.num_cache_blocks = static_cast<int>(key_cache.size(0));
+  return kv;
 }
 
 void check_paged_values_on_host(const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& key_cache,
@@ -190,7 +191,7 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
   }
   PrefillParams params = query_params(out, q, args, scale, lse);
   params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
-  set_paged_source(params, key_cache, value_cache, block_tables, seq_lens);
+  params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens);
   run_prefill(params, q, block_tables.size(1) * key_cache.size(2));
 }
 
@@ -238,9 +239,7 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
   params.q_head_stride = q.stride(1);
   params.out_row_stride = out.stride(0);
   params.out_head_stride = out.stride(1);
-  PrefillParams paged{};  // only its key/value source is used
-  set_paged_source(paged, key_cache, value_cache, block_tables, seq_lens);
-  params.kv = paged.kv;
+  params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens);
   params.num_seqs = static_cast<int>(args.shape.num_seqs);
   params.num_q_heads = static_cast<int>(args.shape.num_q_heads);
   params.num_kv_heads = static_cast<int>(args.shape.num_kv_heads);
