@@ -2,8 +2,8 @@
 // the portable sm80-class kernel, and the correctness baseline of the Hopper path.
 //
 // One CTA = one (sequence, 64-row query tile, q head) work item from the plan kernel's list. The
-// tile walks only the key tiles its rows can see (KeyTileCursor), double-buffering K/V in shared
-// memory with cp.async. Four warps split the 64 query rows (16 each), so the online softmax needs
+// tile walks only the 32-key tiles its rows can see (KeyTileCursor), through a ring of K/V stages in
+// shared memory filled by cp.async. Four warps split the 64 query rows (16 each), so the online softmax needs
 // no cross-warp reduction; P stays in registers and feeds the P.V product directly (the m16n8
 // accumulator layout of two adjacent n-tiles is the A-fragment layout of m16n8k16).
 // Torch-free: compiled by bare nvcc in CI.
@@ -30,11 +30,12 @@ namespace blocksparse_attn {
 constexpr int kPrefillWarps = 4;
 constexpr int kPrefillThreads = kPrefillWarps * 32;
 
-// Head dims are padded in shared memory to a multiple of 64 elements (128-byte rows), so the XOR
-// swizzle of 16-byte chunks by (row % 8) is always defined; padding columns are zero.
 #ifndef BSA_PREFILL_STAGES
 #define BSA_PREFILL_STAGES 3
 #endif
+
+// Head dims are padded in shared memory to a multiple of 64 elements (128-byte rows), so the XOR
+// swizzle of 16-byte chunks by (row % 8) is always defined; padding columns are zero.
 
 template <typename Element, int kHeadDimPad>
 struct PrefillSmem {
@@ -88,9 +89,9 @@ struct KeyTileCursor {
   int q_tile;           // query tile index (positions q_tile * 64 ...)
   int qb_first, qb_last;  // query blocks of the tile's valid rows
   int last_key_tile;    // the key tile holding the tile's last query position
-  int block;            // B >= 64: current key block (or layout entry); B < 64: next key tile
+  int block;            // blockwise: current key block (or layout entry); pairwise: next key tile
   int block_end;        // layout: end entry
-  int sub;              // B >= 64: next sub-tile of the current block
+  int sub;              // blockwise: next key tile within the current block
   int band_start;
 
   __device__ void init(const SparsePattern& pattern, int h, int tile, int first_valid_pos, int last_valid_pos) {
@@ -321,7 +322,7 @@ prefill_sm80_kernel(const PrefillParams params) {
     const Element* k_tile = s_k + stage * Smem::kKeyTileElems;
     const Element* v_tile = s_v + stage * Smem::kKeyTileElems;
 
-    // S = Q K^T for this warp's 16 rows x 64 keys.
+    // S = Q K^T for this warp's 16 rows x kPrefillBlockN keys.
     float acc_s[kKeyNTiles][4];
 #pragma unroll
     for (int n = 0; n < kKeyNTiles; ++n)
