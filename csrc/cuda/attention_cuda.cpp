@@ -230,6 +230,8 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
   set_layout(args.pattern, layout_crow, layout_col, args.shape.num_q_heads);
   if (value_checks_enabled()) check_paged_values_on_host(block_tables, seq_lens, key_cache, nullptr);
   if (args.shape.num_seqs == 0) return;
+  BSA_CHECK(args.shape.num_seqs <= 65535, "paged_decode on CUDA takes at most 65535 sequences per call (one grid "
+            "dimension), got ", args.shape.num_seqs);
 
   DecodeParams params{};
   params.q = q.data_ptr();
