@@ -272,28 +272,27 @@ def main(argv=None) -> int:
             max_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
             timed="wall_s excludes setup_s (weights, model load), capture_s (KV cache, CUDA graph capture) and "
                   "warmup_s; prefill = steps carrying prompt tokens, decode = decode-only steps")
-        if args.check:
+        def verify(key: str, label: str, run, passed: str) -> int:
+            """Runs one correctness check, prints its verdict, records it in result; 1 if it failed."""
             try:
-                worst = check_against_reference(cfg, weights, requests, dtype)
-                print(f"check: every token and logit matches the dense-mask reference "
-                      f"(max rel err {worst:.1e}, tol {LOGIT_TOL[dtype]:.0e}) OK")
-                result.update(check="ok", check_max_rel_err=worst)
+                worst = run()
             except AssertionError as e:
-                print(f"check FAILED: {e}", file=sys.stderr)
-                result.update(check="FAILED")
-                status = 1
+                print(f"{label} FAILED: {e}", file=sys.stderr)
+                result[key] = "FAILED"
+                return 1
+            print(f"{label}: {passed} (max rel err {worst:.1e}, tol {LOGIT_TOL[dtype]:.0e}) OK")
+            result.update({key: "ok", f"{key}_max_rel_err": worst})
+            return 0
+
+        if args.check:
+            status |= verify("check", "check", lambda: check_against_reference(cfg, weights, requests, dtype),
+                             "every token and logit matches the dense-mask reference")
         if args.compare_eager:
             single = model if world == 1 else Phi3SmallTiny(cfg, weights, device=device, dtype=dtype)
             what = f"tp {world}, CUDA graphs {'on' if cuda_graphs else 'off'}"
-            try:
-                worst = compare_with_eager(single, requests, args, num_blocks)
-                print(f"compare-eager: {what} matches one rank with eager decode "
-                      f"(max rel err {worst:.1e}, tol {LOGIT_TOL[dtype]:.0e}) OK")
-                result.update(compare_eager="ok", compare_eager_max_rel_err=worst)
-            except AssertionError as e:
-                print(f"compare-eager FAILED ({what}): {e}", file=sys.stderr)
-                result.update(compare_eager="FAILED")
-                status = 1
+            status |= verify("compare_eager", f"compare-eager ({what})",
+                             lambda: compare_with_eager(single, requests, args, num_blocks),
+                             "matches one rank with eager decode")
         print("RESULT json " + json.dumps(result), flush=True)
     if world > 1:
         # Release the decode graphs (they captured NCCL all-reduces) before the communicator goes:
