@@ -2,7 +2,9 @@
 
 A CUDAExtension is built when the installed torch has CUDA and a CUDA toolkit is found, a
 CppExtension otherwise. Knobs (environment variables):
-  TORCH_CUDA_ARCH_LIST   GPU architectures, read by torch's build helpers (e.g. "9.0a" for H100)
+  TORCH_CUDA_ARCH_LIST   GPU architectures, read by torch's build helpers (e.g. "9.0a" for H100).
+                         Unset: the visible GPUs' architectures, Hopper as 9.0a (its wgmma kernel
+                         needs the arch-specific target), or "8.0;9.0a" with no GPU visible.
   MAX_JOBS               parallel compile jobs, read by torch's ninja build
   BSA_DEBUG=1            -O0 -g (and -G for device code), for sanitizers and debuggers
   BSA_FORCE_CPU=1        build the CPU-only extension even where CUDA is available
@@ -27,6 +29,18 @@ def _use_cuda():
     import torch
 
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+
+
+def _cuda_arch_list():
+    """The architectures to build for; sets TORCH_CUDA_ARCH_LIST when unset (see the knobs above)."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if not archs:
+        import torch
+
+        found = sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        archs = ";".join("9.0a" if a == "9.0" else a for a in found) or "8.0;9.0a"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    return [a.strip() for a in archs.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
 
 
 def _extension():
@@ -54,6 +68,10 @@ def _extension():
         cxx.append(define)
     cxx.append("-DBSA_WITH_CUDA")
     nvcc.append("-DBSA_WITH_CUDA")
+    # The Hopper prefill kernel exists only in an sm_90a build; the host dispatch must know.
+    if any(a.startswith("9.0a") for a in _cuda_arch_list()):
+        cxx.append("-DBSA_BUILT_SM90A")
+        nvcc.append("-DBSA_BUILT_SM90A")
     return cpp_extension.CUDAExtension(
         "blocksparse_attn._C", sources + cuda_sources, include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])

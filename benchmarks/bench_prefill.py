@@ -1,7 +1,8 @@
 """Prefill benchmark: our block-sparse varlen_prefill (Phi-3-small pattern) against dense causal attention.
 
 Device-agnostic. For every sequence length S it times, in this one process and on the same inputs:
-  ours        blocksparse_attn varlen_prefill, q/k/v packed [B*S, H, D], Phi-3-small's pattern
+  ours        blocksparse_attn varlen_prefill, q/k/v packed [B*S, H, D], Phi-3-small's pattern (on a
+              Hopper GPU the wgmma kernel; `ours-sm80` is the same call forced onto the sm80 kernel)
   sdpa        torch.nn.functional.scaled_dot_product_attention, dense causal, enable_gqa, [B, H, S, D]
   sdpa-flash  / sdpa-cudnn: the same call pinned to one backend (CUDA only, when the backend accepts it)
   flex        torch.compile(flex_attention) with a BlockMask of the same pattern (CUDA only)
@@ -10,6 +11,10 @@ Device-agnostic. For every sequence length S it times, in this one process and o
 Effective TFLOP/s = 4 * D * (attended (q, k) pairs of the sparse pattern, summed over heads and
 sequences) / time: the SAME work count for every method, so dense methods are charged only for the
 useful work and the column compares directly with the times. Speed-up = baseline time / our time.
+
+On CUDA it first times a dense bf16 matmul (8192^3) and reports every method's rate as a fraction
+of it. `--dense-pattern` replaces the pattern by dense causal attention (every block visible) to
+compare the kernels with cuDNN on the same work.
 
 Example (CPU, the run recorded in benchmarks/RESULTS.md):
     python benchmarks/bench_prefill.py --device cpu --dtype float32
@@ -80,8 +85,32 @@ def make_inputs(batch: int, seq_len: int, dtype, device, seed: int):
             "q4": bhsd(q), "k4": bhsd(k), "v4": bhsd(v)}
 
 
-def ours_fn(x, scale, pattern):
-    return lambda: ops.varlen_prefill(x["q"], x["k"], x["v"], x["cu"], x["cu"], scale, pattern, out=x["out"])
+def ours_fn(x, scale, pattern, kernel=None):
+    """kernel: None (what the op picks) or "sm80"/"sm90", forced through BSA_PREFILL_KERNEL."""
+    def call():
+        return ops.varlen_prefill(x["q"], x["k"], x["v"], x["cu"], x["cu"], scale, pattern, out=x["out"])
+    if kernel is None:
+        return call
+
+    def forced():
+        old = os.environ.get("BSA_PREFILL_KERNEL")
+        os.environ["BSA_PREFILL_KERNEL"] = kernel
+        try:
+            return call()
+        finally:
+            if old is None:
+                del os.environ["BSA_PREFILL_KERNEL"]
+            else:
+                os.environ["BSA_PREFILL_KERNEL"] = old
+    return forced
+
+
+def matmul_tflops(dtype, device) -> float:
+    """Dense matmul rate of this GPU (8192^3, median of CUDA-event timings): the ceiling we compare to."""
+    n = 8192
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    ms = time_cuda([lambda: a @ b], warmup=5, repeats=20)
+    return 2 * n ** 3 / (ms * 1e-3) / 1e12
 
 
 def sdpa_fn(x, scale, backend=None):
@@ -165,6 +194,8 @@ def main(argv=None):
                     help="comma-separated subset of ours,sdpa,sdpa-flash,sdpa-cudnn,flex,reference (default: all "
                          "that apply to the device)")
     ap.add_argument("--out-dir", default="out", help="where the CSV and the PNG go")
+    ap.add_argument("--dense-pattern", action="store_true",
+                    help="dense causal attention through our kernels (every block visible) instead of Phi-3-small's")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -178,19 +209,24 @@ def main(argv=None):
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
     chosen = None if args.methods is None else {m.strip() for m in args.methods.split(",") if m.strip()}
 
-    known = {"ours", "sdpa", "sdpa-flash", "sdpa-cudnn", "flex", "reference"}
+    known = {"ours", "ours-sm80", "sdpa", "sdpa-flash", "sdpa-cudnn", "flex", "reference"}
     if chosen is not None and chosen - known:
         raise SystemExit(f"--methods: unknown {sorted(chosen - known)}, expected a subset of {sorted(known)}")
 
     def wanted(method: str) -> bool:
         return chosen is None or method in chosen
     pattern = SparsePattern.phi3_small(NUM_HEADS)
+    if args.dense_pattern:  # one local block and a vertical column every block: all causal blocks
+        pattern = SparsePattern(pattern.block_size, 1, 1, 0, False, 0)
     scale = 1.0 / HEAD_DIM  # Phi-3-small's softmax scale
 
     dev_name = torch.cuda.get_device_name(device) if cuda else _cpu_name()
     print(f"device {device} ({dev_name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"dtype {str(dtype).removeprefix('torch.')}")
     print(f"Phi-3-small layer: Hq={NUM_HEADS}, Hkv={NUM_KV_HEADS}, D={HEAD_DIM}; pattern {pattern}")
+    peak = matmul_tflops(dtype, device) if cuda and dtype != torch.float32 else None
+    if peak:
+        print(f"dense {str(dtype).removeprefix('torch.')} matmul 8192^3: {peak:.0f} TFLOP/s (the '% mm' column)")
 
     rows = []
     for s_idx, seq_len in enumerate(seq_lens):
@@ -208,6 +244,9 @@ def main(argv=None):
         if cuda:
             from torch.nn.attention import SDPBackend
 
+            if torch.cuda.get_device_capability(device)[0] == 9:
+                methods["ours-sm80"] = [ours_fn(x, scale, pattern, "sm80") for x in inputs]
+
             for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
                                   ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
                 methods[name] = [sdpa_fn(x, scale, backend) for x in inputs]
@@ -219,7 +258,7 @@ def main(argv=None):
             methods["reference"] = [ref_fn(x, scale, pattern) for x in inputs]
 
         if s_idx == 0:  # the sparse methods must compute the pattern they are timed on
-            outs = {m: methods[m][0]() for m in ("ours", "flex") if m in methods and wanted(m)}
+            outs = {m: methods[m][0]() for m in ("ours", "ours-sm80", "flex") if m in methods and wanted(m)}
             errors = sanity_check(inputs[0], scale, pattern, seq_len, dtype, outs)
             print("sanity: vs SDPA with the same mask at S=%d, max abs error: %s" % (
                 seq_len, ", ".join(f"{m} {e:.2e}" for m, e in errors.items()) or "nothing to check"))
@@ -236,6 +275,7 @@ def main(argv=None):
         for name, ms in times.items():
             rows.append({"S": seq_len, "batch": batch, "method": name, "ms": ms,
                          "eff_tflops": flops / (ms * 1e-3) / 1e12, "attended_pairs": pairs,
+                         "matmul_tflops": peak or float("nan"),
                          "causal_pairs": causal_pairs})
         del inputs
         print(f"  S={seq_len} done: " + ", ".join(f"{n} {t:.1f} ms" for n, t in times.items()), flush=True)
@@ -279,9 +319,11 @@ def _print_table(rows):
         for m in baselines:
             c = by.get((s, m))
             line += f" {c['ms'] / ours['ms']:>13.2f}x" if c and ours else f" {'-':>14}"
+        if ours and ours["matmul_tflops"] == ours["matmul_tflops"]:
+            line += f" {ours['eff_tflops'] / ours['matmul_tflops']:>6.0%} mm"
         print(line)
     print("(density: attended (q, k) pairs / causal pairs; TF/s: 4*D*attended pairs / time for every method; "
-          "x vs M: time of M / our time)")
+          "x vs M: time of M / our time; % mm: our TF/s / the dense matmul rate)")
 
 
 def _plot(rows, path, title):

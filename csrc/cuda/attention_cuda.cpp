@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string>
 
 #include "common/attention_args.h"
 #include "cuda/dispatch.h"
@@ -56,11 +57,41 @@ void set_layout(SparsePattern& p, const std::optional<at::Tensor>& layout_crow,
   }
 }
 
+// Which prefill kernel runs: the Hopper kernel (wgmma) where the GPU, the build and the shapes allow
+// it, the sm80 kernel otherwise. BSA_PREFILL_KERNEL=sm80 or =sm90 forces one (tests, benchmarks);
+// forcing sm90 where it cannot run is an error, never a silent fallback.
+enum class PrefillKernel { kSm80, kSm90 };
+
+PrefillKernel choose_prefill_kernel(const PrefillParams& params) {
+  const char* forced = std::getenv("BSA_PREFILL_KERNEL");
+  const std::string choice = forced ? forced : "auto";
+  BSA_CHECK(choice == "auto" || choice == "sm80" || choice == "sm90",
+            "BSA_PREFILL_KERNEL must be auto, sm80 or sm90, got '", choice, "'");
+  if (choice == "sm80") return PrefillKernel::kSm80;
+#ifdef BSA_BUILT_SM90A
+  const bool built = true;
+#else
+  const bool built = false;
+#endif
+  const bool hopper = at::cuda::getCurrentDeviceProperties()->major == 9;
+  const int pad = padded_head_dim(params.head_size);
+  const bool shapes = (pad == 64 || pad == 128) && params.pattern.block_size % 64 == 0;
+  if (built && hopper && shapes) return PrefillKernel::kSm90;
+  BSA_CHECK(choice != "sm90", "BSA_PREFILL_KERNEL=sm90, but the Hopper prefill kernel cannot run here: it needs a ",
+            "compute capability 9.x GPU (have ", at::cuda::getCurrentDeviceProperties()->major, ".",
+            at::cuda::getCurrentDeviceProperties()->minor, "), an extension built for sm_90a (",
+            built ? "yes" : "no", "), head sizes up to 128 (have ", params.head_size,
+            ") and a sparse_block_size that is a multiple of 64 (have ", params.pattern.block_size, ")");
+  return PrefillKernel::kSm80;
+}
+
 // Plans the work list on the device, then runs the prefill kernel over it.
 void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bound) {
-  const int max_tiles = static_cast<int>(params.num_q_tokens / kPrefillBlockM + 2 * params.num_seqs + 1);
-  const int num_buckets = static_cast<int>(key_len_bound / kPrefillBlockM + 2);
   if (params.num_q_tokens == 0 || params.num_seqs == 0) return;
+  const PrefillKernel kernel = choose_prefill_kernel(params);
+  const int block_m = kernel == PrefillKernel::kSm90 ? kPrefillSm90BlockM : kPrefillBlockM;
+  const int max_tiles = static_cast<int>(params.num_q_tokens / block_m + 2 * params.num_seqs + 1);
+  const int num_buckets = static_cast<int>(key_len_bound / block_m + 2);
   at::Tensor workspace = at::empty({num_buckets + 2 * max_tiles + 1}, q.options().dtype(at::kInt));
   int32_t* ws = workspace.data_ptr<int32_t>();
   PlanParams plan{};
@@ -68,7 +99,7 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bou
   plan.cu_seqlens_k = params.kv.cu_seqlens_k;
   plan.seq_lens = params.kv.paged() ? params.kv.seq_lens : nullptr;
   plan.num_seqs = params.num_seqs;
-  plan.block_m = kPrefillBlockM;
+  plan.block_m = block_m;
   plan.num_buckets = num_buckets;
   plan.bucket = ws;
   plan.tile_seq = ws + num_buckets;
@@ -81,7 +112,12 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bou
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   dispatch_element_and_head_dim(q.scalar_type(), params.head_size, [&](auto element, auto pad) {
-    launch_prefill_sm80<decltype(element), decltype(pad)::value>(params, max_tiles, stream);
+    using Element = decltype(element);
+    constexpr int kPad = decltype(pad)::value;
+    if constexpr (kPad == 64 || kPad == 128) {
+      if (kernel == PrefillKernel::kSm90) return launch_prefill_sm90<Element, kPad>(params, max_tiles, stream);
+    }
+    launch_prefill_sm80<Element, kPad>(params, max_tiles, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

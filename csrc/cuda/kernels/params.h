@@ -17,6 +17,8 @@ constexpr int kPrefillBlockM = 64;
 #define BSA_PREFILL_BLOCK_N 32
 #endif
 constexpr int kPrefillBlockN = BSA_PREFILL_BLOCK_N;  // 32 or 64
+// Query rows per CTA of the Hopper prefill kernel: two consumer warp groups of 64 rows.
+constexpr int kPrefillSm90BlockM = 128;
 
 // Where a sequence's keys and values live: packed contiguous tensors or the paged cache.
 struct KeyValueSource {

@@ -1,0 +1,473 @@
+// Block-sparse flash-attention forward for Hopper (sm_90a): wgmma on warp-group tiles, a producer
+// warp group that feeds a shared-memory ring completed on mbarriers, two consumer warp groups.
+//
+// One CTA = one (sequence, 128-row query tile, q head) item of the plan kernel's list. Warp group 0
+// gathers Q and the K/V tiles with cp.async (contiguous tensors or the paged cache alike, zero-filled
+// past the sequence, so unwritten cache slots never reach P.V); warp groups 1 and 2 each own 64 query
+// rows. Sparse blocks are multiples of 64 tokens, so each consumer's rows lie in one query block:
+// the producer walks the union of the two blocks' visible key tiles and tells each consumer, per
+// stage, whether it sees the tile and whether it needs the element mask. A consumer that does not
+// see a tile only releases the stage.
+//
+// Per stage and consumer: S = Q K^T (wgmma, both operands in shared memory, K-major), online softmax
+// in registers, O += P V (wgmma, P from registers in the accumulator layout, V MN-major).
+// Torch-free: compiled by bare nvcc in CI. Built only for sm_90a; other targets compile a stub.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "cuda/kernels/block_visibility.cuh"
+#include "cuda/kernels/params.h"
+#include "cuda/kernels/ptx_sm90.cuh"
+
+namespace blocksparse_attn {
+
+constexpr int kSm90BlockN = 64;         // keys per K/V stage
+constexpr int kSm90Stages = 4;          // K/V ring depth
+constexpr int kSm90ConsumerGroups = kPrefillSm90BlockM / 64;
+constexpr int kSm90Threads = 128 * (1 + kSm90ConsumerGroups);
+constexpr int kSm90LoadsInFlight = 2;   // cp.async groups the producer keeps outstanding
+// Register split between the producer (address arithmetic only) and the consumers (O, S and P).
+constexpr int kSm90ProducerRegisters = 56;
+constexpr int kSm90ConsumerRegisters = 224;
+
+// Per-stage flags for one consumer warp group.
+constexpr uint8_t kTileVisible = 1;  // the group's query block sees this key tile
+constexpr uint8_t kTileMasked = 2;   // ... and some (row, key) pairs are causal or past the keys
+
+// Shared memory: operand tiles of 64 rows x kHeadDim, stored as 64-column blocks of 64 rows x 128 B
+// with the 128-byte swizzle (the layout wgmma reads), every tile 1024-byte aligned.
+template <int kHeadDim>
+struct Sm90Smem {
+  static constexpr int kColumnBlockBytes = 64 * 128;
+  static constexpr int kTileBytes = kHeadDim / 64 * kColumnBlockBytes;
+  static constexpr int kQOffset = 0;  // one tile per consumer group; reused to stage O
+  static constexpr int kKOffset = kQOffset + kSm90ConsumerGroups * kTileBytes;
+  static constexpr int kVOffset = kKOffset + kSm90Stages * kTileBytes;
+  static constexpr int kBarrierOffset = kVOffset + kSm90Stages * kTileBytes;
+  // q_full, full[kStages], empty[kStages], then the stage records
+  static constexpr int kRecordOffset = kBarrierOffset + 8 * (1 + 2 * kSm90Stages);
+  static constexpr int kBytes = kRecordOffset + 8 * kSm90Stages + 1024;  // + slack to align the base
+};
+
+// What the producer tells the consumers about a filled stage.
+struct Sm90StageRecord {
+  int key_tile;  // 64-key tile index (absolute positions key_tile * 64 ...); -1 ends the list
+  uint8_t flags[kSm90ConsumerGroups];
+};
+
+// Byte offset of (row, col) in a swizzled tile (row < 64).
+__device__ __forceinline__ int sm90_tile_offset(int row, int col) {
+  return (col >> 6) * (64 * 128) + row * 128 + ((((col & 63) >> 3) ^ (row & 7)) << 4) + (col & 7) * 2;
+}
+
+// Enumerates, identically in every producer thread, the 64-key tiles that the query blocks of a
+// 128-row tile see: for the pattern, the vertical columns below the first block's band, then the
+// band up to the last block; for a layout, the merge of the two CSR rows. Sparse blocks are multiples
+// of 64 tokens, so a 128-row tile touches one or two query blocks.
+struct Sm90KeyTileCursor {
+  const SparsePattern* p;
+  int head;
+  int qb_first, qb_last;
+  int last_pos;         // the tile's last valid query position: later key tiles are never visible
+  int tiles_per_block;  // B / 64
+  int block;            // pattern: current key block; layout: unused
+  int band_start;
+  int entry[2], entry_end[2];  // layout: positions in the two rows
+  int sub;                     // next 64-key tile inside the current block
+  int current;                 // the current block (layout), -1 before the first
+
+  __device__ void init(const SparsePattern& pattern, int h, int first_pos, int last_valid_pos) {
+    p = &pattern;
+    head = h;
+    qb_first = first_pos / pattern.block_size;
+    qb_last = last_valid_pos / pattern.block_size;
+    last_pos = last_valid_pos;
+    tiles_per_block = pattern.block_size / 64;
+    sub = 0;
+    current = -1;
+    if (pattern.has_layout()) {
+      const int32_t* crow = pattern.layout_crow + static_cast<int64_t>(h) * (pattern.layout_rows + 1);
+      const int rows[2] = {qb_first, qb_last};
+      for (int r = 0; r < 2; ++r) {
+        const bool covered = rows[r] < pattern.layout_rows && (r == 0 || qb_last != qb_first);
+        entry[r] = covered ? crow[rows[r]] : 0;
+        entry_end[r] = covered ? crow[rows[r] + 1] : 0;
+      }
+    } else {
+      band_start = max(qb_first - pattern.local_blocks + 1, 0);
+      const int rho = vertical_residue(pattern, h);
+      block = rho < band_start ? rho : band_start;
+    }
+  }
+
+  // The next key block of the union, or -1.
+  __device__ int next_block() {
+    if (p->has_layout()) {
+      const int32_t* col = p->layout_col + static_cast<int64_t>(head) * p->layout_col_stride;
+      const int a = entry[0] < entry_end[0] ? col[entry[0]] : INT32_MAX;
+      const int b = entry[1] < entry_end[1] ? col[entry[1]] : INT32_MAX;
+      const int j = min(a, b);
+      if (j == INT32_MAX) return -1;
+      if (a == j) ++entry[0];
+      if (b == j) ++entry[1];
+      return j;
+    }
+    if (block > qb_last) return -1;
+    const int j = block;
+    if (block < band_start) {
+      block += p->vert_stride;
+      if (block >= band_start) block = band_start;
+    } else {
+      ++block;
+    }
+    return j;
+  }
+
+  // The next key tile of the union, or false at the end.
+  __device__ bool next(int& key_tile) {
+    while (true) {
+      if (current < 0 || sub == tiles_per_block) {
+        current = next_block();
+        sub = 0;
+        if (current < 0) return false;
+      }
+      const int tile = current * tiles_per_block + sub++;
+      if (tile * 64 > last_pos) {  // the rest of this block lies after every query of the tile
+        sub = tiles_per_block;
+        continue;
+      }
+      key_tile = tile;
+      return true;
+    }
+  }
+};
+
+template <typename Element, int kHeadDim>
+__global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const PrefillParams params) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Smem = Sm90Smem<kHeadDim>;
+  constexpr int kStages = kSm90Stages;
+  extern __shared__ unsigned char smem_unaligned[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_unaligned) + 1023) & ~uintptr_t{1023});
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + Smem::kBarrierOffset);
+  uint64_t* full = q_full + 1;
+  uint64_t* empty = full + kStages;
+  Sm90StageRecord* records = reinterpret_cast<Sm90StageRecord*>(smem + Smem::kRecordOffset);
+
+  const int item = blockIdx.x / params.num_q_heads;
+  const int head = blockIdx.x % params.num_q_heads;
+  if (item >= *params.num_tiles) return;
+  const int seq = params.tile_seq[item];
+  const int q_tile = params.tile_index[item];
+  const int kv_head = head / params.pattern.q_heads_per_kv;
+  const int tid = threadIdx.x;
+  const int head_size = params.head_size;
+
+  const KeyValueSource& kv = params.kv;
+  const int q_begin = params.cu_seqlens_q[seq];
+  const int q_len = params.cu_seqlens_q[seq + 1] - q_begin;
+  const int k_len = kv.paged() ? kv.seq_lens[seq] : kv.cu_seqlens_k[seq + 1] - kv.cu_seqlens_k[seq];
+  const int first_pos = k_len - q_len;  // absolute position of the sequence's first query
+  const int tile_pos = q_tile * kPrefillSm90BlockM;
+  const int valid_begin = max(tile_pos, first_pos);
+  const int valid_end = min(tile_pos + kPrefillSm90BlockM, k_len);
+
+  if (tid == 0) {
+    ptx::mbarrier_init(q_full, 128);
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbarrier_init(&full[s], 128);                       // every producer thread arrives
+      ptx::mbarrier_init(&empty[s], 4 * kSm90ConsumerGroups);  // one arrival per consumer warp
+    }
+    ptx::mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  if (tid < 128) {
+    // ---------------------------------------------------------------- producer warp group
+    ptx::setmaxnreg_dec<kSm90ProducerRegisters>();
+    constexpr int kChunksPerRow = kHeadDim / 8;
+    constexpr int kRowStep = 128 / kChunksPerRow;
+    const int chunk = tid % kChunksPerRow, col = chunk * 8;
+    const int row0 = tid / kChunksPerRow;
+    const bool col_valid = col < head_size;
+
+    // Q: 128 rows; rows outside [valid_begin, valid_end) are zeros (never stored).
+    {
+      const Element* q = static_cast<const Element*>(params.q);
+#pragma unroll
+      for (int row = row0; row < kPrefillSm90BlockM; row += kRowStep) {
+        const int pos = tile_pos + row;
+        const bool valid = pos >= valid_begin && pos < valid_end && col_valid;
+        const Element* src =
+            valid ? q + static_cast<int64_t>(q_begin + pos - first_pos) * params.q_row_stride + head * params.q_head_stride + col : q;
+        unsigned char* dst = smem + Smem::kQOffset + (row >> 6) * Smem::kTileBytes + sm90_tile_offset(row & 63, col);
+        ptx::cp_async_16(dst, src, valid);
+      }
+      ptx::cp_async_commit();
+    }
+
+    // K and V of one 64-key tile; keys past k_len (and bad page ids) read as zeros.
+    const Element* key = static_cast<const Element*>(kv.key);
+    const Element* value = static_cast<const Element*>(kv.value);
+    auto load_kv = [&](int key_tile, int stage) {
+      const int pos0 = key_tile * 64;
+      unsigned char* dst_k = smem + Smem::kKOffset + stage * Smem::kTileBytes;
+      unsigned char* dst_v = smem + Smem::kVOffset + stage * Smem::kTileBytes;
+      if (!kv.paged()) {
+        const int64_t base = static_cast<int64_t>(kv.cu_seqlens_k[seq] + pos0 + row0) * kv.row_stride +
+                             kv_head * kv.head_stride + col;
+        const int64_t step = kRowStep * kv.row_stride;
+#pragma unroll
+        for (int u = 0; u < 64 / kRowStep; ++u) {
+          const int row = row0 + u * kRowStep;
+          const bool valid = pos0 + row < k_len && col_valid;
+          const int64_t offset = base + u * step;
+          const int dst = sm90_tile_offset(row, col);
+          ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
+          ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
+        }
+        return;
+      }
+#pragma unroll
+      for (int u = 0; u < 64 / kRowStep; ++u) {
+        const int row = row0 + u * kRowStep;
+        const int pos = pos0 + row;
+        bool valid = pos < k_len && col_valid;
+        int64_t offset = 0;
+        if (valid) {
+          const int page = kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
+          valid = page >= 0 && page < kv.num_cache_blocks;
+          offset = page * kv.cache_block_stride + kv_head * kv.cache_head_stride +
+                   static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
+        }
+        const int dst = sm90_tile_offset(row, col);
+        ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
+        ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
+      }
+    };
+
+    // Each consumer group's valid rows (absolute positions) and query block.
+    int group_lo[kSm90ConsumerGroups], group_hi[kSm90ConsumerGroups];
+#pragma unroll
+    for (int g = 0; g < kSm90ConsumerGroups; ++g) {
+      group_lo[g] = max(valid_begin, tile_pos + 64 * g);
+      group_hi[g] = min(valid_end, tile_pos + 64 * g + 64) - 1;
+    }
+    Sm90KeyTileCursor cursor;
+    cursor.init(params.pattern, head, valid_begin, valid_end - 1);
+
+    // Group -1 is Q, group n the n-th K/V stage fill. A stage is published (fence for the wgmma
+    // reads, then arrive) once its copies have landed, kSm90LoadsInFlight fills later.
+    int next_publish = -1;
+    auto publish = [&](int group) {
+      ptx::fence_proxy_async_shared();
+      ptx::mbarrier_arrive(group < 0 ? q_full : &full[group % kStages]);
+    };
+    for (int n = 0;; ++n) {
+      const int stage = n % kStages;
+      if (n >= kStages) ptx::mbarrier_wait(&empty[stage], ((n / kStages) + 1) & 1);
+      int key_tile = -1;
+      uint8_t flags[kSm90ConsumerGroups];
+      while (cursor.next(key_tile)) {
+        const int key_first = key_tile * 64, key_last = key_first + 63;
+        bool any = false;
+#pragma unroll
+        for (int g = 0; g < kSm90ConsumerGroups; ++g) {
+          flags[g] = 0;
+          if (group_lo[g] > group_hi[g] || key_first > group_hi[g]) continue;
+          const int qb = group_lo[g] / params.pattern.block_size;
+          if (!block_visible(params.pattern, head, qb, key_first / params.pattern.block_size)) continue;
+          flags[g] = kTileVisible | (key_last > group_lo[g] || key_last >= k_len ? kTileMasked : 0);
+          any = true;
+        }
+        if (any) break;
+        key_tile = -1;
+      }
+      if (key_tile >= 0) load_kv(key_tile, stage);
+      if (tid == 0) {
+        records[stage].key_tile = key_tile;
+#pragma unroll
+        for (int g = 0; g < kSm90ConsumerGroups; ++g) records[stage].flags[g] = key_tile >= 0 ? flags[g] : 0;
+      }
+      ptx::cp_async_commit();
+      if (key_tile < 0) {  // the end record: publish everything still outstanding
+        ptx::cp_async_wait<0>();
+        while (next_publish <= n) publish(next_publish++);
+        break;
+      }
+      if (n - kSm90LoadsInFlight >= next_publish) {
+        ptx::cp_async_wait<kSm90LoadsInFlight>();
+        publish(next_publish++);
+      }
+    }
+  } else {
+    // ---------------------------------------------------------------- consumer warp groups
+    ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
+    using MmaS = ptx::Wgmma<Element, kSm90BlockN>;
+    using MmaO = ptx::Wgmma<Element, kHeadDim>;
+    constexpr int kSRegs = kSm90BlockN / 2;  // S accumulators per thread: 64 rows x 64 keys / 128
+    constexpr int kORegs = kHeadDim / 2;
+    const int group = tid / 128 - 1;
+    const int t = tid % 128, warp = t / 32, lane = t % 32;
+    const int quad_row = lane / 4, tig = lane % 4;
+    const int group_pos = tile_pos + 64 * group;
+    const int row_pos[2] = {group_pos + warp * 16 + quad_row, group_pos + warp * 16 + quad_row + 8};
+    unsigned char* s_q = smem + Smem::kQOffset + group * Smem::kTileBytes;
+    // Descriptor steps (16-byte units): K-major operands advance 32 B per 16 columns inside a
+    // 64-column block, then a whole block; V (MN-major) advances 16 rows of 128 B per 16 keys.
+    const uint64_t desc_q = ptx::smem_descriptor_sw128(s_q, 16, 1024);
+    auto k_step = [](int ks) { return static_cast<uint64_t>(((ks & 3) * 32 + (ks >> 2) * Smem::kColumnBlockBytes) >> 4); };
+
+    float acc_o[kORegs];
+#pragma unroll
+    for (int i = 0; i < kORegs; ++i) acc_o[i] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.f, 0.f};
+
+    ptx::mbarrier_wait(q_full, 0);
+    for (int n = 0;; ++n) {
+      const int stage = n % kStages;
+      ptx::mbarrier_wait(&full[stage], (n / kStages) & 1);
+      const int key_tile = records[stage].key_tile;
+      if (key_tile < 0) break;
+      const uint8_t flags = records[stage].flags[group];
+      if (flags & kTileVisible) {
+        const unsigned char* s_k = smem + Smem::kKOffset + stage * Smem::kTileBytes;
+        const unsigned char* s_v = smem + Smem::kVOffset + stage * Smem::kTileBytes;
+        const uint64_t desc_k = ptx::smem_descriptor_sw128(s_k, 16, 1024);
+        const uint64_t desc_v = ptx::smem_descriptor_sw128(s_v, Smem::kColumnBlockBytes, 1024);
+
+        // S = Q K^T
+        float s[kSRegs];
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q + k_step(ks), desc_k + k_step(ks), ks > 0);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::fence_registers(s);
+
+        // Scale into the log2 domain and mask (select, never add: garbage K rows may hold NaN).
+        // s[4j + e]: row row_pos[e / 2], key key_tile * 64 + 8j + 2 tig + e % 2.
+        const int key_pos0 = key_tile * 64;
+#pragma unroll
+        for (int j = 0; j < kSRegs / 4; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float x = s[4 * j + e] * params.scale_log2;
+            if (flags & kTileMasked) {
+              const int key_pos = key_pos0 + 8 * j + 2 * tig + (e & 1);
+              if (key_pos > row_pos[e >> 1] || key_pos >= k_len) x = -INFINITY;
+            }
+            s[4 * j + e] = x;
+          }
+
+        // Online softmax: the 4 threads of a quad hold one row's keys.
+        float row_alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          float mx = row_max[r];
+#pragma unroll
+          for (int j = 0; j < kSRegs / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+          const float ref = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: avoid inf - inf
+          const float alpha = ptx::exp2_approx(row_max[r] - ref);
+          row_max[r] = mx;
+          float sum = 0.f;
+#pragma unroll
+          for (int j = 0; j < kSRegs / 4; ++j) {
+            s[4 * j + 2 * r] = ptx::exp2_approx(s[4 * j + 2 * r] - ref);
+            s[4 * j + 2 * r + 1] = ptx::exp2_approx(s[4 * j + 2 * r + 1] - ref);
+            sum += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
+          }
+          row_sum[r] = row_sum[r] * alpha + sum;
+          row_alpha[r] = alpha;
+        }
+        if (__any_sync(0xffffffffu, row_alpha[0] != 1.f || row_alpha[1] != 1.f)) {
+#pragma unroll
+          for (int i = 0; i < kORegs; i += 4) {
+            acc_o[i] *= row_alpha[0];
+            acc_o[i + 1] *= row_alpha[0];
+            acc_o[i + 2] *= row_alpha[1];
+            acc_o[i + 3] *= row_alpha[1];
+          }
+        }
+
+        // O += P V: 16 keys per k-step; two 8-key accumulator blocks form one A fragment.
+        uint32_t p_frag[kSm90BlockN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < kSm90BlockN / 16; ++kk) {
+          p_frag[kk][0] = ptx::pack2<Element>(s[8 * kk + 0], s[8 * kk + 1]);
+          p_frag[kk][1] = ptx::pack2<Element>(s[8 * kk + 2], s[8 * kk + 3]);
+          p_frag[kk][2] = ptx::pack2<Element>(s[8 * kk + 4], s[8 * kk + 5]);
+          p_frag[kk][3] = ptx::pack2<Element>(s[8 * kk + 6], s[8 * kk + 7]);
+        }
+        ptx::fence_registers(acc_o);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kSm90BlockN / 16; ++kk)
+          MmaO::rs_mn_major_b(acc_o, p_frag[kk], desc_v + static_cast<uint64_t>((kk * 16 * 128) >> 4));
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        ptx::fence_registers(acc_o);
+      }
+      __syncwarp();
+      if (lane == 0) ptx::mbarrier_arrive(&empty[stage]);
+    }
+
+    // Epilogue: normalise, write lse, stage O through this group's Q tile for 16-byte stores.
+    float inv_sum[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = row_sum[r];
+      l += __shfl_xor_sync(0xffffffff, l, 1);
+      l += __shfl_xor_sync(0xffffffff, l, 2);
+      // l = 0 only for a row that sees no key (explicit layouts): O = 0, lse = -inf. A NaN l (a
+      // non-finite input) must stay NaN in both, as in dense attention, so test == 0, not > 0.
+      inv_sum[r] = l == 0.f ? 0.f : 1.f / l;
+      const int p = row_pos[r];
+      if (params.lse != nullptr && tig == 0 && p >= valid_begin && p < valid_end) {
+        const float lse = l == 0.f ? -INFINITY : (row_max[r] + __log2f(l)) * 0.69314718055994531f;
+        params.lse[static_cast<int64_t>(head) * params.num_q_tokens + q_begin + p - first_pos] = lse;
+      }
+    }
+    ptx::named_barrier_sync(1 + group, 128);  // the group's wgmma reads of s_q are over
+#pragma unroll
+    for (int j = 0; j < kORegs / 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const uint32_t packed = ptx::pack2<Element>(acc_o[4 * j + 2 * r] * inv_sum[r], acc_o[4 * j + 2 * r + 1] * inv_sum[r]);
+        *reinterpret_cast<uint32_t*>(s_q + sm90_tile_offset(warp * 16 + quad_row + 8 * r, 8 * j + 2 * tig)) = packed;
+      }
+    ptx::named_barrier_sync(1 + group, 128);
+    Element* out = static_cast<Element*>(params.out);
+    constexpr int kChunksPerRow = kHeadDim / 8;
+    for (int c = t; c < 64 * kChunksPerRow; c += 128) {
+      const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+      const int pos = group_pos + row;
+      if (pos < valid_begin || pos >= valid_end || col >= head_size) continue;
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(q_begin + pos - first_pos) * params.out_row_stride +
+                                head * params.out_head_stride + col) =
+          *reinterpret_cast<const uint4*>(s_q + sm90_tile_offset(row, col));
+    }
+  }
+#else
+  __trap();  // built for a target without wgmma: the host never launches it there
+#endif
+}
+
+template <typename Element, int kHeadDim>
+void launch_prefill_sm90(const PrefillParams& params, int max_tiles, cudaStream_t stream) {
+  static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper prefill kernel takes padded head dims 64 and 128");
+  constexpr int kSmemBytes = Sm90Smem<kHeadDim>::kBytes;
+  auto kernel = prefill_sm90_kernel<Element, kHeadDim>;
+  cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  kernel<<<max_tiles * params.num_q_heads, kSm90Threads, kSmemBytes, stream>>>(params);
+}
+
+}  // namespace blocksparse_attn

@@ -1,0 +1,102 @@
+// Thin wrappers over the Hopper (sm_90a) PTX the Hopper prefill kernel is built from: mbarriers,
+// proxy fences, named barriers, register reallocation and the shared-memory matrix descriptors of
+// wgmma (the wgmma instructions themselves are in wgmma_generated.cuh). Torch-free.
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/kernels/ptx.cuh"
+#include "cuda/kernels/wgmma_generated.cuh"
+
+namespace blocksparse_attn {
+namespace ptx {
+
+// ---- mbarriers (shared-memory barriers that count arrivals and complete in phases) ----------------
+
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(arrivals));
+}
+
+// Makes initialised barriers visible to the other threads' mbarrier operations (with a CTA barrier).
+__device__ __forceinline__ void mbarrier_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+// Release semantics: this thread's earlier writes are visible to threads that see the phase complete.
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile(
+      "{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(smem_addr(bar))
+      : "memory");
+}
+
+// Waits (acquire) until the phase of the given parity has completed: phase k of a barrier completes
+// with parity k & 1, so a consumer of the k-th fill waits for parity k & 1.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+// Generic-proxy writes to shared memory (st.shared, cp.async) become visible to async-proxy readers
+// (wgmma operands) only after this fence in the writing thread.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Barrier over a subset of the CTA's warps (ids 1..15; 0 is __syncthreads).
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---- register reallocation between warp groups ------------------------------------------------------
+
+template <int kRegisters>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
+template <int kRegisters>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegisters));
+}
+
+// ---- wgmma bookkeeping --------------------------------------------------------------------------------
+
+// Orders this warp group's register writes (accumulators, A fragments) before the next wgmma.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+
+// Keeps the compiler from moving reads or writes of an accumulator across wgmma issue and wait
+// (the asm statements above do not name the registers the hardware writes asynchronously).
+template <int kCount>
+__device__ __forceinline__ void fence_registers(float (&r)[kCount]) {
+#pragma unroll
+  for (int i = 0; i < kCount; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// Shared-memory matrix descriptor for the 128-byte swizzle: operands are stored as atoms of 8 rows x
+// 128 bytes, 1024-byte aligned, the 16-byte chunk c of row r at chunk position c ^ (r % 8).
+//  leading_bytes: K-major: unused (1); MN-major: offset between 64-element column blocks.
+//  stride_bytes: offset between groups of 8 rows (1024 for dense atoms).
+__device__ __forceinline__ uint64_t smem_descriptor_sw128(const void* smem, uint32_t leading_bytes,
+                                                          uint32_t stride_bytes) {
+  const uint64_t address = smem_addr(smem);
+  uint64_t desc = (address & 0x3FFFF) >> 4;
+  desc |= static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << 16;
+  desc |= static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32;
+  desc |= uint64_t{1} << 62;  // 128-byte swizzle
+  return desc;
+}
+
+}  // namespace ptx
+}  // namespace blocksparse_attn

@@ -1,0 +1,115 @@
+"""The two CUDA prefill kernels, each forced by BSA_PREFILL_KERNEL, against the float32 reference.
+
+`auto` picks the Hopper kernel (wgmma, 128-row tiles) on compute capability 9.x for head sizes up to
+128 and sparse blocks that are multiples of 64, the sm80 kernel elsewhere. The rest of the suite
+runs whatever `auto` picks; this file runs both kernels over the Hopper kernel's domain (sparse
+blocks of 64 and 128 tokens: two query blocks per 128-row tile, or one), with the lengths
+around tile and block edges, both dtypes, GQA ratios, every pattern mode, explicit layouts and
+chunked prefill from a shuffled paged cache. CUDA only: the CPU has one kernel.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _helpers import make_pattern, random_block_mask
+from blocksparse_attn.layout import BlockLayout, SparsePattern
+from test_attention_ops import MODES, run_paged_prefill, run_varlen
+
+KERNELS = ("sm80", "sm90")
+LOCAL, VERT = 2, 3
+
+
+def _is_hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch):
+    """Forces one prefill kernel for the test (the host code reads the variable per call)."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    if request.param == "sm90" and not _is_hopper():
+        pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
+    monkeypatch.setenv("BSA_PREFILL_KERNEL", request.param)
+    return request.param
+
+
+def tile_edge_lengths(block_size: int) -> list[tuple[int, int]]:
+    """(q_len, k_len) pairs around the 64- and 128-row tile edges and the sparse block edges."""
+    b = block_size
+    return [(1, 1), (63, 63), (64, 64), (65, 65), (127, 127), (128, 128), (129, 129), (b - 1, b - 1),
+            (b + 1, b + 1), (1000, 1000), (5, 4097), (200, 700)]
+
+
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=("fp16", "bf16"))
+@pytest.mark.parametrize("block_size", (64, 128), ids=lambda b: f"B{b}")
+def test_varlen_lengths(kernel, block_size, dtype, gen):
+    pattern = make_pattern("qslide", block_size, LOCAL, VERT, 8, 2)
+    run_varlen("cuda", dtype, 8, 2, 128, tile_edge_lengths(block_size), pattern, gen)
+
+
+@pytest.mark.parametrize("head_dim", (64, 80, 96, 112, 128))
+def test_varlen_head_dims(kernel, head_dim, gen):
+    pattern = make_pattern("kvslide", 64, LOCAL, VERT, 4, 1)
+    run_varlen("cuda", torch.bfloat16, 4, 1, head_dim, [(300, 300), (65, 129), (1, 64)], pattern, gen)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("heads", ((4, 4), (8, 2), (6, 1)), ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
+def test_varlen_modes(kernel, heads, mode, gen):
+    hq, hkv = heads
+    pattern = make_pattern(mode, 64, LOCAL, VERT, hq, hkv)
+    run_varlen("cuda", torch.bfloat16, hq, hkv, 64, [(700, 700), (130, 260)], pattern, gen)
+
+
+def test_varlen_phi3_small(kernel, gen):
+    """Phi-3-small's own pattern (B 64, L 16, V 8) at lengths where the far vertical columns matter."""
+    pattern = SparsePattern.phi3_small(num_heads=8, tp_size=4, tp_rank=1)
+    run_varlen("cuda", torch.bfloat16, 8, 2, 128, [(2500, 2500), (129, 1200), (1, 1500)], pattern, gen,
+               scale=1 / 128)
+
+
+@pytest.mark.parametrize("diagonal", (True, False), ids=("diag", "nodiag"))
+@pytest.mark.parametrize("block_size", (64, 128), ids=lambda b: f"B{b}")
+def test_varlen_explicit_layout(kernel, block_size, diagonal, gen):
+    """Random per-head layouts: the 128-row tile merges two CSR rows (B 64); rows without keys give
+    out 0 and lse -inf."""
+    hq, hkv, blocks = 4, 2, 9
+    lay = BlockLayout.from_block_mask(random_block_mask(hq, blocks, gen, diagonal), block_size)
+    n = blocks * block_size
+    _, _, ref_lse = run_varlen("cuda", torch.float16, hq, hkv, 128, [(n, n), (n - 70, n - 3), (1, 65)], lay, gen)
+    if not diagonal:
+        assert (ref_lse == float("-inf")).any(), "test setup: no query row without keys"
+
+
+@pytest.mark.parametrize("kv_block_size", (16, 32, 64), ids=lambda x: f"kvbs{x}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=("fp16", "bf16"))
+def test_paged_chunked(kernel, dtype, kv_block_size, gen):
+    """Chunked prefill: new tokens at positions context_len.. read the context from a shuffled paged
+    cache whose unowned slots are NaN."""
+    pattern = make_pattern("qslide", 64, LOCAL, VERT, 8, 2)
+    seqs = [(0, 129), (1, 1), (63, 2), (64, 64), (65, 127), (1000, 300), (4000, 97), (130, 0)]
+    run_paged_prefill("cuda", dtype, 8, 2, 128, kv_block_size, seqs, pattern, gen)
+
+
+def test_forced_sm90_outside_its_domain_is_an_error(monkeypatch, gen):
+    """Forcing the Hopper kernel where it cannot run fails loudly instead of falling back."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    monkeypatch.setenv("BSA_PREFILL_KERNEL", "sm90")
+    pattern = make_pattern("qslide", 32, LOCAL, VERT, 4, 2)  # blocks of 32: not a multiple of 64
+    with pytest.raises(RuntimeError, match="sm90"):
+        run_varlen("cuda", torch.float16, 4, 2, 64, [(100, 100)], pattern, gen)
+
+
+def test_bad_kernel_name_is_an_error(monkeypatch, gen):
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    monkeypatch.setenv("BSA_PREFILL_KERNEL", "fastest")
+    pattern = make_pattern("qslide", 64, LOCAL, VERT, 4, 2)
+    with pytest.raises(RuntimeError, match="BSA_PREFILL_KERNEL"):
+        run_varlen("cuda", torch.float16, 4, 2, 64, [(100, 100)], pattern, gen)
