@@ -25,11 +25,24 @@
 
 namespace blocksparse_attn {
 
-constexpr int kSm90BlockN = 64;         // keys per K/V stage
-constexpr int kSm90Stages = 4;          // K/V ring depth
+// Build-time knobs (for experiments; the defaults are the measured best).
+#ifndef BSA_SM90_KEY_TILES_PER_STAGE
+#define BSA_SM90_KEY_TILES_PER_STAGE 1
+#endif
+#ifndef BSA_SM90_STAGES
+#define BSA_SM90_STAGES 4
+#endif
+#ifndef BSA_SM90_LOADS_IN_FLIGHT
+#define BSA_SM90_LOADS_IN_FLIGHT 2
+#endif
+// A stage holds kSm90TilesPerStage 64-key tiles of the visible list (not necessarily adjacent).
+constexpr int kSm90TilesPerStage = BSA_SM90_KEY_TILES_PER_STAGE;
+constexpr int kSm90BlockN = 64 * kSm90TilesPerStage;  // keys per K/V stage
+constexpr int kSm90Stages = BSA_SM90_STAGES;           // K/V ring depth
 constexpr int kSm90ConsumerGroups = kPrefillSm90BlockM / 64;
 constexpr int kSm90Threads = 128 * (1 + kSm90ConsumerGroups);
-constexpr int kSm90LoadsInFlight = 2;   // cp.async groups the producer keeps outstanding
+constexpr int kSm90LoadsInFlight = BSA_SM90_LOADS_IN_FLIGHT;  // cp.async groups the producer keeps outstanding
+static_assert(kSm90LoadsInFlight < kSm90Stages, "the producer must publish a stage before it waits to refill it");
 // Register split between the producer (address arithmetic only) and the consumers (O, S and P).
 constexpr int kSm90ProducerRegisters = 56;
 constexpr int kSm90ConsumerRegisters = 224;
@@ -38,30 +51,36 @@ constexpr int kSm90ConsumerRegisters = 224;
 constexpr uint8_t kTileVisible = 1;  // the group's query block sees this key tile
 constexpr uint8_t kTileMasked = 2;   // ... and some (row, key) pairs are causal or past the keys
 
-// Shared memory: operand tiles of 64 rows x kHeadDim, stored as 64-column blocks of 64 rows x 128 B
-// with the 128-byte swizzle (the layout wgmma reads), every tile 1024-byte aligned.
+// Shared memory: operand tiles of kRows rows x kHeadDim, stored as 64-column blocks of kRows rows x
+// 128 B with the 128-byte swizzle (the layout wgmma reads), every tile 1024-byte aligned. Q tiles
+// have 64 rows (one per consumer group), K and V stages kSm90BlockN.
 template <int kHeadDim>
 struct Sm90Smem {
-  static constexpr int kColumnBlockBytes = 64 * 128;
-  static constexpr int kTileBytes = kHeadDim / 64 * kColumnBlockBytes;
+  static constexpr int kQTileBytes = kHeadDim / 64 * 64 * 128;
+  static constexpr int kStageColumnBlockBytes = kSm90BlockN * 128;
+  static constexpr int kStageBytes = kHeadDim / 64 * kStageColumnBlockBytes;
   static constexpr int kQOffset = 0;  // one tile per consumer group; reused to stage O
-  static constexpr int kKOffset = kQOffset + kSm90ConsumerGroups * kTileBytes;
-  static constexpr int kVOffset = kKOffset + kSm90Stages * kTileBytes;
-  static constexpr int kBarrierOffset = kVOffset + kSm90Stages * kTileBytes;
+  static constexpr int kKOffset = kQOffset + kSm90ConsumerGroups * kQTileBytes;
+  static constexpr int kVOffset = kKOffset + kSm90Stages * kStageBytes;
+  static constexpr int kBarrierOffset = kVOffset + kSm90Stages * kStageBytes;
   // q_full, full[kStages], empty[kStages], then the stage records
   static constexpr int kRecordOffset = kBarrierOffset + 8 * (1 + 2 * kSm90Stages);
-  static constexpr int kBytes = kRecordOffset + 8 * kSm90Stages + 1024;  // + slack to align the base
+  static constexpr int kBytes = kRecordOffset + 16 * kSm90Stages + 1024;  // + slack to align the base
 };
 
-// What the producer tells the consumers about a filled stage.
+// What the producer tells the consumers about a filled stage: per 64-key slot, the key tile
+// (absolute positions key_tile * 64 ...; -1 for an empty slot) and each consumer group's flags.
+// A record whose first slot is empty ends the list.
 struct Sm90StageRecord {
-  int key_tile;  // 64-key tile index (absolute positions key_tile * 64 ...); -1 ends the list
-  uint8_t flags[kSm90ConsumerGroups];
+  int32_t key_tile[kSm90TilesPerStage];
+  uint8_t flags[kSm90ConsumerGroups][kSm90TilesPerStage];
 };
+static_assert(sizeof(Sm90StageRecord) <= 16, "stage records have 16 bytes each");
 
-// Byte offset of (row, col) in a swizzled tile (row < 64).
+// Byte offset of (row, col) in a swizzled tile of kRows rows.
+template <int kRows>
 __device__ __forceinline__ int sm90_tile_offset(int row, int col) {
-  return (col >> 6) * (64 * 128) + row * 128 + ((((col & 63) >> 3) ^ (row & 7)) << 4) + (col & 7) * 2;
+  return (col >> 6) * (kRows * 128) + row * 128 + ((((col & 63) >> 3) ^ (row & 7)) << 4) + (col & 7) * 2;
 }
 
 // Enumerates, identically in every producer thread, the 64-key tiles that the query blocks of a
@@ -151,6 +170,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Smem = Sm90Smem<kHeadDim>;
   constexpr int kStages = kSm90Stages;
+  constexpr int kSlots = kSm90TilesPerStage;
   extern __shared__ unsigned char smem_unaligned[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_unaligned) + 1023) & ~uintptr_t{1023});
@@ -205,19 +225,20 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
         const bool valid = pos >= valid_begin && pos < valid_end && col_valid;
         const Element* src =
             valid ? q + static_cast<int64_t>(q_begin + pos - first_pos) * params.q_row_stride + head * params.q_head_stride + col : q;
-        unsigned char* dst = smem + Smem::kQOffset + (row >> 6) * Smem::kTileBytes + sm90_tile_offset(row & 63, col);
+        unsigned char* dst = smem + Smem::kQOffset + (row >> 6) * Smem::kQTileBytes + sm90_tile_offset<64>(row & 63, col);
         ptx::cp_async_16(dst, src, valid);
       }
       ptx::cp_async_commit();
     }
 
-    // K and V of one 64-key tile; keys past k_len (and bad page ids) read as zeros.
+    // K and V of one 64-key tile into slot `slot` of a stage; keys past k_len, bad page ids and
+    // empty slots (key_tile < 0) read as zeros.
     const Element* key = static_cast<const Element*>(kv.key);
     const Element* value = static_cast<const Element*>(kv.value);
-    auto load_kv = [&](int key_tile, int stage) {
+    auto load_kv = [&](int key_tile, int stage, int slot) {
       const int pos0 = key_tile * 64;
-      unsigned char* dst_k = smem + Smem::kKOffset + stage * Smem::kTileBytes;
-      unsigned char* dst_v = smem + Smem::kVOffset + stage * Smem::kTileBytes;
+      unsigned char* dst_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
+      unsigned char* dst_v = smem + Smem::kVOffset + stage * Smem::kStageBytes;
       if (!kv.paged()) {
         const int64_t base = static_cast<int64_t>(kv.cu_seqlens_k[seq] + pos0 + row0) * kv.row_stride +
                              kv_head * kv.head_stride + col;
@@ -225,9 +246,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
 #pragma unroll
         for (int u = 0; u < 64 / kRowStep; ++u) {
           const int row = row0 + u * kRowStep;
-          const bool valid = pos0 + row < k_len && col_valid;
+          const bool valid = key_tile >= 0 && pos0 + row < k_len && col_valid;
           const int64_t offset = base + u * step;
-          const int dst = sm90_tile_offset(row, col);
+          const int dst = sm90_tile_offset<kSm90BlockN>(slot * 64 + row, col);
           ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
           ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
         }
@@ -237,7 +258,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
       for (int u = 0; u < 64 / kRowStep; ++u) {
         const int row = row0 + u * kRowStep;
         const int pos = pos0 + row;
-        bool valid = pos < k_len && col_valid;
+        bool valid = key_tile >= 0 && pos < k_len && col_valid;
         int64_t offset = 0;
         if (valid) {
           const int page = kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
@@ -245,13 +266,13 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
           offset = page * kv.cache_block_stride + kv_head * kv.cache_head_stride +
                    static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
         }
-        const int dst = sm90_tile_offset(row, col);
+        const int dst = sm90_tile_offset<kSm90BlockN>(slot * 64 + row, col);
         ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
         ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
       }
     };
 
-    // Each consumer group's valid rows (absolute positions) and query block.
+    // Each consumer group's valid rows (absolute positions).
     int group_lo[kSm90ConsumerGroups], group_hi[kSm90ConsumerGroups];
 #pragma unroll
     for (int g = 0; g < kSm90ConsumerGroups; ++g) {
@@ -260,19 +281,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     }
     Sm90KeyTileCursor cursor;
     cursor.init(params.pattern, head, valid_begin, valid_end - 1);
-
-    // Group -1 is Q, group n the n-th K/V stage fill. A stage is published (fence for the wgmma
-    // reads, then arrive) once its copies have landed, kSm90LoadsInFlight fills later.
-    int next_publish = -1;
-    auto publish = [&](int group) {
-      ptx::fence_proxy_async_shared();
-      ptx::mbarrier_arrive(group < 0 ? q_full : &full[group % kStages]);
-    };
-    for (int n = 0;; ++n) {
-      const int stage = n % kStages;
-      if (n >= kStages) ptx::mbarrier_wait(&empty[stage], ((n / kStages) + 1) & 1);
-      int key_tile = -1;
-      uint8_t flags[kSm90ConsumerGroups];
+    // The next key tile some consumer group sees, with the groups' flags; false at the end.
+    auto next_tile = [&](int& key_tile, uint8_t (&flags)[kSm90ConsumerGroups]) {
       while (cursor.next(key_tile)) {
         const int key_first = key_tile * 64, key_last = key_first + 63;
         bool any = false;
@@ -285,17 +295,39 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
           flags[g] = kTileVisible | (key_last > group_lo[g] || key_last >= k_len ? kTileMasked : 0);
           any = true;
         }
-        if (any) break;
-        key_tile = -1;
+        if (any) return true;
       }
-      if (key_tile >= 0) load_kv(key_tile, stage);
-      if (tid == 0) {
-        records[stage].key_tile = key_tile;
+      key_tile = -1;
+      return false;
+    };
+
+    // Group -1 is Q, group n the n-th K/V stage fill. A stage is published (fence for the wgmma
+    // reads, then arrive) once its copies have landed, kSm90LoadsInFlight fills later.
+    int next_publish = -1;
+    auto publish = [&](int group) {
+      ptx::fence_proxy_async_shared();
+      ptx::mbarrier_arrive(group < 0 ? q_full : &full[group % kStages]);
+    };
+    bool more = true;
+    for (int n = 0;; ++n) {
+      const int stage = n % kStages;
+      if (n >= kStages) ptx::mbarrier_wait(&empty[stage], ((n / kStages) + 1) & 1);
+      int first_tile = -1;
 #pragma unroll
-        for (int g = 0; g < kSm90ConsumerGroups; ++g) records[stage].flags[g] = key_tile >= 0 ? flags[g] : 0;
+      for (int slot = 0; slot < kSlots; ++slot) {
+        int key_tile = -1;
+        uint8_t flags[kSm90ConsumerGroups] = {};
+        if (more) more = next_tile(key_tile, flags);
+        if (slot == 0) first_tile = key_tile;
+        if (key_tile >= 0 || (slot > 0 && first_tile >= 0)) load_kv(key_tile, stage, slot);  // empty: zeros
+        if (tid == 0) {
+          records[stage].key_tile[slot] = key_tile;
+#pragma unroll
+          for (int g = 0; g < kSm90ConsumerGroups; ++g) records[stage].flags[g][slot] = flags[g];
+        }
       }
       ptx::cp_async_commit();
-      if (key_tile < 0) {  // the end record: publish everything still outstanding
+      if (first_tile < 0) {  // the end record: publish everything still outstanding
         ptx::cp_async_wait<0>();
         while (next_publish <= n) publish(next_publish++);
         break;
@@ -310,18 +342,21 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
     using MmaS = ptx::Wgmma<Element, kSm90BlockN>;
     using MmaO = ptx::Wgmma<Element, kHeadDim>;
-    constexpr int kSRegs = kSm90BlockN / 2;  // S accumulators per thread: 64 rows x 64 keys / 128
+    constexpr int kSRegs = kSm90BlockN / 2;  // S accumulators per thread: 64 rows x kSm90BlockN keys / 128
     constexpr int kORegs = kHeadDim / 2;
     const int group = tid / 128 - 1;
     const int t = tid % 128, warp = t / 32, lane = t % 32;
     const int quad_row = lane / 4, tig = lane % 4;
     const int group_pos = tile_pos + 64 * group;
     const int row_pos[2] = {group_pos + warp * 16 + quad_row, group_pos + warp * 16 + quad_row + 8};
-    unsigned char* s_q = smem + Smem::kQOffset + group * Smem::kTileBytes;
+    unsigned char* s_q = smem + Smem::kQOffset + group * Smem::kQTileBytes;
     // Descriptor steps (16-byte units): K-major operands advance 32 B per 16 columns inside a
     // 64-column block, then a whole block; V (MN-major) advances 16 rows of 128 B per 16 keys.
     const uint64_t desc_q = ptx::smem_descriptor_sw128(s_q, 16, 1024);
-    auto k_step = [](int ks) { return static_cast<uint64_t>(((ks & 3) * 32 + (ks >> 2) * Smem::kColumnBlockBytes) >> 4); };
+    auto q_step = [](int ks) { return static_cast<uint64_t>(((ks & 3) * 32 + (ks >> 2) * 64 * 128) >> 4); };
+    auto k_step = [](int ks) {
+      return static_cast<uint64_t>(((ks & 3) * 32 + (ks >> 2) * Smem::kStageColumnBlockBytes) >> 4);
+    };
 
     float acc_o[kORegs];
 #pragma unroll
@@ -333,38 +368,51 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     for (int n = 0;; ++n) {
       const int stage = n % kStages;
       ptx::mbarrier_wait(&full[stage], (n / kStages) & 1);
-      const int key_tile = records[stage].key_tile;
-      if (key_tile < 0) break;
-      const uint8_t flags = records[stage].flags[group];
-      if (flags & kTileVisible) {
-        const unsigned char* s_k = smem + Smem::kKOffset + stage * Smem::kTileBytes;
-        const unsigned char* s_v = smem + Smem::kVOffset + stage * Smem::kTileBytes;
+      int slot_tile[kSlots];
+      uint8_t slot_flags[kSlots];
+      bool any_visible = false;
+#pragma unroll
+      for (int slot = 0; slot < kSlots; ++slot) {
+        slot_tile[slot] = records[stage].key_tile[slot];
+        slot_flags[slot] = records[stage].flags[group][slot];
+        any_visible |= (slot_flags[slot] & kTileVisible) != 0;
+      }
+      if (slot_tile[0] < 0) break;
+      if (any_visible) {
+        const unsigned char* s_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
+        const unsigned char* s_v = smem + Smem::kVOffset + stage * Smem::kStageBytes;
         const uint64_t desc_k = ptx::smem_descriptor_sw128(s_k, 16, 1024);
-        const uint64_t desc_v = ptx::smem_descriptor_sw128(s_v, Smem::kColumnBlockBytes, 1024);
+        const uint64_t desc_v = ptx::smem_descriptor_sw128(s_v, Smem::kStageColumnBlockBytes, 1024);
 
         // S = Q K^T
         float s[kSRegs];
         ptx::wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q + k_step(ks), desc_k + k_step(ks), ks > 0);
+        for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q + q_step(ks), desc_k + k_step(ks), ks > 0);
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
         ptx::fence_registers(s);
 
         // Scale into the log2 domain and mask (select, never add: garbage K rows may hold NaN).
-        // s[4j + e]: row row_pos[e / 2], key key_tile * 64 + 8j + 2 tig + e % 2.
-        const int key_pos0 = key_tile * 64;
+        // s[4j + e]: row row_pos[e / 2], stage column 8j + 2 tig + e % 2 (slot j / 8).
 #pragma unroll
-        for (int j = 0; j < kSRegs / 4; ++j)
+        for (int slot = 0; slot < kSlots; ++slot) {
+          const uint8_t flags = slot_flags[slot];
+          const int key_pos0 = slot_tile[slot] * 64;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float x = s[4 * j + e] * params.scale_log2;
-            if (flags & kTileMasked) {
-              const int key_pos = key_pos0 + 8 * j + 2 * tig + (e & 1);
-              if (key_pos > row_pos[e >> 1] || key_pos >= k_len) x = -INFINITY;
+          for (int j = slot * 8; j < slot * 8 + 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              float x = s[4 * j + e] * params.scale_log2;
+              if (!(flags & kTileVisible)) {
+                x = -INFINITY;
+              } else if (flags & kTileMasked) {
+                const int key_pos = key_pos0 + 8 * (j - slot * 8) + 2 * tig + (e & 1);
+                if (key_pos > row_pos[e >> 1] || key_pos >= k_len) x = -INFINITY;
+              }
+              s[4 * j + e] = x;
             }
-            s[4 * j + e] = x;
-          }
+        }
 
         // Online softmax: the 4 threads of a quad hold one row's keys.
         float row_alpha[2];
@@ -442,7 +490,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const uint32_t packed = ptx::pack2<Element>(acc_o[4 * j + 2 * r] * inv_sum[r], acc_o[4 * j + 2 * r + 1] * inv_sum[r]);
-        *reinterpret_cast<uint32_t*>(s_q + sm90_tile_offset(warp * 16 + quad_row + 8 * r, 8 * j + 2 * tig)) = packed;
+        *reinterpret_cast<uint32_t*>(s_q + sm90_tile_offset<64>(warp * 16 + quad_row + 8 * r, 8 * j + 2 * tig)) = packed;
       }
     ptx::named_barrier_sync(1 + group, 128);
     Element* out = static_cast<Element*>(params.out);
@@ -453,7 +501,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
       if (pos < valid_begin || pos >= valid_end || col >= head_size) continue;
       *reinterpret_cast<uint4*>(out + static_cast<int64_t>(q_begin + pos - first_pos) * params.out_row_stride +
                                 head * params.out_head_stride + col) =
-          *reinterpret_cast<const uint4*>(s_q + sm90_tile_offset(row, col));
+          *reinterpret_cast<const uint4*>(s_q + sm90_tile_offset<64>(row, col));
     }
   }
 #else
