@@ -86,13 +86,12 @@ PrefillKernel choose_prefill_kernel(const PrefillParams& params) {
 }
 
 // Plans the work list on the device, then runs the prefill kernel over it.
-void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bound) {
+void run_prefill(PrefillParams& params, const at::Tensor& q) {
   if (params.num_q_tokens == 0 || params.num_seqs == 0) return;
   const PrefillKernel kernel = choose_prefill_kernel(params);
   const int block_m = kernel == PrefillKernel::kSm90 ? kPrefillSm90BlockM : kPrefillBlockM;
   const int max_tiles = static_cast<int>(params.num_q_tokens / block_m + 2 * params.num_seqs + 1);
-  const int num_buckets = static_cast<int>(key_len_bound / block_m + 2);
-  at::Tensor workspace = at::empty({num_buckets + 2 * max_tiles + 1}, q.options().dtype(at::kInt));
+  at::Tensor workspace = at::empty({2 * max_tiles + 1}, q.options().dtype(at::kInt));
   int32_t* ws = workspace.data_ptr<int32_t>();
   PlanParams plan{};
   plan.cu_seqlens_q = params.cu_seqlens_q;
@@ -100,11 +99,9 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, int64_t key_len_bou
   plan.seq_lens = params.kv.paged() ? params.kv.seq_lens : nullptr;
   plan.num_seqs = params.num_seqs;
   plan.block_m = block_m;
-  plan.num_buckets = num_buckets;
-  plan.bucket = ws;
-  plan.tile_seq = ws + num_buckets;
-  plan.tile_index = ws + num_buckets + max_tiles;
-  plan.num_tiles = ws + num_buckets + 2 * max_tiles;
+  plan.tile_seq = ws;
+  plan.tile_index = ws + max_tiles;
+  plan.num_tiles = ws + 2 * max_tiles;
   params.tile_seq = plan.tile_seq;
   params.tile_index = plan.tile_index;
   params.num_tiles = plan.num_tiles;
@@ -205,7 +202,7 @@ void varlen_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at
   params.kv.row_stride = k.stride(0);
   params.kv.head_stride = k.stride(1);
   params.kv.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
-  run_prefill(params, q, k.size(0));
+  run_prefill(params, q);
 }
 
 void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
@@ -228,7 +225,7 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
   PrefillParams params = query_params(out, q, args, scale, lse);
   params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens);
-  run_prefill(params, q, block_tables.size(1) * key_cache.size(2));
+  run_prefill(params, q);
 }
 
 // How many CTAs share one sequence's key blocks. Host-known integers only (batch size, kv heads,

@@ -54,7 +54,8 @@ struct PrefillParams {
   int head_size;
   float scale_log2;  // softmax scale * log2(e): the kernels use exp2
   SparsePattern pattern;
-  // The work list written by the plan kernel: packed (sequence, query tile) items, longest first.
+  // The work list written by the plan kernel: packed (sequence, query tile) items, sequence by
+  // sequence, each one's longest rows first.
   const int32_t* tile_seq;    // [max_tiles]
   const int32_t* tile_index;  // [max_tiles]: absolute query tile (positions tile * kBlockM ...)
   const int32_t* num_tiles;   // [1]
@@ -93,8 +94,6 @@ struct PlanParams {
   const int32_t* seq_lens;      // [S] or null (then cu_seqlens_k)
   int num_seqs;
   int block_m;
-  int num_buckets;       // > every tile index (host bound from shapes)
-  int32_t* bucket;       // [num_buckets] scratch
   int32_t* tile_seq;     // [max_tiles]
   int32_t* tile_index;   // [max_tiles]
   int32_t* num_tiles;    // [1]

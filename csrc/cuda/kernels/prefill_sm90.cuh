@@ -35,6 +35,9 @@ namespace blocksparse_attn {
 #ifndef BSA_SM90_LOADS_IN_FLIGHT
 #define BSA_SM90_LOADS_IN_FLIGHT 2
 #endif
+#ifndef BSA_SM90_OVERLAP
+#define BSA_SM90_OVERLAP 1
+#endif
 // A stage holds kSm90TilesPerStage 64-key tiles of the visible list (not necessarily adjacent).
 constexpr int kSm90TilesPerStage = BSA_SM90_KEY_TILES_PER_STAGE;
 constexpr int kSm90BlockN = 64 * kSm90TilesPerStage;  // keys per K/V stage
@@ -42,7 +45,9 @@ constexpr int kSm90Stages = BSA_SM90_STAGES;           // K/V ring depth
 constexpr int kSm90ConsumerGroups = kPrefillSm90BlockM / 64;
 constexpr int kSm90Threads = 128 * (1 + kSm90ConsumerGroups);
 constexpr int kSm90LoadsInFlight = BSA_SM90_LOADS_IN_FLIGHT;  // cp.async groups the producer keeps outstanding
-static_assert(kSm90LoadsInFlight < kSm90Stages, "the producer must publish a stage before it waits to refill it");
+// A consumer holds up to two stages (the tile whose P.V is pending and the current one) while it
+// waits for the next; the producer publishes a fill kSm90LoadsInFlight fills after issuing it.
+static_assert(kSm90LoadsInFlight + 2 <= kSm90Stages, "the producer must publish a stage before it waits to refill it");
 // Register split between the producer (address arithmetic only) and the consumers (O, S and P).
 constexpr int kSm90ProducerRegisters = 56;
 constexpr int kSm90ConsumerRegisters = 224;
@@ -364,6 +369,28 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.f, 0.f};
 
+    // Software pipeline (FA3's intra-warpgroup overlap): the P.V product of the previous visible tile
+    // runs on the tensor cores while this tile's softmax runs on the other pipes. Per visible tile n:
+    // issue S_n = Q K_n, issue O += P_{n-1} V_{n-1}, wait for S_n, softmax(S_n) -> P_n, wait for the
+    // P.V product, release stage n-1, rescale O by the change of the row maxima.
+    uint32_t p_frag[kSm90BlockN / 16][4];
+    int pending_stage = -1;  // the stage whose V the pending P.V product reads
+    auto issue_pv = [&](int stage) {
+      const unsigned char* s_v = smem + Smem::kVOffset + stage * Smem::kStageBytes;
+      const uint64_t desc_v = ptx::smem_descriptor_sw128(s_v, Smem::kStageColumnBlockBytes, 1024);
+      ptx::fence_registers(acc_o);
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kSm90BlockN / 16; ++kk)
+        MmaO::rs_mn_major_b(acc_o, p_frag[kk], desc_v + static_cast<uint64_t>((kk * 16 * 128) >> 4));
+      ptx::wgmma_commit();
+      ptx::fence_registers(acc_o);
+    };
+    auto release = [&](int stage) {
+      __syncwarp();
+      if (lane == 0) ptx::mbarrier_arrive(&empty[stage]);
+    };
+
     ptx::mbarrier_wait(q_full, 0);
     for (int n = 0;; ++n) {
       const int stage = n % kStages;
@@ -378,94 +405,108 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
         any_visible |= (slot_flags[slot] & kTileVisible) != 0;
       }
       if (slot_tile[0] < 0) break;
-      if (any_visible) {
-        const unsigned char* s_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
-        const unsigned char* s_v = smem + Smem::kVOffset + stage * Smem::kStageBytes;
-        const uint64_t desc_k = ptx::smem_descriptor_sw128(s_k, 16, 1024);
-        const uint64_t desc_v = ptx::smem_descriptor_sw128(s_v, Smem::kStageColumnBlockBytes, 1024);
-
-        // S = Q K^T
-        float s[kSRegs];
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q + q_step(ks), desc_k + k_step(ks), ks > 0);
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
-        ptx::fence_registers(s);
-
-        // Scale into the log2 domain and mask (select, never add: garbage K rows may hold NaN).
-        // s[4j + e]: row row_pos[e / 2], stage column 8j + 2 tig + e % 2 (slot j / 8).
-#pragma unroll
-        for (int slot = 0; slot < kSlots; ++slot) {
-          const uint8_t flags = slot_flags[slot];
-          const int key_pos0 = slot_tile[slot] * 64;
-#pragma unroll
-          for (int j = slot * 8; j < slot * 8 + 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              float x = s[4 * j + e] * params.scale_log2;
-              if (!(flags & kTileVisible)) {
-                x = -INFINITY;
-              } else if (flags & kTileMasked) {
-                const int key_pos = key_pos0 + 8 * (j - slot * 8) + 2 * tig + (e & 1);
-                if (key_pos > row_pos[e >> 1] || key_pos >= k_len) x = -INFINITY;
-              }
-              s[4 * j + e] = x;
-            }
-        }
-
-        // Online softmax: the 4 threads of a quad hold one row's keys.
-        float row_alpha[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float mx = row_max[r];
-#pragma unroll
-          for (int j = 0; j < kSRegs / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-          const float ref = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: avoid inf - inf
-          const float alpha = ptx::exp2_approx(row_max[r] - ref);
-          row_max[r] = mx;
-          float sum = 0.f;
-#pragma unroll
-          for (int j = 0; j < kSRegs / 4; ++j) {
-            s[4 * j + 2 * r] = ptx::exp2_approx(s[4 * j + 2 * r] - ref);
-            s[4 * j + 2 * r + 1] = ptx::exp2_approx(s[4 * j + 2 * r + 1] - ref);
-            sum += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
-          }
-          row_sum[r] = row_sum[r] * alpha + sum;
-          row_alpha[r] = alpha;
-        }
-        if (__any_sync(0xffffffffu, row_alpha[0] != 1.f || row_alpha[1] != 1.f)) {
-#pragma unroll
-          for (int i = 0; i < kORegs; i += 4) {
-            acc_o[i] *= row_alpha[0];
-            acc_o[i + 1] *= row_alpha[0];
-            acc_o[i + 2] *= row_alpha[1];
-            acc_o[i + 3] *= row_alpha[1];
-          }
-        }
-
-        // O += P V: 16 keys per k-step; two 8-key accumulator blocks form one A fragment.
-        uint32_t p_frag[kSm90BlockN / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < kSm90BlockN / 16; ++kk) {
-          p_frag[kk][0] = ptx::pack2<Element>(s[8 * kk + 0], s[8 * kk + 1]);
-          p_frag[kk][1] = ptx::pack2<Element>(s[8 * kk + 2], s[8 * kk + 3]);
-          p_frag[kk][2] = ptx::pack2<Element>(s[8 * kk + 4], s[8 * kk + 5]);
-          p_frag[kk][3] = ptx::pack2<Element>(s[8 * kk + 6], s[8 * kk + 7]);
-        }
-        ptx::fence_registers(acc_o);
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kSm90BlockN / 16; ++kk)
-          MmaO::rs_mn_major_b(acc_o, p_frag[kk], desc_v + static_cast<uint64_t>((kk * 16 * 128) >> 4));
-        ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
-        ptx::fence_registers(acc_o);
+      if (!any_visible) {  // the other group's tile
+        release(stage);
+        continue;
       }
-      __syncwarp();
-      if (lane == 0) ptx::mbarrier_arrive(&empty[stage]);
+
+      // S = Q K^T, then the previous tile's P.V behind it.
+      const unsigned char* s_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
+      const uint64_t desc_k = ptx::smem_descriptor_sw128(s_k, 16, 1024);
+      float s[kSRegs];
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q + q_step(ks), desc_k + k_step(ks), ks > 0);
+      ptx::wgmma_commit();
+      if (pending_stage >= 0) {
+        issue_pv(pending_stage);
+        ptx::wgmma_wait<1>();  // S is done; P.V may still run
+      } else {
+        ptx::wgmma_wait<0>();
+      }
+      ptx::fence_registers(s);
+
+      // Scale into the log2 domain and mask (select, never add: garbage K rows may hold NaN).
+      // s[4j + e]: row row_pos[e / 2], stage column 8j + 2 tig + e % 2 (slot j / 8).
+#pragma unroll
+      for (int slot = 0; slot < kSlots; ++slot) {
+        const uint8_t flags = slot_flags[slot];
+        const int key_pos0 = slot_tile[slot] * 64;
+#pragma unroll
+        for (int j = slot * 8; j < slot * 8 + 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float x = s[4 * j + e] * params.scale_log2;
+            if (!(flags & kTileVisible)) {
+              x = -INFINITY;
+            } else if (flags & kTileMasked) {
+              const int key_pos = key_pos0 + 8 * (j - slot * 8) + 2 * tig + (e & 1);
+              if (key_pos > row_pos[e >> 1] || key_pos >= k_len) x = -INFINITY;
+            }
+            s[4 * j + e] = x;
+          }
+      }
+
+      // Online softmax: the 4 threads of a quad hold one row's keys.
+      float row_alpha[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[r];
+#pragma unroll
+        for (int j = 0; j < kSRegs / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        const float ref = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: avoid inf - inf
+        const float alpha = ptx::exp2_approx(row_max[r] - ref);
+        row_max[r] = mx;
+        float sum = 0.f;
+#pragma unroll
+        for (int j = 0; j < kSRegs / 4; ++j) {
+          s[4 * j + 2 * r] = ptx::exp2_approx(s[4 * j + 2 * r] - ref);
+          s[4 * j + 2 * r + 1] = ptx::exp2_approx(s[4 * j + 2 * r + 1] - ref);
+          sum += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
+        }
+        row_sum[r] = row_sum[r] * alpha + sum;
+        row_alpha[r] = alpha;
+      }
+
+      // The previous P.V must finish before P is overwritten and O rescaled.
+      if (pending_stage >= 0) {
+        ptx::wgmma_wait<0>();
+        ptx::fence_registers(acc_o);
+        release(pending_stage);
+      }
+      // 16 keys per P.V k-step; two 8-key accumulator blocks form one A fragment.
+#pragma unroll
+      for (int kk = 0; kk < kSm90BlockN / 16; ++kk) {
+        p_frag[kk][0] = ptx::pack2<Element>(s[8 * kk + 0], s[8 * kk + 1]);
+        p_frag[kk][1] = ptx::pack2<Element>(s[8 * kk + 2], s[8 * kk + 3]);
+        p_frag[kk][2] = ptx::pack2<Element>(s[8 * kk + 4], s[8 * kk + 5]);
+        p_frag[kk][3] = ptx::pack2<Element>(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+      if (__any_sync(0xffffffffu, row_alpha[0] != 1.f || row_alpha[1] != 1.f)) {
+#pragma unroll
+        for (int i = 0; i < kORegs; i += 4) {
+          acc_o[i] *= row_alpha[0];
+          acc_o[i + 1] *= row_alpha[0];
+          acc_o[i + 2] *= row_alpha[1];
+          acc_o[i + 3] *= row_alpha[1];
+        }
+      }
+      pending_stage = stage;
+#if !BSA_SM90_OVERLAP
+      issue_pv(pending_stage);  // no overlap: finish this tile's P.V now
+      ptx::wgmma_wait<0>();
+      ptx::fence_registers(acc_o);
+      release(pending_stage);
+      pending_stage = -1;
+#endif
+    }
+    if (pending_stage >= 0) {
+      issue_pv(pending_stage);
+      ptx::wgmma_wait<0>();
+      ptx::fence_registers(acc_o);
+      release(pending_stage);
     }
 
     // Epilogue: normalise, write lse, stage O through this group's Q tile for 16-byte stores.
