@@ -15,14 +15,14 @@ while IFS= read -r flags; do
   rm -rf build blocksparse_attn/_C*.so
   NVCC_APPEND_FLAGS="$flags" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-64,128} python3 setup.py build_ext --inplace \
     > "$OUT/build_$stages.log" 2>&1 || { grep error "$OUT/build_$stages.log" | head; exit 1; }
-  DEVICE=cuda timeout 200 python3 -m pytest -q -p no:cacheprovider ${TEST_FILE:-tests/test_attention_ops.py} -k "${TEST_K:-prefill and not D256}" \
+  DEVICE=cuda timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider ${TEST_FILE:-tests/test_attention_ops.py} -k "${TEST_K:-prefill and not D256}" \
     > "$OUT/test_$stages.log" 2>&1
   echo "variant $i tests: $(tail -1 "$OUT/test_$stages.log")"
-  timeout 150 python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-8192} --out-dir "$OUT" ${METHODS:+--methods "$METHODS"} \
+  timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-8192} --out-dir "$OUT" ${METHODS:+--methods "$METHODS"} \
     > "$OUT/bench_$stages.log" 2>&1
   grep -A3 "^ *S batch" "$OUT/bench_$stages.log" | cut -c1-${BENCH_COLS:-100}
   if [ "${NCU:-0}" = "$i" ]; then
-    timeout 200 ncu --kernel-name regex:${NCU_KERNEL:-prefill_sm80} --launch-skip 1 --launch-count 1 --section SpeedOfLight \
+    timeout ${NCU_TIMEOUT:-200} ncu --kernel-name regex:${NCU_KERNEL:-prefill_sm80} --launch-skip 1 --launch-count 1 --section SpeedOfLight \
       --section Occupancy --section WarpStateStats --section SchedulerStats --section InstructionStats \
       --section MemoryWorkloadAnalysis python3 benchmarks/profile_prefill.py > "$OUT/ncu_$stages.txt" 2>&1
     grep -E "Duration|Throughput|No Eligible|Eligible Warps|Executed Instructions  |Warp Cycles Per Issued|Bank|Stall" "$OUT/ncu_$stages.txt" | head -20

@@ -45,8 +45,8 @@ constexpr int kSm90Stages = BSA_SM90_STAGES;           // K/V ring depth
 constexpr int kSm90ConsumerGroups = kPrefillSm90BlockM / 64;
 constexpr int kSm90Threads = 128 * (1 + kSm90ConsumerGroups);
 constexpr int kSm90LoadsInFlight = BSA_SM90_LOADS_IN_FLIGHT;  // cp.async groups the producer keeps outstanding
-// A consumer holds up to two stages (the tile whose P.V is pending and the current one) while it
-// waits for the next; the producer publishes a fill kSm90LoadsInFlight fills after issuing it.
+// A consumer holds up to two stages (fill n - 1, whose P.V is pending, and fill n) while it waits
+// for fill n + 1; the producer publishes a fill kSm90LoadsInFlight fills after issuing it.
 static_assert(kSm90LoadsInFlight + 2 <= kSm90Stages, "the producer must publish a stage before it waits to refill it");
 // Register split between the producer (address arithmetic only) and the consumers (O, S and P).
 constexpr int kSm90ProducerRegisters = 56;
@@ -406,6 +406,15 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
       }
       if (slot_tile[0] < 0) break;
       if (!any_visible) {  // the other group's tile
+        // Finish the pending P.V first: a consumer may hold only the fill right before the one it
+        // waits for, or the producer (publishing kSm90LoadsInFlight fills late) could wait on it.
+        if (pending_stage >= 0) {
+          issue_pv(pending_stage);
+          ptx::wgmma_wait<0>();
+          ptx::fence_registers(acc_o);
+          release(pending_stage);
+          pending_stage = -1;
+        }
         release(stage);
         continue;
       }
