@@ -36,7 +36,7 @@ namespace blocksparse_attn {
 #define BSA_SM90_LOADS_IN_FLIGHT 2
 #endif
 #ifndef BSA_SM90_OVERLAP
-#define BSA_SM90_OVERLAP 1
+#define BSA_SM90_OVERLAP 0
 #endif
 // A stage holds kSm90TilesPerStage 64-key tiles of the visible list (not necessarily adjacent).
 constexpr int kSm90TilesPerStage = BSA_SM90_KEY_TILES_PER_STAGE;
@@ -369,12 +369,39 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     float row_max[2] = {-INFINITY, -INFINITY};
     float row_sum[2] = {0.f, 0.f};
 
-    // Software pipeline (FA3's intra-warpgroup overlap): the P.V product of the previous visible tile
-    // runs on the tensor cores while this tile's softmax runs on the other pipes. Per visible tile n:
-    // issue S_n = Q K_n, issue O += P_{n-1} V_{n-1}, wait for S_n, softmax(S_n) -> P_n, wait for the
-    // P.V product, release stage n-1, rescale O by the change of the row maxima.
     uint32_t p_frag[kSm90BlockN / 16][4];
-    int pending_stage = -1;  // the stage whose V the pending P.V product reads
+    struct StageInfo {
+      int stage;
+      int tile[kSlots];
+      uint8_t flags[kSlots];
+      bool end, any_visible;
+    };
+    auto wait_stage = [&](int n) {
+      StageInfo info;
+      info.stage = n % kStages;
+      ptx::mbarrier_wait(&full[info.stage], (n / kStages) & 1);
+      info.any_visible = false;
+#pragma unroll
+      for (int slot = 0; slot < kSlots; ++slot) {
+        info.tile[slot] = records[info.stage].key_tile[slot];
+        info.flags[slot] = records[info.stage].flags[group][slot];
+        info.any_visible |= (info.flags[slot] & kTileVisible) != 0;
+      }
+      info.end = info.tile[0] < 0;
+      return info;
+    };
+    auto release = [&](int stage) {
+      __syncwarp();
+      if (lane == 0) ptx::mbarrier_arrive(&empty[stage]);
+    };
+    auto issue_s = [&](float (&s)[kSRegs], int stage) {
+      const unsigned char* s_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
+      const uint64_t desc_k = ptx::smem_descriptor_sw128(s_k, 16, 1024);
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q + q_step(ks), desc_k + k_step(ks), ks > 0);
+      ptx::wgmma_commit();
+    };
     auto issue_pv = [&](int stage) {
       const unsigned char* s_v = smem + Smem::kVOffset + stage * Smem::kStageBytes;
       const uint64_t desc_v = ptx::smem_descriptor_sw128(s_v, Smem::kStageColumnBlockBytes, 1024);
@@ -386,61 +413,14 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
       ptx::wgmma_commit();
       ptx::fence_registers(acc_o);
     };
-    auto release = [&](int stage) {
-      __syncwarp();
-      if (lane == 0) ptx::mbarrier_arrive(&empty[stage]);
-    };
-
-    ptx::mbarrier_wait(q_full, 0);
-    for (int n = 0;; ++n) {
-      const int stage = n % kStages;
-      ptx::mbarrier_wait(&full[stage], (n / kStages) & 1);
-      int slot_tile[kSlots];
-      uint8_t slot_flags[kSlots];
-      bool any_visible = false;
+    // Scale into the log2 domain, mask (select, never add: garbage K rows may hold NaN), and turn S
+    // into P with the online softmax (the 4 threads of a quad hold one row's keys). s[4j + e]: row
+    // row_pos[e / 2], stage column 8j + 2 tig + e % 2 (slot j / 8). Returns the O rescale factors.
+    auto softmax = [&](float (&s)[kSRegs], const StageInfo& info, float (&row_alpha)[2]) {
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) {
-        slot_tile[slot] = records[stage].key_tile[slot];
-        slot_flags[slot] = records[stage].flags[group][slot];
-        any_visible |= (slot_flags[slot] & kTileVisible) != 0;
-      }
-      if (slot_tile[0] < 0) break;
-      if (!any_visible) {  // the other group's tile
-        // Finish the pending P.V first: a consumer may hold only the fill right before the one it
-        // waits for, or the producer (publishing kSm90LoadsInFlight fills late) could wait on it.
-        if (pending_stage >= 0) {
-          issue_pv(pending_stage);
-          ptx::wgmma_wait<0>();
-          ptx::fence_registers(acc_o);
-          release(pending_stage);
-          pending_stage = -1;
-        }
-        release(stage);
-        continue;
-      }
-
-      // S = Q K^T, then the previous tile's P.V behind it.
-      const unsigned char* s_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
-      const uint64_t desc_k = ptx::smem_descriptor_sw128(s_k, 16, 1024);
-      float s[kSRegs];
-      ptx::wgmma_fence();
-#pragma unroll
-      for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q + q_step(ks), desc_k + k_step(ks), ks > 0);
-      ptx::wgmma_commit();
-      if (pending_stage >= 0) {
-        issue_pv(pending_stage);
-        ptx::wgmma_wait<1>();  // S is done; P.V may still run
-      } else {
-        ptx::wgmma_wait<0>();
-      }
-      ptx::fence_registers(s);
-
-      // Scale into the log2 domain and mask (select, never add: garbage K rows may hold NaN).
-      // s[4j + e]: row row_pos[e / 2], stage column 8j + 2 tig + e % 2 (slot j / 8).
-#pragma unroll
-      for (int slot = 0; slot < kSlots; ++slot) {
-        const uint8_t flags = slot_flags[slot];
-        const int key_pos0 = slot_tile[slot] * 64;
+        const uint8_t flags = info.flags[slot];
+        const int key_pos0 = info.tile[slot] * 64;
 #pragma unroll
         for (int j = slot * 8; j < slot * 8 + 8; ++j)
 #pragma unroll
@@ -455,9 +435,6 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
             s[4 * j + e] = x;
           }
       }
-
-      // Online softmax: the 4 threads of a quad hold one row's keys.
-      float row_alpha[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         float mx = row_max[r];
@@ -478,14 +455,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
         row_sum[r] = row_sum[r] * alpha + sum;
         row_alpha[r] = alpha;
       }
-
-      // The previous P.V must finish before P is overwritten and O rescaled.
-      if (pending_stage >= 0) {
-        ptx::wgmma_wait<0>();
-        ptx::fence_registers(acc_o);
-        release(pending_stage);
-      }
-      // 16 keys per P.V k-step; two 8-key accumulator blocks form one A fragment.
+    };
+    // P as A fragments (16 keys per P.V k-step; two 8-key accumulator blocks form one fragment),
+    // then O scaled by the change of the row maxima (skipped while the maxima hold, the common case).
+    auto pack_p_and_rescale_o = [&](const float (&s)[kSRegs], const float (&row_alpha)[2]) {
 #pragma unroll
       for (int kk = 0; kk < kSm90BlockN / 16; ++kk) {
         p_frag[kk][0] = ptx::pack2<Element>(s[8 * kk + 0], s[8 * kk + 1]);
@@ -502,21 +475,64 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
           acc_o[i + 3] *= row_alpha[1];
         }
       }
-      pending_stage = stage;
-#if !BSA_SM90_OVERLAP
-      issue_pv(pending_stage);  // no overlap: finish this tile's P.V now
-      ptx::wgmma_wait<0>();
-      ptx::fence_registers(acc_o);
-      release(pending_stage);
-      pending_stage = -1;
-#endif
-    }
-    if (pending_stage >= 0) {
+    };
+
+    ptx::mbarrier_wait(q_full, 0);
+#if BSA_SM90_OVERLAP
+    // Software pipeline (FA3's intra-warpgroup overlap): the P.V product of tile n - 1 runs on the
+    // tensor cores while the softmax of tile n runs on the other pipes: issue S_n = Q K_n, issue
+    // O += P_{n-1} V_{n-1}, wait for S_n, softmax, wait for P.V, release stage n - 1, rescale O.
+    // Every tile of the list goes through both groups (one a group does not see is fully masked):
+    // skipping it would put the wgmma issue in data-dependent branches, where ptxas serialises them.
+    StageInfo info = wait_stage(0);
+    if (!info.end) {
+      {
+        float s[kSRegs], row_alpha[2];
+        issue_s(s, info.stage);
+        ptx::wgmma_wait<0>();
+        ptx::fence_registers(s);
+        softmax(s, info, row_alpha);
+        pack_p_and_rescale_o(s, row_alpha);
+      }
+      int pending_stage = info.stage;
+      for (int n = 1;; ++n) {
+        info = wait_stage(n);
+        if (info.end) break;
+        float s[kSRegs], row_alpha[2];
+        issue_s(s, info.stage);
+        issue_pv(pending_stage);
+        ptx::wgmma_wait<1>();  // S is done; P.V may still run
+        ptx::fence_registers(s);
+        softmax(s, info, row_alpha);
+        ptx::wgmma_wait<0>();
+        ptx::fence_registers(acc_o);
+        release(pending_stage);
+        pack_p_and_rescale_o(s, row_alpha);
+        pending_stage = info.stage;
+      }
       issue_pv(pending_stage);
       ptx::wgmma_wait<0>();
       ptx::fence_registers(acc_o);
       release(pending_stage);
     }
+#else
+    for (int n = 0;; ++n) {
+      const StageInfo info = wait_stage(n);
+      if (info.end) break;
+      if (info.any_visible) {  // else the other group's tile
+        float s[kSRegs], row_alpha[2];
+        issue_s(s, info.stage);
+        ptx::wgmma_wait<0>();
+        ptx::fence_registers(s);
+        softmax(s, info, row_alpha);
+        pack_p_and_rescale_o(s, row_alpha);
+        issue_pv(info.stage);
+        ptx::wgmma_wait<0>();
+        ptx::fence_registers(acc_o);
+      }
+      release(info.stage);
+    }
+#endif
 
     // Epilogue: normalise, write lse, stage O through this group's Q tile for 16-byte stores.
     float inv_sum[2];
