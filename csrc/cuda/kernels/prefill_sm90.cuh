@@ -416,43 +416,53 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
       ptx::wgmma_commit();
       ptx::fence_registers(acc_o);
     };
-    // Scale into the log2 domain, mask (select, never add: garbage K rows may hold NaN), and turn S
-    // into P with the online softmax (the 4 threads of a quad hold one row's keys). s[4j + e]: row
-    // row_pos[e / 2], stage column 8j + 2 tig + e % 2 (slot j / 8). Returns the O rescale factors.
+    // Scores -> P with the online softmax (the 4 threads of a quad hold one row's keys), in the log2
+    // domain. s[4j + e]: row row_pos[e / 2], stage column 8j + 2 tig + e % 2 (slot j / 8). Tiles
+    // that need no mask (all but the diagonal and the sequence's last) keep S unscaled: the scale
+    // folds into the exponent's FFMA. Masked tiles are scaled and masked first (select, never add:
+    // garbage K rows may hold NaN). Returns the O rescale factors in row_alpha.
     auto softmax = [&](float (&s)[kSRegs], const StageInfo& info, float (&row_alpha)[2]) {
+      bool plain = params.scale_log2 > 0.f;  // max(scale * s) = scale * max(s) needs scale > 0
 #pragma unroll
-      for (int slot = 0; slot < kSlots; ++slot) {
-        const uint8_t flags = info.flags[slot];
-        const int key_pos0 = info.tile[slot] * 64;
+      for (int slot = 0; slot < kSlots; ++slot) plain &= info.flags[slot] == kTileVisible;
+      float multiplier = params.scale_log2;
+      if (!plain) {
+        multiplier = 1.f;
 #pragma unroll
-        for (int j = slot * 8; j < slot * 8 + 8; ++j)
+        for (int slot = 0; slot < kSlots; ++slot) {
+          const uint8_t flags = info.flags[slot];
+          const int key_pos0 = info.tile[slot] * 64;
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float x = s[4 * j + e] * params.scale_log2;
-            if (!(flags & kTileVisible)) {
-              x = -INFINITY;
-            } else if (flags & kTileMasked) {
-              const int key_pos = key_pos0 + 8 * (j - slot * 8) + 2 * tig + (e & 1);
-              if (key_pos > row_pos[e >> 1] || key_pos >= k_len) x = -INFINITY;
+          for (int j = slot * 8; j < slot * 8 + 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              float x = s[4 * j + e] * params.scale_log2;
+              if (!(flags & kTileVisible)) {
+                x = -INFINITY;
+              } else if (flags & kTileMasked) {
+                const int key_pos = key_pos0 + 8 * (j - slot * 8) + 2 * tig + (e & 1);
+                if (key_pos > row_pos[e >> 1] || key_pos >= k_len) x = -INFINITY;
+              }
+              s[4 * j + e] = x;
             }
-            s[4 * j + e] = x;
-          }
+        }
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        float mx = row_max[r];
+        float mx = -INFINITY;
 #pragma unroll
         for (int j = 0; j < kSRegs / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+        mx = fmaxf(row_max[r], mx * multiplier);
         const float ref = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: avoid inf - inf
         const float alpha = ptx::exp2_approx(row_max[r] - ref);
         row_max[r] = mx;
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < kSRegs / 4; ++j) {
-          s[4 * j + 2 * r] = ptx::exp2_approx(s[4 * j + 2 * r] - ref);
-          s[4 * j + 2 * r + 1] = ptx::exp2_approx(s[4 * j + 2 * r + 1] - ref);
+          s[4 * j + 2 * r] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r], multiplier, -ref));
+          s[4 * j + 2 * r + 1] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r + 1], multiplier, -ref));
           sum += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
         }
         row_sum[r] = row_sum[r] * alpha + sum;
