@@ -286,26 +286,35 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
       }
     };
 
-    // Each consumer group's valid rows (absolute positions).
-    int group_lo[kSm90ConsumerGroups], group_hi[kSm90ConsumerGroups];
+    // Each consumer group's valid rows (absolute positions) and query block, computed once: the
+    // per-tile test below is integer-division free for the pattern (the producer's instructions
+    // share the issue slots with the consumers').
+    const SparsePattern& pattern = params.pattern;
+    int group_lo[kSm90ConsumerGroups], group_hi[kSm90ConsumerGroups], group_qb[kSm90ConsumerGroups];
 #pragma unroll
     for (int g = 0; g < kSm90ConsumerGroups; ++g) {
       group_lo[g] = max(valid_begin, tile_pos + 64 * g);
       group_hi[g] = min(valid_end, tile_pos + 64 * g + 64) - 1;
+      group_qb[g] = group_lo[g] / pattern.block_size;
     }
+    const int vertical_off = pattern.has_layout() ? 0 : vertical_offset(pattern, head);
     Sm90KeyTileCursor cursor;
-    cursor.init(params.pattern, head, valid_begin, valid_end - 1);
+    cursor.init(pattern, head, valid_begin, valid_end - 1);
     // The next key tile some consumer group sees, with the groups' flags; false at the end.
     auto next_tile = [&](int& key_tile, uint8_t (&flags)[kSm90ConsumerGroups]) {
       while (cursor.next(key_tile)) {
         const int key_first = key_tile * 64, key_last = key_first + 63;
+        const int j = cursor.current;  // the tile's key block
+        const bool vertical = !pattern.has_layout() && (j + vertical_off) % pattern.vert_stride == 0;
         bool any = false;
 #pragma unroll
         for (int g = 0; g < kSm90ConsumerGroups; ++g) {
           flags[g] = 0;
-          if (group_lo[g] > group_hi[g] || key_first > group_hi[g]) continue;
-          const int qb = group_lo[g] / params.pattern.block_size;
-          if (!block_visible(params.pattern, head, qb, key_first / params.pattern.block_size)) continue;
+          const int qb = group_qb[g];
+          if (group_lo[g] > group_hi[g] || key_first > group_hi[g] || j > qb) continue;
+          const bool visible = pattern.has_layout() ? layout_block_visible(pattern, head, qb, j)
+                                                    : qb - j < pattern.local_blocks || vertical;
+          if (!visible) continue;
           flags[g] = kTileVisible | (key_last > group_lo[g] || key_last >= k_len ? kTileMasked : 0);
           any = true;
         }
@@ -368,11 +377,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     unsigned char* s_q = smem + Smem::kQOffset + group * Smem::kQTileBytes;
     // Descriptor steps (16-byte units): K-major operands advance 32 B per 16 columns inside a
     // 64-column block, then a whole block; V (MN-major) advances 16 rows of 128 B per 16 keys.
-    const uint64_t desc_q = ptx::smem_descriptor_sw128(s_q, 16, 1024);
-    auto q_step = [](int ks) { return static_cast<uint64_t>(((ks & 3) * 32 + (ks >> 2) * 64 * 128) >> 4); };
-    auto k_step = [](int ks) {
-      return static_cast<uint64_t>(((ks & 3) * 32 + (ks >> 2) * Smem::kStageColumnBlockBytes) >> 4);
-    };
+    const ptx::SmemDescriptor desc_q = ptx::smem_descriptor_sw128(s_q, 16);
+    auto q_step = [](int ks) { return static_cast<uint32_t>((ks & 3) * 32 + (ks >> 2) * 64 * 128); };
+    auto k_step = [](int ks) { return static_cast<uint32_t>((ks & 3) * 32 + (ks >> 2) * Smem::kStageColumnBlockBytes); };
 
     float acc_o[kORegs];
 #pragma unroll
@@ -406,20 +413,20 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     auto release = [&](int stage) { ptx::mbarrier_arrive(&empty[stage]); };
     auto issue_s = [&](float (&s)[kSRegs], int stage) {
       const unsigned char* s_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
-      const uint64_t desc_k = ptx::smem_descriptor_sw128(s_k, 16, 1024);
+      const ptx::SmemDescriptor desc_k = ptx::smem_descriptor_sw128(s_k, 16);
       ptx::wgmma_fence();
 #pragma unroll
-      for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q + q_step(ks), desc_k + k_step(ks), ks > 0);
+      for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q.at(q_step(ks)), desc_k.at(k_step(ks)), ks > 0);
       ptx::wgmma_commit();
     };
     auto issue_pv = [&](int stage) {
       const unsigned char* s_v = smem + Smem::kVOffset + stage * Smem::kStageBytes;
-      const uint64_t desc_v = ptx::smem_descriptor_sw128(s_v, Smem::kStageColumnBlockBytes, 1024);
+      const ptx::SmemDescriptor desc_v = ptx::smem_descriptor_sw128(s_v, Smem::kStageColumnBlockBytes);
       ptx::fence_registers(acc_o);
       ptx::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < kSm90BlockN / 16; ++kk)
-        MmaO::rs_mn_major_b(acc_o, p_frag[kk], desc_v + static_cast<uint64_t>((kk * 16 * 128) >> 4));
+        MmaO::rs_mn_major_b(acc_o, p_frag[kk], desc_v.at(kk * 16 * 128));
       ptx::wgmma_commit();
       ptx::fence_registers(acc_o);
     };

@@ -86,16 +86,25 @@ __device__ __forceinline__ void fence_registers(float (&r)[kCount]) {
 
 // Shared-memory matrix descriptor for the 128-byte swizzle: operands are stored as atoms of 8 rows x
 // 128 bytes, 1024-byte aligned, the 16-byte chunk c of row r at chunk position c ^ (r % 8).
-//  leading_bytes: K-major: unused (1); MN-major: offset between 64-element column blocks.
-//  stride_bytes: offset between groups of 8 rows (1024 for dense atoms).
-__device__ __forceinline__ uint64_t smem_descriptor_sw128(const void* smem, uint32_t leading_bytes,
-                                                          uint32_t stride_bytes) {
-  const uint64_t address = smem_addr(smem);
-  uint64_t desc = (address & 0x3FFFF) >> 4;
-  desc |= static_cast<uint64_t>((leading_bytes & 0x3FFFF) >> 4) << 16;
-  desc |= static_cast<uint64_t>((stride_bytes & 0x3FFFF) >> 4) << 32;
-  desc |= uint64_t{1} << 62;  // 128-byte swizzle
-  return desc;
+// Kept as two 32-bit words: the low word (start address, leading offset) is all that moves between
+// the wgmmas of a tile, and a 32-bit add there costs one instruction where a 64-bit add of the whole
+// descriptor cost a carry chain and register moves before every wgmma (12 instructions, SASS).
+//  leading_bytes: K-major: unused (16); MN-major: offset between 64-element column blocks.
+struct SmemDescriptor {
+  uint32_t lo;  // bits 0-13: start address >> 4; bits 16-29: leading byte offset >> 4
+  uint32_t hi;  // bits 0-13: stride byte offset >> 4 (1024: dense 8-row atoms); bits 30-31: swizzle mode
+
+  // The descriptor advanced by `bytes` (a multiple of 16 that keeps the start inside shared memory).
+  __device__ __forceinline__ uint64_t at(uint32_t bytes) const {
+    return (static_cast<uint64_t>(hi) << 32) | (lo + (bytes >> 4));
+  }
+};
+
+__device__ __forceinline__ SmemDescriptor smem_descriptor_sw128(const void* smem, uint32_t leading_bytes) {
+  SmemDescriptor d;
+  d.lo = ((smem_addr(smem) & 0x3FFFF) >> 4) | (((leading_bytes & 0x3FFFF) >> 4) << 16);
+  d.hi = (1024 >> 4) | (1u << 30);  // 128-byte swizzle (mode 1 in bits 62-63)
+  return d;
 }
 
 }  // namespace ptx
