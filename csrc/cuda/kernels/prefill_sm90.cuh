@@ -15,11 +15,11 @@
 //
 // Measured (H100 SXM, 8k x 4, Phi-3-small, bf16; scripts/device_prefill_stages.sh), each step:
 // 2.46 ms first version (the sm80 kernel: 3.7 ms); 2.42 ms planning sequence by sequence (DRAM
-// traffic 3 GB -> 0.4 GB per call, less than expected: the kernel was not memory bound); 2.39 ms
+// traffic 3 GB -> 0.4 GB per call, less gain than expected: the kernel was not memory bound); 2.39 ms
 // publishing fills before waiting for free stages; 2.28 ms folding the softmax scale into the
-// exponent. Tried and not kept: 128-key stages (3.1-3.4 ms), a deeper ring (6 stages, 4 fills in
-// flight: no change). ncu at 2.4 ms: issue slots 50 % busy, ALU the busiest pipe (44 %), tensor
-// pipes ~37 % of the dense matmul rate: latency and instruction bound, not memory bound.
+// exponent; 2.04 ms with 32-bit descriptor steps and a division-free producer visibility test
+// (issue-bound: instructions between wgmmas and in the producer cost time directly). Tried and not
+// kept: 128-key stages (2.04-3.4 ms), a deeper ring (6 stages, 4 fills in flight: no change).
 #pragma once
 
 #include <cuda_bf16.h>
