@@ -119,9 +119,10 @@ void run_prefill(PrefillParams& params, const at::Tensor& q) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-PrefillParams query_params(const at::Tensor& out, const at::Tensor& q, const CheckedArgs& args, double scale,
-                           const std::optional<at::Tensor>& lse) {
-  PrefillParams params{};
+// The query-side fields that PrefillParams and DecodeParams share.
+template <typename Params>
+void fill_query_fields(Params& params, const at::Tensor& out, const at::Tensor& q, const CheckedArgs& args,
+                       double scale, const std::optional<at::Tensor>& lse) {
   params.q = q.data_ptr();
   params.out = out.data_ptr();
   params.lse = lse ? lse->data_ptr<float>() : nullptr;
@@ -129,13 +130,19 @@ PrefillParams query_params(const at::Tensor& out, const at::Tensor& q, const Che
   params.q_head_stride = q.stride(1);
   params.out_row_stride = out.stride(0);
   params.out_head_stride = out.stride(1);
-  params.num_q_tokens = static_cast<int>(args.shape.num_q_tokens);
   params.num_q_heads = static_cast<int>(args.shape.num_q_heads);
   params.num_kv_heads = static_cast<int>(args.shape.num_kv_heads);
   params.head_size = static_cast<int>(args.shape.head_size);
   params.num_seqs = static_cast<int>(args.shape.num_seqs);
   params.scale_log2 = static_cast<float>(scale * M_LOG2E);
   params.pattern = args.pattern;
+}
+
+PrefillParams query_params(const at::Tensor& out, const at::Tensor& q, const CheckedArgs& args, double scale,
+                           const std::optional<at::Tensor>& lse) {
+  PrefillParams params{};
+  fill_query_fields(params, out, q, args, scale, lse);
+  params.num_q_tokens = static_cast<int>(args.shape.num_q_tokens);
   return params;
 }
 
@@ -267,21 +274,9 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
             "dimension), got ", args.shape.num_seqs);
 
   DecodeParams params{};
-  params.q = q.data_ptr();
-  params.out = out.data_ptr();
-  params.lse = lse ? lse->data_ptr<float>() : nullptr;
-  params.q_row_stride = q.stride(0);
-  params.q_head_stride = q.stride(1);
-  params.out_row_stride = out.stride(0);
-  params.out_head_stride = out.stride(1);
+  fill_query_fields(params, out, q, args, scale, lse);
   params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens);
-  params.num_seqs = static_cast<int>(args.shape.num_seqs);
-  params.num_q_heads = static_cast<int>(args.shape.num_q_heads);
-  params.num_kv_heads = static_cast<int>(args.shape.num_kv_heads);
-  params.head_size = static_cast<int>(args.shape.head_size);
   params.head_chunks = static_cast<int>((args.pattern.q_heads_per_kv + kDecodeHeadsPerCta - 1) / kDecodeHeadsPerCta);
-  params.scale_log2 = static_cast<float>(scale * M_LOG2E);
-  params.pattern = args.pattern;
   params.num_splits = choose_decode_splits(int64_t{params.num_seqs} * params.num_kv_heads * params.head_chunks,
                                            params.head_size, block_tables.size(1) * key_cache.size(2));
   // Split partials come from the caching allocator: no device sync, and stable inside a CUDA graph's

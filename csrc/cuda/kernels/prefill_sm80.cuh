@@ -22,7 +22,7 @@
 #include <cfloat>
 #include <cstdint>
 
-#include "cuda/kernels/block_visibility.cuh"
+#include "cuda/kernels/prefill_common.cuh"
 #include "cuda/kernels/params.h"
 #include "cuda/kernels/ptx.cuh"
 
@@ -174,23 +174,14 @@ prefill_sm80_kernel(const PrefillParams params) {
   Element* s_k = s_q + Smem::kTileElems;  // [kStages][kPrefillBlockN][kHeadDimPad]
   Element* s_v = s_k + Smem::kStages * Smem::kKeyTileElems;  // [kStages][kPrefillBlockN][kHeadDimPad]
 
-  const int item = blockIdx.x / params.num_q_heads;
-  const int head = blockIdx.x % params.num_q_heads;
-  if (item >= *params.num_tiles) return;
-  const int seq = params.tile_seq[item];
-  const int q_tile = params.tile_index[item];
-  const int kv_head = head / params.pattern.q_heads_per_kv;
+  PrefillItem it;
+  if (!load_prefill_item(params, kPrefillBlockM, it)) return;
+  const int seq = it.seq, head = it.head, kv_head = it.kv_head, q_begin = it.q_begin, k_len = it.k_len;
+  const int first_pos = it.first_pos, tile_pos = it.tile_pos, valid_begin = it.valid_begin, valid_end = it.valid_end;
+  const int q_tile = tile_pos / kPrefillBlockM;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int head_size = params.head_size;
-
   const KeyValueSource& kv = params.kv;
-  const int q_begin = params.cu_seqlens_q[seq];
-  const int q_len = params.cu_seqlens_q[seq + 1] - q_begin;
-  const int k_len = kv.paged() ? kv.seq_lens[seq] : kv.cu_seqlens_k[seq + 1] - kv.cu_seqlens_k[seq];
-  const int first_pos = k_len - q_len;  // absolute position of the sequence's first query
-  const int tile_pos = q_tile * kPrefillBlockM;
-  const int valid_begin = max(tile_pos, first_pos);
-  const int valid_end = min(tile_pos + kPrefillBlockM, k_len);
 
   // Q tile: rows outside [first_pos, k_len) belong to no query of this sequence -> zeros.
   {

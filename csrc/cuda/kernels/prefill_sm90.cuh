@@ -27,7 +27,7 @@
 
 #include <cstdint>
 
-#include "cuda/kernels/block_visibility.cuh"
+#include "cuda/kernels/prefill_common.cuh"
 #include "cuda/kernels/params.h"
 #include "cuda/kernels/ptx_sm90.cuh"
 
@@ -193,23 +193,13 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
   uint64_t* empty = full + kStages;
   Sm90StageRecord* records = reinterpret_cast<Sm90StageRecord*>(smem + Smem::kRecordOffset);
 
-  const int item = blockIdx.x / params.num_q_heads;
-  const int head = blockIdx.x % params.num_q_heads;
-  if (item >= *params.num_tiles) return;
-  const int seq = params.tile_seq[item];
-  const int q_tile = params.tile_index[item];
-  const int kv_head = head / params.pattern.q_heads_per_kv;
+  PrefillItem it;
+  if (!load_prefill_item(params, kPrefillSm90BlockM, it)) return;
+  const int seq = it.seq, head = it.head, kv_head = it.kv_head, q_begin = it.q_begin, k_len = it.k_len;
+  const int first_pos = it.first_pos, tile_pos = it.tile_pos, valid_begin = it.valid_begin, valid_end = it.valid_end;
   const int tid = threadIdx.x;
   const int head_size = params.head_size;
-
   const KeyValueSource& kv = params.kv;
-  const int q_begin = params.cu_seqlens_q[seq];
-  const int q_len = params.cu_seqlens_q[seq + 1] - q_begin;
-  const int k_len = kv.paged() ? kv.seq_lens[seq] : kv.cu_seqlens_k[seq + 1] - kv.cu_seqlens_k[seq];
-  const int first_pos = k_len - q_len;  // absolute position of the sequence's first query
-  const int tile_pos = q_tile * kPrefillSm90BlockM;
-  const int valid_begin = max(tile_pos, first_pos);
-  const int valid_end = min(tile_pos + kPrefillSm90BlockM, k_len);
 
   if (tid == 0) {
     ptx::mbarrier_init(q_full, 128);
@@ -504,6 +494,16 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
       }
     };
 
+    // S of one stage -> P fragments, with nothing else in flight.
+    auto scores_to_p = [&](const StageInfo& info) {
+      float s[kSRegs], row_alpha[2];
+      issue_s(s, info.stage);
+      ptx::wgmma_wait<0>();
+      ptx::fence_registers(s);
+      softmax(s, info, row_alpha);
+      pack_p_and_rescale_o(s, row_alpha);
+    };
+
     ptx::mbarrier_wait(q_full, 0);
 #if BSA_SM90_OVERLAP
     // Software pipeline (FA3's intra-warpgroup overlap): the P.V product of tile n - 1 runs on the
@@ -513,14 +513,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     // skipping it would put the wgmma issue in data-dependent branches, where ptxas serialises them.
     StageInfo info = wait_stage(0);
     if (!info.end) {
-      {
-        float s[kSRegs], row_alpha[2];
-        issue_s(s, info.stage);
-        ptx::wgmma_wait<0>();
-        ptx::fence_registers(s);
-        softmax(s, info, row_alpha);
-        pack_p_and_rescale_o(s, row_alpha);
-      }
+      scores_to_p(info);
       int pending_stage = info.stage;
       for (int n = 1;; ++n) {
         info = wait_stage(n);
@@ -547,12 +540,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
       const StageInfo info = wait_stage(n);
       if (info.end) break;
       if (info.any_visible) {  // else the other group's tile
-        float s[kSRegs], row_alpha[2];
-        issue_s(s, info.stage);
-        ptx::wgmma_wait<0>();
-        ptx::fence_registers(s);
-        softmax(s, info, row_alpha);
-        pack_p_and_rescale_o(s, row_alpha);
+        scores_to_p(info);
         issue_pv(info.stage);
         ptx::wgmma_wait<0>();
         ptx::fence_registers(acc_o);
