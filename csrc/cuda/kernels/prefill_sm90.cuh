@@ -107,11 +107,11 @@ struct Sm90KeyTileCursor {
   int qb_first, qb_last;
   int last_pos;         // the tile's last valid query position: later key tiles are never visible
   int tiles_per_block;  // B / 64
-  int block;            // pattern: current key block; layout: unused
+  int block;            // pattern: the next key block to visit; layout: unused
   int band_start;
   int entry[2], entry_end[2];  // layout: positions in the two rows
   int sub;                     // next 64-key tile inside the current block
-  int current;                 // the current block (layout), -1 before the first
+  int current;                 // the key block of the last tile returned, -1 before the first
 
   __device__ void init(const SparsePattern& pattern, int h, int first_pos, int last_valid_pos) {
     p = &pattern;
