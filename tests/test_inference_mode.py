@@ -62,6 +62,19 @@ def assert_inference_tensor(t: torch.Tensor, config: str) -> None:
     assert t.is_inference(), f"[{config}] test setup: the output should be an inference tensor"
 
 
+def assert_matches_ref(out, lse, ref_out, ref_lse, dtype, config: str) -> None:
+    assert_close_to_ref(out, ref_out, dtype, config)
+    assert_lse_close(lse, ref_lse, dtype, config)
+
+
+def paged_inputs(seq_lens, dtype, gen, device):
+    """Per-sequence keys and values (CPU) and a shuffled paged cache holding them."""
+    keys = [randn((n, HKV, D), dtype, gen) for n in seq_lens]
+    values = [randn((n, HKV, D), dtype, gen) for n in seq_lens]
+    key_cache, value_cache, tables = build_paged_cache(keys, values, KVBS, gen, device)
+    return keys, values, key_cache, value_cache, tables
+
+
 # ---- attention -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("where", INPUTS_MADE)
@@ -80,8 +93,7 @@ def test_varlen_prefill(device, pattern, where, gen):
     with torch.inference_mode():
         out, lse = ops.varlen_prefill(q, k, v, cu_q, cu_k, SCALE, op_pattern(pattern, device), return_lse=True)
     assert_inference_tensor(out, config)
-    assert_close_to_ref(out, ref_out, dtype, config)
-    assert_lse_close(lse, ref_lse, dtype, config)
+    assert_matches_ref(out, lse, ref_out, ref_lse, dtype, config)
 
 
 @pytest.mark.parametrize("where", INPUTS_MADE)
@@ -91,9 +103,7 @@ def test_paged_prefill(device, pattern, where, gen):
     seq_lens, q_lens = [c + n for c, n in seqs], [n for _, n in seqs]
     config = f"paged_prefill {device} inputs made {where} inference_mode, {THREADS} threads, {pattern!r}"
     with making(where):
-        keys = [randn((n, HKV, D), dtype, gen) for n in seq_lens]
-        values = [randn((n, HKV, D), dtype, gen) for n in seq_lens]
-        key_cache, value_cache, tables = build_paged_cache(keys, values, KVBS, gen, device)
+        keys, values, key_cache, value_cache, tables = paged_inputs(seq_lens, dtype, gen, device)
         q = randn((sum(q_lens), HQ, D), dtype, gen)
         cu_q, lens = cu_seqlens(q_lens, device), torch.tensor(seq_lens, dtype=torch.int32, device=device)
     with one_thread():
@@ -106,8 +116,7 @@ def test_paged_prefill(device, pattern, where, gen):
         out, lse = ops.paged_prefill(q, key_cache, value_cache, tables, cu_q, lens, SCALE,
                                      op_pattern(pattern, device), return_lse=True)
     assert_inference_tensor(out, config)
-    assert_close_to_ref(out, ref_out, dtype, config)
-    assert_lse_close(lse, ref_lse, dtype, config)
+    assert_matches_ref(out, lse, ref_out, ref_lse, dtype, config)
 
 
 @pytest.mark.parametrize("where", INPUTS_MADE)
@@ -116,9 +125,7 @@ def test_paged_decode(device, pattern, where, gen):
     seq_lens = [1, 599, 0, 64, 300, 17]  # 0: a padding row
     config = f"paged_decode {device} inputs made {where} inference_mode, {THREADS} threads, {pattern!r}"
     with making(where):
-        keys = [randn((n, HKV, D), dtype, gen) for n in seq_lens]
-        values = [randn((n, HKV, D), dtype, gen) for n in seq_lens]
-        key_cache, value_cache, tables = build_paged_cache(keys, values, KVBS, gen, device)
+        keys, values, key_cache, value_cache, tables = paged_inputs(seq_lens, dtype, gen, device)
         q = randn((len(seq_lens), HQ, D), dtype, gen)
         lens = torch.tensor(seq_lens, dtype=torch.int32, device=device)
     with one_thread():
@@ -132,8 +139,7 @@ def test_paged_decode(device, pattern, where, gen):
     with torch.inference_mode():
         torch.ops.blocksparse_attn.paged_decode(out, q, key_cache, value_cache, tables, lens, SCALE,
                                                 *op_pattern(pattern, device).op_args(), lse)
-    assert_close_to_ref(out, ref_out, dtype, config)
-    assert_lse_close(lse, ref_lse, dtype, config)
+    assert_matches_ref(out, lse, ref_out, ref_lse, dtype, config)
 
 
 # ---- KV cache ------------------------------------------------------------------------------------------
