@@ -85,13 +85,24 @@ PrefillKernel choose_prefill_kernel(const PrefillParams& params) {
   return PrefillKernel::kSm80;
 }
 
+// CTAs of the persistent Hopper kernel: one per SM; BSA_SM90_GRID=<n> sets another count (experiments:
+// a count at least the number of work units gives one CTA per unit).
+int sm90_ctas() {
+  if (const char* grid = std::getenv("BSA_SM90_GRID")) {
+    const int n = std::atoi(grid);
+    BSA_CHECK(n > 0, "BSA_SM90_GRID must be a positive CTA count, got '", grid, "'");
+    return n;
+  }
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
 // Plans the work list on the device, then runs the prefill kernel over it.
 void run_prefill(PrefillParams& params, const at::Tensor& q) {
   if (params.num_q_tokens == 0 || params.num_seqs == 0) return;
   const PrefillKernel kernel = choose_prefill_kernel(params);
   const int block_m = kernel == PrefillKernel::kSm90 ? kPrefillSm90BlockM : kPrefillBlockM;
   const int max_tiles = static_cast<int>(params.num_q_tokens / block_m + 2 * params.num_seqs + 1);
-  at::Tensor workspace = at::empty({2 * max_tiles + 1}, q.options().dtype(at::kInt));
+  at::Tensor workspace = at::empty({2 * max_tiles + 2}, q.options().dtype(at::kInt));
   int32_t* ws = workspace.data_ptr<int32_t>();
   PlanParams plan{};
   plan.cu_seqlens_q = params.cu_seqlens_q;
@@ -102,9 +113,11 @@ void run_prefill(PrefillParams& params, const at::Tensor& q) {
   plan.tile_seq = ws;
   plan.tile_index = ws + max_tiles;
   plan.num_tiles = ws + 2 * max_tiles;
+  plan.work_counter = ws + 2 * max_tiles + 1;
   params.tile_seq = plan.tile_seq;
   params.tile_index = plan.tile_index;
   params.num_tiles = plan.num_tiles;
+  params.work_counter = plan.work_counter;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -112,7 +125,7 @@ void run_prefill(PrefillParams& params, const at::Tensor& q) {
     using Element = decltype(element);
     constexpr int kPad = decltype(pad)::value;
     if constexpr (kPad == 64 || kPad == 128) {
-      if (kernel == PrefillKernel::kSm90) return launch_prefill_sm90<Element, kPad>(params, max_tiles, stream);
+      if (kernel == PrefillKernel::kSm90) return launch_prefill_sm90<Element, kPad>(params, max_tiles, sm90_ctas(), stream);
     }
     launch_prefill_sm80<Element, kPad>(params, max_tiles, stream);
   });

@@ -59,6 +59,9 @@ struct PrefillParams {
   const int32_t* tile_seq;    // [max_tiles]
   const int32_t* tile_index;  // [max_tiles]: absolute query tile (positions tile * kBlockM ...)
   const int32_t* num_tiles;   // [1]
+  // Work units (tile * num_q_heads + head) claimed so far by the persistent Hopper kernel's CTAs;
+  // zeroed by the plan kernel.
+  int32_t* work_counter;  // [1]
 };
 
 // Query heads of one kv group computed together by a decode CTA: the rows of one m16n8k16 tile.
@@ -97,6 +100,7 @@ struct PlanParams {
   int32_t* tile_seq;     // [max_tiles]
   int32_t* tile_index;   // [max_tiles]
   int32_t* num_tiles;    // [1]
+  int32_t* work_counter;  // [1]: set to 0
 };
 
 }  // namespace blocksparse_attn

@@ -60,7 +60,10 @@ __global__ void __launch_bounds__(kPlanThreads) plan_prefill_kernel(const PlanPa
       if (lane >= d) incl += v;
     }
     warp_totals[lane] = incl - w;  // exclusive prefix of warp totals
-    if (lane == 31) *p.num_tiles = incl;
+    if (lane == 31) {
+      *p.num_tiles = incl;
+      *p.work_counter = 0;
+    }
   }
   __syncthreads();
   int slot = warp_totals[warp] + inclusive - local;

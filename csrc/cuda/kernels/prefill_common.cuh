@@ -31,7 +31,7 @@ __device__ __forceinline__ bool block_visible(const SparsePattern& p, int h, int
   return p.has_layout() ? layout_block_visible(p, h, i, j) : pattern_block_visible(p, h, i, j);
 }
 
-// One (sequence, query tile, q head) work item of the plan kernel's list, resolved: blockIdx.x =
+// One (sequence, query tile, q head) work unit of the plan kernel's list, resolved: unit =
 // item * Hq + head, so the q heads of one tile (and of one kv group) run side by side.
 struct PrefillItem {
   int seq, head, kv_head;
@@ -43,11 +43,11 @@ struct PrefillItem {
   int valid_end;
 };
 
-// False for a CTA past the planned items (the grid is sized by a host-side bound).
-__device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, int block_m, PrefillItem& it) {
-  const int item = blockIdx.x / params.num_q_heads;
+// False for a unit past the planned items (grids are sized by a host-side bound).
+__device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, int block_m, int unit, PrefillItem& it) {
+  const int item = unit / params.num_q_heads;
   if (item >= *params.num_tiles) return false;
-  it.head = blockIdx.x % params.num_q_heads;
+  it.head = unit % params.num_q_heads;
   it.seq = params.tile_seq[item];
   it.kv_head = it.head / params.pattern.q_heads_per_kv;
   const KeyValueSource& kv = params.kv;

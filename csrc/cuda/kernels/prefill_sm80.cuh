@@ -175,7 +175,7 @@ prefill_sm80_kernel(const PrefillParams params) {
   Element* s_v = s_k + Smem::kStages * Smem::kKeyTileElems;  // [kStages][kPrefillBlockN][kHeadDimPad]
 
   PrefillItem it;
-  if (!load_prefill_item(params, kPrefillBlockM, it)) return;
+  if (!load_prefill_item(params, kPrefillBlockM, blockIdx.x, it)) return;
   const int seq = it.seq, head = it.head, kv_head = it.kv_head, q_begin = it.q_begin, k_len = it.k_len;
   const int first_pos = it.first_pos, tile_pos = it.tile_pos, valid_begin = it.valid_begin, valid_end = it.valid_end;
   const int q_tile = tile_pos / kPrefillBlockM;

@@ -25,6 +25,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda/kernels/prefill_common.cuh"
@@ -43,8 +44,8 @@ namespace blocksparse_attn {
 #ifndef BSA_SM90_LOADS_IN_FLIGHT
 #define BSA_SM90_LOADS_IN_FLIGHT 2
 #endif
-#ifndef BSA_SM90_OVERLAP
-#define BSA_SM90_OVERLAP 1
+#ifndef BSA_SM90_PINGPONG
+#define BSA_SM90_PINGPONG 1
 #endif
 // A stage holds kSm90TilesPerStage 64-key tiles of the visible list (not necessarily adjacent).
 constexpr int kSm90TilesPerStage = BSA_SM90_KEY_TILES_PER_STAGE;
@@ -55,37 +56,51 @@ constexpr int kSm90Threads = 128 * (1 + kSm90ConsumerGroups);
 constexpr int kSm90LoadsInFlight = BSA_SM90_LOADS_IN_FLIGHT;  // cp.async groups the producer keeps outstanding
 // A consumer holds up to two stages (fill n - 1, whose P.V is pending, and fill n) while it waits
 // for fill n + 1; the producer publishes fill m before it waits to refill the stage of m + L - S.
-static_assert(kSm90LoadsInFlight >= 1 && kSm90LoadsInFlight + 1 <= kSm90Stages,
+// L <= 2 also keeps every fill of unit k - 2 published when the producer waits for unit k - 2's Q
+// buffer (unit k - 1 has at least one fill, its end record).
+static_assert(kSm90LoadsInFlight >= 1 && kSm90LoadsInFlight <= 2 && kSm90LoadsInFlight + 1 <= kSm90Stages,
               "the producer must publish a fill before it waits for the consumers to free its stage");
+static_assert(!BSA_SM90_PINGPONG || kSm90ConsumerGroups == 2, "ping-pong alternates two consumer groups");
 // Register split between the producer (address arithmetic only) and the consumers (O, S and P).
-constexpr int kSm90ProducerRegisters = 56;
+constexpr int kSm90ProducerRegisters = 64;
 constexpr int kSm90ConsumerRegisters = 224;
+// Named barriers (0 is __syncthreads): each consumer group's epilogue, the producer's broadcast of
+// a claimed unit, the consumer groups' turns to issue wgmma (ping-pong).
+constexpr int kSm90EpilogueBarrier = 1;   // + group
+constexpr int kSm90ClaimBarrier = 3;
+constexpr int kSm90TurnBarrier = 4;       // + group
 
 // Per-stage flags for one consumer warp group.
 constexpr uint8_t kTileVisible = 1;  // the group's query block sees this key tile
 constexpr uint8_t kTileMasked = 2;   // ... and some (row, key) pairs are causal or past the keys
 
 // Shared memory: operand tiles of kRows rows x kHeadDim, stored as 64-column blocks of kRows rows x
-// 128 B with the 128-byte swizzle (the layout wgmma reads), every tile 1024-byte aligned. Q tiles
-// have 64 rows (one per consumer group), K and V stages kSm90BlockN.
+// 128 B with the 128-byte swizzle (the layout wgmma reads), every tile 1024-byte aligned. Q has two
+// buffers (consecutive work units of a CTA alternate, so the producer loads the next unit's Q while
+// the consumers finish the current one), each one 64-row tile per consumer group; K and V stages
+// have kSm90BlockN rows.
 template <int kHeadDim>
 struct Sm90Smem {
   static constexpr int kQTileBytes = kHeadDim / 64 * 64 * 128;
+  static constexpr int kQBufferBytes = kSm90ConsumerGroups * kQTileBytes;
   static constexpr int kStageColumnBlockBytes = kSm90BlockN * 128;
   static constexpr int kStageBytes = kHeadDim / 64 * kStageColumnBlockBytes;
-  static constexpr int kQOffset = 0;  // one tile per consumer group; reused to stage O
-  static constexpr int kKOffset = kQOffset + kSm90ConsumerGroups * kQTileBytes;
+  static constexpr int kQOffset = 0;  // reused to stage O
+  static constexpr int kKOffset = kQOffset + 2 * kQBufferBytes;
   static constexpr int kVOffset = kKOffset + kSm90Stages * kStageBytes;
   static constexpr int kBarrierOffset = kVOffset + kSm90Stages * kStageBytes;
-  // q_full, full[kStages], empty[kStages], then the stage records
-  static constexpr int kRecordOffset = kBarrierOffset + 8 * (1 + 2 * kSm90Stages);
+  // full[kStages], empty[kStages], q_empty[2]; then the producer's claimed units, the stage records
+  static constexpr int kClaimOffset = kBarrierOffset + 8 * (2 * kSm90Stages + 2);
+  static constexpr int kRecordOffset = kClaimOffset + 8;
   static constexpr int kBytes = kRecordOffset + 16 * kSm90Stages + 1024;  // + slack to align the base
 };
 
-// What the producer tells the consumers about a filled stage: per 64-key slot, the key tile
-// (absolute positions key_tile * 64 ...; -1 for an empty slot) and each consumer group's flags.
-// A record whose first slot is empty ends the list.
+// What the producer tells the consumers about a filled stage: the work unit it belongs to (-1: no
+// more work, the CTA's last fill), per 64-key slot the key tile (absolute positions key_tile * 64 ...;
+// -1 for an empty slot) and each consumer group's flags. A record whose first slot is empty ends
+// the unit's list; the first fill of a unit also carries its Q.
 struct Sm90StageRecord {
+  int32_t unit;
   int32_t key_tile[kSm90TilesPerStage];
   uint8_t flags[kSm90ConsumerGroups][kSm90TilesPerStage];
 };
@@ -188,29 +203,29 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
   extern __shared__ unsigned char smem_unaligned[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_unaligned) + 1023) & ~uintptr_t{1023});
-  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + Smem::kBarrierOffset);
-  uint64_t* full = q_full + 1;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + Smem::kBarrierOffset);
   uint64_t* empty = full + kStages;
+  uint64_t* q_empty = empty + kStages;
+  int32_t* claimed = reinterpret_cast<int32_t*>(smem + Smem::kClaimOffset);
   Sm90StageRecord* records = reinterpret_cast<Sm90StageRecord*>(smem + Smem::kRecordOffset);
 
-  PrefillItem it;
-  if (!load_prefill_item(params, kPrefillSm90BlockM, it)) return;
-  const int seq = it.seq, head = it.head, kv_head = it.kv_head, q_begin = it.q_begin, k_len = it.k_len;
-  const int first_pos = it.first_pos, tile_pos = it.tile_pos, valid_begin = it.valid_begin, valid_end = it.valid_end;
   const int tid = threadIdx.x;
   const int head_size = params.head_size;
   const KeyValueSource& kv = params.kv;
 
   if (tid == 0) {
-    ptx::mbarrier_init(q_full, 128);
     for (int s = 0; s < kStages; ++s) {
       ptx::mbarrier_init(&full[s], 128);                       // every producer thread arrives
       ptx::mbarrier_init(&empty[s], 128 * kSm90ConsumerGroups);  // every consumer thread arrives
     }
+    for (int b = 0; b < 2; ++b) ptx::mbarrier_init(&q_empty[b], 128 * kSm90ConsumerGroups);
     ptx::mbarrier_init_fence();
   }
   __syncthreads();
 
+  // The CTA is persistent: its producer claims work units (plan item * Hq + head) from a counter
+  // until none is left, and streams each unit's fills through the same ring; the consumers follow
+  // the records. Units differ in length (sparse rows, varlen), so claiming beats a static split.
   if (tid < 128) {
     // ---------------------------------------------------------------- producer warp group
     ptx::setmaxnreg_dec<kSm90ProducerRegisters>();
@@ -219,137 +234,163 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     const int chunk = tid % kChunksPerRow, col = chunk * 8;
     const int row0 = tid / kChunksPerRow;
     const bool col_valid = col < head_size;
-
-    // Q: 128 rows; rows outside [valid_begin, valid_end) are zeros (never stored).
-    {
-      const Element* q = static_cast<const Element*>(params.q);
-#pragma unroll
-      for (int row = row0; row < kPrefillSm90BlockM; row += kRowStep) {
-        const int pos = tile_pos + row;
-        const bool valid = pos >= valid_begin && pos < valid_end && col_valid;
-        const Element* src =
-            valid ? q + static_cast<int64_t>(q_begin + pos - first_pos) * params.q_row_stride + head * params.q_head_stride + col : q;
-        unsigned char* dst = smem + Smem::kQOffset + (row >> 6) * Smem::kQTileBytes + sm90_tile_offset<64>(row & 63, col);
-        ptx::cp_async_16(dst, src, valid);
-      }
-      ptx::cp_async_commit();
-    }
-
-    // K and V of one 64-key tile into slot `slot` of a stage; keys past k_len, bad page ids and
-    // empty slots (key_tile < 0) read as zeros.
+    const Element* q = static_cast<const Element*>(params.q);
     const Element* key = static_cast<const Element*>(kv.key);
     const Element* value = static_cast<const Element*>(kv.value);
-    auto load_kv = [&](int key_tile, int stage, int slot) {
-      const int pos0 = key_tile * 64;
-      unsigned char* dst_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
-      unsigned char* dst_v = smem + Smem::kVOffset + stage * Smem::kStageBytes;
-      if (!kv.paged()) {
-        const int64_t base = static_cast<int64_t>(kv.cu_seqlens_k[seq] + pos0 + row0) * kv.row_stride +
-                             kv_head * kv.head_stride + col;
-        const int64_t step = kRowStep * kv.row_stride;
-#pragma unroll
-        for (int u = 0; u < 64 / kRowStep; ++u) {
-          const int row = row0 + u * kRowStep;
-          const bool valid = key_tile >= 0 && pos0 + row < k_len && col_valid;
-          const int64_t offset = base + u * step;
-          const int dst = sm90_tile_offset<kSm90BlockN>(slot * 64 + row, col);
-          ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
-          ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
-        }
-        return;
-      }
-#pragma unroll
-      for (int u = 0; u < 64 / kRowStep; ++u) {
-        const int row = row0 + u * kRowStep;
-        const int pos = pos0 + row;
-        bool valid = key_tile >= 0 && pos < k_len && col_valid;
-        int64_t offset = 0;
-        if (valid) {
-          const int page = kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
-          valid = page >= 0 && page < kv.num_cache_blocks;
-          offset = page * kv.cache_block_stride + kv_head * kv.cache_head_stride +
-                   static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
-        }
-        const int dst = sm90_tile_offset<kSm90BlockN>(slot * 64 + row, col);
-        ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
-        ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
-      }
-    };
-
-    // Each consumer group's valid rows (absolute positions) and query block, computed once: the
-    // per-tile test below is integer-division free for the pattern (the producer's instructions
-    // share the issue slots with the consumers').
     const SparsePattern& pattern = params.pattern;
-    int group_lo[kSm90ConsumerGroups], group_hi[kSm90ConsumerGroups], group_qb[kSm90ConsumerGroups];
-#pragma unroll
-    for (int g = 0; g < kSm90ConsumerGroups; ++g) {
-      group_lo[g] = max(valid_begin, tile_pos + 64 * g);
-      group_hi[g] = min(valid_end, tile_pos + 64 * g + 64) - 1;
-      group_qb[g] = group_lo[g] / pattern.block_size;
-    }
-    const int vertical_off = pattern.has_layout() ? 0 : vertical_offset(pattern, head);
-    Sm90KeyTileCursor cursor;
-    cursor.init(pattern, head, valid_begin, valid_end - 1);
-    // The next key tile some consumer group sees, with the groups' flags; false at the end.
-    auto next_tile = [&](int& key_tile, uint8_t (&flags)[kSm90ConsumerGroups]) {
-      while (cursor.next(key_tile)) {
-        const int key_first = key_tile * 64, key_last = key_first + 63;
-        const int j = cursor.current;  // the tile's key block
-        const bool vertical = !pattern.has_layout() && (j + vertical_off) % pattern.vert_stride == 0;
-        bool any = false;
-#pragma unroll
-        for (int g = 0; g < kSm90ConsumerGroups; ++g) {
-          flags[g] = 0;
-          const int qb = group_qb[g];
-          if (group_lo[g] > group_hi[g] || key_first > group_hi[g] || j > qb) continue;
-          const bool visible = pattern.has_layout() ? layout_block_visible(pattern, head, qb, j)
-                                                    : qb - j < pattern.local_blocks || vertical;
-          if (!visible) continue;
-          flags[g] = kTileVisible | (key_last > group_lo[g] || key_last >= k_len ? kTileMasked : 0);
-          any = true;
-        }
-        if (any) return true;
-      }
-      key_tile = -1;
-      return false;
-    };
 
-    // Group -1 is Q, group n the n-th K/V stage fill. Fill n - kSm90LoadsInFlight is published
-    // (fence for the wgmma reads, then arrive) at the top of iteration n, BEFORE the wait for a free
-    // stage: publication never waits on the consumers, so a consumer never idles on a fill that has
-    // landed (publishing after that wait cost 30 % with the overlapped consumer).
-    int next_publish = -1;
-    auto publish = [&](int group) {
+    // Fill n is published (fence for the wgmma reads, then arrive) at the top of fill n + L, BEFORE
+    // the wait for a free stage: publication never waits on the consumers, so a consumer never idles
+    // on a fill that has landed (publishing after that wait cost 30 % with the overlapped consumer).
+    int n = 0, next_publish = 0;
+    auto publish = [&](int fill) {
       ptx::fence_proxy_async_shared();
-      ptx::mbarrier_arrive(group < 0 ? q_full : &full[group % kStages]);
+      ptx::mbarrier_arrive(&full[fill % kStages]);
     };
-    bool more = true;
-    for (int n = 0;; ++n) {
+    auto begin_fill = [&] {
       if (n - kSm90LoadsInFlight >= next_publish) {
-        ptx::cp_async_wait<kSm90LoadsInFlight - 1>();  // groups up to n - kSm90LoadsInFlight have landed
+        ptx::cp_async_wait<kSm90LoadsInFlight - 1>();  // fills up to n - kSm90LoadsInFlight have landed
         publish(next_publish++);
       }
       const int stage = n % kStages;
       if (n >= kStages) ptx::mbarrier_wait(&empty[stage], ((n / kStages) + 1) & 1);
-      int first_tile = -1;
-#pragma unroll
-      for (int slot = 0; slot < kSlots; ++slot) {
-        int key_tile = -1;
-        uint8_t flags[kSm90ConsumerGroups] = {};
-        if (more) more = next_tile(key_tile, flags);
-        if (slot == 0) first_tile = key_tile;
-        if (key_tile >= 0 || (slot > 0 && first_tile >= 0)) load_kv(key_tile, stage, slot);  // empty: zeros
+      return stage;
+    };
+
+    for (int k = 0;; ++k) {
+      const int buf = k & 1;
+      if (tid == 0) claimed[buf] = atomicAdd(params.work_counter, 1);
+      ptx::named_barrier_sync(kSm90ClaimBarrier, 128);
+      const int unit = claimed[buf];
+      PrefillItem it;
+      if (!load_prefill_item(params, kPrefillSm90BlockM, unit, it)) {
+        const int stage = begin_fill();  // the last fill: a record without work
         if (tid == 0) {
-          records[stage].key_tile[slot] = key_tile;
-#pragma unroll
-          for (int g = 0; g < kSm90ConsumerGroups; ++g) records[stage].flags[g][slot] = flags[g];
+          records[stage].unit = -1;
+          records[stage].key_tile[0] = -1;
         }
-      }
-      ptx::cp_async_commit();
-      if (first_tile < 0) {  // the end record: publish everything still outstanding
         ptx::cp_async_wait<0>();
         while (next_publish <= n) publish(next_publish++);
         break;
+      }
+      const int seq = it.seq, head = it.head, kv_head = it.kv_head, k_len = it.k_len;
+      const int tile_pos = it.tile_pos, valid_begin = it.valid_begin, valid_end = it.valid_end;
+
+      // Q: 128 rows; rows outside [valid_begin, valid_end) are zeros (never stored). The loads join
+      // the unit's first fill, whose publication covers them. The buffer was last read by unit k - 2.
+      if (k >= 2) ptx::mbarrier_wait(&q_empty[buf], ((k >> 1) + 1) & 1);
+#pragma unroll
+      for (int row = row0; row < kPrefillSm90BlockM; row += kRowStep) {
+        const int pos = tile_pos + row;
+        const bool valid = pos >= valid_begin && pos < valid_end && col_valid;
+        const Element* src = valid ? q + static_cast<int64_t>(it.q_begin + pos - it.first_pos) * params.q_row_stride +
+                                         head * params.q_head_stride + col
+                                   : q;
+        unsigned char* dst = smem + Smem::kQOffset + buf * Smem::kQBufferBytes + (row >> 6) * Smem::kQTileBytes +
+                             sm90_tile_offset<64>(row & 63, col);
+        ptx::cp_async_16(dst, src, valid);
+      }
+
+      // K and V of one 64-key tile into slot `slot` of a stage; keys past k_len, bad page ids and
+      // empty slots (key_tile < 0) read as zeros.
+      auto load_kv = [&](int key_tile, int stage, int slot) {
+        const int pos0 = key_tile * 64;
+        unsigned char* dst_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
+        unsigned char* dst_v = smem + Smem::kVOffset + stage * Smem::kStageBytes;
+        if (!kv.paged()) {
+          const int64_t base = static_cast<int64_t>(kv.cu_seqlens_k[seq] + pos0 + row0) * kv.row_stride +
+                               kv_head * kv.head_stride + col;
+          const int64_t step = kRowStep * kv.row_stride;
+#pragma unroll
+          for (int u = 0; u < 64 / kRowStep; ++u) {
+            const int row = row0 + u * kRowStep;
+            const bool valid = key_tile >= 0 && pos0 + row < k_len && col_valid;
+            const int64_t offset = base + u * step;
+            const int dst = sm90_tile_offset<kSm90BlockN>(slot * 64 + row, col);
+            ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
+            ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
+          }
+          return;
+        }
+#pragma unroll
+        for (int u = 0; u < 64 / kRowStep; ++u) {
+          const int row = row0 + u * kRowStep;
+          const int pos = pos0 + row;
+          bool valid = key_tile >= 0 && pos < k_len && col_valid;
+          int64_t offset = 0;
+          if (valid) {
+            const int page = kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
+            valid = page >= 0 && page < kv.num_cache_blocks;
+            offset = page * kv.cache_block_stride + kv_head * kv.cache_head_stride +
+                     static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
+          }
+          const int dst = sm90_tile_offset<kSm90BlockN>(slot * 64 + row, col);
+          ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
+          ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
+        }
+      };
+
+      // Each consumer group's valid rows (absolute positions) and query block, computed once per
+      // unit: the per-tile test below is integer-division free for the pattern (the producer's
+      // instructions share the issue slots with the consumers').
+      int group_lo[kSm90ConsumerGroups], group_hi[kSm90ConsumerGroups], group_qb[kSm90ConsumerGroups];
+#pragma unroll
+      for (int g = 0; g < kSm90ConsumerGroups; ++g) {
+        group_lo[g] = max(valid_begin, tile_pos + 64 * g);
+        group_hi[g] = min(valid_end, tile_pos + 64 * g + 64) - 1;
+        group_qb[g] = group_lo[g] / pattern.block_size;
+      }
+      const int vertical_off = pattern.has_layout() ? 0 : vertical_offset(pattern, head);
+      Sm90KeyTileCursor cursor;
+      cursor.init(pattern, head, valid_begin, valid_end - 1);
+      // The next key tile some consumer group sees, with the groups' flags; false at the end.
+      auto next_tile = [&](int& key_tile, uint8_t (&flags)[kSm90ConsumerGroups]) {
+        while (cursor.next(key_tile)) {
+          const int key_first = key_tile * 64, key_last = key_first + 63;
+          const int j = cursor.current;  // the tile's key block
+          const bool vertical = !pattern.has_layout() && (j + vertical_off) % pattern.vert_stride == 0;
+          bool any = false;
+#pragma unroll
+          for (int g = 0; g < kSm90ConsumerGroups; ++g) {
+            flags[g] = 0;
+            const int qb = group_qb[g];
+            if (group_lo[g] > group_hi[g] || key_first > group_hi[g] || j > qb) continue;
+            const bool visible = pattern.has_layout() ? layout_block_visible(pattern, head, qb, j)
+                                                      : qb - j < pattern.local_blocks || vertical;
+            if (!visible) continue;
+            flags[g] = kTileVisible | (key_last > group_lo[g] || key_last >= k_len ? kTileMasked : 0);
+            any = true;
+          }
+          if (any) return true;
+        }
+        key_tile = -1;
+        return false;
+      };
+
+      // The unit's fills, the last one its end record (first slot empty).
+      bool more = true;
+      for (;; ++n) {
+        const int stage = begin_fill();
+        int first_tile = -1;
+#pragma unroll
+        for (int slot = 0; slot < kSlots; ++slot) {
+          int key_tile = -1;
+          uint8_t flags[kSm90ConsumerGroups] = {};
+          if (more) more = next_tile(key_tile, flags);
+          if (slot == 0) first_tile = key_tile;
+          if (key_tile >= 0 || (slot > 0 && first_tile >= 0)) load_kv(key_tile, stage, slot);  // empty: zeros
+          if (tid == 0) {
+            records[stage].key_tile[slot] = key_tile;
+#pragma unroll
+            for (int g = 0; g < kSm90ConsumerGroups; ++g) records[stage].flags[g][slot] = flags[g];
+          }
+        }
+        if (tid == 0) records[stage].unit = unit;
+        ptx::cp_async_commit();
+        if (first_tile < 0) {
+          ++n;
+          break;
+        }
       }
     }
   } else {
@@ -362,38 +403,27 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     const int group = tid / 128 - 1;
     const int t = tid % 128, warp = t / 32, lane = t % 32;
     const int quad_row = lane / 4, tig = lane % 4;
-    const int group_pos = tile_pos + 64 * group;
-    const int row_pos[2] = {group_pos + warp * 16 + quad_row, group_pos + warp * 16 + quad_row + 8};
-    unsigned char* s_q = smem + Smem::kQOffset + group * Smem::kQTileBytes;
     // Descriptor steps (16-byte units): K-major operands advance 32 B per 16 columns inside a
     // 64-column block, then a whole block; V (MN-major) advances 16 rows of 128 B per 16 keys.
-    const ptx::SmemDescriptor desc_q = ptx::smem_descriptor_sw128(s_q, 16);
     auto q_step = [](int ks) { return static_cast<uint32_t>((ks & 3) * 32 + (ks >> 2) * 64 * 128); };
     auto k_step = [](int ks) { return static_cast<uint32_t>((ks & 3) * 32 + (ks >> 2) * Smem::kStageColumnBlockBytes); };
 
-    float acc_o[kORegs];
-#pragma unroll
-    for (int i = 0; i < kORegs; ++i) acc_o[i] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY};
-    float row_sum[2] = {0.f, 0.f};
-
-    uint32_t p_frag[kSm90BlockN / 16][4];
     struct StageInfo {
       int stage;
+      int unit;
       int tile[kSlots];
       uint8_t flags[kSlots];
-      bool end, any_visible;
+      bool end;
     };
-    auto wait_stage = [&](int n) {
+    auto wait_stage = [&](int fill) {
       StageInfo info;
-      info.stage = n % kStages;
-      ptx::mbarrier_wait(&full[info.stage], (n / kStages) & 1);
-      info.any_visible = false;
+      info.stage = fill % kStages;
+      ptx::mbarrier_wait(&full[info.stage], (fill / kStages) & 1);
+      info.unit = records[info.stage].unit;
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) {
         info.tile[slot] = records[info.stage].key_tile[slot];
         info.flags[slot] = records[info.stage].flags[group][slot];
-        info.any_visible |= (info.flags[slot] & kTileVisible) != 0;
       }
       info.end = info.tile[0] < 0;
       return info;
@@ -401,188 +431,217 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     // Every thread arrives after its own reads of the stage (its record included): one arrival per
     // warp after __syncwarp is also correct, but compute-sanitizer's racecheck cannot see it.
     auto release = [&](int stage) { ptx::mbarrier_arrive(&empty[stage]); };
-    auto issue_s = [&](float (&s)[kSRegs], int stage) {
-      const unsigned char* s_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
-      const ptx::SmemDescriptor desc_k = ptx::smem_descriptor_sw128(s_k, 16);
-      ptx::wgmma_fence();
+#if BSA_SM90_PINGPONG
+    // FA3's ping-pong: the groups take turns to issue their wgmmas, so one group's softmax (exp2 on
+    // the SFU, the scarcer pipe) runs while the other's products run on the tensor cores.
+    auto wait_turn = [&] { ptx::named_barrier_sync(kSm90TurnBarrier + group, 256); };
+    auto pass_turn = [&] { ptx::named_barrier_arrive(kSm90TurnBarrier + (group ^ 1), 256); };
+#else
+    auto wait_turn = [] {};
+    auto pass_turn = [] {};
+#endif
+
+    int n = 0;
+    for (int k = 0;; ++k) {
+      StageInfo info = wait_stage(n);  // the unit's first fill, which also brought its Q
+      if (info.unit < 0) break;
+      const int buf = k & 1;
+      PrefillItem it;
+      load_prefill_item(params, kPrefillSm90BlockM, info.unit, it);
+      const int group_pos = it.tile_pos + 64 * group;
+      const int row_pos[2] = {group_pos + warp * 16 + quad_row, group_pos + warp * 16 + quad_row + 8};
+      const int k_len = it.k_len;
+      unsigned char* s_q = smem + Smem::kQOffset + buf * Smem::kQBufferBytes + group * Smem::kQTileBytes;
+      const ptx::SmemDescriptor desc_q = ptx::smem_descriptor_sw128(s_q, 16);
+
+      float acc_o[kORegs];
 #pragma unroll
-      for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q.at(q_step(ks)), desc_k.at(k_step(ks)), ks > 0);
-      ptx::wgmma_commit();
-    };
-    auto issue_pv = [&](int stage) {
-      const unsigned char* s_v = smem + Smem::kVOffset + stage * Smem::kStageBytes;
-      const ptx::SmemDescriptor desc_v = ptx::smem_descriptor_sw128(s_v, Smem::kStageColumnBlockBytes);
-      ptx::fence_registers(acc_o);
-      ptx::wgmma_fence();
+      for (int i = 0; i < kORegs; ++i) acc_o[i] = 0.f;
+      float row_max[2] = {-INFINITY, -INFINITY};
+      float row_sum[2] = {0.f, 0.f};
+      uint32_t p_frag[kSm90BlockN / 16][4];
+
+      auto issue_s = [&](float (&s)[kSRegs], int stage) {
+        const unsigned char* s_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
+        const ptx::SmemDescriptor desc_k = ptx::smem_descriptor_sw128(s_k, 16);
+        ptx::wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kSm90BlockN / 16; ++kk)
-        MmaO::rs_mn_major_b(acc_o, p_frag[kk], desc_v.at(kk * 16 * 128));
-      ptx::wgmma_commit();
-      ptx::fence_registers(acc_o);
-    };
-    // Scores -> P with the online softmax (the 4 threads of a quad hold one row's keys), in the log2
-    // domain. s[4j + e]: row row_pos[e / 2], stage column 8j + 2 tig + e % 2 (slot j / 8). Tiles
-    // that need no mask (all but the diagonal and the sequence's last) keep S unscaled: the scale
-    // folds into the exponent's FFMA. Masked tiles are scaled and masked first (select, never add:
-    // garbage K rows may hold NaN). Returns the O rescale factors in row_alpha.
-    auto softmax = [&](float (&s)[kSRegs], const StageInfo& info, float (&row_alpha)[2]) {
-      bool plain = params.scale_log2 > 0.f;  // max(scale * s) = scale * max(s) needs scale > 0
+        for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q.at(q_step(ks)), desc_k.at(k_step(ks)), ks > 0);
+        ptx::wgmma_commit();
+      };
+      auto issue_pv = [&](int stage) {
+        const unsigned char* s_v = smem + Smem::kVOffset + stage * Smem::kStageBytes;
+        const ptx::SmemDescriptor desc_v = ptx::smem_descriptor_sw128(s_v, Smem::kStageColumnBlockBytes);
+        ptx::fence_registers(acc_o);
+        ptx::wgmma_fence();
 #pragma unroll
-      for (int slot = 0; slot < kSlots; ++slot) plain &= info.flags[slot] == kTileVisible;
-      float multiplier = params.scale_log2;
-      if (!plain) {
-        multiplier = 1.f;
+        for (int kk = 0; kk < kSm90BlockN / 16; ++kk)
+          MmaO::rs_mn_major_b(acc_o, p_frag[kk], desc_v.at(kk * 16 * 128));
+        ptx::wgmma_commit();
+        ptx::fence_registers(acc_o);
+      };
+      // Scores -> P with the online softmax (the 4 threads of a quad hold one row's keys), in the
+      // log2 domain. s[4j + e]: row row_pos[e / 2], stage column 8j + 2 tig + e % 2 (slot j / 8).
+      // Tiles that need no mask (all but the diagonal and the sequence's last) keep S unscaled: the
+      // scale folds into the exponent's FFMA. Masked tiles are scaled and masked first (select, never
+      // add: garbage K rows may hold NaN). Returns the O rescale factors in row_alpha.
+      auto softmax = [&](float (&s)[kSRegs], const StageInfo& stage_info, float (&row_alpha)[2]) {
+        bool plain = params.scale_log2 > 0.f;  // max(scale * s) = scale * max(s) needs scale > 0
 #pragma unroll
-        for (int slot = 0; slot < kSlots; ++slot) {
-          const uint8_t flags = info.flags[slot];
-          const int key_pos0 = info.tile[slot] * 64;
+        for (int slot = 0; slot < kSlots; ++slot) plain &= stage_info.flags[slot] == kTileVisible;
+        float multiplier = params.scale_log2;
+        if (!plain) {
+          multiplier = 1.f;
 #pragma unroll
-          for (int j = slot * 8; j < slot * 8 + 8; ++j)
+          for (int slot = 0; slot < kSlots; ++slot) {
+            const uint8_t flags = stage_info.flags[slot];
+            const int key_pos0 = stage_info.tile[slot] * 64;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              float x = s[4 * j + e] * params.scale_log2;
-              if (!(flags & kTileVisible)) {
-                x = -INFINITY;
-              } else if (flags & kTileMasked) {
-                const int key_pos = key_pos0 + 8 * (j - slot * 8) + 2 * tig + (e & 1);
-                if (key_pos > row_pos[e >> 1] || key_pos >= k_len) x = -INFINITY;
+            for (int j = slot * 8; j < slot * 8 + 8; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                float x = s[4 * j + e] * params.scale_log2;
+                if (!(flags & kTileVisible)) {
+                  x = -INFINITY;
+                } else if (flags & kTileMasked) {
+                  const int key_pos = key_pos0 + 8 * (j - slot * 8) + 2 * tig + (e & 1);
+                  if (key_pos > row_pos[e >> 1] || key_pos >= k_len) x = -INFINITY;
+                }
+                s[4 * j + e] = x;
               }
-              s[4 * j + e] = x;
-            }
+          }
         }
-      }
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = -INFINITY;
+        for (int r = 0; r < 2; ++r) {
+          float mx = -INFINITY;
 #pragma unroll
-        for (int j = 0; j < kSRegs / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-        mx = fmaxf(row_max[r], mx * multiplier);
-        const float ref = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: avoid inf - inf
-        const float alpha = ptx::exp2_approx(row_max[r] - ref);
-        row_max[r] = mx;
-        float sum = 0.f;
+          for (int j = 0; j < kSRegs / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+          mx = fmaxf(row_max[r], mx * multiplier);
+          const float ref = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: avoid inf - inf
+          const float alpha = ptx::exp2_approx(row_max[r] - ref);
+          row_max[r] = mx;
+          float sum = 0.f;
 #pragma unroll
-        for (int j = 0; j < kSRegs / 4; ++j) {
-          s[4 * j + 2 * r] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r], multiplier, -ref));
-          s[4 * j + 2 * r + 1] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r + 1], multiplier, -ref));
-          sum += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
+          for (int j = 0; j < kSRegs / 4; ++j) {
+            s[4 * j + 2 * r] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r], multiplier, -ref));
+            s[4 * j + 2 * r + 1] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r + 1], multiplier, -ref));
+            sum += s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
+          }
+          row_sum[r] = row_sum[r] * alpha + sum;
+          row_alpha[r] = alpha;
         }
-        row_sum[r] = row_sum[r] * alpha + sum;
-        row_alpha[r] = alpha;
-      }
-    };
-    // P as A fragments (16 keys per P.V k-step; two 8-key accumulator blocks form one fragment),
-    // then O scaled by the change of the row maxima (skipped while the maxima hold, the common case).
-    auto pack_p_and_rescale_o = [&](const float (&s)[kSRegs], const float (&row_alpha)[2]) {
+      };
+      // P as A fragments (16 keys per P.V k-step; two 8-key accumulator blocks form one fragment),
+      // then O scaled by the change of the row maxima (skipped while the maxima hold, the common case).
+      auto pack_p_and_rescale_o = [&](const float (&s)[kSRegs], const float (&row_alpha)[2]) {
 #pragma unroll
-      for (int kk = 0; kk < kSm90BlockN / 16; ++kk) {
-        p_frag[kk][0] = ptx::pack2<Element>(s[8 * kk + 0], s[8 * kk + 1]);
-        p_frag[kk][1] = ptx::pack2<Element>(s[8 * kk + 2], s[8 * kk + 3]);
-        p_frag[kk][2] = ptx::pack2<Element>(s[8 * kk + 4], s[8 * kk + 5]);
-        p_frag[kk][3] = ptx::pack2<Element>(s[8 * kk + 6], s[8 * kk + 7]);
-      }
-      if (__any_sync(0xffffffffu, row_alpha[0] != 1.f || row_alpha[1] != 1.f)) {
-#pragma unroll
-        for (int i = 0; i < kORegs; i += 4) {
-          acc_o[i] *= row_alpha[0];
-          acc_o[i + 1] *= row_alpha[0];
-          acc_o[i + 2] *= row_alpha[1];
-          acc_o[i + 3] *= row_alpha[1];
+        for (int kk = 0; kk < kSm90BlockN / 16; ++kk) {
+          p_frag[kk][0] = ptx::pack2<Element>(s[8 * kk + 0], s[8 * kk + 1]);
+          p_frag[kk][1] = ptx::pack2<Element>(s[8 * kk + 2], s[8 * kk + 3]);
+          p_frag[kk][2] = ptx::pack2<Element>(s[8 * kk + 4], s[8 * kk + 5]);
+          p_frag[kk][3] = ptx::pack2<Element>(s[8 * kk + 6], s[8 * kk + 7]);
         }
-      }
-    };
+        if (__any_sync(0xffffffffu, row_alpha[0] != 1.f || row_alpha[1] != 1.f)) {
+#pragma unroll
+          for (int i = 0; i < kORegs; i += 4) {
+            acc_o[i] *= row_alpha[0];
+            acc_o[i + 1] *= row_alpha[0];
+            acc_o[i + 2] *= row_alpha[1];
+            acc_o[i + 3] *= row_alpha[1];
+          }
+        }
+      };
 
-    // S of one stage -> P fragments, with nothing else in flight.
-    auto scores_to_p = [&](const StageInfo& info) {
-      float s[kSRegs], row_alpha[2];
-      issue_s(s, info.stage);
-      ptx::wgmma_wait<0>();
-      ptx::fence_registers(s);
-      softmax(s, info, row_alpha);
-      pack_p_and_rescale_o(s, row_alpha);
-    };
-
-    ptx::mbarrier_wait(q_full, 0);
-#if BSA_SM90_OVERLAP
-    // Software pipeline (FA3's intra-warpgroup overlap): the P.V product of tile n - 1 runs on the
-    // tensor cores while the softmax of tile n runs on the other pipes: issue S_n = Q K_n, issue
-    // O += P_{n-1} V_{n-1}, wait for S_n, softmax, wait for P.V, release stage n - 1, rescale O.
-    // Every tile of the list goes through both groups (one a group does not see is fully masked):
-    // skipping it would put the wgmma issue in data-dependent branches, where ptxas serialises them.
-    StageInfo info = wait_stage(0);
-    if (!info.end) {
-      scores_to_p(info);
-      int pending_stage = info.stage;
-      for (int n = 1;; ++n) {
-        info = wait_stage(n);
-        if (info.end) break;
-        float s[kSRegs], row_alpha[2];
-        issue_s(s, info.stage);
+      // Software pipeline (FA3's intra-warpgroup overlap): the P.V product of tile n - 1 runs on the
+      // tensor cores while the softmax of tile n runs on the other pipes: issue S_n = Q K_n, issue
+      // O += P_{n-1} V_{n-1}, wait for S_n, softmax, wait for P.V, release stage n - 1, rescale O.
+      // Every tile of the list goes through both groups (one a group does not see is fully masked):
+      // skipping it would put the wgmma issue in data-dependent branches, where ptxas serialises
+      // them. Both groups therefore run the same number of turns.
+      if (!info.end) {
+#if BSA_SM90_PINGPONG
+        if (group == 1) pass_turn();  // group 0 issues first
+#endif
+        {
+          float s[kSRegs], row_alpha[2];
+          wait_turn();
+          issue_s(s, info.stage);
+          pass_turn();
+          ptx::wgmma_wait<0>();
+          ptx::fence_registers(s);
+          softmax(s, info, row_alpha);
+          pack_p_and_rescale_o(s, row_alpha);
+        }
+        int pending_stage = info.stage;
+        while (true) {
+          info = wait_stage(++n);
+          if (info.end) break;
+          float s[kSRegs], row_alpha[2];
+          wait_turn();
+          issue_s(s, info.stage);
+          issue_pv(pending_stage);
+          pass_turn();
+          ptx::wgmma_wait<1>();  // S is done; P.V may still run
+          ptx::fence_registers(s);
+          softmax(s, info, row_alpha);
+          ptx::wgmma_wait<0>();
+          ptx::fence_registers(acc_o);
+          release(pending_stage);
+          pack_p_and_rescale_o(s, row_alpha);
+          pending_stage = info.stage;
+        }
+        wait_turn();
         issue_pv(pending_stage);
-        ptx::wgmma_wait<1>();  // S is done; P.V may still run
-        ptx::fence_registers(s);
-        softmax(s, info, row_alpha);
+        pass_turn();
         ptx::wgmma_wait<0>();
         ptx::fence_registers(acc_o);
         release(pending_stage);
-        pack_p_and_rescale_o(s, row_alpha);
-        pending_stage = info.stage;
-      }
-      issue_pv(pending_stage);
-      ptx::wgmma_wait<0>();
-      ptx::fence_registers(acc_o);
-      release(pending_stage);
-    }
-#else
-    for (int n = 0;; ++n) {
-      const StageInfo info = wait_stage(n);
-      if (info.end) break;
-      if (info.any_visible) {  // else the other group's tile
-        scores_to_p(info);
-        issue_pv(info.stage);
-        ptx::wgmma_wait<0>();
-        ptx::fence_registers(acc_o);
-      }
-      release(info.stage);
-    }
+#if BSA_SM90_PINGPONG
+        if (group == 0) wait_turn();  // takes group 1's last pass: both barriers end the unit empty
 #endif
-
-    // Epilogue: normalise, write lse, stage O through this group's Q tile for 16-byte stores.
-    float inv_sum[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float l = row_sum[r];
-      l += __shfl_xor_sync(0xffffffff, l, 1);
-      l += __shfl_xor_sync(0xffffffff, l, 2);
-      // l = 0 only for a row that sees no key (explicit layouts): O = 0, lse = -inf. A NaN l (a
-      // non-finite input) must stay NaN in both, as in dense attention, so test == 0, not > 0.
-      inv_sum[r] = l == 0.f ? 0.f : 1.f / l;
-      const int p = row_pos[r];
-      if (params.lse != nullptr && tig == 0 && p >= valid_begin && p < valid_end) {
-        const float lse = l == 0.f ? -INFINITY : (row_max[r] + __log2f(l)) * 0.69314718055994531f;
-        params.lse[static_cast<int64_t>(head) * params.num_q_tokens + q_begin + p - first_pos] = lse;
       }
-    }
-    ptx::named_barrier_sync(1 + group, 128);  // the group's wgmma reads of s_q are over
-#pragma unroll
-    for (int j = 0; j < kORegs / 4; ++j)
+      release(info.stage);  // the end record's stage
+      ++n;
+
+      // Epilogue: normalise, write lse, stage O through this group's Q tile for 16-byte stores.
+      float inv_sum[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const uint32_t packed = ptx::pack2<Element>(acc_o[4 * j + 2 * r] * inv_sum[r], acc_o[4 * j + 2 * r + 1] * inv_sum[r]);
-        *reinterpret_cast<uint32_t*>(s_q + sm90_tile_offset<64>(warp * 16 + quad_row + 8 * r, 8 * j + 2 * tig)) = packed;
+        float l = row_sum[r];
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+        // l = 0 only for a row that sees no key (explicit layouts): O = 0, lse = -inf. A NaN l (a
+        // non-finite input) must stay NaN in both, as in dense attention, so test == 0, not > 0.
+        inv_sum[r] = l == 0.f ? 0.f : 1.f / l;
+        const int p = row_pos[r];
+        if (params.lse != nullptr && tig == 0 && p >= it.valid_begin && p < it.valid_end) {
+          const float lse = l == 0.f ? -INFINITY : (row_max[r] + __log2f(l)) * 0.69314718055994531f;
+          params.lse[static_cast<int64_t>(it.head) * params.num_q_tokens + it.q_begin + p - it.first_pos] = lse;
+        }
       }
-    ptx::named_barrier_sync(1 + group, 128);
-    Element* out = static_cast<Element*>(params.out);
-    constexpr int kChunksPerRow = kHeadDim / 8;
-    for (int c = t; c < 64 * kChunksPerRow; c += 128) {
-      const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-      const int pos = group_pos + row;
-      if (pos < valid_begin || pos >= valid_end || col >= head_size) continue;
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(q_begin + pos - first_pos) * params.out_row_stride +
-                                head * params.out_head_stride + col) =
-          *reinterpret_cast<const uint4*>(s_q + sm90_tile_offset<64>(row, col));
+      ptx::named_barrier_sync(kSm90EpilogueBarrier + group, 128);  // the group's wgmma reads of s_q are over
+#pragma unroll
+      for (int j = 0; j < kORegs / 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const uint32_t packed =
+              ptx::pack2<Element>(acc_o[4 * j + 2 * r] * inv_sum[r], acc_o[4 * j + 2 * r + 1] * inv_sum[r]);
+          *reinterpret_cast<uint32_t*>(s_q + sm90_tile_offset<64>(warp * 16 + quad_row + 8 * r, 8 * j + 2 * tig)) = packed;
+        }
+      ptx::named_barrier_sync(kSm90EpilogueBarrier + group, 128);
+      Element* out = static_cast<Element*>(params.out);
+      constexpr int kChunksPerRow = kHeadDim / 8;
+      for (int c = t; c < 64 * kChunksPerRow; c += 128) {
+        const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
+        const int pos = group_pos + row;
+        if (pos < it.valid_begin || pos >= it.valid_end || col >= head_size) continue;
+        *reinterpret_cast<uint4*>(out + static_cast<int64_t>(it.q_begin + pos - it.first_pos) * params.out_row_stride +
+                                  it.head * params.out_head_stride + col) =
+            *reinterpret_cast<const uint4*>(s_q + sm90_tile_offset<64>(row, col));
+      }
+      ptx::mbarrier_arrive(&q_empty[buf]);  // this thread's reads of the Q buffer are over
     }
   }
 #else
@@ -590,13 +649,17 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
 #endif
 }
 
+// Persistent grid of num_ctas CTAs (one per SM: the ring and the Q buffers take most of the shared
+// memory), at most one per work unit.
 template <typename Element, int kHeadDim>
-void launch_prefill_sm90(const PrefillParams& params, int max_tiles, cudaStream_t stream) {
+void launch_prefill_sm90(const PrefillParams& params, int max_tiles, int num_ctas, cudaStream_t stream) {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper prefill kernel takes padded head dims 64 and 128");
   constexpr int kSmemBytes = Sm90Smem<kHeadDim>::kBytes;
   auto kernel = prefill_sm90_kernel<Element, kHeadDim>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  kernel<<<max_tiles * params.num_q_heads, kSm90Threads, kSmemBytes, stream>>>(params);
+  const int64_t max_units = static_cast<int64_t>(max_tiles) * params.num_q_heads;
+  const int grid = static_cast<int>(std::min<int64_t>(num_ctas, max_units));
+  kernel<<<grid, kSm90Threads, kSmemBytes, stream>>>(params);
 }
 
 }  // namespace blocksparse_attn
