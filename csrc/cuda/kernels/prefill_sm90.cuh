@@ -61,9 +61,15 @@ constexpr int kSm90LoadsInFlight = BSA_SM90_LOADS_IN_FLIGHT;  // cp.async groups
 static_assert(kSm90LoadsInFlight >= 1 && kSm90LoadsInFlight <= 2 && kSm90LoadsInFlight + 1 <= kSm90Stages,
               "the producer must publish a fill before it waits for the consumers to free its stage");
 static_assert(!BSA_SM90_PINGPONG || kSm90ConsumerGroups == 2, "ping-pong alternates two consumer groups");
-// Register split between the producer (address arithmetic only) and the consumers (O, S and P).
-constexpr int kSm90ProducerRegisters = 64;
-constexpr int kSm90ConsumerRegisters = 224;
+// Register split between the producer (addresses, the tile cursor) and the consumers (O, S and P).
+// setmaxnreg.inc blocks until the registers it asks for are free in the CTA's pool, which holds what
+// the launch allocated (65536 / threads per thread, in steps of 8): a split beyond it hangs.
+// Both sides fit without spills here (ptxas -v).
+constexpr int kSm90ProducerRegisters = 88;
+constexpr int kSm90ConsumerRegisters = 208;
+static_assert(kSm90ProducerRegisters + kSm90ConsumerGroups * kSm90ConsumerRegisters <=
+                  (1 + kSm90ConsumerGroups) * (65536 / kSm90Threads / 8 * 8),
+              "the register split exceeds the CTA's pool");
 // Named barriers (0 is __syncthreads): each consumer group's epilogue, the producer's broadcast of
 // a claimed unit, the consumer groups' turns to issue wgmma (ping-pong).
 constexpr int kSm90EpilogueBarrier = 1;   // + group
