@@ -76,6 +76,10 @@ constexpr int kSm90EpilogueBarrier = 1;   // + group
 constexpr int kSm90ClaimBarrier = 3;
 constexpr int kSm90TurnBarrier = 4;       // + group
 
+// How far (log2 units) a row's running maximum may lag the true one: P <= 2^8, exact in fp16 and
+// bf16, and O and the row sum stay far from overflow in fp32.
+constexpr float kSm90MaxSlack = 8.f;
+
 // Per-stage flags for one consumer warp group.
 constexpr uint8_t kTileVisible = 1;  // the group's query block sees this key tile
 constexpr uint8_t kTileMasked = 2;   // ... and some (row, key) pairs are causal or past the keys
@@ -143,6 +147,7 @@ struct Sm90KeyTileCursor {
     tiles_per_block = pattern.block_size / 64;
     sub = 0;
     current = -1;
+    band_start = 0;
     if (pattern.has_layout()) {
       const int32_t* crow = pattern.layout_crow + static_cast<int64_t>(h) * (pattern.layout_rows + 1);
       const int rows[2] = {qb_first, qb_last};
@@ -349,12 +354,17 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
       const int vertical_off = pattern.has_layout() ? 0 : vertical_offset(pattern, head);
       Sm90KeyTileCursor cursor;
       cursor.init(pattern, head, valid_begin, valid_end - 1);
+      const bool band_start_vertical =
+          !pattern.has_layout() && (cursor.band_start + vertical_off) % pattern.vert_stride == 0;
       // The next key tile some consumer group sees, with the groups' flags; false at the end.
       auto next_tile = [&](int& key_tile, uint8_t (&flags)[kSm90ConsumerGroups]) {
         while (cursor.next(key_tile)) {
           const int key_first = key_tile * 64, key_last = key_first + 63;
           const int j = cursor.current;  // the tile's key block
-          const bool vertical = !pattern.has_layout() && (j + vertical_off) % pattern.vert_stride == 0;
+          // The cursor reaches blocks below the band only through the vertical columns; inside the
+          // band every block is local to the first query block, and only the band's first block
+          // can be out of the second one's window (local_blocks behind it).
+          const bool vertical = j < cursor.band_start || (j == cursor.band_start && band_start_vertical);
           bool any = false;
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) {
@@ -406,7 +416,11 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     using MmaO = ptx::Wgmma<Element, kHeadDim>;
     constexpr int kSRegs = kSm90BlockN / 2;  // S accumulators per thread: 64 rows x kSm90BlockN keys / 128
     constexpr int kORegs = kHeadDim / 2;
-    const int group = tid / 128 - 1;
+    // Values the compiler can prove warp-uniform (a lane-0 broadcast) keep the stage index and the
+    // wgmma descriptors in uniform registers: otherwise every wgmma is preceded by register-to-
+    // uniform moves and address arithmetic (SASS: ~70 instructions per tile).
+    auto uniform = [](int x) { return __shfl_sync(0xffffffffu, x, 0); };
+    const int group = uniform(tid / 128) - 1;
     const int t = tid % 128, warp = t / 32, lane = t % 32;
     const int quad_row = lane / 4, tig = lane % 4;
     // Descriptor steps (16-byte units): K-major operands advance 32 B per 16 columns inside a
@@ -425,11 +439,11 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
       StageInfo info;
       info.stage = fill % kStages;
       ptx::mbarrier_wait(&full[info.stage], (fill / kStages) & 1);
-      info.unit = records[info.stage].unit;
+      info.unit = uniform(records[info.stage].unit);
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) {
-        info.tile[slot] = records[info.stage].key_tile[slot];
-        info.flags[slot] = records[info.stage].flags[group][slot];
+        info.tile[slot] = uniform(records[info.stage].key_tile[slot]);
+        info.flags[slot] = static_cast<uint8_t>(uniform(records[info.stage].flags[group][slot]));
       }
       info.end = info.tile[0] < 0;
       return info;
@@ -524,10 +538,16 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
           for (int j = 0; j < kSRegs / 4; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-          mx = fmaxf(row_max[r], mx * multiplier);
-          const float ref = mx == -INFINITY ? 0.f : mx;  // nothing visible yet: avoid inf - inf
-          const float alpha = ptx::exp2_approx(row_max[r] - ref);
-          row_max[r] = mx;
+          // The reference moves only when the tile's maximum exceeds it by more than
+          // kSm90MaxSlack (FlashAttention-4's conditional rescale): P then stays below
+          // 2^kSm90MaxSlack, and O is rescaled a few times per row instead of at most tiles (the
+          // sparse rows' tiles are far apart, so their maxima rise often by small steps).
+          mx *= multiplier;
+          const bool grow = mx > row_max[r] + kSm90MaxSlack;  // a row with nothing seen yet: any finite mx
+          const float new_max = grow ? mx : row_max[r];
+          const float ref = new_max == -INFINITY ? 0.f : new_max;  // nothing visible yet: avoid inf - inf
+          const float alpha = grow ? ptx::exp2_approx(row_max[r] - ref) : 1.f;
+          row_max[r] = new_max;
           float sum = 0.f;
 #pragma unroll
           for (int j = 0; j < kSRegs / 4; ++j) {
