@@ -45,7 +45,10 @@ namespace blocksparse_attn {
 #define BSA_SM90_LOADS_IN_FLIGHT 2
 #endif
 #ifndef BSA_SM90_PINGPONG
-#define BSA_SM90_PINGPONG 1
+#define BSA_SM90_PINGPONG 0
+#endif
+#ifndef BSA_SM90_Q_BUFFERS
+#define BSA_SM90_Q_BUFFERS 2
 #endif
 // A stage holds kSm90TilesPerStage 64-key tiles of the visible list (not necessarily adjacent).
 constexpr int kSm90TilesPerStage = BSA_SM90_KEY_TILES_PER_STAGE;
@@ -54,11 +57,13 @@ constexpr int kSm90Stages = BSA_SM90_STAGES;           // K/V ring depth
 constexpr int kSm90ConsumerGroups = kPrefillSm90BlockM / 64;
 constexpr int kSm90Threads = 128 * (1 + kSm90ConsumerGroups);
 constexpr int kSm90LoadsInFlight = BSA_SM90_LOADS_IN_FLIGHT;  // cp.async groups the producer keeps outstanding
+// Q buffers: with two, the producer loads the next unit's Q while the consumers finish the current
+// one; one leaves room for a third stage of 128 keys.
+constexpr int kSm90QBuffers = BSA_SM90_Q_BUFFERS;
+static_assert(kSm90QBuffers == 1 || kSm90QBuffers == 2, "one or two Q buffers");
 // A consumer holds up to two stages (fill n - 1, whose P.V is pending, and fill n) while it waits
 // for fill n + 1; the producer publishes fill m before it waits to refill the stage of m + L - S.
-// L <= 2 also keeps every fill of unit k - 2 published when the producer waits for unit k - 2's Q
-// buffer (unit k - 1 has at least one fill, its end record).
-static_assert(kSm90LoadsInFlight >= 1 && kSm90LoadsInFlight <= 2 && kSm90LoadsInFlight + 1 <= kSm90Stages,
+static_assert(kSm90LoadsInFlight >= 1 && kSm90LoadsInFlight + 1 <= kSm90Stages,
               "the producer must publish a fill before it waits for the consumers to free its stage");
 static_assert(!BSA_SM90_PINGPONG || kSm90ConsumerGroups == 2, "ping-pong alternates two consumer groups");
 // Register split between the producer (addresses, the tile cursor) and the consumers (O, S and P).
@@ -96,11 +101,12 @@ struct Sm90Smem {
   static constexpr int kStageColumnBlockBytes = kSm90BlockN * 128;
   static constexpr int kStageBytes = kHeadDim / 64 * kStageColumnBlockBytes;
   static constexpr int kQOffset = 0;  // reused to stage O
-  static constexpr int kKOffset = kQOffset + 2 * kQBufferBytes;
+  static constexpr int kKOffset = kQOffset + kSm90QBuffers * kQBufferBytes;
   static constexpr int kVOffset = kKOffset + kSm90Stages * kStageBytes;
   static constexpr int kBarrierOffset = kVOffset + kSm90Stages * kStageBytes;
-  // full[kStages], empty[kStages], q_empty[2]; then the producer's claimed units, the stage records
-  static constexpr int kClaimOffset = kBarrierOffset + 8 * (2 * kSm90Stages + 2);
+  // full[kStages], empty[kStages], q_empty[kSm90QBuffers]; then the producer's claimed units (two
+  // slots), the stage records
+  static constexpr int kClaimOffset = kBarrierOffset + 8 * (2 * kSm90Stages + kSm90QBuffers);
   static constexpr int kRecordOffset = kClaimOffset + 8;
   static constexpr int kBytes = kRecordOffset + 16 * kSm90Stages + 1024;  // + slack to align the base
 };
@@ -229,7 +235,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
       ptx::mbarrier_init(&full[s], 128);                       // every producer thread arrives
       ptx::mbarrier_init(&empty[s], 128 * kSm90ConsumerGroups);  // every consumer thread arrives
     }
-    for (int b = 0; b < 2; ++b) ptx::mbarrier_init(&q_empty[b], 128 * kSm90ConsumerGroups);
+    for (int b = 0; b < kSm90QBuffers; ++b) ptx::mbarrier_init(&q_empty[b], 128 * kSm90ConsumerGroups);
     ptx::mbarrier_init_fence();
   }
   __syncthreads();
@@ -269,10 +275,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     };
 
     for (int k = 0;; ++k) {
-      const int buf = k & 1;
-      if (tid == 0) claimed[buf] = atomicAdd(params.work_counter, 1);
+      if (tid == 0) claimed[k & 1] = atomicAdd(params.work_counter, 1);
       ptx::named_barrier_sync(kSm90ClaimBarrier, 128);
-      const int unit = claimed[buf];
+      const int unit = claimed[k & 1];
       PrefillItem it;
       if (!load_prefill_item(params, kPrefillSm90BlockM, unit, it)) {
         const int stage = begin_fill();  // the last fill: a record without work
@@ -288,8 +293,18 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
       const int tile_pos = it.tile_pos, valid_begin = it.valid_begin, valid_end = it.valid_end;
 
       // Q: 128 rows; rows outside [valid_begin, valid_end) are zeros (never stored). The loads join
-      // the unit's first fill, whose publication covers them. The buffer was last read by unit k - 2.
-      if (k >= 2) ptx::mbarrier_wait(&q_empty[buf], ((k >> 1) + 1) & 1);
+      // the unit's first fill, whose publication covers them. The buffer was last read by unit
+      // k - kSm90QBuffers, whose consumers need all its fills published: with one buffer that
+      // includes the latest ones (publish everything first); with two and L <= 2 they are (unit
+      // k - 1 has at least one fill, its end record).
+      const int buf = k % kSm90QBuffers;
+      if (k >= kSm90QBuffers) {
+        if (kSm90QBuffers == 1 || kSm90LoadsInFlight > 2) {
+          ptx::cp_async_wait<0>();
+          while (next_publish < n) publish(next_publish++);
+        }
+        ptx::mbarrier_wait(&q_empty[buf], ((k / kSm90QBuffers) + 1) & 1);
+      }
 #pragma unroll
       for (int row = row0; row < kPrefillSm90BlockM; row += kRowStep) {
         const int pos = tile_pos + row;
@@ -465,7 +480,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
     for (int k = 0;; ++k) {
       StageInfo info = wait_stage(n);  // the unit's first fill, which also brought its Q
       if (info.unit < 0) break;
-      const int buf = k & 1;
+      const int buf = k % kSm90QBuffers;
       PrefillItem it;
       load_prefill_item(params, kPrefillSm90BlockM, info.unit, it);
       const int group_pos = it.tile_pos + 64 * group;
