@@ -1,7 +1,8 @@
 // Block-sparse flash-attention forward for Hopper (sm_90a): wgmma on warp-group tiles, a producer
 // warp group that feeds a shared-memory ring completed on mbarriers, two consumer warp groups.
 //
-// One CTA = one (sequence, 128-row query tile, q head) item of the plan kernel's list. Warp group 0
+// Work unit = one (sequence, 128-row query tile, q head) of the plan kernel's list; the grid is
+// persistent (one CTA per SM) and each CTA's producer claims units from a counter. Warp group 0
 // gathers Q and the K/V tiles with cp.async (contiguous tensors or the paged cache alike, zero-filled
 // past the sequence, so unwritten cache slots never reach P.V); warp groups 1 and 2 each own 64 query
 // rows. Sparse blocks are multiples of 64 tokens, so each consumer's rows lie in one query block:
@@ -18,8 +19,12 @@
 // traffic 3 GB -> 0.4 GB per call, less gain than expected: the kernel was not memory bound); 2.39 ms
 // publishing fills before waiting for free stages; 2.28 ms folding the softmax scale into the
 // exponent; 2.04 ms with 32-bit descriptor steps and a division-free producer visibility test
-// (issue-bound: instructions between wgmmas and in the producer cost time directly). Tried and not
-// kept: 128-key stages (2.04-3.4 ms), a deeper ring (6 stages, 4 fills in flight: no change).
+// (issue-bound: instructions between wgmmas and in the producer cost time directly); 1.93 -> 1.86 ms
+// persistent CTAs (same build, one CTA per unit vs one per SM); 1.61 ms with warp-uniform stage
+// records (the wgmma descriptors left vector registers: 80 -> 2 R2UR) and the conditional O
+// rescale; 1.53 ms with unclamped zero-fill copies. Tried and not kept: 128-key stages (2.04-3.4
+// ms; 2.19 ms with three of them and one Q buffer), a deeper ring (5 or 6 stages: within noise),
+// FA3's ping-pong between the consumer groups (BSA_SM90_PINGPONG=1: 1.61 vs 1.62 ms, no gain).
 #pragma once
 
 #include <cuda_bf16.h>
