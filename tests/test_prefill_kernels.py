@@ -96,6 +96,21 @@ def test_paged_chunked(kernel, dtype, kv_block_size, gen):
     run_paged_prefill("cuda", dtype, 8, 2, 128, kv_block_size, seqs, pattern, gen)
 
 
+@pytest.mark.parametrize("ctas", (1, 3))
+def test_sm90_few_persistent_ctas(monkeypatch, ctas, gen):
+    """The Hopper kernel's CTAs are persistent: with 1 or 3 of them (BSA_SM90_GRID) each CTA runs
+    dozens of units of uneven length, reusing its Q buffers and ring across units and sequences
+    (the default grid gives the small shapes above about one unit per CTA)."""
+    if not _is_hopper():
+        pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
+    monkeypatch.setenv("BSA_PREFILL_KERNEL", "sm90")
+    monkeypatch.setenv("BSA_SM90_GRID", str(ctas))
+    pattern = make_pattern("qslide", 64, LOCAL, VERT, 4, 2)
+    run_varlen("cuda", torch.bfloat16, 4, 2, 128, [(700, 700), (1, 1), (130, 260), (64, 64), (1000, 1000)],
+               pattern, gen)
+    run_paged_prefill("cuda", torch.float16, 4, 2, 128, 16, [(1000, 300), (0, 129), (63, 2)], pattern, gen)
+
+
 def test_forced_sm90_outside_its_domain_is_an_error(monkeypatch, gen):
     """Forcing the Hopper kernel where it cannot run fails loudly instead of falling back."""
     if not torch.cuda.is_available():
