@@ -61,4 +61,22 @@ __device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, i
   return true;
 }
 
+// The end of a query row's online softmax, in both prefill kernels' accumulator layout (the 4
+// threads of a quad hold one row's keys): sums the quad's partial denominators, writes the row's lse
+// (log2-domain running max `row_max`) from the quad's first thread (tig 0) when the row at absolute
+// position `pos` is one of the item's queries, and returns the factor that normalises O.
+__device__ __forceinline__ float finish_prefill_row(const PrefillParams& params, const PrefillItem& it, float row_sum,
+                                                    float row_max, int pos, int tig) {
+  float l = row_sum;
+  l += __shfl_xor_sync(0xffffffff, l, 1);
+  l += __shfl_xor_sync(0xffffffff, l, 2);
+  // l = 0 only for a row that sees no key (explicit layouts): O = 0, lse = -inf. A NaN l (a
+  // non-finite input) must stay NaN in both, as in dense attention, so test == 0, not > 0.
+  if (params.lse != nullptr && tig == 0 && pos >= it.valid_begin && pos < it.valid_end) {
+    const float lse = l == 0.f ? -INFINITY : (row_max + __log2f(l)) * 0.69314718055994531f;
+    params.lse[static_cast<int64_t>(it.head) * params.num_q_tokens + it.q_begin + pos - it.first_pos] = lse;
+  }
+  return l == 0.f ? 0.f : 1.f / l;
+}
+
 }  // namespace blocksparse_attn

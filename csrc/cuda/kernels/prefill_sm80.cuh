@@ -388,19 +388,7 @@ prefill_sm80_kernel(const PrefillParams params) {
   // Epilogue: normalise, write lse, stage O through shared memory (over Q) for 16-byte stores.
   float inv_sum[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float l = row_sum[r];
-    l += __shfl_xor_sync(0xffffffff, l, 1);
-    l += __shfl_xor_sync(0xffffffff, l, 2);
-    // l = 0 only for a row that sees no key (explicit layouts): O = 0, lse = -inf. A NaN l (a
-    // non-finite input) must stay NaN in both, as in dense attention, so test == 0, not > 0.
-    inv_sum[r] = l == 0.f ? 0.f : 1.f / l;
-    const int p = tile_pos + row_in_tile[r];
-    if (params.lse != nullptr && tig == 0 && p >= valid_begin && p < valid_end) {
-      const float lse = l == 0.f ? -INFINITY : (row_max[r] + __log2f(l)) * 0.69314718055994531f;
-      params.lse[static_cast<int64_t>(head) * params.num_q_tokens + q_begin + p - first_pos] = lse;
-    }
-  }
+  for (int r = 0; r < 2; ++r) inv_sum[r] = finish_prefill_row(params, it, row_sum[r], row_max[r], tile_pos + row_in_tile[r], tig);
   __syncthreads();  // every warp is done reading s_q
 #pragma unroll
   for (int d = 0; d < kDimTiles; ++d)

@@ -656,19 +656,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
       // Epilogue: normalise, write lse, stage O through this group's Q tile for 16-byte stores.
       float inv_sum[2];
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float l = row_sum[r];
-        l += __shfl_xor_sync(0xffffffff, l, 1);
-        l += __shfl_xor_sync(0xffffffff, l, 2);
-        // l = 0 only for a row that sees no key (explicit layouts): O = 0, lse = -inf. A NaN l (a
-        // non-finite input) must stay NaN in both, as in dense attention, so test == 0, not > 0.
-        inv_sum[r] = l == 0.f ? 0.f : 1.f / l;
-        const int p = row_pos[r];
-        if (params.lse != nullptr && tig == 0 && p >= it.valid_begin && p < it.valid_end) {
-          const float lse = l == 0.f ? -INFINITY : (row_max[r] + __log2f(l)) * 0.69314718055994531f;
-          params.lse[static_cast<int64_t>(it.head) * params.num_q_tokens + it.q_begin + p - it.first_pos] = lse;
-        }
-      }
+      for (int r = 0; r < 2; ++r) inv_sum[r] = finish_prefill_row(params, it, row_sum[r], row_max[r], row_pos[r], tig);
       ptx::named_barrier_sync(kSm90EpilogueBarrier + group, 128);  // the group's wgmma reads of s_q are over
 #pragma unroll
       for (int j = 0; j < kORegs / 4; ++j)
