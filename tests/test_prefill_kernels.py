@@ -111,6 +111,18 @@ def test_sm90_few_persistent_ctas(monkeypatch, ctas, gen):
     run_paged_prefill("cuda", torch.float16, 4, 2, 128, 16, [(1000, 300), (0, 129), (63, 2)], pattern, gen)
 
 
+def test_sm90_without_tma(monkeypatch, gen):
+    """Contiguous K/V reach the Hopper kernel through the TMA for whole tiles and through zero-filling
+    cp.async copies for a sequence's last partial tile; BSA_SM90_TMA=0 sends every tile the second
+    way (as for tensors whose strides the TMA cannot express)."""
+    if not _is_hopper():
+        pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
+    monkeypatch.setenv("BSA_PREFILL_KERNEL", "sm90")
+    monkeypatch.setenv("BSA_SM90_TMA", "0")
+    pattern = make_pattern("kvslide", 64, LOCAL, VERT, 8, 2)
+    run_varlen("cuda", torch.float16, 8, 2, 96, [(700, 700), (65, 129), (1, 64)], pattern, gen)
+
+
 def test_forced_sm90_outside_its_domain_is_an_error(monkeypatch, gen):
     """Forcing the Hopper kernel where it cannot run fails loudly instead of falling back."""
     if not torch.cuda.is_available():

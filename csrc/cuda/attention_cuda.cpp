@@ -221,6 +221,7 @@ void varlen_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at
   params.kv.value = v.data_ptr();
   params.kv.row_stride = k.stride(0);
   params.kv.head_stride = k.stride(1);
+  params.kv.num_rows = k.size(0);
   params.kv.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
   run_prefill(params, q);
 }

@@ -27,6 +27,7 @@ struct KeyValueSource {
   // contiguous tensors (element strides)
   int64_t row_stride;   // between tokens
   int64_t head_stride;  // between kv heads
+  int64_t num_rows;     // Tk
   const int32_t* cu_seqlens_k;  // [S + 1] (contiguous) or null (paged)
   // paged cache
   const int32_t* block_tables;  // [S, block_table_stride] or null (contiguous)

@@ -28,10 +28,14 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda.h>  // CUtensorMap (the types only: the encoder is fetched through the runtime)
+#include <cudaTypedefs.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <type_traits>
 
 #include "cuda/kernels/prefill_common.cuh"
 #include "cuda/kernels/params.h"
@@ -216,8 +220,19 @@ struct Sm90KeyTileCursor {
   }
 };
 
+// TMA descriptors of contiguous K and V ([Tk, Hkv, D] with any row and head strides): 3-D maps
+// (head dim, kv head, token) read in boxes of 64 x 1 x 64 with the 128-byte swizzle, i.e. one 64-
+// column block of a 64-key tile in the layout wgmma reads. Zero when the host could not build them
+// (paged cache, strides the TMA cannot express): the producer then copies with cp.async.
+struct Sm90KvTensorMaps {
+  CUtensorMap key;
+  CUtensorMap value;
+  int enabled;
+};
+
 template <typename Element, int kHeadDim>
-__global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const PrefillParams params) {
+__global__ void __launch_bounds__(kSm90Threads, 1)
+    prefill_sm90_kernel(const PrefillParams params, const __grid_constant__ Sm90KvTensorMaps maps) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Smem = Sm90Smem<kHeadDim>;
   constexpr int kStages = kSm90Stages;
@@ -329,6 +344,24 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
         unsigned char* dst_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
         unsigned char* dst_v = smem + Smem::kVOffset + stage * Smem::kStageBytes;
         if (!kv.paged()) {
+          // Whole tiles of the sequence come through the TMA (one thread issues them; the copies
+          // complete on the stage's full barrier). Rows past the sequence's end would read the next
+          // sequence's keys, which may hold anything: the last partial tile takes the zero-filling
+          // copies below.
+          if (maps.enabled && key_tile >= 0 && pos0 + 64 <= k_len) {
+            if (tid == 0) {
+              constexpr uint32_t kBoxBytes = 64 * 128;
+              ptx::mbarrier_expect_tx(&full[stage], 2 * (kHeadDim / 64) * kBoxBytes);
+              const int token = kv.cu_seqlens_k[seq] + pos0;
+#pragma unroll
+              for (int block = 0; block < kHeadDim / 64; ++block) {
+                const int dst = block * Smem::kStageColumnBlockBytes + slot * 64 * 128;
+                ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, &full[stage]);
+                ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, &full[stage]);
+              }
+            }
+            return;
+          }
           const int64_t base = static_cast<int64_t>(kv.cu_seqlens_k[seq] + pos0 + row0) * kv.row_stride +
                                kv_head * kv.head_stride + col;
           const int64_t step = kRowStep * kv.row_stride;
@@ -685,6 +718,52 @@ __global__ void __launch_bounds__(kSm90Threads, 1) prefill_sm90_kernel(const Pre
 #endif
 }
 
+// The driver's tensor-map encoder, fetched once through the runtime (no link against libcuda).
+inline PFN_cuTensorMapEncodeTiled_v12000 sm90_tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &status) !=
+            cudaSuccess ||
+        status != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// Builds the K and V maps where the TMA can read the tensors (16-byte aligned base and strides);
+// leaves them disabled otherwise. BSA_SM90_TMA=0 disables them (experiments).
+template <typename Element>
+Sm90KvTensorMaps sm90_kv_tensor_maps(const PrefillParams& params) {
+  Sm90KvTensorMaps maps{};
+  const KeyValueSource& kv = params.kv;
+  const char* knob = std::getenv("BSA_SM90_TMA");
+  const int64_t element = sizeof(Element);
+  auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
+  if (kv.paged() || (knob != nullptr && std::atoi(knob) == 0) || kv.num_rows <= 0 ||
+      !aligned(reinterpret_cast<uintptr_t>(kv.key)) || !aligned(reinterpret_cast<uintptr_t>(kv.value)) ||
+      !aligned(kv.row_stride * element) || !aligned(kv.head_stride * element))
+    return maps;
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = sm90_tensor_map_encoder();
+  if (encode == nullptr) return maps;
+  const CUtensorMapDataType type =
+      std::is_same<Element, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(params.head_size), static_cast<cuuint64_t>(params.num_kv_heads),
+                              static_cast<cuuint64_t>(kv.num_rows)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(kv.head_stride * element),
+                                 static_cast<cuuint64_t>(kv.row_stride * element)};
+  const cuuint32_t box[3] = {64, 1, 64};
+  const cuuint32_t element_strides[3] = {1, 1, 1};
+  auto make = [&](CUtensorMap* map, const void* base) {
+    return encode(map, type, 3, const_cast<void*>(base), dims, strides, box, element_strides,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  };
+  maps.enabled = make(&maps.key, kv.key) && make(&maps.value, kv.value);
+  return maps;
+}
+
 // Persistent grid of num_ctas CTAs (one per SM: the ring and the Q buffers take most of the shared
 // memory), at most one per work unit.
 template <typename Element, int kHeadDim>
@@ -695,7 +774,7 @@ void launch_prefill_sm90(const PrefillParams& params, int max_tiles, int num_cta
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   const int64_t max_units = static_cast<int64_t>(max_tiles) * params.num_q_heads;
   const int grid = static_cast<int>(std::min<int64_t>(num_ctas, max_units));
-  kernel<<<grid, kSm90Threads, kSmemBytes, stream>>>(params);
+  kernel<<<grid, kSm90Threads, kSmemBytes, stream>>>(params, sm90_kv_tensor_maps<Element>(params));
 }
 
 }  // namespace blocksparse_attn

@@ -41,6 +41,27 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
       : "memory");
 }
 
+// Adds `bytes` to the transactions the barrier's current phase waits for (bulk copies that complete
+// on it), without an arrival.
+__device__ __forceinline__ void mbarrier_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+
+// ---- the tensor memory accelerator (TMA) ----------------------------------------------------------
+
+// One box of a 3-D tensor map (a __grid_constant__ kernel parameter) at coordinates (c0, c1, c2),
+// innermost first, into shared memory; completes `bytes` transactions on `bar`. Out-of-bounds
+// elements read as zeros.
+__device__ __forceinline__ void tma_load_3d(void* smem_dst, const void* tensor_map, int c0, int c1, int c2,
+                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::
+          "r"(smem_addr(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_addr(bar))
+      : "memory");
+}
+
 // Generic-proxy writes to shared memory (st.shared, cp.async) become visible to async-proxy readers
 // (wgmma operands) only after this fence in the writing thread.
 __device__ __forceinline__ void fence_proxy_async_shared() {
