@@ -112,9 +112,9 @@ def test_sm90_few_persistent_ctas(monkeypatch, ctas, gen):
 
 
 def test_sm90_without_tma(monkeypatch, gen):
-    """Contiguous K/V reach the Hopper kernel through the TMA for whole tiles and through zero-filling
-    cp.async copies for a sequence's last partial tile; BSA_SM90_TMA=0 sends every tile the second
-    way (as for tensors whose strides the TMA cannot express)."""
+    """Q and contiguous K/V reach the Hopper kernel through the TMA (K/V whole tiles; a sequence's
+    last partial tile through zero-filling cp.async copies); BSA_SM90_TMA=0 sends everything the
+    second way (as for tensors whose strides the TMA cannot express)."""
     if not _is_hopper():
         pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
     monkeypatch.setenv("BSA_PREFILL_KERNEL", "sm90")

@@ -220,19 +220,22 @@ struct Sm90KeyTileCursor {
   }
 };
 
-// TMA descriptors of contiguous K and V ([Tk, Hkv, D] with any row and head strides): 3-D maps
-// (head dim, kv head, token) read in boxes of 64 x 1 x 64 with the 128-byte swizzle, i.e. one 64-
-// column block of a 64-key tile in the layout wgmma reads. Zero when the host could not build them
-// (paged cache, strides the TMA cannot express): the producer then copies with cp.async.
-struct Sm90KvTensorMaps {
+// TMA descriptors of Q ([T, Hq, D]) and of contiguous K and V ([Tk, Hkv, D]), any row and head
+// strides: 3-D maps (head dim, head, token) read in boxes of 64 x 1 x 64 with the 128-byte swizzle,
+// i.e. one 64-column block of a 64-row tile in the layout wgmma reads. A flag is 0 where the host
+// could not build the maps (paged cache, strides the TMA cannot express): the producer then copies
+// with cp.async.
+struct Sm90TensorMaps {
+  CUtensorMap query;
   CUtensorMap key;
   CUtensorMap value;
-  int enabled;
+  int query_enabled;
+  int kv_enabled;
 };
 
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(kSm90Threads, 1)
-    prefill_sm90_kernel(const PrefillParams params, const __grid_constant__ Sm90KvTensorMaps maps) {
+    prefill_sm90_kernel(const PrefillParams params, const __grid_constant__ Sm90TensorMaps maps) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Smem = Sm90Smem<kHeadDim>;
   constexpr int kStages = kSm90Stages;
@@ -335,16 +338,21 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
         }
         ptx::mbarrier_wait(&q_empty[buf], ((k / kSm90QBuffers) + 1) & 1);
       }
+      // Through the TMA (one thread, issued with the unit's first fill below), Q rows outside the
+      // item are other rows of the tensor or zeros: they only ever feed their own, unstored output
+      // rows. The cp.async path zero-fills them.
+      unsigned char* s_q_buf = smem + Smem::kQOffset + buf * Smem::kQBufferBytes;
+      if (!maps.query_enabled) {
 #pragma unroll
-      for (int row = row0; row < kPrefillSm90BlockM; row += kRowStep) {
-        const int pos = tile_pos + row;
-        const bool valid = pos >= valid_begin && pos < valid_end && col_valid;
-        const Element* src = valid ? q + static_cast<int64_t>(it.q_begin + pos - it.first_pos) * params.q_row_stride +
-                                         head * params.q_head_stride + col
-                                   : q;
-        unsigned char* dst = smem + Smem::kQOffset + buf * Smem::kQBufferBytes + (row >> 6) * Smem::kQTileBytes +
-                             sm90_tile_offset<64>(row & 63, col);
-        ptx::cp_async_16(dst, src, valid);
+        for (int row = row0; row < kPrefillSm90BlockM; row += kRowStep) {
+          const int pos = tile_pos + row;
+          const bool valid = pos >= valid_begin && pos < valid_end && col_valid;
+          const Element* src = valid ? q + static_cast<int64_t>(it.q_begin + pos - it.first_pos) * params.q_row_stride +
+                                           head * params.q_head_stride + col
+                                     : q;
+          unsigned char* dst = s_q_buf + (row >> 6) * Smem::kQTileBytes + sm90_tile_offset<64>(row & 63, col);
+          ptx::cp_async_16(dst, src, valid);
+        }
       }
 
       // K and V of one 64-key tile into slot `slot` of a stage; keys past k_len, bad page ids and
@@ -358,7 +366,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
           // complete on the stage's full barrier). Rows past the sequence's end would read the next
           // sequence's keys, which may hold anything: the last partial tile takes the zero-filling
           // copies below.
-          if (maps.enabled && key_tile >= 0 && pos0 + 64 <= k_len) {
+          if (maps.kv_enabled && key_tile >= 0 && pos0 + 64 <= k_len) {
             if (tid == 0) {
               constexpr uint32_t kBoxBytes = 64 * 128;
               ptx::mbarrier_expect_tx(&full[stage], 2 * (kHeadDim / 64) * kBoxBytes);
@@ -451,9 +459,22 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 
       // The unit's fills, the last one its end record (first slot empty).
       bool more = true;
-      bool copies = true;  // the first fill carries the unit's Q
+      bool copies = !maps.query_enabled;  // the first fill carries the unit's Q
+      bool query_pending = maps.query_enabled;
       for (;; ++n) {
         const int stage = begin_fill();
+        if (query_pending) {
+          query_pending = false;
+          if (tid == 0) {
+            ptx::mbarrier_expect_tx(&full[stage], kPrefillSm90BlockM * kHeadDim * sizeof(Element));
+#pragma unroll
+            for (int g = 0; g < kSm90ConsumerGroups; ++g)
+#pragma unroll
+              for (int block = 0; block < kHeadDim / 64; ++block)
+                ptx::tma_load_3d(s_q_buf + g * Smem::kQTileBytes + block * 64 * 128, &maps.query, block * 64, head,
+                                 it.q_begin + tile_pos + 64 * g - it.first_pos, &full[stage]);
+          }
+        }
         int first_tile = -1;
 #pragma unroll
         for (int slot = 0; slot < kSlots; ++slot) {
@@ -749,35 +770,41 @@ inline PFN_cuTensorMapEncodeTiled_v12000 sm90_tensor_map_encoder() {
   return encode;
 }
 
-// Builds the K and V maps where the TMA can read the tensors (16-byte aligned base and strides);
-// leaves them disabled otherwise. BSA_SM90_TMA=0 disables them (experiments).
+// Builds the maps where the TMA can read the tensors (16-byte aligned base and strides); leaves
+// them disabled otherwise. BSA_SM90_TMA=0 disables them (experiments).
 template <typename Element>
-Sm90KvTensorMaps sm90_kv_tensor_maps(const PrefillParams& params) {
-  Sm90KvTensorMaps maps{};
-  const KeyValueSource& kv = params.kv;
+Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params) {
+  Sm90TensorMaps maps{};
   const char* knob = std::getenv("BSA_SM90_TMA");
-  const int64_t element = sizeof(Element);
-  auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
-  if (kv.paged() || (knob != nullptr && std::atoi(knob) == 0) || kv.num_rows <= 0 ||
-      !aligned(reinterpret_cast<uintptr_t>(kv.key)) || !aligned(reinterpret_cast<uintptr_t>(kv.value)) ||
-      !aligned(kv.row_stride * element) || !aligned(kv.head_stride * element))
-    return maps;
+  if (knob != nullptr && std::atoi(knob) == 0) return maps;
   const PFN_cuTensorMapEncodeTiled_v12000 encode = sm90_tensor_map_encoder();
   if (encode == nullptr) return maps;
   const CUtensorMapDataType type =
       std::is_same<Element, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(params.head_size), static_cast<cuuint64_t>(params.num_kv_heads),
-                              static_cast<cuuint64_t>(kv.num_rows)};
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(kv.head_stride * element),
-                                 static_cast<cuuint64_t>(kv.row_stride * element)};
-  const cuuint32_t box[3] = {64, 1, 64};
-  const cuuint32_t element_strides[3] = {1, 1, 1};
-  auto make = [&](CUtensorMap* map, const void* base) {
+  constexpr int64_t kElement = sizeof(Element);
+  // (head dim, heads, rows) with element strides between heads and between rows.
+  auto make = [&](CUtensorMap* map, const void* base, int64_t heads, int64_t rows, int64_t head_stride,
+                  int64_t row_stride) {
+    auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
+    if (rows <= 0 || !aligned(static_cast<int64_t>(reinterpret_cast<uintptr_t>(base))) ||
+        !aligned(head_stride * kElement) || !aligned(row_stride * kElement))
+      return false;
+    const cuuint64_t dims[3] = {static_cast<cuuint64_t>(params.head_size), static_cast<cuuint64_t>(heads),
+                                static_cast<cuuint64_t>(rows)};
+    const cuuint64_t strides[2] = {static_cast<cuuint64_t>(head_stride * kElement),
+                                   static_cast<cuuint64_t>(row_stride * kElement)};
+    const cuuint32_t box[3] = {64, 1, 64};
+    const cuuint32_t element_strides[3] = {1, 1, 1};
     return encode(map, type, 3, const_cast<void*>(base), dims, strides, box, element_strides,
                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
   };
-  maps.enabled = make(&maps.key, kv.key) && make(&maps.value, kv.value);
+  maps.query_enabled = make(&maps.query, params.q, params.num_q_heads, params.num_q_tokens, params.q_head_stride,
+                            params.q_row_stride);
+  const KeyValueSource& kv = params.kv;
+  maps.kv_enabled =
+      !kv.paged() && make(&maps.key, kv.key, params.num_kv_heads, kv.num_rows, kv.head_stride, kv.row_stride) &&
+      make(&maps.value, kv.value, params.num_kv_heads, kv.num_rows, kv.head_stride, kv.row_stride);
   return maps;
 }
 
@@ -791,7 +818,7 @@ void launch_prefill_sm90(const PrefillParams& params, int max_tiles, int num_cta
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   const int64_t max_units = static_cast<int64_t>(max_tiles) * params.num_q_heads;
   const int grid = static_cast<int>(std::min<int64_t>(num_ctas, max_units));
-  kernel<<<grid, kSm90Threads, kSmemBytes, stream>>>(params, sm90_kv_tensor_maps<Element>(params));
+  kernel<<<grid, kSm90Threads, kSmemBytes, stream>>>(params, sm90_tensor_maps<Element>(params));
 }
 
 }  // namespace blocksparse_attn
