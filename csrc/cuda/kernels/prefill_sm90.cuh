@@ -24,7 +24,7 @@
 // records (the wgmma descriptors left vector registers: 80 -> 2 R2UR) and the conditional O
 // rescale; 1.53 ms with unclamped zero-fill copies. Tried and not kept: 128-key stages (2.04-3.4
 // ms; 2.19 ms with three of them and one Q buffer), a deeper ring (5 or 6 stages: within noise),
-// FA3's ping-pong between the consumer groups (BSA_SM90_PINGPONG=1: 1.61 vs 1.62 ms, no gain).
+// FA3's ping-pong between the consumer groups (named barriers: 1.61 vs 1.62 ms, no gain).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -53,9 +53,6 @@ namespace blocksparse_attn {
 #ifndef BSA_SM90_LOADS_IN_FLIGHT
 #define BSA_SM90_LOADS_IN_FLIGHT 2
 #endif
-#ifndef BSA_SM90_PINGPONG
-#define BSA_SM90_PINGPONG 0
-#endif
 #ifndef BSA_SM90_Q_BUFFERS
 #define BSA_SM90_Q_BUFFERS 2
 #endif
@@ -74,7 +71,6 @@ static_assert(kSm90QBuffers == 1 || kSm90QBuffers == 2, "one or two Q buffers");
 // for fill n + 1; the producer publishes fill m before it waits to refill the stage of m + L - S.
 static_assert(kSm90LoadsInFlight >= 1 && kSm90LoadsInFlight + 1 <= kSm90Stages,
               "the producer must publish a fill before it waits for the consumers to free its stage");
-static_assert(!BSA_SM90_PINGPONG || kSm90ConsumerGroups == 2, "ping-pong alternates two consumer groups");
 // Register split between the producer (addresses, the tile cursor) and the consumers (O, S and P).
 // setmaxnreg.inc blocks until the registers it asks for are free in the CTA's pool, which holds what
 // the launch allocated (65536 / threads per thread, in steps of 8): a split beyond it hangs.
@@ -85,10 +81,9 @@ static_assert(kSm90ProducerRegisters + kSm90ConsumerGroups * kSm90ConsumerRegist
                   (1 + kSm90ConsumerGroups) * (65536 / kSm90Threads / 8 * 8),
               "the register split exceeds the CTA's pool");
 // Named barriers (0 is __syncthreads): each consumer group's epilogue, the producer's broadcast of
-// a claimed unit, the consumer groups' turns to issue wgmma (ping-pong).
+// a claimed unit.
 constexpr int kSm90EpilogueBarrier = 1;   // + group
 constexpr int kSm90ClaimBarrier = 3;
-constexpr int kSm90TurnBarrier = 4;       // + group
 
 // How far (log2 units) a row's running maximum may lag the true one: P <= 2^8, exact in fp16 and
 // bf16, and O and the row sum stay far from overflow in fp32.
@@ -528,10 +523,14 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       uint8_t flags[kSlots];
       bool end;
     };
-    auto wait_stage = [&](int fill) {
+    auto wait_fill = [&](int fill) {
+      const int stage = fill % kStages;
+      ptx::mbarrier_wait(&full[stage], (fill / kStages) & 1);
+      return stage;
+    };
+    auto read_record = [&](int stage) {
       StageInfo info;
-      info.stage = fill % kStages;
-      ptx::mbarrier_wait(&full[info.stage], (fill / kStages) & 1);
+      info.stage = stage;
       info.unit = uniform(records[info.stage].unit);
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) {
@@ -544,19 +543,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     // Every thread arrives after its own reads of the stage (its record included): one arrival per
     // warp after __syncwarp is also correct, but compute-sanitizer's racecheck cannot see it.
     auto release = [&](int stage) { ptx::mbarrier_arrive(&empty[stage]); };
-#if BSA_SM90_PINGPONG
-    // FA3's ping-pong: the groups take turns to issue their wgmmas, so one group's softmax (exp2 on
-    // the SFU, the scarcer pipe) runs while the other's products run on the tensor cores.
-    auto wait_turn = [&] { ptx::named_barrier_sync(kSm90TurnBarrier + group, 256); };
-    auto pass_turn = [&] { ptx::named_barrier_arrive(kSm90TurnBarrier + (group ^ 1), 256); };
-#else
-    auto wait_turn = [] {};
-    auto pass_turn = [] {};
-#endif
 
     int n = 0;
     for (int k = 0;; ++k) {
-      StageInfo info = wait_stage(n);  // the unit's first fill, which also brought its Q
+      StageInfo info = read_record(wait_fill(n));  // the unit's first fill, which also brought its Q
       if (info.unit < 0) break;
       const int buf = k % kSm90QBuffers;
       PrefillItem it;
@@ -678,16 +668,11 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       // O += P_{n-1} V_{n-1}, wait for S_n, softmax, wait for P.V, release stage n - 1, rescale O.
       // Every tile of the list goes through both groups (one a group does not see is fully masked):
       // skipping it would put the wgmma issue in data-dependent branches, where ptxas serialises
-      // them. Both groups therefore run the same number of turns.
+      // them.
       if (!info.end) {
-#if BSA_SM90_PINGPONG
-        if (group == 1) pass_turn();  // group 0 issues first
-#endif
         {
           float s[kSRegs], row_alpha[2];
-          wait_turn();
           issue_s(s, info.stage);
-          pass_turn();
           ptx::wgmma_wait<0>();
           ptx::fence_registers(s);
           softmax(s, info, row_alpha);
@@ -695,13 +680,20 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
         }
         int pending_stage = info.stage;
         while (true) {
-          info = wait_stage(++n);
-          if (info.end) break;
+          // Both products are issued before the stage's record is read (its load and broadcast
+          // would delay them): an end record's stage holds stale keys, whose scores are dropped.
+          const int stage = wait_fill(++n);
           float s[kSRegs], row_alpha[2];
-          wait_turn();
-          issue_s(s, info.stage);
+          issue_s(s, stage);
           issue_pv(pending_stage);
-          pass_turn();
+          info = read_record(stage);
+          if (info.end) {
+            ptx::wgmma_wait<0>();
+            ptx::fence_registers(acc_o);
+            ptx::fence_registers(s);
+            release(pending_stage);
+            break;
+          }
           ptx::wgmma_wait<1>();  // S is done; P.V may still run
           ptx::fence_registers(s);
           softmax(s, info, row_alpha);
@@ -709,17 +701,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
           ptx::fence_registers(acc_o);
           release(pending_stage);
           pack_p_and_rescale_o(s, row_alpha);
-          pending_stage = info.stage;
+          pending_stage = stage;
         }
-        wait_turn();
-        issue_pv(pending_stage);
-        pass_turn();
-        ptx::wgmma_wait<0>();
-        ptx::fence_registers(acc_o);
-        release(pending_stage);
-#if BSA_SM90_PINGPONG
-        if (group == 0) wait_turn();  // takes group 1's last pass: both barriers end the unit empty
-#endif
       }
       release(info.stage);  // the end record's stage
       ++n;

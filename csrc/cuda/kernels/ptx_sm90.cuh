@@ -51,7 +51,7 @@ __device__ __forceinline__ void mbarrier_expect_tx(uint64_t* bar, uint32_t bytes
 // ---- the tensor memory accelerator (TMA) ----------------------------------------------------------
 
 // One box of a 3-D tensor map (a __grid_constant__ kernel parameter) at coordinates (c0, c1, c2),
-// innermost first, into shared memory; completes `bytes` transactions on `bar`. Out-of-bounds
+// innermost first, into shared memory; completes its bytes as transactions on `bar`. Out-of-bounds
 // elements read as zeros.
 __device__ __forceinline__ void tma_load_3d(void* smem_dst, const void* tensor_map, int c0, int c1, int c2,
                                             uint64_t* bar) {
@@ -71,11 +71,6 @@ __device__ __forceinline__ void fence_proxy_async_shared() {
 // Barrier over a subset of the CTA's warps (ids 1..15; 0 is __syncthreads).
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-// Counts this warp's threads towards named barrier `id` without waiting for it to complete.
-__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 // ---- register reallocation between warp groups ------------------------------------------------------
