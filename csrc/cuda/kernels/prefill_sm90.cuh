@@ -687,15 +687,14 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
           issue_s(s, stage);
           issue_pv(pending_stage);
           info = read_record(stage);
+          ptx::wgmma_wait<1>();  // S is done; P.V may still run
+          ptx::fence_registers(s);
           if (info.end) {
             ptx::wgmma_wait<0>();
             ptx::fence_registers(acc_o);
-            ptx::fence_registers(s);
             release(pending_stage);
             break;
           }
-          ptx::wgmma_wait<1>();  // S is done; P.V may still run
-          ptx::fence_registers(s);
           softmax(s, info, row_alpha);
           ptx::wgmma_wait<0>();
           ptx::fence_registers(acc_o);
