@@ -3,11 +3,12 @@
 //
 // Work unit = one (sequence, 128-row query tile, q head) of the plan kernel's list; the grid is
 // persistent (one CTA per SM) and each CTA's producer claims units from a counter. Warp group 0
-// gathers Q and the K/V tiles with cp.async (contiguous tensors or the paged cache alike, zero-filled
-// past the sequence, so unwritten cache slots never reach P.V); warp groups 1 and 2 each own 64 query
-// rows. Sparse blocks are multiples of 64 tokens, so each consumer's rows lie in one query block:
-// the producer walks the union of the two blocks' visible key tiles and tells each consumer, per
-// stage, whether it sees the tile and whether it needs the element mask.
+// brings Q and the K/V tiles: through the TMA for Q and whole tiles of contiguous K/V, with cp.async
+// for a sequence's last partial tile and the paged cache (zero-filled past the sequence, so unwritten
+// cache slots never reach P.V); warp groups 1 and 2 each own 64 query rows. Sparse blocks are
+// multiples of 64 tokens, so each consumer's rows lie in one query block: the producer walks the
+// union of the two blocks' visible key tiles and tells each consumer, per stage, whether it sees the
+// tile and whether it needs the element mask.
 //
 // Per stage and consumer: S = Q K^T (wgmma, both operands in shared memory, K-major), online softmax
 // in registers, O += P V (wgmma, P from registers in the accumulator layout, V MN-major); the P.V
@@ -22,9 +23,11 @@
 // (issue-bound: instructions between wgmmas and in the producer cost time directly); 1.93 -> 1.86 ms
 // persistent CTAs (same build, one CTA per unit vs one per SM); 1.61 ms with warp-uniform stage
 // records (the wgmma descriptors left vector registers: 80 -> 2 R2UR) and the conditional O
-// rescale; 1.53 ms with unclamped zero-fill copies. Tried and not kept: 128-key stages (2.04-3.4
-// ms; 2.19 ms with three of them and one Q buffer), a deeper ring (5 or 6 stages: within noise),
-// FA3's ping-pong between the consumer groups (named barriers: 1.61 vs 1.62 ms, no gain).
+// rescale; 1.53 ms with unclamped zero-fill copies; 1.49 ms with K/V tiles and Q through the TMA
+// (fills without cp.async published at issue); S and P.V issued before the record is read (32k: 3.14
+// -> 3.00 ms). Tried and not kept: 128-key stages (2.04-3.4 ms; 2.19 ms with three of them and one Q
+// buffer), a deeper ring (5 or 6 stages: within noise), FA3's ping-pong between the consumer groups
+// (named barriers: 1.61 vs 1.62 ms, no gain).
 #pragma once
 
 #include <cuda_bf16.h>
