@@ -78,8 +78,8 @@ static_assert(kSm90LoadsInFlight >= 1 && kSm90LoadsInFlight + 1 <= kSm90Stages,
 // setmaxnreg.inc blocks until the registers it asks for are free in the CTA's pool, which holds what
 // the launch allocated (65536 / threads per thread, in steps of 8): a split beyond it hangs.
 // Both sides fit without spills here (ptxas -v).
-constexpr int kSm90ProducerRegisters = 88;
-constexpr int kSm90ConsumerRegisters = 208;
+constexpr int kSm90ProducerRegisters = 96;
+constexpr int kSm90ConsumerRegisters = 200;
 static_assert(kSm90ProducerRegisters + kSm90ConsumerGroups * kSm90ConsumerRegisters <=
                   (1 + kSm90ConsumerGroups) * (65536 / kSm90Threads / 8 * 8),
               "the register split exceeds the CTA's pool");
@@ -112,9 +112,10 @@ struct Sm90Smem {
   static constexpr int kVOffset = kKOffset + kSm90Stages * kStageBytes;
   static constexpr int kBarrierOffset = kVOffset + kSm90Stages * kStageBytes;
   // full[kStages], empty[kStages], q_empty[kSm90QBuffers]; then the producer's claimed units (two
-  // slots), the stage records
+  // slots), each Q buffer's resolved work unit, the stage records
   static constexpr int kClaimOffset = kBarrierOffset + 8 * (2 * kSm90Stages + kSm90QBuffers);
-  static constexpr int kRecordOffset = kClaimOffset + 8;
+  static constexpr int kItemOffset = kClaimOffset + 8;
+  static constexpr int kRecordOffset = (kItemOffset + kSm90QBuffers * sizeof(PrefillItem) + 15) / 16 * 16;
   static constexpr int kBytes = kRecordOffset + 16 * kSm90Stages + 1024;  // + slack to align the base
 };
 
@@ -245,6 +246,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   uint64_t* empty = full + kStages;
   uint64_t* q_empty = empty + kStages;
   int32_t* claimed = reinterpret_cast<int32_t*>(smem + Smem::kClaimOffset);
+  // The producer resolves each unit (a chain of dependent global loads) and leaves it next to the
+  // unit's Q buffer, published with the unit's first fill: the consumers start without the loads.
+  PrefillItem* items = reinterpret_cast<PrefillItem*>(smem + Smem::kItemOffset);
   Sm90StageRecord* records = reinterpret_cast<Sm90StageRecord*>(smem + Smem::kRecordOffset);
 
   const int tid = threadIdx.x;
@@ -305,10 +309,14 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       return stage;
     };
 
+    // Thread 0 claims unit k + 1 when unit k starts, so the atomic's latency passes while it issues
+    // unit k's fills; it stores the claim for the other producer threads when unit k + 1 starts.
+    int next_claim = tid == 0 ? atomicAdd(params.work_counter, 1) : 0;
     for (int k = 0;; ++k) {
-      if (tid == 0) claimed[k & 1] = atomicAdd(params.work_counter, 1);
+      if (tid == 0) claimed[k & 1] = next_claim;
       ptx::named_barrier_sync(kSm90ClaimBarrier, 128);
       const int unit = claimed[k & 1];
+      if (tid == 0) next_claim = atomicAdd(params.work_counter, 1);
       PrefillItem it;
       if (!load_prefill_item(params, kPrefillSm90BlockM, unit, it)) {
         const int stage = begin_fill();  // the last fill: a record without work
@@ -336,6 +344,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
         }
         ptx::mbarrier_wait(&q_empty[buf], ((k / kSm90QBuffers) + 1) & 1);
       }
+      if (tid == 0) items[buf] = it;
       // Through the TMA (one thread, issued with the unit's first fill below), Q rows outside the
       // item are other rows of the tensor or zeros: they only ever feed their own, unstored output
       // rows. The cp.async path zero-fills them.
@@ -552,8 +561,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       StageInfo info = read_record(wait_fill(n));  // the unit's first fill, which also brought its Q
       if (info.unit < 0) break;
       const int buf = k % kSm90QBuffers;
-      PrefillItem it;
-      load_prefill_item(params, kPrefillSm90BlockM, info.unit, it);
+      const PrefillItem it = items[buf];
       const int group_pos = it.tile_pos + 64 * group;
       const int row_pos[2] = {group_pos + warp * 16 + quad_row, group_pos + warp * 16 + quad_row + 8};
       const int k_len = it.k_len;
