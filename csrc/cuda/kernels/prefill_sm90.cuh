@@ -286,8 +286,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     // on a fill that has landed (publishing after that wait cost 30 % with the overlapped consumer).
     // A fill without cp.async copies (TMA only, or an end record) is published as soon as it is
     // issued: the TMA's bytes complete on the barrier by themselves. `early` marks such fills (bit
-    // fill % kStages: at most L + 1 < kStages fills are unpublished) so the in-order publication
-    // skips them.
+    // fill % kStages: fill m's bit is cleared at fill m + L, before fill m + kStages reuses it) so
+    // the in-order publication skips them.
     int n = 0, next_publish = 0;
     uint32_t early = 0;
     auto publish = [&](int fill) {
