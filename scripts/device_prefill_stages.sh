@@ -25,7 +25,7 @@ while IFS= read -r flags; do
   IFS=';' read -ra envs <<< "${BENCH_ENVS:-}"; [ ${#envs[@]} -eq 0 ] && envs=("")
   for e in "${envs[@]}"; do
     echo "-- bench ${e:-(default run-time settings)}"
-    env $e timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-8192} --out-dir "$OUT" ${METHODS:+--methods "$METHODS"} \
+    env $e timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-8192} --out-dir "$OUT" ${METHODS:+--methods "$METHODS"} ${BENCH_ARGS:-} \
       > "$OUT/bench_$stages.log" 2>&1
     grep -A3 "^ *S batch" "$OUT/bench_$stages.log" | cut -c1-${BENCH_COLS:-100}
   done

@@ -73,6 +73,17 @@ def test_varlen_phi3_small(kernel, gen):
                scale=1 / 128)
 
 
+@pytest.mark.parametrize("local_blocks, vert_stride", ((1, 3), (2, 1), (3, 2), (5, 4), (40, 8)),
+                         ids=lambda x: str(x))
+def test_varlen_band_widths(kernel, local_blocks, vert_stride, gen):
+    """Band widths and strides around the Hopper kernel's tile walk: a 128-row tile of two query
+    blocks visits the union of their tiles, where each consumer group masks the tiles only the other
+    block sees (local_blocks 1: the two bands do not overlap; vert_stride 1: every block is
+    vertical; 40: the band covers the sequence)."""
+    pattern = make_pattern("qslide", 64, local_blocks, vert_stride, 4, 2)
+    run_varlen("cuda", torch.bfloat16, 4, 2, 128, [(1500, 1500), (129, 700), (64, 1000), (1, 1)], pattern, gen)
+
+
 @pytest.mark.parametrize("diagonal", (True, False), ids=("diag", "nodiag"))
 @pytest.mark.parametrize("block_size", (64, 128), ids=lambda b: f"B{b}")
 def test_varlen_explicit_layout(kernel, block_size, diagonal, gen):

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# A/B timing of build variants with the drift cancelled: the H100 runs this kernel at its power cap,
+# and its clock drifts as it warms up, so variants benchmarked one after the other favour the first
+# (about 2 % at 8k). Builds each variant of VARIANTS (lines of NVCC flags, read through
+# NVCC_APPEND_FLAGS) once, then runs the benchmark ROUNDS times over all variants in turn, each
+# round in a fresh process with that variant's extension in place; prints every time and each
+# variant's median. TEST_VARIANT=i runs TEST_FILE (TEST_K) on variant i first.
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name --format=csv,noheader
+ext=$(mktemp -d)
+mapfile -t variants < <(printf '%s\n' "${VARIANTS:?lines of NVCC flags}" | sed '/^$/d')
+for i in "${!variants[@]}"; do
+  rm -rf build blocksparse_attn/_C*.so
+  NVCC_APPEND_FLAGS="${variants[$i]}" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-64,128} python3 setup.py build_ext --inplace \
+    > "$OUT/build_$i.log" 2>&1 || { echo "variant $i: build failed"; grep error "$OUT/build_$i.log" | head; exit 1; }
+  mkdir -p "$ext/$i" && cp blocksparse_attn/_C*.so "$ext/$i/"
+  if [ "${TEST_VARIANT:-none}" = "$i" ]; then
+    DEVICE=cuda timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider ${TEST_FILE:-tests/test_prefill_kernels.py} \
+      -k "${TEST_K:-not D256}" > "$OUT/test_$i.log" 2>&1
+    echo "variant $i tests: $(tail -1 "$OUT/test_$i.log")"
+  fi
+done
+for r in $(seq 1 ${ROUNDS:-3}); do
+  for i in "${!variants[@]}"; do
+    cp "$ext/$i/"_C*.so blocksparse_attn/
+    mkdir -p "$OUT/r${r}_v$i"
+    timeout ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-8192} \
+      --methods ours --out-dir "$OUT/r${r}_v$i" ${BENCH_ARGS:-} > "$OUT/r${r}_v$i/bench.log" 2>&1 \
+      || { echo "round $r variant $i: benchmark failed"; tail -2 "$OUT/r${r}_v$i/bench.log"; }
+  done
+done
+python3 - "$OUT" "${#variants[@]}" "${ROUNDS:-3}" <<'PY'
+import csv, statistics, sys
+out, nv, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+times = {}
+for r in range(1, rounds + 1):
+    for i in range(nv):
+        try:
+            for row in csv.DictReader(open(f"{out}/r{r}_v{i}/bench_prefill_cuda_bfloat16.csv")):
+                times.setdefault((i, int(row["S"])), []).append(float(row["ms"]))
+        except FileNotFoundError:
+            pass
+for (i, s), ts in sorted(times.items()):
+    print(f"variant {i} S={s:>6}: median {statistics.median(ts):.3f} ms  [" + " ".join(f"{t:.3f}" for t in ts) + "]")
+PY
