@@ -25,9 +25,14 @@
 // records (the wgmma descriptors left vector registers: 80 -> 2 R2UR) and the conditional O
 // rescale; 1.53 ms with unclamped zero-fill copies; 1.49 ms with K/V tiles and Q through the TMA
 // (fills without cp.async published at issue); S and P.V issued before the record is read (32k: 3.14
-// -> 3.00 ms). Tried and not kept: 128-key stages (2.04-3.4 ms; 2.19 ms with three of them and one Q
-// buffer), a deeper ring (5 or 6 stages: within noise), FA3's ping-pong between the consumer groups
-// (named barriers: 1.61 vs 1.62 ms, no gain).
+// -> 3.00 ms); 1.45-1.47 ms with each unit resolved once by the producer; 1.467 -> 1.45 ms with the
+// row maxima and sums as trees. Tried and not kept: 128-key stages (2.04-3.4 ms; 2.19 ms with three
+// of them and one Q buffer), 3 or 5 stages, FA3's ping-pong between the consumer groups, Q in
+// registers for S, the P.V wait kept after the exponentials (ptxas hoists it; keeping it there cost
+// 2 %), skipping the tiles a group does not see at a unit's edges (the groups fall out of lockstep:
+// 2 % slower), O stored through the TMA (no change). The card runs this kernel at its power cap.
+// Since the reduction trees, variants are compared interleaved (scripts/device_ab.sh): measured one
+// after the other, the first had a ~2 % advantage from the clock drift.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -688,9 +693,11 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
         }
       };
 
-      // Software pipeline (FA3's intra-warpgroup overlap): the P.V product of tile n - 1 runs on the
-      // tensor cores while the softmax of tile n runs on the other pipes: issue S_n = Q K_n, issue
-      // O += P_{n-1} V_{n-1}, wait for S_n, softmax, wait for P.V, release stage n - 1, rescale O.
+      // Software pipeline (FA3's intra-warpgroup overlap): issue S_n = Q K_n, issue O += P_{n-1}
+      // V_{n-1}, wait for S_n, softmax, wait for P.V, release stage n - 1, rescale O. ptxas moves
+      // the P.V wait up to the top of the softmax's basic block (SASS: before the row maxima's
+      // shuffles), so P.V overlaps the masking only; a barrier wait between the exponentials and
+      // the P.V wait keeps the source order, and measured 2 % slower.
       // Every tile of the list goes through both groups (one a group does not see is fully masked):
       // skipping it would put the wgmma issue in data-dependent branches, where ptxas serialises
       // them.
