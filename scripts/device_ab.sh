@@ -4,24 +4,31 @@
 # (about 2 % at 8k). Builds each variant of VARIANTS (lines of NVCC flags, read through
 # NVCC_APPEND_FLAGS) once, then runs the benchmark ROUNDS times over all variants in turn, each
 # round in a fresh process with that variant's extension in place; prints every time and each
-# variant's median. TEST_VARIANT=i runs TEST_FILE (TEST_K) on variant i first.
+# variant's median. TEST_VARIANT=i runs TEST_FILE (TEST_K) on variant i first. VARIANT_DIRS (lines,
+# one per variant, default .) builds each variant from its own source tree, e.g. another branch
+# checked out with `git worktree add ab/main main` (untracked files travel to the device); the
+# benchmark always runs this tree's Python package with the variant's extension.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name --format=csv,noheader
 ext=$(mktemp -d)
 mapfile -t variants < <(printf '%s\n' "${VARIANTS:?lines of NVCC flags}" | sed '/^$/d')
+mapfile -t dirs < <(printf '%s\n' "${VARIANT_DIRS:-}" | sed '/^$/d')
+root=$PWD
 for i in "${!variants[@]}"; do
-  rm -rf build blocksparse_attn/_C*.so
-  NVCC_APPEND_FLAGS="${variants[$i]}" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-64,128} python3 setup.py build_ext --inplace \
+  dir=${dirs[$i]:-.}
+  (cd "$dir" && rm -rf build blocksparse_attn/_C*.so &&
+    NVCC_APPEND_FLAGS="${variants[$i]}" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-64,128} python3 setup.py build_ext --inplace) \
     > "$OUT/build_$i.log" 2>&1 || { echo "variant $i: build failed"; grep error "$OUT/build_$i.log" | head; exit 1; }
-  mkdir -p "$ext/$i" && cp blocksparse_attn/_C*.so "$ext/$i/"
+  mkdir -p "$ext/$i" && cp "$dir"/blocksparse_attn/_C*.so "$ext/$i/"
   if [ "${TEST_VARIANT:-none}" = "$i" ]; then
-    DEVICE=cuda timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider ${TEST_FILE:-tests/test_prefill_kernels.py} \
-      -k "${TEST_K:-not D256}" > "$OUT/test_$i.log" 2>&1
+    (cd "$dir" && DEVICE=cuda PYTHONPATH=$PWD timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
+      ${TEST_FILE:-tests/test_prefill_kernels.py} -k "${TEST_K:-not D256}") > "$OUT/test_$i.log" 2>&1
     echo "variant $i tests: $(tail -1 "$OUT/test_$i.log")"
   fi
 done
+cd "$root"
 for r in $(seq 1 ${ROUNDS:-3}); do
   for i in "${!variants[@]}"; do
     cp "$ext/$i/"_C*.so blocksparse_attn/
