@@ -6,7 +6,8 @@
 # round in a fresh process with that variant's extension in place; prints every time and each
 # variant's median. TEST_VARIANT=i runs TEST_FILE (TEST_K) on variant i first. VARIANT_DIRS (lines,
 # one per variant, default .) builds each variant from its own source tree, e.g. another branch
-# checked out with `git worktree add ab/main main` (untracked files travel to the device); the
+# exported with `mkdir -p ab/main && git archive main | tar -x -C ab/main` (untracked plain files
+# travel to the device; a nested git worktree would not); the
 # benchmark always runs this tree's Python package with the variant's extension.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
