@@ -141,14 +141,18 @@ __device__ __forceinline__ int sm90_tile_offset(int row, int col) {
   return (col >> 6) * (kRows * 128) + row * 128 + ((((col & 63) >> 3) ^ (row & 7)) << 4) + (col & 7) * 2;
 }
 
-// Reduces x[0..n) pairwise, log2(n) dependent steps deep (n a power of two); overwrites x.
+// Reduces x[0..n) pairwise, log2(n) dependent steps deep (n a power of two); overwrites x. One
+// template level per step: with a runtime halving loop nvcc kept 16-element arrays in local memory.
+template <int kWidth, int kCount, typename Op>
+__device__ __forceinline__ void reduce_tree_step(float (&x)[kCount], Op op) {
+#pragma unroll
+  for (int j = 0; j < kWidth; ++j) x[j] = op(x[j], x[j + kWidth]);
+  if constexpr (kWidth > 1) reduce_tree_step<kWidth / 2>(x, op);
+}
 template <int kCount, typename Op>
 __device__ __forceinline__ float reduce_tree(float (&x)[kCount], Op op) {
-  static_assert((kCount & (kCount - 1)) == 0, "a power of two");
-#pragma unroll
-  for (int width = kCount / 2; width >= 1; width /= 2)
-#pragma unroll
-    for (int j = 0; j < width; ++j) x[j] = op(x[j], x[j + width]);
+  static_assert(kCount >= 2 && (kCount & (kCount - 1)) == 0, "a power of two");
+  reduce_tree_step<kCount / 2>(x, op);
   return x[0];
 }
 
