@@ -4,7 +4,7 @@
 # (about 2 % at 8k). Builds each variant of VARIANTS (lines of NVCC flags, read through
 # NVCC_APPEND_FLAGS) once, then runs the benchmark ROUNDS times over all variants in turn, each
 # round in a fresh process with that variant's extension in place; prints every time and each
-# variant's median. TEST_VARIANT=i runs TEST_FILE (TEST_K) on variant i first. VARIANT_DIRS (lines,
+# variant's median. TEST_VARIANT="i j ..." runs TEST_FILE (TEST_K) on those variants first. VARIANT_DIRS (lines,
 # one per variant, default .) builds each variant from its own source tree, e.g. another branch
 # exported with `mkdir -p ab/main && git archive main | tar -x -C ab/main` (untracked plain files
 # travel to the device; a nested git worktree would not); the
@@ -23,7 +23,7 @@ for i in "${!variants[@]}"; do
     NVCC_APPEND_FLAGS="${variants[$i]}" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-64,128} python3 setup.py build_ext --inplace) \
     > "$OUT/build_$i.log" 2>&1 || { echo "variant $i: build failed"; grep error "$OUT/build_$i.log" | head; exit 1; }
   mkdir -p "$ext/$i" && cp "$dir"/blocksparse_attn/_C*.so "$ext/$i/"
-  if [ "${TEST_VARIANT:-none}" = "$i" ]; then
+  if [[ " ${TEST_VARIANT:-} " == *" $i "* ]]; then
     (cd "$dir" && DEVICE=cuda PYTHONPATH=$PWD timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
       ${TEST_FILE:-tests/test_prefill_kernels.py} -k "${TEST_K:-not D256}") > "$OUT/test_$i.log" 2>&1
     echo "variant $i tests: $(tail -1 "$OUT/test_$i.log")"
