@@ -1,11 +1,13 @@
 """The two CUDA prefill kernels, each forced by BSA_PREFILL_KERNEL, against the float32 reference.
 
 `auto` picks the Hopper kernel (wgmma, 128-row tiles) on compute capability 9.x for head sizes up to
-128 and sparse blocks that are multiples of 64, the sm80 kernel elsewhere. The rest of the suite
-runs whatever `auto` picks; this file runs both kernels over the Hopper kernel's domain (sparse
-blocks of 64 and 128 tokens: two query blocks per 128-row tile, or one), with the lengths
-around tile and block edges, both dtypes, GQA ratios, every pattern mode, explicit layouts and
-chunked prefill from a shuffled paged cache. CUDA only: the CPU has one kernel.
+128 and sparse blocks that are multiples of 64, the sm80 kernel elsewhere; the Hopper kernel has two
+K/V ring shapes, 64-key stages (sparse patterns) and 128-key stages (every causal block visible),
+forced by BSA_SM90_STAGE_KEYS. The rest of the suite runs whatever `auto` picks; this file runs the
+sm80 kernel and both Hopper shapes over the Hopper kernel's domain (sparse blocks of 64 and 128
+tokens: two query blocks per 128-row tile, or one), with the lengths around tile and block edges,
+both dtypes, GQA ratios, every pattern mode, explicit layouts and chunked prefill from a shuffled
+paged cache. CUDA only: the CPU has one kernel.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from _helpers import make_pattern, random_block_mask
 from blocksparse_attn.layout import BlockLayout, SparsePattern
 from test_attention_ops import MODES, run_paged_prefill, run_varlen
 
-KERNELS = ("sm80", "sm90")
+KERNELS = ("sm80", "sm90", "sm90-k128")  # sm90: 64-key stages; sm90-k128: 128-key stages
 LOCAL, VERT = 2, 3
 
 
@@ -26,12 +28,14 @@ def _is_hopper() -> bool:
 
 @pytest.fixture(params=KERNELS)
 def kernel(request, monkeypatch):
-    """Forces one prefill kernel for the test (the host code reads the variable per call)."""
+    """Forces one prefill kernel, and the Hopper kernel's stage shape, for the test (the host code
+    reads the variables per call)."""
     if not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
-    if request.param == "sm90" and not _is_hopper():
+    if request.param.startswith("sm90") and not _is_hopper():
         pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
-    monkeypatch.setenv("BSA_PREFILL_KERNEL", request.param)
+    monkeypatch.setenv("BSA_PREFILL_KERNEL", request.param[:4])
+    monkeypatch.setenv("BSA_SM90_STAGE_KEYS", "128" if request.param.endswith("k128") else "64")
     return request.param
 
 
@@ -107,8 +111,9 @@ def test_paged_chunked(kernel, dtype, kv_block_size, gen):
     run_paged_prefill("cuda", dtype, 8, 2, 128, kv_block_size, seqs, pattern, gen)
 
 
+@pytest.mark.parametrize("stage_keys", ("64", "128"))
 @pytest.mark.parametrize("ctas", (1, 3))
-def test_sm90_few_persistent_ctas(monkeypatch, ctas, gen):
+def test_sm90_few_persistent_ctas(monkeypatch, ctas, stage_keys, gen):
     """The Hopper kernel's CTAs are persistent: with 1 or 3 of them (BSA_SM90_GRID) each CTA runs
     dozens of units of uneven length, reusing its Q buffers and ring across units and sequences
     (the default grid gives the small shapes above about one unit per CTA)."""
@@ -116,13 +121,15 @@ def test_sm90_few_persistent_ctas(monkeypatch, ctas, gen):
         pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
     monkeypatch.setenv("BSA_PREFILL_KERNEL", "sm90")
     monkeypatch.setenv("BSA_SM90_GRID", str(ctas))
+    monkeypatch.setenv("BSA_SM90_STAGE_KEYS", stage_keys)
     pattern = make_pattern("qslide", 64, LOCAL, VERT, 4, 2)
     run_varlen("cuda", torch.bfloat16, 4, 2, 128, [(700, 700), (1, 1), (130, 260), (64, 64), (1000, 1000)],
                pattern, gen)
     run_paged_prefill("cuda", torch.float16, 4, 2, 128, 16, [(1000, 300), (0, 129), (63, 2)], pattern, gen)
 
 
-def test_sm90_without_tma(monkeypatch, gen):
+@pytest.mark.parametrize("stage_keys", ("64", "128"))
+def test_sm90_without_tma(monkeypatch, stage_keys, gen):
     """Q and contiguous K/V reach the Hopper kernel through the TMA (K/V whole tiles; a sequence's
     last partial tile through zero-filling cp.async copies); BSA_SM90_TMA=0 sends everything the
     second way (as for tensors whose strides the TMA cannot express)."""
@@ -130,6 +137,7 @@ def test_sm90_without_tma(monkeypatch, gen):
         pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
     monkeypatch.setenv("BSA_PREFILL_KERNEL", "sm90")
     monkeypatch.setenv("BSA_SM90_TMA", "0")
+    monkeypatch.setenv("BSA_SM90_STAGE_KEYS", stage_keys)
     pattern = make_pattern("kvslide", 64, LOCAL, VERT, 8, 2)
     run_varlen("cuda", torch.float16, 8, 2, 96, [(700, 700), (65, 129), (1, 64)], pattern, gen)
 
@@ -150,4 +158,27 @@ def test_bad_kernel_name_is_an_error(monkeypatch, gen):
     monkeypatch.setenv("BSA_PREFILL_KERNEL", "fastest")
     pattern = make_pattern("qslide", 64, LOCAL, VERT, 4, 2)
     with pytest.raises(RuntimeError, match="BSA_PREFILL_KERNEL"):
+        run_varlen("cuda", torch.float16, 4, 2, 64, [(100, 100)], pattern, gen)
+
+
+@pytest.mark.parametrize("local_blocks, vert_stride", ((1, 1), (40, 8), (2, 3)), ids=("dense", "wide-band", "sparse"))
+def test_sm90_auto_stage_keys(monkeypatch, local_blocks, vert_stride, gen):
+    """`auto` takes 128-key stages where every causal block is visible (a vertical column at every
+    block, or a band as long as the keys) and 64-key stages otherwise: both choices are right."""
+    if not _is_hopper():
+        pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
+    monkeypatch.setenv("BSA_PREFILL_KERNEL", "sm90")
+    monkeypatch.setenv("BSA_SM90_STAGE_KEYS", "auto")
+    pattern = make_pattern("qslide", 64, local_blocks, vert_stride, 4, 2)
+    run_varlen("cuda", torch.bfloat16, 4, 2, 128, [(1500, 1500), (129, 700), (1, 1)], pattern, gen)
+    run_paged_prefill("cuda", torch.float16, 4, 2, 128, 16, [(1000, 300), (0, 129)], pattern, gen)
+
+
+def test_bad_stage_keys_is_an_error(monkeypatch, gen):
+    if not _is_hopper():
+        pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
+    monkeypatch.setenv("BSA_PREFILL_KERNEL", "sm90")
+    monkeypatch.setenv("BSA_SM90_STAGE_KEYS", "96")
+    pattern = make_pattern("qslide", 64, LOCAL, VERT, 4, 2)
+    with pytest.raises(RuntimeError, match="BSA_SM90_STAGE_KEYS"):
         run_varlen("cuda", torch.float16, 4, 2, 64, [(100, 100)], pattern, gen)

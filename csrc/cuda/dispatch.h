@@ -56,10 +56,10 @@ void dispatch_element_and_head_dim(at::ScalarType dtype, int64_t head_size, Fn&&
 template <typename Element, int kHeadDimPad>
 void launch_prefill_sm80(const PrefillParams& params, int max_tiles, cudaStream_t stream);
 
-// Defined once per (element, padded head dim 64 or 128) in csrc/cuda/prefill_sm90_*.cu; launched
-// only on compute capability 9.x by an extension built for sm_90a (setup.py defines BSA_BUILT_SM90A).
-// The grid is persistent: at most num_ctas CTAs.
-template <typename Element, int kHeadDimPad>
+// Defined once per (element, padded head dim 64 or 128, keys per K/V stage 64 or 128) in
+// csrc/cuda/prefill_sm90_*.cu; launched only on compute capability 9.x by an extension built for
+// sm_90a (setup.py defines BSA_BUILT_SM90A). The grid is persistent: at most num_ctas CTAs.
+template <typename Element, int kHeadDimPad, int kStageKeys>
 void launch_prefill_sm90(const PrefillParams& params, int max_tiles, int num_ctas, cudaStream_t stream);
 
 // Defined once per (element, padded head dim) in csrc/cuda/decode_sm80_*.cu.

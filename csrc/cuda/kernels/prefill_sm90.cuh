@@ -51,10 +51,15 @@
 
 namespace blocksparse_attn {
 
-// Build-time knobs (for experiments; the defaults are the measured best).
-#ifndef BSA_SM90_KEY_TILES_PER_STAGE
-#define BSA_SM90_KEY_TILES_PER_STAGE 1
-#endif
+// The K/V ring comes in two shapes; the host picks one per call (choose_sm90_stage_keys):
+// - 64-key stages, 4 of them, and two Q buffers (the producer loads the next unit's Q while the
+//   consumers finish the current one): the best for sparse patterns, whose units are short (8k x 4,
+//   Phi-3-small: 1.45 ms against 1.59 ms with 128-key stages).
+// - 128-key stages, 3 of them, and one Q buffer (no room for a second): half the per-tile
+//   bookkeeping and n = 128 wgmmas for S, the better shape when every causal block is visible
+//   (dense 32k: 15.7 ms against 16.3 ms); the unit starts wait for their Q.
+// A stage holds kTilesPerStage 64-key tiles of the visible list (not necessarily adjacent).
+// Build-time knobs for experiments change the 64-key shape.
 #ifndef BSA_SM90_STAGES
 #define BSA_SM90_STAGES 4
 #endif
@@ -64,21 +69,28 @@ namespace blocksparse_attn {
 #ifndef BSA_SM90_Q_BUFFERS
 #define BSA_SM90_Q_BUFFERS 2
 #endif
-// A stage holds kSm90TilesPerStage 64-key tiles of the visible list (not necessarily adjacent).
-constexpr int kSm90TilesPerStage = BSA_SM90_KEY_TILES_PER_STAGE;
-constexpr int kSm90BlockN = 64 * kSm90TilesPerStage;  // keys per K/V stage
-constexpr int kSm90Stages = BSA_SM90_STAGES;           // K/V ring depth
+template <int kTilesPerStage_, int kStages_, int kQBuffers_, int kLoadsInFlight_>
+struct Sm90TilingShape {
+  static constexpr int kTilesPerStage = kTilesPerStage_;
+  static constexpr int kBlockN = 64 * kTilesPerStage;  // keys per K/V stage
+  static constexpr int kStages = kStages_;             // K/V ring depth
+  static constexpr int kQBuffers = kQBuffers_;
+  static constexpr int kLoadsInFlight = kLoadsInFlight_;  // cp.async groups the producer keeps outstanding
+  static_assert(kQBuffers == 1 || kQBuffers == 2, "one or two Q buffers");
+  // A consumer holds up to two stages (fill n - 1, whose P.V is pending, and fill n) while it waits
+  // for fill n + 1; the producer publishes fill m before it waits to refill the stage of m + L - S.
+  static_assert(kLoadsInFlight >= 1 && kLoadsInFlight + 1 <= kStages,
+                "the producer must publish a fill before it waits for the consumers to free its stage");
+};
+template <int kStageKeys>
+struct Sm90Tiling;
+template <>
+struct Sm90Tiling<64> : Sm90TilingShape<1, BSA_SM90_STAGES, BSA_SM90_Q_BUFFERS, BSA_SM90_LOADS_IN_FLIGHT> {};
+template <>
+struct Sm90Tiling<128> : Sm90TilingShape<2, 3, 1, 2> {};
+
 constexpr int kSm90ConsumerGroups = kPrefillSm90BlockM / 64;
 constexpr int kSm90Threads = 128 * (1 + kSm90ConsumerGroups);
-constexpr int kSm90LoadsInFlight = BSA_SM90_LOADS_IN_FLIGHT;  // cp.async groups the producer keeps outstanding
-// Q buffers: with two, the producer loads the next unit's Q while the consumers finish the current
-// one; one leaves room for a third stage of 128 keys.
-constexpr int kSm90QBuffers = BSA_SM90_Q_BUFFERS;
-static_assert(kSm90QBuffers == 1 || kSm90QBuffers == 2, "one or two Q buffers");
-// A consumer holds up to two stages (fill n - 1, whose P.V is pending, and fill n) while it waits
-// for fill n + 1; the producer publishes fill m before it waits to refill the stage of m + L - S.
-static_assert(kSm90LoadsInFlight >= 1 && kSm90LoadsInFlight + 1 <= kSm90Stages,
-              "the producer must publish a fill before it waits for the consumers to free its stage");
 // Register split between the producer (addresses, the tile cursor) and the consumers (O, S and P).
 // setmaxnreg.inc blocks until the registers it asks for are free in the CTA's pool, which holds what
 // the launch allocated (65536 / threads per thread, in steps of 8): a split beyond it hangs.
@@ -102,38 +114,38 @@ constexpr uint8_t kTileVisible = 1;  // the group's query block sees this key ti
 constexpr uint8_t kTileMasked = 2;   // ... and some (row, key) pairs are causal or past the keys
 
 // Shared memory: operand tiles of kRows rows x kHeadDim, stored as 64-column blocks of kRows rows x
-// 128 B with the 128-byte swizzle (the layout wgmma reads), every tile 1024-byte aligned. Q has two
-// buffers (consecutive work units of a CTA alternate, so the producer loads the next unit's Q while
-// the consumers finish the current one), each one 64-row tile per consumer group; K and V stages
-// have kSm90BlockN rows.
-template <int kHeadDim>
+// 128 B with the 128-byte swizzle (the layout wgmma reads), every tile 1024-byte aligned. Q has
+// Tiling::kQBuffers buffers (consecutive work units of a CTA alternate between two), each one 64-row
+// tile per consumer group; K and V stages have Tiling::kBlockN rows.
+template <int kHeadDim, typename Tiling>
 struct Sm90Smem {
   static constexpr int kQTileBytes = kHeadDim / 64 * 64 * 128;
   static constexpr int kQBufferBytes = kSm90ConsumerGroups * kQTileBytes;
-  static constexpr int kStageColumnBlockBytes = kSm90BlockN * 128;
+  static constexpr int kStageColumnBlockBytes = Tiling::kBlockN * 128;
   static constexpr int kStageBytes = kHeadDim / 64 * kStageColumnBlockBytes;
   static constexpr int kQOffset = 0;  // reused to stage O
-  static constexpr int kKOffset = kQOffset + kSm90QBuffers * kQBufferBytes;
-  static constexpr int kVOffset = kKOffset + kSm90Stages * kStageBytes;
-  static constexpr int kBarrierOffset = kVOffset + kSm90Stages * kStageBytes;
-  // full[kStages], empty[kStages], q_empty[kSm90QBuffers]; then the producer's claimed units (two
+  static constexpr int kKOffset = kQOffset + Tiling::kQBuffers * kQBufferBytes;
+  static constexpr int kVOffset = kKOffset + Tiling::kStages * kStageBytes;
+  static constexpr int kBarrierOffset = kVOffset + Tiling::kStages * kStageBytes;
+  // full[kStages], empty[kStages], q_empty[Tiling::kQBuffers]; then the producer's claimed units (two
   // slots), each Q buffer's resolved work unit, the stage records
-  static constexpr int kClaimOffset = kBarrierOffset + 8 * (2 * kSm90Stages + kSm90QBuffers);
+  static constexpr int kClaimOffset = kBarrierOffset + 8 * (2 * Tiling::kStages + Tiling::kQBuffers);
   static constexpr int kItemOffset = kClaimOffset + 8;
-  static constexpr int kRecordOffset = (kItemOffset + kSm90QBuffers * sizeof(PrefillItem) + 15) / 16 * 16;
-  static constexpr int kBytes = kRecordOffset + 16 * kSm90Stages + 1024;  // + slack to align the base
+  static constexpr int kRecordOffset = (kItemOffset + Tiling::kQBuffers * sizeof(PrefillItem) + 15) / 16 * 16;
+  static constexpr int kBytes = kRecordOffset + 16 * Tiling::kStages + 1024;  // + slack to align the base
 };
 
 // What the producer tells the consumers about a filled stage: the work unit it belongs to (-1: no
 // more work, the CTA's last fill), per 64-key slot the key tile (absolute positions key_tile * 64 ...;
 // -1 for an empty slot) and each consumer group's flags. A record whose first slot is empty ends
 // the unit's list; the first fill of a unit also carries its Q.
+template <int kTilesPerStage>
 struct Sm90StageRecord {
   int32_t unit;
-  int32_t key_tile[kSm90TilesPerStage];
-  uint8_t flags[kSm90ConsumerGroups][kSm90TilesPerStage];
+  int32_t key_tile[kTilesPerStage];
+  uint8_t flags[kSm90ConsumerGroups][kTilesPerStage];
 };
-static_assert(sizeof(Sm90StageRecord) <= 16, "stage records have 16 bytes each");
+static_assert(sizeof(Sm90StageRecord<2>) <= 16, "stage records have 16 bytes each");
 
 // Byte offset of (row, col) in a swizzled tile of kRows rows.
 template <int kRows>
@@ -252,13 +264,13 @@ struct Sm90TensorMaps {
   int kv_enabled;
 };
 
-template <typename Element, int kHeadDim>
+template <typename Element, int kHeadDim, typename Tiling>
 __global__ void __launch_bounds__(kSm90Threads, 1)
     prefill_sm90_kernel(const PrefillParams params, const __grid_constant__ Sm90TensorMaps maps) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Smem = Sm90Smem<kHeadDim>;
-  constexpr int kStages = kSm90Stages;
-  constexpr int kSlots = kSm90TilesPerStage;
+  using Smem = Sm90Smem<kHeadDim, Tiling>;
+  constexpr int kStages = Tiling::kStages;
+  constexpr int kSlots = Tiling::kTilesPerStage;
   extern __shared__ unsigned char smem_unaligned[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_unaligned) + 1023) & ~uintptr_t{1023});
@@ -269,7 +281,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   // The producer resolves each unit (a chain of dependent global loads) and leaves it next to the
   // unit's Q buffer, published with the unit's first fill: the consumers start without the loads.
   PrefillItem* items = reinterpret_cast<PrefillItem*>(smem + Smem::kItemOffset);
-  Sm90StageRecord* records = reinterpret_cast<Sm90StageRecord*>(smem + Smem::kRecordOffset);
+  using StageRecord = Sm90StageRecord<Tiling::kTilesPerStage>;
+  StageRecord* records = reinterpret_cast<StageRecord*>(smem + Smem::kRecordOffset);
 
   const int tid = threadIdx.x;
   const int head_size = params.head_size;
@@ -280,7 +293,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       ptx::mbarrier_init(&full[s], 128);                       // every producer thread arrives
       ptx::mbarrier_init(&empty[s], 128 * kSm90ConsumerGroups);  // every consumer thread arrives
     }
-    for (int b = 0; b < kSm90QBuffers; ++b) ptx::mbarrier_init(&q_empty[b], 128 * kSm90ConsumerGroups);
+    for (int b = 0; b < Tiling::kQBuffers; ++b) ptx::mbarrier_init(&q_empty[b], 128 * kSm90ConsumerGroups);
     ptx::mbarrier_init_fence();
   }
   __syncthreads();
@@ -320,8 +333,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       ptx::mbarrier_arrive(&full[fill % kStages]);
     };
     auto begin_fill = [&] {
-      if (n - kSm90LoadsInFlight >= next_publish) {
-        ptx::cp_async_wait<kSm90LoadsInFlight - 1>();  // fills up to n - kSm90LoadsInFlight have landed
+      if (n - Tiling::kLoadsInFlight >= next_publish) {
+        ptx::cp_async_wait<Tiling::kLoadsInFlight - 1>();  // fills up to n - Tiling::kLoadsInFlight have landed
         publish(next_publish++);
       }
       const int stage = n % kStages;
@@ -353,16 +366,16 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 
       // Q: 128 rows; rows outside [valid_begin, valid_end) are zeros (never stored). The loads join
       // the unit's first fill, whose publication covers them. The buffer was last read by unit
-      // k - kSm90QBuffers, whose consumers need all its fills published: with one buffer that
+      // k - Tiling::kQBuffers, whose consumers need all its fills published: with one buffer that
       // includes the latest ones (publish everything first); with two and L <= 2 they are (unit
       // k - 1 has at least one fill, its end record).
-      const int buf = k % kSm90QBuffers;
-      if (k >= kSm90QBuffers) {
-        if (kSm90QBuffers == 1 || kSm90LoadsInFlight > 2) {
+      const int buf = k % Tiling::kQBuffers;
+      if (k >= Tiling::kQBuffers) {
+        if (Tiling::kQBuffers == 1 || Tiling::kLoadsInFlight > 2) {
           ptx::cp_async_wait<0>();
           while (next_publish < n) publish(next_publish++);
         }
-        ptx::mbarrier_wait(&q_empty[buf], ((k / kSm90QBuffers) + 1) & 1);
+        ptx::mbarrier_wait(&q_empty[buf], ((k / Tiling::kQBuffers) + 1) & 1);
       }
       if (tid == 0) items[buf] = it;
       // Through the TMA (one thread, issued with the unit's first fill below), Q rows outside the
@@ -415,7 +428,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
             const int row = row0 + u * kRowStep;
             const bool valid = key_tile >= 0 && pos0 + row < k_len && col_valid;
             const int64_t offset = base + u * step;
-            const int dst = sm90_tile_offset<kSm90BlockN>(slot * 64 + row, col);
+            const int dst = sm90_tile_offset<Tiling::kBlockN>(slot * 64 + row, col);
             // An invalid row reads nothing (source size 0): its address needs no clamp (SASS: four
             // selects per pair of copies fewer).
             ptx::cp_async_16(dst_k + dst, key + offset, valid);
@@ -435,7 +448,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
             offset = page * kv.cache_block_stride + kv_head * kv.cache_head_stride +
                      static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
           }
-          const int dst = sm90_tile_offset<kSm90BlockN>(slot * 64 + row, col);
+          const int dst = sm90_tile_offset<Tiling::kBlockN>(slot * 64 + row, col);
           ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
           ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
         }
@@ -532,9 +545,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   } else {
     // ---------------------------------------------------------------- consumer warp groups
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
-    using MmaS = ptx::Wgmma<Element, kSm90BlockN>;
+    using MmaS = ptx::Wgmma<Element, Tiling::kBlockN>;
     using MmaO = ptx::Wgmma<Element, kHeadDim>;
-    constexpr int kSRegs = kSm90BlockN / 2;  // S accumulators per thread: 64 rows x kSm90BlockN keys / 128
+    constexpr int kSRegs = Tiling::kBlockN / 2;  // S accumulators per thread: 64 rows x Tiling::kBlockN keys / 128
     constexpr int kORegs = kHeadDim / 2;
     // Values the compiler can prove warp-uniform (a lane-0 broadcast) keep the stage index and the
     // wgmma descriptors in uniform registers: otherwise every wgmma is preceded by register-to-
@@ -580,7 +593,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     for (int k = 0;; ++k) {
       StageInfo info = read_record(wait_fill(n));  // the unit's first fill, which also brought its Q
       if (info.unit < 0) break;
-      const int buf = k % kSm90QBuffers;
+      const int buf = k % Tiling::kQBuffers;
       const PrefillItem it = items[buf];
       const int group_pos = it.tile_pos + 64 * group;
       const int row_pos[2] = {group_pos + warp * 16 + quad_row, group_pos + warp * 16 + quad_row + 8};
@@ -593,7 +606,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       for (int i = 0; i < kORegs; ++i) acc_o[i] = 0.f;
       float row_max[2] = {-INFINITY, -INFINITY};
       float row_sum[2] = {0.f, 0.f};
-      uint32_t p_frag[kSm90BlockN / 16][4];
+      uint32_t p_frag[Tiling::kBlockN / 16][4];
 
       auto issue_s = [&](float (&s)[kSRegs], int stage) {
         const unsigned char* s_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
@@ -609,7 +622,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
         ptx::fence_registers(acc_o);
         ptx::wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kSm90BlockN / 16; ++kk)
+        for (int kk = 0; kk < Tiling::kBlockN / 16; ++kk)
           MmaO::rs_mn_major_b(acc_o, p_frag[kk], desc_v.at(kk * 16 * 128));
         ptx::wgmma_commit();
         ptx::fence_registers(acc_o);
@@ -680,7 +693,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       // then O scaled by the change of the row maxima (skipped while the maxima hold, the common case).
       auto pack_p_and_rescale_o = [&](const float (&s)[kSRegs], const float (&row_alpha)[2]) {
 #pragma unroll
-        for (int kk = 0; kk < kSm90BlockN / 16; ++kk) {
+        for (int kk = 0; kk < Tiling::kBlockN / 16; ++kk) {
           p_frag[kk][0] = ptx::pack2<Element>(s[8 * kk + 0], s[8 * kk + 1]);
           p_frag[kk][1] = ptx::pack2<Element>(s[8 * kk + 2], s[8 * kk + 3]);
           p_frag[kk][2] = ptx::pack2<Element>(s[8 * kk + 4], s[8 * kk + 5]);
@@ -827,12 +840,13 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params) {
 }
 
 // Persistent grid of num_ctas CTAs (one per SM: the ring and the Q buffers take most of the shared
-// memory), at most one per work unit.
-template <typename Element, int kHeadDim>
+// memory), at most one per work unit; K/V stages of kStageKeys keys (64 or 128, see Sm90Tiling).
+template <typename Element, int kHeadDim, int kStageKeys>
 void launch_prefill_sm90(const PrefillParams& params, int max_tiles, int num_ctas, cudaStream_t stream) {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper prefill kernel takes padded head dims 64 and 128");
-  constexpr int kSmemBytes = Sm90Smem<kHeadDim>::kBytes;
-  auto kernel = prefill_sm90_kernel<Element, kHeadDim>;
+  using Tiling = Sm90Tiling<kStageKeys>;
+  constexpr int kSmemBytes = Sm90Smem<kHeadDim, Tiling>::kBytes;
+  auto kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   const int64_t max_units = static_cast<int64_t>(max_tiles) * params.num_q_heads;
   const int grid = static_cast<int>(std::min<int64_t>(num_ctas, max_units));
