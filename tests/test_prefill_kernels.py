@@ -161,17 +161,20 @@ def test_bad_kernel_name_is_an_error(monkeypatch, gen):
         run_varlen("cuda", torch.float16, 4, 2, 64, [(100, 100)], pattern, gen)
 
 
-@pytest.mark.parametrize("local_blocks, vert_stride", ((1, 1), (40, 8), (2, 3)), ids=("dense", "wide-band", "sparse"))
+@pytest.mark.parametrize("local_blocks, vert_stride", ((1, 1), (300, 8), (2, 3)), ids=("dense", "wide-band", "sparse"))
 def test_sm90_auto_stage_keys(monkeypatch, local_blocks, vert_stride, gen):
     """`auto` takes 128-key stages where every causal block is visible (a vertical column at every
-    block, or a band as long as the keys) and 64-key stages otherwise: both choices are right."""
+    block, or a band as long as the keys) and the sequences are long (8k keys or more), 64-key
+    stages otherwise: short and long sequences under each pattern, every choice right."""
     if not _is_hopper():
         pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
     monkeypatch.setenv("BSA_PREFILL_KERNEL", "sm90")
     monkeypatch.setenv("BSA_SM90_STAGE_KEYS", "auto")
     pattern = make_pattern("qslide", 64, local_blocks, vert_stride, 4, 2)
     run_varlen("cuda", torch.bfloat16, 4, 2, 128, [(1500, 1500), (129, 700), (1, 1)], pattern, gen)
+    run_varlen("cuda", torch.bfloat16, 4, 2, 128, [(300, 9000), (130, 8200)], pattern, gen)
     run_paged_prefill("cuda", torch.float16, 4, 2, 128, 16, [(1000, 300), (0, 129)], pattern, gen)
+    run_paged_prefill("cuda", torch.float16, 4, 2, 128, 64, [(8100, 200), (0, 65)], pattern, gen)
 
 
 def test_bad_stage_keys_is_an_error(monkeypatch, gen):

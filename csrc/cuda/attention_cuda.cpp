@@ -85,23 +85,28 @@ PrefillKernel choose_prefill_kernel(const PrefillParams& params) {
   return PrefillKernel::kSm80;
 }
 
-// Keys per K/V stage of the Hopper kernel (see Sm90Tiling): 128 where every causal block is visible
-// (dense layouts: long units, where n = 128 stages measured 4 % faster at 32k), 64 otherwise (sparse
-// units are short: 128-key stages measured 10 % slower at 8k x 4 with Phi-3-small's pattern). An
-// explicit layout takes 64: telling would need its device data. BSA_SM90_STAGE_KEYS=64 or =128
-// forces one (tests, benchmarks).
+// Keys per K/V stage of the Hopper kernel (see Sm90Tiling). 128-key stages need long units: they
+// win where every causal block is visible and the sequences are long, and lose on short units,
+// where their single Q buffer leaves each unit's start waiting for its Q. Dense causal on the H100,
+// ms per call with 64- / 128-key stages (32k tokens a batch, processes interleaved): 2k 1.15 / 1.25,
+// 4k 2.08 / 2.11, 8k 3.98 / 3.93, 16k 8.42 / 8.21, 32k 16.35 / 15.67; Phi-3-small at 8k: 1.45 /
+// 1.59. The sequence length is the mean of the batch (contiguous keys) or the block table's
+// capacity (paged cache): the host never reads the lengths. An explicit layout takes 64 (telling
+// would need its device data). BSA_SM90_STAGE_KEYS=64 or =128 forces one (tests, benchmarks).
 int choose_sm90_stage_keys(const PrefillParams& params) {
   if (const char* forced = std::getenv("BSA_SM90_STAGE_KEYS")) {
     const std::string choice = forced;
     if (choice == "64" || choice == "128") return std::stoi(choice);
     BSA_CHECK(choice == "auto", "BSA_SM90_STAGE_KEYS must be auto, 64 or 128, got '", choice, "'");
   }
+  constexpr int64_t kLongSequence = 8192;
   const SparsePattern& p = params.pattern;
   if (p.has_layout()) return 64;
   const KeyValueSource& kv = params.kv;
   const int64_t longest_keys = kv.paged() ? kv.block_table_stride * kv.kv_block_size : kv.num_rows;
+  const int64_t typical_keys = kv.paged() ? longest_keys : kv.num_rows / std::max(params.num_seqs, 1);
   const bool all_visible = p.vert_stride == 1 || static_cast<int64_t>(p.local_blocks) * p.block_size >= longest_keys;
-  return all_visible ? 128 : 64;
+  return all_visible && typical_keys >= kLongSequence ? 128 : 64;
 }
 
 // CTAs of the persistent Hopper kernel: one per SM; BSA_SM90_GRID=<n> sets another count (experiments:
