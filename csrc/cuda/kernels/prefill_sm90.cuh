@@ -26,13 +26,16 @@
 // rescale; 1.53 ms with unclamped zero-fill copies; 1.49 ms with K/V tiles and Q through the TMA
 // (fills without cp.async published at issue); S and P.V issued before the record is read (32k: 3.14
 // -> 3.00 ms); 1.45-1.47 ms with each unit resolved once by the producer; 1.467 -> 1.45 ms with the
-// row maxima and sums as trees. Tried and not kept: 128-key stages (2.04-3.4 ms; 2.19 ms with three
-// of them and one Q buffer), 3 or 5 stages, FA3's ping-pong between the consumer groups, Q in
-// registers for S, the P.V wait kept after the exponentials (ptxas hoists it; keeping it there cost
-// 2 %), skipping the tiles a group does not see at a unit's edges (the groups fall out of lockstep:
-// 2 % slower), O stored through the TMA (no change). The card runs this kernel at its power cap.
-// Since the reduction trees, variants are compared interleaved (scripts/device_ab.sh): measured one
-// after the other, the first had a ~2 % advantage from the clock drift.
+// row maxima and sums as trees. 128-key stages: slower on sparse rows (2.04-3.4 ms early on; 1.59 ms
+// against 1.45 since the trees), faster on long dense ones (Sm90Tiling). Tried and not kept: 3 or 5
+// stages, FA3's ping-pong between the consumer groups, Q in registers for S, the P.V wait kept
+// after the exponentials (ptxas hoists it; keeping it there cost 2 %), skipping the tiles a group
+// does not see at a unit's edges (the groups fall out of lockstep: 2 % slower), O stored through
+// the TMA (no change). The card runs this kernel at its power cap. Since the reduction trees,
+// variants are compared interleaved (scripts/device_ab.sh): measured one after the other, the first
+// had a ~2 % advantage from the clock drift. Also not kept (interleaved): the next unit's first S
+// issued before the epilogue (1.475 ms), one-round-trip unit starts (1.454 ms), every 2nd or 4th
+// exponential as a polynomial on the FMA pipe (1.59 / 1.55 ms).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -334,7 +337,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     };
     auto begin_fill = [&] {
       if (n - Tiling::kLoadsInFlight >= next_publish) {
-        ptx::cp_async_wait<Tiling::kLoadsInFlight - 1>();  // fills up to n - Tiling::kLoadsInFlight have landed
+        ptx::cp_async_wait<Tiling::kLoadsInFlight - 1>();  // fills up to n - kLoadsInFlight have landed
         publish(next_publish++);
       }
       const int stage = n % kStages;
@@ -547,7 +550,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
     using MmaS = ptx::Wgmma<Element, Tiling::kBlockN>;
     using MmaO = ptx::Wgmma<Element, kHeadDim>;
-    constexpr int kSRegs = Tiling::kBlockN / 2;  // S accumulators per thread: 64 rows x Tiling::kBlockN keys / 128
+    constexpr int kSRegs = Tiling::kBlockN / 2;  // S accumulators per thread: 64 rows x kBlockN keys / 128
     constexpr int kORegs = kHeadDim / 2;
     // Values the compiler can prove warp-uniform (a lane-0 broadcast) keep the stage index and the
     // wgmma descriptors in uniform registers: otherwise every wgmma is preceded by register-to-
