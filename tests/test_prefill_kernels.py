@@ -142,6 +142,27 @@ def test_sm90_without_tma(monkeypatch, stage_keys, gen):
     run_varlen("cuda", torch.float16, 8, 2, 96, [(700, 700), (65, 129), (1, 64)], pattern, gen)
 
 
+@pytest.mark.parametrize("stage_keys", ("64", "128"))
+def test_sm90_units_without_keys_through_cp_async(monkeypatch, stage_keys, gen):
+    """A CTA that runs several units without key tiles in a row, with Q through cp.async: each such
+    unit is one fill (its end record) that carries copies, so the producer must publish it before
+    it waits for that unit's Q buffer to come back (one CTA, the TMA off, a layout whose first four
+    query blocks see nothing: the last eight units the CTA claims)."""
+    if not _is_hopper():
+        pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
+    monkeypatch.setenv("BSA_PREFILL_KERNEL", "sm90")
+    monkeypatch.setenv("BSA_SM90_TMA", "0")
+    monkeypatch.setenv("BSA_SM90_GRID", "1")
+    monkeypatch.setenv("BSA_SM90_STAGE_KEYS", stage_keys)
+    hq, hkv, blocks = 4, 2, 8
+    mask = random_block_mask(hq, blocks, gen, diagonal=True)
+    mask[:, :4, :] = False
+    lay = BlockLayout.from_block_mask(mask, 64)
+    n = blocks * 64
+    _, _, ref_lse = run_varlen("cuda", torch.float16, hq, hkv, 128, [(n, n), (n - 70, n - 3)], lay, gen)
+    assert (ref_lse == float("-inf")).any(), "test setup: no query row without keys"
+
+
 def test_forced_sm90_outside_its_domain_is_an_error(monkeypatch, gen):
     """Forcing the Hopper kernel where it cannot run fails loudly instead of falling back."""
     if not torch.cuda.is_available():

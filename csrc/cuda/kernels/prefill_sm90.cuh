@@ -348,6 +348,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     // Thread 0 claims unit k + 1 when unit k starts, so the atomic's latency passes while it issues
     // unit k's fills; it stores the claim for the other producer threads when unit k + 1 starts.
     int next_claim = tid == 0 ? atomicAdd(params.work_counter, 1) : 0;
+    int previous_unit_first_fill = 0;
     for (int k = 0;; ++k) {
       if (tid == 0) claimed[k & 1] = next_claim;
       ptx::named_barrier_sync(kSm90ClaimBarrier, 128);
@@ -369,17 +370,21 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 
       // Q: 128 rows; rows outside [valid_begin, valid_end) are zeros (never stored). The loads join
       // the unit's first fill, whose publication covers them. The buffer was last read by unit
-      // k - Tiling::kQBuffers, whose consumers need all its fills published: with one buffer that
-      // includes the latest ones (publish everything first); with two and L <= 2 they are (unit
-      // k - 1 has at least one fill, its end record).
+      // k - Tiling::kQBuffers, whose consumers release it only after all its fills, so those must
+      // be published first: with one buffer that is every fill so far; with two, the fills before
+      // unit k - 1's first. Those are normally out already (L fills back), but not when unit k - 1
+      // has fewer than L fills and unit k - 2's last one carries cp.async copies (units without
+      // key tiles, Q through cp.async), so the wait below would never end.
       const int buf = k % Tiling::kQBuffers;
       if (k >= Tiling::kQBuffers) {
-        if (Tiling::kQBuffers == 1 || Tiling::kLoadsInFlight > 2) {
+        const int needed = Tiling::kQBuffers == 1 ? n : previous_unit_first_fill;
+        if (next_publish < needed) {
           ptx::cp_async_wait<0>();
-          while (next_publish < n) publish(next_publish++);
+          while (next_publish < needed) publish(next_publish++);
         }
         ptx::mbarrier_wait(&q_empty[buf], ((k / Tiling::kQBuffers) + 1) & 1);
       }
+      previous_unit_first_fill = n;
       if (tid == 0) items[buf] = it;
       // Through the TMA (one thread, issued with the unit's first fill below), Q rows outside the
       // item are other rows of the tensor or zeros: they only ever feed their own, unstored output
