@@ -8,7 +8,9 @@
 # one per variant, default .) builds each variant from its own source tree, e.g. another branch
 # exported with `mkdir -p ab/main && git archive main | tar -x -C ab/main` (untracked plain files
 # travel to the device; a nested git worktree would not); the
-# benchmark always runs this tree's Python package with the variant's extension.
+# benchmark always runs this tree's Python package with the variant's extension. VARIANT_ENVS (lines,
+# one per variant, default none) sets environment variables for that variant's tests and benchmark,
+# e.g. $'\nBSA_SM90_STAGE_KEYS=128' to time a run-time choice.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD
@@ -16,6 +18,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 ext=$(mktemp -d)
 mapfile -t variants < <(printf '%s\n' "${VARIANTS:?lines of NVCC flags}" | sed '/^$/d')
 mapfile -t dirs < <(printf '%s\n' "${VARIANT_DIRS:-}" | sed '/^$/d')
+mapfile -t envs < <(printf '%s\n' "${VARIANT_ENVS:-}")  # empty lines kept: a variant without variables
 root=$PWD
 for i in "${!variants[@]}"; do
   dir=${dirs[$i]:-.}
@@ -24,7 +27,7 @@ for i in "${!variants[@]}"; do
     > "$OUT/build_$i.log" 2>&1 || { echo "variant $i: build failed"; grep error "$OUT/build_$i.log" | head; exit 1; }
   mkdir -p "$ext/$i" && cp "$dir"/blocksparse_attn/_C*.so "$ext/$i/"
   if [[ " ${TEST_VARIANT:-} " == *" $i "* ]]; then
-    (cd "$dir" && DEVICE=cuda PYTHONPATH=$PWD timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
+    (cd "$dir" && env ${envs[$i]:-} DEVICE=cuda PYTHONPATH=$PWD timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
       ${TEST_FILE:-tests/test_prefill_kernels.py} -k "${TEST_K:-not D256}") > "$OUT/test_$i.log" 2>&1
     echo "variant $i tests: $(tail -1 "$OUT/test_$i.log")"
   fi
@@ -34,7 +37,7 @@ for r in $(seq 1 ${ROUNDS:-3}); do
   for i in "${!variants[@]}"; do
     cp "$ext/$i/"_C*.so blocksparse_attn/
     mkdir -p "$OUT/r${r}_v$i"
-    timeout ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-8192} \
+    env ${envs[$i]:-} timeout ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-8192} \
       --methods ours --out-dir "$OUT/r${r}_v$i" ${BENCH_ARGS:-} > "$OUT/r${r}_v$i/bench.log" 2>&1 \
       || { echo "round $r variant $i: benchmark failed"; tail -2 "$OUT/r${r}_v$i/bench.log"; }
   done
