@@ -150,9 +150,11 @@ void run_prefill(PrefillParams& params, const at::Tensor& q) {
     constexpr int kPad = decltype(pad)::value;
     if constexpr (kPad == 64 || kPad == 128) {
       if (kernel == PrefillKernel::kSm90) {
-        if (choose_sm90_stage_keys(params) == 128)
-          return launch_prefill_sm90<Element, kPad, 128>(params, max_tiles, sm90_ctas(), stream);
-        return launch_prefill_sm90<Element, kPad, 64>(params, max_tiles, sm90_ctas(), stream);
+        switch (const int stage_keys = choose_sm90_stage_keys(params)) {
+          case 64: return launch_prefill_sm90<Element, kPad, 64>(params, max_tiles, sm90_ctas(), stream);
+          case 128: return launch_prefill_sm90<Element, kPad, 128>(params, max_tiles, sm90_ctas(), stream);
+          default: BSA_CHECK(false, "no Hopper prefill kernel with ", stage_keys, "-key stages");
+        }
       }
     }
     launch_prefill_sm80<Element, kPad>(params, max_tiles, stream);
