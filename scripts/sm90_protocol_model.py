@@ -78,10 +78,8 @@ def run(units, SK, SV, QB, L, split, fix):
             while not ready(('full', n % SK), n // SK + 1): yield
             if fills is None:
                 return
-            if len(fills) == 1:
-                rk(n)
-            else:
-                rk(n)
+            rk(n)  # after the first fill's S (or at once: a unit without key tiles)
+            if len(fills) > 1:
                 pending = n
                 for _ in range(1, len(fills)):
                     n += 1

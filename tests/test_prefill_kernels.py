@@ -34,7 +34,7 @@ def kernel(request, monkeypatch):
         pytest.skip("CUDA is not available")
     if request.param.startswith("sm90") and not _is_hopper():
         pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
-    monkeypatch.setenv("BSA_PREFILL_KERNEL", request.param[:4])
+    monkeypatch.setenv("BSA_PREFILL_KERNEL", request.param.split("-")[0])
     monkeypatch.setenv("BSA_SM90_STAGE_KEYS", "128" if request.param.endswith("k128") else "64")
     return request.param
 
