@@ -10,7 +10,8 @@
 # travel to the device; a nested git worktree would not); the
 # benchmark always runs this tree's Python package with the variant's extension. VARIANT_ENVS (lines,
 # one per variant, default none) sets environment variables for that variant's tests and benchmark,
-# e.g. $'\nBSA_SM90_STAGE_KEYS=128' to time a run-time choice.
+# e.g. $'\nBSA_SM90_STAGE_KEYS=128' to time a run-time choice. BENCH_ARGS go to every benchmark run, e.g.
+# "--dense-pattern --methods ours,sdpa-cudnn" (a later --methods wins): baselines are reported per variant.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD
@@ -50,9 +51,10 @@ for r in range(1, rounds + 1):
     for i in range(nv):
         try:
             for row in csv.DictReader(open(f"{out}/r{r}_v{i}/bench_prefill_cuda_bfloat16.csv")):
-                times.setdefault((i, int(row["S"])), []).append(float(row["ms"]))
+                times.setdefault((i, row.get("method", "ours"), int(row["S"])), []).append(float(row["ms"]))
         except FileNotFoundError:
             pass
-for (i, s), ts in sorted(times.items()):
-    print(f"variant {i} S={s:>6}: median {statistics.median(ts):.3f} ms  [" + " ".join(f"{t:.3f}" for t in ts) + "]")
+for (i, method, s), ts in sorted(times.items()):
+    label = "" if method == "ours" else f" {method}"
+    print(f"variant {i}{label} S={s:>6}: median {statistics.median(ts):.3f} ms  [" + " ".join(f"{t:.3f}" for t in ts) + "]")
 PY
