@@ -21,13 +21,22 @@ mapfile -t variants < <(printf '%s\n' "${VARIANTS:?lines of NVCC flags}" | sed '
 mapfile -t dirs < <(printf '%s\n' "${VARIANT_DIRS:-}" | sed '/^$/d')
 mapfile -t envs < <(printf '%s\n' "${VARIANT_ENVS:-}")  # empty lines kept: a variant without variables
 root=$PWD
+declare -A built  # source dir + flags -> the variant that built them (run-time variants share a build)
 for i in "${!variants[@]}"; do
   dir=${dirs[$i]:-.}
-  (cd "$dir" && rm -rf build blocksparse_attn/_C*.so &&
-    NVCC_APPEND_FLAGS="${variants[$i]}" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-64,128} python3 setup.py build_ext --inplace) \
-    > "$OUT/build_$i.log" 2>&1 || { echo "variant $i: build failed"; grep error "$OUT/build_$i.log" | head; exit 1; }
-  mkdir -p "$ext/$i" && cp "$dir"/blocksparse_attn/_C*.so "$ext/$i/"
+  key="$dir|${variants[$i]}"
+  mkdir -p "$ext/$i"
+  if [[ -n "${built[$key]:-}" ]]; then
+    cp "$ext/${built[$key]}"/_C*.so "$ext/$i/"
+  else
+    (cd "$dir" && rm -rf build blocksparse_attn/_C*.so &&
+      NVCC_APPEND_FLAGS="${variants[$i]}" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-64,128} python3 setup.py build_ext --inplace) \
+      > "$OUT/build_$i.log" 2>&1 || { echo "variant $i: build failed"; grep error "$OUT/build_$i.log" | head; exit 1; }
+    cp "$dir"/blocksparse_attn/_C*.so "$ext/$i/"
+    built[$key]=$i
+  fi
   if [[ " ${TEST_VARIANT:-} " == *" $i "* ]]; then
+    cp "$ext/$i"/_C*.so "$dir"/blocksparse_attn/
     (cd "$dir" && env ${envs[$i]:-} DEVICE=cuda PYTHONPATH=$PWD timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
       ${TEST_FILE:-tests/test_prefill_kernels.py} -k "${TEST_K:-not D256}") > "$OUT/test_$i.log" 2>&1
     echo "variant $i tests: $(tail -1 "$OUT/test_$i.log")"

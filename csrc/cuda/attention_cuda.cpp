@@ -99,7 +99,7 @@ int choose_sm90_stage_keys(const PrefillParams& params) {
     if (choice == "64" || choice == "128") return std::stoi(choice);
     BSA_CHECK(choice == "auto", "BSA_SM90_STAGE_KEYS must be auto, 64 or 128, got '", choice, "'");
   }
-  constexpr int64_t kLongSequence = 8192;
+  constexpr int64_t kLongSequence = 2048;
   const SparsePattern& p = params.pattern;
   if (p.has_layout()) return 64;
   const KeyValueSource& kv = params.kv;

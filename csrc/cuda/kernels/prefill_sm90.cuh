@@ -54,15 +54,20 @@
 
 namespace blocksparse_attn {
 
-// The K/V ring comes in two shapes; the host picks one per call (choose_sm90_stage_keys):
-// - 64-key stages, 4 of them, and two Q buffers (the producer loads the next unit's Q while the
-//   consumers finish the current one): the best for sparse patterns, whose units are short (8k x 4,
-//   Phi-3-small: 1.45 ms against 1.59 ms with 128-key stages).
-// - 128-key stages, 3 of them, and one Q buffer (no room for a second): half the per-tile
-//   bookkeeping and n = 128 wgmmas for S, the better shape when every causal block is visible
-//   (dense 32k: 15.7 ms against 16.3 ms); the unit starts wait for their Q.
-// A stage holds kTilesPerStage 64-key tiles of the visible list (not necessarily adjacent).
-// Build-time knobs for experiments change the 64-key shape.
+// K and V come in fills of kBlockN keys (kTilesPerStage 64-key tiles of the visible list, not
+// necessarily adjacent): fill n takes key slot n % kKeySlots and value slot n % kValueSlots. Two
+// shapes; the host picks one per call (choose_sm90_stage_keys):
+// - 64-key fills in 4 shared stages (K and V of a fill in slots of the same index, freed together
+//   after P.V) and two Q buffers (the producer loads the next unit's Q while the consumers finish
+//   the current one): the best for sparse patterns, whose units are short (8k x 4, Phi-3-small:
+//   1.45 ms; 1.50 ms with the 128-key shape below).
+// - 128-key fills with rings of their own for K (2 slots, each freed once S is done) and V (3
+//   slots, freed after P.V), as FA3 pipelines them: the producer runs as far ahead as with 3 shared
+//   stages, and the 64 KB saved hold a second Q buffer (224 KB in all at head dim 128). Half the
+//   per-tile bookkeeping and n = 128 wgmmas for S: the better shape when every causal block is
+//   visible (dense 2k x 16: 1.12 ms against 1.15 ms; with 3 shared stages and one Q buffer it lost
+//   there, 1.25 ms, and on Phi-3-small, 1.60 ms).
+// Build-time knobs for experiments.
 #ifndef BSA_SM90_STAGES
 #define BSA_SM90_STAGES 4
 #endif
@@ -72,33 +77,58 @@ namespace blocksparse_attn {
 #ifndef BSA_SM90_Q_BUFFERS
 #define BSA_SM90_Q_BUFFERS 2
 #endif
-template <int kTilesPerStage_, int kStages_, int kQBuffers_, int kLoadsInFlight_>
+#ifndef BSA_SM90_K128_KEY_SLOTS
+#define BSA_SM90_K128_KEY_SLOTS 2
+#endif
+#ifndef BSA_SM90_K128_VALUE_SLOTS
+#define BSA_SM90_K128_VALUE_SLOTS 3
+#endif
+#ifndef BSA_SM90_K128_Q_BUFFERS
+#define BSA_SM90_K128_Q_BUFFERS 2
+#endif
+template <int kTilesPerStage_, int kKeySlots_, int kValueSlots_, int kQBuffers_, int kLoadsInFlight_>
 struct Sm90TilingShape {
   static constexpr int kTilesPerStage = kTilesPerStage_;
-  static constexpr int kBlockN = 64 * kTilesPerStage;  // keys per K/V stage
-  static constexpr int kStages = kStages_;             // K/V ring depth
+  static constexpr int kBlockN = 64 * kTilesPerStage;  // keys per fill
+  static constexpr int kKeySlots = kKeySlots_;
+  static constexpr int kValueSlots = kValueSlots_;
+  // Equal rings are one ring of shared stages: a key slot is freed with its value slot.
+  static constexpr bool kSplitRings = kKeySlots != kValueSlots;
   static constexpr int kQBuffers = kQBuffers_;
   static constexpr int kLoadsInFlight = kLoadsInFlight_;  // cp.async groups the producer keeps outstanding
   static_assert(kQBuffers == 1 || kQBuffers == 2, "one or two Q buffers");
-  // A consumer holds up to two stages (fill n - 1, whose P.V is pending, and fill n) while it waits
-  // for fill n + 1; the producer publishes fill m before it waits to refill the stage of m + L - S.
-  static_assert(kLoadsInFlight >= 1 && kLoadsInFlight + 1 <= kStages,
-                "the producer must publish a fill before it waits for the consumers to free its stage");
+  // The producer publishes fill m (cp.async path) at the top of fill m + L, before it waits for the
+  // slots of fill m + L. A consumer frees value slot m after P.V m, which it issues once fill m + 1
+  // is published, so kValueSlots >= L + 1; with split rings it frees key slot m after S m, which
+  // needs fill m published, so kKeySlots >= L. Fill m's `early` bit (m % kKeySlots) is cleared at
+  // fill m + L, before fill m + kKeySlots sets it again.
+  static_assert(kLoadsInFlight >= 1 && kLoadsInFlight + 1 <= kValueSlots && kLoadsInFlight <= kKeySlots,
+                "the producer must publish a fill before it waits for the consumers to free its slots");
+  static_assert(kSplitRings || kKeySlots == kValueSlots, "shared stages need equal rings");
 };
 template <int kStageKeys>
 struct Sm90Tiling;
 template <>
-struct Sm90Tiling<64> : Sm90TilingShape<1, BSA_SM90_STAGES, BSA_SM90_Q_BUFFERS, BSA_SM90_LOADS_IN_FLIGHT> {};
+struct Sm90Tiling<64>
+    : Sm90TilingShape<1, BSA_SM90_STAGES, BSA_SM90_STAGES, BSA_SM90_Q_BUFFERS, BSA_SM90_LOADS_IN_FLIGHT> {};
 template <>
-struct Sm90Tiling<128> : Sm90TilingShape<2, 3, 1, 2> {};
+struct Sm90Tiling<128>
+    : Sm90TilingShape<2, BSA_SM90_K128_KEY_SLOTS, BSA_SM90_K128_VALUE_SLOTS, BSA_SM90_K128_Q_BUFFERS, 2> {};
+
+// The key and value slots of one fill.
+struct Sm90Fill {
+  int key_slot;
+  int value_slot;
+};
 
 constexpr int kSm90ConsumerGroups = kPrefillSm90BlockM / 64;
 constexpr int kSm90Threads = 128 * (1 + kSm90ConsumerGroups);
-// Register split between the producer (addresses, the tile cursor) and the consumers (O, S and P).
-// setmaxnreg.inc blocks until the registers it asks for are free in the CTA's pool, which holds what
+// Register split between the producer (addresses, the tile cursor) and the consumers (O, S and P):
+// the whole pool, 104 + 2 x 200 = 3 x 168 (the split rings' producer spilled at 96; 96 or 104 made
+// no measurable difference to the 64-key shape: 1.461 / 1.453 ms at 8k). setmaxnreg.inc blocks until the registers it asks for are free in the CTA's pool, which holds what
 // the launch allocated (65536 / threads per thread, in steps of 8): a split beyond it hangs.
 // Both sides fit without spills here (ptxas -v).
-constexpr int kSm90ProducerRegisters = 96;
+constexpr int kSm90ProducerRegisters = 104;
 constexpr int kSm90ConsumerRegisters = 200;
 static_assert(kSm90ProducerRegisters + kSm90ConsumerGroups * kSm90ConsumerRegisters <=
                   (1 + kSm90ConsumerGroups) * (65536 / kSm90Threads / 8 * 8),
@@ -119,7 +149,7 @@ constexpr uint8_t kTileMasked = 2;   // ... and some (row, key) pairs are causal
 // Shared memory: operand tiles of kRows rows x kHeadDim, stored as 64-column blocks of kRows rows x
 // 128 B with the 128-byte swizzle (the layout wgmma reads), every tile 1024-byte aligned. Q has
 // Tiling::kQBuffers buffers (consecutive work units of a CTA alternate between two), each one 64-row
-// tile per consumer group; K and V stages have Tiling::kBlockN rows.
+// tile per consumer group; K and V slots have Tiling::kBlockN rows.
 template <int kHeadDim, typename Tiling>
 struct Sm90Smem {
   static constexpr int kQTileBytes = kHeadDim / 64 * 64 * 128;
@@ -128,14 +158,19 @@ struct Sm90Smem {
   static constexpr int kStageBytes = kHeadDim / 64 * kStageColumnBlockBytes;
   static constexpr int kQOffset = 0;  // reused to stage O
   static constexpr int kKOffset = kQOffset + Tiling::kQBuffers * kQBufferBytes;
-  static constexpr int kVOffset = kKOffset + Tiling::kStages * kStageBytes;
-  static constexpr int kBarrierOffset = kVOffset + Tiling::kStages * kStageBytes;
-  // full[kStages], empty[kStages], q_empty[Tiling::kQBuffers]; then the producer's claimed units (two
-  // slots), each Q buffer's resolved work unit, the stage records
-  static constexpr int kClaimOffset = kBarrierOffset + 8 * (2 * Tiling::kStages + Tiling::kQBuffers);
+  static constexpr int kVOffset = kKOffset + Tiling::kKeySlots * kStageBytes;
+  static constexpr int kBarrierOffset = kVOffset + Tiling::kValueSlots * kStageBytes;
+  // full[key slots] (a fill's K, V, record and Q complete on its key slot's), value_empty[value
+  // slots] (with shared stages: each stage's release), key_empty[key slots] (split rings only),
+  // q_empty[Q buffers]; then the producer's claimed units (two slots), each Q buffer's resolved work
+  // unit, the fill records (one per key slot)
+  static constexpr int kKeyEmptyBarriers = Tiling::kSplitRings ? Tiling::kKeySlots : 0;
+  static constexpr int kClaimOffset =
+      kBarrierOffset + 8 * (Tiling::kKeySlots + Tiling::kValueSlots + kKeyEmptyBarriers + Tiling::kQBuffers);
   static constexpr int kItemOffset = kClaimOffset + 8;
   static constexpr int kRecordOffset = (kItemOffset + Tiling::kQBuffers * sizeof(PrefillItem) + 15) / 16 * 16;
-  static constexpr int kBytes = kRecordOffset + 16 * Tiling::kStages + 1024;  // + slack to align the base
+  static constexpr int kBytes = kRecordOffset + 16 * Tiling::kKeySlots + 1024;  // + slack to align the base
+  static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA may have");
 };
 
 // What the producer tells the consumers about a filled stage: the work unit it belongs to (-1: no
@@ -272,14 +307,16 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     prefill_sm90_kernel(const PrefillParams params, const __grid_constant__ Sm90TensorMaps maps) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Smem = Sm90Smem<kHeadDim, Tiling>;
-  constexpr int kStages = Tiling::kStages;
+  constexpr int kKeySlots = Tiling::kKeySlots;
+  constexpr int kValueSlots = Tiling::kValueSlots;
   constexpr int kSlots = Tiling::kTilesPerStage;
   extern __shared__ unsigned char smem_unaligned[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(
       (reinterpret_cast<uintptr_t>(smem_unaligned) + 1023) & ~uintptr_t{1023});
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + Smem::kBarrierOffset);
-  uint64_t* empty = full + kStages;
-  uint64_t* q_empty = empty + kStages;
+  uint64_t* value_empty = full + kKeySlots;
+  uint64_t* key_empty = value_empty + kValueSlots;  // split rings only
+  uint64_t* q_empty = key_empty + Smem::kKeyEmptyBarriers;
   int32_t* claimed = reinterpret_cast<int32_t*>(smem + Smem::kClaimOffset);
   // The producer resolves each unit (a chain of dependent global loads) and leaves it next to the
   // unit's Q buffer, published with the unit's first fill: the consumers start without the loads.
@@ -292,10 +329,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   const KeyValueSource& kv = params.kv;
 
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      ptx::mbarrier_init(&full[s], 128);                       // every producer thread arrives
-      ptx::mbarrier_init(&empty[s], 128 * kSm90ConsumerGroups);  // every consumer thread arrives
-    }
+    for (int s = 0; s < kKeySlots; ++s) ptx::mbarrier_init(&full[s], 128);  // every producer thread arrives
+    // every consumer thread arrives
+    for (int s = 0; s < kValueSlots; ++s) ptx::mbarrier_init(&value_empty[s], 128 * kSm90ConsumerGroups);
+    for (int s = 0; s < Smem::kKeyEmptyBarriers; ++s) ptx::mbarrier_init(&key_empty[s], 128 * kSm90ConsumerGroups);
     for (int b = 0; b < Tiling::kQBuffers; ++b) ptx::mbarrier_init(&q_empty[b], 128 * kSm90ConsumerGroups);
     ptx::mbarrier_init_fence();
   }
@@ -318,31 +355,33 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     const SparsePattern& pattern = params.pattern;
 
     // Fill n is published (fence for the wgmma reads, then arrive) at the top of fill n + L, BEFORE
-    // the wait for a free stage: publication never waits on the consumers, so a consumer never idles
+    // the wait for free slots: publication never waits on the consumers, so a consumer never idles
     // on a fill that has landed (publishing after that wait cost 30 % with the overlapped consumer).
     // A fill without cp.async copies (TMA only, or an end record) is published as soon as it is
     // issued: the TMA's bytes complete on the barrier by themselves. `early` marks such fills (bit
-    // fill % kStages: fill m's bit is cleared at fill m + L, before fill m + kStages reuses it) so
-    // the in-order publication skips them.
+    // fill % kKeySlots, see Sm90TilingShape) so the in-order publication skips them.
     int n = 0, next_publish = 0;
     uint32_t early = 0;
     auto publish = [&](int fill) {
-      const uint32_t bit = 1u << (fill % kStages);
+      const uint32_t bit = 1u << (fill % kKeySlots);
       if (early & bit) {
         early &= ~bit;
         return;
       }
       ptx::fence_proxy_async_shared();
-      ptx::mbarrier_arrive(&full[fill % kStages]);
+      ptx::mbarrier_arrive(&full[fill % kKeySlots]);
     };
     auto begin_fill = [&] {
       if (n - Tiling::kLoadsInFlight >= next_publish) {
         ptx::cp_async_wait<Tiling::kLoadsInFlight - 1>();  // fills up to n - kLoadsInFlight have landed
         publish(next_publish++);
       }
-      const int stage = n % kStages;
-      if (n >= kStages) ptx::mbarrier_wait(&empty[stage], ((n / kStages) + 1) & 1);
-      return stage;
+      const Sm90Fill fill{n % kKeySlots, n % kValueSlots};
+      if constexpr (Tiling::kSplitRings) {
+        if (n >= kKeySlots) ptx::mbarrier_wait(&key_empty[fill.key_slot], ((n / kKeySlots) + 1) & 1);
+      }
+      if (n >= kValueSlots) ptx::mbarrier_wait(&value_empty[fill.value_slot], ((n / kValueSlots) + 1) & 1);
+      return fill;
     };
 
     // Thread 0 claims unit k + 1 when unit k starts, so the atomic's latency passes while it issues
@@ -356,10 +395,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       if (tid == 0) next_claim = atomicAdd(params.work_counter, 1);
       PrefillItem it;
       if (!load_prefill_item(params, kPrefillSm90BlockM, unit, it)) {
-        const int stage = begin_fill();  // the last fill: a record without work
+        const Sm90Fill fill = begin_fill();  // the last fill: a record without work
         if (tid == 0) {
-          records[stage].unit = -1;
-          records[stage].key_tile[0] = -1;
+          records[fill.key_slot].unit = -1;
+          records[fill.key_slot].key_tile[0] = -1;
         }
         ptx::cp_async_wait<0>();
         while (next_publish <= n) publish(next_publish++);
@@ -403,27 +442,28 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
         }
       }
 
-      // K and V of one 64-key tile into slot `slot` of a stage; keys past k_len, bad page ids and
+      // K and V of one 64-key tile into tile `slot` of a fill; keys past k_len, bad page ids and
       // empty slots (key_tile < 0) read as zeros. True when it issued cp.async copies.
-      auto load_kv = [&](int key_tile, int stage, int slot) -> bool {
+      auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot) -> bool {
         const int pos0 = key_tile * 64;
-        unsigned char* dst_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
-        unsigned char* dst_v = smem + Smem::kVOffset + stage * Smem::kStageBytes;
+        unsigned char* dst_k = smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
+        unsigned char* dst_v = smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
+        uint64_t* const landed = &full[fill.key_slot];
         if (!kv.paged()) {
           // Whole tiles of the sequence come through the TMA (one thread issues them; the copies
-          // complete on the stage's full barrier). Rows past the sequence's end would read the next
+          // complete on the fill's full barrier). Rows past the sequence's end would read the next
           // sequence's keys, which may hold anything: the last partial tile takes the zero-filling
           // copies below.
           if (maps.kv_enabled && key_tile >= 0 && pos0 + 64 <= k_len) {
             if (tid == 0) {
               constexpr uint32_t kBoxBytes = 64 * 128;
-              ptx::mbarrier_expect_tx(&full[stage], 2 * (kHeadDim / 64) * kBoxBytes);
+              ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
               const int token = kv.cu_seqlens_k[seq] + pos0;
 #pragma unroll
               for (int block = 0; block < kHeadDim / 64; ++block) {
                 const int dst = block * Smem::kStageColumnBlockBytes + slot * 64 * 128;
-                ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, &full[stage]);
-                ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, &full[stage]);
+                ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
+                ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
               }
             }
             return false;
@@ -510,17 +550,18 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       bool copies = !maps.query_enabled;  // the first fill carries the unit's Q
       bool query_pending = maps.query_enabled;
       for (;; ++n) {
-        const int stage = begin_fill();
+        const Sm90Fill fill = begin_fill();
+        const int key_slot = fill.key_slot;  // the fill's full barrier and record
         if (query_pending) {
           query_pending = false;
           if (tid == 0) {
-            ptx::mbarrier_expect_tx(&full[stage], kPrefillSm90BlockM * kHeadDim * sizeof(Element));
+            ptx::mbarrier_expect_tx(&full[key_slot], kPrefillSm90BlockM * kHeadDim * sizeof(Element));
 #pragma unroll
             for (int g = 0; g < kSm90ConsumerGroups; ++g)
 #pragma unroll
               for (int block = 0; block < kHeadDim / 64; ++block)
                 ptx::tma_load_3d(s_q_buf + g * Smem::kQTileBytes + block * 64 * 128, &maps.query, block * 64, head,
-                                 it.q_begin + tile_pos + 64 * g - it.first_pos, &full[stage]);
+                                 it.q_begin + tile_pos + 64 * g - it.first_pos, &full[key_slot]);
           }
         }
         int first_tile = -1;
@@ -530,18 +571,18 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
           uint8_t flags[kSm90ConsumerGroups] = {};
           if (more) more = next_tile(key_tile, flags);
           if (slot == 0) first_tile = key_tile;
-          if (key_tile >= 0 || (slot > 0 && first_tile >= 0)) copies |= load_kv(key_tile, stage, slot);  // empty: zeros
+          if (key_tile >= 0 || (slot > 0 && first_tile >= 0)) copies |= load_kv(key_tile, fill, slot);  // empty: zeros
           if (tid == 0) {
-            records[stage].key_tile[slot] = key_tile;
+            records[key_slot].key_tile[slot] = key_tile;
 #pragma unroll
-            for (int g = 0; g < kSm90ConsumerGroups; ++g) records[stage].flags[g][slot] = flags[g];
+            for (int g = 0; g < kSm90ConsumerGroups; ++g) records[key_slot].flags[g][slot] = flags[g];
           }
         }
-        if (tid == 0) records[stage].unit = unit;
+        if (tid == 0) records[key_slot].unit = unit;
         ptx::cp_async_commit();
         if (!copies) {
-          ptx::mbarrier_arrive(&full[stage]);
-          early |= 1u << (n % kStages);
+          ptx::mbarrier_arrive(&full[key_slot]);
+          early |= 1u << (n % kKeySlots);
         }
         copies = false;
         if (first_tile < 0) {
@@ -557,7 +598,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     using MmaO = ptx::Wgmma<Element, kHeadDim>;
     constexpr int kSRegs = Tiling::kBlockN / 2;  // S accumulators per thread: 64 rows x kBlockN keys / 128
     constexpr int kORegs = kHeadDim / 2;
-    // Values the compiler can prove warp-uniform (a lane-0 broadcast) keep the stage index and the
+    // Values the compiler can prove warp-uniform (a lane-0 broadcast) keep the slot indices and the
     // wgmma descriptors in uniform registers: otherwise every wgmma is preceded by register-to-
     // uniform moves and address arithmetic (SASS: ~70 instructions per tile).
     auto uniform = [](int x) { return __shfl_sync(0xffffffffu, x, 0); };
@@ -570,32 +611,38 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     auto k_step = [](int ks) { return static_cast<uint32_t>((ks & 3) * 32 + (ks >> 2) * Smem::kStageColumnBlockBytes); };
 
     struct StageInfo {
-      int stage;
+      Sm90Fill fill;
       int unit;
       int tile[kSlots];
       uint8_t flags[kSlots];
       bool end;
     };
-    auto wait_fill = [&](int fill) {
-      const int stage = fill % kStages;
-      ptx::mbarrier_wait(&full[stage], (fill / kStages) & 1);
-      return stage;
+    auto wait_fill = [&](int n) {
+      const Sm90Fill fill{n % kKeySlots, n % kValueSlots};
+      ptx::mbarrier_wait(&full[fill.key_slot], (n / kKeySlots) & 1);
+      return fill;
     };
-    auto read_record = [&](int stage) {
+    auto read_record = [&](const Sm90Fill& fill) {
       StageInfo info;
-      info.stage = stage;
-      info.unit = uniform(records[info.stage].unit);
+      info.fill = fill;
+      const StageRecord& record = records[fill.key_slot];
+      info.unit = uniform(record.unit);
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) {
-        info.tile[slot] = uniform(records[info.stage].key_tile[slot]);
-        info.flags[slot] = static_cast<uint8_t>(uniform(records[info.stage].flags[group][slot]));
+        info.tile[slot] = uniform(record.key_tile[slot]);
+        info.flags[slot] = static_cast<uint8_t>(uniform(record.flags[group][slot]));
       }
       info.end = info.tile[0] < 0;
       return info;
     };
-    // Every thread arrives after its own reads of the stage (its record included): one arrival per
-    // warp after __syncwarp is also correct, but compute-sanitizer's racecheck cannot see it.
-    auto release = [&](int stage) { ptx::mbarrier_arrive(&empty[stage]); };
+    // Every thread arrives after its own reads of the slot (a key slot's record included): one
+    // arrival per warp after __syncwarp is also correct, but compute-sanitizer's racecheck cannot
+    // see it. With split rings a key slot is freed once S is done; a value slot (with shared stages,
+    // the whole stage) after P.V.
+    auto release_key = [&](const Sm90Fill& fill) {
+      if constexpr (Tiling::kSplitRings) ptx::mbarrier_arrive(&key_empty[fill.key_slot]);
+    };
+    auto release_value = [&](const Sm90Fill& fill) { ptx::mbarrier_arrive(&value_empty[fill.value_slot]); };
 
     int n = 0;
     for (int k = 0;; ++k) {
@@ -616,16 +663,16 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       float row_sum[2] = {0.f, 0.f};
       uint32_t p_frag[Tiling::kBlockN / 16][4];
 
-      auto issue_s = [&](float (&s)[kSRegs], int stage) {
-        const unsigned char* s_k = smem + Smem::kKOffset + stage * Smem::kStageBytes;
+      auto issue_s = [&](float (&s)[kSRegs], const Sm90Fill& fill) {
+        const unsigned char* s_k = smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
         const ptx::SmemDescriptor desc_k = ptx::smem_descriptor_sw128(s_k, 16);
         ptx::wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q.at(q_step(ks)), desc_k.at(k_step(ks)), ks > 0);
         ptx::wgmma_commit();
       };
-      auto issue_pv = [&](int stage) {
-        const unsigned char* s_v = smem + Smem::kVOffset + stage * Smem::kStageBytes;
+      auto issue_pv = [&](const Sm90Fill& fill) {
+        const unsigned char* s_v = smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
         const ptx::SmemDescriptor desc_v = ptx::smem_descriptor_sw128(s_v, Smem::kStageColumnBlockBytes);
         ptx::fence_registers(acc_o);
         ptx::wgmma_fence();
@@ -719,7 +766,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       };
 
       // Software pipeline (FA3's intra-warpgroup overlap): issue S_n = Q K_n, issue O += P_{n-1}
-      // V_{n-1}, wait for S_n, softmax, wait for P.V, release stage n - 1, rescale O. ptxas moves
+      // V_{n-1}, wait for S_n, free K_n, softmax, wait for P.V, free V_{n-1}, rescale O. ptxas moves
       // the P.V wait up to the top of the softmax's basic block (SASS: before the row maxima's
       // shuffles), so P.V overlaps the masking only; a barrier wait between the exponentials and
       // the P.V wait keeps the source order, and measured 2 % slower.
@@ -729,38 +776,42 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       if (!info.end) {
         {
           float s[kSRegs], row_alpha[2];
-          issue_s(s, info.stage);
+          issue_s(s, info.fill);
           ptx::wgmma_wait<0>();
           ptx::fence_registers(s);
+          release_key(info.fill);
           softmax(s, info, row_alpha);
           pack_p_and_rescale_o(s, row_alpha);
         }
-        int pending_stage = info.stage;
+        Sm90Fill pending = info.fill;
         while (true) {
-          // Both products are issued before the stage's record is read (its load and broadcast
-          // would delay them): an end record's stage holds stale keys, whose scores are dropped.
-          const int stage = wait_fill(++n);
+          // Both products are issued before the fill's record is read (its load and broadcast
+          // would delay them): an end record's key slot holds stale keys, whose scores are dropped.
+          const Sm90Fill fill = wait_fill(++n);
           float s[kSRegs], row_alpha[2];
-          issue_s(s, stage);
-          issue_pv(pending_stage);
-          info = read_record(stage);
+          issue_s(s, fill);
+          issue_pv(pending);
+          info = read_record(fill);
           ptx::wgmma_wait<1>();  // S is done; P.V may still run
           ptx::fence_registers(s);
+          release_key(fill);
           if (info.end) {
             ptx::wgmma_wait<0>();
             ptx::fence_registers(acc_o);
-            release(pending_stage);
+            release_value(pending);
             break;
           }
           softmax(s, info, row_alpha);
           ptx::wgmma_wait<0>();
           ptx::fence_registers(acc_o);
-          release(pending_stage);
+          release_value(pending);
           pack_p_and_rescale_o(s, row_alpha);
-          pending_stage = stage;
+          pending = fill;
         }
+      } else {
+        release_key(info.fill);  // a unit without key tiles: its first fill is the end record
       }
-      release(info.stage);  // the end record's stage
+      release_value(info.fill);  // the end record's value slot (it carries no values)
       ++n;
 
       // Epilogue: normalise, write lse, stage O through this group's Q tile for 16-byte stores.
@@ -848,7 +899,7 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params) {
 }
 
 // Persistent grid of num_ctas CTAs (one per SM: the ring and the Q buffers take most of the shared
-// memory), at most one per work unit; K/V stages of kStageKeys keys (64 or 128, see Sm90Tiling).
+// memory), at most one per work unit; fills of kStageKeys keys (64 or 128, see Sm90Tiling).
 template <typename Element, int kHeadDim, int kStageKeys>
 void launch_prefill_sm90(const PrefillParams& params, int max_tiles, int num_ctas, cudaStream_t stream) {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper prefill kernel takes padded head dims 64 and 128");
