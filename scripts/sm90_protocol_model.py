@@ -6,8 +6,8 @@ yield while a barrier wait blocks; barriers are completion counters. cp.async co
 so only program order and the barriers can block. Each unit is a list of fills (its key tiles,
 then its end record), each marked by whether it carries cp.async copies (published L fills later)
 or not (published at issue). Configurations: key slots, value slots (equal and released together
-for the shared stages of main; separate rings for branch `sm90-split-kv-rings`), Q buffers, fills
-in flight L.
+for shared stages, main's 64-key shape; separate rings for its 128-key shape), Q buffers, fills in
+flight L.
 
     python3 scripts/sm90_protocol_model.py
 
@@ -121,9 +121,9 @@ def random_units(rng, n_units, p_zero, p_copies, q_cp_async):
 if __name__ == "__main__":
     configs = {
         "main 64-key (4 shared stages, 2 Q)": (4, 4, 2, 2, False),
-        "main 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False),
+        "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True),
+        "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False),
         "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True),
-        "split 128-key (2 + 3, 2 Q)": (2, 3, 2, 2, True),
         "split control (3 + 3, 1 Q)": (3, 3, 1, 2, True),
     }
     rng = random.Random(0)

@@ -185,7 +185,7 @@ def test_bad_kernel_name_is_an_error(monkeypatch, gen):
 @pytest.mark.parametrize("local_blocks, vert_stride", ((1, 1), (300, 8), (2, 3)), ids=("dense", "wide-band", "sparse"))
 def test_sm90_auto_stage_keys(monkeypatch, local_blocks, vert_stride, gen):
     """`auto` takes 128-key stages where every causal block is visible (a vertical column at every
-    block, or a band as long as the keys) and the sequences are long (8k keys or more), 64-key
+    block, or a band as long as the keys) and the sequences are not short (2k keys or more), 64-key
     stages otherwise: short and long sequences under each pattern, every choice right."""
     if not _is_hopper():
         pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")

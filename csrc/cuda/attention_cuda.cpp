@@ -85,21 +85,21 @@ PrefillKernel choose_prefill_kernel(const PrefillParams& params) {
   return PrefillKernel::kSm80;
 }
 
-// Keys per K/V stage of the Hopper kernel (see Sm90Tiling). 128-key stages need long units: they
-// win where every causal block is visible and the sequences are long, and lose on short units,
-// where their single Q buffer leaves each unit's start waiting for its Q. Dense causal on the H100,
-// ms per call with 64- / 128-key stages (32k tokens a batch, processes interleaved): 2k 1.15 / 1.25,
-// 4k 2.08 / 2.11, 8k 3.98 / 3.93, 16k 8.42 / 8.21, 32k 16.35 / 15.67; Phi-3-small at 8k: 1.45 /
-// 1.59. The sequence length is the mean of the batch (contiguous keys) or the block table's
-// capacity (paged cache): the host never reads the lengths. An explicit layout takes 64 (telling
-// would need its device data). BSA_SM90_STAGE_KEYS=64 or =128 forces one (tests, benchmarks).
+// Keys per fill of the Hopper kernel (see Sm90Tiling). 128-key fills win where every causal block
+// is visible (no half-empty fill of a lone vertical block) and the sequences are not short; 64-key
+// fills everywhere else. Dense causal on the H100, ms per call with 64- / 128-key fills (32k
+// tokens a batch, processes interleaved, 2026-11-26): 1k 0.677 / 0.680, 2k 1.130 / 1.116, 4k
+// 2.046 / 1.990, 8k 4.10 / 4.03, 16k 8.31 / 8.04; Phi-3-small at 8k: 1.46 / 1.50. The sequence
+// length is the mean of the batch (contiguous keys) or the block table's capacity (paged cache):
+// the host never reads the lengths. An explicit layout takes 64 (telling would need its device
+// data). BSA_SM90_STAGE_KEYS=64 or =128 forces one (tests, benchmarks).
 int choose_sm90_stage_keys(const PrefillParams& params) {
   if (const char* forced = std::getenv("BSA_SM90_STAGE_KEYS")) {
     const std::string choice = forced;
     if (choice == "64" || choice == "128") return std::stoi(choice);
     BSA_CHECK(choice == "auto", "BSA_SM90_STAGE_KEYS must be auto, 64 or 128, got '", choice, "'");
   }
-  constexpr int64_t kLongSequence = 2048;
+  constexpr int64_t kLongSequence = 2048;  // below it the two shapes measure the same
   const SparsePattern& p = params.pattern;
   if (p.has_layout()) return 64;
   const KeyValueSource& kv = params.kv;

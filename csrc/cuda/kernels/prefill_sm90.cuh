@@ -35,7 +35,10 @@
 // variants are compared interleaved (scripts/device_ab.sh): measured one after the other, the first
 // had a ~2 % advantage from the clock drift. Also not kept (interleaved): the next unit's first S
 // issued before the epilogue (1.475 ms), one-round-trip unit starts (1.454 ms), every 2nd or 4th
-// exponential as a polynomial on the FMA pipe (1.59 / 1.55 ms).
+// exponential as a polynomial on the FMA pipe (1.59 / 1.55 ms), skipping the row maxima's shuffles
+// on a warp vote (1.477 against 1.467 ms), one producer warp (same), K and V rings of their own for
+// 64-key fills (1.485 against 1.461 ms), the unit's last fill flagged instead of an end record
+// (1.511 against 1.461 ms, although it removes an S wgmma per unit).
 #pragma once
 
 #include <cuda_bf16.h>
