@@ -128,9 +128,10 @@ constexpr int kSm90ConsumerGroups = kPrefillSm90BlockM / 64;
 constexpr int kSm90Threads = 128 * (1 + kSm90ConsumerGroups);
 // Register split between the producer (addresses, the tile cursor) and the consumers (O, S and P):
 // the whole pool, 104 + 2 x 200 = 3 x 168 (the split rings' producer spilled at 96; 96 or 104 made
-// no measurable difference to the 64-key shape: 1.461 / 1.453 ms at 8k). setmaxnreg.inc blocks until the registers it asks for are free in the CTA's pool, which holds what
-// the launch allocated (65536 / threads per thread, in steps of 8): a split beyond it hangs.
-// Both sides fit without spills here (ptxas -v).
+// no measurable difference to the 64-key shape: 1.461 / 1.453 ms at 8k). setmaxnreg.inc blocks
+// until the registers it asks for are free in the CTA's pool, which holds what the launch allocated
+// (65536 / threads per thread, in steps of 8): a split beyond it hangs. Both sides fit without
+// spills here (ptxas -v).
 constexpr int kSm90ProducerRegisters = 104;
 constexpr int kSm90ConsumerRegisters = 200;
 static_assert(kSm90ProducerRegisters + kSm90ConsumerGroups * kSm90ConsumerRegisters <=
