@@ -89,6 +89,12 @@ namespace blocksparse_attn {
 #ifndef BSA_SM90_K128_Q_BUFFERS
 #define BSA_SM90_K128_Q_BUFFERS 2
 #endif
+// The key and value slots of one fill.
+struct Sm90Fill {
+  int key_slot;
+  int value_slot;
+};
+
 template <int kTilesPerStage_, int kKeySlots_, int kValueSlots_, int kQBuffers_, int kLoadsInFlight_>
 struct Sm90TilingShape {
   static constexpr int kTilesPerStage = kTilesPerStage_;
@@ -108,6 +114,8 @@ struct Sm90TilingShape {
   static_assert(kLoadsInFlight >= 1 && kLoadsInFlight + 1 <= kValueSlots && kLoadsInFlight <= kKeySlots,
                 "the producer must publish a fill before it waits for the consumers to free its slots");
   static_assert(kSplitRings || kKeySlots == kValueSlots, "shared stages need equal rings");
+  // The slots of fill n.
+  __device__ static Sm90Fill fill(int n) { return {n % kKeySlots, n % kValueSlots}; }
 };
 template <int kStageKeys>
 struct Sm90Tiling;
@@ -117,12 +125,6 @@ struct Sm90Tiling<64>
 template <>
 struct Sm90Tiling<128>
     : Sm90TilingShape<2, BSA_SM90_K128_KEY_SLOTS, BSA_SM90_K128_VALUE_SLOTS, BSA_SM90_K128_Q_BUFFERS, 2> {};
-
-// The key and value slots of one fill.
-struct Sm90Fill {
-  int key_slot;
-  int value_slot;
-};
 
 constexpr int kSm90ConsumerGroups = kPrefillSm90BlockM / 64;
 constexpr int kSm90Threads = 128 * (1 + kSm90ConsumerGroups);
@@ -380,7 +382,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
         ptx::cp_async_wait<Tiling::kLoadsInFlight - 1>();  // fills up to n - kLoadsInFlight have landed
         publish(next_publish++);
       }
-      const Sm90Fill fill{n % kKeySlots, n % kValueSlots};
+      const Sm90Fill fill = Tiling::fill(n);
       if constexpr (Tiling::kSplitRings) {
         if (n >= kKeySlots) ptx::mbarrier_wait(&key_empty[fill.key_slot], ((n / kKeySlots) + 1) & 1);
       }
@@ -622,7 +624,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       bool end;
     };
     auto wait_fill = [&](int n) {
-      const Sm90Fill fill{n % kKeySlots, n % kValueSlots};
+      const Sm90Fill fill = Tiling::fill(n);
       ptx::mbarrier_wait(&full[fill.key_slot], (n / kKeySlots) & 1);
       return fill;
     };
