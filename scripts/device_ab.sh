@@ -12,6 +12,8 @@
 # one per variant, default none) sets environment variables for that variant's tests and benchmark,
 # e.g. $'\nBSA_SM90_STAGE_KEYS=128' to time a run-time choice. BENCH_ARGS go to every benchmark run, e.g.
 # "--dense-pattern --methods ours,sdpa-cudnn" (a later --methods wins): baselines are reported per variant.
+# BENCH_SETS (lines of benchmark arguments, default BENCH_ARGS) runs every set in every round, e.g. the
+# sparse and the dense pattern from the same builds.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD
@@ -43,27 +45,33 @@ for i in "${!variants[@]}"; do
   fi
 done
 cd "$root"
+mapfile -t sets < <(printf '%s\n' "${BENCH_SETS:-${BENCH_ARGS:-}}")
 for r in $(seq 1 ${ROUNDS:-3}); do
-  for i in "${!variants[@]}"; do
-    cp "$ext/$i/"_C*.so blocksparse_attn/
-    mkdir -p "$OUT/r${r}_v$i"
-    env ${envs[$i]:-} timeout ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-8192} \
-      --methods ours --out-dir "$OUT/r${r}_v$i" ${BENCH_ARGS:-} > "$OUT/r${r}_v$i/bench.log" 2>&1 \
-      || { echo "round $r variant $i: benchmark failed"; tail -2 "$OUT/r${r}_v$i/bench.log"; }
+  for b in "${!sets[@]}"; do
+    for i in "${!variants[@]}"; do
+      cp "$ext/$i/"_C*.so blocksparse_attn/
+      run="$OUT/r${r}_s${b}_v$i"
+      mkdir -p "$run"
+      env ${envs[$i]:-} timeout ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-8192} \
+        --methods ours --out-dir "$run" ${sets[$b]} > "$run/bench.log" 2>&1 \
+        || { echo "round $r set $b variant $i: benchmark failed"; tail -2 "$run/bench.log"; }
+    done
   done
 done
-python3 - "$OUT" "${#variants[@]}" "${ROUNDS:-3}" <<'PY'
+python3 - "$OUT" "${#variants[@]}" "${ROUNDS:-3}" "${#sets[@]}" <<'PY'
 import csv, statistics, sys
-out, nv, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+out, nv, rounds, nsets = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 times = {}
 for r in range(1, rounds + 1):
-    for i in range(nv):
-        try:
-            for row in csv.DictReader(open(f"{out}/r{r}_v{i}/bench_prefill_cuda_bfloat16.csv")):
-                times.setdefault((i, row.get("method", "ours"), int(row["S"])), []).append(float(row["ms"]))
-        except FileNotFoundError:
-            pass
-for (i, method, s), ts in sorted(times.items()):
+    for b in range(nsets):
+        for i in range(nv):
+            try:
+                for row in csv.DictReader(open(f"{out}/r{r}_s{b}_v{i}/bench_prefill_cuda_bfloat16.csv")):
+                    times.setdefault((b, int(row["S"]), i, row.get("method", "ours")), []).append(float(row["ms"]))
+            except FileNotFoundError:
+                pass
+for (b, s, i, method), ts in sorted(times.items()):
     label = "" if method == "ours" else f" {method}"
-    print(f"variant {i}{label} S={s:>6}: median {statistics.median(ts):.3f} ms  [" + " ".join(f"{t:.3f}" for t in ts) + "]")
+    set_label = f"set {b} " if nsets > 1 else ""
+    print(f"{set_label}variant {i}{label} S={s:>6}: median {statistics.median(ts):.3f} ms  [" + " ".join(f"{t:.3f}" for t in ts) + "]")
 PY
