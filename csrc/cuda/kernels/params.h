@@ -60,9 +60,11 @@ struct PrefillParams {
   const int32_t* tile_seq;    // [max_tiles]
   const int32_t* tile_index;  // [max_tiles]: absolute query tile (positions tile * kBlockM ...)
   const int32_t* num_tiles;   // [1]
-  // Work units (tile * num_q_heads + head) claimed so far by the persistent Hopper kernel's CTAs;
-  // zeroed by the plan kernel.
+  // Work units claimed so far by the persistent Hopper kernel's CTAs; zeroed by the plan kernel.
   int32_t* work_counter;  // [1]
+  // How a sequence's units are numbered (load_prefill_item): 0: tile by tile, each tile's q heads
+  // side by side; 1: kv head by kv head (sequences whose K/V outgrow the L2; the host picks).
+  int kv_head_major;
 };
 
 // Query heads of one kv group computed together by a decode CTA: the rows of one m16n8k16 tile.

@@ -32,14 +32,11 @@ __device__ __forceinline__ bool block_visible(const SparsePattern& p, int h, int
 }
 
 // One (sequence, query tile, q head) work unit of the plan kernel's list, resolved. A sequence's
-// items own units [first item * Hq, (first item + tiles) * Hq); BSA_PREFILL_KV_HEAD_ORDER (default)
-// numbers them kv head by kv head, each head's tiles from the longest rows, the q heads of one kv
-// head side by side: the CTAs in flight then read one kv head's keys and values (a few MB), where
-// unit = item * Hq + head (0) has them read every kv head's vertical columns at once (at 32k, more
-// than the L2 holds).
-#ifndef BSA_PREFILL_KV_HEAD_ORDER
-#define BSA_PREFILL_KV_HEAD_ORDER 1
-#endif
+// items own units [first item * Hq, (first item + tiles) * Hq), numbered either tile by tile (unit =
+// item * Hq + head: the q heads of one tile side by side) or, with params.kv_head_major, kv head by
+// kv head (each kv head's tiles from the longest rows, its q heads side by side). The vertical
+// columns of all heads together touch every key block, so tile by tile the CTAs in flight read the
+// whole sequence's K/V: at 32k (134 MB) more than the L2 holds, where one kv head's is 17 MB.
 struct PrefillItem {
   int seq, head, kv_head;
   int q_begin;      // the sequence's first row in the packed q / out
@@ -61,24 +58,24 @@ __device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, i
   const int q_len = params.cu_seqlens_q[it.seq + 1] - it.q_begin;
   it.k_len = kv.paged() ? kv.seq_lens[it.seq] : kv.cu_seqlens_k[it.seq + 1] - kv.cu_seqlens_k[it.seq];
   it.first_pos = it.k_len - q_len;
-#if BSA_PREFILL_KV_HEAD_ORDER
-  // The plan lists a sequence's tiles from the last one (last_tile) down to first_tile.
-  const int anchor_tile = params.tile_index[anchor];
-  const int last_tile = (it.k_len - 1) / block_m;
-  const int tiles = last_tile - it.first_pos / block_m + 1;
-  const int first_item = anchor - (last_tile - anchor_tile);
-  const int heads_per_kv = params.pattern.q_heads_per_kv;
-  const int local = unit - first_item * num_q_heads;  // [0, tiles * Hq)
-  const int kv_head_units = tiles * heads_per_kv;
-  it.kv_head = local / kv_head_units;
-  const int rest = local - it.kv_head * kv_head_units;
-  it.head = it.kv_head * heads_per_kv + rest % heads_per_kv;
-  it.tile_pos = (last_tile - rest / heads_per_kv) * block_m;
-#else
-  it.head = unit % num_q_heads;
-  it.kv_head = it.head / params.pattern.q_heads_per_kv;
-  it.tile_pos = params.tile_index[anchor] * block_m;
-#endif
+  if (params.kv_head_major) {
+    // The plan lists a sequence's tiles from the last one (last_tile) down to the first.
+    const int anchor_tile = params.tile_index[anchor];
+    const int last_tile = (it.k_len - 1) / block_m;
+    const int tiles = last_tile - it.first_pos / block_m + 1;
+    const int first_item = anchor - (last_tile - anchor_tile);
+    const int heads_per_kv = params.pattern.q_heads_per_kv;
+    const int local = unit - first_item * num_q_heads;  // [0, tiles * Hq)
+    const int kv_head_units = tiles * heads_per_kv;
+    it.kv_head = local / kv_head_units;
+    const int rest = local - it.kv_head * kv_head_units;
+    it.head = it.kv_head * heads_per_kv + rest % heads_per_kv;
+    it.tile_pos = (last_tile - rest / heads_per_kv) * block_m;
+  } else {
+    it.head = unit % num_q_heads;
+    it.kv_head = it.head / params.pattern.q_heads_per_kv;
+    it.tile_pos = params.tile_index[anchor] * block_m;
+  }
   it.valid_begin = max(it.tile_pos, it.first_pos);
   it.valid_end = min(it.tile_pos + block_m, it.k_len);
   return true;
