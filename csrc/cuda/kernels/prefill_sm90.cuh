@@ -29,7 +29,7 @@
 // row maxima and sums as trees. 128-key stages: slower on sparse rows (2.04-3.4 ms early on; 1.59 ms
 // against 1.45 since the trees), faster on long dense ones (Sm90Tiling). Tried and not kept: 3 or 5
 // stages, FA3's ping-pong between the consumer groups, Q in registers for S, the P.V wait kept
-// after the exponentials (ptxas hoists it; keeping it there cost 2 %), skipping the tiles a group
+// after the exponentials (see the consumer loop), skipping the tiles a group
 // does not see at a unit's edges (the groups fall out of lockstep: 2 % slower), O stored through
 // the TMA (no change). The card runs this kernel at its power cap. Since the reduction trees,
 // variants are compared interleaved (scripts/device_ab.sh): measured one after the other, the first
@@ -38,7 +38,9 @@
 // exponential as a polynomial on the FMA pipe (1.59 / 1.55 ms), skipping the row maxima's shuffles
 // on a warp vote (1.477 against 1.467 ms), one producer warp (same), K and V rings of their own for
 // 64-key fills (1.485 against 1.461 ms), the unit's last fill flagged instead of an end record
-// (1.511 against 1.461 ms, although it removes an S wgmma per unit).
+// (1.511 against 1.461 ms, although it removes an S wgmma per unit), V completing on a barrier of
+// its own (1.469 against 1.459 ms), thread 0 prefetching the next tiles into L2 (1.93 ms). The two
+// sides apart (measurement builds): the fills alone 0.99 ms, the consumers alone 1.33 ms.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -774,8 +776,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       // Software pipeline (FA3's intra-warpgroup overlap): issue S_n = Q K_n, issue O += P_{n-1}
       // V_{n-1}, wait for S_n, free K_n, softmax, wait for P.V, free V_{n-1}, rescale O. ptxas moves
       // the P.V wait up to the top of the softmax's basic block (SASS: before the row maxima's
-      // shuffles), so P.V overlaps the masking only; a barrier wait between the exponentials and
-      // the P.V wait keeps the source order, and measured 2 % slower.
+      // shuffles), so P.V overlaps the masking only. Pinned after the exponentials (a barrier wait
+      // there, or a shared store of the row sums, which ptxas keeps ahead of the wgmma wait) it
+      // measured slower: 2 % at 8k x 4, 5-8 % on dense layouts.
       // Every tile of the list goes through both groups (one a group does not see is fully masked):
       // skipping it would put the wgmma issue in data-dependent branches, where ptxas serialises
       // them.
