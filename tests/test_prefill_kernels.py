@@ -219,3 +219,12 @@ def test_bad_stage_keys_is_an_error(monkeypatch, gen):
     pattern = make_pattern("qslide", 64, LOCAL, VERT, 4, 2)
     with pytest.raises(RuntimeError, match="BSA_SM90_STAGE_KEYS"):
         run_varlen("cuda", torch.float16, 4, 2, 64, [(100, 100)], pattern, gen)
+
+
+def test_bad_unit_order_is_an_error(monkeypatch, gen):
+    if not torch.cuda.is_available():
+        pytest.skip("the unit order is a CUDA prefill setting")
+    monkeypatch.setenv("BSA_PREFILL_UNIT_ORDER", "head")
+    pattern = make_pattern("qslide", 64, LOCAL, VERT, 4, 2)
+    with pytest.raises(RuntimeError, match="BSA_PREFILL_UNIT_ORDER"):
+        run_varlen("cuda", torch.float16, 4, 2, 64, [(100, 100)], pattern, gen)
