@@ -186,12 +186,13 @@ def test_forced_sm90_outside_its_domain_is_an_error(monkeypatch, gen):
         run_varlen("cuda", torch.float16, 4, 2, 64, [(100, 100)], pattern, gen)
 
 
-def test_bad_kernel_name_is_an_error(monkeypatch, gen):
+@pytest.mark.parametrize("knob, value", (("BSA_PREFILL_KERNEL", "fastest"), ("BSA_PREFILL_UNIT_ORDER", "head")))
+def test_bad_knob_value_is_an_error(monkeypatch, knob, value, gen):
     if not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
-    monkeypatch.setenv("BSA_PREFILL_KERNEL", "fastest")
+    monkeypatch.setenv(knob, value)
     pattern = make_pattern("qslide", 64, LOCAL, VERT, 4, 2)
-    with pytest.raises(RuntimeError, match="BSA_PREFILL_KERNEL"):
+    with pytest.raises(RuntimeError, match=knob):
         run_varlen("cuda", torch.float16, 4, 2, 64, [(100, 100)], pattern, gen)
 
 
@@ -218,13 +219,4 @@ def test_bad_stage_keys_is_an_error(monkeypatch, gen):
     monkeypatch.setenv("BSA_SM90_STAGE_KEYS", "96")
     pattern = make_pattern("qslide", 64, LOCAL, VERT, 4, 2)
     with pytest.raises(RuntimeError, match="BSA_SM90_STAGE_KEYS"):
-        run_varlen("cuda", torch.float16, 4, 2, 64, [(100, 100)], pattern, gen)
-
-
-def test_bad_unit_order_is_an_error(monkeypatch, gen):
-    if not torch.cuda.is_available():
-        pytest.skip("the unit order is a CUDA prefill setting")
-    monkeypatch.setenv("BSA_PREFILL_UNIT_ORDER", "head")
-    pattern = make_pattern("qslide", 64, LOCAL, VERT, 4, 2)
-    with pytest.raises(RuntimeError, match="BSA_PREFILL_UNIT_ORDER"):
         run_varlen("cuda", torch.float16, 4, 2, 64, [(100, 100)], pattern, gen)
