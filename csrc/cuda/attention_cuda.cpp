@@ -85,14 +85,20 @@ PrefillKernel choose_prefill_kernel(const PrefillParams& params) {
   return PrefillKernel::kSm80;
 }
 
+// Keys of a typical sequence, from host-known sizes only (the host never reads the lengths): the
+// mean of the batch for contiguous keys, the block table's capacity for the paged cache.
+int64_t typical_sequence_keys(const PrefillParams& params) {
+  const KeyValueSource& kv = params.kv;
+  return kv.paged() ? kv.block_table_stride * kv.kv_block_size : kv.num_rows / std::max(params.num_seqs, 1);
+}
+
 // Keys per fill of the Hopper kernel (see Sm90Tiling). 128-key fills win where every causal block
 // is visible (no half-empty fill of a lone vertical block) and the sequences are not short; 64-key
 // fills everywhere else. Dense causal on the H100, ms per call with 64- / 128-key fills (32k
 // tokens a batch, processes interleaved, 2026-11-26): 1k 0.677 / 0.680, 2k 1.130 / 1.116, 4k
-// 2.046 / 1.990, 8k 4.10 / 4.03, 16k 8.31 / 8.04; Phi-3-small at 8k: 1.46 / 1.50. The sequence
-// length is the mean of the batch (contiguous keys) or the block table's capacity (paged cache):
-// the host never reads the lengths. An explicit layout takes 64 (telling would need its device
-// data). BSA_SM90_STAGE_KEYS=64 or =128 forces one (tests, benchmarks).
+// 2.046 / 1.990, 8k 4.10 / 4.03, 16k 8.31 / 8.04; Phi-3-small at 8k: 1.46 / 1.50. An explicit
+// layout takes 64 (telling would need its device data). BSA_SM90_STAGE_KEYS=64 or =128 forces one
+// (tests, benchmarks).
 int choose_sm90_stage_keys(const PrefillParams& params) {
   if (const char* forced = std::getenv("BSA_SM90_STAGE_KEYS")) {
     const std::string choice = forced;
@@ -104,27 +110,24 @@ int choose_sm90_stage_keys(const PrefillParams& params) {
   if (p.has_layout()) return 64;
   const KeyValueSource& kv = params.kv;
   const int64_t longest_keys = kv.paged() ? kv.block_table_stride * kv.kv_block_size : kv.num_rows;
-  const int64_t typical_keys = kv.paged() ? longest_keys : kv.num_rows / std::max(params.num_seqs, 1);
   const bool all_visible = p.vert_stride == 1 || static_cast<int64_t>(p.local_blocks) * p.block_size >= longest_keys;
-  return all_visible && typical_keys >= kLongSequence ? 128 : 64;
+  return all_visible && typical_sequence_keys(params) >= kLongSequence ? 128 : 64;
 }
 
 // Numbers a sequence's work units kv head by kv head (PrefillParams::kv_head_major) when one
 // sequence's keys and values outgrow the L2: tile by tile, the CTAs in flight read all of them.
 // Phi-3-small on the H100 (50 MB L2; a 32k sequence's K/V is 134 MB), tile by tile against kv head
 // by kv head, processes interleaved (2026-11-26): 32k x 1 3.12 -> 2.84 ms; 8k x 4 (34 MB) 1.449 ->
-// 1.449; dense 2k and 8k were 2-4 % slower kv head by kv head. Mean sequence as in
-// choose_sm90_stage_keys. BSA_PREFILL_UNIT_ORDER=tile or =kv_head forces one (tests, benchmarks).
+// 1.449; dense 2k and 8k were 2-4 % slower kv head by kv head. BSA_PREFILL_UNIT_ORDER=tile or
+// =kv_head forces one (tests, benchmarks).
 bool choose_kv_head_major(const PrefillParams& params, int64_t element_size) {
   if (const char* forced = std::getenv("BSA_PREFILL_UNIT_ORDER")) {
     const std::string choice = forced;
     if (choice == "tile" || choice == "kv_head") return choice == "kv_head";
     BSA_CHECK(choice == "auto", "BSA_PREFILL_UNIT_ORDER must be auto, tile or kv_head, got '", choice, "'");
   }
-  const KeyValueSource& kv = params.kv;
-  const int64_t typical_keys =
-      kv.paged() ? kv.block_table_stride * kv.kv_block_size : kv.num_rows / std::max(params.num_seqs, 1);
-  const int64_t sequence_kv_bytes = 2 * typical_keys * params.num_kv_heads * params.head_size * element_size;
+  const int64_t sequence_kv_bytes =
+      2 * typical_sequence_keys(params) * params.num_kv_heads * params.head_size * element_size;
   return sequence_kv_bytes > at::cuda::getCurrentDeviceProperties()->l2CacheSize;
 }
 
