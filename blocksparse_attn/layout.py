@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+from .supported import SPARSE_BLOCK_SIZES as SUPPORTED_BLOCK_SIZES
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,10 @@ class SparsePattern:
         return BlockLayout.from_block_mask(self.block_mask(num_heads, num_q_blocks, num_kv_heads), self.block_size)
 
     def op_args(self) -> tuple:
-        """The sparsity arguments of the attention ops (csrc/ops.cpp), in schema order."""
-        return (self.block_size, self.local_blocks, self.vert_stride, self.head_sliding_step,
-                self.slide_by_kv_head, self.head_offset, None, None)
+        """The attention ops' sparsity arguments (csrc/ops.cpp): the `pattern` ints in the order of
+        csrc/common/pattern.h's PatternArgs, then the explicit layout's tensors (none here)."""
+        return ([self.block_size, self.local_blocks, self.vert_stride, self.head_sliding_step,
+                 int(self.slide_by_kv_head), self.head_offset], None, None)
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,9 @@ class BlockLayout:
         return mask[:, :, :n]
 
     def op_args(self) -> tuple:
-        return (self.block_size, 0, 0, 0, False, 0, self.crow, self.col)
+        """The attention ops' sparsity arguments: L = V = 0 in the `pattern` ints (the layout alone
+        decides visibility), then the CSR tensors."""
+        return ([self.block_size, 0, 0, 0, 0, 0], self.crow, self.col)
 
 
 Pattern = SparsePattern | BlockLayout

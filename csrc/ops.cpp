@@ -4,22 +4,26 @@
 // Conventions (shapes are in the comments of each op):
 //   T   packed query tokens            Tk  packed key tokens           S   sequences in the batch
 //   Hq  query heads                    Hkv key/value heads (Hq % Hkv == 0; q head h reads h / (Hq/Hkv))
-//   D   head size (64, 80, 96, 112, 128, 256)
+//   D   head size (blocksparse_attn/supported.py: 64, 80, 96, 112, 128, 256)
 //   NB  KV-cache blocks                kvbs tokens per cache block
 // Outputs are passed in (`Tensor(a!) out`) so that the hot path allocates nothing and calls can be
 // captured in CUDA graphs. Query positions are absolute: the new tokens of a sequence are its last
 // ones, so sequence r's query row x sits at position seq_len_k[r] - seq_len_q[r] + x.
 //
-// The sparsity arguments, shared by every attention op (spec §2):
-//   sparse_block_size  B, tokens per sparse block (16, 32, 64, 128)
-//   local_blocks       L >= 1, local band width in blocks, the diagonal block included
-//   vert_stride        V >= 1, one vertical key-block column every V blocks (V = 1: dense causal)
-//   head_sliding_step  s >= 0, shift of the vertical columns from one head to the next
-//   slide_by_kv_head   homo_head_group: the columns shift per kv head, so a q-head group shares them
-//   head_offset        global index of this rank's q head 0 (tp_rank * Hq)
+// The sparsity of every attention op (spec §2), one bundle:
+//   pattern            int[6]: sparse_block_size B (16, 32, 64, 128), local_blocks L >= 1 (the band,
+//                      the diagonal block included), vert_stride V >= 1 (V = 1: dense causal),
+//                      head_sliding_step s >= 0, slide_by_kv_head (0/1, homo_head_group), head_offset
+//                      (global index of this rank's q head 0); written by SparsePattern.op_args and
+//                      BlockLayout.op_args (blocksparse_attn/layout.py), read by common/pattern.h
 //   layout_crow        optional [Hq, num_q_blocks + 1] int32 row pointers of an explicit block layout
 //   layout_col         optional [Hq, max_nnz] int32 ascending key blocks of each row
-// With an explicit layout, pass local_blocks = vert_stride = 0: the layout alone decides visibility.
+// With an explicit layout the pattern's L and V are 0: the layout alone decides visibility.
+//
+// Quantized caches: key_cache / value_cache may hold fp8 (Float8_e4m3fn or Float8_e5m2) instead of
+// q's dtype; k_scale / v_scale are then their per-tensor scales, optional float32 [1] tensors on the
+// cache's device (stored = fp8(x / scale), read = float(fp8) * scale; absent = 1). A cache in q's
+// dtype ignores them.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -37,9 +41,8 @@ TORCH_LIBRARY(blocksparse_attn, m) {
   //   lse [Hq, T] float32 (natural-log log-sum-exp of each query row), written when given.
   m.def(
       "varlen_prefill(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
-      "Tensor cu_seqlens_k, float scale, int sparse_block_size, int local_blocks, int vert_stride, "
-      "int head_sliding_step, bool slide_by_kv_head, int head_offset, Tensor? layout_crow, "
-      "Tensor? layout_col, Tensor(b!)? lse) -> ()");
+      "Tensor cu_seqlens_k, float scale, int[] pattern, Tensor? layout_crow, Tensor? layout_col, "
+      "Tensor(b!)? lse) -> ()");
 
   // Prefill (chunked, or with a reused prefix) whose keys and values are all read from the paged
   // cache; the new tokens' k/v must have been written there first (write_kv_cache).
@@ -47,9 +50,9 @@ TORCH_LIBRARY(blocksparse_attn, m) {
   //   cu_seqlens_q [S + 1] int32, seq_lens [S] int32 (context + new tokens), lse [Hq, T] float32.
   m.def(
       "paged_prefill(Tensor(a!) out, Tensor q, Tensor key_cache, Tensor value_cache, "
-      "Tensor block_tables, Tensor cu_seqlens_q, Tensor seq_lens, float scale, int sparse_block_size, "
-      "int local_blocks, int vert_stride, int head_sliding_step, bool slide_by_kv_head, "
-      "int head_offset, Tensor? layout_crow, Tensor? layout_col, Tensor(b!)? lse) -> ()");
+      "Tensor block_tables, Tensor cu_seqlens_q, Tensor seq_lens, float scale, int[] pattern, "
+      "Tensor? layout_crow, Tensor? layout_col, Tensor(b!)? lse, Tensor? k_scale=None, "
+      "Tensor? v_scale=None) -> ()");
 
   // One new token per sequence at position seq_lens[r] - 1, against the paged cache. A sequence
   // with seq_len 0 is padding: its output rows are zero (and its lse -inf).
@@ -57,18 +60,18 @@ TORCH_LIBRARY(blocksparse_attn, m) {
   //   seq_lens [S] int32, lse [Hq, S] float32.
   m.def(
       "paged_decode(Tensor(a!) out, Tensor q, Tensor key_cache, Tensor value_cache, "
-      "Tensor block_tables, Tensor seq_lens, float scale, int sparse_block_size, int local_blocks, "
-      "int vert_stride, int head_sliding_step, bool slide_by_kv_head, int head_offset, "
-      "Tensor? layout_crow, Tensor? layout_col, Tensor(b!)? lse) -> ()");
+      "Tensor block_tables, Tensor seq_lens, float scale, int[] pattern, Tensor? layout_crow, "
+      "Tensor? layout_col, Tensor(b!)? lse, Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
 
   // ---- KV cache ------------------------------------------------------------------------------
   // Writes token t's key/value to cache slot slot_mapping[t] = block * kvbs + offset; negative
   // slots are skipped, a slot >= NB * kvbs is an error raised before anything is written.
   //   key/value [T, Hkv, D] (any strides with a unit last stride, e.g. views of a fused QKV),
-  //   key_cache/value_cache [NB, Hkv, kvbs, D], slot_mapping [T] int64.
+  //   key_cache/value_cache [NB, Hkv, kvbs, D] (key's dtype, or fp8: quantized with k_scale / v_scale),
+  //   slot_mapping [T] int64.
   m.def(
       "write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
-      "Tensor slot_mapping) -> ()");
+      "Tensor slot_mapping, Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
 
   // In every cache of the list, copies block src to block dst in both halves (copy-on-write).
   //   kv_caches: each [2, NB, ...] on one device, block_mapping [N, 2] int64 (src, dst).
@@ -80,4 +83,13 @@ TORCH_LIBRARY(blocksparse_attn, m) {
   //   src_kv_cache [2, NB_src, ...], dst_kv_cache [2, NB_dst, ...] of the same dtype and block shape,
   //   block_mapping [N, 2] int64 on the CPU (src block, dst block).
   m.def("swap_blocks(Tensor src_kv_cache, Tensor(a!) dst_kv_cache, Tensor block_mapping) -> ()");
+
+  // ---- the pattern as the kernels walk it ----------------------------------------------------------
+  // Dense bool [Hq, num_q_blocks, num_q_blocks]: key block j is visible to query block i of head h,
+  // as common/pattern.h enumerates it (CPU only; tests hold it against layout.py and the reference).
+  // rows_per_walk: 1, 2 or 4 query blocks per VisibleBlocks walk (the kernels' tile spans), or 0 for
+  // the decode kernel's closed form over each kv group's heads.
+  m.def(
+      "pattern_block_mask(int[] pattern, Tensor? layout_crow, Tensor? layout_col, int num_q_heads, "
+      "int num_kv_heads, int num_q_blocks, int rows_per_walk) -> Tensor");
 }

@@ -436,9 +436,9 @@ def test_opcheck_varlen_prefill(device, gen):
     cu_q, cu_k = cu_seqlens([20, 10], device), cu_seqlens([20, 25], device)
     out, lse = torch.zeros_like(q), torch.zeros(4, 30, device=device)
     torch.library.opcheck(_ops.varlen_prefill.default,
-                          (out, q, k, v, cu_q, cu_k, 0.125, *pattern.op_args()[:6], None, None, lse))
+                          (out, q, k, v, cu_q, cu_k, 0.125, *pattern.op_args(), lse))
     torch.library.opcheck(_ops.varlen_prefill.default,
-                          (out, q, k, v, cu_q, cu_k, 0.125, *lay.op_args()[:6], lay.crow, lay.col, None))
+                          (out, q, k, v, cu_q, cu_k, 0.125, *lay.op_args(), None))
 
 
 def test_opcheck_paged_prefill(device, gen):
@@ -451,7 +451,7 @@ def test_opcheck_paged_prefill(device, gen):
     cu_q, seq_lens = cu_seqlens([20, 10], device), torch.tensor([20, 45], dtype=torch.int32, device=device)
     out, lse = torch.zeros_like(q), torch.zeros(4, 30, device=device)
     torch.library.opcheck(_ops.paged_prefill.default, (out, q, key_cache, value_cache, tables, cu_q, seq_lens, 0.125,
-                                                       *lay.op_args()[:6], lay.crow, lay.col, lse))
+                                                       *lay.op_args(), lse))
     torch.library.opcheck(_ops.paged_prefill.default, (out, q, key_cache, value_cache, tables, cu_q, seq_lens, 0.125,
                                                        *pattern.op_args(), None))
 
@@ -466,6 +466,6 @@ def test_opcheck_paged_decode(device, gen):
     seq_lens = torch.tensor([20, 45, 0], dtype=torch.int32, device=device)
     out, lse = torch.zeros_like(q), torch.zeros(4, 3, device=device)
     torch.library.opcheck(_ops.paged_decode.default, (out, q, key_cache, value_cache, tables, seq_lens, 0.125,
-                                                      *pattern.op_args()[:6], None, None, lse))
+                                                      *pattern.op_args(), lse))
     torch.library.opcheck(_ops.paged_decode.default, (out, q, key_cache, value_cache, tables, seq_lens, 0.125,
-                                                      *lay.op_args()[:6], lay.crow, lay.col, None))
+                                                      *lay.op_args(), None))

@@ -35,9 +35,12 @@ def _rand(shape, device, dtype=DTYPE):
 
 
 def _pattern_args(pattern=PATTERN):
-    names = ("sparse_block_size", "local_blocks", "vert_stride", "head_sliding_step", "slide_by_kv_head",
-             "head_offset", "layout_crow", "layout_col")
-    return dict(zip(names, pattern.op_args()))
+    return dict(zip(("pattern", "layout_crow", "layout_col"), pattern.op_args()))
+
+
+# The fields of the ops' `pattern` argument, in order (csrc/common/pattern.h, PatternArgs).
+PATTERN_FIELDS = ("sparse_block_size", "local_blocks", "vert_stride", "head_sliding_step", "slide_by_kv_head",
+                  "head_offset")
 
 
 def _caches(device):
@@ -123,6 +126,14 @@ def both(a: str, b: str) -> str:
 def setarg(name, make):
     def mutate(args, device, other):
         args[name] = make(args[name], device, other) if callable(make) else make
+    return mutate
+
+
+def setfield(field, value):
+    """One field of the `pattern` ints set to value."""
+    def mutate(args, device, other):
+        args["pattern"] = list(args["pattern"])
+        args["pattern"][PATTERN_FIELDS.index(field)] = value
     return mutate
 
 
@@ -222,14 +233,14 @@ for op in ("varlen_prefill", "paged_prefill", "paged_decode"):
         Case(op, "head-size-72", chain(*[reshape(n, lambda s: (*s[:-1], 72))
                                          for n in ("out", "q", "k", "v", "key_cache", "value_cache")
                                          if n in BASELINES[op]("cpu")]), r"\bq\b.*72"),
-        Case(op, "local-blocks-0", setarg("local_blocks", 0), r"local_blocks.*0"),
-        Case(op, "vert-stride-0", setarg("vert_stride", 0), r"vert_stride.*0"),
-        Case(op, "block-size-48", setarg("sparse_block_size", 48), r"sparse_block_size.*48"),
-        Case(op, "block-size-8", setarg("sparse_block_size", 8), r"sparse_block_size.*8"),
-        Case(op, "sliding-step-negative", setarg("head_sliding_step", -1), r"head_sliding_step"),
-        Case(op, "head-offset-negative", setarg("head_offset", -2), r"head_offset"),
+        Case(op, "local-blocks-0", setfield("local_blocks", 0), r"local_blocks.*0"),
+        Case(op, "vert-stride-0", setfield("vert_stride", 0), r"vert_stride.*0"),
+        Case(op, "block-size-48", setfield("sparse_block_size", 48), r"sparse_block_size.*48"),
+        Case(op, "block-size-8", setfield("sparse_block_size", 8), r"sparse_block_size.*8"),
+        Case(op, "sliding-step-negative", setfield("head_sliding_step", -1), r"head_sliding_step"),
+        Case(op, "head-offset-negative", setfield("head_offset", -2), r"head_offset"),
         Case(op, "layout-crow-only", setarg("layout_crow", lambda t, d, o: FULL_LAYOUT_4.crow.to(d)), r"layout_crow"),
-        Case(op, "layout-with-L", chain(with_layout(FULL_LAYOUT_4), setarg("local_blocks", 2)), r"local_blocks"),
+        Case(op, "layout-with-L", chain(with_layout(FULL_LAYOUT_4), setfield("local_blocks", 2)), r"local_blocks"),
         Case(op, "layout-crow-int64", chain(with_layout(FULL_LAYOUT_4), cast("layout_crow", torch.int64)),
              r"layout_crow.*dtype"),
         Case(op, "layout-heads", chain(with_layout(layout([[0], [0, 1], [1, 2], [2, 3]], heads=HQ + 1))),

@@ -192,8 +192,10 @@ def test_to_layout_is_the_pattern(block_size, by_kv):
     assert lay.block_size == block_size and lay.num_q_blocks == 10
     assert torch.equal(lay.block_mask(), p.block_mask(6, 10, 3))
     assert torch.equal(reference_mask(lay, 6, 3, 10), reference_mask(p, 6, 3, 10))
-    assert lay.op_args()[1:6] == (0, 0, 0, False, 0), "layouts pass L = V = 0 to the ops"
-    assert p.op_args() == (block_size, 3, 5, 1, by_kv, 6, None, None)
+    ints, crow, col = lay.op_args()
+    assert ints == [block_size, 0, 0, 0, 0, 0] and crow is lay.crow and col is lay.col, \
+        "layouts pass L = V = 0 to the ops, then their CSR tensors"
+    assert p.op_args() == ([block_size, 3, 5, 1, int(by_kv), 6], None, None)
 
 
 # ---- density ---------------------------------------------------------------------------------------

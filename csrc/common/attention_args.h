@@ -10,6 +10,7 @@
 #include <optional>
 
 #include "checks.h"
+#include "kv_cache_args.h"
 #include "pattern.h"
 
 namespace blocksparse_attn {
@@ -64,18 +65,21 @@ inline void check_lse(const std::optional<at::Tensor>& lse, const AttentionShape
   check_contiguous(*lse, "lse");
 }
 
-// key_cache/value_cache [NB, Hkv, kvbs, D]; returns kvbs.
+// key_cache/value_cache [NB, Hkv, kvbs, D] in q's dtype or an fp8 format (common/kv_cache_args.h);
+// returns kvbs.
 inline int64_t check_paged_cache(AttentionShape& shape, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                 const at::Tensor& q) {
+                                 const at::Tensor& q, const CacheScales& scales, bool check_values) {
   check_dim(key_cache, "key_cache", 4, "[num_blocks, num_kv_heads, kv_block_size, head_size]");
   BSA_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
               key_cache.sizes(), ", got ", value_cache.sizes());
+  check_cache_dtype(key_cache, "key_cache", q, "q");
+  check_same_dtype(value_cache, "value_cache", key_cache, "key_cache");
   for (auto* cache : {&key_cache, &value_cache}) {
     const char* name = cache == &key_cache ? "key_cache" : "value_cache";
-    check_same_dtype(*cache, name, q, "q");
     check_same_device(*cache, name, q, "q");
     check_contiguous(*cache, name);
   }
+  check_cache_scales(scales, key_cache, check_values);
   check_size(key_cache, "key_cache", 3, shape.head_size, "head_size of q");
   check_kv_heads(shape, key_cache.size(1), "key_cache");
   BSA_CHECK(key_cache.size(2) > 0, "key_cache must have a positive kv block size, got shape ", key_cache.sizes());
@@ -89,161 +93,6 @@ inline void check_block_tables(const at::Tensor& block_tables, int64_t num_seqs,
   BSA_CHECK(block_tables.stride(1) == 1, "block_tables rows must be contiguous, got strides ",
               block_tables.strides());
   check_size(block_tables, "block_tables", 0, num_seqs, "one row per sequence");
-}
-
-// The sparsity arguments (see csrc/ops.cpp). The layout pointers are left null: the backend fills
-// them in with pointers on its own device.
-inline SparsePattern check_pattern(const AttentionShape& shape, int64_t sparse_block_size, int64_t local_blocks,
-                                   int64_t vert_stride, int64_t head_sliding_step, bool slide_by_kv_head,
-                                   int64_t head_offset, const std::optional<at::Tensor>& layout_crow,
-                                   const std::optional<at::Tensor>& layout_col, const at::Tensor& q) {
-  BSA_CHECK(sparse_block_size == 16 || sparse_block_size == 32 || sparse_block_size == 64 ||
-                  sparse_block_size == 128,
-              "sparse_block_size must be 16, 32, 64 or 128, got ", sparse_block_size);
-  BSA_CHECK(layout_crow.has_value() == layout_col.has_value(),
-              "layout_crow and layout_col must be given together (an explicit block layout) or not at all");
-  BSA_CHECK(head_sliding_step >= 0, "head_sliding_step must be >= 0, got ", head_sliding_step);
-  BSA_CHECK(head_offset >= 0, "head_offset must be >= 0, got ", head_offset);
-  SparsePattern p{};
-  p.block_size = static_cast<int>(sparse_block_size);
-  p.head_sliding_step = static_cast<int>(head_sliding_step);
-  p.head_offset = static_cast<int>(head_offset);
-  p.q_heads_per_kv = static_cast<int>(shape.num_q_heads / shape.num_kv_heads);
-  p.slide_by_kv_head = slide_by_kv_head;
-  if (layout_crow) {
-    BSA_CHECK(local_blocks == 0 && vert_stride == 0,
-                "with an explicit block layout pass local_blocks = 0 and vert_stride = 0, got local_blocks = ",
-                local_blocks, ", vert_stride = ", vert_stride);
-    const at::Tensor& crow = *layout_crow;
-    const at::Tensor& col = *layout_col;
-    check_dim(crow, "layout_crow", 2, "[num_q_heads, num_q_blocks + 1]");
-    check_dim(col, "layout_col", 2, "[num_q_heads, max_nnz]");
-    for (auto* t : {&crow, &col}) {
-      const char* name = t == &crow ? "layout_crow" : "layout_col";
-      check_dtype(*t, name, {at::kInt});
-      check_same_device(*t, name, q, "q");
-      check_contiguous(*t, name);
-      check_size(*t, name, 0, shape.num_q_heads, "one row per query head");
-    }
-    BSA_CHECK(crow.size(1) >= 2, "layout_crow must describe at least one query block, got shape ", crow.sizes());
-    p.local_blocks = 0;
-    p.vert_stride = 0;
-    p.layout_rows = static_cast<int>(crow.size(1) - 1);
-    p.layout_col_stride = static_cast<int>(col.size(1));
-  } else {
-    BSA_CHECK(local_blocks >= 1, "local_blocks must be >= 1, got ", local_blocks);
-    BSA_CHECK(vert_stride >= 1, "vert_stride must be >= 1, got ", vert_stride);
-    p.local_blocks = static_cast<int>(local_blocks);
-    p.vert_stride = static_cast<int>(vert_stride);
-  }
-  return p;
-}
-
-inline void check_block_size_compatible(int64_t sparse_block_size, int64_t kv_block_size) {
-  BSA_CHECK(sparse_block_size % kv_block_size == 0 || kv_block_size % sparse_block_size == 0,
-              "sparse_block_size (", sparse_block_size, ") and the cache's kv block size (", kv_block_size,
-              ") must divide one another");
-}
-
-// ---- whole-op argument checks (no data reads) ---------------------------------------------------
-
-struct CheckedArgs {
-  AttentionShape shape;
-  SparsePattern pattern;      // layout pointers still null
-  int64_t kv_block_size = 0;  // paged ops
-};
-
-inline CheckedArgs check_varlen_prefill_args(
-    const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t sparse_block_size, int64_t local_blocks,
-    int64_t vert_stride, int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
-    const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
-    const std::optional<at::Tensor>& lse) {
-  CheckedArgs args;
-  AttentionShape& shape = args.shape;
-  shape = check_query_and_out(out, q);
-  check_dim(k, "k", 3, "[num_key_tokens, num_kv_heads, head_size]");
-  BSA_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
-  for (auto* t : {&k, &v}) {
-    const char* name = t == &k ? "k" : "v";
-    check_same_dtype(*t, name, q, "q");
-    check_same_device(*t, name, q, "q");
-    check_last_dim_contiguous(*t, name);
-  }
-  check_size(k, "k", 2, shape.head_size, "head_size of q");
-  check_kv_heads(shape, k.size(1), "k");
-  check_int_vector(cu_seqlens_q, "cu_seqlens_q", -1, q, "[num_seqs + 1]");
-  BSA_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
-  shape.num_seqs = cu_seqlens_q.numel() - 1;
-  check_int_vector(cu_seqlens_k, "cu_seqlens_k", shape.num_seqs + 1, q, "[num_seqs + 1], like cu_seqlens_q");
-  check_lse(lse, shape, q);
-  args.pattern = check_pattern(shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
-                               slide_by_kv_head, head_offset, layout_crow, layout_col, q);
-  return args;
-}
-
-// What the paged ops check alike once the batch size is known: block tables, lse, the pattern, and
-// the sparse block size against the cache's block size.
-inline void check_paged_rest(CheckedArgs& args, const at::Tensor& q, const at::Tensor& block_tables,
-                             const std::optional<at::Tensor>& lse, int64_t sparse_block_size, int64_t local_blocks,
-                             int64_t vert_stride, int64_t head_sliding_step, bool slide_by_kv_head,
-                             int64_t head_offset, const std::optional<at::Tensor>& layout_crow,
-                             const std::optional<at::Tensor>& layout_col) {
-  check_block_tables(block_tables, args.shape.num_seqs, q);
-  check_lse(lse, args.shape, q);
-  args.pattern = check_pattern(args.shape, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
-                               slide_by_kv_head, head_offset, layout_crow, layout_col, q);
-  check_block_size_compatible(sparse_block_size, args.kv_block_size);
-}
-
-inline CheckedArgs check_paged_prefill_args(
-    const at::Tensor& out, const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
-    const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
-    int64_t sparse_block_size, int64_t local_blocks, int64_t vert_stride, int64_t head_sliding_step,
-    bool slide_by_kv_head, int64_t head_offset, const std::optional<at::Tensor>& layout_crow,
-    const std::optional<at::Tensor>& layout_col, const std::optional<at::Tensor>& lse) {
-  CheckedArgs args;
-  AttentionShape& shape = args.shape;
-  shape = check_query_and_out(out, q);
-  args.kv_block_size = check_paged_cache(shape, key_cache, value_cache, q);
-  check_int_vector(cu_seqlens_q, "cu_seqlens_q", -1, q, "[num_seqs + 1]");
-  BSA_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
-  shape.num_seqs = cu_seqlens_q.numel() - 1;
-  check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs]");
-  check_paged_rest(args, q, block_tables, lse, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
-                   slide_by_kv_head, head_offset, layout_crow, layout_col);
-  return args;
-}
-
-inline CheckedArgs check_paged_decode_args(
-    const at::Tensor& out, const at::Tensor& q, const at::Tensor& key_cache, const at::Tensor& value_cache,
-    const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t sparse_block_size, int64_t local_blocks,
-    int64_t vert_stride, int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
-    const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
-    const std::optional<at::Tensor>& lse) {
-  CheckedArgs args;
-  AttentionShape& shape = args.shape;
-  shape = check_query_and_out(out, q);
-  args.kv_block_size = check_paged_cache(shape, key_cache, value_cache, q);
-  shape.num_seqs = shape.num_q_tokens;
-  check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs], one per query row");
-  check_paged_rest(args, q, block_tables, lse, sparse_block_size, local_blocks, vert_stride, head_sliding_step,
-                   slide_by_kv_head, head_offset, layout_crow, layout_col);
-  return args;
-}
-
-// ---- checks that read values (host tensors) ------------------------------------------------------
-
-// cu_seqlens: starts at 0, never decreases, ends at num_tokens.
-inline void check_cu_seqlens_values(const at::Tensor& cu_seqlens_host, const char* name, int64_t num_tokens) {
-  const int32_t* cu = cu_seqlens_host.data_ptr<int32_t>();
-  const int64_t n = cu_seqlens_host.numel();
-  BSA_CHECK(cu[0] == 0, name, "[0] must be 0, got ", cu[0]);
-  for (int64_t r = 0; r + 1 < n; ++r)
-    BSA_CHECK(cu[r + 1] >= cu[r], name, " must not decrease, got ", name, "[", r, "] = ", cu[r], " > ", name, "[",
-                r + 1, "] = ", cu[r + 1]);
-  BSA_CHECK(cu[n - 1] == num_tokens, name, "[-1] must equal the number of packed tokens ", num_tokens, ", got ",
-              cu[n - 1]);
 }
 
 // The explicit layout: row pointers from 0, non-decreasing, within max_nnz; columns ascending and
@@ -265,6 +114,151 @@ inline void check_layout_values(const SparsePattern& p, int64_t num_q_heads) {
       }
     }
   }
+}
+
+// The pattern argument (csrc/ops.cpp; decoded and validated by common/pattern.h) and the optional
+// explicit layout, completed: q_heads_per_kv from the shapes, the layout pointers aimed at the layout
+// tensors (on their device), and, with check_values, the layout's values checked on host copies.
+// Both backends finish the pattern here and nowhere else.
+inline SparsePattern check_pattern(const AttentionShape& shape, c10::IntArrayRef pattern_args,
+                                   const std::optional<at::Tensor>& layout_crow,
+                                   const std::optional<at::Tensor>& layout_col, const at::Tensor& q,
+                                   bool check_values) {
+  BSA_CHECK(layout_crow.has_value() == layout_col.has_value(),
+            "layout_crow and layout_col must be given together (an explicit block layout) or not at all");
+  SparsePattern p{};
+  const std::string error =
+      decode_pattern_args(pattern_args.data(), static_cast<int64_t>(pattern_args.size()), layout_crow.has_value(), p);
+  BSA_CHECK(error.empty(), error);
+  p.q_heads_per_kv = static_cast<int>(shape.num_q_heads / shape.num_kv_heads);
+  if (!layout_crow) return p;
+  const at::Tensor& crow = *layout_crow;
+  const at::Tensor& col = *layout_col;
+  check_dim(crow, "layout_crow", 2, "[num_q_heads, num_q_blocks + 1]");
+  check_dim(col, "layout_col", 2, "[num_q_heads, max_nnz]");
+  for (auto* t : {&crow, &col}) {
+    const char* name = t == &crow ? "layout_crow" : "layout_col";
+    check_dtype(*t, name, {at::kInt});
+    check_same_device(*t, name, q, "q");
+    check_contiguous(*t, name);
+    check_size(*t, name, 0, shape.num_q_heads, "one row per query head");
+  }
+  BSA_CHECK(crow.size(1) >= 2, "layout_crow must describe at least one query block, got shape ", crow.sizes());
+  p.layout_rows = static_cast<int>(crow.size(1) - 1);
+  p.layout_col_stride = static_cast<int>(col.size(1));
+  if (check_values) {
+    const at::Tensor host_crow = crow.cpu(), host_col = col.cpu();
+    SparsePattern host = p;
+    host.layout_crow = host_crow.data_ptr<int32_t>();
+    host.layout_col = host_col.data_ptr<int32_t>();
+    check_layout_values(host, shape.num_q_heads);
+  }
+  p.layout_crow = crow.data_ptr<int32_t>();
+  p.layout_col = col.data_ptr<int32_t>();
+  return p;
+}
+
+inline void check_block_size_compatible(int64_t sparse_block_size, int64_t kv_block_size) {
+  BSA_CHECK(sparse_block_size % kv_block_size == 0 || kv_block_size % sparse_block_size == 0,
+              "sparse_block_size (", sparse_block_size, ") and the cache's kv block size (", kv_block_size,
+              ") must divide one another");
+}
+
+// ---- whole-op argument checks (no data reads) ---------------------------------------------------
+
+// The pattern as every attention op receives it (csrc/ops.cpp): the int list and the optional layout.
+struct PatternInputs {
+  c10::IntArrayRef args;
+  const std::optional<at::Tensor>& layout_crow;
+  const std::optional<at::Tensor>& layout_col;
+};
+
+struct CheckedArgs {
+  AttentionShape shape;
+  SparsePattern pattern;      // complete (check_pattern)
+  int64_t kv_block_size = 0;  // paged ops
+};
+
+inline CheckedArgs check_varlen_prefill_args(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                                             const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                             const at::Tensor& cu_seqlens_k, const PatternInputs& pattern,
+                                             const std::optional<at::Tensor>& lse, bool check_values) {
+  CheckedArgs args;
+  AttentionShape& shape = args.shape;
+  shape = check_query_and_out(out, q);
+  check_dim(k, "k", 3, "[num_key_tokens, num_kv_heads, head_size]");
+  BSA_CHECK(v.sizes() == k.sizes(), "v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  for (auto* t : {&k, &v}) {
+    const char* name = t == &k ? "k" : "v";
+    check_same_dtype(*t, name, q, "q");
+    check_same_device(*t, name, q, "q");
+    check_last_dim_contiguous(*t, name);
+  }
+  check_size(k, "k", 2, shape.head_size, "head_size of q");
+  check_kv_heads(shape, k.size(1), "k");
+  check_int_vector(cu_seqlens_q, "cu_seqlens_q", -1, q, "[num_seqs + 1]");
+  BSA_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
+  shape.num_seqs = cu_seqlens_q.numel() - 1;
+  check_int_vector(cu_seqlens_k, "cu_seqlens_k", shape.num_seqs + 1, q, "[num_seqs + 1], like cu_seqlens_q");
+  check_lse(lse, shape, q);
+  args.pattern = check_pattern(shape, pattern.args, pattern.layout_crow, pattern.layout_col, q, check_values);
+  return args;
+}
+
+// What the paged ops check alike once the batch size is known: block tables, lse, the pattern, and
+// the sparse block size against the cache's block size.
+inline void check_paged_rest(CheckedArgs& args, const at::Tensor& q, const at::Tensor& block_tables,
+                             const std::optional<at::Tensor>& lse, const PatternInputs& pattern, bool check_values) {
+  check_block_tables(block_tables, args.shape.num_seqs, q);
+  check_lse(lse, args.shape, q);
+  args.pattern = check_pattern(args.shape, pattern.args, pattern.layout_crow, pattern.layout_col, q, check_values);
+  check_block_size_compatible(args.pattern.block_size, args.kv_block_size);
+}
+
+inline CheckedArgs check_paged_prefill_args(const at::Tensor& out, const at::Tensor& q, const at::Tensor& key_cache,
+                                            const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                            const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                                            const PatternInputs& pattern, const std::optional<at::Tensor>& lse,
+                                            const CacheScales& scales, bool check_values) {
+  CheckedArgs args;
+  AttentionShape& shape = args.shape;
+  shape = check_query_and_out(out, q);
+  args.kv_block_size = check_paged_cache(shape, key_cache, value_cache, q, scales, check_values);
+  check_int_vector(cu_seqlens_q, "cu_seqlens_q", -1, q, "[num_seqs + 1]");
+  BSA_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
+  shape.num_seqs = cu_seqlens_q.numel() - 1;
+  check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs]");
+  check_paged_rest(args, q, block_tables, lse, pattern, check_values);
+  return args;
+}
+
+inline CheckedArgs check_paged_decode_args(const at::Tensor& out, const at::Tensor& q, const at::Tensor& key_cache,
+                                           const at::Tensor& value_cache, const at::Tensor& block_tables,
+                                           const at::Tensor& seq_lens, const PatternInputs& pattern,
+                                           const std::optional<at::Tensor>& lse, const CacheScales& scales,
+                                           bool check_values) {
+  CheckedArgs args;
+  AttentionShape& shape = args.shape;
+  shape = check_query_and_out(out, q);
+  args.kv_block_size = check_paged_cache(shape, key_cache, value_cache, q, scales, check_values);
+  shape.num_seqs = shape.num_q_tokens;
+  check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs], one per query row");
+  check_paged_rest(args, q, block_tables, lse, pattern, check_values);
+  return args;
+}
+
+// ---- checks that read values (host tensors) ------------------------------------------------------
+
+// cu_seqlens: starts at 0, never decreases, ends at num_tokens.
+inline void check_cu_seqlens_values(const at::Tensor& cu_seqlens_host, const char* name, int64_t num_tokens) {
+  const int32_t* cu = cu_seqlens_host.data_ptr<int32_t>();
+  const int64_t n = cu_seqlens_host.numel();
+  BSA_CHECK(cu[0] == 0, name, "[0] must be 0, got ", cu[0]);
+  for (int64_t r = 0; r + 1 < n; ++r)
+    BSA_CHECK(cu[r + 1] >= cu[r], name, " must not decrease, got ", name, "[", r, "] = ", cu[r], " > ", name, "[",
+                r + 1, "] = ", cu[r + 1]);
+  BSA_CHECK(cu[n - 1] == num_tokens, name, "[-1] must equal the number of packed tokens ", num_tokens, ", got ",
+              cu[n - 1]);
 }
 
 inline void check_layout_covers(const SparsePattern& p, int64_t max_seq_len) {

@@ -3,15 +3,54 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
+#include <optional>
 #include <string>
 
 #include "checks.h"
 
 namespace blocksparse_attn {
 
-// key/value [T, Hkv, D] (unit last stride), caches [NB, Hkv, kvbs, D] contiguous, slot_mapping [T] int64.
+// A quantized cache holds fp8 values with per-tensor scales (spec: stored value = fp8(x / scale),
+// rounded to nearest even and saturated to the format's largest finite value; read value =
+// float(fp8) * scale). The scales are optional float32 tensors of one element on the cache's device
+// (absent: 1); a cache in the model's dtype ignores them.
+struct CacheScales {
+  const std::optional<at::Tensor>& k_scale;
+  const std::optional<at::Tensor>& v_scale;
+};
+
+inline bool is_fp8(at::ScalarType t) { return t == at::kFloat8_e4m3fn || t == at::kFloat8_e5m2; }
+
+// A cache holds the model's dtype (that of `ref`) or an fp8 format.
+inline void check_cache_dtype(const at::Tensor& cache, const char* name, const at::Tensor& ref, const char* ref_name) {
+  BSA_CHECK(cache.scalar_type() == ref.scalar_type() || is_fp8(cache.scalar_type()), name,
+            " must have the dtype of ", ref_name, " (", ref.scalar_type(),
+            ") or an fp8 format (Float8_e4m3fn, Float8_e5m2), got ", cache.scalar_type());
+}
+
+// Shapes, dtypes and devices always; with check_values the values too (> 0 and finite), which reads
+// them (a device->host copy on CUDA).
+inline void check_cache_scales(const CacheScales& scales, const at::Tensor& cache, bool check_values) {
+  for (const auto* scale : {&scales.k_scale, &scales.v_scale}) {
+    if (!scale->has_value()) continue;
+    const char* name = scale == &scales.k_scale ? "k_scale" : "v_scale";
+    const at::Tensor& t = **scale;
+    check_dtype(t, name, {at::kFloat});
+    BSA_CHECK(t.numel() == 1, name, " must hold one element (a per-tensor scale), got shape ", t.sizes());
+    check_same_device(t, name, cache, "the cache");
+    if (check_values) {
+      const float v = t.item<float>();
+      BSA_CHECK(v > 0.f && std::isfinite(v), name, " must be a positive finite number, got ", static_cast<double>(v));
+    }
+  }
+}
+
+// key/value [T, Hkv, D] (unit last stride), caches [NB, Hkv, kvbs, D] contiguous in key's dtype or
+// an fp8 format, slot_mapping [T] int64.
 inline void check_write_kv_cache_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
-                                      const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
+                                      const at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                                      const CacheScales& scales, bool check_values) {
   check_dim(key_cache, "key_cache", 4, "[num_blocks, num_kv_heads, kv_block_size, head_size]");
   BSA_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
               key_cache.sizes(), ", got ", value_cache.sizes());
@@ -24,18 +63,24 @@ inline void check_write_kv_cache_args(const at::Tensor& key, const at::Tensor& v
   BSA_CHECK(key.size(1) == key_cache.size(1) && key.size(2) == key_cache.size(3), "key must be [num_tokens, ",
               key_cache.size(1), ", ", key_cache.size(3), "] to match key_cache ", key_cache.sizes(), ", got ",
               key.sizes());
+  const bool quantized = is_fp8(key_cache.scalar_type());
   for (auto* t : {&key, &value}) {
     const char* name = t == &key ? "key" : "value";
-    check_same_dtype(*t, name, key_cache, "key_cache");
+    if (quantized)
+      check_dtype(*t, name, {at::kFloat, at::kHalf, at::kBFloat16});
+    else
+      check_same_dtype(*t, name, key_cache, "key_cache");
     check_same_device(*t, name, key_cache, "key_cache");
     check_last_dim_contiguous(*t, name);
   }
+  check_same_dtype(value, "value", key, "key");
   BSA_CHECK(key.strides() == value.strides(), "key and value must have the same strides, got ", key.strides(),
               " and ", value.strides());
   check_dim(slot_mapping, "slot_mapping", 1, "[num_tokens]");
   check_dtype(slot_mapping, "slot_mapping", {at::kLong});
   check_same_device(slot_mapping, "slot_mapping", key_cache, "key_cache");
   check_size(slot_mapping, "slot_mapping", 0, key.size(0), "one slot per token of key");
+  check_cache_scales(scales, key_cache, check_values);
 }
 
 // slots must be < NB * kvbs (negative = skip); `slots` is a host tensor.

@@ -1,11 +1,18 @@
-// The block-sparse pattern (spec §2), as plain data and integer math.
+// The block-sparse pattern (spec §2): its fields, how the ops receive them, which key blocks a query
+// block sees, and the one walk over those blocks that every kernel takes.
 //
-// Torch-free and usable from host and device code alike: the CPU kernels, the CUDA kernels and the
-// argument checks all read the pattern through these functions, so there is one definition of
-// "key block j is visible to query block i of head h".
+// Torch-free and usable from host and device code alike: the CPU kernels, the three CUDA kernels and
+// the argument checks all read the pattern through this header, so there is one definition of "key
+// block j is visible to query block i of head h" and one enumeration of the visible blocks. Each
+// kernel keeps only its own tile splitting. A new pattern parameter is a field here (plus its place
+// in PatternArgs and its check), in blocksparse_attn/layout.py (which writes the ops' argument) and in
+// blocksparse_attn/reference.py.
 #pragma once
 
 #include <cstdint>
+#if !defined(__CUDA_ARCH__)
+#include <string>
+#endif
 
 #if defined(__CUDACC__)
 #define BSA_HOST_DEVICE __host__ __device__ __forceinline__
@@ -35,6 +42,52 @@ struct SparsePattern {
   BSA_HOST_DEVICE bool has_layout() const { return layout_crow != nullptr; }
 };
 
+// The attention ops take the pattern as one `int[] pattern` argument (csrc/ops.cpp), these fields in
+// this order (SparsePattern.op_args / BlockLayout.op_args in layout.py write them); an explicit
+// layout passes local_blocks = vert_stride = 0 and its CSR tensors beside.
+struct PatternArgs {
+  enum : int { kBlockSize, kLocalBlocks, kVertStride, kHeadSlidingStep, kSlideByKvHead, kHeadOffset, kCount };
+};
+
+#if !defined(__CUDA_ARCH__)
+// Decodes and validates the ops' pattern argument into p (layout pointers left null, q_heads_per_kv
+// untouched). Returns what is wrong, naming the field and its value, or an empty string.
+inline std::string decode_pattern_args(const int64_t* args, int64_t count, bool has_layout, SparsePattern& p) {
+  if (count != PatternArgs::kCount)
+    return "pattern must hold " + std::to_string(int{PatternArgs::kCount}) +
+           " ints (block_size, local_blocks, vert_stride, head_sliding_step, slide_by_kv_head, head_offset), got " +
+           std::to_string(count);
+  const int64_t b = args[PatternArgs::kBlockSize], local = args[PatternArgs::kLocalBlocks],
+                vert = args[PatternArgs::kVertStride], step = args[PatternArgs::kHeadSlidingStep],
+                by_kv = args[PatternArgs::kSlideByKvHead], offset = args[PatternArgs::kHeadOffset];
+  if (b != 16 && b != 32 && b != 64 && b != 128)
+    return "sparse_block_size must be 16, 32, 64 or 128, got " + std::to_string(b);
+  if (step < 0) return "head_sliding_step must be >= 0, got " + std::to_string(step);
+  if (by_kv != 0 && by_kv != 1) return "slide_by_kv_head must be 0 or 1, got " + std::to_string(by_kv);
+  if (offset < 0) return "head_offset must be >= 0, got " + std::to_string(offset);
+  if (has_layout) {
+    if (local != 0 || vert != 0)
+      return "with an explicit block layout pass local_blocks = 0 and vert_stride = 0, got local_blocks = " +
+             std::to_string(local) + ", vert_stride = " + std::to_string(vert);
+  } else {
+    if (local < 1) return "local_blocks must be >= 1, got " + std::to_string(local);
+    if (vert < 1) return "vert_stride must be >= 1, got " + std::to_string(vert);
+  }
+  constexpr int64_t kMax = 1 << 30;  // every field is an int in the kernels
+  if (local > kMax || vert > kMax || step > kMax || offset > kMax)
+    return "pattern fields must be below 2^30, got local_blocks = " + std::to_string(local) + ", vert_stride = " +
+           std::to_string(vert) + ", head_sliding_step = " + std::to_string(step) + ", head_offset = " +
+           std::to_string(offset);
+  p.block_size = static_cast<int>(b);
+  p.local_blocks = static_cast<int>(local);
+  p.vert_stride = static_cast<int>(vert);
+  p.head_sliding_step = static_cast<int>(step);
+  p.slide_by_kv_head = by_kv != 0;
+  p.head_offset = static_cast<int>(offset);
+  return {};
+}
+#endif
+
 // The pattern's vertical offset of local q head h: off(h) in spec §2.
 BSA_HOST_DEVICE int vertical_offset(const SparsePattern& p, int h) {
   const int global_head = p.head_offset + h;
@@ -49,40 +102,196 @@ BSA_HOST_DEVICE int vertical_residue(const SparsePattern& p, int h) {
   return (v - off) % v;
 }
 
-// Parametric pattern only: is key block j visible to query block i of local q head h?
-BSA_HOST_DEVICE bool pattern_block_visible(const SparsePattern& p, int h, int i, int j) {
+// First key block of query block i's local band.
+BSA_HOST_DEVICE int band_start(const SparsePattern& p, int i) { return i - p.local_blocks + 1 > 0 ? i - p.local_blocks + 1 : 0; }
+
+// Is key block j visible to query block i of local q head h? An explicit layout's row is searched
+// (rows are ascending); query blocks past the layout's rows see nothing (the CPU path rejects such
+// calls; the GPU path cannot without a device->host sync).
+BSA_HOST_DEVICE bool block_visible(const SparsePattern& p, int h, int i, int j) {
   if (j > i) return false;
-  if (i - j < p.local_blocks) return true;
-  return (j + vertical_offset(p, h)) % p.vert_stride == 0;
+  if (!p.has_layout()) return i - j < p.local_blocks || (j + vertical_offset(p, h)) % p.vert_stride == 0;
+  if (i >= p.layout_rows) return false;
+  const int32_t* crow = p.layout_crow + static_cast<int64_t>(h) * (p.layout_rows + 1);
+  const int32_t* col = p.layout_col + static_cast<int64_t>(h) * p.layout_col_stride;
+  int lo = crow[i], hi = crow[i + 1];
+  while (lo < hi) {
+    const int mid = (lo + hi) >> 1;
+    if (col[mid] == j) return true;
+    if (col[mid] < j) lo = mid + 1; else hi = mid;
+  }
+  return false;
 }
 
+// THE walk: the key blocks visible to some query block of [qb_first, qb_last] (at most kMaxRows of
+// them) of q head h, ascending, each with the query blocks that see it (bit r: qb_first + r).
+//  - parametric pattern: the vertical columns below qb_first's band, then the band from there to
+//    qb_last. That is exactly the union: a row's band and its later rows' bands are contiguous, and
+//    every vertical column at or past the band start lies inside it. The verticality of band blocks
+//    (needed only by rows whose band starts later) is tracked by a running phase, never a division.
+//  - explicit layout: a merge of the rows' CSR lists.
+// Host and device; one instance per thread (kernels call it identically in every thread that needs
+// it, or once per lane for per-lane rows).
+template <int kMaxRows>
+struct VisibleBlocks {
+  static_assert(kMaxRows >= 1 && kMaxRows <= 32, "rows are bits of an unsigned");
+  const SparsePattern* p;
+  int qb_first, num_rows;
+  int block;       // pattern: the next block of the stream
+  int start;       // pattern: qb_first's band start
+  int phase;       // pattern, band part: (block - residue) mod V, 0 = a vertical column
+  int residue;     // pattern: the head's vertical residue
+  bool last_vertical;  // pattern, kMaxRows > 1: the block next() returned last is a vertical column
+  const int32_t* col;                     // layout: the head's column list
+  int entry[kMaxRows], entry_end[kMaxRows];  // layout: each row's cursor
+
+  BSA_HOST_DEVICE void init(const SparsePattern& pattern, int h, int first, int last) {
+    p = &pattern;
+    qb_first = first;
+    num_rows = last - first + 1 < kMaxRows ? last - first + 1 : kMaxRows;
+    if (pattern.has_layout()) {
+      const int32_t* crow = pattern.layout_crow + static_cast<int64_t>(h) * (pattern.layout_rows + 1);
+      col = pattern.layout_col + static_cast<int64_t>(h) * pattern.layout_col_stride;
+#pragma unroll
+      for (int r = 0; r < kMaxRows; ++r) {
+        const bool covered = r < num_rows && first + r < pattern.layout_rows;
+        entry[r] = covered ? crow[first + r] : 0;
+        entry_end[r] = covered ? crow[first + r + 1] : 0;
+      }
+      return;
+    }
+    start = band_start(pattern, first);
+    residue = vertical_residue(pattern, h);
+    block = residue < start ? residue : start;
+    const int from_residue = (start - residue) % pattern.vert_stride;
+    phase = from_residue < 0 ? from_residue + pattern.vert_stride : from_residue;
+  }
+
+  // The next visible block (>= 0), with `rows` = the query blocks that see it; -1 at the end.
+  BSA_HOST_DEVICE int next(unsigned& rows) {
+    if (p->has_layout()) {
+      int j = INT32_MAX;
+#pragma unroll
+      for (int r = 0; r < kMaxRows; ++r)
+        if (entry[r] < entry_end[r] && col[entry[r]] < j) j = col[entry[r]];
+      if (j == INT32_MAX) return -1;
+      rows = 0;
+#pragma unroll
+      for (int r = 0; r < kMaxRows; ++r)
+        if (entry[r] < entry_end[r] && col[entry[r]] == j) {
+          rows |= 1u << r;
+          ++entry[r];
+        }
+      return j;
+    }
+    const int last = qb_first + num_rows - 1;
+    if (block > last) return -1;
+    const int j = block;
+    if (j < start) {  // a vertical column below the band
+      last_vertical = true;
+      block += p->vert_stride;
+      if (block >= start) block = start;
+    } else {
+      ++block;
+      if constexpr (kMaxRows > 1) {
+        last_vertical = phase == 0;
+        phase = phase + 1 == p->vert_stride ? 0 : phase + 1;
+      }
+    }
+    if constexpr (kMaxRows == 1) {
+      rows = 1u;  // the stream of a single row is that row's visible list
+    } else {
+      rows = 0;
+#pragma unroll
+      for (int r = 0; r < kMaxRows; ++r) {
+        const int i = qb_first + r;
+        if (r < num_rows && j <= i && (i - j < p->local_blocks || last_vertical)) rows |= 1u << r;
+      }
+    }
+    return j;
+  }
+};
+
 // Calls visit(first_block, num_blocks) for each maximal run of consecutive key blocks visible to
-// query block i of head h, in ascending order. Runs let the CPU kernels work on whole slices of
-// contiguous keys (the local band is one run), while the explicit layout is visited block by block
-// merged into runs the same way.
+// query block i of head h, in ascending order (the CPU kernels work on whole slices of contiguous
+// keys: the local band is one run).
 template <typename Visit>
-BSA_HOST_DEVICE void for_each_visible_run(const SparsePattern& p, int h, int i, Visit&& visit) {
+inline void for_each_visible_run(const SparsePattern& p, int h, int i, Visit&& visit) {
+  VisibleBlocks<1> blocks;
+  blocks.init(p, h, i, i);
   int run_start = -1, run_len = 0;
-  auto emit = [&](int j) {
+  unsigned rows;
+  for (int j = blocks.next(rows); j >= 0; j = blocks.next(rows)) {
     if (run_len > 0 && j == run_start + run_len) {
       ++run_len;
-      return;
+      continue;
     }
     if (run_len > 0) visit(run_start, run_len);
     run_start = j;
     run_len = 1;
-  };
-  if (p.has_layout()) {
-    const int32_t* crow = p.layout_crow + static_cast<int64_t>(h) * (p.layout_rows + 1);
-    const int32_t* col = p.layout_col + static_cast<int64_t>(h) * p.layout_col_stride;
-    for (int e = crow[i]; e < crow[i + 1]; ++e) emit(col[e]);
-  } else {
-    const int band_start = i - p.local_blocks + 1 > 0 ? i - p.local_blocks + 1 : 0;
-    // Verticals strictly below the band: j = rho, rho + V, ... < band_start.
-    for (int j = vertical_residue(p, h); j < band_start; j += p.vert_stride) emit(j);
-    for (int j = band_start; j <= i; ++j) emit(j);
   }
   if (run_len > 0) visit(run_start, run_len);
+}
+
+// The same union for a set of q heads at one query block i (decode: the heads of one kv group), in
+// closed form for the parametric pattern: the far blocks below the band whose residue belongs to some
+// head, then the band, seen by every head. block(k) is O(1), so a split of the list starts anywhere
+// and lanes look ahead independently. `residues` (sorted, distinct) and `residue_rows` (bit r: head r
+// of the set has residues[e]) come from head_residues().
+struct HeadSetBlocks {
+  int vert_stride, start, num_far, num_residues, total;
+  const int* residues;
+  const unsigned* residue_rows;
+  unsigned all_rows;
+
+  BSA_HOST_DEVICE void init(const SparsePattern& p, int i, const int* sorted_residues, const unsigned* rows_of,
+                            int count, unsigned every_row) {
+    vert_stride = p.vert_stride;
+    start = band_start(p, i);
+    residues = sorted_residues;
+    residue_rows = rows_of;
+    num_residues = count;
+    all_rows = every_row;
+    int far = (start / vert_stride) * count;
+    for (int e = 0; e < count; ++e) far += residues[e] < start % vert_stride;
+    num_far = far;
+    total = far + i - start + 1;
+  }
+
+  // Block k of the union (k < total) and the heads that see it.
+  BSA_HOST_DEVICE int block(int k, unsigned& rows) const {
+    if (k >= num_far) {
+      rows = all_rows;
+      return start + (k - num_far);
+    }
+    const int e = k % num_residues;
+    rows = residue_rows[e];
+    return (k / num_residues) * vert_stride + residues[e];
+  }
+};
+
+// The distinct vertical residues of q heads first_head .. first_head + num_heads - 1, sorted, with the
+// heads (bit r: first_head + r) of each; returns their count (<= num_heads).
+BSA_HOST_DEVICE int head_residues(const SparsePattern& p, int first_head, int num_heads, int* residues,
+                                  unsigned* rows) {
+  int n = 0;
+  for (int r = 0; r < num_heads; ++r) {
+    const int rho = vertical_residue(p, first_head + r);
+    int e = 0;
+    while (e < n && residues[e] < rho) ++e;
+    if (e < n && residues[e] == rho) {
+      rows[e] |= 1u << r;
+      continue;
+    }
+    for (int m = n; m > e; --m) {
+      residues[m] = residues[m - 1];
+      rows[m] = rows[m - 1];
+    }
+    residues[e] = rho;
+    rows[e] = 1u << r;
+    ++n;
+  }
+  return n;
 }
 
 }  // namespace blocksparse_attn

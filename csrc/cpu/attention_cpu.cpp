@@ -149,25 +149,6 @@ void attend_sequence(const SparsePattern& pattern, const SequenceInputs& seq, co
   });
 }
 
-// Host copies of the pattern's layout tensors, with the pattern's pointers aimed at them.
-struct HostPattern {
-  SparsePattern pattern;
-  at::Tensor crow, col;
-};
-
-HostPattern host_pattern(SparsePattern p, const std::optional<at::Tensor>& layout_crow,
-                         const std::optional<at::Tensor>& layout_col, int64_t num_q_heads) {
-  HostPattern hp{p, {}, {}};
-  if (layout_crow) {
-    hp.crow = layout_crow->contiguous();
-    hp.col = layout_col->contiguous();
-    hp.pattern.layout_crow = hp.crow.data_ptr<int32_t>();
-    hp.pattern.layout_col = hp.col.data_ptr<int32_t>();
-    check_layout_values(hp.pattern, num_q_heads);
-  }
-  return hp;
-}
-
 at::Tensor scaled_float_queries(const at::Tensor& q, double scale) {
   return q.to(at::kFloat).mul(scale);  // out of place: for float32 q, to() returns q itself
 }
@@ -177,12 +158,23 @@ at::Tensor lse_or_undefined(const std::optional<at::Tensor>& lse) { return lse ?
 // [len, Hkv, D] contiguous-source keys -> [Hkv, len, D] float32.
 at::Tensor head_major_float(const at::Tensor& tokens) { return tokens.to(at::kFloat).transpose(0, 1).contiguous(); }
 
+// The scale a cache's values are read with: float(stored) * scale for fp8, 1 otherwise.
+float read_scale(const at::Tensor& cache, const std::optional<at::Tensor>& scale) {
+  return is_fp8(cache.scalar_type()) && scale ? scale->item<float>() : 1.f;
+}
+
+// Stored cache elements (any dtype; fp8 dequantized) as float32.
+at::Tensor dequantize(const at::Tensor& stored, float scale) {
+  at::Tensor x = stored.to(at::kFloat);
+  return scale == 1.f ? x : x.mul_(scale);
+}
+
 // The first `len` keys (or values) of a sequence from a paged cache [NB, Hkv, kvbs, D] -> [Hkv, len, D].
-at::Tensor gather_paged(const at::Tensor& cache, const at::Tensor& block_table_row, int64_t len) {
+at::Tensor gather_paged(const at::Tensor& cache, float scale, const at::Tensor& block_table_row, int64_t len) {
   const int64_t kvbs = cache.size(2);
   const int64_t num_pages = (len + kvbs - 1) / kvbs;
   at::Tensor pages = cache.index_select(0, block_table_row.narrow(0, 0, num_pages).to(at::kLong));
-  return pages.to(at::kFloat).permute({1, 0, 2, 3}).reshape({cache.size(1), num_pages * kvbs, cache.size(3)})
+  return dequantize(pages, scale).permute({1, 0, 2, 3}).reshape({cache.size(1), num_pages * kvbs, cache.size(3)})
       .narrow(1, 0, len).contiguous();
 }
 
@@ -191,8 +183,8 @@ at::Tensor gather_paged(const at::Tensor& cache, const at::Tensor& block_table_r
 // those pages are read, and the group's heads are answered by one GEMM pair, with a per-head mask
 // on the blocks a head does not see (Phi-3-small: 4 heads, 4 different vertical residues).
 void decode_sequence(const SparsePattern& pattern, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                     const int32_t* block_table_row, int64_t len, int64_t row, const at::Tensor& q_scaled,
-                     const at::Tensor& out, const at::Tensor& lse) {
+                     float k_scale, float v_scale, const int32_t* block_table_row, int64_t len, int64_t row,
+                     const at::Tensor& q_scaled, const at::Tensor& out, const at::Tensor& lse) {
   const int64_t b = pattern.block_size, kvbs = key_cache.size(2), group = pattern.q_heads_per_kv;
   const int64_t i = (len - 1) / b;
   for (int64_t g = 0; g < key_cache.size(1); ++g) {
@@ -219,8 +211,8 @@ void decode_sequence(const SparsePattern& pattern, const at::Tensor& key_cache, 
       continue;
     }
     const at::Tensor page_idx = at::tensor(pages, at::kLong), offset_idx = at::tensor(offsets, at::kLong);
-    const at::Tensor keys = key_cache.select(1, g).index({page_idx, offset_idx}).to(at::kFloat);      // [n, D]
-    const at::Tensor values = value_cache.select(1, g).index({page_idx, offset_idx}).to(at::kFloat);  // [n, D]
+    const at::Tensor keys = dequantize(key_cache.select(1, g).index({page_idx, offset_idx}), k_scale);      // [n, D]
+    const at::Tensor values = dequantize(value_cache.select(1, g).index({page_idx, offset_idx}), v_scale);  // [n, D]
     at::Tensor scores = at::mm(q_scaled[row].narrow(0, g * group, group), keys.t());  // [group, n]
     float* sc = scores.data_ptr<float>();
     std::vector<char> sees_any(group, 0);
@@ -264,16 +256,12 @@ void check_paged_values(const at::Tensor& block_tables, const at::Tensor& seq_le
 
 void varlen_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                         const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, double scale,
-                        int64_t sparse_block_size, int64_t local_blocks, int64_t vert_stride,
-                        int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
-                        const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
-                        const std::optional<at::Tensor>& lse) {
-  const CheckedArgs args = check_varlen_prefill_args(out, q, k, v, cu_seqlens_q, cu_seqlens_k, sparse_block_size,
-                                                     local_blocks, vert_stride, head_sliding_step, slide_by_kv_head,
-                                                     head_offset, layout_crow, layout_col, lse);
+                        c10::IntArrayRef pattern, const std::optional<at::Tensor>& layout_crow,
+                        const std::optional<at::Tensor>& layout_col, const std::optional<at::Tensor>& lse) {
+  const CheckedArgs args = check_varlen_prefill_args(out, q, k, v, cu_seqlens_q, cu_seqlens_k,
+                                                     {pattern, layout_crow, layout_col}, lse, /*check_values=*/true);
   const AttentionShape& shape = args.shape;
   const SparsePattern& p = args.pattern;
-  HostPattern hp = host_pattern(p, layout_crow, layout_col, shape.num_q_heads);
 
   check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", shape.num_q_tokens);
   check_cu_seqlens_values(cu_seqlens_k, "cu_seqlens_k", k.size(0));
@@ -286,7 +274,7 @@ void varlen_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Te
                 " keys (cu_seqlens_k): queries are the last positions of their sequence, so q_len <= k_len");
     max_len = std::max(max_len, k_len);
   }
-  check_layout_covers(hp.pattern, max_len);
+  check_layout_covers(p, max_len);
 
   const at::Tensor q_scaled = scaled_float_queries(q, scale);
   const at::Tensor lse_t = lse_or_undefined(lse);
@@ -298,24 +286,23 @@ void varlen_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Te
     if (seq.q_len == 0) continue;
     seq.key = head_major_float(k.narrow(0, cu_k[r], seq.len));
     seq.value = head_major_float(v.narrow(0, cu_k[r], seq.len));
-    attend_sequence(hp.pattern, seq, q_scaled, out, lse_t);
+    attend_sequence(p, seq, q_scaled, out, lse_t);
   }
 }
 
 void paged_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tensor& key_cache,
                        const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q,
-                       const at::Tensor& seq_lens, double scale, int64_t sparse_block_size, int64_t local_blocks,
-                       int64_t vert_stride, int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
+                       const at::Tensor& seq_lens, double scale, c10::IntArrayRef pattern,
                        const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
-                       const std::optional<at::Tensor>& lse) {
+                       const std::optional<at::Tensor>& lse, const std::optional<at::Tensor>& k_scale,
+                       const std::optional<at::Tensor>& v_scale) {
   const CheckedArgs args = check_paged_prefill_args(out, q, key_cache, value_cache, block_tables, cu_seqlens_q,
-                                                    seq_lens, sparse_block_size, local_blocks, vert_stride,
-                                                    head_sliding_step, slide_by_kv_head, head_offset, layout_crow,
-                                                    layout_col, lse);
+                                                    seq_lens, {pattern, layout_crow, layout_col}, lse,
+                                                    {k_scale, v_scale}, /*check_values=*/true);
   const AttentionShape& shape = args.shape;
   const SparsePattern& p = args.pattern;
   const int64_t kv_block_size = args.kv_block_size;
-  HostPattern hp = host_pattern(p, layout_crow, layout_col, shape.num_q_heads);
+  const float key_scale = read_scale(key_cache, k_scale), value_scale = read_scale(value_cache, v_scale);
 
   check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", shape.num_q_tokens);
   check_paged_values(block_tables, seq_lens, key_cache.size(0), kv_block_size);
@@ -327,7 +314,7 @@ void paged_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Ten
                 " new tokens (cu_seqlens_q) but seq_lens[", r, "] = ", lens[r], ": seq_len counts context + new tokens");
     max_len = std::max<int64_t>(max_len, lens[r]);
   }
-  check_layout_covers(hp.pattern, max_len);
+  check_layout_covers(p, max_len);
 
   const at::Tensor q_scaled = scaled_float_queries(q, scale);
   const at::Tensor lse_t = lse_or_undefined(lse);
@@ -337,30 +324,29 @@ void paged_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Ten
     seq.q_start = cu_q[r];
     seq.q_len = cu_q[r + 1] - cu_q[r];
     if (seq.q_len == 0) continue;
-    seq.key = gather_paged(key_cache, block_tables[r], seq.len);
-    seq.value = gather_paged(value_cache, block_tables[r], seq.len);
-    attend_sequence(hp.pattern, seq, q_scaled, out, lse_t);
+    seq.key = gather_paged(key_cache, key_scale, block_tables[r], seq.len);
+    seq.value = gather_paged(value_cache, value_scale, block_tables[r], seq.len);
+    attend_sequence(p, seq, q_scaled, out, lse_t);
   }
 }
 
 void paged_decode_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tensor& key_cache,
                       const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                      double scale, int64_t sparse_block_size, int64_t local_blocks, int64_t vert_stride,
-                      int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
-                      const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
-                      const std::optional<at::Tensor>& lse) {
+                      double scale, c10::IntArrayRef pattern, const std::optional<at::Tensor>& layout_crow,
+                      const std::optional<at::Tensor>& layout_col, const std::optional<at::Tensor>& lse,
+                      const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
   const CheckedArgs args = check_paged_decode_args(out, q, key_cache, value_cache, block_tables, seq_lens,
-                                                   sparse_block_size, local_blocks, vert_stride, head_sliding_step,
-                                                   slide_by_kv_head, head_offset, layout_crow, layout_col, lse);
+                                                   {pattern, layout_crow, layout_col}, lse, {k_scale, v_scale},
+                                                   /*check_values=*/true);
   const AttentionShape& shape = args.shape;
   const SparsePattern& p = args.pattern;
   const int64_t kv_block_size = args.kv_block_size;
-  HostPattern hp = host_pattern(p, layout_crow, layout_col, shape.num_q_heads);
+  const float key_scale = read_scale(key_cache, k_scale), value_scale = read_scale(value_cache, v_scale);
   check_paged_values(block_tables, seq_lens, key_cache.size(0), kv_block_size);
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   int64_t max_len = 0;
   for (int64_t r = 0; r < shape.num_seqs; ++r) max_len = std::max<int64_t>(max_len, lens[r]);
-  check_layout_covers(hp.pattern, max_len);
+  check_layout_covers(p, max_len);
 
   const at::Tensor q_scaled = scaled_float_queries(q, scale);
   const at::Tensor lse_t = lse_or_undefined(lse);
@@ -372,8 +358,8 @@ void paged_decode_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tens
         if (lse_t.defined()) lse_t.select(1, r).fill_(-std::numeric_limits<float>::infinity());
         continue;
       }
-      decode_sequence(hp.pattern, key_cache, value_cache, block_tables[r].data_ptr<int32_t>(), lens[r], r, q_scaled,
-                      out, lse_t);
+      decode_sequence(p, key_cache, value_cache, key_scale, value_scale, block_tables[r].data_ptr<int32_t>(),
+                      lens[r], r, q_scaled, out, lse_t);
     }
   });
 }

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <cstring>
 #include <vector>
 
@@ -14,14 +15,27 @@
 namespace blocksparse_attn {
 namespace {
 
-void write_kv_cache_cpu(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
-                        const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
-  check_write_kv_cache_args(key, value, key_cache, value_cache, slot_mapping);
+// What a quantized (fp8) cache stores for x: fp8(x / scale), rounded to nearest even and saturated
+// to the format's largest finite value (NaN stays NaN); a cache in the model's dtype stores x.
+at::Tensor cache_values(const at::Tensor& x, const at::Tensor& cache, const std::optional<at::Tensor>& scale) {
+  if (!is_fp8(cache.scalar_type())) return x;
+  const double largest = cache.scalar_type() == at::kFloat8_e4m3fn ? 448.0 : 57344.0;
+  at::Tensor y = x.to(at::kFloat);
+  if (scale) y = y / *scale;
+  return y.clamp(-largest, largest).to(cache.scalar_type());
+}
+
+void write_kv_cache_cpu(const at::Tensor& key_in, const at::Tensor& value_in, const at::Tensor& key_cache,
+                        const at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                        const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  check_write_kv_cache_args(key_in, value_in, key_cache, value_cache, slot_mapping, {k_scale, v_scale},
+                            /*check_values=*/true);
   const at::Tensor slots = slot_mapping.contiguous();
   check_slot_values(slots, key_cache);
+  const at::Tensor key = cache_values(key_in, key_cache, k_scale), value = cache_values(value_in, value_cache, v_scale);
   const int64_t* slot = slots.data_ptr<int64_t>();
   const int64_t num_tokens = key.size(0), num_kv_heads = key_cache.size(1), kv_block_size = key_cache.size(2);
-  const int64_t row_bytes = key_cache.size(3) * key.element_size();
+  const int64_t row_bytes = key_cache.size(3) * key_cache.element_size();
   auto copy_rows = [&](const at::Tensor& src, const at::Tensor& cache) {
     const char* src_base = static_cast<const char*>(src.data_ptr());
     char* cache_base = static_cast<char*>(cache.data_ptr());

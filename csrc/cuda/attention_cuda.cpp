@@ -1,8 +1,8 @@
 // CUDA host glue of the attention ops: checks -> params -> plan -> dispatch -> launch.
 //
 // Nothing here reads device data, so every call can be captured in a CUDA graph. Checks that need
-// values (cu_seqlens monotone, block ids in range, layout well formed) run only when the environment
-// sets BSA_CHECK_INPUTS=1, at the cost of a device->host copy; without them a bad block id reads
+// values (cu_seqlens monotone, block ids in range, layout well formed) run only with
+// BSA_CHECK_INPUTS=1 (common/settings.h), at the cost of a device->host copy; without them a bad block id reads
 // zeros and a sequence with more queries than keys is skipped, but memory is never touched out of
 // bounds.
 #include <ATen/ATen.h>
@@ -18,6 +18,7 @@
 #include <string>
 
 #include "common/attention_args.h"
+#include "common/settings.h"
 #include "cuda/dispatch.h"
 
 namespace blocksparse_attn {
@@ -26,14 +27,14 @@ void launch_plan_prefill(const PlanParams& params, cudaStream_t stream);
 
 namespace {
 
-bool value_checks_enabled() {  // read per call, so a test (or a debugging user) can flip it
-  const char* v = std::getenv("BSA_CHECK_INPUTS");
-  return v != nullptr && v[0] == '1';
-}
-
 void check_cuda_dtype(const at::Tensor& q) {
   BSA_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
               "on CUDA, q must be float16 or bfloat16, got ", q.scalar_type(), " (float32 runs on the CPU only)");
+}
+
+void check_cuda_cache(const at::Tensor& key_cache) {
+  BSA_CHECK(!is_fp8(key_cache.scalar_type()), "key_cache has dtype ", key_cache.scalar_type(),
+            ": fp8 caches are read by the CPU kernels only in this build");
 }
 
 // 16-byte cp.async needs 16-byte aligned rows: views that are not (odd strides) are copied.
@@ -43,31 +44,13 @@ at::Tensor aligned_rows(const at::Tensor& t) {
   return ok ? t : t.contiguous();
 }
 
-void set_layout(SparsePattern& p, const std::optional<at::Tensor>& layout_crow,
-                const std::optional<at::Tensor>& layout_col, int64_t num_q_heads) {
-  if (!layout_crow) return;
-  p.layout_crow = layout_crow->data_ptr<int32_t>();
-  p.layout_col = layout_col->data_ptr<int32_t>();
-  if (value_checks_enabled()) {
-    const at::Tensor crow = layout_crow->cpu(), col = layout_col->cpu();
-    SparsePattern host = p;
-    host.layout_crow = crow.data_ptr<int32_t>();
-    host.layout_col = col.data_ptr<int32_t>();
-    check_layout_values(host, num_q_heads);
-  }
-}
-
 // Which prefill kernel runs: the Hopper kernel (wgmma) where the GPU, the build and the shapes allow
 // it, the sm80 kernel otherwise. BSA_PREFILL_KERNEL=sm80 or =sm90 forces one (tests, benchmarks);
 // forcing sm90 where it cannot run is an error, never a silent fallback.
 enum class PrefillKernel { kSm80, kSm90 };
 
-PrefillKernel choose_prefill_kernel(const PrefillParams& params) {
-  const char* forced = std::getenv("BSA_PREFILL_KERNEL");
-  const std::string choice = forced ? forced : "auto";
-  BSA_CHECK(choice == "auto" || choice == "sm80" || choice == "sm90",
-            "BSA_PREFILL_KERNEL must be auto, sm80 or sm90, got '", choice, "'");
-  if (choice == "sm80") return PrefillKernel::kSm80;
+PrefillKernel choose_prefill_kernel(const PrefillParams& params, const Settings& settings) {
+  if (settings.prefill_kernel == PrefillKernelChoice::kSm80) return PrefillKernel::kSm80;
 #ifdef BSA_BUILT_SM90A
   const bool built = true;
 #else
@@ -77,7 +60,7 @@ PrefillKernel choose_prefill_kernel(const PrefillParams& params) {
   const int pad = padded_head_dim(params.head_size);
   const bool shapes = (pad == 64 || pad == 128) && params.pattern.block_size % 64 == 0;
   if (built && hopper && shapes) return PrefillKernel::kSm90;
-  BSA_CHECK(choice != "sm90", "BSA_PREFILL_KERNEL=sm90, but the Hopper prefill kernel cannot run here: it needs a ",
+  BSA_CHECK(settings.prefill_kernel != PrefillKernelChoice::kSm90, "BSA_PREFILL_KERNEL=sm90, but the Hopper prefill kernel cannot run here: it needs a ",
             "compute capability 9.x GPU (have ", at::cuda::getCurrentDeviceProperties()->major, ".",
             at::cuda::getCurrentDeviceProperties()->minor, "), an extension built for sm_90a (",
             built ? "yes" : "no", "), head sizes up to 128 (have ", params.head_size,
@@ -99,12 +82,8 @@ int64_t typical_sequence_keys(const PrefillParams& params) {
 // 2.046 / 1.990, 8k 4.10 / 4.03, 16k 8.31 / 8.04; Phi-3-small at 8k: 1.46 / 1.50. An explicit
 // layout takes 64 (telling would need its device data). BSA_SM90_STAGE_KEYS=64 or =128 forces one
 // (tests, benchmarks).
-int choose_sm90_stage_keys(const PrefillParams& params) {
-  if (const char* forced = std::getenv("BSA_SM90_STAGE_KEYS")) {
-    const std::string choice = forced;
-    if (choice == "64" || choice == "128") return std::stoi(choice);
-    BSA_CHECK(choice == "auto", "BSA_SM90_STAGE_KEYS must be auto, 64 or 128, got '", choice, "'");
-  }
+int choose_sm90_stage_keys(const PrefillParams& params, const Settings& settings) {
+  if (settings.sm90_stage_keys != 0) return settings.sm90_stage_keys;
   constexpr int64_t kLongSequence = 2048;  // below it the two shapes measure the same
   const SparsePattern& p = params.pattern;
   if (p.has_layout()) return 64;
@@ -120,12 +99,8 @@ int choose_sm90_stage_keys(const PrefillParams& params) {
 // by kv head, processes interleaved (2026-11-26): 32k x 1 3.12 -> 2.84 ms; 8k x 4 (34 MB) 1.449 ->
 // 1.449; dense 2k and 8k were 2-4 % slower kv head by kv head. BSA_PREFILL_UNIT_ORDER=tile or
 // =kv_head forces one (tests, benchmarks).
-bool choose_kv_head_major(const PrefillParams& params, int64_t element_size) {
-  if (const char* forced = std::getenv("BSA_PREFILL_UNIT_ORDER")) {
-    const std::string choice = forced;
-    if (choice == "tile" || choice == "kv_head") return choice == "kv_head";
-    BSA_CHECK(choice == "auto", "BSA_PREFILL_UNIT_ORDER must be auto, tile or kv_head, got '", choice, "'");
-  }
+bool choose_kv_head_major(const PrefillParams& params, int64_t element_size, const Settings& settings) {
+  if (settings.unit_order != UnitOrderChoice::kAuto) return settings.unit_order == UnitOrderChoice::kKvHead;
   const int64_t sequence_kv_bytes =
       2 * typical_sequence_keys(params) * params.num_kv_heads * params.head_size * element_size;
   return sequence_kv_bytes > at::cuda::getCurrentDeviceProperties()->l2CacheSize;
@@ -133,19 +108,14 @@ bool choose_kv_head_major(const PrefillParams& params, int64_t element_size) {
 
 // CTAs of the persistent Hopper kernel: one per SM; BSA_SM90_GRID=<n> sets another count (experiments:
 // a count at least the number of work units gives one CTA per unit).
-int sm90_ctas() {
-  if (const char* grid = std::getenv("BSA_SM90_GRID")) {
-    const int n = std::atoi(grid);
-    BSA_CHECK(n > 0, "BSA_SM90_GRID must be a positive CTA count, got '", grid, "'");
-    return n;
-  }
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+int sm90_ctas(const Settings& settings) {
+  return settings.sm90_grid > 0 ? settings.sm90_grid : at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
 // Plans the work list on the device, then runs the prefill kernel over it.
-void run_prefill(PrefillParams& params, const at::Tensor& q) {
+void run_prefill(PrefillParams& params, const at::Tensor& q, const Settings& settings) {
   if (params.num_q_tokens == 0 || params.num_seqs == 0) return;
-  const PrefillKernel kernel = choose_prefill_kernel(params);
+  const PrefillKernel kernel = choose_prefill_kernel(params, settings);
   const int block_m = kernel == PrefillKernel::kSm90 ? kPrefillSm90BlockM : kPrefillBlockM;
   const int max_tiles = static_cast<int>(params.num_q_tokens / block_m + 2 * params.num_seqs + 1);
   at::Tensor workspace = at::empty({2 * max_tiles + 2}, q.options().dtype(at::kInt));
@@ -164,7 +134,7 @@ void run_prefill(PrefillParams& params, const at::Tensor& q) {
   params.tile_index = plan.tile_index;
   params.num_tiles = plan.num_tiles;
   params.work_counter = plan.work_counter;
-  params.kv_head_major = choose_kv_head_major(params, q.element_size());
+  params.kv_head_major = choose_kv_head_major(params, q.element_size(), settings);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -173,9 +143,10 @@ void run_prefill(PrefillParams& params, const at::Tensor& q) {
     constexpr int kPad = decltype(pad)::value;
     if constexpr (kPad == 64 || kPad == 128) {
       if (kernel == PrefillKernel::kSm90) {
-        switch (const int stage_keys = choose_sm90_stage_keys(params)) {
-          case 64: return launch_prefill_sm90<Element, kPad, 64>(params, max_tiles, sm90_ctas(), stream);
-          case 128: return launch_prefill_sm90<Element, kPad, 128>(params, max_tiles, sm90_ctas(), stream);
+        const Sm90Launch launch{max_tiles, sm90_ctas(settings), settings.sm90_tma};
+        switch (const int stage_keys = choose_sm90_stage_keys(params, settings)) {
+          case 64: return launch_prefill_sm90<Element, kPad, 64>(params, launch, stream);
+          case 128: return launch_prefill_sm90<Element, kPad, 128>(params, launch, stream);
           default: BSA_CHECK(false, "no Hopper prefill kernel with ", stage_keys, "-key stages");
         }
       }
@@ -251,20 +222,17 @@ void check_paged_values_on_host(const at::Tensor& block_tables, const at::Tensor
 
 void varlen_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                          const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, double scale,
-                         int64_t sparse_block_size, int64_t local_blocks, int64_t vert_stride,
-                         int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
-                         const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
-                         const std::optional<at::Tensor>& lse) {
-  CheckedArgs args = check_varlen_prefill_args(out, q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, sparse_block_size,
-                                               local_blocks, vert_stride, head_sliding_step, slide_by_kv_head,
-                                               head_offset, layout_crow, layout_col, lse);
+                         c10::IntArrayRef pattern, const std::optional<at::Tensor>& layout_crow,
+                         const std::optional<at::Tensor>& layout_col, const std::optional<at::Tensor>& lse) {
+  const Settings settings = read_settings();
+  CheckedArgs args = check_varlen_prefill_args(out, q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k,
+                                               {pattern, layout_crow, layout_col}, lse, settings.check_inputs);
   check_cuda_dtype(q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in), v = aligned_rows(v_in);
   BSA_CHECK(k.strides() == v.strides(), "k and v must have the same strides, got ", k.strides(), " and ",
               v.strides());
-  set_layout(args.pattern, layout_crow, layout_col, args.shape.num_q_heads);
-  if (value_checks_enabled()) {
+  if (settings.check_inputs) {
     check_cu_seqlens_values(cu_seqlens_q.cpu(), "cu_seqlens_q", args.shape.num_q_tokens);
     check_cu_seqlens_values(cu_seqlens_k.cpu(), "cu_seqlens_k", k.size(0));
   }
@@ -276,41 +244,39 @@ void varlen_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at
   params.kv.head_stride = k.stride(1);
   params.kv.num_rows = k.size(0);
   params.kv.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
-  run_prefill(params, q);
+  run_prefill(params, q, settings);
 }
 
 void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
                         const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q,
-                        const at::Tensor& seq_lens, double scale, int64_t sparse_block_size, int64_t local_blocks,
-                        int64_t vert_stride, int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
+                        const at::Tensor& seq_lens, double scale, c10::IntArrayRef pattern,
                         const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
-                        const std::optional<at::Tensor>& lse) {
+                        const std::optional<at::Tensor>& lse, const std::optional<at::Tensor>& k_scale,
+                        const std::optional<at::Tensor>& v_scale) {
+  const Settings settings = read_settings();
   CheckedArgs args = check_paged_prefill_args(out, q_in, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens,
-                                              sparse_block_size, local_blocks, vert_stride, head_sliding_step,
-                                              slide_by_kv_head, head_offset, layout_crow, layout_col, lse);
+                                              {pattern, layout_crow, layout_col}, lse, {k_scale, v_scale},
+                                              settings.check_inputs);
   check_cuda_dtype(q_in);
+  check_cuda_cache(key_cache);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in);
-  set_layout(args.pattern, layout_crow, layout_col, args.shape.num_q_heads);
-  if (value_checks_enabled()) {
+  if (settings.check_inputs) {
     check_cu_seqlens_values(cu_seqlens_q.cpu(), "cu_seqlens_q", args.shape.num_q_tokens);
     check_paged_values_on_host(block_tables, seq_lens, key_cache, &cu_seqlens_q);
   }
   PrefillParams params = query_params(out, q, args, scale, lse);
   params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens);
-  run_prefill(params, q);
+  run_prefill(params, q, settings);
 }
 
 // How many CTAs share one sequence's key blocks. Host-known integers only (batch size, kv heads,
 // the block table's capacity), never device data, so the choice is fixed for a captured CUDA graph.
 // Enough (sequence, kv head) units to fill the GPU's CTA slots need no split; otherwise split until
 // the slots are full, keeping each split at least 4 slices per warp so the ring is worth filling.
-int choose_decode_splits(int64_t units, int64_t head_size, int64_t max_seq_len) {
-  if (const char* forced = std::getenv("BSA_DECODE_SPLITS")) {  // tests and benchmarks
-    const int n = std::atoi(forced);
-    if (n >= 1) return n;
-  }
+int choose_decode_splits(int64_t units, int64_t head_size, int64_t max_seq_len, const Settings& settings) {
+  if (settings.decode_splits > 0) return settings.decode_splits;  // tests and benchmarks
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t ctas_per_sm = head_size <= 128 ? 2 : 1;  // shared memory: ~100 KB per CTA, ~200 KB at 256
   const int64_t slots = num_sms * ctas_per_sm;
@@ -322,20 +288,20 @@ int choose_decode_splits(int64_t units, int64_t head_size, int64_t max_seq_len) 
 
 void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
                        const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                       double scale, int64_t sparse_block_size, int64_t local_blocks, int64_t vert_stride,
-                       int64_t head_sliding_step, bool slide_by_kv_head, int64_t head_offset,
-                       const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col,
-                       const std::optional<at::Tensor>& lse) {
+                       double scale, c10::IntArrayRef pattern, const std::optional<at::Tensor>& layout_crow,
+                       const std::optional<at::Tensor>& layout_col, const std::optional<at::Tensor>& lse,
+                       const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  const Settings settings = read_settings();
   CheckedArgs args = check_paged_decode_args(out, q_in, key_cache, value_cache, block_tables, seq_lens,
-                                             sparse_block_size, local_blocks, vert_stride, head_sliding_step,
-                                             slide_by_kv_head, head_offset, layout_crow, layout_col, lse);
+                                             {pattern, layout_crow, layout_col}, lse, {k_scale, v_scale},
+                                             settings.check_inputs);
   check_cuda_dtype(q_in);
-  BSA_CHECK(sparse_block_size % kDecodeSliceTokens == 0, "on CUDA, sparse_block_size must be a multiple of ",
-            kDecodeSliceTokens, ", got ", sparse_block_size);
+  check_cuda_cache(key_cache);
+  BSA_CHECK(args.pattern.block_size % kDecodeSliceTokens == 0, "on CUDA, sparse_block_size must be a multiple of ",
+            kDecodeSliceTokens, ", got ", args.pattern.block_size);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in);
-  set_layout(args.pattern, layout_crow, layout_col, args.shape.num_q_heads);
-  if (value_checks_enabled()) check_paged_values_on_host(block_tables, seq_lens, key_cache, nullptr);
+  if (settings.check_inputs) check_paged_values_on_host(block_tables, seq_lens, key_cache, nullptr);
   if (args.shape.num_seqs == 0) return;
   BSA_CHECK(args.shape.num_seqs <= 65535, "paged_decode on CUDA takes at most 65535 sequences per call (one grid "
             "dimension), got ", args.shape.num_seqs);
@@ -345,7 +311,7 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
   params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens);
   params.head_chunks = static_cast<int>((args.pattern.q_heads_per_kv + kDecodeHeadsPerCta - 1) / kDecodeHeadsPerCta);
   params.num_splits = choose_decode_splits(int64_t{params.num_seqs} * params.num_kv_heads * params.head_chunks,
-                                           params.head_size, block_tables.size(1) * key_cache.size(2));
+                                           params.head_size, block_tables.size(1) * key_cache.size(2), settings);
   // Split partials come from the caching allocator: no device sync, and stable inside a CUDA graph's
   // private pool, so capture and replay work; no split, no workspace.
   at::Tensor partial_out, partial_lse;

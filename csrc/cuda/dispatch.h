@@ -58,9 +58,9 @@ void launch_prefill_sm80(const PrefillParams& params, int max_tiles, cudaStream_
 
 // Defined once per (element, padded head dim 64 or 128, keys per K/V stage 64 or 128) in
 // csrc/cuda/prefill_sm90_*.cu; launched only on compute capability 9.x by an extension built for
-// sm_90a (setup.py defines BSA_BUILT_SM90A). The grid is persistent: at most num_ctas CTAs.
+// sm_90a (setup.py defines BSA_BUILT_SM90A). The grid is persistent: at most launch.num_ctas CTAs.
 template <typename Element, int kHeadDimPad, int kStageKeys>
-void launch_prefill_sm90(const PrefillParams& params, int max_tiles, int num_ctas, cudaStream_t stream);
+void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, cudaStream_t stream);
 
 // Defined once per (element, padded head dim) in csrc/cuda/decode_sm80_*.cu.
 template <typename Element, int kHeadDimPad>

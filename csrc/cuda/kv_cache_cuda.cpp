@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/kv_cache_args.h"
+#include "common/settings.h"
 
 namespace blocksparse_attn {
 
@@ -25,17 +26,17 @@ void launch_copy_blocks(const int64_t* cache_ptrs, const int64_t* mapping, int64
 
 namespace {
 
-bool value_checks_enabled() {
-  const char* v = std::getenv("BSA_CHECK_INPUTS");
-  return v != nullptr && v[0] == '1';
-}
-
 void write_kv_cache_cuda(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
-                         const at::Tensor& value_cache, const at::Tensor& slot_mapping) {
-  check_write_kv_cache_args(key, value, key_cache, value_cache, slot_mapping);
+                         const at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                         const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale) {
+  const Settings settings = read_settings();
+  check_write_kv_cache_args(key, value, key_cache, value_cache, slot_mapping, {k_scale, v_scale},
+                            settings.check_inputs);
+  BSA_CHECK(!is_fp8(key_cache.scalar_type()), "key_cache has dtype ", key_cache.scalar_type(),
+            ": fp8 caches are written by the CPU kernels only in this build");
   const c10::cuda::CUDAGuard guard(key_cache.device());
   const at::Tensor slots = slot_mapping.contiguous();
-  if (value_checks_enabled()) check_slot_values(slots.cpu(), key_cache);
+  if (settings.check_inputs) check_slot_values(slots.cpu(), key_cache);
   const int64_t elem = key.element_size();
   const int64_t row_bytes = key_cache.size(3) * elem;
   const int64_t token_stride = key.stride(0) * elem, head_stride = key.stride(1) * elem;
@@ -65,7 +66,7 @@ void copy_blocks_cuda(at::TensorList kv_caches, const at::Tensor& block_mapping)
   const int64_t block_bytes = first.numel() / (2 * num_blocks) * first.element_size();
   BSA_CHECK(block_bytes % 16 == 0, "copy_blocks needs blocks of a multiple of 16 bytes, got ", block_bytes);
   const c10::cuda::CUDAGuard guard(first.device());
-  if (value_checks_enabled() || block_mapping.device().is_cpu())
+  if (read_settings().check_inputs || block_mapping.device().is_cpu())
     check_block_mapping_values(block_mapping.cpu().contiguous(), num_blocks, num_blocks);
   const at::Tensor mapping = block_mapping.to(first.device()).contiguous();
   std::vector<int64_t> ptrs;

@@ -81,7 +81,7 @@ struct GroupKeyBlocks {
       seek_block = step();
       ++seek_index;
     }
-    rows = __ballot_sync(0xffffffffu, lane_has_head && layout_block_visible(*pattern, lane_head, query_block, seek_block));
+    rows = __ballot_sync(0xffffffffu, lane_has_head && block_visible(*pattern, lane_head, query_block, seek_block));
     return seek_block;
   }
 

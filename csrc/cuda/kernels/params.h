@@ -67,6 +67,13 @@ struct PrefillParams {
   int kv_head_major;
 };
 
+// How the host launches the persistent Hopper prefill kernel (cuda/launch_prefill_sm90.cuh).
+struct Sm90Launch {
+  int max_tiles;  // the plan's bound on (sequence, query tile) items
+  int num_ctas;   // persistent CTAs (one per SM unless BSA_SM90_GRID says otherwise)
+  bool use_tma;   // Q and contiguous K/V through the TMA where the tensors allow it (BSA_SM90_TMA)
+};
+
 // Query heads of one kv group computed together by a decode CTA: the rows of one m16n8k16 tile.
 constexpr int kDecodeHeadsPerCta = 16;
 constexpr int kDecodeSliceTokens = 16;  // keys per warp step (the k extent of one P.V mma)

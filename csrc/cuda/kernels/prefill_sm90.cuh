@@ -541,7 +541,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
             flags[g] = 0;
             const int qb = group_qb[g];
             if (group_lo[g] > group_hi[g] || key_first > group_hi[g] || j > qb) continue;
-            const bool visible = pattern.has_layout() ? layout_block_visible(pattern, head, qb, j)
+            const bool visible = pattern.has_layout() ? block_visible(pattern, head, qb, j)
                                                       : qb - j < pattern.local_blocks || vertical;
             if (!visible) continue;
             flags[g] = kTileVisible | (key_last > group_lo[g] || key_last >= k_len ? kTileMasked : 0);
@@ -872,10 +872,9 @@ inline PFN_cuTensorMapEncodeTiled_v12000 sm90_tensor_map_encoder() {
 // Builds the maps where the TMA can read the tensors (16-byte aligned base and strides); leaves
 // them disabled otherwise. BSA_SM90_TMA=0 disables them (experiments).
 template <typename Element>
-Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params) {
+Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
   Sm90TensorMaps maps{};
-  const char* knob = std::getenv("BSA_SM90_TMA");
-  if (knob != nullptr && std::atoi(knob) == 0) return maps;
+  if (!use_tma) return maps;
   const PFN_cuTensorMapEncodeTiled_v12000 encode = sm90_tensor_map_encoder();
   if (encode == nullptr) return maps;
   const CUtensorMapDataType type =
@@ -910,15 +909,15 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params) {
 // Persistent grid of num_ctas CTAs (one per SM: the ring and the Q buffers take most of the shared
 // memory), at most one per work unit; fills of kStageKeys keys (64 or 128, see Sm90Tiling).
 template <typename Element, int kHeadDim, int kStageKeys>
-void launch_prefill_sm90(const PrefillParams& params, int max_tiles, int num_ctas, cudaStream_t stream) {
+void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, cudaStream_t stream) {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper prefill kernel takes padded head dims 64 and 128");
   using Tiling = Sm90Tiling<kStageKeys>;
   constexpr int kSmemBytes = Sm90Smem<kHeadDim, Tiling>::kBytes;
   auto kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  const int64_t max_units = static_cast<int64_t>(max_tiles) * params.num_q_heads;
-  const int grid = static_cast<int>(std::min<int64_t>(num_ctas, max_units));
-  kernel<<<grid, kSm90Threads, kSmemBytes, stream>>>(params, sm90_tensor_maps<Element>(params));
+  const int64_t max_units = static_cast<int64_t>(launch.max_tiles) * params.num_q_heads;
+  const int grid = static_cast<int>(std::min<int64_t>(launch.num_ctas, max_units));
+  kernel<<<grid, kSm90Threads, kSmemBytes, stream>>>(params, sm90_tensor_maps<Element>(params, launch.use_tma));
 }
 
 }  // namespace blocksparse_attn
