@@ -26,6 +26,14 @@ def _pattern_from_args(args):
 def _cmd_pattern(args) -> int:
     from .layout import density, draw
 
+    if args.out:
+        try:
+            import matplotlib  # noqa: F401  (only the picture needs it: `--out ''` prints without)
+        except ImportError:
+            print("python -m blocksparse_attn pattern needs matplotlib: pip install 'blocksparse_attn[plot]' "
+                  "(or pip install matplotlib; --out '' prints the densities without a picture)",
+                  file=sys.stderr)
+            return 1
     pattern = _pattern_from_args(args)
     heads = [int(h) for h in args.heads.split(",") if h.strip()]
     bad = [h for h in heads if not 0 <= h < args.num_heads]

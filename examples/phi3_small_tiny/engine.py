@@ -25,6 +25,11 @@ from blocksparse_attn import BlocksparseFlashAttentionMetadata as Metadata
 
 from .model import Phi3SmallTiny
 
+try:
+    from tqdm import tqdm
+except ImportError:  # the GPU machines may lack tqdm and have no package index: serve without a bar
+    tqdm = None
+
 
 class BlockAllocator:
     """Physical KV-cache blocks, handed out from a free list (in a seeded shuffled order, so the
@@ -237,16 +242,18 @@ class Engine:
             self.add_request(req)
         total = sum(r.max_new_tokens for r in requests)
         first_record, first_step, first_swaps = len(self.history), self.steps, self.num_swaps
+        bar = tqdm(total=total, unit="tok", file=sys.stderr) if progress and tqdm is not None else None
         done, start = 0, time.perf_counter()
         while self.has_work():
-            done += self.step()
-            if progress:
-                _progress(done, total, time.perf_counter() - start)
+            sampled = self.step()
+            done += sampled
+            if bar is not None:
+                bar.update(sampled)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
-        if progress:
-            print(file=sys.stderr)
+        if bar is not None:
+            bar.close()
         records = self.history[first_record:]
         prefill = [r for r in records if r.prompt_tokens]
         decode = [r for r in records if not r.prompt_tokens]
@@ -257,13 +264,6 @@ class Engine:
                     decodes_in_prefill_steps=sum(r.decodes for r in prefill),
                     decode_steps=len(decode), decode_seconds=sum(r.seconds for r in decode),
                     decode_tokens=sum(r.decodes for r in decode))
-
-
-def _progress(done: int, total: int, seconds: float, width: int = 30) -> None:
-    filled = width * done // max(total, 1)
-    rate = done / seconds if seconds > 0 else 0.0
-    print(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tokens, {rate:.1f} tokens/s",
-          end="", file=sys.stderr, flush=True)
 
 
 class PaddedDecoder:

@@ -8,10 +8,11 @@
 
 (run from the repository root). Requests get random prompts of different lengths and arrive a few
 engine steps apart; prompts are prefilled in chunks of --chunk-size tokens, then decoded in batches,
-greedily. A progress bar goes to stderr, a tokens/s line to stdout, and last a line
-`RESULT json {...}` with the configuration and the timings. --check recomputes every request
-with the dense-mask float32 reference model (no cache, full recompute per generated token, the
-served tokens fed back) and fails unless each logit vector and each greedy token agrees.
+greedily. A progress bar (tqdm's; none where tqdm is not installed) goes to stderr, a tokens/s line
+to stdout, and last a line `RESULT json {...}` with the configuration and the timings. --check
+recomputes every request with the dense-mask float32 reference model (no cache, full recompute per
+generated token, the served tokens fed back) and fails unless each logit vector and each greedy
+token agrees.
 --compare-eager serves the same requests again in one process, one rank, no CUDA graphs, fed the
 served tokens, and fails unless the logits and tokens agree (checks CUDA-graph decode against eager
 decode, and tensor parallelism against one rank).
@@ -147,7 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--init-on-device", action="store_true",
                    help="draw the random weights on --device in --dtype (fast for phi3-small; other values than "
                         "the CPU's draw; with torchrun, rank 0's are broadcast)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none without tqdm)")
     p.add_argument("--check", action="store_true", help="compare with the dense-mask float32 reference")
     p.add_argument("--compare-eager", action="store_true",
                    help="serve the requests again on one rank with eager decode (no CUDA graphs, no padding), fed "
