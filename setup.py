@@ -12,11 +12,14 @@ CppExtension otherwise. Knobs (environment variables):
 """
 import glob
 import os
+import runpy
 
 from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The one list of head sizes (read without importing the package, which is not built yet).
+SUPPORTED = runpy.run_path(os.path.join(ROOT, "blocksparse_attn", "supported.py"))
 
 
 def _flag(name):
@@ -53,15 +56,17 @@ def _extension():
         return cpp_extension.CppExtension(
             "blocksparse_attn._C", sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+    # csrc/cuda/generated/: one kernel instantiation per file (scripts/gen_kernels.py), compiled in parallel.
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/generated/*.cu") +
+                          glob.glob("csrc/cuda/*.cpp"))
     nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-lineinfo"]
     nvcc += ["--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
              "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
              "-U__CUDA_NO_BFLOAT16_OPERATORS__"]
     # The sm80 kernels pad head dims to multiples of 64 (64 | 80-128 | 256); each padded family is
     # a set of template instantiations that BSA_HEAD_DIMS can leave out for quick development builds.
-    head_dims = os.environ.get("BSA_HEAD_DIMS", "64,80,96,112,128,256")
-    pads = sorted({(int(d) + 63) // 64 * 64 for d in head_dims.split(",") if d.strip()})
+    head_dims = os.environ.get("BSA_HEAD_DIMS", ",".join(map(str, SUPPORTED["HEAD_SIZES"])))
+    pads = sorted({SUPPORTED["head_dim_pad"](int(d)) for d in head_dims.split(",") if d.strip()})
     for pad in pads:
         define = f"-DBSA_HEAD_DIM_PAD_{pad}=1"
         nvcc.append(define)

@@ -1,9 +1,11 @@
 """Writes csrc/cuda/kernels/wgmma_generated.cuh: the wgmma.mma_async wrappers of the Hopper prefill
 kernel. Their operand lists (32 or 64 accumulator registers each) are too long to keep by hand.
 
-    python3 scripts/gen_wgmma.py   # rewrites the header; commit the result
+    python3 scripts/gen_wgmma.py           # rewrites the header; commit the result
+    python3 scripts/gen_wgmma.py --check   # exits 1 if the committed header is stale (CI)
 """
 import os
+import sys
 
 TYPES = {"__nv_bfloat16": "bf16", "__half": "f16"}
 N_SIZES = (64, 128)
@@ -60,9 +62,17 @@ def main():
         for ctype, ptype in TYPES.items():
             parts.append(_specialisation(ctype, ptype, n))
     parts.append("}  // namespace ptx\n}  // namespace blocksparse_attn\n")
+    text = "\n".join(parts)
+    if "--check" in sys.argv[1:]:
+        current = open(HEADER).read() if os.path.exists(HEADER) else ""
+        if current != text:
+            print("stale generated file: csrc/cuda/kernels/wgmma_generated.cuh (run python3 scripts/gen_wgmma.py)")
+            return 1
+        return 0
     with open(HEADER, "w") as f:
-        f.write("\n".join(parts))
+        f.write(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

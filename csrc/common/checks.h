@@ -8,6 +8,8 @@
 #include <string>
 #include <type_traits>
 
+#include "supported.h"
+
 namespace blocksparse_attn {
 
 // Error messages are assembled here as std::string, never by streaming numbers into an ostream in
@@ -80,14 +82,10 @@ inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
   BSA_CHECK(t.stride(-1) == 1, name, " must have a unit stride in its last dimension, got strides ", t.strides());
 }
 
-// The head sizes every kernel is instantiated for; the CUDA dispatch switches over the same list.
+// The head sizes every kernel is instantiated for (blocksparse_attn/supported.py, via supported.h).
 inline void check_head_size(int64_t head_size, const char* name) {
-  switch (head_size) {
-    case 64: case 80: case 96: case 112: case 128: case 256:
-      return;
-    default:
-      BSA_CHECK(false, name, " has head size ", head_size, "; supported head sizes are 64, 80, 96, 112, 128, 256");
-  }
+  BSA_CHECK(is_listed(kSupportedHeadSizes, head_size), name, " has head size ", head_size,
+            "; supported head sizes are ", kSupportedHeadSizesText);
 }
 
 }  // namespace blocksparse_attn

@@ -14,6 +14,8 @@
 #include <string>
 #endif
 
+#include "supported.h"
+
 #if defined(__CUDACC__)
 #define BSA_HOST_DEVICE __host__ __device__ __forceinline__
 #else
@@ -24,7 +26,7 @@ namespace blocksparse_attn {
 
 // Either the parametric Phi-3-small pattern or an explicit per-head CSR block layout.
 struct SparsePattern {
-  int block_size;         // B: tokens per sparse block (16, 32, 64, 128)
+  int block_size;         // B: tokens per sparse block (kSupportedSparseBlockSizes)
   int local_blocks;       // L: width of the causal band, the diagonal block included (>= 1)
   int vert_stride;        // V: every V-th key block is a vertical column (>= 1; 1 = dense causal)
   int head_sliding_step;  // s: how far the vertical columns move from one head to the next (>= 0)
@@ -60,8 +62,8 @@ inline std::string decode_pattern_args(const int64_t* args, int64_t count, bool 
   const int64_t b = args[PatternArgs::kBlockSize], local = args[PatternArgs::kLocalBlocks],
                 vert = args[PatternArgs::kVertStride], step = args[PatternArgs::kHeadSlidingStep],
                 by_kv = args[PatternArgs::kSlideByKvHead], offset = args[PatternArgs::kHeadOffset];
-  if (b != 16 && b != 32 && b != 64 && b != 128)
-    return "sparse_block_size must be 16, 32, 64 or 128, got " + std::to_string(b);
+  if (!is_listed(kSupportedSparseBlockSizes, b))
+    return "sparse_block_size must be " + std::string(kSupportedSparseBlockSizesText) + ", got " + std::to_string(b);
   if (step < 0) return "head_sliding_step must be >= 0, got " + std::to_string(step);
   if (by_kv != 0 && by_kv != 1) return "slide_by_kv_head must be 0 or 1, got " + std::to_string(by_kv);
   if (offset < 0) return "head_offset must be >= 0, got " + std::to_string(offset);
@@ -123,15 +125,36 @@ BSA_HOST_DEVICE bool block_visible(const SparsePattern& p, int h, int i, int j) 
   return false;
 }
 
+// One explicit-layout row's visible blocks (its CSR entries), ascending, read from the head's column
+// list `col` (LayoutRow::columns; kept by the caller: a walk's rows share their head's); query
+// blocks past the layout's rows see nothing.
+struct LayoutRow {
+  int entry, entry_end;
+
+  BSA_HOST_DEVICE static const int32_t* columns(const SparsePattern& p, int h) {
+    return p.layout_col + static_cast<int64_t>(h) * p.layout_col_stride;
+  }
+  BSA_HOST_DEVICE void init(const SparsePattern& p, int h, int i) {
+    const int32_t* crow = p.layout_crow + static_cast<int64_t>(h) * (p.layout_rows + 1);
+    const bool covered = i < p.layout_rows;
+    entry = covered ? crow[i] : 0;
+    entry_end = covered ? crow[i + 1] : 0;
+  }
+  // The row's next block, INT32_MAX when done.
+  BSA_HOST_DEVICE int peek(const int32_t* col) const { return entry < entry_end ? col[entry] : INT32_MAX; }
+  BSA_HOST_DEVICE void advance() { ++entry; }
+};
+
 // THE walk: the key blocks visible to some query block of [qb_first, qb_last] (at most kMaxRows of
 // them) of q head h, ascending, each with the query blocks that see it (bit r: qb_first + r).
 //  - parametric pattern: the vertical columns below qb_first's band, then the band from there to
 //    qb_last. That is exactly the union: a row's band and its later rows' bands are contiguous, and
 //    every vertical column at or past the band start lies inside it. The verticality of band blocks
 //    (needed only by rows whose band starts later) is tracked by a running phase, never a division.
-//  - explicit layout: a merge of the rows' CSR lists.
+//  - explicit layout: a merge of the rows' LayoutRow cursors (the decode kernel merges one per lane
+//    across its warp instead: one head per lane).
 // Host and device; one instance per thread (kernels call it identically in every thread that needs
-// it, or once per lane for per-lane rows).
+// it).
 template <int kMaxRows>
 struct VisibleBlocks {
   static_assert(kMaxRows >= 1 && kMaxRows <= 32, "rows are bits of an unsigned");
@@ -142,21 +165,19 @@ struct VisibleBlocks {
   int phase;       // pattern, band part: (block - residue) mod V, 0 = a vertical column
   int residue;     // pattern: the head's vertical residue
   bool last_vertical;  // pattern, kMaxRows > 1: the block next() returned last is a vertical column
-  const int32_t* col;                     // layout: the head's column list
-  int entry[kMaxRows], entry_end[kMaxRows];  // layout: each row's cursor
+  const int32_t* col;                // layout: the head's column list
+  LayoutRow layout_rows[kMaxRows];  // layout: each row's cursor
 
   BSA_HOST_DEVICE void init(const SparsePattern& pattern, int h, int first, int last) {
     p = &pattern;
     qb_first = first;
     num_rows = last - first + 1 < kMaxRows ? last - first + 1 : kMaxRows;
     if (pattern.has_layout()) {
-      const int32_t* crow = pattern.layout_crow + static_cast<int64_t>(h) * (pattern.layout_rows + 1);
-      col = pattern.layout_col + static_cast<int64_t>(h) * pattern.layout_col_stride;
+      col = LayoutRow::columns(pattern, h);
 #pragma unroll
       for (int r = 0; r < kMaxRows; ++r) {
-        const bool covered = r < num_rows && first + r < pattern.layout_rows;
-        entry[r] = covered ? crow[first + r] : 0;
-        entry_end[r] = covered ? crow[first + r + 1] : 0;
+        layout_rows[r].init(pattern, h, first + r);
+        if (r >= num_rows) layout_rows[r].entry_end = layout_rows[r].entry;  // not one of the walk's rows
       }
       return;
     }
@@ -172,15 +193,14 @@ struct VisibleBlocks {
     if (p->has_layout()) {
       int j = INT32_MAX;
 #pragma unroll
-      for (int r = 0; r < kMaxRows; ++r)
-        if (entry[r] < entry_end[r] && col[entry[r]] < j) j = col[entry[r]];
+      for (int r = 0; r < kMaxRows; ++r) j = layout_rows[r].peek(col) < j ? layout_rows[r].peek(col) : j;
       if (j == INT32_MAX) return -1;
       rows = 0;
 #pragma unroll
       for (int r = 0; r < kMaxRows; ++r)
-        if (entry[r] < entry_end[r] && col[entry[r]] == j) {
+        if (layout_rows[r].peek(col) == j) {
           rows |= 1u << r;
-          ++entry[r];
+          layout_rows[r].advance();
         }
       return j;
     }

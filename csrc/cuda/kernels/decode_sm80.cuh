@@ -16,9 +16,12 @@
 #include <climits>
 #include <cstdint>
 
+#include "common/pattern.h"
+#include "cuda/kernels/kv_tile.cuh"
 #include "cuda/kernels/params.h"
-#include "cuda/kernels/prefill_sm80.cuh"  // swizzle, layout_block_visible
 #include "cuda/kernels/ptx.cuh"
+#include "cuda/kernels/smem_layout.cuh"
+#include "cuda/kernels/softmax.cuh"
 
 namespace blocksparse_attn {
 
@@ -38,73 +41,63 @@ struct DecodeSmem {
   static constexpr int kBytes = kQueryBytes + kPipelineBytes;
 };
 
-// The union of the key blocks that the CTA's q heads see from query block i, as a list indexed
-// k = 0 .. total-1 in ascending block order; seek(k, rows) returns block k and sets bit r of rows
-// when head row r sees it.
-//  - parametric pattern: the far vertical blocks j < band_start whose residue j % V belongs to some
-//    head (closed form, O(1) per index, so a split starts anywhere and lanes may seek independently),
-//    then the band [band_start, i], seen by every head;
-//  - explicit layout: a warp-wide merge of the heads' sorted CSR rows (lane r holds head r's cursor),
-//    walked forwards; seek() must be called by all lanes of a warp with non-decreasing k.
+// The union of the key blocks that the CTA's q heads see from query block i, indexed k = 0 .. total-1
+// in ascending block order; seek(k, rows) returns block k and sets bit r of rows when head row r
+// sees it. Both forms come from common/pattern.h:
+//  - parametric pattern: HeadSetBlocks, O(1) per index, so a split starts anywhere and lanes may
+//    seek independently;
+//  - explicit layout: a warp-wide merge of the heads' walks (lane r walks head r's row), forwards
+//    only; seek() must be called by all lanes of a warp with non-decreasing k.
 struct GroupKeyBlocks {
   bool layout;
   int total;
-  // parametric
-  int vert_stride, band_start, num_far, num_residues;
-  const int* residues;               // sorted, distinct (shared memory)
-  const unsigned* residue_rows;      // rows whose heads have residues[e] (shared memory)
+  HeadSetBlocks set;  // parametric
   // layout
   const SparsePattern* pattern;
-  const int32_t* col;
-  int query_block, lane_head;
+  int lane_head, query_block;
   bool lane_has_head;
-  int entry, entry_end, head_block;  // this lane's head: next entry and its block (INT_MAX when done)
+  const int32_t* col;  // this lane's head's column list
+  LayoutRow row;       // its row
   int seek_index, seek_block;
+  unsigned seek_rows;
 
-  __device__ int step() {
-    const int j = __reduce_min_sync(0xffffffffu, head_block);
-    if (j != INT_MAX && head_block == j) head_block = ++entry < entry_end ? col[entry] : INT_MAX;
+  __device__ void restart() {
+    col = LayoutRow::columns(*pattern, lane_head);
+    row.init(*pattern, lane_head, query_block);
+    if (!lane_has_head) row.entry_end = row.entry;
+    seek_index = -1;
+  }
+
+  // The warp's next block (INT_MAX at the end) and the lanes (heads) that see it.
+  __device__ int step(unsigned& rows) {
+    const int mine = row.peek(col);
+    const int j = __reduce_min_sync(0xffffffffu, mine);
+    rows = __ballot_sync(0xffffffffu, j != INT32_MAX && mine == j);
+    if (j != INT32_MAX && mine == j) row.advance();
     return j;
   }
 
   __device__ int seek(int k, unsigned& rows) {
-    if (!layout) {
-      if (k >= num_far) {
-        rows = 0xffffu;
-        return band_start + (k - num_far);
-      }
-      const int e = k % num_residues;
-      rows = residue_rows[e];
-      return (k / num_residues) * vert_stride + residues[e];
-    }
+    if (!layout) return set.block(k, rows);
     while (seek_index < k) {
-      seek_block = step();
+      seek_block = step(seek_rows);
       ++seek_index;
     }
-    rows = __ballot_sync(0xffffffffu, lane_has_head && block_visible(*pattern, lane_head, query_block, seek_block));
+    rows = seek_rows;
     return seek_block;
   }
 
   __device__ void init_layout(const SparsePattern& p, int head, bool has_head, int i) {
     layout = true;
     pattern = &p;
-    query_block = i;
     lane_head = head;
     lane_has_head = has_head;
-    entry = entry_end = 0;
-    if (has_head && i < p.layout_rows) {
-      const int32_t* crow = p.layout_crow + static_cast<int64_t>(head) * (p.layout_rows + 1);
-      col = p.layout_col + static_cast<int64_t>(head) * p.layout_col_stride;
-      entry = crow[i];
-      entry_end = crow[i + 1];
-    }
-    const int first_entry = entry;
-    head_block = entry < entry_end ? col[entry] : INT_MAX;
+    query_block = i;
+    restart();
     total = 0;
-    while (step() != INT_MAX) ++total;  // a counting pass, then rewind
-    entry = first_entry;
-    head_block = entry < entry_end ? col[entry] : INT_MAX;
-    seek_index = -1;
+    unsigned rows;
+    while (step(rows) != INT32_MAX) ++total;  // a counting pass, then rewind
+    restart();
   }
 };
 
@@ -144,7 +137,6 @@ decode_sm80_kernel(const DecodeParams params) {
   const int capacity = table_tokens > INT_MAX ? INT_MAX : static_cast<int>(table_tokens);
   const int seq_len = min(max(kv.seq_lens[seq], 0), capacity);
   const int query_block = seq_len > 0 ? (seq_len - 1) / pattern.block_size : 0;
-  const int band_start = max(query_block - pattern.local_blocks + 1, 0);
 
   // Q rows = the chunk's heads; rows past num_rows and columns past head_size are zero.
   {
@@ -157,28 +149,8 @@ decode_sm80_kernel(const DecodeParams params) {
     }
     ptx::cp_async_commit();
   }
-  if (tid == 0 && !pattern.has_layout()) {  // the group's distinct vertical residues, sorted
-    int n = 0;
-    for (int r = 0; r < num_rows; ++r) {
-      int rho = vertical_residue(pattern, first_head + r);
-      int pos = n;
-      bool seen = false;
-      for (int e = 0; e < n; ++e) seen |= s_residues[e] == rho;
-      if (seen) continue;
-      while (pos > 0 && s_residues[pos - 1] > rho) {
-        s_residues[pos] = s_residues[pos - 1];
-        --pos;
-      }
-      s_residues[pos] = rho;
-      ++n;
-    }
-    s_num_residues = n;
-    for (int e = 0; e < n; ++e) {
-      unsigned rows = 0;
-      for (int r = 0; r < num_rows; ++r) rows |= (vertical_residue(pattern, first_head + r) == s_residues[e]) << r;
-      s_residue_rows[e] = rows;
-    }
-  }
+  if (tid == 0 && !pattern.has_layout())  // the group's distinct vertical residues, sorted
+    s_num_residues = head_residues(pattern, first_head, num_rows, s_residues, s_residue_rows);
   ptx::cp_async_wait<0>();
   __syncthreads();
 
@@ -187,15 +159,8 @@ decode_sm80_kernel(const DecodeParams params) {
     blocks.init_layout(pattern, first_head + lane, lane < num_rows, query_block);
   } else {
     blocks.layout = false;
-    blocks.vert_stride = pattern.vert_stride;
-    blocks.band_start = band_start;
-    blocks.num_residues = s_num_residues;
-    blocks.residues = s_residues;
-    blocks.residue_rows = s_residue_rows;
-    int far = (band_start / pattern.vert_stride) * s_num_residues;
-    for (int e = 0; e < s_num_residues; ++e) far += s_residues[e] < band_start % pattern.vert_stride;
-    blocks.num_far = far;
-    blocks.total = far + query_block - band_start + 1;
+    blocks.set.init(pattern, query_block, s_residues, s_residue_rows, s_num_residues, 0xffffu);
+    blocks.total = blocks.set.total;
   }
   if (seq_len == 0) blocks.total = 0;
 
@@ -280,22 +245,10 @@ decode_sm80_kernel(const DecodeParams params) {
       }
       return;
     }
-#pragma unroll
-    for (int u = 0; u < kCopies; ++u) {  // general: a page lookup per row
-      const int row = lane_row + u * kRowsPerCopy;
-      const int pos = token0 + row;
-      bool valid = pos < seq_len && lane_col < head_size;
-      int64_t offset = 0;
-      if (valid) {
-        const int page = kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
-        valid = page >= 0 && page < kv.num_cache_blocks;
-        offset = page * kv.cache_block_stride + head_offset + static_cast<int64_t>(pos % kv.kv_block_size) * head_size +
-                 lane_col;
-      }
-      const int dst = swizzle<kHeadDimPad>(row, lane_col);
-      ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
-      ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
-    }
+    // General (explicit layouts, cache blocks smaller than a slice): a page lookup per row.
+    copy_kv_rows<Element, kCopies, kRowsPerCopy>(
+        kv, seq, kv_head, token0, lane_row, lane_col, seq_len, head_size, true, dst_k, dst_v,
+        [](int row, int col) { return swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element)); });
   };
 
   float acc_o[kDimTiles][4];
@@ -303,8 +256,8 @@ decode_sm80_kernel(const DecodeParams params) {
   for (int d = 0; d < kDimTiles; ++d)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_o[d][e] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};
+  OnlineSoftmax softmax;
+  softmax.init();
 
   // Slices of this warp: slice_begin + warp + kDecodeWarps * m. Iteration m first refills the stage
   // that slice m - 1 used with slice m + kDecodeStages - 1, then waits for slice m: kDecodeStages - 1
@@ -342,51 +295,24 @@ decode_sm80_kernel(const DecodeParams params) {
     }
 
     // Mask by head (which heads see this block) and by length: only far blocks and the last slice
-    // need it (a select, never an added bias: NaN-safe). Rows past num_rows have zero queries and
-    // are never written, so the band needs no row mask.
-    if (slice_rows != 0xffffu || token0 + kDecodeSliceRows > seq_len) {  // warp-uniform
+    // need it; those are scaled and masked first, the others keep S unscaled (the scale folds into
+    // the exponent). Rows past num_rows have zero queries and are never written, so the band needs
+    // no row mask.
+    float multiplier = params.scale_log2;
+    if (slice_rows != 0xffffu || token0 + kDecodeSliceRows > seq_len || !(params.scale_log2 > 0.f)) {  // warp-uniform
+      multiplier = 1.f;
       const bool sees[2] = {((slice_rows >> group) & 1u) != 0, ((slice_rows >> (group + 8)) & 1u) != 0};
 #pragma unroll
       for (int n = 0; n < 2; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int t = token0 + n * 8 + tig * 2 + (e & 1);
-          if (!(sees[e >> 1] && t < seq_len)) acc_s[n][e] = -INFINITY;
+          acc_s[n][e] = masked_score(acc_s[n][e], sees[e >> 1] && t < seq_len, params.scale_log2);
         }
     }
-#pragma unroll
-    for (int n = 0; n < 2; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[n][e] *= params.scale_log2;
-
     float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = fmaxf(row_max[r], fmaxf(fmaxf(acc_s[0][2 * r], acc_s[0][2 * r + 1]), fmaxf(acc_s[1][2 * r], acc_s[1][2 * r + 1])));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float ref = mx == -INFINITY ? 0.f : mx;  // a head that has seen nothing yet: avoid inf - inf
-      alpha[r] = ptx::exp2_approx(row_max[r] - ref);
-      row_max[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < 2; ++n) {
-        acc_s[n][2 * r] = ptx::exp2_approx(acc_s[n][2 * r] - ref);
-        acc_s[n][2 * r + 1] = ptx::exp2_approx(acc_s[n][2 * r + 1] - ref);
-        sum += acc_s[n][2 * r] + acc_s[n][2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * alpha[r] + sum;
-    }
-    // The running maxima settle after a few slices; skip the 2 x kDimTiles rescales while they hold.
-    if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-      for (int d = 0; d < kDimTiles; ++d) {
-        acc_o[d][0] *= alpha[0];
-        acc_o[d][1] *= alpha[0];
-        acc_o[d][2] *= alpha[1];
-        acc_o[d][3] *= alpha[1];
-      }
-    }
+    softmax.update(flat(acc_s), multiplier, 0.f, alpha);
+    rescale_rows(flat(acc_o), alpha);
 
     // O += P V: the S accumulators of the two key n-tiles are exactly P's A fragment.
     uint32_t a[4];
@@ -405,16 +331,12 @@ decode_sm80_kernel(const DecodeParams params) {
   ptx::cp_async_wait<0>();
 
   // Merge the four warps' states through shared memory (over the ring, once every warp is done).
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
-  }
+  const float row_sum[2] = {softmax.quad_sum(0), softmax.quad_sum(1)};
   __syncthreads();
   float* s_o = reinterpret_cast<float*>(s_ring);  // [warp][16][pad]
   if (tig == 0) {
-    s_row_max[warp][group] = row_max[0];
-    s_row_max[warp][group + 8] = row_max[1];
+    s_row_max[warp][group] = softmax.row_max[0];
+    s_row_max[warp][group + 8] = softmax.row_max[1];
     s_row_sum[warp][group] = row_sum[0];
     s_row_sum[warp][group + 8] = row_sum[1];
   }
@@ -444,7 +366,7 @@ decode_sm80_kernel(const DecodeParams params) {
     }
     // sum = 0: nothing visible (empty split, seq_len 0): O = 0, lse = -inf; a NaN sum (non-finite
     // input) stays NaN in both, as in dense attention.
-    const float inv_sum = sum == 0.f ? 0.f : 1.f / sum;
+    const float inv_sum = inverse_sum(sum);
     float o[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
@@ -453,7 +375,7 @@ decode_sm80_kernel(const DecodeParams params) {
       for (int w = 0; w < kDecodeWarps; ++w) acc += weight[w] * s_o[(w * kDecodeHeadsPerCta + row) * kHeadDimPad + col + e];
       o[e] = acc * inv_sum;
     }
-    const float lse = sum == 0.f ? -INFINITY : (mx + __log2f(sum)) * 0.69314718055994531f;
+    const float lse = row_lse(mx, sum);
     const int head = first_head + row;
     if (params.num_splits == 1) {
       uint4 packed;

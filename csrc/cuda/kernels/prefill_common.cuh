@@ -1,12 +1,12 @@
-// What the prefill kernels (sm80 and sm90) share: block-level visibility (the parametric pattern of
-// common/pattern.h, or a binary search in the explicit CSR layout's row) and the rows a work item
-// covers. Torch-free.
+// What the prefill kernels (sm80 and sm90) share: the work unit a CTA resolves from the plan's list
+// and the end of a row's softmax. Torch-free.
 #pragma once
 
 #include <cstdint>
 
 #include "common/pattern.h"
 #include "cuda/kernels/params.h"
+#include "cuda/kernels/softmax.cuh"
 
 namespace blocksparse_attn {
 
@@ -60,22 +60,16 @@ __device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, i
   return true;
 }
 
-// The end of a query row's online softmax, in both prefill kernels' accumulator layout (the 4
-// threads of a quad hold one row's keys): sums the quad's partial denominators, writes the row's lse
-// (log2-domain running max `row_max`) from the quad's first thread (tig 0) when the row at absolute
-// position `pos` is one of the item's queries, and returns the factor that normalises O.
-__device__ __forceinline__ float finish_prefill_row(const PrefillParams& params, const PrefillItem& it, float row_sum,
-                                                    float row_max, int pos, int tig) {
-  float l = row_sum;
-  l += __shfl_xor_sync(0xffffffff, l, 1);
-  l += __shfl_xor_sync(0xffffffff, l, 2);
-  // l = 0 only for a row that sees no key (explicit layouts): O = 0, lse = -inf. A NaN l (a
-  // non-finite input) must stay NaN in both, as in dense attention, so test == 0, not > 0.
-  if (params.lse != nullptr && tig == 0 && pos >= it.valid_begin && pos < it.valid_end) {
-    const float lse = l == 0.f ? -INFINITY : (row_max + __log2f(l)) * 0.69314718055994531f;
-    params.lse[static_cast<int64_t>(it.head) * params.num_q_tokens + it.q_begin + pos - it.first_pos] = lse;
-  }
-  return l == 0.f ? 0.f : 1.f / l;
+// The end of a query row's online softmax in both prefill kernels: the quad's sum, the row's lse
+// written from the quad's first thread (tig 0) when the row at absolute position `pos` is one of
+// the item's queries, and the factor that normalises O.
+__device__ __forceinline__ float finish_prefill_row(const PrefillParams& params, const PrefillItem& it,
+                                                    const OnlineSoftmax& softmax, int r, int pos, int tig) {
+  const float l = softmax.quad_sum(r);
+  if (params.lse != nullptr && tig == 0 && pos >= it.valid_begin && pos < it.valid_end)
+    params.lse[static_cast<int64_t>(it.head) * params.num_q_tokens + it.q_begin + pos - it.first_pos] =
+        row_lse(softmax.row_max[r], l);
+  return inverse_sum(l);
 }
 
 }  // namespace blocksparse_attn

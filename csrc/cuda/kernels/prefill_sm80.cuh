@@ -22,9 +22,13 @@
 #include <cfloat>
 #include <cstdint>
 
-#include "cuda/kernels/prefill_common.cuh"
+#include "common/pattern.h"
+#include "cuda/kernels/kv_tile.cuh"
 #include "cuda/kernels/params.h"
+#include "cuda/kernels/prefill_common.cuh"
 #include "cuda/kernels/ptx.cuh"
+#include "cuda/kernels/smem_layout.cuh"
+#include "cuda/kernels/softmax.cuh"
 
 namespace blocksparse_attn {
 
@@ -35,8 +39,6 @@ constexpr int kPrefillThreads = kPrefillWarps * 32;
 #define BSA_PREFILL_STAGES 3
 #endif
 
-// Head dims are padded in shared memory to a multiple of 64 elements (128-byte rows), so the XOR
-// swizzle of 16-byte chunks by (row % 8) is always defined; padding columns are zero.
 
 template <typename Element, int kHeadDimPad>
 struct PrefillSmem {
@@ -48,110 +50,81 @@ struct PrefillSmem {
   static constexpr int kBytes = (kTileElems + 2 * kStages * kKeyTileElems) * sizeof(Element);
 };
 
-// Element offset of (row, col) in a [rows][kHeadDimPad] tile whose 16-byte chunks are swizzled.
-template <int kHeadDimPad>
-__device__ __forceinline__ int swizzle(int row, int col) {
-  const int chunk = (col >> 3) ^ (row & 7);
-  return row * kHeadDimPad + (chunk << 3) + (col & 7);
-}
-
 // ---- which key tiles a query tile visits ------------------------------------------------------------
 
-// Enumerates, identically in every thread of the CTA, the kPrefillBlockN-key tiles a 64-row query
-// tile needs. B >= 64 (and >= the key tile): walks the visible key blocks of the tile's single query
-// block (vertical columns, then the band; or the layout's row) and splits each into key tiles.
-// Smaller B: a tile spans several blocks of both kinds, so every causal key tile is tested pair by
-// pair (a correctness path; Phi-3-small uses B = 64). `masked` says the tile needs the per-element
-// mask.
+// The kPrefillBlockN-key tiles a 64-row query tile visits, identically in every thread of the CTA, from
+// the pattern's walk (common/pattern.h). B >= 64: the tile's rows lie in one query block, whose
+// visible blocks are split into key tiles. B < 64: the tile spans several query blocks (4 at B = 16),
+// whose union the walk gives with the rows that see each block; consecutive blocks of one key tile
+// are merged. `masked`: the tile needs the per-element mask (it crosses the tile's first query
+// position, or, spanning several query blocks, some of its (row, key) pairs are not visible).
 struct KeyTileCursor {
-  const SparsePattern* p;
-  int head;
-  int q_tile;           // query tile index (positions q_tile * 64 ...)
-  int qb_first, qb_last;  // query blocks of the tile's valid rows
-  int last_key_tile;    // the key tile holding the tile's last query position
-  int block;            // blockwise: current key block (or layout entry); pairwise: next key tile
-  int block_end;        // layout: end entry
-  int sub;              // blockwise: next key tile within the current block
-  int band_start;
+  static constexpr int kMaxQueryBlocks = kPrefillBlockM / 16;  // B = 16
+  int block_size;
+  int q_tile;         // query tile index (positions q_tile * 64 ...)
+  int last_key_tile;  // the key tile holding the tile's last query position
+  bool multi;         // B < 64: several query blocks per tile
+  // B >= 64
+  VisibleBlocks<1> walk;
+  int block, sub, tiles_per_block;
+  // B < 64
+  VisibleBlocks<kMaxQueryBlocks> multi_walk;
+  unsigned all_rows;  // bits of the tile's query blocks
+  int peek;           // the walk's next block (-2: not read yet)
+  unsigned peek_rows;
 
   __device__ void init(const SparsePattern& pattern, int h, int tile, int first_valid_pos, int last_valid_pos) {
-    p = &pattern;
-    head = h;
+    block_size = pattern.block_size;
     q_tile = tile;
-    qb_first = first_valid_pos / pattern.block_size;
-    qb_last = last_valid_pos / pattern.block_size;
-    sub = 0;
     last_key_tile = (tile * kPrefillBlockM + kPrefillBlockM - 1) / kPrefillBlockN;
-    if (pairwise()) {
-      block = 0;
-    } else if (pattern.has_layout()) {
-      const int32_t* crow = pattern.layout_crow + static_cast<int64_t>(h) * (pattern.layout_rows + 1);
-      const bool covered = qb_first < pattern.layout_rows;
-      block = covered ? crow[qb_first] : 0;
-      block_end = covered ? crow[qb_first + 1] : 0;
+    const int qb_first = first_valid_pos / pattern.block_size, qb_last = last_valid_pos / pattern.block_size;
+    multi = pattern.block_size < kPrefillBlockM;
+    if (multi) {
+      multi_walk.init(pattern, h, qb_first, qb_last);
+      all_rows = (1u << (qb_last - qb_first + 1)) - 1;
+      peek = -2;
     } else {
-      band_start = max(qb_first - pattern.local_blocks + 1, 0);
-      const int rho = vertical_residue(pattern, h);
-      block = rho < band_start ? rho : band_start;
+      walk.init(pattern, h, qb_first, qb_first);
+      tiles_per_block = pattern.block_size / kPrefillBlockN;
+      sub = tiles_per_block;
     }
   }
-
-  // Blocks smaller than a query or key tile: the tile spans several blocks of both kinds.
-  __device__ bool pairwise() const { return p->block_size < kPrefillBlockM || p->block_size < kPrefillBlockN; }
 
   // Does key tile t hold a key after the tile's first query position (so it needs the causal mask)?
   __device__ bool crosses_diagonal(int t) const { return (t + 1) * kPrefillBlockN - 1 > q_tile * kPrefillBlockM; }
 
   __device__ bool next(int& key_tile, bool& masked) {
-    const int b = p->block_size;
-    if (pairwise()) {
-      const int per_tile = kPrefillBlockN / b;
-      for (; block <= last_key_tile; ++block) {
-        bool any = false, all = true;
-        for (int i = qb_first; i <= qb_last; ++i)
-          for (int j = block * per_tile; j < (block + 1) * per_tile; ++j) {
-            const bool v = block_visible(*p, head, i, j);
-            any |= v;
-            all &= v;
-          }
-        if (any) {
-          key_tile = block;
-          masked = !all || crosses_diagonal(block);
-          ++block;
-          return true;
-        }
-      }
-      return false;
+    unsigned rows;
+    if (multi) {  // B <= kPrefillBlockN: kPrefillBlockN / B blocks per key tile
+      if (peek == -2) peek = multi_walk.next(peek_rows);
+      if (peek < 0) return false;
+      const int tile = peek * block_size / kPrefillBlockN;
+      bool all = true;
+      int seen = 0;
+      for (; peek >= 0 && peek * block_size / kPrefillBlockN == tile; peek = multi_walk.next(peek_rows), ++seen)
+        all &= peek_rows == all_rows;
+      key_tile = tile;
+      masked = !all || seen * block_size < kPrefillBlockN || crosses_diagonal(tile);
+      return true;
     }
-    const int tiles_per_block = b / kPrefillBlockN;
     while (true) {
-      int j;
-      if (p->has_layout()) {
-        if (block >= block_end) return false;
-        const int32_t* col = p->layout_col + static_cast<int64_t>(head) * p->layout_col_stride;
-        j = col[block];
-      } else {
-        if (block > qb_first) return false;
-        j = block;
-      }
-      const int tile = j * tiles_per_block + sub;
-      if (++sub == tiles_per_block) {  // advance to the next block
+      if (sub == tiles_per_block) {
+        block = walk.next(rows);
         sub = 0;
-        if (p->has_layout()) {
-          ++block;
-        } else if (block < band_start) {
-          block += p->vert_stride;
-          if (block >= band_start) block = band_start;
-        } else {
-          ++block;
-        }
+        if (block < 0) return false;
       }
-      if (tile > last_key_tile) continue;  // B = 128: the diagonal block's half after this query tile
+      const int tile = block * tiles_per_block + sub++;
+      if (tile > last_key_tile) {  // B = 128: the diagonal block's half after this query tile
+        sub = tiles_per_block;
+        continue;
+      }
       key_tile = tile;
       masked = crosses_diagonal(tile);
       return true;
     }
   }
+
+  __device__ bool pairwise() const { return multi; }
 };
 
 // ---- the kernel ---------------------------------------------------------------------------------
@@ -195,49 +168,13 @@ prefill_sm80_kernel(const PrefillParams params) {
     }
   }
 
-  // K/V tile loader: key positions key_tile * 64 + row; rows past k_len are zero-filled, which keeps
-  // unwritten cache slots (possibly NaN) out of P.V.
+  // K and V of key tile key_tile (positions key_tile * kPrefillBlockN + row) into a ring stage.
   auto load_kv = [&](int key_tile, int stage) {
-    const Element* key = static_cast<const Element*>(kv.key);
-    const Element* value = static_cast<const Element*>(kv.value);
-    Element* dst_k = s_k + stage * Smem::kKeyTileElems;
-    Element* dst_v = s_v + stage * Smem::kKeyTileElems;
     constexpr int kRowsPerCopy = kPrefillThreads / kChunksPerRow;
-    const int thread_row = tid / kChunksPerRow, col = (tid % kChunksPerRow) * 8;
-    const int tile_pos0 = key_tile * kPrefillBlockN;
-    if (!kv.paged()) {
-      // Contiguous keys: one base offset per tile, then fixed steps (a 64-bit product per copy
-      // costs more issue slots than the copy itself).
-      const int64_t base = static_cast<int64_t>(kv.cu_seqlens_k[seq] + tile_pos0 + thread_row) * kv.row_stride +
-                           kv_head * kv.head_stride + col;
-      const int64_t step = kRowsPerCopy * kv.row_stride;
-#pragma unroll
-      for (int u = 0; u < kKeyTileChunks / kPrefillThreads; ++u) {
-        const int row = thread_row + u * kRowsPerCopy;
-        const bool valid = tile_pos0 + row < k_len && col < head_size;
-        const int64_t offset = base + u * step;
-        const int dst = swizzle<kHeadDimPad>(row, col);
-        ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
-        ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
-      }
-      return;
-    }
-#pragma unroll
-    for (int u = 0; u < kKeyTileChunks / kPrefillThreads; ++u) {
-      const int row = thread_row + u * kRowsPerCopy;
-      const int pos = tile_pos0 + row;
-      bool valid = pos < k_len && col < head_size;
-      int64_t offset = 0;
-      if (valid) {
-        const int page = kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
-        valid = page >= 0 && page < kv.num_cache_blocks;  // a bad id reads zeros, never wild memory
-        offset = page * kv.cache_block_stride + kv_head * kv.cache_head_stride +
-                 static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
-      }
-      const int dst = swizzle<kHeadDimPad>(row, col);
-      ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
-      ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
-    }
+    copy_kv_rows<Element, kKeyTileChunks / kPrefillThreads, kRowsPerCopy>(
+        kv, seq, kv_head, key_tile * kPrefillBlockN, tid / kChunksPerRow, (tid % kChunksPerRow) * 8, k_len,
+        head_size, true, s_k + stage * Smem::kKeyTileElems, s_v + stage * Smem::kKeyTileElems,
+        [](int row, int col) { return swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element)); });
   };
 
   // The ring: tiles 0 .. kStages - 2 in flight before the loop; iteration n waits for tile n, then
@@ -275,8 +212,8 @@ prefill_sm80_kernel(const PrefillParams params) {
   for (int d = 0; d < kDimTiles; ++d)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_o[d][e] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};
+  OnlineSoftmax softmax;
+  softmax.init();
   const int group = lane >> 2, tig = lane & 3;
   const int row_in_tile[2] = {warp * 16 + group, warp * 16 + group + 8};
 
@@ -314,56 +251,30 @@ prefill_sm80_kernel(const PrefillParams params) {
       }
     }
 
-    // Scale into the log2 domain and mask (select, never add: garbage K rows may hold NaN).
-    const int key_pos0 = cur_tile * kPrefillBlockN;
+    // Tiles that need no mask keep S unscaled (the scale folds into the exponent's FFMA); masked
+    // tiles are scaled and masked first.
+    float multiplier = params.scale_log2;
+    if (cur_masked || !(params.scale_log2 > 0.f)) {
+      multiplier = 1.f;
+      const int key_pos0 = cur_tile * kPrefillBlockN;
 #pragma unroll
-    for (int n = 0; n < kKeyNTiles; ++n)
+      for (int n = 0; n < kKeyNTiles; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float s = acc_s[n][e] * params.scale_log2;
-        if (cur_masked) {
-          const int p = tile_pos + row_in_tile[e >> 1];
-          const int t = key_pos0 + n * 8 + tig * 2 + (e & 1);
-          bool visible = t <= p && t < k_len;
-          if (pairwise && visible)
-            visible = block_visible(params.pattern, head, p / params.pattern.block_size, t / params.pattern.block_size);
-          if (!visible) s = -INFINITY;
+        for (int e = 0; e < 4; ++e) {
+          bool visible = true;
+          if (cur_masked) {
+            const int p = tile_pos + row_in_tile[e >> 1];
+            const int t = key_pos0 + n * 8 + tig * 2 + (e & 1);
+            visible = t <= p && t < k_len;
+            if (pairwise && visible)
+              visible = block_visible(params.pattern, head, p / params.pattern.block_size, t / params.pattern.block_size);
+          }
+          acc_s[n][e] = masked_score(acc_s[n][e], visible, params.scale_log2);
         }
-        acc_s[n][e] = s;
-      }
-
-    // Online softmax: the 4 threads of a quad hold one row's 64 scores.
+    }
     float row_alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int n = 0; n < kKeyNTiles; ++n) mx = fmaxf(mx, fmaxf(acc_s[n][2 * r], acc_s[n][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-      const float ref = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet: avoid inf - inf
-      const float alpha = ptx::exp2_approx(row_max[r] - ref);
-      row_max[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int n = 0; n < kKeyNTiles; ++n) {
-        acc_s[n][2 * r] = ptx::exp2_approx(acc_s[n][2 * r] - ref);
-        acc_s[n][2 * r + 1] = ptx::exp2_approx(acc_s[n][2 * r + 1] - ref);
-        sum += acc_s[n][2 * r] + acc_s[n][2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * alpha + sum;
-      row_alpha[r] = alpha;
-    }
-    // Once the running maxima settle, most tiles leave them unchanged: skip the O rescale then.
-    if (__any_sync(0xffffffffu, row_alpha[0] != 1.f || row_alpha[1] != 1.f)) {
-#pragma unroll
-      for (int d = 0; d < kDimTiles; ++d) {
-        acc_o[d][0] *= row_alpha[0];
-        acc_o[d][1] *= row_alpha[0];
-        acc_o[d][2] *= row_alpha[1];
-        acc_o[d][3] *= row_alpha[1];
-      }
-    }
+    softmax.update(flat(acc_s), multiplier, 0.f, row_alpha);
+    rescale_rows(flat(acc_o), row_alpha);
 
     // O += P V: P from registers (two n-tiles of S = one k-step), V via ldmatrix.trans.
 #pragma unroll
@@ -388,7 +299,7 @@ prefill_sm80_kernel(const PrefillParams params) {
   // Epilogue: normalise, write lse, stage O through shared memory (over Q) for 16-byte stores.
   float inv_sum[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) inv_sum[r] = finish_prefill_row(params, it, row_sum[r], row_max[r], tile_pos + row_in_tile[r], tig);
+  for (int r = 0; r < 2; ++r) inv_sum[r] = finish_prefill_row(params, it, softmax, r, tile_pos + row_in_tile[r], tig);
   __syncthreads();  // every warp is done reading s_q
 #pragma unroll
   for (int d = 0; d < kDimTiles; ++d)

@@ -1,0 +1,167 @@
+// The Hopper prefill kernel's shapes and shared-memory layout: the K/V fill rings (Sm90Tiling), the
+// register split, the barriers, the stage records and the swizzled operand tiles, and the TMA maps it
+// takes. Torch-free (the kernel is cuda/kernels/prefill_sm90.cuh, its launcher cuda/launch_prefill_sm90.cuh).
+#pragma once
+
+#include <cuda.h>  // CUtensorMap (the types only: the encoder is fetched through the runtime)
+
+#include <cstdint>
+
+#include "cuda/kernels/params.h"
+#include "cuda/kernels/prefill_common.cuh"
+
+namespace blocksparse_attn {
+
+// K and V come in fills of kBlockN keys (kTilesPerStage 64-key tiles of the visible list, not
+// necessarily adjacent): fill n takes key slot n % kKeySlots and value slot n % kValueSlots. Two
+// shapes; the host picks one per call (choose_sm90_stage_keys):
+// - 64-key fills in 4 shared stages (K and V of a fill in slots of the same index, freed together
+//   after P.V) and two Q buffers (the producer loads the next unit's Q while the consumers finish
+//   the current one): the best for sparse patterns, whose units are short (8k x 4, Phi-3-small:
+//   1.45 ms; 1.50 ms with the 128-key shape below).
+// - 128-key fills with rings of their own for K (2 slots, each freed once S is done) and V (3
+//   slots, freed after P.V), as FA3 pipelines them: the producer runs as far ahead as with 3 shared
+//   stages, and the 64 KB saved hold a second Q buffer (224 KB in all at head dim 128). Half the
+//   per-tile bookkeeping and n = 128 wgmmas for S: the better shape when every causal block is
+//   visible (dense 2k x 16: 1.12 ms against 1.15 ms; with 3 shared stages and one Q buffer it lost
+//   there, 1.25 ms, and on Phi-3-small, 1.60 ms).
+// Build-time knobs for experiments.
+#ifndef BSA_SM90_STAGES
+#define BSA_SM90_STAGES 4
+#endif
+#ifndef BSA_SM90_LOADS_IN_FLIGHT
+#define BSA_SM90_LOADS_IN_FLIGHT 2
+#endif
+#ifndef BSA_SM90_Q_BUFFERS
+#define BSA_SM90_Q_BUFFERS 2
+#endif
+#ifndef BSA_SM90_K128_KEY_SLOTS
+#define BSA_SM90_K128_KEY_SLOTS 2
+#endif
+#ifndef BSA_SM90_K128_VALUE_SLOTS
+#define BSA_SM90_K128_VALUE_SLOTS 3
+#endif
+#ifndef BSA_SM90_K128_Q_BUFFERS
+#define BSA_SM90_K128_Q_BUFFERS 2
+#endif
+// The key and value slots of one fill.
+struct Sm90Fill {
+  int key_slot;
+  int value_slot;
+};
+
+template <int kTilesPerStage_, int kKeySlots_, int kValueSlots_, int kQBuffers_, int kLoadsInFlight_>
+struct Sm90TilingShape {
+  static constexpr int kTilesPerStage = kTilesPerStage_;
+  static constexpr int kBlockN = 64 * kTilesPerStage;  // keys per fill
+  static constexpr int kKeySlots = kKeySlots_;
+  static constexpr int kValueSlots = kValueSlots_;
+  // Equal rings are one ring of shared stages: a key slot is freed with its value slot.
+  static constexpr bool kSplitRings = kKeySlots != kValueSlots;
+  static constexpr int kQBuffers = kQBuffers_;
+  static constexpr int kLoadsInFlight = kLoadsInFlight_;  // cp.async groups the producer keeps outstanding
+  static_assert(kQBuffers == 1 || kQBuffers == 2, "one or two Q buffers");
+  // The producer publishes fill m (cp.async path) at the top of fill m + L, before it waits for the
+  // slots of fill m + L. A consumer frees value slot m after P.V m, which it issues once fill m + 1
+  // is published, so kValueSlots >= L + 1; with split rings it frees key slot m after S m, which
+  // needs fill m published, so kKeySlots >= L. Fill m's `early` bit (m % kKeySlots) is cleared at
+  // fill m + L, before fill m + kKeySlots sets it again.
+  static_assert(kLoadsInFlight >= 1 && kLoadsInFlight + 1 <= kValueSlots && kLoadsInFlight <= kKeySlots,
+                "the producer must publish a fill before it waits for the consumers to free its slots");
+  static_assert(kSplitRings || kKeySlots == kValueSlots, "shared stages need equal rings");
+  // The slots of fill n.
+  __device__ static Sm90Fill fill(int n) { return {n % kKeySlots, n % kValueSlots}; }
+};
+template <int kStageKeys>
+struct Sm90Tiling;
+template <>
+struct Sm90Tiling<64>
+    : Sm90TilingShape<1, BSA_SM90_STAGES, BSA_SM90_STAGES, BSA_SM90_Q_BUFFERS, BSA_SM90_LOADS_IN_FLIGHT> {};
+template <>
+struct Sm90Tiling<128>
+    : Sm90TilingShape<2, BSA_SM90_K128_KEY_SLOTS, BSA_SM90_K128_VALUE_SLOTS, BSA_SM90_K128_Q_BUFFERS, 2> {};
+
+constexpr int kSm90ConsumerGroups = kPrefillSm90BlockM / 64;
+constexpr int kSm90Threads = 128 * (1 + kSm90ConsumerGroups);
+// Register split between the producer (addresses, the tile cursor) and the consumers (O, S and P):
+// the whole pool, 104 + 2 x 200 = 3 x 168 (the split rings' producer spilled at 96; 96 or 104 made
+// no measurable difference to the 64-key shape: 1.461 / 1.453 ms at 8k). setmaxnreg.inc blocks
+// until the registers it asks for are free in the CTA's pool, which holds what the launch allocated
+// (65536 / threads per thread, in steps of 8): a split beyond it hangs. Both sides fit without
+// spills here (ptxas -v).
+constexpr int kSm90ProducerRegisters = 104;
+constexpr int kSm90ConsumerRegisters = 200;
+static_assert(kSm90ProducerRegisters + kSm90ConsumerGroups * kSm90ConsumerRegisters <=
+                  (1 + kSm90ConsumerGroups) * (65536 / kSm90Threads / 8 * 8),
+              "the register split exceeds the CTA's pool");
+// Named barriers (0 is __syncthreads): each consumer group's epilogue, the producer's broadcast of
+// a claimed unit.
+constexpr int kSm90EpilogueBarrier = 1;   // + group
+constexpr int kSm90ClaimBarrier = 3;
+
+// How far (log2 units) a row's running maximum may lag the true one: P <= 2^8, exact in fp16 and
+// bf16, and O and the row sum stay far from overflow in fp32.
+constexpr float kSm90MaxSlack = 8.f;
+
+// Per-stage flags for one consumer warp group.
+constexpr uint8_t kTileVisible = 1;  // the group's query block sees this key tile
+constexpr uint8_t kTileMasked = 2;   // ... and some (row, key) pairs are causal or past the keys
+
+// Shared memory: operand tiles of kRows rows x kHeadDim, stored as 64-column blocks of kRows rows x
+// 128 B with the 128-byte swizzle (the layout wgmma reads), every tile 1024-byte aligned. Q has
+// Tiling::kQBuffers buffers (consecutive work units of a CTA alternate between two), each one 64-row
+// tile per consumer group; K and V slots have Tiling::kBlockN rows.
+template <int kHeadDim, typename Tiling>
+struct Sm90Smem {
+  static constexpr int kQTileBytes = kHeadDim / 64 * 64 * 128;
+  static constexpr int kQBufferBytes = kSm90ConsumerGroups * kQTileBytes;
+  static constexpr int kStageColumnBlockBytes = Tiling::kBlockN * 128;
+  static constexpr int kStageBytes = kHeadDim / 64 * kStageColumnBlockBytes;
+  static constexpr int kQOffset = 0;  // reused to stage O
+  static constexpr int kKOffset = kQOffset + Tiling::kQBuffers * kQBufferBytes;
+  static constexpr int kVOffset = kKOffset + Tiling::kKeySlots * kStageBytes;
+  static constexpr int kBarrierOffset = kVOffset + Tiling::kValueSlots * kStageBytes;
+  // full[key slots] (a fill's K, V, record and Q complete on its key slot's), value_empty[value
+  // slots] (with shared stages: each stage's release), key_empty[key slots] (split rings only),
+  // q_empty[Q buffers]; then the producer's claimed units (two slots), each Q buffer's resolved work
+  // unit, the fill records (one per key slot)
+  static constexpr int kKeyEmptyBarriers = Tiling::kSplitRings ? Tiling::kKeySlots : 0;
+  static constexpr int kClaimOffset =
+      kBarrierOffset + 8 * (Tiling::kKeySlots + Tiling::kValueSlots + kKeyEmptyBarriers + Tiling::kQBuffers);
+  static constexpr int kItemOffset = kClaimOffset + 8;
+  static constexpr int kRecordOffset = (kItemOffset + Tiling::kQBuffers * sizeof(PrefillItem) + 15) / 16 * 16;
+  static constexpr int kBytes = kRecordOffset + 16 * Tiling::kKeySlots + 1024;  // + slack to align the base
+  static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA may have");
+};
+
+// What the producer tells the consumers about a filled stage: the work unit it belongs to (-1: no
+// more work, the CTA's last fill), per 64-key slot the key tile (absolute positions key_tile * 64 ...;
+// -1 for an empty slot) and each consumer group's flags. A record whose first slot is empty ends
+// the unit's list; the first fill of a unit also carries its Q.
+template <int kTilesPerStage>
+struct Sm90StageRecord {
+  int32_t unit;
+  int32_t key_tile[kTilesPerStage];
+  uint8_t flags[kSm90ConsumerGroups][kTilesPerStage];
+};
+static_assert(sizeof(Sm90StageRecord<2>) <= 16, "stage records have 16 bytes each");
+
+// Byte offset of (row, col) in a swizzled tile of kRows rows.
+template <int kRows>
+__device__ __forceinline__ int sm90_tile_offset(int row, int col) {
+  return (col >> 6) * (kRows * 128) + row * 128 + ((((col & 63) >> 3) ^ (row & 7)) << 4) + (col & 7) * 2;
+}
+// TMA descriptors of Q ([T, Hq, D]) and of contiguous K and V ([Tk, Hkv, D]), any row and head
+// strides: 3-D maps (head dim, head, token) read in boxes of 64 x 1 x 64 with the 128-byte swizzle,
+// i.e. one 64-column block of a 64-row tile in the layout wgmma reads. A flag is 0 where the host
+// could not build the maps (paged cache, strides the TMA cannot express): the producer then copies
+// with cp.async.
+struct Sm90TensorMaps {
+  CUtensorMap query;
+  CUtensorMap key;
+  CUtensorMap value;
+  int query_enabled;
+  int kv_enabled;
+};
+
+}  // namespace blocksparse_attn

@@ -1,0 +1,121 @@
+// The online softmax of flash attention, as named device primitives shared by every kernel (the
+// sm80 and Hopper prefill kernels and the decode kernel): row maximum, exponentials with the scale
+// folded into their FFMA, running sums, the O rescale and the row's finish. Torch-free.
+//
+// Layout: a thread holds two rows of a 16-row m-tile (quad row g and g + 8), and the 4 threads of a
+// quad hold one row's columns. Scores come as s[4j + e]: row e / 2, column 8j + 2 tig + e % 2 — the
+// accumulators of m16n8 mma.sync tiles and of wgmma's m64nN tiles alike. Everything is in the log2
+// domain: the kernels use exp2 with the softmax scale times log2(e).
+#pragma once
+
+#include <cstdint>
+
+#include "cuda/kernels/ptx.cuh"
+
+namespace blocksparse_attn {
+
+// Reduces x[0..n) pairwise, log2(n) dependent steps deep (n a power of two); overwrites x. One
+// template level per step: with a runtime halving loop nvcc kept 16-element arrays in local memory.
+template <int kWidth, int kCount, typename Op>
+__device__ __forceinline__ void reduce_tree_step(float (&x)[kCount], Op op) {
+#pragma unroll
+  for (int j = 0; j < kWidth; ++j) x[j] = op(x[j], x[j + kWidth]);
+  if constexpr (kWidth > 1) reduce_tree_step<kWidth / 2>(x, op);
+}
+template <int kCount, typename Op>
+__device__ __forceinline__ float reduce_tree(float (&x)[kCount], Op op) {
+  static_assert(kCount >= 2 && (kCount & (kCount - 1)) == 0, "a power of two");
+  reduce_tree_step<kCount / 2>(x, op);
+  return x[0];
+}
+
+// m16n8 accumulator tiles kept as float[n][4] (what mma_16816 takes) seen as the flat s[4j + e].
+template <int kTiles>
+__device__ __forceinline__ float (&flat(float (&tiles)[kTiles][4]))[4 * kTiles] {
+  return *reinterpret_cast<float(*)[4 * kTiles]>(&tiles);
+}
+
+// One thread's two rows of running softmax state.
+struct OnlineSoftmax {
+  float row_max[2];  // the reference each row's exponentials were taken against (log2 domain)
+  float row_sum[2];  // this thread's share of each row's sum (the quad's shares are added at the end)
+
+  __device__ __forceinline__ void init() {
+    row_max[0] = row_max[1] = -INFINITY;
+    row_sum[0] = row_sum[1] = 0.f;
+  }
+
+  // Turns the scores of one tile into P = 2^(s * multiplier - ref) in place and returns in alpha the
+  // factor by which each row's O must be rescaled. Pass multiplier = scale * log2(e) for raw scores
+  // (needs scale > 0, so that the maximum of the scaled scores is the scaled maximum), or 1 for scores
+  // already scaled (and masked with -inf). A row's reference moves only when the tile's maximum
+  // exceeds it by more than `slack` (FlashAttention-4's conditional rescale: P <= 2^slack, exact
+  // enough in fp16 / bf16, and O is rescaled a few times per row instead of at most tiles); slack 0
+  // keeps the exact running maximum. A row that has seen nothing yet takes any finite maximum; a NaN
+  // score leaves the reference alone and propagates through P.
+  template <int kRegs>
+  __device__ __forceinline__ void update(float (&s)[kRegs], float multiplier, float slack, float (&alpha)[2]) {
+    static_assert(kRegs % 8 == 0, "two or more 8-column tiles");
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float part[kRegs / 4];
+#pragma unroll
+      for (int j = 0; j < kRegs / 4; ++j) part[j] = fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
+      float mx = reduce_tree(part, [](float a, float b) { return fmaxf(a, b); });
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx *= multiplier;
+      const bool grow = mx > row_max[r] + slack;
+      const float new_max = grow ? mx : row_max[r];
+      const float ref = new_max == -INFINITY ? 0.f : new_max;  // nothing visible yet: avoid inf - inf
+      alpha[r] = grow ? ptx::exp2_approx(row_max[r] - ref) : 1.f;
+      row_max[r] = new_max;
+#pragma unroll
+      for (int j = 0; j < kRegs / 4; ++j) {
+        s[4 * j + 2 * r] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r], multiplier, -ref));
+        s[4 * j + 2 * r + 1] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r + 1], multiplier, -ref));
+        part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
+      }
+      row_sum[r] = row_sum[r] * alpha[r] + reduce_tree(part, [](float a, float b) { return a + b; });
+    }
+  }
+
+  // Each row's sum over the quad (every thread of the quad gets it).
+  __device__ __forceinline__ float quad_sum(int r) const {
+    float l = row_sum[r];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    return l;
+  }
+};
+
+// O *= alpha, row by row (o in the same layout as the scores: o[4j + e] is row e / 2); skipped when
+// no row of the warp changed its reference, the common case once the maxima settle.
+template <int kRegs>
+__device__ __forceinline__ void rescale_rows(float (&o)[kRegs], const float (&alpha)[2]) {
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+    for (int i = 0; i < kRegs; i += 4) {
+      o[i] *= alpha[0];
+      o[i + 1] *= alpha[0];
+      o[i + 2] *= alpha[1];
+      o[i + 3] *= alpha[1];
+    }
+  }
+}
+
+// A finished row's natural-log log-sum-exp from its reference (log2 domain) and full sum l; l = 0
+// only for a row that saw no key (-inf). A NaN l (a non-finite input) stays NaN, as in dense
+// attention: test == 0, not > 0. inverse_sum gives the factor that normalises O (0 for such rows).
+__device__ __forceinline__ float row_lse(float row_max, float l) {
+  return l == 0.f ? -INFINITY : (row_max + __log2f(l)) * 0.69314718055994531f;
+}
+__device__ __forceinline__ float inverse_sum(float l) { return l == 0.f ? 0.f : 1.f / l; }
+
+// A score as the softmax takes it after masking: scaled into the log2 domain where visible, -inf
+// elsewhere (a select, never an added bias: garbage K rows may hold NaN).
+__device__ __forceinline__ float masked_score(float s, bool visible, float scale_log2) {
+  return visible ? s * scale_log2 : -INFINITY;
+}
+
+}  // namespace blocksparse_attn
