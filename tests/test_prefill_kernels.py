@@ -186,7 +186,14 @@ def test_forced_sm90_outside_its_domain_is_an_error(monkeypatch, gen):
         run_varlen("cuda", torch.float16, 4, 2, 64, [(100, 100)], pattern, gen)
 
 
-@pytest.mark.parametrize("knob, value", (("BSA_PREFILL_KERNEL", "fastest"), ("BSA_PREFILL_UNIT_ORDER", "head")))
+# Every run-time knob (csrc/common/settings.h, docs/settings.md) rejects a value it does not know.
+BAD_KNOB_VALUES = (("BSA_PREFILL_KERNEL", "fastest"), ("BSA_PREFILL_UNIT_ORDER", "head"),
+                   ("BSA_SM90_STAGE_KEYS", "96"), ("BSA_SM90_GRID", "-1"), ("BSA_SM90_GRID", "many"),
+                   ("BSA_SM90_TMA", "yes"), ("BSA_CHECK_INPUTS", "true"), ("BSA_DECODE_SPLITS", "4x"),
+                   ("BSA_DECODE_SPLITS", "0"))
+
+
+@pytest.mark.parametrize("knob, value", BAD_KNOB_VALUES, ids=lambda x: str(x))
 def test_bad_knob_value_is_an_error(monkeypatch, knob, value, gen):
     if not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
