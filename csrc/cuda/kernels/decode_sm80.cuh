@@ -252,12 +252,8 @@ decode_sm80_kernel(const DecodeParams params) {
   };
 
   float acc_o[kDimTiles][4];
-#pragma unroll
-  for (int d = 0; d < kDimTiles; ++d)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[d][e] = 0.f;
   OnlineSoftmax softmax;
-  softmax.init();
+  softmax.init(flat(acc_o));
 
   // Slices of this warp: slice_begin + warp + kDecodeWarps * m. Iteration m first refills the stage
   // that slice m - 1 used with slice m + kDecodeStages - 1, then waits for slice m: kDecodeStages - 1

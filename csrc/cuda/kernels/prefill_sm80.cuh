@@ -62,11 +62,8 @@ struct KeyTileCursor {
   static constexpr int kMaxQueryBlocks = kPrefillBlockM / 16;  // B = 16
   int block_size;
   int q_tile;         // query tile index (positions q_tile * 64 ...)
-  int last_key_tile;  // the key tile holding the tile's last query position
   bool multi;         // B < 64: several query blocks per tile
-  // B >= 64
-  VisibleBlocks<1> walk;
-  int block, sub, tiles_per_block;
+  BlockKeyTiles<kPrefillBlockN, 1> tiles;  // B >= 64
   // B < 64
   VisibleBlocks<kMaxQueryBlocks> multi_walk;
   unsigned all_rows;  // bits of the tile's query blocks
@@ -76,7 +73,6 @@ struct KeyTileCursor {
   __device__ void init(const SparsePattern& pattern, int h, int tile, int first_valid_pos, int last_valid_pos) {
     block_size = pattern.block_size;
     q_tile = tile;
-    last_key_tile = (tile * kPrefillBlockM + kPrefillBlockM - 1) / kPrefillBlockN;
     const int qb_first = first_valid_pos / pattern.block_size, qb_last = last_valid_pos / pattern.block_size;
     multi = pattern.block_size < kPrefillBlockM;
     if (multi) {
@@ -84,9 +80,7 @@ struct KeyTileCursor {
       all_rows = (1u << (qb_last - qb_first + 1)) - 1;
       peek = -2;
     } else {
-      walk.init(pattern, h, qb_first, qb_first);
-      tiles_per_block = pattern.block_size / kPrefillBlockN;
-      sub = tiles_per_block;
+      tiles.init(pattern, h, qb_first, qb_first, tile * kPrefillBlockM + kPrefillBlockM - 1);
     }
   }
 
@@ -94,7 +88,6 @@ struct KeyTileCursor {
   __device__ bool crosses_diagonal(int t) const { return (t + 1) * kPrefillBlockN - 1 > q_tile * kPrefillBlockM; }
 
   __device__ bool next(int& key_tile, bool& masked) {
-    unsigned rows;
     if (multi) {  // B <= kPrefillBlockN: kPrefillBlockN / B blocks per key tile
       if (peek == -2) peek = multi_walk.next(peek_rows);
       if (peek < 0) return false;
@@ -107,21 +100,9 @@ struct KeyTileCursor {
       masked = !all || seen * block_size < kPrefillBlockN || crosses_diagonal(tile);
       return true;
     }
-    while (true) {
-      if (sub == tiles_per_block) {
-        block = walk.next(rows);
-        sub = 0;
-        if (block < 0) return false;
-      }
-      const int tile = block * tiles_per_block + sub++;
-      if (tile > last_key_tile) {  // B = 128: the diagonal block's half after this query tile
-        sub = tiles_per_block;
-        continue;
-      }
-      key_tile = tile;
-      masked = crosses_diagonal(tile);
-      return true;
-    }
+    if (!tiles.next(key_tile)) return false;
+    masked = crosses_diagonal(key_tile);
+    return true;
   }
 
   __device__ bool pairwise() const { return multi; }
@@ -208,12 +189,8 @@ prefill_sm80_kernel(const PrefillParams params) {
   }
 
   float acc_o[kDimTiles][4];
-#pragma unroll
-  for (int d = 0; d < kDimTiles; ++d)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[d][e] = 0.f;
   OnlineSoftmax softmax;
-  softmax.init();
+  softmax.init(flat(acc_o));
   const int group = lane >> 2, tig = lane & 3;
   const int row_in_tile[2] = {warp * 16 + group, warp * 16 + group + 8};
 

@@ -34,42 +34,6 @@
 
 namespace blocksparse_attn {
 
-// The 64-key tiles of the key blocks that the pattern's walk (common/pattern.h) returns for the
-// query blocks of a 128-row tile (one or two: sparse blocks are multiples of 64 tokens), identically
-// in every producer thread, with `rows`: the query blocks that see the current tile's block.
-struct Sm90KeyTiles {
-  VisibleBlocks<2> walk;
-  int tiles_per_block;  // B / 64
-  int block, sub;       // the current block and its next 64-key tile
-  int last_pos;         // the tile's last valid query position: later key tiles are never visible
-  unsigned rows;
-
-  __device__ void init(const SparsePattern& pattern, int h, int first_pos, int last_valid_pos) {
-    walk.init(pattern, h, first_pos / pattern.block_size, last_valid_pos / pattern.block_size);
-    tiles_per_block = pattern.block_size / 64;
-    sub = tiles_per_block;
-    last_pos = last_valid_pos;
-  }
-
-  // The next key tile of the union, or false at the end.
-  __device__ bool next(int& key_tile) {
-    while (true) {
-      if (sub == tiles_per_block) {
-        block = walk.next(rows);
-        sub = 0;
-        if (block < 0) return false;
-      }
-      const int tile = block * tiles_per_block + sub++;
-      if (tile * 64 > last_pos) {  // the rest of this block lies after every query of the tile
-        sub = tiles_per_block;
-        continue;
-      }
-      key_tile = tile;
-      return true;
-    }
-  }
-};
-
 // The shared-memory pieces both sides address (Sm90Smem's layout), from the 1024-byte aligned base.
 template <int kHeadDim, typename Tiling>
 struct Sm90Shared {
@@ -108,14 +72,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   constexpr int kKeySlots = Tiling::kKeySlots;
   constexpr int kValueSlots = Tiling::kValueSlots;
   constexpr int kSlots = Tiling::kTilesPerStage;
-  unsigned char* const smem = shared.smem;
-  uint64_t* const full = shared.full;
-  uint64_t* const value_empty = shared.value_empty;
-  uint64_t* const key_empty = shared.key_empty;
-  uint64_t* const q_empty = shared.q_empty;
-  int32_t* const claimed = shared.claimed;
-  PrefillItem* const items = shared.items;
-  auto* const records = shared.records;
   const int tid = threadIdx.x;
   const int head_size = params.head_size;
   const KeyValueSource& kv = params.kv;
@@ -142,7 +98,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       return;
     }
     ptx::fence_proxy_async_shared();
-    ptx::mbarrier_arrive(&full[fill % kKeySlots]);
+    ptx::mbarrier_arrive(&shared.full[fill % kKeySlots]);
   };
   auto begin_fill = [&] {
     if (n - Tiling::kLoadsInFlight >= next_publish) {
@@ -151,9 +107,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     }
     const Sm90Fill fill = Tiling::fill(n);
     if constexpr (Tiling::kSplitRings) {
-      if (n >= kKeySlots) ptx::mbarrier_wait(&key_empty[fill.key_slot], ((n / kKeySlots) + 1) & 1);
+      if (n >= kKeySlots) ptx::mbarrier_wait(&shared.key_empty[fill.key_slot], ((n / kKeySlots) + 1) & 1);
     }
-    if (n >= kValueSlots) ptx::mbarrier_wait(&value_empty[fill.value_slot], ((n / kValueSlots) + 1) & 1);
+    if (n >= kValueSlots) ptx::mbarrier_wait(&shared.value_empty[fill.value_slot], ((n / kValueSlots) + 1) & 1);
     return fill;
   };
 
@@ -162,16 +118,16 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   int next_claim = tid == 0 ? atomicAdd(params.work_counter, 1) : 0;
   int previous_unit_first_fill = 0;
   for (int k = 0;; ++k) {
-    if (tid == 0) claimed[k & 1] = next_claim;
+    if (tid == 0) shared.claimed[k & 1] = next_claim;
     ptx::named_barrier_sync(kSm90ClaimBarrier, 128);
-    const int unit = claimed[k & 1];
+    const int unit = shared.claimed[k & 1];
     if (tid == 0) next_claim = atomicAdd(params.work_counter, 1);
     PrefillItem it;
     if (!load_prefill_item(params, kPrefillSm90BlockM, unit, it)) {
       const Sm90Fill fill = begin_fill();  // the last fill: a record without work
       if (tid == 0) {
-        records[fill.key_slot].unit = -1;
-        records[fill.key_slot].key_tile[0] = -1;
+        shared.records[fill.key_slot].unit = -1;
+        shared.records[fill.key_slot].key_tile[0] = -1;
       }
       ptx::cp_async_wait<0>();
       while (next_publish <= n) publish(next_publish++);
@@ -194,14 +150,14 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         ptx::cp_async_wait<0>();
         while (next_publish < needed) publish(next_publish++);
       }
-      ptx::mbarrier_wait(&q_empty[buf], ((k / Tiling::kQBuffers) + 1) & 1);
+      ptx::mbarrier_wait(&shared.q_empty[buf], ((k / Tiling::kQBuffers) + 1) & 1);
     }
     previous_unit_first_fill = n;
-    if (tid == 0) items[buf] = it;
+    if (tid == 0) shared.items[buf] = it;
     // Through the TMA (one thread, issued with the unit's first fill below), Q rows outside the
     // item are other rows of the tensor or zeros: they only ever feed their own, unstored output
     // rows. The cp.async path zero-fills them.
-    unsigned char* s_q_buf = smem + Smem::kQOffset + buf * Smem::kQBufferBytes;
+    unsigned char* s_q_buf = shared.smem + Smem::kQOffset + buf * Smem::kQBufferBytes;
     if (!maps.query_enabled) {
 #pragma unroll
       for (int row = row0; row < kPrefillSm90BlockM; row += kRowStep) {
@@ -219,15 +175,15 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // empty slots (key_tile < 0) read as zeros. True when it issued cp.async copies.
     auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot) -> bool {
       const int pos0 = key_tile * 64;
-      unsigned char* dst_k = smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
-      unsigned char* dst_v = smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
+      unsigned char* dst_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
+      unsigned char* dst_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
       // Whole tiles of a contiguous sequence come through the TMA (one thread issues them; the
       // copies complete on the fill's full barrier). Rows past the sequence's end would read the
       // next sequence's keys, which may hold anything: the last partial tile, the paged cache and
       // empty slots take the zero-filling copies.
       if (maps.kv_enabled && key_tile >= 0 && pos0 + 64 <= k_len) {
         if (tid == 0) {
-          uint64_t* const landed = &full[fill.key_slot];
+          uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
           ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
           const int token = kv.cu_seqlens_k[seq] + pos0;
@@ -257,8 +213,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       group_hi[g] = min(valid_end, tile_pos + 64 * g + 64) - 1;
       group_row[g] = 1u << (group_lo[g] / pattern.block_size - valid_begin / pattern.block_size);
     }
-    Sm90KeyTiles tiles;
-    tiles.init(pattern, head, valid_begin, valid_end - 1);
+    // The 64-key tiles of the blocks the query blocks of this 128-row tile see (one or two: sparse
+    // blocks are multiples of 64 tokens), identically in every producer thread.
+    BlockKeyTiles<64, 2> tiles;
+    tiles.init(pattern, head, valid_begin / pattern.block_size, (valid_end - 1) / pattern.block_size, valid_end - 1);
     // The next key tile some consumer group sees, with the groups' flags; false at the end.
     auto next_tile = [&](int& key_tile, uint8_t (&flags)[kSm90ConsumerGroups]) {
       while (tiles.next(key_tile)) {
@@ -287,13 +245,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       if (query_pending) {
         query_pending = false;
         if (tid == 0) {
-          ptx::mbarrier_expect_tx(&full[key_slot], kPrefillSm90BlockM * kHeadDim * sizeof(Element));
+          ptx::mbarrier_expect_tx(&shared.full[key_slot], kPrefillSm90BlockM * kHeadDim * sizeof(Element));
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g)
 #pragma unroll
             for (int block = 0; block < kHeadDim / 64; ++block)
               ptx::tma_load_3d(s_q_buf + g * Smem::kQTileBytes + block * 64 * 128, &maps.query, block * 64, head,
-                               it.q_begin + tile_pos + 64 * g - it.first_pos, &full[key_slot]);
+                               it.q_begin + tile_pos + 64 * g - it.first_pos, &shared.full[key_slot]);
         }
       }
       int first_tile = -1;
@@ -305,15 +263,15 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         if (slot == 0) first_tile = key_tile;
         if (key_tile >= 0 || (slot > 0 && first_tile >= 0)) copies |= load_kv(key_tile, fill, slot);  // empty: zeros
         if (tid == 0) {
-          records[key_slot].key_tile[slot] = key_tile;
+          shared.records[key_slot].key_tile[slot] = key_tile;
 #pragma unroll
-          for (int g = 0; g < kSm90ConsumerGroups; ++g) records[key_slot].flags[g][slot] = flags[g];
+          for (int g = 0; g < kSm90ConsumerGroups; ++g) shared.records[key_slot].flags[g][slot] = flags[g];
         }
       }
-      if (tid == 0) records[key_slot].unit = unit;
+      if (tid == 0) shared.records[key_slot].unit = unit;
       ptx::cp_async_commit();
       if (!copies) {
-        ptx::mbarrier_arrive(&full[key_slot]);
+        ptx::mbarrier_arrive(&shared.full[key_slot]);
         early |= 1u << (n % kKeySlots);
       }
       copies = false;
@@ -333,13 +291,6 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   using StageRecord = Sm90StageRecord<Tiling::kTilesPerStage>;
   constexpr int kKeySlots = Tiling::kKeySlots;
   constexpr int kSlots = Tiling::kTilesPerStage;
-  unsigned char* const smem = shared.smem;
-  uint64_t* const full = shared.full;
-  uint64_t* const value_empty = shared.value_empty;
-  uint64_t* const key_empty = shared.key_empty;
-  uint64_t* const q_empty = shared.q_empty;
-  const PrefillItem* const items = shared.items;
-  const StageRecord* const records = shared.records;
   const int tid = threadIdx.x;
   const int head_size = params.head_size;
   using MmaS = ptx::Wgmma<Element, Tiling::kBlockN>;
@@ -367,13 +318,13 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   };
   auto wait_fill = [&](int n) {
     const Sm90Fill fill = Tiling::fill(n);
-    ptx::mbarrier_wait(&full[fill.key_slot], (n / kKeySlots) & 1);
+    ptx::mbarrier_wait(&shared.full[fill.key_slot], (n / kKeySlots) & 1);
     return fill;
   };
   auto read_record = [&](const Sm90Fill& fill) {
     StageInfo info;
     info.fill = fill;
-    const StageRecord& record = records[fill.key_slot];
+    const StageRecord& record = shared.records[fill.key_slot];
     info.unit = uniform(record.unit);
 #pragma unroll
     for (int slot = 0; slot < kSlots; ++slot) {
@@ -388,31 +339,29 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   // see it. With split rings a key slot is freed once S is done; a value slot (with shared stages,
   // the whole stage) after P.V.
   auto release_key = [&](const Sm90Fill& fill) {
-    if constexpr (Tiling::kSplitRings) ptx::mbarrier_arrive(&key_empty[fill.key_slot]);
+    if constexpr (Tiling::kSplitRings) ptx::mbarrier_arrive(&shared.key_empty[fill.key_slot]);
   };
-  auto release_value = [&](const Sm90Fill& fill) { ptx::mbarrier_arrive(&value_empty[fill.value_slot]); };
+  auto release_value = [&](const Sm90Fill& fill) { ptx::mbarrier_arrive(&shared.value_empty[fill.value_slot]); };
 
   int n = 0;
   for (int k = 0;; ++k) {
     StageInfo info = read_record(wait_fill(n));  // the unit's first fill, which also brought its Q
     if (info.unit < 0) break;
     const int buf = k % Tiling::kQBuffers;
-    const PrefillItem it = items[buf];
+    const PrefillItem it = shared.items[buf];
     const int group_pos = it.tile_pos + 64 * group;
     const int row_pos[2] = {group_pos + warp * 16 + quad_row, group_pos + warp * 16 + quad_row + 8};
     const int k_len = it.k_len;
-    unsigned char* s_q = smem + Smem::kQOffset + buf * Smem::kQBufferBytes + group * Smem::kQTileBytes;
+    unsigned char* s_q = shared.smem + Smem::kQOffset + buf * Smem::kQBufferBytes + group * Smem::kQTileBytes;
     const ptx::SmemDescriptor desc_q = ptx::smem_descriptor_sw128(s_q, 16);
 
     float acc_o[kORegs];
-#pragma unroll
-    for (int i = 0; i < kORegs; ++i) acc_o[i] = 0.f;
     OnlineSoftmax softmax;
-    softmax.init();
+    softmax.init(acc_o);
     uint32_t p_frag[Tiling::kBlockN / 16][4];
 
     auto issue_s = [&](float (&s)[kSRegs], const Sm90Fill& fill) {
-      const unsigned char* s_k = smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
+      const unsigned char* s_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
       const ptx::SmemDescriptor desc_k = ptx::smem_descriptor_sw128(s_k, 16);
       ptx::wgmma_fence();
 #pragma unroll
@@ -420,7 +369,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
       ptx::wgmma_commit();
     };
     auto issue_pv = [&](const Sm90Fill& fill) {
-      const unsigned char* s_v = smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
+      const unsigned char* s_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
       const ptx::SmemDescriptor desc_v = ptx::smem_descriptor_sw128(s_v, Smem::kStageColumnBlockBytes);
       ptx::fence_registers(acc_o);
       ptx::wgmma_fence();
@@ -548,7 +497,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
                                 it.head * params.out_head_stride + col) =
           *reinterpret_cast<const uint4*>(s_q + sm90_tile_offset<64>(row, col));
     }
-    ptx::mbarrier_arrive(&q_empty[buf]);  // this thread's reads of the Q buffer are over
+    ptx::mbarrier_arrive(&shared.q_empty[buf]);  // this thread's reads of the Q buffer are over
   }
 }
 

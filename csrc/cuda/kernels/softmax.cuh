@@ -40,9 +40,13 @@ struct OnlineSoftmax {
   float row_max[2];  // the reference each row's exponentials were taken against (log2 domain)
   float row_sum[2];  // this thread's share of each row's sum (the quad's shares are added at the end)
 
-  __device__ __forceinline__ void init() {
+  // A fresh row state, and the O accumulators it scales (same layout as the scores) zeroed.
+  template <int kORegs>
+  __device__ __forceinline__ void init(float (&o)[kORegs]) {
     row_max[0] = row_max[1] = -INFINITY;
     row_sum[0] = row_sum[1] = 0.f;
+#pragma unroll
+    for (int i = 0; i < kORegs; ++i) o[i] = 0.f;
   }
 
   // Turns the scores of one tile into P = 2^(s * multiplier - ref) in place and returns in alpha the
