@@ -16,6 +16,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "common/attention_args.h"
 #include "common/settings.h"
@@ -33,8 +34,8 @@ void check_cuda_dtype(const at::Tensor& q) {
 }
 
 void check_cuda_cache(const at::Tensor& key_cache) {
-  BSA_CHECK(!is_fp8(key_cache.scalar_type()), "key_cache has dtype ", key_cache.scalar_type(),
-            ": fp8 caches are read by the CPU kernels only in this build");
+  BSA_CHECK(!is_fp8(key_cache.scalar_type()) || key_cache.size(3) % 16 == 0,
+            "an fp8 key_cache on CUDA needs a head size that is a multiple of 16, got ", key_cache.size(3));
 }
 
 // 16-byte cp.async needs 16-byte aligned rows: views that are not (odd strides) are copied.
@@ -113,7 +114,8 @@ int sm90_ctas(const Settings& settings) {
 }
 
 // Plans the work list on the device, then runs the prefill kernel over it.
-void run_prefill(PrefillParams& params, const at::Tensor& q, const Settings& settings) {
+// cache_dtype: what K/V are stored as (q's dtype, or fp8 for the paged cache).
+void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cache_dtype, const Settings& settings) {
   if (params.num_q_tokens == 0 || params.num_seqs == 0) return;
   const PrefillKernel kernel = choose_prefill_kernel(params, settings);
   const int block_m = kernel == PrefillKernel::kSm90 ? kPrefillSm90BlockM : kPrefillBlockM;
@@ -141,17 +143,27 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, const Settings& set
   dispatch_element_and_head_dim(q.scalar_type(), params.head_size, [&](auto element, auto pad) {
     using Element = decltype(element);
     constexpr int kPad = decltype(pad)::value;
-    if constexpr (kPad == 64 || kPad == 128) {
-      if (kernel == PrefillKernel::kSm90) {
-        const Sm90Launch launch{max_tiles, sm90_ctas(settings), settings.sm90_tma};
-        switch (const int stage_keys = choose_sm90_stage_keys(params, settings)) {
-          case 64: return launch_prefill_sm90<Element, kPad, 64>(params, launch, stream);
-          case 128: return launch_prefill_sm90<Element, kPad, 128>(params, launch, stream);
-          default: BSA_CHECK(false, "no Hopper prefill kernel with ", stage_keys, "-key stages");
+    dispatch_cache_format<Element>(cache_dtype, [&](auto cache) {
+      using Cache = decltype(cache);
+      if constexpr (kPad == 64 || kPad == 128) {
+        if (kernel == PrefillKernel::kSm90) {
+          const Sm90Launch launch{max_tiles, sm90_ctas(settings), settings.sm90_tma};
+          // fp8 caches take 64-key fills only (their producer converts each tile in registers).
+          const bool fp8 = !std::is_same_v<Cache, Element>;
+          BSA_CHECK(!fp8 || settings.sm90_stage_keys != 128, "BSA_SM90_STAGE_KEYS=128, but the Hopper kernel reads ",
+                    "fp8 caches with 64-key fills only");
+          switch (const int stage_keys = fp8 ? 64 : choose_sm90_stage_keys(params, settings)) {
+            case 64: return launch_prefill_sm90<Element, kPad, 64, Cache>(params, launch, stream);
+            case 128:
+              if constexpr (std::is_same_v<Cache, Element>)
+                return launch_prefill_sm90<Element, kPad, 128, Cache>(params, launch, stream);
+              [[fallthrough]];
+            default: BSA_CHECK(false, "no Hopper prefill kernel with ", stage_keys, "-key stages for this cache");
+          }
         }
       }
-    }
-    launch_prefill_sm80<Element, kPad>(params, max_tiles, stream);
+      launch_prefill_sm80<Element, kPad, Cache>(params, max_tiles, stream);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -183,9 +195,16 @@ PrefillParams query_params(const at::Tensor& out, const at::Tensor& q, const Che
   return params;
 }
 
+// The paged cache as the kernels read it; the scales only where the cache is fp8 (a cache in the
+// model's dtype ignores them).
 KeyValueSource paged_source(const at::Tensor& key_cache, const at::Tensor& value_cache, const at::Tensor& block_tables,
-                            const at::Tensor& seq_lens) {
+                            const at::Tensor& seq_lens, const std::optional<at::Tensor>& k_scale,
+                            const std::optional<at::Tensor>& v_scale) {
   KeyValueSource kv{};
+  if (is_fp8(key_cache.scalar_type())) {
+    kv.k_scale = k_scale ? k_scale->data_ptr<float>() : nullptr;
+    kv.v_scale = v_scale ? v_scale->data_ptr<float>() : nullptr;
+  }
   kv.key = key_cache.data_ptr();
   kv.value = value_cache.data_ptr();
   kv.block_tables = block_tables.data_ptr<int32_t>();
@@ -244,7 +263,7 @@ void varlen_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at
   params.kv.head_stride = k.stride(1);
   params.kv.num_rows = k.size(0);
   params.kv.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
-  run_prefill(params, q, settings);
+  run_prefill(params, q, q.scalar_type(), settings);
 }
 
 void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
@@ -267,8 +286,8 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
   }
   PrefillParams params = query_params(out, q, args, scale, lse);
   params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
-  params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens);
-  run_prefill(params, q, settings);
+  params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale);
+  run_prefill(params, q, key_cache.scalar_type(), settings);
 }
 
 // How many CTAs share one sequence's key blocks. Host-known integers only (batch size, kv heads,
@@ -308,7 +327,7 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
 
   DecodeParams params{};
   fill_query_fields(params, out, q, args, scale, lse);
-  params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens);
+  params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale);
   params.head_chunks = static_cast<int>((args.pattern.q_heads_per_kv + kDecodeHeadsPerCta - 1) / kDecodeHeadsPerCta);
   params.num_splits = choose_decode_splits(int64_t{params.num_seqs} * params.num_kv_heads * params.head_chunks,
                                            params.head_size, block_tables.size(1) * key_cache.size(2), settings);
@@ -325,7 +344,10 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
   }
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_element_and_head_dim(q.scalar_type(), params.head_size, [&](auto element, auto pad) {
-    launch_decode_sm80<decltype(element), decltype(pad)::value>(params, stream);
+    using Element = decltype(element);
+    dispatch_cache_format<Element>(key_cache.scalar_type(), [&](auto cache) {
+      launch_decode_sm80<Element, decltype(pad)::value, decltype(cache)>(params, stream);
+    });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <type_traits>
 
@@ -52,18 +53,25 @@ void dispatch_element_and_head_dim(at::ScalarType dtype, int64_t head_size, Fn&&
   }
 }
 
-// Defined once per (element, padded head dim) in csrc/cuda/prefill_sm80_*.cu.
-template <typename Element, int kHeadDimPad>
+// fn(Cache{}): what the K/V source stores, Element (q's dtype) or an fp8 format.
+template <typename Element, typename Fn>
+void dispatch_cache_format(at::ScalarType cache_dtype, Fn&& fn) {
+  switch (cache_dtype) {
+    case at::kFloat8_e4m3fn: return fn(__nv_fp8_e4m3{});
+    case at::kFloat8_e5m2: return fn(__nv_fp8_e5m2{});
+    default: return fn(Element{});  // the checks made it q's dtype
+  }
+}
+
+// The launchers, each defined once per instantiation in csrc/cuda/generated/*.cu (scripts/gen_kernels.py).
+// Cache: Element, or an fp8 format (paged caches). The Hopper kernel is launched only on compute
+// capability 9.x by an extension built for sm_90a (setup.py defines BSA_BUILT_SM90A); its grid is
+// persistent (at most launch.num_ctas CTAs) and fp8 caches take its 64-key fills only.
+template <typename Element, int kHeadDimPad, typename Cache>
 void launch_prefill_sm80(const PrefillParams& params, int max_tiles, cudaStream_t stream);
-
-// Defined once per (element, padded head dim 64 or 128, keys per K/V stage 64 or 128) in
-// csrc/cuda/prefill_sm90_*.cu; launched only on compute capability 9.x by an extension built for
-// sm_90a (setup.py defines BSA_BUILT_SM90A). The grid is persistent: at most launch.num_ctas CTAs.
-template <typename Element, int kHeadDimPad, int kStageKeys>
+template <typename Element, int kHeadDimPad, int kStageKeys, typename Cache>
 void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, cudaStream_t stream);
-
-// Defined once per (element, padded head dim) in csrc/cuda/decode_sm80_*.cu.
-template <typename Element, int kHeadDimPad>
+template <typename Element, int kHeadDimPad, typename Cache>
 void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream);
 
 }  // namespace blocksparse_attn

@@ -14,15 +14,9 @@
 
 #include "common/kv_cache_args.h"
 #include "common/settings.h"
+#include "cuda/kv_cache_launch.h"
 
 namespace blocksparse_attn {
-
-void launch_write_kv_cache(const void* key, const void* value, void* key_cache, void* value_cache,
-                           const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, int64_t row_bytes,
-                           int64_t token_stride_bytes, int64_t head_stride_bytes, int kv_block_size,
-                           int64_t num_slots, bool vectorized, cudaStream_t stream);
-void launch_copy_blocks(const int64_t* cache_ptrs, const int64_t* mapping, int64_t num_pairs, int num_layers,
-                        int64_t num_blocks, int64_t block_bytes, cudaStream_t stream);
 
 namespace {
 
@@ -32,11 +26,25 @@ void write_kv_cache_cuda(const at::Tensor& key, const at::Tensor& value, const a
   const Settings settings = read_settings();
   check_write_kv_cache_args(key, value, key_cache, value_cache, slot_mapping, {k_scale, v_scale},
                             settings.check_inputs);
-  BSA_CHECK(!is_fp8(key_cache.scalar_type()), "key_cache has dtype ", key_cache.scalar_type(),
-            ": fp8 caches are written by the CPU kernels only in this build");
   const c10::cuda::CUDAGuard guard(key_cache.device());
   const at::Tensor slots = slot_mapping.contiguous();
   if (settings.check_inputs) check_slot_values(slots.cpu(), key_cache);
+  if (is_fp8(key_cache.scalar_type())) {
+    BSA_CHECK(key_cache.size(3) % 16 == 0, "an fp8 key_cache on CUDA needs a head size that is a multiple of 16, got ",
+              key_cache.size(3));
+    const KvInput input = key.scalar_type() == at::kFloat ? KvInput::kFloat
+                          : key.scalar_type() == at::kHalf ? KvInput::kHalf
+                                                            : KvInput::kBFloat16;
+    launch_write_kv_cache_fp8(key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+                              slots.data_ptr<int64_t>(), key.size(0), static_cast<int>(key_cache.size(1)),
+                              static_cast<int>(key_cache.size(3)), key.stride(0), key.stride(1),
+                              static_cast<int>(key_cache.size(2)), key_cache.size(0) * key_cache.size(2),
+                              k_scale ? k_scale->data_ptr<float>() : nullptr,
+                              v_scale ? v_scale->data_ptr<float>() : nullptr, input,
+                              key_cache.scalar_type() == at::kFloat8_e5m2, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const int64_t elem = key.element_size();
   const int64_t row_bytes = key_cache.size(3) * elem;
   const int64_t token_stride = key.stride(0) * elem, head_stride = key.stride(1) * elem;

@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/kernels/kv_cache.cuh"
+#include "cuda/kv_cache_launch.h"
 
 namespace blocksparse_attn {
 
@@ -27,6 +28,31 @@ void launch_write_kv_cache(const void* key, const void* value, void* key_cache, 
     write_kv_cache_kernel<uint16_t><<<grid, kThreads, 0, stream>>>(k, v, kc, vc, slot_mapping, num_tokens,
                                                                     num_kv_heads, vecs_per_row, token_stride_bytes,
                                                                     head_stride_bytes, kv_block_size, num_slots);
+}
+
+void launch_write_kv_cache_fp8(const void* key, const void* value, void* key_cache, void* value_cache,
+                               const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, int head_size,
+                               int64_t token_stride, int64_t head_stride, int kv_block_size, int64_t num_slots,
+                               const float* k_scale, const float* v_scale, KvInput input, bool e5m2,
+                               cudaStream_t stream) {
+  constexpr int kThreads = 256;
+  const int64_t total = num_tokens * num_kv_heads * (head_size / 8);
+  if (total == 0) return;
+  const unsigned grid = static_cast<unsigned>((total + kThreads - 1) / kThreads);
+  const __nv_fp8_interpretation_t kind = e5m2 ? __NV_E5M2 : __NV_E4M3;
+  auto* kc = static_cast<uint8_t*>(key_cache);
+  auto* vc = static_cast<uint8_t*>(value_cache);
+  auto launch = [&](auto element) {
+    using Input = decltype(element);
+    write_kv_cache_fp8_kernel<Input><<<grid, kThreads, 0, stream>>>(
+        static_cast<const Input*>(key), static_cast<const Input*>(value), kc, vc, slot_mapping, num_tokens,
+        num_kv_heads, head_size, token_stride, head_stride, kv_block_size, num_slots, k_scale, v_scale, kind);
+  };
+  switch (input) {
+    case KvInput::kFloat: return launch(float{});
+    case KvInput::kHalf: return launch(__half{});
+    case KvInput::kBFloat16: return launch(__nv_bfloat16{});
+  }
 }
 
 void launch_copy_blocks(const int64_t* cache_ptrs, const int64_t* mapping, int64_t num_pairs, int num_layers,

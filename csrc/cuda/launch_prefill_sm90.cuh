@@ -67,13 +67,14 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
 }
 
 // Persistent grid of num_ctas CTAs (one per SM: the ring and the Q buffers take most of the shared
-// memory), at most one per work unit; fills of kStageKeys keys (64 or 128, see Sm90Tiling).
-template <typename Element, int kHeadDim, int kStageKeys>
+// memory), at most one per work unit; fills of kStageKeys keys (64 or 128, see Sm90Tiling); K/V stored
+// as Cache (Element, or fp8 in the paged cache).
+template <typename Element, int kHeadDim, int kStageKeys, typename Cache>
 void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, cudaStream_t stream) {
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper prefill kernel takes padded head dims 64 and 128");
   using Tiling = Sm90Tiling<kStageKeys>;
   constexpr int kSmemBytes = Sm90Smem<kHeadDim, Tiling>::kBytes;
-  auto kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling>;
+  auto kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling, Cache>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   const int64_t max_units = static_cast<int64_t>(launch.max_tiles) * params.num_q_heads;
   const int grid = static_cast<int>(std::min<int64_t>(launch.num_ctas, max_units));

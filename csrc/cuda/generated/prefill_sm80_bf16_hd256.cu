@@ -3,6 +3,6 @@
 
 #if BSA_HEAD_DIM_PAD_256
 namespace blocksparse_attn {
-template void launch_prefill_sm80<__nv_bfloat16, 256>(const PrefillParams&, int, cudaStream_t);
+template void launch_prefill_sm80<__nv_bfloat16, 256, __nv_bfloat16>(const PrefillParams&, int, cudaStream_t);
 }
 #endif

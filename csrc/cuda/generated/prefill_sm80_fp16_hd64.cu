@@ -3,6 +3,6 @@
 
 #if BSA_HEAD_DIM_PAD_64
 namespace blocksparse_attn {
-template void launch_prefill_sm80<__half, 64>(const PrefillParams&, int, cudaStream_t);
+template void launch_prefill_sm80<__half, 64, __half>(const PrefillParams&, int, cudaStream_t);
 }
 #endif

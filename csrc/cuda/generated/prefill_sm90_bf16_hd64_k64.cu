@@ -3,6 +3,6 @@
 
 #if BSA_HEAD_DIM_PAD_64
 namespace blocksparse_attn {
-template void launch_prefill_sm90<__nv_bfloat16, 64, 64>(const PrefillParams&, const Sm90Launch&, cudaStream_t);
+template void launch_prefill_sm90<__nv_bfloat16, 64, 64, __nv_bfloat16>(const PrefillParams&, const Sm90Launch&, cudaStream_t);
 }
 #endif

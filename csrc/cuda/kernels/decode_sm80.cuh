@@ -28,17 +28,23 @@ namespace blocksparse_attn {
 constexpr int kDecodeWarps = kDecodeWarpsPerCta;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
 constexpr int kDecodeSliceRows = kDecodeSliceTokens;
-constexpr int kDecodeStages = 3;      // cp.async ring depth per warp: two slices in flight while one computes
-
-template <typename Element, int kHeadDimPad>
+// Shared memory of one CTA: Q, each warp's cp.async ring of K/V slices as the cache stores them,
+// and, for an fp8 cache, each warp's slice converted to Element (what ldmatrix and mma read). An fp8
+// slice is half the bytes, so its ring is one stage deeper (3 slices in flight instead of 2) in less
+// shared memory: two CTAs per SM either way at head dims up to 128.
+template <typename Element, int kHeadDimPad, typename Cache>
 struct DecodeSmem {
+  static constexpr bool kFp8 = CacheFormat<Cache>::kFp8;
+  static constexpr int kStages = kFp8 ? 4 : 3;  // ring depth per warp
+  static constexpr int kSliceBytes = kDecodeSliceRows * kHeadDimPad * sizeof(Cache);  // K or V, as stored
   static constexpr int kSliceElems = kDecodeSliceRows * kHeadDimPad;
-  static constexpr int kPipelineBytes = kDecodeWarps * kDecodeStages * 2 * kSliceElems * sizeof(Element);
+  static constexpr int kPipelineBytes = kDecodeWarps * kStages * 2 * kSliceBytes;
+  static constexpr int kConvertedBytes = kFp8 ? kDecodeWarps * 2 * kSliceElems * sizeof(Element) : 0;
   // The merge of the 4 warps' states reuses the ring: unnormalised O in float32 per warp.
   static constexpr int kMergeBytes = kDecodeWarps * kDecodeHeadsPerCta * kHeadDimPad * sizeof(float);
   static_assert(kMergeBytes <= kPipelineBytes, "the warp merge must fit in the K/V ring");
   static constexpr int kQueryBytes = kDecodeHeadsPerCta * kHeadDimPad * sizeof(Element);
-  static constexpr int kBytes = kQueryBytes + kPipelineBytes;
+  static constexpr int kBytes = kQueryBytes + kPipelineBytes + kConvertedBytes;
 };
 
 // The union of the key blocks that the CTA's q heads see from query block i, indexed k = 0 .. total-1
@@ -101,21 +107,24 @@ struct GroupKeyBlocks {
   }
 };
 
-template <typename Element, int kHeadDimPad>
+template <typename Element, int kHeadDimPad, typename Cache>
 __global__ void __launch_bounds__(kDecodeThreads)
 decode_sm80_kernel(const DecodeParams params) {
-  using Smem = DecodeSmem<Element, kHeadDimPad>;
+  using Smem = DecodeSmem<Element, kHeadDimPad, Cache>;
+  constexpr int kStages = Smem::kStages;
   constexpr int kChunksPerRow = kHeadDimPad / 8;
   constexpr int kKSteps = kHeadDimPad / 16;
   constexpr int kDimTiles = kHeadDimPad / 8;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* s_q = reinterpret_cast<Element*>(smem_raw);
-  Element* s_ring = reinterpret_cast<Element*>(smem_raw + Smem::kQueryBytes);  // [warp][stage][K|V][16][pad]
+  unsigned char* s_ring = smem_raw + Smem::kQueryBytes;  // [warp][stage][K|V][16][pad] Cache
+  // fp8: [warp][K|V][16][pad] Element
+  Element* s_converted = reinterpret_cast<Element*>(smem_raw + Smem::kQueryBytes + Smem::kPipelineBytes);
   __shared__ int s_residues[kDecodeHeadsPerCta];
   __shared__ unsigned s_residue_rows[kDecodeHeadsPerCta];
   __shared__ int s_num_residues;
-  __shared__ int s_slice_token[kDecodeWarps][kDecodeStages];  // first key position of each staged slice
-  __shared__ unsigned s_slice_rows[kDecodeWarps][kDecodeStages];  // head rows that see it
+  __shared__ int s_slice_token[kDecodeWarps][kStages];  // first key position of each staged slice
+  __shared__ unsigned s_slice_rows[kDecodeWarps][kStages];  // head rows that see it
   __shared__ float s_row_max[kDecodeWarps][kDecodeHeadsPerCta];
   __shared__ float s_row_sum[kDecodeWarps][kDecodeHeadsPerCta];
 
@@ -177,7 +186,7 @@ decode_sm80_kernel(const DecodeParams params) {
   for (int ks = 0; ks < kKSteps; ++ks)
     ptx::ldmatrix_x4(q_frag[ks], s_q + swizzle<kHeadDimPad>((lane & 7) + ((lane >> 3) & 1) * 8, ks * 16 + (lane >> 4) * 8));
 
-  Element* warp_ring = s_ring + warp * kDecodeStages * 2 * Smem::kSliceElems;
+  unsigned char* warp_ring = s_ring + warp * kStages * 2 * Smem::kSliceBytes;
   // The warp's m-th slice is slice_begin + warp + kDecodeWarps * m: its first key and its head rows.
   auto slice_token = [&](int m, unsigned& rows) {
     const int slice = slice_begin + warp + kDecodeWarps * m;
@@ -202,12 +211,19 @@ decode_sm80_kernel(const DecodeParams params) {
     pages_next = fetch_pages(1);
   }
 
-  // This lane's share of a slice copy: rows lane_row + u * kRowsPerCopy, 16-byte chunk lane_col.
-  constexpr int kRowsPerCopy = 32 / kChunksPerRow > 0 ? 32 / kChunksPerRow : 1;
-  constexpr int kCopies = kDecodeSliceRows * kChunksPerRow / 32;
-  const int lane_row = lane / kChunksPerRow, lane_col = (lane % kChunksPerRow) * 8;
-  const Element* key = static_cast<const Element*>(kv.key);
-  const Element* value = static_cast<const Element*>(kv.value);
+  // This lane's share of a slice copy: rows lane_row + u * kRowsPerCopy, the 16-byte chunk that starts
+  // at column lane_col (8 elements of 16 bits, or 16 of fp8). Elements land swizzled, as ldmatrix
+  // reads them; fp8 lands row-major and is converted per slice.
+  constexpr int kChunkElems = 16 / sizeof(Cache);
+  constexpr int kCacheChunksPerRow = kHeadDimPad / kChunkElems;
+  constexpr int kRowsPerCopy = 32 / kCacheChunksPerRow > 0 ? 32 / kCacheChunksPerRow : 1;
+  constexpr int kCopies = kDecodeSliceRows * kCacheChunksPerRow / 32;
+  const int lane_row = lane / kCacheChunksPerRow, lane_col = (lane % kCacheChunksPerRow) * kChunkElems;
+  auto landed_offset = [](int row, int col) {
+    return Smem::kFp8 ? row * kHeadDimPad + col : swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element));
+  };
+  const Cache* key = static_cast<const Cache*>(kv.key);
+  const Cache* value = static_cast<const Cache*>(kv.value);
   const int64_t head_offset = kv_head * kv.cache_head_stride;
 
   // Stages the warp's m-th slice: positions past seq_len, past what the block table addresses, or in
@@ -219,8 +235,8 @@ decode_sm80_kernel(const DecodeParams params) {
       s_slice_token[warp][stage] = token0;
       s_slice_rows[warp][stage] = rows;
     }
-    Element* dst_k = warp_ring + stage * 2 * Smem::kSliceElems;
-    Element* dst_v = dst_k + Smem::kSliceElems;
+    unsigned char* dst_k = warp_ring + stage * 2 * Smem::kSliceBytes;
+    unsigned char* dst_v = dst_k + Smem::kSliceBytes;
     if (prefetch_pages) {  // warp-uniform branch: the shuffles below see every lane
       if (m / 32 != pages_batch) {
         pages_batch = m / 32;
@@ -239,43 +255,56 @@ decode_sm80_kernel(const DecodeParams params) {
         const int row = lane_row + u * kRowsPerCopy;
         const bool valid = page_ok && row < rows_left;
         const int64_t offset = base + static_cast<int64_t>(u * kRowsPerCopy) * head_size;
-        const int dst = swizzle<kHeadDimPad>(row, lane_col);
+        const int dst = landed_offset(row, lane_col);
         ptx::cp_async_16(dst_k + dst, valid ? key + offset : key, valid);
         ptx::cp_async_16(dst_v + dst, valid ? value + offset : value, valid);
       }
       return;
     }
     // General (explicit layouts, cache blocks smaller than a slice): a page lookup per row.
-    copy_kv_rows<Element, kCopies, kRowsPerCopy>(
-        kv, seq, kv_head, token0, lane_row, lane_col, seq_len, head_size, true, dst_k, dst_v,
-        [](int row, int col) { return swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element)); });
+    copy_kv_rows<Cache, kCopies, kRowsPerCopy>(kv, seq, kv_head, token0, lane_row, lane_col, seq_len, head_size,
+                                               true, dst_k, dst_v, landed_offset);
   };
 
   float acc_o[kDimTiles][4];
   OnlineSoftmax softmax;
   softmax.init(flat(acc_o));
 
+  // An fp8 cache's scales: k_scale joins the softmax scale, v_scale multiplies the finished O.
+  const float scale_log2 = params.scale_log2 * cache_scale(kv.k_scale);
+  const float value_scale = cache_scale(kv.v_scale);
+
   // Slices of this warp: slice_begin + warp + kDecodeWarps * m. Iteration m first refills the stage
-  // that slice m - 1 used with slice m + kDecodeStages - 1, then waits for slice m: kDecodeStages - 1
-  // slices stay in flight while one computes (waiting first would leave one fewer). Every iteration
-  // commits one group, possibly empty, so wait_group<kDecodeStages - 1> always means "slice m landed".
+  // that slice m - 1 used with slice m + kStages - 1, then waits for slice m: kStages - 1 slices stay
+  // in flight while one computes (waiting first would leave one fewer). Every iteration commits one
+  // group, possibly empty, so wait_group<kStages - 1> always means "slice m landed".
 #pragma unroll
-  for (int m = 0; m < kDecodeStages - 1; ++m) {
+  for (int m = 0; m < kStages - 1; ++m) {
     if (slice_begin + warp + kDecodeWarps * m < slice_end) load_slice(m, m);
     ptx::cp_async_commit();
   }
   for (int m = 0;; ++m) {
     const int slice = slice_begin + warp + kDecodeWarps * m;
     if (slice >= slice_end) break;
-    const int stage = m % kDecodeStages;
-    __syncwarp();  // every lane is done reading slice m - 1's stage
-    const int ahead = m + kDecodeStages - 1;
-    if (slice_begin + warp + kDecodeWarps * ahead < slice_end) load_slice(ahead, ahead % kDecodeStages);
+    const int stage = m % kStages;
+    __syncwarp();  // every lane is done reading slice m - 1's stage (and its converted copy)
+    const int ahead = m + kStages - 1;
+    if (slice_begin + warp + kDecodeWarps * ahead < slice_end) load_slice(ahead, ahead % kStages);
     ptx::cp_async_commit();
-    ptx::cp_async_wait<kDecodeStages - 1>();
+    ptx::cp_async_wait<kStages - 1>();
     __syncwarp();  // every lane's copies of slice m are visible
 
-    const Element* k_slice = warp_ring + stage * 2 * Smem::kSliceElems;
+    const unsigned char* landed = warp_ring + stage * 2 * Smem::kSliceBytes;
+    const Element* k_slice = reinterpret_cast<const Element*>(landed);
+    if constexpr (Smem::kFp8) {  // fp8 -> Element in registers, into the warp's converted slice
+      Element* converted = s_converted + warp * 2 * Smem::kSliceElems;
+      auto swizzled = [](int row, int col) { return swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element)); };
+      convert_fp8_tile<Element, Cache, kDecodeSliceRows, kHeadDimPad, 32>(landed, converted, lane, swizzled);
+      convert_fp8_tile<Element, Cache, kDecodeSliceRows, kHeadDimPad, 32>(landed + Smem::kSliceBytes,
+                                                                        converted + Smem::kSliceElems, lane, swizzled);
+      __syncwarp();
+      k_slice = converted;
+    }
     const Element* v_slice = k_slice + Smem::kSliceElems;
     const int token0 = s_slice_token[warp][stage];
     const unsigned slice_rows = s_slice_rows[warp][stage];
@@ -294,8 +323,8 @@ decode_sm80_kernel(const DecodeParams params) {
     // need it; those are scaled and masked first, the others keep S unscaled (the scale folds into
     // the exponent). Rows past num_rows have zero queries and are never written, so the band needs
     // no row mask.
-    float multiplier = params.scale_log2;
-    if (slice_rows != 0xffffu || token0 + kDecodeSliceRows > seq_len || !(params.scale_log2 > 0.f)) {  // warp-uniform
+    float multiplier = scale_log2;
+    if (slice_rows != 0xffffu || token0 + kDecodeSliceRows > seq_len || !(scale_log2 > 0.f)) {  // warp-uniform
       multiplier = 1.f;
       const bool sees[2] = {((slice_rows >> group) & 1u) != 0, ((slice_rows >> (group + 8)) & 1u) != 0};
 #pragma unroll
@@ -303,7 +332,7 @@ decode_sm80_kernel(const DecodeParams params) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int t = token0 + n * 8 + tig * 2 + (e & 1);
-          acc_s[n][e] = masked_score(acc_s[n][e], sees[e >> 1] && t < seq_len, params.scale_log2);
+          acc_s[n][e] = masked_score(acc_s[n][e], sees[e >> 1] && t < seq_len, scale_log2);
         }
     }
     float alpha[2];
@@ -362,7 +391,7 @@ decode_sm80_kernel(const DecodeParams params) {
     }
     // sum = 0: nothing visible (empty split, seq_len 0): O = 0, lse = -inf; a NaN sum (non-finite
     // input) stays NaN in both, as in dense attention.
-    const float inv_sum = inverse_sum(sum);
+    const float inv_sum = inverse_sum(sum) * value_scale;
     float o[8];
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
@@ -416,10 +445,10 @@ __global__ void decode_merge_kernel(const DecodeParams params) {
     params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = sum == 0.f ? -INFINITY : ref + __logf(sum);
 }
 
-template <typename Element, int kHeadDimPad>
+template <typename Element, int kHeadDimPad, typename Cache>
 void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
-  constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad>::kBytes;
-  auto kernel = decode_sm80_kernel<Element, kHeadDimPad>;
+  constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad, Cache>::kBytes;
+  auto kernel = decode_sm80_kernel<Element, kHeadDimPad, Cache>;
   // Always: the 48 KB default counts the kernel's static shared memory too, so a dynamic size just
   // under it can still fail to launch (seen with 32-key tiles and 2 stages: exactly 48 KB dynamic).
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);

@@ -1,6 +1,10 @@
 // Device code of the KV-cache ops. Torch-free.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
 #include <cstdint>
 
 namespace blocksparse_attn {
@@ -28,6 +32,46 @@ __global__ void write_kv_cache_kernel(const char* __restrict__ key, const char* 
   const int64_t dst = ((block * num_kv_heads + head) * kv_block_size + offset) * row_bytes + vec * sizeof(Vec);
   *reinterpret_cast<Vec*>(key_cache + dst) = *reinterpret_cast<const Vec*>(key + src);
   *reinterpret_cast<Vec*>(value_cache + dst) = *reinterpret_cast<const Vec*>(value + src);
+}
+
+// write_kv_cache into an fp8 cache: token t's key/value rows [Hkv, D] (Input: float, __half or
+// __nv_bfloat16, element strides) stored as fp8(x / scale), rounded to nearest even and saturated to
+// the format's largest finite value (NaN stays NaN), at slot_mapping[t]. One thread converts 8
+// elements of one (token, head) row and writes them as 8 bytes (D is a multiple of 16). Slots that
+// are negative or past the cache are skipped. The scales are read from the device ([1], or null: 1),
+// so a captured graph picks up new values.
+template <typename Input>
+__global__ void write_kv_cache_fp8_kernel(const Input* __restrict__ key, const Input* __restrict__ value,
+                                          uint8_t* __restrict__ key_cache, uint8_t* __restrict__ value_cache,
+                                          const int64_t* __restrict__ slot_mapping, int64_t num_tokens,
+                                          int num_kv_heads, int head_size, int64_t token_stride, int64_t head_stride,
+                                          int kv_block_size, int64_t num_slots, const float* k_scale,
+                                          const float* v_scale, __nv_fp8_interpretation_t kind) {
+  const int groups_per_row = head_size / 8;
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t groups_per_token = static_cast<int64_t>(num_kv_heads) * groups_per_row;
+  if (index >= num_tokens * groups_per_token) return;
+  const int64_t token = index / groups_per_token;
+  const int head = static_cast<int>((index % groups_per_token) / groups_per_row);
+  const int col = static_cast<int>(index % groups_per_row) * 8;
+  const int64_t slot = slot_mapping[token];
+  if (slot < 0 || slot >= num_slots) return;
+  const int64_t block = slot / kv_block_size, offset = slot % kv_block_size;
+  const int64_t src = token * token_stride + head * head_stride + col;
+  const int64_t dst = ((block * num_kv_heads + head) * kv_block_size + offset) * head_size + col;
+  auto store = [&](const Input* x, uint8_t* cache, const float* scale) {
+    const float s = scale != nullptr ? *scale : 1.f;  // x / s, not x * (1 / s): the spec's rounding
+    uint2 packed;
+    auto* pairs = reinterpret_cast<__nv_fp8x2_storage_t*>(&packed);
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      pairs[i] = __nv_cvt_float2_to_fp8x2(make_float2(static_cast<float>(x[src + 2 * i]) / s,
+                                                      static_cast<float>(x[src + 2 * i + 1]) / s),
+                                          __NV_SATFINITE, kind);
+    *reinterpret_cast<uint2*>(cache + dst) = packed;
+  };
+  store(key, key_cache, k_scale);
+  store(value, value_cache, v_scale);
 }
 
 // copy_blocks for every layer in one launch: grid (pairs, layers * 2 halves); each CTA copies one

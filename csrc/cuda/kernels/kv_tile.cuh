@@ -3,25 +3,98 @@
 // Torch-free.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/kernels/params.h"
 #include "cuda/kernels/ptx.cuh"
 
 namespace blocksparse_attn {
 
-// Copies rows of one kv head's keys and values into shared memory with 16-byte cp.async: this
-// thread's rows are row0 + u * kRowStep (u < kCopies) of the tile starting at key position pos0, its
-// 16-byte chunk starts at column col, and dst_offset(row, col) is the byte offset of (row, col) in both
-// destination tiles (each kernel's own swizzle). Rows past k_len, rows in a page whose id is out of
+// What a K/V source stores: the model's element type (Cache = Element) or an fp8 format, read as
+// float(stored) * scale (KeyValueSource::k_scale / v_scale).
+template <typename Cache>
+struct CacheFormat {
+  static constexpr bool kFp8 = false;
+};
+template <>
+struct CacheFormat<__nv_fp8_e4m3> {
+  static constexpr bool kFp8 = true;
+  static constexpr __nv_fp8_interpretation_t kKind = __NV_E4M3;
+};
+template <>
+struct CacheFormat<__nv_fp8_e5m2> {
+  static constexpr bool kFp8 = true;
+  static constexpr __nv_fp8_interpretation_t kKind = __NV_E5M2;
+};
+
+// A per-tensor scale from its device pointer (null: 1).
+__device__ __forceinline__ float cache_scale(const float* scale) { return scale != nullptr ? *scale : 1.f; }
+
+// 16 stored fp8 values (one 16-byte chunk) as 16 Elements (two 16-byte chunks, in order). Exact: both
+// fp8 formats are subsets of fp16 and of bf16 (the scale is applied in float32 by the kernels).
+template <typename Element, typename Cache>
+__device__ __forceinline__ void fp8_chunk_to_elements(const uint4& in, uint4 (&out)[2]) {
+  const auto* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&in);
+  auto* words = reinterpret_cast<uint32_t*>(out);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(pairs[i], CacheFormat<Cache>::kKind);
+    if constexpr (std::is_same_v<Element, __half>) {
+      words[i] = static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+    } else {
+      const __nv_bfloat162 b = __float22bfloat162_rn(__half22float2(__half2(h)));
+      words[i] = *reinterpret_cast<const uint32_t*>(&b);
+    }
+  }
+}
+
+// A [kRows][kCols] fp8 tile landed row-major (kCols bytes per row) as Elements at dst_offset(row,
+// col) (byte offsets: each kernel's swizzle), by kThreads threads, thread t taking 16-byte chunks t,
+// t + kThreads, ...
+template <typename Element, typename Cache, int kRows, int kCols, int kThreads, typename DstOffset>
+__device__ __forceinline__ void convert_fp8_tile(const unsigned char* src, void* dst, int t, DstOffset dst_offset) {
+  constexpr int kChunksPerRow = kCols / 16;
+  unsigned char* to = static_cast<unsigned char*>(dst);
+#pragma unroll
+  for (int c = t; c < kRows * kChunksPerRow; c += kThreads) {
+    const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 16;
+    uint4 out[2];
+    fp8_chunk_to_elements<Element, Cache>(*reinterpret_cast<const uint4*>(src + row * kCols + col), out);
+    *reinterpret_cast<uint4*>(to + dst_offset(row, col)) = out[0];
+    *reinterpret_cast<uint4*>(to + dst_offset(row, col + 8)) = out[1];
+  }
+}
+
+// Element offset of column col of key position pos (of sequence seq, kv head kv_head) in a paged cache
+// [NB, Hkv, kvbs, D]; clears `valid` where the row reads zeros instead: past k_len, or a page id out
+// of range (a bad id never reaches memory).
+__device__ __forceinline__ int64_t paged_row_offset(const KeyValueSource& kv, int seq, int kv_head, int pos, int k_len,
+                                                    int col, int head_size, bool& valid) {
+  valid = valid && pos < k_len;
+  if (!valid) return 0;
+  const int page = kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
+  valid = page >= 0 && page < kv.num_cache_blocks;
+  return page * kv.cache_block_stride + kv_head * kv.cache_head_stride +
+         static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
+}
+
+// Copies rows of one kv head's keys and values (stored as Cache) into shared memory with 16-byte
+// cp.async: this thread's rows are row0 + u * kRowStep (u < kCopies) of the tile starting at key
+// position pos0, its 16-byte chunk starts at column col, and dst_offset(row, col) is the byte offset
+// of (row, col) in both destination tiles (each kernel's own swizzle). Rows past k_len, rows in a page whose id is out of
 // range, columns past head_size and a whole invalid tile (tile_valid false) read as zeros, which keeps
 // unwritten (possibly NaN) cache slots out of P.V and never touches memory out of bounds.
-template <typename Element, int kCopies, int kRowStep, typename DstOffset>
+template <typename Cache, int kCopies, int kRowStep, typename DstOffset>
 __device__ __forceinline__ void copy_kv_rows(const KeyValueSource& kv, int seq, int kv_head, int pos0, int row0,
                                              int col, int k_len, int head_size, bool tile_valid, void* dst_k,
                                              void* dst_v, DstOffset dst_offset) {
-  const Element* key = static_cast<const Element*>(kv.key);
-  const Element* value = static_cast<const Element*>(kv.value);
+  const Cache* key = static_cast<const Cache*>(kv.key);
+  const Cache* value = static_cast<const Cache*>(kv.value);
   unsigned char* to_k = static_cast<unsigned char*>(dst_k);
   unsigned char* to_v = static_cast<unsigned char*>(dst_v);
   const bool col_valid = tile_valid && col < head_size;
@@ -47,15 +120,8 @@ __device__ __forceinline__ void copy_kv_rows(const KeyValueSource& kv, int seq, 
 #pragma unroll
   for (int u = 0; u < kCopies; ++u) {
     const int row = row0 + u * kRowStep;
-    const int pos = pos0 + row;
-    bool valid = col_valid && pos < k_len;
-    int64_t offset = 0;
-    if (valid) {
-      const int page = kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
-      valid = page >= 0 && page < kv.num_cache_blocks;  // a bad id reads zeros, never wild memory
-      offset = page * kv.cache_block_stride + kv_head * kv.cache_head_stride +
-               static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
-    }
+    bool valid = col_valid;
+    const int64_t offset = paged_row_offset(kv, seq, kv_head, pos0 + row, k_len, col, head_size, valid);
     const int dst = dst_offset(row, col);
     ptx::cp_async_16(to_k + dst, valid ? key + offset : key, valid);
     ptx::cp_async_16(to_v + dst, valid ? value + offset : value, valid);

@@ -37,6 +37,10 @@ struct KeyValueSource {
   int64_t cache_head_stride;   // elements between kv heads inside a block (kvbs * D)
   int kv_block_size;           // kvbs
   int num_cache_blocks;        // NB: a block id outside [0, NB) is never dereferenced
+  // A quantized (fp8) cache is read as float(stored) * scale: [1] float32 on the device, or null (1).
+  // Pointers, not values, so a captured CUDA graph picks up new scales without a re-capture.
+  const float* k_scale;
+  const float* v_scale;
   BSA_HOST_DEVICE bool paged() const { return block_tables != nullptr; }
 };
 

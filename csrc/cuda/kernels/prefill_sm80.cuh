@@ -40,14 +40,20 @@ constexpr int kPrefillThreads = kPrefillWarps * 32;
 #endif
 
 
-template <typename Element, int kHeadDimPad>
+// Q, then the K/V ring as the source stores it (Cache), then, for an fp8 cache, the current tile's K
+// and V converted to Element (what ldmatrix and mma read).
+template <typename Element, int kHeadDimPad, typename Cache>
 struct PrefillSmem {
+  static constexpr bool kFp8 = CacheFormat<Cache>::kFp8;
   // K/V ring depth: head dims up to 128 take BSA_PREFILL_STAGES (3 with 32-key tiles: 64 KB, three
   // CTAs per SM); 256-wide tiles keep two stages.
   static constexpr int kStages = kHeadDimPad <= 128 ? BSA_PREFILL_STAGES : 2;
   static constexpr int kTileElems = kPrefillBlockM * kHeadDimPad;     // Q
-  static constexpr int kKeyTileElems = kPrefillBlockN * kHeadDimPad;  // one K or V stage
-  static constexpr int kBytes = (kTileElems + 2 * kStages * kKeyTileElems) * sizeof(Element);
+  static constexpr int kKeyTileElems = kPrefillBlockN * kHeadDimPad;  // one K or V tile
+  static constexpr int kKeyTileBytes = kKeyTileElems * sizeof(Cache);  // ... as stored
+  static constexpr int kRingOffset = kTileElems * sizeof(Element);
+  static constexpr int kConvertedOffset = kRingOffset + 2 * kStages * kKeyTileBytes;
+  static constexpr int kBytes = kConvertedOffset + (kFp8 ? 2 * kKeyTileElems * sizeof(Element) : 0);
 };
 
 // ---- which key tiles a query tile visits ------------------------------------------------------------
@@ -114,19 +120,19 @@ struct KeyTileCursor {
 #ifndef BSA_PREFILL_MIN_CTAS
 #define BSA_PREFILL_MIN_CTAS 3
 #endif
-template <typename Element, int kHeadDimPad>
+template <typename Element, int kHeadDimPad, typename Cache>
 __global__ void __launch_bounds__(kPrefillThreads, kHeadDimPad <= 128 ? BSA_PREFILL_MIN_CTAS : 1)
 prefill_sm80_kernel(const PrefillParams params) {
-  using Smem = PrefillSmem<Element, kHeadDimPad>;
+  using Smem = PrefillSmem<Element, kHeadDimPad, Cache>;
   constexpr int kChunksPerRow = kHeadDimPad / 8;
   constexpr int kTileChunks = kPrefillBlockM * kChunksPerRow;
   constexpr int kDimTiles = kHeadDimPad / 8;  // n-tiles of the output
   constexpr int kKeyNTiles = kPrefillBlockN / 8;  // n-tiles of S
-  constexpr int kKeyTileChunks = kPrefillBlockN * kChunksPerRow;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* s_q = reinterpret_cast<Element*>(smem_raw);
-  Element* s_k = s_q + Smem::kTileElems;  // [kStages][kPrefillBlockN][kHeadDimPad]
-  Element* s_v = s_k + Smem::kStages * Smem::kKeyTileElems;  // [kStages][kPrefillBlockN][kHeadDimPad]
+  unsigned char* s_k = smem_raw + Smem::kRingOffset;           // [kStages][kPrefillBlockN][kHeadDimPad] Cache
+  unsigned char* s_v = s_k + Smem::kStages * Smem::kKeyTileBytes;  // the same for V
+  Element* s_converted = reinterpret_cast<Element*>(smem_raw + Smem::kConvertedOffset);  // fp8: [K|V][N][pad]
 
   PrefillItem it;
   if (!load_prefill_item(params, kPrefillBlockM, blockIdx.x, it)) return;
@@ -149,14 +155,22 @@ prefill_sm80_kernel(const PrefillParams params) {
     }
   }
 
-  // K and V of key tile key_tile (positions key_tile * kPrefillBlockN + row) into a ring stage.
+  // K and V of key tile key_tile (positions key_tile * kPrefillBlockN + row) into a ring stage: 16-byte
+  // chunks of 8 Elements land swizzled, as ldmatrix reads them; chunks of 16 fp8 values land row-major
+  // and are converted once the tile is there.
+  auto swizzled = [](int row, int col) { return swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element)); };
   auto load_kv = [&](int key_tile, int stage) {
-    constexpr int kRowsPerCopy = kPrefillThreads / kChunksPerRow;
-    copy_kv_rows<Element, kKeyTileChunks / kPrefillThreads, kRowsPerCopy>(
-        kv, seq, kv_head, key_tile * kPrefillBlockN, tid / kChunksPerRow, (tid % kChunksPerRow) * 8, k_len,
-        head_size, true, s_k + stage * Smem::kKeyTileElems, s_v + stage * Smem::kKeyTileElems,
-        [](int row, int col) { return swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element)); });
+    constexpr int kChunkElems = 16 / sizeof(Cache);
+    constexpr int kCacheChunksPerRow = kHeadDimPad / kChunkElems;
+    constexpr int kRowsPerCopy = kPrefillThreads / kCacheChunksPerRow;
+    auto landed = [swizzled](int row, int col) { return Smem::kFp8 ? row * kHeadDimPad + col : swizzled(row, col); };
+    copy_kv_rows<Cache, kPrefillBlockN * kCacheChunksPerRow / kPrefillThreads, kRowsPerCopy>(
+        kv, seq, kv_head, key_tile * kPrefillBlockN, tid / kCacheChunksPerRow, (tid % kCacheChunksPerRow) * kChunkElems,
+        k_len, head_size, true, s_k + stage * Smem::kKeyTileBytes, s_v + stage * Smem::kKeyTileBytes, landed);
   };
+  // An fp8 cache's scales: k_scale joins the softmax scale, v_scale multiplies the finished O.
+  const float scale_log2 = params.scale_log2 * cache_scale(kv.k_scale);
+  const float value_scale = cache_scale(kv.v_scale);
 
   // The ring: tiles 0 .. kStages - 2 in flight before the loop; iteration n waits for tile n, then
   // refills the stage tile n - 1 used. Tile ids and masks travel with their stage through shared
@@ -204,8 +218,17 @@ prefill_sm80_kernel(const PrefillParams params) {
     const int cur_tile = s_stage_tile[stage];
     const bool cur_masked = s_stage_masked[stage];
 
-    const Element* k_tile = s_k + stage * Smem::kKeyTileElems;
-    const Element* v_tile = s_v + stage * Smem::kKeyTileElems;
+    const Element* k_tile = reinterpret_cast<const Element*>(s_k + stage * Smem::kKeyTileBytes);
+    const Element* v_tile = reinterpret_cast<const Element*>(s_v + stage * Smem::kKeyTileBytes);
+    if constexpr (Smem::kFp8) {  // fp8 -> Element in registers, into the converted tile
+      convert_fp8_tile<Element, Cache, kPrefillBlockN, kHeadDimPad, kPrefillThreads>(
+          s_k + stage * Smem::kKeyTileBytes, s_converted, tid, swizzled);
+      convert_fp8_tile<Element, Cache, kPrefillBlockN, kHeadDimPad, kPrefillThreads>(
+          s_v + stage * Smem::kKeyTileBytes, s_converted + Smem::kKeyTileElems, tid, swizzled);
+      __syncthreads();  // the converted tile is complete (the previous one was released by the barrier above)
+      k_tile = s_converted;
+      v_tile = s_converted + Smem::kKeyTileElems;
+    }
 
     // S = Q K^T for this warp's 16 rows x kPrefillBlockN keys.
     float acc_s[kKeyNTiles][4];
@@ -230,8 +253,8 @@ prefill_sm80_kernel(const PrefillParams params) {
 
     // Tiles that need no mask keep S unscaled (the scale folds into the exponent's FFMA); masked
     // tiles are scaled and masked first.
-    float multiplier = params.scale_log2;
-    if (cur_masked || !(params.scale_log2 > 0.f)) {
+    float multiplier = scale_log2;
+    if (cur_masked || !(scale_log2 > 0.f)) {
       multiplier = 1.f;
       const int key_pos0 = cur_tile * kPrefillBlockN;
 #pragma unroll
@@ -246,7 +269,7 @@ prefill_sm80_kernel(const PrefillParams params) {
             if (pairwise && visible)
               visible = block_visible(params.pattern, head, p / params.pattern.block_size, t / params.pattern.block_size);
           }
-          acc_s[n][e] = masked_score(acc_s[n][e], visible, params.scale_log2);
+          acc_s[n][e] = masked_score(acc_s[n][e], visible, scale_log2);
         }
     }
     float row_alpha[2];
@@ -276,7 +299,8 @@ prefill_sm80_kernel(const PrefillParams params) {
   // Epilogue: normalise, write lse, stage O through shared memory (over Q) for 16-byte stores.
   float inv_sum[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) inv_sum[r] = finish_prefill_row(params, it, softmax, r, tile_pos + row_in_tile[r], tig);
+  for (int r = 0; r < 2; ++r)
+    inv_sum[r] = finish_prefill_row(params, it, softmax, r, tile_pos + row_in_tile[r], tig) * value_scale;
   __syncthreads();  // every warp is done reading s_q
 #pragma unroll
   for (int d = 0; d < kDimTiles; ++d)
@@ -296,10 +320,10 @@ prefill_sm80_kernel(const PrefillParams params) {
   }
 }
 
-template <typename Element, int kHeadDimPad>
+template <typename Element, int kHeadDimPad, typename Cache>
 void launch_prefill_sm80(const PrefillParams& params, int max_tiles, cudaStream_t stream) {
-  constexpr int kSmemBytes = PrefillSmem<Element, kHeadDimPad>::kBytes;
-  auto kernel = prefill_sm80_kernel<Element, kHeadDimPad>;
+  constexpr int kSmemBytes = PrefillSmem<Element, kHeadDimPad, Cache>::kBytes;
+  auto kernel = prefill_sm80_kernel<Element, kHeadDimPad, Cache>;
   // Always: the 48 KB default counts the kernel's static shared memory too, so a dynamic size just
   // under it can still fail to launch (seen with 32-key tiles and 2 stages: exactly 48 KB dynamic).
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);

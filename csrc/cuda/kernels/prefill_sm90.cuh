@@ -65,7 +65,7 @@ struct Sm90Shared {
 
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill.
-template <typename Element, int kHeadDim, typename Tiling>
+template <typename Element, int kHeadDim, typename Tiling, typename Cache>
 __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
@@ -196,9 +196,41 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         }
         return false;
       }
-      copy_kv_rows<Element, 64 / kRowStep, kRowStep>(
-          kv, seq, kv_head, pos0, row0, col, k_len, head_size, key_tile >= 0, dst_k, dst_v,
-          [slot](int row, int c) { return sm90_tile_offset<Tiling::kBlockN>(slot * 64 + row, c); });
+      auto wgmma_layout = [slot](int row, int c) { return sm90_tile_offset<Tiling::kBlockN>(slot * 64 + row, c); };
+      if constexpr (CacheFormat<Cache>::kFp8) {
+        // fp8 pages (the paged cache only): loaded into registers, converted, stored in the wgmma
+        // layout. Every row's loads are issued before the first conversion, so they overlap; the
+        // fill is published with a proxy fence like a cp.async fill.
+        constexpr int kFp8ChunksPerRow = kHeadDim / 16;
+        constexpr int kFp8RowStep = 128 / kFp8ChunksPerRow;
+        constexpr int kRows = 64 / kFp8RowStep;
+        const int fp8_row0 = tid / kFp8ChunksPerRow, fp8_col = (tid % kFp8ChunksPerRow) * 16;
+        const Cache* key = static_cast<const Cache*>(kv.key);
+        const Cache* value = static_cast<const Cache*>(kv.value);
+        uint4 stored_k[kRows], stored_v[kRows];
+#pragma unroll
+        for (int u = 0; u < kRows; ++u) {
+          bool valid = key_tile >= 0 && fp8_col < head_size;
+          const int64_t offset =
+              paged_row_offset(kv, seq, kv_head, pos0 + fp8_row0 + u * kFp8RowStep, k_len, fp8_col, head_size, valid);
+          stored_k[u] = valid ? *reinterpret_cast<const uint4*>(key + offset) : make_uint4(0, 0, 0, 0);
+          stored_v[u] = valid ? *reinterpret_cast<const uint4*>(value + offset) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < kRows; ++u) {
+          const int row = fp8_row0 + u * kFp8RowStep;
+          uint4 elements[2];
+          fp8_chunk_to_elements<Element, Cache>(stored_k[u], elements);
+          *reinterpret_cast<uint4*>(dst_k + wgmma_layout(row, fp8_col)) = elements[0];
+          *reinterpret_cast<uint4*>(dst_k + wgmma_layout(row, fp8_col + 8)) = elements[1];
+          fp8_chunk_to_elements<Element, Cache>(stored_v[u], elements);
+          *reinterpret_cast<uint4*>(dst_v + wgmma_layout(row, fp8_col)) = elements[0];
+          *reinterpret_cast<uint4*>(dst_v + wgmma_layout(row, fp8_col + 8)) = elements[1];
+        }
+      } else {
+        copy_kv_rows<Cache, 64 / kRowStep, kRowStep>(kv, seq, kv_head, pos0, row0, col, k_len, head_size,
+                                                     key_tile >= 0, dst_k, dst_v, wgmma_layout);
+      }
       return true;
     };
 
@@ -295,6 +327,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   const int head_size = params.head_size;
   using MmaS = ptx::Wgmma<Element, Tiling::kBlockN>;
   using MmaO = ptx::Wgmma<Element, kHeadDim>;
+  // An fp8 cache's scales (1 otherwise): k_scale joins the softmax scale, v_scale multiplies the
+  // finished O.
+  const float scale_log2 = params.scale_log2 * cache_scale(params.kv.k_scale);
+  const float value_scale = cache_scale(params.kv.v_scale);
   constexpr int kSRegs = Tiling::kBlockN / 2;  // S accumulators per thread: 64 rows x kBlockN keys / 128
   constexpr int kORegs = kHeadDim / 2;
   // Values the compiler can prove warp-uniform (a lane-0 broadcast) keep the slot indices and the
@@ -385,10 +421,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // scale folds into the exponent's FFMA. Masked tiles are scaled and masked first (select, never
     // add: garbage K rows may hold NaN). Returns the O rescale factors in row_alpha.
     auto scores_to_p = [&](float (&s)[kSRegs], const StageInfo& stage_info, float (&row_alpha)[2]) {
-      bool plain = params.scale_log2 > 0.f;  // max(scale * s) = scale * max(s) needs scale > 0
+      bool plain = scale_log2 > 0.f;  // max(scale * s) = scale * max(s) needs scale > 0
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) plain &= stage_info.flags[slot] == kTileVisible;
-      float multiplier = params.scale_log2;
+      float multiplier = scale_log2;
       if (!plain) {
         multiplier = 1.f;
 #pragma unroll
@@ -402,7 +438,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
               const int key_pos = key_pos0 + 8 * (j - slot * 8) + 2 * tig + (e & 1);
               const bool visible = (flags & kTileVisible) &&
                                    !((flags & kTileMasked) && (key_pos > row_pos[e >> 1] || key_pos >= k_len));
-              s[4 * j + e] = masked_score(s[4 * j + e], visible, params.scale_log2);
+              s[4 * j + e] = masked_score(s[4 * j + e], visible, scale_log2);
             }
         }
       }
@@ -476,7 +512,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // Epilogue: normalise, write lse, stage O through this group's Q tile for 16-byte stores.
     float inv_sum[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) inv_sum[r] = finish_prefill_row(params, it, softmax, r, row_pos[r], tig);
+    for (int r = 0; r < 2; ++r) inv_sum[r] = finish_prefill_row(params, it, softmax, r, row_pos[r], tig) * value_scale;
     ptx::named_barrier_sync(kSm90EpilogueBarrier + group, 128);  // the group's wgmma reads of s_q are over
 #pragma unroll
     for (int j = 0; j < kORegs / 4; ++j)
@@ -503,7 +539,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
 
 #endif
 
-template <typename Element, int kHeadDim, typename Tiling>
+template <typename Element, int kHeadDim, typename Tiling, typename Cache>
 __global__ void __launch_bounds__(kSm90Threads, 1)
     prefill_sm90_kernel(const PrefillParams params, const __grid_constant__ Sm90TensorMaps maps) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -527,7 +563,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   // the records. Units differ in length (sparse rows, varlen), so claiming beats a static split.
   if (threadIdx.x < 128) {
     ptx::setmaxnreg_dec<kSm90ProducerRegisters>();
-    sm90_producer<Element, kHeadDim, Tiling>(params, maps, shared);
+    sm90_producer<Element, kHeadDim, Tiling, Cache>(params, maps, shared);
   } else {
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
     sm90_consumer<Element, kHeadDim, Tiling>(params, shared);
