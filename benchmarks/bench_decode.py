@@ -31,8 +31,8 @@ from blocksparse_attn.layout import SparsePattern
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, KV_BLOCK = 32, 8, 128, 16  # Phi-3-small, vLLM's default kv block
 
 
-def must_read_bytes(pattern: SparsePattern, batch: int, context: int, elem: int) -> int:
-    """K/V bytes of the key blocks some q head of each kv group sees, plus q and out."""
+def must_read_bytes(pattern: SparsePattern, batch: int, context: int, elem: int, cache_elem: int) -> int:
+    """K/V bytes (cache_elem each) of the key blocks some q head of each kv group sees, plus q and out."""
     b = pattern.block_size
     n = -(-context // b)
     last_row = pattern.block_mask(NUM_HEADS, n, NUM_KV_HEADS)[:, n - 1]  # [Hq, n]: the query's block row
@@ -41,22 +41,25 @@ def must_read_bytes(pattern: SparsePattern, batch: int, context: int, elem: int)
     rows = torch.full((n,), b)
     rows[-1] = context - (n - 1) * b
     tokens = int((union.long() * rows).sum())
-    return batch * (2 * tokens * HEAD_DIM + 2 * NUM_HEADS * HEAD_DIM) * elem
+    return batch * (2 * tokens * HEAD_DIM * cache_elem + 2 * NUM_HEADS * HEAD_DIM * elem)
 
 
-def make_inputs(batch: int, context: int, dtype, device, gen, dense: bool, shuffled: bool = True):
-    """Inputs drawn on the device (a 256 x 32k cache is 34 GB: the CPU cannot fill it in time)."""
+def make_inputs(batch: int, context: int, dtype, device, gen, dense: bool, shuffled: bool = True,
+                cache_dtype=None):
+    """Inputs drawn on the device (a 256 x 32k cache is 34 GB: the CPU cannot fill it in time). With an
+    fp8 cache_dtype the cache holds N(0, 1) values quantized with scale 1 (k_scale / v_scale of 1)."""
     blocks_per_seq = -(-context // KV_BLOCK)
     num_blocks = batch * blocks_per_seq
     shape = (num_blocks, NUM_KV_HEADS, KV_BLOCK, HEAD_DIM)
-    key_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
-    value_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype)
+    key_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype).to(cache_dtype or dtype)
+    value_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype).to(cache_dtype or dtype)
     order = torch.randperm(num_blocks, generator=gen, device=device) if shuffled else torch.arange(num_blocks, device=device)
     block_tables = order.view(batch, blocks_per_seq).to(torch.int32)
     seq_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=dtype)
+    one = torch.ones(1, device=device) if cache_dtype is not None else None
     x = dict(q=q, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables, seq_lens=seq_lens,
-             q4=q.view(batch, NUM_HEADS, 1, HEAD_DIM))
+             q4=q.view(batch, NUM_HEADS, 1, HEAD_DIM), scale=one)
     if dense:  # dense decode's contiguous K/V [B, Hkv, ctx, D] (SDPA cannot read a paged cache)
         x["k4"] = torch.randn(batch, NUM_KV_HEADS, context, HEAD_DIM, generator=gen, device=device, dtype=dtype)
         x["v4"] = torch.randn_like(x["k4"])
@@ -93,6 +96,20 @@ def flex_decode(pattern: SparsePattern, batch: int, context: int, device: str, s
     return lambda q4, k4, v4: compiled(q4, k4, v4, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
+def graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up on a side stream); returns its replay."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def timed_ms(fn, device: str, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
@@ -126,6 +143,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--sequential-blocks", action="store_true",
                     help="each sequence's cache blocks in order (default: shuffled, as after allocator churn)")
+    ap.add_argument("--cache-dtype", choices=["auto", "e4m3", "e5m2"], default="auto",
+                    help="the paged cache's dtype: the model's (auto) or fp8 (scales of 1)")
+    ap.add_argument("--graph", action="store_true",
+                    help="time ours and SDPA replayed from CUDA graphs (GPU time only, no launch overhead)")
     ap.add_argument("--flex-at", default="64x16384,16x8192,1x32768",
                     help="BATCHxCONTEXT pairs that also time FlexAttention (each compiles: seconds); '' for none")
     args = ap.parse_args()
@@ -136,9 +157,11 @@ def main():
     warmup = args.warmup if args.warmup is not None else (10 if on_cuda else 1)
     repeats = args.repeats if args.repeats is not None else (50 if on_cuda else 3)
     pattern = SparsePattern.phi3_small(NUM_HEADS)
+    cache_dtype = {"auto": None, "e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}[args.cache_dtype]
     name = torch.cuda.get_device_name() if on_cuda else "CPU"
     print(f"device {args.device} ({name}), torch {torch.__version__}, dtype {str(dtype)[6:]}, "
-          f"Hq={NUM_HEADS}, Hkv={NUM_KV_HEADS}, D={HEAD_DIM}, kv block {KV_BLOCK}, {pattern}")
+          f"Hq={NUM_HEADS}, Hkv={NUM_KV_HEADS}, D={HEAD_DIM}, kv block {KV_BLOCK}, cache {args.cache_dtype}, "
+          f"{'CUDA graphs' if args.graph else 'eager'}, {pattern}")
     copy_gbs = copy_bandwidth_gbs(args.device) if on_cuda else float("nan")
     if on_cuda:
         print(f"copy bandwidth (read + write, 1 GiB): {copy_gbs:.0f} GB/s")
@@ -153,15 +176,20 @@ def main():
             if 1.1 * cache_bytes > free:
                 print(f"skip batch {batch} x {context}: the cache does not fit")
                 continue
-            x = make_inputs(batch, context, dtype, args.device, gen, dense, not args.sequential_blocks)
+            x = make_inputs(batch, context, dtype, args.device, gen, dense, not args.sequential_blocks, cache_dtype)
             out = torch.empty_like(x["q"])
             ours = lambda: ops.paged_decode(x["q"], x["key_cache"], x["value_cache"], x["block_tables"],  # noqa: E731
-                                            x["seq_lens"], scale, pattern, out=out)
+                                            x["seq_lens"], scale, pattern, out=out, k_scale=x["scale"],
+                                            v_scale=x["scale"])
+            if args.graph:
+                ours = graphed(ours)
             ours_ms = timed_ms(ours, args.device, warmup, repeats)
             dense_ms = flex_ms = float("nan")
             if dense:
                 sdpa = lambda: F.scaled_dot_product_attention(x["q4"], x["k4"], x["v4"], scale=scale,  # noqa: E731
                                                               enable_gqa=True)
+                if args.graph:
+                    sdpa = graphed(sdpa)
                 dense_ms = timed_ms(sdpa, args.device, warmup, repeats)
                 if on_cuda and f"{batch}x{context}" in args.flex_at.split(","):
                     try:
@@ -170,7 +198,7 @@ def main():
                             flex_ms = timed_ms(lambda: flex(x["q4"], x["k4"], x["v4"]), args.device, 3, repeats)
                     except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
                         print(f"flex decode failed at batch {batch} x {context}: {type(e).__name__}: {str(e)[:200]}")
-            nbytes = must_read_bytes(pattern, batch, context, x["q"].element_size())
+            nbytes = must_read_bytes(pattern, batch, context, x["q"].element_size(), x["key_cache"].element_size())
             rows.append((batch, context, nbytes, ours_ms, dense_ms, flex_ms))
             del x
             if on_cuda:

@@ -1,0 +1,106 @@
+"""Prefill from the paged KV cache: whole prompts and chunked prefill, bf16 and fp8 caches, against the
+same prefill over contiguous K/V, in one process on the same inputs.
+
+For each sequence length S (batch = tokens // S, Phi-3-small layer and pattern, kv block 16, block
+tables shuffled as after allocator churn) it times:
+  varlen         varlen_prefill over contiguous k/v [B*S, Hkv, D] (what a prompt without a cache takes)
+  paged          paged_prefill of the whole prompts from a cache in the model dtype
+  paged-<fp8>    the same from an fp8 cache (e4m3 / e5m2, per-tensor scales)
+  chunk          the last chunk (--chunk tokens) of each prompt as a chunked prefill: its queries
+                 against the context already in the cache, model dtype and fp8 caches alike
+The ratio columns are paged / varlen and fp8 / model-dtype cache (1.00 = as fast).
+
+    python benchmarks/bench_paged_prefill.py --seq-lens 8192,32768 --chunk 2048
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from blocksparse_attn import ops
+from blocksparse_attn.layout import SparsePattern
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, KV_BLOCK = 32, 8, 128, 16  # Phi-3-small, vLLM's default kv block
+FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def timed_ms(fn, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for s, e in zip(starts, ends):
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seq-lens", default="8192,32768")
+    ap.add_argument("--tokens", type=int, default=32768, help="tokens a batch (batch = tokens // S)")
+    ap.add_argument("--chunk", type=int, default=2048, help="the chunked prefill's last chunk")
+    ap.add_argument("--fp8", default="e4m3", help="fp8 cache formats to time, comma-separated ('' for none)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    device, dtype = "cuda", torch.bfloat16
+    pattern = SparsePattern.phi3_small(NUM_HEADS)
+    scale = 1.0 / HEAD_DIM
+    fp8s = [f for f in args.fp8.split(",") if f]
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, Hq={NUM_HEADS}, Hkv={NUM_KV_HEADS}, "
+          f"D={HEAD_DIM}, kv block {KV_BLOCK}, shuffled tables, {pattern}")
+    gen = torch.Generator(device=device).manual_seed(0)
+    rows = []
+    for seq_len in [int(s) for s in args.seq_lens.split(",")]:
+        batch = max(1, args.tokens // seq_len)
+        tokens = batch * seq_len
+        q = torch.randn(tokens, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=dtype)
+        k = torch.randn(tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        out = torch.empty_like(q)
+        cu = torch.arange(0, tokens + 1, seq_len, dtype=torch.int32, device=device)
+        pages = seq_len // KV_BLOCK
+        tables = torch.randperm(batch * pages, generator=gen, device=device).view(batch, pages).to(torch.int32)
+        slots = (tables.long()[:, :, None] * KV_BLOCK + torch.arange(KV_BLOCK, device=device)).view(-1)
+        seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device=device)
+        caches = {"bf16": (dtype, None)}
+        for f in fp8s:
+            caches[f] = (FP8[f], torch.tensor([k.abs().max().item() / torch.finfo(FP8[f]).max], device=device))
+        chunk = min(args.chunk, seq_len)
+        chunk_rows = torch.cat([torch.arange(r * seq_len + seq_len - chunk, (r + 1) * seq_len, device=device)
+                                for r in range(batch)])
+        q_chunk, out_chunk = q[chunk_rows].contiguous(), torch.empty_like(q[chunk_rows])
+        cu_chunk = torch.arange(0, batch * chunk + 1, chunk, dtype=torch.int32, device=device)
+        t = {"varlen": timed_ms(lambda: ops.varlen_prefill(q, k, v, cu, cu, scale, pattern, out=out),
+                                args.warmup, args.repeats)}
+        for name, (cache_dtype, s) in caches.items():
+            key_cache = torch.empty(batch * pages, NUM_KV_HEADS, KV_BLOCK, HEAD_DIM, dtype=cache_dtype, device=device)
+            value_cache = torch.empty_like(key_cache)
+            ops.write_kv_cache(k, v, key_cache, value_cache, slots, k_scale=s, v_scale=s)
+            t[f"paged-{name}"] = timed_ms(lambda: ops.paged_prefill(
+                q, key_cache, value_cache, tables, cu, seq_lens, scale, pattern, out=out, k_scale=s, v_scale=s),
+                args.warmup, args.repeats)
+            t[f"chunk-{name}"] = timed_ms(lambda: ops.paged_prefill(
+                q_chunk, key_cache, value_cache, tables, cu_chunk, seq_lens, scale, pattern, out=out_chunk,
+                k_scale=s, v_scale=s), args.warmup, args.repeats)
+            del key_cache, value_cache
+        rows.append((seq_len, batch, t))
+        torch.cuda.empty_cache()
+    names = list(rows[0][2])
+    print(f"\n{'S x batch':>12} " + " ".join(f"{n + ' ms':>14}" for n in names) + f" {'paged/varlen':>13}"
+          + "".join(f" {f + '/bf16 (chunk)':>17}" for f in fp8s))
+    for seq_len, batch, t in rows:
+        line = f"{f'{seq_len} x {batch}':>12} " + " ".join(f"{t[n]:>14.3f}" for n in names)
+        line += f" {t['paged-bf16'] / t['varlen']:>13.2f}"
+        line += "".join(f" {t[f'chunk-{f}'] / t['chunk-bf16']:>17.2f}" for f in fp8s)
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
