@@ -159,3 +159,61 @@ def swap_blocks_ref(src_kv_cache, dst_kv_cache, block_mapping):
     for src, dst in block_mapping.tolist():
         new[:, dst] = src_kv_cache[:, src].to(new.device)
     return new
+
+
+# ---- fp8 caches ----------------------------------------------------------------------------------
+# A quantized cache stores fp8(x / scale), rounded to nearest even and saturated to the format's
+# largest finite value (NaN stays NaN, ±inf saturates); it is read as float(stored) * scale. The
+# rounding below is written out as arithmetic on float32 (no fp8 conversion does the rounding), so
+# it checks torch's casts as much as our kernels.
+
+# format -> (mantissa bits, exponent of the smallest normal number, largest finite value)
+FP8_FORMATS = {
+    torch.float8_e4m3fn: (3, -6, 448.0),
+    torch.float8_e5m2: (2, -14, 57344.0),
+}
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    """The largest finite value of an fp8 format (448 for e4m3fn, 57344 for e5m2)."""
+    return FP8_FORMATS[dtype][2]
+
+
+def _scale_value(scale) -> torch.Tensor:
+    """A per-tensor scale (None = 1, a float, or a one-element tensor) as a float32 CPU scalar."""
+    if scale is None:
+        return torch.tensor(1.0, dtype=torch.float32)
+    return torch.as_tensor(scale).detach().cpu().to(torch.float32).reshape(())
+
+
+def quantize_fp8(x: torch.Tensor, dtype: torch.dtype, scale=None) -> torch.Tensor:
+    """What an fp8 cache of `dtype` stores for x (any float dtype): fp8(x / scale) as a CPU tensor of
+    `dtype`. x / scale is one float32 division; its result is rounded to the format's grid (spacing
+    2^(e - mantissa bits) in the binade [2^e, 2^(e+1)), the subnormal spacing below the smallest
+    normal) with ties to even, then clamped to ±max."""
+    mantissa_bits, min_exp, largest = FP8_FORMATS[dtype]
+    y = x.detach().cpu().to(torch.float32) / _scale_value(scale)
+    finite = torch.isfinite(y)
+    y_f = torch.where(finite, y, torch.zeros_like(y))
+    _, exp = torch.frexp(y_f)  # y = m * 2^exp with 0.5 <= |m| < 1: y's binade starts at 2^(exp - 1)
+    binade = torch.clamp(exp - 1, min=min_exp)  # below the smallest normal the spacing stays fixed
+    quantum = torch.pow(2.0, (binade - mantissa_bits).to(torch.float32))
+    rounded = torch.round(y_f / quantum) * quantum  # exact scaling by powers of two; round() ties to even
+    rounded = torch.clamp(rounded, -largest, largest)
+    rounded = torch.where(finite, rounded, torch.where(y.isnan(), y, y.sign() * largest))
+    return rounded.to(dtype)  # every value is on the grid now: the cast is exact
+
+
+def dequantize(stored: torch.Tensor, scale=None) -> torch.Tensor:
+    """float(stored) * scale in float32 (CPU): what the attention ops read from an fp8 cache."""
+    return stored.detach().cpu().to(torch.float32) * _scale_value(scale)
+
+
+def write_kv_cache_fp8_ref(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None):
+    """write_kv_cache_ref for fp8 caches: returns new CPU caches holding quantize_fp8(key, k_scale) /
+    quantize_fp8(value, v_scale) at the written slots (the stored bytes are moved as uint8)."""
+    as_bytes = lambda t: t.cpu().view(torch.uint8)  # noqa: E731
+    k8 = as_bytes(quantize_fp8(key, key_cache.dtype, k_scale))
+    v8 = as_bytes(quantize_fp8(value, value_cache.dtype, v_scale))
+    new_k, new_v = write_kv_cache_ref(k8, v8, as_bytes(key_cache), as_bytes(value_cache), slot_mapping)
+    return new_k.view(key_cache.dtype), new_v.view(value_cache.dtype)
