@@ -64,6 +64,9 @@ inline void check_write_kv_cache_args(const at::Tensor& key, const at::Tensor& v
               key_cache.size(1), ", ", key_cache.size(3), "] to match key_cache ", key_cache.sizes(), ", got ",
               key.sizes());
   const bool quantized = is_fp8(key_cache.scalar_type());
+  // A cache of no attention dtype at all (int8, uint8: an engine's byte cache) is the cache's fault;
+  // a floating cache unlike key is key's (below).
+  if (!quantized && !at::isFloatingType(key_cache.scalar_type())) check_cache_dtype(key_cache, "key_cache", key, "key");
   for (auto* t : {&key, &value}) {
     const char* name = t == &key ? "key" : "value";
     if (quantized)

@@ -59,6 +59,12 @@ void write_kv_cache_cpu(const at::Tensor& key_in, const at::Tensor& value_in, co
   copy_rows(value, value_cache);
 }
 
+// A cache [2, NB, ...] as bytes [2, NB, block bytes]: block copies move bytes, whatever the dtype (fp8
+// has no index_copy kernel).
+at::Tensor as_bytes(const at::Tensor& cache) {
+  return cache.view(at::kByte).view({2, cache.size(1), -1});
+}
+
 // Copies whole blocks of [2, NB, ...] caches; all reads see the caches as they were before the call
 // (the gather happens before the scatter), so chains like a->b, b->c are well defined.
 void copy_blocks_cpu(at::TensorList kv_caches, const at::Tensor& block_mapping) {
@@ -75,7 +81,10 @@ void copy_blocks_cpu(at::TensorList kv_caches, const at::Tensor& block_mapping) 
   check_block_mapping_values(mapping, min_blocks, min_blocks);
   if (mapping.size(0) == 0) return;
   const at::Tensor src = mapping.select(1, 0), dst = mapping.select(1, 1);
-  for (const auto& cache : kv_caches) cache.index_copy_(1, dst, cache.index_select(1, src));
+  for (const auto& cache : kv_caches) {
+    const at::Tensor bytes = as_bytes(cache);
+    bytes.index_copy_(1, dst, bytes.index_select(1, src));
+  }
 }
 
 void swap_blocks_cpu(const at::Tensor& src_kv_cache, const at::Tensor& dst_kv_cache, const at::Tensor& block_mapping) {
@@ -85,7 +94,7 @@ void swap_blocks_cpu(const at::Tensor& src_kv_cache, const at::Tensor& dst_kv_ca
   check_block_mapping_values(mapping, src_kv_cache.size(1), dst_kv_cache.size(1));
   if (mapping.size(0) == 0) return;
   const at::Tensor src = mapping.select(1, 0), dst = mapping.select(1, 1);
-  dst_kv_cache.index_copy_(1, dst, src_kv_cache.index_select(1, src));
+  as_bytes(dst_kv_cache).index_copy_(1, dst, as_bytes(src_kv_cache).index_select(1, src));
 }
 
 }  // namespace
