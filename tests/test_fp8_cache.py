@@ -668,4 +668,6 @@ def test_decode_graph_reads_new_scales(device, fp8, gen, monkeypatch):
             k_read = reference.dequantize(reference.quantize_fp8(ks[r], fp8, k_scale), k_scale)
             v_read = reference.dequantize(reference.quantize_fp8(vs[r], fp8, v_scale), v_scale)
             ref[r] = reference.attention_ref(q[r: r + 1].cpu(), k_read, v_read, 1.0 / d, pattern)[0][0]
-        assert_close_to_ref(out, ref, dtype, config)
+        # Values of size `amplitude` cancel in O: compare in units of the values' size, as the
+        # tolerances assume (P rounded to bf16 errs by ~2^-9 of |v|, not of |O|).
+        assert_close_to_ref(out.float().cpu() / amplitude, ref / amplitude, dtype, config)
