@@ -294,10 +294,13 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
 // the block table's capacity), never device data, so the choice is fixed for a captured CUDA graph.
 // Enough (sequence, kv head) units to fill the GPU's CTA slots need no split; otherwise split until
 // the slots are full, keeping each split at least 4 slices per warp so the ring is worth filling.
-int choose_decode_splits(int64_t units, int64_t head_size, int64_t max_seq_len, const Settings& settings) {
+int choose_decode_splits(int64_t units, int64_t head_size, bool fp8_cache, int64_t max_seq_len,
+                         const Settings& settings) {
   if (settings.decode_splits > 0) return settings.decode_splits;  // tests and benchmarks
   const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t ctas_per_sm = head_size <= 128 ? 2 : 1;  // shared memory: ~100 KB per CTA, ~200 KB at 256
+  // Shared memory per CTA (DecodeSmem): ~100 KB (16-bit cache) or ~68 KB (fp8) at head dims up to 128,
+  // ~200 KB at 256.
+  const int64_t ctas_per_sm = head_size > 128 ? 1 : fp8_cache ? 3 : 2;
   const int64_t slots = num_sms * ctas_per_sm;
   if (units * 5 >= slots * 4) return 1;
   const int64_t max_slices = (max_seq_len + kDecodeSliceTokens - 1) / kDecodeSliceTokens;
@@ -330,7 +333,8 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
   params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale);
   params.head_chunks = static_cast<int>((args.pattern.q_heads_per_kv + kDecodeHeadsPerCta - 1) / kDecodeHeadsPerCta);
   params.num_splits = choose_decode_splits(int64_t{params.num_seqs} * params.num_kv_heads * params.head_chunks,
-                                           params.head_size, block_tables.size(1) * key_cache.size(2), settings);
+                                           params.head_size, is_fp8(key_cache.scalar_type()),
+                                           block_tables.size(1) * key_cache.size(2), settings);
   // Split partials come from the caching allocator: no device sync, and stable inside a CUDA graph's
   // private pool, so capture and replay work; no split, no workspace.
   at::Tensor partial_out, partial_lse;

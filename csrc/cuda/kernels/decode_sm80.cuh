@@ -29,17 +29,17 @@ constexpr int kDecodeWarps = kDecodeWarpsPerCta;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
 constexpr int kDecodeSliceRows = kDecodeSliceTokens;
 // Shared memory of one CTA: Q, each warp's cp.async ring of K/V slices as the cache stores them,
-// and, for an fp8 cache, each warp's slice converted to Element (what ldmatrix and mma read). An fp8
-// slice is half the bytes, so its ring is one stage deeper (3 slices in flight instead of 2) in less
-// shared memory: two CTAs per SM either way at head dims up to 128.
+// and, for an fp8 cache, each warp's V slice converted to Element (what ldmatrix.trans reads; K's
+// fragments are converted straight from the landed slice into registers). An fp8 CTA takes 68 KB at
+// head dim 128, so three fit on an SM (two with a 16-bit cache).
 template <typename Element, int kHeadDimPad, typename Cache>
 struct DecodeSmem {
   static constexpr bool kFp8 = CacheFormat<Cache>::kFp8;
-  static constexpr int kStages = kFp8 ? 4 : 3;  // ring depth per warp
+  static constexpr int kStages = 3;  // ring depth per warp
   static constexpr int kSliceBytes = kDecodeSliceRows * kHeadDimPad * sizeof(Cache);  // K or V, as stored
   static constexpr int kSliceElems = kDecodeSliceRows * kHeadDimPad;
   static constexpr int kPipelineBytes = kDecodeWarps * kStages * 2 * kSliceBytes;
-  static constexpr int kConvertedBytes = kFp8 ? kDecodeWarps * 2 * kSliceElems * sizeof(Element) : 0;
+  static constexpr int kConvertedBytes = kFp8 ? kDecodeWarps * kSliceElems * sizeof(Element) : 0;
   // The merge of the 4 warps' states reuses the ring: unnormalised O in float32 per warp.
   static constexpr int kMergeBytes = kDecodeWarps * kDecodeHeadsPerCta * kHeadDimPad * sizeof(float);
   static_assert(kMergeBytes <= kPipelineBytes, "the warp merge must fit in the K/V ring");
@@ -118,7 +118,7 @@ decode_sm80_kernel(const DecodeParams params) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* s_q = reinterpret_cast<Element*>(smem_raw);
   unsigned char* s_ring = smem_raw + Smem::kQueryBytes;  // [warp][stage][K|V][16][pad] Cache
-  // fp8: [warp][K|V][16][pad] Element
+  // fp8: [warp][16][pad] Element, the V slice
   Element* s_converted = reinterpret_cast<Element*>(smem_raw + Smem::kQueryBytes + Smem::kPipelineBytes);
   __shared__ int s_residues[kDecodeHeadsPerCta];
   __shared__ unsigned s_residue_rows[kDecodeHeadsPerCta];
@@ -220,7 +220,7 @@ decode_sm80_kernel(const DecodeParams params) {
   constexpr int kCopies = kDecodeSliceRows * kCacheChunksPerRow / 32;
   const int lane_row = lane / kCacheChunksPerRow, lane_col = (lane % kCacheChunksPerRow) * kChunkElems;
   auto landed_offset = [](int row, int col) {
-    return Smem::kFp8 ? row * kHeadDimPad + col : swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element));
+    return Smem::kFp8 ? swizzle_fp8<kHeadDimPad>(row, col) : swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element));
   };
   const Cache* key = static_cast<const Cache*>(kv.key);
   const Cache* value = static_cast<const Cache*>(kv.value);
@@ -296,16 +296,15 @@ decode_sm80_kernel(const DecodeParams params) {
 
     const unsigned char* landed = warp_ring + stage * 2 * Smem::kSliceBytes;
     const Element* k_slice = reinterpret_cast<const Element*>(landed);
-    if constexpr (Smem::kFp8) {  // fp8 -> Element in registers, into the warp's converted slice
-      Element* converted = s_converted + warp * 2 * Smem::kSliceElems;
-      auto swizzled = [](int row, int col) { return swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element)); };
-      convert_fp8_tile<Element, Cache, kDecodeSliceRows, kHeadDimPad, 32>(landed, converted, lane, swizzled);
-      convert_fp8_tile<Element, Cache, kDecodeSliceRows, kHeadDimPad, 32>(landed + Smem::kSliceBytes,
-                                                                        converted + Smem::kSliceElems, lane, swizzled);
+    const Element* v_slice = reinterpret_cast<const Element*>(landed + Smem::kSliceBytes);
+    if constexpr (Smem::kFp8) {  // V: fp8 -> Element through registers into the warp's converted slice
+      Element* converted = s_converted + warp * Smem::kSliceElems;
+      convert_fp8_tile<Element, Cache, kDecodeSliceRows, kHeadDimPad, 32>(
+          landed + Smem::kSliceBytes, converted, lane, [](int row, int col) { return swizzle_fp8<kHeadDimPad>(row, col); },
+          [](int row, int col) { return swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element)); });
       __syncwarp();
-      k_slice = converted;
+      v_slice = converted;
     }
-    const Element* v_slice = k_slice + Smem::kSliceElems;
     const int token0 = s_slice_token[warp][stage];
     const unsigned slice_rows = s_slice_rows[warp][stage];
 
@@ -314,7 +313,21 @@ decode_sm80_kernel(const DecodeParams params) {
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks) {
       uint32_t b[4];
-      ptx::ldmatrix_x4(b, k_slice + swizzle<kHeadDimPad>((lane & 7) + (lane >> 4) * 8, ks * 16 + ((lane >> 3) & 1) * 8));
+      if constexpr (Smem::kFp8) {
+        // The B fragments of keys group and group + 8, dims ks * 16 + 2 tig (+ 8): pairs of adjacent
+        // fp8 values of the landed slice (swizzled: 8 rows' same columns sit in different banks),
+        // converted in registers.
+        auto pair = [&](int row, int col) {
+          return fp8x2_to_elements<Element, Cache>(
+              *reinterpret_cast<const __nv_fp8x2_storage_t*>(landed + swizzle_fp8<kHeadDimPad>(row, col)));
+        };
+        b[0] = pair(group, ks * 16 + tig * 2);
+        b[1] = pair(group, ks * 16 + tig * 2 + 8);
+        b[2] = pair(group + 8, ks * 16 + tig * 2);
+        b[3] = pair(group + 8, ks * 16 + tig * 2 + 8);
+      } else {
+        ptx::ldmatrix_x4(b, k_slice + swizzle<kHeadDimPad>((lane & 7) + (lane >> 4) * 8, ks * 16 + ((lane >> 3) & 1) * 8));
+      }
       ptx::mma_16816<Element>(acc_s[0], q_frag[ks], b[0], b[1]);
       ptx::mma_16816<Element>(acc_s[1], q_frag[ks], b[2], b[3]);
     }

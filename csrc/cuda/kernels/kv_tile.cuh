@@ -35,36 +35,41 @@ struct CacheFormat<__nv_fp8_e5m2> {
 // A per-tensor scale from its device pointer (null: 1).
 __device__ __forceinline__ float cache_scale(const float* scale) { return scale != nullptr ? *scale : 1.f; }
 
-// 16 stored fp8 values (one 16-byte chunk) as 16 Elements (two 16-byte chunks, in order). Exact: both
-// fp8 formats are subsets of fp16 and of bf16 (the scale is applied in float32 by the kernels).
+// Two stored fp8 values (low byte first) as two Elements in one 32-bit word. Exact: both fp8
+// formats are subsets of fp16 and of bf16 (the scale is applied in float32 by the kernels).
+template <typename Element, typename Cache>
+__device__ __forceinline__ uint32_t fp8x2_to_elements(__nv_fp8x2_storage_t pair) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(pair, CacheFormat<Cache>::kKind);
+  if constexpr (std::is_same_v<Element, __half>) {
+    return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+  } else {
+    const __nv_bfloat162 b = __float22bfloat162_rn(__half22float2(__half2(h)));
+    return *reinterpret_cast<const uint32_t*>(&b);
+  }
+}
+
+// 16 stored fp8 values (one 16-byte chunk) as 16 Elements (two 16-byte chunks, in order).
 template <typename Element, typename Cache>
 __device__ __forceinline__ void fp8_chunk_to_elements(const uint4& in, uint4 (&out)[2]) {
   const auto* pairs = reinterpret_cast<const __nv_fp8x2_storage_t*>(&in);
   auto* words = reinterpret_cast<uint32_t*>(out);
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(pairs[i], CacheFormat<Cache>::kKind);
-    if constexpr (std::is_same_v<Element, __half>) {
-      words[i] = static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
-    } else {
-      const __nv_bfloat162 b = __float22bfloat162_rn(__half22float2(__half2(h)));
-      words[i] = *reinterpret_cast<const uint32_t*>(&b);
-    }
-  }
+  for (int i = 0; i < 8; ++i) words[i] = fp8x2_to_elements<Element, Cache>(pairs[i]);
 }
 
-// A [kRows][kCols] fp8 tile landed row-major (kCols bytes per row) as Elements at dst_offset(row,
-// col) (byte offsets: each kernel's swizzle), by kThreads threads, thread t taking 16-byte chunks t,
-// t + kThreads, ...
-template <typename Element, typename Cache, int kRows, int kCols, int kThreads, typename DstOffset>
-__device__ __forceinline__ void convert_fp8_tile(const unsigned char* src, void* dst, int t, DstOffset dst_offset) {
+// A [kRows][kCols] fp8 tile as Elements: src_offset(row, col) and dst_offset(row, col) are the byte
+// offsets of a 16-byte chunk in the landed fp8 tile and of an 8-Element chunk in the converted one
+// (each kernel's layouts), by kThreads threads, thread t taking 16-byte chunks t, t + kThreads, ...
+template <typename Element, typename Cache, int kRows, int kCols, int kThreads, typename SrcOffset, typename DstOffset>
+__device__ __forceinline__ void convert_fp8_tile(const unsigned char* src, void* dst, int t, SrcOffset src_offset,
+                                                 DstOffset dst_offset) {
   constexpr int kChunksPerRow = kCols / 16;
   unsigned char* to = static_cast<unsigned char*>(dst);
 #pragma unroll
   for (int c = t; c < kRows * kChunksPerRow; c += kThreads) {
     const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 16;
     uint4 out[2];
-    fp8_chunk_to_elements<Element, Cache>(*reinterpret_cast<const uint4*>(src + row * kCols + col), out);
+    fp8_chunk_to_elements<Element, Cache>(*reinterpret_cast<const uint4*>(src + src_offset(row, col)), out);
     *reinterpret_cast<uint4*>(to + dst_offset(row, col)) = out[0];
     *reinterpret_cast<uint4*>(to + dst_offset(row, col + 8)) = out[1];
   }

@@ -159,11 +159,12 @@ prefill_sm80_kernel(const PrefillParams params) {
   // chunks of 8 Elements land swizzled, as ldmatrix reads them; chunks of 16 fp8 values land row-major
   // and are converted once the tile is there.
   auto swizzled = [](int row, int col) { return swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element)); };
+  auto fp8_row_major = [](int row, int col) { return row * kHeadDimPad + col; };
   auto load_kv = [&](int key_tile, int stage) {
     constexpr int kChunkElems = 16 / sizeof(Cache);
     constexpr int kCacheChunksPerRow = kHeadDimPad / kChunkElems;
     constexpr int kRowsPerCopy = kPrefillThreads / kCacheChunksPerRow;
-    auto landed = [swizzled](int row, int col) { return Smem::kFp8 ? row * kHeadDimPad + col : swizzled(row, col); };
+    auto landed = [swizzled, fp8_row_major](int row, int col) { return Smem::kFp8 ? fp8_row_major(row, col) : swizzled(row, col); };
     copy_kv_rows<Cache, kPrefillBlockN * kCacheChunksPerRow / kPrefillThreads, kRowsPerCopy>(
         kv, seq, kv_head, key_tile * kPrefillBlockN, tid / kCacheChunksPerRow, (tid % kCacheChunksPerRow) * kChunkElems,
         k_len, head_size, true, s_k + stage * Smem::kKeyTileBytes, s_v + stage * Smem::kKeyTileBytes, landed);
@@ -222,9 +223,9 @@ prefill_sm80_kernel(const PrefillParams params) {
     const Element* v_tile = reinterpret_cast<const Element*>(s_v + stage * Smem::kKeyTileBytes);
     if constexpr (Smem::kFp8) {  // fp8 -> Element in registers, into the converted tile
       convert_fp8_tile<Element, Cache, kPrefillBlockN, kHeadDimPad, kPrefillThreads>(
-          s_k + stage * Smem::kKeyTileBytes, s_converted, tid, swizzled);
+          s_k + stage * Smem::kKeyTileBytes, s_converted, tid, fp8_row_major, swizzled);
       convert_fp8_tile<Element, Cache, kPrefillBlockN, kHeadDimPad, kPrefillThreads>(
-          s_v + stage * Smem::kKeyTileBytes, s_converted + Smem::kKeyTileElems, tid, swizzled);
+          s_v + stage * Smem::kKeyTileBytes, s_converted + Smem::kKeyTileElems, tid, fp8_row_major, swizzled);
       __syncthreads();  // the converted tile is complete (the previous one was released by the barrier above)
       k_tile = s_converted;
       v_tile = s_converted + Smem::kKeyTileElems;

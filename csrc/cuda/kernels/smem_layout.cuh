@@ -12,4 +12,14 @@ __device__ __forceinline__ int swizzle(int row, int col) {
   return row * kHeadDimPad + (chunk << 3) + (col & 7);
 }
 
+// Byte offset of (row, col) in a [rows][kHeadDimPad] tile of fp8 values whose 16-byte chunks are
+// XOR-swizzled by row % 8 (as far as a row has chunks), so that a warp reading the same columns of 8
+// rows (the decode kernel's K fragments) hits different banks.
+template <int kHeadDimPad>
+__device__ __forceinline__ int swizzle_fp8(int row, int col) {
+  constexpr int kChunks = kHeadDimPad / 16;
+  const int chunk = (col >> 4) ^ (row & (kChunks < 8 ? kChunks - 1 : 7));
+  return row * kHeadDimPad + (chunk << 4) + (col & 15);
+}
+
 }  // namespace blocksparse_attn
