@@ -6,6 +6,7 @@ into its prefill and decode parts and calls the ops, which check the tensors.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import fields
 
@@ -13,12 +14,15 @@ import torch
 
 from . import kv_cache as kv
 from . import ops
-from .metadata import BlocksparseFlashAttentionMetadata, BlocksparseParams
+from .metadata import BlocksparseFlashAttentionMetadata, BlocksparseParams, block_tables_from_slots
 
-SUPPORTED_HEAD_SIZES = (64, 80, 96, 112, 128, 256)  # as csrc/common/checks.h
+from .supported import HEAD_SIZES as SUPPORTED_HEAD_SIZES
 
 
 class BlocksparseFlashAttentionBackend:
+    # vLLM's Attention layer then allocates the output and passes it (as [T, Hq, D]) to forward.
+    accept_output_buffer: bool = True
+
     @staticmethod
     def get_name() -> str:
         return "BLOCK_SPARSE_FLASH_ATTN"
@@ -30,6 +34,16 @@ class BlocksparseFlashAttentionBackend:
     @staticmethod
     def get_metadata_cls() -> type[BlocksparseFlashAttentionMetadata]:
         return BlocksparseFlashAttentionMetadata
+
+    @staticmethod
+    def get_builder_cls():
+        """vLLM's common metadata builder producing our metadata (needs vLLM 0.7-0.9 installed)."""
+        return _vllm_classes()[0]
+
+    @staticmethod
+    def get_state_cls():
+        """vLLM's common attention state (CUDA-graph buffers; needs vLLM 0.7-0.9 installed)."""
+        return _vllm_classes()[1]
 
     @classmethod
     def make_metadata(cls, *args, **kwargs) -> BlocksparseFlashAttentionMetadata:
@@ -55,25 +69,56 @@ class BlocksparseFlashAttentionBackend:
         kv.copy_blocks(kv_caches, src_to_dists)
 
 
+_VLLM_CLASSES: tuple | None = None
+
+
+def _vllm_classes() -> tuple[type, type]:
+    """(metadata builder, attention state) classes from vLLM's common backend utilities, built once."""
+    global _VLLM_CLASSES
+    if _VLLM_CLASSES is None:
+        try:
+            from vllm.attention.backends.utils import CommonAttentionState, CommonMetadataBuilder
+        except ImportError as e:
+            raise NotImplementedError("the metadata builder and attention state are vLLM's own classes "
+                                      f"(vLLM 0.7-0.9), and vLLM's common backend utilities do not import: {e}") from e
+        builder = type("BlocksparseFlashAttentionMetadataBuilder", (CommonMetadataBuilder,),
+                       {"_metadata_cls": BlocksparseFlashAttentionMetadata})
+        _VLLM_CLASSES = (builder, CommonAttentionState)
+    return _VLLM_CLASSES
+
+
 def _is_decoder(attn_type) -> bool:
     # vLLM's AttentionType was an Enum in some versions and a class of string constants in others.
     name = getattr(attn_type, "name", attn_type)
     return attn_type is None or str(name).lower() == "decoder"
 
 
+def _layer_scale(layer, name: str):
+    """A layer's per-tensor K or V scale as vLLM keeps it: the float32 tensor `_k_scale` (read on the
+    device, so captured graphs see updates), else the float `_k_scale_float`, else 1."""
+    scale = getattr(layer, f"_{name}", None)
+    if isinstance(scale, torch.Tensor):
+        return scale
+    return float(getattr(layer, f"_{name}_float", 1.0))
+
+
 class BlocksparseFlashAttentionImpl:
     """One decoder self-attention layer over a paged KV cache with Phi-3-small block sparsity.
 
-    blocksparse_params: a dict of BlocksparseParams' fields (or a BlocksparseParams); num_heads and
-    num_kv_heads may be left out and are taken from this layer (per tensor-parallel rank).
-    Not supported (rejected at construction): ALiBi, sliding window, logit soft-capping, a
-    quantized KV cache (kv_cache_dtype other than "auto"), attention types other than decoder.
+    The constructor takes vLLM's arguments, positionally or by keyword (vLLM 0.7-0.9 pass eleven, then
+    keyword extras). blocksparse_params: a dict of BlocksparseParams' fields (or a BlocksparseParams);
+    num_heads and num_kv_heads may be left out and are taken from this layer (per tensor-parallel rank),
+    tp_size / tp_rank too (see BlocksparseParams). kv_cache_dtype: "auto" (the cache holds the model's
+    dtype), "fp8" / "fp8_e4m3" or "fp8_e5m2" (the cache holds that fp8 format, or bytes read as it).
+    Not supported (rejected at construction): ALiBi, sliding window, logit soft-capping, attention
+    types other than decoder, KV sharing between layers, and any keyword extra that turns a feature on.
     """
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
                  alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
                  kv_cache_dtype: str = "auto", blocksparse_params: dict | BlocksparseParams | None = None,
-                 logits_soft_cap: float | None = None, attn_type=None):
+                 logits_soft_cap: float | None = None, attn_type=None,
+                 kv_sharing_target_layer_name: str | None = None, **extra_impl_args):
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         if alibi_slopes is not None:
             raise NotImplementedError("alibi_slopes: ALiBi is not supported by the block-sparse backend")
@@ -82,11 +127,14 @@ class BlocksparseFlashAttentionImpl:
                                       "supported by the block-sparse backend (its pattern has a local band)")
         if logits_soft_cap:
             raise NotImplementedError(f"logits_soft_cap={logits_soft_cap!r}: soft-capping is not supported")
-        if kv_cache_dtype != "auto":
-            raise NotImplementedError(f"kv_cache_dtype={kv_cache_dtype!r}: only 'auto' (the cache holds the "
-                                      "model's dtype) is supported; quantized (fp8) caches are not")
         if not _is_decoder(attn_type):
             raise NotImplementedError(f"attn_type={attn_type!r}: only decoder self-attention is supported")
+        if kv_sharing_target_layer_name is not None:
+            raise NotImplementedError(f"kv_sharing_target_layer_name={kv_sharing_target_layer_name!r}: sharing "
+                                      "another layer's KV cache is not supported; each layer owns its cache")
+        enabled = {name: value for name, value in extra_impl_args.items() if value not in (None, False, 0)}
+        if enabled:  # vLLM passes extras such as use_irope=False; one that turns a feature on is refused
+            raise NotImplementedError(f"{enabled}: these options are not supported by the block-sparse backend")
         if head_size not in SUPPORTED_HEAD_SIZES:
             raise ValueError(f"head_size={head_size} is not supported; supported head sizes are "
                              f"{list(SUPPORTED_HEAD_SIZES)}")
@@ -97,8 +145,10 @@ class BlocksparseFlashAttentionImpl:
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
+        self.fp8_dtype = kv.fp8_dtype_of(kv_cache_dtype)  # None: the cache holds the model's dtype
         self.blocksparse_params = self._make_params(blocksparse_params)
         self.pattern = self.blocksparse_params.pattern  # built once, used by every forward
+        self._scale_tensors: dict[tuple[float, torch.device], torch.Tensor] = {}
 
     def _make_params(self, blocksparse_params) -> BlocksparseParams:
         if blocksparse_params is None:
@@ -117,58 +167,137 @@ class BlocksparseFlashAttentionImpl:
         except TypeError as e:  # an unknown or missing key
             raise ValueError(f"blocksparse_params: {e}") from None
 
-    def _check_seq_lens(self, m: BlocksparseFlashAttentionMetadata) -> None:
+    def _check_seq_lens(self, m) -> None:
         # Host-side integers only: reading seq_lens_tensor would sync with the device.
+        seq_lens = getattr(m, "seq_lens", None)
         longest = max(m.max_prefill_seq_len or 0, m.max_decode_seq_len or 0,
-                      max(m.seq_lens, default=0) if m.seq_lens is not None else 0)
+                      max(seq_lens, default=0) if seq_lens is not None else 0)
         if longest > self.blocksparse_params.max_seqlen:
             raise ValueError(f"a sequence of {longest} tokens exceeds blocksparse_params.max_seqlen = "
                              f"{self.blocksparse_params.max_seqlen}")
+        if (getattr(m, "max_decode_query_len", None) or 0) > 1:
+            raise NotImplementedError(f"max_decode_query_len={m.max_decode_query_len}: decode queries of more "
+                                      "than one token (speculative decoding) are not supported")
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                attn_metadata: BlocksparseFlashAttentionMetadata, k_scale: float = 1.0, v_scale: float = 1.0,
-                attn_type=None, output: torch.Tensor | None = None) -> torch.Tensor:
-        """query [T, Hq*D], key/value [T, Hkv*D] (unit last stride, e.g. slices of a fused QKV),
-        kv_cache [2, NB, kvbs*Hkv*D] or empty (memory profiling) -> out [T, Hq*D] (into `output` if given).
+    def _cache_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key_cache, value_cache) [NB, Hkv, kvbs, D] of a non-empty cache, bytes read as the fp8 format."""
+        if self.fp8_dtype is None:
+            if kv_cache.dtype == torch.uint8 or kv_cache.dtype in kv.FP8_CACHE_DTYPES.values():
+                raise ValueError(f"kv_cache has dtype {kv_cache.dtype} but kv_cache_dtype is 'auto' (the "
+                                 "model's dtype); construct the layer with kv_cache_dtype='fp8', 'fp8_e4m3' or "
+                                 "'fp8_e5m2' for a quantized cache")
+        elif kv_cache.dtype == torch.uint8:
+            kv_cache = kv_cache.view(self.fp8_dtype)
+        elif kv_cache.dtype != self.fp8_dtype:
+            raise ValueError(f"kv_cache has dtype {kv_cache.dtype}, but kv_cache_dtype={self.kv_cache_dtype!r} "
+                             f"expects {self.fp8_dtype} (or torch.uint8 bytes read as it)")
+        return kv.split_kv_cache(kv_cache, self.num_kv_heads, self.head_size)
+
+    def _scale_tensor(self, scale, name: str, device: torch.device) -> torch.Tensor | None:
+        """A K/V scale as the ops take it (a float32 one-element tensor on the cache's device), or None for
+        a cache of the model's dtype (scales have no effect there). Tensors are passed as they are (the ops
+        check dtype, size and device; their values on the CPU and under BSA_CHECK_INPUTS=1)."""
+        if self.fp8_dtype is None:
+            return None
+        if isinstance(scale, torch.Tensor):
+            return scale
+        value = float(scale)
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name}={scale!r} must be a positive finite number")
+        key = (value, device)
+        if key not in self._scale_tensors:  # one small tensor per value: no allocation or copy per step
+            self._scale_tensors[key] = torch.full((1,), value, dtype=torch.float32, device=device)
+        return self._scale_tensors[key]
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        """Two call styles, told apart by the first argument:
+
+        vLLM 0.7-0.9: forward(layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None),
+          K/V scales read from layer._k_scale / _v_scale (tensors) or _k_scale_float / _v_scale_float;
+        direct:       forward(query, key, value, kv_cache, attn_metadata, k_scale=1.0, v_scale=1.0,
+                              attn_type=None, output=None).
+
+        query [T, Hq*D] or [T, Hq, D], key/value [T, Hkv*D] or [T, Hkv, D] (unit last stride, e.g. slices of
+        a fused QKV); kv_cache [2, NB, kvbs*Hkv*D] (or any contiguous [2, NB, ...] of that size) or empty
+        (memory profiling) -> out shaped like query (into `output` if given, which is returned).
 
         Writes the batch's new k/v to the cache (slot_mapping), then answers the prefill rows (the first
         num_prefill_tokens) and the decode rows (the next num_decode_tokens); rows after those are
         padding and come back zero. Prefill reads keys from the cache when its block_tables are non-empty
         and the cache is non-empty (chunked prefill / cached prefix); otherwise it attends among the new
         tokens only. With an empty cache that is also what happens to a prefill with context (nothing is
-        cached to read), as in vLLM. k_scale / v_scale have no effect: with kv_cache_dtype "auto" the cache
-        is not quantized (vLLM behaves the same). No host synchronisation: decode-only batches can be
-        captured in a CUDA graph.
+        cached to read), as in vLLM. With an fp8 cache every attention reads K/V as stored (the tokens
+        written in this step too, through block tables built from their slots), so an output does not
+        depend on how a prompt was chunked; k_scale / v_scale (floats or one-element float32 tensors on
+        the cache's device) quantize and dequantize: stored = fp8(x / scale), read = float(stored) * scale.
+        With kv_cache_dtype "auto" the scales have no effect. No host synchronisation: decode-only
+        batches can be captured in a CUDA graph (tensor scales are then read at replay).
         """
+        if args and not isinstance(args[0], torch.Tensor) or "layer" in kwargs:
+            return self._forward_layer(*args, **kwargs)
+        return self._forward(*args, **kwargs)
+
+    def _forward_layer(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,
+                       **unsupported):
+        if output_scale is not None:
+            raise NotImplementedError("output_scale: a quantized attention output is not supported; the "
+                                      "output stays in the model's dtype")
+        if unsupported:
+            raise TypeError(f"forward(layer, ...) got unexpected arguments {sorted(unsupported)}")
+        return self._forward(query, key, value, kv_cache, attn_metadata, _layer_scale(layer, "k_scale"),
+                             _layer_scale(layer, "v_scale"), output=output)
+
+    def _forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                 attn_metadata, k_scale=1.0, v_scale=1.0, attn_type=None,
+                 output: torch.Tensor | None = None) -> torch.Tensor:
         if not _is_decoder(attn_type):
             raise NotImplementedError(f"attn_type={attn_type!r}: only decoder self-attention is supported")
         m = attn_metadata
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_size
-        if query.shape[-1] != hq * d or key.shape[-1] != hkv * d or value.shape[-1] != hkv * d:
-            raise ValueError(f"query/key/value must be [T, {hq}*{d}] / [T, {hkv}*{d}] / [T, {hkv}*{d}], got "
-                             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+        if key is None or value is None:
+            raise ValueError("key and value are required (decoder self-attention writes them to the cache)")
+        for name, t, heads in (("query", query, hq), ("key", key, hkv), ("value", value, hkv)):
+            if t.dim() not in (2, 3) or t.shape[1:].numel() != heads * d or (t.dim() == 3 and t.shape[1] != heads):
+                raise ValueError(f"{name} must be [T, {heads}*{d}] or [T, {heads}, {d}], got {tuple(t.shape)}")
         num_prefill, num_real = m.num_prefill_tokens, m.num_prefill_tokens + m.num_decode_tokens
         if num_real > query.shape[0] or num_real > key.shape[0] or num_real > value.shape[0]:
             raise ValueError(f"attn_metadata has {num_real} tokens but query/key/value have {query.shape[0]}/"
                              f"{key.shape[0]}/{value.shape[0]} rows")
         self._check_seq_lens(m)
+        if output is not None and (output.shape[0] != query.shape[0] or output.shape[1:].numel() != hq * d):
+            raise ValueError(f"output must hold [{query.shape[0]}, {hq}*{d}] elements like query, got shape "
+                             f"{tuple(output.shape)}")
 
         q, k, v = query.view(-1, hq, d), key.view(-1, hkv, d), value.view(-1, hkv, d)
         out = torch.empty_like(query) if output is None else output
         out3 = out.view(-1, hq, d)
         has_cache = kv_cache.numel() > 0
+        scales = {}
         if has_cache:
-            key_cache, value_cache = kv.split_kv_cache(kv_cache, hkv, d)
-            ops.write_kv_cache(k[:num_real], v[:num_real], key_cache, value_cache, m.slot_mapping[:num_real])
+            key_cache, value_cache = self._cache_views(kv_cache)
+            scales = dict(k_scale=self._scale_tensor(k_scale, "k_scale", kv_cache.device),
+                          v_scale=self._scale_tensor(v_scale, "v_scale", kv_cache.device))
+            ops.write_kv_cache(k[:num_real], v[:num_real], key_cache, value_cache, m.slot_mapping[:num_real],
+                               **scales)
 
         prefill = m.prefill_metadata
         if prefill is not None:
             if prefill.query_start_loc is None:
                 raise ValueError("attn_metadata.query_start_loc is required for prefill tokens")
             q_pre, out_pre = q[:num_prefill], out3[:num_prefill]
-            if has_cache and prefill.block_tables is not None and prefill.block_tables.numel() > 0:
-                ops.paged_prefill(q_pre, key_cache, value_cache, prefill.block_tables, prefill.query_start_loc,
-                                  prefill.seq_lens_tensor, self.scale, self.pattern, out=out_pre)
+            tables = prefill.block_tables
+            if has_cache and self.fp8_dtype is not None and (tables is None or tables.numel() == 0):
+                # A quantized cache is read back even for prompts without context: attention then sees
+                # exactly the values a later chunk or decode will see.
+                tables = block_tables_from_slots(prefill.slot_mapping, prefill.query_start_loc, m.num_prefills,
+                                                 prefill.max_prefill_seq_len or prefill.max_query_len,
+                                                 key_cache.shape[2])
+                seq_lens = prefill.query_start_loc[1:m.num_prefills + 1] - prefill.query_start_loc[:m.num_prefills]
+            else:
+                seq_lens = prefill.seq_lens_tensor
+            if has_cache and tables is not None and tables.numel() > 0:
+                ops.paged_prefill(q_pre, key_cache, value_cache, tables, prefill.query_start_loc, seq_lens,
+                                  self.scale, self.pattern, out=out_pre, **scales)
             else:
                 ops.varlen_prefill(q_pre, k[:num_prefill], v[:num_prefill], prefill.query_start_loc,
                                    prefill.query_start_loc, self.scale, self.pattern, out=out_pre)
@@ -178,7 +307,8 @@ class BlocksparseFlashAttentionImpl:
             if not has_cache:
                 raise ValueError("decode tokens need a KV cache, got an empty kv_cache")
             ops.paged_decode(q[num_prefill:num_real], key_cache, value_cache, decode.block_tables,
-                             decode.seq_lens_tensor, self.scale, self.pattern, out=out3[num_prefill:num_real])
+                             decode.seq_lens_tensor, self.scale, self.pattern, out=out3[num_prefill:num_real],
+                             **scales)
 
         if num_real < out.shape[0]:
             out[num_real:].zero_()

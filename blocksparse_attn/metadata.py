@@ -8,11 +8,12 @@ possibly padding rows.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
 from .layout import SUPPORTED_BLOCK_SIZES, SparsePattern
+from .parallel import resolve_tensor_parallel
 
 
 @dataclass
@@ -21,6 +22,9 @@ class BlocksparseParams:
 
     num_heads / num_kv_heads are the counts on this tensor-parallel rank; the pattern is defined over
     global heads (rank tp_rank holds global q heads tp_rank * num_heads ... + num_heads - 1).
+    tp_size / tp_rank left None are taken from vLLM's tensor-parallel group when it is initialized; a
+    single process is tp 1 / rank 0; with several torch.distributed processes and no vLLM group they
+    must be given (see parallel.py).
     Derived:
       head_sliding_step  vLLM's encoding: 0 for homo_head; -max(1, int(V / total_kv_heads)) for
                          homo_head_group (negative = slide along kv heads); max(1, int(V / total_heads))
@@ -36,8 +40,8 @@ class BlocksparseParams:
     vert_stride: int
     homo_head: bool = False
     homo_head_group: bool = False
-    tp_size: int = 1
-    tp_rank: int = 0
+    tp_size: int | None = None
+    tp_rank: int | None = None
     head_sliding_step: int = field(init=False)
     active_head_range: tuple[int, int] = field(init=False)
 
@@ -54,6 +58,7 @@ class BlocksparseParams:
         if self.num_heads < 1 or self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_kv_heads ({self.num_kv_heads}) must be >= 1 and divide num_heads "
                              f"({self.num_heads})")
+        self.tp_size, self.tp_rank = resolve_tensor_parallel(self.tp_size, self.tp_rank)
         if self.tp_size < 1 or not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"tp_rank must lie in [0, tp_size) and tp_size >= 1, got tp_rank={self.tp_rank}, "
                              f"tp_size={self.tp_size}")
@@ -95,6 +100,7 @@ class BlocksparseFlashAttentionMetadata:
                          tensor (or None) when no sequence has cached context: prefill then attends over
                          the new tokens' contiguous k/v instead of reading them back from the cache
     use_cuda_graph       the decode part runs inside a captured CUDA graph
+    max_decode_query_len longest decode query (host int; vLLM's runners set it; only 1 is supported)
 
     `prefill_metadata` / `decode_metadata` are views on the prefill / decode part (None when empty),
     computed once and cached; treat the metadata as immutable after the first access.
@@ -117,6 +123,7 @@ class BlocksparseFlashAttentionMetadata:
     # Accepted because vLLM's base metadata has them; unused here.
     multi_modal_placeholder_index_maps: dict | None = None
     enable_kv_scales_calculation: bool = False
+    max_decode_query_len: int | None = None
 
     _cached_prefill_metadata: BlocksparseFlashAttentionMetadata | None = field(
         default=None, init=False, repr=False, compare=False)
@@ -129,6 +136,12 @@ class BlocksparseFlashAttentionMetadata:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_prefills > 0 and self.num_prefill_tokens == 0:
             raise ValueError(f"num_prefills = {self.num_prefills} but num_prefill_tokens = 0")
+
+    def asdict_zerocopy(self, skip_fields: set[str] | None = None) -> dict:
+        """The constructor's fields as a dict without copying tensors (vLLM's runners broadcast it to the
+        other workers, which rebuild the metadata with make_metadata(**fields))."""
+        skip_fields = skip_fields or set()
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name not in skip_fields}
 
     @property
     def prefill_metadata(self) -> BlocksparseFlashAttentionMetadata | None:
@@ -177,6 +190,7 @@ class BlocksparseFlashAttentionMetadata:
                 context_lens_tensor=None,
                 block_tables=_tail(self.block_tables, s),
                 use_cuda_graph=self.use_cuda_graph,
+                max_decode_query_len=self.max_decode_query_len,
             )
         return self._cached_decode_metadata
 
@@ -250,7 +264,24 @@ class BlocksparseFlashAttentionMetadata:
             context_lens_tensor=int32(context_lens).to(device),
             block_tables=table.to(device),
             use_cuda_graph=False,
+            max_decode_query_len=1 if num_decodes else 0,
         )
+
+
+def block_tables_from_slots(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor, num_seqs: int,
+                            max_seq_len: int, kv_block_size: int) -> torch.Tensor:
+    """int32 [num_seqs, ceil(max_seq_len / kvbs)] block tables of prompts without context, read off the
+    slots their tokens were written to (token j of sequence r sits at slot_mapping[query_start_loc[r] + j],
+    so logical block b is the block of its token b * kvbs). Entries past a sequence's end are 0, and so
+    are unwritten (negative) slots: no kernel reads them. On the slots' device, without a host sync."""
+    device = slot_mapping.device
+    starts = query_start_loc[:num_seqs].to(device=device, dtype=torch.int64)
+    ends = query_start_loc[1:num_seqs + 1].to(device=device, dtype=torch.int64)
+    num_blocks = -(-max_seq_len // kv_block_size)
+    token = starts[:, None] + torch.arange(num_blocks, device=device, dtype=torch.int64) * kv_block_size
+    inside = token < ends[:, None]
+    slots = slot_mapping[torch.where(inside, token, 0)]
+    return torch.where(inside & (slots >= 0), slots // kv_block_size, 0).to(torch.int32)
 
 
 def _head(t: torch.Tensor | None, n: int) -> torch.Tensor | None:

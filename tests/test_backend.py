@@ -331,8 +331,8 @@ _SPARSE = dict(max_seqlen=256, block_size=16, local_blocks=2, vert_stride=3)
 @pytest.mark.parametrize("kw,error,match", [
     (dict(alibi_slopes=[0.5] * HQ), NotImplementedError, "alibi"),
     (dict(sliding_window=128), NotImplementedError, "sliding_window"),
-    (dict(kv_cache_dtype="fp8"), NotImplementedError, "kv_cache_dtype"),
-    (dict(kv_cache_dtype="fp8_e5m2"), NotImplementedError, "kv_cache_dtype"),
+    (dict(kv_cache_dtype="int8"), ValueError, "kv_cache_dtype='int8'"),
+    (dict(kv_cache_dtype="fp8_e4m3fn"), ValueError, "kv_cache_dtype"),
     (dict(logits_soft_cap=30.0), NotImplementedError, "logits_soft_cap"),
     (dict(attn_type="encoder"), NotImplementedError, "attn_type"),
     (dict(head_size=72), ValueError, "head_size"),
@@ -341,8 +341,11 @@ _SPARSE = dict(max_seqlen=256, block_size=16, local_blocks=2, vert_stride=3)
     (dict(blocksparse_params={**_SPARSE, "vertical_stride": 3}), ValueError, "blocksparse_params"),
     (dict(blocksparse_params={**_SPARSE, "local_blocks": 0}), ValueError, "local_blocks"),
     (dict(num_kv_heads=3), ValueError, "num_kv_heads"),
-], ids=["alibi", "sliding-window", "fp8", "fp8-e5m2", "soft-cap", "encoder", "head-size-72", "no-params",
-        "num-heads-mismatch", "unknown-key", "bad-local-blocks", "kv-heads"])
+    (dict(kv_sharing_target_layer_name="model.layers.0.attn"), NotImplementedError, "kv_sharing"),
+    (dict(use_irope=True), NotImplementedError, "use_irope"),
+], ids=["alibi", "sliding-window", "int8-cache", "torch-name-cache", "soft-cap", "encoder", "head-size-72", "no-params",
+        "num-heads-mismatch", "unknown-key", "bad-local-blocks", "kv-heads", "kv-sharing",
+        "irope"])
 def test_impl_rejects(kw, error, match):
     args = dict(num_heads=HQ, head_size=D, scale=SCALE, num_kv_heads=HKV, blocksparse_params=_SPARSE)
     with pytest.raises(error, match=match):
