@@ -3,7 +3,8 @@
 Every example draws a whole configuration: heads (Hq / Hkv ratios 1 to 8, MQA included), head size,
 sparse block size B, local blocks L, vertical stride V, sliding step, homo / q-head / kv-head sliding,
 head_offset, cache block size (dividing B or a multiple of it), sequence lengths (1, block boundaries,
-random), context lengths (chunked prefill), explicit layouts, and the dtype (float32 mostly; float16 and
+random), context lengths (chunked prefill), explicit layouts, the cache (the model dtype mostly, fp8 e4m3 / e5m2
+with per-tensor scales, floats or tensors) and the dtype (float32 mostly; float16 and
 bfloat16 with the tolerance table of tests/_helpers.py). Inputs are seeded torch tensors, outputs are
 NaN-poisoned, and paged caches hold every sequence in shuffled blocks with every unowned slot NaN, as in
 test_attention_ops.py. The tests take `device` (conftest.DEVICES; CUDA skipped without a GPU); on CUDA a
@@ -63,6 +64,8 @@ HEAD_DIMS = [64] * 6 + [80, 96, 112, 128, 256]                 # the big ones ra
 BLOCK_SIZES = (16, 32, 64, 128)
 KV_BLOCK_SIZES = (1, 8, 16, 32, 64, 128, 256)
 HEADS = [(1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (4, 2), (8, 2), (3, 3), (6, 3), (4, 4), (8, 4)]  # (Hq, Hkv)
+FP8_CACHES = [None] * 4 + [torch.float8_e4m3fn, torch.float8_e5m2]  # paged caches in the model dtype mostly
+CACHE_SCALES = (1.0, 0.05, 0.3, 2.0)  # x / scale of N(0, 1) values: inside both fp8 ranges, or subnormal-heavy
 
 
 def devices():
@@ -85,6 +88,8 @@ def configs(draw, paged: bool):
     d = draw(st.sampled_from(HEAD_DIMS))
     b = draw(st.sampled_from(BLOCK_SIZES))
     kvbs = draw(st.sampled_from([k for k in KV_BLOCK_SIZES if k % b == 0 or b % k == 0])) if paged else None
+    fp8 = draw(st.sampled_from(FP8_CACHES)) if paged else None
+    k_scale, v_scale = (draw(st.sampled_from(CACHE_SCALES)) for _ in "kv")
     explicit = draw(st.integers(0, 5)) == 0
     if explicit:
         pattern = None  # made once the lengths are known (it must cover the longest sequence)
@@ -100,7 +105,28 @@ def configs(draw, paged: bool):
     # token budget for the reference: a few blocks of B, less for the big head sizes
     budget = (8 if d <= 128 else 3) * max(b, 32)
     return SimpleNamespace(dtype=dtype, hq=hq, hkv=hkv, d=d, b=b, kvbs=kvbs, explicit=explicit, pattern=pattern,
-                           scale=scale, seed=seed, budget=budget)
+                           scale=scale, seed=seed, budget=budget, fp8=fp8, k_scale=k_scale, v_scale=v_scale)
+
+
+def paged_inputs(cfg, keys, values, gen, device):
+    """The paged cache of the sequences' keys/values, and what the reference reads from it: the values
+    themselves, or for an fp8 cache the values as stored (quantized with the example's scales, read back
+    in float32). Returns (key_cache, value_cache, block_tables, ref_keys, ref_values, scale kwargs)."""
+    if cfg.fp8 is None:
+        return (*build_paged_cache(keys, values, cfg.kvbs, gen, device), keys, values, {})
+    stored_k = [reference.quantize_fp8(k, cfg.fp8, cfg.k_scale) for k in keys]
+    stored_v = [reference.quantize_fp8(v, cfg.fp8, cfg.v_scale) for v in values]
+    key_cache, value_cache, tables = build_paged_cache([k.float() for k in stored_k], [v.float() for v in stored_v],
+                                                       cfg.kvbs, gen, "cpu")  # stored values are exact in float32
+    scales = {name: torch.tensor([value], dtype=torch.float32, device=device)
+              for name, value in (("k_scale", cfg.k_scale), ("v_scale", cfg.v_scale))}
+    return (key_cache.to(cfg.fp8).to(device), value_cache.to(cfg.fp8).to(device), tables.to(device),
+            [reference.dequantize(k, cfg.k_scale) for k in stored_k],
+            [reference.dequantize(v, cfg.v_scale) for v in stored_v], scales)
+
+
+def cache_id(cfg) -> str:
+    return "" if cfg.fp8 is None else f" cache={str(cfg.fp8).removeprefix('torch.')} k/v scale={cfg.k_scale}/{cfg.v_scale}"
 
 
 def a_length(draw, b: int, budget: int, minimum: int = 0) -> int:
@@ -208,9 +234,9 @@ def test_fuzz_paged_prefill(device, cfg, data):
     q = randn((sum(q_lens), cfg.hq, cfg.d), cfg.dtype, gen)
     keys = [randn((n, cfg.hkv, cfg.d), cfg.dtype, gen) for n in seq_lens]
     values = [randn((n, cfg.hkv, cfg.d), cfg.dtype, gen) for n in seq_lens]
-    key_cache, value_cache, tables = build_paged_cache(keys, values, cfg.kvbs, gen, device)
+    key_cache, value_cache, tables, keys, values, scales = paged_inputs(cfg, keys, values, gen, device)
     config = (f"fuzz paged_prefill {device} {DTYPE_IDS[cfg.dtype]} D={cfg.d} Hq={cfg.hq} Hkv={cfg.hkv} "
-              f"kvbs={cfg.kvbs} (context, new)={seqs} scale={cfg.scale:.4g} {pattern!r}")
+              f"kvbs={cfg.kvbs}{cache_id(cfg)} (context, new)={seqs} scale={cfg.scale:.4g} {pattern!r}")
     with one_thread():
         ref_out, ref_lse = reference.varlen_prefill_ref(q, torch.cat(keys), torch.cat(values), cu_seqlens(q_lens, "cpu"),
                                                         cu_seqlens(seq_lens, "cpu"), cfg.scale, pattern)
@@ -218,7 +244,7 @@ def test_fuzz_paged_prefill(device, cfg, data):
     lse = poison(torch.empty(cfg.hq, q.shape[0], dtype=torch.float32, device=device))
     _ops.paged_prefill(out, q.to(device), key_cache, value_cache, tables, cu_seqlens(q_lens, device),
                        torch.tensor(seq_lens, dtype=torch.int32, device=device), cfg.scale,
-                       *op_args(pattern, device), lse)
+                       *op_args(pattern, device), lse, scales.get("k_scale"), scales.get("v_scale"))
     check(out, lse, ref_out, ref_lse, cfg.dtype, config)
     EXAMPLES["paged_prefill"] += 1
 
@@ -238,9 +264,9 @@ def test_fuzz_paged_decode(device, cfg, data):
     q = randn((num_seqs, cfg.hq, cfg.d), cfg.dtype, gen)
     keys = [randn((n, cfg.hkv, cfg.d), cfg.dtype, gen) for n in seq_lens]
     values = [randn((n, cfg.hkv, cfg.d), cfg.dtype, gen) for n in seq_lens]
-    key_cache, value_cache, tables = build_paged_cache(keys, values, cfg.kvbs, gen, device)
+    key_cache, value_cache, tables, keys, values, scales = paged_inputs(cfg, keys, values, gen, device)
     config = (f"fuzz paged_decode {device} {DTYPE_IDS[cfg.dtype]} D={cfg.d} Hq={cfg.hq} Hkv={cfg.hkv} "
-              f"kvbs={cfg.kvbs} seq_lens={seq_lens} scale={cfg.scale:.4g} {pattern!r}")
+              f"kvbs={cfg.kvbs}{cache_id(cfg)} seq_lens={seq_lens} scale={cfg.scale:.4g} {pattern!r}")
     ref_out = torch.zeros(q.shape)
     ref_lse = torch.full((cfg.hq, num_seqs), -math.inf)
     with one_thread():
@@ -252,7 +278,7 @@ def test_fuzz_paged_decode(device, cfg, data):
     lse = poison(torch.empty(cfg.hq, num_seqs, dtype=torch.float32, device=device))
     _ops.paged_decode(out, q.to(device), key_cache, value_cache, tables,
                       torch.tensor(seq_lens, dtype=torch.int32, device=device), cfg.scale,
-                      *op_args(pattern, device), lse)
+                      *op_args(pattern, device), lse, scales.get("k_scale"), scales.get("v_scale"))
     check(out, lse, ref_out, ref_lse, cfg.dtype, config)
     EXAMPLES["paged_decode"] += 1
 
@@ -271,8 +297,13 @@ def backend_configs(draw):
     params = dict(max_seqlen=draw(st.sampled_from((4096, 131072))), block_size=b, local_blocks=draw(st.integers(1, 4)),
                   vert_stride=draw(st.integers(1, 9)), homo_head=mode == "homo", homo_head_group=mode == "kvslide",
                   tp_size=tp_size, tp_rank=draw(st.integers(0, tp_size - 1)))
+    kv_cache_dtype = draw(st.sampled_from(("auto",) * 4 + ("fp8", "fp8_e5m2")))
+    # scales as floats or as device tensors (vLLM's layers hold tensors)
+    scale_kind = draw(st.sampled_from(("float", "tensor")))
     return SimpleNamespace(dtype=dtype, hq=hq, hkv=hkv, d=d, b=b, kvbs=kvbs, params=params,
-                           seed=draw(st.integers(0, 2 ** 31 - 1)), budget=(6 if d <= 128 else 2) * max(b, 32))
+                           seed=draw(st.integers(0, 2 ** 31 - 1)), budget=(6 if d <= 128 else 2) * max(b, 32),
+                           kv_cache_dtype=kv_cache_dtype, scale_kind=scale_kind,
+                           k_scale=draw(st.sampled_from(CACHE_SCALES)), v_scale=draw(st.sampled_from(CACHE_SCALES)))
 
 
 def spec_pattern(p: dict, hq: int, hkv: int) -> SimpleNamespace:
@@ -299,16 +330,24 @@ def test_fuzz_backend(device, cfg, data):
     padding = data.draw(st.integers(0, 3), label="padding rows")
     note_coverage(cfg, max(p + s for p, s in zip(prompts, second)))
     gen = torch.Generator().manual_seed(cfg.seed)
-    impl = BlocksparseFlashAttentionImpl(hq, d, d ** -0.5, hkv, blocksparse_params=cfg.params)
+    impl = BlocksparseFlashAttentionImpl(hq, d, d ** -0.5, hkv, kv_cache_dtype=cfg.kv_cache_dtype,
+                                         blocksparse_params=cfg.params)
     pattern = spec_pattern(cfg.params, hq, hkv)
     blocks_needed = sum(-(-(p + s) // kvbs) for p, s in zip(prompts, second))
     num_blocks = blocks_needed + 2
     kv_cache = torch.full(BlocksparseFlashAttentionBackend.get_kv_cache_shape(num_blocks, kvbs, hkv, d), NAN,
-                          dtype=cfg.dtype, device=device)
+                          dtype=cfg.dtype).to(impl.fp8_dtype or cfg.dtype).to(device)
+    fp8 = impl.fp8_dtype
+    scales = {name: torch.tensor([value], dtype=torch.float32, device=device) if cfg.scale_kind == "tensor" else value
+              for name, value in (("k_scale", cfg.k_scale), ("v_scale", cfg.v_scale))}
+
+    def as_stored(x, scale):  # what attention reads back from the cache
+        return x if fp8 is None else reference.dequantize(reference.quantize_fp8(x, fp8, scale), scale)
     free = torch.randperm(num_blocks, generator=gen).tolist()
     tables = [[free.pop() for _ in range(-(-(p + s) // kvbs))] for p, s in zip(prompts, second)]
     hist_k, hist_v = [None] * num_seqs, [None] * num_seqs
     config = (f"fuzz backend {device} {DTYPE_IDS[cfg.dtype]} D={d} Hq={hq} Hkv={hkv} kvbs={kvbs} {cfg.params} "
+              f"cache={cfg.kv_cache_dtype} {cfg.scale_kind} k/v scale={cfg.k_scale}/{cfg.v_scale} "
               f"prompts={prompts} step2={second} padding={padding}")
 
     def step(seqs, query_lens, context_lens, what):
@@ -318,13 +357,13 @@ def test_fuzz_backend(device, cfg, data):
         q, k, v = (randn((total, h, d), cfg.dtype, gen) for h in (hq, hkv, hkv))
         start = 0
         for r, n in zip(seqs, query_lens):
-            nk, nv = k[start: start + n], v[start: start + n]
+            nk, nv = as_stored(k[start: start + n], cfg.k_scale), as_stored(v[start: start + n], cfg.v_scale)
             hist_k[r] = nk if hist_k[r] is None else torch.cat([hist_k[r], nk])
             hist_v[r] = nv if hist_v[r] is None else torch.cat([hist_v[r], nv])
             start += n
         output = poison(torch.empty(total, hq * d, dtype=cfg.dtype, device=device))
         impl.forward(q.flatten(1).to(device), k.flatten(1).to(device), v.flatten(1).to(device), kv_cache, md,
-                     output=output)
+                     output=output, **scales)
         out = output.view(total, hq, d)
         start = 0
         with one_thread():
