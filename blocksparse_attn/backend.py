@@ -209,13 +209,15 @@ class BlocksparseFlashAttentionImpl:
             self._scale_tensors[key] = torch.full((1,), value, dtype=torch.float32, device=device)
         return self._scale_tensors[key]
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
+    def forward(self, query, key, value, kv_cache, attn_metadata, k_scale=1.0, v_scale=1.0, attn_type=None,
+                output: torch.Tensor | None = None, output_scale=None) -> torch.Tensor:
         """Two call styles, told apart by the first argument:
 
-        vLLM 0.7-0.9: forward(layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None),
-          K/V scales read from layer._k_scale / _v_scale (tensors) or _k_scale_float / _v_scale_float;
         direct:       forward(query, key, value, kv_cache, attn_metadata, k_scale=1.0, v_scale=1.0,
-                              attn_type=None, output=None).
+                              attn_type=None, output=None);
+        vLLM 0.7-0.9: forward(layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None),
+                      the K/V scales read from layer._k_scale / _v_scale (tensors) or _k_scale_float /
+                      _v_scale_float. output_scale (a quantized output) must be None.
 
         query [T, Hq*D] or [T, Hq, D], key/value [T, Hkv*D] or [T, Hkv, D] (unit last stride, e.g. slices of
         a fused QKV); kv_cache [2, NB, kvbs*Hkv*D] (or any contiguous [2, NB, ...] of that size) or empty
@@ -233,23 +235,19 @@ class BlocksparseFlashAttentionImpl:
         With kv_cache_dtype "auto" the scales have no effect. No host synchronisation: decode-only
         batches can be captured in a CUDA graph (tensor scales are then read at replay).
         """
-        if args and not isinstance(args[0], torch.Tensor) or "layer" in kwargs:
-            return self._forward_layer(*args, **kwargs)
-        return self._forward(*args, **kwargs)
-
-    def _forward_layer(self, layer, query, key, value, kv_cache, attn_metadata, output=None, output_scale=None,
-                       **unsupported):
+        if not isinstance(query, torch.Tensor):  # vLLM's style: the layer comes first, everything shifts by one
+            if not (isinstance(v_scale, float) and v_scale == 1.0) or attn_type is not None:
+                raise TypeError("forward(layer, query, key, value, kv_cache, attn_metadata) takes no further "
+                                "positional arguments; pass output= and output_scale= by keyword")
+            layer, query, key, value, kv_cache, attn_metadata = query, key, value, kv_cache, attn_metadata, k_scale
+            k_scale, v_scale = _layer_scale(layer, "k_scale"), _layer_scale(layer, "v_scale")
         if output_scale is not None:
             raise NotImplementedError("output_scale: a quantized attention output is not supported; the "
                                       "output stays in the model's dtype")
-        if unsupported:
-            raise TypeError(f"forward(layer, ...) got unexpected arguments {sorted(unsupported)}")
-        return self._forward(query, key, value, kv_cache, attn_metadata, _layer_scale(layer, "k_scale"),
-                             _layer_scale(layer, "v_scale"), output=output)
+        return self._forward(query, key, value, kv_cache, attn_metadata, k_scale, v_scale, attn_type, output)
 
     def _forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                 attn_metadata, k_scale=1.0, v_scale=1.0, attn_type=None,
-                 output: torch.Tensor | None = None) -> torch.Tensor:
+                 attn_metadata, k_scale, v_scale, attn_type, output: torch.Tensor | None) -> torch.Tensor:
         if not _is_decoder(attn_type):
             raise NotImplementedError(f"attn_type={attn_type!r}: only decoder self-attention is supported")
         m = attn_metadata
