@@ -396,3 +396,15 @@ def test_tp_two_gloo_ranks():
     assert_pattern_is_sparse(BlocksparseParams(**dict(PHI3_PARAMS, num_heads=2 * HQ, num_kv_heads=2 * HKV), tp_size=1,
                                                tp_rank=0).pattern, 2 * HQ, 2 * HKV, 200, "tp2")
     mp.spawn(_tp_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.uint8], ids=["bf16", "fp8-bytes"])
+def test_block_moves_on_flash_attention_shaped_caches(device, dtype, gen):
+    """vLLM's swap_blocks / copy_blocks on caches of FlashAttention's shape (2, NB, kvbs, Hkv, D)."""
+    cache = torch.randn(2, 6, KVBS, HKV, D, generator=gen).to(torch.float8_e4m3fn if dtype == torch.uint8 else dtype)
+    cache = (cache.view(torch.uint8) if dtype == torch.uint8 else cache).to(device)
+    other = torch.zeros_like(cache, device="cpu")
+    BlocksparseFlashAttentionBackend.swap_blocks(cache, other, torch.tensor([[1, 2], [4, 0]]))
+    assert torch.equal(other[:, 2], cache[:, 1].cpu()) and torch.equal(other[:, 0], cache[:, 4].cpu())
+    BlocksparseFlashAttentionBackend.copy_blocks([cache], torch.tensor([[0, 5]]))
+    assert torch.equal(cache[:, 5], cache[:, 0])
