@@ -14,7 +14,7 @@ import torch
 
 from . import kv_cache as kv
 from . import ops
-from .metadata import BlocksparseFlashAttentionMetadata, BlocksparseParams, block_tables_from_slots
+from .metadata import BlocksparseFlashAttentionMetadata, BlocksparseParams, prefill_block_tables
 
 from .supported import HEAD_SIZES as SUPPORTED_HEAD_SIZES
 
@@ -283,16 +283,21 @@ class BlocksparseFlashAttentionImpl:
             if prefill.query_start_loc is None:
                 raise ValueError("attn_metadata.query_start_loc is required for prefill tokens")
             q_pre, out_pre = q[:num_prefill], out3[:num_prefill]
-            tables = prefill.block_tables
-            if has_cache and self.fp8_dtype is not None and (tables is None or tables.numel() == 0):
-                # A quantized cache is read back even for prompts without context: attention then sees
-                # exactly the values a later chunk or decode will see.
-                tables = block_tables_from_slots(prefill.slot_mapping, prefill.query_start_loc, m.num_prefills,
-                                                 prefill.max_prefill_seq_len or prefill.max_query_len,
-                                                 key_cache.shape[2])
+            tables, seq_lens = prefill.block_tables, prefill.seq_lens_tensor
+            given = tables is not None and tables.numel() > 0
+            context = getattr(prefill, "context_lens_tensor", None)
+            # The new tokens' blocks come from the slots they were just written to: a prompt then reads
+            # its own pages even where the engine padded its table row (a batch mixing cached prefixes
+            # with new prompts), and an fp8 prompt without context reads its K/V back as stored, as a
+            # later chunk or decode will.
+            max_len = prefill.max_prefill_seq_len or prefill.max_query_len
+            if has_cache and given and context is not None:
+                tables = prefill_block_tables(prefill.slot_mapping, prefill.query_start_loc, context, tables,
+                                              m.num_prefills, max_len, key_cache.shape[2])
+            elif has_cache and not given and self.fp8_dtype is not None:
+                tables = prefill_block_tables(prefill.slot_mapping, prefill.query_start_loc, None, None,
+                                              m.num_prefills, max_len, key_cache.shape[2])
                 seq_lens = prefill.query_start_loc[1:m.num_prefills + 1] - prefill.query_start_loc[:m.num_prefills]
-            else:
-                seq_lens = prefill.seq_lens_tensor
             if has_cache and tables is not None and tables.numel() > 0:
                 ops.paged_prefill(q_pre, key_cache, value_cache, tables, prefill.query_start_loc, seq_lens,
                                   self.scale, self.pattern, out=out_pre, **scales)

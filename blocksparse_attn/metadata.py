@@ -268,20 +268,33 @@ class BlocksparseFlashAttentionMetadata:
         )
 
 
-def block_tables_from_slots(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor, num_seqs: int,
-                            max_seq_len: int, kv_block_size: int) -> torch.Tensor:
-    """int32 [num_seqs, ceil(max_seq_len / kvbs)] block tables of prompts without context, read off the
-    slots their tokens were written to (token j of sequence r sits at slot_mapping[query_start_loc[r] + j],
-    so logical block b is the block of its token b * kvbs). Entries past a sequence's end are 0, and so
-    are unwritten (negative) slots: no kernel reads them. On the slots' device, without a host sync."""
+def prefill_block_tables(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
+                         context_lens: torch.Tensor | None, block_tables: torch.Tensor | None, num_seqs: int,
+                         max_seq_len: int, kv_block_size: int) -> torch.Tensor:
+    """int32 [num_seqs, max_blocks] block tables of prefill sequences whose new tokens were just written at
+    slot_mapping: a logical block that holds some new token is read off that token's slot (token j of
+    sequence r sits at slot_mapping[query_start_loc[r] + j], position context_lens[r] + j); every other
+    block comes from block_tables (the context), or is 0 where none is given (no kernel reads it).
+
+    So a prompt reads its own pages even where the engine gave it no table row (a batch mixing cached
+    prefixes with new prompts pads their rows with zeros), and an fp8 prompt without context reads its
+    K/V back as stored. Negative (unwritten) slots give block 0. On the slots' device, no host sync."""
     device = slot_mapping.device
-    starts = query_start_loc[:num_seqs].to(device=device, dtype=torch.int64)
-    ends = query_start_loc[1:num_seqs + 1].to(device=device, dtype=torch.int64)
-    num_blocks = -(-max_seq_len // kv_block_size)
-    token = starts[:, None] + torch.arange(num_blocks, device=device, dtype=torch.int64) * kv_block_size
-    inside = token < ends[:, None]
-    slots = slot_mapping[torch.where(inside, token, 0)]
-    return torch.where(inside & (slots >= 0), slots // kv_block_size, 0).to(torch.int32)
+    starts = query_start_loc[:num_seqs].to(device=device, dtype=torch.int64)[:, None]
+    ends = query_start_loc[1:num_seqs + 1].to(device=device, dtype=torch.int64)[:, None]
+    context = (torch.zeros_like(starts) if context_lens is None else
+               context_lens[:num_seqs].to(device=device, dtype=torch.int64)[:, None])
+    given = block_tables if block_tables is not None and block_tables.numel() > 0 else None
+    num_blocks = max(-(-max_seq_len // kv_block_size), 0 if given is None else given.shape[1])
+    block_start = torch.arange(num_blocks, device=device, dtype=torch.int64)[None, :] * kv_block_size
+    first_new = torch.maximum(block_start, context)  # the block's first position written in this step
+    holds_new = first_new < torch.minimum(block_start + kv_block_size, context + ends - starts)
+    slots = slot_mapping[torch.where(holds_new, starts + first_new - context, 0)]
+    from_slots = torch.where(slots >= 0, slots // kv_block_size, 0)
+    if given is None:
+        return torch.where(holds_new, from_slots, 0).to(torch.int32)
+    given = torch.nn.functional.pad(given[:num_seqs], (0, num_blocks - given.shape[1]))
+    return torch.where(holds_new, from_slots, given).to(torch.int32)
 
 
 def _head(t: torch.Tensor | None, n: int) -> torch.Tensor | None:

@@ -104,9 +104,11 @@ class Server:
             return x.float()
         return reference.dequantize(reference.quantize_fp8(x, self.fp8, scale), scale)
 
-    def step(self, requests, chunked: bool, graph_pad: int = 0, config: str = ""):
+    def step(self, requests, chunked: bool, graph_pad: int = 0, prefix_caching: bool = False, config: str = ""):
         """requests [(seq, new tokens)], decodes last. chunked: every row gets its block table (vLLM with
-        chunked prefill); else prefill rows get none. graph_pad: decode-only batch padded like a CUDA graph's."""
+        chunked prefill); else prefill rows get none, or with prefix_caching only the rows with a cached
+        prefix do (the others are padded with zeros, as vLLM's builder pads them). graph_pad: decode-only
+        batch padded like a CUDA graph's."""
         query_lens = [n for _, n in requests]
         context_lens = [self.k[s].shape[0] if s in self.k else 0 for s, _ in requests]
         for (seq, n), c in zip(requests, context_lens):
@@ -118,7 +120,9 @@ class Server:
         fields = md.asdict_zerocopy()
         width = max(len(self.tables[s]) for s, _ in requests)
         rows = [self.tables[s] + [0] * (width - len(self.tables[s])) for s, _ in requests]
-        if chunked or md.num_prefills == 0:
+        if prefix_caching:
+            rows = [row if c > 0 else [0] * width for row, c in zip(rows, context_lens)]
+        if chunked or prefix_caching or md.num_prefills == 0:
             fields["block_tables"] = torch.tensor(rows, dtype=torch.int32, device=self.device)
         else:
             fields["block_tables"] = torch.empty(len(requests), 0, dtype=torch.int32, device=self.device)
@@ -169,6 +173,17 @@ def test_vllm_call_sequence(device, kv_cache_dtype, gen):
     server.step([(2, 64), (0, 1), (1, 1)], chunked=True, config=config + " chunk 1 + decodes")
     server.step([(2, 100), (0, 1), (1, 1)], chunked=True, config=config + " chunk 2 + decodes")
     server.step([(0, 1), (1, 1), (2, 1)], chunked=True, config=config + " decodes")
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_prefix_cache_hits_mixed_with_new_prompts(device, kv_cache_dtype, gen):
+    """A prompt batch where one row continues a cached prefix (its table given) and the others are new
+    prompts whose table rows vLLM's builder leaves empty, i.e. zeros once padded: each new prompt must
+    still read its own pages, not block 0."""
+    server = Server(device, kv_cache_dtype, gen)
+    server.step([(0, 64)], chunked=False, config=f"{device} {kv_cache_dtype} prefix")
+    server.step([(0, 90), (1, 70), (2, 33)], chunked=False, prefix_caching=True,
+                config=f"{device} {kv_cache_dtype} prefix hit + new prompts")
 
 
 def test_profile_run_with_empty_cache(device, gen):
