@@ -14,6 +14,7 @@ CPU, float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -188,3 +189,24 @@ def test_forced_tokens_reproduce_logits(setup):
         # the first token's logits depend only on the prompt; later ones on the (reversed) forced tokens
         err = (a.logits[0] - b.logits[0]).abs().max() / a.logits[0].abs().max()
         assert err <= TOL, f"request {a.rid}: first-token logits differ by {err:.2e}"
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e5m2"])
+def test_serve_cli_fp8_cache(capsys, kv_cache_dtype):
+    """--kv-cache-dtype fp8*: chunked serving with swaps checks against a reference that quantizes K/V
+    the same way, and the same run is far from the unquantized reference (the check can tell)."""
+    argv = ["--num-layers", "2", "--num-requests", "3", "--min-prompt", "70", "--max-prompt", "140",
+            "--max-new-tokens", "5", "--chunk-size", "48", "--kv-cache-dtype", kv_cache_dtype, "--kv-scale", "0.5",
+            "--preempt-every", "3", "--pad-decode", "--check", "--compare-eager"]
+    res = _result(capsys, argv)
+    assert (res["check"], res["compare_eager"], res["kv_cache_dtype"], res["kv_scale"]) == \
+        ("ok", "ok", kv_cache_dtype, 0.5), res
+    cfg = dataclasses.replace(Config.tiny(), num_layers=2)
+    weights = init_weights(cfg, SEED)
+    model = Phi3SmallTiny(cfg, weights, kv_cache_dtype=kv_cache_dtype, kv_scale=0.5)
+    assert model.cache_dtype == {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}[kv_cache_dtype]
+    requests = [Request(rid=i, prompt=list(range(3 * i + 1, 3 * i + 90)), max_new_tokens=4) for i in range(2)]
+    Engine(model, 32, KV_BLOCK, 48, keep_logits=True, seed=SEED).run(requests, progress=False)
+    check_against_reference(cfg, weights, requests, torch.float32, kv_cache_dtype=kv_cache_dtype, kv_scale=0.5)
+    with pytest.raises(AssertionError, match="logits differ"):
+        check_against_reference(cfg, weights, requests, torch.float32)

@@ -104,7 +104,8 @@ class Engine:
         self.keep_logits = keep_logits
         self.device = model.device
         shape = Backend.get_kv_cache_shape(num_blocks, kv_block_size, model.hkv, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=model.dtype, device=self.device) for _ in range(cfg.num_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=model.cache_dtype, device=self.device)
+                          for _ in range(cfg.num_layers)]
         self.allocator = BlockAllocator(num_blocks, seed)
         self.max_blocks_per_seq = -(-cfg.max_seqlen // kv_block_size)
         self.waiting: list[Request] = []

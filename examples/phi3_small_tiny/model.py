@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from blocksparse_attn import BlocksparseFlashAttentionImpl, BlocksparseFlashAttentionMetadata
 from blocksparse_attn import reference
+from blocksparse_attn.kv_cache import fp8_dtype_of
 from blocksparse_attn.layout import SparsePattern
 
 
@@ -148,12 +149,20 @@ class Phi3SmallTiny:
     """
 
     def __init__(self, cfg: Config, weights: dict[str, torch.Tensor], tp_size: int = 1, tp_rank: int = 0,
-                 group=None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 group=None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 kv_cache_dtype: str = "auto", kv_scale: float = 1.0):
+        """kv_cache_dtype "auto" keeps K/V in `dtype`; "fp8" / "fp8_e4m3" / "fp8_e5m2" quantize them with one
+        scale for K and V of every layer (stored = fp8(x / kv_scale)), kept as a device tensor so captured
+        decode graphs read it at replay."""
         if cfg.num_kv_heads % tp_size or cfg.ffn_size % tp_size:
             raise ValueError(f"tp_size={tp_size} must divide num_kv_heads={cfg.num_kv_heads} and "
                              f"ffn_size={cfg.ffn_size}")
         self.cfg, self.tp_size, self.tp_rank, self.group = cfg, tp_size, tp_rank, group
         self.device, self.dtype = torch.device(device), dtype
+        self.kv_cache_dtype = kv_cache_dtype
+        fp8 = fp8_dtype_of(kv_cache_dtype)
+        self.cache_dtype = fp8 or dtype  # what the engine allocates the caches in
+        self.kv_scale = None if fp8 is None else torch.full((1,), kv_scale, dtype=torch.float32, device=self.device)
         self.hq, self.hkv = cfg.num_heads // tp_size, cfg.num_kv_heads // tp_size
         d, qpk, f = cfg.head_dim, cfg.q_per_kv, cfg.ffn_size // tp_size
 
@@ -177,7 +186,7 @@ class Phi3SmallTiny:
             w[f"{p}.down"] = put(weights[f"{p}.down"][:, tp_rank * f: (tp_rank + 1) * f])
             self.impls.append(BlocksparseFlashAttentionImpl(
                 num_heads=self.hq, head_size=d, scale=cfg.scale, num_kv_heads=self.hkv, alibi_slopes=None,
-                sliding_window=None, kv_cache_dtype="auto",
+                sliding_window=None, kv_cache_dtype=kv_cache_dtype,
                 blocksparse_params=cfg.blocksparse_params(layer, tp_size, tp_rank)))
         self.w = w
 
@@ -201,7 +210,8 @@ class Phi3SmallTiny:
             # rotary writes back into the fused buffer: q and k stay column slices of it
             q.copy_(rotary(q.view(-1, self.hq, d), positions, cfg.rope_base).flatten(1))
             k.copy_(rotary(k.view(-1, self.hkv, d), positions, cfg.rope_base).flatten(1))
-            attn = impl.forward(q, k, v, kv_caches[layer], attn_metadata)
+            scale = 1.0 if self.kv_scale is None else self.kv_scale
+            attn = impl.forward(q, k, v, kv_caches[layer], attn_metadata, scale, scale)
             x = x + self._all_reduce(F.linear(attn, w[f"{p}.o_proj"]))
             h = layer_norm(x, w, f"{p}.post_attention_norm", cfg.norm_eps)
             x = x + self._all_reduce(mlp(h, w[f"{p}.gate"], w[f"{p}.up"], w[f"{p}.down"]))
@@ -225,8 +235,12 @@ class ReferencePhi3Small:
     for the sparse layers, torch.tril for the dense ones. `sparse=False` makes every layer dense (used by
     the tests to show that the pattern matters for the chosen lengths)."""
 
-    def __init__(self, cfg: Config, weights: dict[str, torch.Tensor], sparse: bool = True):
+    def __init__(self, cfg: Config, weights: dict[str, torch.Tensor], sparse: bool = True,
+                 kv_cache_dtype: str = "auto", kv_scale: float = 1.0):
+        """kv_cache_dtype fp8*: K and V pass through the cache's quantization (reference.quantize_fp8 /
+        dequantize with kv_scale) before attention, as the served model reads them."""
         self.cfg, self.sparse = cfg, sparse
+        self.kv_fp8, self.kv_scale = fp8_dtype_of(kv_cache_dtype), kv_scale
         self.w = {name: t.float().cpu() for name, t in weights.items()}
 
     def _mask(self, layer: int, n: int) -> torch.Tensor:
@@ -251,6 +265,9 @@ class ReferencePhi3Small:
             q = rotary(qkv[:, :, : cfg.q_per_kv].reshape(n, cfg.num_heads, d), positions, cfg.rope_base)
             k = rotary(qkv[:, :, cfg.q_per_kv], positions, cfg.rope_base)
             v = qkv[:, :, cfg.q_per_kv + 1]
+            if self.kv_fp8 is not None:
+                k, v = (reference.dequantize(reference.quantize_fp8(t, self.kv_fp8, self.kv_scale), self.kv_scale)
+                        for t in (k, v))
             k = k.repeat_interleave(cfg.q_per_kv, dim=1)  # q head h reads kv head h // q_per_kv
             v = v.repeat_interleave(cfg.q_per_kv, dim=1)
             scores = torch.einsum("qhd,khd->hqk", q, k) * cfg.scale

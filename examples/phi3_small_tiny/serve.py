@@ -43,6 +43,18 @@ from .model import Config, Phi3SmallTiny, ReferencePhi3Small, init_weights
 # precision: a few times the rounding of a residual stream carried through 4 layers in that dtype.
 # Observed on the CPU with the defaults: float32 1.1e-6, float16 3.0e-3, bfloat16 2.5e-2.
 LOGIT_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+# With an fp8 cache the reference quantizes its own float32 K/V: where the model's K differs from it in the
+# last bits (another summation order), an element can round to the neighbouring fp8 value (1/8 of it for
+# e4m3, 1/4 for e5m2), and a flip in one layer moves the next layers' inputs. Observed on the CPU in
+# float32 (6 requests, 4 layers): up to 1.6e-3 (e4m3) and 5.9e-3 (e5m2); against an unquantized reference
+# the same runs differ by 4.5e-2 (e4m3) and more.
+FP8_LOGIT_TOL = {"e4m3": 5e-3, "e5m2": 2e-2}
+
+
+def logit_tol(dtype: torch.dtype, kv_cache_dtype: str = "auto") -> float:
+    if kv_cache_dtype == "auto":
+        return LOGIT_TOL[dtype]
+    return max(LOGIT_TOL[dtype], FP8_LOGIT_TOL["e5m2" if kv_cache_dtype.endswith("e5m2") else "e4m3"])
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -55,21 +67,23 @@ def make_requests(cfg: Config, num: int, min_prompt: int, max_prompt: int, max_n
 
 
 def check_against_reference(cfg: Config, weights: dict, requests: list[Request], dtype: torch.dtype,
-                            sparse: bool = True, per_step: bool = True) -> float:
-    """Asserts every served logit vector matches the reference's within LOGIT_TOL[dtype] (relative to the
+                            sparse: bool = True, per_step: bool = True, kv_cache_dtype: str = "auto",
+                            kv_scale: float = 1.0) -> float:
+    """Asserts every served logit vector matches the reference's within logit_tol (relative to the
     vector's largest |logit|) and every greedy token equals the reference's argmax unless the reference's
     top two are closer than the tolerance (a tie the two summation orders may break differently).
     per_step: each generated token is a full recompute over prompt + the served tokens before it (as a
     cacheless engine would); otherwise one forward over prompt + all served tokens gives them all (the
     same numbers: the model is causal, so row p depends only on tokens 0..p). Returns the largest
-    relative error seen."""
-    ref = ReferencePhi3Small(cfg, weights, sparse=sparse)
+    relative error seen. With an fp8 cache the reference quantizes K and V the same way.
+    """
+    ref = ReferencePhi3Small(cfg, weights, sparse=sparse, kv_cache_dtype=kv_cache_dtype, kv_scale=kv_scale)
     threads = torch.get_num_threads()
     # One thread: the reference's many small ops gain nothing from more, and on a busy 2-core machine
     # lose many times over to threads waiting on each other.
     torch.set_num_threads(1)
     try:
-        return _check(ref, requests, LOGIT_TOL[dtype], per_step)
+        return _check(ref, requests, logit_tol(dtype, kv_cache_dtype), per_step)
     finally:
         torch.set_num_threads(threads)
 
@@ -133,6 +147,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arrival-every", type=int, default=2, help="engine steps between request arrivals")
     p.add_argument("--chunk-size", type=int, default=64, help="prompt tokens per engine step (chunked prefill)")
     p.add_argument("--kv-block-size", type=int, default=16, help="tokens per paged KV-cache block")
+    p.add_argument("--kv-cache-dtype", choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"), default="auto",
+                   help="auto: K/V in the model dtype; fp8*: quantized with one per-tensor scale (--kv-scale)")
+    p.add_argument("--kv-scale", type=float, default=1.0,
+                   help="the fp8 cache's K and V scale (stored = fp8(x / scale)); the random weights' K/V "
+                        "stay well inside e4m3's range at 1")
     p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: enough for all)")
     p.add_argument("--max-batch", type=int, default=16, help="most sequences running at once")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -202,7 +221,8 @@ def main(argv=None) -> int:
                 dist.broadcast(t, src=0)
     else:
         weights = init_weights(cfg, args.seed)
-    model = Phi3SmallTiny(cfg, weights, tp_size=world, tp_rank=rank, device=device, dtype=dtype)
+    kv = dict(kv_cache_dtype=args.kv_cache_dtype, kv_scale=args.kv_scale)
+    model = Phi3SmallTiny(cfg, weights, tp_size=world, tp_rank=rank, device=device, dtype=dtype, **kv)
     if not (args.check or args.compare_eager):
         del weights  # the model holds what it needs (views of these where no copy was made)
     _sync(device)
@@ -227,7 +247,8 @@ def main(argv=None) -> int:
         print(f"model: {args.model}, {cfg.num_layers} layers ({_short(layers)}), "
               f"q heads {cfg.num_heads}, kv heads {cfg.num_kv_heads}, head dim {cfg.head_dim}; "
               f"tp {world}{f' ({backend})' if backend else ''}, device {device} (torch threads per rank: "
-              f"{torch.get_num_threads()}), {str(dtype).removeprefix('torch.')}, CUDA graphs "
+              f"{torch.get_num_threads()}), {str(dtype).removeprefix('torch.')}, KV cache "
+              f"{str(model.cache_dtype).removeprefix('torch.')}, CUDA graphs "
               f"{'on' if cuda_graphs else 'off'}")
         print(f"requests: {len(requests)}, prompt lengths {lens if len(lens) <= 8 else f'{min(lens)}..{max(lens)}'}, "
               f"{args.max_new_tokens} new tokens each, chunk {args.chunk_size}, max batch {args.max_batch}")
@@ -260,6 +281,7 @@ def main(argv=None) -> int:
             dist_backend=backend, cuda_graphs=cuda_graphs, num_requests=len(requests),
             min_prompt=args.min_prompt, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens,
             arrival_every=args.arrival_every, chunk_size=args.chunk_size, kv_block_size=args.kv_block_size,
+            kv_cache_dtype=args.kv_cache_dtype, kv_scale=args.kv_scale if args.kv_cache_dtype != "auto" else None,
             max_batch=args.max_batch, num_blocks=num_blocks, warmup_requests=len(warmup),
             prompt_tokens=prompt, generated_tokens=generated, steps=stats["steps"], wall_s=seconds,
             prefill_steps=stats["prefill_steps"], prefill_s=stats["prefill_seconds"],
@@ -281,15 +303,16 @@ def main(argv=None) -> int:
                 print(f"{label} FAILED: {e}", file=sys.stderr)
                 result[key] = "FAILED"
                 return 1
-            print(f"{label}: {passed} (max rel err {worst:.1e}, tol {LOGIT_TOL[dtype]:.0e}) OK")
+            tol = logit_tol(dtype, args.kv_cache_dtype) if key == "check" else LOGIT_TOL[dtype]
+            print(f"{label}: {passed} (max rel err {worst:.1e}, tol {tol:.0e}) OK")
             result.update({key: "ok", f"{key}_max_rel_err": worst})
             return 0
 
         if args.check:
-            status |= verify("check", "check", lambda: check_against_reference(cfg, weights, requests, dtype),
+            status |= verify("check", "check", lambda: check_against_reference(cfg, weights, requests, dtype, **kv),
                              "every token and logit matches the dense-mask reference")
         if args.compare_eager:
-            single = model if world == 1 else Phi3SmallTiny(cfg, weights, device=device, dtype=dtype)
+            single = model if world == 1 else Phi3SmallTiny(cfg, weights, device=device, dtype=dtype, **kv)
             what = f"tp {world}, CUDA graphs {'on' if cuda_graphs else 'off'}"
             status |= verify("compare_eager", f"compare-eager ({what})",
                              lambda: compare_with_eager(single, requests, args, num_blocks),
