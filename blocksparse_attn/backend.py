@@ -206,6 +206,10 @@ class BlocksparseFlashAttentionImpl:
             raise ValueError(f"{name}={scale!r} must be a positive finite number")
         key = (value, device)
         if key not in self._scale_tensors:  # one small tensor per value: no allocation or copy per step
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                # a fill recorded in a graph would not run before eager calls read the tensor
+                raise ValueError(f"{name}={value}: a float scale first seen inside a CUDA graph capture; run "
+                                 "one eager step with it before capturing, or pass a float32 tensor")
             self._scale_tensors[key] = torch.full((1,), value, dtype=torch.float32, device=device)
         return self._scale_tensors[key]
 
