@@ -15,6 +15,7 @@ Their shared pieces (layer norm, rotary, MLP) are ordinary model maths, not the 
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,13 @@ class Config:
     width_multiplier: float = 8.0
     norm_eps: float = 1e-5
     init_scale: float = 4.0  # q/k weights' std in units of 1/sqrt(hidden): peaky, pattern-sensitive attention
+    # LongRoPE ("su" scaling, Phi-3-small-128k): 0 = plain rotary. Otherwise positions below
+    # rope_original_max rotate with inv_freq / rope_short_factor, the others with inv_freq /
+    # rope_long_factor (one factor per frequency, head_dim / 2 of them), and cos / sin are scaled by
+    # sqrt(1 + ln(max_seqlen / rope_original_max) / ln(rope_original_max)).
+    rope_original_max: int = 0
+    rope_short_factor: tuple[float, ...] = ()
+    rope_long_factor: tuple[float, ...] = ()
 
     @classmethod
     def tiny(cls) -> Config:
@@ -58,6 +66,29 @@ class Config:
         return cls(vocab_size=100352, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                    ffn_size=14336, max_seqlen=8192, sparse_block_size=64, local_blocks=16, vert_stride=8,
                    rope_base=1e6, init_scale=1.0)
+
+    @classmethod
+    def phi3_small_128k(cls, factors: dict | None = None) -> Config:
+        """Phi-3-small-128k: Phi-3-small's layers with 131072 positions through LongRoPE from 8192.
+        factors: {"short_factor": [...], "long_factor": [...]} (64 each), e.g. from a checkpoint's
+        rope_scaling; default longrope_factors()'s fixed set (the weights are random anyway)."""
+        return cls.phi3_small().with_longrope(131072, 8192, factors)
+
+    def with_longrope(self, max_seqlen: int, original_max: int, factors: dict | None = None) -> Config:
+        """This config with LongRoPE from original_max up to max_seqlen positions."""
+        short, long = longrope_factors(self.head_dim, max_seqlen / original_max) if factors is None else \
+            (factors["short_factor"], factors["long_factor"])
+        if len(short) != self.head_dim // 2 or len(long) != self.head_dim // 2:
+            raise ValueError(f"LongRoPE factors: {self.head_dim // 2} short and long factors expected, got "
+                             f"{len(short)} and {len(long)}")
+        return dataclasses.replace(self, max_seqlen=max_seqlen, rope_original_max=original_max,
+                                   rope_short_factor=tuple(map(float, short)), rope_long_factor=tuple(map(float, long)))
+
+    @property
+    def rope_mscale(self) -> float:
+        if not self.rope_original_max or self.max_seqlen <= self.rope_original_max:
+            return 1.0
+        return math.sqrt(1 + math.log(self.max_seqlen / self.rope_original_max) / math.log(self.rope_original_max))
 
     @property
     def q_per_kv(self) -> int:
@@ -111,12 +142,29 @@ def init_weights(cfg: Config, seed: int = 0, device: torch.device | str = "cpu",
 
 # ---- shared model maths -------------------------------------------------------------------------------
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """x [T, H, D] rotated by the angle of each token's absolute position (NeoX halves layout)."""
+def longrope_factors(head_dim: int, ratio: float) -> tuple[list[float], list[float]]:
+    """A fixed, plausible LongRoPE factor set: short factors 1 (the original rotary below the original
+    length), long factors rising geometrically from 1 (the fastest-turning frequency) to `ratio` (the
+    slowest), so the slow frequencies stretch over the longer context as LongRoPE's searched ones do."""
+    n = head_dim // 2
+    return [1.0] * n, [ratio ** (i / (n - 1)) for i in range(n)]
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """x [T, H, D] rotated by the angle of each token's absolute position (NeoX halves layout); with
+    LongRoPE each position takes the short or the long factors by itself (>= rope_original_max: long),
+    so the result does not depend on how a prompt is chunked or batched."""
     d = x.shape[-1]
-    inv_freq = base ** (-torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
-    angle = positions.to(torch.float32)[:, None] * inv_freq[None, :]          # [T, D/2]
-    cos, sin = angle.cos()[:, None, :].to(x.dtype), angle.sin()[:, None, :].to(x.dtype)
+    inv_freq = cfg.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+    pos = positions.to(torch.float32)[:, None]
+    angle = pos * inv_freq[None, :]                                          # [T, D/2]
+    if cfg.rope_original_max:
+        short = torch.tensor(cfg.rope_short_factor, dtype=torch.float32, device=x.device)
+        long = torch.tensor(cfg.rope_long_factor, dtype=torch.float32, device=x.device)
+        is_long = positions[:, None] >= cfg.rope_original_max
+        angle = pos * inv_freq[None, :] / torch.where(is_long, long[None, :], short[None, :])
+    cos, sin = angle.cos() * cfg.rope_mscale, angle.sin() * cfg.rope_mscale
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -208,8 +256,8 @@ class Phi3SmallTiny:
             qkv = F.linear(layer_norm(x, w, f"{p}.input_norm", cfg.norm_eps), w[f"{p}.qkv"])
             q, k, v = qkv.split([self.hq * d, self.hkv * d, self.hkv * d], dim=1)
             # rotary writes back into the fused buffer: q and k stay column slices of it
-            q.copy_(rotary(q.view(-1, self.hq, d), positions, cfg.rope_base).flatten(1))
-            k.copy_(rotary(k.view(-1, self.hkv, d), positions, cfg.rope_base).flatten(1))
+            q.copy_(rotary(q.view(-1, self.hq, d), positions, cfg).flatten(1))
+            k.copy_(rotary(k.view(-1, self.hkv, d), positions, cfg).flatten(1))
             scale = 1.0 if self.kv_scale is None else self.kv_scale
             attn = impl.forward(q, k, v, kv_caches[layer], attn_metadata, scale, scale)
             x = x + self._all_reduce(F.linear(attn, w[f"{p}.o_proj"]))
@@ -262,8 +310,8 @@ class ReferencePhi3Small:
             p = f"layers.{layer}"
             qkv = F.linear(layer_norm(x, w, f"{p}.input_norm", cfg.norm_eps), w[f"{p}.qkv"])
             qkv = qkv.view(n, cfg.num_kv_heads, cfg.q_per_kv + 2, d)
-            q = rotary(qkv[:, :, : cfg.q_per_kv].reshape(n, cfg.num_heads, d), positions, cfg.rope_base)
-            k = rotary(qkv[:, :, cfg.q_per_kv], positions, cfg.rope_base)
+            q = rotary(qkv[:, :, : cfg.q_per_kv].reshape(n, cfg.num_heads, d), positions, cfg)
+            k = rotary(qkv[:, :, cfg.q_per_kv], positions, cfg)
             v = qkv[:, :, cfg.q_per_kv + 1]
             if self.kv_fp8 is not None:
                 k, v = (reference.dequantize(reference.quantize_fp8(t, self.kv_fp8, self.kv_scale), self.kv_scale)

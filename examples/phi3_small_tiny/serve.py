@@ -133,9 +133,13 @@ def compare_with_eager(model: Phi3SmallTiny, requests: list[Request], args: argp
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m examples.phi3_small_tiny.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=("tiny", "phi3-small"), default="tiny",
-                   help="tiny: 8 q / 2 kv heads, D=64, 4 layers (CPU-sized); phi3-small: the real shape, 32 "
-                        "layers (GPU)")
+    p.add_argument("--model", choices=("tiny", "tiny-longrope", "phi3-small", "phi3-small-128k"), default="tiny",
+                   help="tiny: 8 q / 2 kv heads, D=64, 4 layers (CPU-sized); tiny-longrope: the same with LongRoPE "
+                        "from 64 to 1024 positions; phi3-small: the real shape, 32 layers (GPU); phi3-small-128k: "
+                        "its 128k variant (LongRoPE from 8192 to 131072 positions)")
+    p.add_argument("--rope-factors", default=None, metavar="JSON",
+                   help="LongRoPE factors {\"short_factor\": [...], \"long_factor\": [...]} (head_dim / 2 each); "
+                        "default: a fixed plausible set (model.longrope_factors)")
     p.add_argument("--num-layers", type=int, default=None, help="override the model's number of layers")
     p.add_argument("--dense-all", action="store_true",
                    help="every layer dense (the same backend with vert_stride 1), instead of alternating "
@@ -181,7 +185,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_config(args: argparse.Namespace) -> Config:
-    cfg = Config.tiny() if args.model == "tiny" else Config.phi3_small()
+    factors = None
+    if args.rope_factors:
+        with open(args.rope_factors) as f:
+            factors = json.load(f)
+    if args.model == "phi3-small-128k":
+        cfg = Config.phi3_small_128k(factors)
+    elif args.model == "tiny-longrope":  # LongRoPE past 64 positions, up to 1024: long prompts at CPU size
+        cfg = Config.tiny().with_longrope(1024, 64, factors)
+    else:
+        cfg = Config.tiny() if args.model == "tiny" else Config.phi3_small()
     if args.num_layers is not None:
         cfg = dataclasses.replace(cfg, num_layers=args.num_layers)
     if args.dense_all:
@@ -276,7 +289,8 @@ def main(argv=None) -> int:
             model=args.model, num_layers=cfg.num_layers, layers=layers, dense_all=args.dense_all,
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             hidden_size=cfg.hidden_size, sparse_block_size=cfg.sparse_block_size, local_blocks=cfg.local_blocks,
-            vert_stride=cfg.vert_stride, dtype=str(dtype).removeprefix("torch."), device=str(device),
+            vert_stride=cfg.vert_stride, max_seqlen=cfg.max_seqlen, rope_original_max=cfg.rope_original_max or None,
+            dtype=str(dtype).removeprefix("torch."), device=str(device),
             gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None, tp=world,
             dist_backend=backend, cuda_graphs=cuda_graphs, num_requests=len(requests),
             min_prompt=args.min_prompt, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens,
