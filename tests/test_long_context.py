@@ -10,6 +10,7 @@ rotary must not (the long factors are in play at these lengths).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -83,3 +84,20 @@ def test_serving_past_the_original_length_matches_reference():
     plain = dataclasses.replace(cfg, rope_original_max=0)  # the same model with plain rotary
     with pytest.raises(AssertionError, match="logits differ"):
         check_against_reference(plain, weights, requests, torch.float32, per_step=False)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_soak_smoke(capsys, kv_cache_dtype):
+    """scripts/soak.py at CPU size: log-uniform prompts up to 900 tokens (LongRoPE from 64), random
+    arrivals, a cache for about two of the longest requests, a swap every 3rd step; nothing lost or stuck,
+    every request agrees with its eager run alone."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    import soak
+    status = soak.main(["--device", "cpu", "--model", "tiny-longrope", "--num-layers", "2", "--num-requests", "30",
+                        "--max-prompt", "900", "--chunk-size", "256", "--preempt-every", "3",
+                        "--kv-cache-dtype", kv_cache_dtype])
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    result = json.loads(line.removeprefix("RESULT json "))
+    assert status == 0, result
+    assert (result["requests"], result["lost"], result["mismatches"], result["stuck"]) == (30, 0, 0, False), result
+    assert result["swaps"] > 0 and result["longest_prompt"] > ORIGINAL, result

@@ -44,8 +44,9 @@ from .model import Config, Phi3SmallTiny, ReferencePhi3Small, init_weights
 # Observed on the CPU with the defaults: float32 1.1e-6, float16 3.0e-3, bfloat16 2.5e-2.
 LOGIT_TOL = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
 # With an fp8 cache the reference quantizes its own float32 K/V: where the model's K differs from it in the
-# last bits (another summation order), an element can round to the neighbouring fp8 value (1/8 of it for
-# e4m3, 1/4 for e5m2), and a flip in one layer moves the next layers' inputs. Observed on the CPU in
+# last bits (another summation order, as also between two batchings of the served model), an element can
+# round to the neighbouring fp8 value (1/8 of it for e4m3, 1/4 for e5m2), and a flip in one layer moves
+# the next layers' inputs. Observed on the CPU in
 # float32 (6 requests, 4 layers): up to 1.6e-3 (e4m3) and 5.9e-3 (e5m2); against an unquantized reference
 # the same runs differ by 4.5e-2 (e4m3) and more.
 FP8_LOGIT_TOL = {"e4m3": 5e-3, "e5m2": 2e-2}
@@ -122,7 +123,7 @@ def compare_with_eager(model: Phi3SmallTiny, requests: list[Request], args: argp
     engine = Engine(model, num_blocks, args.kv_block_size, args.chunk_size, args.max_batch, use_cuda_graph=False,
                     keep_logits=True, seed=args.seed)
     engine.run(again, progress=False)
-    worst, tol = 0.0, LOGIT_TOL[model.dtype]
+    worst, tol = 0.0, logit_tol(model.dtype, model.kv_cache_dtype)  # fp8: K/V rounded in other batches
     for a, b in zip(requests, again):
         assert len(a.logits) == len(b.logits) == a.max_new_tokens, f"request {a.rid} incomplete"
         for t, (tok, got, want) in enumerate(zip(a.output, a.logits, b.logits)):
@@ -317,7 +318,7 @@ def main(argv=None) -> int:
                 print(f"{label} FAILED: {e}", file=sys.stderr)
                 result[key] = "FAILED"
                 return 1
-            tol = logit_tol(dtype, args.kv_cache_dtype) if key == "check" else LOGIT_TOL[dtype]
+            tol = logit_tol(dtype, args.kv_cache_dtype)
             print(f"{label}: {passed} (max rel err {worst:.1e}, tol {tol:.0e}) OK")
             result.update({key: "ok", f"{key}_max_rel_err": worst})
             return 0
