@@ -13,7 +13,7 @@ TORCH_INDEX_URL ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-DEPS := numpy pytest hypothesis matplotlib tqdm ninja setuptools wheel
+DEPS := numpy pytest hypothesis matplotlib tqdm ninja "setuptools>=77" wheel
 # Rebuild only when a build input changed; the stamp lives in .venv, so a new .venv rebuilds too.
 BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 DEPS_STAMP := $(VENV)/.bsa-deps

@@ -1,23 +1,26 @@
 """vLLM general plugin: puts this package's backend where vLLM 0.7-0.9 look for the block-sparse one.
 
 vLLM's attention selector, for a layer with `blocksparse_params` (Phi-3-small's sparse layers), runs
-`from vllm.attention.backends.blocksparse_attn import BlocksparseFlashAttentionBackend` each time it
-selects, so replacing that module attribute is enough: every later selection returns our class. vLLM
-calls `register()` through the `vllm.general_plugins` entry point (pyproject.toml) in every process it
-starts, before any model is built, possibly more than once: registering again changes nothing.
+`from vllm.attention.backends.blocksparse_attn import BlocksparseFlashAttentionBackend` inside its
+memoized selection function, so replacing that module attribute (and forgetting selections made
+before) is enough: every later selection returns our class. vLLM calls `register()` through the
+`vllm.general_plugins` entry point (pyproject.toml) in every process it starts, before any model is
+built, possibly more than once: registering again changes nothing.
 
-Where vLLM is absent, outside 0.7-0.9, or without that module (it left vLLM after 0.9), `register()`
-does nothing and says so at debug level.
+Where vLLM is absent, outside 0.7-0.9, or without that module (it left vLLM in 0.10), `register()`
+does nothing and says so at debug level. Facts and versions: docs/vllm.md.
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import re
+import sys
 
 logger = logging.getLogger(__name__)
 
 VLLM_MODULE = "vllm.attention.backends.blocksparse_attn"
+SELECTOR_MODULE = "vllm.attention.selector"
 BACKEND_ATTRIBUTE = "BlocksparseFlashAttentionBackend"
 SUPPORTED_VERSIONS = ((0, 7), (0, 10))  # [first, end): the releases that shipped a block-sparse backend
 
@@ -30,8 +33,6 @@ def _release(version: str) -> tuple[int, int] | None:
 
 def register() -> bool:
     """Installs our backend in vLLM's block-sparse backend module; True when it is in place."""
-    from .backend import BlocksparseFlashAttentionBackend
-
     try:
         import vllm
     except ImportError:
@@ -49,7 +50,24 @@ def register() -> bool:
     except ImportError as e:
         logger.debug("blocksparse_attn plugin: %s does not import (%s); nothing registered", VLLM_MODULE, e)
         return False
-    if getattr(module, BACKEND_ATTRIBUTE, None) is not BlocksparseFlashAttentionBackend:
-        setattr(module, BACKEND_ATTRIBUTE, BlocksparseFlashAttentionBackend)
-        logger.info("blocksparse_attn plugin: vLLM %s's block-sparse layers now run on blocksparse_attn", version)
+    except Exception as e:  # vLLM calls register() unguarded: raising would stop vLLM for every model
+        logger.warning("blocksparse_attn plugin: importing %s failed (%r); nothing registered", VLLM_MODULE, e)
+        return False
+
+    from .backend import BlocksparseFlashAttentionBackend
+    if getattr(module, BACKEND_ATTRIBUTE, None) is BlocksparseFlashAttentionBackend:
+        return True
+    setattr(module, BACKEND_ATTRIBUTE, BlocksparseFlashAttentionBackend)
+    # The selector memoizes its answer per argument tuple (functools.cache / lru_cache), so a
+    # block-sparse selection made before this call would keep returning vLLM's class. vLLM loads
+    # plugins before it builds a model, so the cache is normally empty here; clearing it also makes a
+    # late register() (e.g. in a notebook that already built an engine) take effect for new layers.
+    selector = sys.modules.get(SELECTOR_MODULE)
+    cached = getattr(selector, "_cached_get_attn_backend", None)
+    if callable(getattr(cached, "cache_clear", None)):
+        cached.cache_clear()
+    # vLLM configures only its own "vllm" logger (the root logger stays at WARNING), so the line that
+    # says the plugin took effect goes through a child of it, to appear in vLLM's own log.
+    logging.getLogger(f"vllm.{__name__}").info(
+        "blocksparse_attn plugin: vLLM %s's block-sparse layers now run on blocksparse_attn", version)
     return True
