@@ -86,18 +86,67 @@ def test_serving_past_the_original_length_matches_reference():
         check_against_reference(plain, weights, requests, torch.float32, per_step=False)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_soak_smoke(capsys, kv_cache_dtype):
-    """scripts/soak.py at CPU size: log-uniform prompts up to 900 tokens (LongRoPE from 64), random
-    arrivals, a cache for about two of the longest requests, a swap every 3rd step; nothing lost or stuck,
-    every request agrees with its eager run alone."""
+def _serve_pressure(cfg, model, num_blocks, swap_blocks):
+    g = torch.Generator().manual_seed(3)
+    requests = [Request(rid=i, prompt=torch.randint(cfg.vocab_size, (n,), generator=g).tolist(), max_new_tokens=40)
+                for i, n in enumerate((30, 45, 20, 90))]
+    engine = Engine(model, num_blocks, 16, 64, keep_logits=True, swap_blocks=swap_blocks)
+    stats = engine.run(requests, progress=False)
+    assert engine.allocator.num_free == num_blocks and engine.cpu_allocator.num_free == engine.swap_blocks, \
+        f"blocks not all returned: {engine.allocator.num_free} of {num_blocks}, swap space " \
+        f"{engine.cpu_allocator.num_free} of {engine.swap_blocks}"
+    return requests, stats
+
+
+@pytest.mark.parametrize("swap_blocks", [None, 5, 0], ids=["swap", "swap-then-recompute", "recompute"])
+def test_memory_pressure_preempts(swap_blocks):
+    """Four requests needing 5-8 blocks each share 12: blocks are taken as chunks and decodes need them,
+    so the decodes run out and the newest sequences are preempted, swapped to the CPU (swap space as
+    large as the cache), swapped where the 5-block swap space has room and recomputed where not, or all
+    recomputed (no swap space). Tokens and logits equal those of a cache large enough for all."""
+    cfg = dataclasses.replace(Config.tiny().with_longrope(MAX, ORIGINAL), num_layers=2)
+    weights = init_weights(cfg, 0)
+    model = Phi3SmallTiny(cfg, weights)
+    ample, stats = _serve_pressure(cfg, model, 100, None)
+    assert stats["preemptions"] == 0, stats
+    tight, stats = _serve_pressure(cfg, model, 12, swap_blocks)
+    swapped, recomputed = {None: (True, False), 5: (True, True), 0: (False, True)}[swap_blocks]
+    assert (stats["swaps"] > 0, stats["recomputes"] > 0) == (swapped, recomputed), stats
+    assert stats["preemptions"] == stats["swaps"] + stats["recomputes"], stats
+    for a, b in zip(ample, tight):
+        assert a.output == b.output, f"[{swap_blocks}] request {a.rid}: tokens {b.output}, ample cache {a.output}"
+        err = ((torch.stack(a.logits) - torch.stack(b.logits)).abs().max() / torch.stack(a.logits).abs().max()).item()
+        assert err <= 1e-5, f"[{swap_blocks}] request {a.rid}: logits differ from the ample cache's by {err:.1e}"
+    check_against_reference(cfg, weights, tight, torch.float32, per_step=False)
+
+
+SOAK_ARGS = ["--device", "cpu", "--model", "tiny-longrope", "--num-layers", "2", "--num-requests", "12",
+             "--max-prompt", "600", "--chunk-size", "128", "--swap-blocks", "12", "--seed", "1"]
+
+
+def _soak(capsys, argv):
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
     import soak
-    status = soak.main(["--device", "cpu", "--model", "tiny-longrope", "--num-layers", "2", "--num-requests", "30",
-                        "--max-prompt", "900", "--chunk-size", "256", "--preempt-every", "3",
-                        "--kv-cache-dtype", kv_cache_dtype])
+    status = soak.main(argv)
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    result = json.loads(line.removeprefix("RESULT json "))
+    return status, json.loads(line.removeprefix("RESULT json "))
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_soak_smoke(capsys, kv_cache_dtype):
+    """scripts/soak.py at CPU size: 12 log-uniform prompts up to 600 tokens (LongRoPE from 64), random
+    arrivals, a cache of 1.1 x the longest request's blocks, a 12-block swap space: sequences are both
+    swapped and recomputed; nothing lost or stuck, every request agrees with its eager run alone."""
+    status, result = _soak(capsys, SOAK_ARGS + ["--kv-cache-dtype", kv_cache_dtype])
     assert status == 0, result
-    assert (result["requests"], result["lost"], result["mismatches"], result["stuck"]) == (30, 0, 0, False), result
-    assert result["swaps"] > 0 and result["longest_prompt"] > ORIGINAL, result
+    assert (result["requests"], result["lost"], result["mismatches"], result["stuck"]) == (12, 0, 0, False), result
+    assert result["swaps"] > 0 and result["recomputes"] > 0 and result["longest_prompt"] > ORIGINAL, result
+
+
+def test_soak_detects_a_broken_swap(capsys, monkeypatch):
+    """The soak's comparison can fail: swaps that copy nothing (sequences resume on stale blocks) give
+    mismatches and a non-zero exit."""
+    from examples.phi3_small_tiny import engine
+    monkeypatch.setattr(engine.Backend, "swap_blocks", staticmethod(lambda src, dst, mapping: None))
+    status, result = _soak(capsys, SOAK_ARGS)
+    assert status == 1 and result["swaps"] > 0 and result["mismatches"] > 0, result

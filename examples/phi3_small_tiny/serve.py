@@ -13,6 +13,9 @@ to stdout, and last a line `RESULT json {...}` with the configuration and the ti
 recomputes every request with the dense-mask float32 reference model (no cache, full recompute per
 generated token, the served tokens fed back) and fails unless each logit vector and each greedy
 token agrees.
+The KV cache holds all requests at once unless --num-blocks or (CUDA) --gpu-memory-fraction say
+otherwise; a smaller one makes the engine preempt sequences (swapped to --swap-space, or recomputed),
+counted in the RESULT line as preemptions / swaps / recomputes.
 --compare-eager serves the same requests again in one process, one rank, no CUDA graphs, fed the
 served tokens, and fails unless the logits and tokens agree (checks CUDA-graph decode against eager
 decode, and tensor parallelism against one rank).
@@ -35,7 +38,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .engine import Engine, Request
+from .engine import Engine, Request, blocks_for_memory, cache_block_bytes
 from .model import Config, Phi3SmallTiny, ReferencePhi3Small, init_weights
 
 # Error allowed between the served logits and the float32 reference, relative to the largest |logit| of
@@ -115,13 +118,13 @@ def _agree(req: Request, t: int, tok: int, got: torch.Tensor, want: torch.Tensor
 
 
 def compare_with_eager(model: Phi3SmallTiny, requests: list[Request], args: argparse.Namespace,
-                       num_blocks: int) -> float:
+                       num_blocks: int, swap_blocks: int | None = None) -> float:
     """Serves `requests` again on `model` (one rank) with eager decode, each fed its served tokens, and
     asserts every logit vector and token agrees within LOGIT_TOL; returns the largest relative error."""
     again = [Request(rid=r.rid, prompt=r.prompt, max_new_tokens=r.max_new_tokens,
                      arrival_step=i * args.arrival_every, forced_output=r.output) for i, r in enumerate(requests)]
     engine = Engine(model, num_blocks, args.kv_block_size, args.chunk_size, args.max_batch, use_cuda_graph=False,
-                    keep_logits=True, seed=args.seed)
+                    keep_logits=True, seed=args.seed, swap_blocks=swap_blocks)
     engine.run(again, progress=False)
     worst, tol = 0.0, logit_tol(model.dtype, model.kv_cache_dtype)  # fp8: K/V rounded in other batches
     for a, b in zip(requests, again):
@@ -157,7 +160,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-scale", type=float, default=1.0,
                    help="the fp8 cache's K and V scale (stored = fp8(x / scale)); the random weights' K/V "
                         "stay well inside e4m3's range at 1")
-    p.add_argument("--num-blocks", type=int, default=None, help="KV-cache blocks (default: enough for all)")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="KV-cache blocks (default: enough for all requests at once, or as --gpu-memory-fraction says)")
+    p.add_argument("--gpu-memory-fraction", type=float, default=None, metavar="F",
+                   help="CUDA, without --num-blocks: size the cache to what weights and a profiled prefill chunk "
+                        "leave of F x the GPU's memory (vLLM's gpu_memory_utilization); with torchrun the "
+                        "smallest rank's count")
+    p.add_argument("--swap-space", type=float, default=None, metavar="GIB",
+                   help="CPU swap space for preempted sequences, in GiB (default: as large as the cache, at most "
+                        "16 GiB); a sequence that does not fit is recomputed instead")
     p.add_argument("--max-batch", type=int, default=16, help="most sequences running at once")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="default: float32 on CPU, bfloat16 on CUDA")
@@ -182,6 +193,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("need --chunk-size >= 1, --num-requests >= 1 and 1 <= --min-prompt <= --max-prompt")
     if (args.num_layers is not None and args.num_layers < 1) or args.warmup_requests < 0:
         p.error("need --num-layers >= 1 and --warmup-requests >= 0")
+    if args.gpu_memory_fraction is not None and not 0 < args.gpu_memory_fraction <= 1:
+        p.error(f"--gpu-memory-fraction must be in (0, 1], got {args.gpu_memory_fraction}")
     return args
 
 
@@ -205,6 +218,17 @@ def make_config(args: argparse.Namespace) -> Config:
 
 def blocks_for(requests: list[Request], kv_block_size: int) -> int:
     return sum(-(-(len(r.prompt) + r.max_new_tokens) // kv_block_size) for r in requests)
+
+
+SWAP_SPACE_CAP_GIB = 16.0  # default swap space at most: pinned host memory, on machines with ~128 GiB
+
+
+def swap_blocks_for(model: Phi3SmallTiny, num_blocks: int, kv_block_size: int, swap_space_gib: float | None) -> int:
+    """Blocks of CPU swap space: --swap-space GiB, else the cache's size capped at SWAP_SPACE_CAP_GIB."""
+    per_block = cache_block_bytes(model, kv_block_size)
+    if swap_space_gib is None:
+        return min(num_blocks, int(SWAP_SPACE_CAP_GIB * 2**30 // per_block))
+    return int(swap_space_gib * 2**30 // per_block)
 
 
 def _sync(device: torch.device) -> None:
@@ -246,12 +270,22 @@ def main(argv=None) -> int:
                              args.arrival_every, args.seed)
     warmup = make_requests(cfg, args.warmup_requests, args.max_prompt, args.max_prompt,
                            min(args.max_new_tokens, 4), 0, args.seed + 1000) if args.warmup_requests else []
-    num_blocks = args.num_blocks or max(blocks_for(requests, args.kv_block_size),
-                                        blocks_for(warmup, args.kv_block_size))
     start = time.perf_counter()
+    if args.num_blocks:
+        num_blocks = args.num_blocks
+    elif args.gpu_memory_fraction is not None and device.type == "cuda":
+        num_blocks = blocks_for_memory(model, args.gpu_memory_fraction, args.kv_block_size, args.chunk_size)
+        if world > 1:  # every rank must schedule alike
+            count = torch.tensor([num_blocks], device=device)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+            num_blocks = int(count)
+    else:  # (the CPU ignores --gpu-memory-fraction)
+        num_blocks = max(blocks_for(requests, args.kv_block_size), blocks_for(warmup, args.kv_block_size))
+    swap_blocks = swap_blocks_for(model, num_blocks, args.kv_block_size, args.swap_space)
     engine = Engine(model, num_blocks, args.kv_block_size, args.chunk_size, args.max_batch,
                     use_cuda_graph=device.type == "cuda" and not args.no_cuda_graph, pad_decode=args.pad_decode,
-                    preempt_every=args.preempt_every, keep_logits=args.check or args.compare_eager, seed=args.seed)
+                    preempt_every=args.preempt_every, keep_logits=args.check or args.compare_eager, seed=args.seed,
+                    swap_blocks=swap_blocks)
     _sync(device)
     capture_s = time.perf_counter() - start
     cuda_graphs = bool(engine.graphs and engine.graphs.graphs)
@@ -274,12 +308,21 @@ def main(argv=None) -> int:
     for req in requests:  # arrival steps count from the start of the timed run
         req.arrival_step += engine.steps
     stats = engine.run(requests, progress=lead and not args.no_progress)
+    # The cache and the decode graphs go before the checks: --compare-eager allocates a cache as large (all
+    # of the GPU's share with --gpu-memory-fraction), and with tensor parallelism the graphs captured NCCL
+    # all-reduces, which must not outlive the communicator (tearing NCCL down under live graphs left the
+    # 2-GPU run hanging after its last line).
+    del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
     status = 0
     if lead:
         generated, prompt, seconds = stats["generated_tokens"], stats["prompt_tokens"], stats["seconds"]
         print(f"{generated} tokens generated ({prompt} prompt tokens) in "
-              f"{stats['steps']} steps ({stats['swaps']} swaps), {seconds:.2f} s: "
+              f"{stats['steps']} steps ({stats['preemptions']} preemptions, {stats['swaps']} swaps, "
+              f"{stats['recomputes']} recomputes), {seconds:.2f} s: "
               f"{generated / seconds:.1f} generated tokens/s, {(generated + prompt) / seconds:.1f} tokens/s in all")
         print(f"prefill: {stats['prefill_steps']} steps, {stats['prefill_seconds']:.3f} s, "
               f"{_rate(prompt, stats['prefill_seconds']):.1f} prompt tokens/s; decode: {stats['decode_steps']} "
@@ -297,8 +340,12 @@ def main(argv=None) -> int:
             min_prompt=args.min_prompt, max_prompt=args.max_prompt, max_new_tokens=args.max_new_tokens,
             arrival_every=args.arrival_every, chunk_size=args.chunk_size, kv_block_size=args.kv_block_size,
             kv_cache_dtype=args.kv_cache_dtype, kv_scale=args.kv_scale if args.kv_cache_dtype != "auto" else None,
-            max_batch=args.max_batch, num_blocks=num_blocks, warmup_requests=len(warmup),
+            max_batch=args.max_batch, num_blocks=num_blocks, swap_blocks=swap_blocks,
+            gpu_memory_fraction=args.gpu_memory_fraction if not args.num_blocks else None,
+            kv_cache_gib=num_blocks * cache_block_bytes(model, args.kv_block_size) / 2**30,
+            warmup_requests=len(warmup),
             prompt_tokens=prompt, generated_tokens=generated, steps=stats["steps"], wall_s=seconds,
+            preemptions=stats["preemptions"], swaps=stats["swaps"], recomputes=stats["recomputes"],
             prefill_steps=stats["prefill_steps"], prefill_s=stats["prefill_seconds"],
             decodes_in_prefill_steps=stats["decodes_in_prefill_steps"],
             prefill_tokens_per_s=_rate(prompt, stats["prefill_seconds"]),
@@ -330,14 +377,10 @@ def main(argv=None) -> int:
             single = model if world == 1 else Phi3SmallTiny(cfg, weights, device=device, dtype=dtype, **kv)
             what = f"tp {world}, CUDA graphs {'on' if cuda_graphs else 'off'}"
             status |= verify("compare_eager", f"compare-eager ({what})",
-                             lambda: compare_with_eager(single, requests, args, num_blocks),
+                             lambda: compare_with_eager(single, requests, args, num_blocks, swap_blocks),
                              "matches one rank with eager decode")
         print("RESULT json " + json.dumps(result), flush=True)
     if world > 1:
-        # Release the decode graphs (they captured NCCL all-reduces) before the communicator goes:
-        # tearing NCCL down under live graphs left the 2-GPU run hanging after its last line.
-        del engine
-        gc.collect()
         _sync(device)
         dist.barrier()
         dist.destroy_process_group()
