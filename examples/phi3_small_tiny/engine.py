@@ -76,11 +76,23 @@ class Request:
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    # The engine's per-step reads go through these: at 128k tokens, `tokens` would copy the prompt for
+    # every sequence on every step (milliseconds per decode step).
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def token_range(self, start: int, stop: int) -> list[int]:
+        p = len(self.prompt)
+        if stop <= p:
+            return self.prompt[start:stop]
+        return self.prompt[start:stop] + self.output[max(start - p, 0): stop - p]
+
     @property
     def prefilling(self) -> bool:
         """More than the last token to compute (a prompt, or a preempted sequence being recomputed), or
         a prompt whose first token is not sampled yet; otherwise the next step decodes one token."""
-        return len(self.prompt) + len(self.output) - self.num_computed > 1 or not self.output
+        return self.num_tokens - self.num_computed > 1 or not self.output
 
     @property
     def finished(self) -> bool:
@@ -156,7 +168,7 @@ class Engine:
         free = self.allocator.num_free
         while (self.waiting and not self.swapped and self.waiting[0].arrival_step <= self.steps
                and len(self.running) < self.max_batch):
-            need = self._blocks_for(min(len(self.waiting[0].tokens), self.chunk_size))
+            need = self._blocks_for(min(self.waiting[0].num_tokens, self.chunk_size))
             if need + (self.watermark if self.running else 0) > free:
                 break
             free -= need
@@ -202,7 +214,7 @@ class Engine:
     def _swap_in(self, req: Request) -> bool:
         """Copies a swapped-out request's blocks back into newly allocated blocks; False (nothing done)
         unless the blocks for its next step (a chunk or a decode) are free and the batch has room."""
-        n = min(len(req.tokens) - req.num_computed, self.chunk_size) if req.prefilling else 1
+        n = min(req.num_tokens - req.num_computed, self.chunk_size) if req.prefilling else 1
         need = max(len(req.blocks), self._blocks_for(req.num_computed + n))
         if need > self.allocator.num_free or len(self.running) >= self.max_batch:
             return False
@@ -235,7 +247,7 @@ class Engine:
         i = 0
         while i < len(self.running):  # preemption removes sequences from the end, never before i
             req = self.running[i]
-            n = min(len(req.tokens) - req.num_computed, budget) if req.prefilling else 1
+            n = min(req.num_tokens - req.num_computed, budget) if req.prefilling else 1
             if n == 0:
                 i += 1
                 continue
@@ -265,7 +277,7 @@ class Engine:
             return 0
 
         # a sequence samples when this step reaches its last known token (end of prompt, or a decode)
-        sample = [req.num_computed + n == len(req.tokens) for req, n in batch]
+        sample = [req.num_computed + n == req.num_tokens for req, n in batch]
         if num_prefill_seqs == 0 and self.graphs is not None:
             logits = self.graphs.decode([req for req, _ in batch])
         else:
@@ -295,7 +307,7 @@ class Engine:
         context_lens = [req.num_computed for req, _ in batch]
         md = Metadata.build(query_lens, context_lens, [req.blocks for req, _ in batch], self.kvbs,
                             device=self.device)
-        ids = sum((req.tokens[c: c + n] for (req, n), c in zip(batch, context_lens)), [])
+        ids = [t for (req, n), c in zip(batch, context_lens) for t in req.token_range(c, c + n)]
         positions = torch.cat([torch.arange(c, c + n) for c, n in zip(context_lens, query_lens)])
         ends = torch.tensor(query_lens).cumsum(0) - 1
         rows = ends[torch.tensor(sample)]
@@ -401,6 +413,11 @@ class PaddedDecoder:
         self.slots = torch.full((b,), -1, dtype=torch.int64, device=dev)
         self.seq_lens = torch.zeros(b, dtype=torch.int32, device=dev)
         self.tables = torch.zeros(b, engine.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        # The tables' host copy, and per row the block list it was written from and how much of it: a
+        # sequence's list only grows while it runs (swap-in and recompute give it a new list), so a
+        # step writes only new blocks, not 8192-entry rows of 128k sequences.
+        self.host_tables = torch.zeros(b, engine.max_blocks_per_seq, dtype=torch.int32)
+        self.written: list[tuple[list[int] | None, int]] = [(None, 0)] * b
         self.sizes = sorted({min(1 << i, b) for i in range(b.bit_length() + 1)})
         self.graphs, self.outputs, self.runs = {}, {}, {}
         pool = None
@@ -438,17 +455,21 @@ class PaddedDecoder:
         n, kvbs = len(reqs), self.engine.kvbs
         size = next(s for s in self.sizes if s >= n)
         pos = [r.num_computed for r in reqs]  # the token being decoded: position num_computed
-        ids = [r.tokens[p] for r, p in zip(reqs, pos)]
+        ids = [r.token_range(p, p + 1)[0] for r, p in zip(reqs, pos)]
         slots = [r.blocks[p // kvbs] * kvbs + p % kvbs for r, p in zip(reqs, pos)]
-        table = torch.zeros(size, self.tables.shape[1], dtype=torch.int32)
         for i, r in enumerate(reqs):
-            table[i, : len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32)
+            blocks, done = self.written[i]
+            if blocks is not r.blocks:
+                done = 0
+            if done < len(r.blocks):
+                self.host_tables[i, done: len(r.blocks)] = torch.tensor(r.blocks[done:], dtype=torch.int32)
+                self.written[i] = (r.blocks, len(r.blocks))
         pad = size - n
         self.ids[:size].copy_(torch.tensor(ids + [0] * pad), non_blocking=False)
         self.positions[:size].copy_(torch.tensor(pos + [0] * pad))
         self.slots[:size].copy_(torch.tensor(slots + [-1] * pad))
         self.seq_lens[:size].copy_(torch.tensor([p + 1 for p in pos] + [0] * pad, dtype=torch.int32))
-        self.tables[:size].copy_(table)
+        self.tables[:size].copy_(self.host_tables[:size])
         if size in self.graphs:
             self.graphs[size].replay()
             return self.outputs[size][:n].clone()
