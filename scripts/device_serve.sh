@@ -12,6 +12,19 @@
 # CPU dry run of the same steps (tiny sizes; NUM_GPUS=2 runs the tensor-parallel step over gloo):
 #   PYTHON=.venv/bin/python DEVICE=cpu NUM_GPUS=2 CHECK_DTYPES=float32 BENCH_MODEL=tiny BENCH_LAYERS=2 \
 #   BENCH_REQUESTS=3 BENCH_PROMPT=100 BENCH_NEW=4 BENCH_CHUNK=256 BENCH_WARMUP=1 bash scripts/device_serve.sh
+#
+# Long context (issue 21), off unless asked for; DEFAULT_STEPS=0 skips the steps above:
+#   LONG=1   Phi-3-small-128k (LongRoPE, $LONG_LAYERS layers, default 32), bfloat16: 8 x (65536 prompt + 256
+#            new) with the model's sparse/dense layers and with --dense-all (cache: all requests), then
+#            2 x (130816 + 256) = 131072 positions, sparse and dense, the cache sized by
+#            --gpu-memory-fraction 0.9. About 4-5 minutes on an H200 (estimate): give BUDGET=560.
+#   SOAK=1   scripts/soak.py: $SOAK_REQUESTS (500) requests, prompts log-uniform in [1, $SOAK_MAX_PROMPT
+#            (131072)], Phi-3-small-128k with $SOAK_LAYERS (4) layers, a cache of 1.1 x the longest request
+#            (preemptions: swaps and recomputes), each request re-served alone; once per cache dtype in
+#            $SOAK_KV ("auto"; "auto fp8" for both). About 2-4 minutes per dtype (estimate).
+#   PYTHON=.venv/bin/python DEVICE=cpu DEFAULT_STEPS=0 LONG=1 LONG_MODEL=tiny-longrope LONG_LAYERS=2 LONG_PROMPT=600 \
+#   LONG_PROMPT_MAX=1000 LONG_NEW=8 LONG_CHUNK=256 SOAK=1 SOAK_MODEL=tiny-longrope SOAK_LAYERS=2 SOAK_REQUESTS=12 \
+#   SOAK_MAX_PROMPT=600 SOAK_CHUNK=128 SOAK_KV="auto fp8" bash scripts/device_serve.sh     # CPU dry run of those
 # Logs go to $OUT/serve_*.log; each run's last line is `RESULT json {...}`; a summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -74,28 +87,64 @@ bench() {  # throughput with Phi-3-small's layer shape (32 q / 8 kv heads, D 128
     $([ "$2" = dense ] && echo --dense-all)
 }
 
+long() {  # $1 requests of $2 prompt tokens + LONG_NEW new ones, all at once, Phi-3-small-128k's shape;
+  # $3: sparse (the model's layers) or dense (--dense-all); further arguments go to serve.py
+  local n=$1 prompt=$2 kind=$3; shift 3
+  run "long_${n}x${prompt}_$kind" 240 "${SERVE[@]}" --model "${LONG_MODEL:-phi3-small-128k}" \
+    --num-layers "${LONG_LAYERS:-32}" --num-requests "$n" --min-prompt "$prompt" --max-prompt "$prompt" \
+    --max-new-tokens "${LONG_NEW:-256}" --arrival-every 0 --max-batch "$n" --chunk-size "${LONG_CHUNK:-8192}" \
+    --warmup-requests 1 --init-on-device $([ "$kind" = dense ] && echo --dense-all) "$@"
+}
+
+soak() {  # $1: the cache dtype (auto, fp8, ...)
+  run "soak_$1" "${SOAK_SECONDS:-540}" "$PY" scripts/soak.py --device "$DEVICE" --model "${SOAK_MODEL:-phi3-small-128k}" \
+    --num-layers "${SOAK_LAYERS:-4}" --num-requests "${SOAK_REQUESTS:-500}" --max-prompt "${SOAK_MAX_PROMPT:-131072}" \
+    --chunk-size "${SOAK_CHUNK:-8192}" --kv-cache-dtype "$1"
+}
+
 # Most wanted first, so that running out of the budget loses the least.
-DTYPES=(${CHECK_DTYPES:-float16 bfloat16})
-LAYERS=(${BENCH_LAYERS:-4 32})
-check "${DTYPES[0]}"
-tp2 graphs
-bench "${LAYERS[0]}" sparse
-bench "${LAYERS[0]}" dense
-for dt in "${DTYPES[@]:1}"; do check "$dt"; done
-tp2 eager
-for layers in "${LAYERS[@]:1}"; do bench "$layers" sparse; bench "$layers" dense; done
+if [ "${DEFAULT_STEPS:-1}" != 0 ]; then
+  DTYPES=(${CHECK_DTYPES:-float16 bfloat16})
+  LAYERS=(${BENCH_LAYERS:-4 32})
+  check "${DTYPES[0]}"
+  tp2 graphs
+  bench "${LAYERS[0]}" sparse
+  bench "${LAYERS[0]}" dense
+  for dt in "${DTYPES[@]:1}"; do check "$dt"; done
+  tp2 eager
+  for layers in "${LAYERS[@]:1}"; do bench "$layers" sparse; bench "$layers" dense; done
+fi
+if [ "${LONG:-0}" != 0 ]; then
+  LONG_PROMPT=${LONG_PROMPT:-65536}
+  # the longest: prompt + new tokens = the model's 131072 positions
+  LONG_PROMPT_MAX=${LONG_PROMPT_MAX:-$((131072 - ${LONG_NEW:-256}))}
+  long 8 "$LONG_PROMPT" sparse
+  long 8 "$LONG_PROMPT" dense
+  long 2 "$LONG_PROMPT_MAX" sparse --gpu-memory-fraction 0.9
+  long 2 "$LONG_PROMPT_MAX" dense --gpu-memory-fraction 0.9
+fi
+if [ "${SOAK:-0}" != 0 ]; then
+  for kv in ${SOAK_KV:-auto}; do soak "$kv"; done
+fi
 
 "$PY" - "$OUT" ${RUNS[@]+"${RUNS[@]}"} <<'EOF'
 import json, sys
 out, names = sys.argv[1], sys.argv[2:]
-print(f"\n{'run':<19} {'rc':>3}  {'config, correctness (max rel err)':<52} {'prefill tok/s':>13} {'decode tok/s':>13} "
+print(f"\n{'run':<22} {'rc':>3}  {'config, correctness (max rel err)':<52} {'prefill tok/s':>13} {'decode tok/s':>13} "
       f"{'total tok/s':>12} {'wall s':>7}  untimed s (setup/capture/warm-up)")
 for name in names:
     lines = open(f"{out}/serve_{name}.log").read().splitlines()
     rc = next((l[3:] for l in reversed(lines) if l.startswith("rc=")), "?")
     res = next((json.loads(l[len("RESULT json "):]) for l in reversed(lines) if l.startswith("RESULT json ")), None)
     if res is None:
-        print(f"{name:<19} {rc:>3}  (no RESULT line: see {out}/serve_{name}.log)")
+        print(f"{name:<22} {rc:>3}  (no RESULT line: see {out}/serve_{name}.log)")
+        continue
+    if name.startswith("soak"):
+        print(f"{name:<22} {rc:>3}  {res['requests']} requests, {res['prompt_tokens']} prompt + {res['generated_tokens']} "
+              f"generated tokens (longest prompt {res['longest_prompt']}), {res['steps']} steps, {res['preemptions']} "
+              f"preemptions ({res['swaps']} swaps, {res['recomputes']} recomputes); lost {res['lost']}, stuck "
+              f"{res['stuck']}, mismatches {res['mismatches']} (max rel err {res['max_rel_err']:.1e}), memory "
+              f"{res['memory_start']} -> {res['memory_end']} B; soak {res['soak_s']:.0f} s, re-runs {res['rerun_s']:.0f} s")
         continue
     checks = []
     if "check" in res:
@@ -104,7 +153,9 @@ for name in names:
         checks.append(f"eager {res['compare_eager']} {res.get('compare_eager_max_rel_err', float('nan')):.1e}")
     what = (f"{res['num_layers']}L {'dense' if res['dense_all'] else 'sp/dn'} {res['dtype']} tp{res['tp']}"
             f"{' graphs' if res['cuda_graphs'] else ''}")
-    print(f"{name:<19} {rc:>3}  {(what + ' ' + ', '.join(checks)):<52} {res['prefill_tokens_per_s']:>13.0f} "
+    if res.get("preemptions"):
+        checks.append(f"{res['preemptions']} preempted")
+    print(f"{name:<22} {rc:>3}  {(what + ' ' + ', '.join(checks)):<52} {res['prefill_tokens_per_s']:>13.0f} "
           f"{res['decode_tokens_per_s']:>13.0f} {res['total_tokens_per_s']:>12.0f} {res['wall_s']:>7.2f}  "
           f"{res['setup_s']:.1f}/{res['capture_s']:.1f}/{res['warmup_s']:.1f}")
 EOF
