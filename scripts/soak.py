@@ -37,15 +37,17 @@ from examples.phi3_small_tiny.serve import _agree, logit_tol, make_config  # noq
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="tiny-longrope", choices=("tiny", "tiny-longrope", "phi3-small",
-                                                                 "phi3-small-128k"))
-    p.add_argument("--num-layers", type=int, default=None)
+    p.add_argument("--model", default=None, choices=("tiny", "tiny-longrope", "phi3-small", "phi3-small-128k"),
+                   help="default: phi3-small-128k on CUDA, tiny-longrope (LongRoPE from 64 to 1024) on the CPU")
+    p.add_argument("--num-layers", type=int, default=None,
+                   help="default: 4 for the phi3-small models (the soak tests serving, not depth: 32 layers take "
+                        "8x as long), all of the tiny ones'")
     p.add_argument("--num-requests", type=int, default=500)
     p.add_argument("--max-prompt", type=int, default=None, help="longest prompt (default: max_seqlen - new tokens)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="new tokens drawn uniformly in [1, this]")
     p.add_argument("--arrival-gap", type=int, default=3, help="engine steps between arrivals, uniform in [0, this]")
     p.add_argument("--num-blocks", type=int, default=None,
-                   help="KV-cache blocks (default: 1.5 x the longest request's: requests queue and running ones "
+                   help="KV-cache blocks (default: 1.1 x the longest request's: requests queue and running ones "
                         "are preempted)")
     p.add_argument("--swap-blocks", type=int, default=None,
                    help="CPU swap space in blocks (default: half the cache; a longer sequence is recomputed)")
@@ -61,7 +63,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rope-factors", default=None)
     p.add_argument("--dense-all", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.model is None:
+        args.model = "phi3-small-128k" if args.device.startswith("cuda") else "tiny-longrope"
+    if args.num_layers is None and args.model.startswith("phi3-small"):
+        args.num_layers = 4
+    return args
 
 
 def draw_requests(args, max_seqlen: int, vocab: int) -> list[Request]:
