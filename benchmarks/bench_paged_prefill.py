@@ -22,7 +22,7 @@ import torch
 from blocksparse_attn import ops
 from blocksparse_attn.layout import SparsePattern
 
-NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, KV_BLOCK = 32, 8, 128, 16  # Phi-3-small, vLLM's default kv block
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128  # Phi-3-small
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 
 
@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=32768, help="tokens a batch (batch = tokens // S)")
     ap.add_argument("--chunk", type=int, default=2048, help="the chunked prefill's last chunk")
     ap.add_argument("--fp8", default="e4m3", help="fp8 cache formats to time, comma-separated ('' for none)")
+    ap.add_argument("--kv-block", type=int, default=16, help="tokens per cache block (vLLM's default 16)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
@@ -54,7 +55,7 @@ def main():
     scale = 1.0 / HEAD_DIM
     fp8s = [f for f in args.fp8.split(",") if f]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, Hq={NUM_HEADS}, Hkv={NUM_KV_HEADS}, "
-          f"D={HEAD_DIM}, kv block {KV_BLOCK}, shuffled tables, {pattern}")
+          f"D={HEAD_DIM}, kv block {args.kv_block}, shuffled tables, {pattern}")
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for seq_len in [int(s) for s in args.seq_lens.split(",")]:
@@ -65,9 +66,9 @@ def main():
         v = torch.randn_like(k)
         out = torch.empty_like(q)
         cu = torch.arange(0, tokens + 1, seq_len, dtype=torch.int32, device=device)
-        pages = seq_len // KV_BLOCK
+        pages = seq_len // args.kv_block
         tables = torch.randperm(batch * pages, generator=gen, device=device).view(batch, pages).to(torch.int32)
-        slots = (tables.long()[:, :, None] * KV_BLOCK + torch.arange(KV_BLOCK, device=device)).view(-1)
+        slots = (tables.long()[:, :, None] * args.kv_block + torch.arange(args.kv_block, device=device)).view(-1)
         seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device=device)
         caches = {"bf16": (dtype, None)}
         for f in fp8s:
@@ -80,7 +81,7 @@ def main():
         t = {"varlen": timed_ms(lambda: ops.varlen_prefill(q, k, v, cu, cu, scale, pattern, out=out),
                                 args.warmup, args.repeats)}
         for name, (cache_dtype, s) in caches.items():
-            key_cache = torch.empty(batch * pages, NUM_KV_HEADS, KV_BLOCK, HEAD_DIM, dtype=cache_dtype, device=device)
+            key_cache = torch.empty(batch * pages, NUM_KV_HEADS, args.kv_block, HEAD_DIM, dtype=cache_dtype, device=device)
             value_cache = torch.empty_like(key_cache)
             ops.write_kv_cache(k, v, key_cache, value_cache, slots, k_scale=s, v_scale=s)
             t[f"paged-{name}"] = timed_ms(lambda: ops.paged_prefill(

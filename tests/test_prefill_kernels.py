@@ -14,7 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _helpers import make_pattern, random_block_mask
+from _helpers import assert_close_to_ref, build_paged_cache, cu_seqlens, make_pattern, random_block_mask
+from blocksparse_attn import reference
 from blocksparse_attn.layout import BlockLayout, SparsePattern
 from test_attention_ops import MODES, run_paged_prefill, run_varlen
 
@@ -101,14 +102,41 @@ def test_varlen_explicit_layout(kernel, block_size, diagonal, gen):
         assert (ref_lse == float("-inf")).any(), "test setup: no query row without keys"
 
 
-@pytest.mark.parametrize("kv_block_size", (16, 32, 64), ids=lambda x: f"kvbs{x}")
+@pytest.mark.parametrize("kv_block_size", (8, 16, 32, 64, 128), ids=lambda x: f"kvbs{x}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=("fp16", "bf16"))
 def test_paged_chunked(kernel, dtype, kv_block_size, gen):
     """Chunked prefill: new tokens at positions context_len.. read the context from a shuffled paged
-    cache whose unowned slots are NaN."""
+    cache whose unowned slots are NaN (the Hopper kernel's whole 64-key tiles through the TMA, one box
+    per page, for pages of 16 rows or more; the rest through cp.async)."""
     pattern = make_pattern("qslide", 64, LOCAL, VERT, 8, 2)
     seqs = [(0, 129), (1, 1), (63, 2), (64, 64), (65, 127), (1000, 300), (4000, 97), (130, 0)]
     run_paged_prefill("cuda", dtype, 8, 2, 128, kv_block_size, seqs, pattern, gen)
+
+
+@pytest.mark.parametrize("kv_block_size", (16, 64), ids=lambda x: f"kvbs{x}")
+def test_paged_bad_page_ids_read_zeros(kernel, kv_block_size, gen):
+    """Without BSA_CHECK_INPUTS the GPU does not validate block ids; one outside [0, NB) must read as
+    zero keys and values (never memory out of bounds), in whole tiles (the TMA's boxes) and in the last
+    partial one (cp.async) alike."""
+    hq, hkv, d, n = 4, 2, 128, 300
+    pattern = SparsePattern(64, 16, 8, 1)  # every causal block visible at this length
+    keys = [torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16)]
+    values = [torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16)]
+    q = torch.randn(n, hq, d, generator=gen).to(torch.bfloat16)
+    key_cache, value_cache, tables = build_paged_cache(keys, values, kv_block_size, gen, "cuda")
+    num_blocks = key_cache.shape[0]
+    bad = {1: num_blocks + 5, n // kv_block_size: -3}  # a page of a whole tile, the page of the tail
+    for logical, page in bad.items():
+        tables[0, logical] = page
+        rows = slice(logical * kv_block_size, (logical + 1) * kv_block_size)
+        keys[0][rows], values[0][rows] = 0, 0
+    ref, _ = reference.varlen_prefill_ref(q, keys[0], values[0], cu_seqlens([n], "cpu"), cu_seqlens([n], "cpu"),
+                                          d ** -0.5, pattern)
+    out = torch.full_like(q, float("nan"), device="cuda")
+    torch.ops.blocksparse_attn.paged_prefill(out, q.cuda(), key_cache, value_cache, tables, cu_seqlens([n], "cuda"),
+                                             torch.tensor([n], dtype=torch.int32, device="cuda"), d ** -0.5,
+                                             *pattern.op_args(), None, None, None)
+    assert_close_to_ref(out, ref, torch.bfloat16, f"{kernel} kvbs={kv_block_size} bad pages {bad}")
 
 
 @pytest.mark.parametrize("order", ("tile", "kv_head"))

@@ -30,8 +30,9 @@ inline PFN_cuTensorMapEncodeTiled_v12000 sm90_tensor_map_encoder() {
 }
 
 // Builds the maps where the TMA can read the tensors (16-byte aligned base and strides); leaves
-// them disabled otherwise. BSA_SM90_TMA=0 disables them (experiments).
-template <typename Element>
+// them disabled otherwise. BSA_SM90_TMA=0 disables them (experiments). K/V stored as Cache: fp8
+// pages are converted by the producer's threads, never read by the TMA.
+template <typename Element, typename Cache>
 Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
   Sm90TensorMaps maps{};
   if (!use_tma) return maps;
@@ -40,29 +41,44 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
   const CUtensorMapDataType type =
       std::is_same<Element, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   constexpr int64_t kElement = sizeof(Element);
-  // (head dim, heads, rows) with element strides between heads and between rows.
-  auto make = [&](CUtensorMap* map, const void* base, int64_t heads, int64_t rows, int64_t head_stride,
-                  int64_t row_stride) {
+  // (head dim, middle, outer) with element strides between middle and between outer indices, read in
+  // boxes of 64 x box_middle x box_outer.
+  auto make = [&](CUtensorMap* map, const void* base, int64_t middle, int64_t outer, int64_t middle_stride,
+                  int64_t outer_stride, uint32_t box_middle, uint32_t box_outer) {
     auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
-    if (rows <= 0 || !aligned(static_cast<int64_t>(reinterpret_cast<uintptr_t>(base))) ||
-        !aligned(head_stride * kElement) || !aligned(row_stride * kElement))
+    if (outer <= 0 || !aligned(static_cast<int64_t>(reinterpret_cast<uintptr_t>(base))) ||
+        !aligned(middle_stride * kElement) || !aligned(outer_stride * kElement))
       return false;
-    const cuuint64_t dims[3] = {static_cast<cuuint64_t>(params.head_size), static_cast<cuuint64_t>(heads),
-                                static_cast<cuuint64_t>(rows)};
-    const cuuint64_t strides[2] = {static_cast<cuuint64_t>(head_stride * kElement),
-                                   static_cast<cuuint64_t>(row_stride * kElement)};
-    const cuuint32_t box[3] = {64, 1, 64};
+    const cuuint64_t dims[3] = {static_cast<cuuint64_t>(params.head_size), static_cast<cuuint64_t>(middle),
+                                static_cast<cuuint64_t>(outer)};
+    const cuuint64_t strides[2] = {static_cast<cuuint64_t>(middle_stride * kElement),
+                                   static_cast<cuuint64_t>(outer_stride * kElement)};
+    const cuuint32_t box[3] = {64, box_middle, box_outer};
     const cuuint32_t element_strides[3] = {1, 1, 1};
     return encode(map, type, 3, const_cast<void*>(base), dims, strides, box, element_strides,
                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
   };
   maps.query_enabled = make(&maps.query, params.q, params.num_q_heads, params.num_q_tokens, params.q_head_stride,
-                            params.q_row_stride);
+                            params.q_row_stride, 1, 64);
   const KeyValueSource& kv = params.kv;
-  maps.kv_enabled =
-      !kv.paged() && make(&maps.key, kv.key, params.num_kv_heads, kv.num_rows, kv.head_stride, kv.row_stride) &&
-      make(&maps.value, kv.value, params.num_kv_heads, kv.num_rows, kv.head_stride, kv.row_stride);
+  if (!kv.paged()) {
+    maps.kv_enabled =
+        make(&maps.key, kv.key, params.num_kv_heads, kv.num_rows, kv.head_stride, kv.row_stride, 1, 64) &&
+        make(&maps.value, kv.value, params.num_kv_heads, kv.num_rows, kv.head_stride, kv.row_stride, 1, 64);
+    return maps;
+  }
+  // Pages of kvbs rows: boxes of min(kvbs, 64) rows inside one page, at most 4 per 64-key tile (the
+  // producer keeps their page ids in registers), each starting at a multiple of 8 rows (the swizzle's
+  // period); (block, kv head) slabs of kvbs * D elements.
+  const int kvbs = kv.kv_block_size;
+  if (!std::is_same<Cache, Element>::value || kvbs % 16 != 0 || (kvbs > 64 && kvbs % 64 != 0)) return maps;
+  const int64_t slabs = static_cast<int64_t>(kv.num_cache_blocks) * params.num_kv_heads;
+  if (slabs > INT32_MAX) return maps;
+  maps.kv_page_rows = std::min(kvbs, 64);
+  const auto rows = static_cast<uint32_t>(maps.kv_page_rows);
+  maps.kv_enabled = make(&maps.key, kv.key, kvbs, slabs, params.head_size, kv.cache_head_stride, rows, 1) &&
+                    make(&maps.value, kv.value, kvbs, slabs, params.head_size, kv.cache_head_stride, rows, 1);
   return maps;
 }
 
@@ -78,6 +94,6 @@ void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, 
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   const int64_t max_units = static_cast<int64_t>(launch.max_tiles) * params.num_q_heads;
   const int grid = static_cast<int>(std::min<int64_t>(launch.num_ctas, max_units));
-  kernel<<<grid, kSm90Threads, kSmemBytes, stream>>>(params, sm90_tensor_maps<Element>(params, launch.use_tma));
+  kernel<<<grid, kSm90Threads, kSmemBytes, stream>>>(params, sm90_tensor_maps<Element, Cache>(params, launch.use_tma));
 }
 }  // namespace blocksparse_attn

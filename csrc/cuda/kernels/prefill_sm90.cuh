@@ -173,25 +173,54 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
 
     // K and V of one 64-key tile into tile `slot` of a fill; keys past k_len, bad page ids and
     // empty slots (key_tile < 0) read as zeros. True when it issued cp.async copies.
+    auto tma_tile = [&](int key_tile) {
+      return !CacheFormat<Cache>::kFp8 && maps.kv_enabled && key_tile >= 0 && key_tile * 64 + 64 <= k_len;
+    };
     auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot) -> bool {
       const int pos0 = key_tile * 64;
       unsigned char* dst_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
       unsigned char* dst_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
-      // Whole tiles of a contiguous sequence come through the TMA (one thread issues them; the
-      // copies complete on the fill's full barrier). Rows past the sequence's end would read the
-      // next sequence's keys, which may hold anything: the last partial tile, the paged cache and
-      // empty slots take the zero-filling copies.
-      if (maps.kv_enabled && key_tile >= 0 && pos0 + 64 <= k_len) {
+      // Whole tiles come through the TMA (one thread issues them; the copies complete on the fill's
+      // full barrier): contiguous K/V and pages of a cache in the model's dtype. Rows past the
+      // sequence's end would read the next sequence's keys or unwritten cache slots, which may hold
+      // anything: the last partial tile and empty slots take the zero-filling copies.
+      if (tma_tile(key_tile)) {
         if (tid == 0) {
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
           ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
-          const int token = kv.cu_seqlens_k[seq] + pos0;
+          const int tile_dst = slot * 64 * 128;
+          if (!kv.paged()) {
+            const int token = kv.cu_seqlens_k[seq] + pos0;
 #pragma unroll
-          for (int block = 0; block < kHeadDim / 64; ++block) {
-            const int dst = block * Smem::kStageColumnBlockBytes + slot * 64 * 128;
-            ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
-            ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
+            for (int block = 0; block < kHeadDim / 64; ++block) {
+              const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
+              ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
+              ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
+            }
+          } else {
+            // One box of `rows` rows per page; the pages' (block * Hkv + kv head) slabs are loaded
+            // before the first box issues. A page id outside [0, NB) is a box outside the map: zeros.
+            const int rows = maps.kv_page_rows;
+            const int32_t* table = kv.block_tables + seq * kv.block_table_stride;
+            int slab[4];
+#pragma unroll
+            for (int box = 0; box < 4; ++box) {
+              if (box * rows >= 64) break;
+              const int page = table[(pos0 + box * rows) / kv.kv_block_size];
+              slab[box] = page >= 0 && page < kv.num_cache_blocks ? page * params.num_kv_heads + kv_head : -1;
+            }
+#pragma unroll
+            for (int box = 0; box < 4; ++box) {
+              if (box * rows >= 64) break;
+              const int in_page = (pos0 + box * rows) % kv.kv_block_size;
+#pragma unroll
+              for (int block = 0; block < kHeadDim / 64; ++block) {
+                const int dst = block * Smem::kStageColumnBlockBytes + tile_dst + box * rows * 128;
+                ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, in_page, slab[box], landed);
+                ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, in_page, slab[box], landed);
+              }
+            }
           }
         }
         return false;
