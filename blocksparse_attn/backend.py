@@ -255,6 +255,10 @@ class BlocksparseFlashAttentionImpl:
         if not _is_decoder(attn_type):
             raise NotImplementedError(f"attn_type={attn_type!r}: only decoder self-attention is supported")
         m = attn_metadata
+        if not hasattr(m, "num_prefill_tokens"):  # e.g. vLLM's V1 engine: None while profiling, else its own
+            raise NotImplementedError(f"attn_metadata of type {type(m).__name__} is not V0-style metadata "
+                                      "(num_prefills / num_prefill_tokens / num_decode_tokens ...); under vLLM "
+                                      "0.8-0.9 run the V0 engine (VLLM_USE_V1=0)")
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_size
         if key is None or value is None:
             raise ValueError("key and value are required (decoder self-attention writes them to the cache)")
