@@ -169,11 +169,20 @@ at::Tensor dequantize(const at::Tensor& stored, float scale) {
   return scale == 1.f ? x : x.mul_(scale);
 }
 
+// Gathers from a cache through `gather` (index_select, index, ...) on its bytes when it holds fp8: older
+// torch CPU builds (2.7, what vLLM 0.9 pins) have no indexing kernels for the fp8 dtypes.
+template <typename Gather>
+at::Tensor gather_stored(const at::Tensor& cache, Gather gather) {
+  if (!is_fp8(cache.scalar_type())) return gather(cache);
+  return gather(cache.view(at::kByte)).view(cache.scalar_type());
+}
+
 // The first `len` keys (or values) of a sequence from a paged cache [NB, Hkv, kvbs, D] -> [Hkv, len, D].
 at::Tensor gather_paged(const at::Tensor& cache, float scale, const at::Tensor& block_table_row, int64_t len) {
   const int64_t kvbs = cache.size(2);
   const int64_t num_pages = (len + kvbs - 1) / kvbs;
-  at::Tensor pages = cache.index_select(0, block_table_row.narrow(0, 0, num_pages).to(at::kLong));
+  const at::Tensor page_ids = block_table_row.narrow(0, 0, num_pages).to(at::kLong);
+  at::Tensor pages = gather_stored(cache, [&](const at::Tensor& c) { return c.index_select(0, page_ids); });
   return dequantize(pages, scale).permute({1, 0, 2, 3}).reshape({cache.size(1), num_pages * kvbs, cache.size(3)})
       .narrow(1, 0, len).contiguous();
 }
@@ -211,8 +220,9 @@ void decode_sequence(const SparsePattern& pattern, const at::Tensor& key_cache, 
       continue;
     }
     const at::Tensor page_idx = at::tensor(pages, at::kLong), offset_idx = at::tensor(offsets, at::kLong);
-    const at::Tensor keys = dequantize(key_cache.select(1, g).index({page_idx, offset_idx}), k_scale);      // [n, D]
-    const at::Tensor values = dequantize(value_cache.select(1, g).index({page_idx, offset_idx}), v_scale);  // [n, D]
+    auto rows = [&](const at::Tensor& c) { return c.select(1, g).index({page_idx, offset_idx}); };
+    const at::Tensor keys = dequantize(gather_stored(key_cache, rows), k_scale);      // [n, D]
+    const at::Tensor values = dequantize(gather_stored(value_cache, rows), v_scale);  // [n, D]
     at::Tensor scores = at::mm(q_scaled[row].narrow(0, g * group, group), keys.t());  // [group, n]
     float* sc = scores.data_ptr<float>();
     std::vector<char> sees_any(group, 0);
