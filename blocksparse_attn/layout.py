@@ -62,6 +62,36 @@ class SparsePattern:
         off = self.vertical_offsets(num_heads, num_kv_heads).view(-1, 1, 1)
         return (j <= i) & ((i - j < self.local_blocks) | ((j + off) % self.vert_stride == 0))
 
+    def pages_read_later(self, num_heads: int, num_kv_heads: int, num_tokens: int, kv_block_size: int,
+                         num_pages: int | None = None) -> torch.Tensor:
+        """Bool [num_kv_heads, num_pages]: will some query at a position >= num_tokens, of a q head of kv
+        group g, read a key of page p (tokens p * kvbs ... (p + 1) * kvbs - 1) of this sequence?
+
+        The rule (sparsity-aware KV memory, issue 17): key block j is read later iff it is still in the
+        band of the current query block i0 = num_tokens // B (j > i0 - local_blocks; later query blocks
+        only move the band away), or it is a vertical column of one of the group's heads
+        ((j + off(h)) % vert_stride == 0, which every later query block sees). A page is read later iff
+        one of its sparse blocks is; pages at or past num_tokens are being filled and always kept.
+        Everything else can be freed for this kv head and is never read again."""
+        if num_kv_heads < 1 or num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must be >= 1 and divide num_heads ({num_heads})")
+        if num_tokens < 0 or kv_block_size < 1:
+            raise ValueError(f"num_tokens must be >= 0 and kv_block_size >= 1, got {num_tokens}, {kv_block_size}")
+        num_pages = -(-num_tokens // kv_block_size) if num_pages is None else num_pages
+        b = self.block_size
+        current = num_tokens // b
+        # the sparse blocks each page touches: [first, last]
+        first = torch.arange(num_pages) * kv_block_size // b
+        last = ((torch.arange(num_pages) + 1) * kv_block_size - 1) // b
+        blocks = torch.arange(int(last.max()) + 1 if num_pages else 0)
+        off = self.vertical_offsets(num_heads, num_kv_heads).view(num_kv_heads, -1, 1)  # [Hkv, q per kv, 1]
+        vertical = ((blocks.view(1, 1, -1) + off) % self.vert_stride == 0).any(1)      # [Hkv, blocks]
+        kept_block = vertical | (blocks > current - self.local_blocks).view(1, -1)
+        in_page = (blocks.view(1, -1) >= first.view(-1, 1)) & (blocks.view(1, -1) <= last.view(-1, 1))  # [pages, blocks]
+        kept = (kept_block.view(num_kv_heads, 1, -1) & in_page.view(1, num_pages, -1)).any(-1)
+        filling = (torch.arange(num_pages) + 1) * kv_block_size > num_tokens
+        return kept | filling.view(1, -1)
+
     def to_layout(self, num_heads: int, max_seqlen: int, num_kv_heads: int | None = None) -> "BlockLayout":
         """The same pattern as an explicit CSR layout covering sequences of up to max_seqlen tokens."""
         num_q_blocks = -(-max_seqlen // self.block_size)
