@@ -213,6 +213,33 @@ class BlocksparseFlashAttentionImpl:
             self._scale_tensors[key] = torch.full((1,), value, dtype=torch.float32, device=device)
         return self._scale_tensors[key]
 
+    def _prefill_tables(self, prefill, num_prefills: int, kv_block_size: int):
+        """(block_tables, seq_lens) a prefill with a non-empty cache reads through. The new tokens' blocks
+        come from the slots they were just written to: a prompt then reads its own pages even where the
+        engine padded its table row (a batch mixing cached prefixes with new prompts), and an fp8 prompt
+        without context reads its K/V back as stored, as a later chunk or decode will. Built once per
+        batch (every layer shares the metadata) and kept on the prefill metadata."""
+        key = (kv_block_size, self.fp8_dtype is not None)
+        cached = getattr(prefill, "_blocksparse_tables", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        tables, seq_lens = prefill.block_tables, prefill.seq_lens_tensor
+        given = tables is not None and tables.numel() > 0
+        context = getattr(prefill, "context_lens_tensor", None)
+        max_len = prefill.max_prefill_seq_len or prefill.max_query_len
+        qsl = prefill.query_start_loc
+        if given and context is not None:
+            tables = prefill_block_tables(prefill.slot_mapping, qsl, context, tables, num_prefills, max_len,
+                                          kv_block_size)
+        elif not given and self.fp8_dtype is not None:
+            tables = prefill_block_tables(prefill.slot_mapping, qsl, None, None, num_prefills, max_len, kv_block_size)
+            seq_lens = qsl[1:num_prefills + 1] - qsl[:num_prefills]
+        try:
+            prefill._blocksparse_tables = (key, (tables, seq_lens))
+        except AttributeError:  # metadata that takes no new attributes: rebuilt per layer
+            pass
+        return tables, seq_lens
+
     def forward(self, query, key, value, kv_cache, attn_metadata, k_scale=1.0, v_scale=1.0, attn_type=None,
                 output: torch.Tensor | None = None, output_scale=None) -> torch.Tensor:
         """Two call styles, told apart by the first argument:
@@ -292,20 +319,8 @@ class BlocksparseFlashAttentionImpl:
                 raise ValueError("attn_metadata.query_start_loc is required for prefill tokens")
             q_pre, out_pre = q[:num_prefill], out3[:num_prefill]
             tables, seq_lens = prefill.block_tables, prefill.seq_lens_tensor
-            given = tables is not None and tables.numel() > 0
-            context = getattr(prefill, "context_lens_tensor", None)
-            # The new tokens' blocks come from the slots they were just written to: a prompt then reads
-            # its own pages even where the engine padded its table row (a batch mixing cached prefixes
-            # with new prompts), and an fp8 prompt without context reads its K/V back as stored, as a
-            # later chunk or decode will.
-            max_len = prefill.max_prefill_seq_len or prefill.max_query_len
-            if has_cache and given and context is not None:
-                tables = prefill_block_tables(prefill.slot_mapping, prefill.query_start_loc, context, tables,
-                                              m.num_prefills, max_len, key_cache.shape[2])
-            elif has_cache and not given and self.fp8_dtype is not None:
-                tables = prefill_block_tables(prefill.slot_mapping, prefill.query_start_loc, None, None,
-                                              m.num_prefills, max_len, key_cache.shape[2])
-                seq_lens = prefill.query_start_loc[1:m.num_prefills + 1] - prefill.query_start_loc[:m.num_prefills]
+            if has_cache:
+                tables, seq_lens = self._prefill_tables(prefill, m.num_prefills, key_cache.shape[2])
             if has_cache and tables is not None and tables.numel() > 0:
                 ops.paged_prefill(q_pre, key_cache, value_cache, tables, prefill.query_start_loc, seq_lens,
                                   self.scale, self.pattern, out=out_pre, **scales)
