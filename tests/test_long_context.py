@@ -86,6 +86,24 @@ def test_serving_past_the_original_length_matches_reference():
         check_against_reference(plain, weights, requests, torch.float32, per_step=False)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_longrope_serving_on_cuda_with_graphs():
+    """The same past the original length on CUDA in bfloat16, decode replayed from CUDA graphs: the rotary
+    runs inside the captured graphs (its factor tables built once on the device, no host copy while
+    capturing) and the tokens agree with the float32 reference."""
+    cfg = Config.tiny().with_longrope(MAX, ORIGINAL)
+    weights = init_weights(cfg, 0)
+    model = Phi3SmallTiny(cfg, weights, device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    requests = [Request(rid=i, prompt=torch.randint(cfg.vocab_size, (n,), generator=g).tolist(), max_new_tokens=8,
+                        arrival_step=2 * i) for i, n in enumerate((120, 333, 650))]
+    blocks = sum(-(-(len(r.prompt) + 8) // 16) for r in requests)
+    engine = Engine(model, blocks, 16, 96, keep_logits=True, use_cuda_graph=True)
+    assert engine.graphs is not None
+    engine.run(requests, progress=False)
+    check_against_reference(cfg, weights, requests, torch.bfloat16, per_step=False)
+
+
 def _serve_pressure(cfg, model, num_blocks, swap_blocks):
     g = torch.Generator().manual_seed(3)
     requests = [Request(rid=i, prompt=torch.randint(cfg.vocab_size, (n,), generator=g).tolist(), max_new_tokens=40)

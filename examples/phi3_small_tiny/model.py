@@ -150,19 +150,33 @@ def longrope_factors(head_dim: int, ratio: float) -> tuple[list[float], list[flo
     return [1.0] * n, [ratio ** (i / (n - 1)) for i in range(n)]
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, cfg: Config) -> torch.Tensor:
+def rope_frequencies(cfg: Config, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotary's inverse frequencies [D/2] float32 below and from rope_original_max (equal without
+    LongRoPE: the short / long factors divide them). Built once per model, on its device: a CUDA graph
+    capture may not copy the factor lists from the host."""
+    d = cfg.head_dim
+    inv_freq = cfg.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+    if not cfg.rope_original_max:
+        return inv_freq.to(device), inv_freq.to(device)
+    short = inv_freq / torch.tensor(cfg.rope_short_factor, dtype=torch.float32)
+    long = inv_freq / torch.tensor(cfg.rope_long_factor, dtype=torch.float32)
+    return short.to(device), long.to(device)
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, cfg: Config,
+           freqs: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [T, H, D] rotated by the angle of each token's absolute position (NeoX halves layout); with
     LongRoPE each position takes the short or the long factors by itself (>= rope_original_max: long),
-    so the result does not depend on how a prompt is chunked or batched."""
+    so the result does not depend on how a prompt is chunked or batched. freqs: rope_frequencies(cfg,
+    x.device), computed here when not given."""
     d = x.shape[-1]
-    inv_freq = cfg.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+    short, long = freqs if freqs is not None else rope_frequencies(cfg, x.device)
     pos = positions.to(torch.float32)[:, None]
-    angle = pos * inv_freq[None, :]                                          # [T, D/2]
     if cfg.rope_original_max:
-        short = torch.tensor(cfg.rope_short_factor, dtype=torch.float32, device=x.device)
-        long = torch.tensor(cfg.rope_long_factor, dtype=torch.float32, device=x.device)
         is_long = positions[:, None] >= cfg.rope_original_max
-        angle = pos * inv_freq[None, :] / torch.where(is_long, long[None, :], short[None, :])
+        angle = pos * torch.where(is_long, long[None, :], short[None, :])     # [T, D/2]
+    else:
+        angle = pos * short[None, :]
     cos, sin = angle.cos() * cfg.rope_mscale, angle.sin() * cfg.rope_mscale
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
@@ -212,6 +226,7 @@ class Phi3SmallTiny:
         self.cache_dtype = fp8 or dtype  # what the engine allocates the caches in
         self.kv_scale = None if fp8 is None else torch.full((1,), kv_scale, dtype=torch.float32, device=self.device)
         self.hq, self.hkv = cfg.num_heads // tp_size, cfg.num_kv_heads // tp_size
+        self.rope_freqs = rope_frequencies(cfg, self.device)
         d, qpk, f = cfg.head_dim, cfg.q_per_kv, cfg.ffn_size // tp_size
 
         def put(t):
@@ -256,8 +271,8 @@ class Phi3SmallTiny:
             qkv = F.linear(layer_norm(x, w, f"{p}.input_norm", cfg.norm_eps), w[f"{p}.qkv"])
             q, k, v = qkv.split([self.hq * d, self.hkv * d, self.hkv * d], dim=1)
             # rotary writes back into the fused buffer: q and k stay column slices of it
-            q.copy_(rotary(q.view(-1, self.hq, d), positions, cfg).flatten(1))
-            k.copy_(rotary(k.view(-1, self.hkv, d), positions, cfg).flatten(1))
+            q.copy_(rotary(q.view(-1, self.hq, d), positions, cfg, self.rope_freqs).flatten(1))
+            k.copy_(rotary(k.view(-1, self.hkv, d), positions, cfg, self.rope_freqs).flatten(1))
             scale = 1.0 if self.kv_scale is None else self.kv_scale
             attn = impl.forward(q, k, v, kv_caches[layer], attn_metadata, scale, scale)
             x = x + self._all_reduce(F.linear(attn, w[f"{p}.o_proj"]))
