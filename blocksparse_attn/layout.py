@@ -78,6 +78,8 @@ class SparsePattern:
         if num_tokens < 0 or kv_block_size < 1:
             raise ValueError(f"num_tokens must be >= 0 and kv_block_size >= 1, got {num_tokens}, {kv_block_size}")
         num_pages = -(-num_tokens // kv_block_size) if num_pages is None else num_pages
+        if num_pages == 0:
+            return torch.zeros(num_kv_heads, 0, dtype=torch.bool)
         b = self.block_size
         current = num_tokens // b
         # the sparse blocks each page touches: [first, last]

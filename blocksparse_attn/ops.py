@@ -37,6 +37,9 @@ def paged_prefill(q, key_cache, value_cache, block_tables, cu_seqlens_q, seq_len
     q [T, Hq, D]; key_cache/value_cache [NB, Hkv, kvbs, D] in q's dtype or fp8 (then read as
     float(stored) * k_scale / v_scale, float32 [1] tensors on the cache's device, absent = 1);
     block_tables [S, max_blocks] int32; cu_seqlens_q [S + 1] int32; seq_lens [S] int32.
+    Per-kv-head pages: caches [NB, 1, kvbs, D] and block_tables [S, Hkv, max_blocks] (kv head g of
+    sequence r reads its pages from row [r, g]); an entry -1 is a page the engine released
+    (SparsePattern.pages_read_later), which no query of the call may see (checked where values are).
     Returns out [T, Hq, D] (and lse [Hq, T]).
     """
     out = torch.empty_like(q) if out is None else out
@@ -51,8 +54,8 @@ def paged_decode(q, key_cache, value_cache, block_tables, seq_lens, scale: float
     """One query token per sequence (at position seq_lens[r] - 1) against the paged cache.
 
     q [S, Hq, D]; key_cache/value_cache [NB, Hkv, kvbs, D] (q's dtype, or fp8 with k_scale / v_scale
-    as in paged_prefill); block_tables [S, max_blocks] int32; seq_lens [S] int32 (0 = padding row,
-    answered with zeros). Returns out [S, Hq, D] (and lse [Hq, S]).
+    as in paged_prefill); block_tables [S, max_blocks] int32, or per-kv-head pages as in paged_prefill;
+    seq_lens [S] int32 (0 = padding row, answered with zeros). Returns out [S, Hq, D] (and lse [Hq, S]).
     """
     out = torch.empty_like(q) if out is None else out
     lse = _maybe_lse(q, return_lse)
@@ -63,7 +66,8 @@ def paged_decode(q, key_cache, value_cache, block_tables, seq_lens, scale: float
 
 def write_kv_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
     """key/value [T, Hkv, D] into key_cache/value_cache [NB, Hkv, kvbs, D] at slot_mapping [T] int64
-    (slot = block * kvbs + offset; negative slots are skipped). An fp8 cache stores
+    (slot = block * kvbs + offset; negative slots are skipped); per-kv-head pages: caches [NB, 1, kvbs, D]
+    and slot_mapping [T, Hkv], kv head h of token t at slot_mapping[t, h]. An fp8 cache stores
     fp8(x / scale), rounded to nearest even and saturated (k_scale / v_scale: float32 [1] tensors on
     the cache's device, absent = 1)."""
     _ops.write_kv_cache(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)

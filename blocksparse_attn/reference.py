@@ -95,12 +95,26 @@ def varlen_prefill_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, pattern):
 
 
 def gather_paged_kv(key_cache, value_cache, block_table_row, seq_len: int):
-    """A sequence's first seq_len keys/values from the paged cache: two [seq_len, Hkv, D] tensors."""
+    """A sequence's first seq_len keys/values from the paged cache: two [seq_len, Hkv, D] tensors.
+
+    Shared pages: caches [NB, Hkv, kvbs, D], block_table_row [max_blocks]. Per-kv-head pages: caches
+    [NB, 1, kvbs, D], block_table_row [Hkv, max_blocks] (kv head g's pages in row g); an entry -1 is a
+    released page, read as zeros (the ops refuse a call whose queries see one)."""
     kvbs = key_cache.shape[2]
     t = torch.arange(seq_len)
-    blocks = block_table_row.cpu().long()[t // kvbs]
-    offsets = t % kvbs
-    return key_cache.cpu()[blocks, :, offsets], value_cache.cpu()[blocks, :, offsets]
+    rows = block_table_row.cpu().long()
+    key_cache, value_cache = key_cache.cpu(), value_cache.cpu()
+    if rows.dim() == 1:
+        blocks, offsets = rows[t // kvbs], t % kvbs
+        return key_cache[blocks, :, offsets], value_cache[blocks, :, offsets]
+    blocks = rows[:, t // kvbs]                                       # [Hkv, seq_len]
+    released = (blocks < 0).T.unsqueeze(-1)                           # [seq_len, Hkv, 1]
+    offsets = (t % kvbs).expand_as(blocks)
+    k = key_cache[blocks.clamp_min(0), 0, offsets].transpose(0, 1)   # [seq_len, Hkv, D]
+    v = value_cache[blocks.clamp_min(0), 0, offsets].transpose(0, 1)
+    if not released.any():
+        return k, v
+    return k.masked_fill(released, 0), v.masked_fill(released, 0)
 
 
 def paged_prefill_ref(q, key_cache, value_cache, block_tables, cu_seqlens_q, seq_lens, scale, pattern):
@@ -132,14 +146,21 @@ def paged_decode_ref(q, key_cache, value_cache, block_tables, seq_lens, scale, p
 # ---- KV cache ------------------------------------------------------------------------------------
 
 def write_kv_cache_ref(key, value, key_cache, value_cache, slot_mapping):
-    """Returns new (key_cache, value_cache) with token t written at slot_mapping[t] (< 0: skipped)."""
+    """Returns new (key_cache, value_cache) with token t written at slot_mapping[t] (< 0: skipped); with
+    slot_mapping [T, Hkv] (per-kv-head pages, caches [NB, 1, kvbs, D]) kv head h of token t at
+    slot_mapping[t, h]."""
     key_cache, value_cache = key_cache.clone(), value_cache.clone()
     kvbs = key_cache.shape[2]
-    for t, slot in enumerate(slot_mapping.tolist()):
-        if slot < 0:
+    for t, slots in enumerate(slot_mapping.tolist()):
+        if slot_mapping.dim() == 1:
+            if slots >= 0:
+                key_cache[slots // kvbs, :, slots % kvbs] = key[t]
+                value_cache[slots // kvbs, :, slots % kvbs] = value[t]
             continue
-        key_cache[slot // kvbs, :, slot % kvbs] = key[t]
-        value_cache[slot // kvbs, :, slot % kvbs] = value[t]
+        for h, slot in enumerate(slots):
+            if slot >= 0:
+                key_cache[slot // kvbs, 0, slot % kvbs] = key[t, h]
+                value_cache[slot // kvbs, 0, slot % kvbs] = value[t, h]
     return key_cache, value_cache
 
 

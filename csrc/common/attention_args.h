@@ -7,7 +7,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <optional>
+#include <string>
 
 #include "checks.h"
 #include "kv_cache_args.h"
@@ -65,10 +67,30 @@ inline void check_lse(const std::optional<at::Tensor>& lse, const AttentionShape
   check_contiguous(*lse, "lse");
 }
 
-// key_cache/value_cache [NB, Hkv, kvbs, D] in q's dtype or an fp8 format (common/kv_cache_args.h);
-// returns kvbs.
+// The paged cache comes in two layouts, told apart by block_tables' rank:
+//  - shared pages (vLLM's): key_cache [NB, Hkv, kvbs, D], block_tables [S, max_blocks]; a page holds
+//    kvbs tokens of every kv head;
+//  - per-kv-head pages: key_cache [NB, 1, kvbs, D], block_tables [S, Hkv, max_blocks]; a page holds kvbs
+//    tokens of one kv head, each (sequence, kv head) has its own row, and an entry -1 is a page the
+//    engine released because no later query reads it (SparsePattern.pages_read_later); a call that
+//    would read one is an error (check_paged_table_values).
+inline bool per_kv_head_tables(const at::Tensor& block_tables) { return block_tables.dim() == 3; }
+
+inline void check_block_tables(const at::Tensor& block_tables, const at::Tensor& q) {
+  BSA_CHECK(block_tables.dim() == 2 || block_tables.dim() == 3, "block_tables must be [num_seqs, max_blocks_per_seq] "
+            "(pages of every kv head) or [num_seqs, num_kv_heads, max_blocks_per_seq] (pages of one kv head), got "
+            "shape ", block_tables.sizes());
+  check_dtype(block_tables, "block_tables", {at::kInt});
+  check_same_device(block_tables, "block_tables", q, "q");
+  BSA_CHECK(block_tables.stride(-1) == 1, "block_tables rows must be contiguous, got strides ",
+              block_tables.strides());
+}
+
+// key_cache/value_cache in q's dtype or an fp8 format (common/kv_cache_args.h), in the layout that
+// block_tables' rank names; sets the kv heads and returns kvbs.
 inline int64_t check_paged_cache(AttentionShape& shape, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                 const at::Tensor& q, const CacheScales& scales, bool check_values) {
+                                 const at::Tensor& block_tables, const at::Tensor& q, const CacheScales& scales,
+                                 bool check_values) {
   check_dim(key_cache, "key_cache", 4, "[num_blocks, num_kv_heads, kv_block_size, head_size]");
   BSA_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
               key_cache.sizes(), ", got ", value_cache.sizes());
@@ -81,18 +103,17 @@ inline int64_t check_paged_cache(AttentionShape& shape, const at::Tensor& key_ca
   }
   check_cache_scales(scales, key_cache, check_values);
   check_size(key_cache, "key_cache", 3, shape.head_size, "head_size of q");
-  check_kv_heads(shape, key_cache.size(1), "key_cache");
+  check_block_tables(block_tables, q);
+  if (per_kv_head_tables(block_tables)) {
+    BSA_CHECK(key_cache.size(1) == 1, "with block_tables [num_seqs, num_kv_heads, max_blocks_per_seq] (per-kv-head "
+              "pages) a page holds one kv head: key_cache must be [num_blocks, 1, kv_block_size, head_size], got ",
+              key_cache.sizes());
+    check_kv_heads(shape, block_tables.size(1), "block_tables");
+  } else {
+    check_kv_heads(shape, key_cache.size(1), "key_cache");
+  }
   BSA_CHECK(key_cache.size(2) > 0, "key_cache must have a positive kv block size, got shape ", key_cache.sizes());
   return key_cache.size(2);
-}
-
-inline void check_block_tables(const at::Tensor& block_tables, int64_t num_seqs, const at::Tensor& q) {
-  check_dim(block_tables, "block_tables", 2, "[num_seqs, max_blocks_per_seq]");
-  check_dtype(block_tables, "block_tables", {at::kInt});
-  check_same_device(block_tables, "block_tables", q, "q");
-  BSA_CHECK(block_tables.stride(1) == 1, "block_tables rows must be contiguous, got strides ",
-              block_tables.strides());
-  check_size(block_tables, "block_tables", 0, num_seqs, "one row per sequence");
 }
 
 // The explicit layout: row pointers from 0, non-decreasing, within max_nnz; columns ascending and
@@ -209,7 +230,7 @@ inline CheckedArgs check_varlen_prefill_args(const at::Tensor& out, const at::Te
 // the sparse block size against the cache's block size.
 inline void check_paged_rest(CheckedArgs& args, const at::Tensor& q, const at::Tensor& block_tables,
                              const std::optional<at::Tensor>& lse, const PatternInputs& pattern, bool check_values) {
-  check_block_tables(block_tables, args.shape.num_seqs, q);
+  check_size(block_tables, "block_tables", 0, args.shape.num_seqs, "one row per sequence");
   check_lse(lse, args.shape, q);
   args.pattern = check_pattern(args.shape, pattern.args, pattern.layout_crow, pattern.layout_col, q, check_values);
   check_block_size_compatible(args.pattern.block_size, args.kv_block_size);
@@ -223,7 +244,7 @@ inline CheckedArgs check_paged_prefill_args(const at::Tensor& out, const at::Ten
   CheckedArgs args;
   AttentionShape& shape = args.shape;
   shape = check_query_and_out(out, q);
-  args.kv_block_size = check_paged_cache(shape, key_cache, value_cache, q, scales, check_values);
+  args.kv_block_size = check_paged_cache(shape, key_cache, value_cache, block_tables, q, scales, check_values);
   check_int_vector(cu_seqlens_q, "cu_seqlens_q", -1, q, "[num_seqs + 1]");
   BSA_CHECK(cu_seqlens_q.numel() >= 1, "cu_seqlens_q must hold at least one entry (0)");
   shape.num_seqs = cu_seqlens_q.numel() - 1;
@@ -240,7 +261,7 @@ inline CheckedArgs check_paged_decode_args(const at::Tensor& out, const at::Tens
   CheckedArgs args;
   AttentionShape& shape = args.shape;
   shape = check_query_and_out(out, q);
-  args.kv_block_size = check_paged_cache(shape, key_cache, value_cache, q, scales, check_values);
+  args.kv_block_size = check_paged_cache(shape, key_cache, value_cache, block_tables, q, scales, check_values);
   shape.num_seqs = shape.num_q_tokens;
   check_int_vector(seq_lens, "seq_lens", shape.num_seqs, q, "[num_seqs], one per query row");
   check_paged_rest(args, q, block_tables, lse, pattern, check_values);
@@ -259,6 +280,54 @@ inline void check_cu_seqlens_values(const at::Tensor& cu_seqlens_host, const cha
                 r + 1, "] = ", cu[r + 1]);
   BSA_CHECK(cu[n - 1] == num_tokens, name, "[-1] must equal the number of packed tokens ", num_tokens, ", got ",
               cu[n - 1]);
+}
+
+// The paged ops' table values (host tensors), checked by the CPU kernels always and on CUDA under
+// BSA_CHECK_INPUTS: every length within what a table row addresses, q_len <= seq_len (prefill:
+// cu_seqlens_q; null for decode, one query per row), and every entry of a used page a cache block.
+// Per-kv-head tables may hold -1 (a released page), but not where a query of this call reads it:
+// pattern must be usable on the host (an explicit layout's pointers at host copies).
+inline void check_paged_table_values(const at::Tensor& tables, const at::Tensor& seq_lens, const int32_t* cu_seqlens_q,
+                                     int64_t num_blocks, int64_t kv_block_size, const SparsePattern& pattern) {
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const bool per_head = per_kv_head_tables(tables);
+  const int64_t num_rows = per_head ? tables.size(1) : 1, max_blocks = tables.size(-1);
+  const int64_t capacity = max_blocks * kv_block_size;
+  const int64_t b = pattern.block_size;
+  for (int64_t r = 0; r < seq_lens.numel(); ++r) {
+    BSA_CHECK(lens[r] >= 0, "seq_lens[", r, "] must be >= 0, got ", lens[r]);
+    BSA_CHECK(lens[r] <= capacity, "seq_lens[", r, "] = ", lens[r], " exceeds what block_tables can address (",
+                max_blocks, " blocks of ", kv_block_size, " = ", capacity, " tokens)");
+    const int64_t q_len = cu_seqlens_q ? cu_seqlens_q[r + 1] - cu_seqlens_q[r] : (lens[r] > 0 ? 1 : 0);
+    BSA_CHECK(q_len <= lens[r], "sequence ", r, " has ", q_len, " new tokens (cu_seqlens_q) but seq_lens[", r,
+                "] = ", lens[r], ": seq_len counts context + new tokens");
+    const int64_t used = (lens[r] + kv_block_size - 1) / kv_block_size;
+    for (int64_t g = 0; g < num_rows; ++g) {
+      const int32_t* row = per_head ? tables[r][g].data_ptr<int32_t>() : tables[r].data_ptr<int32_t>();
+      bool released = false;
+      for (int64_t m = 0; m < used; ++m) {
+        released = released || (per_head && row[m] == -1);
+        BSA_CHECK((row[m] >= 0 && row[m] < num_blocks) || (per_head && row[m] == -1), "block_tables[", r, ", ",
+                    per_head ? std::to_string(g) + ", " : std::string(), m, "] = ", row[m],
+                    " is not a cache block: expected [0, ", num_blocks, ")",
+                    per_head ? " or -1 (a released page)" : "");
+      }
+      if (!released || q_len == 0) continue;
+      // Released pages must hold no key this call's queries see: walk the group's heads' visible
+      // blocks over the query blocks of the new tokens.
+      const int64_t group = pattern.q_heads_per_kv;
+      for (int64_t i = (lens[r] - q_len) / b; i <= (lens[r] - 1) / b; ++i)
+        for (int64_t h = g * group; h < (g + 1) * group; ++h)
+          for_each_visible_run(pattern, static_cast<int>(h), static_cast<int>(i), [&](int j0, int n) {
+            const int64_t first = j0 * b / kv_block_size;
+            const int64_t last = (std::min<int64_t>((j0 + n) * b, lens[r]) - 1) / kv_block_size;
+            for (int64_t m = first; m <= last; ++m)
+              BSA_CHECK(row[m] != -1, "block_tables[", r, ", ", g, ", ", m, "] = -1 (a released page), but q head ",
+                        h, " reads its keys from query block ", i, " of sequence ", r, " (seq_len ", lens[r],
+                        "): release only pages that no later query reads (SparsePattern.pages_read_later)");
+          });
+    }
+  }
 }
 
 inline void check_layout_covers(const SparsePattern& p, int64_t max_seq_len) {

@@ -46,11 +46,15 @@ inline void check_cache_scales(const CacheScales& scales, const at::Tensor& cach
   }
 }
 
-// key/value [T, Hkv, D] (unit last stride), caches [NB, Hkv, kvbs, D] contiguous in key's dtype or
-// an fp8 format, slot_mapping [T] int64.
+// key/value [T, Hkv, D] (unit last stride); caches contiguous in key's dtype or an fp8 format, either
+// [NB, Hkv, kvbs, D] with slot_mapping [T] int64 (shared pages: token t of every kv head goes to slot
+// slot_mapping[t]) or [NB, 1, kvbs, D] with slot_mapping [T, Hkv] (per-kv-head pages: kv head h of
+// token t goes to slot slot_mapping[t, h]).
 inline void check_write_kv_cache_args(const at::Tensor& key, const at::Tensor& value, const at::Tensor& key_cache,
                                       const at::Tensor& value_cache, const at::Tensor& slot_mapping,
                                       const CacheScales& scales, bool check_values) {
+  BSA_CHECK(slot_mapping.dim() == 1 || slot_mapping.dim() == 2, "slot_mapping must be [num_tokens] (pages of every "
+            "kv head) or [num_tokens, num_kv_heads] (pages of one kv head), got shape ", slot_mapping.sizes());
   check_dim(key_cache, "key_cache", 4, "[num_blocks, num_kv_heads, kv_block_size, head_size]");
   BSA_CHECK(value_cache.sizes() == key_cache.sizes(), "value_cache must have the shape of key_cache ",
               key_cache.sizes(), ", got ", value_cache.sizes());
@@ -60,9 +64,16 @@ inline void check_write_kv_cache_args(const at::Tensor& key, const at::Tensor& v
   check_contiguous(value_cache, "value_cache");
   check_dim(key, "key", 3, "[num_tokens, num_kv_heads, head_size]");
   BSA_CHECK(value.sizes() == key.sizes(), "value must have the shape of key ", key.sizes(), ", got ", value.sizes());
-  BSA_CHECK(key.size(1) == key_cache.size(1) && key.size(2) == key_cache.size(3), "key must be [num_tokens, ",
-              key_cache.size(1), ", ", key_cache.size(3), "] to match key_cache ", key_cache.sizes(), ", got ",
-              key.sizes());
+  const bool per_kv_head = slot_mapping.dim() == 2;
+  if (per_kv_head) {
+    BSA_CHECK(key_cache.size(1) == 1, "with slot_mapping [num_tokens, num_kv_heads] (per-kv-head pages) a page holds "
+              "one kv head: key_cache must be [num_blocks, 1, kv_block_size, head_size], got ", key_cache.sizes());
+  } else {
+    BSA_CHECK(key.size(1) == key_cache.size(1), "key must be [num_tokens, ", key_cache.size(1), ", ",
+              key_cache.size(3), "] to match key_cache ", key_cache.sizes(), ", got ", key.sizes());
+  }
+  BSA_CHECK(key.size(2) == key_cache.size(3), "key must be [num_tokens, num_kv_heads, ", key_cache.size(3),
+            "] to match key_cache ", key_cache.sizes(), ", got ", key.sizes());
   const bool quantized = is_fp8(key_cache.scalar_type());
   // A cache of no attention dtype at all (int8, uint8: an engine's byte cache) is the cache's fault;
   // a floating cache unlike key is key's (below).
@@ -79,20 +90,23 @@ inline void check_write_kv_cache_args(const at::Tensor& key, const at::Tensor& v
   check_same_dtype(value, "value", key, "key");
   BSA_CHECK(key.strides() == value.strides(), "key and value must have the same strides, got ", key.strides(),
               " and ", value.strides());
-  check_dim(slot_mapping, "slot_mapping", 1, "[num_tokens]");
   check_dtype(slot_mapping, "slot_mapping", {at::kLong});
   check_same_device(slot_mapping, "slot_mapping", key_cache, "key_cache");
   check_size(slot_mapping, "slot_mapping", 0, key.size(0), "one slot per token of key");
+  if (per_kv_head) check_size(slot_mapping, "slot_mapping", 1, key.size(1), "one slot per kv head of key");
   check_cache_scales(scales, key_cache, check_values);
 }
 
-// slots must be < NB * kvbs (negative = skip); `slots` is a host tensor.
+// slots must be < NB * kvbs (negative = skip); `slots` is a contiguous host tensor.
 inline void check_slot_values(const at::Tensor& slots, const at::Tensor& key_cache) {
   const int64_t num_slots = key_cache.size(0) * key_cache.size(2);
   const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t per_token = slots.dim() == 2 ? slots.size(1) : 1;
   for (int64_t t = 0; t < slots.numel(); ++t)
-    BSA_CHECK(slot[t] < num_slots, "slot_mapping[", t, "] = ", slot[t], " is past the cache's ", num_slots,
-                " slots (", key_cache.size(0), " blocks of ", key_cache.size(2), "); negative slots mean 'skip'");
+    BSA_CHECK(slot[t] < num_slots, "slot_mapping[", t / per_token,
+              slots.dim() == 2 ? ", " + std::to_string(t % per_token) : std::string(), "] = ", slot[t],
+              " is past the cache's ", num_slots, " slots (", key_cache.size(0), " blocks of ", key_cache.size(2),
+              "); negative slots mean 'skip'");
 }
 
 inline void check_kv_cache(const at::Tensor& cache, const std::string& name) {

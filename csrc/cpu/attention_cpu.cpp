@@ -177,14 +177,38 @@ at::Tensor gather_stored(const at::Tensor& cache, Gather gather) {
   return gather(cache.view(at::kByte)).view(cache.scalar_type());
 }
 
-// The first `len` keys (or values) of a sequence from a paged cache [NB, Hkv, kvbs, D] -> [Hkv, len, D].
-at::Tensor gather_paged(const at::Tensor& cache, float scale, const at::Tensor& block_table_row, int64_t len) {
-  const int64_t kvbs = cache.size(2);
-  const int64_t num_pages = (len + kvbs - 1) / kvbs;
-  const at::Tensor page_ids = block_table_row.narrow(0, 0, num_pages).to(at::kLong);
-  at::Tensor pages = gather_stored(cache, [&](const at::Tensor& c) { return c.index_select(0, page_ids); });
-  return dequantize(pages, scale).permute({1, 0, 2, 3}).reshape({cache.size(1), num_pages * kvbs, cache.size(3)})
-      .narrow(1, 0, len).contiguous();
+// One sequence's rows of the block tables: [max_blocks] (shared pages: every kv head reads it) or
+// [Hkv, max_blocks] (per-kv-head pages, kv head g reads row g); see common/attention_args.h.
+struct SequenceTable {
+  const int32_t* rows;
+  int64_t head_stride;  // 0 for shared pages
+  const int32_t* row(int64_t kv_head) const { return rows + kv_head * head_stride; }
+};
+
+SequenceTable sequence_table(const at::Tensor& block_tables, int64_t r) {
+  return {block_tables[r].data_ptr<int32_t>(), per_kv_head_tables(block_tables) ? block_tables.stride(1) : 0};
+}
+
+// The first `len` keys (or values) of a sequence from a paged cache [NB, Hc, kvbs, D] -> [Hkv, len, D]:
+// Hc = Hkv pages of every kv head, or Hc = 1 with a table row per kv head. A released page (-1) reads
+// as zeros: no query of the call reads it (check_paged_table_values).
+at::Tensor gather_paged(const at::Tensor& cache, float scale, const SequenceTable& table, int64_t num_kv_heads,
+                        int64_t len) {
+  const int64_t kvbs = cache.size(2), d = cache.size(3), num_pages = (len + kvbs - 1) / kvbs;
+  if (table.head_stride == 0) {
+    const at::Tensor page_ids = at::from_blob(const_cast<int32_t*>(table.rows), {num_pages}, at::kInt).to(at::kLong);
+    at::Tensor pages = gather_stored(cache, [&](const at::Tensor& c) { return c.index_select(0, page_ids); });
+    return dequantize(pages, scale).permute({1, 0, 2, 3}).reshape({num_kv_heads, num_pages * kvbs, d})
+        .narrow(1, 0, len).contiguous();
+  }
+  const at::Tensor ids = at::from_blob(const_cast<int32_t*>(table.rows), {num_kv_heads, num_pages},
+                                       {table.head_stride, 1}, at::kInt).to(at::kLong);  // [Hkv, pages]
+  const at::Tensor released = ids.lt(0);
+  const at::Tensor flat = ids.clamp_min(0).flatten();
+  at::Tensor pages = gather_stored(cache, [&](const at::Tensor& c) { return c.index_select(0, flat); });
+  pages = dequantize(pages, scale).view({num_kv_heads, num_pages, kvbs, d});
+  if (released.any().item<bool>()) pages.masked_fill_(released.view({num_kv_heads, num_pages, 1, 1}), 0.f);
+  return pages.reshape({num_kv_heads, num_pages * kvbs, d}).narrow(1, 0, len).contiguous();
 }
 
 // Decode of one sequence: its single query (position len - 1, query block i) for every q head. Per
@@ -192,11 +216,14 @@ at::Tensor gather_paged(const at::Tensor& cache, float scale, const at::Tensor& 
 // those pages are read, and the group's heads are answered by one GEMM pair, with a per-head mask
 // on the blocks a head does not see (Phi-3-small: 4 heads, 4 different vertical residues).
 void decode_sequence(const SparsePattern& pattern, const at::Tensor& key_cache, const at::Tensor& value_cache,
-                     float k_scale, float v_scale, const int32_t* block_table_row, int64_t len, int64_t row,
+                     float k_scale, float v_scale, const SequenceTable& table, int64_t num_kv_heads, int64_t len,
+                     int64_t row,
                      const at::Tensor& q_scaled, const at::Tensor& out, const at::Tensor& lse) {
   const int64_t b = pattern.block_size, kvbs = key_cache.size(2), group = pattern.q_heads_per_kv;
   const int64_t i = (len - 1) / b;
-  for (int64_t g = 0; g < key_cache.size(1); ++g) {
+  const int64_t cache_heads = key_cache.size(1);  // Hkv, or 1 for per-kv-head pages
+  for (int64_t g = 0; g < num_kv_heads; ++g) {
+    const int32_t* block_table_row = table.row(g);
     std::vector<std::vector<char>> head_sees(group, std::vector<char>(i + 1, 0));
     std::vector<char> group_sees(i + 1, 0);
     for (int64_t hh = 0; hh < group; ++hh)
@@ -220,7 +247,7 @@ void decode_sequence(const SparsePattern& pattern, const at::Tensor& key_cache, 
       continue;
     }
     const at::Tensor page_idx = at::tensor(pages, at::kLong), offset_idx = at::tensor(offsets, at::kLong);
-    auto rows = [&](const at::Tensor& c) { return c.select(1, g).index({page_idx, offset_idx}); };
+    auto rows = [&](const at::Tensor& c) { return c.select(1, cache_heads == 1 ? 0 : g).index({page_idx, offset_idx}); };
     const at::Tensor keys = dequantize(gather_stored(key_cache, rows), k_scale);      // [n, D]
     const at::Tensor values = dequantize(gather_stored(value_cache, rows), v_scale);  // [n, D]
     at::Tensor scores = at::mm(q_scaled[row].narrow(0, g * group, group), keys.t());  // [group, n]
@@ -244,23 +271,6 @@ void decode_sequence(const SparsePattern& pattern, const at::Tensor& key_cache, 
       head_lse[hh] = -std::numeric_limits<float>::infinity();
     }
     if (lse.defined()) lse.select(1, row).narrow(0, g * group, group).copy_(head_lse);
-  }
-}
-
-// Checks every used block-table entry of the paged ops: lengths within capacity, block ids in range.
-void check_paged_values(const at::Tensor& block_tables, const at::Tensor& seq_lens, int64_t num_blocks,
-                        int64_t kv_block_size) {
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  const int64_t capacity = block_tables.size(1) * kv_block_size;
-  for (int64_t r = 0; r < seq_lens.numel(); ++r) {
-    BSA_CHECK(lens[r] >= 0, "seq_lens[", r, "] must be >= 0, got ", lens[r]);
-    BSA_CHECK(lens[r] <= capacity, "seq_lens[", r, "] = ", lens[r], " exceeds what block_tables can address (",
-                block_tables.size(1), " blocks of ", kv_block_size, " = ", capacity, " tokens)");
-    const int64_t used = (lens[r] + kv_block_size - 1) / kv_block_size;
-    const int32_t* row = block_tables[r].data_ptr<int32_t>();
-    for (int64_t m = 0; m < used; ++m)
-      BSA_CHECK(row[m] >= 0 && row[m] < num_blocks, "block_tables[", r, ", ", m, "] = ", row[m],
-                  " is not a cache block: expected [0, ", num_blocks, ")");
   }
 }
 
@@ -315,16 +325,12 @@ void paged_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Ten
   const float key_scale = read_scale(key_cache, k_scale), value_scale = read_scale(value_cache, v_scale);
 
   check_cu_seqlens_values(cu_seqlens_q, "cu_seqlens_q", shape.num_q_tokens);
-  check_paged_values(block_tables, seq_lens, key_cache.size(0), kv_block_size);
   const int32_t* cu_q = cu_seqlens_q.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   int64_t max_len = 0;
-  for (int64_t r = 0; r < shape.num_seqs; ++r) {
-    BSA_CHECK(cu_q[r + 1] - cu_q[r] <= lens[r], "sequence ", r, " has ", cu_q[r + 1] - cu_q[r],
-                " new tokens (cu_seqlens_q) but seq_lens[", r, "] = ", lens[r], ": seq_len counts context + new tokens");
-    max_len = std::max<int64_t>(max_len, lens[r]);
-  }
+  for (int64_t r = 0; r < shape.num_seqs; ++r) max_len = std::max<int64_t>(max_len, lens[r]);
   check_layout_covers(p, max_len);
+  check_paged_table_values(block_tables, seq_lens, cu_q, key_cache.size(0), kv_block_size, p);
 
   const at::Tensor q_scaled = scaled_float_queries(q, scale);
   const at::Tensor lse_t = lse_or_undefined(lse);
@@ -334,8 +340,9 @@ void paged_prefill_cpu(const at::Tensor& out, const at::Tensor& q, const at::Ten
     seq.q_start = cu_q[r];
     seq.q_len = cu_q[r + 1] - cu_q[r];
     if (seq.q_len == 0) continue;
-    seq.key = gather_paged(key_cache, key_scale, block_tables[r], seq.len);
-    seq.value = gather_paged(value_cache, value_scale, block_tables[r], seq.len);
+    const SequenceTable table = sequence_table(block_tables, r);
+    seq.key = gather_paged(key_cache, key_scale, table, shape.num_kv_heads, seq.len);
+    seq.value = gather_paged(value_cache, value_scale, table, shape.num_kv_heads, seq.len);
     attend_sequence(p, seq, q_scaled, out, lse_t);
   }
 }
@@ -352,11 +359,11 @@ void paged_decode_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tens
   const SparsePattern& p = args.pattern;
   const int64_t kv_block_size = args.kv_block_size;
   const float key_scale = read_scale(key_cache, k_scale), value_scale = read_scale(value_cache, v_scale);
-  check_paged_values(block_tables, seq_lens, key_cache.size(0), kv_block_size);
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   int64_t max_len = 0;
   for (int64_t r = 0; r < shape.num_seqs; ++r) max_len = std::max<int64_t>(max_len, lens[r]);
   check_layout_covers(p, max_len);
+  check_paged_table_values(block_tables, seq_lens, nullptr, key_cache.size(0), kv_block_size, p);
 
   const at::Tensor q_scaled = scaled_float_queries(q, scale);
   const at::Tensor lse_t = lse_or_undefined(lse);
@@ -368,8 +375,8 @@ void paged_decode_cpu(const at::Tensor& out, const at::Tensor& q, const at::Tens
         if (lse_t.defined()) lse_t.select(1, r).fill_(-std::numeric_limits<float>::infinity());
         continue;
       }
-      decode_sequence(p, key_cache, value_cache, key_scale, value_scale, block_tables[r].data_ptr<int32_t>(),
-                      lens[r], r, q_scaled, out, lse_t);
+      decode_sequence(p, key_cache, value_cache, key_scale, value_scale, sequence_table(block_tables, r),
+                      shape.num_kv_heads, lens[r], r, q_scaled, out, lse_t);
     }
   });
 }

@@ -34,7 +34,11 @@ void write_kv_cache_cpu(const at::Tensor& key_in, const at::Tensor& value_in, co
   check_slot_values(slots, key_cache);
   const at::Tensor key = cache_values(key_in, key_cache, k_scale), value = cache_values(value_in, value_cache, v_scale);
   const int64_t* slot = slots.data_ptr<int64_t>();
-  const int64_t num_tokens = key.size(0), num_kv_heads = key_cache.size(1), kv_block_size = key_cache.size(2);
+  // Per-kv-head pages (slot_mapping [T, Hkv]): kv head h of token t at slot[t * Hkv + h] of a cache with one
+  // head per page; shared pages: every head at slot[t], head h of the page.
+  const bool per_kv_head = slots.dim() == 2;
+  const int64_t num_tokens = key.size(0), num_kv_heads = key.size(1), kv_block_size = key_cache.size(2);
+  const int64_t cache_heads = key_cache.size(1);
   const int64_t row_bytes = key_cache.size(3) * key_cache.element_size();
   auto copy_rows = [&](const at::Tensor& src, const at::Tensor& cache) {
     const char* src_base = static_cast<const char*>(src.data_ptr());
@@ -46,11 +50,13 @@ void write_kv_cache_cpu(const at::Tensor& key_in, const at::Tensor& value_in, co
     // layer and step, where capturing that state (a few us per call) would be a measurable share.
     at::parallel_for(0, num_tokens, 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        if (slot[t] < 0) continue;
-        const int64_t block = slot[t] / kv_block_size, offset = slot[t] % kv_block_size;
         for (int64_t h = 0; h < num_kv_heads; ++h) {
-          char* dst = cache_base + (((block * num_kv_heads + h) * kv_block_size + offset) * row_bytes);
-          std::memcpy(dst, src_base + t * token_stride + h * head_stride, row_bytes);
+          const int64_t s = per_kv_head ? slot[t * num_kv_heads + h] : slot[t];
+          if (s < 0) continue;
+          const int64_t block = s / kv_block_size, offset = s % kv_block_size;
+          const int64_t page = block * cache_heads + (per_kv_head ? 0 : h);
+          std::memcpy(cache_base + (page * kv_block_size + offset) * row_bytes,
+                      src_base + t * token_stride + h * head_stride, row_bytes);
         }
       }
     });

@@ -73,7 +73,7 @@ PrefillKernel choose_prefill_kernel(const PrefillParams& params, const Settings&
 // mean of the batch for contiguous keys, the block table's capacity for the paged cache.
 int64_t typical_sequence_keys(const PrefillParams& params) {
   const KeyValueSource& kv = params.kv;
-  return kv.paged() ? kv.block_table_stride * kv.kv_block_size : kv.num_rows / std::max(params.num_seqs, 1);
+  return kv.paged() ? kv.block_table_width * kv.kv_block_size : kv.num_rows / std::max(params.num_seqs, 1);
 }
 
 // Keys per fill of the Hopper kernel (see Sm90Tiling). 128-key fills win where every causal block
@@ -89,7 +89,7 @@ int choose_sm90_stage_keys(const PrefillParams& params, const Settings& settings
   const SparsePattern& p = params.pattern;
   if (p.has_layout()) return 64;
   const KeyValueSource& kv = params.kv;
-  const int64_t longest_keys = kv.paged() ? kv.block_table_stride * kv.kv_block_size : kv.num_rows;
+  const int64_t longest_keys = kv.paged() ? kv.block_table_width * kv.kv_block_size : kv.num_rows;
   const bool all_visible = p.vert_stride == 1 || static_cast<int64_t>(p.local_blocks) * p.block_size >= longest_keys;
   return all_visible && typical_sequence_keys(params) >= kLongSequence ? 128 : 64;
 }
@@ -209,34 +209,38 @@ KeyValueSource paged_source(const at::Tensor& key_cache, const at::Tensor& value
   kv.value = value_cache.data_ptr();
   kv.block_tables = block_tables.data_ptr<int32_t>();
   kv.block_table_stride = block_tables.stride(0);
+  kv.block_table_width = block_tables.size(-1);
   kv.seq_lens = seq_lens.data_ptr<int32_t>();
   kv.cache_block_stride = key_cache.stride(0);
-  kv.cache_head_stride = key_cache.stride(1);
+  if (per_kv_head_tables(block_tables)) {  // a row per (sequence, kv head), one kv head per page
+    kv.block_table_head_stride = block_tables.stride(1);
+    kv.cache_head_stride = 0;
+  } else {
+    kv.block_table_head_stride = 0;
+    kv.cache_head_stride = key_cache.stride(1);
+  }
   kv.kv_block_size = static_cast<int>(key_cache.size(2));
   kv.num_cache_blocks = static_cast<int>(key_cache.size(0));
   return kv;
 }
 
+// The table values on host copies (BSA_CHECK_INPUTS): common/attention_args.h's check, with an
+// explicit layout's pointers aimed at host copies too.
 void check_paged_values_on_host(const at::Tensor& block_tables, const at::Tensor& seq_lens, const at::Tensor& key_cache,
-                                const at::Tensor* cu_seqlens_q) {
-  const at::Tensor lens = seq_lens.cpu(), tables = block_tables.cpu();
-  const int64_t kvbs = key_cache.size(2), capacity = tables.size(1) * kvbs;
-  const int32_t* len = lens.data_ptr<int32_t>();
-  at::Tensor cu;
+                                const at::Tensor* cu_seqlens_q, const SparsePattern& pattern,
+                                const std::optional<at::Tensor>& layout_crow, const std::optional<at::Tensor>& layout_col) {
+  const at::Tensor lens = seq_lens.cpu(), tables = block_tables.cpu().contiguous();
+  at::Tensor cu, crow, col;
   if (cu_seqlens_q) cu = cu_seqlens_q->cpu();
-  for (int64_t r = 0; r < lens.numel(); ++r) {
-    BSA_CHECK(len[r] >= 0 && len[r] <= capacity, "seq_lens[", r, "] = ", len[r], " must lie in [0, ", capacity,
-                "] (what block_tables can address)");
-    if (cu.defined()) {
-      const int32_t q_len = cu.data_ptr<int32_t>()[r + 1] - cu.data_ptr<int32_t>()[r];
-      BSA_CHECK(q_len <= len[r], "sequence ", r, " has ", q_len, " new tokens but seq_lens[", r, "] = ", len[r]);
-    }
-    for (int64_t m = 0; m < (len[r] + kvbs - 1) / kvbs; ++m) {
-      const int32_t block = tables[r][m].item<int32_t>();
-      BSA_CHECK(block >= 0 && block < key_cache.size(0), "block_tables[", r, ", ", m, "] = ", block,
-                  " is not a cache block: expected [0, ", key_cache.size(0), ")");
-    }
+  SparsePattern host = pattern;
+  if (pattern.has_layout()) {
+    crow = layout_crow->cpu();
+    col = layout_col->cpu();
+    host.layout_crow = crow.data_ptr<int32_t>();
+    host.layout_col = col.data_ptr<int32_t>();
   }
+  check_paged_table_values(tables, lens, cu.defined() ? cu.data_ptr<int32_t>() : nullptr, key_cache.size(0),
+                           key_cache.size(2), host);
 }
 
 void varlen_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
@@ -282,7 +286,8 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
   const at::Tensor q = aligned_rows(q_in);
   if (settings.check_inputs) {
     check_cu_seqlens_values(cu_seqlens_q.cpu(), "cu_seqlens_q", args.shape.num_q_tokens);
-    check_paged_values_on_host(block_tables, seq_lens, key_cache, &cu_seqlens_q);
+    check_paged_values_on_host(block_tables, seq_lens, key_cache, &cu_seqlens_q, args.pattern, layout_crow,
+                               layout_col);
   }
   PrefillParams params = query_params(out, q, args, scale, lse);
   params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
@@ -323,7 +328,8 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
             kDecodeSliceTokens, ", got ", args.pattern.block_size);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in);
-  if (settings.check_inputs) check_paged_values_on_host(block_tables, seq_lens, key_cache, nullptr);
+  if (settings.check_inputs)
+    check_paged_values_on_host(block_tables, seq_lens, key_cache, nullptr, args.pattern, layout_crow, layout_col);
   if (args.shape.num_seqs == 0) return;
   BSA_CHECK(args.shape.num_seqs <= 65535, "paged_decode on CUDA takes at most 65535 sequences per call (one grid "
             "dimension), got ", args.shape.num_seqs);
@@ -334,7 +340,7 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
   params.head_chunks = static_cast<int>((args.pattern.q_heads_per_kv + kDecodeHeadsPerCta - 1) / kDecodeHeadsPerCta);
   params.num_splits = choose_decode_splits(int64_t{params.num_seqs} * params.num_kv_heads * params.head_chunks,
                                            params.head_size, is_fp8(key_cache.scalar_type()),
-                                           block_tables.size(1) * key_cache.size(2), settings);
+                                           block_tables.size(-1) * key_cache.size(2), settings);
   // Split partials come from the caching allocator: no device sync, and stable inside a CUDA graph's
   // private pool, so capture and replay work; no split, no workspace.
   at::Tensor partial_out, partial_lse;

@@ -28,6 +28,7 @@ void write_kv_cache_cuda(const at::Tensor& key, const at::Tensor& value, const a
                             settings.check_inputs);
   const c10::cuda::CUDAGuard guard(key_cache.device());
   const at::Tensor slots = slot_mapping.contiguous();
+  const bool per_kv_head = slots.dim() == 2;  // slot_mapping [T, Hkv]: pages of one kv head
   if (settings.check_inputs) check_slot_values(slots.cpu(), key_cache);
   if (is_fp8(key_cache.scalar_type())) {
     BSA_CHECK(key_cache.size(3) % 16 == 0, "an fp8 key_cache on CUDA needs a head size that is a multiple of 16, got ",
@@ -36,7 +37,7 @@ void write_kv_cache_cuda(const at::Tensor& key, const at::Tensor& value, const a
                           : key.scalar_type() == at::kHalf ? KvInput::kHalf
                                                             : KvInput::kBFloat16;
     launch_write_kv_cache_fp8(key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
-                              slots.data_ptr<int64_t>(), key.size(0), static_cast<int>(key_cache.size(1)),
+                              slots.data_ptr<int64_t>(), key.size(0), static_cast<int>(key.size(1)), per_kv_head,
                               static_cast<int>(key_cache.size(3)), key.stride(0), key.stride(1),
                               static_cast<int>(key_cache.size(2)), key_cache.size(0) * key_cache.size(2),
                               k_scale ? k_scale->data_ptr<float>() : nullptr,
@@ -52,7 +53,7 @@ void write_kv_cache_cuda(const at::Tensor& key, const at::Tensor& value, const a
                           reinterpret_cast<uintptr_t>(key.data_ptr()) % 16 == 0 &&
                           reinterpret_cast<uintptr_t>(value.data_ptr()) % 16 == 0;
   launch_write_kv_cache(key.data_ptr(), value.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
-                        slots.data_ptr<int64_t>(), key.size(0), static_cast<int>(key_cache.size(1)), row_bytes,
+                        slots.data_ptr<int64_t>(), key.size(0), static_cast<int>(key.size(1)), per_kv_head, row_bytes,
                         token_stride, head_stride, static_cast<int>(key_cache.size(2)),
                         key_cache.size(0) * key_cache.size(2), vectorized, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -7,7 +7,8 @@
 namespace blocksparse_attn {
 
 void launch_write_kv_cache(const void* key, const void* value, void* key_cache, void* value_cache,
-                           const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, int64_t row_bytes,
+                           const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, bool per_kv_head,
+                           int64_t row_bytes,
                            int64_t token_stride_bytes, int64_t head_stride_bytes, int kv_block_size,
                            int64_t num_slots, bool vectorized, cudaStream_t stream) {
   constexpr int kThreads = 256;
@@ -22,16 +23,18 @@ void launch_write_kv_cache(const void* key, const void* value, void* key_cache, 
   auto* vc = static_cast<char*>(value_cache);
   if (vectorized)
     write_kv_cache_kernel<uint4><<<grid, kThreads, 0, stream>>>(k, v, kc, vc, slot_mapping, num_tokens, num_kv_heads,
-                                                                vecs_per_row, token_stride_bytes, head_stride_bytes,
+                                                                per_kv_head, vecs_per_row, token_stride_bytes, head_stride_bytes,
                                                                 kv_block_size, num_slots);
   else
     write_kv_cache_kernel<uint16_t><<<grid, kThreads, 0, stream>>>(k, v, kc, vc, slot_mapping, num_tokens,
-                                                                    num_kv_heads, vecs_per_row, token_stride_bytes,
+                                                                    num_kv_heads, per_kv_head, vecs_per_row,
+                                                                    token_stride_bytes,
                                                                     head_stride_bytes, kv_block_size, num_slots);
 }
 
 void launch_write_kv_cache_fp8(const void* key, const void* value, void* key_cache, void* value_cache,
-                               const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, int head_size,
+                               const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, bool per_kv_head,
+                               int head_size,
                                int64_t token_stride, int64_t head_stride, int kv_block_size, int64_t num_slots,
                                const float* k_scale, const float* v_scale, KvInput input, bool e5m2,
                                cudaStream_t stream) {
@@ -46,7 +49,7 @@ void launch_write_kv_cache_fp8(const void* key, const void* value, void* key_cac
     using Input = decltype(element);
     write_kv_cache_fp8_kernel<Input><<<grid, kThreads, 0, stream>>>(
         static_cast<const Input*>(key), static_cast<const Input*>(value), kc, vc, slot_mapping, num_tokens,
-        num_kv_heads, head_size, token_stride, head_stride, kv_block_size, num_slots, k_scale, v_scale, kind);
+        num_kv_heads, per_kv_head, head_size, token_stride, head_stride, kv_block_size, num_slots, k_scale, v_scale, kind);
   };
   switch (input) {
     case KvInput::kFloat: return launch(float{});

@@ -11,12 +11,14 @@ namespace blocksparse_attn {
 enum class KvInput { kFloat, kHalf, kBFloat16 };
 
 void launch_write_kv_cache(const void* key, const void* value, void* key_cache, void* value_cache,
-                           const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, int64_t row_bytes,
+                           const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, bool per_kv_head,
+                           int64_t row_bytes,
                            int64_t token_stride_bytes, int64_t head_stride_bytes, int kv_block_size,
                            int64_t num_slots, bool vectorized, cudaStream_t stream);
 // Element strides; k_scale / v_scale: [1] float32 on the device or null (1).
 void launch_write_kv_cache_fp8(const void* key, const void* value, void* key_cache, void* value_cache,
-                               const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, int head_size,
+                               const int64_t* slot_mapping, int64_t num_tokens, int num_kv_heads, bool per_kv_head,
+                               int head_size,
                                int64_t token_stride, int64_t head_stride, int kv_block_size, int64_t num_slots,
                                const float* k_scale, const float* v_scale, KvInput input, bool e5m2,
                                cudaStream_t stream);

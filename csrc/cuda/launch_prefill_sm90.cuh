@@ -70,15 +70,17 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
   }
   // Pages of kvbs rows: boxes of min(kvbs, 64) rows inside one page, at most 4 per 64-key tile (the
   // producer keeps their page ids in registers), each starting at a multiple of 8 rows (the swizzle's
-  // period); (block, kv head) slabs of kvbs * D elements.
+  // period); slabs of kvbs * D elements, one (block, kv head in the block) each.
   const int kvbs = kv.kv_block_size;
   if (!std::is_same<Cache, Element>::value || kvbs % 16 != 0 || (kvbs > 64 && kvbs % 64 != 0)) return maps;
-  const int64_t slabs = static_cast<int64_t>(kv.num_cache_blocks) * params.num_kv_heads;
+  const int64_t slab_elements = static_cast<int64_t>(kvbs) * params.head_size;
+  maps.kv_page_heads = static_cast<int>(kv.cache_block_stride / slab_elements);
+  const int64_t slabs = static_cast<int64_t>(kv.num_cache_blocks) * maps.kv_page_heads;
   if (slabs > INT32_MAX) return maps;
   maps.kv_page_rows = std::min(kvbs, 64);
   const auto rows = static_cast<uint32_t>(maps.kv_page_rows);
-  maps.kv_enabled = make(&maps.key, kv.key, kvbs, slabs, params.head_size, kv.cache_head_stride, rows, 1) &&
-                    make(&maps.value, kv.value, kvbs, slabs, params.head_size, kv.cache_head_stride, rows, 1);
+  maps.kv_enabled = make(&maps.key, kv.key, kvbs, slabs, params.head_size, slab_elements, rows, 1) &&
+                    make(&maps.value, kv.value, kvbs, slabs, params.head_size, slab_elements, rows, 1);
   return maps;
 }
 

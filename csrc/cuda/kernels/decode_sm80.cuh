@@ -142,7 +142,7 @@ decode_sm80_kernel(const DecodeParams params) {
   const int first_head = kv_head * heads_per_kv + head_chunk * kDecodeHeadsPerCta;
   const int num_rows = min(kDecodeHeadsPerCta, heads_per_kv - head_chunk * kDecodeHeadsPerCta);
   // A length the block table cannot address is clamped (the host checks it under BSA_CHECK_INPUTS).
-  const int64_t table_tokens = kv.block_table_stride * kv.kv_block_size;
+  const int64_t table_tokens = kv.block_table_width * kv.kv_block_size;
   const int capacity = table_tokens > INT_MAX ? INT_MAX : static_cast<int>(table_tokens);
   const int seq_len = min(max(kv.seq_lens[seq], 0), capacity);
   const int query_block = seq_len > 0 ? (seq_len - 1) / pattern.block_size : 0;
@@ -197,13 +197,14 @@ decode_sm80_kernel(const DecodeParams params) {
   // slices, lane l of the warp holds the page of the warp's slice 32 * batch + l. Looking the page up
   // just before the copy instead puts a dependent global load in front of every slice's cp.async.
   const bool prefetch_pages = !pattern.has_layout() && kv.kv_block_size % kDecodeSliceRows == 0;
+  const int32_t* table = kv.table_row(seq, kv_head);
   auto fetch_pages = [&](int batch) {
     const int m = batch * 32 + lane;
     if (slice_begin + warp + kDecodeWarps * m >= slice_end) return -1;
     unsigned rows;
     const int token0 = slice_token(m, rows);
     if (token0 >= seq_len) return -1;  // the diagonal block's tail: past the table's used entries
-    return kv.block_tables[seq * kv.block_table_stride + token0 / kv.kv_block_size];
+    return table[token0 / kv.kv_block_size];
   };
   int pages_batch = 0, pages_current = -1, pages_next = -1;
   if (prefetch_pages) {
@@ -224,7 +225,6 @@ decode_sm80_kernel(const DecodeParams params) {
   };
   const Cache* key = static_cast<const Cache*>(kv.key);
   const Cache* value = static_cast<const Cache*>(kv.value);
-  const int64_t head_offset = kv_head * kv.cache_head_stride;
 
   // Stages the warp's m-th slice: positions past seq_len, past what the block table addresses, or in
   // a bad block read as zeros, which keeps unwritten (possibly NaN) cache slots out of P.V.
@@ -247,7 +247,7 @@ decode_sm80_kernel(const DecodeParams params) {
       const int page = __shfl_sync(0xffffffffu, pages_current, m % 32);
       const bool page_ok = page >= 0 && page < kv.num_cache_blocks && lane_col < head_size;
       const int rows_left = seq_len - token0;
-      const int64_t base = page_ok ? page * kv.cache_block_stride + head_offset +
+      const int64_t base = page_ok ? kv.page_offset(page, kv_head) +
                                          static_cast<int64_t>(token0 % kv.kv_block_size + lane_row) * head_size + lane_col
                                    : 0;
 #pragma unroll

@@ -9,27 +9,39 @@
 
 namespace blocksparse_attn {
 
-// Token t's key/value rows [Hkv, D] go to cache slot slot_mapping[t] of an [NB, Hkv, kvbs, D]
-// cache. One thread moves one Vec (16 bytes when rows allow it) of one (token, head) row; slots
+// Where kv head `head` of token `token` goes: shared pages ([NB, Hkv, kvbs, D], slot_mapping [T]) put
+// every head at slot slot_mapping[token], head `head` of the block; per-kv-head pages ([NB, 1, kvbs, D],
+// slot_mapping [T, Hkv]) put it at slot slot_mapping[token, head]. Returns the (block * heads per
+// block + head) row-slab index times kvbs plus the offset: the cache row, or -1 to skip.
+__device__ __forceinline__ int64_t cache_row(const int64_t* __restrict__ slot_mapping, int64_t token, int head,
+                                             int num_kv_heads, bool per_kv_head, int kv_block_size,
+                                             int64_t num_slots) {
+  const int64_t slot = per_kv_head ? slot_mapping[token * num_kv_heads + head] : slot_mapping[token];
+  if (slot < 0 || slot >= num_slots) return -1;
+  const int64_t block = slot / kv_block_size, offset = slot % kv_block_size;
+  const int64_t slab = per_kv_head ? block : block * num_kv_heads + head;
+  return slab * kv_block_size + offset;
+}
+
+// Token t's key/value rows [Hkv, D] go to the cache rows cache_row() names. One thread moves one Vec (16 bytes when rows allow it) of one (token, head) row; slots
 // that are negative (padding) or past the cache are skipped, never written out of bounds.
 template <typename Vec>
 __global__ void write_kv_cache_kernel(const char* __restrict__ key, const char* __restrict__ value,
                                       char* __restrict__ key_cache, char* __restrict__ value_cache,
                                       const int64_t* __restrict__ slot_mapping, int64_t num_tokens, int num_kv_heads,
-                                      int vecs_per_row, int64_t token_stride_bytes, int64_t head_stride_bytes,
-                                      int kv_block_size, int64_t num_slots) {
+                                      bool per_kv_head, int vecs_per_row, int64_t token_stride_bytes,
+                                      int64_t head_stride_bytes, int kv_block_size, int64_t num_slots) {
   const int64_t index = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t vecs_per_token = static_cast<int64_t>(num_kv_heads) * vecs_per_row;
   if (index >= num_tokens * vecs_per_token) return;
   const int64_t token = index / vecs_per_token;
   const int head = static_cast<int>((index % vecs_per_token) / vecs_per_row);
   const int vec = static_cast<int>(index % vecs_per_row);
-  const int64_t slot = slot_mapping[token];
-  if (slot < 0 || slot >= num_slots) return;
-  const int64_t block = slot / kv_block_size, offset = slot % kv_block_size;
+  const int64_t row = cache_row(slot_mapping, token, head, num_kv_heads, per_kv_head, kv_block_size, num_slots);
+  if (row < 0) return;
   const int64_t row_bytes = static_cast<int64_t>(vecs_per_row) * sizeof(Vec);
   const int64_t src = token * token_stride_bytes + head * head_stride_bytes + vec * sizeof(Vec);
-  const int64_t dst = ((block * num_kv_heads + head) * kv_block_size + offset) * row_bytes + vec * sizeof(Vec);
+  const int64_t dst = row * row_bytes + vec * sizeof(Vec);
   *reinterpret_cast<Vec*>(key_cache + dst) = *reinterpret_cast<const Vec*>(key + src);
   *reinterpret_cast<Vec*>(value_cache + dst) = *reinterpret_cast<const Vec*>(value + src);
 }
@@ -44,7 +56,8 @@ template <typename Input>
 __global__ void write_kv_cache_fp8_kernel(const Input* __restrict__ key, const Input* __restrict__ value,
                                           uint8_t* __restrict__ key_cache, uint8_t* __restrict__ value_cache,
                                           const int64_t* __restrict__ slot_mapping, int64_t num_tokens,
-                                          int num_kv_heads, int head_size, int64_t token_stride, int64_t head_stride,
+                                          int num_kv_heads, bool per_kv_head, int head_size, int64_t token_stride,
+                                          int64_t head_stride,
                                           int kv_block_size, int64_t num_slots, const float* k_scale,
                                           const float* v_scale, __nv_fp8_interpretation_t kind) {
   const int groups_per_row = head_size / 8;
@@ -54,11 +67,10 @@ __global__ void write_kv_cache_fp8_kernel(const Input* __restrict__ key, const I
   const int64_t token = index / groups_per_token;
   const int head = static_cast<int>((index % groups_per_token) / groups_per_row);
   const int col = static_cast<int>(index % groups_per_row) * 8;
-  const int64_t slot = slot_mapping[token];
-  if (slot < 0 || slot >= num_slots) return;
-  const int64_t block = slot / kv_block_size, offset = slot % kv_block_size;
+  const int64_t row = cache_row(slot_mapping, token, head, num_kv_heads, per_kv_head, kv_block_size, num_slots);
+  if (row < 0) return;
   const int64_t src = token * token_stride + head * head_stride + col;
-  const int64_t dst = ((block * num_kv_heads + head) * kv_block_size + offset) * head_size + col;
+  const int64_t dst = row * head_size + col;
   auto store = [&](const Input* x, uint8_t* cache, const float* scale) {
     const float s = scale != nullptr ? *scale : 1.f;  // x / s, not x * (1 / s): the spec's rounding
     uint2 packed;

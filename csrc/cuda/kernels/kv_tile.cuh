@@ -76,16 +76,15 @@ __device__ __forceinline__ void convert_fp8_tile(const unsigned char* src, void*
 }
 
 // Element offset of column col of key position pos (of sequence seq, kv head kv_head) in a paged cache
-// [NB, Hkv, kvbs, D]; clears `valid` where the row reads zeros instead: past k_len, or a page id out
+// (either layout); clears `valid` where the row reads zeros instead: past k_len, or a page id out
 // of range (a bad id never reaches memory).
 __device__ __forceinline__ int64_t paged_row_offset(const KeyValueSource& kv, int seq, int kv_head, int pos, int k_len,
                                                     int col, int head_size, bool& valid) {
   valid = valid && pos < k_len;
   if (!valid) return 0;
-  const int page = kv.block_tables[seq * kv.block_table_stride + pos / kv.kv_block_size];
+  const int page = kv.table_row(seq, kv_head)[pos / kv.kv_block_size];
   valid = page >= 0 && page < kv.num_cache_blocks;
-  return page * kv.cache_block_stride + kv_head * kv.cache_head_stride +
-         static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
+  return kv.page_offset(page, kv_head) + static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
 }
 
 // Copies rows of one kv head's keys and values (stored as Cache) into shared memory with 16-byte

@@ -22,7 +22,7 @@ constexpr int kPrefillSm90BlockM = 128;
 
 // Where a sequence's keys and values live: packed contiguous tensors or the paged cache.
 struct KeyValueSource {
-  const void* key;    // contiguous: k [Tk, Hkv, D]; paged: key_cache [NB, Hkv, kvbs, D]
+  const void* key;    // contiguous: k [Tk, Hkv, D]; paged: key_cache [NB, Hkv or 1, kvbs, D]
   const void* value;  // same layout as key
   // contiguous tensors (element strides)
   int64_t row_stride;   // between tokens
@@ -30,11 +30,16 @@ struct KeyValueSource {
   int64_t num_rows;     // Tk
   const int32_t* cu_seqlens_k;  // [S + 1] (contiguous) or null (paged)
   // paged cache
-  const int32_t* block_tables;  // [S, block_table_stride] or null (contiguous)
+  // Two layouts (common/attention_args.h): pages of every kv head, one table row per sequence
+  // (block_table_head_stride 0, cache_head_stride kvbs * D); or pages of one kv head, a row per
+  // (sequence, kv head) (block_table_head_stride = the row stride, cache_head_stride 0).
+  const int32_t* block_tables;  // [S, max_blocks] or [S, Hkv, max_blocks]; null (contiguous)
   const int32_t* seq_lens;      // [S] (paged)
-  int64_t block_table_stride;
-  int64_t cache_block_stride;  // elements between cache blocks (Hkv * kvbs * D)
-  int64_t cache_head_stride;   // elements between kv heads inside a block (kvbs * D)
+  int64_t block_table_stride;       // between sequences
+  int64_t block_table_head_stride;  // between kv heads' rows of one sequence
+  int64_t block_table_width;        // entries per row (max_blocks): what a row can address
+  int64_t cache_block_stride;  // elements between cache blocks (Hkv * kvbs * D, or kvbs * D)
+  int64_t cache_head_stride;   // elements between kv heads inside a block (kvbs * D, or 0)
   int kv_block_size;           // kvbs
   int num_cache_blocks;        // NB: a block id outside [0, NB) is never dereferenced
   // A quantized (fp8) cache is read as float(stored) * scale: [1] float32 on the device, or null (1).
@@ -42,6 +47,14 @@ struct KeyValueSource {
   const float* k_scale;
   const float* v_scale;
   BSA_HOST_DEVICE bool paged() const { return block_tables != nullptr; }
+  // The table row kv head kv_head of sequence seq reads its pages from.
+  BSA_HOST_DEVICE const int32_t* table_row(int seq, int kv_head) const {
+    return block_tables + seq * block_table_stride + kv_head * block_table_head_stride;
+  }
+  // Element offset of kv head kv_head's first row in cache block `page`.
+  BSA_HOST_DEVICE int64_t page_offset(int page, int kv_head) const {
+    return page * cache_block_stride + kv_head * cache_head_stride;
+  }
 };
 
 struct PrefillParams {

@@ -199,16 +199,16 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
               ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
             }
           } else {
-            // One box of `rows` rows per page; the pages' (block * Hkv + kv head) slabs are loaded
+            // One box of `rows` rows per page; the pages' slabs (kvbs rows of one kv head) are looked up
             // before the first box issues. A page id outside [0, NB) is a box outside the map: zeros.
             const int rows = maps.kv_page_rows;
-            const int32_t* table = kv.block_tables + seq * kv.block_table_stride;
+            const int32_t* table = kv.table_row(seq, kv_head);
             int slab[4];
 #pragma unroll
             for (int box = 0; box < 4; ++box) {
               if (box * rows >= 64) break;
               const int page = table[(pos0 + box * rows) / kv.kv_block_size];
-              slab[box] = page >= 0 && page < kv.num_cache_blocks ? page * params.num_kv_heads + kv_head : -1;
+              slab[box] = page >= 0 && page < kv.num_cache_blocks ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1) : -1;
             }
 #pragma unroll
             for (int box = 0; box < 4; ++box) {

@@ -154,7 +154,8 @@ __device__ __forceinline__ int sm90_tile_offset(int row, int col) {
 // TMA descriptors of Q ([T, Hq, D]) and of K and V, with the 128-byte swizzle wgmma reads.
 // Q and contiguous K/V ([Tk, Hkv, D], any row and head strides): 3-D maps (head dim, head, token) read
 // in boxes of 64 x 1 x 64, one 64-column block of a 64-row tile. A paged cache in the model's dtype
-// ([NB, Hkv, kvbs, D]): 3-D maps (head dim, row in the page, block * Hkv + kv head) read in boxes of
+// ([NB, Hc, kvbs, D], Hc = Hkv or 1 kv heads per page): 3-D maps (head dim, row in the page, slab =
+// block * Hc + kv head in the page) read in boxes of
 // 64 x kv_page_rows x 1, kv_page_rows = min(kvbs, 64) rows of one page, so a 64-key tile takes
 // 64 / kv_page_rows <= 4 boxes (each starts at a multiple of 8 rows: the swizzle pattern lines up). A
 // flag is 0 where the host could not build a map (fp8 pages, pages of fewer than 16 rows, strides the
@@ -165,7 +166,8 @@ struct Sm90TensorMaps {
   CUtensorMap value;
   int query_enabled;
   int kv_enabled;
-  int kv_page_rows;  // paged maps: rows per box; 0 for contiguous K/V
+  int kv_page_rows;   // paged maps: rows per box; 0 for contiguous K/V
+  int kv_page_heads;  // paged maps: kv heads per page (Hkv, or 1 for per-kv-head pages)
 };
 
 }  // namespace blocksparse_attn
