@@ -179,8 +179,9 @@ class BlocksparseFlashAttentionImpl:
             raise NotImplementedError(f"max_decode_query_len={m.max_decode_query_len}: decode queries of more "
                                       "than one token (speculative decoding) are not supported")
 
-    def _cache_views(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(key_cache, value_cache) [NB, Hkv, kvbs, D] of a non-empty cache, bytes read as the fp8 format."""
+    def _cache_views(self, kv_cache: torch.Tensor, per_kv_head: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key_cache, value_cache) [NB, Hkv, kvbs, D] of a non-empty cache ([NB, 1, kvbs, D] with per-kv-head
+        pages), bytes read as the fp8 format."""
         if self.fp8_dtype is None:
             if kv_cache.dtype == torch.uint8 or kv_cache.dtype in kv.FP8_CACHE_DTYPES.values():
                 raise ValueError(f"kv_cache has dtype {kv_cache.dtype} but kv_cache_dtype is 'auto' (the "
@@ -191,7 +192,7 @@ class BlocksparseFlashAttentionImpl:
         elif kv_cache.dtype != self.fp8_dtype:
             raise ValueError(f"kv_cache has dtype {kv_cache.dtype}, but kv_cache_dtype={self.kv_cache_dtype!r} "
                              f"expects {self.fp8_dtype} (or torch.uint8 bytes read as it)")
-        return kv.split_kv_cache(kv_cache, self.num_kv_heads, self.head_size)
+        return kv.split_kv_cache(kv_cache, 1 if per_kv_head else self.num_kv_heads, self.head_size)
 
     def _scale_tensor(self, scale, name: str, device: torch.device) -> torch.Tensor | None:
         """A K/V scale as the ops take it (a float32 one-element tensor on the cache's device), or None for
@@ -252,7 +253,9 @@ class BlocksparseFlashAttentionImpl:
 
         query [T, Hq*D] or [T, Hq, D], key/value [T, Hkv*D] or [T, Hkv, D] (unit last stride, e.g. slices of
         a fused QKV); kv_cache [2, NB, kvbs*Hkv*D] (or any contiguous [2, NB, ...] of that size) or empty
-        (memory profiling) -> out shaped like query (into `output` if given, which is returned).
+        (memory profiling) -> out shaped like query (into `output` if given, which is returned). Per-kv-head
+        pages (docs/semantics.md): metadata with slot_mapping [N, Hkv] and block_tables [S, Hkv, max_blocks]
+        over a cache of kvbs*D elements per block (kv_cache_shape with num_kv_heads=1).
 
         Writes the batch's new k/v to the cache (slot_mapping), then answers the prefill rows (the first
         num_prefill_tokens) and the decode rows (the next num_decode_tokens); rows after those are
@@ -307,7 +310,7 @@ class BlocksparseFlashAttentionImpl:
         has_cache = kv_cache.numel() > 0
         scales = {}
         if has_cache:
-            key_cache, value_cache = self._cache_views(kv_cache)
+            key_cache, value_cache = self._cache_views(kv_cache, per_kv_head=m.slot_mapping.dim() == 2)
             scales = dict(k_scale=self._scale_tensor(k_scale, "k_scale", kv_cache.device),
                           v_scale=self._scale_tensor(v_scale, "v_scale", kv_cache.device))
             ops.write_kv_cache(k[:num_real], v[:num_real], key_cache, value_cache, m.slot_mapping[:num_real],

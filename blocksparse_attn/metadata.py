@@ -87,7 +87,8 @@ class BlocksparseFlashAttentionMetadata:
     """One batch, vLLM's field names (construct by keyword). S sequences, the first num_prefills of them
     prefills, the rest decodes; N = num_prefill_tokens + num_decode_tokens real tokens.
 
-    slot_mapping         int64 [>= N] cache slot of each token (block * kvbs + offset); -1 = don't write
+    slot_mapping         int64 [>= N] cache slot of each token (block * kvbs + offset); -1 = don't write;
+                         [>= N, Hkv] with per-kv-head pages (slot of each token's kv head h)
     seq_lens             host list[int] [S] context + new tokens, or None (decode-only CUDA-graph batches)
     seq_lens_tensor      int32 [S] the same on the device (0 marks a padding decode row)
     max_query_len        longest query of the batch (host int)
@@ -98,7 +99,9 @@ class BlocksparseFlashAttentionMetadata:
     context_lens_tensor  int32 [S] tokens already in the cache
     block_tables         int32 [S, max_blocks] physical cache block of each logical block; an empty
                          tensor (or None) when no sequence has cached context: prefill then attends over
-                         the new tokens' contiguous k/v instead of reading them back from the cache
+                         the new tokens' contiguous k/v instead of reading them back from the cache.
+                         Per-kv-head pages: [S, Hkv, max_blocks], -1 for a page released because no
+                         later query reads it (SparsePattern.pages_read_later)
     use_cuda_graph       the decode part runs inside a captured CUDA graph
     max_decode_query_len longest decode query (host int; vLLM's runners set it; only 1 is supported)
 
@@ -203,7 +206,9 @@ class BlocksparseFlashAttentionMetadata:
         Sequence r has context_lens[r] tokens in the cache and query_lens[r] new tokens, and owns the
         physical cache blocks block_tables[r] (a list per sequence or an int [S, max_blocks] tensor),
         which must cover its context_lens[r] + query_lens[r] tokens. Pack the new tokens of the
-        sequences in the order given.
+        sequences in the order given. Per-kv-head pages: block_tables[r] is a list of Hkv lists (or the
+        tensor is [S, Hkv, max_blocks]), kv head g's pages, -1 where one was released; slot_mapping is
+        then [N, Hkv].
 
         Decode rule: the trailing run of sequences with query_len == 1 and context_len > 0 are decodes;
         every sequence before them is a prefill (a one-token query with context placed before a
@@ -220,14 +225,20 @@ class BlocksparseFlashAttentionMetadata:
             raise ValueError(f"kv_block_size must be >= 1, got {kv_block_size}")
         if isinstance(block_tables, torch.Tensor):
             block_tables = block_tables.tolist()
-        tables = [[int(b) for b in row] for row in block_tables]
+        per_kv_head = num_seqs > 0 and len(block_tables[0]) > 0 and isinstance(block_tables[0][0], (list, tuple))
+        # per sequence, a list of rows: [its blocks] (shared pages) or one row per kv head
+        tables = [[[int(b) for b in row] for row in (seq if per_kv_head else [seq])] for seq in block_tables]
         seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
-        for r, (q, c, n, row) in enumerate(zip(query_lens, context_lens, seq_lens, tables)):
+        for r, (q, c, n, rows) in enumerate(zip(query_lens, context_lens, seq_lens, tables)):
             if q < 1 or c < 0:
                 raise ValueError(f"sequence {r}: query_len must be >= 1 and context_len >= 0, got {q} and {c}")
-            if len(row) * kv_block_size < n:
-                raise ValueError(f"sequence {r}: block_tables[{r}] has {len(row)} blocks of {kv_block_size} "
-                                 f"tokens, too few for its {n} tokens")
+            if per_kv_head and len(rows) != len(tables[0]):
+                raise ValueError(f"sequence {r}: block_tables[{r}] has {len(rows)} kv heads' rows, sequence 0 "
+                                 f"has {len(tables[0])}")
+            for g, row in enumerate(rows):
+                if len(row) * kv_block_size < n:
+                    raise ValueError(f"sequence {r}: block_tables[{r}]{f'[{g}]' if per_kv_head else ''} has "
+                                     f"{len(row)} blocks of {kv_block_size} tokens, too few for its {n} tokens")
 
         num_decodes = 0
         while num_decodes < num_seqs and query_lens[-1 - num_decodes] == 1 and context_lens[-1 - num_decodes] > 0:
@@ -235,13 +246,19 @@ class BlocksparseFlashAttentionMetadata:
         num_prefills = num_seqs - num_decodes
 
         slots = []
-        for c, n, row in zip(context_lens, seq_lens, tables):
-            slots += [row[p // kv_block_size] * kv_block_size + p % kv_block_size for p in range(c, n)]
-        max_blocks = max((len(row) for row in tables), default=0) if any(context_lens) else 0
-        table = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
-        for r, row in enumerate(tables):
-            if max_blocks:
-                table[r, : len(row)] = torch.tensor(row, dtype=torch.int32)
+        for c, n, rows in zip(context_lens, seq_lens, tables):
+            slots += [[row[p // kv_block_size] * kv_block_size + p % kv_block_size for row in rows]
+                      for p in range(c, n)]
+        num_rows = len(tables[0]) if num_seqs else 1
+        max_blocks = max((len(row) for rows in tables for row in rows), default=0) if any(context_lens) else 0
+        table = torch.zeros(num_seqs, num_rows, max_blocks, dtype=torch.int32)
+        for r, rows in enumerate(tables):
+            for g, row in enumerate(rows):
+                if max_blocks:
+                    table[r, g, : len(row)] = torch.tensor(row, dtype=torch.int32)
+        slot_mapping = torch.tensor(slots, dtype=torch.int64).view(-1, num_rows)
+        if not per_kv_head:
+            table, slot_mapping = table[:, 0], slot_mapping[:, 0]
 
         def cumsum(xs):
             return torch.tensor([0] + xs, dtype=torch.int64).cumsum(0).to(torch.int32)
@@ -253,7 +270,7 @@ class BlocksparseFlashAttentionMetadata:
             num_prefills=num_prefills,
             num_prefill_tokens=sum(query_lens[:num_prefills]),
             num_decode_tokens=num_decodes,
-            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(device),
+            slot_mapping=slot_mapping.to(device),
             seq_lens=seq_lens,
             seq_lens_tensor=int32(seq_lens).to(device),
             max_query_len=max(query_lens, default=0),
@@ -278,23 +295,27 @@ def prefill_block_tables(slot_mapping: torch.Tensor, query_start_loc: torch.Tens
 
     So a prompt reads its own pages even where the engine gave it no table row (a batch mixing cached
     prefixes with new prompts pads their rows with zeros), and an fp8 prompt without context reads its
-    K/V back as stored. Negative (unwritten) slots give block 0. On the slots' device, no host sync."""
+    K/V back as stored. Negative (unwritten) slots give block 0. On the slots' device, no host sync.
+    Per-kv-head pages: slot_mapping [N, Hkv] and block_tables [S, Hkv, max_blocks] give [num_seqs, Hkv,
+    max_blocks]."""
     device = slot_mapping.device
     starts = query_start_loc[:num_seqs].to(device=device, dtype=torch.int64)[:, None]
     ends = query_start_loc[1:num_seqs + 1].to(device=device, dtype=torch.int64)[:, None]
     context = (torch.zeros_like(starts) if context_lens is None else
                context_lens[:num_seqs].to(device=device, dtype=torch.int64)[:, None])
     given = block_tables if block_tables is not None and block_tables.numel() > 0 else None
-    num_blocks = max(-(-max_seq_len // kv_block_size), 0 if given is None else given.shape[1])
+    num_blocks = max(-(-max_seq_len // kv_block_size), 0 if given is None else given.shape[-1])
     block_start = torch.arange(num_blocks, device=device, dtype=torch.int64)[None, :] * kv_block_size
     first_new = torch.maximum(block_start, context)  # the block's first position written in this step
     holds_new = first_new < torch.minimum(block_start + kv_block_size, context + ends - starts)
-    slots = slot_mapping[torch.where(holds_new, starts + first_new - context, 0)]
+    slots = slot_mapping[torch.where(holds_new, starts + first_new - context, 0)]  # [S, blocks(, Hkv)]
+    if slot_mapping.dim() == 2:  # per-kv-head pages: a table row per kv head
+        slots, holds_new = slots.permute(0, 2, 1), holds_new[:, None, :]
     from_slots = torch.where(slots >= 0, slots // kv_block_size, 0)
     if given is None:
-        return torch.where(holds_new, from_slots, 0).to(torch.int32)
-    given = torch.nn.functional.pad(given[:num_seqs], (0, num_blocks - given.shape[1]))
-    return torch.where(holds_new, from_slots, given).to(torch.int32)
+        return torch.where(holds_new, from_slots, 0).to(torch.int32).contiguous()
+    given = torch.nn.functional.pad(given[:num_seqs], (0, num_blocks - given.shape[-1]))
+    return torch.where(holds_new, from_slots, given).to(torch.int32).contiguous()
 
 
 def _head(t: torch.Tensor | None, n: int) -> torch.Tensor | None:

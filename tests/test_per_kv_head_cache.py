@@ -246,3 +246,67 @@ def test_per_kv_head_bad_inputs(gen):
     with pytest.raises(RuntimeError, match=r"slot_mapping.size\(1\) must be 2 \(one slot per kv head of key\)"):
         ops.write_kv_cache(key, key, cache.key_cache, cache.value_cache, torch.zeros(3, 3, dtype=torch.int64))
     torch.testing.assert_close(shared, before, atol=0, rtol=0, equal_nan=True)  # the rejected calls wrote nothing
+
+
+@pytest.mark.parametrize("homo_head", [False, True], ids=["sliding", "homo"])
+def test_backend_serves_per_kv_head_pages_like_shared_ones(device, homo_head, gen):
+    """BlocksparseFlashAttentionImpl over both layouts, step by step: two prompts in chunks, one arriving
+    while the other decodes (mixed batches), then decodes. The per-kv-head run releases after every step
+    the pages the rule gives up, poisons them, and hands them to the next pages it allocates (the other
+    sequence's); every step's output equals the shared-page run's."""
+    from blocksparse_attn import BlocksparseFlashAttentionImpl, BlocksparseFlashAttentionMetadata, BlocksparseParams
+    from blocksparse_attn.kv_cache import allocate_kv_cache
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    hq, hkv, d, kvbs = 8, 2, 64, 16
+    params = BlocksparseParams(max_seqlen=2048, num_heads=hq, num_kv_heads=hkv, block_size=16, local_blocks=2,
+                               vert_stride=8, homo_head=homo_head)
+    impl = BlocksparseFlashAttentionImpl(hq, d, d ** -0.5, hkv, blocksparse_params=params)
+    pattern = impl.pattern
+    nb = 200
+    shared_cache = allocate_kv_cache(nb, kvbs, hkv, d, dtype, device).fill_(NAN)
+    head_cache = allocate_kv_cache(nb * hkv, kvbs, 1, d, dtype, device).fill_(NAN)
+    free_shared = torch.randperm(nb, generator=gen).tolist()
+    free_pages = torch.randperm(nb * hkv, generator=gen).tolist()
+    prompts = {0: 300, 1: 230}
+    arrive = {0: 0, 1: 3}
+    computed = {0: 0, 1: 0}
+    shared_rows, head_rows = {0: [], 1: []}, {0: [[] for _ in range(hkv)], 1: [[] for _ in range(hkv)]}
+    released = 0
+    for step in range(12):
+        batch = []  # (sequence, new tokens): prefills first, then decodes
+        for r in (0, 1):
+            if step >= arrive[r] and computed[r] < prompts[r]:
+                batch.append((r, min(96, prompts[r] - computed[r])))
+        batch += [(r, 1) for r in (0, 1) if step >= arrive[r] and computed[r] >= prompts[r]]
+        for r, n in batch:
+            need = -(-(computed[r] + n) // kvbs)
+            while len(shared_rows[r]) < need:
+                shared_rows[r].append(free_shared.pop())
+                for g in range(hkv):
+                    head_rows[r][g].append(free_pages.pop())
+        total = sum(n for _, n in batch)
+        q = randn((total, hq, d), dtype, gen).to(device)
+        k = randn((total, hkv, d), dtype, gen).to(device)
+        v = randn((total, hkv, d), dtype, gen).to(device)
+        args = ([n for _, n in batch], [computed[r] for r, _ in batch])
+        md_shared = BlocksparseFlashAttentionMetadata.build(*args, [shared_rows[r] for r, _ in batch], kvbs,
+                                                            device=device)
+        md_head = BlocksparseFlashAttentionMetadata.build(*args, [head_rows[r] for r, _ in batch], kvbs,
+                                                          device=device)
+        assert md_head.slot_mapping.shape == (total, hkv)
+        want = impl.forward(q, k, v, shared_cache, md_shared)
+        got = impl.forward(q, k, v, head_cache, md_head)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol, msg=lambda m: f"step {step}: {m}")
+        for r, n in batch:
+            computed[r] += n
+            keep = pattern.pages_read_later(hq, hkv, computed[r], kvbs, num_pages=len(head_rows[r][0]))
+            for g in range(hkv):
+                for p, page in enumerate(head_rows[r][g]):
+                    if page >= 0 and not keep[g, p]:
+                        head_cache[:, page].fill_(NAN)
+                        free_pages.append(page)  # the next allocation, of either sequence, reuses it
+                        head_rows[r][g][p] = -1
+                        released += 1
+    assert released > 0
