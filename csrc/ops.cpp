@@ -48,6 +48,8 @@ TORCH_LIBRARY(blocksparse_attn, m) {
   // cache; the new tokens' k/v must have been written there first (write_kv_cache).
   //   out/q [T, Hq, D], key_cache/value_cache [NB, Hkv, kvbs, D], block_tables [S, max_blocks] int32,
   //   cu_seqlens_q [S + 1] int32, seq_lens [S] int32 (context + new tokens), lse [Hq, T] float32.
+  //   Per-kv-head pages: key_cache/value_cache [NB, 1, kvbs, D], block_tables [S, Hkv, max_blocks]
+  //   (row [r, g]: kv head g's pages; -1 = a released page, which no query of the call may read).
   m.def(
       "paged_prefill(Tensor(a!) out, Tensor q, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor cu_seqlens_q, Tensor seq_lens, float scale, int[] pattern, "
@@ -56,8 +58,8 @@ TORCH_LIBRARY(blocksparse_attn, m) {
 
   // One new token per sequence at position seq_lens[r] - 1, against the paged cache. A sequence
   // with seq_len 0 is padding: its output rows are zero (and its lse -inf).
-  //   out/q [S, Hq, D], key_cache/value_cache [NB, Hkv, kvbs, D], block_tables [S, max_blocks] int32,
-  //   seq_lens [S] int32, lse [Hq, S] float32.
+  //   out/q [S, Hq, D], key_cache/value_cache [NB, Hkv, kvbs, D], block_tables [S, max_blocks] int32
+  //   (or per-kv-head pages as paged_prefill), seq_lens [S] int32, lse [Hq, S] float32.
   m.def(
       "paged_decode(Tensor(a!) out, Tensor q, Tensor key_cache, Tensor value_cache, "
       "Tensor block_tables, Tensor seq_lens, float scale, int[] pattern, Tensor? layout_crow, "
@@ -68,7 +70,8 @@ TORCH_LIBRARY(blocksparse_attn, m) {
   // slots are skipped, a slot >= NB * kvbs is an error raised before anything is written.
   //   key/value [T, Hkv, D] (any strides with a unit last stride, e.g. views of a fused QKV),
   //   key_cache/value_cache [NB, Hkv, kvbs, D] (key's dtype, or fp8: quantized with k_scale / v_scale),
-  //   slot_mapping [T] int64.
+  //   slot_mapping [T] int64; per-kv-head pages: key_cache/value_cache [NB, 1, kvbs, D] and
+  //   slot_mapping [T, Hkv] (kv head h of token t to slot_mapping[t, h]).
   m.def(
       "write_kv_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
       "Tensor slot_mapping, Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
