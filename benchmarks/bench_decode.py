@@ -66,6 +66,22 @@ def make_inputs(batch: int, context: int, dtype, device, gen, dense: bool, shuff
     return x
 
 
+def make_per_kv_head_inputs(pattern: SparsePattern, batch: int, context: int, dtype, device, gen,
+                            cache_dtype=None):
+    """The same decode over per-kv-head pages (block_tables [B, Hkv, blocks]): every page the rule
+    releases for the query at context - 1 is -1, the cache holds only the kept pages, shuffled."""
+    blocks_per_seq = -(-context // KV_BLOCK)
+    kept = pattern.pages_read_later(NUM_HEADS, NUM_KV_HEADS, context - 1, KV_BLOCK, blocks_per_seq).to(device)
+    kept = kept.expand(batch, -1, -1)
+    num_pages = int(kept.sum())
+    shape = (num_pages, 1, KV_BLOCK, HEAD_DIM)
+    key_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype).to(cache_dtype or dtype)
+    value_cache = torch.randn(shape, generator=gen, device=device, dtype=dtype).to(cache_dtype or dtype)
+    tables = torch.full(kept.shape, -1, dtype=torch.int32, device=device)
+    tables[kept] = torch.randperm(num_pages, generator=gen, device=device).to(torch.int32)
+    return dict(key_cache=key_cache, value_cache=value_cache, block_tables=tables)
+
+
 def copy_bandwidth_gbs(device: str) -> float:
     """The card's copy rate (bytes read + written per second) on a 1 GiB tensor: the ceiling we quote."""
     src = torch.empty(1 << 29, dtype=torch.float16, device=device)
@@ -147,6 +163,8 @@ def main():
                     help="the paged cache's dtype: the model's (auto) or fp8 (scales of 1)")
     ap.add_argument("--graph", action="store_true",
                     help="time ours and SDPA replayed from CUDA graphs (GPU time only, no launch overhead)")
+    ap.add_argument("--per-kv-head", action="store_true",
+                    help="also time ours over per-kv-head pages with the released ones gone (issue 17)")
     ap.add_argument("--flex-at", default="64x16384,16x8192,1x32768",
                     help="BATCHxCONTEXT pairs that also time FlexAttention (each compiles: seconds); '' for none")
     args = ap.parse_args()
@@ -184,6 +202,16 @@ def main():
             if args.graph:
                 ours = graphed(ours)
             ours_ms = timed_ms(ours, args.device, warmup, repeats)
+            per_head_ms = float("nan")
+            if args.per_kv_head:
+                ph = make_per_kv_head_inputs(pattern, batch, context, dtype, args.device, gen, cache_dtype)
+                per_head = lambda: ops.paged_decode(x["q"], ph["key_cache"], ph["value_cache"],  # noqa: E731
+                                                    ph["block_tables"], x["seq_lens"], scale, pattern, out=out,
+                                                    k_scale=x["scale"], v_scale=x["scale"])
+                if args.graph:
+                    per_head = graphed(per_head)
+                per_head_ms = timed_ms(per_head, args.device, warmup, repeats)
+                del ph
             dense_ms = flex_ms = float("nan")
             if dense:
                 sdpa = lambda: F.scaled_dot_product_attention(x["q4"], x["k4"], x["v4"], scale=scale,  # noqa: E731
@@ -199,19 +227,22 @@ def main():
                     except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
                         print(f"flex decode failed at batch {batch} x {context}: {type(e).__name__}: {str(e)[:200]}")
             nbytes = must_read_bytes(pattern, batch, context, x["q"].element_size(), x["key_cache"].element_size())
-            rows.append((batch, context, nbytes, ours_ms, dense_ms, flex_ms))
+            rows.append((batch, context, nbytes, ours_ms, dense_ms, flex_ms, per_head_ms))
             del x
             if on_cuda:
                 torch.cuda.empty_cache()
     print(f"\n{'batch':>6} {'context':>8} {'must read MB':>13} {'ours us':>9} {'sdpa us':>9} {'flex us':>9} "
-          f"{'ours GB/s':>10} {'% copy':>7} {'x sdpa':>7} {'x flex':>7}")
-    for batch, context, nbytes, ours_ms, dense_ms, flex_ms in rows:
+          f"{'ours GB/s':>10} {'% copy':>7} {'x sdpa':>7} {'x flex':>7}"
+          + (f" {'per-kv-head us':>15} {'/ ours':>7}" if args.per_kv_head else ""))
+    for batch, context, nbytes, ours_ms, dense_ms, flex_ms, per_head_ms in rows:
         gbs = nbytes / ours_ms / 1e6
         print(f"{batch:>6} {context:>8} {nbytes / 1e6:>13.1f} {1e3 * ours_ms:>9.1f} {1e3 * dense_ms:>9.1f} "
               f"{1e3 * flex_ms:>9.1f} {gbs:>10.0f} {100 * gbs / copy_gbs:>6.0f}% {dense_ms / ours_ms:>6.2f}x "
-              f"{flex_ms / ours_ms:>6.2f}x")
+              f"{flex_ms / ours_ms:>6.2f}x"
+              + (f" {1e3 * per_head_ms:>15.1f} {per_head_ms / ours_ms:>6.3f}" if args.per_kv_head else ""))
     print("(GB/s: the bytes that must be read (visible K/V blocks, once per kv head, plus q and out) / time;"
-          " % copy: of the card's copy bandwidth measured above)")
+          " % copy: of the card's copy bandwidth measured above; per-kv-head: the same decode over pages of one"
+          " kv head with the released pages gone)")
 
 
 if __name__ == "__main__":
