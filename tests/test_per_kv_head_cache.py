@@ -200,24 +200,28 @@ def test_write_kv_cache_per_kv_head(device, gen):
     assert torch.equal(kc.cpu(), want_k) and torch.equal(vc.cpu(), want_v)
 
 
-def _small_call(gen):
+def _small_call(gen, device="cpu", dtype=torch.float32):
     pattern = SparsePattern(16, 1, 8, 1, False, 0)  # 4 q heads per kv head: 4 of 8 residues kept
-    keys = [randn((200, 2, 64), torch.float32, gen)]
-    cache = PerHeadCache(keys, keys, 16, gen, "cpu")
+    keys = [randn((200, 2, 64), dtype, gen)]
+    cache = PerHeadCache(keys, keys, 16, gen, device)
     return pattern, cache
 
 
-def test_reading_a_released_page_is_an_error(gen):
-    """A released entry (-1) that a query of the call sees is refused, naming the entry and the head."""
-    pattern, cache = _small_call(gen)
+def test_reading_a_released_page_is_an_error(device, gen, monkeypatch):
+    """A released entry (-1) that a query of the call sees is refused, naming the entry and the head
+    (on CUDA under BSA_CHECK_INPUTS=1, which runs the CPU's value checks on host copies)."""
+    monkeypatch.setenv("BSA_CHECK_INPUTS", "1")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    pattern, cache = _small_call(gen, device, dtype)
     assert cache.release(pattern, 8, [199], "poison", gen) > 0
-    q = randn((1, 8, 64), torch.float32, gen)
-    lens = torch.tensor([200], dtype=torch.int32)
-    ops.paged_decode(q, cache.key_cache, cache.value_cache, cache.tables, lens, 1.0, pattern)  # releases fit
+    q = randn((1, 8, 64), dtype, gen).to(device)
+    lens = torch.tensor([200], dtype=torch.int32, device=device)
+    tables = cache.block_tables()
+    ops.paged_decode(q, cache.key_cache, cache.value_cache, tables, lens, 1.0, pattern)  # releases fit
     # a chunk starting before the released position reads pages released for later queries only
     with pytest.raises(RuntimeError, match=r"block_tables\[0, \d+, \d+\] = -1 \(a released page\), but q head"):
-        ops.paged_prefill(randn((150, 8, 64), torch.float32, gen), cache.key_cache, cache.value_cache, cache.tables,
-                          torch.tensor([0, 150], dtype=torch.int32), lens, 1.0, pattern)
+        ops.paged_prefill(randn((150, 8, 64), dtype, gen).to(device), cache.key_cache, cache.value_cache, tables,
+                          torch.tensor([0, 150], dtype=torch.int32, device=device), lens, 1.0, pattern)
 
 
 def test_per_kv_head_bad_inputs(gen):
