@@ -234,3 +234,84 @@ def draw(pattern: Pattern, num_heads: int, seq_len: int, out_path: str, heads=(0
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)
     plt.close(fig)
+
+
+def draw_retention(patterns: dict, num_heads: int, num_kv_heads: int, seq_len: int, kv_block_size: int,
+                   out_path: str, kv_heads=(0, 1, 2), curve_max_len: int = 131072, curve_points: int = 34) -> None:
+    """Draws which pages each kv head keeps (SparsePattern.pages_read_later) as a sequence grows, into
+    out_path (needs matplotlib). `patterns` maps a row label to a SparsePattern.
+
+    One row per pattern: for each kv head in kv_heads, an image with x = the sequence's length (sampled
+    at every page boundary up to seq_len) and y = page index, coloured kept / released / not yet
+    written. Below, the fraction of written pages kept (all kv heads) against length, at curve_points
+    lengths spaced evenly on a log scale from half the first pattern's local band (where everything is
+    still kept) up to curve_max_len: the rule costs one call per length, so a few dozen points keep the
+    picture to a few seconds even at 128k tokens.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    kv_heads = [g for g in kv_heads if 0 <= g < num_kv_heads]
+    q_per_kv = num_heads // num_kv_heads
+    num_pages = -(-seq_len // kv_block_size)
+    lengths = torch.arange(1, num_pages + 1) * kv_block_size
+    lengths[-1] = seq_len
+    not_written, released, kept = 0, 1, 2
+    colours = ListedColormap(["white", "#f3c9a6", "#2b6cb0"])
+
+    rows, cols = len(patterns), max(len(kv_heads), 1)
+    fig = plt.figure(figsize=(3.3 * cols, 3.6 * rows + 3.2))
+    grid = fig.add_gridspec(rows + 1, cols, height_ratios=[1.0] * rows + [1.05])
+    for r, (label, pattern) in enumerate(patterns.items()):
+        # state[g, page, column]: the page's fate once the sequence holds lengths[column] tokens
+        state = torch.full((num_kv_heads, num_pages, num_pages), not_written, dtype=torch.uint8)
+        for c, n in enumerate(lengths.tolist()):
+            written = -(-n // kv_block_size)
+            keep = pattern.pages_read_later(num_heads, num_kv_heads, n, kv_block_size)
+            state[:, :written, c] = torch.where(keep, kept, released).to(torch.uint8)
+        for c, g in enumerate(kv_heads):
+            ax = fig.add_subplot(grid[r, c])
+            ax.imshow(state[g].numpy(), cmap=colours, vmin=0, vmax=2, origin="lower", aspect="auto",
+                      interpolation="nearest", extent=(0, seq_len, 0, num_pages))
+            final = float((state[g, :, -1] == kept).float().mean())
+            ax.set_title(f"{label}\nkv head {g} (q heads {g * q_per_kv}-{(g + 1) * q_per_kv - 1}): "
+                         f"keeps {final:.0%} at {seq_len}", fontsize=8)
+            ax.set_xlabel("sequence length (tokens)", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if c == 0:
+                ax.set_ylabel(f"page ({kv_block_size} tokens)", fontsize=8)
+
+    ax = fig.add_subplot(grid[rows, :])
+    first = next(iter(patterns.values()))
+    start = min(first.block_size * first.local_blocks // 2, curve_max_len)
+    curve = torch.logspace(torch.log2(torch.tensor(float(start))), torch.log2(torch.tensor(float(curve_max_len))),
+                           curve_points, base=2).round().long().unique().tolist()
+    for label, pattern in patterns.items():
+        fractions = [float(pattern.pages_read_later(num_heads, num_kv_heads, n, kv_block_size).float().mean())
+                     for n in curve]
+        line, = ax.plot(curve, fractions, marker=".", label=label)
+        ax.annotate(f"{fractions[-1]:.1%}", (curve[-1], fractions[-1]), textcoords="offset points",
+                    xytext=(4, 0), va="center", fontsize=8, color=line.get_color())
+    ax.axvline(seq_len, color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1024:g}k" if x >= 1024 else f"{x:g}")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("sequence length (tokens)", fontsize=8)
+    ax.set_ylabel(f"fraction of pages kept\n(all {num_kv_heads} kv heads)", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+
+    fig.legend(handles=[Patch(color=colours(kept), label="kept (read later)"),
+                        Patch(color=colours(released), label="released (never read again)"),
+                        Patch(facecolor="white", edgecolor="grey", label="not yet written")],
+               loc="upper center", bbox_to_anchor=(0.5, 0.97), ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(f"Pages kept per kv head, kv block {kv_block_size}, {num_heads} q / {num_kv_heads} kv heads "
+                 f"(dotted line: the images' {seq_len} tokens)", fontsize=10, y=0.995)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)

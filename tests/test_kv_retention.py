@@ -55,3 +55,35 @@ def test_bad_arguments():
         SparsePattern().pages_read_later(8, 3, 100, 16)
     with pytest.raises(ValueError, match="kv_block_size"):
         SparsePattern().pages_read_later(8, 2, 100, 0)
+
+
+def _printed_fractions(text: str) -> dict[int, list[float]]:
+    """The retention command's table: length -> kept fraction per pattern column."""
+    rows = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit()]
+    return {int(r[0]): [float(f.rstrip("%")) / 100 for f in r[1:]] for r in rows}
+
+
+def test_retention_command_prints_the_rules_fractions(capsys):
+    """`python -m blocksparse_attn retention --out ''` prints, for the flags' layer and its homo_head
+    variant, the fraction of written pages that pages_read_later keeps, without needing matplotlib."""
+    from blocksparse_attn.__main__ import main
+
+    assert main(["retention", "--seq-len", "3000", "--max-len", "16384", "--kv-block-size", "16", "--out", ""]) == 0
+    table = _printed_fractions(capsys.readouterr().out)
+    assert sorted(table) == [1024, 2048, 3000, 4096, 8192, 16384]
+    sliding, homo = SparsePattern.phi3_small(32), SparsePattern(64, 16, 8, 0)
+    for n, printed in table.items():
+        want = [p.pages_read_later(32, 8, n, 16).float().mean().item() for p in (sliding, homo)]
+        assert printed == pytest.approx(want, abs=5e-5), f"length {n}: printed {printed}, rule {want}"
+
+
+def test_retention_command_draws(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from blocksparse_attn.__main__ import main
+
+    out = tmp_path / "retention.png"
+    args = ["retention", "--seq-len", "1024", "--max-len", "4096", "--kv-block-size", "32", "--kv-heads", "0,3",
+            "--homo-head-group", "--out", str(out)]
+    assert main(args) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "homo_head_group" in capsys.readouterr().out
