@@ -3,9 +3,10 @@
 Phi-3-small's attention: grouped-query heads (32 q / 8 kv, D = 128), one fused head-major QKV
 projection (per kv head: its q_per_kv query heads, then its key, then its value), rotary embeddings,
 muP attention scale 1 / head_dim, and block-sparse attention in every layer except every second one,
-which is dense. `Config.tiny()` keeps all of that at a size the CPU tests run in seconds (8 q / 2 kv
-heads, D = 64, 4 layers, hidden 512, vocab 512, sparse blocks of 16 tokens, local band 2 blocks,
-vertical stride 8).
+which is dense (`Config.dense_every` changes that: 1 all dense, 0 all sparse; `Config.homo_head` gives
+every head of the sparse layers the same vertical columns). `Config.tiny()` keeps all of that at a size
+the CPU tests run in seconds (8 q / 2 kv heads, D = 64, 4 layers, hidden 512, vocab 512, sparse blocks
+of 16 tokens, local band 2 blocks, vertical stride 8).
 
 Weights are random from a seed (`init_weights`) in the checkpoint layout; two models read them:
   Phi3SmallTiny       the served model: our backend (paged KV cache), tensor-parallel over heads
@@ -41,7 +42,10 @@ class Config:
     sparse_block_size: int
     local_blocks: int
     vert_stride: int
-    dense_every: int = 2    # layer l is dense iff (l + 1) % dense_every == 0, as Phi-3-small; 1: all dense
+    dense_every: int = 2    # layer l is dense iff (l + 1) % dense_every == 0, as Phi-3-small; 1: all dense, 0: none
+    # The sparse layers' heads all read the same vertical columns (vLLM's homo_head) instead of sliding them by
+    # head: a kv group's heads then keep ~1/vert_stride of the old pages instead of ~q_per_kv/vert_stride.
+    homo_head: bool = False
     rope_base: float = 10000.0
     embedding_multiplier: float = 10.0  # muP: embeddings scaled up, logits scaled down
     width_multiplier: float = 8.0
@@ -99,7 +103,7 @@ class Config:
         return 1.0 / self.head_dim  # muP (Phi-3-small's mup_use_scaling), not 1 / sqrt(head_dim)
 
     def is_dense(self, layer: int) -> bool:
-        return (layer + 1) % self.dense_every == 0
+        return self.dense_every > 0 and (layer + 1) % self.dense_every == 0
 
     def blocksparse_params(self, layer: int, tp_size: int = 1, tp_rank: int = 0) -> dict:
         """The backend's blocksparse_params of one layer on one rank; a dense layer is the same backend with
@@ -107,7 +111,7 @@ class Config:
         return dict(max_seqlen=self.max_seqlen, num_heads=self.num_heads // tp_size,
                     num_kv_heads=self.num_kv_heads // tp_size, block_size=self.sparse_block_size,
                     local_blocks=self.local_blocks, vert_stride=1 if self.is_dense(layer) else self.vert_stride,
-                    homo_head=False, tp_size=tp_size, tp_rank=tp_rank)
+                    homo_head=self.homo_head and not self.is_dense(layer), tp_size=tp_size, tp_rank=tp_rank)
 
 
 def init_weights(cfg: Config, seed: int = 0, device: torch.device | str = "cpu",
@@ -260,11 +264,15 @@ class Phi3SmallTiny:
 
     @torch.no_grad()  # (torch.inference_mode works for the ops too: tests/test_inference_mode.py)
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: BlocksparseFlashAttentionMetadata,
+                attn_metadata: BlocksparseFlashAttentionMetadata | list[BlocksparseFlashAttentionMetadata],
                 logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids/positions [T] int64 packed as the metadata says; kv_caches one [2, NB, kvbs*Hkv*D] per
-        layer. Returns logits float32 [len(logits_rows), vocab] (every row when logits_rows is None)."""
+        """input_ids/positions [T] int64 packed as the metadata says; kv_caches one per layer, [2, NB, kvbs*Hkv*D]
+        (shared pages) or [2, NB, kvbs*D] (per-kv-head pages); attn_metadata one for every layer, or a list
+        with one per layer (per-kv-head pages: each group of layers has its own pool, so its own slots and
+        tables; the batch is the same). Returns logits float32 [len(logits_rows), vocab] (every row when
+        logits_rows is None)."""
         cfg, w, d = self.cfg, self.w, self.cfg.head_dim
+        per_layer = attn_metadata if isinstance(attn_metadata, (list, tuple)) else [attn_metadata] * cfg.num_layers
         x = F.embedding(input_ids, w["embed"]) * cfg.embedding_multiplier
         for layer, impl in enumerate(self.impls):
             p = f"layers.{layer}"
@@ -274,7 +282,7 @@ class Phi3SmallTiny:
             q.copy_(rotary(q.view(-1, self.hq, d), positions, cfg, self.rope_freqs).flatten(1))
             k.copy_(rotary(k.view(-1, self.hkv, d), positions, cfg, self.rope_freqs).flatten(1))
             scale = 1.0 if self.kv_scale is None else self.kv_scale
-            attn = impl.forward(q, k, v, kv_caches[layer], attn_metadata, scale, scale)
+            attn = impl.forward(q, k, v, kv_caches[layer], per_layer[layer], scale, scale)
             x = x + self._all_reduce(F.linear(attn, w[f"{p}.o_proj"]))
             h = layer_norm(x, w, f"{p}.post_attention_norm", cfg.norm_eps)
             x = x + self._all_reduce(mlp(h, w[f"{p}.gate"], w[f"{p}.up"], w[f"{p}.down"]))
@@ -287,9 +295,9 @@ class Phi3SmallTiny:
 
 def reference_pattern(cfg: Config, layer: int) -> SparsePattern:
     """Spec §2 over the model's global heads (head_offset 0), written from the config, not from
-    BlocksparseParams: step = max(1, V // Hq)."""
+    BlocksparseParams: step = max(1, V // Hq), or 0 with homo_head (every head the same columns)."""
     return SparsePattern(cfg.sparse_block_size, cfg.local_blocks, cfg.vert_stride,
-                         max(1, cfg.vert_stride // cfg.num_heads), False, 0)
+                         0 if cfg.homo_head else max(1, cfg.vert_stride // cfg.num_heads), False, 0)
 
 
 class ReferencePhi3Small:
