@@ -110,9 +110,9 @@ def _serve_pressure(cfg, model, num_blocks, swap_blocks):
                 for i, n in enumerate((30, 45, 20, 90))]
     engine = Engine(model, num_blocks, 16, 64, keep_logits=True, swap_blocks=swap_blocks)
     stats = engine.run(requests, progress=False)
-    assert engine.allocator.num_free == num_blocks and engine.cpu_allocator.num_free == engine.swap_blocks, \
-        f"blocks not all returned: {engine.allocator.num_free} of {num_blocks}, swap space " \
-        f"{engine.cpu_allocator.num_free} of {engine.swap_blocks}"
+    pool = engine.pools[0]
+    assert pool.all_free, f"blocks not all returned: {len(pool.device.free)} of {num_blocks} free, swap space " \
+                          f"{len(pool.host.free)} of {engine.swap_blocks}"
     return requests, stats
 
 
@@ -164,7 +164,7 @@ def test_soak_smoke(capsys, kv_cache_dtype):
 def test_soak_detects_a_broken_swap(capsys, monkeypatch):
     """The soak's comparison can fail: swaps that copy nothing (sequences resume on stale blocks) give
     mismatches and a non-zero exit."""
-    from examples.phi3_small_tiny import engine
-    monkeypatch.setattr(engine.Backend, "swap_blocks", staticmethod(lambda src, dst, mapping: None))
+    from examples.phi3_small_tiny import kv_pools
+    monkeypatch.setattr(kv_pools.Backend, "swap_blocks", staticmethod(lambda src, dst, mapping: None))
     status, result = _soak(capsys, SOAK_ARGS)
     assert status == 1 and result["swaps"] > 0 and result["mismatches"] > 0, result

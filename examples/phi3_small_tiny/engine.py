@@ -3,15 +3,19 @@ greedy decode (captured in CUDA graphs on a GPU).
 
 Each engine step packs a batch the way vLLM does: first a chunk of every prompt still being prefilled
 (at most `chunk_size` prompt tokens per step in all), then one token for every sequence that is
-decoding. Memory is managed as in vLLM's schedulers: a sequence takes cache blocks as its prompt chunks and
+decoding. Memory is managed as in vLLM's schedulers: a sequence takes cache pages as its prompt chunks and
 decoded tokens need them (as vLLM v1; v0 reserved the whole prompt at admission, which leaves a 128k
-prompt's blocks idle for many steps); when none is free the newest running sequence is preempted:
+prompt's pages idle for many steps); when none is free the newest running sequence is preempted:
 swapped out to a CPU swap space (swap_blocks, as v0) and swapped back in, first in first out, before
-any new request is admitted; where the swap space cannot hold it, its blocks are dropped and it is
-recomputed from its prompt and the tokens it has generated (v0's fallback, v1's only mode). `BlocksparseFlashAttentionMetadata.build` turns the per-sequence (new tokens, cached tokens,
-block table) into the batch's metadata; a prompt chunk after the first is a prefill with context,
-which the backend answers from the paged cache. Steps with no prompt tokens are decode-only: on CUDA
-they replay a CUDA graph captured for a padded batch size (padding rows: slot -1, seq_len 0).
+any new request is admitted; where the swap space cannot hold it, its pages are dropped and it is
+recomputed from its prompt and the tokens it has generated (v0's fallback, v1's only mode).
+The memory is one pool of shared pages (vLLM's blocks), or with kv_layout="per-kv-head" a pool of
+one-kv-head pages per group of layers with the same pattern, from which the pages no later query reads
+are released after every step (kv_pools.py); a sequence then needs room in every pool.
+`BlocksparseFlashAttentionMetadata.build` turns the per-sequence (new tokens, cached tokens, page table)
+into each pool's metadata for the batch; a prompt chunk after the first is a prefill with context, which
+the backend answers from the paged cache. Steps with no prompt tokens are decode-only: on CUDA they
+replay a CUDA graph captured for a padded batch size (padding rows: slot -1, seq_len 0).
 Sampling is greedy; with tensor parallelism every rank runs the same schedule and rank 0's tokens
 are broadcast, so the ranks never disagree.
 """
@@ -25,36 +29,15 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from blocksparse_attn import BlocksparseFlashAttentionBackend as Backend
 from blocksparse_attn import BlocksparseFlashAttentionMetadata as Metadata
 
+from .kv_pools import KVPool, PageTable, all_ranks_max, make_pools, page_bytes
 from .model import Phi3SmallTiny
 
 try:
     from tqdm import tqdm
 except ImportError:  # the GPU machines may lack tqdm and have no package index: serve without a bar
     tqdm = None
-
-
-class BlockAllocator:
-    """Physical KV-cache blocks, handed out from a free list (in a seeded shuffled order, so the
-    sequences' block tables are not contiguous, as in a long-running engine)."""
-
-    def __init__(self, num_blocks: int, seed: int = 0):
-        self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
-
-    @property
-    def num_free(self) -> int:
-        return len(self.free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self.free):
-            raise RuntimeError(f"out of KV-cache blocks: {n} wanted, {len(self.free)} free")
-        blocks, self.free = self.free[:n], self.free[n:]
-        return blocks
-
-    def release(self, blocks: list[int]) -> None:
-        self.free.extend(blocks)
 
 
 @dataclass
@@ -70,7 +53,7 @@ class Request:
     output: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # float32 [vocab] per generated token (CPU)
     num_computed: int = 0                       # tokens whose k/v are in the cache
-    blocks: list[int] = field(default_factory=list)
+    tables: list[PageTable] = field(default_factory=list)  # its pages in each of the engine's pools
 
     @property
     def tokens(self) -> list[int]:
@@ -113,35 +96,40 @@ class StepRecord(NamedTuple):
 class Engine:
     def __init__(self, model: Phi3SmallTiny, num_blocks: int, kv_block_size: int = 16, chunk_size: int = 64,
                  max_batch: int = 16, use_cuda_graph: bool | None = None, pad_decode: bool = False,
-                 preempt_every: int = 0, keep_logits: bool = False, seed: int = 0, swap_blocks: int | None = None):
+                 preempt_every: int = 0, keep_logits: bool = False, seed: int = 0, swap_blocks: int | None = None,
+                 kv_layout: str = "shared", longest_request: int | None = None):
         """use_cuda_graph (default: on CUDA) replays captured graphs for decode-only steps; pad_decode runs
         those steps through the same padded static buffers eagerly (how the CPU tests cover that path).
         preempt_every = n > 0 also swaps the newest decoding sequence out every n steps, memory or not (a
         test of the swap path). swap_blocks: the CPU swap space in blocks (default num_blocks; pinned host
-        memory on CUDA, allocated on the first swap)."""
+        memory on CUDA, allocated on the first swap).
+        kv_layout: "shared" (pages of all kv heads, one pool, as vLLM) or "per-kv-head" (one-head pages in a
+        pool per pattern, released as soon as no later query reads them: kv_pools.py). Either way the cache
+        and the swap space hold the bytes of num_blocks / swap_blocks shared blocks of every layer.
+        longest_request: the most tokens (prompt + new) a request will have, the length at which the
+        per-kv-head split weighs what each pattern keeps (default: the model's max_seqlen)."""
         cfg = model.cfg
         self.model, self.kvbs, self.chunk_size, self.max_batch = model, kv_block_size, chunk_size, max_batch
         self.keep_logits = keep_logits
         self.device = model.device
-        self.num_blocks = num_blocks
-        shape = Backend.get_kv_cache_shape(num_blocks, kv_block_size, model.hkv, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=model.cache_dtype, device=self.device)
-                          for _ in range(cfg.num_layers)]
-        self.allocator = BlockAllocator(num_blocks, seed)
-        # Blocks kept free when admitting a request while others run (vLLM's 1 % watermark), so an
-        # admission does not at once force the running sequences' next blocks into preemptions.
-        self.watermark = num_blocks // 100
-        self.max_blocks_per_seq = -(-cfg.max_seqlen // kv_block_size)
+        self.num_blocks, self.kv_layout = num_blocks, kv_layout
+        self.swap_blocks = num_blocks if swap_blocks is None else swap_blocks
+        self.pools: list[KVPool] = make_pools(model, kv_layout, num_blocks, self.swap_blocks, kv_block_size,
+                                              longest_request or cfg.max_seqlen, seed)
+        self.layer_pool = [next(i for i, pool in enumerate(self.pools) if layer in pool.layers)
+                           for layer in range(cfg.num_layers)]
+        self.kv_caches = [self.pools[i].caches[self.pools[i].layers.index(layer)]
+                          for layer, i in enumerate(self.layer_pool)]
+        self.max_pages_per_seq = -(-cfg.max_seqlen // kv_block_size)
         self.waiting: list[Request] = []
         self.running: list[Request] = []            # oldest first: preemption takes the newest
         self.swapped: list[Request] = []
         self.preempt_every = preempt_every
         self.num_swaps = 0                           # swap-outs, forced by preempt_every or by memory
-        self.num_preemptions = 0                     # sequences preempted because no block was free
+        self.num_preemptions = 0                     # sequences preempted because no page was free
         self.num_recomputes = 0                      # of those, dropped and recomputed (swap space full)
-        self.cpu_caches: list[torch.Tensor] | None = None  # the swap space, allocated on first use
-        self.swap_blocks = num_blocks if swap_blocks is None else swap_blocks
-        self.cpu_allocator = BlockAllocator(self.swap_blocks, seed + 1)
+        self.pages_released = 0                      # pages given back because no later query reads them
+        self.peak_running = 0                        # the most sequences with pages on the device at once
         self.steps = 0
         self.history: list[StepRecord] = []  # every step that ran a batch
         if use_cuda_graph is None:
@@ -152,93 +140,95 @@ class Engine:
         if len(req.prompt) < 1 or len(req.prompt) + req.max_new_tokens > self.model.cfg.max_seqlen:
             raise ValueError(f"request {req.rid}: {len(req.prompt)} prompt + {req.max_new_tokens} new tokens "
                              f"must be in [1, max_seqlen = {self.model.cfg.max_seqlen}]")
-        # the last new token's k/v is never needed
-        need = self._blocks_for(len(req.prompt) + req.max_new_tokens - 1)
-        if need > self.num_blocks:
-            raise ValueError(f"request {req.rid} needs {need} KV-cache blocks, the cache has {self.num_blocks}")
+        cached = len(req.prompt) + req.max_new_tokens - 1  # the last new token's k/v is never needed
+        peaks = [pool.peak_pages_alone(cached, self.chunk_size) for pool in self.pools]
+        if any(pool.releaser is not None for pool in self.pools):
+            peaks = all_ranks_max(self.model, peaks)  # the ranks release different pages
+        for pool, peak in zip(self.pools, peaks):
+            if peak > pool.num_pages:
+                raise ValueError(f"request {req.rid} needs {int(peak)} KV-cache pages of the {pool.name} pool at "
+                                 f"its peak, the pool has {pool.num_pages}")
+        req.tables = [pool.new_table() for pool in self.pools]
         self.waiting.append(req)
-
-    def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.kvbs)
 
     def _admit(self) -> None:
         """FCFS, after every swapped-out sequence is back in: an arrived request joins the running ones if
-        the blocks for its first chunk are free beyond the watermark. Blocks are taken as chunks and
-        decodes need them (_grow), so a long prompt holds only what it has computed."""
-        free = self.allocator.num_free
+        the pages for its first chunk are free beyond the watermark in every pool. Pages are taken as
+        chunks and decodes need them (_grow), so a long prompt holds only what it has computed."""
+        free = [pool.device.num_free for pool in self.pools]
         while (self.waiting and not self.swapped and self.waiting[0].arrival_step <= self.steps
                and len(self.running) < self.max_batch):
-            need = self._blocks_for(min(self.waiting[0].num_tokens, self.chunk_size))
-            if need + (self.watermark if self.running else 0) > free:
+            first = min(self.waiting[0].num_tokens, self.chunk_size)
+            need = [pool.pages_for(first) for pool in self.pools]
+            if any(n + (pool.watermark if self.running else 0) > f for n, f, pool in zip(need, free, self.pools)):
                 break
-            free -= need
+            free = [f - n for f, n in zip(free, need)]
             self.running.append(self.waiting.pop(0))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
+    def _fits_swap_space(self, req: Request) -> bool:
+        return all(t.charge <= pool.host.num_free for pool, t in zip(self.pools, req.tables))
+
     def _preempt(self, req: Request) -> None:
-        """Takes a running sequence's blocks: to the swap space if it has room, else dropped (the sequence
+        """Takes a running sequence's pages: to the swap space if it has room, else dropped (the sequence
         goes back to the head of the queue and recomputes its prompt and output). A sequence admitted this
-        step that got no block yet just goes back to the queue (no preemption: nothing is lost)."""
-        if not req.blocks:
-            self.running.remove(req)
+        step that got no page yet just goes back to the queue (no preemption: nothing is lost)."""
+        self.running.remove(req)
+        if all(t.num_pages == 0 for t in req.tables):
             self.waiting.insert(0, req)
             return
         self.num_preemptions += 1
-        if len(req.blocks) <= self.cpu_allocator.num_free:
+        if self._fits_swap_space(req):
             self._swap_out(req)
             return
         self.num_recomputes += 1
-        self.allocator.release(req.blocks)
-        req.blocks, req.num_computed = [], 0
-        self.running.remove(req)
+        for pool, table in zip(self.pools, req.tables):
+            pool.drop(table)
+        req.tables, req.num_computed = [pool.new_table() for pool in self.pools], 0
         self.waiting.insert(0, req)
 
     def _swap_out(self, req: Request) -> None:
-        """Copies the request's blocks to the CPU swap space (every layer) and frees them here."""
-        if self.cpu_caches is None:
-            pin = self.device.type == "cuda"
-            self.cpu_caches = [torch.zeros((c.shape[0], self.swap_blocks, *c.shape[2:]), dtype=c.dtype,
-                                           pin_memory=pin) for c in self.kv_caches]
-        cpu_blocks = self.cpu_allocator.allocate(len(req.blocks))
-        mapping = torch.tensor(list(zip(req.blocks, cpu_blocks)), dtype=torch.int64)
-        for cache, cpu_cache in zip(self.kv_caches, self.cpu_caches):
-            Backend.swap_blocks(cache, cpu_cache, mapping)
-        self.allocator.release(req.blocks)
-        req.blocks = cpu_blocks
-        self.running.remove(req)
+        """Copies the (removed from running) request's live pages to the CPU swap space and frees them here."""
+        req.tables = [pool.swap_out(table) for pool, table in zip(self.pools, req.tables)]
         self.swapped.append(req)
         self.num_swaps += 1
 
     def _swap_in(self, req: Request) -> bool:
-        """Copies a swapped-out request's blocks back into newly allocated blocks; False (nothing done)
-        unless the blocks for its next step (a chunk or a decode) are free and the batch has room."""
+        """Copies a swapped-out request's pages back into newly allocated ones; False (nothing done) unless
+        every pool has room for them and for its next step (a chunk or a decode) and the batch has room."""
         n = min(req.num_tokens - req.num_computed, self.chunk_size) if req.prefilling else 1
-        need = max(len(req.blocks), self._blocks_for(req.num_computed + n))
-        if need > self.allocator.num_free or len(self.running) >= self.max_batch:
+        if len(self.running) >= self.max_batch or any(
+                t.charge + pool.pages_to_grow(t, req.num_computed + n) > pool.device.num_free
+                for pool, t in zip(self.pools, req.tables)):
             return False
-        blocks = self.allocator.allocate(len(req.blocks))
-        mapping = torch.tensor(list(zip(req.blocks, blocks)), dtype=torch.int64)
-        for cache, cpu_cache in zip(self.kv_caches, self.cpu_caches):
-            Backend.swap_blocks(cpu_cache, cache, mapping)
-        self.cpu_allocator.release(req.blocks)
-        req.blocks = blocks
+        req.tables = [pool.swap_in(table) for pool, table in zip(self.pools, req.tables)]
         self.running.append(req)
         return True
 
     def _grow(self, req: Request, num_tokens: int) -> bool:
-        """Gives a running request the blocks for num_tokens tokens, preempting the newest running sequences
-        while none are free; False if that preempted the request itself."""
-        need = self._blocks_for(num_tokens) - len(req.blocks)
-        while need > self.allocator.num_free:
+        """Gives a running request the pages for num_tokens tokens in every pool, preempting the newest
+        running sequences while some pool is short; False if that preempted the request itself."""
+        while any(pool.pages_to_grow(t, num_tokens) > pool.device.num_free for pool, t in zip(self.pools, req.tables)):
             victim = self.running[-1]
             self._preempt(victim)
             if victim is req:
                 return False
-        if need > 0:
-            req.blocks += self.allocator.allocate(need)
+        for pool, table in zip(self.pools, req.tables):
+            pool.grow(table, num_tokens)
         return True
+
+    def _release_unread(self) -> None:
+        """After a step, each running sequence gives back, in every pool with a release rule, the pages no
+        later query of their kv head reads; its charge then settles to the pages it still holds (the
+        most on any tensor-parallel rank: kv_pools.py)."""
+        releasing = [i for i, pool in enumerate(self.pools) if pool.releaser is not None]
+        held = [(self.pools[i], req.tables[i], req.num_computed) for req in self.running for i in releasing]
+        for pool, table, num_tokens in held:
+            self.pages_released += pool.release_unread(table, num_tokens)
+        for (pool, table, _), charge in zip(held, all_ranks_max(self.model, [t.live for _, t, _ in held])):
+            pool.settle(table, int(charge))
 
     def _schedule(self) -> tuple[list[tuple[Request, int]], int]:
         """The step's batch, (request, number of new tokens): prompt chunks first (running order, within
@@ -268,13 +258,17 @@ class Engine:
             self.swapped.pop(0)
         if self.preempt_every and self.steps % self.preempt_every == self.preempt_every - 1:
             decoding = [r for r in self.running if not r.prefilling]
-            if decoding and len(decoding[-1].blocks) <= self.cpu_allocator.num_free:
+            if decoding and self._fits_swap_space(decoding[-1]):
+                self.running.remove(decoding[-1])
                 self._swap_out(decoding[-1])
         self._admit()
         batch, num_prefill_seqs = self._schedule()
         self.steps += 1
         if not batch:
             return 0
+        self.peak_running = max(self.peak_running, sum(1 for r in self.running if r.tables[0].num_pages))
+        for pool in self.pools:
+            pool.peak_in_use = max(pool.peak_in_use, pool.device.in_use)
 
         # a sequence samples when this step reaches its last known token (end of prompt, or a decode)
         sample = [req.num_computed + n == req.num_tokens for req, n in batch]
@@ -293,9 +287,11 @@ class Engine:
             if self.keep_logits:
                 req.logits.append(row.cpu())
         for req in [r for r in self.running if r.finished]:
-            self.allocator.release(req.blocks)
-            req.blocks = []
+            for pool, table in zip(self.pools, req.tables):
+                pool.drop(table)
+            req.tables = []
             self.running.remove(req)
+        self._release_unread()
         prefills = batch[:num_prefill_seqs]
         self.history.append(StepRecord(num_prefill_seqs, sum(req.num_computed > n for req, n in prefills),
                                        len(batch) - num_prefill_seqs, sum(n for _, n in prefills),
@@ -305,20 +301,22 @@ class Engine:
     def _eager(self, batch: list[tuple[Request, int]], sample: list[bool]) -> torch.Tensor:
         query_lens = [n for _, n in batch]
         context_lens = [req.num_computed for req, _ in batch]
-        md = Metadata.build(query_lens, context_lens, [req.blocks for req, _ in batch], self.kvbs,
-                            device=self.device)
+        per_pool = [Metadata.build(query_lens, context_lens, [pool.table_arg(req.tables[i]) for req, _ in batch],
+                                   self.kvbs, device=self.device) for i, pool in enumerate(self.pools)]
         ids = [t for (req, n), c in zip(batch, context_lens) for t in req.token_range(c, c + n)]
         positions = torch.cat([torch.arange(c, c + n) for c, n in zip(context_lens, query_lens)])
         ends = torch.tensor(query_lens).cumsum(0) - 1
         rows = ends[torch.tensor(sample)]
         return self.model.forward(torch.tensor(ids, device=self.device), positions.to(self.device), self.kv_caches,
-                                  md, rows.to(self.device))
+                                  [per_pool[i] for i in self.layer_pool], rows.to(self.device))
 
     def run(self, requests: list[Request], progress: bool = True) -> dict:
         """Serves `requests` to completion; returns timing stats of this call.
 
         swaps: swap-outs (by memory pressure or preempt_every); preemptions: sequences preempted because
-        the cache ran out of blocks, swapped out or (recomputes) dropped to be recomputed.
+        the cache ran out of pages, swapped out or (recomputes) dropped to be recomputed; pages_released:
+        pages given back because no later query reads them (per-kv-head; this rank's); peak_running: the
+        most sequences with pages on the device at once; peak_pages: per pool, the most pages in use.
         Steps that carry prompt tokens (the prefill phase, including the decodes batched with them) and
         decode-only steps are timed apart: prefill_seconds / prefill_steps, decode_seconds /
         decode_steps / decode_tokens (tokens generated by decode-only steps)."""
@@ -326,7 +324,10 @@ class Engine:
             self.add_request(req)
         total = sum(r.max_new_tokens for r in requests)
         first_record, first_step = len(self.history), self.steps
-        first = (self.num_swaps, self.num_preemptions, self.num_recomputes)
+        first = (self.num_swaps, self.num_preemptions, self.num_recomputes, self.pages_released)
+        self.peak_running = 0
+        for pool in self.pools:
+            pool.peak_in_use = 0
         bar = tqdm(total=total, unit="tok", file=sys.stderr) if progress and tqdm is not None else None
         done, start = 0, time.perf_counter()
         while self.has_work():
@@ -345,7 +346,8 @@ class Engine:
         return dict(requests=len(requests), prompt_tokens=sum(len(r.prompt) for r in requests),
                     generated_tokens=done, seconds=elapsed, steps=self.steps - first_step,
                     swaps=self.num_swaps - first[0], preemptions=self.num_preemptions - first[1],
-                    recomputes=self.num_recomputes - first[2],
+                    recomputes=self.num_recomputes - first[2], pages_released=self.pages_released - first[3],
+                    peak_running=self.peak_running, peak_pages=[pool.peak_in_use for pool in self.pools],
                     prefill_steps=len(prefill), prefill_seconds=sum(r.seconds for r in prefill),
                     decodes_in_prefill_steps=sum(r.decodes for r in prefill),
                     decode_steps=len(decode), decode_seconds=sum(r.seconds for r in decode),
@@ -353,9 +355,9 @@ class Engine:
 
 
 def cache_block_bytes(model: Phi3SmallTiny, kv_block_size: int) -> int:
-    """Bytes of one KV-cache block over all layers (K and V) on one rank."""
-    elem = torch.empty(0, dtype=model.cache_dtype).element_size()
-    return model.cfg.num_layers * 2 * kv_block_size * model.hkv * model.cfg.head_dim * elem
+    """Bytes of one KV-cache block over all layers (K and V) on one rank: the unit of --num-blocks in
+    either layout."""
+    return model.cfg.num_layers * page_bytes(model, kv_block_size, model.hkv)
 
 
 def blocks_for_memory(model: Phi3SmallTiny, fraction: float, kv_block_size: int, chunk_size: int) -> int:
@@ -393,16 +395,62 @@ def blocks_for_memory(model: Phi3SmallTiny, fraction: float, kv_block_size: int,
     return blocks
 
 
+class PaddedTables:
+    """One pool's static decode inputs for PaddedDecoder: slot_mapping [b, rows] (padding rows -1: nothing
+    written) and block tables [b, rows, max_pages], rows = the pool's table rows per sequence (Hkv with
+    per-kv-head pages; 1 with shared pages, whose metadata gets [b] and [b, max_pages] views).
+
+    The tables' host copy is written per batch row from the sequence's PageTable, and only what changed:
+    its new pages at the end, and the entries released since the last step (in the middle of the row,
+    replayed from PageTable.released), never the 8192-entry rows of a 128k sequence on every step. A
+    swap-in or a recompute makes a new PageTable, which rewrites the row. The device gets only the
+    columns the batch's longest table covers (the kernels read no further)."""
+
+    def __init__(self, pool: KVPool, batch: int, max_pages: int, device: torch.device):
+        self.pool = pool
+        self.slots = torch.full((batch, pool.rows), -1, dtype=torch.int64, device=device)
+        self.tables = torch.zeros(batch, pool.rows, max_pages, dtype=torch.int32, device=device)
+        self.host_tables = torch.zeros(batch, pool.rows, max_pages, dtype=torch.int32)
+        # per batch row: the table it was written from, its pages written, its releases replayed
+        self.written: list[tuple[PageTable | None, int, int]] = [(None, 0, 0)] * batch
+
+    def views(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot_mapping, block_tables) of the first `size` batch rows, shaped as the metadata takes them."""
+        if self.pool.per_kv_head:
+            return self.slots[:size], self.tables[:size]
+        return self.slots[:size, 0], self.tables[:size, 0]
+
+    def update(self, tables: list[PageTable], positions: list[int], size: int) -> None:
+        """Writes the batch's slots (the decoded token at positions[i]) and tables, padded to `size` rows."""
+        kvbs = self.pool.kvbs
+        for i, table in enumerate(tables):
+            old, done, replayed = self.written[i]
+            if old is not table:
+                done, replayed = 0, len(table.released)
+            n = table.num_pages
+            if done < n:
+                self.host_tables[i, :, done:n] = torch.tensor([row[done:n] for row in table.rows], dtype=torch.int32)
+            for g, p in table.released[replayed:]:
+                self.host_tables[i, g, p] = -1
+            self.written[i] = (table, n, len(table.released))
+        slots = [[row[p // kvbs] * kvbs + p % kvbs for row in t.rows] for t, p in zip(tables, positions)]
+        slots += [[-1] * self.pool.rows] * (size - len(tables))
+        self.slots[:size].copy_(torch.tensor(slots, dtype=torch.int64))
+        cols = max(t.num_pages for t in tables)
+        self.tables[:size, :, :cols].copy_(self.host_tables[:size, :, :cols])
+
+
 class PaddedDecoder:
     """Decode-only steps over static buffers padded to a batch size of 1, 2, 4, ... max_batch; with
     capture=True (CUDA), one CUDA graph per size, replayed.
 
-    Static inputs: token ids, positions, slot_mapping (padding rows -1: nothing written), seq_lens
-    (padding rows 0: output 0), block tables. The metadata holds views of these buffers and no host
-    seq_lens (seq_lens=None, max_decode_seq_len = max_seqlen), so the backend does no host work that
-    would be frozen into the graph. With tensor parallelism the NCCL all-reduces are captured too.
-    The capture and replay have not been run yet (no GPU on the development machine); the padded
-    buffers and metadata run eagerly on the CPU with capture=False (tests/test_example_model.py).
+    Static inputs: token ids, positions, seq_lens (padding rows 0: output 0), and per pool its slots and
+    block tables (PaddedTables). Each pool's metadata holds views of these buffers and no host seq_lens
+    (seq_lens=None, max_decode_seq_len = max_seqlen), so the backend does no host work that would be
+    frozen into the graph; every layer gets its pool's. With tensor parallelism the NCCL all-reduces are
+    captured too. The capture and replay have not been run with per-kv-head pages (no GPU on the
+    development machine); the padded buffers and metadata run eagerly on the CPU with capture=False
+    (tests/test_example_model.py, tests/test_kv_layout_engine.py).
     """
 
     def __init__(self, engine: Engine, capture: bool):
@@ -410,22 +458,20 @@ class PaddedDecoder:
         self.engine = engine
         self.ids = torch.zeros(b, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(b, dtype=torch.int64, device=dev)
-        self.slots = torch.full((b,), -1, dtype=torch.int64, device=dev)
         self.seq_lens = torch.zeros(b, dtype=torch.int32, device=dev)
-        self.tables = torch.zeros(b, engine.max_blocks_per_seq, dtype=torch.int32, device=dev)
-        # The tables' host copy, and per row the block list it was written from and how much of it: a
-        # sequence's list only grows while it runs (swap-in and recompute give it a new list), so a
-        # step writes only new blocks, not 8192-entry rows of 128k sequences.
-        self.host_tables = torch.zeros(b, engine.max_blocks_per_seq, dtype=torch.int32)
-        self.written: list[tuple[list[int] | None, int]] = [(None, 0)] * b
+        self.pool_tables = [PaddedTables(pool, b, engine.max_pages_per_seq, dev) for pool in engine.pools]
         self.sizes = sorted({min(1 << i, b) for i in range(b.bit_length() + 1)})
         self.graphs, self.outputs, self.runs = {}, {}, {}
         pool = None
         for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory pool
-            md = Metadata(num_prefills=0, num_prefill_tokens=0, num_decode_tokens=size,
-                          slot_mapping=self.slots[:size], seq_lens=None, seq_lens_tensor=self.seq_lens[:size],
-                          max_query_len=1, max_decode_seq_len=model.cfg.max_seqlen,
-                          block_tables=self.tables[:size], use_cuda_graph=True)
+            per_pool = []
+            for tables in self.pool_tables:
+                slots, block_tables = tables.views(size)
+                per_pool.append(Metadata(num_prefills=0, num_prefill_tokens=0, num_decode_tokens=size,
+                                         slot_mapping=slots, seq_lens=None, seq_lens_tensor=self.seq_lens[:size],
+                                         max_query_len=1, max_decode_seq_len=model.cfg.max_seqlen,
+                                         block_tables=block_tables, use_cuda_graph=True))
+            md = [per_pool[i] for i in engine.layer_pool]
 
             def run(md=md, size=size):
                 return model.forward(self.ids[:size], self.positions[:size], engine.kv_caches, md)
@@ -452,24 +498,16 @@ class PaddedDecoder:
 
     def decode(self, reqs: list[Request]) -> torch.Tensor:
         """Logits [len(reqs), vocab] of each request's next token."""
-        n, kvbs = len(reqs), self.engine.kvbs
+        n = len(reqs)
         size = next(s for s in self.sizes if s >= n)
         pos = [r.num_computed for r in reqs]  # the token being decoded: position num_computed
         ids = [r.token_range(p, p + 1)[0] for r, p in zip(reqs, pos)]
-        slots = [r.blocks[p // kvbs] * kvbs + p % kvbs for r, p in zip(reqs, pos)]
-        for i, r in enumerate(reqs):
-            blocks, done = self.written[i]
-            if blocks is not r.blocks:
-                done = 0
-            if done < len(r.blocks):
-                self.host_tables[i, done: len(r.blocks)] = torch.tensor(r.blocks[done:], dtype=torch.int32)
-                self.written[i] = (r.blocks, len(r.blocks))
+        for i, tables in enumerate(self.pool_tables):
+            tables.update([r.tables[i] for r in reqs], pos, size)
         pad = size - n
         self.ids[:size].copy_(torch.tensor(ids + [0] * pad), non_blocking=False)
         self.positions[:size].copy_(torch.tensor(pos + [0] * pad))
-        self.slots[:size].copy_(torch.tensor(slots + [-1] * pad))
         self.seq_lens[:size].copy_(torch.tensor([p + 1 for p in pos] + [0] * pad, dtype=torch.int32))
-        self.tables[:size].copy_(self.host_tables[:size])
         if size in self.graphs:
             self.graphs[size].replay()
             return self.outputs[size][:n].clone()
