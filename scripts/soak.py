@@ -4,17 +4,18 @@ preempted (swapped out to a CPU swap space half the cache's size, or recomputed 
 with chunked prefill and CUDA-graph decode; then every request is served again alone (a batch of one,
 eager, the same cache dtype), fed the tokens the soak produced, and must agree logit for logit within
 the example's tolerance (a greedy token may differ only at a near-tie: another batching rounds
-differently in bfloat16). Nothing may be lost or stuck (a step limit), and the device memory must come
-back to its level before the engines.
+differently in bfloat16). Nothing may be lost or stuck (a step limit), every cache page must be back in
+its pool, and the device memory must come back to its level before the engines. --kv-layout per-kv-head
+soaks the one-head pages released as the sequences grow (the same bytes; the re-runs stay shared).
 
     python scripts/soak.py --device cuda --model phi3-small-128k --num-layers 4 --num-requests 500 \
-        --max-prompt 131072 [--kv-cache-dtype fp8]
+        --max-prompt 131072 [--kv-cache-dtype fp8] [--kv-layout per-kv-head]
     python scripts/soak.py --device cpu --model tiny-longrope --num-layers 2 --num-requests 12 --max-prompt 300 \
         --chunk-size 128
 
 Prints one `RESULT json {...}` line (requests, prompt and generated tokens, steps, preemptions, swaps,
-recomputes, mismatches, lost, stuck, memory) and exits non-zero on any mismatch, lost or stuck request
-or leaked device memory.
+recomputes, pages released, mismatches, lost, stuck, memory) and exits non-zero on any mismatch, lost or
+stuck request, page not returned or leaked device memory.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from examples.phi3_small_tiny.engine import Engine, Request  # noqa: E402
+from examples.phi3_small_tiny.kv_pools import KV_LAYOUTS  # noqa: E402
 from examples.phi3_small_tiny.model import Phi3SmallTiny, init_weights  # noqa: E402
 from examples.phi3_small_tiny.serve import _agree, logit_tol, make_config  # noqa: E402
 
@@ -63,6 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rope-factors", default=None)
     p.add_argument("--dense-all", action="store_true")
+    p.add_argument("--sparse-all", action="store_true")
+    p.add_argument("--homo-head", action="store_true")
+    p.add_argument("--kv-layout", default="shared", choices=KV_LAYOUTS,
+                   help="per-kv-head: one-head pages, the unread ones given back after every step (the same bytes)")
     args = p.parse_args(argv)
     if args.model is None:
         args.model = "phi3-small-128k" if args.device.startswith("cuda") else "tiny-longrope"
@@ -89,7 +95,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     cfg = make_config(argparse.Namespace(model=args.model, rope_factors=args.rope_factors, num_layers=args.num_layers,
-                                         dense_all=args.dense_all))
+                                         dense_all=args.dense_all, sparse_all=args.sparse_all, homo_head=args.homo_head))
     weights = init_weights(cfg, args.seed, device if device.type == "cuda" else "cpu", dtype)
     model = Phi3SmallTiny(cfg, weights, device=device, dtype=dtype, kv_cache_dtype=args.kv_cache_dtype)
     requests = draw_requests(args, cfg.max_seqlen, cfg.vocab_size)
@@ -111,7 +117,8 @@ def main(argv=None) -> int:
     start_memory = memory()
     start = time.perf_counter()
     engine = Engine(model, num_blocks, args.kv_block_size, args.chunk_size, args.max_batch,
-                    preempt_every=args.preempt_every, keep_logits=True, seed=args.seed, swap_blocks=swap_blocks)
+                    preempt_every=args.preempt_every, keep_logits=True, seed=args.seed, swap_blocks=swap_blocks,
+                    kv_layout=args.kv_layout, longest_request=max(len(r.prompt) + r.max_new_tokens for r in requests))
     for req in requests:
         engine.add_request(req)
     while engine.has_work() and engine.steps < max_steps:
@@ -120,6 +127,8 @@ def main(argv=None) -> int:
     soak_s = time.perf_counter() - start
     swaps, steps = engine.num_swaps, engine.steps
     preemptions, recomputes = engine.num_preemptions, engine.num_recomputes
+    released, peak_running = engine.pages_released, engine.peak_running
+    all_returned = not stuck and all(pool.all_free for pool in engine.pools)
     del engine
     lost = [r.rid for r in requests if len(r.output) != r.max_new_tokens]
 
@@ -143,16 +152,17 @@ def main(argv=None) -> int:
     end_memory = memory()
 
     result = dict(model=args.model, num_layers=cfg.num_layers, device=str(device), dtype=str(dtype).removeprefix("torch."),
-                  kv_cache_dtype=args.kv_cache_dtype, requests=len(requests),
+                  kv_cache_dtype=args.kv_cache_dtype, kv_layout=args.kv_layout, homo_head=args.homo_head,
+                  sparse_all=args.sparse_all, requests=len(requests),
                   prompt_tokens=sum(len(r.prompt) for r in requests), longest_prompt=max(len(r.prompt) for r in requests),
                   generated_tokens=sum(len(r.output) for r in requests), num_blocks=num_blocks, swap_blocks=swap_blocks,
                   max_steps=max_steps, steps=steps, preemptions=preemptions, swaps=swaps, recomputes=recomputes,
-                  stuck=stuck, lost=len(lost), mismatches=len(mismatches), max_rel_err=worst,
+                  pages_released=released, peak_running=peak_running, pages_returned=all_returned, stuck=stuck, lost=len(lost), mismatches=len(mismatches), max_rel_err=worst,
                   memory_start=start_memory, memory_end=end_memory, soak_s=soak_s, rerun_s=rerun_s)
     for rid, message in mismatches[:5]:
         print(f"mismatch: {message}", file=sys.stderr)
     print("RESULT json " + json.dumps(result), flush=True)
-    return int(bool(stuck or lost or mismatches or end_memory != start_memory))
+    return int(bool(stuck or lost or mismatches or not all_returned or end_memory != start_memory))
 
 
 if __name__ == "__main__":

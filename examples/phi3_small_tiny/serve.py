@@ -15,7 +15,10 @@ generated token, the served tokens fed back) and fails unless each logit vector 
 token agrees.
 The KV cache holds all requests at once unless --num-blocks or (CUDA) --gpu-memory-fraction say
 otherwise; a smaller one makes the engine preempt sequences (swapped to --swap-space, or recomputed),
-counted in the RESULT line as preemptions / swaps / recomputes.
+counted in the RESULT line as preemptions / swaps / recomputes. --kv-layout per-kv-head spends the same
+bytes on pages of one kv head, a pool per layer pattern, and gives back after every step the pages no
+later query reads (examples/phi3_small_tiny/kv_pools.py); the RESULT line then has each pool's pages and
+peak use, pages_released and peak_running (the most sequences with their cache on the device at once).
 --compare-eager serves the same requests again in one process, one rank, no CUDA graphs, fed the
 served tokens, and fails unless the logits and tokens agree (checks CUDA-graph decode against eager
 decode, and tensor parallelism against one rank).
@@ -39,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from .engine import Engine, Request, blocks_for_memory, cache_block_bytes
+from .kv_pools import KV_LAYOUTS
 from .model import Config, Phi3SmallTiny, ReferencePhi3Small, init_weights
 
 # Error allowed between the served logits and the float32 reference, relative to the largest |logit| of
@@ -118,13 +122,14 @@ def _agree(req: Request, t: int, tok: int, got: torch.Tensor, want: torch.Tensor
 
 
 def compare_with_eager(model: Phi3SmallTiny, requests: list[Request], args: argparse.Namespace,
-                       num_blocks: int, swap_blocks: int | None = None) -> float:
+                       num_blocks: int, swap_blocks: int | None = None, longest_request: int | None = None) -> float:
     """Serves `requests` again on `model` (one rank) with eager decode, each fed its served tokens, and
     asserts every logit vector and token agrees within LOGIT_TOL; returns the largest relative error."""
     again = [Request(rid=r.rid, prompt=r.prompt, max_new_tokens=r.max_new_tokens,
                      arrival_step=i * args.arrival_every, forced_output=r.output) for i, r in enumerate(requests)]
     engine = Engine(model, num_blocks, args.kv_block_size, args.chunk_size, args.max_batch, use_cuda_graph=False,
-                    keep_logits=True, seed=args.seed, swap_blocks=swap_blocks)
+                    keep_logits=True, seed=args.seed, swap_blocks=swap_blocks, kv_layout=args.kv_layout,
+                    longest_request=longest_request)
     engine.run(again, progress=False)
     worst, tol = 0.0, logit_tol(model.dtype, model.kv_cache_dtype)  # fp8: K/V rounded in other batches
     for a, b in zip(requests, again):
@@ -145,9 +150,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="LongRoPE factors {\"short_factor\": [...], \"long_factor\": [...]} (head_dim / 2 each); "
                         "default: a fixed plausible set (model.longrope_factors)")
     p.add_argument("--num-layers", type=int, default=None, help="override the model's number of layers")
-    p.add_argument("--dense-all", action="store_true",
-                   help="every layer dense (the same backend with vert_stride 1), instead of alternating "
-                        "block-sparse and dense layers as Phi-3-small")
+    layers = p.add_mutually_exclusive_group()
+    layers.add_argument("--dense-all", action="store_true",
+                        help="every layer dense (the same backend with vert_stride 1), instead of alternating "
+                             "block-sparse and dense layers as Phi-3-small")
+    layers.add_argument("--sparse-all", action="store_true",
+                        help="every layer block-sparse (no dense layers): half of Phi-3-small's layers are dense, "
+                             "which caps what --kv-layout per-kv-head saves at 2 / (1 + kept fraction)")
+    p.add_argument("--homo-head", action="store_true",
+                   help="the sparse layers' heads all read the same vertical columns (homo_head=True) instead of "
+                        "sliding them by head; the reference uses the same pattern")
     p.add_argument("--num-requests", type=int, default=6)
     p.add_argument("--min-prompt", type=int, default=40)
     p.add_argument("--max-prompt", type=int, default=300)
@@ -161,7 +173,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the fp8 cache's K and V scale (stored = fp8(x / scale)); the random weights' K/V "
                         "stay well inside e4m3's range at 1")
     p.add_argument("--num-blocks", type=int, default=None,
-                   help="KV-cache blocks (default: enough for all requests at once, or as --gpu-memory-fraction says)")
+                   help="KV-cache blocks (default: enough for all requests at once, or as --gpu-memory-fraction says); "
+                        "with --kv-layout per-kv-head the same bytes in one-head pages")
+    p.add_argument("--kv-layout", choices=KV_LAYOUTS, default="shared",
+                   help="shared: a page holds all kv heads (vLLM's blocks); per-kv-head: a page holds one kv head, a "
+                        "pool per layer pattern, and pages no later query reads are given back after every step")
     p.add_argument("--gpu-memory-fraction", type=float, default=None, metavar="F",
                    help="CUDA, without --num-blocks: size the cache to what weights and a profiled prefill chunk "
                         "leave of F x the GPU's memory (vLLM's gpu_memory_utilization); with torchrun the "
@@ -213,6 +229,10 @@ def make_config(args: argparse.Namespace) -> Config:
         cfg = dataclasses.replace(cfg, num_layers=args.num_layers)
     if args.dense_all:
         cfg = dataclasses.replace(cfg, dense_every=1)
+    if args.sparse_all:
+        cfg = dataclasses.replace(cfg, dense_every=0)
+    if args.homo_head:
+        cfg = dataclasses.replace(cfg, homo_head=True)
     return cfg
 
 
@@ -282,10 +302,11 @@ def main(argv=None) -> int:
     else:  # (the CPU ignores --gpu-memory-fraction)
         num_blocks = max(blocks_for(requests, args.kv_block_size), blocks_for(warmup, args.kv_block_size))
     swap_blocks = swap_blocks_for(model, num_blocks, args.kv_block_size, args.swap_space)
+    longest = max(len(r.prompt) + r.max_new_tokens for r in requests + warmup)
     engine = Engine(model, num_blocks, args.kv_block_size, args.chunk_size, args.max_batch,
                     use_cuda_graph=device.type == "cuda" and not args.no_cuda_graph, pad_decode=args.pad_decode,
                     preempt_every=args.preempt_every, keep_logits=args.check or args.compare_eager, seed=args.seed,
-                    swap_blocks=swap_blocks)
+                    swap_blocks=swap_blocks, kv_layout=args.kv_layout, longest_request=longest)
     _sync(device)
     capture_s = time.perf_counter() - start
     cuda_graphs = bool(engine.graphs and engine.graphs.graphs)
@@ -300,6 +321,7 @@ def main(argv=None) -> int:
               f"{'on' if cuda_graphs else 'off'}")
         print(f"requests: {len(requests)}, prompt lengths {lens if len(lens) <= 8 else f'{min(lens)}..{max(lens)}'}, "
               f"{args.max_new_tokens} new tokens each, chunk {args.chunk_size}, max batch {args.max_batch}")
+        print(_describe_cache(engine, model, cfg, longest))
 
     start = time.perf_counter()
     if warmup:
@@ -308,6 +330,7 @@ def main(argv=None) -> int:
     for req in requests:  # arrival steps count from the start of the timed run
         req.arrival_step += engine.steps
     stats = engine.run(requests, progress=lead and not args.no_progress)
+    pools = [pool.describe() for pool in engine.pools]  # with this run's peaks
     # The cache and the decode graphs go before the checks: --compare-eager allocates a cache as large (all
     # of the GPU's share with --gpu-memory-fraction), and with tensor parallelism the graphs captured NCCL
     # all-reduces, which must not outlive the communicator (tearing NCCL down under live graphs left the
@@ -322,7 +345,8 @@ def main(argv=None) -> int:
         generated, prompt, seconds = stats["generated_tokens"], stats["prompt_tokens"], stats["seconds"]
         print(f"{generated} tokens generated ({prompt} prompt tokens) in "
               f"{stats['steps']} steps ({stats['preemptions']} preemptions, {stats['swaps']} swaps, "
-              f"{stats['recomputes']} recomputes), {seconds:.2f} s: "
+              f"{stats['recomputes']} recomputes; at most {stats['peak_running']} sequences running, "
+              f"{stats['pages_released']} pages released), {seconds:.2f} s: "
               f"{generated / seconds:.1f} generated tokens/s, {(generated + prompt) / seconds:.1f} tokens/s in all")
         print(f"prefill: {stats['prefill_steps']} steps, {stats['prefill_seconds']:.3f} s, "
               f"{_rate(prompt, stats['prefill_seconds']):.1f} prompt tokens/s; decode: {stats['decode_steps']} "
@@ -331,6 +355,7 @@ def main(argv=None) -> int:
               f"untimed: setup {setup_s:.2f} s, cache + graph capture {capture_s:.2f} s, warm-up {warmup_s:.2f} s")
         result = dict(
             model=args.model, num_layers=cfg.num_layers, layers=layers, dense_all=args.dense_all,
+            sparse_all=args.sparse_all, homo_head=args.homo_head,
             num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
             hidden_size=cfg.hidden_size, sparse_block_size=cfg.sparse_block_size, local_blocks=cfg.local_blocks,
             vert_stride=cfg.vert_stride, max_seqlen=cfg.max_seqlen, rope_original_max=cfg.rope_original_max or None,
@@ -343,6 +368,8 @@ def main(argv=None) -> int:
             max_batch=args.max_batch, num_blocks=num_blocks, swap_blocks=swap_blocks,
             gpu_memory_fraction=args.gpu_memory_fraction if not args.num_blocks else None,
             kv_cache_gib=num_blocks * cache_block_bytes(model, args.kv_block_size) / 2**30,
+            kv_layout=args.kv_layout, kv_pools=pools, pages_released=stats["pages_released"],
+            peak_running=stats["peak_running"],
             warmup_requests=len(warmup),
             prompt_tokens=prompt, generated_tokens=generated, steps=stats["steps"], wall_s=seconds,
             preemptions=stats["preemptions"], swaps=stats["swaps"], recomputes=stats["recomputes"],
@@ -377,7 +404,7 @@ def main(argv=None) -> int:
             single = model if world == 1 else Phi3SmallTiny(cfg, weights, device=device, dtype=dtype, **kv)
             what = f"tp {world}, CUDA graphs {'on' if cuda_graphs else 'off'}"
             status |= verify("compare_eager", f"compare-eager ({what})",
-                             lambda: compare_with_eager(single, requests, args, num_blocks, swap_blocks),
+                             lambda: compare_with_eager(single, requests, args, num_blocks, swap_blocks, longest),
                              "matches one rank with eager decode")
         print("RESULT json " + json.dumps(result), flush=True)
     if world > 1:
@@ -385,6 +412,27 @@ def main(argv=None) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return status
+
+
+def _describe_cache(engine: Engine, model: Phi3SmallTiny, cfg: Config, longest: int) -> str:
+    """A line on the cache: the shared blocks, or how the same bytes were split into per-kv-head pools."""
+    def size(n: int) -> str:
+        unit = next(u for u in (3, 2, 1, 0) if n >= 2 ** (10 * u) or u == 0)
+        return f"{n / 2 ** (10 * unit):.{2 if unit else 0}f} {('B', 'KiB', 'MiB', 'GiB')[unit]}"
+
+    block = cache_block_bytes(model, engine.kvbs)
+    shared = f"{engine.num_blocks} blocks x {size(block)} (all {cfg.num_layers} layers) = {size(engine.num_blocks * block)}"
+    if engine.kv_layout == "shared":
+        return f"KV cache: {shared}, shared pages"
+    pools = "; ".join(f"{p.name} (layers {_ranges(p.layers)}, keeps {p.kept_fraction:.1%} of pages at {longest} tokens): "
+                      f"{p.num_pages} pages x {size(p.page_bytes)} x {len(p.layers)} layers = "
+                      f"{size(p.num_pages * p.page_bytes * len(p.layers))}" for p in engine.pools)
+    return f"KV cache: per-kv-head pages, the bytes of {shared} split by layers x kept fraction: {pools}"
+
+
+def _ranges(layers: list[int]) -> str:
+    """'0,2,...,30' for many layers."""
+    return ",".join(map(str, layers)) if len(layers) <= 4 else f"{layers[0]},{layers[1]},...,{layers[-1]}"
 
 
 def _rate(tokens: int, seconds: float) -> float:
