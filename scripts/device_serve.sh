@@ -25,6 +25,16 @@
 #   PYTHON=.venv/bin/python DEVICE=cpu DEFAULT_STEPS=0 LONG=1 LONG_MODEL=tiny-longrope LONG_LAYERS=2 LONG_PROMPT=600 \
 #   LONG_PROMPT_MAX=1000 LONG_NEW=8 LONG_CHUNK=256 SOAK=1 SOAK_MODEL=tiny-longrope SOAK_LAYERS=2 SOAK_REQUESTS=12 \
 #   SOAK_MAX_PROMPT=600 SOAK_CHUNK=128 SOAK_KV="auto fp8" bash scripts/device_serve.sh     # CPU dry run of those
+#   KV_LAYOUT=1  capacity of the per-kv-head cache (issue 17), one GPU: $KV_REQUESTS (12) requests of $KV_PROMPT
+#            (32768) prompt + $KV_NEW (128) new tokens arriving at once (max batch = all of them), Phi-3-small-128k
+#            with $KV_LAYERS (32) layers, bfloat16, chunks of $KV_CHUNK (8192), a fixed cache of $KV_FIT (4) requests'
+#            shared blocks (--num-blocks; KV_BLOCKS overrides), served with --kv-layout shared and per-kv-head (the
+#            same bytes) for each model of $KV_MODELS ("alternating homo sparse-all": the model's sparse/dense
+#            layers, the same with --homo-head, every layer sparse; "sparse-all-homo" is both flags). Reports
+#            peak_running (most sequences running at once), preemptions and tokens/s. About 1 minute per run
+#            (estimate): give BUDGET=590 and DEFAULT_STEPS=0.
+#   PYTHON=.venv/bin/python DEVICE=cpu DEFAULT_STEPS=0 KV_LAYOUT=1 KV_MODEL=tiny-longrope KV_LAYERS=2 KV_REQUESTS=6 \
+#   KV_PROMPT=500 KV_NEW=48 KV_CHUNK=64 KV_FIT=2 bash scripts/device_serve.sh                 # CPU dry run of that
 # Logs go to $OUT/serve_*.log; each run's last line is `RESULT json {...}`; a summary table is printed last.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -96,6 +106,19 @@ long() {  # $1 requests of $2 prompt tokens + LONG_NEW new ones, all at once, Ph
     --warmup-requests 1 --init-on-device $([ "$kind" = dense ] && echo --dense-all) "$@"
 }
 
+kv() {  # $1: the cache layout (shared, per-kv-head); $2: the model (alternating, homo, sparse-all, sparse-all-homo)
+  local flags=()
+  case "$2" in
+    homo) flags=(--homo-head) ;;
+    sparse-all) flags=(--sparse-all) ;;
+    sparse-all-homo) flags=(--sparse-all --homo-head) ;;
+  esac
+  run "kv_$2_$1" 170 "${SERVE[@]}" --model "${KV_MODEL:-phi3-small-128k}" --num-layers "${KV_LAYERS:-32}" \
+    --num-requests "$KV_REQUESTS" --min-prompt "$KV_PROMPT" --max-prompt "$KV_PROMPT" --max-new-tokens "$KV_NEW" \
+    --arrival-every 0 --max-batch "$KV_REQUESTS" --chunk-size "${KV_CHUNK:-8192}" --num-blocks "$KV_BLOCKS" \
+    --kv-layout "$1" --warmup-requests 1 --init-on-device $PAD ${flags[@]+"${flags[@]}"}
+}
+
 soak() {  # $1: the cache dtype (auto, fp8, ...)
   run "soak_$1" "${SOAK_SECONDS:-540}" "$PY" scripts/soak.py --device "$DEVICE" --model "${SOAK_MODEL:-phi3-small-128k}" \
     --num-layers "${SOAK_LAYERS:-4}" --num-requests "${SOAK_REQUESTS:-500}" --max-prompt "${SOAK_MAX_PROMPT:-131072}" \
@@ -123,6 +146,12 @@ if [ "${LONG:-0}" != 0 ]; then
   long 2 "$LONG_PROMPT_MAX" sparse --gpu-memory-fraction 0.9
   long 2 "$LONG_PROMPT_MAX" dense --gpu-memory-fraction 0.9
 fi
+if [ "${KV_LAYOUT:-0}" != 0 ]; then
+  KV_REQUESTS=${KV_REQUESTS:-12} KV_PROMPT=${KV_PROMPT:-32768} KV_NEW=${KV_NEW:-128}
+  # KV_FIT requests' shared blocks of 16 tokens (serve.py's default --kv-block-size)
+  KV_BLOCKS=${KV_BLOCKS:-$(( ${KV_FIT:-4} * ((KV_PROMPT + KV_NEW + 15) / 16) ))}
+  for model in ${KV_MODELS:-alternating homo sparse-all}; do kv shared "$model"; kv per-kv-head "$model"; done
+fi
 if [ "${SOAK:-0}" != 0 ]; then
   for kv in ${SOAK_KV:-auto}; do soak "$kv"; done
 fi
@@ -130,17 +159,18 @@ fi
 "$PY" - "$OUT" ${RUNS[@]+"${RUNS[@]}"} <<'EOF'
 import json, sys
 out, names = sys.argv[1], sys.argv[2:]
-print(f"\n{'run':<22} {'rc':>3}  {'config, correctness (max rel err)':<52} {'prefill tok/s':>13} {'decode tok/s':>13} "
+w = max([22] + [len(n) for n in names])  # the run names' column
+print(f"\n{'run':<{w}} {'rc':>3}  {'config, correctness (max rel err)':<52} {'prefill tok/s':>13} {'decode tok/s':>13} "
       f"{'total tok/s':>12} {'wall s':>7}  untimed s (setup/capture/warm-up)")
 for name in names:
     lines = open(f"{out}/serve_{name}.log").read().splitlines()
     rc = next((l[3:] for l in reversed(lines) if l.startswith("rc=")), "?")
     res = next((json.loads(l[len("RESULT json "):]) for l in reversed(lines) if l.startswith("RESULT json ")), None)
     if res is None:
-        print(f"{name:<22} {rc:>3}  (no RESULT line: see {out}/serve_{name}.log)")
+        print(f"{name:<{w}} {rc:>3}  (no RESULT line: see {out}/serve_{name}.log)")
         continue
     if name.startswith("soak"):
-        print(f"{name:<22} {rc:>3}  {res['requests']} requests, {res['prompt_tokens']} prompt + {res['generated_tokens']} "
+        print(f"{name:<{w}} {rc:>3}  {res['requests']} requests, {res['prompt_tokens']} prompt + {res['generated_tokens']} "
               f"generated tokens (longest prompt {res['longest_prompt']}), {res['steps']} steps, {res['preemptions']} "
               f"preemptions ({res['swaps']} swaps, {res['recomputes']} recomputes); lost {res['lost']}, stuck "
               f"{res['stuck']}, mismatches {res['mismatches']} (max rel err {res['max_rel_err']:.1e}), memory "
@@ -151,11 +181,14 @@ for name in names:
         checks.append(f"ref {res['check']} {res.get('check_max_rel_err', float('nan')):.1e}")
     if "compare_eager" in res:
         checks.append(f"eager {res['compare_eager']} {res.get('compare_eager_max_rel_err', float('nan')):.1e}")
-    what = (f"{res['num_layers']}L {'dense' if res['dense_all'] else 'sp/dn'} {res['dtype']} tp{res['tp']}"
+    layers = "dense" if res["dense_all"] else "sparse" if res.get("sparse_all") else "sp/dn"
+    what = (f"{res['num_layers']}L {layers}{' homo' if res.get('homo_head') else ''} {res['dtype']} tp{res['tp']}"
             f"{' graphs' if res['cuda_graphs'] else ''}")
+    if name.startswith("kv_"):
+        checks.append(f"{res['kv_layout']}: peak {res['peak_running']} running, {res['pages_released']} released")
     if res.get("preemptions"):
         checks.append(f"{res['preemptions']} preempted")
-    print(f"{name:<22} {rc:>3}  {(what + ' ' + ', '.join(checks)):<52} {res['prefill_tokens_per_s']:>13.0f} "
+    print(f"{name:<{w}} {rc:>3}  {(what + ' ' + ', '.join(checks)):<52} {res['prefill_tokens_per_s']:>13.0f} "
           f"{res['decode_tokens_per_s']:>13.0f} {res['total_tokens_per_s']:>12.0f} {res['wall_s']:>7.2f}  "
           f"{res['setup_s']:.1f}/{res['capture_s']:.1f}/{res['warmup_s']:.1f}")
 EOF
