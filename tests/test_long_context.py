@@ -150,15 +150,17 @@ def _soak(capsys, argv):
     return status, json.loads(line.removeprefix("RESULT json "))
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
-def test_soak_smoke(capsys, kv_cache_dtype):
+@pytest.mark.parametrize("kv_cache_dtype, kv_layout", [("auto", "shared"), ("fp8", "shared"), ("auto", "per-kv-head")])
+def test_soak_smoke(capsys, kv_cache_dtype, kv_layout):
     """scripts/soak.py at CPU size: 12 log-uniform prompts up to 600 tokens (LongRoPE from 64), random
     arrivals, a cache of 1.1 x the longest request's blocks, a 12-block swap space: sequences are both
-    swapped and recomputed; nothing lost or stuck, every request agrees with its eager run alone."""
-    status, result = _soak(capsys, SOAK_ARGS + ["--kv-cache-dtype", kv_cache_dtype])
+    swapped and recomputed; nothing lost or stuck, every page back in its pool, every request agrees with
+    its eager run alone; per-kv-head pages are released on the way."""
+    status, result = _soak(capsys, SOAK_ARGS + ["--kv-cache-dtype", kv_cache_dtype, "--kv-layout", kv_layout])
     assert status == 0, result
     assert (result["requests"], result["lost"], result["mismatches"], result["stuck"]) == (12, 0, 0, False), result
     assert result["swaps"] > 0 and result["recomputes"] > 0 and result["longest_prompt"] > ORIGINAL, result
+    assert result["pages_returned"] and (result["pages_released"] > 0) == (kv_layout == "per-kv-head"), result
 
 
 def test_soak_detects_a_broken_swap(capsys, monkeypatch):
