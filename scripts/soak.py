@@ -157,7 +157,8 @@ def main(argv=None) -> int:
                   prompt_tokens=sum(len(r.prompt) for r in requests), longest_prompt=max(len(r.prompt) for r in requests),
                   generated_tokens=sum(len(r.output) for r in requests), num_blocks=num_blocks, swap_blocks=swap_blocks,
                   max_steps=max_steps, steps=steps, preemptions=preemptions, swaps=swaps, recomputes=recomputes,
-                  pages_released=released, peak_running=peak_running, pages_returned=all_returned, stuck=stuck, lost=len(lost), mismatches=len(mismatches), max_rel_err=worst,
+                  pages_released=released, peak_running=peak_running, pages_returned=all_returned, stuck=stuck,
+                  lost=len(lost), mismatches=len(mismatches), max_rel_err=worst,
                   memory_start=start_memory, memory_end=end_memory, soak_s=soak_s, rerun_s=rerun_s)
     for rid, message in mismatches[:5]:
         print(f"mismatch: {message}", file=sys.stderr)

@@ -105,7 +105,8 @@ def assert_same(want: list[Request], got: list[Request], what: str) -> None:
     for a, b in zip(want, got):
         assert a.output == b.output, f"[{what}] request {a.rid}: tokens {b.output}, shared layout {a.output}"
         err = ((torch.stack(a.logits) - torch.stack(b.logits)).abs().amax(-1) / torch.stack(a.logits).abs().amax(-1))
-        assert err.max() <= REL_TOL, f"[{what}] request {a.rid}: logits differ from the shared layout's by {err.max():.1e}"
+        assert err.max() <= REL_TOL, \
+            f"[{what}] request {a.rid}: logits differ from the shared layout's by {err.max():.1e}"
 
 
 @pytest.fixture(scope="module", params=["sliding", "homo"])

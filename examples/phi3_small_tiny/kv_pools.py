@@ -110,8 +110,8 @@ class PageReleaser:
             column[g, (-off[g]) % v] = True
         self.period = v * b // math.gcd(v * b, kv_block_size)  # pages, after which the column residues repeat
         # bool [num_kv_heads, period]: page p holds a column of group g iff holds_column[g, p % period]
-        self.holds_column = torch.stack([column[:, torch.arange(self._first_block(p), self._last_block(p) + 1) % v].any(1)
-                                         for p in range(self.period)], dim=1)
+        blocks = [torch.arange(self._first_block(p), self._last_block(p) + 1) for p in range(self.period)]
+        self.holds_column = torch.stack([column[:, j % v].any(1) for j in blocks], dim=1)
         self._holds = self.holds_column.tolist()  # the same as lists, for the per-step walk
 
     @property

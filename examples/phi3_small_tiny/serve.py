@@ -421,11 +421,12 @@ def _describe_cache(engine: Engine, model: Phi3SmallTiny, cfg: Config, longest: 
         return f"{n / 2 ** (10 * unit):.{2 if unit else 0}f} {('B', 'KiB', 'MiB', 'GiB')[unit]}"
 
     block = cache_block_bytes(model, engine.kvbs)
-    shared = f"{engine.num_blocks} blocks x {size(block)} (all {cfg.num_layers} layers) = {size(engine.num_blocks * block)}"
+    shared = (f"{engine.num_blocks} blocks x {size(block)} (all {cfg.num_layers} layers) = "
+              f"{size(engine.num_blocks * block)}")
     if engine.kv_layout == "shared":
         return f"KV cache: {shared}, shared pages"
-    pools = "; ".join(f"{p.name} (layers {_ranges(p.layers)}, keeps {p.kept_fraction:.1%} of pages at {longest} tokens): "
-                      f"{p.num_pages} pages x {size(p.page_bytes)} x {len(p.layers)} layers = "
+    pools = "; ".join(f"{p.name} (layers {_ranges(p.layers)}, keeps {p.kept_fraction:.1%} of pages at {longest} "
+                      f"tokens): {p.num_pages} pages x {size(p.page_bytes)} x {len(p.layers)} layers = "
                       f"{size(p.num_pages * p.page_bytes * len(p.layers))}" for p in engine.pools)
     return f"KV cache: per-kv-head pages, the bytes of {shared} split by layers x kept fraction: {pools}"
 
