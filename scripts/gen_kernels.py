@@ -61,14 +61,14 @@ constexpr bool is_listed(const int (&values)[kCount], long long value) {{
 """
 
 
-def instantiation(header: str, pad: int, declaration: str) -> str:
+def instantiation(header: str, pad: int, *declarations: str) -> str:
+    lines = "".join(f"template {d};\n" for d in declarations)
     return f"""// {STAMP}
 #include "{header}"
 
 #if BSA_HEAD_DIM_PAD_{pad}
 namespace blocksparse_attn {{
-template {declaration};
-}}
+{lines}}}
 #endif
 """
 
@@ -86,7 +86,8 @@ def generated_files() -> dict[str, str]:
                     f"void launch_prefill_sm80<{element}, {pad}, {cache}>(const PrefillParams&, int, cudaStream_t)")
                 files[os.path.join(GENERATED_DIR, f"decode_sm80_{dtype}_hd{pad}{suffix}.cu")] = instantiation(
                     "cuda/kernels/decode_sm80.cuh", pad,
-                    f"void launch_decode_sm80<{element}, {pad}, {cache}>(const DecodeParams&, cudaStream_t)")
+                    f"void launch_decode_sm80<{element}, {pad}, {cache}>(const DecodeParams&, cudaStream_t)",
+                    f"int decode_sm80_ctas_per_sm<{element}, {pad}, {cache}>()")
             for pad in s["SM90_HEAD_DIM_PADS"]:
                 for keys in SM90_STAGE_KEYS if not suffix else (64,):
                     files[os.path.join(GENERATED_DIR, f"prefill_sm90_{dtype}_hd{pad}_k{keys}{suffix}.cu")] = \

@@ -296,14 +296,14 @@ def check_quantization_error(out, ref_unquantized, fp8, config):
                                          f"{QUANT_REL_BOUND[fp8]} (quantization much coarser than the format's)")
 
 
-def run_decode_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, with_scales=True):
+def run_decode_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, with_scales=True, q_magnitude=1.0):
     long = lengths_for(pattern_name)
     seq_lens = [1, 17, long, 0, kvbs + 1, 64, 65]
     pattern = build_pattern(pattern_name, hq, hkv, long, gen)
     if pattern_name == "phi3":
         assert_pattern_is_sparse(pattern, hq, hkv, long, "phi3 decode", num_queries=1)
     batch = Fp8Batch(seq_lens, [min(n, 1) for n in seq_lens], hkv, d, kvbs, dtype, fp8, gen, device, with_scales)
-    q = randn((len(seq_lens), hq, d), dtype, gen)
+    q = randn((len(seq_lens), hq, d), dtype, gen, scale=q_magnitude)
     scale = 1.0 / d
     ref = torch.zeros(q.shape)
     ref_plain = torch.zeros(q.shape)
@@ -378,6 +378,25 @@ def test_attention_fp8_patterns(device, op, fp8, heads, pattern_name, gen):
     config = f"{op} {device} {dtype_ids(dtype)} cache {fp8_ids(fp8)} D=64 Hq={hq} Hkv={hkv} kvbs=16 {pattern_name}"
     assert_close_to_ref(out, ref, dtype, config + " vs dequantized reference")
     check_quantization_error(out, ref_plain, fp8, config)
+
+
+@pytest.mark.parametrize("splits", ("auto", "3"))
+@pytest.mark.parametrize("q_magnitude", (1e-6, 1.0, 3e5), ids=lambda m: f"q{m:g}")
+@pytest.mark.parametrize("head_dim", (80, 128, 256), ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("fp8", FP8_DTYPES, ids=fp8_ids)
+def test_decode_fp8_query_range_and_head_dims(device, fp8, head_dim, q_magnitude, splits, gen, monkeypatch):
+    """A bf16 model over an fp8 cache: the CUDA decode runs its tensor-core steps in fp16 (Q scaled into
+    fp16's range by a power of two, head dims taken in a permuted order); queries far outside fp16's
+    range (3e5) or deep in its subnormals (1e-6), a padded head dim (80 -> 128) and 256, with and
+    without split-KV, all equal the reference over the dequantized cache."""
+    monkeypatch.setenv("BSA_DECODE_SPLITS", splits)
+    dtype = torch.bfloat16
+    hq, hkv = GQA[0]
+    out, ref, _, lens = run_decode_fp8(device, dtype, fp8, hq, hkv, head_dim, 16, "phi3", gen,
+                                       q_magnitude=q_magnitude)
+    config = (f"paged_decode {device} bf16 cache {fp8_ids(fp8)} D={head_dim} |q|~{q_magnitude:g} splits={splits} "
+              f"lens={lens}")
+    assert_close_to_ref(out, ref, dtype, config + " vs dequantized reference")
 
 
 @pytest.mark.parametrize("op", RUNNERS)

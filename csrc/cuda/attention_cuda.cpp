@@ -296,21 +296,26 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
 }
 
 // How many CTAs share one sequence's key blocks. Host-known integers only (batch size, kv heads,
-// the block table's capacity), never device data, so the choice is fixed for a captured CUDA graph.
-// Enough (sequence, kv head) units to fill the GPU's CTA slots need no split; otherwise split until
-// the slots are full, keeping each split at least 4 slices per warp so the ring is worth filling.
-int choose_decode_splits(int64_t units, int64_t head_size, bool fp8_cache, int64_t max_seq_len,
-                         const Settings& settings) {
+// the block table's capacity, the kernel's occupancy), never device data, so the choice is fixed for a
+// captured CUDA graph. Sequences of equal length make CTAs of equal work that run in waves of `slots`,
+// so a last wave mostly empty costs nearly a whole one (512 units on 396 slots run as 2 waves, 65 %
+// full): split into the fewest parts whose waves are >= 90 % full, or the fullest the work allows,
+// keeping each split at least 4 slices per warp so the ring is worth filling. Several waves' worth of
+// units need no split.
+int choose_decode_splits(int64_t units, int64_t ctas_per_sm, int64_t max_seq_len, const Settings& settings) {
   if (settings.decode_splits > 0) return settings.decode_splits;  // tests and benchmarks
-  const int num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  // Shared memory per CTA (DecodeSmem): ~100 KB (16-bit cache) or ~68 KB (fp8) at head dims up to 128,
-  // ~200 KB at 256.
-  const int64_t ctas_per_sm = head_size > 128 ? 1 : fp8_cache ? 3 : 2;
-  const int64_t slots = num_sms * ctas_per_sm;
-  if (units * 5 >= slots * 4) return 1;
+  const int64_t slots = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * ctas_per_sm;
+  if (units >= 4 * slots) return 1;
   const int64_t max_slices = (max_seq_len + kDecodeSliceTokens - 1) / kDecodeSliceTokens;
-  const int64_t by_work = std::max<int64_t>(1, max_slices / (4 * kDecodeWarpsPerCta));
-  return static_cast<int>(std::min<int64_t>({(slots + units - 1) / units, by_work, kMaxDecodeSplits}));
+  const int64_t limit = std::min<int64_t>(std::max<int64_t>(1, max_slices / (4 * kDecodeWarpsPerCta)), kMaxDecodeSplits);
+  int64_t best = 1, best_filled = 0;  // fullness in 1/1000 of the waves' slots
+  for (int64_t splits = 1; splits <= limit; ++splits) {
+    const int64_t ctas = units * splits, waves = (ctas + slots - 1) / slots;
+    const int64_t filled = ctas * 1000 / (waves * slots);
+    if (filled > best_filled) best = splits, best_filled = filled;
+    if (filled >= 900) break;
+  }
+  return static_cast<int>(best);
 }
 
 void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
@@ -338,9 +343,15 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
   fill_query_fields(params, out, q, args, scale, lse);
   params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale);
   params.head_chunks = static_cast<int>((args.pattern.q_heads_per_kv + kDecodeHeadsPerCta - 1) / kDecodeHeadsPerCta);
+  int ctas_per_sm = 1;
+  dispatch_element_and_head_dim(q.scalar_type(), params.head_size, [&](auto element, auto pad) {
+    using Element = decltype(element);
+    dispatch_cache_format<Element>(key_cache.scalar_type(), [&](auto cache) {
+      ctas_per_sm = decode_sm80_ctas_per_sm<Element, decltype(pad)::value, decltype(cache)>();
+    });
+  });
   params.num_splits = choose_decode_splits(int64_t{params.num_seqs} * params.num_kv_heads * params.head_chunks,
-                                           params.head_size, is_fp8(key_cache.scalar_type()),
-                                           block_tables.size(-1) * key_cache.size(2), settings);
+                                           ctas_per_sm, block_tables.size(-1) * key_cache.size(2), settings);
   // Split partials come from the caching allocator: no device sync, and stable inside a CUDA graph's
   // private pool, so capture and replay work; no split, no workspace.
   at::Tensor partial_out, partial_lse;

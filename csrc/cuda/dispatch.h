@@ -73,5 +73,8 @@ template <typename Element, int kHeadDimPad, int kStageKeys, typename Cache>
 void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, cudaStream_t stream);
 template <typename Element, int kHeadDimPad, typename Cache>
 void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream);
+// How many decode CTAs of this instantiation one SM runs at once (the occupancy calculator, asked once).
+template <typename Element, int kHeadDimPad, typename Cache>
+int decode_sm80_ctas_per_sm();
 
 }  // namespace blocksparse_attn

@@ -4,5 +4,6 @@
 #if BSA_HEAD_DIM_PAD_256
 namespace blocksparse_attn {
 template void launch_decode_sm80<__nv_bfloat16, 256, __nv_fp8_e4m3>(const DecodeParams&, cudaStream_t);
+template int decode_sm80_ctas_per_sm<__nv_bfloat16, 256, __nv_fp8_e4m3>();
 }
 #endif

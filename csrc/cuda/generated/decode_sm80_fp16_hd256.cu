@@ -4,5 +4,6 @@
 #if BSA_HEAD_DIM_PAD_256
 namespace blocksparse_attn {
 template void launch_decode_sm80<__half, 256, __half>(const DecodeParams&, cudaStream_t);
+template int decode_sm80_ctas_per_sm<__half, 256, __half>();
 }
 #endif

@@ -23,29 +23,54 @@
 #include "cuda/kernels/smem_layout.cuh"
 #include "cuda/kernels/softmax.cuh"
 
+#ifndef BSA_DECODE_FP8_CTAS
+#define BSA_DECODE_FP8_CTAS 4
+#endif
+
 namespace blocksparse_attn {
 
 constexpr int kDecodeWarps = kDecodeWarpsPerCta;
 constexpr int kDecodeThreads = kDecodeWarps * 32;
 constexpr int kDecodeSliceRows = kDecodeSliceTokens;
-// Shared memory of one CTA: Q, each warp's cp.async ring of K/V slices as the cache stores them,
-// and, for an fp8 cache, each warp's V slice converted to Element (what ldmatrix.trans reads; K's
-// fragments are converted straight from the landed slice into registers). An fp8 CTA takes 68 KB at
-// head dim 128, so three fit on an SM (two with a 16-bit cache).
+// Shared memory of one CTA: Q and each warp's cp.async ring of K/V slices as the cache stores them.
+// An fp8 slice is read straight into mma fragments (converted in registers), so an fp8 CTA takes 52 KB
+// at head dim 128 (four fit on an SM; two with a 16-bit cache, ~100 KB).
 template <typename Element, int kHeadDimPad, typename Cache>
 struct DecodeSmem {
   static constexpr bool kFp8 = CacheFormat<Cache>::kFp8;
   static constexpr int kStages = 3;  // ring depth per warp
   static constexpr int kSliceBytes = kDecodeSliceRows * kHeadDimPad * sizeof(Cache);  // K or V, as stored
-  static constexpr int kSliceElems = kDecodeSliceRows * kHeadDimPad;
   static constexpr int kPipelineBytes = kDecodeWarps * kStages * 2 * kSliceBytes;
-  static constexpr int kConvertedBytes = kFp8 ? kDecodeWarps * kSliceElems * sizeof(Element) : 0;
-  // The merge of the 4 warps' states reuses the ring: unnormalised O in float32 per warp.
+  // The merge of the 4 warps' states: unnormalised O in float32 per warp, over the ring once every
+  // warp is done (a 16-bit cache's ring is large enough; an fp8 one only at head dims up to 64).
   static constexpr int kMergeBytes = kDecodeWarps * kDecodeHeadsPerCta * kHeadDimPad * sizeof(float);
-  static_assert(kMergeBytes <= kPipelineBytes, "the warp merge must fit in the K/V ring");
   static constexpr int kQueryBytes = kDecodeHeadsPerCta * kHeadDimPad * sizeof(Element);
-  static constexpr int kBytes = kQueryBytes + kPipelineBytes + kConvertedBytes;
+  static constexpr int kBytes = kQueryBytes + (kMergeBytes > kPipelineBytes ? kMergeBytes : kPipelineBytes);
 };
+
+// The fp8 path's fragments (decode_sm80_kernel, Cache fp8). Both fp8 formats convert to fp16 exactly
+// in one instruction per pair (to bf16 it takes four), so the tensor-core steps run in fp16 whatever
+// the model's type: Q is scaled into fp16's range by a power of two (exact), P in [0, 1] is finer in
+// fp16 than in bf16. Keys and values are read from the landed slice in 16- and 4-byte words, which
+// the mma fragments can take unshuffled because both contractions and O's columns may run over the
+// head dims in any order, as long as each side uses the same one:
+//  - S = Q K^T: in k-step ks, thread (group, tig)'s fragment columns 2 tig (+1) and 2 tig + 8 (+9) are
+//    head dims kQuarter * tig + 4 ks + 0..3: four adjacent bytes of a key row, one word;
+//  - O += P V: V's fragment for keys 2 tig (+1) and 2 tig + 8 (+9) of O column n of dim tile j is head
+//    dim fp8_value_dim(j, n): a word of key row 2 tig holds dims 4 group + 0..3 of one 32-dim span, for
+//    four dim tiles, and a byte permute pairs it with row 2 tig + 1.
+template <int kHeadDimPad>
+__device__ __forceinline__ int fp8_value_dim(int tile, int n) {
+  return 32 * (tile >> 2) + 4 * n + (tile & 3);
+}
+
+// The fp16 pair of bytes `which` (0: the low two) of a word of two stored fp8 pairs.
+template <typename Cache>
+__device__ __forceinline__ uint32_t fp8_pair_to_half2(uint32_t word, int which) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
+      static_cast<__nv_fp8x2_storage_t>(which ? word >> 16 : word & 0xffffu), CacheFormat<Cache>::kKind);
+  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+}
 
 // The union of the key blocks that the CTA's q heads see from query block i, indexed k = 0 .. total-1
 // in ascending block order; seek(k, rows) returns block k and sets bit r of rows when head row r
@@ -107,19 +132,27 @@ struct GroupKeyBlocks {
   }
 };
 
+// CTAs per SM the register allocation must allow: 4 for an fp8 cache at head dims up to 128 (its
+// 52 KB of shared memory fit 4; at 162 registers only 3 did), else what shared memory allows.
+template <int kHeadDimPad, typename Cache>
+constexpr int decode_min_ctas_per_sm() {
+  return CacheFormat<Cache>::kFp8 && kHeadDimPad <= 128 ? BSA_DECODE_FP8_CTAS : 1;
+}
+
 template <typename Element, int kHeadDimPad, typename Cache>
-__global__ void __launch_bounds__(kDecodeThreads)
+__global__ void __launch_bounds__(kDecodeThreads, (decode_min_ctas_per_sm<kHeadDimPad, Cache>()))
 decode_sm80_kernel(const DecodeParams params) {
   using Smem = DecodeSmem<Element, kHeadDimPad, Cache>;
   constexpr int kStages = Smem::kStages;
   constexpr int kChunksPerRow = kHeadDimPad / 8;
   constexpr int kKSteps = kHeadDimPad / 16;
   constexpr int kDimTiles = kHeadDimPad / 8;
+  // The tensor-core operand type: the model's with a 16-bit cache, fp16 with an fp8 one (above).
+  using Compute = std::conditional_t<Smem::kFp8, __half, Element>;
+  constexpr int kQuarter = kHeadDimPad / 4;  // fp8: head dims per fragment column quad (above)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* s_q = reinterpret_cast<Element*>(smem_raw);
   unsigned char* s_ring = smem_raw + Smem::kQueryBytes;  // [warp][stage][K|V][16][pad] Cache
-  // fp8: [warp][16][pad] Element, the V slice
-  Element* s_converted = reinterpret_cast<Element*>(smem_raw + Smem::kQueryBytes + Smem::kPipelineBytes);
   __shared__ int s_residues[kDecodeHeadsPerCta];
   __shared__ unsigned s_residue_rows[kDecodeHeadsPerCta];
   __shared__ int s_num_residues;
@@ -182,9 +215,47 @@ decode_sm80_kernel(const DecodeParams params) {
 
   // Q fragments stay in registers for the whole walk.
   uint32_t q_frag[kKSteps][4];
+  float q_factor = 1.f;  // fp8 with a bf16 model: Q is multiplied by it in fp16, S divided by it
+  if constexpr (Smem::kFp8) {
+    if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
+      // A power of two that puts the CTA's largest |q| in [2^14, 2^15): fp16 holds every bf16 value
+      // of the block's top 2^24 exactly. Non-finite or zero Q keeps 1 (NaN stays NaN).
+      __shared__ unsigned s_q_amax[kDecodeWarps];
+      unsigned amax = 0;
+      for (int i = tid; i < kDecodeHeadsPerCta * kHeadDimPad; i += kDecodeThreads)
+        amax = max(amax, __float_as_uint(fabsf(static_cast<float>(s_q[i]))));
+      amax = __reduce_max_sync(0xffffffffu, amax);
+      if (lane == 0) s_q_amax[warp] = amax;
+      __syncthreads();
 #pragma unroll
-  for (int ks = 0; ks < kKSteps; ++ks)
-    ptx::ldmatrix_x4(q_frag[ks], s_q + swizzle<kHeadDimPad>((lane & 7) + ((lane >> 3) & 1) * 8, ks * 16 + (lane >> 4) * 8));
+      for (int w = 0; w < kDecodeWarps; ++w) amax = max(amax, s_q_amax[w]);
+      if (amax != 0 && amax < 0x7f800000u) q_factor = exp2f(static_cast<float>(min(max(141 - static_cast<int>(amax >> 23), -60), 60)));
+    }
+    auto q_pair = [&](int row, int col) {
+      return ptx::pack2<__half>(static_cast<float>(s_q[swizzle<kHeadDimPad>(row, col)]) * q_factor,
+                                static_cast<float>(s_q[swizzle<kHeadDimPad>(row, col + 1)]) * q_factor);
+    };
+    // The fragments replace Q in shared memory, [ks][lane] 16 bytes each (the same 32 x kHeadDimPad
+    // bytes), and are read back per slice: 32 registers fewer leave room for 4 CTAs per SM.
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      const int dim = kQuarter * tig + 4 * ks;
+      q_frag[ks][0] = q_pair(group, dim);
+      q_frag[ks][1] = q_pair(group + 8, dim);
+      q_frag[ks][2] = q_pair(group, dim + 2);
+      q_frag[ks][3] = q_pair(group + 8, dim + 2);
+    }
+    __syncthreads();
+    if (warp == 0)
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks)
+        reinterpret_cast<uint4*>(s_q)[ks * 32 + lane] = make_uint4(q_frag[ks][0], q_frag[ks][1], q_frag[ks][2], q_frag[ks][3]);
+    __syncthreads();
+  } else {
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks)
+      ptx::ldmatrix_x4(q_frag[ks], s_q + swizzle<kHeadDimPad>((lane & 7) + ((lane >> 3) & 1) * 8, ks * 16 + (lane >> 4) * 8));
+  }
 
   unsigned char* warp_ring = s_ring + warp * kStages * 2 * Smem::kSliceBytes;
   // The warp's m-th slice is slice_begin + warp + kDecodeWarps * m: its first key and its head rows.
@@ -271,7 +342,7 @@ decode_sm80_kernel(const DecodeParams params) {
   softmax.init(flat(acc_o));
 
   // An fp8 cache's scales: k_scale joins the softmax scale, v_scale multiplies the finished O.
-  const float scale_log2 = params.scale_log2 * cache_scale(kv.k_scale);
+  const float scale_log2 = params.scale_log2 * cache_scale(kv.k_scale) / q_factor;
   const float value_scale = cache_scale(kv.v_scale);
 
   // Slices of this warp: slice_begin + warp + kDecodeWarps * m. Iteration m first refills the stage
@@ -297,39 +368,38 @@ decode_sm80_kernel(const DecodeParams params) {
     const unsigned char* landed = warp_ring + stage * 2 * Smem::kSliceBytes;
     const Element* k_slice = reinterpret_cast<const Element*>(landed);
     const Element* v_slice = reinterpret_cast<const Element*>(landed + Smem::kSliceBytes);
-    if constexpr (Smem::kFp8) {  // V: fp8 -> Element through registers into the warp's converted slice
-      Element* converted = s_converted + warp * Smem::kSliceElems;
-      convert_fp8_tile<Element, Cache, kDecodeSliceRows, kHeadDimPad, 32>(
-          landed + Smem::kSliceBytes, converted, lane, [](int row, int col) { return swizzle_fp8<kHeadDimPad>(row, col); },
-          [](int row, int col) { return swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element)); });
-      __syncwarp();
-      v_slice = converted;
-    }
     const int token0 = s_slice_token[warp][stage];
     const unsigned slice_rows = s_slice_rows[warp][stage];
 
     // S = Q K^T: 16 heads x 16 keys.
     float acc_s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    if constexpr (Smem::kFp8) {
+      // Keys group and group + 8, head dims kQuarter * tig + [0, kQuarter): 16-byte words of the
+      // landed slice (its chunks swizzled by row, so the 8 rows a quarter warp reads sit in different banks).
+      uint4 key_words[2][kQuarter / 16];
 #pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      uint32_t b[4];
-      if constexpr (Smem::kFp8) {
-        // The B fragments of keys group and group + 8, dims ks * 16 + 2 tig (+ 8): pairs of adjacent
-        // fp8 values of the landed slice (swizzled: 8 rows' same columns sit in different banks),
-        // converted in registers.
-        auto pair = [&](int row, int col) {
-          return fp8x2_to_elements<Element, Cache>(
-              *reinterpret_cast<const __nv_fp8x2_storage_t*>(landed + swizzle_fp8<kHeadDimPad>(row, col)));
-        };
-        b[0] = pair(group, ks * 16 + tig * 2);
-        b[1] = pair(group, ks * 16 + tig * 2 + 8);
-        b[2] = pair(group + 8, ks * 16 + tig * 2);
-        b[3] = pair(group + 8, ks * 16 + tig * 2 + 8);
-      } else {
-        ptx::ldmatrix_x4(b, k_slice + swizzle<kHeadDimPad>((lane & 7) + (lane >> 4) * 8, ks * 16 + ((lane >> 3) & 1) * 8));
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int c = 0; c < kQuarter / 16; ++c)
+          key_words[r][c] =
+              *reinterpret_cast<const uint4*>(landed + swizzle_fp8<kHeadDimPad>(group + 8 * r, kQuarter * tig + 16 * c));
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        const uint4 q4 = reinterpret_cast<const uint4*>(s_q)[ks * 32 + lane];
+        const uint32_t q[4] = {q4.x, q4.y, q4.z, q4.w};
+        const uint32_t lo = reinterpret_cast<const uint32_t*>(&key_words[0][ks / 4])[ks % 4];
+        const uint32_t hi = reinterpret_cast<const uint32_t*>(&key_words[1][ks / 4])[ks % 4];
+        ptx::mma_16816<Compute>(acc_s[0], q, fp8_pair_to_half2<Cache>(lo, 0), fp8_pair_to_half2<Cache>(lo, 1));
+        ptx::mma_16816<Compute>(acc_s[1], q, fp8_pair_to_half2<Cache>(hi, 0), fp8_pair_to_half2<Cache>(hi, 1));
       }
-      ptx::mma_16816<Element>(acc_s[0], q_frag[ks], b[0], b[1]);
-      ptx::mma_16816<Element>(acc_s[1], q_frag[ks], b[2], b[3]);
+    } else {
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        uint32_t b[4];
+        ptx::ldmatrix_x4(b, k_slice + swizzle<kHeadDimPad>((lane & 7) + (lane >> 4) * 8, ks * 16 + ((lane >> 3) & 1) * 8));
+        ptx::mma_16816<Compute>(acc_s[0], q_frag[ks], b[0], b[1]);
+        ptx::mma_16816<Compute>(acc_s[1], q_frag[ks], b[2], b[3]);
+      }
     }
 
     // Mask by head (which heads see this block) and by length: only far blocks and the last slice
@@ -354,16 +424,38 @@ decode_sm80_kernel(const DecodeParams params) {
 
     // O += P V: the S accumulators of the two key n-tiles are exactly P's A fragment.
     uint32_t a[4];
-    a[0] = ptx::pack2<Element>(acc_s[0][0], acc_s[0][1]);
-    a[1] = ptx::pack2<Element>(acc_s[0][2], acc_s[0][3]);
-    a[2] = ptx::pack2<Element>(acc_s[1][0], acc_s[1][1]);
-    a[3] = ptx::pack2<Element>(acc_s[1][2], acc_s[1][3]);
+    a[0] = ptx::pack2<Compute>(acc_s[0][0], acc_s[0][1]);
+    a[1] = ptx::pack2<Compute>(acc_s[0][2], acc_s[0][3]);
+    a[2] = ptx::pack2<Compute>(acc_s[1][0], acc_s[1][1]);
+    a[3] = ptx::pack2<Compute>(acc_s[1][2], acc_s[1][3]);
+    if constexpr (Smem::kFp8) {
+      // Per 32-dim span: a word of key rows 2 tig, 2 tig + 1, 2 tig + 8 and 2 tig + 9 (dims 4 group +
+      // 0..3), byte-permuted into (key, key + 1) pairs, one per dim tile 4 span + 0..3.
+      const unsigned char* landed_v = landed + Smem::kSliceBytes;
 #pragma unroll
-    for (int nd = 0; nd < kDimTiles / 2; ++nd) {
-      uint32_t b[4];
-      ptx::ldmatrix_x4_trans(b, v_slice + swizzle<kHeadDimPad>((lane & 7) + ((lane >> 3) & 1) * 8, nd * 16 + (lane >> 4) * 8));
-      ptx::mma_16816<Element>(acc_o[2 * nd], a, b[0], b[1]);
-      ptx::mma_16816<Element>(acc_o[2 * nd + 1], a, b[2], b[3]);
+      for (int span = 0; span < kHeadDimPad / 32; ++span) {
+        const int col = 32 * span + 4 * group;
+        uint32_t w[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r)
+          w[r] = *reinterpret_cast<const uint32_t*>(landed_v + swizzle_fp8<kHeadDimPad>(2 * tig + (r & 1) + 8 * (r >> 1), col));
+        const uint32_t low[2] = {__byte_perm(w[0], w[1], 0x5140), __byte_perm(w[2], w[3], 0x5140)};
+        const uint32_t high[2] = {__byte_perm(w[0], w[1], 0x7362), __byte_perm(w[2], w[3], 0x7362)};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t* pairs = i < 2 ? low : high;
+          ptx::mma_16816<Compute>(acc_o[4 * span + i], a, fp8_pair_to_half2<Cache>(pairs[0], i & 1),
+                                  fp8_pair_to_half2<Cache>(pairs[1], i & 1));
+        }
+      }
+    } else {
+#pragma unroll
+      for (int nd = 0; nd < kDimTiles / 2; ++nd) {
+        uint32_t b[4];
+        ptx::ldmatrix_x4_trans(b, v_slice + swizzle<kHeadDimPad>((lane & 7) + ((lane >> 3) & 1) * 8, nd * 16 + (lane >> 4) * 8));
+        ptx::mma_16816<Compute>(acc_o[2 * nd], a, b[0], b[1]);
+        ptx::mma_16816<Compute>(acc_o[2 * nd + 1], a, b[2], b[3]);
+      }
     }
   }
   ptx::cp_async_wait<0>();
@@ -382,9 +474,14 @@ decode_sm80_kernel(const DecodeParams params) {
   for (int d = 0; d < kDimTiles; ++d)
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float* dst = s_o + (warp * kDecodeHeadsPerCta + group + 8 * r) * kHeadDimPad + d * 8 + tig * 2;
-      dst[0] = acc_o[d][2 * r];
-      dst[1] = acc_o[d][2 * r + 1];
+      float* dst = s_o + (warp * kDecodeHeadsPerCta + group + 8 * r) * kHeadDimPad;
+      if constexpr (Smem::kFp8) {  // O column n of dim tile d is head dim fp8_value_dim(d, n)
+        dst[fp8_value_dim<kHeadDimPad>(d, 2 * tig)] = acc_o[d][2 * r];
+        dst[fp8_value_dim<kHeadDimPad>(d, 2 * tig + 1)] = acc_o[d][2 * r + 1];
+      } else {
+        dst[d * 8 + tig * 2] = acc_o[d][2 * r];
+        dst[d * 8 + tig * 2 + 1] = acc_o[d][2 * r + 1];
+      }
     }
   __syncthreads();
 
@@ -456,6 +553,22 @@ __global__ void decode_merge_kernel(const DecodeParams params) {
   }
   if (params.lse != nullptr && threadIdx.x == 0)
     params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = sum == 0.f ? -INFINITY : ref + __logf(sum);
+}
+
+template <typename Element, int kHeadDimPad, typename Cache>
+int decode_sm80_ctas_per_sm() {
+  static const int ctas = [] {
+    constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad, Cache>::kBytes;
+    auto kernel = decode_sm80_kernel<Element, kHeadDimPad, Cache>;
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    int n = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kDecodeThreads, kSmemBytes) != cudaSuccess) {
+      (void)cudaGetLastError();
+      n = 1;
+    }
+    return n > 0 ? n : 1;
+  }();
+  return ctas;
 }
 
 template <typename Element, int kHeadDimPad, typename Cache>
