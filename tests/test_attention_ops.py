@@ -380,11 +380,12 @@ def test_paged_decode_explicit_layout(device, dtype, diagonal, gen):
         assert (ref_lse == float("-inf"))[:, 0].all(), "test setup: a first-block query must see nothing"
 
 
-@pytest.mark.parametrize("splits", ("auto", "1", "3", "64"))
+@pytest.mark.parametrize("splits", ("auto", "1", "3", "64", "100"))
 def test_paged_decode_splits(device, splits, gen, monkeypatch):
     """The split-KV path (several CTAs per sequence merged by log-sum-exp) with forced split counts,
-    including more splits than a short sequence has slices (empty splits must weigh nothing). The CPU
-    path ignores BSA_DECODE_SPLITS and checks the same cases."""
+    including more splits than a short sequence has slices (empty splits must weigh nothing) and more
+    than the merge takes (100: clamped to 64). The CPU path ignores BSA_DECODE_SPLITS and checks the
+    same cases."""
     if splits != "auto":
         monkeypatch.setenv("BSA_DECODE_SPLITS", splits)
     pattern = make_pattern("qslide", 64, 4, 8, 8, 2)

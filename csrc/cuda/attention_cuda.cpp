@@ -303,7 +303,8 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
 // keeping each split at least 4 slices per warp so the ring is worth filling. Several waves' worth of
 // units need no split.
 int choose_decode_splits(int64_t units, int64_t ctas_per_sm, int64_t max_seq_len, const Settings& settings) {
-  if (settings.decode_splits > 0) return settings.decode_splits;  // tests and benchmarks
+  if (settings.decode_splits > 0)  // tests and benchmarks; the merge takes at most kMaxDecodeSplits
+    return static_cast<int>(std::min<int64_t>(settings.decode_splits, kMaxDecodeSplits));
   const int64_t slots = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * ctas_per_sm;
   if (units >= 4 * slots) return 1;
   const int64_t max_slices = (max_seq_len + kDecodeSliceTokens - 1) / kDecodeSliceTokens;

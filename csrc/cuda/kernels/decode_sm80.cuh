@@ -64,12 +64,25 @@ __device__ __forceinline__ int fp8_value_dim(int tile, int n) {
   return 32 * (tile >> 2) + 4 * n + (tile & 3);
 }
 
-// The fp16 pair of bytes `which` (0: the low two) of a word of two stored fp8 pairs.
+// A word of two stored fp8 pairs as two fp16 pairs (lo: bytes 0-1, hi: bytes 2-3). The word is split
+// into 16-bit halves in PTX so that ptxas reads the high half in place (no shift per pair).
 template <typename Cache>
-__device__ __forceinline__ uint32_t fp8_pair_to_half2(uint32_t word, int which) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(
-      static_cast<__nv_fp8x2_storage_t>(which ? word >> 16 : word & 0xffffu), CacheFormat<Cache>::kKind);
-  return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+__device__ __forceinline__ void fp8_pairs_to_half2(uint32_t word, uint32_t& lo, uint32_t& hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  if constexpr (CacheFormat<Cache>::kKind == __NV_E4M3)
+    asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n cvt.rn.f16x2.e4m3x2 %1, h;\n}"
+        : "=r"(lo), "=r"(hi) : "r"(word));
+  else
+    asm("{\n .reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e5m2x2 %0, l;\n cvt.rn.f16x2.e5m2x2 %1, h;\n}"
+        : "=r"(lo), "=r"(hi) : "r"(word));
+#else
+  auto pair = [](uint32_t bits) {
+    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(bits), CacheFormat<Cache>::kKind);
+    return static_cast<uint32_t>(h.x) | (static_cast<uint32_t>(h.y) << 16);
+  };
+  lo = pair(word & 0xffffu);
+  hi = pair(word >> 16);
+#endif
 }
 
 // The union of the key blocks that the CTA's q heads see from query block i, indexed k = 0 .. total-1
@@ -161,6 +174,10 @@ decode_sm80_kernel(const DecodeParams params) {
   __shared__ float s_row_max[kDecodeWarps][kDecodeHeadsPerCta];
   __shared__ float s_row_sum[kDecodeWarps][kDecodeHeadsPerCta];
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The merge kernel (a programmatic dependent) may be scheduled now; it waits for this grid to finish.
+  if (params.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;");
+#endif
   const int split = blockIdx.x;
   const int kv_head = blockIdx.y / params.head_chunks;
   const int head_chunk = blockIdx.y % params.head_chunks;
@@ -264,23 +281,47 @@ decode_sm80_kernel(const DecodeParams params) {
     const int block = blocks.seek(slice >> slice_shift, rows);
     return block * pattern.block_size + (slice & ((1 << slice_shift) - 1)) * kDecodeSliceRows;
   };
-  // Page ids, fetched 32 slices ahead: with the parametric pattern and cache blocks holding whole
-  // slices, lane l of the warp holds the page of the warp's slice 32 * batch + l. Looking the page up
-  // just before the copy instead puts a dependent global load in front of every slice's cp.async.
+  // Slices described 32 at a time: with the parametric pattern and cache blocks holding whole slices,
+  // lane l of the warp works out the warp's slice 32 * batch + l (its first key, head rows and page,
+  // the page id fetched a batch ahead) and each slice's copy takes them by shuffles. Looking the page
+  // up just before the copy puts a dependent global load in front of every slice's cp.async, and
+  // working the slice out there costs every lane two integer divisions per slice.
   const bool prefetch_pages = !pattern.has_layout() && kv.kv_block_size % kDecodeSliceRows == 0;
   const int32_t* table = kv.table_row(seq, kv_head);
-  auto fetch_pages = [&](int batch) {
-    const int m = batch * 32 + lane;
-    if (slice_begin + warp + kDecodeWarps * m >= slice_end) return -1;
-    unsigned rows;
-    const int token0 = slice_token(m, rows);
-    if (token0 >= seq_len) return -1;  // the diagonal block's tail: past the table's used entries
-    return table[token0 / kv.kv_block_size];
+  struct SliceRef {
+    int token0 = INT_MAX;  // first key (INT_MAX: past the split)
+    unsigned rows = 0;
+    int page = -1;         // -1: none (past the split or past seq_len: the diagonal block's tail)
+    int page_row = 0;      // token0's row in its page
   };
-  int pages_batch = 0, pages_current = -1, pages_next = -1;
+  auto fetch_batch = [&](int batch) {
+    SliceRef ref;
+    const int m = batch * 32 + lane;
+    if (slice_begin + warp + kDecodeWarps * m >= slice_end) return ref;
+    ref.token0 = slice_token(m, ref.rows);
+    if (ref.token0 < seq_len) {
+      const int entry = ref.token0 / kv.kv_block_size;
+      ref.page = table[entry];
+      ref.page_row = ref.token0 - entry * kv.kv_block_size;
+    }
+    return ref;
+  };
+  // The current batch: this lane's slice's first key, rows and copy base (element offset of its first
+  // row; -1 where it reads zeros: no page, or a page id out of range).
+  int batch_current = 0, token_current = INT_MAX;
+  unsigned rows_current = 0;
+  int64_t base_current = -1;
+  SliceRef next_ref;
+  auto take_batch = [&](const SliceRef& ref) {
+    token_current = ref.token0;
+    rows_current = ref.rows;
+    base_current = ref.page >= 0 && ref.page < kv.num_cache_blocks
+                       ? kv.page_offset(ref.page, kv_head) + static_cast<int64_t>(ref.page_row) * head_size
+                       : -1;
+  };
   if (prefetch_pages) {
-    pages_current = fetch_pages(0);
-    pages_next = fetch_pages(1);
+    take_batch(fetch_batch(0));
+    next_ref = fetch_batch(1);
   }
 
   // This lane's share of a slice copy: rows lane_row + u * kRowsPerCopy, the 16-byte chunk that starts
@@ -300,27 +341,25 @@ decode_sm80_kernel(const DecodeParams params) {
   // Stages the warp's m-th slice: positions past seq_len, past what the block table addresses, or in
   // a bad block read as zeros, which keeps unwritten (possibly NaN) cache slots out of P.V.
   auto load_slice = [&](int m, int stage) {
-    unsigned rows;
-    const int token0 = slice_token(m, rows);
-    if (lane == 0) {
-      s_slice_token[warp][stage] = token0;
-      s_slice_rows[warp][stage] = rows;
-    }
     unsigned char* dst_k = warp_ring + stage * 2 * Smem::kSliceBytes;
     unsigned char* dst_v = dst_k + Smem::kSliceBytes;
     if (prefetch_pages) {  // warp-uniform branch: the shuffles below see every lane
-      if (m / 32 != pages_batch) {
-        pages_batch = m / 32;
-        pages_current = pages_next;
-        pages_next = fetch_pages(pages_batch + 1);
+      if (m / 32 != batch_current) {
+        batch_current = m / 32;
+        take_batch(next_ref);
+        next_ref = fetch_batch(batch_current + 1);
+      }
+      const int token0 = __shfl_sync(0xffffffffu, token_current, m % 32);
+      const unsigned rows = __shfl_sync(0xffffffffu, rows_current, m % 32);
+      const int64_t slice_base = __shfl_sync(0xffffffffu, base_current, m % 32);
+      if (lane == 0) {
+        s_slice_token[warp][stage] = token0;
+        s_slice_rows[warp][stage] = rows;
       }
       // The whole slice lies in one page: one base offset, then fixed steps.
-      const int page = __shfl_sync(0xffffffffu, pages_current, m % 32);
-      const bool page_ok = page >= 0 && page < kv.num_cache_blocks && lane_col < head_size;
+      const bool page_ok = slice_base >= 0 && lane_col < head_size;
       const int rows_left = seq_len - token0;
-      const int64_t base = page_ok ? kv.page_offset(page, kv_head) +
-                                         static_cast<int64_t>(token0 % kv.kv_block_size + lane_row) * head_size + lane_col
-                                   : 0;
+      const int64_t base = page_ok ? slice_base + static_cast<int64_t>(lane_row) * head_size + lane_col : 0;
 #pragma unroll
       for (int u = 0; u < kCopies; ++u) {
         const int row = lane_row + u * kRowsPerCopy;
@@ -333,6 +372,12 @@ decode_sm80_kernel(const DecodeParams params) {
       return;
     }
     // General (explicit layouts, cache blocks smaller than a slice): a page lookup per row.
+    unsigned rows;
+    const int token0 = slice_token(m, rows);
+    if (lane == 0) {
+      s_slice_token[warp][stage] = token0;
+      s_slice_rows[warp][stage] = rows;
+    }
     copy_kv_rows<Cache, kCopies, kRowsPerCopy>(kv, seq, kv_head, token0, lane_row, lane_col, seq_len, head_size,
                                                true, dst_k, dst_v, landed_offset);
   };
@@ -387,10 +432,11 @@ decode_sm80_kernel(const DecodeParams params) {
       for (int ks = 0; ks < kKSteps; ++ks) {
         const uint4 q4 = reinterpret_cast<const uint4*>(s_q)[ks * 32 + lane];
         const uint32_t q[4] = {q4.x, q4.y, q4.z, q4.w};
-        const uint32_t lo = reinterpret_cast<const uint32_t*>(&key_words[0][ks / 4])[ks % 4];
-        const uint32_t hi = reinterpret_cast<const uint32_t*>(&key_words[1][ks / 4])[ks % 4];
-        ptx::mma_16816<Compute>(acc_s[0], q, fp8_pair_to_half2<Cache>(lo, 0), fp8_pair_to_half2<Cache>(lo, 1));
-        ptx::mma_16816<Compute>(acc_s[1], q, fp8_pair_to_half2<Cache>(hi, 0), fp8_pair_to_half2<Cache>(hi, 1));
+        uint32_t b[4];
+        fp8_pairs_to_half2<Cache>(reinterpret_cast<const uint32_t*>(&key_words[0][ks / 4])[ks % 4], b[0], b[1]);
+        fp8_pairs_to_half2<Cache>(reinterpret_cast<const uint32_t*>(&key_words[1][ks / 4])[ks % 4], b[2], b[3]);
+        ptx::mma_16816<Compute>(acc_s[0], q, b[0], b[1]);
+        ptx::mma_16816<Compute>(acc_s[1], q, b[2], b[3]);
       }
     } else {
 #pragma unroll
@@ -439,14 +485,14 @@ decode_sm80_kernel(const DecodeParams params) {
 #pragma unroll
         for (int r = 0; r < 4; ++r)
           w[r] = *reinterpret_cast<const uint32_t*>(landed_v + swizzle_fp8<kHeadDimPad>(2 * tig + (r & 1) + 8 * (r >> 1), col));
-        const uint32_t low[2] = {__byte_perm(w[0], w[1], 0x5140), __byte_perm(w[2], w[3], 0x5140)};
-        const uint32_t high[2] = {__byte_perm(w[0], w[1], 0x7362), __byte_perm(w[2], w[3], 0x7362)};
+        // b[i][0]: keys 2 tig, 2 tig + 1 of dim tile 4 span + i; b[i][1]: keys 2 tig + 8, 2 tig + 9
+        uint32_t b[4][2];
+        fp8_pairs_to_half2<Cache>(__byte_perm(w[0], w[1], 0x5140), b[0][0], b[1][0]);
+        fp8_pairs_to_half2<Cache>(__byte_perm(w[2], w[3], 0x5140), b[0][1], b[1][1]);
+        fp8_pairs_to_half2<Cache>(__byte_perm(w[0], w[1], 0x7362), b[2][0], b[3][0]);
+        fp8_pairs_to_half2<Cache>(__byte_perm(w[2], w[3], 0x7362), b[2][1], b[3][1]);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const uint32_t* pairs = i < 2 ? low : high;
-          ptx::mma_16816<Compute>(acc_o[4 * span + i], a, fp8_pair_to_half2<Cache>(pairs[0], i & 1),
-                                  fp8_pair_to_half2<Cache>(pairs[1], i & 1));
-        }
+        for (int i = 0; i < 4; ++i) ptx::mma_16816<Compute>(acc_o[4 * span + i], a, b[i][0], b[i][1]);
       }
     } else {
 #pragma unroll
@@ -530,29 +576,69 @@ decode_sm80_kernel(const DecodeParams params) {
 }
 
 // Combines the splits of each (sequence, q head): out = sum_s exp(lse_s - lse*) O_s / sum_s exp(...).
+// Launched as a programmatic dependent of the decode kernel (sm_90): its CTAs are resident before the
+// decode grid ends and wait here for it, so the launch gap leaves the critical path of a small decode.
 template <typename Element>
-__global__ void decode_merge_kernel(const DecodeParams params) {
+__global__ void __launch_bounds__(128) decode_merge_kernel(const DecodeParams params) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+  __shared__ float s_weight[kMaxDecodeSplits];
+  __shared__ float s_ref, s_inv_sum;
   const int seq = blockIdx.x / params.num_q_heads;
   const int head = blockIdx.x % params.num_q_heads;
   const int64_t part0 = static_cast<int64_t>(blockIdx.x) * params.num_splits;
-  const float* lse = params.partial_lse + part0;
-  float mx = -INFINITY;
-  for (int s = 0; s < params.num_splits; ++s) mx = fmaxf(mx, lse[s]);  // fmaxf skips NaN ...
-  const float ref = mx == -INFINITY ? 0.f : mx;
-  float sum = 0.f;
-  for (int s = 0; s < params.num_splits; ++s) sum += lse[s] == -INFINITY ? 0.f : __expf(lse[s] - ref);  // ... this not
-  const float inv_sum = sum == 0.f ? 0.f : 1.f / sum;  // every split empty: O = 0, lse = -inf
+  if (threadIdx.x < 32) {  // warp 0: every split's weight at once (kMaxDecodeSplits <= 64)
+    const int lane = threadIdx.x;
+    float lse[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int s = lane + 32 * i;
+      lse[i] = s < params.num_splits ? params.partial_lse[part0 + s] : -INFINITY;
+    }
+    float mx = fmaxf(lse[0], lse[1]);  // fmaxf skips NaN ...
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    const float ref = mx == -INFINITY ? 0.f : mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float w = lse[i] == -INFINITY ? 0.f : __expf(lse[i] - ref);  // ... this not
+      if (lane + 32 * i < params.num_splits) s_weight[lane + 32 * i] = w;
+      sum += w;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (lane == 0) {
+      s_ref = ref;
+      s_inv_sum = sum == 0.f ? 0.f : 1.f / sum;  // every split empty: O = 0, lse = -inf
+      if (params.lse != nullptr)
+        params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = sum == 0.f ? -INFINITY : ref + __logf(sum);
+    }
+  }
+  __syncthreads();
+  const float inv_sum = s_inv_sum;
   Element* out = static_cast<Element*>(params.out) + seq * params.out_row_stride + head * params.out_head_stride;
   for (int d = threadIdx.x; d < params.head_size; d += blockDim.x) {
     float acc = 0.f;
-    for (int s = 0; s < params.num_splits; ++s) {
-      const float w = lse[s] == -INFINITY ? 0.f : __expf(lse[s] - ref);
-      acc += w * params.partial_out[(part0 + s) * params.head_size + d];
-    }
+#pragma unroll 8
+    for (int s = 0; s < params.num_splits; ++s) acc += s_weight[s] * params.partial_out[(part0 + s) * params.head_size + d];
     out[d] = static_cast<Element>(acc * inv_sum);
   }
-  if (params.lse != nullptr && threadIdx.x == 0)
-    params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = sum == 0.f ? -INFINITY : ref + __logf(sum);
+}
+
+// Programmatic dependent launch (compute capability 9.0 and newer), asked once for the current device.
+inline bool programmatic_launch_supported() {
+  static const bool supported = [] {
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    return major >= 9;
+  }();
+  return supported;
 }
 
 template <typename Element, int kHeadDimPad, typename Cache>
@@ -580,8 +666,18 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   const dim3 grid(params.num_splits, params.num_kv_heads * params.head_chunks, params.num_seqs);
   kernel<<<grid, kDecodeThreads, kSmemBytes, stream>>>(params);
-  if (params.num_splits > 1)
-    decode_merge_kernel<Element><<<params.num_seqs * params.num_q_heads, 128, 0, stream>>>(params);
+  if (params.num_splits > 1) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(params.num_seqs * params.num_q_heads);
+    config.blockDim = dim3(128);
+    config.stream = stream;
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    config.attrs = &attribute;
+    config.numAttrs = programmatic_launch_supported() ? 1 : 0;
+    cudaLaunchKernelEx(&config, decode_merge_kernel<Element>, params);
+  }
 }
 
 }  // namespace blocksparse_attn
