@@ -19,6 +19,7 @@ copy bandwidth (H100: about 3.0 TB/s, read + write).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -165,9 +166,16 @@ def main():
                     help="time ours and SDPA replayed from CUDA graphs (GPU time only, no launch overhead)")
     ap.add_argument("--per-kv-head", action="store_true",
                     help="also time ours over per-kv-head pages with the released ones gone (issue 17)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time ours and SDPA this many times, alternating, and report each one's median round "
+                         "(small graph-replayed decodes vary by a few us from one timing to the next)")
+    ap.add_argument("--splits", default="",
+                    help="also time ours with these forced split counts (BSA_DECODE_SPLITS), e.g. 8,16,32")
     ap.add_argument("--flex-at", default="64x16384,16x8192,1x32768",
                     help="BATCHxCONTEXT pairs that also time FlexAttention (each compiles: seconds); '' for none")
     args = ap.parse_args()
+    if args.splits and not args.graph:
+        ap.error("--splits needs --graph (the split count is read when a call is captured)")
     on_cuda = args.device == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda else "float32"))
     batches = [int(x) for x in (args.batches or ("1,16,64,256" if on_cuda else "1,4")).split(",")]
@@ -201,6 +209,17 @@ def main():
                                             v_scale=x["scale"])
             if args.graph:
                 ours = graphed(ours)
+            forced = {}  # split count -> ours with that many splits, captured while the variable is set
+            for n in [n for n in args.splits.split(",") if n]:
+                old_env = os.environ.get("BSA_DECODE_SPLITS")
+                os.environ["BSA_DECODE_SPLITS"] = n
+                forced[n] = graphed(lambda: ops.paged_decode(x["q"], x["key_cache"], x["value_cache"],
+                                                             x["block_tables"], x["seq_lens"], scale, pattern,
+                                                             out=out, k_scale=x["scale"], v_scale=x["scale"]))
+                if old_env is None:
+                    del os.environ["BSA_DECODE_SPLITS"]
+                else:
+                    os.environ["BSA_DECODE_SPLITS"] = old_env
             ours_ms = timed_ms(ours, args.device, warmup, repeats)
             per_head_ms = float("nan")
             if args.per_kv_head:
@@ -213,12 +232,28 @@ def main():
                 per_head_ms = timed_ms(per_head, args.device, warmup, repeats)
                 del ph
             dense_ms = flex_ms = float("nan")
+            sdpa = None
             if dense:
                 sdpa = lambda: F.scaled_dot_product_attention(x["q4"], x["k4"], x["v4"], scale=scale,  # noqa: E731
                                                               enable_gqa=True)
                 if args.graph:
                     sdpa = graphed(sdpa)
                 dense_ms = timed_ms(sdpa, args.device, warmup, repeats)
+            # Each method timed `rounds` times, alternating; the median round of each is reported.
+            timings = {"ours": [ours_ms], "sdpa": [dense_ms], **{n: [] for n in forced}}
+            for r in range(max(args.rounds, 1)):
+                if r:
+                    timings["ours"].append(timed_ms(ours, args.device, warmup, repeats))
+                    if sdpa is not None:
+                        timings["sdpa"].append(timed_ms(sdpa, args.device, warmup, repeats))
+                for n, fn in forced.items():
+                    timings[n].append(timed_ms(fn, args.device, warmup, repeats))
+            ours_ms, dense_ms = statistics.median(timings["ours"]), statistics.median(timings["sdpa"])
+            forced = {n: statistics.median(timings[n]) for n in forced}
+            if forced:
+                print(f"batch {batch} x {context}: ours {1e3 * ours_ms:.1f} us (auto splits), "
+                      + ", ".join(f"{n} splits {1e3 * t:.1f} us" for n, t in forced.items())
+                      + (f"; sdpa {1e3 * dense_ms:.1f} us" if dense else ""))
                 if on_cuda and f"{batch}x{context}" in args.flex_at.split(","):
                     try:
                         flex = flex_decode(pattern, batch, context, args.device, scale)

@@ -210,8 +210,7 @@ decode_sm80_kernel(const DecodeParams params) {
   }
   if (tid == 0 && !pattern.has_layout())  // the group's distinct vertical residues, sorted
     s_num_residues = head_residues(pattern, first_head, num_rows, s_residues, s_residue_rows);
-  ptx::cp_async_wait<0>();
-  __syncthreads();
+  __syncthreads();  // Q is still in flight: the first slices' loads are issued before waiting for it
 
   GroupKeyBlocks blocks;
   if (pattern.has_layout()) {
@@ -229,50 +228,6 @@ decode_sm80_kernel(const DecodeParams params) {
   const int per_split = (total_slices + params.num_splits - 1) / params.num_splits;
   const int slice_begin = min(split * per_split, total_slices);
   const int slice_end = min(slice_begin + per_split, total_slices);
-
-  // Q fragments stay in registers for the whole walk.
-  uint32_t q_frag[kKSteps][4];
-  float q_factor = 1.f;  // fp8 with a bf16 model: Q is multiplied by it in fp16, S divided by it
-  if constexpr (Smem::kFp8) {
-    if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
-      // A power of two that puts the CTA's largest |q| in [2^14, 2^15): fp16 holds every bf16 value
-      // of the block's top 2^24 exactly. Non-finite or zero Q keeps 1 (NaN stays NaN).
-      __shared__ unsigned s_q_amax[kDecodeWarps];
-      unsigned amax = 0;
-      for (int i = tid; i < kDecodeHeadsPerCta * kHeadDimPad; i += kDecodeThreads)
-        amax = max(amax, __float_as_uint(fabsf(static_cast<float>(s_q[i]))));
-      amax = __reduce_max_sync(0xffffffffu, amax);
-      if (lane == 0) s_q_amax[warp] = amax;
-      __syncthreads();
-#pragma unroll
-      for (int w = 0; w < kDecodeWarps; ++w) amax = max(amax, s_q_amax[w]);
-      if (amax != 0 && amax < 0x7f800000u) q_factor = exp2f(static_cast<float>(min(max(141 - static_cast<int>(amax >> 23), -60), 60)));
-    }
-    auto q_pair = [&](int row, int col) {
-      return ptx::pack2<__half>(static_cast<float>(s_q[swizzle<kHeadDimPad>(row, col)]) * q_factor,
-                                static_cast<float>(s_q[swizzle<kHeadDimPad>(row, col + 1)]) * q_factor);
-    };
-    // The fragments replace Q in shared memory, [ks][lane] 16 bytes each (the same 32 x kHeadDimPad
-    // bytes), and are read back per slice: 32 registers fewer leave room for 4 CTAs per SM.
-#pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      const int dim = kQuarter * tig + 4 * ks;
-      q_frag[ks][0] = q_pair(group, dim);
-      q_frag[ks][1] = q_pair(group + 8, dim);
-      q_frag[ks][2] = q_pair(group, dim + 2);
-      q_frag[ks][3] = q_pair(group + 8, dim + 2);
-    }
-    __syncthreads();
-    if (warp == 0)
-#pragma unroll
-      for (int ks = 0; ks < kKSteps; ++ks)
-        reinterpret_cast<uint4*>(s_q)[ks * 32 + lane] = make_uint4(q_frag[ks][0], q_frag[ks][1], q_frag[ks][2], q_frag[ks][3]);
-    __syncthreads();
-  } else {
-#pragma unroll
-    for (int ks = 0; ks < kKSteps; ++ks)
-      ptx::ldmatrix_x4(q_frag[ks], s_q + swizzle<kHeadDimPad>((lane & 7) + ((lane >> 3) & 1) * 8, ks * 16 + (lane >> 4) * 8));
-  }
 
   unsigned char* warp_ring = s_ring + warp * kStages * 2 * Smem::kSliceBytes;
   // The warp's m-th slice is slice_begin + warp + kDecodeWarps * m: its first key and its head rows.
@@ -382,14 +337,6 @@ decode_sm80_kernel(const DecodeParams params) {
                                                true, dst_k, dst_v, landed_offset);
   };
 
-  float acc_o[kDimTiles][4];
-  OnlineSoftmax softmax;
-  softmax.init(flat(acc_o));
-
-  // An fp8 cache's scales: k_scale joins the softmax scale, v_scale multiplies the finished O.
-  const float scale_log2 = params.scale_log2 * cache_scale(kv.k_scale) / q_factor;
-  const float value_scale = cache_scale(kv.v_scale);
-
   // Slices of this warp: slice_begin + warp + kDecodeWarps * m. Iteration m first refills the stage
   // that slice m - 1 used with slice m + kStages - 1, then waits for slice m: kStages - 1 slices stay
   // in flight while one computes (waiting first would leave one fewer). Every iteration commits one
@@ -399,6 +346,62 @@ decode_sm80_kernel(const DecodeParams params) {
     if (slice_begin + warp + kDecodeWarps * m < slice_end) load_slice(m, m);
     ptx::cp_async_commit();
   }
+  ptx::cp_async_wait<kStages - 1>();  // Q's group (the oldest) has landed
+  __syncthreads();
+
+  // Q fragments: in registers for the whole walk (16-bit cache), in shared memory (fp8, below).
+  uint32_t q_frag[kKSteps][4];
+  float q_factor = 1.f;  // fp8 with a bf16 model: Q is multiplied by it in fp16, S divided by it
+  if constexpr (Smem::kFp8) {
+    if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
+      // A power of two that puts the CTA's largest |q| in [2^14, 2^15): fp16 holds every bf16 value
+      // of the block's top 2^24 exactly. Non-finite or zero Q keeps 1 (NaN stays NaN).
+      __shared__ unsigned s_q_amax[kDecodeWarps];
+      unsigned amax = 0;
+      for (int i = tid; i < kDecodeHeadsPerCta * kHeadDimPad; i += kDecodeThreads)
+        amax = max(amax, __float_as_uint(fabsf(static_cast<float>(s_q[i]))));
+      amax = __reduce_max_sync(0xffffffffu, amax);
+      if (lane == 0) s_q_amax[warp] = amax;
+      __syncthreads();
+#pragma unroll
+      for (int w = 0; w < kDecodeWarps; ++w) amax = max(amax, s_q_amax[w]);
+      if (amax != 0 && amax < 0x7f800000u) q_factor = exp2f(static_cast<float>(min(max(141 - static_cast<int>(amax >> 23), -60), 60)));
+    }
+    auto q_pair = [&](int row, int col) {
+      return ptx::pack2<__half>(static_cast<float>(s_q[swizzle<kHeadDimPad>(row, col)]) * q_factor,
+                                static_cast<float>(s_q[swizzle<kHeadDimPad>(row, col + 1)]) * q_factor);
+    };
+    // The fragments replace Q in shared memory, [ks][lane] 16 bytes each (the same 32 x kHeadDimPad
+    // bytes), and are read back per slice: 32 registers fewer leave room for 4 CTAs per SM.
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks) {
+      const int dim = kQuarter * tig + 4 * ks;
+      q_frag[ks][0] = q_pair(group, dim);
+      q_frag[ks][1] = q_pair(group + 8, dim);
+      q_frag[ks][2] = q_pair(group, dim + 2);
+      q_frag[ks][3] = q_pair(group + 8, dim + 2);
+    }
+    __syncthreads();
+    if (warp == 0)
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks)
+        reinterpret_cast<uint4*>(s_q)[ks * 32 + lane] = make_uint4(q_frag[ks][0], q_frag[ks][1], q_frag[ks][2], q_frag[ks][3]);
+    __syncthreads();
+  } else {
+#pragma unroll
+    for (int ks = 0; ks < kKSteps; ++ks)
+      ptx::ldmatrix_x4(q_frag[ks], s_q + swizzle<kHeadDimPad>((lane & 7) + ((lane >> 3) & 1) * 8, ks * 16 + (lane >> 4) * 8));
+  }
+
+  float acc_o[kDimTiles][4];
+  OnlineSoftmax softmax;
+  softmax.init(flat(acc_o));
+
+  // An fp8 cache's scales: k_scale joins the softmax scale, v_scale multiplies the finished O.
+  const float scale_log2 = params.scale_log2 * cache_scale(kv.k_scale) / q_factor;
+  const float value_scale = cache_scale(kv.v_scale);
+
+  // The walk (the ring's protocol is described above the first loads).
   for (int m = 0;; ++m) {
     const int slice = slice_begin + warp + kDecodeWarps * m;
     if (slice >= slice_end) break;
