@@ -185,7 +185,8 @@ for name in names:
     what = (f"{res['num_layers']}L {layers}{' homo' if res.get('homo_head') else ''} {res['dtype']} tp{res['tp']}"
             f"{' graphs' if res['cuda_graphs'] else ''}")
     if name.startswith("kv_"):
-        checks.append(f"{res['kv_layout']}: peak {res['peak_running']} running, {res['pages_released']} released")
+        checks.append(f"{res['kv_layout']}: peak {res['peak_running']} running, {res['pages_released']} released, "
+                      f"tokens {res.get('output_digest', '?')}")
     if res.get("preemptions"):
         checks.append(f"{res['preemptions']} preempted")
     print(f"{name:<{w}} {rc:>3}  {(what + ' ' + ', '.join(checks)):<52} {res['prefill_tokens_per_s']:>13.0f} "

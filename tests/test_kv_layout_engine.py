@@ -310,3 +310,16 @@ def test_serve_cli_per_kv_head(capsys, layers):
     assert any(line.startswith("KV cache: per-kv-head pages") for line in out), out
     with pytest.raises(SystemExit):
         serve_cli.parse_args(["--dense-all", "--sparse-all"])
+
+
+def test_serve_output_digest_compares_runs(capsys):
+    """RESULT's output_digest: the shared and the per-kv-head layouts serve the same tokens (equal
+    digests, as the GPU comparison in device_serve.sh KV_LAYOUT=1 reads them); other requests differ."""
+    argv = ["--num-layers", "2", "--num-requests", "3", "--min-prompt", "150", "--max-prompt", "300",
+            "--max-new-tokens", "6", "--chunk-size", "96", "--num-blocks", "30", "--pad-decode"]
+    shared, _ = _result(capsys, argv + ["--kv-layout", "shared"])
+    per_head, _ = _result(capsys, argv + ["--kv-layout", "per-kv-head"])
+    other, _ = _result(capsys, argv + ["--kv-layout", "shared", "--seed", "1"])
+    assert len(shared["output_digest"]) == 16 and shared["generated_tokens"] == 18, shared
+    assert per_head["output_digest"] == shared["output_digest"], (per_head["output_digest"], shared["output_digest"])
+    assert other["output_digest"] != shared["output_digest"], "a different seed drew the same tokens"

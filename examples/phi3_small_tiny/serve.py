@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import hashlib
 import json
 import os
 import sys
@@ -371,7 +372,8 @@ def main(argv=None) -> int:
             kv_layout=args.kv_layout, kv_pools=pools, pages_released=stats["pages_released"],
             peak_running=stats["peak_running"],
             warmup_requests=len(warmup),
-            prompt_tokens=prompt, generated_tokens=generated, steps=stats["steps"], wall_s=seconds,
+            prompt_tokens=prompt, generated_tokens=generated, output_digest=_output_digest(requests),
+            steps=stats["steps"], wall_s=seconds,
             preemptions=stats["preemptions"], swaps=stats["swaps"], recomputes=stats["recomputes"],
             prefill_steps=stats["prefill_steps"], prefill_s=stats["prefill_seconds"],
             decodes_in_prefill_steps=stats["decodes_in_prefill_steps"],
@@ -434,6 +436,15 @@ def _describe_cache(engine: Engine, model: Phi3SmallTiny, cfg: Config, longest: 
 def _ranges(layers: list[int]) -> str:
     """'0,2,...,30' for many layers."""
     return ",".join(map(str, layers)) if len(layers) <= 4 else f"{layers[0]},{layers[1]},...,{layers[-1]}"
+
+
+def _output_digest(requests) -> str:
+    """sha1 of every request's generated tokens, in request order: two runs of the same requests (cache
+    layouts, cache dtypes, batch sizes) generated the same tokens iff their digests are equal."""
+    digest = hashlib.sha1()
+    for req in sorted(requests, key=lambda r: r.rid):
+        digest.update(f"{req.rid}:{','.join(map(str, req.output))};".encode())
+    return digest.hexdigest()[:16]
 
 
 def _rate(tokens: int, seconds: float) -> float:
