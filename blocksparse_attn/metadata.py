@@ -227,7 +227,7 @@ class BlocksparseFlashAttentionMetadata:
             block_tables = block_tables.tolist()
         per_kv_head = num_seqs > 0 and len(block_tables[0]) > 0 and isinstance(block_tables[0][0], (list, tuple))
         # per sequence, a list of rows: [its blocks] (shared pages) or one row per kv head
-        tables = [[[int(b) for b in row] for row in (seq if per_kv_head else [seq])] for seq in block_tables]
+        tables = [list(seq) if per_kv_head else [seq] for seq in block_tables]
         seq_lens = [c + q for c, q in zip(context_lens, query_lens)]
         for r, (q, c, n, rows) in enumerate(zip(query_lens, context_lens, seq_lens, tables)):
             if q < 1 or c < 0:
@@ -245,18 +245,25 @@ class BlocksparseFlashAttentionMetadata:
             num_decodes += 1
         num_prefills = num_seqs - num_decodes
 
-        slots = []
-        for c, n, rows in zip(context_lens, seq_lens, tables):
-            slots += [[row[p // kv_block_size] * kv_block_size + p % kv_block_size for row in rows]
-                      for p in range(c, n)]
+        # Rows as tensors (a Python loop per page and per token cost ~95 ms for 12 sequences of 32k tokens
+        # with 8 kv heads' rows, ~15x the shared layout's time).
         num_rows = len(tables[0]) if num_seqs else 1
-        max_blocks = max((len(row) for rows in tables for row in rows), default=0) if any(context_lens) else 0
-        table = torch.zeros(num_seqs, num_rows, max_blocks, dtype=torch.int32)
+        width = max((len(row) for rows in tables for row in rows), default=0)
+        padded = torch.zeros(num_seqs, num_rows, width, dtype=torch.int64)
         for r, rows in enumerate(tables):
             for g, row in enumerate(rows):
-                if max_blocks:
-                    table[r, g, : len(row)] = torch.tensor(row, dtype=torch.int32)
-        slot_mapping = torch.tensor(slots, dtype=torch.int64).view(-1, num_rows)
+                if len(row):
+                    padded[r, g, : len(row)] = torch.tensor(row, dtype=torch.int64).flatten()
+        if padded.numel() and (int(padded.max()) > torch.iinfo(torch.int32).max
+                               or int(padded.min()) < torch.iinfo(torch.int32).min):
+            raise ValueError("block_tables: block numbers must fit in int32")
+        slots = []
+        for r, (c, n) in enumerate(zip(context_lens, seq_lens)):
+            positions = torch.arange(c, n)
+            # [rows, new tokens] -> [new tokens, rows]
+            slots.append((padded[r][:, positions // kv_block_size] * kv_block_size + positions % kv_block_size).T)
+        slot_mapping = (torch.cat(slots) if slots else torch.zeros(0, num_rows, dtype=torch.int64)).contiguous()
+        table = padded.to(torch.int32) if any(context_lens) else torch.zeros(num_seqs, num_rows, 0, dtype=torch.int32)
         if not per_kv_head:
             table, slot_mapping = table[:, 0], slot_mapping[:, 0]
 

@@ -281,7 +281,7 @@ decode_sm80_kernel(const DecodeParams params) {
 
   // This lane's share of a slice copy: rows lane_row + u * kRowsPerCopy, the 16-byte chunk that starts
   // at column lane_col (8 elements of 16 bits, or 16 of fp8). Elements land swizzled, as ldmatrix
-  // reads them; fp8 lands row-major and is converted per slice.
+  // reads them; fp8 chunks land XOR-swizzled by row (swizzle_fp8), as the fragment words are read.
   constexpr int kChunkElems = 16 / sizeof(Cache);
   constexpr int kCacheChunksPerRow = kHeadDimPad / kChunkElems;
   constexpr int kRowsPerCopy = 32 / kCacheChunksPerRow > 0 ? 32 / kCacheChunksPerRow : 1;
