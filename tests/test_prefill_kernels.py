@@ -18,6 +18,7 @@ from _helpers import assert_close_to_ref, build_paged_cache, cu_seqlens, make_pa
 from blocksparse_attn import reference
 from blocksparse_attn.layout import BlockLayout, SparsePattern
 from test_attention_ops import MODES, run_paged_prefill, run_varlen
+from test_fp8_cache import run_prefill_fp8
 
 KERNELS = ("sm80", "sm90", "sm90-k128")  # sm90: 64-key stages; sm90-k128: 128-key stages
 LOCAL, VERT = 2, 3
@@ -113,17 +114,37 @@ def test_paged_chunked(kernel, dtype, kv_block_size, gen):
     run_paged_prefill("cuda", dtype, 8, 2, 128, kv_block_size, seqs, pattern, gen)
 
 
+@pytest.mark.parametrize("fp8", (torch.float8_e4m3fn, torch.float8_e5m2), ids=("e4m3", "e5m2"))
+@pytest.mark.parametrize("head_dim", (64, 128), ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("kv_block_size", (8, 16, 32, 64, 128), ids=lambda x: f"kvbs{x}")
+def test_paged_chunked_fp8(kernel, kv_block_size, head_dim, fp8, gen):
+    """Chunked prefill over an fp8 cache written by write_kv_cache (unowned slots NaN), against the
+    reference over the dequantized cache: on the Hopper kernel, whole 64-key tiles of pages of 16 rows
+    or more land through the TMA as bytes and are widened in place; the last partial tile and
+    smaller pages go through registers."""
+    if kernel.endswith("k128"):
+        pytest.skip("fp8 caches take the Hopper kernel's 64-key fills only")
+    out, ref, _, seqs = run_prefill_fp8("cuda", torch.bfloat16, fp8, 8, 2, head_dim, kv_block_size, "phi3", gen)
+    assert_close_to_ref(out, ref, torch.bfloat16,
+                        f"{kernel} paged_prefill fp8 {fp8} D={head_dim} kvbs={kv_block_size} (context, new)={seqs}")
+
+
+@pytest.mark.parametrize("cache_dtype", (torch.bfloat16, torch.float8_e4m3fn), ids=("bf16", "e4m3"))
 @pytest.mark.parametrize("kv_block_size", (16, 64), ids=lambda x: f"kvbs{x}")
-def test_paged_bad_page_ids_read_zeros(kernel, kv_block_size, gen):
+def test_paged_bad_page_ids_read_zeros(kernel, kv_block_size, cache_dtype, gen):
     """Without BSA_CHECK_INPUTS the GPU does not validate block ids; one outside [0, NB) must read as
     zero keys and values (never memory out of bounds), in whole tiles (the TMA's boxes) and in the last
-    partial one (cp.async) alike."""
+    partial one (cp.async or registers) alike, from a bf16 cache and an fp8 one (scale 1)."""
+    if kernel.endswith("k128") and cache_dtype != torch.bfloat16:
+        pytest.skip("fp8 caches take the Hopper kernel's 64-key fills only")
     hq, hkv, d, n = 4, 2, 128, 300
     pattern = SparsePattern(64, 16, 8, 1)  # every causal block visible at this length
-    keys = [torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16)]
-    values = [torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16)]
+    # keys and values as the cache holds them (fp8 values are exact in bf16)
+    keys = [torch.randn(n, hkv, d, generator=gen).to(cache_dtype).to(torch.bfloat16)]
+    values = [torch.randn(n, hkv, d, generator=gen).to(cache_dtype).to(torch.bfloat16)]
     q = torch.randn(n, hq, d, generator=gen).to(torch.bfloat16)
     key_cache, value_cache, tables = build_paged_cache(keys, values, kv_block_size, gen, "cuda")
+    key_cache, value_cache = key_cache.to(cache_dtype), value_cache.to(cache_dtype)
     num_blocks = key_cache.shape[0]
     bad = {1: num_blocks + 5, n // kv_block_size: -3}  # a page of a whole tile, the page of the tail
     for logical, page in bad.items():
@@ -136,7 +157,7 @@ def test_paged_bad_page_ids_read_zeros(kernel, kv_block_size, gen):
     torch.ops.blocksparse_attn.paged_prefill(out, q.cuda(), key_cache, value_cache, tables, cu_seqlens([n], "cuda"),
                                              torch.tensor([n], dtype=torch.int32, device="cuda"), d ** -0.5,
                                              *pattern.op_args(), None, None, None)
-    assert_close_to_ref(out, ref, torch.bfloat16, f"{kernel} kvbs={kv_block_size} bad pages {bad}")
+    assert_close_to_ref(out, ref, torch.bfloat16, f"{kernel} {cache_dtype} kvbs={kv_block_size} bad pages {bad}")
 
 
 @pytest.mark.parametrize("order", ("tile", "kv_head"))

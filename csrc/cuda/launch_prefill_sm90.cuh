@@ -68,9 +68,10 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
         make(&maps.value, kv.value, params.num_kv_heads, kv.num_rows, kv.head_stride, kv.row_stride, 1, 64);
     return maps;
   }
-  // Pages of kvbs rows: boxes of min(kvbs, 64) rows inside one page, at most 4 per 64-key tile (the
-  // producer keeps their page ids in registers), each starting at a multiple of 8 rows (the swizzle's
-  // period); slabs of kvbs * D elements, one (block, kv head in the block) each.
+  // Pages of kvbs rows: boxes of min(kvbs, 64) rows inside one page, at most 4 per 64-key tile (one
+  // producer lane per box and column block looks its page up and issues it), each starting at a
+  // multiple of 8 rows (the swizzle's period); slabs of kvbs * D elements, one (block, kv head in the
+  // block) each.
   const int kvbs = kv.kv_block_size;
   if (!std::is_same<Cache, Element>::value || kvbs % 16 != 0 || (kvbs > 64 && kvbs % 64 != 0)) return maps;
   const int64_t slab_elements = static_cast<int64_t>(kvbs) * params.head_size;

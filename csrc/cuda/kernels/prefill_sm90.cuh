@@ -180,46 +180,43 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       const int pos0 = key_tile * 64;
       unsigned char* dst_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
       unsigned char* dst_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
-      // Whole tiles come through the TMA (one thread issues them; the copies complete on the fill's
+      // Whole tiles come through the TMA (issued from the first warp; the copies complete on the fill's
       // full barrier): contiguous K/V and pages of a cache in the model's dtype. Rows past the
       // sequence's end would read the next sequence's keys or unwritten cache slots, which may hold
       // anything: the last partial tile and empty slots take the zero-filling copies.
       if (tma_tile(key_tile)) {
-        if (tid == 0) {
+        if (tid < 32) {
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
-          ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
+          if (tid == 0) ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
           const int tile_dst = slot * 64 * 128;
           if (!kv.paged()) {
-            const int token = kv.cu_seqlens_k[seq] + pos0;
-#pragma unroll
-            for (int block = 0; block < kHeadDim / 64; ++block) {
-              const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
-              ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
-              ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
-            }
-          } else {
-            // One box of `rows` rows per page; the pages' slabs (kvbs rows of one kv head) are looked up
-            // before the first box issues. A page id outside [0, NB) is a box outside the map: zeros.
-            const int rows = maps.kv_page_rows;
-            const int32_t* table = kv.table_row(seq, kv_head);
-            int slab[4];
-#pragma unroll
-            for (int box = 0; box < 4; ++box) {
-              if (box * rows >= 64) break;
-              const int page = table[(pos0 + box * rows) / kv.kv_block_size];
-              slab[box] = page >= 0 && page < kv.num_cache_blocks ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1) : -1;
-            }
-#pragma unroll
-            for (int box = 0; box < 4; ++box) {
-              if (box * rows >= 64) break;
-              const int in_page = (pos0 + box * rows) % kv.kv_block_size;
+            if (tid == 0) {
+              const int token = kv.cu_seqlens_k[seq] + pos0;
 #pragma unroll
               for (int block = 0; block < kHeadDim / 64; ++block) {
-                const int dst = block * Smem::kStageColumnBlockBytes + tile_dst + box * rows * 128;
-                ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, in_page, slab[box], landed);
-                ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, in_page, slab[box], landed);
+                const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
+                ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
+                ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
               }
+            }
+          } else {
+            // One box of `rows` rows per page and 64-column block, each looked up and issued by its
+            // own lane of the first warp (kvbs 16: 8 lanes, one lookup round trip for all; from one
+            // thread the 16 box issues queued behind each other). A page id outside [0, NB) is a box
+            // outside the map: zeros.
+            constexpr int kBlocks = kHeadDim / 64;
+            const int rows = maps.kv_page_rows;  // 16, 32 or 64
+            const int box = tid / kBlocks, block = tid % kBlocks;
+            if (box * rows < 64) {
+              const int pos = pos0 + box * rows;
+              const int page = kv.table_row(seq, kv_head)[pos / kv.kv_block_size];
+              const int slab =
+                  page >= 0 && page < kv.num_cache_blocks ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1) : -1;
+              const int in_page = pos % kv.kv_block_size;
+              const int dst = block * Smem::kStageColumnBlockBytes + tile_dst + box * rows * 128;
+              ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, in_page, slab, landed);
+              ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, in_page, slab, landed);
             }
           }
         }
