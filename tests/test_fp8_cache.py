@@ -322,7 +322,7 @@ def run_decode_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, with
     return out, ref, ref_plain, seq_lens
 
 
-def run_prefill_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, with_scales=True):
+def run_prefill_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, with_scales=True, q_magnitude=1.0):
     long = lengths_for(pattern_name)
     seqs = [(0, 65), (1, 1), (kvbs - 1, 2), (long, 17), (130, 0), (64, 64)]  # (context, new)
     seq_lens, q_lens = [c + n for c, n in seqs], [n for _, n in seqs]
@@ -330,7 +330,11 @@ def run_prefill_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, wit
     if pattern_name == "phi3":
         assert_pattern_is_sparse(pattern, hq, hkv, long + 17, "phi3 prefill", num_queries=17)
     batch = Fp8Batch(seq_lens, q_lens, hkv, d, kvbs, dtype, fp8, gen, device, with_scales)
-    q = randn((sum(q_lens), hq, d), dtype, gen)
+    if q_magnitude == "mixed":  # every query token its own magnitude, 1e-3 .. 1e3
+        q = randn((sum(q_lens), hq, d), torch.float32, gen) * 10 ** (torch.rand(sum(q_lens), 1, 1, generator=gen) * 6 - 3)
+        q = q.to(dtype)
+    else:
+        q = randn((sum(q_lens), hq, d), dtype, gen, scale=q_magnitude)
     scale = 1.0 / d
     cu_q, cu_k = cu_seqlens(q_lens, "cpu"), cu_seqlens(seq_lens, "cpu")
     with one_thread():
@@ -396,6 +400,22 @@ def test_decode_fp8_query_range_and_head_dims(device, fp8, head_dim, q_magnitude
                                        q_magnitude=q_magnitude)
     config = (f"paged_decode {device} bf16 cache {fp8_ids(fp8)} D={head_dim} |q|~{q_magnitude:g} splits={splits} "
               f"lens={lens}")
+    assert_close_to_ref(out, ref, dtype, config + " vs dequantized reference")
+
+
+@pytest.mark.parametrize("q_magnitude", (1e-6, 1.0, 3e5, "mixed"), ids=lambda m: f"q{m}")
+@pytest.mark.parametrize("head_dim", (80, 128), ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("fp8", FP8_DTYPES, ids=fp8_ids)
+def test_prefill_fp8_query_range(device, fp8, head_dim, q_magnitude, gen):
+    """A bf16 model over an fp8 cache, prefill: queries far outside fp16's range (3e5), deep in its
+    subnormals (1e-6), and tokens of magnitudes 1e-3 to 1e3 side by side in one query tile, with a
+    padded head dim (80 -> 128), all equal the reference over the dequantized cache (a kernel that
+    took fp16 tensor-core steps with Q scaled by one power of two per tile must keep all of these)."""
+    dtype = torch.bfloat16
+    hq, hkv = GQA[0]
+    out, ref, _, lens = run_prefill_fp8(device, dtype, fp8, hq, hkv, head_dim, 16, "phi3", gen,
+                                        q_magnitude=q_magnitude)
+    config = f"paged_prefill {device} bf16 cache {fp8_ids(fp8)} D={head_dim} |q|~{q_magnitude} lens={lens}"
     assert_close_to_ref(out, ref, dtype, config + " vs dequantized reference")
 
 

@@ -119,9 +119,8 @@ def test_paged_chunked(kernel, dtype, kv_block_size, gen):
 @pytest.mark.parametrize("kv_block_size", (8, 16, 32, 64, 128), ids=lambda x: f"kvbs{x}")
 def test_paged_chunked_fp8(kernel, kv_block_size, head_dim, fp8, gen):
     """Chunked prefill over an fp8 cache written by write_kv_cache (unowned slots NaN), against the
-    reference over the dequantized cache: on the Hopper kernel, whole 64-key tiles of pages of 16 rows
-    or more land through the TMA as bytes and are widened in place; the last partial tile and
-    smaller pages go through registers."""
+    reference over the dequantized cache: pages of every size, the last partial tile, both formats
+    (the Hopper kernel's producer loads fp8 rows into registers and widens them to the model's type)."""
     if kernel.endswith("k128"):
         pytest.skip("fp8 caches take the Hopper kernel's 64-key fills only")
     out, ref, _, seqs = run_prefill_fp8("cuda", torch.bfloat16, fp8, 8, 2, head_dim, kv_block_size, "phi3", gen)

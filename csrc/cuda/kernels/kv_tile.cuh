@@ -82,9 +82,9 @@ __device__ __forceinline__ int64_t paged_row_offset(const KeyValueSource& kv, in
                                                     int col, int head_size, bool& valid) {
   valid = valid && pos < k_len;
   if (!valid) return 0;
-  const int page = kv.table_row(seq, kv_head)[pos / kv.kv_block_size];
+  const int page = kv.table_row(seq, kv_head)[kv.page_index(pos)];
   valid = page >= 0 && page < kv.num_cache_blocks;
-  return kv.page_offset(page, kv_head) + static_cast<int64_t>(pos % kv.kv_block_size) * head_size + col;
+  return kv.page_offset(page, kv_head) + static_cast<int64_t>(kv.row_in_page(pos)) * head_size + col;
 }
 
 // Copies rows of one kv head's keys and values (stored as Cache) into shared memory with 16-byte

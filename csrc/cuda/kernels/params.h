@@ -41,6 +41,7 @@ struct KeyValueSource {
   int64_t cache_block_stride;  // elements between cache blocks (Hkv * kvbs * D, or kvbs * D)
   int64_t cache_head_stride;   // elements between kv heads inside a block (kvbs * D, or 0)
   int kv_block_size;           // kvbs
+  int kv_block_shift;          // log2(kvbs) where kvbs is a power of two (vLLM's 8 .. 256), else -1
   int num_cache_blocks;        // NB: a block id outside [0, NB) is never dereferenced
   // A quantized (fp8) cache is read as float(stored) * scale: [1] float32 on the device, or null (1).
   // Pointers, not values, so a captured CUDA graph picks up new scales without a re-capture.
@@ -50,6 +51,13 @@ struct KeyValueSource {
   // The table row kv head kv_head of sequence seq reads its pages from.
   BSA_HOST_DEVICE const int32_t* table_row(int seq, int kv_head) const {
     return block_tables + seq * block_table_stride + kv_head * block_table_head_stride;
+  }
+  // A key position's entry in its table row and its row in that page: shifts where kvbs is a power
+  // of two (an integer division by a run-time divisor is ~20 instructions, paid per row by the
+  // prefill producers' page lookups).
+  BSA_HOST_DEVICE int page_index(int pos) const { return kv_block_shift >= 0 ? pos >> kv_block_shift : pos / kv_block_size; }
+  BSA_HOST_DEVICE int row_in_page(int pos) const {
+    return kv_block_shift >= 0 ? pos & (kv_block_size - 1) : pos % kv_block_size;
   }
   // Element offset of kv head kv_head's first row in cache block `page`.
   BSA_HOST_DEVICE int64_t page_offset(int page, int kv_head) const {

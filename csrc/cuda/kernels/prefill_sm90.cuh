@@ -210,10 +210,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             const int box = tid / kBlocks, block = tid % kBlocks;
             if (box * rows < 64) {
               const int pos = pos0 + box * rows;
-              const int page = kv.table_row(seq, kv_head)[pos / kv.kv_block_size];
+              const int page = kv.table_row(seq, kv_head)[kv.page_index(pos)];
               const int slab =
                   page >= 0 && page < kv.num_cache_blocks ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1) : -1;
-              const int in_page = pos % kv.kv_block_size;
+              const int in_page = kv.row_in_page(pos);
               const int dst = block * Smem::kStageColumnBlockBytes + tile_dst + box * rows * 128;
               ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, in_page, slab, landed);
               ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, in_page, slab, landed);
