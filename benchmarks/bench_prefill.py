@@ -6,6 +6,10 @@ Device-agnostic. For every sequence length S it times, in this one process and o
   sdpa        torch.nn.functional.scaled_dot_product_attention, dense causal, enable_gqa, [B, H, S, D]
   sdpa-flash  / sdpa-cudnn: the same call pinned to one backend (CUDA only, when the backend accepts it)
   flex        torch.compile(flex_attention) with a BlockMask of the same pattern (CUDA only)
+  flex-flash  the same through FlexAttention's FLASH backend (FlashAttention-4's kernels, 128-token
+              blocks; CUDA, where the backend is installed: ../shared/peers/fa4.sh)
+  fa4         FlashAttention-4 (flash_attn.cute.flash_attn_func), dense causal, [B, S, H, D] (CUDA,
+              where installed)
   reference   blocksparse_attn.reference (pure PyTorch, float32), only while it is small enough
 
 Effective TFLOP/s = 4 * D * (attended (q, k) pairs of the sparse pattern, summed over heads and
@@ -81,8 +85,11 @@ def make_inputs(batch: int, seq_len: int, dtype, device, seed: int):
     def bhsd(x):  # [B*S, H, D] -> contiguous [B, H, S, D], SDPA's native layout
         return x.view(batch, seq_len, x.shape[1], HEAD_DIM).transpose(1, 2).contiguous()
 
+    def bshd(x):  # [B*S, H, D] -> [B, S, H, D], FlashAttention's layout (a view)
+        return x.view(batch, seq_len, x.shape[1], HEAD_DIM)
+
     return {"q": q, "k": k, "v": v, "cu": cu, "out": torch.empty_like(q),
-            "q4": bhsd(q), "k4": bhsd(k), "v4": bhsd(v)}
+            "q4": bhsd(q), "k4": bhsd(k), "v4": bhsd(v), "q_bshd": bshd(q), "k_bshd": bshd(k), "v_bshd": bshd(v)}
 
 
 def ours_fn(x, scale, pattern, kernel=None):
@@ -128,8 +135,9 @@ def sdpa_fn(x, scale, backend=None):
     return pinned
 
 
-def flex_fns(inputs, scale, pattern, seq_len, device):
-    """torch.compile(flex_attention) closures with the pattern as a BlockMask; None when unavailable."""
+def flex_fns(inputs, scale, pattern, seq_len, device, backend=None):
+    """torch.compile(flex_attention) closures with the pattern as a BlockMask; None when unavailable.
+    backend "FLASH": FlexAttention's FlashAttention-4 backend, which takes blocks of 128 tokens."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
@@ -144,10 +152,38 @@ def flex_fns(inputs, scale, pattern, seq_len, device):
     # _compile=True builds the BlockMask block by block; the eager path materialises the whole
     # [H, S, S] token mask (64 GiB at S = 32k).
     block_mask = create_block_mask(mask_mod, B=None, H=NUM_HEADS, Q_LEN=seq_len, KV_LEN=seq_len, device=device,
-                                   _compile=True)
+                                   _compile=True, **({"BLOCK_SIZE": 128} if backend == "FLASH" else {}))
+    options = {"kernel_options": {"BACKEND": backend}} if backend else {}
     flex = torch.compile(flex_attention, dynamic=False)
-    return [lambda x=x: flex(x["q4"], x["k4"], x["v4"], block_mask=block_mask, scale=scale, enable_gqa=True)
+    return [lambda x=x: flex(x["q4"], x["k4"], x["v4"], block_mask=block_mask, scale=scale, enable_gqa=True,
+                             **options)
             for x in inputs]
+
+
+def fa4_fns(inputs, scale):
+    """FlashAttention-4 (dense causal, GQA native) closures; None where flash_attn.cute is not installed."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError:
+        return None
+
+    def call(x):
+        out = flash_attn_func(x["q_bshd"], x["k_bshd"], x["v_bshd"], softmax_scale=scale, causal=True)
+        return out[0] if isinstance(out, tuple) else out  # (out, lse) in the versions that return both
+    return [lambda x=x: call(x) for x in inputs]
+
+
+def first_call_or_note(name, fns):
+    """Runs a peer once (its compilation); on failure prints a one-line note and returns None."""
+    if fns is None:
+        print(f"  {name}: skipped (not installed; see ../shared/peers/fa4.sh)")
+        return None
+    try:
+        fns[0]()
+        return fns
+    except Exception as e:  # a backend this torch or GPU lacks: report, go on
+        print(f"  {name}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''})")
+        return None
 
 
 def ref_fn(x, scale, pattern):
@@ -191,7 +227,8 @@ def main(argv=None):
     ap.add_argument("--ref-max-tokens", type=int, default=1024,
                     help="time the pure-PyTorch reference up to this many tokens per batch (0: never)")
     ap.add_argument("--methods", default=None,
-                    help="comma-separated subset of ours,sdpa,sdpa-flash,sdpa-cudnn,flex,reference (default: all "
+                    help="comma-separated subset of ours,ours-sm80,sdpa,sdpa-flash,sdpa-cudnn,flex,flex-flash,fa4,"
+                         "reference (default: all "
                          "that apply to the device)")
     ap.add_argument("--out-dir", default="out", help="where the CSV and the PNG go")
     ap.add_argument("--dense-pattern", action="store_true",
@@ -211,7 +248,7 @@ def main(argv=None):
     seq_lens = [int(s) for s in args.seq_lens.split(",")]
     chosen = None if args.methods is None else {m.strip() for m in args.methods.split(",") if m.strip()}
 
-    known = {"ours", "ours-sm80", "sdpa", "sdpa-flash", "sdpa-cudnn", "flex", "reference"}
+    known = {"ours", "ours-sm80", "sdpa", "sdpa-flash", "sdpa-cudnn", "flex", "flex-flash", "fa4", "reference"}
     if chosen is not None and chosen - known:
         raise SystemExit(f"--methods: unknown {sorted(chosen - known)}, expected a subset of {sorted(known)}")
 
@@ -256,11 +293,22 @@ def main(argv=None):
                 fns = flex_fns(inputs, scale, pattern, seq_len, device)
                 if fns is not None:
                     methods["flex"] = fns
+            if wanted("flex-flash"):
+                fns = first_call_or_note("flex-flash", flex_fns(inputs, scale, pattern, seq_len, device, "FLASH"))
+                if fns is not None:
+                    methods["flex-flash"] = fns
+            if wanted("fa4"):
+                fns = first_call_or_note("fa4", fa4_fns(inputs, scale))
+                if fns is not None:
+                    methods["fa4"] = fns
         if batch * seq_len <= args.ref_max_tokens:
             methods["reference"] = [ref_fn(x, scale, pattern) for x in inputs]
 
         if s_idx == 0 and not args.no_sanity_check:  # the sparse methods must compute the pattern they are timed on
-            outs = {m: methods[m][0]() for m in ("ours", "ours-sm80", "flex") if m in methods and wanted(m)}
+            outs = {m: methods[m][0]() for m in ("ours", "ours-sm80", "flex", "flex-flash")
+                    if m in methods and wanted(m)}
+            if args.dense_pattern and "fa4" in methods:  # dense causal: fa4 computes this pattern too
+                outs["fa4"] = methods["fa4"][0]().transpose(1, 2)  # [B, S, H, D] -> [B, H, S, D]
             errors = sanity_check(inputs[0], scale, pattern, seq_len, dtype, outs)
             print("sanity: vs SDPA with the same mask at S=%d, max abs error: %s" % (
                 seq_len, ", ".join(f"{m} {e:.2e}" for m, e in errors.items()) or "nothing to check"))

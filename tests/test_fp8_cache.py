@@ -331,8 +331,8 @@ def run_prefill_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, wit
         assert_pattern_is_sparse(pattern, hq, hkv, long + 17, "phi3 prefill", num_queries=17)
     batch = Fp8Batch(seq_lens, q_lens, hkv, d, kvbs, dtype, fp8, gen, device, with_scales)
     if q_magnitude == "mixed":  # every query token its own magnitude, 1e-3 .. 1e3
-        q = randn((sum(q_lens), hq, d), torch.float32, gen) * 10 ** (torch.rand(sum(q_lens), 1, 1, generator=gen) * 6 - 3)
-        q = q.to(dtype)
+        magnitudes = 10 ** (torch.rand(sum(q_lens), 1, 1, generator=gen) * 6 - 3)
+        q = (randn((sum(q_lens), hq, d), torch.float32, gen) * magnitudes).to(dtype)
     else:
         q = randn((sum(q_lens), hq, d), dtype, gen, scale=q_magnitude)
     scale = 1.0 / d
