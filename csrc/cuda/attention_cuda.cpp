@@ -220,7 +220,8 @@ KeyValueSource paged_source(const at::Tensor& key_cache, const at::Tensor& value
     kv.cache_head_stride = key_cache.stride(1);
   }
   kv.kv_block_size = static_cast<int>(key_cache.size(2));
-  kv.kv_block_shift = (kv.kv_block_size & (kv.kv_block_size - 1)) == 0 ? __builtin_ctz(kv.kv_block_size) : -1;
+  const bool power_of_two = kv.kv_block_size > 0 && (kv.kv_block_size & (kv.kv_block_size - 1)) == 0;
+  kv.kv_block_shift = power_of_two ? __builtin_ctz(kv.kv_block_size) : -1;
   kv.num_cache_blocks = static_cast<int>(key_cache.size(0));
   return kv;
 }

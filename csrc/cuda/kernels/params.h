@@ -55,7 +55,9 @@ struct KeyValueSource {
   // A key position's entry in its table row and its row in that page: shifts where kvbs is a power
   // of two (an integer division by a run-time divisor is ~20 instructions, paid per row by the
   // prefill producers' page lookups).
-  BSA_HOST_DEVICE int page_index(int pos) const { return kv_block_shift >= 0 ? pos >> kv_block_shift : pos / kv_block_size; }
+  BSA_HOST_DEVICE int page_index(int pos) const {
+    return kv_block_shift >= 0 ? pos >> kv_block_shift : pos / kv_block_size;
+  }
   BSA_HOST_DEVICE int row_in_page(int pos) const {
     return kv_block_shift >= 0 ? pos & (kv_block_size - 1) : pos % kv_block_size;
   }
