@@ -255,9 +255,8 @@ decode_sm80_kernel(const DecodeParams params) {
     if (slice_begin + warp + kDecodeWarps * m >= slice_end) return ref;
     ref.token0 = slice_token(m, ref.rows);
     if (ref.token0 < seq_len) {
-      const int entry = ref.token0 / kv.kv_block_size;
-      ref.page = table[entry];
-      ref.page_row = ref.token0 - entry * kv.kv_block_size;
+      ref.page = table[kv.page_index(ref.token0)];
+      ref.page_row = kv.row_in_page(ref.token0);
     }
     return ref;
   };
