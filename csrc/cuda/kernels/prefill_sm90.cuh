@@ -82,6 +82,14 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   const bool col_valid = col < head_size;
   const Element* q = static_cast<const Element*>(params.q);
   const SparsePattern& pattern = params.pattern;
+  // fp8 pages (the paged cache only) come through registers: this thread's 16-byte chunk of rows
+  // fp8_row0 + u * kFp8RowStep (u < kFp8Rows) of a tile.
+  constexpr bool kFp8Pages = CacheFormat<Cache>::kFp8;
+  static_assert(!kFp8Pages || kSlots == 1, "fp8 pages take 64-key fills");
+  constexpr int kFp8ChunksPerRow = kHeadDim / 16;
+  constexpr int kFp8RowStep = 128 / kFp8ChunksPerRow;
+  constexpr int kFp8Rows = 64 / kFp8RowStep;
+  const int fp8_row0 = tid / kFp8ChunksPerRow, fp8_col = (tid % kFp8ChunksPerRow) * 16;
 
   // Fill n is published (fence for the wgmma reads, then arrive) at the top of fill n + L, BEFORE
   // the wait for free slots: publication never waits on the consumers, so a consumer never idles
@@ -171,6 +179,19 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       }
     }
 
+    // fp8 pages: the page ids of this thread's rows of a tile, looked up one fill ahead (a page-id
+    // load in front of each row's load kept the producer waiting on two round trips a fill); -1
+    // past k_len and for no tile.
+    const int32_t* table = kv.paged() ? kv.table_row(seq, kv_head) : nullptr;
+    auto look_up_pages = [&](int key_tile, int (&pages)[kFp8Rows]) {
+#pragma unroll
+      for (int u = 0; u < kFp8Rows; ++u) {
+        const int pos = key_tile * 64 + fp8_row0 + u * kFp8RowStep;
+        pages[u] = key_tile >= 0 && pos < k_len ? table[kv.page_index(pos)] : -1;
+      }
+    };
+    int tile_pages[kFp8Rows];  // the current tile's
+
     // K and V of one 64-key tile into tile `slot` of a fill; keys past k_len, bad page ids and
     // empty slots (key_tile < 0) read as zeros. True when it issued cp.async copies.
     auto tma_tile = [&](int key_tile) {
@@ -224,26 +245,24 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       }
       auto wgmma_layout = [slot](int row, int c) { return sm90_tile_offset<Tiling::kBlockN>(slot * 64 + row, c); };
       if constexpr (CacheFormat<Cache>::kFp8) {
-        // fp8 pages (the paged cache only): loaded into registers, converted, stored in the wgmma
+        // fp8 pages: loaded into registers (pages from tile_pages), converted, stored in the wgmma
         // layout. Every row's loads are issued before the first conversion, so they overlap; the
         // fill is published with a proxy fence like a cp.async fill.
-        constexpr int kFp8ChunksPerRow = kHeadDim / 16;
-        constexpr int kFp8RowStep = 128 / kFp8ChunksPerRow;
-        constexpr int kRows = 64 / kFp8RowStep;
-        const int fp8_row0 = tid / kFp8ChunksPerRow, fp8_col = (tid % kFp8ChunksPerRow) * 16;
         const Cache* key = static_cast<const Cache*>(kv.key);
         const Cache* value = static_cast<const Cache*>(kv.value);
-        uint4 stored_k[kRows], stored_v[kRows];
+        uint4 stored_k[kFp8Rows], stored_v[kFp8Rows];
 #pragma unroll
-        for (int u = 0; u < kRows; ++u) {
-          bool valid = key_tile >= 0 && fp8_col < head_size;
-          const int64_t offset =
-              paged_row_offset(kv, seq, kv_head, pos0 + fp8_row0 + u * kFp8RowStep, k_len, fp8_col, head_size, valid);
+        for (int u = 0; u < kFp8Rows; ++u) {
+          const int page = tile_pages[u];
+          const bool valid = page >= 0 && page < kv.num_cache_blocks && fp8_col < head_size;
+          const int64_t offset = kv.page_offset(page, kv_head) +
+                                 static_cast<int64_t>(kv.row_in_page(pos0 + fp8_row0 + u * kFp8RowStep)) * head_size +
+                                 fp8_col;
           stored_k[u] = valid ? *reinterpret_cast<const uint4*>(key + offset) : make_uint4(0, 0, 0, 0);
           stored_v[u] = valid ? *reinterpret_cast<const uint4*>(value + offset) : make_uint4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int u = 0; u < kRows; ++u) {
+        for (int u = 0; u < kFp8Rows; ++u) {
           const int row = fp8_row0 + u * kFp8RowStep;
           uint4 elements[2];
           fp8_chunk_to_elements<Element, Cache>(stored_k[u], elements);
@@ -297,6 +316,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     bool more = true;
     bool copies = !maps.query_enabled;  // the first fill carries the unit's Q
     bool query_pending = maps.query_enabled;
+    int ahead_tile = -1;  // fp8 pages: the next tile, whose page ids are being looked up
+    uint8_t ahead_flags[kSm90ConsumerGroups] = {};
+    int ahead_pages[kFp8Rows];
+    if constexpr (kFp8Pages) {
+      more = next_tile(ahead_tile, ahead_flags);
+      look_up_pages(ahead_tile, ahead_pages);
+    }
     for (;; ++n) {
       const Sm90Fill fill = begin_fill();
       const int key_slot = fill.key_slot;  // the fill's full barrier and record
@@ -317,7 +343,22 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       for (int slot = 0; slot < kSlots; ++slot) {
         int key_tile = -1;
         uint8_t flags[kSm90ConsumerGroups] = {};
-        if (more) more = next_tile(key_tile, flags);
+        if constexpr (kFp8Pages) {
+          key_tile = ahead_tile;
+#pragma unroll
+          for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = ahead_flags[g];
+          if (key_tile >= 0) {
+#pragma unroll
+            for (int u = 0; u < kFp8Rows; ++u) tile_pages[u] = ahead_pages[u];
+            ahead_tile = -1;
+#pragma unroll
+            for (int g = 0; g < kSm90ConsumerGroups; ++g) ahead_flags[g] = 0;
+            if (more) more = next_tile(ahead_tile, ahead_flags);
+            look_up_pages(ahead_tile, ahead_pages);
+          }
+        } else {
+          if (more) more = next_tile(key_tile, flags);
+        }
         if (slot == 0) first_tile = key_tile;
         if (key_tile >= 0 || (slot > 0 && first_tile >= 0)) copies |= load_kv(key_tile, fill, slot);  // empty: zeros
         if (tid == 0) {
