@@ -236,6 +236,8 @@ def test_write_kv_cache_fp8_edge_values(device, fp8, dtype, scale, gen):
 def build_pattern(name: str, hq: int, hkv: int, max_len: int, gen):
     if name == "phi3":  # Phi-3-small's B 64, L 16, V 8, q-head sliding
         return make_pattern("qslide", 64, 16, 8, hq, hkv)
+    if name == "dense":  # every causal block visible (a vertical column at every block)
+        return make_pattern("qslide", 64, 1, 1, hq, hkv)
     b = 16
     return BlockLayout.from_block_mask(random_block_mask(hq, -(-max_len // b), gen, diagonal=True), b)
 

@@ -234,11 +234,85 @@ def test_forced_sm90_outside_its_domain_is_an_error(monkeypatch, gen):
         run_varlen("cuda", torch.float16, 4, 2, 64, [(100, 100)], pattern, gen)
 
 
+@pytest.fixture(params=("tma", "no-tma"))
+def packed_heads(request, monkeypatch):
+    """The Hopper kernel with a kv group's q heads packed into one work unit (BSA_PREFILL_PACK_GQA=1;
+    64-key fills, the only shape that packs), with Q and K/V through the TMA or through cp.async."""
+    if not _is_hopper():
+        pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
+    monkeypatch.setenv("BSA_PREFILL_KERNEL", "sm90")
+    monkeypatch.setenv("BSA_PREFILL_PACK_GQA", "1")
+    monkeypatch.setenv("BSA_SM90_STAGE_KEYS", "auto")
+    monkeypatch.setenv("BSA_SM90_TMA", "0" if request.param == "no-tma" else "1")
+    return request.param
+
+
+# (q_len, k_len): short query runs around the packed tiles' edges (128 / G tokens), runs that start
+# mid-sequence (a context before them), and one long run of many tiles.
+PACKED_SEQS = [(1, 1), (31, 31), (32, 32), (33, 33), (5, 70), (64, 64), (100, 100), (17, 300), (129, 129),
+               (3, 1000), (700, 700)]
+
+
+@pytest.mark.parametrize("hq, hkv", ((8, 2), (8, 4), (16, 2), (64, 1)), ids=("gqa4", "gqa2", "gqa8", "gqa64"))
+@pytest.mark.parametrize("head_dim", (64, 80, 128))
+def test_sm90_packed_heads_varlen(packed_heads, hq, hkv, head_dim, gen):
+    """Packed heads against the reference (out, lse, rows without keys): every row is (token, head)
+    of the unit's tile, so a wrong token or head in the Q load, the mask, the lse or the store fails."""
+    pattern = make_pattern("qslide", 64, 1, 1, hq, hkv)  # every causal block visible
+    run_varlen("cuda", torch.bfloat16, hq, hkv, head_dim, PACKED_SEQS, pattern, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=("fp16", "bf16"))
+def test_sm90_packed_heads_phi3_short(packed_heads, dtype, gen):
+    """Phi-3-small's pattern on a batch whose keys fit in its local band (every block visible, though
+    the heads' vertical columns differ): packing is allowed and right."""
+    pattern = make_pattern("qslide", 64, 16, 8, 32, 8)
+    run_varlen("cuda", dtype, 32, 8, 128, [(32, 32)] * 8 + [(100, 100), (1, 500), (63, 63)], pattern, gen)
+
+
+@pytest.mark.parametrize("kv_block_size", (8, 16, 64), ids=lambda x: f"kvbs{x}")
+def test_sm90_packed_heads_paged(packed_heads, kv_block_size, gen):
+    """Chunked prefill from a shuffled paged cache with packed heads: short new runs after contexts."""
+    pattern = make_pattern("qslide", 64, 1, 1, 8, 2)
+    seqs = [(1000, 3), (0, 33), (63, 2), (130, 64), (1, 1), (0, 200)]
+    run_paged_prefill("cuda", torch.float16, 8, 2, 128, kv_block_size, seqs, pattern, gen)
+
+
+@pytest.mark.parametrize("fp8", (torch.float8_e4m3fn, torch.float8_e5m2), ids=("e4m3", "e5m2"))
+@pytest.mark.parametrize("kv_block_size", (16, 64), ids=lambda x: f"kvbs{x}")
+def test_sm90_packed_heads_fp8(packed_heads, kv_block_size, fp8, gen):
+    """Packed heads over an fp8 cache (the producer widens the pages; Q is packed as above)."""
+    out, ref, _, seqs = run_prefill_fp8("cuda", torch.bfloat16, fp8, 8, 2, 128, kv_block_size, "dense", gen)
+    assert_close_to_ref(out, ref, torch.bfloat16, f"packed heads fp8 {fp8} kvbs={kv_block_size} {seqs}")
+
+
+@pytest.mark.parametrize("case", ("sparse", "mha", "kv-head-order", "sm80", "k128"))
+def test_forced_packed_heads_outside_their_domain_is_an_error(monkeypatch, case, gen):
+    """BSA_PREFILL_PACK_GQA=1 where heads cannot share units (their key blocks differ, one head per kv
+    head, the kv-head-major numbering, the sm80 kernel, 128-key fills forced) fails loudly, naming the
+    knob."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available")
+    if case != "sm80" and not _is_hopper():
+        pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
+    monkeypatch.setenv("BSA_PREFILL_PACK_GQA", "1")
+    monkeypatch.setenv("BSA_PREFILL_KERNEL", "sm80" if case == "sm80" else "sm90")
+    if case == "kv-head-order":
+        monkeypatch.setenv("BSA_PREFILL_UNIT_ORDER", "kv_head")
+    if case == "k128":
+        monkeypatch.setenv("BSA_SM90_STAGE_KEYS", "128")
+    hq, hkv = (4, 4) if case == "mha" else (8, 2)
+    local, vert = (LOCAL, VERT) if case == "sparse" else (1, 1)
+    pattern = make_pattern("qslide", 64, local, vert, hq, hkv)
+    with pytest.raises(RuntimeError, match="BSA_PREFILL_PACK_GQA"):
+        run_varlen("cuda", torch.float16, hq, hkv, 64, [(300, 300)], pattern, gen)
+
+
 # Every run-time knob (csrc/common/settings.h, docs/settings.md) rejects a value it does not know.
 BAD_KNOB_VALUES = (("BSA_PREFILL_KERNEL", "fastest"), ("BSA_PREFILL_UNIT_ORDER", "head"),
                    ("BSA_SM90_STAGE_KEYS", "96"), ("BSA_SM90_GRID", "-1"), ("BSA_SM90_GRID", "many"),
                    ("BSA_SM90_TMA", "yes"), ("BSA_CHECK_INPUTS", "true"), ("BSA_DECODE_SPLITS", "4x"),
-                   ("BSA_DECODE_SPLITS", "0"))
+                   ("BSA_DECODE_SPLITS", "0"), ("BSA_PREFILL_PACK_GQA", "yes"))
 
 
 @pytest.mark.parametrize("knob, value", BAD_KNOB_VALUES, ids=lambda x: str(x))

@@ -19,12 +19,14 @@ namespace blocksparse_attn {
 
 enum class PrefillKernelChoice { kAuto, kSm80, kSm90 };
 enum class UnitOrderChoice { kAuto, kTile, kKvHead };
+enum class PackGqaChoice { kAuto, kOff, kOn };
 
 struct Settings {
   bool check_inputs = false;  // BSA_CHECK_INPUTS=0|1: value checks on CUDA calls (a device->host copy)
   int decode_splits = 0;      // BSA_DECODE_SPLITS=auto|n: CTAs per decode sequence (0 = auto)
   PrefillKernelChoice prefill_kernel = PrefillKernelChoice::kAuto;  // BSA_PREFILL_KERNEL=auto|sm80|sm90
   UnitOrderChoice unit_order = UnitOrderChoice::kAuto;              // BSA_PREFILL_UNIT_ORDER=auto|tile|kv_head
+  PackGqaChoice pack_gqa = PackGqaChoice::kAuto;                    // BSA_PREFILL_PACK_GQA=auto|0|1
   int sm90_grid = 0;          // BSA_SM90_GRID=auto|n: the Hopper kernel's persistent CTAs (0 = one per SM)
   bool sm90_tma = true;       // BSA_SM90_TMA=0|1: the Hopper kernel's loads through the TMA where possible
   int sm90_stage_keys = 0;    // BSA_SM90_STAGE_KEYS=auto|64|128: its K/V fill shape (0 = auto)
@@ -33,7 +35,8 @@ struct Settings {
 namespace detail {
 // The run-time knobs' raw values ("" when unset), from one pass over the environment.
 struct RawSettings {
-  std::string_view check_inputs, decode_splits, prefill_kernel, unit_order, sm90_grid, sm90_tma, sm90_stage_keys;
+  std::string_view check_inputs, decode_splits, prefill_kernel, unit_order, pack_gqa, sm90_grid, sm90_tma,
+      sm90_stage_keys;
 };
 
 inline RawSettings raw_settings() {
@@ -41,6 +44,7 @@ inline RawSettings raw_settings() {
   const std::pair<std::string_view, std::string_view RawSettings::*> knobs[] = {
       {"BSA_CHECK_INPUTS", &RawSettings::check_inputs},   {"BSA_DECODE_SPLITS", &RawSettings::decode_splits},
       {"BSA_PREFILL_KERNEL", &RawSettings::prefill_kernel}, {"BSA_PREFILL_UNIT_ORDER", &RawSettings::unit_order},
+      {"BSA_PREFILL_PACK_GQA", &RawSettings::pack_gqa},
       {"BSA_SM90_GRID", &RawSettings::sm90_grid},         {"BSA_SM90_TMA", &RawSettings::sm90_tma},
       {"BSA_SM90_STAGE_KEYS", &RawSettings::sm90_stage_keys}};
   for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
@@ -93,6 +97,11 @@ inline Settings read_settings() {
   else if (order == "kv_head") s.unit_order = UnitOrderChoice::kKvHead;
   else BSA_CHECK(order.empty() || order == "auto", "BSA_PREFILL_UNIT_ORDER must be auto, tile or kv_head, got '",
                  std::string(order), "'");
+
+  const std::string_view pack = raw.pack_gqa;
+  if (pack == "0" || pack == "1") s.pack_gqa = pack == "1" ? PackGqaChoice::kOn : PackGqaChoice::kOff;
+  else BSA_CHECK(pack.empty() || pack == "auto", "BSA_PREFILL_PACK_GQA must be auto, 0 or 1, got '", std::string(pack),
+                 "'");
 
   const std::string_view keys = raw.sm90_stage_keys;
   if (keys == "64" || keys == "128") s.sm90_stage_keys = keys == "64" ? 64 : 128;

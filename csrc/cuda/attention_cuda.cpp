@@ -83,15 +83,49 @@ int64_t typical_sequence_keys(const PrefillParams& params) {
 // 2.046 / 1.990, 8k 4.10 / 4.03, 16k 8.31 / 8.04; Phi-3-small at 8k: 1.46 / 1.50. An explicit
 // layout takes 64 (telling would need its device data). BSA_SM90_STAGE_KEYS=64 or =128 forces one
 // (tests, benchmarks).
+// True when every q head sees every causal key block of every sequence, from host-known sizes only:
+// a pattern whose vertical stride is 1, or whose local band spans the longest possible sequence (the
+// batch's keys, or the block table's capacity). An explicit layout would need its device data: false.
+bool every_causal_block_visible(const PrefillParams& params) {
+  const SparsePattern& p = params.pattern;
+  if (p.has_layout()) return false;
+  const KeyValueSource& kv = params.kv;
+  const int64_t longest_keys = kv.paged() ? kv.block_table_width * kv.kv_block_size : kv.num_rows;
+  return p.vert_stride == 1 || static_cast<int64_t>(p.local_blocks) * p.block_size >= longest_keys;
+}
+
 int choose_sm90_stage_keys(const PrefillParams& params, const Settings& settings) {
   if (settings.sm90_stage_keys != 0) return settings.sm90_stage_keys;
   constexpr int64_t kLongSequence = 2048;  // below it the two shapes measure the same
-  const SparsePattern& p = params.pattern;
-  if (p.has_layout()) return 64;
-  const KeyValueSource& kv = params.kv;
-  const int64_t longest_keys = kv.paged() ? kv.block_table_width * kv.kv_block_size : kv.num_rows;
-  const bool all_visible = p.vert_stride == 1 || static_cast<int64_t>(p.local_blocks) * p.block_size >= longest_keys;
-  return all_visible && typical_sequence_keys(params) >= kLongSequence ? 128 : 64;
+  return every_causal_block_visible(params) && typical_sequence_keys(params) >= kLongSequence ? 128 : 64;
+}
+
+// Packs the q heads of a kv group into one Hopper work unit (PrefillParams::pack_gqa_shift: log2 of
+// the heads) where every head sees the same key blocks and the group's size is a power of two up
+// to 64 (each consumer group's 64 rows hold whole tokens), and the batch's query runs are short:
+// a 128-row tile of one head then holds only q_len rows, of G heads G * q_len. BSA_PREFILL_PACK_GQA=1
+// or =0 forces it (tests, benchmarks; forcing it where it cannot run is an error).
+int choose_pack_gqa_shift(const PrefillParams& params, PrefillKernel kernel, const Settings& settings) {
+  constexpr int64_t kPackGqaMaxQueryRun = 1024;  // mean queries per sequence
+  if (settings.pack_gqa == PackGqaChoice::kOff) return 0;
+  // Forced choices that exclude packing: the kv-head-major numbering (of unpacked units) and 128-key
+  // fills (packed units take 64-key fills, sm90_pack_shift).
+  const bool forced_out = settings.unit_order == UnitOrderChoice::kKvHead || settings.sm90_stage_keys == 128;
+  const int group = params.pattern.q_heads_per_kv;
+  const bool fits = group > 1 && group <= 64 && (group & (group - 1)) == 0;
+  const bool allowed = kernel == PrefillKernel::kSm90 && fits && every_causal_block_visible(params);
+  if (settings.pack_gqa == PackGqaChoice::kOn) {
+    BSA_CHECK(allowed && !forced_out, "BSA_PREFILL_PACK_GQA=1, but the q heads of a kv group cannot share ",
+              "work units here: that needs the Hopper prefill kernel (have ",
+              kernel == PrefillKernel::kSm90 ? "yes" : "no",
+              "), q heads per kv head a power of two from 2 to 64 (have ", group,
+              ") and a pattern where every causal key block is visible to every head (have ",
+              every_causal_block_visible(params) ? "yes" : "no",
+              "), without BSA_PREFILL_UNIT_ORDER=kv_head or BSA_SM90_STAGE_KEYS=128");
+  } else if (!allowed || forced_out || params.num_q_tokens > kPackGqaMaxQueryRun * int64_t{params.num_seqs}) {
+    return 0;
+  }
+  return __builtin_ctz(group);
 }
 
 // Numbers a sequence's work units kv head by kv head (PrefillParams::kv_head_major) when one
@@ -118,7 +152,8 @@ int sm90_ctas(const Settings& settings) {
 void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cache_dtype, const Settings& settings) {
   if (params.num_q_tokens == 0 || params.num_seqs == 0) return;
   const PrefillKernel kernel = choose_prefill_kernel(params, settings);
-  const int block_m = kernel == PrefillKernel::kSm90 ? kPrefillSm90BlockM : kPrefillBlockM;
+  params.pack_gqa_shift = choose_pack_gqa_shift(params, kernel, settings);
+  const int block_m = kernel == PrefillKernel::kSm90 ? kPrefillSm90BlockM >> params.pack_gqa_shift : kPrefillBlockM;
   const int max_tiles = static_cast<int>(params.num_q_tokens / block_m + 2 * params.num_seqs + 1);
   at::Tensor workspace = at::empty({2 * max_tiles + 2}, q.options().dtype(at::kInt));
   int32_t* ws = workspace.data_ptr<int32_t>();
@@ -136,7 +171,7 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
   params.tile_index = plan.tile_index;
   params.num_tiles = plan.num_tiles;
   params.work_counter = plan.work_counter;
-  params.kv_head_major = choose_kv_head_major(params, q.element_size(), settings);
+  params.kv_head_major = params.pack_gqa_shift == 0 && choose_kv_head_major(params, q.element_size(), settings);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -152,7 +187,9 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
           const bool fp8 = !std::is_same_v<Cache, Element>;
           BSA_CHECK(!fp8 || settings.sm90_stage_keys != 128, "BSA_SM90_STAGE_KEYS=128, but the Hopper kernel reads ",
                     "fp8 caches with 64-key fills only");
-          switch (const int stage_keys = fp8 ? 64 : choose_sm90_stage_keys(params, settings)) {
+          // So do packed heads (sm90_pack_shift; choose_pack_gqa_shift never packs with 128 forced).
+          const bool packed = params.pack_gqa_shift > 0;
+          switch (const int stage_keys = fp8 || packed ? 64 : choose_sm90_stage_keys(params, settings)) {
             case 64: return launch_prefill_sm90<Element, kPad, 64, Cache>(params, launch, stream);
             case 128:
               if constexpr (std::is_same_v<Cache, Element>)

@@ -59,8 +59,11 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
                   CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
   };
+  // Q in boxes of one consumer group's 64 rows: 64 tokens of one head, or with packed heads
+  // 64 >> s tokens of the group's 2^s heads (rows token * 2^s + head, the order the kernel reads).
+  const int packed_heads = 1 << params.pack_gqa_shift;
   maps.query_enabled = make(&maps.query, params.q, params.num_q_heads, params.num_q_tokens, params.q_head_stride,
-                            params.q_row_stride, 1, 64);
+                            params.q_row_stride, packed_heads, 64 / packed_heads);
   const KeyValueSource& kv = params.kv;
   if (!kv.paged()) {
     maps.kv_enabled =
@@ -95,7 +98,7 @@ void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, 
   constexpr int kSmemBytes = Sm90Smem<kHeadDim, Tiling>::kBytes;
   auto kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling, Cache>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  const int64_t max_units = static_cast<int64_t>(launch.max_tiles) * params.num_q_heads;
+  const int64_t max_units = static_cast<int64_t>(launch.max_tiles) * (params.num_q_heads >> params.pack_gqa_shift);
   const int grid = static_cast<int>(std::min<int64_t>(launch.num_ctas, max_units));
   kernel<<<grid, kSm90Threads, kSmemBytes, stream>>>(params, sm90_tensor_maps<Element, Cache>(params, launch.use_tma));
 }

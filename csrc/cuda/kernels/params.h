@@ -92,6 +92,12 @@ struct PrefillParams {
   // How a sequence's units are numbered (load_prefill_item): 0: tile by tile, each tile's q heads
   // side by side; 1: kv head by kv head (sequences whose K/V outgrow the L2; the host picks).
   int kv_head_major;
+  // Hopper kernel only: log2 of the q heads one work unit computes together (0: one). With s > 0 a
+  // unit is (query tile of kPrefillSm90BlockM >> s tokens, kv head) and its 128 rows are the tile's
+  // tokens times the kv group's 2^s q heads, row = token * 2^s + head in the group: the group's K/V
+  // is read once for all of them, and short query runs fill the rows. Only where every q head of
+  // a group sees the same key blocks (every causal block visible); the host picks (tile by tile).
+  int pack_gqa_shift;
 };
 
 // How the host launches the persistent Hopper prefill kernel (cuda/launch_prefill_sm90.cuh).

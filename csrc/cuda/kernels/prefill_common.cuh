@@ -26,10 +26,12 @@ struct PrefillItem {
   int valid_end;
 };
 
-// False for a unit past the planned items (grids are sized by a host-side bound).
-__device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, int block_m, int unit, PrefillItem& it) {
-  const int num_q_heads = params.num_q_heads;
-  const int anchor = unit / num_q_heads;  // an item of the unit's sequence
+// False for a unit past the planned items (grids are sized by a host-side bound). A unit with packed
+// heads (pack_shift = PrefillParams::pack_gqa_shift > 0) carries its kv group's first q head in `head`.
+__device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, int block_m, int pack_shift, int unit,
+                                                  PrefillItem& it) {
+  const int units_per_item = params.num_q_heads >> pack_shift;
+  const int anchor = unit / units_per_item;  // an item of the unit's sequence
   if (anchor >= *params.num_tiles) return false;
   it.seq = params.tile_seq[anchor];
   const KeyValueSource& kv = params.kv;
@@ -39,6 +41,7 @@ __device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, i
   it.first_pos = it.k_len - q_len;
   if (params.kv_head_major) {
     // The plan lists a sequence's tiles from the last one (last_tile) down to the first.
+    const int num_q_heads = params.num_q_heads;
     const int anchor_tile = params.tile_index[anchor];
     const int last_tile = (it.k_len - 1) / block_m;
     const int tiles = last_tile - it.first_pos / block_m + 1;
@@ -51,7 +54,7 @@ __device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, i
     it.head = it.kv_head * heads_per_kv + rest % heads_per_kv;
     it.tile_pos = (last_tile - rest / heads_per_kv) * block_m;
   } else {
-    it.head = unit % num_q_heads;
+    it.head = (unit - anchor * units_per_item) << pack_shift;
     it.kv_head = it.head / params.pattern.q_heads_per_kv;
     it.tile_pos = params.tile_index[anchor] * block_m;
   }
@@ -99,13 +102,13 @@ struct BlockKeyTiles {
 };
 
 // The end of a query row's online softmax in both prefill kernels: the quad's sum, the row's lse
-// written from the quad's first thread (tig 0) when the row at absolute position `pos` is one of
-// the item's queries, and the factor that normalises O.
+// written from the quad's first thread (tig 0) when the row, q head `head` at absolute position
+// `pos`, is one of the item's queries, and the factor that normalises O.
 __device__ __forceinline__ float finish_prefill_row(const PrefillParams& params, const PrefillItem& it,
-                                                    const OnlineSoftmax& softmax, int r, int pos, int tig) {
+                                                    const OnlineSoftmax& softmax, int r, int pos, int head, int tig) {
   const float l = softmax.quad_sum(r);
   if (params.lse != nullptr && tig == 0 && pos >= it.valid_begin && pos < it.valid_end)
-    params.lse[static_cast<int64_t>(it.head) * params.num_q_tokens + it.q_begin + pos - it.first_pos] =
+    params.lse[static_cast<int64_t>(head) * params.num_q_tokens + it.q_begin + pos - it.first_pos] =
         row_lse(softmax.row_max[r], l);
   return inverse_sum(l);
 }

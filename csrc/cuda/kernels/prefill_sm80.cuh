@@ -135,7 +135,7 @@ prefill_sm80_kernel(const PrefillParams params) {
   Element* s_converted = reinterpret_cast<Element*>(smem_raw + Smem::kConvertedOffset);  // fp8: [K|V][N][pad]
 
   PrefillItem it;
-  if (!load_prefill_item(params, kPrefillBlockM, blockIdx.x, it)) return;
+  if (!load_prefill_item(params, kPrefillBlockM, 0, blockIdx.x, it)) return;
   const int seq = it.seq, head = it.head, kv_head = it.kv_head, q_begin = it.q_begin, k_len = it.k_len;
   const int first_pos = it.first_pos, tile_pos = it.tile_pos, valid_begin = it.valid_begin, valid_end = it.valid_end;
   const int q_tile = tile_pos / kPrefillBlockM;
@@ -301,7 +301,7 @@ prefill_sm80_kernel(const PrefillParams params) {
   float inv_sum[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r)
-    inv_sum[r] = finish_prefill_row(params, it, softmax, r, tile_pos + row_in_tile[r], tig) * value_scale;
+    inv_sum[r] = finish_prefill_row(params, it, softmax, r, tile_pos + row_in_tile[r], it.head, tig) * value_scale;
   __syncthreads();  // every warp is done reading s_q
 #pragma unroll
   for (int d = 0; d < kDimTiles; ++d)

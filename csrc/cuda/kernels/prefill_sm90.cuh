@@ -1,7 +1,9 @@
 // Block-sparse flash-attention forward for Hopper (sm_90a): wgmma on warp-group tiles, a producer
 // warp group that feeds a shared-memory ring completed on mbarriers, two consumer warp groups.
 //
-// Work unit = one (sequence, 128-row query tile, q head) of the plan kernel's list; the grid is
+// Work unit = one (sequence, 128-row query tile, q head) of the plan kernel's list, or with packed
+// heads (PrefillParams::pack_gqa_shift) one (sequence, tile of 128 / G tokens, kv head) whose rows
+// are the tokens times the kv group's G q heads; the grid is
 // persistent (one CTA per SM) and each CTA's producer claims units from a counter. Warp group 0
 // brings Q and the K/V tiles: through the TMA for Q and whole tiles of contiguous K/V, with cp.async
 // for a sequence's last partial tile and the paged cache (zero-filled past the sequence, so unwritten
@@ -60,6 +62,14 @@ struct Sm90Shared {
         items(reinterpret_cast<PrefillItem*>(base + Smem::kItemOffset)),
         records(reinterpret_cast<StageRecord*>(base + Smem::kRecordOffset)) {}
 };
+
+// Packed heads (PrefillParams::pack_gqa_shift) run with 64-key fills only (the host sees to it): in
+// the 128-key shape the shift is the constant 0, and that kernel's code is what it was without them
+// (with the run-time shift ptxas spilled more in it: 80 B against 64).
+template <typename Tiling>
+__device__ __forceinline__ int sm90_pack_shift(const PrefillParams& params) {
+  return Tiling::kTilesPerStage == 1 ? params.pack_gqa_shift : 0;
+}
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
@@ -131,7 +141,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     const int unit = shared.claimed[k & 1];
     if (tid == 0) next_claim = atomicAdd(params.work_counter, 1);
     PrefillItem it;
-    if (!load_prefill_item(params, kPrefillSm90BlockM, unit, it)) {
+    const int pack_shift = sm90_pack_shift<Tiling>(params);
+    if (!load_prefill_item(params, kPrefillSm90BlockM >> pack_shift, pack_shift, unit, it)) {
       const Sm90Fill fill = begin_fill();  // the last fill: a record without work
       if (tid == 0) {
         shared.records[fill.key_slot].unit = -1;
@@ -169,10 +180,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     if (!maps.query_enabled) {
 #pragma unroll
       for (int row = row0; row < kPrefillSm90BlockM; row += kRowStep) {
-        const int pos = tile_pos + row;
+        const int pos = tile_pos + (row >> sm90_pack_shift<Tiling>(params));
         const bool valid = pos >= valid_begin && pos < valid_end && col_valid;
+        const int row_head = head + (row & ((1 << sm90_pack_shift<Tiling>(params)) - 1));
         const Element* src = valid ? q + static_cast<int64_t>(it.q_begin + pos - it.first_pos) * params.q_row_stride +
-                                         head * params.q_head_stride + col
+                                         row_head * params.q_head_stride + col
                                    : q;
         unsigned char* dst = s_q_buf + (row >> 6) * Smem::kQTileBytes + sm90_tile_offset<64>(row & 63, col);
         ptx::cp_async_16(dst, src, valid);
@@ -286,8 +298,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     unsigned group_row[kSm90ConsumerGroups];
 #pragma unroll
     for (int g = 0; g < kSm90ConsumerGroups; ++g) {
-      group_lo[g] = max(valid_begin, tile_pos + 64 * g);
-      group_hi[g] = min(valid_end, tile_pos + 64 * g + 64) - 1;
+      const int group_tokens = 64 >> sm90_pack_shift<Tiling>(params);
+      group_lo[g] = max(valid_begin, tile_pos + group_tokens * g);
+      group_hi[g] = min(valid_end, tile_pos + group_tokens * (g + 1)) - 1;
       group_row[g] = 1u << (group_lo[g] / pattern.block_size - valid_begin / pattern.block_size);
     }
     // The 64-key tiles of the blocks the query blocks of this 128-row tile see (one or two: sparse
@@ -335,7 +348,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
 #pragma unroll
             for (int block = 0; block < kHeadDim / 64; ++block)
               ptx::tma_load_3d(s_q_buf + g * Smem::kQTileBytes + block * 64 * 128, &maps.query, block * 64, head,
-                               it.q_begin + tile_pos + 64 * g - it.first_pos, &shared.full[key_slot]);
+                               it.q_begin + tile_pos + (64 >> sm90_pack_shift<Tiling>(params)) * g - it.first_pos,
+                               &shared.full[key_slot]);
         }
       }
       int first_tile = -1;
@@ -452,8 +466,11 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     if (info.unit < 0) break;
     const int buf = k % Tiling::kQBuffers;
     const PrefillItem it = shared.items[buf];
-    const int group_pos = it.tile_pos + 64 * group;
-    const int row_pos[2] = {group_pos + warp * 16 + quad_row, group_pos + warp * 16 + quad_row + 8};
+    // The group's 64 rows: row r is token group_pos + (r >> s), q head it.head + (r & (2^s - 1)) for
+    // s = sm90_pack_shift (read where used: a register held for it made ptxas spill).
+    const int group_pos = it.tile_pos + (64 >> sm90_pack_shift<Tiling>(params)) * group;
+    const int row_pos[2] = {group_pos + ((warp * 16 + quad_row) >> sm90_pack_shift<Tiling>(params)),
+                            group_pos + ((warp * 16 + quad_row + 8) >> sm90_pack_shift<Tiling>(params))};
     const int k_len = it.k_len;
     unsigned char* s_q = shared.smem + Smem::kQOffset + buf * Smem::kQBufferBytes + group * Smem::kQTileBytes;
     const ptx::SmemDescriptor desc_q = ptx::smem_descriptor_sw128(s_q, 16);
@@ -579,7 +596,11 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // Epilogue: normalise, write lse, stage O through this group's Q tile for 16-byte stores.
     float inv_sum[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) inv_sum[r] = finish_prefill_row(params, it, softmax, r, row_pos[r], tig) * value_scale;
+    for (int r = 0; r < 2; ++r) {
+      const int head_mask = (1 << sm90_pack_shift<Tiling>(params)) - 1;
+      const int head = it.head + ((warp * 16 + quad_row + 8 * r) & head_mask);
+      inv_sum[r] = finish_prefill_row(params, it, softmax, r, row_pos[r], head, tig) * value_scale;
+    }
     ptx::named_barrier_sync(kSm90EpilogueBarrier + group, 128);  // the group's wgmma reads of s_q are over
 #pragma unroll
     for (int j = 0; j < kORegs / 4; ++j)
@@ -594,10 +615,11 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     constexpr int kChunksPerRow = kHeadDim / 8;
     for (int c = t; c < 64 * kChunksPerRow; c += 128) {
       const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-      const int pos = group_pos + row;
+      const int pos = group_pos + (row >> sm90_pack_shift<Tiling>(params));
       if (pos < it.valid_begin || pos >= it.valid_end || col >= head_size) continue;
+      const int head = it.head + (row & ((1 << sm90_pack_shift<Tiling>(params)) - 1));
       *reinterpret_cast<uint4*>(out + static_cast<int64_t>(it.q_begin + pos - it.first_pos) * params.out_row_stride +
-                                it.head * params.out_head_stride + col) =
+                                head * params.out_head_stride + col) =
           *reinterpret_cast<const uint4*>(s_q + sm90_tile_offset<64>(row, col));
     }
     ptx::mbarrier_arrive(&shared.q_empty[buf]);  // this thread's reads of the Q buffer are over
