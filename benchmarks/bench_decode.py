@@ -113,8 +113,10 @@ def flex_decode(pattern: SparsePattern, batch: int, context: int, device: str, s
     return lambda q4, k4, v4: compiled(q4, k4, v4, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
-def graphed(fn):
-    """fn captured in a CUDA graph (after a warm-up on a side stream); returns its replay."""
+def graphed(fn, calls: int = 1):
+    """fn captured `calls` times back to back in one CUDA graph (after a warm-up on a side stream);
+    returns its replay, which timed_ms charges per call. With calls > 1 a call pays what it pays inside
+    a serving step's graph (the gap to its neighbour kernels), not the replay's own launch."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -123,11 +125,18 @@ def graphed(fn):
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        for _ in range(calls):
+            fn()
+
+    def replay():
+        graph.replay()
+    replay.calls = calls
+    return replay
 
 
 def timed_ms(fn, device: str, warmup: int, repeats: int) -> float:
+    """Median ms of one call of fn (of one captured call where fn replays several, see graphed)."""
+    calls = getattr(fn, "calls", 1)
     for _ in range(warmup):
         fn()
     if device == "cuda":
@@ -139,7 +148,7 @@ def timed_ms(fn, device: str, warmup: int, repeats: int) -> float:
             fn()
             e.record()
         torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+        return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / calls
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -164,6 +173,9 @@ def main():
                     help="the paged cache's dtype: the model's (auto) or fp8 (scales of 1)")
     ap.add_argument("--graph", action="store_true",
                     help="time ours and SDPA replayed from CUDA graphs (GPU time only, no launch overhead)")
+    ap.add_argument("--graph-calls", type=int, default=1,
+                    help="with --graph: capture this many calls back to back in each graph and report the time "
+                         "per call (1: each replay is one call, timed with its launch)")
     ap.add_argument("--per-kv-head", action="store_true",
                     help="also time ours over per-kv-head pages with the released ones gone (issue 17)")
     ap.add_argument("--rounds", type=int, default=1,
@@ -176,6 +188,8 @@ def main():
     args = ap.parse_args()
     if args.splits and not args.graph:
         ap.error("--splits needs --graph (the split count is read when a call is captured)")
+    if args.graph_calls < 1 or (args.graph_calls > 1 and not args.graph):
+        ap.error(f"--graph-calls must be at least 1 and needs --graph, got {args.graph_calls}")
     on_cuda = args.device == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_cuda else "float32"))
     batches = [int(x) for x in (args.batches or ("1,16,64,256" if on_cuda else "1,4")).split(",")]
@@ -187,7 +201,7 @@ def main():
     name = torch.cuda.get_device_name() if on_cuda else "CPU"
     print(f"device {args.device} ({name}), torch {torch.__version__}, dtype {str(dtype)[6:]}, "
           f"Hq={NUM_HEADS}, Hkv={NUM_KV_HEADS}, D={HEAD_DIM}, kv block {KV_BLOCK}, cache {args.cache_dtype}, "
-          f"{'CUDA graphs' if args.graph else 'eager'}, {pattern}")
+          f"{f'CUDA graphs of {args.graph_calls} call(s)' if args.graph else 'eager'}, {pattern}")
     copy_gbs = copy_bandwidth_gbs(args.device) if on_cuda else float("nan")
     if on_cuda:
         print(f"copy bandwidth (read + write, 1 GiB): {copy_gbs:.0f} GB/s")
@@ -208,14 +222,15 @@ def main():
                                             x["seq_lens"], scale, pattern, out=out, k_scale=x["scale"],
                                             v_scale=x["scale"])
             if args.graph:
-                ours = graphed(ours)
+                ours = graphed(ours, args.graph_calls)
             forced = {}  # split count -> ours with that many splits, captured while the variable is set
             for n in [n for n in args.splits.split(",") if n]:
                 old_env = os.environ.get("BSA_DECODE_SPLITS")
                 os.environ["BSA_DECODE_SPLITS"] = n
                 forced[n] = graphed(lambda: ops.paged_decode(x["q"], x["key_cache"], x["value_cache"],
                                                              x["block_tables"], x["seq_lens"], scale, pattern,
-                                                             out=out, k_scale=x["scale"], v_scale=x["scale"]))
+                                                             out=out, k_scale=x["scale"], v_scale=x["scale"]),
+                                    args.graph_calls)
                 if old_env is None:
                     del os.environ["BSA_DECODE_SPLITS"]
                 else:
@@ -228,7 +243,7 @@ def main():
                                                     ph["block_tables"], x["seq_lens"], scale, pattern, out=out,
                                                     k_scale=x["scale"], v_scale=x["scale"])
                 if args.graph:
-                    per_head = graphed(per_head)
+                    per_head = graphed(per_head, args.graph_calls)
                 per_head_ms = timed_ms(per_head, args.device, warmup, repeats)
                 del ph
             dense_ms = flex_ms = float("nan")
@@ -237,7 +252,7 @@ def main():
                 sdpa = lambda: F.scaled_dot_product_attention(x["q4"], x["k4"], x["v4"], scale=scale,  # noqa: E731
                                                               enable_gqa=True)
                 if args.graph:
-                    sdpa = graphed(sdpa)
+                    sdpa = graphed(sdpa, args.graph_calls)
                 dense_ms = timed_ms(sdpa, args.device, warmup, repeats)
             # Each method timed `rounds` times, alternating; the median round of each is reported.
             timings = {"ours": [ours_ms], "sdpa": [dense_ms], **{n: [] for n in forced}}
