@@ -2,7 +2,8 @@
 # A/B timing of build variants with the drift cancelled: the H100 runs this kernel at its power cap,
 # and its clock drifts as it warms up, so variants benchmarked one after the other favour the first
 # (about 2 % at 8k). Builds each variant of VARIANTS (lines of NVCC flags, read through
-# NVCC_APPEND_FLAGS) once, then runs the benchmark ROUNDS times over all variants in turn, each
+# NVCC_APPEND_FLAGS) once, then runs the benchmark ROUNDS times over all variants in turn (each round
+# starting with the next variant), each
 # round in a fresh process with that variant's extension in place; prints every time and each
 # variant's median. TEST_VARIANT="i j ..." runs TEST_FILE (TEST_K) on those variants first. VARIANT_DIRS (lines,
 # one per variant, default .) builds each variant from its own source tree, e.g. another branch
@@ -46,9 +47,11 @@ for i in "${!variants[@]}"; do
 done
 cd "$root"
 mapfile -t sets < <(printf '%s\n' "${BENCH_SETS:-${BENCH_ARGS:-}}")
+nv=${#variants[@]}
 for r in $(seq 1 ${ROUNDS:-3}); do
   for b in "${!sets[@]}"; do
-    for i in "${!variants[@]}"; do
+    for j in $(seq 0 $((nv - 1))); do
+      i=$(( (j + r - 1) % nv ))  # each round starts with the next variant: no variant always runs first
       cp "$ext/$i/"_C*.so blocksparse_attn/
       run="$OUT/r${r}_s${b}_v$i"
       mkdir -p "$run"
