@@ -8,7 +8,9 @@ so an output element the kernel forgot to write fails the test.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
+import pathlib
 
 import pytest
 import torch
@@ -219,3 +221,12 @@ def build_paged_cache(keys, values, kv_block_size: int, gen: torch.Generator, de
         key_cache[blocks[t // kv_block_size], :, t % kv_block_size] = k
         value_cache[blocks[t // kv_block_size], :, t % kv_block_size] = v
     return key_cache.to(device), value_cache.to(device), block_tables.to(device)
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as a module (the benchmarks are scripts, not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

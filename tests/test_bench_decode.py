@@ -2,22 +2,17 @@
 N, and the time is charged per call; --graph-calls is refused without --graph."""
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import sys
 
 import pytest
 import torch
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_decode.py"
+from _helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_decode", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_decode")
 
 
 def test_graph_calls_without_graph_is_refused(bench, monkeypatch, capsys):

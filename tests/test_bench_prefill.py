@@ -4,20 +4,15 @@ or fail, instead of stopping the run."""
 from __future__ import annotations
 
 import csv
-import importlib.util
-import pathlib
 
 import pytest
 
-BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_prefill.py"
+from _helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_prefill", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_prefill")
 
 
 def test_cpu_run_writes_rows(bench, tmp_path, capsys):
