@@ -2,18 +2,21 @@
 # Profile one warm prefill call with Nsight Compute: speed of light, pipe and shared-memory use, warp
 # stalls, and the per-instruction stall samples and execution counts of the SASS (source.csv.gz: one
 # row per instruction; sort by "Warp Stall Sampling (All Samples)" or "Instructions Executed").
-# NVCC_FLAGS: build flags; NCU_KERNEL: kernel name regex.
+# NVCC_FLAGS: build flags; NCU_KERNEL: kernel name regex; NCU_SCRIPT: the profiled script
+# (benchmarks/profile_prefill.py, or benchmarks/profile_decode.py with NCU_KERNEL=decode_sm80);
+# PROFILE_ARGS: its arguments (e.g. "--seq-len 128 --batch 256", or "--batch 1 --context 2048");
+# NCU_ARGS: more ncu flags (e.g. "--cache-control none" to keep the caches warm between kernels).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD
 rm -rf build blocksparse_attn/_C*.so
 NVCC_APPEND_FLAGS="${NVCC_FLAGS:-}" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-128} python3 setup.py build_ext --inplace \
   > "$OUT/build.log" 2>&1 || { grep error "$OUT/build.log" | head; exit 1; }
-timeout ${NCU_TIMEOUT:-300} ncu --kernel-name regex:${NCU_KERNEL:-prefill_sm90} --launch-skip 1 --launch-count 1 \
+timeout ${NCU_TIMEOUT:-300} ncu --kernel-name regex:${NCU_KERNEL:-prefill_sm90} --launch-skip 1 --launch-count 1 ${NCU_ARGS:-} \
   --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
   --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats \
   --section InstructionStats --section SourceCounters --import-source no -o "$OUT/rep" \
-  python3 benchmarks/profile_prefill.py > "$OUT/ncu.log" 2>&1
+  python3 ${NCU_SCRIPT:-benchmarks/profile_prefill.py} ${PROFILE_ARGS:-} > "$OUT/ncu.log" 2>&1
 ncu -i "$OUT/rep.ncu-rep" --page details > "$OUT/details.txt" 2>&1
 ncu -i "$OUT/rep.ncu-rep" --page source --csv --print-source sass 2> "$OUT/source.err" | gzip > "$OUT/source.csv.gz"
 rm -f "$OUT/rep.ncu-rep"
