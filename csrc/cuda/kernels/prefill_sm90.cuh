@@ -25,6 +25,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/pattern.h"
 #include "cuda/kernels/kv_tile.cuh"
@@ -501,38 +502,47 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     };
     // Scores -> P with the online softmax (the 4 threads of a quad hold one row's keys), in the
     // log2 domain. s[4j + e]: row row_pos[e / 2], stage column 8j + 2 tig + e % 2 (slot j / 8).
-    // Tiles that need no mask (all but the diagonal and the sequence's last) keep S unscaled: the
-    // scale folds into the exponent's FFMA. Masked tiles are scaled and masked first (select, never
-    // add: garbage K rows may hold NaN). Returns the O rescale factors in row_alpha.
+    // S stays unscaled: the scale folds into the exponent's FFMA (max(scale * s) = scale * max(s)
+    // needs scale > 0; other scales are applied first, on every tile). Tiles that need a mask (the
+    // diagonal, the sequence's last, those a group does not see) select -inf by one limit per slot
+    // and row, without branches (select, never add: garbage K rows may hold NaN; per-element tests
+    // with branches made a masked 128-key tile 1188 SASS instructions against 457 unmasked).
+    // Returns the O rescale factors in row_alpha.
+    const bool scale_first = !(scale_log2 > 0.f);
     auto scores_to_p = [&](float (&s)[kSRegs], const StageInfo& stage_info, float (&row_alpha)[2]) {
-      bool plain = scale_log2 > 0.f;  // max(scale * s) = scale * max(s) needs scale > 0
+      bool plain = !scale_first;
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) plain &= stage_info.flags[slot] == kTileVisible;
-      float multiplier = scale_log2;
-      if (!plain) {
-        multiplier = 1.f;
+      auto mask = [&](auto scale) {  // std::true_type: scale the visible scores too
+        constexpr bool kScale = decltype(scale)::value;
 #pragma unroll
         for (int slot = 0; slot < kSlots; ++slot) {
           const uint8_t flags = stage_info.flags[slot];
-          const int key_pos0 = stage_info.tile[slot] * 64;
+          const int key_pos0 = stage_info.tile[slot] * 64 + 2 * tig;
+          int limit[2];  // each row's last visible column, as an offset from key_pos0
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            limit[r] = !(flags & kTileVisible) ? -1
+                       : (flags & kTileMasked) ? min(row_pos[r], k_len - 1) - key_pos0
+                                               : 1 << 30;
 #pragma unroll
           for (int j = slot * 8; j < slot * 8 + 8; ++j)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-              const int key_pos = key_pos0 + 8 * (j - slot * 8) + 2 * tig + (e & 1);
-              const bool visible = (flags & kTileVisible) &&
-                                   !((flags & kTileMasked) && (key_pos > row_pos[e >> 1] || key_pos >= k_len));
-              s[4 * j + e] = masked_score(s[4 * j + e], visible, scale_log2);
+              const int offset = 8 * (j - slot * 8) + (e & 1);
+              const float score = kScale ? s[4 * j + e] * scale_log2 : s[4 * j + e];
+              s[4 * j + e] = offset <= limit[e >> 1] ? score : -INFINITY;
             }
         }
+      };
+      if (!plain) {
+        if (scale_first) mask(std::true_type{});
+        else mask(std::false_type{});
       }
-      // The reference moves only when a row's tile maximum exceeds it by more than kSm90MaxSlack:
-      // the sparse rows' tiles are far apart, so their maxima rise often by small steps.
-      softmax.update(s, multiplier, kSm90MaxSlack, row_alpha);
+      softmax.update(s, scale_first ? 1.f : scale_log2, kSm90MaxSlack, row_alpha);
     };
-    // P as A fragments (16 keys per P.V k-step; two 8-key accumulator blocks form one fragment),
-    // then O scaled by the change of the row maxima (skipped while the maxima hold, the common case).
-    auto pack_p_and_rescale_o = [&](const float (&s)[kSRegs], const float (&row_alpha)[2]) {
+    // P as A fragments (16 keys per P.V k-step; two 8-key accumulator blocks form one fragment).
+    auto pack_p = [&](const float (&s)[kSRegs]) {
 #pragma unroll
       for (int kk = 0; kk < Tiling::kBlockN / 16; ++kk) {
         p_frag[kk][0] = ptx::pack2<Element>(s[8 * kk + 0], s[8 * kk + 1]);
@@ -540,15 +550,15 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         p_frag[kk][2] = ptx::pack2<Element>(s[8 * kk + 4], s[8 * kk + 5]);
         p_frag[kk][3] = ptx::pack2<Element>(s[8 * kk + 6], s[8 * kk + 7]);
       }
-      rescale_rows(acc_o, row_alpha);
     };
 
     // Software pipeline (FA3's intra-warpgroup overlap): issue S_n = Q K_n, issue O += P_{n-1}
     // V_{n-1}, wait for S_n, free K_n, softmax, wait for P.V, free V_{n-1}, rescale O. ptxas moves
-    // the P.V wait up to the top of the softmax's basic block (SASS: before the row maxima's
-    // shuffles), so P.V overlaps the masking only. Pinned after the exponentials (a barrier wait
-    // there, or a shared store of the row sums, which ptxas keeps ahead of the wgmma wait) it
-    // measured slower: 2 % at 8k x 4, 5-8 % on dense layouts.
+    // a wgmma wait up to the top of its basic block: written after the softmax in the same block,
+    // the P.V wait sat before the row maxima's shuffles (P.V overlapped the masking only). It now
+    // sits in both arms of the rescale vote, a block boundary after the exponentials (SASS: after
+    // all of them). Earlier pins there (a barrier wait, or a shared store of the row sums, which
+    // ptxas keeps ahead of the wgmma wait) measured slower: 2 % at 8k x 4, 5-8 % on dense layouts.
     // Every tile of the list goes through both groups (one a group does not see is fully masked):
     // skipping it would put the wgmma issue in data-dependent branches, where ptxas serialises
     // them.
@@ -560,7 +570,8 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         ptx::fence_registers(s);
         release_key(info.fill);
         scores_to_p(s, info, row_alpha);
-        pack_p_and_rescale_o(s, row_alpha);
+        pack_p(s);
+        rescale_rows(acc_o, row_alpha);
       }
       Sm90Fill pending = info.fill;
       while (true) {
@@ -581,10 +592,18 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           break;
         }
         scores_to_p(s, info, row_alpha);
-        ptx::wgmma_wait<0>();
-        ptx::fence_registers(acc_o);
-        release_value(pending);
-        pack_p_and_rescale_o(s, row_alpha);
+        // O scaled by the change of the row maxima, skipped while they hold (the common case).
+        if (__any_sync(0xffffffffu, row_alpha[0] != 1.f || row_alpha[1] != 1.f)) {
+          ptx::wgmma_wait<0>();
+          ptx::fence_registers(acc_o);
+          release_value(pending);
+          scale_rows(acc_o, row_alpha);
+        } else {
+          ptx::wgmma_wait<0>();
+          ptx::fence_registers(acc_o);
+          release_value(pending);
+        }
+        pack_p(s);
         pending = fill;
       }
     } else {
@@ -634,8 +653,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Smem = Sm90Smem<kHeadDim, Tiling>;
   extern __shared__ unsigned char smem_unaligned[];
-  const Sm90Shared<kHeadDim, Tiling> shared(reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_unaligned) + 1023) & ~uintptr_t{1023}));
+  // Aligned by arithmetic on the __shared__ array itself: a round trip through an integer address
+  // made every shared access generic (the records took LD.E and shuffles, and ptxas spilled).
+  const Sm90Shared<kHeadDim, Tiling> shared(
+      smem_unaligned + ((1024u - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned)) & 1023u)) & 1023u));
   if (threadIdx.x == 0) {
     // every producer thread arrives on full; every consumer thread on the empties
     for (int s = 0; s < Tiling::kKeySlots; ++s) ptx::mbarrier_init(&shared.full[s], 128);

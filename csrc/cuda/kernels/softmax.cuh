@@ -93,19 +93,23 @@ struct OnlineSoftmax {
   }
 };
 
-// O *= alpha, row by row (o in the same layout as the scores: o[4j + e] is row e / 2); skipped when
-// no row of the warp changed its reference, the common case once the maxima settle.
+// O *= alpha, row by row (o in the same layout as the scores: o[4j + e] is row e / 2).
+template <int kRegs>
+__device__ __forceinline__ void scale_rows(float (&o)[kRegs], const float (&alpha)[2]) {
+#pragma unroll
+  for (int i = 0; i < kRegs; i += 4) {
+    o[i] *= alpha[0];
+    o[i + 1] *= alpha[0];
+    o[i + 2] *= alpha[1];
+    o[i + 3] *= alpha[1];
+  }
+}
+
+// The same, skipped when no row of the warp changed its reference, the common case once the maxima
+// settle.
 template <int kRegs>
 __device__ __forceinline__ void rescale_rows(float (&o)[kRegs], const float (&alpha)[2]) {
-  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-#pragma unroll
-    for (int i = 0; i < kRegs; i += 4) {
-      o[i] *= alpha[0];
-      o[i + 1] *= alpha[0];
-      o[i + 2] *= alpha[1];
-      o[i + 3] *= alpha[1];
-    }
-  }
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) scale_rows(o, alpha);
 }
 
 // A finished row's natural-log log-sum-exp from its reference (log2 domain) and full sum l; l = 0
