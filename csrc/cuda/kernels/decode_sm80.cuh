@@ -175,6 +175,10 @@ decode_sm80_kernel(const DecodeParams params) {
   __shared__ float s_row_sum[kDecodeWarps][kDecodeHeadsPerCta];
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the stream's previous kernel (launch_decode_sm80): the CTA
+  // may be resident before that kernel has finished, and waits here, before its first global read,
+  // until it has (and its writes are visible), as if launched in plain stream order.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   // The merge kernel (a programmatic dependent) may be scheduled now; it waits for this grid to finish.
   if (params.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;");
 #endif
@@ -580,23 +584,40 @@ decode_sm80_kernel(const DecodeParams params) {
 // Combines the splits of each (sequence, q head): out = sum_s exp(lse_s - lse*) O_s / sum_s exp(...).
 // Launched as a programmatic dependent of the decode kernel (sm_90): its CTAs are resident before the
 // decode grid ends and wait here for it, so the launch gap leaves the critical path of a small decode.
+// The first kMergeEarlySplits splits' partial O are loaded together with the lse (one round trip to
+// the L2 for the whole merge of up to that many splits, not two: the weights need the lse first).
+constexpr int kMergeThreads = 128;
+constexpr int kMergeEarlySplits = 32;
 template <typename Element>
-__global__ void __launch_bounds__(128) decode_merge_kernel(const DecodeParams params) {
+__global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const DecodeParams params) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  // A next decode on the stream (launched the same way) may be placed now; it waits for this grid.
+  asm volatile("griddepcontrol.launch_dependents;");
 #endif
+  static_assert(kMaxDecodeSplits <= 64, "warp 0 weighs two splits per lane");
+  constexpr int kDimsPerThread = 256 / kMergeThreads;  // head dims up to 256
   __shared__ float s_weight[kMaxDecodeSplits];
   __shared__ float s_ref, s_inv_sum;
   const int seq = blockIdx.x / params.num_q_heads;
   const int head = blockIdx.x % params.num_q_heads;
   const int64_t part0 = static_cast<int64_t>(blockIdx.x) * params.num_splits;
-  if (threadIdx.x < 32) {  // warp 0: every split's weight at once (kMaxDecodeSplits <= 64)
+  const int num_splits = params.num_splits, head_size = params.head_size;
+  float early[kDimsPerThread][kMergeEarlySplits];
+#pragma unroll
+  for (int i = 0; i < kDimsPerThread; ++i) {
+    const int d = threadIdx.x + kMergeThreads * i;
+#pragma unroll
+    for (int s = 0; s < kMergeEarlySplits; ++s)
+      early[i][s] = d < head_size && s < num_splits ? params.partial_out[(part0 + s) * head_size + d] : 0.f;
+  }
+  if (threadIdx.x < 32) {  // warp 0: every split's weight at once
     const int lane = threadIdx.x;
     float lse[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int s = lane + 32 * i;
-      lse[i] = s < params.num_splits ? params.partial_lse[part0 + s] : -INFINITY;
+      lse[i] = s < num_splits ? params.partial_lse[part0 + s] : -INFINITY;
     }
     float mx = fmaxf(lse[0], lse[1]);  // fmaxf skips NaN ...
 #pragma unroll
@@ -606,7 +627,7 @@ __global__ void __launch_bounds__(128) decode_merge_kernel(const DecodeParams pa
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const float w = lse[i] == -INFINITY ? 0.f : __expf(lse[i] - ref);  // ... this not
-      if (lane + 32 * i < params.num_splits) s_weight[lane + 32 * i] = w;
+      s_weight[lane + 32 * i] = w;  // 0 past num_splits: the early loads there are 0 too
       sum += w;
     }
 #pragma unroll
@@ -621,10 +642,14 @@ __global__ void __launch_bounds__(128) decode_merge_kernel(const DecodeParams pa
   __syncthreads();
   const float inv_sum = s_inv_sum;
   Element* out = static_cast<Element*>(params.out) + seq * params.out_row_stride + head * params.out_head_stride;
-  for (int d = threadIdx.x; d < params.head_size; d += blockDim.x) {
+#pragma unroll
+  for (int i = 0; i < kDimsPerThread; ++i) {
+    const int d = threadIdx.x + kMergeThreads * i;
+    if (d >= head_size) continue;
     float acc = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < params.num_splits; ++s) acc += s_weight[s] * params.partial_out[(part0 + s) * params.head_size + d];
+#pragma unroll
+    for (int s = 0; s < kMergeEarlySplits; ++s) acc += s_weight[s] * early[i][s];
+    for (int s = kMergeEarlySplits; s < num_splits; ++s) acc += s_weight[s] * params.partial_out[(part0 + s) * head_size + d];
     out[d] = static_cast<Element>(acc * inv_sum);
   }
 }
@@ -666,18 +691,34 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   // Always: the 48 KB default counts the kernel's static shared memory too, so a dynamic size just
   // under it can still fail to launch (seen with 32-key tiles and 2 stages: exactly 48 KB dynamic).
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  const dim3 grid(params.num_splits, params.num_kv_heads * params.head_chunks, params.num_seqs);
-  kernel<<<grid, kDecodeThreads, kSmemBytes, stream>>>(params);
+  // Both kernels as programmatic dependents of the kernel before them on the stream (sm_90; each waits
+  // for it before its first global read): their CTAs are placed while it finishes, which takes the
+  // launch gaps off a small decode's path.
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(params.num_splits, params.num_kv_heads * params.head_chunks, params.num_seqs);
+  config.blockDim = dim3(kDecodeThreads);
+  config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = programmatic_launch_supported() ? 1 : 0;
+  cudaLaunchKernelEx(&config, kernel, params);
   if (params.num_splits > 1) {
-    cudaLaunchConfig_t config{};
+    // The merge asks for the decode kernel's split of L1 and shared memory: an SM whose split differs
+    // from a resident CTA's cannot take the merge's CTAs until it drains, which would undo the early
+    // placement (and the next decode's after the merge).
+    static const bool carveout_set = [] {
+      cudaFuncSetAttribute(decode_merge_kernel<Element>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           cudaSharedmemCarveoutMaxShared);
+      (void)cudaGetLastError();
+      return true;
+    }();
+    (void)carveout_set;
     config.gridDim = dim3(params.num_seqs * params.num_q_heads);
-    config.blockDim = dim3(128);
-    config.stream = stream;
-    cudaLaunchAttribute attribute{};
-    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute.val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = &attribute;
-    config.numAttrs = programmatic_launch_supported() ? 1 : 0;
+    config.blockDim = dim3(kMergeThreads);
+    config.dynamicSmemBytes = 0;
     cudaLaunchKernelEx(&config, decode_merge_kernel<Element>, params);
   }
 }
