@@ -43,7 +43,10 @@ struct DecodeSmem {
   static constexpr int kPipelineBytes = kDecodeWarps * kStages * 2 * kSliceBytes;
   // The merge of the 4 warps' states: unnormalised O in float32 per warp, over the ring once every
   // warp is done (a 16-bit cache's ring is large enough; an fp8 one only at head dims up to 64).
-  static constexpr int kMergeBytes = kDecodeWarps * kDecodeHeadsPerCta * kHeadDimPad * sizeof(float);
+  // Its rows are padded (4 or 8 floats) so that the quads' stores of a column tile fall in different
+  // banks (unpadded, every store was an 8-way conflict: 1,024 shared-memory wavefronts a CTA, 2,048 fp8).
+  static constexpr int kMergeRowFloats = kHeadDimPad + (kFp8 ? 4 : 8);
+  static constexpr int kMergeBytes = kDecodeWarps * kDecodeHeadsPerCta * kMergeRowFloats * sizeof(float);
   static constexpr int kQueryBytes = kDecodeHeadsPerCta * kHeadDimPad * sizeof(Element);
   static constexpr int kBytes = kQueryBytes + (kMergeBytes > kPipelineBytes ? kMergeBytes : kPipelineBytes);
 };
@@ -166,15 +169,19 @@ decode_sm80_kernel(const DecodeParams params) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* s_q = reinterpret_cast<Element*>(smem_raw);
   unsigned char* s_ring = smem_raw + Smem::kQueryBytes;  // [warp][stage][K|V][16][pad] Cache
-  __shared__ int s_residues[kDecodeHeadsPerCta];
-  __shared__ unsigned s_residue_rows[kDecodeHeadsPerCta];
-  __shared__ int s_num_residues;
+  __shared__ int s_residues[kDecodeWarps][kDecodeHeadsPerCta];  // each warp's copy (below)
+  __shared__ unsigned s_residue_rows[kDecodeWarps][kDecodeHeadsPerCta];
+  __shared__ float s_scales[2];  // an fp8 cache's k_scale and v_scale
   __shared__ int s_slice_token[kDecodeWarps][kStages];  // first key position of each staged slice
   __shared__ unsigned s_slice_rows[kDecodeWarps][kStages];  // head rows that see it
   __shared__ float s_row_max[kDecodeWarps][kDecodeHeadsPerCta];
   __shared__ float s_row_sum[kDecodeWarps][kDecodeHeadsPerCta];
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the stream's previous kernel (launch_decode_sm80): the CTA
+  // may be resident before that kernel has finished, and waits here, before its first global read,
+  // until it has (and its writes are visible), as if launched in plain stream order.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   // The merge kernel (a programmatic dependent) may be scheduled now; it waits for this grid to finish.
   if (params.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;");
 #endif
@@ -194,30 +201,64 @@ decode_sm80_kernel(const DecodeParams params) {
   // A length the block table cannot address is clamped (the host checks it under BSA_CHECK_INPUTS).
   const int64_t table_tokens = kv.block_table_width * kv.kv_block_size;
   const int capacity = table_tokens > INT_MAX ? INT_MAX : static_cast<int>(table_tokens);
-  const int seq_len = min(max(kv.seq_lens[seq], 0), capacity);
-  const int query_block = seq_len > 0 ? (seq_len - 1) / pattern.block_size : 0;
+  // A small decode is a chain of dependent steps (measured at 1 x 2k: 7.6 us for the kernel, of which
+  // an empty kernel is 1.8), so every load that does not need seq_len goes out before it is used:
+  // seq_lens itself, Q and the fp8 scales (one cp.async group), and an L1 prefetch of this sequence's
+  // block-table row for the page lookups.
+  const int seq_len_stored = kv.seq_lens[seq];
+  {
+    const char* row = reinterpret_cast<const char*>(kv.table_row(seq, kv_head));
+    if (static_cast<int64_t>(tid) * 128 < kv.block_table_width * 4)
+      asm volatile("prefetch.global.L1 [%0];" ::"l"(row + tid * 128));
+  }
 
   // Q rows = the chunk's heads; rows past num_rows and columns past head_size are zero.
   {
     const Element* q = static_cast<const Element*>(params.q);
-    for (int c = tid; c < kDecodeHeadsPerCta * kChunksPerRow; c += kDecodeThreads) {
+    static_assert(kDecodeHeadsPerCta * kChunksPerRow % kDecodeThreads == 0, "whole rounds of Q chunks");
+#pragma unroll
+    for (int i = 0; i < kDecodeHeadsPerCta * kChunksPerRow / kDecodeThreads; ++i) {
+      const int c = tid + i * kDecodeThreads;
       const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
       const bool valid = row < num_rows && col < head_size;
       const Element* src = valid ? q + seq * params.q_row_stride + (first_head + row) * params.q_head_stride + col : q;
       ptx::cp_async_16(s_q + swizzle<kHeadDimPad>(row, col), src, valid);
     }
+    if (tid == 0) {  // read after Q's group has landed: no register waits on them
+      if (kv.k_scale != nullptr) ptx::cp_async_4(&s_scales[0], kv.k_scale);
+      if (kv.v_scale != nullptr) ptx::cp_async_4(&s_scales[1], kv.v_scale);
+    }
     ptx::cp_async_commit();
   }
-  if (tid == 0 && !pattern.has_layout())  // the group's distinct vertical residues, sorted
-    s_num_residues = head_residues(pattern, first_head, num_rows, s_residues, s_residue_rows);
-  __syncthreads();  // Q is still in flight: the first slices' loads are issued before waiting for it
+  // The group's distinct vertical residues, sorted (head_residues' result), worked out by each warp
+  // for itself, lane r for head r: no warp waits for another (a thread-0 loop and a CTA barrier were
+  // ~1,300 cycles of this kernel's path).
+  int num_residues = 0;
+  if (!pattern.has_layout()) {
+    const bool mine = lane < num_rows;
+    const int rho = mine ? vertical_residue(pattern, first_head + lane) : INT_MAX;
+    const unsigned heads = __ballot_sync(0xffffffffu, mine);
+    const unsigned same = __match_any_sync(0xffffffffu, mine ? rho : -1 - lane) & heads;
+    const bool leader = mine && (same & ((1u << lane) - 1u)) == 0;  // the lowest head of its residue
+    const unsigned leaders = __ballot_sync(0xffffffffu, leader);
+    int rank = 0;  // residues below this one
+    for (int j = 0; j < num_rows; ++j) rank += ((leaders >> j) & 1u) != 0 && __shfl_sync(0xffffffffu, rho, j) < rho;
+    if (leader) {
+      s_residues[warp][rank] = rho;
+      s_residue_rows[warp][rank] = same;
+    }
+    num_residues = __popc(leaders);
+    __syncwarp();
+  }
+  const int seq_len = min(max(seq_len_stored, 0), capacity);
+  const int query_block = seq_len > 0 ? (seq_len - 1) / pattern.block_size : 0;
 
   GroupKeyBlocks blocks;
   if (pattern.has_layout()) {
     blocks.init_layout(pattern, first_head + lane, lane < num_rows, query_block);
   } else {
     blocks.layout = false;
-    blocks.set.init(pattern, query_block, s_residues, s_residue_rows, s_num_residues, 0xffffu);
+    blocks.set.init(pattern, query_block, s_residues[warp], s_residue_rows[warp], num_residues, 0xffffu);
     blocks.total = blocks.set.total;
   }
   if (seq_len == 0) blocks.total = 0;
@@ -351,6 +392,7 @@ decode_sm80_kernel(const DecodeParams params) {
   // Q fragments: in registers for the whole walk (16-bit cache), in shared memory (fp8, below).
   uint32_t q_frag[kKSteps][4];
   float q_factor = 1.f;  // fp8 with a bf16 model: Q is multiplied by it in fp16, S divided by it
+  float q_factor_inverse = 1.f;  // exact: q_factor is a power of two
   if constexpr (Smem::kFp8) {
     if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
       // A power of two that puts the CTA's largest |q| in [2^14, 2^15): fp16 holds every bf16 value
@@ -364,7 +406,11 @@ decode_sm80_kernel(const DecodeParams params) {
       __syncthreads();
 #pragma unroll
       for (int w = 0; w < kDecodeWarps; ++w) amax = max(amax, s_q_amax[w]);
-      if (amax != 0 && amax < 0x7f800000u) q_factor = exp2f(static_cast<float>(min(max(141 - static_cast<int>(amax >> 23), -60), 60)));
+      if (amax != 0 && amax < 0x7f800000u) {
+        const int exponent = min(max(141 - static_cast<int>(amax >> 23), -60), 60);
+        q_factor = exp2f(static_cast<float>(exponent));
+        q_factor_inverse = exp2f(static_cast<float>(-exponent));
+      }
     }
     auto q_pair = [&](int row, int col) {
       return ptx::pack2<__half>(static_cast<float>(s_q[swizzle<kHeadDimPad>(row, col)]) * q_factor,
@@ -397,8 +443,9 @@ decode_sm80_kernel(const DecodeParams params) {
   softmax.init(flat(acc_o));
 
   // An fp8 cache's scales: k_scale joins the softmax scale, v_scale multiplies the finished O.
-  const float scale_log2 = params.scale_log2 * cache_scale(kv.k_scale) / q_factor;
-  const float value_scale = cache_scale(kv.v_scale);
+  // (From shared memory: they came with Q's group, which has landed.)
+  const float scale_log2 = params.scale_log2 * (kv.k_scale != nullptr ? s_scales[0] : 1.f) * q_factor_inverse;
+  const float value_scale = kv.v_scale != nullptr ? s_scales[1] : 1.f;
 
   // The walk (the ring's protocol is described above the first loads).
   for (int m = 0;; ++m) {
@@ -518,19 +565,27 @@ decode_sm80_kernel(const DecodeParams params) {
     s_row_sum[warp][group] = row_sum[0];
     s_row_sum[warp][group + 8] = row_sum[1];
   }
+  constexpr int kORow = Smem::kMergeRowFloats;
 #pragma unroll
-  for (int d = 0; d < kDimTiles; ++d)
+  for (int r = 0; r < 2; ++r) {
+    if (group + 8 * r >= num_rows) continue;  // only the CTA's real heads
+    float* dst = s_o + (warp * kDecodeHeadsPerCta + group + 8 * r) * kORow;
+    if constexpr (Smem::kFp8) {
+      // O column n of dim tile d is head dim fp8_value_dim(d, n): dims 32 span + 4 n + (0..3) are dim
+      // tiles 4 span + (0..3), one 16-byte store.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float* dst = s_o + (warp * kDecodeHeadsPerCta + group + 8 * r) * kHeadDimPad;
-      if constexpr (Smem::kFp8) {  // O column n of dim tile d is head dim fp8_value_dim(d, n)
-        dst[fp8_value_dim<kHeadDimPad>(d, 2 * tig)] = acc_o[d][2 * r];
-        dst[fp8_value_dim<kHeadDimPad>(d, 2 * tig + 1)] = acc_o[d][2 * r + 1];
-      } else {
-        dst[d * 8 + tig * 2] = acc_o[d][2 * r];
-        dst[d * 8 + tig * 2 + 1] = acc_o[d][2 * r + 1];
-      }
+      for (int span = 0; span < kDimTiles / 4; ++span)
+#pragma unroll
+        for (int k = 0; k < 2; ++k)
+          *reinterpret_cast<float4*>(dst + fp8_value_dim<kHeadDimPad>(4 * span, 2 * tig + k)) =
+              make_float4(acc_o[4 * span][2 * r + k], acc_o[4 * span + 1][2 * r + k], acc_o[4 * span + 2][2 * r + k],
+                          acc_o[4 * span + 3][2 * r + k]);
+    } else {
+#pragma unroll
+      for (int d = 0; d < kDimTiles; ++d)
+        *reinterpret_cast<float2*>(dst + d * 8 + tig * 2) = make_float2(acc_o[d][2 * r], acc_o[d][2 * r + 1]);
     }
+  }
   __syncthreads();
 
   // Each thread finishes 8 columns of one head.
@@ -555,7 +610,7 @@ decode_sm80_kernel(const DecodeParams params) {
     for (int e = 0; e < 8; ++e) {
       float acc = 0.f;
 #pragma unroll
-      for (int w = 0; w < kDecodeWarps; ++w) acc += weight[w] * s_o[(w * kDecodeHeadsPerCta + row) * kHeadDimPad + col + e];
+      for (int w = 0; w < kDecodeWarps; ++w) acc += weight[w] * s_o[(w * kDecodeHeadsPerCta + row) * kORow + col + e];
       o[e] = acc * inv_sum;
     }
     const float lse = row_lse(mx, sum);
@@ -580,52 +635,52 @@ decode_sm80_kernel(const DecodeParams params) {
 // Combines the splits of each (sequence, q head): out = sum_s exp(lse_s - lse*) O_s / sum_s exp(...).
 // Launched as a programmatic dependent of the decode kernel (sm_90): its CTAs are resident before the
 // decode grid ends and wait here for it, so the launch gap leaves the critical path of a small decode.
+// Each thread combines its head dims on its own: it loads kMergeChunk splits' lse and partial O at
+// once (one round trip to the L2 up to that many splits; no shared memory, shuffles or barrier),
+// with a running maximum across chunks.
+constexpr int kMergeThreads = 128;
+constexpr int kMergeChunk = 32;
 template <typename Element>
-__global__ void __launch_bounds__(128) decode_merge_kernel(const DecodeParams params) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-  __shared__ float s_weight[kMaxDecodeSplits];
-  __shared__ float s_ref, s_inv_sum;
+__global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const DecodeParams params) {
   const int seq = blockIdx.x / params.num_q_heads;
   const int head = blockIdx.x % params.num_q_heads;
   const int64_t part0 = static_cast<int64_t>(blockIdx.x) * params.num_splits;
-  if (threadIdx.x < 32) {  // warp 0: every split's weight at once (kMaxDecodeSplits <= 64)
-    const int lane = threadIdx.x;
-    float lse[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int s = lane + 32 * i;
-      lse[i] = s < params.num_splits ? params.partial_lse[part0 + s] : -INFINITY;
-    }
-    float mx = fmaxf(lse[0], lse[1]);  // fmaxf skips NaN ...
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    const float ref = mx == -INFINITY ? 0.f : mx;
-    float sum = 0.f;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float w = lse[i] == -INFINITY ? 0.f : __expf(lse[i] - ref);  // ... this not
-      if (lane + 32 * i < params.num_splits) s_weight[lane + 32 * i] = w;
-      sum += w;
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (lane == 0) {
-      s_ref = ref;
-      s_inv_sum = sum == 0.f ? 0.f : 1.f / sum;  // every split empty: O = 0, lse = -inf
-      if (params.lse != nullptr)
-        params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = sum == 0.f ? -INFINITY : ref + __logf(sum);
-    }
-  }
-  __syncthreads();
-  const float inv_sum = s_inv_sum;
+  const int num_splits = params.num_splits, head_size = params.head_size;
   Element* out = static_cast<Element*>(params.out) + seq * params.out_row_stride + head * params.out_head_stride;
-  for (int d = threadIdx.x; d < params.head_size; d += blockDim.x) {
-    float acc = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < params.num_splits; ++s) acc += s_weight[s] * params.partial_out[(part0 + s) * params.head_size + d];
-    out[d] = static_cast<Element>(acc * inv_sum);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  // A next decode on the stream (launched the same way) may be placed now; it waits for this grid.
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+  for (int d = threadIdx.x; d < head_size; d += kMergeThreads) {
+    // The largest lse so far, and the sums of exp(lse_s - ref) and of exp(lse_s - ref) O_s under it.
+    float ref = -INFINITY, sum = 0.f, acc = 0.f;
+    for (int s0 = 0; s0 < num_splits; s0 += kMergeChunk) {
+      float lse[kMergeChunk], o[kMergeChunk];
+#pragma unroll
+      for (int i = 0; i < kMergeChunk; ++i) {
+        const bool split = s0 + i < num_splits;
+        lse[i] = split ? params.partial_lse[part0 + s0 + i] : -INFINITY;
+        o[i] = split ? params.partial_out[(part0 + s0 + i) * head_size + d] : 0.f;
+      }
+      float mx = ref;
+#pragma unroll
+      for (int i = 0; i < kMergeChunk; ++i) mx = fmaxf(mx, lse[i]);  // fmaxf skips NaN ...
+      const float new_ref = mx == -INFINITY ? 0.f : mx;
+      const float carry = ref == -INFINITY ? 0.f : __expf(ref - new_ref);
+      sum *= carry;
+      acc *= carry;
+#pragma unroll
+      for (int i = 0; i < kMergeChunk; ++i) {
+        const float w = lse[i] == -INFINITY ? 0.f : __expf(lse[i] - new_ref);  // ... this not
+        sum += w;
+        acc += w * o[i];
+      }
+      ref = mx;
+    }
+    out[d] = static_cast<Element>(acc * (sum == 0.f ? 0.f : 1.f / sum));  // every split empty: O = 0
+    if (d == 0 && params.lse != nullptr)
+      params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = sum == 0.f ? -INFINITY : ref + __logf(sum);
   }
 }
 
@@ -666,18 +721,34 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   // Always: the 48 KB default counts the kernel's static shared memory too, so a dynamic size just
   // under it can still fail to launch (seen with 32-key tiles and 2 stages: exactly 48 KB dynamic).
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  const dim3 grid(params.num_splits, params.num_kv_heads * params.head_chunks, params.num_seqs);
-  kernel<<<grid, kDecodeThreads, kSmemBytes, stream>>>(params);
+  // Both kernels as programmatic dependents of the kernel before them on the stream (sm_90; each waits
+  // for it before its first global read): their CTAs are placed while it finishes, which takes the
+  // launch gaps off a small decode's path.
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(params.num_splits, params.num_kv_heads * params.head_chunks, params.num_seqs);
+  config.blockDim = dim3(kDecodeThreads);
+  config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = programmatic_launch_supported() ? 1 : 0;
+  cudaLaunchKernelEx(&config, kernel, params);
   if (params.num_splits > 1) {
-    cudaLaunchConfig_t config{};
+    // The merge asks for the decode kernel's split of L1 and shared memory: an SM whose split differs
+    // from a resident CTA's cannot take the merge's CTAs until it drains, which would undo the early
+    // placement (and the next decode's after the merge).
+    static const bool carveout_set = [] {
+      cudaFuncSetAttribute(decode_merge_kernel<Element>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                           cudaSharedmemCarveoutMaxShared);
+      (void)cudaGetLastError();
+      return true;
+    }();
+    (void)carveout_set;
     config.gridDim = dim3(params.num_seqs * params.num_q_heads);
-    config.blockDim = dim3(128);
-    config.stream = stream;
-    cudaLaunchAttribute attribute{};
-    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute.val.programmaticStreamSerializationAllowed = 1;
-    config.attrs = &attribute;
-    config.numAttrs = programmatic_launch_supported() ? 1 : 0;
+    config.blockDim = dim3(kMergeThreads);
+    config.dynamicSmemBytes = 0;
     cudaLaunchKernelEx(&config, decode_merge_kernel<Element>, params);
   }
 }
