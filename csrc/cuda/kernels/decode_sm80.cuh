@@ -109,9 +109,10 @@ struct GroupKeyBlocks {
   unsigned seek_rows;
 
   __device__ void restart() {
-    col = LayoutRow::columns(*pattern, lane_head);
-    row.init(*pattern, lane_head, query_block);
-    if (!lane_has_head) row.entry_end = row.entry;
+    // A lane past the group's heads reads nothing: its head's CSR row may lie past the layout.
+    col = LayoutRow::columns(*pattern, lane_has_head ? lane_head : 0);
+    row.entry = row.entry_end = 0;
+    if (lane_has_head) row.init(*pattern, lane_head, query_block);
     seek_index = -1;
   }
 
