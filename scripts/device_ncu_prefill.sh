@@ -12,12 +12,29 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD
 rm -rf build blocksparse_attn/_C*.so
 NVCC_APPEND_FLAGS="${NVCC_FLAGS:-}" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-128} python3 setup.py build_ext --inplace \
   > "$OUT/build.log" 2>&1 || { grep error "$OUT/build.log" | head; exit 1; }
-timeout ${NCU_TIMEOUT:-300} ncu --kernel-name regex:${NCU_KERNEL:-prefill_sm90} --launch-skip 1 --launch-count 1 ${NCU_ARGS:-} \
-  --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
-  --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats \
-  --section InstructionStats --section SourceCounters --import-source no -o "$OUT/rep" \
-  python3 ${NCU_SCRIPT:-benchmarks/profile_prefill.py} ${PROFILE_ARGS:-} > "$OUT/ncu.log" 2>&1
-ncu -i "$OUT/rep.ncu-rep" --page details > "$OUT/details.txt" 2>&1
-ncu -i "$OUT/rep.ncu-rep" --page source --csv --print-source sass 2> "$OUT/source.err" | gzip > "$OUT/source.csv.gz"
-rm -f "$OUT/rep.ncu-rep"
-grep -E "Duration|Throughput|Pipe|Shared|Bank|Issue Slots|Eligible|Warp Cycles Per Issued|Stall|Executed Ipc" "$OUT/details.txt" | head -60
+# PROFILE_SETS: lines of "<label> <arguments>", each profiled in turn into $OUT/<label>/ (one build),
+# e.g. $'varlen\npaged16 --paged --kv-block 16\nchunk-e4m3 --paged --cache-dtype e4m3 --chunk 2048'.
+profile() {  # <dir> <script arguments...>
+  local dir=$1; shift
+  mkdir -p "$dir"
+  timeout ${NCU_TIMEOUT:-300} ncu --kernel-name regex:${NCU_KERNEL:-prefill_sm90} --launch-skip 1 --launch-count 1 ${NCU_ARGS:-} \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats \
+    --section InstructionStats --section SourceCounters --import-source no -o "$dir/rep" \
+    python3 ${NCU_SCRIPT:-benchmarks/profile_prefill.py} "$@" > "$dir/ncu.log" 2>&1
+  ncu -i "$dir/rep.ncu-rep" --page details > "$dir/details.txt" 2>&1
+  ncu -i "$dir/rep.ncu-rep" --page source --csv --print-source sass 2> "$dir/source.err" | gzip > "$dir/source.csv.gz"
+  rm -f "$dir/rep.ncu-rep"
+  grep -E "Duration|Throughput|Pipe|Shared|Bank|Issue Slots|Eligible|Warp Cycles Per Issued|Stall|Executed Ipc" "$dir/details.txt" | head -60
+}
+if [ -n "${PROFILE_SETS:-}" ]; then
+  while read -r label args; do
+    [ -z "$label" ] && continue
+    echo "== $label: $args"
+    # shellcheck disable=SC2086
+    profile "$OUT/$label" $args
+  done <<< "$PROFILE_SETS"
+else
+  # shellcheck disable=SC2086
+  profile "$OUT" ${PROFILE_ARGS:-}
+fi
