@@ -2,7 +2,7 @@
 same prefill over contiguous K/V, in one process on the same inputs.
 
 For each sequence length S (batch = tokens // S, Phi-3-small layer and pattern, kv block 16, block
-tables shuffled as after allocator churn) it times:
+tables shuffled as after allocator churn, or in allocation order with --in-order-tables) it times:
   varlen         varlen_prefill over contiguous k/v [B*S, Hkv, D] (what a prompt without a cache takes)
   paged          paged_prefill of the whole prompts from a cache in the model dtype
   paged-<fp8>    the same from an fp8 cache (e4m3 / e5m2, per-tensor scales)
@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=2048, help="the chunked prefill's last chunk")
     ap.add_argument("--fp8", default="e4m3", help="fp8 cache formats to time, comma-separated ('' for none)")
     ap.add_argument("--kv-block", type=int, default=16, help="tokens per cache block (vLLM's default 16)")
+    ap.add_argument("--in-order-tables", action="store_true",
+                    help="block tables in allocation order (default: shuffled, as after allocator churn)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
@@ -55,7 +57,7 @@ def main():
     scale = 1.0 / HEAD_DIM
     fp8s = [f for f in args.fp8.split(",") if f]
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, Hq={NUM_HEADS}, Hkv={NUM_KV_HEADS}, "
-          f"D={HEAD_DIM}, kv block {args.kv_block}, shuffled tables, {pattern}")
+          f"D={HEAD_DIM}, kv block {args.kv_block}, {'in-order' if args.in_order_tables else 'shuffled'} tables, {pattern}")
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []
     for seq_len in [int(s) for s in args.seq_lens.split(",")]:
@@ -67,7 +69,9 @@ def main():
         out = torch.empty_like(q)
         cu = torch.arange(0, tokens + 1, seq_len, dtype=torch.int32, device=device)
         pages = seq_len // args.kv_block
-        tables = torch.randperm(batch * pages, generator=gen, device=device).view(batch, pages).to(torch.int32)
+        order = (torch.arange(batch * pages, device=device) if args.in_order_tables
+                 else torch.randperm(batch * pages, generator=gen, device=device))
+        tables = order.view(batch, pages).to(torch.int32)
         slots = (tables.long()[:, :, None] * args.kv_block + torch.arange(args.kv_block, device=device)).view(-1)
         seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device=device)
         caches = {"bf16": (dtype, None)}
