@@ -23,6 +23,7 @@ for c in "$tmp"/*.cubin; do
   grep -qE "${NCU_KERNEL:-prefill_sm90}" "$tmp/listing" && gzip -c "$tmp/listing" > "$OUT/sass/$(basename "$c" .cubin).sass.gz"
 done
 rm -rf "$tmp"
+ls "$OUT/sass" | grep -q . || echo "note: no SASS listings saved (cuobjdump / nvdisasm not found?)"
 # PROFILE_SETS: lines of "<label> <arguments>", each profiled in turn into $OUT/<label>/ (one build),
 # e.g. $'varlen\npaged16 --paged --kv-block 16\nchunk-e4m3 --paged --cache-dtype e4m3 --chunk 2048'.
 profile() {  # <dir> <script arguments...>
@@ -43,7 +44,7 @@ if [ -n "${PROFILE_SETS:-}" ]; then
     [ -z "$label" ] && continue
     echo "== $label: $args"
     # shellcheck disable=SC2086
-    profile "$OUT/$label" $args
+    profile "$OUT/$label" $args < /dev/null  # ncu must not read the remaining lines
   done <<< "$PROFILE_SETS"
 else
   # shellcheck disable=SC2086
