@@ -40,6 +40,37 @@ def timed_ms(fn, warmup: int, repeats: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def block_tables(batch: int, seq_len: int, kv_block: int, device, generator=None, in_order: bool = False):
+    """Block tables [batch, pages] over a cache of exactly batch * pages blocks, shuffled (as after
+    allocator churn) unless in_order, and each token's slot [batch * seq_len]."""
+    pages = -(-seq_len // kv_block)
+    order = (torch.arange(batch * pages, device=device) if in_order
+             else torch.randperm(batch * pages, generator=generator, device=device))
+    tables = order.view(batch, pages).to(torch.int32)
+    slots = (tables.long()[:, :, None] * kv_block + torch.arange(kv_block, device=device)).view(batch, -1)
+    return tables, slots[:, :seq_len].reshape(-1)
+
+
+def filled_cache(k, v, tables, slots, kv_block: int, cache_dtype, scale=None):
+    """Key and value caches [blocks, Hkv, kv_block, D] in cache_dtype holding k and v at slots."""
+    key_cache = torch.empty(tables.numel(), k.shape[1], kv_block, k.shape[2], dtype=cache_dtype, device=k.device)
+    value_cache = torch.empty_like(key_cache)
+    ops.write_kv_cache(k, v, key_cache, value_cache, slots, k_scale=scale, v_scale=scale)
+    return key_cache, value_cache
+
+
+def fp8_scale(x, fp8_dtype):
+    """The per-tensor scale amax / format max, as a float32 [1] tensor."""
+    return torch.tensor([x.abs().max().item() / torch.finfo(fp8_dtype).max], device=x.device)
+
+
+def last_rows(batch: int, seq_len: int, chunk: int, device):
+    """The rows of each prompt's last `chunk` queries in a [batch * seq_len] batch, and their cu_seqlens."""
+    rows = torch.cat([torch.arange(r * seq_len + seq_len - chunk, (r + 1) * seq_len, device=device)
+                      for r in range(batch)])
+    return rows, torch.arange(0, batch * chunk + 1, chunk, dtype=torch.int32, device=device)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seq-lens", default="8192,32768")
@@ -68,26 +99,17 @@ def main():
         v = torch.randn_like(k)
         out = torch.empty_like(q)
         cu = torch.arange(0, tokens + 1, seq_len, dtype=torch.int32, device=device)
-        pages = seq_len // args.kv_block
-        order = (torch.arange(batch * pages, device=device) if args.in_order_tables
-                 else torch.randperm(batch * pages, generator=gen, device=device))
-        tables = order.view(batch, pages).to(torch.int32)
-        slots = (tables.long()[:, :, None] * args.kv_block + torch.arange(args.kv_block, device=device)).view(-1)
+        tables, slots = block_tables(batch, seq_len, args.kv_block, device, gen, args.in_order_tables)
         seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device=device)
         caches = {"bf16": (dtype, None)}
         for f in fp8s:
-            caches[f] = (FP8[f], torch.tensor([k.abs().max().item() / torch.finfo(FP8[f]).max], device=device))
-        chunk = min(args.chunk, seq_len)
-        chunk_rows = torch.cat([torch.arange(r * seq_len + seq_len - chunk, (r + 1) * seq_len, device=device)
-                                for r in range(batch)])
+            caches[f] = (FP8[f], fp8_scale(k, FP8[f]))
+        chunk_rows, cu_chunk = last_rows(batch, seq_len, min(args.chunk, seq_len), device)
         q_chunk, out_chunk = q[chunk_rows].contiguous(), torch.empty_like(q[chunk_rows])
-        cu_chunk = torch.arange(0, batch * chunk + 1, chunk, dtype=torch.int32, device=device)
         t = {"varlen": timed_ms(lambda: ops.varlen_prefill(q, k, v, cu, cu, scale, pattern, out=out),
                                 args.warmup, args.repeats)}
         for name, (cache_dtype, s) in caches.items():
-            key_cache = torch.empty(batch * pages, NUM_KV_HEADS, args.kv_block, HEAD_DIM, dtype=cache_dtype, device=device)
-            value_cache = torch.empty_like(key_cache)
-            ops.write_kv_cache(k, v, key_cache, value_cache, slots, k_scale=s, v_scale=s)
+            key_cache, value_cache = filled_cache(k, v, tables, slots, args.kv_block, cache_dtype, s)
             t[f"paged-{name}"] = timed_ms(lambda: ops.paged_prefill(
                 q, key_cache, value_cache, tables, cu, seq_lens, scale, pattern, out=out, k_scale=s, v_scale=s),
                 args.warmup, args.repeats)

@@ -14,8 +14,7 @@ import torch
 
 from blocksparse_attn import ops
 from blocksparse_attn.layout import SparsePattern
-
-FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+from bench_paged_prefill import FP8, block_tables, filled_cache, fp8_scale, last_rows  # this script's folder
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--seq-len", type=int, default=8192)
@@ -41,22 +40,13 @@ cu = torch.arange(0, tokens + 1, seq_len, device=dev, dtype=torch.int32)
 if not args.paged:
     call = lambda: ops.varlen_prefill(q, k, v, cu, cu, 1 / 128, pattern)
 else:
-    pages = -(-seq_len // args.kv_block)
-    tables = torch.randperm(batch * pages, device=dev).view(batch, pages).to(torch.int32)
-    slots = (tables.long()[:, :, None] * args.kv_block + torch.arange(args.kv_block, device=dev)).view(batch, -1)
-    slots = slots[:, :seq_len].reshape(-1)
+    tables, slots = block_tables(batch, seq_len, args.kv_block, dev)
     cache_dtype = FP8.get(args.cache_dtype, torch.bfloat16)
-    scale = None if args.cache_dtype == "auto" else torch.tensor(
-        [k.abs().max().item() / torch.finfo(cache_dtype).max], device=dev)
-    key_cache = torch.empty(batch * pages, 8, args.kv_block, 128, dtype=cache_dtype, device=dev)
-    value_cache = torch.empty_like(key_cache)
-    ops.write_kv_cache(k, v, key_cache, value_cache, slots, k_scale=scale, v_scale=scale)
+    scale = None if args.cache_dtype == "auto" else fp8_scale(k, cache_dtype)
+    key_cache, value_cache = filled_cache(k, v, tables, slots, args.kv_block, cache_dtype, scale)
     seq_lens = torch.full((batch,), seq_len, dtype=torch.int32, device=dev)
-    chunk = min(args.chunk or seq_len, seq_len)
-    rows = torch.cat([torch.arange(r * seq_len + seq_len - chunk, (r + 1) * seq_len, device=dev)
-                      for r in range(batch)])
+    rows, cu_q = last_rows(batch, seq_len, min(args.chunk or seq_len, seq_len), dev)
     q = q[rows].contiguous()
-    cu_q = torch.arange(0, batch * chunk + 1, chunk, device=dev, dtype=torch.int32)
     call = lambda: ops.paged_prefill(q, key_cache, value_cache, tables, cu_q, seq_lens, 1 / 128, pattern,
                                      k_scale=scale, v_scale=scale)
 for _ in range(args.calls):
