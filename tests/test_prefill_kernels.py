@@ -253,7 +253,7 @@ PACKED_SEQS = [(1, 1), (31, 31), (32, 32), (33, 33), (5, 70), (64, 64), (100, 10
                (3, 1000), (700, 700)]
 
 
-@pytest.mark.parametrize("hq, hkv", ((8, 2), (8, 4), (16, 2), (64, 1)), ids=("gqa4", "gqa2", "gqa8", "gqa64"))
+@pytest.mark.parametrize("hq, hkv", ((8, 2), (8, 4), (16, 2), (32, 2), (64, 1)), ids=("gqa4", "gqa2", "gqa8", "gqa16", "gqa64"))
 @pytest.mark.parametrize("head_dim", (64, 80, 128))
 def test_sm90_packed_heads_varlen(packed_heads, hq, hkv, head_dim, gen):
     """Packed heads against the reference (out, lse, rows without keys): every row is (token, head)
