@@ -162,14 +162,25 @@ def test_paged_bad_page_ids_read_zeros(kernel, kv_block_size, cache_dtype, gen):
 @pytest.mark.parametrize("order", ("tile", "kv_head"))
 @pytest.mark.parametrize("hq, hkv", ((8, 2), (6, 3), (4, 4)), ids=("gqa4", "gqa2", "mha"))
 def test_unit_orders(kernel, monkeypatch, order, hq, hkv, gen):
-    """Both numberings of a sequence's work units (BSA_PREFILL_UNIT_ORDER; `auto` takes kv head by kv
-    head only past the L2's size, which no test here reaches): every (tile, head) exactly once, for
-    sequences of one tile, many tiles, and queries that start mid-tile (chunked prefill)."""
+    """Both numberings of a sequence's work units, forced (BSA_PREFILL_UNIT_ORDER; `auto`: the next
+    test): every (tile, head) exactly once, for sequences of one tile, many tiles, and queries that
+    start mid-tile (chunked prefill)."""
     monkeypatch.setenv("BSA_PREFILL_UNIT_ORDER", order)
     pattern = make_pattern("qslide", 64, LOCAL, VERT, hq, hkv)
     run_varlen("cuda", torch.bfloat16, hq, hkv, 128, [(700, 700), (1, 1), (130, 260), (64, 64), (385, 385)],
                pattern, gen)
     run_paged_prefill("cuda", torch.float16, hq, hkv, 128, 16, [(1000, 300), (0, 129), (63, 2)], pattern, gen)
+
+
+def test_unit_order_chosen_per_sequence(kernel, monkeypatch, gen):
+    """`auto` numbers the units of a sequence whose K/V outgrow the L2 kv head by kv head and those of
+    the batch's other sequences tile by tile (each decides by its own length): every (tile, head)
+    still exactly once, with both numberings in one batch."""
+    monkeypatch.delenv("BSA_PREFILL_UNIT_ORDER", raising=False)
+    hq = hkv = 32  # 16 KB of K/V a key: past the L2 at a few thousand keys
+    long_keys = torch.cuda.get_device_properties(0).L2_cache_size // (2 * hkv * 128 * 2) + 100
+    pattern = make_pattern("qslide", 64, LOCAL, VERT, hq, hkv)
+    run_varlen("cuda", torch.bfloat16, hq, hkv, 128, [(130, 260), (64, long_keys), (1, 1), (200, 200)], pattern, gen)
 
 
 @pytest.mark.parametrize("stage_keys", ("64", "128"))

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -128,17 +129,20 @@ int choose_pack_gqa_shift(const PrefillParams& params, PrefillKernel kernel, con
   return __builtin_ctz(group);
 }
 
-// Numbers a sequence's work units kv head by kv head (PrefillParams::kv_head_major) when one
-// sequence's keys and values outgrow the L2: tile by tile, the CTAs in flight read all of them.
-// Phi-3-small on the H100 (50 MB L2; a 32k sequence's K/V is 134 MB), tile by tile against kv head
-// by kv head, processes interleaved (2026-11-26): 32k x 1 3.12 -> 2.84 ms; 8k x 4 (34 MB) 1.449 ->
-// 1.449; dense 2k and 8k were 2-4 % slower kv head by kv head. BSA_PREFILL_UNIT_ORDER=tile or
-// =kv_head forces one (tests, benchmarks).
-bool choose_kv_head_major(const PrefillParams& params, int64_t element_size, const Settings& settings) {
-  if (settings.unit_order != UnitOrderChoice::kAuto) return settings.unit_order == UnitOrderChoice::kKvHead;
-  const int64_t sequence_kv_bytes =
-      2 * typical_sequence_keys(params) * params.num_kv_heads * params.head_size * element_size;
-  return sequence_kv_bytes > at::cuda::getCurrentDeviceProperties()->l2CacheSize;
+// The length above which a sequence's work units go kv head by kv head
+// (PrefillParams::kv_head_major_keys): where its keys and values outgrow the L2, since tile by tile the
+// CTAs in flight read all of them. Phi-3-small on the H100 (50 MB L2; a 32k sequence's K/V is 134
+// MB), tile by tile against kv head by kv head, processes interleaved (2026-11-26): 32k x 1 3.12 ->
+// 2.84 ms; 8k x 4 (34 MB) 1.449 -> 1.449; dense 2k and 8k were 2-4 % slower kv head by kv head. The
+// kernels compare each sequence's own length (on the device), so neither a block table wider than
+// the batch (an engine's max_model_len columns) nor one long sequence among short ones misleads the
+// choice. BSA_PREFILL_UNIT_ORDER=tile or =kv_head forces one (tests, benchmarks).
+int kv_head_major_keys(const PrefillParams& params, int64_t kv_element_size, const Settings& settings) {
+  if (settings.unit_order == UnitOrderChoice::kTile) return INT_MAX;
+  if (settings.unit_order == UnitOrderChoice::kKvHead) return 0;
+  const int64_t bytes_per_key = 2 * int64_t{params.num_kv_heads} * params.head_size * kv_element_size;
+  const int64_t l2_bytes = at::cuda::getCurrentDeviceProperties()->l2CacheSize;
+  return static_cast<int>(std::min<int64_t>(l2_bytes / bytes_per_key, INT_MAX));
 }
 
 // CTAs of the persistent Hopper kernel: one per SM; BSA_SM90_GRID=<n> sets another count (experiments:
@@ -171,7 +175,8 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
   params.tile_index = plan.tile_index;
   params.num_tiles = plan.num_tiles;
   params.work_counter = plan.work_counter;
-  params.kv_head_major = params.pack_gqa_shift == 0 && choose_kv_head_major(params, q.element_size(), settings);
+  params.kv_head_major_keys =
+      params.pack_gqa_shift == 0 ? kv_head_major_keys(params, c10::elementSize(cache_dtype), settings) : INT_MAX;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -653,35 +653,42 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Decod
   // A next decode on the stream (launched the same way) may be placed now; it waits for this grid.
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
+  // Per split: a weight is one FFMA and one ex2 in the log2 domain (exp2(-inf) = 0, so empty splits
+  // need no test, and a NaN lse propagates); O comes from a pointer stepped by head_size (a 64-bit
+  // index per split was ~12 SASS instructions); the sum is inverted once.
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float* split_lse = params.partial_lse + part0;
   for (int d = threadIdx.x; d < head_size; d += kMergeThreads) {
-    // The largest lse so far, and the sums of exp(lse_s - ref) and of exp(lse_s - ref) O_s under it.
+    // The largest lse so far (log2 domain), and the sums of 2^(lse_s - ref) and of 2^(lse_s - ref) O_s under it.
     float ref = -INFINITY, sum = 0.f, acc = 0.f;
-    for (int s0 = 0; s0 < num_splits; s0 += kMergeChunk) {
+    const float* split_out = params.partial_out + part0 * head_size + d;
+    for (int s0 = 0; s0 < num_splits; s0 += kMergeChunk, split_out += kMergeChunk * head_size) {
       float lse[kMergeChunk], o[kMergeChunk];
 #pragma unroll
       for (int i = 0; i < kMergeChunk; ++i) {
         const bool split = s0 + i < num_splits;
-        lse[i] = split ? params.partial_lse[part0 + s0 + i] : -INFINITY;
-        o[i] = split ? params.partial_out[(part0 + s0 + i) * head_size + d] : 0.f;
+        lse[i] = split ? split_lse[s0 + i] : -INFINITY;
+        o[i] = split ? split_out[i * head_size] : 0.f;
       }
-      float mx = ref;
+      float mx = -INFINITY;
 #pragma unroll
       for (int i = 0; i < kMergeChunk; ++i) mx = fmaxf(mx, lse[i]);  // fmaxf skips NaN ...
+      mx = fmaxf(ref, mx * kLog2e);  // log2 e > 0: the largest scaled lse is the scaled largest
       const float new_ref = mx == -INFINITY ? 0.f : mx;
-      const float carry = ref == -INFINITY ? 0.f : __expf(ref - new_ref);
+      const float carry = ptx::exp2_approx(ref - new_ref);  // 0 while ref is -inf
       sum *= carry;
       acc *= carry;
 #pragma unroll
       for (int i = 0; i < kMergeChunk; ++i) {
-        const float w = lse[i] == -INFINITY ? 0.f : __expf(lse[i] - new_ref);  // ... this not
+        const float w = ptx::exp2_approx(fmaf(lse[i], kLog2e, -new_ref));  // ... this not
         sum += w;
         acc += w * o[i];
       }
       ref = mx;
     }
-    out[d] = static_cast<Element>(acc * (sum == 0.f ? 0.f : 1.f / sum));  // every split empty: O = 0
+    out[d] = static_cast<Element>(acc * inverse_sum(sum));  // every split empty: O = 0
     if (d == 0 && params.lse != nullptr)
-      params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = sum == 0.f ? -INFINITY : ref + __logf(sum);
+      params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = row_lse(ref, sum);
   }
 }
 

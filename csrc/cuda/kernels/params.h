@@ -89,9 +89,10 @@ struct PrefillParams {
   const int32_t* num_tiles;   // [1]
   // Work units claimed so far by the persistent Hopper kernel's CTAs; zeroed by the plan kernel.
   int32_t* work_counter;  // [1]
-  // How a sequence's units are numbered (load_prefill_item): 0: tile by tile, each tile's q heads
-  // side by side; 1: kv head by kv head (sequences whose K/V outgrow the L2; the host picks).
-  int kv_head_major;
+  // How a sequence's units are numbered (load_prefill_item): tile by tile, each tile's q heads side
+  // by side, or kv head by kv head for a sequence of more than kv_head_major_keys keys (its K/V
+  // outgrows the L2; decided per sequence from its own length; 0: every sequence, INT_MAX: none).
+  int kv_head_major_keys;
   // Hopper kernel only: log2 of the q heads one work unit computes together (0: one). With s > 0 a
   // unit is (query tile of kPrefillSm90BlockM >> s tokens, kv head) and its 128 rows are the tile's
   // tokens times the kv group's 2^s q heads, row = token * 2^s + head in the group: the group's K/V

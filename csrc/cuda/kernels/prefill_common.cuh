@@ -12,8 +12,9 @@ namespace blocksparse_attn {
 
 // One (sequence, query tile, q head) work unit of the plan kernel's list, resolved. A sequence's
 // items own units [first item * Hq, (first item + tiles) * Hq), numbered either tile by tile (unit =
-// item * Hq + head: the q heads of one tile side by side) or, with params.kv_head_major, kv head by
-// kv head (each kv head's tiles from the longest rows, its q heads side by side). The vertical
+// item * Hq + head: the q heads of one tile side by side) or, for a sequence of more than
+// params.kv_head_major_keys keys, kv head by kv head (each kv head's tiles from the longest rows, its
+// q heads side by side). The vertical
 // columns of all heads together touch every key block, so tile by tile the CTAs in flight read the
 // whole sequence's K/V: at 32k (134 MB) more than the L2 holds, where one kv head's is 17 MB.
 struct PrefillItem {
@@ -39,7 +40,7 @@ __device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, i
   const int q_len = params.cu_seqlens_q[it.seq + 1] - it.q_begin;
   it.k_len = kv.paged() ? kv.seq_lens[it.seq] : kv.cu_seqlens_k[it.seq + 1] - kv.cu_seqlens_k[it.seq];
   it.first_pos = it.k_len - q_len;
-  if (params.kv_head_major) {
+  if (it.k_len > params.kv_head_major_keys) {
     // The plan lists a sequence's tiles from the last one (last_tile) down to the first.
     const int num_q_heads = params.num_q_heads;
     const int anchor_tile = params.tile_index[anchor];

@@ -569,9 +569,8 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         ptx::wgmma_wait<0>();
         ptx::fence_registers(s);
         release_key(info.fill);
-        scores_to_p(s, info, row_alpha);
+        scores_to_p(s, info, row_alpha);  // O is still zero: nothing to rescale (SASS: ~70 instructions)
         pack_p(s);
-        rescale_rows(acc_o, row_alpha);
       }
       Sm90Fill pending = info.fill;
       while (true) {
@@ -621,25 +620,60 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
       inv_sum[r] = finish_prefill_row(params, it, softmax, r, row_pos[r], head, tig) * value_scale;
     }
     ptx::named_barrier_sync(kSm90EpilogueBarrier + group, 128);  // the group's wgmma reads of s_q are over
+    // This thread's two rows (r = 0, 1: 8 apart) share row & 7 = quad_row, so the 128-byte swizzle
+    // of column chunk j is one XOR on bits 4-6 of a per-thread base (sm90_tile_offset<64> with
+    // col = 8 j + 2 tig); the rest are immediate offsets. Per element addressing took ~250
+    // instructions here (SASS), more than the stores.
+    const uint32_t o_base = (warp * 16 + quad_row) * 128 + (quad_row << 4) + 4 * tig;
 #pragma unroll
     for (int j = 0; j < kORegs / 4; ++j)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const uint32_t packed =
             ptx::pack2<Element>(acc_o[4 * j + 2 * r] * inv_sum[r], acc_o[4 * j + 2 * r + 1] * inv_sum[r]);
-        *reinterpret_cast<uint32_t*>(s_q + sm90_tile_offset<64>(warp * 16 + quad_row + 8 * r, 8 * j + 2 * tig)) = packed;
+        const uint32_t offset = (j >> 3) * (64 * 128) + r * 8 * 128 + (o_base ^ ((j & 7) << 4));
+        *reinterpret_cast<uint32_t*>(s_q + offset) = packed;
       }
     ptx::named_barrier_sync(kSm90EpilogueBarrier + group, 128);
+    // 16-byte chunks to global memory: thread t takes column chunk t % kChunksPerRow of rows
+    // t / kChunksPerRow + kRowsPerPass i; kRowsPerPass is a multiple of 8, so the swizzle is the
+    // same for all of them and the shared offsets step by immediates.
     Element* out = static_cast<Element*>(params.out);
-    constexpr int kChunksPerRow = kHeadDim / 8;
-    for (int c = t; c < 64 * kChunksPerRow; c += 128) {
-      const int row = c / kChunksPerRow, col = (c % kChunksPerRow) * 8;
-      const int pos = group_pos + (row >> sm90_pack_shift<Tiling>(params));
-      if (pos < it.valid_begin || pos >= it.valid_end || col >= head_size) continue;
-      const int head = it.head + (row & ((1 << sm90_pack_shift<Tiling>(params)) - 1));
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(it.q_begin + pos - it.first_pos) * params.out_row_stride +
-                                head * params.out_head_stride + col) =
-          *reinterpret_cast<const uint4*>(s_q + sm90_tile_offset<64>(row, col));
+    constexpr int kChunksPerRow = kHeadDim / 8, kRowsPerPass = 128 / kChunksPerRow;
+    static_assert(kRowsPerPass % 8 == 0 && 64 % kRowsPerPass == 0, "the swizzle repeats every 8 rows");
+    const int out_row0 = t / kChunksPerRow, out_col = (t % kChunksPerRow) * 8;
+    const unsigned char* s_out = s_q + sm90_tile_offset<64>(out_row0, out_col);
+    const int shift = sm90_pack_shift<Tiling>(params);
+    const int64_t token0 = static_cast<int64_t>(it.q_begin) - it.first_pos;
+    auto store_chunk = [&](Element* dst, int i) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(s_out + i * kRowsPerPass * 128);
+    };
+    if (out_col < head_size) {
+      const int head_mask = (1 << shift) - 1;
+      if (head_mask < kRowsPerPass) {
+        // Every pass's row has the thread's head (packed heads of at most kRowsPerPass): one
+        // address, then steps of kRowsPerPass >> shift tokens (64-bit multiplies cost ~17
+        // instructions a store).
+        const int pos_step = kRowsPerPass >> shift;
+        int pos = group_pos + (out_row0 >> shift);
+        Element* dst = out + (token0 + pos) * params.out_row_stride +
+                       static_cast<int64_t>(it.head + (out_row0 & head_mask)) * params.out_head_stride + out_col;
+        const int64_t dst_step = pos_step * params.out_row_stride;
+#pragma unroll
+        for (int i = 0; i < 64 / kRowsPerPass; ++i, pos += pos_step, dst += dst_step)
+          if (pos >= it.valid_begin && pos < it.valid_end) store_chunk(dst, i);
+      } else {
+#pragma unroll
+        for (int i = 0; i < 64 / kRowsPerPass; ++i) {
+          const int row = out_row0 + kRowsPerPass * i;
+          const int pos = group_pos + (row >> shift);
+          if (pos < it.valid_begin || pos >= it.valid_end) continue;
+          const int head = it.head + (row & head_mask);
+          store_chunk(out + (token0 + pos) * params.out_row_stride + static_cast<int64_t>(head) * params.out_head_stride +
+                          out_col,
+                      i);
+        }
+      }
     }
     ptx::mbarrier_arrive(&shared.q_empty[buf]);  // this thread's reads of the Q buffer are over
   }

@@ -75,6 +75,14 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
+// 1 / x with the MUFU unit (one instruction, within 1 ulp; IEEE division adds a slow-path call with
+// branches). For the softmax's row sums, which are 0 or >= 1.
+__device__ __forceinline__ float reciprocal_approx(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Two floats -> one register of two 16-bit values (low half = first), rounded to nearest.
 template <typename Element>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);

@@ -118,7 +118,9 @@ __device__ __forceinline__ void rescale_rows(float (&o)[kRegs], const float (&al
 __device__ __forceinline__ float row_lse(float row_max, float l) {
   return l == 0.f ? -INFINITY : (row_max + __log2f(l)) * 0.69314718055994531f;
 }
-__device__ __forceinline__ float inverse_sum(float l) { return l == 0.f ? 0.f : 1.f / l; }
+// A visible row's sum holds its reference's term, exp2(0) = 1 or more (the slack only lowers the
+// reference), so an approximate reciprocal never meets a denormal.
+__device__ __forceinline__ float inverse_sum(float l) { return l == 0.f ? 0.f : ptx::reciprocal_approx(l); }
 
 // A score as the softmax takes it after masking: scaled into the log2 domain where visible, -inf
 // elsewhere (a select, never an added bias: garbage K rows may hold NaN).
