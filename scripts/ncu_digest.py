@@ -108,6 +108,10 @@ def read_profile(path: str):
         except ValueError:
             continue
         out.append((address, opcode(r[isrc]), number(r, iexec), number(r, istall)))
+    # ncu gives absolute addresses; the listing gives offsets from the function's start, which is the
+    # lowest profiled address (the source page lists every instruction of the kernel).
+    base = min((a for a, *_ in out), default=0)
+    out = [(a - base, *rest) for a, *rest in out]
     if iexec is None or istall is None:
         print(f"note: executed column {'found' if iexec is not None else 'MISSING'}, stall column "
               f"{'found' if istall is not None else 'MISSING'}; columns: {cols}")
