@@ -6,8 +6,10 @@
 // local band). The CTA walks only the union of the group's visible key blocks, in 16-token slices:
 // warp w takes slices w, w + 4, ... of the split's range with its own cp.async ring and its own
 // online softmax, so warps never wait on each other until the final merge through shared memory.
-// Splits (flash-decoding) divide the union's slices evenly; a merge kernel combines their outputs by
-// log-sum-exp. Torch-free: compiled by bare nvcc in CI.
+// Splits (flash-decoding) divide the union's slices evenly and are combined by log-sum-exp: on sm_90
+// the splits of a group form one thread-block cluster and merge through distributed shared memory at
+// the kernel's end (up to kMaxClusterSplits); elsewhere a merge kernel combines their outputs from
+// global memory. Torch-free: compiled by bare nvcc in CI.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -156,6 +158,68 @@ constexpr int decode_min_ctas_per_sm() {
   return CacheFormat<Cache>::kFp8 && kHeadDimPad <= 128 ? BSA_DECODE_FP8_CTAS : 1;
 }
 
+// The merge of a cluster's splits (DecodeParams::cluster_merge), run by every CTA of the cluster once
+// each has left its normalised O (rows of s_o, kORow floats apart) and lse (s_split_lse) in its shared
+// memory: out = sum_s 2^(lse_s log2 e - ref) O_s / sum_s 2^(...), as decode_merge_kernel computes it.
+// The cluster spans grid x, so a CTA's rank is its split; CTA r merges the 8-column chunks r, r + splits,
+// ... of the group's rows. All of a chunk's remote loads are issued before the first is used (one
+// round trip over the cluster per 4 splits' O), and no CTA leaves before every CTA has read its
+// shared memory.
+template <typename Element, int kORow>
+__device__ __forceinline__ void merge_cluster_splits(const DecodeParams& params, const float* s_o,
+                                                     const float* s_split_lse, int seq, int first_head,
+                                                     int num_rows) {
+  constexpr float kLog2e = 1.4426950408889634f;
+  constexpr int kChunk = 4;  // splits' O in flight at once (2 x 16 B each)
+  ptx::cluster_sync();
+  const int splits = params.num_splits, rank = blockIdx.x;
+  const int head_size = params.head_size, chunks_per_row = (head_size + 7) / 8;
+  const uint32_t o_base = ptx::smem_addr(s_o), lse_base = ptx::smem_addr(s_split_lse);
+  Element* out = static_cast<Element*>(params.out);
+  for (int c = rank * kDecodeThreads + threadIdx.x; c < num_rows * chunks_per_row; c += splits * kDecodeThreads) {
+    const int row = c / chunks_per_row, col = (c % chunks_per_row) * 8;
+    // Splits past the cluster read rank 0's values (a valid address) and weigh nothing.
+    float lse[kMaxClusterSplits];
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s)
+      lse[s] = ptx::cluster_load(ptx::cluster_map(lse_base + row * 4, s < splits ? s : 0));
+    float mx = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kMaxClusterSplits; ++s) mx = fmaxf(mx, s < splits ? lse[s] : -INFINITY);  // skips NaN ...
+    mx *= kLog2e;
+    const float ref = mx == -INFINITY ? 0.f : mx;
+    float sum = 0.f, acc[8] = {};
+#pragma unroll
+    for (int s0 = 0; s0 < kMaxClusterSplits; s0 += kChunk) {
+      if (s0 >= splits) break;
+      float4 o[kChunk][2];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        const uint32_t at = ptx::cluster_map(o_base + (row * kORow + col) * 4, s0 + i < splits ? s0 + i : 0);
+        o[i][0] = ptx::cluster_load4(at);
+        o[i][1] = ptx::cluster_load4(at + 16);
+      }
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        // ... this not: a NaN lse gives a NaN weight, and the output stays NaN.
+        const float w = s0 + i < splits ? ptx::exp2_approx(fmaf(lse[s0 + i], kLog2e, -ref)) : 0.f;
+        sum += w;
+        acc[0] += w * o[i][0].x, acc[1] += w * o[i][0].y, acc[2] += w * o[i][0].z, acc[3] += w * o[i][0].w;
+        acc[4] += w * o[i][1].x, acc[5] += w * o[i][1].y, acc[6] += w * o[i][1].z, acc[7] += w * o[i][1].w;
+      }
+    }
+    const float inv_sum = inverse_sum(sum);  // every split empty: O = 0
+    const int head = first_head + row;
+    uint4 packed;
+    uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) words[e] = ptx::pack2<Element>(acc[2 * e] * inv_sum, acc[2 * e + 1] * inv_sum);
+    *reinterpret_cast<uint4*>(out + seq * params.out_row_stride + head * params.out_head_stride + col) = packed;
+    if (params.lse != nullptr && col == 0) params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = row_lse(mx, sum);
+  }
+  ptx::cluster_sync();
+}
+
 template <typename Element, int kHeadDimPad, typename Cache>
 __global__ void __launch_bounds__(kDecodeThreads, (decode_min_ctas_per_sm<kHeadDimPad, Cache>()))
 decode_sm80_kernel(const DecodeParams params) {
@@ -177,6 +241,7 @@ decode_sm80_kernel(const DecodeParams params) {
   __shared__ unsigned s_slice_rows[kDecodeWarps][kStages];  // head rows that see it
   __shared__ float s_row_max[kDecodeWarps][kDecodeHeadsPerCta];
   __shared__ float s_row_sum[kDecodeWarps][kDecodeHeadsPerCta];
+  __shared__ float s_split_lse[kDecodeHeadsPerCta];  // cluster_merge: this split's lse per head
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched as a programmatic dependent of the stream's previous kernel (launch_decode_sm80): the CTA
@@ -184,7 +249,7 @@ decode_sm80_kernel(const DecodeParams params) {
   // until it has (and its writes are visible), as if launched in plain stream order.
   asm volatile("griddepcontrol.wait;" ::: "memory");
   // The merge kernel (a programmatic dependent) may be scheduled now; it waits for this grid to finish.
-  if (params.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;");
+  if (params.num_splits > 1 && !params.cluster_merge) asm volatile("griddepcontrol.launch_dependents;");
 #endif
   const int split = blockIdx.x;
   const int kv_head = blockIdx.y / params.head_chunks;
@@ -623,6 +688,12 @@ decode_sm80_kernel(const DecodeParams params) {
       for (int e = 0; e < 4; ++e) words[e] = ptx::pack2<Element>(o[2 * e], o[2 * e + 1]);
       *reinterpret_cast<uint4*>(out + seq * params.out_row_stride + head * params.out_head_stride + col) = packed;
       if (params.lse != nullptr && col == 0) params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = lse;
+    } else if (params.cluster_merge) {
+      // In place of warp 0's columns, which only this thread reads: the cluster's merge reads them.
+      float* dst = s_o + row * kORow + col;
+      *reinterpret_cast<float4*>(dst) = make_float4(o[0], o[1], o[2], o[3]);
+      *reinterpret_cast<float4*>(dst + 4) = make_float4(o[4], o[5], o[6], o[7]);
+      if (col == 0) s_split_lse[row] = lse;
     } else {
       const int64_t part = (static_cast<int64_t>(seq) * params.num_q_heads + head) * params.num_splits + split;
       float4* dst = reinterpret_cast<float4*>(params.partial_out + part * head_size + col);
@@ -631,6 +702,7 @@ decode_sm80_kernel(const DecodeParams params) {
       if (col == 0) params.partial_lse[part] = lse;
     }
   }
+  if (params.cluster_merge) merge_cluster_splits<Element, kORow>(params, s_o, s_split_lse, seq, first_head, num_rows);
 }
 
 // Combines the splits of each (sequence, q head): out = sum_s exp(lse_s - lse*) O_s / sum_s exp(...).
@@ -722,6 +794,43 @@ int decode_sm80_ctas_per_sm() {
   return ctas;
 }
 
+// The most splits (2..kMaxClusterSplits) that one thread-block cluster of this instantiation can hold
+// on this device, so that they merge on chip (DecodeParams::cluster_merge); 0 where clusters cannot run
+// (below sm_90, or not even 2 CTAs fit a cluster). Asked once; sizes above 8 are non-portable (H100 /
+// H200 take 16 when a GPC holds 16 of the CTAs).
+template <typename Element, int kHeadDimPad, typename Cache>
+int decode_sm80_max_cluster_splits() {
+  static const int most = [] {
+    if (!programmatic_launch_supported()) return 0;  // compute capability 9.0 and newer, as clusters
+    constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad, Cache>::kBytes;
+    auto kernel = decode_sm80_kernel<Element, kHeadDimPad, Cache>;
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+      (void)cudaGetLastError();
+    for (int splits = kMaxClusterSplits; splits >= 2; --splits) {
+      cudaLaunchAttribute attribute{};
+      attribute.id = cudaLaunchAttributeClusterDimension;
+      attribute.val.clusterDim.x = splits;
+      attribute.val.clusterDim.y = 1;
+      attribute.val.clusterDim.z = 1;
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(splits);
+      config.blockDim = dim3(kDecodeThreads);
+      config.dynamicSmemBytes = kSmemBytes;
+      config.attrs = &attribute;
+      config.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+        (void)cudaGetLastError();
+        continue;
+      }
+      if (clusters > 0) return splits;
+    }
+    return 0;
+  }();
+  return most;
+}
+
 template <typename Element, int kHeadDimPad, typename Cache>
 void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad, Cache>::kBytes;
@@ -732,18 +841,28 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   // Both kernels as programmatic dependents of the kernel before them on the stream (sm_90; each waits
   // for it before its first global read): their CTAs are placed while it finishes, which takes the
   // launch gaps off a small decode's path.
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attributes[2] = {};
+  int num_attributes = 0;
+  if (programmatic_launch_supported()) {
+    attributes[num_attributes].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[num_attributes++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (params.cluster_merge) {  // the splits of a group: one cluster along grid x
+    attributes[num_attributes].id = cudaLaunchAttributeClusterDimension;
+    attributes[num_attributes].val.clusterDim.x = params.num_splits;
+    attributes[num_attributes].val.clusterDim.y = 1;
+    attributes[num_attributes++].val.clusterDim.z = 1;
+  }
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(params.num_splits, params.num_kv_heads * params.head_chunks, params.num_seqs);
   config.blockDim = dim3(kDecodeThreads);
   config.dynamicSmemBytes = kSmemBytes;
   config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = programmatic_launch_supported() ? 1 : 0;
+  config.attrs = attributes;
+  config.numAttrs = num_attributes;
   cudaLaunchKernelEx(&config, kernel, params);
-  if (params.num_splits > 1) {
+  if (params.num_splits > 1 && !params.cluster_merge) {
+    config.numAttrs = programmatic_launch_supported() ? 1 : 0;  // the programmatic launch only
     // The merge asks for the decode kernel's split of L1 and shared memory: an SM whose split differs
     // from a resident CTA's cannot take the merge's CTAs until it drains, which would undo the early
     // placement (and the next decode's after the merge).
