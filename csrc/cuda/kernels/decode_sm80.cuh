@@ -249,7 +249,9 @@ decode_sm80_kernel(const DecodeParams params) {
   // until it has (and its writes are visible), as if launched in plain stream order.
   asm volatile("griddepcontrol.wait;" ::: "memory");
   // The merge kernel (a programmatic dependent) may be scheduled now; it waits for this grid to finish.
-  if (params.num_splits > 1 && !params.cluster_merge) asm volatile("griddepcontrol.launch_dependents;");
+  // With a cluster merge there is none, and the trigger lets the stream's next programmatic launch
+  // (the next layer's decode in a serving step's graph) place its CTAs early in the same way.
+  if (params.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;");
 #endif
   const int split = blockIdx.x;
   const int kv_head = blockIdx.y / params.head_chunks;
