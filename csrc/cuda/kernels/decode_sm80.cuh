@@ -15,6 +15,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <climits>
 #include <cstdint>
 
@@ -160,17 +161,19 @@ constexpr int decode_min_ctas_per_sm() {
 
 // The merge of a cluster's splits (DecodeParams::cluster_merge), run by every CTA of the cluster once
 // each has left its normalised O (rows of s_o, kORow floats apart) and lse (s_split_lse) in its shared
-// memory: out = sum_s 2^(lse_s log2 e - ref) O_s / sum_s 2^(...), as decode_merge_kernel computes it.
-// The cluster spans grid x, so a CTA's rank is its split; CTA r merges the 8-column chunks r, r + splits,
-// ... of the group's rows. All of a chunk's remote loads are issued before the first is used (one
-// round trip over the cluster per 4 splits' O), and no CTA leaves before every CTA has read its
-// shared memory.
+// memory: out = sum_s 2^(lse_s log2 e - ref) O_s / sum_s 2^(...), as decode_merge_kernel computes it
+// (the same running reference across chunks of splits). The cluster spans grid x, so a CTA's rank is
+// its split; thread t of CTA r merges the group's 8-column chunk r * kDecodeThreads + t (+ a multiple
+// of splits * kDecodeThreads). A chunk of kChunk splits' lse and O is loaded at once (one round trip
+// over the cluster up to 8 splits, two up to 16); splits past the cluster are loaded from nowhere
+// and weigh nothing. No CTA leaves before every CTA has read its shared memory.
 template <typename Element, int kORow>
 __device__ __forceinline__ void merge_cluster_splits(const DecodeParams& params, const float* s_o,
                                                      const float* s_split_lse, int seq, int first_head,
                                                      int num_rows) {
   constexpr float kLog2e = 1.4426950408889634f;
-  constexpr int kChunk = 4;  // splits' O in flight at once (2 x 16 B each)
+  constexpr int kChunk = 8;
+  static_assert(kMaxClusterSplits % kChunk == 0, "whole chunks of splits");
   ptx::cluster_sync();
   const int splits = params.num_splits, rank = blockIdx.x;
   const int head_size = params.head_size, chunks_per_row = (head_size + 7) / 8;
@@ -178,35 +181,42 @@ __device__ __forceinline__ void merge_cluster_splits(const DecodeParams& params,
   Element* out = static_cast<Element*>(params.out);
   for (int c = rank * kDecodeThreads + threadIdx.x; c < num_rows * chunks_per_row; c += splits * kDecodeThreads) {
     const int row = c / chunks_per_row, col = (c % chunks_per_row) * 8;
-    // Splits past the cluster read rank 0's values (a valid address) and weigh nothing.
-    float lse[kMaxClusterSplits];
-#pragma unroll
-    for (int s = 0; s < kMaxClusterSplits; ++s)
-      lse[s] = ptx::cluster_load(ptx::cluster_map(lse_base + row * 4, s < splits ? s : 0));
-    float mx = -INFINITY;
-#pragma unroll
-    for (int s = 0; s < kMaxClusterSplits; ++s) mx = fmaxf(mx, s < splits ? lse[s] : -INFINITY);  // skips NaN ...
-    mx *= kLog2e;
-    const float ref = mx == -INFINITY ? 0.f : mx;
-    float sum = 0.f, acc[8] = {};
+    const uint32_t lse_at = lse_base + row * 4, o_at = o_base + (row * kORow + col) * 4;
+    // The largest lse so far (log2 domain), and the sums of 2^(lse_s - ref) and of 2^(lse_s - ref) O_s under it.
+    float ref = -INFINITY, sum = 0.f, acc[8] = {};
 #pragma unroll
     for (int s0 = 0; s0 < kMaxClusterSplits; s0 += kChunk) {
       if (s0 >= splits) break;
+      float lse[kChunk];
       float4 o[kChunk][2];
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) {
-        const uint32_t at = ptx::cluster_map(o_base + (row * kORow + col) * 4, s0 + i < splits ? s0 + i : 0);
-        o[i][0] = ptx::cluster_load4(at);
-        o[i][1] = ptx::cluster_load4(at + 16);
+        lse[i] = -INFINITY;
+        o[i][0] = o[i][1] = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (s0 + i < splits) {
+          lse[i] = ptx::cluster_load(ptx::cluster_map(lse_at, s0 + i));
+          const uint32_t at = ptx::cluster_map(o_at, s0 + i);
+          o[i][0] = ptx::cluster_load4(at);
+          o[i][1] = ptx::cluster_load4(at + 16);
+        }
       }
+      float mx = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) mx = fmaxf(mx, lse[i]);  // fmaxf skips NaN ...
+      mx = fmaxf(ref, mx * kLog2e);
+      const float new_ref = mx == -INFINITY ? 0.f : mx;
+      const float carry = ptx::exp2_approx(ref - new_ref);  // 0 while ref is -inf
+      sum *= carry;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[e] *= carry;
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) {
-        // ... this not: a NaN lse gives a NaN weight, and the output stays NaN.
-        const float w = s0 + i < splits ? ptx::exp2_approx(fmaf(lse[s0 + i], kLog2e, -ref)) : 0.f;
+        const float w = ptx::exp2_approx(fmaf(lse[i], kLog2e, -new_ref));  // ... this not; 0 for lse -inf
         sum += w;
         acc[0] += w * o[i][0].x, acc[1] += w * o[i][0].y, acc[2] += w * o[i][0].z, acc[3] += w * o[i][0].w;
         acc[4] += w * o[i][1].x, acc[5] += w * o[i][1].y, acc[6] += w * o[i][1].z, acc[7] += w * o[i][1].w;
       }
+      ref = mx;
     }
     const float inv_sum = inverse_sum(sum);  // every split empty: O = 0
     const int head = first_head + row;
@@ -215,7 +225,7 @@ __device__ __forceinline__ void merge_cluster_splits(const DecodeParams& params,
 #pragma unroll
     for (int e = 0; e < 4; ++e) words[e] = ptx::pack2<Element>(acc[2 * e] * inv_sum, acc[2 * e + 1] * inv_sum);
     *reinterpret_cast<uint4*>(out + seq * params.out_row_stride + head * params.out_head_stride + col) = packed;
-    if (params.lse != nullptr && col == 0) params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = row_lse(mx, sum);
+    if (params.lse != nullptr && col == 0) params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = row_lse(ref, sum);
   }
   ptx::cluster_sync();
 }
@@ -797,15 +807,29 @@ int decode_sm80_ctas_per_sm() {
 }
 
 // The most splits (2..kMaxClusterSplits) that one thread-block cluster of this instantiation can hold
-// on this device, so that they merge on chip (DecodeParams::cluster_merge); 0 where clusters cannot run
-// (below sm_90, or not even 2 CTAs fit a cluster). Asked once; sizes above 8 are non-portable (H100 /
-// H200 take 16 when a GPC holds 16 of the CTAs).
+// on the current device, so that they merge on chip (DecodeParams::cluster_merge); 0 where clusters
+// cannot run: below sm_90, or a kernel built from PTX older than sm_90's (its cluster steps compile to
+// traps), or not even 2 CTAs fit a cluster. Asked once per device; sizes above 8 are non-portable
+// (H100 / H200 take 16 when a GPC holds 16 of the CTAs; launch_decode_sm80 allows them per launch).
 template <typename Element, int kHeadDimPad, typename Cache>
 int decode_sm80_max_cluster_splits() {
-  static const int most = [] {
-    if (!programmatic_launch_supported()) return 0;  // compute capability 9.0 and newer, as clusters
-    constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad, Cache>::kBytes;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cached[kMaxDevices];  // most + 1; 0: not asked yet
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  if (device < kMaxDevices && cached[device].load(std::memory_order_relaxed) > 0)
+    return cached[device].load(std::memory_order_relaxed) - 1;
+  const int most = [] {
     auto kernel = decode_sm80_kernel<Element, kHeadDimPad, Cache>;
+    cudaFuncAttributes attributes{};
+    if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess || attributes.ptxVersion < 90) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad, Cache>::kBytes;
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
       (void)cudaGetLastError();
@@ -830,6 +854,7 @@ int decode_sm80_max_cluster_splits() {
     }
     return 0;
   }();
+  if (device < kMaxDevices) cached[device].store(most + 1, std::memory_order_relaxed);
   return most;
 }
 
@@ -840,6 +865,9 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   // Always: the 48 KB default counts the kernel's static shared memory too, so a dynamic size just
   // under it can still fail to launch (seen with 32-key tiles and 2 stages: exactly 48 KB dynamic).
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  // Clusters above 8 CTAs are non-portable: allowed per device, so per launch like the size above.
+  if (params.cluster_merge && params.num_splits > 8)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   // Both kernels as programmatic dependents of the kernel before them on the stream (sm_90; each waits
   // for it before its first global read): their CTAs are placed while it finishes, which takes the
   // launch gaps off a small decode's path.
