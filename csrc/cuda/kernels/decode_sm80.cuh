@@ -776,18 +776,40 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Decod
   }
 }
 
-// Programmatic dependent launch (compute capability 9.0 and newer), asked once for the current device.
-inline bool programmatic_launch_supported() {
-  static const bool supported = [] {
-    int device = 0, major = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+// Properties of a kernel that depend on the code the driver loaded for a device, computed once per
+// device (stored + 1; 0: not asked yet).
+constexpr int kMaxDevices = 64;
+template <typename Compute>
+int once_per_device(std::atomic<int> (&cache)[kMaxDevices], Compute compute) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  if (device >= kMaxDevices) return compute();
+  int stored = cache[device].load(std::memory_order_relaxed);
+  if (stored == 0) {
+    stored = compute() + 1;
+    cache[device].store(stored, std::memory_order_relaxed);
+  }
+  return stored - 1;
+}
+
+// Whether the decode kernel's code on the current device was compiled for sm_90 or newer: only then
+// does it hold the griddepcontrol steps that a programmatic dependent launch relies on (and the cluster
+// merge's); a kernel JIT-compiled from older PTX (e.g. built for "8.0+PTX" and run on an H100) has them
+// compiled out, and launched as a programmatic dependent it could read its inputs early.
+template <typename Element, int kHeadDimPad, typename Cache>
+bool decode_has_sm90_steps() {
+  static std::atomic<int> cache[kMaxDevices];
+  return once_per_device(cache, [] {
+    cudaFuncAttributes attributes{};
+    if (cudaFuncGetAttributes(&attributes, decode_sm80_kernel<Element, kHeadDimPad, Cache>) != cudaSuccess) {
       (void)cudaGetLastError();
-      return false;
+      return 0;
     }
-    return major >= 9;
-  }();
-  return supported;
+    return attributes.ptxVersion >= 90 ? 1 : 0;
+  }) != 0;
 }
 
 template <typename Element, int kHeadDimPad, typename Cache>
@@ -813,23 +835,11 @@ int decode_sm80_ctas_per_sm() {
 // (H100 / H200 take 16 when a GPC holds 16 of the CTAs; launch_decode_sm80 allows them per launch).
 template <typename Element, int kHeadDimPad, typename Cache>
 int decode_sm80_max_cluster_splits() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices];  // most + 1; 0: not asked yet
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  if (device < kMaxDevices && cached[device].load(std::memory_order_relaxed) > 0)
-    return cached[device].load(std::memory_order_relaxed) - 1;
-  const int most = [] {
-    auto kernel = decode_sm80_kernel<Element, kHeadDimPad, Cache>;
-    cudaFuncAttributes attributes{};
-    if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess || attributes.ptxVersion < 90) {
-      (void)cudaGetLastError();
-      return 0;
-    }
+  static std::atomic<int> cache[kMaxDevices];
+  return once_per_device(cache, [] {
+    if (!decode_has_sm90_steps<Element, kHeadDimPad, Cache>()) return 0;
     constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad, Cache>::kBytes;
+    auto kernel = decode_sm80_kernel<Element, kHeadDimPad, Cache>;
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
       (void)cudaGetLastError();
@@ -853,9 +863,7 @@ int decode_sm80_max_cluster_splits() {
       if (clusters > 0) return splits;
     }
     return 0;
-  }();
-  if (device < kMaxDevices) cached[device].store(most + 1, std::memory_order_relaxed);
-  return most;
+  });
 }
 
 template <typename Element, int kHeadDimPad, typename Cache>
@@ -873,7 +881,8 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   // launch gaps off a small decode's path.
   cudaLaunchAttribute attributes[2] = {};
   int num_attributes = 0;
-  if (programmatic_launch_supported()) {
+  const bool programmatic = decode_has_sm90_steps<Element, kHeadDimPad, Cache>();
+  if (programmatic) {
     attributes[num_attributes].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attributes[num_attributes++].val.programmaticStreamSerializationAllowed = 1;
   }
@@ -892,7 +901,7 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   config.numAttrs = num_attributes;
   cudaLaunchKernelEx(&config, kernel, params);
   if (params.num_splits > 1 && !params.cluster_merge) {
-    config.numAttrs = programmatic_launch_supported() ? 1 : 0;  // the programmatic launch only
+    config.numAttrs = programmatic ? 1 : 0;  // the programmatic launch only
     // The merge asks for the decode kernel's split of L1 and shared memory: an SM whose split differs
     // from a resident CTA's cannot take the merge's CTAs until it drains, which would undo the early
     // placement (and the next decode's after the merge).
