@@ -3,7 +3,7 @@
 Contiguous K/V (varlen_prefill) by default; --paged reads them from a paged cache (kv block
 --kv-block, shuffled block tables as in bench_paged_prefill.py, --cache-dtype auto|e4m3|e5m2), and
 --chunk N makes the call the last N queries of each prompt against the cached context (a chunked
-prefill). Phi-3-small layer and pattern, bf16.
+prefill). Phi-3-small layer and pattern (--dense-pattern: dense causal, as bench_prefill.py's), bf16.
 
     ncu --kernel-name regex:prefill_sm90 --launch-skip 1 --launch-count 1 python3 benchmarks/profile_prefill.py
     ncu ... python3 benchmarks/profile_prefill.py --paged --kv-block 16 --cache-dtype e4m3 --chunk 2048
@@ -25,6 +25,7 @@ ap.add_argument("--paged", action="store_true", help="K/V from a paged cache (pa
 ap.add_argument("--kv-block", type=int, default=16)
 ap.add_argument("--cache-dtype", choices=["auto", *FP8], default="auto")
 ap.add_argument("--chunk", type=int, default=0, help="paged only: the last CHUNK queries of each prompt")
+ap.add_argument("--dense-pattern", action="store_true", help="dense causal: every causal block visible")
 args = ap.parse_args()
 dev = args.device
 if (args.cache_dtype != "auto" or args.chunk) and not args.paged:
@@ -33,6 +34,8 @@ torch.manual_seed(0)
 seq_len, batch = args.seq_len, args.batch
 tokens = seq_len * batch
 pattern = SparsePattern.phi3_small(32)
+if args.dense_pattern:  # one local block and a vertical column every block (bench_prefill.py's)
+    pattern = SparsePattern(pattern.block_size, 1, 1, 0, False, 0)
 q = torch.randn(tokens, 32, 128, device=dev, dtype=torch.bfloat16)
 k = torch.randn(tokens, 8, 128, device=dev, dtype=torch.bfloat16)
 v = torch.randn_like(k)

@@ -146,6 +146,13 @@ def noncontig(t):
     return torch.stack([t, t], dim=-1)[..., 0]
 
 
+def misaligned(t):
+    """A contiguous copy of t whose storage starts 2 bytes past a 16-byte boundary (a view into a flat
+    buffer at an odd offset)."""
+    flat = torch.zeros(t.numel() + 8, dtype=t.dtype, device=t.device)
+    return flat[1:1 + t.numel()].view(t.shape)
+
+
 def strided_rows(t):
     """Same shape, rows of a wider tensor: unit last stride but not contiguous overall."""
     wide = torch.cat([t, t], dim=-1)
@@ -228,6 +235,7 @@ for op in ("varlen_prefill", "paged_prefill", "paged_decode"):
         Case(op, "out-shape", setarg("out", lambda t, d, o: t[:, :2].contiguous()), r"\bout\b.*shape"),
         Case(op, "lse-shape", setarg("lse", lambda t, d, o: t[:, 1:].contiguous()), r"\blse\b.*shape"),
         Case(op, "out-noncontiguous", setarg("out", lambda t, d, o: noncontig(t)), r"\bout\b.*contiguous"),
+        Case(op, "out-misaligned", setarg("out", lambda t, d, o: misaligned(t)), r"\bout\b.*16-byte", cuda_only=True),
         Case(op, "lse-noncontiguous", setarg("lse", lambda t, d, o: noncontig(t)), r"\blse\b.*contiguous"),
         Case(op, "q-last-stride", setarg("q", lambda t, d, o: noncontig(t)), r"\bq\b.*stride"),
         Case(op, "head-size-72", chain(*[reshape(n, lambda s: (*s[:-1], 72))

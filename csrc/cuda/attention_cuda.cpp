@@ -34,6 +34,14 @@ void check_cuda_dtype(const at::Tensor& q) {
               "on CUDA, q must be float16 or bfloat16, got ", q.scalar_type(), " (float32 runs on the CPU only)");
 }
 
+// The kernels store out in 16-byte chunks. A contiguous out whose storage starts off a 16-byte
+// boundary (a view into a flat buffer at an odd offset) would fault there: an error instead.
+void check_cuda_out(const at::Tensor& out) {
+  const auto misalignment = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16;
+  BSA_CHECK(misalignment == 0, "on CUDA, out must start on a 16-byte boundary (the kernels store it in 16-byte ",
+            "chunks), got a data pointer ", misalignment, " bytes past one");
+}
+
 void check_cuda_cache(const at::Tensor& key_cache) {
   BSA_CHECK(!is_fp8(key_cache.scalar_type()) || key_cache.size(3) % 16 == 0,
             "an fp8 key_cache on CUDA needs a head size that is a multiple of 16, got ", key_cache.size(3));
@@ -295,6 +303,7 @@ void varlen_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at
   CheckedArgs args = check_varlen_prefill_args(out, q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k,
                                                {pattern, layout_crow, layout_col}, lse, settings.check_inputs);
   check_cuda_dtype(q_in);
+  check_cuda_out(out);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in), k = aligned_rows(k_in), v = aligned_rows(v_in);
   BSA_CHECK(k.strides() == v.strides(), "k and v must have the same strides, got ", k.strides(), " and ",
@@ -325,6 +334,7 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
                                               {pattern, layout_crow, layout_col}, lse, {k_scale, v_scale},
                                               settings.check_inputs);
   check_cuda_dtype(q_in);
+  check_cuda_out(out);
   check_cuda_cache(key_cache);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = aligned_rows(q_in);
@@ -387,6 +397,7 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
                                              {pattern, layout_crow, layout_col}, lse, {k_scale, v_scale},
                                              settings.check_inputs);
   check_cuda_dtype(q_in);
+  check_cuda_out(out);
   check_cuda_cache(key_cache);
   BSA_CHECK(args.pattern.block_size % kDecodeSliceTokens == 0, "on CUDA, sparse_block_size must be a multiple of ",
             kDecodeSliceTokens, ", got ", args.pattern.block_size);
