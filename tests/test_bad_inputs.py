@@ -147,8 +147,8 @@ def noncontig(t):
 
 
 def misaligned(t):
-    """A contiguous copy of t whose storage starts 2 bytes past a 16-byte boundary (a view into a flat
-    buffer at an odd offset)."""
+    """A contiguous tensor of t's shape and dtype (zeros) whose storage starts 2 bytes past a 16-byte
+    boundary: a view into a flat buffer at an odd offset."""
     flat = torch.zeros(t.numel() + 8, dtype=t.dtype, device=t.device)
     return flat[1:1 + t.numel()].view(t.shape)
 
