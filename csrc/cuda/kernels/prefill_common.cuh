@@ -14,9 +14,9 @@ namespace blocksparse_attn {
 // items own units [first item * Hq, (first item + tiles) * Hq), numbered either tile by tile (unit =
 // item * Hq + head: the q heads of one tile side by side) or, for a sequence of more than
 // params.kv_head_major_keys keys, kv head by kv head (each kv head's tiles from the longest rows, its
-// q heads side by side). The vertical
-// columns of all heads together touch every key block, so tile by tile the CTAs in flight read the
-// whole sequence's K/V: at 32k (134 MB) more than the L2 holds, where one kv head's is 17 MB.
+// q heads side by side). The vertical columns of all heads together touch every key block, so tile
+// by tile the CTAs in flight read the whole sequence's K/V: at 32k (134 MB) more than the L2 holds,
+// where one kv head's is 17 MB.
 struct PrefillItem {
   int seq, head, kv_head;
   int q_begin;      // the sequence's first row in the packed q / out
