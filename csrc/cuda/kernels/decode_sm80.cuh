@@ -159,10 +159,45 @@ constexpr int decode_min_ctas_per_sm() {
   return CacheFormat<Cache>::kFp8 && kHeadDimPad <= 128 ? BSA_DECODE_FP8_CTAS : 1;
 }
 
+// The log-sum-exp merge of a decode's splits, chunk by chunk: out = sum_s 2^(lse_s log2 e - ref) O_s /
+// sum_s 2^(...) over kCols head dims. Each split's weight is one FFMA and one ex2 in the log2 domain
+// (exp2(-inf) = 0, so an empty split, or a padding slot with lse -inf and O 0, needs no test; a NaN
+// lse propagates); the reference rises with each chunk's largest lse; the sum is inverted once.
+template <int kCols>
+struct SplitMerge {
+  float ref = -INFINITY;  // the largest lse so far, log2 domain
+  float sum = 0.f;        // sum of 2^(lse_s log2 e - ref)
+  float acc[kCols] = {};  // the same sum of weighted O_s
+
+  template <int kChunk>
+  __device__ __forceinline__ void add(const float (&lse)[kChunk], const float (&o)[kChunk][kCols]) {
+    constexpr float kLog2e = 1.4426950408889634f;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) mx = fmaxf(mx, lse[i]);  // fmaxf skips NaN ...
+    mx = fmaxf(ref, mx * kLog2e);  // log2 e > 0: the largest scaled lse is the scaled largest
+    const float new_ref = mx == -INFINITY ? 0.f : mx;
+    const float carry = ptx::exp2_approx(ref - new_ref);  // 0 while ref is -inf
+    sum *= carry;
+#pragma unroll
+    for (int e = 0; e < kCols; ++e) acc[e] *= carry;
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+      const float w = ptx::exp2_approx(fmaf(lse[i], kLog2e, -new_ref));  // ... this not
+      sum += w;
+#pragma unroll
+      for (int e = 0; e < kCols; ++e) acc[e] += w * o[i][e];
+    }
+    ref = mx;
+  }
+  __device__ __forceinline__ float inverse() const { return inverse_sum(sum); }  // every split empty: O = 0
+  __device__ __forceinline__ float lse() const { return row_lse(ref, sum); }
+};
+
 // The merge of a cluster's splits (DecodeParams::cluster_merge), run by every CTA of the cluster once
 // each has left its normalised O (rows of s_o, kORow floats apart) and lse (s_split_lse) in its shared
-// memory: out = sum_s 2^(lse_s log2 e - ref) O_s / sum_s 2^(...), as decode_merge_kernel computes it
-// (the same running reference across chunks of splits). The cluster spans grid x, so a CTA's rank is
+// memory, by SplitMerge as decode_merge_kernel merges partials from global memory. The cluster spans
+// grid x, so a CTA's rank is
 // its split; thread t of CTA r merges the group's 8-column chunk r * kDecodeThreads + t (+ a multiple
 // of splits * kDecodeThreads). A chunk of kChunk splits' lse and O is loaded at once (one round trip
 // over the cluster up to 8 splits, two up to 16); splits past the cluster are loaded from nowhere
@@ -171,7 +206,6 @@ template <typename Element, int kORow>
 __device__ __forceinline__ void merge_cluster_splits(const DecodeParams& params, const float* s_o,
                                                      const float* s_split_lse, int seq, int first_head,
                                                      int num_rows) {
-  constexpr float kLog2e = 1.4426950408889634f;
   constexpr int kChunk = 8;
   static_assert(kMaxClusterSplits % kChunk == 0, "whole chunks of splits");
   ptx::cluster_sync();
@@ -182,50 +216,35 @@ __device__ __forceinline__ void merge_cluster_splits(const DecodeParams& params,
   for (int c = rank * kDecodeThreads + threadIdx.x; c < num_rows * chunks_per_row; c += splits * kDecodeThreads) {
     const int row = c / chunks_per_row, col = (c % chunks_per_row) * 8;
     const uint32_t lse_at = lse_base + row * 4, o_at = o_base + (row * kORow + col) * 4;
-    // The largest lse so far (log2 domain), and the sums of 2^(lse_s - ref) and of 2^(lse_s - ref) O_s under it.
-    float ref = -INFINITY, sum = 0.f, acc[8] = {};
+    SplitMerge<8> merge;
 #pragma unroll
     for (int s0 = 0; s0 < kMaxClusterSplits; s0 += kChunk) {
       if (s0 >= splits) break;
-      float lse[kChunk];
-      float4 o[kChunk][2];
+      float lse[kChunk], o[kChunk][8];
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) {
+        float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
         lse[i] = -INFINITY;
-        o[i][0] = o[i][1] = make_float4(0.f, 0.f, 0.f, 0.f);
         if (s0 + i < splits) {
           lse[i] = ptx::cluster_load(ptx::cluster_map(lse_at, s0 + i));
           const uint32_t at = ptx::cluster_map(o_at, s0 + i);
-          o[i][0] = ptx::cluster_load4(at);
-          o[i][1] = ptx::cluster_load4(at + 16);
+          lo = ptx::cluster_load4(at);
+          hi = ptx::cluster_load4(at + 16);
         }
+        o[i][0] = lo.x, o[i][1] = lo.y, o[i][2] = lo.z, o[i][3] = lo.w;
+        o[i][4] = hi.x, o[i][5] = hi.y, o[i][6] = hi.z, o[i][7] = hi.w;
       }
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) mx = fmaxf(mx, lse[i]);  // fmaxf skips NaN ...
-      mx = fmaxf(ref, mx * kLog2e);
-      const float new_ref = mx == -INFINITY ? 0.f : mx;
-      const float carry = ptx::exp2_approx(ref - new_ref);  // 0 while ref is -inf
-      sum *= carry;
-#pragma unroll
-      for (int e = 0; e < 8; ++e) acc[e] *= carry;
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) {
-        const float w = ptx::exp2_approx(fmaf(lse[i], kLog2e, -new_ref));  // ... this not; 0 for lse -inf
-        sum += w;
-        acc[0] += w * o[i][0].x, acc[1] += w * o[i][0].y, acc[2] += w * o[i][0].z, acc[3] += w * o[i][0].w;
-        acc[4] += w * o[i][1].x, acc[5] += w * o[i][1].y, acc[6] += w * o[i][1].z, acc[7] += w * o[i][1].w;
-      }
-      ref = mx;
+      merge.add(lse, o);
     }
-    const float inv_sum = inverse_sum(sum);  // every split empty: O = 0
+    const float inv_sum = merge.inverse();
     const int head = first_head + row;
     uint4 packed;
     uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) words[e] = ptx::pack2<Element>(acc[2 * e] * inv_sum, acc[2 * e + 1] * inv_sum);
+    for (int e = 0; e < 4; ++e)
+      words[e] = ptx::pack2<Element>(merge.acc[2 * e] * inv_sum, merge.acc[2 * e + 1] * inv_sum);
     *reinterpret_cast<uint4*>(out + seq * params.out_row_stride + head * params.out_head_stride + col) = packed;
-    if (params.lse != nullptr && col == 0) params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = row_lse(ref, sum);
+    if (params.lse != nullptr && col == 0) params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = merge.lse();
   }
   ptx::cluster_sync();
 }
@@ -737,42 +756,25 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Decod
   // A next decode on the stream (launched the same way) may be placed now; it waits for this grid.
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
-  // Per split: a weight is one FFMA and one ex2 in the log2 domain (exp2(-inf) = 0, so empty splits
-  // need no test, and a NaN lse propagates); O comes from a pointer stepped by head_size (a 64-bit
-  // index per split was ~12 SASS instructions); the sum is inverted once.
-  constexpr float kLog2e = 1.4426950408889634f;
+  // Each thread merges its head dims (SplitMerge); O comes from a pointer stepped by head_size (a
+  // 64-bit index per split was ~12 SASS instructions).
   const float* split_lse = params.partial_lse + part0;
   for (int d = threadIdx.x; d < head_size; d += kMergeThreads) {
-    // The largest lse so far (log2 domain), and the sums of 2^(lse_s - ref) and of 2^(lse_s - ref) O_s under it.
-    float ref = -INFINITY, sum = 0.f, acc = 0.f;
+    SplitMerge<1> merge;
     const float* split_out = params.partial_out + part0 * head_size + d;
     for (int s0 = 0; s0 < num_splits; s0 += kMergeChunk, split_out += kMergeChunk * head_size) {
-      float lse[kMergeChunk], o[kMergeChunk];
+      float lse[kMergeChunk], o[kMergeChunk][1];
 #pragma unroll
       for (int i = 0; i < kMergeChunk; ++i) {
         const bool split = s0 + i < num_splits;
         lse[i] = split ? split_lse[s0 + i] : -INFINITY;
-        o[i] = split ? split_out[i * head_size] : 0.f;
+        o[i][0] = split ? split_out[i * head_size] : 0.f;
       }
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < kMergeChunk; ++i) mx = fmaxf(mx, lse[i]);  // fmaxf skips NaN ...
-      mx = fmaxf(ref, mx * kLog2e);  // log2 e > 0: the largest scaled lse is the scaled largest
-      const float new_ref = mx == -INFINITY ? 0.f : mx;
-      const float carry = ptx::exp2_approx(ref - new_ref);  // 0 while ref is -inf
-      sum *= carry;
-      acc *= carry;
-#pragma unroll
-      for (int i = 0; i < kMergeChunk; ++i) {
-        const float w = ptx::exp2_approx(fmaf(lse[i], kLog2e, -new_ref));  // ... this not
-        sum += w;
-        acc += w * o[i];
-      }
-      ref = mx;
+      merge.add(lse, o);
     }
-    out[d] = static_cast<Element>(acc * inverse_sum(sum));  // every split empty: O = 0
+    out[d] = static_cast<Element>(merge.acc[0] * merge.inverse());
     if (d == 0 && params.lse != nullptr)
-      params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = row_lse(ref, sum);
+      params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = merge.lse();
   }
 }
 
