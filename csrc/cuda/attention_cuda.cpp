@@ -376,15 +376,20 @@ int choose_decode_splits(int64_t units, int64_t ctas_per_sm, int64_t max_seq_len
 // Whether a decode's splits merge on chip, each group's splits one thread-block cluster that combines
 // them through distributed shared memory (sm_90, up to the cluster size the device holds), or through
 // partials in global memory and a merge kernel (a second kernel on a small decode's path).
+// `auto` takes the cluster only while the whole grid fits one CTA per SM. Measured on the H200
+// (2026-12-04, graph-replayed, Phi-3-small layer): the cluster took 1 x 2k from 7.7 to 7.2 us (64 CTAs),
+// but grids of 256-512 CTAs in clusters of 4-16 ran 1.3-1.6x slower than with the merge kernel
+// (4 x 2k: 9.4 -> 15.2 us), as if a cluster's CTAs were packed onto fewer SMs than the spread launch.
 // BSA_DECODE_MERGE=kernel or =cluster forces one (tests, benchmarks); forcing `cluster` where the
 // splits cannot form a cluster is an error.
-bool choose_decode_cluster_merge(int splits, int max_cluster_splits, const Settings& settings) {
+bool choose_decode_cluster_merge(int64_t units, int splits, int max_cluster_splits, const Settings& settings) {
   if (splits < 2 || settings.decode_merge == DecodeMergeChoice::kKernel) return false;
   const bool fits = splits <= max_cluster_splits;
   BSA_CHECK(fits || settings.decode_merge != DecodeMergeChoice::kCluster, "BSA_DECODE_MERGE=cluster, but ", splits,
             " decode splits do not fit one thread-block cluster on this GPU (at most ", max_cluster_splits,
             "; 0: no clusters below compute capability 9.0)");
-  return fits;
+  if (settings.decode_merge == DecodeMergeChoice::kCluster) return true;
+  return fits && units * splits <= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
 void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
@@ -421,9 +426,9 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
       max_cluster_splits = decode_sm80_max_cluster_splits<Element, decltype(pad)::value, decltype(cache)>();
     });
   });
-  params.num_splits = choose_decode_splits(int64_t{params.num_seqs} * params.num_kv_heads * params.head_chunks,
-                                           ctas_per_sm, block_tables.size(-1) * key_cache.size(2), settings);
-  params.cluster_merge = choose_decode_cluster_merge(params.num_splits, max_cluster_splits, settings);
+  const int64_t units = int64_t{params.num_seqs} * params.num_kv_heads * params.head_chunks;
+  params.num_splits = choose_decode_splits(units, ctas_per_sm, block_tables.size(-1) * key_cache.size(2), settings);
+  params.cluster_merge = choose_decode_cluster_merge(units, params.num_splits, max_cluster_splits, settings);
   // Split partials come from the caching allocator: no device sync, and stable inside a CUDA graph's
   // private pool, so capture and replay work; no split or a cluster merge, no workspace.
   at::Tensor partial_out, partial_lse;
