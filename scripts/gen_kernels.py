@@ -87,7 +87,8 @@ def generated_files() -> dict[str, str]:
                 files[os.path.join(GENERATED_DIR, f"decode_sm80_{dtype}_hd{pad}{suffix}.cu")] = instantiation(
                     "cuda/kernels/decode_sm80.cuh", pad,
                     f"void launch_decode_sm80<{element}, {pad}, {cache}>(const DecodeParams&, cudaStream_t)",
-                    f"int decode_sm80_ctas_per_sm<{element}, {pad}, {cache}>()")
+                    f"int decode_sm80_ctas_per_sm<{element}, {pad}, {cache}>()",
+                    f"int decode_sm80_max_cluster_splits<{element}, {pad}, {cache}>()")
             for pad in s["SM90_HEAD_DIM_PADS"]:
                 for keys in SM90_STAGE_KEYS if not suffix else (64,):
                     files[os.path.join(GENERATED_DIR, f"prefill_sm90_{dtype}_hd{pad}_k{keys}{suffix}.cu")] = \

@@ -392,6 +392,40 @@ def test_paged_decode_splits(device, splits, gen, monkeypatch):
     run_paged_decode(device, torch.bfloat16, 8, 2, 128, 16, [1, 64, 65, 5000, 0, 777, 4096], pattern, gen)
 
 
+@pytest.mark.parametrize("splits", ("2", "5", "8", "16"))
+@pytest.mark.parametrize("merge", ("kernel", "cluster"))
+def test_paged_decode_merge_paths(device, merge, splits, gen, monkeypatch):
+    """Both ways a decode's splits are combined (BSA_DECODE_MERGE): partials in global memory and a
+    merge kernel, and on sm_90 one thread-block cluster per group that merges through distributed
+    shared memory, at split counts up to the 16 a cluster takes. Short sequences leave splits empty
+    (they must weigh nothing), a zero-length one gives zeros and lse -inf; groups of 4 heads and of 24
+    (two CTAs' head chunks a group, each its own cluster)."""
+    if device == "cpu":
+        pytest.skip("the merge paths are the CUDA kernels'")
+    if merge == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    monkeypatch.setenv("BSA_DECODE_SPLITS", splits)
+    monkeypatch.setenv("BSA_DECODE_MERGE", merge)
+    for hq, hkv in ((8, 2), (24, 1)):
+        pattern = make_pattern("qslide", 64, 4, 8, hq, hkv)
+        try:
+            run_paged_decode(device, torch.bfloat16, hq, hkv, 128, 16, [1, 64, 65, 3000, 0, 777], pattern, gen)
+        except RuntimeError as e:
+            if merge == "cluster" and splits == "16" and "do not fit one thread-block cluster" in str(e):
+                pytest.skip(f"this GPU holds no cluster of 16 decode CTAs: {e}")
+            raise
+
+
+def test_forced_cluster_merge_that_cannot_run_is_an_error(device, gen, monkeypatch):
+    """BSA_DECODE_MERGE=cluster with more splits than a cluster takes (17) is an error naming the knob."""
+    if device == "cpu":
+        pytest.skip("the merge paths are the CUDA kernels'")
+    monkeypatch.setenv("BSA_DECODE_SPLITS", "17")
+    monkeypatch.setenv("BSA_DECODE_MERGE", "cluster")
+    with pytest.raises(RuntimeError, match="BSA_DECODE_MERGE=cluster"):
+        run_paged_decode(device, torch.bfloat16, 8, 2, 128, 16, [3000, 5], make_pattern("qslide", 64, 4, 8, 8, 2), gen)
+
+
 @pytest.mark.parametrize("heads", ((32, 8), (32, 1), (24, 1), (16, 2)), ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
 def test_paged_decode_large_batch(device, heads, gen):
     """256 sequences of random lengths up to 4096 (one split each on a GPU): group sizes 4, 8, 24

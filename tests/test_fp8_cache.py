@@ -405,6 +405,26 @@ def test_decode_fp8_query_range_and_head_dims(device, fp8, head_dim, q_magnitude
     assert_close_to_ref(out, ref, dtype, config + " vs dequantized reference")
 
 
+@pytest.mark.parametrize("merge", ("kernel", "cluster"))
+@pytest.mark.parametrize("head_dim", (80, 128), ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("fp8", FP8_DTYPES, ids=fp8_ids)
+def test_decode_fp8_merge_paths(device, fp8, head_dim, merge, gen, monkeypatch):
+    """Over an fp8 cache, both ways a decode's 5 splits are combined (BSA_DECODE_MERGE: partials and
+    a merge kernel, or on sm_90 one thread-block cluster per group): the values are scaled by v_scale
+    before the merge, and a padded head dim (80 -> 128) leaves the merge's padding columns alone."""
+    if device == "cpu":
+        pytest.skip("the merge paths are the CUDA kernels'")
+    if merge == "cluster" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    monkeypatch.setenv("BSA_DECODE_SPLITS", "5")
+    monkeypatch.setenv("BSA_DECODE_MERGE", merge)
+    dtype = torch.bfloat16
+    hq, hkv = GQA[0]
+    out, ref, _, lens = run_decode_fp8(device, dtype, fp8, hq, hkv, head_dim, 16, "phi3", gen)
+    config = f"paged_decode {device} bf16 cache {fp8_ids(fp8)} D={head_dim} merge={merge} lens={lens}"
+    assert_close_to_ref(out, ref, dtype, config + " vs dequantized reference")
+
+
 @pytest.mark.parametrize("q_magnitude", (1e-6, 1.0, 3e5, "mixed"), ids=lambda m: f"q{m}")
 @pytest.mark.parametrize("head_dim", (80, 128), ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("fp8", FP8_DTYPES, ids=fp8_ids)

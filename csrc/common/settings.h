@@ -20,10 +20,12 @@ namespace blocksparse_attn {
 enum class PrefillKernelChoice { kAuto, kSm80, kSm90 };
 enum class UnitOrderChoice { kAuto, kTile, kKvHead };
 enum class PackGqaChoice { kAuto, kOff, kOn };
+enum class DecodeMergeChoice { kAuto, kKernel, kCluster };
 
 struct Settings {
   bool check_inputs = false;  // BSA_CHECK_INPUTS=0|1: value checks on CUDA calls (a device->host copy)
   int decode_splits = 0;      // BSA_DECODE_SPLITS=auto|n: CTAs per decode sequence (0 = auto)
+  DecodeMergeChoice decode_merge = DecodeMergeChoice::kAuto;        // BSA_DECODE_MERGE=auto|kernel|cluster
   PrefillKernelChoice prefill_kernel = PrefillKernelChoice::kAuto;  // BSA_PREFILL_KERNEL=auto|sm80|sm90
   UnitOrderChoice unit_order = UnitOrderChoice::kAuto;              // BSA_PREFILL_UNIT_ORDER=auto|tile|kv_head
   PackGqaChoice pack_gqa = PackGqaChoice::kAuto;                    // BSA_PREFILL_PACK_GQA=auto|0|1
@@ -35,7 +37,7 @@ struct Settings {
 namespace detail {
 // The run-time knobs' raw values ("" when unset), from one pass over the environment.
 struct RawSettings {
-  std::string_view check_inputs, decode_splits, prefill_kernel, unit_order, pack_gqa, sm90_grid, sm90_tma,
+  std::string_view check_inputs, decode_splits, decode_merge, prefill_kernel, unit_order, pack_gqa, sm90_grid, sm90_tma,
       sm90_stage_keys;
 };
 
@@ -43,6 +45,7 @@ inline RawSettings raw_settings() {
   RawSettings raw;
   const std::pair<std::string_view, std::string_view RawSettings::*> knobs[] = {
       {"BSA_CHECK_INPUTS", &RawSettings::check_inputs},   {"BSA_DECODE_SPLITS", &RawSettings::decode_splits},
+      {"BSA_DECODE_MERGE", &RawSettings::decode_merge},
       {"BSA_PREFILL_KERNEL", &RawSettings::prefill_kernel}, {"BSA_PREFILL_UNIT_ORDER", &RawSettings::unit_order},
       {"BSA_PREFILL_PACK_GQA", &RawSettings::pack_gqa},
       {"BSA_SM90_GRID", &RawSettings::sm90_grid},         {"BSA_SM90_TMA", &RawSettings::sm90_tma},
@@ -85,6 +88,12 @@ inline Settings read_settings() {
   s.decode_splits = detail::parse_count("BSA_DECODE_SPLITS", raw.decode_splits);
   s.sm90_grid = detail::parse_count("BSA_SM90_GRID", raw.sm90_grid);
   s.sm90_tma = detail::parse_flag("BSA_SM90_TMA", raw.sm90_tma, true);
+
+  const std::string_view merge = raw.decode_merge;
+  if (merge == "kernel") s.decode_merge = DecodeMergeChoice::kKernel;
+  else if (merge == "cluster") s.decode_merge = DecodeMergeChoice::kCluster;
+  else BSA_CHECK(merge.empty() || merge == "auto", "BSA_DECODE_MERGE must be auto, kernel or cluster, got '",
+                 std::string(merge), "'");
 
   const std::string_view kernel = raw.prefill_kernel;
   if (kernel == "sm80") s.prefill_kernel = PrefillKernelChoice::kSm80;

@@ -373,6 +373,25 @@ int choose_decode_splits(int64_t units, int64_t ctas_per_sm, int64_t max_seq_len
   return static_cast<int>(best);
 }
 
+// Whether a decode's splits merge on chip, each group's splits one thread-block cluster that combines
+// them through distributed shared memory (sm_90, up to the cluster size the device holds), or through
+// partials in global memory and a merge kernel (a second kernel on a small decode's path).
+// `auto` takes the cluster only while the whole grid fits one CTA per SM. Measured on the H200
+// (2026-12-04, graph-replayed, Phi-3-small layer): the cluster took 1 x 2k from 7.7 to 7.2 us (64 CTAs),
+// but grids of 256-512 CTAs in clusters of 4-16 ran 1.3-1.6x slower than with the merge kernel
+// (4 x 2k: 9.4 -> 15.2 us), as if a cluster's CTAs were packed onto fewer SMs than the spread launch.
+// BSA_DECODE_MERGE=kernel or =cluster forces one (tests, benchmarks); forcing `cluster` where the
+// splits cannot form a cluster is an error.
+bool choose_decode_cluster_merge(int64_t units, int splits, int max_cluster_splits, const Settings& settings) {
+  if (splits < 2 || settings.decode_merge == DecodeMergeChoice::kKernel) return false;
+  const bool fits = splits <= max_cluster_splits;
+  BSA_CHECK(fits || settings.decode_merge != DecodeMergeChoice::kCluster, "BSA_DECODE_MERGE=cluster, but ", splits,
+            " decode splits do not fit one thread-block cluster on this GPU (at most ", max_cluster_splits,
+            "; 0: no clusters below compute capability 9.0)");
+  if (settings.decode_merge == DecodeMergeChoice::kCluster) return true;
+  return fits && units * splits <= at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
 void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
                        const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& seq_lens,
                        double scale, c10::IntArrayRef pattern, const std::optional<at::Tensor>& layout_crow,
@@ -399,19 +418,21 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
   fill_query_fields(params, out, q, args, scale, lse);
   params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale);
   params.head_chunks = static_cast<int>((args.pattern.q_heads_per_kv + kDecodeHeadsPerCta - 1) / kDecodeHeadsPerCta);
-  int ctas_per_sm = 1;
+  int ctas_per_sm = 1, max_cluster_splits = 0;
   dispatch_element_and_head_dim(q.scalar_type(), params.head_size, [&](auto element, auto pad) {
     using Element = decltype(element);
     dispatch_cache_format<Element>(key_cache.scalar_type(), [&](auto cache) {
       ctas_per_sm = decode_sm80_ctas_per_sm<Element, decltype(pad)::value, decltype(cache)>();
+      max_cluster_splits = decode_sm80_max_cluster_splits<Element, decltype(pad)::value, decltype(cache)>();
     });
   });
-  params.num_splits = choose_decode_splits(int64_t{params.num_seqs} * params.num_kv_heads * params.head_chunks,
-                                           ctas_per_sm, block_tables.size(-1) * key_cache.size(2), settings);
+  const int64_t units = int64_t{params.num_seqs} * params.num_kv_heads * params.head_chunks;
+  params.num_splits = choose_decode_splits(units, ctas_per_sm, block_tables.size(-1) * key_cache.size(2), settings);
+  params.cluster_merge = choose_decode_cluster_merge(units, params.num_splits, max_cluster_splits, settings);
   // Split partials come from the caching allocator: no device sync, and stable inside a CUDA graph's
-  // private pool, so capture and replay work; no split, no workspace.
+  // private pool, so capture and replay work; no split or a cluster merge, no workspace.
   at::Tensor partial_out, partial_lse;
-  if (params.num_splits > 1) {
+  if (params.num_splits > 1 && !params.cluster_merge) {
     partial_out = at::empty({args.shape.num_seqs, args.shape.num_q_heads, params.num_splits, args.shape.head_size},
                             q.options().dtype(at::kFloat));
     partial_lse = at::empty({args.shape.num_seqs, args.shape.num_q_heads, params.num_splits},

@@ -76,5 +76,9 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream);
 // How many decode CTAs of this instantiation one SM runs at once (the occupancy calculator, asked once).
 template <typename Element, int kHeadDimPad, typename Cache>
 int decode_sm80_ctas_per_sm();
+// The most decode splits one thread-block cluster of this instantiation holds on this device (2..16;
+// 0: no cluster merge here), asked once.
+template <typename Element, int kHeadDimPad, typename Cache>
+int decode_sm80_max_cluster_splits();
 
 }  // namespace blocksparse_attn

@@ -6,13 +6,16 @@
 // local band). The CTA walks only the union of the group's visible key blocks, in 16-token slices:
 // warp w takes slices w, w + 4, ... of the split's range with its own cp.async ring and its own
 // online softmax, so warps never wait on each other until the final merge through shared memory.
-// Splits (flash-decoding) divide the union's slices evenly; a merge kernel combines their outputs by
-// log-sum-exp. Torch-free: compiled by bare nvcc in CI.
+// Splits (flash-decoding) divide the union's slices evenly and are combined by log-sum-exp: on sm_90
+// the splits of a group form one thread-block cluster and merge through distributed shared memory at
+// the kernel's end (up to kMaxClusterSplits); elsewhere a merge kernel combines their outputs from
+// global memory. Torch-free: compiled by bare nvcc in CI.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <climits>
 #include <cstdint>
 
@@ -156,6 +159,96 @@ constexpr int decode_min_ctas_per_sm() {
   return CacheFormat<Cache>::kFp8 && kHeadDimPad <= 128 ? BSA_DECODE_FP8_CTAS : 1;
 }
 
+// The log-sum-exp merge of a decode's splits, chunk by chunk: out = sum_s 2^(lse_s log2 e - ref) O_s /
+// sum_s 2^(...) over kCols head dims. Each split's weight is one FFMA and one ex2 in the log2 domain
+// (exp2(-inf) = 0, so an empty split, or a padding slot with lse -inf and O 0, needs no test; a NaN
+// lse propagates); the reference rises with each chunk's largest lse; the sum is inverted once.
+template <int kCols>
+struct SplitMerge {
+  float ref = -INFINITY;  // the largest lse so far, log2 domain
+  float sum = 0.f;        // sum of 2^(lse_s log2 e - ref)
+  float acc[kCols] = {};  // the same sum of weighted O_s
+
+  template <int kChunk>
+  __device__ __forceinline__ void add(const float (&lse)[kChunk], const float (&o)[kChunk][kCols]) {
+    constexpr float kLog2e = 1.4426950408889634f;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) mx = fmaxf(mx, lse[i]);  // fmaxf skips NaN ...
+    mx = fmaxf(ref, mx * kLog2e);  // log2 e > 0: the largest scaled lse is the scaled largest
+    const float new_ref = mx == -INFINITY ? 0.f : mx;
+    const float carry = ptx::exp2_approx(ref - new_ref);  // 0 while ref is -inf
+    sum *= carry;
+#pragma unroll
+    for (int e = 0; e < kCols; ++e) acc[e] *= carry;
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+      const float w = ptx::exp2_approx(fmaf(lse[i], kLog2e, -new_ref));  // ... this not
+      sum += w;
+#pragma unroll
+      for (int e = 0; e < kCols; ++e) acc[e] += w * o[i][e];
+    }
+    ref = mx;
+  }
+  __device__ __forceinline__ float inverse() const { return inverse_sum(sum); }  // every split empty: O = 0
+  __device__ __forceinline__ float lse() const { return row_lse(ref, sum); }
+};
+
+// The merge of a cluster's splits (DecodeParams::cluster_merge), run by every CTA of the cluster once
+// each has left its normalised O (rows of s_o, kORow floats apart) and lse (s_split_lse) in its shared
+// memory, by SplitMerge as decode_merge_kernel merges partials from global memory. The cluster spans
+// grid x, so a CTA's rank is
+// its split; thread t of CTA r merges the group's 8-column chunk r * kDecodeThreads + t (+ a multiple
+// of splits * kDecodeThreads). A chunk of kChunk splits' lse and O is loaded at once (one round trip
+// over the cluster up to 8 splits, two up to 16); splits past the cluster are loaded from nowhere
+// and weigh nothing. No CTA leaves before every CTA has read its shared memory.
+template <typename Element, int kORow>
+__device__ __forceinline__ void merge_cluster_splits(const DecodeParams& params, const float* s_o,
+                                                     const float* s_split_lse, int seq, int first_head,
+                                                     int num_rows) {
+  constexpr int kChunk = 8;
+  static_assert(kMaxClusterSplits % kChunk == 0, "whole chunks of splits");
+  ptx::cluster_sync();
+  const int splits = params.num_splits, rank = blockIdx.x;
+  const int head_size = params.head_size, chunks_per_row = (head_size + 7) / 8;
+  const uint32_t o_base = ptx::smem_addr(s_o), lse_base = ptx::smem_addr(s_split_lse);
+  Element* out = static_cast<Element*>(params.out);
+  for (int c = rank * kDecodeThreads + threadIdx.x; c < num_rows * chunks_per_row; c += splits * kDecodeThreads) {
+    const int row = c / chunks_per_row, col = (c % chunks_per_row) * 8;
+    const uint32_t lse_at = lse_base + row * 4, o_at = o_base + (row * kORow + col) * 4;
+    SplitMerge<8> merge;
+#pragma unroll
+    for (int s0 = 0; s0 < kMaxClusterSplits; s0 += kChunk) {
+      if (s0 >= splits) break;
+      float lse[kChunk], o[kChunk][8];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+        lse[i] = -INFINITY;
+        if (s0 + i < splits) {
+          lse[i] = ptx::cluster_load(ptx::cluster_map(lse_at, s0 + i));
+          const uint32_t at = ptx::cluster_map(o_at, s0 + i);
+          lo = ptx::cluster_load4(at);
+          hi = ptx::cluster_load4(at + 16);
+        }
+        o[i][0] = lo.x, o[i][1] = lo.y, o[i][2] = lo.z, o[i][3] = lo.w;
+        o[i][4] = hi.x, o[i][5] = hi.y, o[i][6] = hi.z, o[i][7] = hi.w;
+      }
+      merge.add(lse, o);
+    }
+    const float inv_sum = merge.inverse();
+    const int head = first_head + row;
+    uint4 packed;
+    uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      words[e] = ptx::pack2<Element>(merge.acc[2 * e] * inv_sum, merge.acc[2 * e + 1] * inv_sum);
+    *reinterpret_cast<uint4*>(out + seq * params.out_row_stride + head * params.out_head_stride + col) = packed;
+    if (params.lse != nullptr && col == 0) params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = merge.lse();
+  }
+  ptx::cluster_sync();
+}
+
 template <typename Element, int kHeadDimPad, typename Cache>
 __global__ void __launch_bounds__(kDecodeThreads, (decode_min_ctas_per_sm<kHeadDimPad, Cache>()))
 decode_sm80_kernel(const DecodeParams params) {
@@ -177,6 +270,7 @@ decode_sm80_kernel(const DecodeParams params) {
   __shared__ unsigned s_slice_rows[kDecodeWarps][kStages];  // head rows that see it
   __shared__ float s_row_max[kDecodeWarps][kDecodeHeadsPerCta];
   __shared__ float s_row_sum[kDecodeWarps][kDecodeHeadsPerCta];
+  __shared__ float s_split_lse[kDecodeHeadsPerCta];  // cluster_merge: this split's lse per head
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   // Launched as a programmatic dependent of the stream's previous kernel (launch_decode_sm80): the CTA
@@ -184,6 +278,8 @@ decode_sm80_kernel(const DecodeParams params) {
   // until it has (and its writes are visible), as if launched in plain stream order.
   asm volatile("griddepcontrol.wait;" ::: "memory");
   // The merge kernel (a programmatic dependent) may be scheduled now; it waits for this grid to finish.
+  // With a cluster merge there is none, and the trigger lets the stream's next programmatic launch
+  // (the next layer's decode in a serving step's graph) place its CTAs early in the same way.
   if (params.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;");
 #endif
   const int split = blockIdx.x;
@@ -623,6 +719,12 @@ decode_sm80_kernel(const DecodeParams params) {
       for (int e = 0; e < 4; ++e) words[e] = ptx::pack2<Element>(o[2 * e], o[2 * e + 1]);
       *reinterpret_cast<uint4*>(out + seq * params.out_row_stride + head * params.out_head_stride + col) = packed;
       if (params.lse != nullptr && col == 0) params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = lse;
+    } else if (params.cluster_merge) {
+      // In place of warp 0's columns, which only this thread reads: the cluster's merge reads them.
+      float* dst = s_o + row * kORow + col;
+      *reinterpret_cast<float4*>(dst) = make_float4(o[0], o[1], o[2], o[3]);
+      *reinterpret_cast<float4*>(dst + 4) = make_float4(o[4], o[5], o[6], o[7]);
+      if (col == 0) s_split_lse[row] = lse;
     } else {
       const int64_t part = (static_cast<int64_t>(seq) * params.num_q_heads + head) * params.num_splits + split;
       float4* dst = reinterpret_cast<float4*>(params.partial_out + part * head_size + col);
@@ -631,6 +733,7 @@ decode_sm80_kernel(const DecodeParams params) {
       if (col == 0) params.partial_lse[part] = lse;
     }
   }
+  if (params.cluster_merge) merge_cluster_splits<Element, kORow>(params, s_o, s_split_lse, seq, first_head, num_rows);
 }
 
 // Combines the splits of each (sequence, q head): out = sum_s exp(lse_s - lse*) O_s / sum_s exp(...).
@@ -653,57 +756,62 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Decod
   // A next decode on the stream (launched the same way) may be placed now; it waits for this grid.
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
-  // Per split: a weight is one FFMA and one ex2 in the log2 domain (exp2(-inf) = 0, so empty splits
-  // need no test, and a NaN lse propagates); O comes from a pointer stepped by head_size (a 64-bit
-  // index per split was ~12 SASS instructions); the sum is inverted once.
-  constexpr float kLog2e = 1.4426950408889634f;
+  // Each thread merges its head dims (SplitMerge); O comes from a pointer stepped by head_size (a
+  // 64-bit index per split was ~12 SASS instructions).
   const float* split_lse = params.partial_lse + part0;
   for (int d = threadIdx.x; d < head_size; d += kMergeThreads) {
-    // The largest lse so far (log2 domain), and the sums of 2^(lse_s - ref) and of 2^(lse_s - ref) O_s under it.
-    float ref = -INFINITY, sum = 0.f, acc = 0.f;
+    SplitMerge<1> merge;
     const float* split_out = params.partial_out + part0 * head_size + d;
     for (int s0 = 0; s0 < num_splits; s0 += kMergeChunk, split_out += kMergeChunk * head_size) {
-      float lse[kMergeChunk], o[kMergeChunk];
+      float lse[kMergeChunk], o[kMergeChunk][1];
 #pragma unroll
       for (int i = 0; i < kMergeChunk; ++i) {
         const bool split = s0 + i < num_splits;
         lse[i] = split ? split_lse[s0 + i] : -INFINITY;
-        o[i] = split ? split_out[i * head_size] : 0.f;
+        o[i][0] = split ? split_out[i * head_size] : 0.f;
       }
-      float mx = -INFINITY;
-#pragma unroll
-      for (int i = 0; i < kMergeChunk; ++i) mx = fmaxf(mx, lse[i]);  // fmaxf skips NaN ...
-      mx = fmaxf(ref, mx * kLog2e);  // log2 e > 0: the largest scaled lse is the scaled largest
-      const float new_ref = mx == -INFINITY ? 0.f : mx;
-      const float carry = ptx::exp2_approx(ref - new_ref);  // 0 while ref is -inf
-      sum *= carry;
-      acc *= carry;
-#pragma unroll
-      for (int i = 0; i < kMergeChunk; ++i) {
-        const float w = ptx::exp2_approx(fmaf(lse[i], kLog2e, -new_ref));  // ... this not
-        sum += w;
-        acc += w * o[i];
-      }
-      ref = mx;
+      merge.add(lse, o);
     }
-    out[d] = static_cast<Element>(acc * inverse_sum(sum));  // every split empty: O = 0
+    out[d] = static_cast<Element>(merge.acc[0] * merge.inverse());
     if (d == 0 && params.lse != nullptr)
-      params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = row_lse(ref, sum);
+      params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = merge.lse();
   }
 }
 
-// Programmatic dependent launch (compute capability 9.0 and newer), asked once for the current device.
-inline bool programmatic_launch_supported() {
-  static const bool supported = [] {
-    int device = 0, major = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+// Properties of a kernel that depend on the code the driver loaded for a device, computed once per
+// device (stored + 1; 0: not asked yet).
+constexpr int kMaxDevices = 64;
+template <typename Compute>
+int once_per_device(std::atomic<int> (&cache)[kMaxDevices], Compute compute) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  if (device >= kMaxDevices) return compute();
+  int stored = cache[device].load(std::memory_order_relaxed);
+  if (stored == 0) {
+    stored = compute() + 1;
+    cache[device].store(stored, std::memory_order_relaxed);
+  }
+  return stored - 1;
+}
+
+// Whether the decode kernel's code on the current device was compiled for sm_90 or newer: only then
+// does it hold the griddepcontrol steps that a programmatic dependent launch relies on (and the cluster
+// merge's); a kernel JIT-compiled from older PTX (e.g. built for "8.0+PTX" and run on an H100) has them
+// compiled out, and launched as a programmatic dependent it could read its inputs early.
+template <typename Element, int kHeadDimPad, typename Cache>
+bool decode_has_sm90_steps() {
+  static std::atomic<int> cache[kMaxDevices];
+  return once_per_device(cache, [] {
+    cudaFuncAttributes attributes{};
+    if (cudaFuncGetAttributes(&attributes, decode_sm80_kernel<Element, kHeadDimPad, Cache>) != cudaSuccess) {
       (void)cudaGetLastError();
-      return false;
+      return 0;
     }
-    return major >= 9;
-  }();
-  return supported;
+    return attributes.ptxVersion >= 90 ? 1 : 0;
+  }) != 0;
 }
 
 template <typename Element, int kHeadDimPad, typename Cache>
@@ -722,6 +830,44 @@ int decode_sm80_ctas_per_sm() {
   return ctas;
 }
 
+// The most splits (2..kMaxClusterSplits) that one thread-block cluster of this instantiation can hold
+// on the current device, so that they merge on chip (DecodeParams::cluster_merge); 0 where clusters
+// cannot run: below sm_90, or a kernel built from PTX older than sm_90's (its cluster steps compile to
+// traps), or not even 2 CTAs fit a cluster. Asked once per device; sizes above 8 are non-portable
+// (H100 / H200 take 16 when a GPC holds 16 of the CTAs; launch_decode_sm80 allows them per launch).
+template <typename Element, int kHeadDimPad, typename Cache>
+int decode_sm80_max_cluster_splits() {
+  static std::atomic<int> cache[kMaxDevices];
+  return once_per_device(cache, [] {
+    if (!decode_has_sm90_steps<Element, kHeadDimPad, Cache>()) return 0;
+    constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad, Cache>::kBytes;
+    auto kernel = decode_sm80_kernel<Element, kHeadDimPad, Cache>;
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
+      (void)cudaGetLastError();
+    for (int splits = kMaxClusterSplits; splits >= 2; --splits) {
+      cudaLaunchAttribute attribute{};
+      attribute.id = cudaLaunchAttributeClusterDimension;
+      attribute.val.clusterDim.x = splits;
+      attribute.val.clusterDim.y = 1;
+      attribute.val.clusterDim.z = 1;
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(splits);
+      config.blockDim = dim3(kDecodeThreads);
+      config.dynamicSmemBytes = kSmemBytes;
+      config.attrs = &attribute;
+      config.numAttrs = 1;
+      int clusters = 0;
+      if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess) {
+        (void)cudaGetLastError();
+        continue;
+      }
+      if (clusters > 0) return splits;
+    }
+    return 0;
+  });
+}
+
 template <typename Element, int kHeadDimPad, typename Cache>
 void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad, Cache>::kBytes;
@@ -729,21 +875,35 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   // Always: the 48 KB default counts the kernel's static shared memory too, so a dynamic size just
   // under it can still fail to launch (seen with 32-key tiles and 2 stages: exactly 48 KB dynamic).
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+  // Clusters above 8 CTAs are non-portable: allowed per device, so per launch like the size above.
+  if (params.cluster_merge && params.num_splits > 8)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   // Both kernels as programmatic dependents of the kernel before them on the stream (sm_90; each waits
   // for it before its first global read): their CTAs are placed while it finishes, which takes the
   // launch gaps off a small decode's path.
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attributes[2] = {};
+  int num_attributes = 0;
+  const bool programmatic = decode_has_sm90_steps<Element, kHeadDimPad, Cache>();
+  if (programmatic) {
+    attributes[num_attributes].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[num_attributes++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (params.cluster_merge) {  // the splits of a group: one cluster along grid x
+    attributes[num_attributes].id = cudaLaunchAttributeClusterDimension;
+    attributes[num_attributes].val.clusterDim.x = params.num_splits;
+    attributes[num_attributes].val.clusterDim.y = 1;
+    attributes[num_attributes++].val.clusterDim.z = 1;
+  }
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(params.num_splits, params.num_kv_heads * params.head_chunks, params.num_seqs);
   config.blockDim = dim3(kDecodeThreads);
   config.dynamicSmemBytes = kSmemBytes;
   config.stream = stream;
-  config.attrs = &attribute;
-  config.numAttrs = programmatic_launch_supported() ? 1 : 0;
+  config.attrs = attributes;
+  config.numAttrs = num_attributes;
   cudaLaunchKernelEx(&config, kernel, params);
-  if (params.num_splits > 1) {
+  if (params.num_splits > 1 && !params.cluster_merge) {
+    config.numAttrs = programmatic ? 1 : 0;  // the programmatic launch only
     // The merge asks for the decode kernel's split of L1 and shared memory: an SM whose split differs
     // from a resident CTA's cannot take the merge's CTAs until it drains, which would undo the early
     // placement (and the next decode's after the merge).

@@ -113,6 +113,8 @@ constexpr int kDecodeHeadsPerCta = 16;
 constexpr int kDecodeSliceTokens = 16;  // keys per warp step (the k extent of one P.V mma)
 constexpr int kDecodeWarpsPerCta = 4;
 constexpr int kMaxDecodeSplits = 64;
+// The largest cluster of splits that merges on chip (sm_90's non-portable cluster limit).
+constexpr int kMaxClusterSplits = 16;
 
 struct DecodeParams {
   const void* q;  // [S, Hq, D], element strides below
@@ -129,9 +131,14 @@ struct DecodeParams {
   int num_splits;   // CTAs sharing one sequence's key blocks (flash-decoding)
   float scale_log2;
   SparsePattern pattern;
-  // num_splits > 1: each split writes its normalised output and lse here; a merge kernel combines them.
+  // num_splits > 1, without cluster_merge: each split writes its normalised output and lse here; a
+  // merge kernel combines them.
   float* partial_out;  // [S, Hq, num_splits, head_size]
   float* partial_lse;  // [S, Hq, num_splits]
+  // 1 (sm_90, num_splits in 2..kMaxClusterSplits): the splits of a (sequence, kv head, head chunk)
+  // are one thread-block cluster and merge through distributed shared memory; no partials, no merge
+  // kernel.
+  int cluster_merge;
 };
 
 // The plan kernel's inputs and outputs (cuda/kernels/plan.cuh).
