@@ -29,6 +29,11 @@ inline PFN_cuTensorMapEncodeTiled_v12000 sm90_tensor_map_encoder() {
   return encode;
 }
 
+// Build knob (A/B): V of 16- and 32-row pages in one 4-D box a page (Sm90TensorMaps::value_page_rows).
+#ifndef BSA_SM90_VALUE_PAGE_BOXES
+#define BSA_SM90_VALUE_PAGE_BOXES 1
+#endif
+
 // Builds the maps where the TMA can read the tensors (16-byte aligned base and strides); leaves
 // them disabled otherwise. BSA_SM90_TMA=0 disables them (experiments). K/V stored as Cache: fp8
 // pages are converted by the producer's threads, never read by the TMA.
@@ -85,6 +90,23 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
   const auto rows = static_cast<uint32_t>(maps.kv_page_rows);
   maps.kv_enabled = make(&maps.key, kv.key, kvbs, slabs, params.head_size, slab_elements, rows, 1) &&
                     make(&maps.value, kv.value, kvbs, slabs, params.head_size, slab_elements, rows, 1);
+  // Pages of 16 or 32 rows at head dim 128: V one box a page, (64 columns, row, column block, slab)
+  // with the column blocks 128 bytes apart inside each row (strides need not grow with the dims), so
+  // a fill takes 12 boxes instead of 16 at kv block 16 (the TMA's time grows with its boxes).
+  if (maps.kv_enabled && BSA_SM90_VALUE_PAGE_BOXES && rows < 64 && params.head_size == 128) {
+    CUtensorMap value{};
+    const cuuint64_t dims[4] = {64, static_cast<cuuint64_t>(kvbs), 2, static_cast<cuuint64_t>(slabs)};
+    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(params.head_size * kElement), 64 * kElement,
+                                   static_cast<cuuint64_t>(slab_elements * kElement)};
+    const cuuint32_t box[4] = {64, rows, 2, 1};
+    const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+    if (encode(&value, type, 4, const_cast<void*>(kv.value), dims, strides, box, element_strides,
+               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS) {
+      maps.value = value;
+      maps.value_page_rows = maps.kv_page_rows;
+    }
+  }
   return maps;
 }
 

@@ -93,10 +93,11 @@ __device__ __forceinline__ int64_t paged_row_offset(const KeyValueSource& kv, in
 // of (row, col) in both destination tiles (each kernel's own swizzle). Rows past k_len, rows in a page whose id is out of
 // range, columns past head_size and a whole invalid tile (tile_valid false) read as zeros, which keeps
 // unwritten (possibly NaN) cache slots out of P.V and never touches memory out of bounds.
-template <typename Cache, int kCopies, int kRowStep, typename DstOffset>
+// value_offset(row, col), where given, places V's elements apart from K's layout.
+template <typename Cache, int kCopies, int kRowStep, typename DstOffset, typename ValueOffset>
 __device__ __forceinline__ void copy_kv_rows(const KeyValueSource& kv, int seq, int kv_head, int pos0, int row0,
                                              int col, int k_len, int head_size, bool tile_valid, void* dst_k,
-                                             void* dst_v, DstOffset dst_offset) {
+                                             void* dst_v, DstOffset dst_offset, ValueOffset value_offset) {
   const Cache* key = static_cast<const Cache*>(kv.key);
   const Cache* value = static_cast<const Cache*>(kv.value);
   unsigned char* to_k = static_cast<unsigned char*>(dst_k);
@@ -114,9 +115,8 @@ __device__ __forceinline__ void copy_kv_rows(const KeyValueSource& kv, int seq, 
       const int row = row0 + u * kRowStep;
       const bool valid = col_valid && pos0 + row < k_len;
       const int64_t offset = base + u * step;
-      const int dst = dst_offset(row, col);
-      ptx::cp_async_16(to_k + dst, key + offset, valid);
-      ptx::cp_async_16(to_v + dst, value + offset, valid);
+      ptx::cp_async_16(to_k + dst_offset(row, col), key + offset, valid);
+      ptx::cp_async_16(to_v + value_offset(row, col), value + offset, valid);
     }
     return;
   }
@@ -126,10 +126,16 @@ __device__ __forceinline__ void copy_kv_rows(const KeyValueSource& kv, int seq, 
     const int row = row0 + u * kRowStep;
     bool valid = col_valid;
     const int64_t offset = paged_row_offset(kv, seq, kv_head, pos0 + row, k_len, col, head_size, valid);
-    const int dst = dst_offset(row, col);
-    ptx::cp_async_16(to_k + dst, valid ? key + offset : key, valid);
-    ptx::cp_async_16(to_v + dst, valid ? value + offset : value, valid);
+    ptx::cp_async_16(to_k + dst_offset(row, col), valid ? key + offset : key, valid);
+    ptx::cp_async_16(to_v + value_offset(row, col), valid ? value + offset : value, valid);
   }
+}
+template <typename Cache, int kCopies, int kRowStep, typename DstOffset>
+__device__ __forceinline__ void copy_kv_rows(const KeyValueSource& kv, int seq, int kv_head, int pos0, int row0,
+                                             int col, int k_len, int head_size, bool tile_valid, void* dst_k,
+                                             void* dst_v, DstOffset dst_offset) {
+  copy_kv_rows<Cache, kCopies, kRowStep>(kv, seq, kv_head, pos0, row0, col, k_len, head_size, tile_valid, dst_k, dst_v,
+                                         dst_offset, dst_offset);
 }
 
 }  // namespace blocksparse_attn

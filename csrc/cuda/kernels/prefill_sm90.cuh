@@ -250,13 +250,20 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
               const int in_page = kv.row_in_page(pos);
               const int dst = block * Smem::kStageColumnBlockBytes + tile_dst + box * rows * 128;
               ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, in_page, slab, landed);
-              ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, in_page, slab, landed);
+              if (maps.value_page_rows == 0)
+                ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, in_page, slab, landed);
+              else if (block == 0)  // the page's rows of every column block, staged page by page
+                ptx::tma_load_4d(dst_v + (slot * 64 + box * rows) * (kHeadDim * 2), &maps.value, 0, in_page, 0, slab,
+                                 landed);
             }
           }
         }
         return false;
       }
       auto wgmma_layout = [slot](int row, int c) { return sm90_tile_offset<Tiling::kBlockN>(slot * 64 + row, c); };
+      auto value_layout = [slot, &maps](int row, int c) {
+        return sm90_value_offset<Tiling::kBlockN, kHeadDim>(slot * 64 + row, c, maps.value_page_rows);
+      };
       if constexpr (CacheFormat<Cache>::kFp8) {
         // fp8 pages: loaded into registers (pages from tile_pages), converted, stored in the wgmma
         // layout. Every row's loads are issued before the first conversion, so they overlap; the
@@ -287,7 +294,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         }
       } else {
         copy_kv_rows<Cache, 64 / kRowStep, kRowStep>(kv, seq, kv_head, pos0, row0, col, k_len, head_size,
-                                                     key_tile >= 0, dst_k, dst_v, wgmma_layout);
+                                                     key_tile >= 0, dst_k, dst_v, wgmma_layout, value_layout);
       }
       return true;
     };
@@ -400,7 +407,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
 // Warp groups 1 and 2: 64 query rows each; per fill, S = Q K^T, the online softmax, O += P V, then
 // each unit's epilogue.
 template <typename Element, int kHeadDim, typename Tiling>
-__device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90Shared<kHeadDim, Tiling>& shared) {
+__device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90Shared<kHeadDim, Tiling>& shared,
+                                              int value_page_rows) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
   using StageRecord = Sm90StageRecord<Tiling::kTilesPerStage>;
   constexpr int kKeySlots = Tiling::kKeySlots;
@@ -489,14 +497,20 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
       for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q.at(q_step(ks)), desc_k.at(k_step(ks)), ks > 0);
       ptx::wgmma_commit();
     };
+    const int v_rows = value_page_rows != 0 ? value_page_rows : Tiling::kBlockN;  // powers of two
+    const int v_shift = __ffs(v_rows) - 1;
     auto issue_pv = [&](const Sm90Fill& fill) {
       const unsigned char* s_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
-      const ptx::SmemDescriptor desc_v = ptx::smem_descriptor_sw128(s_v, Smem::kStageColumnBlockBytes);
+      // V staged like K: the 64-column blocks kStageColumnBlockBytes apart, 16 keys a step at 2 KB
+      // steps; page by page (Sm90TensorMaps::value_page_rows): the blocks v_rows * 128 bytes apart,
+      // and a step's 16 keys inside one page.
+      const ptx::SmemDescriptor desc_v = ptx::smem_descriptor_sw128(s_v, v_rows * 128);
       ptx::fence_registers(acc_o);
       ptx::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < Tiling::kBlockN / 16; ++kk)
-        MmaO::rs_mn_major_b(acc_o, p_frag[kk], desc_v.at(kk * 16 * 128));
+        MmaO::rs_mn_major_b(acc_o, p_frag[kk],
+                            desc_v.at(((kk * 16) >> v_shift) * (v_rows * kHeadDim * 2) + ((kk * 16) & (v_rows - 1)) * 128));
       ptx::wgmma_commit();
       ptx::fence_registers(acc_o);
     };
@@ -710,7 +724,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     sm90_producer<Element, kHeadDim, Tiling, Cache>(params, maps, shared);
   } else {
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
-    sm90_consumer<Element, kHeadDim, Tiling>(params, shared);
+    sm90_consumer<Element, kHeadDim, Tiling>(params, shared, maps.value_page_rows);
   }
 #else
   __trap();  // built for a target without wgmma: the host never launches it there

@@ -168,6 +168,19 @@ struct Sm90TensorMaps {
   int kv_enabled;
   int kv_page_rows;   // paged maps: rows per box; 0 for contiguous K/V
   int kv_page_heads;  // paged maps: kv heads per page (Hkv, or 1 for per-kv-head pages)
+  // Pages of 16 or 32 rows at head dim 128: V is read one 4-D box a page (both 64-column blocks of
+  // its rows) and staged page by page, [page][column block][value_page_rows rows][64] (see
+  // sm90_value_offset); 0: V is staged like K, [column block][kBlockN rows][64], two boxes a page.
+  int value_page_rows;
 };
+
+// Byte offset of (row, col) of a V stage (row < kBlockN): K's layout, or page by page (above).
+template <int kRows, int kHeadDim>
+__device__ __forceinline__ int sm90_value_offset(int row, int col, int value_page_rows) {
+  if (value_page_rows == 0) return sm90_tile_offset<kRows>(row, col);
+  const int page = row >> (__ffs(value_page_rows) - 1), in_page = row & (value_page_rows - 1);  // 16 or 32
+  return page * (value_page_rows * kHeadDim * 2) + (col >> 6) * (value_page_rows * 128) + in_page * 128 +
+         ((((col & 63) >> 3) ^ (in_page & 7)) << 4) + (col & 7) * 2;
+}
 
 }  // namespace blocksparse_attn
