@@ -29,10 +29,19 @@ inline PFN_cuTensorMapEncodeTiled_v12000 sm90_tensor_map_encoder() {
   return encode;
 }
 
-// Build knob (A/B): V of 16- and 32-row pages in one 4-D box a page (Sm90TensorMaps::value_page_rows).
+// Build knobs (A/B): V of 16- and 32-row pages in one 4-D box a page (Sm90TensorMaps::value_page_rows);
+// the L2 promotion of every map's reads (128 or 256 bytes: a 256-byte K/V row read as two 128-byte
+// column blocks by separate boxes may be fetched whole).
 #ifndef BSA_SM90_VALUE_PAGE_BOXES
 #define BSA_SM90_VALUE_PAGE_BOXES 1
 #endif
+#ifndef BSA_SM90_L2_PROMOTION_BYTES
+#define BSA_SM90_L2_PROMOTION_BYTES 128
+#endif
+static_assert(BSA_SM90_L2_PROMOTION_BYTES == 128 || BSA_SM90_L2_PROMOTION_BYTES == 256,
+              "BSA_SM90_L2_PROMOTION_BYTES is 128 or 256");
+constexpr CUtensorMapL2promotion kSm90L2Promotion =
+    BSA_SM90_L2_PROMOTION_BYTES == 256 ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B : CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
 
 // Builds the maps where the TMA can read the tensors (16-byte aligned base and strides); leaves
 // them disabled otherwise. BSA_SM90_TMA=0 disables them (experiments). K/V stored as Cache: fp8
@@ -61,7 +70,7 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
     const cuuint32_t box[3] = {64, box_middle, box_outer};
     const cuuint32_t element_strides[3] = {1, 1, 1};
     return encode(map, type, 3, const_cast<void*>(base), dims, strides, box, element_strides,
-                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, kSm90L2Promotion,
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
   };
   // Q in boxes of one consumer group's 64 rows: 64 tokens of one head, or with packed heads
@@ -101,7 +110,7 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
     const cuuint32_t box[4] = {64, rows, 2, 1};
     const cuuint32_t element_strides[4] = {1, 1, 1, 1};
     if (encode(&value, type, 4, const_cast<void*>(kv.value), dims, strides, box, element_strides,
-               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, kSm90L2Promotion,
                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS) {
       maps.value = value;
       maps.value_page_rows = maps.kv_page_rows;
