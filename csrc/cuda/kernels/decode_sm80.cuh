@@ -830,6 +830,16 @@ int decode_sm80_ctas_per_sm() {
   return ctas;
 }
 
+// The launch attribute that makes the `splits` CTAs of a group (along grid x) one thread-block cluster.
+inline cudaLaunchAttribute split_cluster_attribute(int splits) {
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = splits;
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  return attribute;
+}
+
 // The most splits (2..kMaxClusterSplits) that one thread-block cluster of this instantiation can hold
 // on the current device, so that they merge on chip (DecodeParams::cluster_merge); 0 where clusters
 // cannot run: below sm_90, or a kernel built from PTX older than sm_90's (its cluster steps compile to
@@ -846,11 +856,7 @@ int decode_sm80_max_cluster_splits() {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
       (void)cudaGetLastError();
     for (int splits = kMaxClusterSplits; splits >= 2; --splits) {
-      cudaLaunchAttribute attribute{};
-      attribute.id = cudaLaunchAttributeClusterDimension;
-      attribute.val.clusterDim.x = splits;
-      attribute.val.clusterDim.y = 1;
-      attribute.val.clusterDim.z = 1;
+      cudaLaunchAttribute attribute = split_cluster_attribute(splits);
       cudaLaunchConfig_t config{};
       config.gridDim = dim3(splits);
       config.blockDim = dim3(kDecodeThreads);
@@ -888,12 +894,7 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
     attributes[num_attributes].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attributes[num_attributes++].val.programmaticStreamSerializationAllowed = 1;
   }
-  if (params.cluster_merge) {  // the splits of a group: one cluster along grid x
-    attributes[num_attributes].id = cudaLaunchAttributeClusterDimension;
-    attributes[num_attributes].val.clusterDim.x = params.num_splits;
-    attributes[num_attributes].val.clusterDim.y = 1;
-    attributes[num_attributes++].val.clusterDim.z = 1;
-  }
+  if (params.cluster_merge) attributes[num_attributes++] = split_cluster_attribute(params.num_splits);
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(params.num_splits, params.num_kv_heads * params.head_chunks, params.num_seqs);
   config.blockDim = dim3(kDecodeThreads);
