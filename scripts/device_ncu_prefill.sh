@@ -6,13 +6,16 @@
 # (benchmarks/profile_prefill.py, or benchmarks/profile_decode.py with NCU_KERNEL=decode_sm80);
 # PROFILE_ARGS: its arguments (e.g. "--seq-len 128 --batch 256", or "--batch 1 --context 2048");
 # NCU_ARGS: more ncu flags (e.g. "--cache-control none" to keep the caches warm between kernels).
+# SKIP_BUILD=1: profile the extension already built in this tree (e.g. a second kernel after a first run).
 # Digest offline: python3 scripts/ncu_digest.py <label>/source.csv.gz sass/*.sass.gz
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD
-rm -rf build blocksparse_attn/_C*.so
-NVCC_APPEND_FLAGS="${NVCC_FLAGS:-}" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-128} python3 setup.py build_ext --inplace \
-  > "$OUT/build.log" 2>&1 || { grep error "$OUT/build.log" | head; exit 1; }
+if [ -z "${SKIP_BUILD:-}" ]; then  # SKIP_BUILD=1: profile the extension already built here
+  rm -rf build blocksparse_attn/_C*.so
+  NVCC_APPEND_FLAGS="${NVCC_FLAGS:-}" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-128} python3 setup.py build_ext --inplace \
+    > "$OUT/build.log" 2>&1 || { grep error "$OUT/build.log" | head; exit 1; }
+fi
 # The profiled kernels' SASS with line and inlining info, for scripts/ncu_digest.py (ncu's source
 # page has the per-instruction counts but not which source line each instruction came from).
 so=$(ls "$PWD"/blocksparse_attn/_C*.so)

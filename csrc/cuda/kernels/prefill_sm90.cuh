@@ -74,6 +74,16 @@ __device__ __forceinline__ int sm90_pack_shift(const PrefillParams& params) {
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 
+// The tensor-core operand type: the model's, but fp16 over fp8 pages (e4m3 and e5m2 widen to fp16
+// exactly in one instruction a pair, to bf16 in four: the widening was most of the fp8 producer's
+// work). A bf16 model's Q is then scaled into fp16's range by the consumers (sm90_query_to_fp16).
+// Build knob BSA_SM90_FP8_FP16=0: the model's type throughout (the widening to bf16), for A/Bs.
+#ifndef BSA_SM90_FP8_FP16
+#define BSA_SM90_FP8_FP16 1
+#endif
+template <typename Element, typename Cache>
+using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8 && BSA_SM90_FP8_FP16, __half, Element>;
+
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill.
 template <typename Element, int kHeadDim, typename Tiling, typename Cache>
@@ -93,14 +103,14 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   const bool col_valid = col < head_size;
   const Element* q = static_cast<const Element*>(params.q);
   const SparsePattern& pattern = params.pattern;
-  // fp8 pages (the paged cache only) come through registers: this thread's 16-byte chunk of rows
-  // fp8_row0 + u * kFp8RowStep (u < kFp8Rows) of a tile.
+  // fp8 pages (the paged cache only) come through registers: thread t takes half of key row t / 2
+  // of a tile, the 16-byte chunks 2 j + t % 2 (j < kFp8Chunks; a lane pair reads 32 contiguous bytes),
+  // so it looks up one page id and works out one address a fill (with a 16-byte chunk of 4 rows, a
+  // thread made 4 lookups and addresses: chunk e4m3 8k 0.78 -> 0.74 ms on the H200).
   constexpr bool kFp8Pages = CacheFormat<Cache>::kFp8;
   static_assert(!kFp8Pages || kSlots == 1, "fp8 pages take 64-key fills");
-  constexpr int kFp8ChunksPerRow = kHeadDim / 16;
-  constexpr int kFp8RowStep = 128 / kFp8ChunksPerRow;
-  constexpr int kFp8Rows = 64 / kFp8RowStep;
-  const int fp8_row0 = tid / kFp8ChunksPerRow, fp8_col = (tid % kFp8ChunksPerRow) * 16;
+  constexpr int kFp8Chunks = kHeadDim / 32;
+  const int fp8_row = tid / 2, fp8_col0 = (tid % 2) * 16;
 
   // Fill n is published (fence for the wgmma reads, then arrive) at the top of fill n + L, BEFORE
   // the wait for free slots: publication never waits on the consumers, so a consumer never idles
@@ -192,18 +202,34 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       }
     }
 
-    // fp8 pages: the page ids of this thread's rows of a tile, looked up one fill ahead (a page-id
+    // fp8 pages: the page id of this thread's row of a tile, looked up one fill ahead (a page-id
     // load in front of each row's load kept the producer waiting on two round trips a fill); -1
     // past k_len and for no tile.
     const int32_t* table = kv.paged() ? kv.table_row(seq, kv_head) : nullptr;
-    auto look_up_pages = [&](int key_tile, int (&pages)[kFp8Rows]) {
+    auto look_up_page = [&](int key_tile) {
+      const int pos = key_tile * 64 + fp8_row;
+      return key_tile >= 0 && pos < k_len ? table[kv.page_index(pos)] : -1;
+    };
+    // fp8 pages: the next tile's rows, loaded into registers at the top of its fill, before the wait
+    // for free slots (their latency passes while the producer waits); the fill converts them. Issued
+    // next to the conversions instead, ptxas put each load in front of its own conversion: one
+    // round trip a chunk, 1.6x slower with fp16 steps (ncu).
+    uint4 stored_k[kFp8Chunks], stored_v[kFp8Chunks];
+    auto load_fp8_rows = [&](int key_tile, int page) {
+      const Cache* key = static_cast<const Cache*>(kv.key);
+      const Cache* value = static_cast<const Cache*>(kv.value);
+      const bool page_ok = key_tile >= 0 && page >= 0 && page < kv.num_cache_blocks;
+      const int64_t offset = page_ok ? kv.page_offset(page, kv_head) +
+                                           static_cast<int64_t>(kv.row_in_page(key_tile * 64 + fp8_row)) * head_size +
+                                           fp8_col0
+                                     : 0;
 #pragma unroll
-      for (int u = 0; u < kFp8Rows; ++u) {
-        const int pos = key_tile * 64 + fp8_row0 + u * kFp8RowStep;
-        pages[u] = key_tile >= 0 && pos < k_len ? table[kv.page_index(pos)] : -1;
+      for (int j = 0; j < kFp8Chunks; ++j) {
+        const bool valid = page_ok && fp8_col0 + 32 * j < head_size;
+        stored_k[j] = valid ? *reinterpret_cast<const uint4*>(key + offset + 32 * j) : make_uint4(0, 0, 0, 0);
+        stored_v[j] = valid ? *reinterpret_cast<const uint4*>(value + offset + 32 * j) : make_uint4(0, 0, 0, 0);
       }
     };
-    int tile_pages[kFp8Rows];  // the current tile's
 
     // K and V of one 64-key tile into tile `slot` of a fill; keys past k_len, bad page ids and
     // empty slots (key_tile < 0) read as zeros. True when it issued cp.async copies.
@@ -265,32 +291,18 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         return sm90_value_offset<Tiling::kBlockN, kHeadDim>(slot * 64 + row, c, maps.value_page_rows);
       };
       if constexpr (CacheFormat<Cache>::kFp8) {
-        // fp8 pages: loaded into registers (pages from tile_pages), converted, stored in the wgmma
-        // layout. Every row's loads are issued before the first conversion, so they overlap; the
+        // fp8 pages: the rows load_fp8_rows loaded, converted and stored in the wgmma layout; the
         // fill is published with a proxy fence like a cp.async fill.
-        const Cache* key = static_cast<const Cache*>(kv.key);
-        const Cache* value = static_cast<const Cache*>(kv.value);
-        uint4 stored_k[kFp8Rows], stored_v[kFp8Rows];
 #pragma unroll
-        for (int u = 0; u < kFp8Rows; ++u) {
-          const int page = tile_pages[u];
-          const bool valid = page >= 0 && page < kv.num_cache_blocks && fp8_col < head_size;
-          const int64_t offset = kv.page_offset(page, kv_head) +
-                                 static_cast<int64_t>(kv.row_in_page(pos0 + fp8_row0 + u * kFp8RowStep)) * head_size +
-                                 fp8_col;
-          stored_k[u] = valid ? *reinterpret_cast<const uint4*>(key + offset) : make_uint4(0, 0, 0, 0);
-          stored_v[u] = valid ? *reinterpret_cast<const uint4*>(value + offset) : make_uint4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int u = 0; u < kFp8Rows; ++u) {
-          const int row = fp8_row0 + u * kFp8RowStep;
+        for (int j = 0; j < kFp8Chunks; ++j) {
+          const int col = fp8_col0 + 32 * j;
           uint4 elements[2];
-          fp8_chunk_to_elements<Element, Cache>(stored_k[u], elements);
-          *reinterpret_cast<uint4*>(dst_k + wgmma_layout(row, fp8_col)) = elements[0];
-          *reinterpret_cast<uint4*>(dst_k + wgmma_layout(row, fp8_col + 8)) = elements[1];
-          fp8_chunk_to_elements<Element, Cache>(stored_v[u], elements);
-          *reinterpret_cast<uint4*>(dst_v + wgmma_layout(row, fp8_col)) = elements[0];
-          *reinterpret_cast<uint4*>(dst_v + wgmma_layout(row, fp8_col + 8)) = elements[1];
+          fp8_chunk_to_elements<Sm90Compute<Element, Cache>, Cache>(stored_k[j], elements);
+          *reinterpret_cast<uint4*>(dst_k + wgmma_layout(fp8_row, col)) = elements[0];
+          *reinterpret_cast<uint4*>(dst_k + wgmma_layout(fp8_row, col + 8)) = elements[1];
+          fp8_chunk_to_elements<Sm90Compute<Element, Cache>, Cache>(stored_v[j], elements);
+          *reinterpret_cast<uint4*>(dst_v + wgmma_layout(fp8_row, col)) = elements[0];
+          *reinterpret_cast<uint4*>(dst_v + wgmma_layout(fp8_row, col + 8)) = elements[1];
         }
       } else {
         copy_kv_rows<Cache, 64 / kRowStep, kRowStep>(kv, seq, kv_head, pos0, row0, col, k_len, head_size,
@@ -339,12 +351,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     bool query_pending = maps.query_enabled;
     int ahead_tile = -1;  // fp8 pages: the next tile, whose page ids are being looked up
     uint8_t ahead_flags[kSm90ConsumerGroups] = {};
-    int ahead_pages[kFp8Rows];
+    int ahead_page = -1;
     if constexpr (kFp8Pages) {
       more = next_tile(ahead_tile, ahead_flags);
-      look_up_pages(ahead_tile, ahead_pages);
+      ahead_page = look_up_page(ahead_tile);
     }
     for (;; ++n) {
+      if constexpr (kFp8Pages) load_fp8_rows(ahead_tile, ahead_page);
       const Sm90Fill fill = begin_fill();
       const int key_slot = fill.key_slot;  // the fill's full barrier and record
       if (query_pending) {
@@ -370,13 +383,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = ahead_flags[g];
           if (key_tile >= 0) {
-#pragma unroll
-            for (int u = 0; u < kFp8Rows; ++u) tile_pages[u] = ahead_pages[u];
             ahead_tile = -1;
 #pragma unroll
             for (int g = 0; g < kSm90ConsumerGroups; ++g) ahead_flags[g] = 0;
             if (more) more = next_tile(ahead_tile, ahead_flags);
-            look_up_pages(ahead_tile, ahead_pages);
+            ahead_page = look_up_page(ahead_tile);
           }
         } else {
           if (more) more = next_tile(key_tile, flags);
@@ -406,7 +417,48 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
 
 // Warp groups 1 and 2: 64 query rows each; per fill, S = Q K^T, the online softmax, O += P V, then
 // each unit's epilogue.
-template <typename Element, int kHeadDim, typename Tiling>
+// A consumer warp's 16 rows of a bf16 Q tile (64-column blocks of 64 rows x 128 bytes, swizzled
+// inside a row: the warp's rows are 2 KB of each block) rewritten in place as fp16, multiplied by a
+// power of two that puts their largest finite |q| in [2^14, 2^15): fp16 then holds each value to
+// bf16's precision down to 2^-24 of that maximum. Returns the inverse factor (exact), which joins
+// the warp's softmax scale: its rows are the accumulator rows 16 warp .. 16 warp + 15. Non-finite
+// values stay what they are and do not set the factor. The writes are made visible to the wgmma
+// (async proxy) here; the caller synchronises the group's warps before the first product.
+template <int kHeadDim>
+__device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp, int lane) {
+  constexpr int kWords = kHeadDim / 64 * 4;  // 16-byte words a lane: 2 KB of each block / 32 lanes
+  uint4 words[kWords];
+#pragma unroll
+  for (int i = 0; i < kWords; ++i)
+    words[i] = *reinterpret_cast<const uint4*>(s_q + (i / 4) * 64 * 128 + warp * 2048 + ((i % 4) * 32 + lane) * 16);
+  unsigned amax = 0;  // two bf16 magnitudes a word; non-finite ones (>= 0x7f80) count as 0
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) {
+    const uint32_t w[4] = {words[i].x, words[i].y, words[i].z, words[i].w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const unsigned magnitude = w[e] & 0x7fff7fffu;
+      amax = __vmaxu2(amax, magnitude & __vcmpltu2(magnitude, 0x7f807f80u));
+    }
+  }
+  amax = __reduce_max_sync(0xffffffffu, max(amax & 0xffffu, amax >> 16));
+  // bf16 exponent field e: |q| in [2^(e - 127), 2^(e - 126)); zero (or all non-finite) keeps 1.
+  const int exponent = amax == 0 ? 0 : min(141 - static_cast<int>(amax >> 7), 120);
+  const float factor = exp2f(static_cast<float>(exponent));
+#pragma unroll
+  for (int i = 0; i < kWords; ++i) {
+    uint32_t w[4] = {words[i].x, words[i].y, words[i].z, words[i].w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      w[e] = ptx::pack2<__half>(__uint_as_float(w[e] << 16) * factor, __uint_as_float(w[e] & 0xffff0000u) * factor);
+    *reinterpret_cast<uint4*>(s_q + (i / 4) * 64 * 128 + warp * 2048 + ((i % 4) * 32 + lane) * 16) =
+        make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  ptx::fence_proxy_async_shared();
+  return exp2f(static_cast<float>(-exponent));
+}
+
+template <typename Element, int kHeadDim, typename Tiling, typename Cache>
 __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90Shared<kHeadDim, Tiling>& shared,
                                               int value_page_rows) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
@@ -415,11 +467,12 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   constexpr int kSlots = Tiling::kTilesPerStage;
   const int tid = threadIdx.x;
   const int head_size = params.head_size;
-  using MmaS = ptx::Wgmma<Element, Tiling::kBlockN>;
-  using MmaO = ptx::Wgmma<Element, kHeadDim>;
+  using Compute = Sm90Compute<Element, Cache>;
+  using MmaS = ptx::Wgmma<Compute, Tiling::kBlockN>;
+  using MmaO = ptx::Wgmma<Compute, kHeadDim>;
   // An fp8 cache's scales (1 otherwise): k_scale joins the softmax scale, v_scale multiplies the
   // finished O.
-  const float scale_log2 = params.scale_log2 * cache_scale(params.kv.k_scale);
+  const float cache_scale_log2 = params.scale_log2 * cache_scale(params.kv.k_scale);
   const float value_scale = cache_scale(params.kv.v_scale);
   constexpr int kSRegs = Tiling::kBlockN / 2;  // S accumulators per thread: 64 rows x kBlockN keys / 128
   constexpr int kORegs = kHeadDim / 2;
@@ -483,6 +536,14 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     const int k_len = it.k_len;
     unsigned char* s_q = shared.smem + Smem::kQOffset + buf * Smem::kQBufferBytes + group * Smem::kQTileBytes;
     const ptx::SmemDescriptor desc_q = ptx::smem_descriptor_sw128(s_q, 16);
+    // The softmax scale of this warp's rows: a bf16 Q over fp8 pages is scaled into fp16 first.
+    float scale_log2 = cache_scale_log2;
+    if constexpr (!std::is_same_v<Compute, Element>) {
+      if (!info.end) {
+        scale_log2 *= sm90_query_to_fp16<kHeadDim>(s_q, warp, lane);
+        ptx::named_barrier_sync(kSm90EpilogueBarrier + group, 128);  // every warp's rows are fp16
+      }
+    }
 
     float acc_o[kORegs];
     OnlineSoftmax softmax;
@@ -559,10 +620,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     auto pack_p = [&](const float (&s)[kSRegs]) {
 #pragma unroll
       for (int kk = 0; kk < Tiling::kBlockN / 16; ++kk) {
-        p_frag[kk][0] = ptx::pack2<Element>(s[8 * kk + 0], s[8 * kk + 1]);
-        p_frag[kk][1] = ptx::pack2<Element>(s[8 * kk + 2], s[8 * kk + 3]);
-        p_frag[kk][2] = ptx::pack2<Element>(s[8 * kk + 4], s[8 * kk + 5]);
-        p_frag[kk][3] = ptx::pack2<Element>(s[8 * kk + 6], s[8 * kk + 7]);
+        p_frag[kk][0] = ptx::pack2<Compute>(s[8 * kk + 0], s[8 * kk + 1]);
+        p_frag[kk][1] = ptx::pack2<Compute>(s[8 * kk + 2], s[8 * kk + 3]);
+        p_frag[kk][2] = ptx::pack2<Compute>(s[8 * kk + 4], s[8 * kk + 5]);
+        p_frag[kk][3] = ptx::pack2<Compute>(s[8 * kk + 6], s[8 * kk + 7]);
       }
     };
 
@@ -724,7 +785,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     sm90_producer<Element, kHeadDim, Tiling, Cache>(params, maps, shared);
   } else {
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
-    sm90_consumer<Element, kHeadDim, Tiling>(params, shared, maps.value_page_rows);
+    sm90_consumer<Element, kHeadDim, Tiling, Cache>(params, shared, maps.value_page_rows);
   }
 #else
   __trap();  // built for a target without wgmma: the host never launches it there
