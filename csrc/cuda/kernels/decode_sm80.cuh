@@ -507,9 +507,8 @@ decode_sm80_kernel(const DecodeParams params) {
     }
     float q_factor = 1.f;
     if constexpr (std::is_same_v<Element, __nv_bfloat16>) {
-      // A power of two that puts the CTA's largest finite |q| in [2^14, 2^15): fp16 holds every bf16
-      // value of the block's top 2^24 exactly. Zero Q keeps 1; non-finite values stay what they are
-      // and do not set it. |q| as bf16 bits, two a word, from 16-byte words of Q.
+      // One power of two for the CTA (its fragments are shared), from |q| of 16-byte words of Q
+      // (fp16_range_exponent).
       __shared__ unsigned s_q_amax[kDecodeWarps];
       unsigned amax = 0;
 #pragma unroll
@@ -517,17 +516,14 @@ decode_sm80_kernel(const DecodeParams params) {
         const uint4 chunk = reinterpret_cast<const uint4*>(s_q)[c];
         const uint32_t words[4] = {chunk.x, chunk.y, chunk.z, chunk.w};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const unsigned magnitude = words[e] & 0x7fff7fffu;
-          amax = __vmaxu2(amax, magnitude & __vcmpltu2(magnitude, 0x7f807f80u));
-        }
+        for (int e = 0; e < 4; ++e) amax = bf16x2_finite_magnitude_max(amax, words[e]);
       }
       amax = __reduce_max_sync(0xffffffffu, max(amax & 0xffffu, amax >> 16));
       if (lane == 0) s_q_amax[warp] = amax;
       __syncthreads();  // every warp's reads of Q are done, and its |q|max is out
 #pragma unroll
       for (int w = 0; w < kDecodeWarps; ++w) amax = max(amax, s_q_amax[w]);
-      const int exponent = amax == 0 ? 0 : min(141 - static_cast<int>(amax >> 7), 120);  // bf16 exponent field
+      const int exponent = fp16_range_exponent(amax);
       q_factor = exp2f(static_cast<float>(exponent));
       q_factor_inverse = exp2f(static_cast<float>(-exponent));
     } else {
@@ -535,7 +531,7 @@ decode_sm80_kernel(const DecodeParams params) {
     }
     auto to_half2 = [&](uint32_t pair) {  // two of the model's values (low half first) as fp16
       if constexpr (std::is_same_v<Element, __half>) return pair;
-      else return ptx::pack2<__half>(__uint_as_float(pair << 16) * q_factor, __uint_as_float(pair & 0xffff0000u) * q_factor);
+      else return bf16x2_to_half2(pair, q_factor);
     };
 #pragma unroll
     for (int i = 0; i < kStepsPerWarp; ++i)

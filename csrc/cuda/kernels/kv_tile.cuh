@@ -32,6 +32,24 @@ struct CacheFormat<__nv_fp8_e5m2> {
   static constexpr __nv_fp8_interpretation_t kKind = __NV_E5M2;
 };
 
+// A bf16 Q for fp16 tensor-core steps over fp8 K/V (both kernels: fp8 widens to fp16 in one
+// instruction a pair): Q is multiplied by a power of two that puts the largest finite |q| of the rows
+// sharing it in [2^14, 2^15), so fp16 holds each value to bf16's precision down to 2^-24 of that
+// maximum, and S is divided by it (exact). Non-finite values stay what they are and do not set it.
+// The running maximum of the finite magnitudes of a word's two bf16 values, as bf16 bits per half.
+__device__ __forceinline__ unsigned bf16x2_finite_magnitude_max(unsigned running, uint32_t word) {
+  const unsigned magnitude = word & 0x7fff7fffu;
+  return __vmaxu2(running, magnitude & __vcmpltu2(magnitude, 0x7f807f80u));
+}
+// The factor's exponent for a largest finite |q| given as bf16 bits (0 where it is 0: Q is all zeros).
+__device__ __forceinline__ int fp16_range_exponent(unsigned bf16_amax) {
+  return bf16_amax == 0 ? 0 : min(141 - static_cast<int>(bf16_amax >> 7), 120);  // >> 7: the exponent field
+}
+// Two bf16 values (low half first) times the factor, as two fp16 values.
+__device__ __forceinline__ uint32_t bf16x2_to_half2(uint32_t pair, float factor) {
+  return ptx::pack2<__half>(__uint_as_float(pair << 16) * factor, __uint_as_float(pair & 0xffff0000u) * factor);
+}
+
 // A per-tensor scale from its device pointer (null: 1).
 __device__ __forceinline__ float cache_scale(const float* scale) { return scale != nullptr ? *scale : 1.f; }
 

@@ -419,11 +419,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
 // each unit's epilogue.
 // A consumer warp's 16 rows of a bf16 Q tile (64-column blocks of 64 rows x 128 bytes, swizzled
 // inside a row: the warp's rows are 2 KB of each block) rewritten in place as fp16, multiplied by a
-// power of two that puts their largest finite |q| in [2^14, 2^15): fp16 then holds each value to
-// bf16's precision down to 2^-24 of that maximum. Returns the inverse factor (exact), which joins
-// the warp's softmax scale: its rows are the accumulator rows 16 warp .. 16 warp + 15. Non-finite
-// values stay what they are and do not set the factor. The writes are made visible to the wgmma
-// (async proxy) here; the caller synchronises the group's warps before the first product.
+// power of two of their own (fp16_range_exponent). Returns the inverse factor (exact), which joins
+// the warp's softmax scale: its rows are the accumulator rows 16 warp .. 16 warp + 15. The writes are
+// made visible to the wgmma (async proxy) here; the caller synchronises the group's warps before the
+// first product.
 template <int kHeadDim>
 __device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp, int lane) {
   constexpr int kWords = kHeadDim / 64 * 4;  // 16-byte words a lane: 2 KB of each block / 32 lanes
@@ -431,26 +430,21 @@ __device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp
 #pragma unroll
   for (int i = 0; i < kWords; ++i)
     words[i] = *reinterpret_cast<const uint4*>(s_q + (i / 4) * 64 * 128 + warp * 2048 + ((i % 4) * 32 + lane) * 16);
-  unsigned amax = 0;  // two bf16 magnitudes a word; non-finite ones (>= 0x7f80) count as 0
+  unsigned amax = 0;
 #pragma unroll
   for (int i = 0; i < kWords; ++i) {
     const uint32_t w[4] = {words[i].x, words[i].y, words[i].z, words[i].w};
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const unsigned magnitude = w[e] & 0x7fff7fffu;
-      amax = __vmaxu2(amax, magnitude & __vcmpltu2(magnitude, 0x7f807f80u));
-    }
+    for (int e = 0; e < 4; ++e) amax = bf16x2_finite_magnitude_max(amax, w[e]);
   }
   amax = __reduce_max_sync(0xffffffffu, max(amax & 0xffffu, amax >> 16));
-  // bf16 exponent field e: |q| in [2^(e - 127), 2^(e - 126)); zero (or all non-finite) keeps 1.
-  const int exponent = amax == 0 ? 0 : min(141 - static_cast<int>(amax >> 7), 120);
+  const int exponent = fp16_range_exponent(amax);
   const float factor = exp2f(static_cast<float>(exponent));
 #pragma unroll
   for (int i = 0; i < kWords; ++i) {
     uint32_t w[4] = {words[i].x, words[i].y, words[i].z, words[i].w};
 #pragma unroll
-    for (int e = 0; e < 4; ++e)
-      w[e] = ptx::pack2<__half>(__uint_as_float(w[e] << 16) * factor, __uint_as_float(w[e] & 0xffff0000u) * factor);
+    for (int e = 0; e < 4; ++e) w[e] = bf16x2_to_half2(w[e], factor);
     *reinterpret_cast<uint4*>(s_q + (i / 4) * 64 * 128 + warp * 2048 + ((i % 4) * 32 + lane) * 16) =
         make_uint4(w[0], w[1], w[2], w[3]);
   }
