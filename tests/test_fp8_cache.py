@@ -298,7 +298,8 @@ def check_quantization_error(out, ref_unquantized, fp8, config):
                                          f"{QUANT_REL_BOUND[fp8]} (quantization much coarser than the format's)")
 
 
-def run_decode_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, with_scales=True, q_magnitude=1.0):
+def run_decode_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, with_scales=True, q_magnitude=1.0,
+                   q_edit=None):
     long = lengths_for(pattern_name)
     seq_lens = [1, 17, long, 0, kvbs + 1, 64, 65]
     pattern = build_pattern(pattern_name, hq, hkv, long, gen)
@@ -306,6 +307,8 @@ def run_decode_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, with
         assert_pattern_is_sparse(pattern, hq, hkv, long, "phi3 decode", num_queries=1)
     batch = Fp8Batch(seq_lens, [min(n, 1) for n in seq_lens], hkv, d, kvbs, dtype, fp8, gen, device, with_scales)
     q = randn((len(seq_lens), hq, d), dtype, gen, scale=q_magnitude)
+    if q_edit is not None:
+        q_edit(q)
     scale = 1.0 / d
     ref = torch.zeros(q.shape)
     ref_plain = torch.zeros(q.shape)
@@ -324,7 +327,8 @@ def run_decode_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, with
     return out, ref, ref_plain, seq_lens
 
 
-def run_prefill_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, with_scales=True, q_magnitude=1.0):
+def run_prefill_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, with_scales=True, q_magnitude=1.0,
+                    q_edit=None):
     long = lengths_for(pattern_name)
     seqs = [(0, 65), (1, 1), (kvbs - 1, 2), (long, 17), (130, 0), (64, 64)]  # (context, new)
     seq_lens, q_lens = [c + n for c, n in seqs], [n for _, n in seqs]
@@ -337,6 +341,8 @@ def run_prefill_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, wit
         q = (randn((sum(q_lens), hq, d), torch.float32, gen) * magnitudes).to(dtype)
     else:
         q = randn((sum(q_lens), hq, d), dtype, gen, scale=q_magnitude)
+    if q_edit is not None:
+        q_edit(q)
     scale = 1.0 / d
     cu_q, cu_k = cu_seqlens(q_lens, "cpu"), cu_seqlens(seq_lens, "cpu")
     with one_thread():
@@ -439,6 +445,34 @@ def test_prefill_fp8_query_range(device, fp8, head_dim, q_magnitude, gen):
                                         q_magnitude=q_magnitude)
     config = f"paged_prefill {device} bf16 cache {fp8_ids(fp8)} D={head_dim} |q|~{q_magnitude} lens={lens}"
     assert_close_to_ref(out, ref, dtype, config + " vs dequantized reference")
+
+
+@pytest.mark.parametrize("op", RUNNERS)
+@pytest.mark.parametrize("fp8", FP8_DTYPES, ids=fp8_ids)
+def test_fp8_nonfinite_query_beside_large(device, op, fp8, gen):
+    """A bf16 model over an fp8 cache: one query head holds an inf while the heads and tokens beside it
+    are far outside fp16's range (3e5) and share its power of two on CUDA (the decode's CTA holds the
+    kv group's heads; a Hopper prefill warp scales 16 tokens of one head). The inf's output row is not
+    finite, as in dense attention; every other row equals the reference (a factor that the inf set
+    would stay 1, and 3e5 overflows fp16)."""
+    dtype = torch.bfloat16
+    hq, hkv = GQA[0]
+    # The long sequence's first query (prefill: token 68): over ~1100 keys some score is +inf, so its
+    # row is NaN (a row whose only visible scores are -inf comes out 0, not NaN).
+    row = (2, 1) if op == "paged_decode" else (68, 1)
+
+    def put_inf(q):
+        q[row + (5,)] = float("inf")
+
+    out, ref, _, lens = RUNNERS[op](device, dtype, fp8, hq, hkv, 128, 16, "phi3", gen, q_magnitude=3e5,
+                                    q_edit=put_inf)
+    config = f"{op} {device} bf16 cache {fp8_ids(fp8)} |q|~3e5, inf at {row} lens={lens}"
+    out = out.detach().float().cpu()
+    assert not torch.isfinite(ref[row]).all(), f"[{config}] the reference's inf row is finite"
+    assert not torch.isfinite(out[row]).all(), f"[{config}] the inf row came out finite: {out[row][:4]}"
+    keep = torch.ones(out.shape[:2], dtype=torch.bool)
+    keep[row] = False
+    assert_close_to_ref(out[keep], ref[keep], dtype, config + " (other rows) vs dequantized reference")
 
 
 @pytest.mark.parametrize("op", RUNNERS)
