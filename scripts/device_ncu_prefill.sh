@@ -8,8 +8,12 @@
 # NCU_ARGS: more ncu flags (e.g. "--cache-control none" to keep the caches warm between kernels).
 # SKIP_BUILD=1: profile the extension already built in this tree (e.g. a second kernel after a first run).
 # Digest offline: python3 scripts/ncu_digest.py <label>/source.csv.gz sass/*.sass.gz
+# Everything comes back as one tarball, $OUT/ncu.tgz (the device tool returns only a few files of a
+# call's $OUT; the rest are lost with the machine): unpack it here with tar -xzf.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
+RESULT=${OUT:-out}; mkdir -p "$RESULT"; RESULT=$(cd "$RESULT" && pwd)
+OUT=$(mktemp -d)
+trap 'tar -czf "$RESULT/ncu.tgz" -C "$OUT" . && rm -rf "$OUT"' EXIT
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD
 if [ -z "${SKIP_BUILD:-}" ]; then  # SKIP_BUILD=1: profile the extension already built here
   rm -rf build blocksparse_attn/_C*.so
