@@ -415,8 +415,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   }
 }
 
-// Warp groups 1 and 2: 64 query rows each; per fill, S = Q K^T, the online softmax, O += P V, then
-// each unit's epilogue.
 // A consumer warp's 16 rows of a bf16 Q tile (64-column blocks of 64 rows x 128 bytes, swizzled
 // inside a row: the warp's rows are 2 KB of each block) rewritten in place as fp16, multiplied by a
 // power of two of their own (fp16_range_exponent). Returns the inverse factor (exact), which joins
@@ -452,6 +450,8 @@ __device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp
   return exp2f(static_cast<float>(-exponent));
 }
 
+// Warp groups 1 and 2: 64 query rows each; per fill, S = Q K^T, the online softmax, O += P V, then
+// each unit's epilogue.
 template <typename Element, int kHeadDim, typename Tiling, typename Cache>
 __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90Shared<kHeadDim, Tiling>& shared,
                                               int value_page_rows) {
