@@ -275,12 +275,14 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             constexpr int kBlocks = kHeadDim / 64;
             const int rows = maps.kv_page_rows;  // 16, 32 or 64
             const int box = tid / kBlocks, block = tid % kBlocks;
+            auto page_slab = [&](int page) {  // the map's slab of (page, kv head); -1 (zeros) for a bad id
+              return page >= 0 && page < kv.num_cache_blocks ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1)
+                                                             : -1;
+            };
             if (BSA_SM90_PAGED_ONE_LANE_AT_64 && rows == 64) {
               // One page a tile: thread 0 looks it up and issues every box, as the contiguous path does.
               if (tid == 0) {
-                const int page = kv.table_row(seq, kv_head)[kv.page_index(pos0)];
-                const int slab =
-                    page >= 0 && page < kv.num_cache_blocks ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1) : -1;
+                const int slab = page_slab(kv.table_row(seq, kv_head)[kv.page_index(pos0)]);
                 const int in_page = kv.row_in_page(pos0);
 #pragma unroll
                 for (int b = 0; b < kBlocks; ++b) {
@@ -291,9 +293,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
               }
             } else if (box * rows < 64) {
               const int pos = pos0 + box * rows;
-              const int page = kv.table_row(seq, kv_head)[kv.page_index(pos)];
-              const int slab =
-                  page >= 0 && page < kv.num_cache_blocks ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1) : -1;
+              const int slab = page_slab(kv.table_row(seq, kv_head)[kv.page_index(pos)]);
               const int in_page = kv.row_in_page(pos);
               const int dst = block * Smem::kStageColumnBlockBytes + tile_dst + box * rows * 128;
               ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, in_page, slab, landed);
