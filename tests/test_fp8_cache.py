@@ -299,9 +299,9 @@ def check_quantization_error(out, ref_unquantized, fp8, config):
 
 
 def run_decode_fp8(device, dtype, fp8, hq, hkv, d, kvbs, pattern_name, gen, with_scales=True, q_magnitude=1.0,
-                   q_edit=None):
+                   q_edit=None, seq_lens=None):
     long = lengths_for(pattern_name)
-    seq_lens = [1, 17, long, 0, kvbs + 1, 64, 65]
+    seq_lens = seq_lens if seq_lens is not None else [1, 17, long, 0, kvbs + 1, 64, 65]
     pattern = build_pattern(pattern_name, hq, hkv, long, gen)
     if pattern_name == "phi3":
         assert_pattern_is_sparse(pattern, hq, hkv, long, "phi3 decode", num_queries=1)
@@ -428,6 +428,22 @@ def test_decode_fp8_merge_paths(device, fp8, head_dim, merge, gen, monkeypatch):
     hq, hkv = GQA[0]
     out, ref, _, lens = run_decode_fp8(device, dtype, fp8, hq, hkv, head_dim, 16, "phi3", gen)
     config = f"paged_decode {device} bf16 cache {fp8_ids(fp8)} D={head_dim} merge={merge} lens={lens}"
+    assert_close_to_ref(out, ref, dtype, config + " vs dequantized reference")
+
+
+@pytest.mark.parametrize("batch", (2, 48))
+@pytest.mark.parametrize("fp8", FP8_DTYPES, ids=fp8_ids)
+def test_decode_fp8_small_and_large_grids(device, fp8, batch, gen):
+    """On CUDA a decode whose grid fits 2 CTAs an SM in one wave runs the fp8 kernel built with the
+    registers of 2 CTAs (Q's fragments in registers); a larger one the build for 4 CTAs an SM (Q's
+    fragments in shared memory). Phi-3-small's layer (32 q / 8 kv heads, D 128): 2 sequences (16
+    CTAs a split) and 48 (384 a split, more than 2 an SM of any current GPU), both equal to the
+    reference over the dequantized cache."""
+    dtype = torch.bfloat16
+    lengths = torch.randint(1, 1300, (batch,), generator=gen).tolist()
+    lengths[:2] = [1100, 65]
+    out, ref, _, lens = run_decode_fp8(device, dtype, fp8, 32, 8, 128, 16, "phi3", gen, seq_lens=lengths)
+    config = f"paged_decode {device} bf16 cache {fp8_ids(fp8)} batch {batch} lens={lens[:8]}..."
     assert_close_to_ref(out, ref, dtype, config + " vs dequantized reference")
 
 

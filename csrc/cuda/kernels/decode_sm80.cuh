@@ -26,10 +26,6 @@
 #include "cuda/kernels/smem_layout.cuh"
 #include "cuda/kernels/softmax.cuh"
 
-#ifndef BSA_DECODE_FP8_CTAS
-#define BSA_DECODE_FP8_CTAS 4
-#endif
-
 namespace blocksparse_attn {
 
 constexpr int kDecodeWarps = kDecodeWarpsPerCta;
@@ -155,8 +151,17 @@ struct GroupKeyBlocks {
 // CTAs per SM the register allocation must allow: 4 for an fp8 cache at head dims up to 128 (its
 // 52 KB of shared memory fit 4; at 162 registers only 3 did), else what shared memory allows.
 template <int kHeadDimPad, typename Cache>
-constexpr int decode_min_ctas_per_sm() {
-  return CacheFormat<Cache>::kFp8 && kHeadDimPad <= 128 ? BSA_DECODE_FP8_CTAS : 1;
+__host__ __device__ constexpr int decode_min_ctas_per_sm() {
+  return CacheFormat<Cache>::kFp8 && kHeadDimPad <= 128 ? 4 : 1;
+}
+// A grid that this many CTAs an SM hold in one wave (a small batch) runs a second build of the fp8
+// kernel, with the registers of 2 CTAs an SM: its walk is not squeezed into 128, and it keeps Q's
+// fragments in registers (H200, graph-replayed, e4m3: 1 x 2k 7.9 -> 7.6 us, 4 x 2k 9.6 -> 9.2). The
+// 4-CTA build stays for large batches: built for 2 CTAs, 64 x 16k took 290 us instead of 280.
+constexpr int kDecodeRoomyCtasPerSm = 2;
+template <int kHeadDimPad, typename Cache>
+__host__ __device__ constexpr bool decode_has_roomy_build() {
+  return decode_min_ctas_per_sm<kHeadDimPad, Cache>() > kDecodeRoomyCtasPerSm;
 }
 
 // The log-sum-exp merge of a decode's splits, chunk by chunk: out = sum_s 2^(lse_s log2 e - ref) O_s /
@@ -197,62 +202,60 @@ struct SplitMerge {
 // The merge of a cluster's splits (DecodeParams::cluster_merge), run by every CTA of the cluster once
 // each has left its normalised O (rows of s_o, kORow floats apart) and lse (s_split_lse) in its shared
 // memory, by SplitMerge as decode_merge_kernel merges partials from global memory. The cluster spans
-// grid x, so a CTA's rank is
-// its split; thread t of CTA r merges the group's 8-column chunk r * kDecodeThreads + t (+ a multiple
-// of splits * kDecodeThreads). A chunk of kChunk splits' lse and O is loaded at once (one round trip
-// over the cluster up to 8 splits, two up to 16); splits past the cluster are loaded from nowhere
-// and weigh nothing. No CTA leaves before every CTA has read its shared memory.
+// grid x, so a CTA's rank is its split; thread t of CTA r merges the group's chunk of kCols columns
+// r * kDecodeThreads + t (+ a multiple of splits * kDecodeThreads). Four columns a thread: on a small
+// decode this merge is on the path of every CTA of the cluster (none leaves before every CTA has read
+// its shared memory), and a thread's weighted sums are half those of eight (H200, graph-replayed,
+// 1 x 2k: 7.2 -> 6.9 us with a bf16 cache, 7.6 -> 7.2 with e4m3). A chunk of kChunk splits'
+// lse and O is loaded at once (one round trip over the cluster up to 8 splits, two up to 16); splits
+// past the cluster are loaded from nowhere and weigh nothing.
 template <typename Element, int kORow>
 __device__ __forceinline__ void merge_cluster_splits(const DecodeParams& params, const float* s_o,
                                                      const float* s_split_lse, int seq, int first_head,
                                                      int num_rows) {
-  constexpr int kChunk = 8;
+  constexpr int kChunk = 8, kCols = 4;
   static_assert(kMaxClusterSplits % kChunk == 0, "whole chunks of splits");
   ptx::cluster_sync();
   const int splits = params.num_splits, rank = blockIdx.x;
-  const int head_size = params.head_size, chunks_per_row = (head_size + 7) / 8;
+  const int head_size = params.head_size, chunks_per_row = (head_size + kCols - 1) / kCols;
   const uint32_t o_base = ptx::smem_addr(s_o), lse_base = ptx::smem_addr(s_split_lse);
   Element* out = static_cast<Element*>(params.out);
   for (int c = rank * kDecodeThreads + threadIdx.x; c < num_rows * chunks_per_row; c += splits * kDecodeThreads) {
-    const int row = c / chunks_per_row, col = (c % chunks_per_row) * 8;
+    const int row = c / chunks_per_row, col = (c % chunks_per_row) * kCols;
     const uint32_t lse_at = lse_base + row * 4, o_at = o_base + (row * kORow + col) * 4;
-    SplitMerge<8> merge;
+    SplitMerge<kCols> merge;
 #pragma unroll
     for (int s0 = 0; s0 < kMaxClusterSplits; s0 += kChunk) {
       if (s0 >= splits) break;
-      float lse[kChunk], o[kChunk][8];
+      float lse[kChunk], o[kChunk][kCols];
 #pragma unroll
       for (int i = 0; i < kChunk; ++i) {
-        float4 lo = make_float4(0.f, 0.f, 0.f, 0.f), hi = lo;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
         lse[i] = -INFINITY;
         if (s0 + i < splits) {
           lse[i] = ptx::cluster_load(ptx::cluster_map(lse_at, s0 + i));
-          const uint32_t at = ptx::cluster_map(o_at, s0 + i);
-          lo = ptx::cluster_load4(at);
-          hi = ptx::cluster_load4(at + 16);
+          v = ptx::cluster_load4(ptx::cluster_map(o_at, s0 + i));
         }
-        o[i][0] = lo.x, o[i][1] = lo.y, o[i][2] = lo.z, o[i][3] = lo.w;
-        o[i][4] = hi.x, o[i][5] = hi.y, o[i][6] = hi.z, o[i][7] = hi.w;
+        o[i][0] = v.x, o[i][1] = v.y, o[i][2] = v.z, o[i][3] = v.w;
       }
       merge.add(lse, o);
     }
     const float inv_sum = merge.inverse();
     const int head = first_head + row;
-    uint4 packed;
-    uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      words[e] = ptx::pack2<Element>(merge.acc[2 * e] * inv_sum, merge.acc[2 * e + 1] * inv_sum);
-    *reinterpret_cast<uint4*>(out + seq * params.out_row_stride + head * params.out_head_stride + col) = packed;
+    const uint2 packed = make_uint2(ptx::pack2<Element>(merge.acc[0] * inv_sum, merge.acc[1] * inv_sum),
+                                    ptx::pack2<Element>(merge.acc[2] * inv_sum, merge.acc[3] * inv_sum));
+    *reinterpret_cast<uint2*>(out + seq * params.out_row_stride + head * params.out_head_stride + col) = packed;
     if (params.lse != nullptr && col == 0) params.lse[static_cast<int64_t>(head) * params.num_seqs + seq] = merge.lse();
   }
   ptx::cluster_sync();
 }
 
-template <typename Element, int kHeadDimPad, typename Cache>
-__global__ void __launch_bounds__(kDecodeThreads, (decode_min_ctas_per_sm<kHeadDimPad, Cache>()))
-decode_sm80_kernel(const DecodeParams params) {
+template <typename Element, int kHeadDimPad, typename Cache, int kMinCtasPerSm>
+__global__ void __launch_bounds__(kDecodeThreads, kMinCtasPerSm) decode_sm80_kernel(const DecodeParams params) {
   using Smem = DecodeSmem<Element, kHeadDimPad, Cache>;
+  // Q's fragments stay in registers for the whole walk with a 16-bit cache and in the roomy fp8 build.
+  constexpr bool kQueryInRegisters =
+      !Smem::kFp8 || (decode_has_roomy_build<kHeadDimPad, Cache>() && kMinCtasPerSm == kDecodeRoomyCtasPerSm);
   constexpr int kStages = Smem::kStages;
   constexpr int kChunksPerRow = kHeadDimPad / 8;
   constexpr int kKSteps = kHeadDimPad / 16;
@@ -272,16 +275,6 @@ decode_sm80_kernel(const DecodeParams params) {
   __shared__ float s_row_sum[kDecodeWarps][kDecodeHeadsPerCta];
   __shared__ float s_split_lse[kDecodeHeadsPerCta];  // cluster_merge: this split's lse per head
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Launched as a programmatic dependent of the stream's previous kernel (launch_decode_sm80): the CTA
-  // may be resident before that kernel has finished, and waits here, before its first global read,
-  // until it has (and its writes are visible), as if launched in plain stream order.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  // The merge kernel (a programmatic dependent) may be scheduled now; it waits for this grid to finish.
-  // With a cluster merge there is none, and the trigger lets the stream's next programmatic launch
-  // (the next layer's decode in a serving step's graph) place its CTAs early in the same way.
-  if (params.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;");
-#endif
   const int split = blockIdx.x;
   const int kv_head = blockIdx.y / params.head_chunks;
   const int head_chunk = blockIdx.y % params.head_chunks;
@@ -295,6 +288,38 @@ decode_sm80_kernel(const DecodeParams params) {
   const int heads_per_kv = pattern.q_heads_per_kv;
   const int first_head = kv_head * heads_per_kv + head_chunk * kDecodeHeadsPerCta;
   const int num_rows = min(kDecodeHeadsPerCta, heads_per_kv - head_chunk * kDecodeHeadsPerCta);
+  // The group's distinct vertical residues, sorted (head_residues' result), worked out by each warp
+  // for itself, lane r for head r: no warp waits for another (a thread-0 loop and a CTA barrier were
+  // ~1,300 cycles of this kernel's path). From the parameters only, so before the wait below, while
+  // the previous kernel ends (H200, graph-replayed, 1 x 2k: 6.9 -> 6.2 us bf16 cache, 7.2 -> 6.6 e4m3).
+  int num_residues = 0;
+  if (!pattern.has_layout()) {
+    const bool mine = lane < num_rows;
+    const int rho = mine ? vertical_residue(pattern, first_head + lane) : INT_MAX;
+    const unsigned heads = __ballot_sync(0xffffffffu, mine);
+    const unsigned same = __match_any_sync(0xffffffffu, mine ? rho : -1 - lane) & heads;
+    const bool leader = mine && (same & ((1u << lane) - 1u)) == 0;  // the lowest head of its residue
+    const unsigned leaders = __ballot_sync(0xffffffffu, leader);
+    int rank = 0;  // residues below this one
+    for (int j = 0; j < num_rows; ++j) rank += ((leaders >> j) & 1u) != 0 && __shfl_sync(0xffffffffu, rho, j) < rho;
+    if (leader) {
+      s_residues[warp][rank] = rho;
+      s_residue_rows[warp][rank] = same;
+    }
+    num_residues = __popc(leaders);
+    __syncwarp();
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched as a programmatic dependent of the stream's previous kernel (launch_decode_sm80): the CTA
+  // may be resident before that kernel has finished, and waits here, before its first global read,
+  // until it has (and its writes are visible), as if launched in plain stream order. What comes
+  // before reads only the parameters: it overlaps the previous kernel's end.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  // The merge kernel (a programmatic dependent) may be scheduled now; it waits for this grid to finish.
+  // With a cluster merge there is none, and the trigger lets the stream's next programmatic launch
+  // (the next layer's decode in a serving step's graph) place its CTAs early in the same way.
+  if (params.num_splits > 1) asm volatile("griddepcontrol.launch_dependents;");
+#endif
   // A length the block table cannot address is clamped (the host checks it under BSA_CHECK_INPUTS).
   const int64_t table_tokens = kv.block_table_width * kv.kv_block_size;
   const int capacity = table_tokens > INT_MAX ? INT_MAX : static_cast<int>(table_tokens);
@@ -326,26 +351,6 @@ decode_sm80_kernel(const DecodeParams params) {
       if (kv.v_scale != nullptr) ptx::cp_async_4(&s_scales[1], kv.v_scale);
     }
     ptx::cp_async_commit();
-  }
-  // The group's distinct vertical residues, sorted (head_residues' result), worked out by each warp
-  // for itself, lane r for head r: no warp waits for another (a thread-0 loop and a CTA barrier were
-  // ~1,300 cycles of this kernel's path).
-  int num_residues = 0;
-  if (!pattern.has_layout()) {
-    const bool mine = lane < num_rows;
-    const int rho = mine ? vertical_residue(pattern, first_head + lane) : INT_MAX;
-    const unsigned heads = __ballot_sync(0xffffffffu, mine);
-    const unsigned same = __match_any_sync(0xffffffffu, mine ? rho : -1 - lane) & heads;
-    const bool leader = mine && (same & ((1u << lane) - 1u)) == 0;  // the lowest head of its residue
-    const unsigned leaders = __ballot_sync(0xffffffffu, leader);
-    int rank = 0;  // residues below this one
-    for (int j = 0; j < num_rows; ++j) rank += ((leaders >> j) & 1u) != 0 && __shfl_sync(0xffffffffu, rho, j) < rho;
-    if (leader) {
-      s_residues[warp][rank] = rho;
-      s_residue_rows[warp][rank] = same;
-    }
-    num_residues = __popc(leaders);
-    __syncwarp();
   }
   const int seq_len = min(max(seq_len_stored, 0), capacity);
   const int query_block = seq_len > 0 ? (seq_len - 1) / pattern.block_size : 0;
@@ -486,16 +491,17 @@ decode_sm80_kernel(const DecodeParams params) {
   ptx::cp_async_wait<kStages - 1>();  // Q's group (the oldest) has landed
   __syncthreads();
 
-  // Q fragments: in registers for the whole walk (16-bit cache), in shared memory (fp8, below).
+  // Q fragments: in registers for the whole walk (kQueryInRegisters), else in shared memory (below).
   uint32_t q_frag[kKSteps][4];
   float q_factor_inverse = 1.f;  // fp8 with a bf16 model: S is divided by Q's factor (exact, below)
   if constexpr (Smem::kFp8) {
     // The fragments replace Q in shared memory, [ks][lane] 16 bytes each (the same 32 x kHeadDimPad
-    // bytes), and are read back per slice: 32 registers fewer leave room for 4 CTAs per SM. Warp w
-    // builds those of k-steps w * kStepsPerWarp + [0, kStepsPerWarp): thread (group, tig) takes head
-    // dims kQuarter * tig + 4 ks + 0..3 of rows group and group + 8, 8 bytes each (every warp built
-    // all of them from 2-byte loads, one warp stored them: ~400 instructions a thread on a small
-    // decode's path, 10 % of its stall samples at 1 x 2k with ncu, against 2 % for a bf16 cache).
+    // bytes), and are read back per slice (32 registers fewer leave room for 4 CTAs per SM) or once
+    // into registers (kQueryInRegisters). Warp w builds those of k-steps w * kStepsPerWarp +
+    // [0, kStepsPerWarp): thread (group, tig) takes head dims kQuarter * tig + 4 ks + 0..3 of rows
+    // group and group + 8, 8 bytes each (every warp built all of them from 2-byte loads, one warp
+    // stored them: ~400 instructions a thread on a small decode's path, 10 % of its stall samples at
+    // 1 x 2k with ncu, against 2 % for a bf16 cache).
     constexpr int kStepsPerWarp = kKSteps / kDecodeWarps;
     static_assert(kKSteps % kDecodeWarps == 0, "whole k-steps a warp");
     uint2 q_words[kStepsPerWarp][2];
@@ -539,6 +545,13 @@ decode_sm80_kernel(const DecodeParams params) {
           make_uint4(to_half2(q_words[i][0].x), to_half2(q_words[i][1].x), to_half2(q_words[i][0].y),
                      to_half2(q_words[i][1].y));
     __syncthreads();
+    if constexpr (kQueryInRegisters) {
+#pragma unroll
+      for (int ks = 0; ks < kKSteps; ++ks) {
+        const uint4 q4 = reinterpret_cast<const uint4*>(s_q)[ks * 32 + lane];
+        q_frag[ks][0] = q4.x, q_frag[ks][1] = q4.y, q_frag[ks][2] = q4.z, q_frag[ks][3] = q4.w;
+      }
+    }
   } else {
 #pragma unroll
     for (int ks = 0; ks < kKSteps; ++ks)
@@ -586,8 +599,14 @@ decode_sm80_kernel(const DecodeParams params) {
               *reinterpret_cast<const uint4*>(landed + swizzle_fp8<kHeadDimPad>(group + 8 * r, kQuarter * tig + 16 * c));
 #pragma unroll
       for (int ks = 0; ks < kKSteps; ++ks) {
-        const uint4 q4 = reinterpret_cast<const uint4*>(s_q)[ks * 32 + lane];
-        const uint32_t q[4] = {q4.x, q4.y, q4.z, q4.w};
+        uint32_t q[4];
+        if constexpr (kQueryInRegisters) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) q[e] = q_frag[ks][e];
+        } else {
+          const uint4 q4 = reinterpret_cast<const uint4*>(s_q)[ks * 32 + lane];
+          q[0] = q4.x, q[1] = q4.y, q[2] = q4.z, q[3] = q4.w;
+        }
         uint32_t b[4];
         fp8_pairs_to_half2<Cache>(reinterpret_cast<const uint32_t*>(&key_words[0][ks / 4])[ks % 4], b[0], b[1]);
         fp8_pairs_to_half2<Cache>(reinterpret_cast<const uint32_t*>(&key_words[1][ks / 4])[ks % 4], b[2], b[3]);
@@ -788,6 +807,13 @@ __global__ void __launch_bounds__(kMergeThreads) decode_merge_kernel(const Decod
   }
 }
 
+// The decode kernel built for its usual occupancy (decode_min_ctas_per_sm), or with the registers of
+// kDecodeRoomyCtasPerSm CTAs an SM (decode_has_roomy_build).
+template <typename Element, int kHeadDimPad, typename Cache, bool kRoomy = false>
+constexpr auto decode_kernel =
+    decode_sm80_kernel<Element, kHeadDimPad, Cache,
+                       kRoomy ? kDecodeRoomyCtasPerSm : decode_min_ctas_per_sm<kHeadDimPad, Cache>()>;
+
 // Properties of a kernel that depend on the code the driver loaded for a device, computed once per
 // device (stored + 1; 0: not asked yet).
 constexpr int kMaxDevices = 64;
@@ -816,7 +842,7 @@ bool decode_has_sm90_steps() {
   static std::atomic<int> cache[kMaxDevices];
   return once_per_device(cache, [] {
     cudaFuncAttributes attributes{};
-    if (cudaFuncGetAttributes(&attributes, decode_sm80_kernel<Element, kHeadDimPad, Cache>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&attributes, decode_kernel<Element, kHeadDimPad, Cache>) != cudaSuccess) {
       (void)cudaGetLastError();
       return 0;
     }
@@ -824,11 +850,11 @@ bool decode_has_sm90_steps() {
   }) != 0;
 }
 
-template <typename Element, int kHeadDimPad, typename Cache>
-int decode_sm80_ctas_per_sm() {
+template <typename Element, int kHeadDimPad, typename Cache, bool kRoomy>
+int decode_kernel_ctas_per_sm() {
   static const int ctas = [] {
     constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad, Cache>::kBytes;
-    auto kernel = decode_sm80_kernel<Element, kHeadDimPad, Cache>;
+    auto kernel = decode_kernel<Element, kHeadDimPad, Cache, kRoomy>;
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     int n = 0;
     if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kDecodeThreads, kSmemBytes) != cudaSuccess) {
@@ -838,6 +864,24 @@ int decode_sm80_ctas_per_sm() {
     return n > 0 ? n : 1;
   }();
   return ctas;
+}
+template <typename Element, int kHeadDimPad, typename Cache>
+int decode_sm80_ctas_per_sm() {
+  return decode_kernel_ctas_per_sm<Element, kHeadDimPad, Cache, false>();
+}
+
+// The current device's SM count, asked once per device.
+inline int device_sm_count() {
+  static std::atomic<int> cache[kMaxDevices];
+  return once_per_device(cache, [] {
+    int device = 0, sms = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return 0;
+    }
+    return sms;
+  });
 }
 
 // The launch attribute that makes the `splits` CTAs of a group (along grid x) one thread-block cluster.
@@ -861,7 +905,9 @@ int decode_sm80_max_cluster_splits() {
   return once_per_device(cache, [] {
     if (!decode_has_sm90_steps<Element, kHeadDimPad, Cache>()) return 0;
     constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad, Cache>::kBytes;
-    auto kernel = decode_sm80_kernel<Element, kHeadDimPad, Cache>;
+    // A grid of clusters fits one CTA an SM (choose_decode_cluster_merge), so it runs the roomy build
+    // where there is one (launch_decode_sm80).
+    auto kernel = decode_kernel<Element, kHeadDimPad, Cache, decode_has_roomy_build<kHeadDimPad, Cache>()>;
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess)
       (void)cudaGetLastError();
@@ -887,7 +933,13 @@ int decode_sm80_max_cluster_splits() {
 template <typename Element, int kHeadDimPad, typename Cache>
 void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   constexpr int kSmemBytes = DecodeSmem<Element, kHeadDimPad, Cache>::kBytes;
-  auto kernel = decode_sm80_kernel<Element, kHeadDimPad, Cache>;
+  const dim3 grid(params.num_splits, params.num_kv_heads * params.head_chunks, params.num_seqs);
+  auto kernel = decode_kernel<Element, kHeadDimPad, Cache>;
+  if constexpr (decode_has_roomy_build<kHeadDimPad, Cache>()) {
+    const int64_t ctas = int64_t{grid.x} * grid.y * grid.z;
+    if (ctas <= int64_t{device_sm_count()} * decode_kernel_ctas_per_sm<Element, kHeadDimPad, Cache, true>())
+      kernel = decode_kernel<Element, kHeadDimPad, Cache, true>;
+  }
   // Always: the 48 KB default counts the kernel's static shared memory too, so a dynamic size just
   // under it can still fail to launch (seen with 32-key tiles and 2 stages: exactly 48 KB dynamic).
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
@@ -906,7 +958,7 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   }
   if (params.cluster_merge) attributes[num_attributes++] = split_cluster_attribute(params.num_splits);
   cudaLaunchConfig_t config{};
-  config.gridDim = dim3(params.num_splits, params.num_kv_heads * params.head_chunks, params.num_seqs);
+  config.gridDim = grid;
   config.blockDim = dim3(kDecodeThreads);
   config.dynamicSmemBytes = kSmemBytes;
   config.stream = stream;
