@@ -77,13 +77,6 @@ __device__ __forceinline__ int sm90_pack_shift(const PrefillParams& params) {
 // The tensor-core operand type: the model's, but fp16 over fp8 pages (e4m3 and e5m2 widen to fp16
 // exactly in one instruction a pair, to bf16 in four: the widening was most of the fp8 producer's
 // work). A bf16 model's Q is then scaled into fp16's range by the consumers (sm90_query_to_fp16).
-// Build knob BSA_SM90_PAGED_ONE_LANE_AT_64=1 (unmeasured, for the next A/B): pages of 64 rows or more
-// looked up and their boxes issued by one thread, as contiguous K/V, instead of a lane a column block
-// (ncu, kv block 8192 against contiguous, 2026-12-04: the consumers' MIO-queue stalls doubled, and
-// the per-lane box issue stalled 255 samples against 1).
-#ifndef BSA_SM90_PAGED_ONE_LANE_AT_64
-#define BSA_SM90_PAGED_ONE_LANE_AT_64 0
-#endif
 // Build knob BSA_SM90_FP8_FP16=0: the model's type throughout (the widening to bf16), for A/Bs.
 #ifndef BSA_SM90_FP8_FP16
 #define BSA_SM90_FP8_FP16 1
@@ -275,25 +268,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             constexpr int kBlocks = kHeadDim / 64;
             const int rows = maps.kv_page_rows;  // 16, 32 or 64
             const int box = tid / kBlocks, block = tid % kBlocks;
-            auto page_slab = [&](int page) {  // the map's slab of (page, kv head); -1 (zeros) for a bad id
-              return page >= 0 && page < kv.num_cache_blocks ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1)
-                                                             : -1;
-            };
-            if (BSA_SM90_PAGED_ONE_LANE_AT_64 && rows == 64) {
-              // One page a tile: thread 0 looks it up and issues every box, as the contiguous path does.
-              if (tid == 0) {
-                const int slab = page_slab(kv.table_row(seq, kv_head)[kv.page_index(pos0)]);
-                const int in_page = kv.row_in_page(pos0);
-#pragma unroll
-                for (int b = 0; b < kBlocks; ++b) {
-                  const int dst = b * Smem::kStageColumnBlockBytes + tile_dst;
-                  ptx::tma_load_3d(dst_k + dst, &maps.key, b * 64, in_page, slab, landed);
-                  ptx::tma_load_3d(dst_v + dst, &maps.value, b * 64, in_page, slab, landed);
-                }
-              }
-            } else if (box * rows < 64) {
+            if (box * rows < 64) {
               const int pos = pos0 + box * rows;
-              const int slab = page_slab(kv.table_row(seq, kv_head)[kv.page_index(pos)]);
+              const int page = kv.table_row(seq, kv_head)[kv.page_index(pos)];
+              const int slab =
+                  page >= 0 && page < kv.num_cache_blocks ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1) : -1;
               const int in_page = kv.row_in_page(pos);
               const int dst = block * Smem::kStageColumnBlockBytes + tile_dst + box * rows * 128;
               ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, in_page, slab, landed);
