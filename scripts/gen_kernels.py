@@ -88,6 +88,7 @@ def generated_files() -> dict[str, str]:
                     "cuda/kernels/decode_sm80.cuh", pad,
                     f"void launch_decode_sm80<{element}, {pad}, {cache}>(const DecodeParams&, cudaStream_t)",
                     f"int decode_sm80_ctas_per_sm<{element}, {pad}, {cache}>()",
+                    f"int decode_sm80_small_grid_ctas_per_sm<{element}, {pad}, {cache}>()",
                     f"int decode_sm80_max_cluster_splits<{element}, {pad}, {cache}>()")
             for pad in s["SM90_HEAD_DIM_PADS"]:
                 for keys in SM90_STAGE_KEYS if not suffix else (64,):

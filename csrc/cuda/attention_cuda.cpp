@@ -418,16 +418,27 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
   fill_query_fields(params, out, q, args, scale, lse);
   params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale);
   params.head_chunks = static_cast<int>((args.pattern.q_heads_per_kv + kDecodeHeadsPerCta - 1) / kDecodeHeadsPerCta);
-  int ctas_per_sm = 1, max_cluster_splits = 0;
+  int ctas_per_sm = 1, small_grid_ctas_per_sm = 0, max_cluster_splits = 0;
   dispatch_element_and_head_dim(q.scalar_type(), params.head_size, [&](auto element, auto pad) {
     using Element = decltype(element);
     dispatch_cache_format<Element>(key_cache.scalar_type(), [&](auto cache) {
       ctas_per_sm = decode_sm80_ctas_per_sm<Element, decltype(pad)::value, decltype(cache)>();
+      small_grid_ctas_per_sm = decode_sm80_small_grid_ctas_per_sm<Element, decltype(pad)::value, decltype(cache)>();
       max_cluster_splits = decode_sm80_max_cluster_splits<Element, decltype(pad)::value, decltype(cache)>();
     });
   });
   const int64_t units = int64_t{params.num_seqs} * params.num_kv_heads * params.head_chunks;
-  params.num_splits = choose_decode_splits(units, ctas_per_sm, block_tables.size(-1) * key_cache.size(2), settings);
+  const int64_t max_seq_len = block_tables.size(-1) * key_cache.size(2);
+  params.num_splits = choose_decode_splits(units, ctas_per_sm, max_seq_len, settings);
+  // An fp8 cache's small-grid build (launch_decode_sm80 runs it where the grid fits one wave of it)
+  // takes the splits planned at its own occupancy when they fit that wave: fewer CTAs with more
+  // registers each (H200, graph-replayed, e4m3 4 x 8k: 8 splits of the 2-CTA build 16.1 us against 16
+  // splits of the 4-CTA build 18.2).
+  if (small_grid_ctas_per_sm > 0) {
+    const int splits = choose_decode_splits(units, small_grid_ctas_per_sm, max_seq_len, settings);
+    if (units * splits <= int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * small_grid_ctas_per_sm)
+      params.num_splits = splits;
+  }
   params.cluster_merge = choose_decode_cluster_merge(units, params.num_splits, max_cluster_splits, settings);
   // Split partials come from the caching allocator: no device sync, and stable inside a CUDA graph's
   // private pool, so capture and replay work; no split or a cluster merge, no workspace.

@@ -5,6 +5,7 @@
 namespace blocksparse_attn {
 template void launch_decode_sm80<__nv_bfloat16, 128, __nv_fp8_e4m3>(const DecodeParams&, cudaStream_t);
 template int decode_sm80_ctas_per_sm<__nv_bfloat16, 128, __nv_fp8_e4m3>();
+template int decode_sm80_small_grid_ctas_per_sm<__nv_bfloat16, 128, __nv_fp8_e4m3>();
 template int decode_sm80_max_cluster_splits<__nv_bfloat16, 128, __nv_fp8_e4m3>();
 }
 #endif

@@ -5,6 +5,7 @@
 namespace blocksparse_attn {
 template void launch_decode_sm80<__nv_bfloat16, 256, __nv_fp8_e5m2>(const DecodeParams&, cudaStream_t);
 template int decode_sm80_ctas_per_sm<__nv_bfloat16, 256, __nv_fp8_e5m2>();
+template int decode_sm80_small_grid_ctas_per_sm<__nv_bfloat16, 256, __nv_fp8_e5m2>();
 template int decode_sm80_max_cluster_splits<__nv_bfloat16, 256, __nv_fp8_e5m2>();
 }
 #endif

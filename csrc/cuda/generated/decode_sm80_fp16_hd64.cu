@@ -5,6 +5,7 @@
 namespace blocksparse_attn {
 template void launch_decode_sm80<__half, 64, __half>(const DecodeParams&, cudaStream_t);
 template int decode_sm80_ctas_per_sm<__half, 64, __half>();
+template int decode_sm80_small_grid_ctas_per_sm<__half, 64, __half>();
 template int decode_sm80_max_cluster_splits<__half, 64, __half>();
 }
 #endif

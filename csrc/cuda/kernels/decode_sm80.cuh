@@ -869,6 +869,13 @@ template <typename Element, int kHeadDimPad, typename Cache>
 int decode_sm80_ctas_per_sm() {
   return decode_kernel_ctas_per_sm<Element, kHeadDimPad, Cache, false>();
 }
+template <typename Element, int kHeadDimPad, typename Cache>
+int decode_sm80_small_grid_ctas_per_sm() {
+  if constexpr (decode_has_roomy_build<kHeadDimPad, Cache>())
+    return decode_kernel_ctas_per_sm<Element, kHeadDimPad, Cache, true>();
+  else
+    return 0;
+}
 
 // The current device's SM count, asked once per device.
 inline int device_sm_count() {
@@ -937,7 +944,7 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   auto kernel = decode_kernel<Element, kHeadDimPad, Cache>;
   if constexpr (decode_has_roomy_build<kHeadDimPad, Cache>()) {
     const int64_t ctas = int64_t{grid.x} * grid.y * grid.z;
-    if (ctas <= int64_t{device_sm_count()} * decode_kernel_ctas_per_sm<Element, kHeadDimPad, Cache, true>())
+    if (ctas <= int64_t{device_sm_count()} * decode_sm80_small_grid_ctas_per_sm<Element, kHeadDimPad, Cache>())
       kernel = decode_kernel<Element, kHeadDimPad, Cache, true>;
   }
   // Always: the 48 KB default counts the kernel's static shared memory too, so a dynamic size just
