@@ -430,14 +430,14 @@ void paged_decode_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::
   const int64_t units = int64_t{params.num_seqs} * params.num_kv_heads * params.head_chunks;
   const int64_t max_seq_len = block_tables.size(-1) * key_cache.size(2);
   params.num_splits = choose_decode_splits(units, ctas_per_sm, max_seq_len, settings);
-  // An fp8 cache's small-grid build (launch_decode_sm80 runs it where the grid fits one wave of it)
-  // takes the splits planned at its own occupancy when they fit that wave: fewer CTAs with more
-  // registers each (H200, graph-replayed, e4m3 4 x 8k: 8 splits of the 2-CTA build 16.1 us against 16
-  // splits of the 4-CTA build 18.2).
+  // An fp8 cache's small-grid build runs a grid that fits one wave of it, with the splits planned at
+  // its own occupancy where those fit: fewer CTAs with more registers each (H200, graph-replayed, e4m3
+  // 4 x 8k: 8 splits of the 2-CTA build 16.1 us against 16 splits of the 4-CTA build 18.2).
   if (small_grid_ctas_per_sm > 0) {
+    const int64_t one_wave = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * small_grid_ctas_per_sm;
     const int splits = choose_decode_splits(units, small_grid_ctas_per_sm, max_seq_len, settings);
-    if (units * splits <= int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * small_grid_ctas_per_sm)
-      params.num_splits = splits;
+    if (units * splits <= one_wave) params.num_splits = splits;
+    params.small_grid_build = units * params.num_splits <= one_wave;
   }
   params.cluster_merge = choose_decode_cluster_merge(units, params.num_splits, max_cluster_splits, settings);
   // Split partials come from the caching allocator: no device sync, and stable inside a CUDA graph's

@@ -76,8 +76,8 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream);
 // How many decode CTAs of this instantiation one SM runs at once (the occupancy calculator, asked once).
 template <typename Element, int kHeadDimPad, typename Cache>
 int decode_sm80_ctas_per_sm();
-// The same for the build a small grid runs (launch_decode_sm80 takes it where the grid fits one wave of
-// it); 0 where the instantiation has no such build.
+// The same for the build a small grid runs (DecodeParams::small_grid_build); 0 where the instantiation
+// has no such build.
 template <typename Element, int kHeadDimPad, typename Cache>
 int decode_sm80_small_grid_ctas_per_sm();
 // The most decode splits one thread-block cluster of this instantiation holds on this device (2..16;

@@ -877,20 +877,6 @@ int decode_sm80_small_grid_ctas_per_sm() {
     return 0;
 }
 
-// The current device's SM count, asked once per device.
-inline int device_sm_count() {
-  static std::atomic<int> cache[kMaxDevices];
-  return once_per_device(cache, [] {
-    int device = 0, sms = 0;
-    if (cudaGetDevice(&device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return 0;
-    }
-    return sms;
-  });
-}
-
 // The launch attribute that makes the `splits` CTAs of a group (along grid x) one thread-block cluster.
 inline cudaLaunchAttribute split_cluster_attribute(int splits) {
   cudaLaunchAttribute attribute{};
@@ -943,9 +929,7 @@ void launch_decode_sm80(const DecodeParams& params, cudaStream_t stream) {
   const dim3 grid(params.num_splits, params.num_kv_heads * params.head_chunks, params.num_seqs);
   auto kernel = decode_kernel<Element, kHeadDimPad, Cache>;
   if constexpr (decode_has_roomy_build<kHeadDimPad, Cache>()) {
-    const int64_t ctas = int64_t{grid.x} * grid.y * grid.z;
-    if (ctas <= int64_t{device_sm_count()} * decode_sm80_small_grid_ctas_per_sm<Element, kHeadDimPad, Cache>())
-      kernel = decode_kernel<Element, kHeadDimPad, Cache, true>;
+    if (params.small_grid_build) kernel = decode_kernel<Element, kHeadDimPad, Cache, true>;
   }
   // Always: the 48 KB default counts the kernel's static shared memory too, so a dynamic size just
   // under it can still fail to launch (seen with 32-key tiles and 2 stages: exactly 48 KB dynamic).

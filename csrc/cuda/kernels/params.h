@@ -139,6 +139,9 @@ struct DecodeParams {
   // are one thread-block cluster and merge through distributed shared memory; no partials, no merge
   // kernel.
   int cluster_merge;
+  // 1: run the fp8 kernel's small-grid build (launch_decode_sm80; the host sets it where the grid fits
+  // one wave of that build). Read by the launcher only.
+  int small_grid_build;
 };
 
 // The plan kernel's inputs and outputs (cuda/kernels/plan.cuh).
