@@ -8,7 +8,11 @@ tables shuffled as after allocator churn, or in allocation order with --in-order
   paged-<fp8>    the same from an fp8 cache (e4m3 / e5m2, per-tensor scales)
   chunk          the last chunk (--chunk tokens) of each prompt as a chunked prefill: its queries
                  against the context already in the cache, model dtype and fp8 caches alike
-The ratio columns are paged / varlen and fp8 / model-dtype cache (1.00 = as fast).
+  varlen-hm      the same over k/v stored kv head by kv head ([Hkv, T, D] viewed as [T, Hkv, D]):
+                 each head's rows contiguous, as in a page, without the pages
+  chunk-varlen   the same chunk's queries over the contiguous k/v (the chunk's reference)
+The ratio columns are paged / varlen, chunk / chunk-varlen (model-dtype cache) and fp8 / model-dtype
+cache (1.00 = as fast).
 
     python benchmarks/bench_paged_prefill.py --seq-lens 8192,32768 --chunk 2048
 """
@@ -106,8 +110,16 @@ def main():
             caches[f] = (FP8[f], fp8_scale(k, FP8[f]))
         chunk_rows, cu_chunk = last_rows(batch, seq_len, min(args.chunk, seq_len), device)
         q_chunk, out_chunk = q[chunk_rows].contiguous(), torch.empty_like(q[chunk_rows])
+        k_hm, v_hm = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (k, v))
         t = {"varlen": timed_ms(lambda: ops.varlen_prefill(q, k, v, cu, cu, scale, pattern, out=out),
-                                args.warmup, args.repeats)}
+                                args.warmup, args.repeats),
+             # contiguous k/v stored kv head by kv head ([Hkv, T, D] viewed as [T, Hkv, D]): each
+             # head's rows contiguous as in a page, without the pages
+             "varlen-hm": timed_ms(lambda: ops.varlen_prefill(q, k_hm, v_hm, cu, cu, scale, pattern, out=out),
+                                   args.warmup, args.repeats),
+             # the same chunk's queries over contiguous keys: the chunk's reference
+             "chunk-varlen": timed_ms(lambda: ops.varlen_prefill(q_chunk, k, v, cu_chunk, cu, scale, pattern,
+                                                                 out=out_chunk), args.warmup, args.repeats)}
         for name, (cache_dtype, s) in caches.items():
             key_cache, value_cache = filled_cache(k, v, tables, slots, args.kv_block, cache_dtype, s)
             t[f"paged-{name}"] = timed_ms(lambda: ops.paged_prefill(
@@ -121,10 +133,10 @@ def main():
         torch.cuda.empty_cache()
     names = list(rows[0][2])
     print(f"\n{'S x batch':>12} " + " ".join(f"{n + ' ms':>14}" for n in names) + f" {'paged/varlen':>13}"
-          + "".join(f" {f + '/bf16 (chunk)':>17}" for f in fp8s))
+          + f" {'chunk/varlen':>13}" + "".join(f" {f + '/bf16 (chunk)':>17}" for f in fp8s))
     for seq_len, batch, t in rows:
         line = f"{f'{seq_len} x {batch}':>12} " + " ".join(f"{t[n]:>14.3f}" for n in names)
-        line += f" {t['paged-bf16'] / t['varlen']:>13.2f}"
+        line += f" {t['paged-bf16'] / t['varlen']:>13.2f} {t['chunk-bf16'] / t['chunk-varlen']:>13.2f}"
         line += "".join(f" {t[f'chunk-{f}'] / t['chunk-bf16']:>17.2f}" for f in fp8s)
         print(line)
 

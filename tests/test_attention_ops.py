@@ -52,19 +52,37 @@ def describe(pattern) -> str:
 
 # ---- runners: inputs -> reference -> poisoned op run -> comparison -------------------------------------
 
-def run_varlen(device, dtype, hq, hkv, d, seqs, pattern, gen, scale=None):
-    """seqs: [(q_len, k_len)]; the queries are each sequence's last q_len positions."""
+def kv_views(k, v, layout, device):
+    """k and v on `device` as `layout`: "contiguous"; "head_major", views of [Hkv, T, D] storage (each
+    head's rows contiguous, as in a page); "fused", views of [T, Hkv, 3, D] whose third slot is NaN (a
+    fused projection's row stride: a read past a row's own D elements brings NaN)."""
+    if layout == "contiguous":
+        return k.to(device), v.to(device)
+    if layout == "head_major":
+        return tuple(x.transpose(0, 1).contiguous().to(device).transpose(0, 1) for x in (k, v))
+    assert layout == "fused", layout
+    fused = torch.full((*k.shape[:2], 3, k.shape[2]), float("nan"), dtype=k.dtype)
+    fused[:, :, 0], fused[:, :, 1] = k, v
+    fused = fused.to(device)
+    return fused[:, :, 0], fused[:, :, 1]
+
+
+def run_varlen(device, dtype, hq, hkv, d, seqs, pattern, gen, scale=None, kv_layout="contiguous"):
+    """seqs: [(q_len, k_len)]; the queries are each sequence's last q_len positions; kv_layout: how k
+    and v are stored (kv_views)."""
     q_lens, k_lens = [s[0] for s in seqs], [s[1] for s in seqs]
     q = randn((sum(q_lens), hq, d), dtype, gen)
     k, v = randn((sum(k_lens), hkv, d), dtype, gen), randn((sum(k_lens), hkv, d), dtype, gen)
     cu_q, cu_k = cu_seqlens(q_lens, "cpu"), cu_seqlens(k_lens, "cpu")
     scale = d ** -0.5 if scale is None else scale
-    config = f"varlen_prefill {device} {dtype_ids(dtype)} D={d} Hq={hq} Hkv={hkv} seqs={seqs} {describe(pattern)}"
+    config = (f"varlen_prefill {device} {dtype_ids(dtype)} D={d} Hq={hq} Hkv={hkv} seqs={seqs} {describe(pattern)} "
+              f"k/v {kv_layout}")
     with one_thread():
         ref_out, ref_lse = reference.varlen_prefill_ref(q, k, v, cu_q, cu_k, scale, pattern)
     out = poison(torch.empty(q.shape, dtype=dtype, device=device))
     lse = poison(torch.empty(hq, q.shape[0], dtype=torch.float32, device=device))
-    _ops.varlen_prefill(out, q.to(device), k.to(device), v.to(device), cu_q.to(device), cu_k.to(device), scale,
+    k_dev, v_dev = kv_views(k, v, kv_layout, device)
+    _ops.varlen_prefill(out, q.to(device), k_dev, v_dev, cu_q.to(device), cu_k.to(device), scale,
                         *op_args(pattern, device), lse)
     assert_close_to_ref(out, ref_out, dtype, config)
     assert_lse_close(lse, ref_lse, dtype, config)
@@ -155,6 +173,16 @@ def test_varlen_prefill_patterns(device, block_size, heads, mode, dtype, gen):
     assert_pattern_is_sparse(pattern, hq, hkv, n, f"{mode} B={block_size}")
     seqs = [(m, m) for m in edge_lengths(block_size)]
     run_varlen(device, dtype, hq, hkv, 64, seqs, pattern, gen)
+
+
+@pytest.mark.parametrize("kv_layout", ("head_major", "fused"))
+def test_varlen_prefill_strided_kv(device, kv_layout, gen):
+    """k and v as views of other storage (kv_views): any row and head strides are read correctly (on
+    Hopper at head dim 128 through 5-D maps of whole rows, test_prefill_kernels.py)."""
+    skip_unsupported(device, torch.bfloat16)
+    pattern = make_pattern("qslide", 64, LOCAL, VERT, 8, 2)
+    run_varlen(device, torch.bfloat16, 8, 2, 128, [(129, 129), (300, 701), (65, 65)], pattern, gen,
+               kv_layout=kv_layout)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)

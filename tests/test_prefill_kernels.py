@@ -64,6 +64,19 @@ def test_varlen_head_dims(kernel, head_dim, gen):
     run_varlen("cuda", torch.bfloat16, 4, 1, head_dim, [(300, 300), (65, 129), (1, 64)], pattern, gen)
 
 
+@pytest.mark.parametrize("head_dim", (64, 128), ids=lambda d: f"D{d}")
+@pytest.mark.parametrize("kv_layout", ("head_major", "fused"))
+def test_varlen_strided_kv(kernel, kv_layout, head_dim, gen):
+    """K/V as views of other storage (kv head by kv head; a fused row with NaN after each head's D
+    elements), sequences starting at odd tokens: the Hopper kernel reads whole 64-key tiles as 8-row
+    groups of whole rows through 5-D maps whose row and group dimensions both step through the tokens
+    (head dim 128), so a tile may start anywhere; a row read from the wrong place brings NaN or
+    another head's keys."""
+    pattern = make_pattern("qslide", 64, LOCAL, VERT, 8, 2)
+    run_varlen("cuda", torch.bfloat16, 8, 2, head_dim, [(129, 129), (1000, 1000), (5, 4097), (200, 701)], pattern,
+               gen, kv_layout=kv_layout)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("heads", ((4, 4), (8, 2), (6, 1)), ids=lambda h: f"Hq{h[0]}-Hkv{h[1]}")
 def test_varlen_modes(kernel, heads, mode, gen):

@@ -29,12 +29,12 @@ inline PFN_cuTensorMapEncodeTiled_v12000 sm90_tensor_map_encoder() {
   return encode;
 }
 
-// Build knobs (A/B): V of 16- and 32-row pages in one 4-D box a page (Sm90TensorMaps::value_page_rows);
-// the L2 promotion of every map's reads (128 or 256 bytes: a 256-byte K/V row read as two 128-byte
-// column blocks by separate boxes may be fetched whole; 256 measured no faster at kv block 64 on the
-// H200, 2026-12-04).
-#ifndef BSA_SM90_VALUE_PAGE_BOXES
-#define BSA_SM90_VALUE_PAGE_BOXES 1
+// Build knobs (A/B): K and V staged by row group (Sm90KvLayout; =0: by column block, the layout
+// before 2026-12-04); the L2 promotion of every map's reads (128 or 256 bytes: a 256-byte K/V row
+// read as two 128-byte column blocks by separate boxes may be fetched whole; 256 measured no faster
+// at kv block 64 on the H200, 2026-12-04).
+#ifndef BSA_SM90_KV_ROW_GROUPS
+#define BSA_SM90_KV_ROW_GROUPS 1
 #endif
 #ifndef BSA_SM90_L2_PROMOTION_BYTES
 #define BSA_SM90_L2_PROMOTION_BYTES 128
@@ -80,16 +80,48 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
   maps.query_enabled = make(&maps.query, params.q, params.num_q_heads, params.num_q_tokens, params.q_head_stride,
                             params.q_row_stride, packed_heads, 64 / packed_heads);
   const KeyValueSource& kv = params.kv;
+  // K and V by row group (head dim 128, the padded one: every column of a row lies in the map):
+  // 5-D maps (64 columns, row in a group of 8, column block, row group, outer) read in boxes of
+  // (64, 8, 2, box_rows / 8, 1).
+  auto make_row_groups = [&](CUtensorMap* map, const void* base, int64_t rows, int64_t row_stride,
+                             int64_t groups, int64_t outer, int64_t outer_stride, uint32_t box_rows) {
+    auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
+    if (outer <= 0 || groups <= 0 || !aligned(static_cast<int64_t>(reinterpret_cast<uintptr_t>(base))) ||
+        !aligned(row_stride * kElement) || !aligned(outer_stride * kElement))
+      return false;
+    const cuuint64_t dims[5] = {64, static_cast<cuuint64_t>(rows), 2, static_cast<cuuint64_t>(groups),
+                                static_cast<cuuint64_t>(outer)};
+    const cuuint64_t strides[4] = {static_cast<cuuint64_t>(row_stride * kElement), 64 * kElement,
+                                   static_cast<cuuint64_t>(8 * row_stride * kElement),
+                                   static_cast<cuuint64_t>(outer_stride * kElement)};
+    const cuuint32_t box[5] = {64, 8, 2, box_rows / 8, 1};
+    const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+    return encode(map, type, 5, const_cast<void*>(base), dims, strides, box, element_strides,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, kSm90L2Promotion,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  };
+  const bool row_groups_fit = BSA_SM90_KV_ROW_GROUPS && params.head_size == 128;
   if (!kv.paged()) {
+    // By row group: the row dimension runs over every token and the group dimension steps 8 tokens
+    // from there, so a box may start at any token (only whole tiles inside a sequence are read).
+    if (row_groups_fit && kv.num_rows >= 64) {
+      const int64_t groups = (kv.num_rows + 7) / 8;
+      maps.kv_row_groups =
+          make_row_groups(&maps.key, kv.key, kv.num_rows, kv.row_stride, groups, params.num_kv_heads, kv.head_stride, 64) &&
+          make_row_groups(&maps.value, kv.value, kv.num_rows, kv.row_stride, groups, params.num_kv_heads,
+                          kv.head_stride, 64);
+      maps.kv_enabled = maps.kv_row_groups;
+      if (maps.kv_enabled) return maps;
+    }
     maps.kv_enabled =
         make(&maps.key, kv.key, params.num_kv_heads, kv.num_rows, kv.head_stride, kv.row_stride, 1, 64) &&
         make(&maps.value, kv.value, params.num_kv_heads, kv.num_rows, kv.head_stride, kv.row_stride, 1, 64);
     return maps;
   }
   // Pages of kvbs rows: boxes of min(kvbs, 64) rows inside one page, at most 4 per 64-key tile (one
-  // producer lane per box and column block looks its page up and issues it), each starting at a
-  // multiple of 8 rows (the swizzle's period); slabs of kvbs * D elements, one (block, kv head in the
-  // block) each.
+  // producer lane per box, and by column block per column block, looks its page up and issues it),
+  // each starting at a multiple of 8 rows (the swizzle's period); slabs of kvbs * D elements, one
+  // (block, kv head in the block) each.
   const int kvbs = kv.kv_block_size;
   if (!std::is_same<Cache, Element>::value || kvbs % 16 != 0 || (kvbs > 64 && kvbs % 64 != 0)) return maps;
   const int64_t slab_elements = static_cast<int64_t>(kvbs) * params.head_size;
@@ -98,25 +130,15 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
   if (slabs > INT32_MAX) return maps;
   maps.kv_page_rows = std::min(kvbs, 64);
   const auto rows = static_cast<uint32_t>(maps.kv_page_rows);
+  if (row_groups_fit) {
+    maps.kv_row_groups =
+        make_row_groups(&maps.key, kv.key, 8, params.head_size, kvbs / 8, slabs, slab_elements, rows) &&
+        make_row_groups(&maps.value, kv.value, 8, params.head_size, kvbs / 8, slabs, slab_elements, rows);
+    maps.kv_enabled = maps.kv_row_groups;
+    if (maps.kv_enabled) return maps;
+  }
   maps.kv_enabled = make(&maps.key, kv.key, kvbs, slabs, params.head_size, slab_elements, rows, 1) &&
                     make(&maps.value, kv.value, kvbs, slabs, params.head_size, slab_elements, rows, 1);
-  // Pages of 16 or 32 rows at head dim 128: V one box a page, (64 columns, row, column block, slab)
-  // with the column blocks 128 bytes apart inside each row (strides need not grow with the dims), so
-  // a fill takes 12 boxes instead of 16 at kv block 16 (the TMA's time grows with its boxes).
-  if (maps.kv_enabled && BSA_SM90_VALUE_PAGE_BOXES && rows < 64 && params.head_size == 128) {
-    CUtensorMap value{};
-    const cuuint64_t dims[4] = {64, static_cast<cuuint64_t>(kvbs), 2, static_cast<cuuint64_t>(slabs)};
-    const cuuint64_t strides[3] = {static_cast<cuuint64_t>(params.head_size * kElement), 64 * kElement,
-                                   static_cast<cuuint64_t>(slab_elements * kElement)};
-    const cuuint32_t box[4] = {64, rows, 2, 1};
-    const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-    if (encode(&value, type, 4, const_cast<void*>(kv.value), dims, strides, box, element_strides,
-               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, kSm90L2Promotion,
-               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS) {
-      maps.value = value;
-      maps.value_page_rows = maps.kv_page_rows;
-    }
-  }
   return maps;
 }
 

@@ -236,6 +236,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     auto tma_tile = [&](int key_tile) {
       return !CacheFormat<Cache>::kFp8 && maps.kv_enabled && key_tile >= 0 && key_tile * 64 + 64 <= k_len;
     };
+    // The stage layout (fp8 pages never come through the TMA: by column block, known at compile time).
+    const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(!kFp8Pages && maps.kv_row_groups);
     auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot) -> bool {
       const int pos0 = key_tile * 64;
       unsigned char* dst_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
@@ -249,47 +251,50 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
           if (tid == 0) ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
-          const int tile_dst = slot * 64 * 128;
+          const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
             if (tid == 0) {
               const int token = kv.cu_seqlens_k[seq] + pos0;
+              if (maps.kv_row_groups) {
+                ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
+                ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
+              } else {
 #pragma unroll
-              for (int block = 0; block < kHeadDim / 64; ++block) {
-                const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
-                ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
-                ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
+                for (int block = 0; block < kHeadDim / 64; ++block) {
+                  const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
+                  ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
+                  ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
+                }
               }
             }
           } else {
-            // One box of `rows` rows per page and 64-column block, each looked up and issued by its
-            // own lane of the first warp (kvbs 16: 8 lanes, one lookup round trip for all; from one
-            // thread the 16 box issues queued behind each other). A page id outside [0, NB) is a box
-            // outside the map: zeros.
-            constexpr int kBlocks = kHeadDim / 64;
+            // One box of `rows` rows per page (and 64-column block, by column block), each looked up
+            // and issued by its own lane of the first warp (kvbs 16: 4 lanes by row group, one lookup
+            // round trip for all; from one thread the box issues queued behind each other). A page id
+            // outside [0, NB) is a box outside the map: zeros.
             const int rows = maps.kv_page_rows;  // 16, 32 or 64
-            const int box = tid / kBlocks, block = tid % kBlocks;
+            const int blocks = maps.kv_row_groups ? 1 : kHeadDim / 64;
+            const int box = tid / blocks, block = tid % blocks;
             if (box * rows < 64) {
               const int pos = pos0 + box * rows;
               const int page = kv.table_row(seq, kv_head)[kv.page_index(pos)];
               const int slab =
                   page >= 0 && page < kv.num_cache_blocks ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1) : -1;
               const int in_page = kv.row_in_page(pos);
-              const int dst = block * Smem::kStageColumnBlockBytes + tile_dst + box * rows * 128;
-              ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, in_page, slab, landed);
-              if (maps.value_page_rows == 0)
+              const int dst = tile_dst + sm90_kv_offset(layout, box * rows, block * 64);
+              if (maps.kv_row_groups) {
+                ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
+                ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
+              } else {
+                ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, in_page, slab, landed);
                 ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, in_page, slab, landed);
-              else if (block == 0)  // the page's rows of every column block, staged page by page
-                ptx::tma_load_4d(dst_v + (slot * 64 + box * rows) * (kHeadDim * 2), &maps.value, 0, in_page, 0, slab,
-                                 landed);
+              }
             }
           }
         }
         return false;
       }
-      auto wgmma_layout = [slot](int row, int c) { return sm90_tile_offset<Tiling::kBlockN>(slot * 64 + row, c); };
-      auto value_layout = [slot, &maps](int row, int c) {
-        return sm90_value_offset<Tiling::kBlockN, kHeadDim>(slot * 64 + row, c, maps.value_page_rows);
-      };
+      auto stage_layout = [slot, &layout](int row, int c) { return sm90_kv_offset(layout, slot * 64 + row, c); };
       if constexpr (CacheFormat<Cache>::kFp8) {
         // fp8 pages: the rows load_fp8_rows loaded, converted and stored in the wgmma layout; the
         // fill is published with a proxy fence like a cp.async fill.
@@ -298,15 +303,15 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           const int col = fp8_col0 + 32 * j;
           uint4 elements[2];
           fp8_chunk_to_elements<Sm90Compute<Element, Cache>, Cache>(stored_k[j], elements);
-          *reinterpret_cast<uint4*>(dst_k + wgmma_layout(fp8_row, col)) = elements[0];
-          *reinterpret_cast<uint4*>(dst_k + wgmma_layout(fp8_row, col + 8)) = elements[1];
+          *reinterpret_cast<uint4*>(dst_k + stage_layout(fp8_row, col)) = elements[0];
+          *reinterpret_cast<uint4*>(dst_k + stage_layout(fp8_row, col + 8)) = elements[1];
           fp8_chunk_to_elements<Sm90Compute<Element, Cache>, Cache>(stored_v[j], elements);
-          *reinterpret_cast<uint4*>(dst_v + wgmma_layout(fp8_row, col)) = elements[0];
-          *reinterpret_cast<uint4*>(dst_v + wgmma_layout(fp8_row, col + 8)) = elements[1];
+          *reinterpret_cast<uint4*>(dst_v + stage_layout(fp8_row, col)) = elements[0];
+          *reinterpret_cast<uint4*>(dst_v + stage_layout(fp8_row, col + 8)) = elements[1];
         }
       } else {
         copy_kv_rows<Cache, 64 / kRowStep, kRowStep>(kv, seq, kv_head, pos0, row0, col, k_len, head_size,
-                                                     key_tile >= 0, dst_k, dst_v, wgmma_layout, value_layout);
+                                                     key_tile >= 0, dst_k, dst_v, stage_layout);
       }
       return true;
     };
@@ -454,7 +459,7 @@ __device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp
 // each unit's epilogue.
 template <typename Element, int kHeadDim, typename Tiling, typename Cache>
 __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90Shared<kHeadDim, Tiling>& shared,
-                                              int value_page_rows) {
+                                              bool kv_row_groups) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
   using StageRecord = Sm90StageRecord<Tiling::kTilesPerStage>;
   constexpr int kKeySlots = Tiling::kKeySlots;
@@ -478,9 +483,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   const int t = tid % 128, warp = t / 32, lane = t % 32;
   const int quad_row = lane / 4, tig = lane % 4;
   // Descriptor steps (16-byte units): K-major operands advance 32 B per 16 columns inside a
-  // 64-column block, then a whole block; V (MN-major) advances 16 rows of 128 B per 16 keys.
+  // 64-column block, then a whole block; V (MN-major) advances two 8-row groups per 16 keys.
+  const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(kv_row_groups);
   auto q_step = [](int ks) { return static_cast<uint32_t>((ks & 3) * 32 + (ks >> 2) * 64 * 128); };
-  auto k_step = [](int ks) { return static_cast<uint32_t>((ks & 3) * 32 + (ks >> 2) * Smem::kStageColumnBlockBytes); };
+  auto k_step = [&layout](int ks) { return static_cast<uint32_t>((ks & 3) * 32 + (ks >> 2) * layout.column_block_bytes); };
 
   struct StageInfo {
     Sm90Fill fill;
@@ -546,26 +552,22 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
 
     auto issue_s = [&](float (&s)[kSRegs], const Sm90Fill& fill) {
       const unsigned char* s_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
-      const ptx::SmemDescriptor desc_k = ptx::smem_descriptor_sw128(s_k, 16);
+      const ptx::SmemDescriptor desc_k = ptx::smem_descriptor_sw128(s_k, 16, layout.row_group_bytes);
       ptx::wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q.at(q_step(ks)), desc_k.at(k_step(ks)), ks > 0);
       ptx::wgmma_commit();
     };
-    const int v_rows = value_page_rows != 0 ? value_page_rows : Tiling::kBlockN;  // powers of two
-    const int v_shift = __ffs(v_rows) - 1;
     auto issue_pv = [&](const Sm90Fill& fill) {
       const unsigned char* s_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
-      // V staged like K: the 64-column blocks kStageColumnBlockBytes apart, 16 keys a step at 2 KB
-      // steps; page by page (Sm90TensorMaps::value_page_rows): the blocks v_rows * 128 bytes apart,
-      // and a step's 16 keys inside one page.
-      const ptx::SmemDescriptor desc_v = ptx::smem_descriptor_sw128(s_v, v_rows * 128);
+      // V (MN-major): the 64-column blocks column_block_bytes apart, the 8-key groups row_group_bytes.
+      const ptx::SmemDescriptor desc_v =
+          ptx::smem_descriptor_sw128(s_v, layout.column_block_bytes, layout.row_group_bytes);
       ptx::fence_registers(acc_o);
       ptx::wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < Tiling::kBlockN / 16; ++kk)
-        MmaO::rs_mn_major_b(acc_o, p_frag[kk],
-                            desc_v.at(((kk * 16) >> v_shift) * (v_rows * kHeadDim * 2) + ((kk * 16) & (v_rows - 1)) * 128));
+        MmaO::rs_mn_major_b(acc_o, p_frag[kk], desc_v.at(kk * 2 * layout.row_group_bytes));
       ptx::wgmma_commit();
       ptx::fence_registers(acc_o);
     };
@@ -779,7 +781,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     sm90_producer<Element, kHeadDim, Tiling, Cache>(params, maps, shared);
   } else {
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
-    sm90_consumer<Element, kHeadDim, Tiling, Cache>(params, shared, maps.value_page_rows);
+    sm90_consumer<Element, kHeadDim, Tiling, Cache>(params, shared, !CacheFormat<Cache>::kFp8 && maps.kv_row_groups);
   }
 #else
   __trap();  // built for a target without wgmma: the host never launches it there

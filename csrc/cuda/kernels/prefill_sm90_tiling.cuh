@@ -151,15 +151,43 @@ template <int kRows>
 __device__ __forceinline__ int sm90_tile_offset(int row, int col) {
   return (col >> 6) * (kRows * 128) + row * 128 + ((((col & 63) >> 3) ^ (row & 7)) << 4) + (col & 7) * 2;
 }
+// How a K or V stage stores its rows: in atoms of 8 rows x 128 bytes (one 64-column block), the 8-row
+// groups `row_group_bytes` apart and the column blocks `column_block_bytes` apart. Two layouts:
+// - by column block, [column block][kBlockN rows][64]: a 64-column block of contiguous rows is one
+//   TMA box of a row-major tensor;
+// - by row group, [row group][column block][8 rows][64] (row_groups): an 8-row group holds every
+//   column of its rows, so one TMA box brings whole rows (both column blocks of a page at head dim
+//   128: one box a page instead of two). The wgmma descriptors take the same two strides.
+struct Sm90KvLayout {
+  int row_group_bytes;
+  int column_block_bytes;
+};
+template <int kRows, int kHeadDim>
+__device__ __forceinline__ Sm90KvLayout sm90_kv_layout(bool row_groups) {
+  return row_groups ? Sm90KvLayout{kHeadDim * 16, 8 * 128} : Sm90KvLayout{8 * 128, kRows * 128};
+}
+// Byte offset of (row, col) in a K or V stage.
+__device__ __forceinline__ int sm90_kv_offset(const Sm90KvLayout& layout, int row, int col) {
+  return (row >> 3) * layout.row_group_bytes + (col >> 6) * layout.column_block_bytes + (row & 7) * 128 +
+         ((((col & 63) >> 3) ^ (row & 7)) << 4) + (col & 7) * 2;
+}
+
 // TMA descriptors of Q ([T, Hq, D]) and of K and V, with the 128-byte swizzle wgmma reads.
-// Q and contiguous K/V ([Tk, Hkv, D], any row and head strides): 3-D maps (head dim, head, token) read
-// in boxes of 64 x 1 x 64, one 64-column block of a 64-row tile. A paged cache in the model's dtype
-// ([NB, Hc, kvbs, D], Hc = Hkv or 1 kv heads per page): 3-D maps (head dim, row in the page, slab =
-// block * Hc + kv head in the page) read in boxes of
-// 64 x kv_page_rows x 1, kv_page_rows = min(kvbs, 64) rows of one page, so a 64-key tile takes
-// 64 / kv_page_rows <= 4 boxes (each starts at a multiple of 8 rows: the swizzle pattern lines up). A
-// flag is 0 where the host could not build a map (fp8 pages, pages of fewer than 16 rows, strides the
-// TMA cannot express): the producer then copies with cp.async.
+// Q: a 3-D map (head dim, head, token) read in boxes of 64 x 1 x 64, one 64-column block of a 64-row
+// tile (with packed heads 64 x 2^s x 64 >> s).
+// K and V, staged by column block (kv_row_groups = 0): contiguous ([Tk, Hkv, D], any row and head
+// strides) as 3-D maps (head dim, head, token) in boxes of 64 x 1 x 64; a paged cache in the model's
+// dtype ([NB, Hc, kvbs, D], Hc = Hkv or 1 kv heads per page) as 3-D maps (head dim, row in the page,
+// slab = block * Hc + kv head in the page) in boxes of 64 x kv_page_rows x 1, kv_page_rows =
+// min(kvbs, 64) rows of one page, so a 64-key tile takes 64 / kv_page_rows <= 4 boxes a column block.
+// Staged by row group (kv_row_groups = 1, head dim 128 = the padded one): 5-D maps (64 columns, row
+// in an 8-row group, column block, row group, outer) with the column blocks 128 bytes apart inside a
+// row (strides need not grow with the dims), one box of (64, 8, 2, rows / 8, 1) per page of a paged
+// cache (outer: the slab) or per 64-key tile of contiguous K/V (outer: the kv head; the row and
+// group dimensions both step through the tokens, so a tile may start at any token). Boxes start at a
+// multiple of 8 rows of the stage (the swizzle pattern lines up). A flag is 0 where the host could
+// not build a map (fp8 pages, pages of fewer than 16 rows, strides the TMA cannot express): the
+// producer then copies with cp.async.
 struct Sm90TensorMaps {
   CUtensorMap query;
   CUtensorMap key;
@@ -168,19 +196,7 @@ struct Sm90TensorMaps {
   int kv_enabled;
   int kv_page_rows;   // paged maps: rows per box; 0 for contiguous K/V
   int kv_page_heads;  // paged maps: kv heads per page (Hkv, or 1 for per-kv-head pages)
-  // Pages of 16 or 32 rows at head dim 128: V is read one 4-D box a page (both 64-column blocks of
-  // its rows) and staged page by page, [page][column block][value_page_rows rows][64] (see
-  // sm90_value_offset); 0: V is staged like K, [column block][kBlockN rows][64], two boxes a page.
-  int value_page_rows;
+  int kv_row_groups;  // K and V stages by row group (Sm90KvLayout), read by the 5-D maps
 };
-
-// Byte offset of (row, col) of a V stage (row < kBlockN): K's layout, or page by page (above).
-template <int kRows, int kHeadDim>
-__device__ __forceinline__ int sm90_value_offset(int row, int col, int value_page_rows) {
-  if (value_page_rows == 0) return sm90_tile_offset<kRows>(row, col);
-  const int page = row >> (__ffs(value_page_rows) - 1), in_page = row & (value_page_rows - 1);  // 16 or 32
-  return page * (value_page_rows * kHeadDim * 2) + (col >> 6) * (value_page_rows * 128) + in_page * 128 +
-         ((((col & 63) >> 3) ^ (in_page & 7)) << 4) + (col & 7) * 2;
-}
 
 }  // namespace blocksparse_attn

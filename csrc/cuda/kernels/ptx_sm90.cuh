@@ -72,6 +72,16 @@ __device__ __forceinline__ void tma_load_4d(void* smem_dst, const void* tensor_m
       : "memory");
 }
 
+// The same for a 5-D tensor map at (c0, ..., c4).
+__device__ __forceinline__ void tma_load_5d(void* smem_dst, const void* tensor_map, int c0, int c1, int c2, int c3,
+                                            int c4, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::
+          "r"(smem_addr(smem_dst)),
+      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(smem_addr(bar))
+      : "memory");
+}
+
 // Generic-proxy writes to shared memory (st.shared, cp.async) become visible to async-proxy readers
 // (wgmma operands) only after this fence in the writing thread.
 __device__ __forceinline__ void fence_proxy_async_shared() {
@@ -121,9 +131,10 @@ __device__ __forceinline__ void fence_registers(float (&r)[kCount]) {
 // the wgmmas of a tile, and a 32-bit add there costs one instruction where a 64-bit add of the whole
 // descriptor cost a carry chain and register moves before every wgmma (12 instructions, SASS).
 //  leading_bytes: K-major: unused (16); MN-major: offset between 64-element column blocks.
+//  stride_bytes: offset between consecutive 8-row atoms (1024: dense atoms).
 struct SmemDescriptor {
   uint32_t lo;  // bits 0-13: start address >> 4; bits 16-29: leading byte offset >> 4
-  uint32_t hi;  // bits 0-13: stride byte offset >> 4 (1024: dense 8-row atoms); bits 30-31: swizzle mode
+  uint32_t hi;  // bits 0-13: stride byte offset >> 4; bits 30-31: swizzle mode
 
   // The descriptor advanced by `bytes` (a multiple of 16 that keeps the start inside shared memory).
   __device__ __forceinline__ uint64_t at(uint32_t bytes) const {
@@ -131,10 +142,11 @@ struct SmemDescriptor {
   }
 };
 
-__device__ __forceinline__ SmemDescriptor smem_descriptor_sw128(const void* smem, uint32_t leading_bytes) {
+__device__ __forceinline__ SmemDescriptor smem_descriptor_sw128(const void* smem, uint32_t leading_bytes,
+                                                               uint32_t stride_bytes = 1024) {
   SmemDescriptor d;
   d.lo = ((smem_addr(smem) & 0x3FFFF) >> 4) | (((leading_bytes & 0x3FFFF) >> 4) << 16);
-  d.hi = (1024 >> 4) | (1u << 30);  // 128-byte swizzle (mode 1 in bits 62-63)
+  d.hi = ((stride_bytes & 0x3FFFF) >> 4) | (1u << 30);  // 128-byte swizzle (mode 1 in bits 62-63)
   return d;
 }
 
