@@ -7,6 +7,7 @@ prefill). Phi-3-small layer and pattern (--dense-pattern: dense causal, as bench
 
     ncu --kernel-name regex:prefill_sm90 --launch-skip 1 --launch-count 1 python3 benchmarks/profile_prefill.py
     ncu ... python3 benchmarks/profile_prefill.py --paged --kv-block 16 --cache-dtype e4m3 --chunk 2048
+    ncu ... python3 benchmarks/profile_prefill.py --head-major   (k/v stored kv head by kv head, as in pages)
 """
 import argparse
 
@@ -26,10 +27,15 @@ ap.add_argument("--kv-block", type=int, default=16)
 ap.add_argument("--cache-dtype", choices=["auto", *FP8], default="auto")
 ap.add_argument("--chunk", type=int, default=0, help="paged only: the last CHUNK queries of each prompt")
 ap.add_argument("--dense-pattern", action="store_true", help="dense causal: every causal block visible")
+ap.add_argument("--in-order-tables", action="store_true", help="paged only: block tables in allocation order")
+ap.add_argument("--head-major", action="store_true",
+                help="contiguous only: k/v stored kv head by kv head ([Hkv, T, D] viewed as [T, Hkv, D])")
 args = ap.parse_args()
 dev = args.device
-if (args.cache_dtype != "auto" or args.chunk) and not args.paged:
-    ap.error("--cache-dtype and --chunk need --paged")
+if (args.cache_dtype != "auto" or args.chunk or args.in_order_tables) and not args.paged:
+    ap.error("--cache-dtype, --chunk and --in-order-tables need --paged")
+if args.head_major and args.paged:
+    ap.error("--head-major is for contiguous k/v (without --paged)")
 torch.manual_seed(0)
 seq_len, batch = args.seq_len, args.batch
 tokens = seq_len * batch
@@ -41,9 +47,11 @@ k = torch.randn(tokens, 8, 128, device=dev, dtype=torch.bfloat16)
 v = torch.randn_like(k)
 cu = torch.arange(0, tokens + 1, seq_len, device=dev, dtype=torch.int32)
 if not args.paged:
+    if args.head_major:
+        k, v = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (k, v))
     call = lambda: ops.varlen_prefill(q, k, v, cu, cu, 1 / 128, pattern)
 else:
-    tables, slots = block_tables(batch, seq_len, args.kv_block, dev)
+    tables, slots = block_tables(batch, seq_len, args.kv_block, dev, in_order=args.in_order_tables)
     cache_dtype = FP8.get(args.cache_dtype, torch.bfloat16)
     scale = None if args.cache_dtype == "auto" else fp8_scale(k, cache_dtype)
     key_cache, value_cache = filled_cache(k, v, tables, slots, args.kv_block, cache_dtype, scale)
