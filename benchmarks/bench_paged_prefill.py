@@ -44,6 +44,12 @@ def timed_ms(fn, warmup: int, repeats: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def head_major(x):
+    """Contiguous k or v [T, Hkv, D] stored kv head by kv head: a view of [Hkv, T, D] storage, each
+    head's rows contiguous as in a page of the cache."""
+    return x.transpose(0, 1).contiguous().transpose(0, 1)
+
+
 def block_tables(batch: int, seq_len: int, kv_block: int, device, generator=None, in_order: bool = False):
     """Block tables [batch, pages] over a cache of exactly batch * pages blocks, shuffled (as after
     allocator churn) unless in_order, and each token's slot [batch * seq_len]."""
@@ -110,11 +116,9 @@ def main():
             caches[f] = (FP8[f], fp8_scale(k, FP8[f]))
         chunk_rows, cu_chunk = last_rows(batch, seq_len, min(args.chunk, seq_len), device)
         q_chunk, out_chunk = q[chunk_rows].contiguous(), torch.empty_like(q[chunk_rows])
-        k_hm, v_hm = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (k, v))
+        k_hm, v_hm = head_major(k), head_major(v)
         t = {"varlen": timed_ms(lambda: ops.varlen_prefill(q, k, v, cu, cu, scale, pattern, out=out),
                                 args.warmup, args.repeats),
-             # contiguous k/v stored kv head by kv head ([Hkv, T, D] viewed as [T, Hkv, D]): each
-             # head's rows contiguous as in a page, without the pages
              "varlen-hm": timed_ms(lambda: ops.varlen_prefill(q, k_hm, v_hm, cu, cu, scale, pattern, out=out),
                                    args.warmup, args.repeats),
              # the same chunk's queries over contiguous keys: the chunk's reference

@@ -15,7 +15,7 @@ import torch
 
 from blocksparse_attn import ops
 from blocksparse_attn.layout import SparsePattern
-from bench_paged_prefill import FP8, block_tables, filled_cache, fp8_scale, last_rows  # this script's folder
+from bench_paged_prefill import FP8, block_tables, filled_cache, fp8_scale, head_major, last_rows  # this script's folder
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--seq-len", type=int, default=8192)
@@ -48,7 +48,7 @@ v = torch.randn_like(k)
 cu = torch.arange(0, tokens + 1, seq_len, device=dev, dtype=torch.int32)
 if not args.paged:
     if args.head_major:
-        k, v = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (k, v))
+        k, v = head_major(k), head_major(v)
     call = lambda: ops.varlen_prefill(q, k, v, cu, cu, 1 / 128, pattern)
 else:
     tables, slots = block_tables(batch, seq_len, args.kv_block, dev, in_order=args.in_order_tables)

@@ -54,8 +54,9 @@ def describe(pattern) -> str:
 
 def kv_views(k, v, layout, device):
     """k and v on `device` as `layout`: "contiguous"; "head_major", views of [Hkv, T, D] storage (each
-    head's rows contiguous, as in a page); "fused", views of [T, Hkv, 3, D] whose third slot is NaN (a
-    fused projection's row stride: a read past a row's own D elements brings NaN)."""
+    head's rows contiguous, as in a page); "fused", views of [T, Hkv, 3, D] (k, v, then NaN: a fused
+    projection's row stride, where a read past a row's own D elements brings the other tensor's values
+    or NaN)."""
     if layout == "contiguous":
         return k.to(device), v.to(device)
     if layout == "head_major":

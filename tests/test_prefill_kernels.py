@@ -67,8 +67,8 @@ def test_varlen_head_dims(kernel, head_dim, gen):
 @pytest.mark.parametrize("head_dim", (64, 128), ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("kv_layout", ("head_major", "fused"))
 def test_varlen_strided_kv(kernel, kv_layout, head_dim, gen):
-    """K/V as views of other storage (kv head by kv head; a fused row with NaN after each head's D
-    elements), sequences starting at odd tokens: the Hopper kernel reads whole 64-key tiles as 8-row
+    """K/V as views of other storage (kv head by kv head; a fused row of k, v and NaN), sequences
+    starting at odd tokens: the Hopper kernel reads whole 64-key tiles as 8-row
     groups of whole rows through 5-D maps whose row and group dimensions both step through the tokens
     (head dim 128), so a tile may start anywhere; a row read from the wrong place brings NaN or
     another head's keys."""
