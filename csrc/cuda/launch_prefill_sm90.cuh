@@ -56,11 +56,11 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
   const CUtensorMapDataType type =
       std::is_same<Element, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   constexpr int64_t kElement = sizeof(Element);
+  auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };  // the TMA's base and strides
   // (head dim, middle, outer) with element strides between middle and between outer indices, read in
   // boxes of 64 x box_middle x box_outer.
   auto make = [&](CUtensorMap* map, const void* base, int64_t middle, int64_t outer, int64_t middle_stride,
                   int64_t outer_stride, uint32_t box_middle, uint32_t box_outer) {
-    auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
     if (outer <= 0 || !aligned(static_cast<int64_t>(reinterpret_cast<uintptr_t>(base))) ||
         !aligned(middle_stride * kElement) || !aligned(outer_stride * kElement))
       return false;
@@ -85,7 +85,6 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
   // (64, 8, 2, box_rows / 8, 1).
   auto make_row_groups = [&](CUtensorMap* map, const void* base, int64_t rows, int64_t row_stride,
                              int64_t groups, int64_t outer, int64_t outer_stride, uint32_t box_rows) {
-    auto aligned = [](int64_t bytes) { return bytes % 16 == 0; };
     if (outer <= 0 || groups <= 0 || !aligned(static_cast<int64_t>(reinterpret_cast<uintptr_t>(base))) ||
         !aligned(row_stride * kElement) || !aligned(outer_stride * kElement))
       return false;
