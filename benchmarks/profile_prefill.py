@@ -8,6 +8,7 @@ prefill). Phi-3-small layer and pattern (--dense-pattern: dense causal, as bench
     ncu --kernel-name regex:prefill_sm90 --launch-skip 1 --launch-count 1 python3 benchmarks/profile_prefill.py
     ncu ... python3 benchmarks/profile_prefill.py --paged --kv-block 16 --cache-dtype e4m3 --chunk 2048
     ncu ... python3 benchmarks/profile_prefill.py --head-major   (k/v stored kv head by kv head, as in pages)
+    ncu --kernel-name regex:[Ff]lash ... python3 benchmarks/profile_prefill.py --dense-pattern --method fa4
 """
 import argparse
 
@@ -30,12 +31,16 @@ ap.add_argument("--dense-pattern", action="store_true", help="dense causal: ever
 ap.add_argument("--in-order-tables", action="store_true", help="paged only: block tables in allocation order")
 ap.add_argument("--head-major", action="store_true",
                 help="contiguous only: k/v stored kv head by kv head ([Hkv, T, D] viewed as [T, Hkv, D])")
+ap.add_argument("--method", choices=["ours", "fa4"], default="ours",
+                help="fa4: FlashAttention-4 on the same contiguous inputs (dense causal only), for comparison")
 args = ap.parse_args()
 dev = args.device
 if (args.cache_dtype != "auto" or args.chunk or args.in_order_tables) and not args.paged:
     ap.error("--cache-dtype, --chunk and --in-order-tables need --paged")
 if args.head_major and args.paged:
     ap.error("--head-major is for contiguous k/v (without --paged)")
+if args.method == "fa4" and (args.paged or args.head_major or not args.dense_pattern):
+    ap.error("--method fa4 computes dense causal attention over contiguous k/v: it needs --dense-pattern")
 torch.manual_seed(0)
 seq_len, batch = args.seq_len, args.batch
 tokens = seq_len * batch
@@ -50,6 +55,12 @@ if not args.paged:
     if args.head_major:
         k, v = head_major(k), head_major(v)
     call = lambda: ops.varlen_prefill(q, k, v, cu, cu, 1 / 128, pattern)
+    if args.method == "fa4":
+        from flash_attn.cute import flash_attn_func
+
+        def bshd(x):
+            return x.view(batch, seq_len, x.shape[1], x.shape[2])
+        call = lambda: flash_attn_func(bshd(q), bshd(k), bshd(v), softmax_scale=1 / 128, causal=True)
 else:
     tables, slots = block_tables(batch, seq_len, args.kv_block, dev, in_order=args.in_order_tables)
     cache_dtype = FP8.get(args.cache_dtype, torch.bfloat16)

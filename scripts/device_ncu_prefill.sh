@@ -42,9 +42,14 @@ profile() {  # <dir> <script arguments...>
     --section InstructionStats --section SourceCounters --import-source no -o "$dir/rep" \
     python3 ${NCU_SCRIPT:-benchmarks/profile_prefill.py} "$@" > "$dir/ncu.log" 2>&1
   ncu -i "$dir/rep.ncu-rep" --page details > "$dir/details.txt" 2>&1
+  ncu -i "$dir/rep.ncu-rep" --page raw > "$dir/raw.txt" 2>&1
   ncu -i "$dir/rep.ncu-rep" --page source --csv --print-source sass 2> "$dir/source.err" | gzip > "$dir/source.csv.gz"
   rm -f "$dir/rep.ncu-rep"
   grep -E "Duration|Throughput|Pipe|Shared|Bank|Issue Slots|Eligible|Warp Cycles Per Issued|Stall|Executed Ipc" "$dir/details.txt" | head -60
+  # the tensor pipe's busy share, the clock, the L2 hit rate and DRAM bytes (raw metric names)
+  grep -E "pipe_tensor.*(pct|sum )|sm__cycles_elapsed.avg.per_second|sm__cycles_elapsed.max |lts__t_sector_hit_rate.pct|dram__bytes_read.sum |sm__inst_executed.sum |smsp__inst_executed.sum " \
+    "$dir/raw.txt" | head -30
+  gzip "$dir/raw.txt"
 }
 if [ -n "${PROFILE_SETS:-}" ]; then
   while read -r label args; do

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Is the prefill kernel power-bound? Builds the extension (NVCC_APPEND_FLAGS: a variant), then runs
-# for a few seconds each: a bf16 8192^3 matmul loop and the 8k x 4 Phi-3-small prefill, while
-# nvidia-smi samples the SM clock, the power draw and the active throttle reasons every 50 ms.
-# Prints the median clock and power of each phase.
+# Is a kernel power-bound, and does it lose to a peer on clock or on cycles? Builds the extension
+# (NVCC_APPEND_FLAGS: a variant; SKIP_BUILD=1: the one built here), then runs benchmarks/sustained.py's
+# WORKLOADS (default: the bf16 8192^3 matmul and the 8k x 4 Phi-3-small prefill) for a few seconds
+# each, while nvidia-smi samples the SM clock, the power draw and the active throttle reasons every
+# 50 ms. Prints each phase's median clock and power, and its time a call in clock cycles (ms x MHz):
+#   WORKLOADS=ours:dense:8192,fa4:dense:8192 SKIP_BUILD=1 bash scripts/device_power.sh
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD
@@ -14,39 +16,7 @@ nvidia-smi --query-gpu=name,power.limit,clocks.max.sm --format=csv,noheader
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,clocks_throttle_reasons.active --format=csv,noheader -lms 50 \
   > "$OUT/smi.csv" 2>&1 &
 smi=$!
-python3 - "$OUT" <<'PY'
-import sys, time, json
-import torch
-from blocksparse_attn import ops
-from blocksparse_attn.layout import SparsePattern
-
-phases = []
-def run(name, fn, seconds=4.0):
-    fn(); torch.cuda.synchronize()
-    start = time.time(); n = 0
-    t0 = torch.cuda.Event(enable_timing=True); t1 = torch.cuda.Event(enable_timing=True)
-    t0.record()
-    while time.time() - start < seconds:
-        for _ in range(20):
-            fn()
-        n += 20
-        torch.cuda.synchronize()
-    t1.record(); torch.cuda.synchronize()
-    phases.append(dict(name=name, start=start, end=time.time(), ms=t0.elapsed_time(t1) / n))
-    time.sleep(1.0)
-
-a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-b = torch.randn_like(a)
-run("matmul 8192^3", lambda: a @ b)
-tokens, seq = 32768, 8192
-q = torch.randn(tokens, 32, 128, device="cuda", dtype=torch.bfloat16)
-k = torch.randn(tokens, 8, 128, device="cuda", dtype=torch.bfloat16)
-v = torch.randn_like(k)
-cu = torch.arange(0, tokens + 1, seq, device="cuda", dtype=torch.int32)
-pattern = SparsePattern.phi3_small(32)
-run("prefill 8k x 4", lambda: ops.varlen_prefill(q, k, v, cu, cu, 128 ** -0.5, pattern))
-json.dump(phases, open(sys.argv[1] + "/phases.json", "w"))
-PY
+python3 benchmarks/sustained.py --workloads "${WORKLOADS:-matmul,ours:pattern:8192}" --json "$OUT/phases.json"
 kill $smi
 python3 - "$OUT" <<'PY'
 import sys, json, datetime, statistics
@@ -64,7 +34,8 @@ for p in phases:
     if not inside:
         print(f"{p['name']}: {p['ms']:.3f} ms, no samples"); continue
     reasons = sorted({s[3] for s in inside})
-    print(f"{p['name']:>16}: {p['ms']:.3f} ms/call, SM clock median {statistics.median(s[1] for s in inside):.0f} MHz "
-          f"(min {min(s[1] for s in inside):.0f}), power median {statistics.median(s[2] for s in inside):.0f} W, "
+    mhz = statistics.median(s[1] for s in inside)
+    print(f"{p['name']:>22}: {p['ms']:.3f} ms/call, SM clock median {mhz:.0f} MHz (min {min(s[1] for s in inside):.0f}), "
+          f"{p['ms'] * mhz / 1e3:.3f} M cycles/call, power median {statistics.median(s[2] for s in inside):.0f} W, "
           f"throttle reasons {reasons}")
 PY

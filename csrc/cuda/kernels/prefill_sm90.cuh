@@ -522,10 +522,25 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   };
   auto release_value = [&](const Sm90Fill& fill) { ptx::mbarrier_arrive(&shared.value_empty[fill.value_slot]); };
 
+  // Turns (sm90_turns): group g waits for its turn before it issues a fill's products and hands the
+  // turn on after them; group 1 hands group 0 its first turn, and group 0 takes group 1's last
+  // hand-over when the CTA's work ends, so each barrier's arrivals and waits pair up.
+  constexpr bool kTurns = sm90_turns<Tiling>();
+  auto begin_turn = [&] {
+    if constexpr (kTurns) ptx::named_barrier_sync(kSm90TurnBarrier + group, 2 * 128);
+  };
+  auto end_turn = [&] {
+    if constexpr (kTurns) ptx::named_barrier_arrive(kSm90TurnBarrier + (group ^ 1), 2 * 128);
+  };
+  if (group == 1) end_turn();
+
   int n = 0;
   for (int k = 0;; ++k) {
     StageInfo info = read_record(wait_fill(n));  // the unit's first fill, which also brought its Q
-    if (info.unit < 0) break;
+    if (info.unit < 0) {
+      if (group == 0) begin_turn();
+      break;
+    }
     const int buf = k % Tiling::kQBuffers;
     const PrefillItem it = shared.items[buf];
     // The group's 64 rows: row r is token group_pos + (r >> s), q head it.head + (r & (2^s - 1)) for
@@ -636,7 +651,9 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     if (!info.end) {
       {
         float s[kSRegs], row_alpha[2];
+        begin_turn();
         issue_s(s, info.fill);
+        end_turn();
         ptx::wgmma_wait<0>();
         ptx::fence_registers(s);
         release_key(info.fill);
@@ -649,8 +666,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         // would delay them): an end record's key slot holds stale keys, whose scores are dropped.
         const Sm90Fill fill = wait_fill(++n);
         float s[kSRegs], row_alpha[2];
+        begin_turn();
         issue_s(s, fill);
         issue_pv(pending);
+        end_turn();
         info = read_record(fill);
         ptx::wgmma_wait<1>();  // S is done; P.V may still run
         ptx::fence_registers(s);

@@ -98,6 +98,18 @@ static_assert(kSm90ProducerRegisters + kSm90ConsumerGroups * kSm90ConsumerRegist
 // a claimed unit.
 constexpr int kSm90EpilogueBarrier = 1;   // + group
 constexpr int kSm90ClaimBarrier = 3;
+constexpr int kSm90TurnBarrier = 4;       // + group: the group's turn to issue its products
+// The consumer groups issue their products in turns (FA3's warp-scheduler barrier): group 0 issues a
+// fill's S and P.V, then group 1, and so on, so one group's softmax runs while the other group's
+// products keep the tensor cores busy, and a group's four warps meet before their first wgmma.
+// 128-key fills only by default (BSA_SM90_TURNS: 0 none, 1 128-key fills, 2 both shapes).
+#ifndef BSA_SM90_TURNS
+#define BSA_SM90_TURNS 1
+#endif
+template <typename Tiling>
+__host__ __device__ constexpr bool sm90_turns() {
+  return BSA_SM90_TURNS == 2 || (BSA_SM90_TURNS == 1 && Tiling::kTilesPerStage == 2);
+}
 
 // How far (log2 units) a row's running maximum may lag the true one: P <= 2^8, exact in fp16 and
 // bf16, and O and the row sum stay far from overflow in fp32.
