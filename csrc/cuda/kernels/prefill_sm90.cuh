@@ -84,9 +84,18 @@ __device__ __forceinline__ int sm90_pack_shift(const PrefillParams& params) {
 template <typename Element, typename Cache>
 using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8 && BSA_SM90_FP8_FP16, __half, Element>;
 
+// Paged TMA fills look their boxes' page ids up a fill ahead (kPagesAhead, below); build knob
+// BSA_SM90_PAGES_AHEAD=0: at issue, for A/Bs.
+#ifndef BSA_SM90_PAGES_AHEAD
+#define BSA_SM90_PAGES_AHEAD 1
+#endif
+
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
-// through the ring, with one stage record per fill.
-template <typename Element, int kHeadDim, typename Tiling, typename Cache>
+// through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
+// through the TMA with 64-key fills, whose boxes' page ids are looked up a fill ahead (its own
+// instantiation, so that contiguous K/V run the code they ran without it: a run-time switch cost
+// them 2.7 %).
+template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool kPagesAhead>
 __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
@@ -111,6 +120,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   static_assert(!kFp8Pages || kSlots == 1, "fp8 pages take 64-key fills");
   constexpr int kFp8Chunks = kHeadDim / 32;
   const int fp8_row = tid / 2, fp8_col0 = (tid % 2) * 16;
+  static_assert(!kPagesAhead || (kSlots == 1 && !kFp8Pages), "page ids ahead: TMA pages with 64-key fills");
+  // kPagesAhead: lane t of the first warp issues the box of rows box_row .. box_row + rows - 1 of a
+  // tile (by column block: of column block box_block); box_row >= 64: no box. A shift, not a
+  // division by the column blocks a box takes (1 or 2).
+  const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
+  const int box_row = tid < 32 ? (tid >> box_shift) * maps.kv_page_rows : 64;
+  const int box_block = tid & ((1 << box_shift) - 1);
 
   // Fill n is published (fence for the wgmma reads, then arrive) at the top of fill n + L, BEFORE
   // the wait for free slots: publication never waits on the consumers, so a consumer never idles
@@ -202,13 +218,21 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       }
     }
 
-    // fp8 pages: the page id of this thread's row of a tile, looked up one fill ahead (a page-id
-    // load in front of each row's load kept the producer waiting on two round trips a fill); -1
-    // past k_len and for no tile.
+    // Page ids looked up one fill ahead, so that a fill's issue waits for no load after the wait for
+    // its slots: fp8 pages (the page of this thread's row: a page-id load in front of each row's load
+    // kept the producer waiting on two round trips a fill) and kPagesAhead's TMA boxes (the page of
+    // this lane's box; H200, 8k x 4: paged kv block 64 1.74 -> 1.66 ms, kv block 16 2.03 -> 1.93).
+    // -1 past k_len, for no tile and for lanes without a box.
+    constexpr bool kLookAhead = kFp8Pages || kPagesAhead;
     const int32_t* table = kv.paged() ? kv.table_row(seq, kv_head) : nullptr;
     auto look_up_page = [&](int key_tile) {
-      const int pos = key_tile * 64 + fp8_row;
-      return key_tile >= 0 && pos < k_len ? table[kv.page_index(pos)] : -1;
+      if constexpr (kFp8Pages) {
+        const int pos = key_tile * 64 + fp8_row;
+        return key_tile >= 0 && pos < k_len ? table[kv.page_index(pos)] : -1;
+      } else {
+        const int pos = key_tile * 64 + box_row;
+        return key_tile >= 0 && box_row < 64 && pos < k_len ? table[kv.page_index(pos)] : -1;
+      }
     };
     // fp8 pages: the next tile's rows, loaded into registers at the top of its fill, before the wait
     // for free slots (their latency passes while the producer waits); the fill converts them. Issued
@@ -238,7 +262,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     };
     // The stage layout (fp8 pages never come through the TMA: by column block, known at compile time).
     const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(!kFp8Pages && maps.kv_row_groups);
-    auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot) -> bool {
+    // box_page: this lane's page, looked up a fill ahead (kPagesAhead).
+    auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot, int box_page) -> bool {
       const int pos0 = key_tile * 64;
       unsigned char* dst_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
       unsigned char* dst_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
@@ -265,6 +290,22 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
                   ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
                   ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
                 }
+              }
+            }
+          } else if constexpr (kPagesAhead) {
+            if (box_row < 64) {
+              const int pos = pos0 + box_row;
+              const int slab = box_page >= 0 && box_page < kv.num_cache_blocks
+                                   ? box_page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1)
+                                   : -1;
+              const int in_page = kv.row_in_page(pos);
+              const int dst = tile_dst + sm90_kv_offset(layout, box_row, box_block * 64);
+              if (maps.kv_row_groups) {
+                ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
+                ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
+              } else {
+                ptx::tma_load_3d(dst_k + dst, &maps.key, box_block * 64, in_page, slab, landed);
+                ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
               }
             }
           } else {
@@ -354,10 +395,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     bool more = true;
     bool copies = !maps.query_enabled;  // the first fill carries the unit's Q
     bool query_pending = maps.query_enabled;
-    int ahead_tile = -1;  // fp8 pages: the next tile, whose page ids are being looked up
+    int ahead_tile = -1;  // kLookAhead: the next tile, whose page ids are being looked up
     uint8_t ahead_flags[kSm90ConsumerGroups] = {};
     int ahead_page = -1;
-    if constexpr (kFp8Pages) {
+    if constexpr (kLookAhead) {
       more = next_tile(ahead_tile, ahead_flags);
       ahead_page = look_up_page(ahead_tile);
     }
@@ -381,10 +422,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       int first_tile = -1;
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) {
-        int key_tile = -1;
+        int key_tile = -1, page = -1;
         uint8_t flags[kSm90ConsumerGroups] = {};
-        if constexpr (kFp8Pages) {
+        if constexpr (kLookAhead) {
           key_tile = ahead_tile;
+          page = ahead_page;
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = ahead_flags[g];
           if (key_tile >= 0) {
@@ -398,7 +440,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           if (more) more = next_tile(key_tile, flags);
         }
         if (slot == 0) first_tile = key_tile;
-        if (key_tile >= 0 || (slot > 0 && first_tile >= 0)) copies |= load_kv(key_tile, fill, slot);  // empty: zeros
+        if (key_tile >= 0 || (slot > 0 && first_tile >= 0)) copies |= load_kv(key_tile, fill, slot, page);  // empty: zeros
         if (tid == 0) {
           shared.records[key_slot].key_tile[slot] = key_tile;
 #pragma unroll
@@ -797,7 +839,12 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   // the records. Units differ in length (sparse rows, varlen), so claiming beats a static split.
   if (threadIdx.x < 128) {
     ptx::setmaxnreg_dec<kSm90ProducerRegisters>();
-    sm90_producer<Element, kHeadDim, Tiling, Cache>(params, maps, shared);
+    constexpr bool kMayLookAhead =
+        BSA_SM90_PAGES_AHEAD && Tiling::kTilesPerStage == 1 && !CacheFormat<Cache>::kFp8;
+    if (kMayLookAhead && params.kv.paged() && maps.kv_enabled)
+      sm90_producer<Element, kHeadDim, Tiling, Cache, kMayLookAhead>(params, maps, shared);
+    else
+      sm90_producer<Element, kHeadDim, Tiling, Cache, false>(params, maps, shared);
   } else {
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
     sm90_consumer<Element, kHeadDim, Tiling, Cache>(params, shared, !CacheFormat<Cache>::kFp8 && maps.kv_row_groups);
