@@ -26,25 +26,27 @@ def workload(spec: str):
         a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
         b = torch.randn_like(a)
         return [lambda: a @ b]
-    method, layout, seq = spec.split(":")
-    seq_len = int(seq)
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[2].isdigit():
+        raise SystemExit(f"workload {spec!r}: expected matmul or METHOD:LAYOUT:S")
+    method, layout, seq_len = parts[0], parts[1], int(parts[2])
+    if layout not in ("pattern", "dense"):
+        raise SystemExit(f"workload {spec!r}: layout must be pattern or dense, got {layout!r}")
+    if method not in ("ours", "flex-flash") and not (method in ("fa4", "sdpa-cudnn") and layout == "dense"):
+        raise SystemExit(f"workload {spec!r}: methods are ours, flex-flash, and fa4 or sdpa-cudnn (dense only)")
     pattern = SparsePattern.phi3_small(NUM_HEADS)
     if layout == "dense":
         pattern = SparsePattern(pattern.block_size, 1, 1, 0, False, 0)
-    elif layout != "pattern":
-        raise SystemExit(f"workload {spec!r}: layout must be pattern or dense, got {layout!r}")
     inputs = [make_inputs(max(1, 32768 // seq_len), seq_len, torch.bfloat16, "cuda", seed=i) for i in range(2)]
     scale = 1.0 / HEAD_DIM
     if method == "ours":
         return [ours_fn(x, scale, pattern) for x in inputs]
-    if method == "sdpa-cudnn" and layout == "dense":
+    if method == "sdpa-cudnn":
         from torch.nn.attention import SDPBackend
         return [sdpa_fn(x, scale, SDPBackend.CUDNN_ATTENTION) for x in inputs]
-    if method == "fa4" and layout == "dense":
+    if method == "fa4":
         return first_call_or_note(spec, fa4_fns(inputs, scale))
-    if method == "flex-flash":
-        return first_call_or_note(spec, flex_fns(inputs, scale, pattern, seq_len, "cuda", "FLASH"))
-    raise SystemExit(f"workload {spec!r}: unknown method / layout")
+    return first_call_or_note(spec, flex_fns(inputs, scale, pattern, seq_len, "cuda", "FLASH"))
 
 
 def main():
@@ -54,6 +56,8 @@ def main():
     ap.add_argument("--pause", type=float, default=1.0, help="idle seconds between workloads")
     ap.add_argument("--json", default=None, help="where the phases go (name, start, end, ms per call)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("sustained.py samples a GPU's clock: it needs CUDA")
     phases = []
     for spec in args.workloads.split(","):
         fns = workload(spec)

@@ -5,16 +5,18 @@
 // heads (PrefillParams::pack_gqa_shift) one (sequence, tile of 128 / G tokens, kv head) whose rows
 // are the tokens times the kv group's G q heads; the grid is
 // persistent (one CTA per SM) and each CTA's producer claims units from a counter. Warp group 0
-// brings Q and the K/V tiles: through the TMA for Q and whole tiles of contiguous K/V, with cp.async
-// for a sequence's last partial tile and the paged cache (zero-filled past the sequence, so unwritten
-// cache slots never reach P.V); warp groups 1 and 2 each own 64 query rows. Sparse blocks are
+// brings Q and the K/V tiles: through the TMA for Q and whole tiles of contiguous K/V or of pages in
+// the model's dtype, with cp.async for a sequence's last partial tile (zero-filled past the sequence,
+// so unwritten cache slots never reach P.V), and through registers for fp8 pages (widened on the
+// way); warp groups 1 and 2 each own 64 query rows. Sparse blocks are
 // multiples of 64 tokens, so each consumer's rows lie in one query block: the producer walks the
 // union of the two blocks' visible key tiles and tells each consumer, per stage, whether it sees the
 // tile and whether it needs the element mask.
 //
 // Per stage and consumer: S = Q K^T (wgmma, both operands in shared memory, K-major), online softmax
 // in registers, O += P V (wgmma, P from registers in the accumulator layout, V MN-major); the P.V
-// of one tile overlaps the softmax of the next.
+// of one tile overlaps the softmax of the next. With 128-key fills the two groups issue their
+// products in turns (sm90_turns), so one group's softmax overlaps the other's products.
 // Torch-free: compiled by bare nvcc in CI. Built only for sm_90a; other targets compile a stub.
 // Why it looks the way it does (each step measured): benchmarks/RESULTS.md, "Hopper prefill: how
 // the kernel got here". Shapes and shared-memory layout: prefill_sm90_tiling.cuh; the host side (TMA
