@@ -1,33 +1,67 @@
 """A model of the Hopper prefill kernel's producer/consumer protocol (csrc/cuda/kernels/prefill_sm90.cuh),
-to check a change to it for deadlocks and mbarrier parity aliasing before it costs GPU time.
+to check a change to it for deadlocks, mbarrier parity aliasing and unbalanced turns before it costs
+GPU time.
 
-The producer and the consumers (both groups behave alike: one process) run as generators that
-yield while a barrier wait blocks; barriers are completion counters. cp.async copies always land,
-so only program order and the barriers can block. Each unit is a list of fills (its key tiles,
-then its end record), each marked by whether it carries cp.async copies (published L fills later)
-or not (published at issue). Configurations: key slots, value slots (equal and released together
-for shared stages, main's 64-key shape; separate rings for its 128-key shape), Q buffers, fills in
-flight L.
+The producer and the two consumer groups run as generators that yield while a barrier wait blocks;
+barriers are counters. cp.async copies always land, so only program order and the barriers can
+block. Each unit is a list of fills (its key tiles, then its end record), each marked by whether it
+carries cp.async copies (published L fills later) or not (published at issue). Configurations: key
+slots, value slots (equal and released together for shared stages, main's 64-key shape; separate
+rings for its 128-key shape), Q buffers, fills in flight L, turns.
+
+The empties (key, value, Q) complete on both groups' arrivals (the kernel counts 2 x 128 threads):
+an arrival of one group for a phase the other has not finished would complete that phase early.
+Turns (sm90_turns; 128-key fills, both shapes with BSA_SM90_TURNS=2): the groups issue their
+products (the peeled first S of a unit with key tiles; each further fill's S and previous P.V, the
+end record's included) alternately through named barriers T0 and T1. Group g's begin_turn is a
+bar.sync on Tg, its end_turn a bar.arrive on T(1-g); the k-th completion of Tg pairs group g's k-th
+sync with the other group's k-th arrival. Group 1 arrives on T0 once before its first unit (group 0
+goes first); at the end record without a unit group 0 syncs on T0 once more to take group 1's last
+hand-over.
+
+Checks: deadlock (no process can move; the waits are monotone, so the verdict holds for every
+interleaving); parity alias (a barrier passes the phase a waiter wants); phase mix (above); turn
+overrun (a second arrival on Tg before group g synced: the hardware does not queue arrivals, they
+would complete the barrier by themselves); a dangling turn arrival at the end. All but the first
+depend on the interleaving: each trial runs the processes in a random order, preempted at random.
 
     python3 scripts/sm90_protocol_model.py
 
 It found the Q-buffer hang fixed on 2026-11-26: with two Q buffers, units without key tiles in a
 row and Q through cp.async (`fix=False`: ~10 % of random sequences deadlock; with the fix, none).
+The self-test at the end breaks the turn protocol on purpose and checks that the model notices.
 """
 import random
 
 
-def run(units, SK, SV, QB, L, split, fix):
+def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
     """SK / SV: key / value slots; QB: Q buffers; L: fills in flight; split: a key slot is released
     after S, not with its value slot; fix: the producer publishes unit k - QB's fills before it waits
-    for unit k's Q buffer (main since 2026-11-26), instead of assuming them out."""
+    for unit k's Q buffer (main since 2026-11-26), instead of assuming them out; turns: the consumer
+    groups issue their products in turns; mutant: 'no bootstrap' (group 1 never hands group 0 its
+    first turn) or 'no final sync' (group 0 never takes group 1's last hand-over), for the self-test;
+    sched: a random.Random for the order the processes run in and for preemption (None: fixed order,
+    each process runs until it blocks)."""
     cnt, errors = {}, []
+    preempted = [False]
     c = lambda b: cnt.get(b, 0)
-    def arrive(b): cnt[b] = c(b) + 1
-    def ready(b, need):  # the need-th completion (1-based) of barrier b has happened
-        if c(b) > need:
-            errors.append(f"parity alias on {b}: count {c(b)}, waiting for {need}")
-        return c(b) >= need
+    def arrive(b, g=None):
+        cnt[b] = c(b) + 1
+        if g is not None:  # a consumer group's arrival on a barrier that both groups complete
+            cnt[b, g] = c((b, g)) + 1
+            if c((b, g)) > c((b, 1 - g)) + 1:
+                errors.append(f"phase mix on {b}: group {g} at {c((b, g))} arrivals, the other at {c((b, 1 - g))}")
+    def ready(b, need, per=1):  # the need-th completion (1-based, `per` arrivals each) of barrier b has happened
+        if c(b) // per > need:
+            errors.append(f"parity alias on {b}: {c(b) // per} completions, waiting for {need}")
+        return c(b) >= per * need
+    def wait(done):  # yields while done() is false (with sched, now and then also when it is true)
+        while True:
+            if done():
+                if sched is None or sched.random() >= 0.2:
+                    return
+                preempted[0] = True  # could go on: let the others run first
+            yield
 
     def producer():
         st = dict(n=0, pub=0, prev_first=0)
@@ -42,9 +76,9 @@ def run(units, SK, SV, QB, L, split, fix):
             if n - L >= st['pub']:
                 publish(st['pub']); st['pub'] += 1
             if n >= SK:
-                while not ready(('kempty', n % SK), n // SK): yield
+                yield from wait(lambda: ready(('kempty', n % SK), n // SK, 2))
             if n >= SV:
-                while not ready(('vempty', n % SV), n // SV): yield
+                yield from wait(lambda: ready(('vempty', n % SV), n // SV, 2))
         for k, fills in enumerate(units + [None]):
             if fills is None:  # end of work: a record without copies, then publish everything
                 yield from begin_fill()
@@ -59,7 +93,7 @@ def run(units, SK, SV, QB, L, split, fix):
                     needed = st['n'] if (QB == 1 or L > 2) else 0
                 while st['pub'] < needed:
                     publish(st['pub']); st['pub'] += 1
-                while not ready(('qempty', k % QB), k // QB): yield
+                yield from wait(lambda: ready(('qempty', k % QB), k // QB, 2))
             st['prev_first'] = st['n']
             for copies in fills:
                 yield from begin_fill()
@@ -67,41 +101,65 @@ def run(units, SK, SV, QB, L, split, fix):
                     arrive(('full', st['n'] % SK)); early.add(st['n'])
                 st['n'] += 1
 
-    def consumer():
+    def begin_turn(g):  # bar.sync on Tg: completes with the other group's matching arrival
+        arrive(('sync', g))
+        k = c(('sync', g))
+        yield from wait(lambda: c(('turn', g)) >= k)  # arrivals past k are the next generation's: no alias
+    def end_turn(g):  # bar.arrive on T(1-g): does not block
+        o = 1 - g
+        if c(('turn', o)) > c(('sync', o)):
+            errors.append(f"turn overrun on T{o}: group {g} arrives again before group {o} synced")
+        arrive(('turn', o))
+
+    def consumer(g):
         n = 0
         def rk(m):
-            if split: arrive(('kempty', m % SK))
+            if split: arrive(('kempty', m % SK), g)
         def rv(m):
-            arrive(('vempty', m % SV))
-            if not split: arrive(('kempty', m % SK))
+            arrive(('vempty', m % SV), g)
+            if not split: arrive(('kempty', m % SK), g)
+        def turn():  # begin_turn, issue the products, end_turn
+            if turns:
+                yield from begin_turn(g)
+                end_turn(g)
+        if turns and g == 1 and mutant != 'no bootstrap':
+            end_turn(1)  # group 0 goes first
         for k, fills in enumerate(units + [None]):
-            while not ready(('full', n % SK), n // SK + 1): yield
+            yield from wait(lambda: ready(('full', n % SK), n // SK + 1))
             if fills is None:
+                if turns and g == 0 and mutant != 'no final sync':
+                    yield from begin_turn(0)  # group 1's last hand-over
                 return
+            if len(fills) > 1:
+                yield from turn()  # the peeled first S
             rk(n)  # after the first fill's S (or at once: a unit without key tiles)
             if len(fills) > 1:
                 pending = n
                 for _ in range(1, len(fills)):
                     n += 1
-                    while not ready(('full', n % SK), n // SK + 1): yield
+                    yield from wait(lambda: ready(('full', n % SK), n // SK + 1))
+                    yield from turn()  # S of fill n, P.V of fill n - 1
                     rk(n)
                     rv(pending)
                     pending = n
             rv(n)  # the end record's slots
             n += 1
-            arrive(('qempty', k % QB))
+            arrive(('qempty', k % QB), g)
 
-    alive = [producer(), consumer()]
+    alive = [producer(), consumer(0), consumer(1)]
     while alive:
-        before, finished = dict(cnt), False
-        for g in list(alive):
+        before, finished, preempted[0] = dict(cnt), False, False
+        for p in (sched.sample(alive, len(alive)) if sched else list(alive)):
             try:
-                next(g)
+                next(p)
             except StopIteration:
-                alive.remove(g); finished = True
-        if cnt == before and not finished and alive:
-            return "deadlock", errors
-    return "ok", errors
+                alive.remove(p); finished = True
+        if cnt == before and not finished and not preempted[0] and alive:
+            return "deadlock", sorted(set(errors))
+    for g in (0, 1):  # every hand-over taken
+        if c(('turn', g)) != c(('sync', g)):
+            errors.append(f"dangling turn arrival on T{g}: {c(('turn', g))} arrivals, {c(('sync', g))} syncs")
+    return "ok", sorted(set(errors))
 
 
 def random_units(rng, n_units, p_zero, p_copies, q_cp_async):
@@ -118,22 +176,41 @@ def random_units(rng, n_units, p_zero, p_copies, q_cp_async):
     return units
 
 
+def outcome(result):  # "ok", "deadlock", plus the kinds of error seen
+    r, errs = result
+    return r + "".join(sorted({f" +{e.split(' on ')[0]}" for e in errs}))
+
+
 if __name__ == "__main__":
     configs = {
-        "main 64-key (4 shared stages, 2 Q)": (4, 4, 2, 2, False),
-        "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True),
-        "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False),
-        "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True),
-        "split control (3 + 3, 1 Q)": (3, 3, 1, 2, True),
+        "main 64-key (4 shared stages, 2 Q)": (4, 4, 2, 2, False, False),
+        "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True, False),
+        "main 128-key, turns": (2, 3, 2, 2, True, True),
+        "64-key, turns (BSA_SM90_TURNS=2)": (4, 4, 2, 2, False, True),
+        "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False, False),
+        "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False),
+        "split control (3 + 3, 1 Q)": (3, 3, 1, 2, True, False),
     }
     rng = random.Random(0)
+    trials = 2000
+    samples = [random_units(rng, rng.randint(1, 12), rng.choice([0, 0.3, 0.8]), rng.choice([0, 0.2, 1]),
+                            rng.random() < 0.3) for _ in range(trials)]
     for fix in (False, True):
-        for name, (SK, SV, QB, L, split) in configs.items():
+        for name, (SK, SV, QB, L, split, turns) in configs.items():
             results = {}
-            for trial in range(3000):
-                units = random_units(rng, rng.randint(1, 12), rng.choice([0, 0.3, 0.8]), rng.choice([0, 0.2, 1]),
-                                     rng.random() < 0.3)
-                r, errs = run(units, SK, SV, QB, L, split, fix)
-                key = r + (" +alias" if errs else "")
+            for trial, units in enumerate(samples):
+                key = outcome(run(units, SK, SV, QB, L, split, fix, turns, sched=random.Random(trial)))
                 results[key] = results.get(key, 0) + 1
             print(f"fix={fix!s:5} {name:40} {results}")
+
+    # Self-test: a broken turn protocol must show. Without group 1's first hand-over group 0 never gets
+    # a turn (nor its final sync); without group 0's final sync group 1's last hand-over dangles.
+    for mutant, expect in (("no bootstrap", "deadlock"), ("no final sync", "ok +dangling turn arrival")):
+        for name in ("main 128-key, turns", "64-key, turns (BSA_SM90_TURNS=2)"):
+            SK, SV, QB, L, split, turns = configs[name]
+            results = {}
+            for trial, units in enumerate(samples[:300]):
+                key = outcome(run(units, SK, SV, QB, L, split, True, turns, mutant, random.Random(trial)))
+                results[key] = results.get(key, 0) + 1
+            print(f"self-test {mutant:14} {name:40} {results}")
+            assert results == {expect: 300}, f"the model misses a broken turn protocol ({mutant})"

@@ -568,7 +568,9 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
 
   // Turns (sm90_turns): group g waits for its turn before it issues a fill's products and hands the
   // turn on after them; group 1 hands group 0 its first turn, and group 0 takes group 1's last
-  // hand-over when the CTA's work ends, so each barrier's arrivals and waits pair up.
+  // hand-over when the CTA's work ends, so each barrier's arrivals and waits pair up. Both groups
+  // must take the same turns: every turn decision comes from the shared record (unit, end), never
+  // from a group's own flags (scripts/sm90_protocol_model.py checks the protocol).
   constexpr bool kTurns = sm90_turns<Tiling>();
   auto begin_turn = [&] {
     if constexpr (kTurns) ptx::named_barrier_sync(kSm90TurnBarrier + group, 2 * 128);
