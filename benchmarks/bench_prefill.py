@@ -92,6 +92,13 @@ def make_inputs(batch: int, seq_len: int, dtype, device, seed: int):
             "q4": bhsd(q), "k4": bhsd(k), "v4": bhsd(v), "q_bshd": bshd(q), "k_bshd": bshd(k), "v_bshd": bshd(v)}
 
 
+def layer_pattern(dense: bool = False) -> SparsePattern:
+    """Phi-3-small's pattern, or (dense) one local block and a vertical column every block: every
+    causal block visible, the dense causal work the dense peers compute."""
+    pattern = SparsePattern.phi3_small(NUM_HEADS)
+    return SparsePattern(pattern.block_size, 1, 1, 0, False, 0) if dense else pattern
+
+
 def ours_fn(x, scale, pattern, kernel=None):
     """kernel: None (what the op picks) or "sm80"/"sm90", forced through BSA_PREFILL_KERNEL."""
     def call():
@@ -254,9 +261,7 @@ def main(argv=None):
 
     def wanted(method: str) -> bool:
         return chosen is None or method in chosen
-    pattern = SparsePattern.phi3_small(NUM_HEADS)
-    if args.dense_pattern:  # one local block and a vertical column every block: all causal blocks
-        pattern = SparsePattern(pattern.block_size, 1, 1, 0, False, 0)
+    pattern = layer_pattern(args.dense_pattern)
     scale = 1.0 / HEAD_DIM  # Phi-3-small's softmax scale
 
     dev_name = torch.cuda.get_device_name(device) if cuda else _cpu_name()

@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from blocksparse_attn import ops
-from blocksparse_attn.layout import SparsePattern
+from bench_prefill import layer_pattern  # this script's folder
 from bench_paged_prefill import FP8, block_tables, filled_cache, fp8_scale, head_major, last_rows  # this script's folder
 
 ap = argparse.ArgumentParser()
@@ -44,9 +44,7 @@ if args.method == "fa4" and (args.paged or args.head_major or not args.dense_pat
 torch.manual_seed(0)
 seq_len, batch = args.seq_len, args.batch
 tokens = seq_len * batch
-pattern = SparsePattern.phi3_small(32)
-if args.dense_pattern:  # one local block and a vertical column every block (bench_prefill.py's)
-    pattern = SparsePattern(pattern.block_size, 1, 1, 0, False, 0)
+pattern = layer_pattern(args.dense_pattern)
 q = torch.randn(tokens, 32, 128, device=dev, dtype=torch.bfloat16)
 k = torch.randn(tokens, 8, 128, device=dev, dtype=torch.bfloat16)
 v = torch.randn_like(k)

@@ -15,9 +15,8 @@ import time
 
 import torch
 
-from bench_prefill import (HEAD_DIM, NUM_HEADS, fa4_fns, first_call_or_note, flex_fns, make_inputs,  # this folder
-                           ours_fn, sdpa_fn)
-from blocksparse_attn.layout import SparsePattern
+from bench_prefill import (HEAD_DIM, fa4_fns, first_call_or_note, flex_fns, layer_pattern,  # this folder
+                           make_inputs, ours_fn, sdpa_fn)
 
 
 def workload(spec: str):
@@ -34,9 +33,7 @@ def workload(spec: str):
         raise SystemExit(f"workload {spec!r}: layout must be pattern or dense, got {layout!r}")
     if method not in ("ours", "flex-flash") and not (method in ("fa4", "sdpa-cudnn") and layout == "dense"):
         raise SystemExit(f"workload {spec!r}: methods are ours, flex-flash, and fa4 or sdpa-cudnn (dense only)")
-    pattern = SparsePattern.phi3_small(NUM_HEADS)
-    if layout == "dense":
-        pattern = SparsePattern(pattern.block_size, 1, 1, 0, False, 0)
+    pattern = layer_pattern(layout == "dense")
     inputs = [make_inputs(max(1, 32768 // seq_len), seq_len, torch.bfloat16, "cuda", seed=i) for i in range(2)]
     scale = 1.0 / HEAD_DIM
     if method == "ours":

@@ -295,6 +295,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
               }
             }
           } else if constexpr (kPagesAhead) {
+            // The branch below with the page looked up a fill ahead and the box found by shifts. A
+            // shared lambda for the two made ptxas schedule the producer differently in every Hopper
+            // kernel (SASS), so they stay apart until a device session can time it.
             if (box_row < 64) {
               const int pos = pos0 + box_row;
               const int slab = box_page >= 0 && box_page < kv.num_cache_blocks
