@@ -92,6 +92,12 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8 && BSA_SM90_FP8_
 #define BSA_SM90_PAGES_AHEAD 1
 #endif
 
+// 128-key fills walk their tiles a fill ahead (kTilesAhead, below); build knob
+// BSA_SM90_TILES_AHEAD=0: at issue, for A/Bs.
+#ifndef BSA_SM90_TILES_AHEAD
+#define BSA_SM90_TILES_AHEAD 1
+#endif
+
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
 // through the TMA with 64-key fills, whose boxes' page ids are looked up a fill ahead (its own
@@ -226,6 +232,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // this lane's box; H200, 8k x 4: paged kv block 64 1.74 -> 1.66 ms, kv block 16 2.03 -> 1.93).
     // -1 past k_len, for no tile and for lanes without a box.
     constexpr bool kLookAhead = kFp8Pages || kPagesAhead;
+    constexpr bool kTilesAhead = kSlots > 1 && BSA_SM90_TILES_AHEAD;
     const int32_t* table = kv.paged() ? kv.table_row(seq, kv_head) : nullptr;
     auto look_up_page = [&](int key_tile) {
       if constexpr (kFp8Pages) {
@@ -407,6 +414,21 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       more = next_tile(ahead_tile, ahead_flags);
       ahead_page = look_up_page(ahead_tile);
     }
+    // kTilesAhead: a whole fill's tiles walked ahead, after the previous fill's issue and before the
+    // wait for this fill's slots, so that the walk (tens of dependent instructions a tile) is not
+    // between a slot's release and its loads.
+    int fill_tiles[kSlots];
+    uint8_t fill_flags[kSlots][kSm90ConsumerGroups];
+    auto walk_fill = [&] {
+#pragma unroll
+      for (int slot = 0; slot < kSlots; ++slot) {
+        fill_tiles[slot] = -1;
+#pragma unroll
+        for (int g = 0; g < kSm90ConsumerGroups; ++g) fill_flags[slot][g] = 0;
+        if (more) more = next_tile(fill_tiles[slot], fill_flags[slot]);
+      }
+    };
+    if constexpr (kTilesAhead) walk_fill();
     for (;; ++n) {
       if constexpr (kFp8Pages) load_fp8_rows(ahead_tile, ahead_page);
       const Sm90Fill fill = begin_fill();
@@ -429,7 +451,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       for (int slot = 0; slot < kSlots; ++slot) {
         int key_tile = -1, page = -1;
         uint8_t flags[kSm90ConsumerGroups] = {};
-        if constexpr (kLookAhead) {
+        if constexpr (kTilesAhead) {
+          key_tile = fill_tiles[slot];
+#pragma unroll
+          for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = fill_flags[slot][g];
+        } else if constexpr (kLookAhead) {
           key_tile = ahead_tile;
           page = ahead_page;
 #pragma unroll
@@ -463,6 +489,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         ++n;
         break;
       }
+      if constexpr (kTilesAhead) walk_fill();
     }
   }
 }
