@@ -167,20 +167,20 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
   params.pack_gqa_shift = choose_pack_gqa_shift(params, kernel, settings);
   const int block_m = kernel == PrefillKernel::kSm90 ? kPrefillSm90BlockM >> params.pack_gqa_shift : kPrefillBlockM;
   const int max_tiles = static_cast<int>(params.num_q_tokens / block_m + 2 * params.num_seqs + 1);
-  at::Tensor workspace = at::empty({2 * max_tiles + 2}, q.options().dtype(at::kInt));
-  int32_t* ws = workspace.data_ptr<int32_t>();
+  constexpr int kItemInts = sizeof(PlanItem) / sizeof(int32_t);
+  at::Tensor workspace = at::empty({kItemInts * max_tiles + 2}, q.options().dtype(at::kInt));
+  int32_t* ws = workspace.data_ptr<int32_t>();  // the allocator's blocks are aligned far beyond 16 bytes
   PlanParams plan{};
   plan.cu_seqlens_q = params.cu_seqlens_q;
   plan.cu_seqlens_k = params.kv.cu_seqlens_k;
   plan.seq_lens = params.kv.paged() ? params.kv.seq_lens : nullptr;
   plan.num_seqs = params.num_seqs;
   plan.block_m = block_m;
-  plan.tile_seq = ws;
-  plan.tile_index = ws + max_tiles;
-  plan.num_tiles = ws + 2 * max_tiles;
-  plan.work_counter = ws + 2 * max_tiles + 1;
-  params.tile_seq = plan.tile_seq;
-  params.tile_index = plan.tile_index;
+  plan.items = reinterpret_cast<PlanItem*>(ws);
+  plan.num_tiles = ws + kItemInts * max_tiles;
+  plan.work_counter = ws + kItemInts * max_tiles + 1;
+  params.items = plan.items;
+  params.max_items = max_tiles;
   params.num_tiles = plan.num_tiles;
   params.work_counter = plan.work_counter;
   params.kv_head_major_keys =

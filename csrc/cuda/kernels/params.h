@@ -67,6 +67,19 @@ struct KeyValueSource {
   }
 };
 
+// One item of the plan's work list (a sequence's query tile) with its sequence's lengths and offsets
+// copied in, so that a kernel resolves a work unit from one 32-byte load instead of a chain of two
+// (the list, then the sequence's cu_seqlens): short prompts' units are that chain's length apart.
+struct alignas(16) PlanItem {
+  int32_t seq;
+  int32_t tile_index;  // absolute query tile (positions tile_index * block_m ...)
+  int32_t q_begin;     // the sequence's first row in the packed q / out
+  int32_t q_len;
+  int32_t k_begin;     // contiguous K/V: the sequence's first row (cu_seqlens_k); paged: 0
+  int32_t k_len;       // keys of the sequence (context + new tokens)
+  int32_t unused[2];
+};
+
 struct PrefillParams {
   const void* q;  // [T, Hq, D], element strides below
   void* out;      // [T, Hq, D] contiguous
@@ -84,9 +97,9 @@ struct PrefillParams {
   SparsePattern pattern;
   // The work list written by the plan kernel: packed (sequence, query tile) items, sequence by
   // sequence, each one's longest rows first.
-  const int32_t* tile_seq;    // [max_tiles]
-  const int32_t* tile_index;  // [max_tiles]: absolute query tile (positions tile * kBlockM ...)
-  const int32_t* num_tiles;   // [1]
+  const PlanItem* items;     // [max_items], the first *num_tiles written
+  const int32_t* num_tiles;  // [1]
+  int max_items;
   // Work units claimed so far by the persistent Hopper kernel's CTAs; zeroed by the plan kernel.
   int32_t* work_counter;  // [1]
   // How a sequence's units are numbered (load_prefill_item): tile by tile, each tile's q heads side
@@ -151,8 +164,7 @@ struct PlanParams {
   const int32_t* seq_lens;      // [S] or null (then cu_seqlens_k)
   int num_seqs;
   int block_m;
-  int32_t* tile_seq;     // [max_tiles]
-  int32_t* tile_index;   // [max_tiles]
+  PlanItem* items;       // [max_tiles]
   int32_t* num_tiles;    // [1]
   int32_t* work_counter;  // [1]: set to 0
 };

@@ -70,9 +70,16 @@ __global__ void __launch_bounds__(kPlanThreads) plan_prefill_kernel(const PlanPa
   for (int seq = begin; seq < end; ++seq) {
     int first, last;
     plan_tile_range(p, seq, first, last);
+    if (first > last) continue;
+    PlanItem item{};
+    item.seq = seq;
+    item.q_begin = p.cu_seqlens_q[seq];
+    item.q_len = p.cu_seqlens_q[seq + 1] - item.q_begin;
+    item.k_begin = p.seq_lens ? 0 : p.cu_seqlens_k[seq];
+    item.k_len = p.seq_lens ? p.seq_lens[seq] : p.cu_seqlens_k[seq + 1] - item.k_begin;
     for (int t = last; t >= first; --t, ++slot) {
-      p.tile_seq[slot] = seq;
-      p.tile_index[slot] = t;
+      item.tile_index = t;
+      p.items[slot] = item;
     }
   }
 }

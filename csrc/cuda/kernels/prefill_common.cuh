@@ -20,6 +20,7 @@ namespace blocksparse_attn {
 struct PrefillItem {
   int seq, head, kv_head;
   int q_begin;      // the sequence's first row in the packed q / out
+  int k_begin;      // contiguous K/V: the sequence's first row; paged: 0
   int k_len;        // keys of the sequence (context + new tokens)
   int first_pos;    // absolute position of the sequence's first query (k_len - q_len)
   int tile_pos;     // absolute position of the tile's first row
@@ -27,26 +28,33 @@ struct PrefillItem {
   int valid_end;
 };
 
-// False for a unit past the planned items (grids are sized by a host-side bound). A unit with packed
-// heads (pack_shift = PrefillParams::pack_gqa_shift > 0) carries its kv group's first q head in `head`.
-__device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, int block_m, int pack_shift, int unit,
-                                                  PrefillItem& it) {
+// The plan item of a work unit (an item of the unit's sequence, its anchor), read from the list.
+// Returns the anchor, or -1 for a unit past the planned items (num_items = *params.num_tiles; grids
+// are sized by a host-side bound).
+__device__ __forceinline__ int fetch_plan_item(const PrefillParams& params, int pack_shift, int num_items, int unit,
+                                               PlanItem& item) {
+  const int anchor = unit / (params.num_q_heads >> pack_shift);
+  if (anchor >= num_items) return -1;
+  item = params.items[anchor];
+  return anchor;
+}
+
+// The work unit `unit` of plan item `item` at `anchor` (fetch_plan_item). A unit with packed heads
+// (pack_shift = PrefillParams::pack_gqa_shift > 0) carries its kv group's first q head in `head`.
+__device__ __forceinline__ void resolve_prefill_item(const PrefillParams& params, int block_m, int pack_shift, int unit,
+                                                     int anchor, const PlanItem& item, PrefillItem& it) {
   const int units_per_item = params.num_q_heads >> pack_shift;
-  const int anchor = unit / units_per_item;  // an item of the unit's sequence
-  if (anchor >= *params.num_tiles) return false;
-  it.seq = params.tile_seq[anchor];
-  const KeyValueSource& kv = params.kv;
-  it.q_begin = params.cu_seqlens_q[it.seq];
-  const int q_len = params.cu_seqlens_q[it.seq + 1] - it.q_begin;
-  it.k_len = kv.paged() ? kv.seq_lens[it.seq] : kv.cu_seqlens_k[it.seq + 1] - kv.cu_seqlens_k[it.seq];
-  it.first_pos = it.k_len - q_len;
+  it.seq = item.seq;
+  it.q_begin = item.q_begin;
+  it.k_begin = item.k_begin;
+  it.k_len = item.k_len;
+  it.first_pos = it.k_len - item.q_len;
   if (it.k_len > params.kv_head_major_keys) {
     // The plan lists a sequence's tiles from the last one (last_tile) down to the first.
     const int num_q_heads = params.num_q_heads;
-    const int anchor_tile = params.tile_index[anchor];
     const int last_tile = (it.k_len - 1) / block_m;
     const int tiles = last_tile - it.first_pos / block_m + 1;
-    const int first_item = anchor - (last_tile - anchor_tile);
+    const int first_item = anchor - (last_tile - item.tile_index);
     const int heads_per_kv = params.pattern.q_heads_per_kv;
     const int local = unit - first_item * num_q_heads;  // [0, tiles * Hq)
     const int kv_head_units = tiles * heads_per_kv;
@@ -57,10 +65,19 @@ __device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, i
   } else {
     it.head = (unit - anchor * units_per_item) << pack_shift;
     it.kv_head = it.head / params.pattern.q_heads_per_kv;
-    it.tile_pos = params.tile_index[anchor] * block_m;
+    it.tile_pos = item.tile_index * block_m;
   }
   it.valid_begin = max(it.tile_pos, it.first_pos);
   it.valid_end = min(it.tile_pos + block_m, it.k_len);
+}
+
+// Both steps at once; false for a unit past the planned items.
+__device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, int block_m, int pack_shift, int unit,
+                                                  PrefillItem& it) {
+  PlanItem item;
+  const int anchor = fetch_plan_item(params, pack_shift, *params.num_tiles, unit, item);
+  if (anchor < 0) return false;
+  resolve_prefill_item(params, block_m, pack_shift, unit, anchor, item, it);
   return true;
 }
 

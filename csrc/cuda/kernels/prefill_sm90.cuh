@@ -166,18 +166,53 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     return fill;
   };
 
-  // Thread 0 claims unit k + 1 when unit k starts, so the atomic's latency passes while it issues
-  // unit k's fills; it stores the claim for the other producer threads when unit k + 1 starts.
-  int next_claim = tid == 0 ? atomicAdd(params.work_counter, 1) : 0;
+  // Claims run two units ahead and plan items one ahead: thread 0 claims unit k + 2 when unit k
+  // starts and stores it for the other producer threads when unit k + 1 starts, and every warp
+  // loads unit k + 1's plan item when unit k starts. The atomic's latency and the item's then pass
+  // while the producer issues unit k's fills; short prompts' units (1-8 fills) waited for both in
+  // every unit (ncu, 256 x 128 tokens: the item's loads and the claim were a quarter of the
+  // producer's time, and the producer set the pace). A unit ahead is one register a thread, lane j
+  // holding word j (unit_word), shuffled out when the unit starts: loaded whole, the item went to
+  // uniform registers right at the load, which waited for it (SASS), and three registers more
+  // made the producer spill.
+  const int pack_shift = sm90_pack_shift<Tiling>(params);
+  constexpr int kItemWords = 6, kUnitWord = 6, kAnchorWord = 7;  // PlanItem's words that are used
+  static_assert(kItemWords <= static_cast<int>(sizeof(PlanItem) / sizeof(int32_t)), "the plan item's words");
+  const int lane = tid % 32;
+  auto unit_word = [&](int unit) {  // the anchor: -1 past the list
+    const int anchor = unit / (params.num_q_heads >> pack_shift);
+    int word = lane == kUnitWord ? unit : anchor < *params.num_tiles ? anchor : -1;
+    if (lane < kItemWords && anchor < params.max_items)  // past num_tiles: a word that is never used
+      word = reinterpret_cast<const int32_t*>(params.items + anchor)[lane];
+    return word;
+  };
+  int claim_ahead = 0;  // thread 0: the claim of unit k + 2 while unit k is issued
+  if (tid == 0) {
+    shared.claimed[0] = atomicAdd(params.work_counter, 1);
+    claim_ahead = atomicAdd(params.work_counter, 1);
+  }
+  ptx::named_barrier_sync(kSm90ClaimBarrier, 128);
+  int next_word = unit_word(shared.claimed[0]);
   int previous_unit_first_fill = 0;
   for (int k = 0;; ++k) {
-    if (tid == 0) shared.claimed[k & 1] = next_claim;
+    const int word = next_word;
+    // Slot (k + 1) & 1 was last read at unit k - 2 (or before the loop), before every thread's
+    // barrier of unit k - 1, which thread 0 has passed.
+    if (tid == 0) shared.claimed[(k + 1) & 1] = claim_ahead;
     ptx::named_barrier_sync(kSm90ClaimBarrier, 128);
-    const int unit = shared.claimed[k & 1];
-    if (tid == 0) next_claim = atomicAdd(params.work_counter, 1);
+    next_word = unit_word(shared.claimed[(k + 1) & 1]);
+    if (tid == 0) claim_ahead = atomicAdd(params.work_counter, 1);
+    const int unit = __shfl_sync(0xffffffffu, word, kUnitWord);
+    const int anchor = __shfl_sync(0xffffffffu, word, kAnchorWord);
+    PlanItem item;
+    if (anchor >= 0) {
+      int32_t* words = reinterpret_cast<int32_t*>(&item);
+#pragma unroll
+      for (int j = 0; j < kItemWords; ++j) words[j] = __shfl_sync(0xffffffffu, word, j);
+    }
     PrefillItem it;
-    const int pack_shift = sm90_pack_shift<Tiling>(params);
-    if (!load_prefill_item(params, kPrefillSm90BlockM >> pack_shift, pack_shift, unit, it)) {
+    if (anchor >= 0) resolve_prefill_item(params, kPrefillSm90BlockM >> pack_shift, pack_shift, unit, anchor, item, it);
+    else {
       const Sm90Fill fill = begin_fill();  // the last fill: a record without work
       if (tid == 0) {
         shared.records[fill.key_slot].unit = -1;
@@ -187,7 +222,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       while (next_publish <= n) publish(next_publish++);
       break;
     }
-    const int seq = it.seq, head = it.head, kv_head = it.kv_head, k_len = it.k_len;
+    const int seq = it.seq, head = it.head, kv_head = it.kv_head, k_begin = it.k_begin, k_len = it.k_len;
     const int tile_pos = it.tile_pos, valid_begin = it.valid_begin, valid_end = it.valid_end;
 
     // Q: 128 rows; rows outside [valid_begin, valid_end) are zeros (never stored). The loads join
@@ -288,7 +323,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
             if (tid == 0) {
-              const int token = kv.cu_seqlens_k[seq] + pos0;
+              const int token = k_begin + pos0;
               if (maps.kv_row_groups) {
                 ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
                 ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
