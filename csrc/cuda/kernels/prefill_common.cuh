@@ -28,12 +28,16 @@ struct PrefillItem {
   int valid_end;
 };
 
-// The plan item of a work unit (an item of the unit's sequence, its anchor), read from the list.
-// Returns the anchor, or -1 for a unit past the planned items (num_items = *params.num_tiles; grids
-// are sized by a host-side bound).
+// The plan item a work unit belongs to (its anchor: an item of the unit's sequence).
+__device__ __forceinline__ int plan_item_anchor(const PrefillParams& params, int pack_shift, int unit) {
+  return unit / (params.num_q_heads >> pack_shift);
+}
+
+// The plan item of a work unit, read from the list. Returns its anchor, or -1 for a unit past the
+// planned items (num_items = *params.num_tiles; grids are sized by a host-side bound).
 __device__ __forceinline__ int fetch_plan_item(const PrefillParams& params, int pack_shift, int num_items, int unit,
                                                PlanItem& item) {
-  const int anchor = unit / (params.num_q_heads >> pack_shift);
+  const int anchor = plan_item_anchor(params, pack_shift, unit);
   if (anchor >= num_items) return -1;
   item = params.items[anchor];
   return anchor;

@@ -26,6 +26,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
@@ -176,11 +177,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // uniform registers right at the load, which waited for it (SASS), and three registers more
   // made the producer spill.
   const int pack_shift = sm90_pack_shift<Tiling>(params);
-  constexpr int kItemWords = 6, kUnitWord = 6, kAnchorWord = 7;  // PlanItem's words that are used
-  static_assert(kItemWords <= static_cast<int>(sizeof(PlanItem) / sizeof(int32_t)), "the plan item's words");
+  // This lane's word of a unit looked up ahead: lanes 0-5 the plan item's words that are used,
+  // lane 6 the unit, lane 7 its anchor (-1 past the list).
+  constexpr int kItemWords = 6, kUnitWord = 6, kAnchorWord = 7;
+  static_assert(offsetof(PlanItem, k_len) == (kItemWords - 1) * sizeof(int32_t), "PlanItem's used words lead");
   const int lane = tid % 32;
-  auto unit_word = [&](int unit) {  // the anchor: -1 past the list
-    const int anchor = unit / (params.num_q_heads >> pack_shift);
+  auto unit_word = [&](int unit) {
+    const int anchor = plan_item_anchor(params, pack_shift, unit);
     int word = lane == kUnitWord ? unit : anchor < *params.num_tiles ? anchor : -1;
     if (lane < kItemWords && anchor < params.max_items)  // past num_tiles: a word that is never used
       word = reinterpret_cast<const int32_t*>(params.items + anchor)[lane];
