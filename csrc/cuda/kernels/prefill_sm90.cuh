@@ -92,6 +92,11 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8 && BSA_SM90_FP8_
 #ifndef BSA_SM90_PAGES_AHEAD
 #define BSA_SM90_PAGES_AHEAD 1
 #endif
+// ... and walk the next tile after this fill's issue; build knob BSA_SM90_PAGED_WALK_AFTER_ISSUE=0:
+// before it (the order before 2026-12-04, fourteenth session), for A/Bs.
+#ifndef BSA_SM90_PAGED_WALK_AFTER_ISSUE
+#define BSA_SM90_PAGED_WALK_AFTER_ISSUE 1
+#endif
 
 // 128-key fills walk their tiles a fill ahead (kTilesAhead, below); build knob
 // BSA_SM90_TILES_AHEAD=0: at issue, for A/Bs.
@@ -468,6 +473,19 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       }
     };
     if constexpr (kTilesAhead) walk_fill();
+    // kLookAhead: the tile after key_tile walked and its page ids looked up. TMA pages do it once
+    // key_tile's fill is issued and published, so a freed slot is refilled without the walk and the
+    // lookup in between (ncu, paged 8k x 4 at kv block 8192: the consumers waited for fills 2.5x as
+    // long as with contiguous K/V in the same storage order); fp8 pages before their conversion, since
+    // the next fill's rows are loaded (from these page ids) at the top of its iteration.
+    auto walk_ahead = [&](int key_tile) {
+      if (key_tile < 0) return;
+      ahead_tile = -1;
+#pragma unroll
+      for (int g = 0; g < kSm90ConsumerGroups; ++g) ahead_flags[g] = 0;
+      if (more) more = next_tile(ahead_tile, ahead_flags);
+      ahead_page = look_up_page(ahead_tile);
+    };
     for (;; ++n) {
       if constexpr (kFp8Pages) load_fp8_rows(ahead_tile, ahead_page);
       const Sm90Fill fill = begin_fill();
@@ -499,13 +517,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           page = ahead_page;
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = ahead_flags[g];
-          if (key_tile >= 0) {
-            ahead_tile = -1;
-#pragma unroll
-            for (int g = 0; g < kSm90ConsumerGroups; ++g) ahead_flags[g] = 0;
-            if (more) more = next_tile(ahead_tile, ahead_flags);
-            ahead_page = look_up_page(ahead_tile);
-          }
+          if constexpr (kFp8Pages || !BSA_SM90_PAGED_WALK_AFTER_ISSUE) walk_ahead(key_tile);
         } else {
           if (more) more = next_tile(key_tile, flags);
         }
@@ -524,6 +536,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         early |= 1u << (n % kKeySlots);
       }
       copies = false;
+      if constexpr (kPagesAhead && BSA_SM90_PAGED_WALK_AFTER_ISSUE) walk_ahead(first_tile);  // one tile a fill
       if (first_tile < 0) {
         ++n;
         break;
