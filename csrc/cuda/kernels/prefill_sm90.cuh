@@ -584,8 +584,8 @@ __device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp
 // Warp groups 1 and 2: 64 query rows each; per fill, S = Q K^T, the online softmax, O += P V, then
 // each unit's epilogue.
 template <typename Element, int kHeadDim, typename Tiling, typename Cache>
-__device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90Shared<kHeadDim, Tiling>& shared,
-                                              bool kv_row_groups) {
+__device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90TensorMaps& maps,
+                                              const Sm90Shared<kHeadDim, Tiling>& shared, bool kv_row_groups) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
   using StageRecord = Sm90StageRecord<Tiling::kTilesPerStage>;
   constexpr int kKeySlots = Tiling::kKeySlots;
@@ -667,6 +667,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     StageInfo info = read_record(wait_fill(n));  // the unit's first fill, which also brought its Q
     if (info.unit < 0) {
       if (group == 0) begin_turn();
+      if (t == 0) ptx::bulk_wait_group<0>();  // the group's last TMA stores of O have landed
       break;
     }
     const int buf = k % Tiling::kQBuffers;
@@ -852,7 +853,26 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         const uint32_t offset = (j >> 3) * (64 * 128) + r * 8 * 128 + (o_base ^ ((j & 7) << 4));
         *reinterpret_cast<uint32_t*>(s_q + offset) = packed;
       }
+    // Where every row of the group is a query of the unit's sequence (the box would overwrite any
+    // other), one thread stores the staged rows through the TMA (Q's boxes) and waits only until the
+    // TMA has read them, so the Q buffer may be refilled; the group's threads skip the copy-out.
+    const int shift = sm90_pack_shift<Tiling>(params);
+    const bool tma_store =
+        BSA_SM90_TMA_STORE && maps.out_enabled && group_pos >= it.valid_begin && group_pos + (64 >> shift) <= it.valid_end;
+    if (tma_store) ptx::fence_proxy_async_shared();  // this thread's staged O, for the TMA's reads
     ptx::named_barrier_sync(kSm90EpilogueBarrier + group, 128);
+    if (tma_store) {
+      if (t == 0) {
+        const int token = it.q_begin - it.first_pos + group_pos;
+#pragma unroll
+        for (int block = 0; block < kHeadDim / 64; ++block)
+          ptx::tma_store_3d(&maps.out, s_q + block * 64 * 128, block * 64, it.head, token);
+        ptx::bulk_commit_group();
+        ptx::bulk_wait_group_read<0>();
+      }
+      ptx::mbarrier_arrive(&shared.q_empty[buf]);
+      continue;
+    }
     // 16-byte chunks to global memory: thread t takes column chunk t % kChunksPerRow of rows
     // t / kChunksPerRow + kRowsPerPass i; kRowsPerPass is a multiple of 8, so the swizzle is the
     // same for all of them and the shared offsets step by immediates.
@@ -861,7 +881,6 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     static_assert(kRowsPerPass % 8 == 0 && 64 % kRowsPerPass == 0, "the swizzle repeats every 8 rows");
     const int out_row0 = t / kChunksPerRow, out_col = (t % kChunksPerRow) * 8;
     const unsigned char* s_out = s_q + sm90_tile_offset<64>(out_row0, out_col);
-    const int shift = sm90_pack_shift<Tiling>(params);
     const int64_t token0 = static_cast<int64_t>(it.q_begin) - it.first_pos;
     auto store_chunk = [&](Element* dst, int i) {
       *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(s_out + i * kRowsPerPass * 128);
@@ -933,7 +952,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       sm90_producer<Element, kHeadDim, Tiling, Cache, false>(params, maps, shared);
   } else {
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
-    sm90_consumer<Element, kHeadDim, Tiling, Cache>(params, shared, !CacheFormat<Cache>::kFp8 && maps.kv_row_groups);
+    sm90_consumer<Element, kHeadDim, Tiling, Cache>(params, maps, shared,
+                                                    !CacheFormat<Cache>::kFp8 && maps.kv_row_groups);
   }
 #else
   __trap();  // built for a target without wgmma: the host never launches it there

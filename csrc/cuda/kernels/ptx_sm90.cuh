@@ -82,6 +82,27 @@ __device__ __forceinline__ void tma_load_5d(void* smem_dst, const void* tensor_m
       : "memory");
 }
 
+// One box of shared memory into a 3-D tensor map at (c0, c1, c2), innermost first (elements out of
+// the tensor's bounds are not written), in the thread's current bulk async-group.
+__device__ __forceinline__ void tma_store_3d(const void* tensor_map, const void* smem_src, int c0, int c1, int c2) {
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%2, %3, %4}], [%1];\n" ::"l"(
+                   reinterpret_cast<uint64_t>(tensor_map)),
+               "r"(smem_addr(smem_src)), "r"(c0), "r"(c1), "r"(c2)
+               : "memory");
+}
+// Closes the thread's current bulk async-group (its TMA stores).
+__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Waits until at most N of the thread's bulk async-groups still read their shared-memory sources.
+template <int N>
+__device__ __forceinline__ void bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+// Waits until at most N of the thread's bulk async-groups are incomplete (their writes done).
+template <int N>
+__device__ __forceinline__ void bulk_wait_group() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 // Generic-proxy writes to shared memory (st.shared, cp.async) become visible to async-proxy readers
 // (wgmma operands) only after this fence in the writing thread.
 __device__ __forceinline__ void fence_proxy_async_shared() {
