@@ -201,7 +201,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   }
   ptx::named_barrier_sync(kSm90ClaimBarrier, 128);
   int next_word = unit_word(shared.claimed[0]);
-  int previous_unit_first_fill = 0;
+  int first_fill_back1 = 0, first_fill_back2 = 0;  // the first fills of units k - 1 and k - 2
   for (int k = 0;; ++k) {
     const int word = next_word;
     // Slot (k + 1) & 1 was last read at unit k - 2 (or before the loop), before every thread's
@@ -236,20 +236,21 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // Q: 128 rows; rows outside [valid_begin, valid_end) are zeros (never stored). The loads join
     // the unit's first fill, whose publication covers them. The buffer was last read by unit
     // k - Tiling::kQBuffers, whose consumers release it only after all its fills, so those must
-    // be published first: with one buffer that is every fill so far; with two, the fills before
-    // unit k - 1's first. Those are normally out already (L fills back), but not when unit k - 1
+    // be published first: with one buffer that is every fill so far; with B > 1, the fills before
+    // unit k - B + 1's first. Those are normally out already (L fills back), but not when unit k - 1
     // has fewer than L fills and unit k - 2's last one carries cp.async copies (units without
     // key tiles, Q through cp.async), so the wait below would never end.
     const int buf = k % Tiling::kQBuffers;
     if (k >= Tiling::kQBuffers) {
-      const int needed = Tiling::kQBuffers == 1 ? n : previous_unit_first_fill;
+      const int needed = Tiling::kQBuffers == 1 ? n : Tiling::kQBuffers == 2 ? first_fill_back1 : first_fill_back2;
       if (next_publish < needed) {
         ptx::cp_async_wait<0>();
         while (next_publish < needed) publish(next_publish++);
       }
       ptx::mbarrier_wait(&shared.q_empty[buf], ((k / Tiling::kQBuffers) + 1) & 1);
     }
-    previous_unit_first_fill = n;
+    first_fill_back2 = first_fill_back1;
+    first_fill_back1 = n;
     if (tid == 0) shared.items[buf] = it;
     // Through the TMA (one thread, issued with the unit's first fill below), Q rows outside the
     // item are other rows of the tensor or zeros: they only ever feed their own, unstored output

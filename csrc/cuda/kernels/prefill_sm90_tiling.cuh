@@ -60,7 +60,7 @@ struct Sm90TilingShape {
   static constexpr bool kSplitRings = kKeySlots != kValueSlots;
   static constexpr int kQBuffers = kQBuffers_;
   static constexpr int kLoadsInFlight = kLoadsInFlight_;  // cp.async groups the producer keeps outstanding
-  static_assert(kQBuffers == 1 || kQBuffers == 2, "one or two Q buffers");
+  static_assert(kQBuffers >= 1 && kQBuffers <= 3, "one to three Q buffers");
   // The producer publishes fill m (cp.async path) at the top of fill m + L, before it waits for the
   // slots of fill m + L. A consumer frees value slot m after P.V m, which it issues once fill m + 1
   // is published, so kValueSlots >= L + 1; with split rings it frees key slot m after S m, which
