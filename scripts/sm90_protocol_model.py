@@ -64,7 +64,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
             yield
 
     def producer():
-        st = dict(n=0, pub=0, prev_first=0)
+        st = dict(n=0, pub=0, firsts=[])  # firsts: each unit's first fill
         early = set()
         def publish(m):
             if m in early:
@@ -88,13 +88,13 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
                 return
             if k >= QB:
                 if fix:
-                    needed = st['n'] if QB == 1 else st['prev_first']
+                    needed = st['n'] if QB == 1 else st['firsts'][k - QB + 1]  # unit k - QB's fills
                 else:
                     needed = st['n'] if (QB == 1 or L > 2) else 0
                 while st['pub'] < needed:
                     publish(st['pub']); st['pub'] += 1
                 yield from wait(lambda: ready(('qempty', k % QB), k // QB, 2))
-            st['prev_first'] = st['n']
+            st['firsts'].append(st['n'])
             for copies in fills:
                 yield from begin_fill()
                 if not copies:
@@ -183,7 +183,8 @@ def outcome(result):  # "ok", "deadlock", plus the kinds of error seen
 
 if __name__ == "__main__":
     configs = {
-        "main 64-key (4 shared stages, 2 Q)": (4, 4, 2, 2, False, False),
+        "main 64-key (4 shared stages, 3 Q)": (4, 4, 3, 2, False, False),
+        "64-key, 2 Q (BSA_SM90_Q_BUFFERS=2)": (4, 4, 2, 2, False, False),
         "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True, False),
         "main 128-key, turns": (2, 3, 2, 2, True, True),
         "64-key, turns (BSA_SM90_TURNS=2)": (4, 4, 2, 2, False, True),

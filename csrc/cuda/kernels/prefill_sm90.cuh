@@ -201,7 +201,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   }
   ptx::named_barrier_sync(kSm90ClaimBarrier, 128);
   int next_word = unit_word(shared.claimed[0]);
-  int first_fill_back1 = 0, first_fill_back2 = 0;  // the first fills of units k - 1 and k - 2
+  int first_fill_back1 = 0, first_fill_back2 = 0;  // the first fills of units k - 1 and k - 2 (kQBuffers <= 3)
   for (int k = 0;; ++k) {
     const int word = next_word;
     // Slot (k + 1) & 1 was last read at unit k - 2 (or before the loop), before every thread's

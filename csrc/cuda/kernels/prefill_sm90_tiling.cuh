@@ -16,9 +16,11 @@ namespace blocksparse_attn {
 // necessarily adjacent): fill n takes key slot n % kKeySlots and value slot n % kValueSlots. Two
 // shapes; the host picks one per call (choose_sm90_stage_keys):
 // - 64-key fills in 4 shared stages (K and V of a fill in slots of the same index, freed together
-//   after P.V) and two Q buffers (the producer loads the next unit's Q while the consumers finish
-//   the current one): the best for sparse patterns, whose units are short (8k x 4, Phi-3-small:
-//   1.45 ms; 1.50 ms with the 128-key shape below).
+//   after P.V) and three Q buffers (the producer loads the Q of the unit after next while the
+//   consumers finish the current one; 224 KB in all at head dim 128): the best for sparse patterns,
+//   whose units are short (8k x 4, Phi-3-small: 1.45 ms; 1.50 ms with the 128-key shape below).
+//   The third buffer took 256 prompts x 128 tokens from 0.210 to 0.203 ms on the H200 (2026-12-04),
+//   whose units of one or two fills waited for their first fill's Q and K/V.
 // - 128-key fills with rings of their own for K (2 slots, each freed once S is done) and V (3
 //   slots, freed after P.V), as FA3 pipelines them: the producer runs as far ahead as with 3 shared
 //   stages, and the 64 KB saved hold a second Q buffer (224 KB in all at head dim 128). Half the
@@ -33,7 +35,7 @@ namespace blocksparse_attn {
 #define BSA_SM90_LOADS_IN_FLIGHT 2
 #endif
 #ifndef BSA_SM90_Q_BUFFERS
-#define BSA_SM90_Q_BUFFERS 2
+#define BSA_SM90_Q_BUFFERS 3
 #endif
 #ifndef BSA_SM90_K128_KEY_SLOTS
 #define BSA_SM90_K128_KEY_SLOTS 2
@@ -121,7 +123,7 @@ constexpr uint8_t kTileMasked = 2;   // ... and some (row, key) pairs are causal
 
 // Shared memory: operand tiles of kRows rows x kHeadDim, stored as 64-column blocks of kRows rows x
 // 128 B with the 128-byte swizzle (the layout wgmma reads), every tile 1024-byte aligned. Q has
-// Tiling::kQBuffers buffers (consecutive work units of a CTA alternate between two), each one 64-row
+// Tiling::kQBuffers buffers (consecutive work units of a CTA take them in turn), each one 64-row
 // tile per consumer group; K and V slots have Tiling::kBlockN rows.
 template <int kHeadDim, typename Tiling>
 struct Sm90Smem {
