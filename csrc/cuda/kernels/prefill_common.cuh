@@ -33,17 +33,7 @@ __device__ __forceinline__ int plan_item_anchor(const PrefillParams& params, int
   return unit / (params.num_q_heads >> pack_shift);
 }
 
-// The plan item of a work unit, read from the list. Returns its anchor, or -1 for a unit past the
-// planned items (num_items = *params.num_tiles; grids are sized by a host-side bound).
-__device__ __forceinline__ int fetch_plan_item(const PrefillParams& params, int pack_shift, int num_items, int unit,
-                                               PlanItem& item) {
-  const int anchor = plan_item_anchor(params, pack_shift, unit);
-  if (anchor >= num_items) return -1;
-  item = params.items[anchor];
-  return anchor;
-}
-
-// The work unit `unit` of plan item `item` at `anchor` (fetch_plan_item). A unit with packed heads
+// The work unit `unit` of plan item `item` at `anchor` (plan_item_anchor). A unit with packed heads
 // (pack_shift = PrefillParams::pack_gqa_shift > 0) carries its kv group's first q head in `head`.
 __device__ __forceinline__ void resolve_prefill_item(const PrefillParams& params, int block_m, int pack_shift, int unit,
                                                      int anchor, const PlanItem& item, PrefillItem& it) {
@@ -75,12 +65,15 @@ __device__ __forceinline__ void resolve_prefill_item(const PrefillParams& params
   it.valid_end = min(it.tile_pos + block_m, it.k_len);
 }
 
-// Both steps at once; false for a unit past the planned items.
+// The work unit read from the plan and resolved; false for a unit past the planned items (grids
+// are sized by a host-side bound).
 __device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, int block_m, int pack_shift, int unit,
                                                   PrefillItem& it) {
+  const int num_items = *params.num_tiles;
+  const int anchor = plan_item_anchor(params, pack_shift, unit);
+  if (anchor >= num_items) return false;
   PlanItem item;
-  const int anchor = fetch_plan_item(params, pack_shift, *params.num_tiles, unit, item);
-  if (anchor < 0) return false;
+  item = params.items[anchor];
   resolve_prefill_item(params, block_m, pack_shift, unit, anchor, item, it);
   return true;
 }
