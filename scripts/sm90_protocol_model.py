@@ -5,9 +5,18 @@ GPU time.
 The producer and the two consumer groups run as generators that yield while a barrier wait blocks;
 barriers are counters. cp.async copies always land, so only program order and the barriers can
 block. Each unit is a list of fills (its key tiles, then its end record), each marked by whether it
-carries cp.async copies (published L fills later) or not (published at issue). Configurations: key
-slots, value slots (equal and released together for shared stages, main's 64-key shape; separate
-rings for its 128-key shape), Q buffers, fills in flight L, turns.
+carries cp.async copies (published L fills later) or not (published at issue), and which of its
+tiles' values come through cp.async (with the fill) or the TMA. Configurations: key slots, value
+slots (equal and released together for shared stages, main's 64-key shape; separate rings for its
+128-key shape), Q buffers, fills in flight L, turns, values behind.
+
+Values behind (BSA_SM90_VALUES_BEHIND, 128-key fills): fill n brings the values of fill n - 1's TMA
+tiles into fill n - 1's value slot; values through cp.async still come with their own fill. The
+producer waits for value slot n - 1 when it brings such values and for slot n when the fill writes
+values of its own, or is an end record: the consumers release an end record's value slot as soon as
+they read it, so without that wait one group could release it while the other still reads the
+slot's previous fill (a phase mix, which the model found). The consumers are unchanged: P.V of fill
+n - 1 is issued after the wait for fill n.
 
 The empties (key, value, Q) complete on both groups' arrivals (the kernel counts 2 x 128 threads):
 an arrival of one group for a phase the other has not finished would complete that phase early.
@@ -20,7 +29,8 @@ goes first); at the end record without a unit group 0 syncs on T0 once more to t
 hand-over.
 
 Checks: deadlock (no process can move; the waits are monotone, so the verdict holds for every
-interleaving); parity alias (a barrier passes the phase a waiter wants); phase mix (above); turn
+interleaving); parity alias (a barrier passes the phase a waiter wants); overwrite (the producer
+writes a slot whose previous fill the consumers have not released); phase mix (above); turn
 overrun (a second arrival on Tg before group g synced: the hardware does not queue arrivals, they
 would complete the barrier by themselves); a dangling turn arrival at the end. All but the first
 depend on the interleaving: each trial runs the processes in a random order, preempted at random.
@@ -34,14 +44,16 @@ The self-test at the end breaks the turn protocol on purpose and checks that the
 import random
 
 
-def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
+def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, behind=False):
     """SK / SV: key / value slots; QB: Q buffers; L: fills in flight; split: a key slot is released
     after S, not with its value slot; fix: the producer publishes unit k - QB's fills before it waits
     for unit k's Q buffer (main since 2026-11-26), instead of assuming them out; turns: the consumer
     groups issue their products in turns; mutant: 'no bootstrap' (group 1 never hands group 0 its
-    first turn) or 'no final sync' (group 0 never takes group 1's last hand-over), for the self-test;
+    first turn), 'no final sync' (group 0 never takes group 1's last hand-over) or 'no own-values wait'
+    or 'no end wait' (values behind: a fill writes values through cp.async, or an end record is
+    issued, without waiting for its value slot), for the self-test;
     sched: a random.Random for the order the processes run in and for preemption (None: fixed order,
-    each process runs until it blocks)."""
+    each process runs until it blocks); behind: values behind (above)."""
     cnt, errors = {}, []
     preempted = [False]
     c = lambda b: cnt.get(b, 0)
@@ -71,14 +83,22 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
                 early.discard(m)
             else:
                 arrive(('full', m % SK))
-        def begin_fill():
+        def released(kind, slots, m):  # the consumers have released the slot's fill before fill m
+            return m < slots or c((kind, m % slots)) >= 2 * (m // slots)
+        def write(kind, slots, m):
+            if not released(kind, slots, m):
+                errors.append(f"overwrite on {kind}: fill {m}'s slot before the consumers released it")
+        def begin_fill(own_values=True, previous_values=False):
             n = st['n']
             if n - L >= st['pub']:
                 publish(st['pub']); st['pub'] += 1
             if n >= SK:
                 yield from wait(lambda: ready(('kempty', n % SK), n // SK, 2))
-            if n >= SV:
+            if previous_values and n - 1 >= SV:
+                yield from wait(lambda: ready(('vempty', (n - 1) % SV), (n - 1) // SV, 2))
+            if own_values and n >= SV:
                 yield from wait(lambda: ready(('vempty', n % SV), n // SV, 2))
+            write('kempty' if split else 'vempty', SK if split else SV, n)
         for k, fills in enumerate(units + [None]):
             if fills is None:  # end of work: a record without copies, then publish everything
                 yield from begin_fill()
@@ -95,10 +115,21 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
                     publish(st['pub']); st['pub'] += 1
                 yield from wait(lambda: ready(('qempty', k % QB), k // QB, 2))
             st['firsts'].append(st['n'])
-            for copies in fills:
-                yield from begin_fill()
+            previous_tma = False  # the previous fill's TMA values, which this fill brings (behind)
+            for i, (copies, own_values, tma_values) in enumerate(fills):
+                n = st['n']
+                if behind:
+                    end = i == len(fills) - 1
+                    own_wait = (own_values and mutant != 'no own-values wait') or (end and mutant != 'no end wait')
+                    yield from begin_fill(own_wait, previous_tma)
+                    if own_values: write('vempty', SV, n)
+                    if previous_tma: write('vempty', SV, n - 1)
+                    previous_tma = tma_values
+                else:
+                    yield from begin_fill()
+                    if own_values or tma_values: write('vempty', SV, n)
                 if not copies:
-                    arrive(('full', st['n'] % SK)); early.add(st['n'])
+                    arrive(('full', n % SK)); early.add(n)
                 st['n'] += 1
 
     def begin_turn(g):  # bar.sync on Tg: completes with the other group's matching arrival
@@ -140,6 +171,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
                     yield from wait(lambda: ready(('full', n % SK), n // SK + 1))
                     yield from turn()  # S of fill n, P.V of fill n - 1
                     rk(n)
+                    yield from wait(lambda: True)  # the softmax: P.V n - 1 completes after S n
                     rv(pending)
                     pending = n
             rv(n)  # the end record's slots
@@ -167,11 +199,12 @@ def random_units(rng, n_units, p_zero, p_copies, q_cp_async):
     for _ in range(n_units):
         tiles = 0 if rng.random() < p_zero else rng.randint(1, 6)
         fills = []
-        for i in range(tiles + 1):  # tile fills, then the end record
+        for i in range(tiles + 1):  # tile fills, then the end record: (copies, own values, TMA values)
             first = i == 0
             end = i == tiles
-            copies = (first and q_cp_async) or (not end and rng.random() < p_copies)
-            fills.append(copies)
+            own_values = not end and rng.random() < p_copies  # a tile through cp.async
+            tma_values = not end and (not own_values or rng.random() < 0.5)  # a 128-key fill may mix both
+            fills.append(((first and q_cp_async) or own_values, own_values, tma_values))
         units.append(fills)
     return units
 
@@ -187,6 +220,7 @@ if __name__ == "__main__":
         "64-key, 2 Q (BSA_SM90_Q_BUFFERS=2)": (4, 4, 2, 2, False, False),
         "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True, False),
         "main 128-key, turns": (2, 3, 2, 2, True, True),
+        "128-key, turns, values behind": (2, 3, 2, 2, True, True, True),
         "64-key, turns (BSA_SM90_TURNS=2)": (4, 4, 2, 2, False, True),
         "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False, False),
         "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False),
@@ -197,10 +231,11 @@ if __name__ == "__main__":
     samples = [random_units(rng, rng.randint(1, 12), rng.choice([0, 0.3, 0.8]), rng.choice([0, 0.2, 1]),
                             rng.random() < 0.3) for _ in range(trials)]
     for fix in (False, True):
-        for name, (SK, SV, QB, L, split, turns) in configs.items():
+        for name, (SK, SV, QB, L, split, turns, *behind) in configs.items():
             results = {}
             for trial, units in enumerate(samples):
-                key = outcome(run(units, SK, SV, QB, L, split, fix, turns, sched=random.Random(trial)))
+                key = outcome(run(units, SK, SV, QB, L, split, fix, turns, sched=random.Random(trial),
+                                  behind=bool(behind)))
                 results[key] = results.get(key, 0) + 1
             print(f"fix={fix!s:5} {name:40} {results}")
 
@@ -215,3 +250,13 @@ if __name__ == "__main__":
                 results[key] = results.get(key, 0) + 1
             print(f"self-test {mutant:14} {name:40} {results}")
             assert results == {expect: 300}, f"the model misses a broken turn protocol ({mutant})"
+    # ... and values behind without a fill's wait for its own value slot must overwrite values in use,
+    # without an end record's, mix the groups' phases.
+    SK, SV, QB, L, split, turns, behind = configs["128-key, turns, values behind"]
+    for mutant, error in (("no own-values wait", "overwrite"), ("no end wait", "phase mix")):
+        results = {}
+        for trial, units in enumerate(samples[:300]):
+            key = outcome(run(units, SK, SV, QB, L, split, True, turns, mutant, random.Random(trial), behind))
+            results[key] = results.get(key, 0) + 1
+        print(f"self-test {mutant:18} 128-key, turns, values behind  {results}")
+        assert any(error in key for key in results), f"the model misses a broken values-behind protocol ({mutant})"

@@ -103,6 +103,20 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8 && BSA_SM90_FP8_
 #ifndef BSA_SM90_TILES_AHEAD
 #define BSA_SM90_TILES_AHEAD 1
 #endif
+// Build knob BSA_SM90_VALUES_BEHIND=1: 128-key fills bring the keys of their own tiles and the values
+// of the previous fill's (FA3's and FA4's load order), so that a consumer's wait for fill n (S of
+// fill n, P.V of fill n - 1) does not also wait for values it reads one fill later, and the value
+// ring gates the producer a P.V later. Values through cp.async still come with their own fill.
+// Off by default until a device session times it (experiment).
+#ifndef BSA_SM90_VALUES_BEHIND
+#define BSA_SM90_VALUES_BEHIND 0
+#endif
+
+// What a whole tile brings through the TMA in one fill (sm90_producer's load_kv): its keys, its
+// values or both.
+constexpr int kKeyBoxes = 1, kValueBoxes = 2;
+template <int kBoxes>
+using Sm90Boxes = std::integral_constant<int, kBoxes>;
 
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
@@ -159,7 +173,12 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     ptx::fence_proxy_async_shared();
     ptx::mbarrier_arrive(&shared.full[fill % kKeySlots]);
   };
-  auto begin_fill = [&] {
+  // Waits for the slots fill n writes: its key slot, and the value slots of fill n (own_values) and
+  // of fill n - 1 (previous_values: values behind, BSA_SM90_VALUES_BEHIND). Value slot m is waited
+  // for at fill m or m + 1, before any group can release the slot's next fill (it needs fill m + 1
+  // or, for an end record, fill m itself, published): no wait sees two phases pass, and no group's
+  // release joins the other group's phase (scripts/sm90_protocol_model.py checks both).
+  auto begin_fill = [&](bool own_values = true, bool previous_values = false) {
     if (n - Tiling::kLoadsInFlight >= next_publish) {
       ptx::cp_async_wait<Tiling::kLoadsInFlight - 1>();  // fills up to n - kLoadsInFlight have landed
       publish(next_publish++);
@@ -168,7 +187,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     if constexpr (Tiling::kSplitRings) {
       if (n >= kKeySlots) ptx::mbarrier_wait(&shared.key_empty[fill.key_slot], ((n / kKeySlots) + 1) & 1);
     }
-    if (n >= kValueSlots) ptx::mbarrier_wait(&shared.value_empty[fill.value_slot], ((n / kValueSlots) + 1) & 1);
+    const int previous = n - 1;
+    if (previous_values && previous >= kValueSlots)
+      ptx::mbarrier_wait(&shared.value_empty[previous % kValueSlots], ((previous / kValueSlots) + 1) & 1);
+    if (own_values && n >= kValueSlots)
+      ptx::mbarrier_wait(&shared.value_empty[fill.value_slot], ((n / kValueSlots) + 1) & 1);
     return fill;
   };
 
@@ -315,8 +338,12 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     };
     // The stage layout (fp8 pages never come through the TMA: by column block, known at compile time).
     const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(!kFp8Pages && maps.kv_row_groups);
-    // box_page: this lane's page, looked up a fill ahead (kPagesAhead).
-    auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot, int box_page) -> bool {
+    // box_page: this lane's page, looked up a fill ahead (kPagesAhead). boxes (kKeyBoxes,
+    // kValueBoxes or both): what a whole tile brings through the TMA (values behind: its keys, then
+    // with the next fill its values, fill.value_slot naming the earlier fill's slot); a tile through
+    // cp.async always brings both.
+    auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot, int box_page, auto boxes) -> bool {
+      constexpr bool kKeys = decltype(boxes)::value & kKeyBoxes, kValues = decltype(boxes)::value & kValueBoxes;
       const int pos0 = key_tile * 64;
       unsigned char* dst_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
       unsigned char* dst_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
@@ -328,20 +355,20 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         if (tid < 32) {
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
-          if (tid == 0) ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
+          if (tid == 0) ptx::mbarrier_expect_tx(landed, (kKeys + kValues) * (kHeadDim / 64) * kBoxBytes);
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
             if (tid == 0) {
               const int token = k_begin + pos0;
               if (maps.kv_row_groups) {
-                ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
-                ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
+                if (kKeys) ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
+                if (kValues) ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
               } else {
 #pragma unroll
                 for (int block = 0; block < kHeadDim / 64; ++block) {
                   const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
-                  ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
-                  ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
+                  if (kKeys) ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
+                  if (kValues) ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
                 }
               }
             }
@@ -357,11 +384,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
               const int in_page = kv.row_in_page(pos);
               const int dst = tile_dst + sm90_kv_offset(layout, box_row, box_block * 64);
               if (maps.kv_row_groups) {
-                ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
-                ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
+                if (kKeys) ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
+                if (kValues) ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
               } else {
-                ptx::tma_load_3d(dst_k + dst, &maps.key, box_block * 64, in_page, slab, landed);
-                ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
+                if (kKeys) ptx::tma_load_3d(dst_k + dst, &maps.key, box_block * 64, in_page, slab, landed);
+                if (kValues) ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
               }
             }
           } else {
@@ -380,11 +407,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
               const int in_page = kv.row_in_page(pos);
               const int dst = tile_dst + sm90_kv_offset(layout, box * rows, block * 64);
               if (maps.kv_row_groups) {
-                ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
-                ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
+                if (kKeys) ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
+                if (kValues) ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
               } else {
-                ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, in_page, slab, landed);
-                ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, in_page, slab, landed);
+                if (kKeys) ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, in_page, slab, landed);
+                if (kValues) ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, in_page, slab, landed);
               }
             }
           }
@@ -474,6 +501,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       }
     };
     if constexpr (kTilesAhead) walk_fill();
+    // kValuesBehind (BSA_SM90_VALUES_BEHIND): the previous fill's tiles through the TMA, whose values
+    // this fill brings (-1: none; a unit's first fill follows an end record, which has no tiles).
+    constexpr bool kValuesBehind = kTilesAhead && BSA_SM90_VALUES_BEHIND;
+    constexpr int kOwnBoxes = kValuesBehind ? kKeyBoxes : kKeyBoxes | kValueBoxes;  // a TMA tile's, with its fill
+    int behind_tiles[kSlots];
+#pragma unroll
+    for (int slot = 0; slot < kSlots; ++slot) behind_tiles[slot] = -1;
     // kLookAhead: the tile after key_tile walked and its page ids looked up. TMA pages do it once
     // key_tile's fill is issued and published, so a freed slot is refilled without the walk and the
     // lookup in between (ncu, paged 8k x 4 at kv block 8192: the consumers waited for fills 2.5x as
@@ -489,7 +523,22 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     };
     for (;; ++n) {
       if constexpr (kFp8Pages) load_fp8_rows(ahead_tile, ahead_page);
-      const Sm90Fill fill = begin_fill();
+      bool own_values = true, previous_values = false;
+      if constexpr (kValuesBehind) {
+        // This fill's value slot takes the values of its tiles through cp.async (a partial tile, or
+        // zeros for an empty second slot); the previous fill's value slot those of its TMA tiles. An
+        // end record writes none, but waits for its slot: the consumers release it as soon as they
+        // read the record, which one group could otherwise do while the other still reads the slot's
+        // previous fill (its arrivals would complete that phase).
+        own_values = fill_tiles[0] < 0;
+#pragma unroll
+        for (int slot = 0; slot < kSlots; ++slot) {
+          const bool loads = fill_tiles[slot] >= 0 || (slot > 0 && fill_tiles[0] >= 0);
+          own_values |= loads && !tma_tile(fill_tiles[slot]);
+          previous_values |= behind_tiles[slot] >= 0;
+        }
+      }
+      const Sm90Fill fill = begin_fill(own_values, previous_values);
       const int key_slot = fill.key_slot;  // the fill's full barrier and record
       if (query_pending) {
         query_pending = false;
@@ -523,11 +572,19 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           if (more) more = next_tile(key_tile, flags);
         }
         if (slot == 0) first_tile = key_tile;
-        if (key_tile >= 0 || (slot > 0 && first_tile >= 0)) copies |= load_kv(key_tile, fill, slot, page);  // empty: zeros
+        if (key_tile >= 0 || (slot > 0 && first_tile >= 0)) copies |= load_kv(key_tile, fill, slot, page, Sm90Boxes<kOwnBoxes>{});  // empty: zeros
         if (tid == 0) {
           shared.records[key_slot].key_tile[slot] = key_tile;
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) shared.records[key_slot].flags[g][slot] = flags[g];
+        }
+      }
+      if constexpr (kValuesBehind) {
+        const Sm90Fill behind = {key_slot, (n + kValueSlots - 1) % kValueSlots};  // fill n - 1's values, this fill's barrier
+#pragma unroll
+        for (int slot = 0; slot < kSlots; ++slot) {
+          if (behind_tiles[slot] >= 0) load_kv(behind_tiles[slot], behind, slot, -1, Sm90Boxes<kValueBoxes>{});
+          behind_tiles[slot] = tma_tile(fill_tiles[slot]) ? fill_tiles[slot] : -1;
         }
       }
       if (tid == 0) shared.records[key_slot].unit = unit;
@@ -584,7 +641,7 @@ __device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp
 
 // Warp groups 1 and 2: 64 query rows each; per fill, S = Q K^T, the online softmax, O += P V, then
 // each unit's epilogue.
-template <typename Element, int kHeadDim, typename Tiling, typename Cache>
+template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool kTurns>
 __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared, bool kv_row_groups) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
@@ -649,12 +706,11 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   };
   auto release_value = [&](const Sm90Fill& fill) { ptx::mbarrier_arrive(&shared.value_empty[fill.value_slot]); };
 
-  // Turns (sm90_turns): group g waits for its turn before it issues a fill's products and hands the
+  // Turns (kTurns, see sm90_turns): group g waits for its turn before it issues a fill's products and hands the
   // turn on after them; group 1 hands group 0 its first turn, and group 0 takes group 1's last
   // hand-over when the CTA's work ends, so each barrier's arrivals and waits pair up. Both groups
   // must take the same turns: every turn decision comes from the shared record (unit, end), never
   // from a group's own flags (scripts/sm90_protocol_model.py checks the protocol).
-  constexpr bool kTurns = sm90_turns<Tiling>();
   auto begin_turn = [&] {
     if constexpr (kTurns) ptx::named_barrier_sync(kSm90TurnBarrier + group, 2 * 128);
   };
@@ -953,8 +1009,18 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       sm90_producer<Element, kHeadDim, Tiling, Cache, false>(params, maps, shared);
   } else {
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
-    sm90_consumer<Element, kHeadDim, Tiling, Cache>(params, maps, shared,
-                                                    !CacheFormat<Cache>::kFp8 && maps.kv_row_groups);
+    const bool kv_row_groups = !CacheFormat<Cache>::kFp8 && maps.kv_row_groups;
+    // BSA_SM90_PAGED_TURNS: turns on the paged TMA path of 64-key fills only, an instantiation of
+    // its own (experiment).
+    constexpr bool kPagedTurns = BSA_SM90_PAGED_TURNS && !sm90_turns<Tiling>() && Tiling::kTilesPerStage == 1 &&
+                                 !CacheFormat<Cache>::kFp8;
+    if constexpr (kPagedTurns) {
+      if (params.kv.paged() && maps.kv_enabled) {
+        sm90_consumer<Element, kHeadDim, Tiling, Cache, true>(params, maps, shared, kv_row_groups);
+        return;
+      }
+    }
+    sm90_consumer<Element, kHeadDim, Tiling, Cache, sm90_turns<Tiling>()>(params, maps, shared, kv_row_groups);
   }
 #else
   __trap();  // built for a target without wgmma: the host never launches it there
