@@ -89,13 +89,17 @@ constexpr int kSm90Threads = 128 * (1 + kSm90ConsumerGroups);
 // the whole pool, 104 + 2 x 200 = 3 x 168 (the split rings' producer spilled at 96; 96 or 104 made
 // no measurable difference to the 64-key shape: 1.461 / 1.453 ms at 8k). setmaxnreg.inc blocks
 // until the registers it asks for are free in the CTA's pool, which holds what the launch allocated
-// (65536 / threads per thread, in steps of 8): a split beyond it hangs. Both sides fit without
-// spills here (ptxas -v).
-constexpr int kSm90ProducerRegisters = 104;
-constexpr int kSm90ConsumerRegisters = 200;
-static_assert(kSm90ProducerRegisters + kSm90ConsumerGroups * kSm90ConsumerRegisters <=
-                  (1 + kSm90ConsumerGroups) * (65536 / kSm90Threads / 8 * 8),
-              "the register split exceeds the CTA's pool");
+// (65536 / threads per thread, in steps of 8): a split beyond it hangs. Build knob
+// BSA_SM90_PRODUCER_REGISTERS (a multiple of 8; the consumers take the rest of the pool) for A/Bs:
+// FA4's Hopper forward runs a one-warp producer on 24 and its two MMA groups on 240.
+#ifndef BSA_SM90_PRODUCER_REGISTERS
+#define BSA_SM90_PRODUCER_REGISTERS 104
+#endif
+constexpr int kSm90RegisterPool = (1 + kSm90ConsumerGroups) * (65536 / kSm90Threads / 8 * 8);
+constexpr int kSm90ProducerRegisters = BSA_SM90_PRODUCER_REGISTERS;
+constexpr int kSm90ConsumerRegisters = (kSm90RegisterPool - kSm90ProducerRegisters) / kSm90ConsumerGroups / 8 * 8;
+static_assert(kSm90ProducerRegisters % 8 == 0 && kSm90ProducerRegisters >= 24 && kSm90ConsumerRegisters <= 256,
+              "setmaxnreg takes multiples of 8 from 24 to 256");
 // Named barriers (0 is __syncthreads): each consumer group's epilogue, the producer's broadcast of
 // a claimed unit.
 constexpr int kSm90EpilogueBarrier = 1;   // + group
