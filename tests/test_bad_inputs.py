@@ -246,6 +246,9 @@ for op in ("varlen_prefill", "paged_prefill", "paged_decode"):
         Case(op, "block-size-48", setfield("sparse_block_size", 48), r"sparse_block_size.*48"),
         Case(op, "block-size-8", setfield("sparse_block_size", 8), r"sparse_block_size.*8"),
         Case(op, "sliding-step-negative", setfield("head_sliding_step", -1), r"head_sliding_step"),
+        # below 2^30 itself, but the last head's vertical offset (sliding index x step) passes 2^31
+        Case(op, "sliding-step-overflow", chain(setfield("head_offset", 8), setfield("head_sliding_step", 1 << 29)),
+             r"head_sliding_step \(536870912\).*below 2\^31"),
         Case(op, "head-offset-negative", setfield("head_offset", -2), r"head_offset"),
         Case(op, "layout-crow-only", setarg("layout_crow", lambda t, d, o: FULL_LAYOUT_4.crow.to(d)), r"layout_crow"),
         Case(op, "layout-with-L", chain(with_layout(FULL_LAYOUT_4), setfield("local_blocks", 2)), r"local_blocks"),

@@ -152,7 +152,18 @@ inline SparsePattern check_pattern(const AttentionShape& shape, c10::IntArrayRef
       decode_pattern_args(pattern_args.data(), static_cast<int64_t>(pattern_args.size()), layout_crow.has_value(), p);
   BSA_CHECK(error.empty(), error);
   p.q_heads_per_kv = static_cast<int>(shape.num_q_heads / shape.num_kv_heads);
-  if (!layout_crow) return p;
+  p.q_heads_per_kv_divisor = FastDivisor(p.q_heads_per_kv);
+  p.vert_stride_divisor = FastDivisor(p.vert_stride);
+  if (!layout_crow) {
+    // The kernels compute vertical_offset in int: the last q head's sliding index times the step.
+    const int64_t last_head = int64_t{p.head_offset} + shape.num_q_heads - 1;
+    const int64_t sliding_index = p.slide_by_kv_head ? last_head / p.q_heads_per_kv : last_head;
+    BSA_CHECK(sliding_index * p.head_sliding_step + 1 < (int64_t{1} << 31), "head_sliding_step (",
+              p.head_sliding_step, ") times the sliding index of the last q head (", sliding_index,
+              ", from head_offset ", p.head_offset, " and ", shape.num_q_heads,
+              " q heads) must stay below 2^31 - 1");
+    return p;
+  }
   const at::Tensor& crow = *layout_crow;
   const at::Tensor& col = *layout_col;
   check_dim(crow, "layout_crow", 2, "[num_q_heads, num_q_blocks + 1]");

@@ -24,15 +24,49 @@
 
 namespace blocksparse_attn {
 
+// Division of an int 0 <= n < 2^31 by a divisor d >= 1 fixed for a whole call, as one wide multiply
+// and a shift: n / d = (n * m) >> (31 + l) with l = ceil(log2 d) and m = ceil(2^(31 + l) / d), which
+// is below 2^32. Exact: m = 2^(31 + l) / d + e with 0 <= e < 1, so n m / 2^(31 + l) exceeds n / d by
+// n e / 2^(31 + l) < 2^-l <= 1 / d, less than n / d's distance to the next integer. The kernels set
+// up a pattern walk for every work unit, where each integer division by a run-time value is ~15
+// dependent instructions (SASS) on the producer's path; this is 2 to 3. Made on the host, once.
+class FastDivisor {
+ public:
+  FastDivisor() = default;  // divides by 1
+  // A divisor below 1 (an explicit layout's unused vert_stride of 0) divides by 1.
+  explicit FastDivisor(int d) : divisor_(d > 1 ? d : 1) {
+    int l = 0;
+    while ((int64_t{1} << l) < divisor_) ++l;
+    shift_ = 31 + l;
+    multiplier_ = static_cast<uint32_t>(((uint64_t{1} << shift_) + static_cast<uint64_t>(divisor_) - 1) /
+                                        static_cast<uint64_t>(divisor_));
+  }
+  BSA_HOST_DEVICE int divisor() const { return divisor_; }
+  BSA_HOST_DEVICE int div(int n) const {
+    return static_cast<int>((static_cast<uint64_t>(static_cast<uint32_t>(n)) * multiplier_) >> shift_);
+  }
+  BSA_HOST_DEVICE int mod(int n) const { return n - div(n) * divisor_; }
+
+ private:
+  int divisor_ = 1;
+  int shift_ = 31;
+  uint32_t multiplier_ = 1u << 31;
+};
+
 // Either the parametric Phi-3-small pattern or an explicit per-head CSR block layout.
 struct SparsePattern {
   int block_size;         // B: tokens per sparse block (kSupportedSparseBlockSizes)
+  int block_shift;        // log2(B): every supported B is a power of two
   int local_blocks;       // L: width of the causal band, the diagonal block included (>= 1)
   int vert_stride;        // V: every V-th key block is a vertical column (>= 1; 1 = dense causal)
   int head_sliding_step;  // s: how far the vertical columns move from one head to the next (>= 0)
   int head_offset;        // global index of this rank's q head 0 (tp_rank * Hq)
   int q_heads_per_kv;     // Hq / Hkv: contiguous q heads share one kv head
   bool slide_by_kv_head;  // homo_head_group: q heads of one kv group share the vertical columns
+  // vert_stride and q_heads_per_kv as FastDivisors, made with them (check_pattern): the divisions of
+  // the walk's setup below, which the kernels make for every work unit.
+  FastDivisor vert_stride_divisor;
+  FastDivisor q_heads_per_kv_divisor;
 
   // Explicit layout (all null/zero for the parametric pattern). Row i of head h holds the ascending
   // key blocks layout_col[h * layout_col_stride + layout_crow[h * (layout_rows + 1) + i] ...].
@@ -81,6 +115,8 @@ inline std::string decode_pattern_args(const int64_t* args, int64_t count, bool 
            std::to_string(vert) + ", head_sliding_step = " + std::to_string(step) + ", head_offset = " +
            std::to_string(offset);
   p.block_size = static_cast<int>(b);
+  p.block_shift = 0;
+  while ((1 << p.block_shift) < p.block_size) ++p.block_shift;
   p.local_blocks = static_cast<int>(local);
   p.vert_stride = static_cast<int>(vert);
   p.head_sliding_step = static_cast<int>(step);
@@ -90,18 +126,25 @@ inline std::string decode_pattern_args(const int64_t* args, int64_t count, bool 
 }
 #endif
 
-// The pattern's vertical offset of local q head h: off(h) in spec §2.
+template <int kCount>
+constexpr bool all_powers_of_two(const int (&values)[kCount]) {
+  for (int v : values)
+    if (v < 1 || (v & (v - 1)) != 0) return false;
+  return true;
+}
+static_assert(all_powers_of_two(kSupportedSparseBlockSizes), "SparsePattern::block_shift needs powers of two");
+
+// The pattern's vertical offset of local q head h: off(h) in spec §2 (below 2^31: check_pattern).
 BSA_HOST_DEVICE int vertical_offset(const SparsePattern& p, int h) {
   const int global_head = p.head_offset + h;
-  const int sliding_index = p.slide_by_kv_head ? global_head / p.q_heads_per_kv : global_head;
+  const int sliding_index = p.slide_by_kv_head ? p.q_heads_per_kv_divisor.div(global_head) : global_head;
   return sliding_index * p.head_sliding_step + 1;
 }
 
 // The residue rho in [0, V) such that the vertical columns of head h are j = rho, rho + V, ...
 BSA_HOST_DEVICE int vertical_residue(const SparsePattern& p, int h) {
-  const int v = p.vert_stride;
-  const int off = vertical_offset(p, h) % v;
-  return (v - off) % v;
+  const int off = p.vert_stride_divisor.mod(vertical_offset(p, h));
+  return off == 0 ? 0 : p.vert_stride - off;  // (V - off) mod V
 }
 
 // First key block of query block i's local band.
@@ -112,7 +155,7 @@ BSA_HOST_DEVICE int band_start(const SparsePattern& p, int i) { return i - p.loc
 // calls; the GPU path cannot without a device->host sync).
 BSA_HOST_DEVICE bool block_visible(const SparsePattern& p, int h, int i, int j) {
   if (j > i) return false;
-  if (!p.has_layout()) return i - j < p.local_blocks || (j + vertical_offset(p, h)) % p.vert_stride == 0;
+  if (!p.has_layout()) return i - j < p.local_blocks || p.vert_stride_divisor.mod(j + vertical_offset(p, h)) == 0;
   if (i >= p.layout_rows) return false;
   const int32_t* crow = p.layout_crow + static_cast<int64_t>(h) * (p.layout_rows + 1);
   const int32_t* col = p.layout_col + static_cast<int64_t>(h) * p.layout_col_stride;
@@ -184,8 +227,8 @@ struct VisibleBlocks {
     start = band_start(pattern, first);
     residue = vertical_residue(pattern, h);
     block = residue < start ? residue : start;
-    const int from_residue = (start - residue) % pattern.vert_stride;
-    phase = from_residue < 0 ? from_residue + pattern.vert_stride : from_residue;
+    // (start - residue) mod V, where residue < V
+    phase = start >= residue ? pattern.vert_stride_divisor.mod(start - residue) : start - residue + pattern.vert_stride;
   }
 
   // The next visible block (>= 0), with `rows` = the query blocks that see it; -1 at the end.

@@ -165,6 +165,7 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
   if (params.num_q_tokens == 0 || params.num_seqs == 0) return;
   const PrefillKernel kernel = choose_prefill_kernel(params, settings);
   params.pack_gqa_shift = choose_pack_gqa_shift(params, kernel, settings);
+  params.units_per_item = FastDivisor(params.num_q_heads >> params.pack_gqa_shift);
   const int block_m = kernel == PrefillKernel::kSm90 ? kPrefillSm90BlockM >> params.pack_gqa_shift : kPrefillBlockM;
   const int max_tiles = static_cast<int>(params.num_q_tokens / block_m + 2 * params.num_seqs + 1);
   constexpr int kItemInts = sizeof(PlanItem) / sizeof(int32_t);

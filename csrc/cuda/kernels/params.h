@@ -112,6 +112,8 @@ struct PrefillParams {
   // is read once for all of them, and short query runs fill the rows. Only where every q head of
   // a group sees the same key blocks (every causal block visible); the host picks (tile by tile).
   int pack_gqa_shift;
+  // A plan item's work units, num_q_heads >> pack_gqa_shift (plan_item_anchor divides by it).
+  FastDivisor units_per_item;
 };
 
 // How the host launches the persistent Hopper prefill kernel (cuda/launch_prefill_sm90.cuh).

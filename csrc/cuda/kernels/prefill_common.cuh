@@ -29,15 +29,14 @@ struct PrefillItem {
 };
 
 // The plan item a work unit belongs to (its anchor: an item of the unit's sequence).
-__device__ __forceinline__ int plan_item_anchor(const PrefillParams& params, int pack_shift, int unit) {
-  return unit / (params.num_q_heads >> pack_shift);
+__device__ __forceinline__ int plan_item_anchor(const PrefillParams& params, int unit) {
+  return params.units_per_item.div(unit);
 }
 
 // The work unit `unit` of plan item `item` at `anchor` (plan_item_anchor). A unit with packed heads
 // (pack_shift = PrefillParams::pack_gqa_shift > 0) carries its kv group's first q head in `head`.
 __device__ __forceinline__ void resolve_prefill_item(const PrefillParams& params, int block_m, int pack_shift, int unit,
                                                      int anchor, const PlanItem& item, PrefillItem& it) {
-  const int units_per_item = params.num_q_heads >> pack_shift;
   it.seq = item.seq;
   it.q_begin = item.q_begin;
   it.k_begin = item.k_begin;
@@ -49,16 +48,17 @@ __device__ __forceinline__ void resolve_prefill_item(const PrefillParams& params
     const int last_tile = (it.k_len - 1) / block_m;
     const int tiles = last_tile - it.first_pos / block_m + 1;
     const int first_item = anchor - (last_tile - item.tile_index);
-    const int heads_per_kv = params.pattern.q_heads_per_kv;
+    const FastDivisor& heads_per_kv = params.pattern.q_heads_per_kv_divisor;
     const int local = unit - first_item * num_q_heads;  // [0, tiles * Hq)
-    const int kv_head_units = tiles * heads_per_kv;
+    const int kv_head_units = tiles * heads_per_kv.divisor();
     it.kv_head = local / kv_head_units;
     const int rest = local - it.kv_head * kv_head_units;
-    it.head = it.kv_head * heads_per_kv + rest % heads_per_kv;
-    it.tile_pos = (last_tile - rest / heads_per_kv) * block_m;
+    const int tile_back = heads_per_kv.div(rest);
+    it.head = it.kv_head * heads_per_kv.divisor() + rest - tile_back * heads_per_kv.divisor();
+    it.tile_pos = (last_tile - tile_back) * block_m;
   } else {
-    it.head = (unit - anchor * units_per_item) << pack_shift;
-    it.kv_head = it.head / params.pattern.q_heads_per_kv;
+    it.head = (unit - anchor * params.units_per_item.divisor()) << pack_shift;
+    it.kv_head = params.pattern.q_heads_per_kv_divisor.div(it.head);
     it.tile_pos = item.tile_index * block_m;
   }
   it.valid_begin = max(it.tile_pos, it.first_pos);
@@ -70,7 +70,7 @@ __device__ __forceinline__ void resolve_prefill_item(const PrefillParams& params
 __device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, int block_m, int pack_shift, int unit,
                                                   PrefillItem& it) {
   const int num_items = *params.num_tiles;
-  const int anchor = plan_item_anchor(params, pack_shift, unit);
+  const int anchor = plan_item_anchor(params, unit);
   if (anchor >= num_items) return false;
   PlanItem item;
   item = params.items[anchor];

@@ -79,7 +79,7 @@ struct KeyTileCursor {
   __device__ void init(const SparsePattern& pattern, int h, int tile, int first_valid_pos, int last_valid_pos) {
     block_size = pattern.block_size;
     q_tile = tile;
-    const int qb_first = first_valid_pos / pattern.block_size, qb_last = last_valid_pos / pattern.block_size;
+    const int qb_first = first_valid_pos >> pattern.block_shift, qb_last = last_valid_pos >> pattern.block_shift;
     multi = pattern.block_size < kPrefillBlockM;
     if (multi) {
       multi_walk.init(pattern, h, qb_first, qb_last);
@@ -268,7 +268,7 @@ prefill_sm80_kernel(const PrefillParams params) {
             const int t = key_pos0 + n * 8 + tig * 2 + (e & 1);
             visible = t <= p && t < k_len;
             if (pairwise && visible)
-              visible = block_visible(params.pattern, head, p / params.pattern.block_size, t / params.pattern.block_size);
+              visible = block_visible(params.pattern, head, p >> params.pattern.block_shift, t >> params.pattern.block_shift);
           }
           acc_s[n][e] = masked_score(acc_s[n][e], visible, scale_log2);
         }

@@ -149,8 +149,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   constexpr int kFp8Chunks = kHeadDim / 32;
   const int fp8_row = tid / 2, fp8_col0 = (tid % 2) * 16;
   static_assert(!kPagesAhead || (kSlots == 1 && !kFp8Pages), "page ids ahead: TMA pages with 64-key fills");
-  // kPagesAhead: lane t of the first warp issues the box of rows box_row .. box_row + rows - 1 of a
-  // tile (by column block: of column block box_block); box_row >= 64: no box. A shift, not a
+  // Paged TMA fills: lane t of the first warp issues the box of rows box_row .. box_row + rows - 1 of
+  // a tile (by column block: of column block box_block); box_row >= 64: no box. A shift, not a
   // division by the column blocks a box takes (1 or 2).
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
   const int box_row = tid < 32 ? (tid >> box_shift) * maps.kv_page_rows : 64;
@@ -211,7 +211,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   static_assert(offsetof(PlanItem, k_len) == (kItemWords - 1) * sizeof(int32_t), "PlanItem's used words lead");
   const int lane = tid % 32;
   auto unit_word = [&](int unit) {
-    const int anchor = plan_item_anchor(params, pack_shift, unit);
+    const int anchor = plan_item_anchor(params, unit);
     int word = lane == kUnitWord ? unit : anchor < *params.num_tiles ? anchor : -1;
     if (lane < kItemWords && anchor < params.max_items)  // past num_tiles: a word that is never used
       word = reinterpret_cast<const int32_t*>(params.items + anchor)[lane];
@@ -397,8 +397,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             // round trip for all; from one thread the box issues queued behind each other). A page id
             // outside [0, NB) is a box outside the map: zeros.
             const int rows = maps.kv_page_rows;  // 16, 32 or 64
-            const int blocks = maps.kv_row_groups ? 1 : kHeadDim / 64;
-            const int box = tid / blocks, block = tid % blocks;
+            const int box = tid >> box_shift, block = box_block;
             if (box * rows < 64) {
               const int pos = pos0 + box * rows;
               const int page = kv.table_row(seq, kv_head)[kv.page_index(pos)];
@@ -450,12 +449,12 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       const int group_tokens = 64 >> sm90_pack_shift<Tiling>(params);
       group_lo[g] = max(valid_begin, tile_pos + group_tokens * g);
       group_hi[g] = min(valid_end, tile_pos + group_tokens * (g + 1)) - 1;
-      group_row[g] = 1u << (group_lo[g] / pattern.block_size - valid_begin / pattern.block_size);
+      group_row[g] = 1u << ((group_lo[g] >> pattern.block_shift) - (valid_begin >> pattern.block_shift));
     }
     // The 64-key tiles of the blocks the query blocks of this 128-row tile see (one or two: sparse
     // blocks are multiples of 64 tokens), identically in every producer thread.
     BlockKeyTiles<64, 2> tiles;
-    tiles.init(pattern, head, valid_begin / pattern.block_size, (valid_end - 1) / pattern.block_size, valid_end - 1);
+    tiles.init(pattern, head, valid_begin >> pattern.block_shift, (valid_end - 1) >> pattern.block_shift, valid_end - 1);
     // The next key tile some consumer group sees, with the groups' flags; false at the end.
     auto next_tile = [&](int& key_tile, uint8_t (&flags)[kSm90ConsumerGroups]) {
       while (tiles.next(key_tile)) {
