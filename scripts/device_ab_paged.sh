@@ -5,31 +5,47 @@
 # bench_paged_prefill.py (BENCH_ARGS), this tree's TESTS (-k TEST_K) first. The benchmark always runs
 # this tree's Python package with the variant's extension. BASE_NVCC_FLAGS / NEW_NVCC_FLAGS build
 # either with extra NVCC flags (e.g. NEW_NVCC_FLAGS=-DBSA_SM90_STAGES=5 with BASE_DIR=. compares a
-# build knob on one tree: the base is built in a copy). Logs in $OUT (default ./out).
+# build knob on one tree: the base is built in a copy); NEW_NVCC_FLAGS of several lines builds one
+# variant a line (new, new1, new2, ...). Every build has BSA_HEAD_DIMS=$BASE_HEAD_DIMS (default 128),
+# so TESTS of other head sizes fail as "not compiled". Logs in $OUT (default ./out).
 #   BASE_DIR=ab/main TESTS="tests/test_prefill_kernels.py tests/test_fp8_cache.py" TEST_K="fp8 or bad_page" \
 #     bash scripts/device_ab_paged.sh
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 base=${BASE_DIR:?a source tree to compare with}
-if [ "$(cd "$base" && pwd)" = "$PWD" ]; then  # one tree, two builds: the base from a copy of it
-  copy=$(mktemp -d) && tar --exclude=./build --exclude=./ab --exclude=./out --exclude='*.so' -cf - . | tar -x -C "$copy" &&
-    base=$copy
-fi
+copy_tree() {  # this tree without build outputs, into a fresh directory
+  local dir; dir=$(mktemp -d) &&
+    tar --exclude=./build --exclude=./ab --exclude=./out --exclude='*.so' -cf - . | tar -x -C "$dir" && echo "$dir"
+}
+[ "$(cd "$base" && pwd)" = "$PWD" ] && base=$(copy_tree)  # one tree, two builds: the base from a copy of it
+# NEW_NVCC_FLAGS may hold several lines: one variant each, "new" (this tree) and "new1", "new2", ...
+# (copies of it), so several build knobs are timed against one base in one call.
+mapfile -t new_flags < <(printf '%s\n' "${NEW_NVCC_FLAGS:-}")
+names=(base new); dirs=("$base" .); flags=("${BASE_NVCC_FLAGS:-}" "${new_flags[0]:-}")
+for ((i = 1; i < ${#new_flags[@]}; ++i)); do
+  [ -n "${new_flags[$i]}" ] || continue
+  names+=("new$i"); dirs+=("$(copy_tree)"); flags+=("${new_flags[$i]}")
+done
 nvidia-smi --query-gpu=name --format=csv,noheader
-(cd "$base" && NVCC_APPEND_FLAGS="${BASE_NVCC_FLAGS:-}" BSA_HEAD_DIMS=${BASE_HEAD_DIMS:-128} python3 setup.py build_ext --inplace \
-  > "$OUT/build_base.log" 2>&1) &
-NVCC_APPEND_FLAGS="${NEW_NVCC_FLAGS:-}" python3 setup.py build_ext --inplace > "$OUT/build_new.log" 2>&1 ||
-  { grep -i error "$OUT/build_new.log" | head; exit 1; }
+for i in "${!names[@]}"; do
+  (cd "${dirs[$i]}" && NVCC_APPEND_FLAGS="${flags[$i]}" BSA_HEAD_DIMS=${BASE_HEAD_DIMS:-128} \
+    python3 setup.py build_ext --inplace > "$OUT/build_${names[$i]}.log" 2>&1) &
+done
 wait
-so=$(mktemp -d); mkdir -p "$so/base" "$so/new"
-cp blocksparse_attn/_C*.so "$so/new/"
-cp "$base"/blocksparse_attn/_C*.so "$so/base/" || { echo "base build failed"; grep -i error "$OUT/build_base.log" | head; exit 1; }
+so=$(mktemp -d)
+for i in "${!names[@]}"; do
+  echo "${names[$i]}: ${dirs[$i]} ${flags[$i]}"
+  mkdir -p "$so/${names[$i]}"
+  cp "${dirs[$i]}"/blocksparse_attn/_C*.so "$so/${names[$i]}/" ||
+    { echo "${names[$i]}: build failed"; grep -i error "$OUT/build_${names[$i]}.log" | head; exit 1; }
+done
 if [ -n "${TESTS:-}" ]; then
+  cp "$so/new"/_C*.so blocksparse_attn/
   DEVICE=cuda timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider $TESTS ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -4
 fi
 for r in $(seq 1 ${ROUNDS:-3}); do
-  for v in base new; do
+  for v in "${names[@]}"; do
     cp "$so/$v"/_C*.so blocksparse_attn/
     python3 benchmarks/bench_paged_prefill.py ${BENCH_ARGS:---seq-lens 8192,32768 --fp8 e4m3,e5m2} \
       > "$OUT/bench_r${r}_$v.log" 2>&1
