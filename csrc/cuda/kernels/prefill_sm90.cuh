@@ -97,11 +97,6 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8 && BSA_SM90_FP8_
 #ifndef BSA_SM90_PAGED_WALK_AFTER_ISSUE
 #define BSA_SM90_PAGED_WALK_AFTER_ISSUE 1
 #endif
-// ... one fill ahead; build knob BSA_SM90_PAGED_LOOKUP_FILLS=2: two (experiment: when the producer
-// runs behind the consumers, a lookup issued after fill n's issue is waited for at fill n + 1's).
-#ifndef BSA_SM90_PAGED_LOOKUP_FILLS
-#define BSA_SM90_PAGED_LOOKUP_FILLS 1
-#endif
 
 // 128-key fills walk their tiles a fill ahead (kTilesAhead, below); build knob
 // BSA_SM90_TILES_AHEAD=0: at issue, for A/Bs.
@@ -459,8 +454,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // The 64-key tiles of the blocks the query blocks of this 128-row tile see (one or two: sparse
     // blocks are multiples of 64 tokens), identically in every producer thread.
     BlockKeyTiles<64, 2> tiles;
-    tiles.init(pattern, head, valid_begin >> pattern.block_shift, (valid_end - 1) >> pattern.block_shift,
-               valid_end - 1);
+    tiles.init(pattern, head, valid_begin >> pattern.block_shift, (valid_end - 1) >> pattern.block_shift, valid_end - 1);
     // The next key tile some consumer group sees, with the groups' flags; false at the end.
     auto next_tile = [&](int& key_tile, uint8_t (&flags)[kSm90ConsumerGroups]) {
       while (tiles.next(key_tile)) {
@@ -483,23 +477,12 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     bool more = true;
     bool copies = !maps.query_enabled;  // the first fill carries the unit's Q
     bool query_pending = maps.query_enabled;
-    // kLookAhead: the next kLookAheadFills tiles, whose page ids are being looked up; entry e holds
-    // the tile of the next fill n with n = e mod kLookAheadFills (ahead_*[e], indices known at
-    // compile time: a page id is read first by its own fill, so its load's latency passes behind
-    // the fills in between; moved from entry to entry, it would be waited for at the move).
-    constexpr int kLookAheadFills = kPagesAhead ? BSA_SM90_PAGED_LOOKUP_FILLS : 1;
-    static_assert(kLookAheadFills == 1 || kLookAheadFills == 2, "page ids one or two fills ahead");
-    int ahead_tile[kLookAheadFills];
-    uint8_t ahead_flags[kLookAheadFills][kSm90ConsumerGroups] = {};
-    int ahead_page[kLookAheadFills];
-#pragma unroll
-    for (int e = 0; e < kLookAheadFills; ++e) {
-      ahead_tile[e] = -1;
-      ahead_page[e] = -1;
-      if constexpr (kLookAhead) {
-        if (more) more = next_tile(ahead_tile[e], ahead_flags[e]);
-        ahead_page[e] = look_up_page(ahead_tile[e]);
-      }
+    int ahead_tile = -1;  // kLookAhead: the next tile, whose page ids are being looked up
+    uint8_t ahead_flags[kSm90ConsumerGroups] = {};
+    int ahead_page = -1;
+    if constexpr (kLookAhead) {
+      more = next_tile(ahead_tile, ahead_flags);
+      ahead_page = look_up_page(ahead_tile);
     }
     // kTilesAhead: a whole fill's tiles walked ahead, after the previous fill's issue and before the
     // wait for this fill's slots, so that the walk (tens of dependent instructions a tile) is not
@@ -529,103 +512,93 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // lookup in between (ncu, paged 8k x 4 at kv block 8192: the consumers waited for fills 2.5x as
     // long as with contiguous K/V in the same storage order); fp8 pages before their conversion, since
     // the next fill's rows are loaded (from these page ids) at the top of its iteration.
-    // Entry e takes the tile kLookAheadFills fills after key_tile's.
-    auto walk_ahead = [&](auto entry, int key_tile) {
-      constexpr int e = decltype(entry)::value;
+    auto walk_ahead = [&](int key_tile) {
       if (key_tile < 0) return;
-      ahead_tile[e] = -1;
+      ahead_tile = -1;
 #pragma unroll
-      for (int g = 0; g < kSm90ConsumerGroups; ++g) ahead_flags[e][g] = 0;
-      if (more) more = next_tile(ahead_tile[e], ahead_flags[e]);
-      ahead_page[e] = look_up_page(ahead_tile[e]);
+      for (int g = 0; g < kSm90ConsumerGroups; ++g) ahead_flags[g] = 0;
+      if (more) more = next_tile(ahead_tile, ahead_flags);
+      ahead_page = look_up_page(ahead_tile);
     };
-    // Fill n, whose look-ahead entry is `entry` (n mod kLookAheadFills); true after the end record.
-    auto issue_fill = [&](auto entry) -> bool {
-        constexpr int e = decltype(entry)::value;
-        if constexpr (kFp8Pages) load_fp8_rows(ahead_tile[e], ahead_page[e]);
-        bool own_values = true, previous_values = false;
-        if constexpr (kValuesBehind) {
-          // This fill's value slot takes the values of its tiles through cp.async (a partial tile, or
-          // zeros for an empty second slot); the previous fill's value slot those of its TMA tiles. An
-          // end record writes none, but waits for its slot: the consumers release it as soon as they
-          // read the record, which one group could otherwise do while the other still reads the slot's
-          // previous fill (its arrivals would complete that phase).
-          own_values = fill_tiles[0] < 0;
-#pragma unroll
-          for (int slot = 0; slot < kSlots; ++slot) {
-            const bool loads = fill_tiles[slot] >= 0 || (slot > 0 && fill_tiles[0] >= 0);
-            own_values |= loads && !tma_tile(fill_tiles[slot]);
-            previous_values |= behind_tiles[slot] >= 0;
-          }
-        }
-        const Sm90Fill fill = begin_fill(own_values, previous_values);
-        const int key_slot = fill.key_slot;  // the fill's full barrier and record
-        if (query_pending) {
-          query_pending = false;
-          if (tid == 0) {
-            ptx::mbarrier_expect_tx(&shared.full[key_slot], kPrefillSm90BlockM * kHeadDim * sizeof(Element));
-#pragma unroll
-            for (int g = 0; g < kSm90ConsumerGroups; ++g)
-#pragma unroll
-              for (int block = 0; block < kHeadDim / 64; ++block)
-                ptx::tma_load_3d(s_q_buf + g * Smem::kQTileBytes + block * 64 * 128, &maps.query, block * 64, head,
-                                 it.q_begin + tile_pos + (64 >> sm90_pack_shift<Tiling>(params)) * g - it.first_pos,
-                                 &shared.full[key_slot]);
-          }
-        }
-        int first_tile = -1;
+    for (;; ++n) {
+      if constexpr (kFp8Pages) load_fp8_rows(ahead_tile, ahead_page);
+      bool own_values = true, previous_values = false;
+      if constexpr (kValuesBehind) {
+        // This fill's value slot takes the values of its tiles through cp.async (a partial tile, or
+        // zeros for an empty second slot); the previous fill's value slot those of its TMA tiles. An
+        // end record writes none, but waits for its slot: the consumers release it as soon as they
+        // read the record, which one group could otherwise do while the other still reads the slot's
+        // previous fill (its arrivals would complete that phase).
+        own_values = fill_tiles[0] < 0;
 #pragma unroll
         for (int slot = 0; slot < kSlots; ++slot) {
-          int key_tile = -1, page = -1;
-          uint8_t flags[kSm90ConsumerGroups] = {};
-          if constexpr (kTilesAhead) {
-            key_tile = fill_tiles[slot];
-#pragma unroll
-            for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = fill_flags[slot][g];
-          } else if constexpr (kLookAhead) {
-            key_tile = ahead_tile[e];
-            page = ahead_page[e];
-#pragma unroll
-            for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = ahead_flags[e][g];
-            if constexpr (kFp8Pages || !BSA_SM90_PAGED_WALK_AFTER_ISSUE) walk_ahead(entry, key_tile);
-          } else {
-            if (more) more = next_tile(key_tile, flags);
-          }
-          if (slot == 0) first_tile = key_tile;
-          if (key_tile >= 0 || (slot > 0 && first_tile >= 0))  // an empty second slot: zeros
-            copies |= load_kv(key_tile, fill, slot, page, Sm90Boxes<kOwnBoxes>{});
-          if (tid == 0) {
-            shared.records[key_slot].key_tile[slot] = key_tile;
-#pragma unroll
-            for (int g = 0; g < kSm90ConsumerGroups; ++g) shared.records[key_slot].flags[g][slot] = flags[g];
-          }
+          const bool loads = fill_tiles[slot] >= 0 || (slot > 0 && fill_tiles[0] >= 0);
+          own_values |= loads && !tma_tile(fill_tiles[slot]);
+          previous_values |= behind_tiles[slot] >= 0;
         }
-        if constexpr (kValuesBehind) {
-          // fill n - 1's value slot, this fill's barrier
-          const Sm90Fill behind = {key_slot, (n + kValueSlots - 1) % kValueSlots};
-#pragma unroll
-          for (int slot = 0; slot < kSlots; ++slot) {
-            if (behind_tiles[slot] >= 0) load_kv(behind_tiles[slot], behind, slot, -1, Sm90Boxes<kValueBoxes>{});
-            behind_tiles[slot] = tma_tile(fill_tiles[slot]) ? fill_tiles[slot] : -1;
-          }
-        }
-        if (tid == 0) shared.records[key_slot].unit = unit;
-        ptx::cp_async_commit();
-        if (!copies) {
-          ptx::mbarrier_arrive(&shared.full[key_slot]);
-          early |= 1u << (n % kKeySlots);
-        }
-        copies = false;
-        if constexpr (kPagesAhead && BSA_SM90_PAGED_WALK_AFTER_ISSUE) walk_ahead(entry, first_tile);  // one tile a fill
-        ++n;
-        if (first_tile < 0) return true;
-        if constexpr (kTilesAhead) walk_fill();
-        return false;
-    };
-    while (!issue_fill(std::integral_constant<int, 0>{})) {
-      if constexpr (kLookAheadFills == 2) {
-        if (issue_fill(std::integral_constant<int, 1>{})) break;
       }
+      const Sm90Fill fill = begin_fill(own_values, previous_values);
+      const int key_slot = fill.key_slot;  // the fill's full barrier and record
+      if (query_pending) {
+        query_pending = false;
+        if (tid == 0) {
+          ptx::mbarrier_expect_tx(&shared.full[key_slot], kPrefillSm90BlockM * kHeadDim * sizeof(Element));
+#pragma unroll
+          for (int g = 0; g < kSm90ConsumerGroups; ++g)
+#pragma unroll
+            for (int block = 0; block < kHeadDim / 64; ++block)
+              ptx::tma_load_3d(s_q_buf + g * Smem::kQTileBytes + block * 64 * 128, &maps.query, block * 64, head,
+                               it.q_begin + tile_pos + (64 >> sm90_pack_shift<Tiling>(params)) * g - it.first_pos,
+                               &shared.full[key_slot]);
+        }
+      }
+      int first_tile = -1;
+#pragma unroll
+      for (int slot = 0; slot < kSlots; ++slot) {
+        int key_tile = -1, page = -1;
+        uint8_t flags[kSm90ConsumerGroups] = {};
+        if constexpr (kTilesAhead) {
+          key_tile = fill_tiles[slot];
+#pragma unroll
+          for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = fill_flags[slot][g];
+        } else if constexpr (kLookAhead) {
+          key_tile = ahead_tile;
+          page = ahead_page;
+#pragma unroll
+          for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = ahead_flags[g];
+          if constexpr (kFp8Pages || !BSA_SM90_PAGED_WALK_AFTER_ISSUE) walk_ahead(key_tile);
+        } else {
+          if (more) more = next_tile(key_tile, flags);
+        }
+        if (slot == 0) first_tile = key_tile;
+        if (key_tile >= 0 || (slot > 0 && first_tile >= 0)) copies |= load_kv(key_tile, fill, slot, page, Sm90Boxes<kOwnBoxes>{});  // empty: zeros
+        if (tid == 0) {
+          shared.records[key_slot].key_tile[slot] = key_tile;
+#pragma unroll
+          for (int g = 0; g < kSm90ConsumerGroups; ++g) shared.records[key_slot].flags[g][slot] = flags[g];
+        }
+      }
+      if constexpr (kValuesBehind) {
+        const Sm90Fill behind = {key_slot, (n + kValueSlots - 1) % kValueSlots};  // fill n - 1's values, this fill's barrier
+#pragma unroll
+        for (int slot = 0; slot < kSlots; ++slot) {
+          if (behind_tiles[slot] >= 0) load_kv(behind_tiles[slot], behind, slot, -1, Sm90Boxes<kValueBoxes>{});
+          behind_tiles[slot] = tma_tile(fill_tiles[slot]) ? fill_tiles[slot] : -1;
+        }
+      }
+      if (tid == 0) shared.records[key_slot].unit = unit;
+      ptx::cp_async_commit();
+      if (!copies) {
+        ptx::mbarrier_arrive(&shared.full[key_slot]);
+        early |= 1u << (n % kKeySlots);
+      }
+      copies = false;
+      if constexpr (kPagesAhead && BSA_SM90_PAGED_WALK_AFTER_ISSUE) walk_ahead(first_tile);  // one tile a fill
+      if (first_tile < 0) {
+        ++n;
+        break;
+      }
+      if constexpr (kTilesAhead) walk_fill();
     }
   }
 }
