@@ -372,46 +372,25 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
                 }
               }
             }
-          } else if constexpr (kPagesAhead) {
-            // The branch below with the page looked up a fill ahead and the box found by shifts. A
-            // shared lambda for the two made ptxas schedule the producer differently in every Hopper
-            // kernel (SASS), so they stay apart until a device session can time it.
-            if (box_row < 64) {
-              const int pos = pos0 + box_row;
-              const int slab = box_page >= 0 && box_page < kv.num_cache_blocks
-                                   ? box_page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1)
-                                   : -1;
-              const int in_page = kv.row_in_page(pos);
-              const int dst = tile_dst + sm90_kv_offset(layout, box_row, box_block * 64);
-              if (maps.kv_row_groups) {
-                if (kKeys) ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
-                if (kValues) ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
-              } else {
-                if (kKeys) ptx::tma_load_3d(dst_k + dst, &maps.key, box_block * 64, in_page, slab, landed);
-                if (kValues) ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
-              }
-            }
-          } else {
-            // One box of `rows` rows per page (and 64-column block, by column block), each looked up
-            // and issued by its own lane of the first warp (kvbs 16: 4 lanes by row group, one lookup
-            // round trip for all; from one thread the box issues queued behind each other). A page id
-            // outside [0, NB) is a box outside the map: zeros.
-            const int rows = maps.kv_page_rows;  // 16, 32 or 64
-            const int box = tid >> box_shift, block = box_block;
-            if (box * rows < 64) {
-              const int pos = pos0 + box * rows;
-              const int page = kv.table_row(seq, kv_head)[kv.page_index(pos)];
-              const int slab =
-                  page >= 0 && page < kv.num_cache_blocks ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1) : -1;
-              const int in_page = kv.row_in_page(pos);
-              const int dst = tile_dst + sm90_kv_offset(layout, box * rows, block * 64);
-              if (maps.kv_row_groups) {
-                if (kKeys) ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
-                if (kValues) ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
-              } else {
-                if (kKeys) ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, in_page, slab, landed);
-                if (kValues) ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, in_page, slab, landed);
-              }
+          } else if (box_row < 64) {
+            // Pages: one box of kv_page_rows rows per page (and 64-column block, by column block),
+            // each issued by its own lane of the first warp (kvbs 16: 4 lanes by row group; from one
+            // thread the box issues queued behind each other), with its page id looked up a fill
+            // ahead (kPagesAhead) or here (one lookup round trip for all lanes). A page id outside
+            // [0, NB) is a box outside the map: zeros.
+            const int pos = pos0 + box_row;
+            const int page = kPagesAhead ? box_page : kv.table_row(seq, kv_head)[kv.page_index(pos)];
+            const int slab = page >= 0 && page < kv.num_cache_blocks
+                                 ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1)
+                                 : -1;
+            const int in_page = kv.row_in_page(pos);
+            const int dst = tile_dst + sm90_kv_offset(layout, box_row, box_block * 64);
+            if (maps.kv_row_groups) {
+              if (kKeys) ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
+              if (kValues) ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
+            } else {
+              if (kKeys) ptx::tma_load_3d(dst_k + dst, &maps.key, box_block * 64, in_page, slab, landed);
+              if (kValues) ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
             }
           }
         }
