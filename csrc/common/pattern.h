@@ -155,7 +155,8 @@ BSA_HOST_DEVICE int band_start(const SparsePattern& p, int i) { return i - p.loc
 // calls; the GPU path cannot without a device->host sync).
 BSA_HOST_DEVICE bool block_visible(const SparsePattern& p, int h, int i, int j) {
   if (j > i) return false;
-  if (!p.has_layout()) return i - j < p.local_blocks || p.vert_stride_divisor.mod(j + vertical_offset(p, h)) == 0;
+  if (!p.has_layout())
+    return i - j < p.local_blocks || p.vert_stride_divisor.mod(j + vertical_offset(p, h)) == 0;
   if (i >= p.layout_rows) return false;
   const int32_t* crow = p.layout_crow + static_cast<int64_t>(h) * (p.layout_rows + 1);
   const int32_t* col = p.layout_col + static_cast<int64_t>(h) * p.layout_col_stride;
@@ -228,7 +229,8 @@ struct VisibleBlocks {
     residue = vertical_residue(pattern, h);
     block = residue < start ? residue : start;
     // (start - residue) mod V, where residue < V
-    phase = start >= residue ? pattern.vert_stride_divisor.mod(start - residue) : start - residue + pattern.vert_stride;
+    phase = start >= residue ? pattern.vert_stride_divisor.mod(start - residue)
+                             : start - residue + pattern.vert_stride;
   }
 
   // The next visible block (>= 0), with `rows` = the query blocks that see it; -1 at the end.

@@ -35,7 +35,8 @@ int main() {
       if (!check(n)) return 1;
     for (int64_t n = INT32_MAX - 512; n <= INT32_MAX; ++n)
       if (!check(n)) return 1;
-    for (int64_t q : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{1000}, int64_t{INT32_MAX} / d, int64_t{INT32_MAX} / d - 1})
+    const int64_t top = int64_t{INT32_MAX} / d;
+    for (int64_t q : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{1000}, top - 1, top})
       for (int delta = -1; delta <= 1; ++delta)
         if (!check(q * d + delta)) return 1;
     for (int i = 0; i < 256; ++i)

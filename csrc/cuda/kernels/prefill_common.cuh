@@ -53,9 +53,9 @@ __device__ __forceinline__ void resolve_prefill_item(const PrefillParams& params
     const int kv_head_units = tiles * heads_per_kv.divisor();
     it.kv_head = local / kv_head_units;
     const int rest = local - it.kv_head * kv_head_units;
-    const int tile_back = heads_per_kv.div(rest);
-    it.head = it.kv_head * heads_per_kv.divisor() + rest - tile_back * heads_per_kv.divisor();
-    it.tile_pos = (last_tile - tile_back) * block_m;
+    const int tiles_back = heads_per_kv.div(rest);  // from the last tile (the kv head's q heads side by side)
+    it.head = it.kv_head * heads_per_kv.divisor() + rest - tiles_back * heads_per_kv.divisor();
+    it.tile_pos = (last_tile - tiles_back) * block_m;
   } else {
     it.head = (unit - anchor * params.units_per_item.divisor()) << pack_shift;
     it.kv_head = params.pattern.q_heads_per_kv_divisor.div(it.head);

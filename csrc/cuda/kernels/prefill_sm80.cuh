@@ -268,7 +268,8 @@ prefill_sm80_kernel(const PrefillParams params) {
             const int t = key_pos0 + n * 8 + tig * 2 + (e & 1);
             visible = t <= p && t < k_len;
             if (pairwise && visible)
-              visible = block_visible(params.pattern, head, p >> params.pattern.block_shift, t >> params.pattern.block_shift);
+              visible = block_visible(params.pattern, head, p >> params.pattern.block_shift,
+                                      t >> params.pattern.block_shift);
           }
           acc_s[n][e] = masked_score(acc_s[n][e], visible, scale_log2);
         }

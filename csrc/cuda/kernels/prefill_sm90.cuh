@@ -433,7 +433,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // The 64-key tiles of the blocks the query blocks of this 128-row tile see (one or two: sparse
     // blocks are multiples of 64 tokens), identically in every producer thread.
     BlockKeyTiles<64, 2> tiles;
-    tiles.init(pattern, head, valid_begin >> pattern.block_shift, (valid_end - 1) >> pattern.block_shift, valid_end - 1);
+    tiles.init(pattern, head, valid_begin >> pattern.block_shift, (valid_end - 1) >> pattern.block_shift,
+               valid_end - 1);
     // The next key tile some consumer group sees, with the groups' flags; false at the end.
     auto next_tile = [&](int& key_tile, uint8_t (&flags)[kSm90ConsumerGroups]) {
       while (tiles.next(key_tile)) {
@@ -550,7 +551,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           if (more) more = next_tile(key_tile, flags);
         }
         if (slot == 0) first_tile = key_tile;
-        if (key_tile >= 0 || (slot > 0 && first_tile >= 0)) copies |= load_kv(key_tile, fill, slot, page, Sm90Boxes<kOwnBoxes>{});  // empty: zeros
+        if (key_tile >= 0 || (slot > 0 && first_tile >= 0))  // an empty second slot: zeros
+          copies |= load_kv(key_tile, fill, slot, page, Sm90Boxes<kOwnBoxes>{});
         if (tid == 0) {
           shared.records[key_slot].key_tile[slot] = key_tile;
 #pragma unroll
@@ -558,7 +560,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         }
       }
       if constexpr (kValuesBehind) {
-        const Sm90Fill behind = {key_slot, (n + kValueSlots - 1) % kValueSlots};  // fill n - 1's values, this fill's barrier
+        // fill n - 1's value slot, this fill's barrier
+        const Sm90Fill behind = {key_slot, (n + kValueSlots - 1) % kValueSlots};
 #pragma unroll
         for (int slot = 0; slot < kSlots; ++slot) {
           if (behind_tiles[slot] >= 0) load_kv(behind_tiles[slot], behind, slot, -1, Sm90Boxes<kValueBoxes>{});
