@@ -687,9 +687,9 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   };
   auto release_value = [&](const Sm90Fill& fill) { ptx::mbarrier_arrive(&shared.value_empty[fill.value_slot]); };
 
-  // Turns (kTurns, see sm90_turns): group g waits for its turn before it issues a fill's products and hands the
-  // turn on after them; group 1 hands group 0 its first turn, and group 0 takes group 1's last
-  // hand-over when the CTA's work ends, so each barrier's arrivals and waits pair up. Both groups
+  // Turns (kTurns, see sm90_turns): group g waits for its turn before it issues a fill's products and
+  // hands the turn on after them; group 1 hands group 0 its first turn, and group 0 takes group 1's
+  // last hand-over when the CTA's work ends, so each barrier's arrivals and waits pair up. Both groups
   // must take the same turns: every turn decision comes from the shared record (unit, end), never
   // from a group's own flags (scripts/sm90_protocol_model.py checks the protocol).
   auto begin_turn = [&] {
