@@ -2,7 +2,7 @@
 # A/B timing of build variants with the drift cancelled: the H100 runs this kernel at its power cap,
 # and its clock drifts as it warms up, so variants benchmarked one after the other favour the first
 # (about 2 % at 8k). Builds each variant of VARIANTS (lines of NVCC flags, read through
-# NVCC_APPEND_FLAGS) once, then runs the benchmark ROUNDS times over all variants in turn (each round
+# NVCC_APPEND_FLAGS) once, all builds at the same time in copies of their trees, then runs the benchmark ROUNDS times over all variants in turn (each round
 # starting with the next variant), each round in a fresh process with that variant's extension in
 # place; prints every time and each
 # variant's median. TEST_VARIANT="i j ..." runs TEST_FILE (TEST_K) on those variants first. VARIANT_DIRS (lines,
@@ -16,7 +16,7 @@
 # BENCH_SETS (lines of benchmark arguments, default BENCH_ARGS) runs every set in every round, e.g. the
 # sparse and the dense pattern from the same builds.
 set -uo pipefail
-OUT=${OUT:-out}; mkdir -p "$OUT"
+OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name --format=csv,noheader
 ext=$(mktemp -d)
@@ -24,20 +24,32 @@ mapfile -t variants < <(printf '%s\n' "${VARIANTS:?lines of NVCC flags}" | sed '
 mapfile -t dirs < <(printf '%s\n' "${VARIANT_DIRS:-}" | sed '/^$/d')
 mapfile -t envs < <(printf '%s\n' "${VARIANT_ENVS:-}")  # empty lines kept: a variant without variables
 root=$PWD
-declare -A built  # source dir + flags -> the variant that built them (run-time variants share a build)
+# Every distinct (source dir, flags) builds once, all at the same time, each in its own copy of its
+# source dir (one build after another took ~40 s a variant of device time); run-time variants share
+# a build.
+declare -A built  # source dir + flags -> the variant whose build it is
+builds=()
+for i in "${!variants[@]}"; do
+  key="${dirs[$i]:-.}|${variants[$i]}"
+  [[ -n "${built[$key]:-}" ]] && continue
+  built[$key]=$i
+  builds+=("$i")
+  copy=$(mktemp -d)
+  (cd "${dirs[$i]:-.}" && tar --exclude=./build --exclude=./ab --exclude=./out --exclude=./.venv --exclude=./.peers \
+    --exclude='*.so' -cf - .) | tar -x -C "$copy"
+  (cd "$copy" && NVCC_APPEND_FLAGS="${variants[$i]}" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-64,128} \
+    python3 setup.py build_ext --inplace > "$OUT/build_$i.log" 2>&1; echo $? > "$OUT/build_$i.rc"
+    mkdir -p "$ext/$i" && cp blocksparse_attn/_C*.so "$ext/$i/" 2>/dev/null; rm -rf "$copy") &
+done
+wait
+for i in "${builds[@]}"; do
+  [[ "$(cat "$OUT/build_$i.rc")" == 0 ]] || { echo "variant $i: build failed"; grep error "$OUT/build_$i.log" | head; exit 1; }
+done
 for i in "${!variants[@]}"; do
   dir=${dirs[$i]:-.}
-  key="$dir|${variants[$i]}"
   mkdir -p "$ext/$i"
-  if [[ -n "${built[$key]:-}" ]]; then
-    cp "$ext/${built[$key]}"/_C*.so "$ext/$i/"
-  else
-    (cd "$dir" && rm -rf build blocksparse_attn/_C*.so &&
-      NVCC_APPEND_FLAGS="${variants[$i]}" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-64,128} python3 setup.py build_ext --inplace) \
-      > "$OUT/build_$i.log" 2>&1 || { echo "variant $i: build failed"; grep error "$OUT/build_$i.log" | head; exit 1; }
-    cp "$dir"/blocksparse_attn/_C*.so "$ext/$i/"
-    built[$key]=$i
-  fi
+  first=${built["$dir|${variants[$i]}"]}
+  [[ "$first" == "$i" ]] || cp "$ext/$first"/_C*.so "$ext/$i/"
   if [[ " ${TEST_VARIANT:-} " == *" $i "* ]]; then
     cp "$ext/$i"/_C*.so "$dir"/blocksparse_attn/
     (cd "$dir" && env ${envs[$i]:-} DEVICE=cuda PYTHONPATH=$PWD timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
