@@ -2,9 +2,9 @@
 # A/B timing of build variants with the drift cancelled: the H100 runs this kernel at its power cap,
 # and its clock drifts as it warms up, so variants benchmarked one after the other favour the first
 # (about 2 % at 8k). Builds each variant of VARIANTS (lines of NVCC flags, read through
-# NVCC_APPEND_FLAGS) once, all builds at the same time in copies of their trees, then runs the benchmark ROUNDS times over all variants in turn (each round
-# starting with the next variant), each round in a fresh process with that variant's extension in
-# place; prints every time and each
+# NVCC_APPEND_FLAGS) once, all builds at the same time in copies of their trees, then runs the
+# benchmark ROUNDS times over all variants in turn (each round starting with the next variant), each
+# round in a fresh process with that variant's extension in place; prints every time and each
 # variant's median. TEST_VARIANT="i j ..." runs TEST_FILE (TEST_K) on those variants first. VARIANT_DIRS (lines,
 # one per variant, default .) builds each variant from its own source tree, e.g. another branch
 # exported with `mkdir -p ab/main && git archive main | tar -x -C ab/main` (untracked plain files
