@@ -1,0 +1,123 @@
+"""The device A/B scripts (scripts/device_ab.sh, scripts/device_ab_paged.sh) on a fake tree: a setup.py
+that writes its NVCC flags into the extension, a benchmark that reports them, and a fake nvidia-smi.
+A broken script costs minutes of the scarce device time before it says so; here it costs a second.
+Checks: every variant runs its own build (run-time variants share one), each build comes from its
+own tree (VARIANT_DIRS, BASE_DIR), a failed build stops the script with the variant named, and the
+tests of TEST_VARIANT run."""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FAKE_SETUP = """\
+import os
+flags = os.environ.get("NVCC_APPEND_FLAGS", "")
+if "FAIL" in flags:
+    raise SystemExit("error: the fake build fails on request")
+open("blocksparse_attn/_C.fake.so", "w").write(f"{flags}|{os.path.basename(os.getcwd())}")
+"""
+
+# bench_prefill.py's interface as device_ab.sh uses it: --out-dir gets the CSV of ms per S.
+FAKE_BENCH_PREFILL = """\
+import csv, glob, os, sys
+out = sys.argv[sys.argv.index("--out-dir") + 1]
+flags = open(glob.glob("blocksparse_attn/_C*.so")[0]).read().split("|")[0]
+ms = 1.0 + 0.5 * flags.count("-D")  # the variant shows in its time
+with open(os.path.join(out, "bench_prefill_cuda_bfloat16.csv"), "w") as f:
+    w = csv.writer(f)
+    w.writerow(["S", "ms", "method"])
+    w.writerow([8192, ms, "ours"])
+"""
+
+FAKE_BENCH_PAGED = """\
+import glob
+print("extension:", open(glob.glob("blocksparse_attn/_C*.so")[0]).read())
+"""
+
+FAKE_TEST = """\
+import glob
+def test_extension_present():
+    assert open(glob.glob("blocksparse_attn/_C*.so")[0]).read()
+"""
+
+
+def fake_tree(path: Path) -> Path:
+    (path / "blocksparse_attn").mkdir(parents=True)
+    (path / "blocksparse_attn" / "__init__.py").write_text("")
+    (path / "benchmarks").mkdir()
+    (path / "tests").mkdir()
+    (path / "scripts").mkdir()
+    (path / "setup.py").write_text(FAKE_SETUP)
+    (path / "benchmarks" / "bench_prefill.py").write_text(FAKE_BENCH_PREFILL)
+    (path / "benchmarks" / "bench_paged_prefill.py").write_text(FAKE_BENCH_PAGED)
+    (path / "tests" / "test_prefill_kernels.py").write_text(FAKE_TEST)
+    for script in ("device_ab.sh", "device_ab_paged.sh"):
+        shutil.copy(ROOT / "scripts" / script, path / "scripts" / script)
+    return path
+
+
+def run_script(tree: Path, script: str, tmp_path: Path, **env) -> subprocess.CompletedProcess:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'Fake GPU'\n")
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    python = bin_dir / "python3"  # the scripts call python3: this interpreter, which has pytest
+    if not python.exists():
+        python.symlink_to(sys.executable)
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), **env}
+    return subprocess.run(["bash", f"scripts/{script}"], cwd=tree, env=full_env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.fixture
+def tree(tmp_path):
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    return fake_tree(tmp_path / "tree")
+
+
+def test_device_ab_builds_each_variant_and_shares_run_time_ones(tree, tmp_path):
+    run = run_script(tree, "device_ab.sh", tmp_path, VARIANTS="-DA=1\n-DA=1 -DB=2\n-DA=1",
+                     VARIANT_ENVS="\n\nX=1", TEST_VARIANT="1", ROUNDS="2")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "variant 1 tests: 1 passed" in run.stdout, run.stdout
+    medians = {line.split()[1]: line.split("median ")[1].split()[0]
+               for line in run.stdout.splitlines() if line.startswith("variant") and "median" in line}
+    assert medians == {"0": "1.500", "1": "2.000", "2": "1.500"}, run.stdout  # variant 2 runs variant 0's build
+    built = sorted(p.name for p in (tmp_path / "out").glob("build_*.log"))
+    assert built == ["build_0.log", "build_1.log"], built
+
+
+def test_device_ab_builds_from_variant_dirs(tree, tmp_path):
+    other = fake_tree(tmp_path / "other")
+    run = run_script(tree, "device_ab.sh", tmp_path, VARIANTS="-DA=1\n-DA=1", VARIANT_DIRS=f"{other}\n.",
+                     ROUNDS="1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("build_*.log")) == ["build_0.log", "build_1.log"]
+
+
+def test_device_ab_stops_at_a_failed_build(tree, tmp_path):
+    run = run_script(tree, "device_ab.sh", tmp_path, VARIANTS="-DA=1\n-DFAIL=1", ROUNDS="1")
+    assert run.returncode != 0
+    assert "variant 1: build failed" in run.stdout, run.stdout
+    assert not list((tmp_path / "out").glob("r1_*")), "no benchmark after a failed build"
+
+
+def test_device_ab_paged_times_several_new_variants_against_one_base(tree, tmp_path):
+    run = run_script(tree, "device_ab_paged.sh", tmp_path, BASE_DIR=".", BASE_NVCC_FLAGS="-DBASE=1",
+                     NEW_NVCC_FLAGS="\n-DTURNS=1", ROUNDS="1", TESTS="tests/test_prefill_kernels.py")
+    assert run.returncode == 0, run.stdout + run.stderr
+    rounds = [line for line in run.stdout.splitlines() if line.startswith("== round")]
+    assert rounds == ["== round 1 base", "== round 1 new", "== round 1 new1"], run.stdout
+    extensions = [line.split("extension: ")[1] for line in run.stdout.splitlines() if line.startswith("extension:")]
+    assert [e.split("|")[0] for e in extensions] == ["-DBASE=1", "", "-DTURNS=1"], extensions
+    assert "1 passed" in run.stdout, run.stdout
