@@ -24,6 +24,7 @@ mapfile -t variants < <(printf '%s\n' "${VARIANTS:?lines of NVCC flags}" | sed '
 mapfile -t dirs < <(printf '%s\n' "${VARIANT_DIRS:-}" | sed '/^$/d')
 mapfile -t envs < <(printf '%s\n' "${VARIANT_ENVS:-}")  # empty lines kept: a variant without variables
 root=$PWD
+source "$(dirname "$0")/device_builds.sh"
 # Every distinct (source dir, flags) builds once, all at the same time, each in its own copy of its
 # source dir (one build after another took ~40 s a variant of device time); run-time variants share
 # a build.
@@ -34,17 +35,10 @@ for i in "${!variants[@]}"; do
   [[ -n "${built[$key]:-}" ]] && continue
   built[$key]=$i
   builds+=("$i")
-  copy=$(mktemp -d)
-  (cd "${dirs[$i]:-.}" && tar --exclude=./build --exclude=./ab --exclude=./out --exclude=./.venv --exclude=./.peers \
-    --exclude='*.so' -cf - .) | tar -x -C "$copy"
-  (cd "$copy" && NVCC_APPEND_FLAGS="${variants[$i]}" BSA_HEAD_DIMS=${BSA_HEAD_DIMS:-64,128} \
-    python3 setup.py build_ext --inplace > "$OUT/build_$i.log" 2>&1; echo $? > "$OUT/build_$i.rc"
-    mkdir -p "$ext/$i" && cp blocksparse_attn/_C*.so "$ext/$i/" 2>/dev/null; rm -rf "$copy") &
+  start_build "$i" "${dirs[$i]:-.}" "${variants[$i]}" "${BSA_HEAD_DIMS:-64,128}" "$ext/$i"
 done
 wait
-for i in "${builds[@]}"; do
-  [[ "$(cat "$OUT/build_$i.rc")" == 0 ]] || { echo "variant $i: build failed"; grep error "$OUT/build_$i.log" | head; exit 1; }
-done
+for i in "${builds[@]}"; do check_build "$i" "variant $i" || exit 1; done
 for i in "${!variants[@]}"; do
   dir=${dirs[$i]:-.}
   mkdir -p "$ext/$i"

@@ -14,32 +14,23 @@ set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 base=${BASE_DIR:?a source tree to compare with}
-copy_tree() {  # this tree without build outputs, into a fresh directory
-  local dir; dir=$(mktemp -d) &&
-    tar --exclude=./build --exclude=./ab --exclude=./out --exclude='*.so' -cf - . | tar -x -C "$dir" && echo "$dir"
-}
-[ "$(cd "$base" && pwd)" = "$PWD" ] && base=$(copy_tree)  # one tree, two builds: the base from a copy of it
-# NEW_NVCC_FLAGS may hold several lines: one variant each, "new" (this tree) and "new1", "new2", ...
-# (copies of it), so several build knobs are timed against one base in one call.
+source "$(dirname "$0")/device_builds.sh"
+# NEW_NVCC_FLAGS may hold several lines: one variant of this tree each, "new", "new1", "new2", ...,
+# so several build knobs are timed against one base in one call.
 mapfile -t new_flags < <(printf '%s\n' "${NEW_NVCC_FLAGS:-}")
 names=(base new); dirs=("$base" .); flags=("${BASE_NVCC_FLAGS:-}" "${new_flags[0]:-}")
 for ((i = 1; i < ${#new_flags[@]}; ++i)); do
   [ -n "${new_flags[$i]}" ] || continue
-  names+=("new$i"); dirs+=("$(copy_tree)"); flags+=("${new_flags[$i]}")
+  names+=("new$i"); dirs+=(.); flags+=("${new_flags[$i]}")
 done
 nvidia-smi --query-gpu=name --format=csv,noheader
-for i in "${!names[@]}"; do
-  (cd "${dirs[$i]}" && NVCC_APPEND_FLAGS="${flags[$i]}" BSA_HEAD_DIMS=${BASE_HEAD_DIMS:-128} \
-    python3 setup.py build_ext --inplace > "$OUT/build_${names[$i]}.log" 2>&1) &
-done
-wait
 so=$(mktemp -d)
 for i in "${!names[@]}"; do
   echo "${names[$i]}: ${dirs[$i]} ${flags[$i]}"
-  mkdir -p "$so/${names[$i]}"
-  cp "${dirs[$i]}"/blocksparse_attn/_C*.so "$so/${names[$i]}/" ||
-    { echo "${names[$i]}: build failed"; grep -i error "$OUT/build_${names[$i]}.log" | head; exit 1; }
+  start_build "${names[$i]}" "${dirs[$i]}" "${flags[$i]}" "${BASE_HEAD_DIMS:-128}" "$so/${names[$i]}"
 done
+wait
+for v in "${names[@]}"; do check_build "$v" "$v" || exit 1; done
 if [ -n "${TESTS:-}" ]; then
   cp "$so/new"/_C*.so blocksparse_attn/
   DEVICE=cuda timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider $TESTS ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -4

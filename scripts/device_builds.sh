@@ -1,0 +1,29 @@
+# Build helpers of the device A/B scripts (sourced by device_ab.sh and device_ab_paged.sh, which set
+# OUT): every variant builds in its own copy of its source tree, all at the same time, so a stale
+# extension in a tree can never stand in for a failed build.
+
+# A fresh copy of DIR without build outputs; prints its path.
+copy_tree() {
+  local copy; copy=$(mktemp -d) &&
+    (cd "$1" && tar --exclude=./build --exclude=./ab --exclude=./out --exclude=./.venv --exclude=./.peers \
+      --exclude='*.so' -cf - .) | tar -x -C "$copy" && echo "$copy"
+}
+
+# start_build NAME SRC FLAGS HEAD_DIMS DEST: builds a copy of SRC with NVCC_APPEND_FLAGS=FLAGS and
+# BSA_HEAD_DIMS=HEAD_DIMS in the background; the extension goes to DEST, the log and the exit status
+# to $OUT/build_NAME.log and .rc. `wait` for them.
+start_build() {
+  local copy; copy=$(copy_tree "$2") || return 1
+  (cd "$copy" && NVCC_APPEND_FLAGS="$3" BSA_HEAD_DIMS="$4" python3 setup.py build_ext --inplace \
+     > "$OUT/build_$1.log" 2>&1
+   echo $? > "$OUT/build_$1.rc"
+   mkdir -p "$5" && cp blocksparse_attn/_C*.so "$5/" 2>/dev/null
+   rm -rf "$copy") &
+}
+
+# check_build NAME LABEL: true if build NAME succeeded, else prints "LABEL: build failed" and its errors.
+check_build() {
+  [[ "$(cat "$OUT/build_$1.rc" 2>/dev/null)" == 0 ]] && return 0
+  echo "$2: build failed"; grep -i error "$OUT/build_$1.log" | head
+  return 1
+}
