@@ -1,7 +1,7 @@
 // FastDivisor (csrc/common/pattern.h) against the hardware division, for the divisors and dividends
 // where a reciprocal's rounding would show: small divisors, powers of two and their neighbours,
 // random ones up to 2^30 (the pattern fields' bound); dividends at 0, around multiples of the
-// divisor, around 2^31 - 1 and at random. Built and run by tests/test_fast_divisor.py; prints the
+// divisor, around 2^31 - 1 and at random. Built and run by tests/test_cpp_checks.py; prints the
 // first mismatch and exits 1, else prints the number of checks.
 #include <cstdint>
 #include <cstdio>

@@ -105,40 +105,74 @@ __device__ __forceinline__ int64_t paged_row_offset(const KeyValueSource& kv, in
   return kv.page_offset(page, kv_head) + static_cast<int64_t>(kv.row_in_page(pos)) * head_size + col;
 }
 
-// Copies rows of one kv head's keys and values (stored as Cache) into shared memory with 16-byte
-// cp.async: this thread's rows are row0 + u * kRowStep (u < kCopies) of the tile starting at key
-// position pos0, its 16-byte chunk starts at column col, and dst_offset(row, col) is the byte offset
-// of (row, col) in both destination tiles (each kernel's own swizzle). Rows past k_len, rows in a page whose id is out of
-// range, columns past head_size and a whole invalid tile (tile_valid false) read as zeros, which keeps
-// unwritten (possibly NaN) cache slots out of P.V and never touches memory out of bounds.
-// value_offset(row, col), where given, places V's elements apart from K's layout.
+// Copies a paged tile's rows whose pages `rows` holds (looked up for the same pos0, row0 and
+// kRowStep; a row without a page reads zeros) into shared memory with 16-byte cp.async, as
+// copy_kv_rows below does.
 template <typename Cache, int kCopies, int kRowStep, typename DstOffset, typename ValueOffset>
-__device__ __forceinline__ void copy_kv_rows(const KeyValueSource& kv, int seq, int kv_head, int pos0, int row0,
-                                             int col, int k_len, int head_size, bool tile_valid, void* dst_k,
-                                             void* dst_v, DstOffset dst_offset, ValueOffset value_offset) {
+__device__ __forceinline__ void copy_paged_kv_rows(const KeyValueSource& kv, const PagedRows<kCopies, kRowStep>& rows,
+                                                   int kv_head, int pos0, int row0, int col, int head_size,
+                                                   void* dst_k, void* dst_v, DstOffset dst_offset,
+                                                   ValueOffset value_offset) {
   const Cache* key = static_cast<const Cache*>(kv.key);
   const Cache* value = static_cast<const Cache*>(kv.value);
   unsigned char* to_k = static_cast<unsigned char*>(dst_k);
   unsigned char* to_v = static_cast<unsigned char*>(dst_v);
+  rows.for_each_row(kv, kv_head, pos0, row0, col, head_size, [&](int u, int64_t offset, bool valid) {
+    const int row = row0 + u * kRowStep;
+    ptx::cp_async_16(to_k + dst_offset(row, col), key + offset, valid);
+    ptx::cp_async_16(to_v + value_offset(row, col), value + offset, valid);
+  });
+}
+
+// Copies rows of contiguous keys and values into shared memory, as copy_kv_rows below does (col_valid:
+// the tile and the column read at all): one base offset per tile, then fixed steps (a 64-bit product
+// per copy costs more issue slots than the copy itself). An invalid row reads nothing (source size
+// 0), so its address needs no clamp.
+template <typename Cache, int kCopies, int kRowStep, typename DstOffset, typename ValueOffset>
+__device__ __forceinline__ void copy_contiguous_kv_rows(const KeyValueSource& kv, int seq, int kv_head, int pos0,
+                                                        int row0, int col, int k_len, bool col_valid, void* dst_k,
+                                                        void* dst_v, DstOffset dst_offset, ValueOffset value_offset) {
+  const Cache* key = static_cast<const Cache*>(kv.key);
+  const Cache* value = static_cast<const Cache*>(kv.value);
+  unsigned char* to_k = static_cast<unsigned char*>(dst_k);
+  unsigned char* to_v = static_cast<unsigned char*>(dst_v);
+  const int64_t base =
+      static_cast<int64_t>(kv.cu_seqlens_k[seq] + pos0 + row0) * kv.row_stride + kv_head * kv.head_stride + col;
+  const int64_t step = kRowStep * kv.row_stride;
+#pragma unroll
+  for (int u = 0; u < kCopies; ++u) {
+    const int row = row0 + u * kRowStep;
+    const bool valid = col_valid && pos0 + row < k_len;
+    const int64_t offset = base + u * step;
+    ptx::cp_async_16(to_k + dst_offset(row, col), key + offset, valid);
+    ptx::cp_async_16(to_v + value_offset(row, col), value + offset, valid);
+  }
+}
+
+// Copies rows of one kv head's keys and values (stored as Cache) into shared memory with 16-byte
+// cp.async: this thread's rows are row0 + u * kRowStep (u < kCopies) of the tile starting at key
+// position pos0, its 16-byte chunk starts at column col, and dst_offset(row, col) is the byte offset
+// of (row, col) in both destination tiles (each kernel's own swizzle). Rows past k_len, rows in a page
+// whose id is out of range, columns past head_size and a whole invalid tile (tile_valid false) read as
+// zeros, which keeps unwritten (possibly NaN) cache slots out of P.V and never touches memory out of
+// bounds. value_offset(row, col), where given, places V's elements apart from K's layout.
+template <typename Cache, int kCopies, int kRowStep, typename DstOffset, typename ValueOffset>
+__device__ __forceinline__ void copy_kv_rows(const KeyValueSource& kv, int seq, int kv_head, int pos0, int row0,
+                                             int col, int k_len, int head_size, bool tile_valid, void* dst_k,
+                                             void* dst_v, DstOffset dst_offset, ValueOffset value_offset) {
   const bool col_valid = tile_valid && col < head_size;
   if (!kv.paged()) {
-    // Contiguous keys: one base offset per tile, then fixed steps (a 64-bit product per copy costs
-    // more issue slots than the copy itself). An invalid row reads nothing (source size 0), so its
-    // address needs no clamp.
-    const int64_t base =
-        static_cast<int64_t>(kv.cu_seqlens_k[seq] + pos0 + row0) * kv.row_stride + kv_head * kv.head_stride + col;
-    const int64_t step = kRowStep * kv.row_stride;
-#pragma unroll
-    for (int u = 0; u < kCopies; ++u) {
-      const int row = row0 + u * kRowStep;
-      const bool valid = col_valid && pos0 + row < k_len;
-      const int64_t offset = base + u * step;
-      ptx::cp_async_16(to_k + dst_offset(row, col), key + offset, valid);
-      ptx::cp_async_16(to_v + value_offset(row, col), value + offset, valid);
-    }
+    copy_contiguous_kv_rows<Cache, kCopies, kRowStep>(kv, seq, kv_head, pos0, row0, col, k_len, col_valid, dst_k, dst_v,
+                                                      dst_offset, value_offset);
     return;
   }
-  // Paged cache [NB, Hkv, kvbs, D]: a page lookup per row.
+  const Cache* key = static_cast<const Cache*>(kv.key);
+  const Cache* value = static_cast<const Cache*>(kv.value);
+  unsigned char* to_k = static_cast<unsigned char*>(dst_k);
+  unsigned char* to_v = static_cast<unsigned char*>(dst_v);
+  // Paged cache [NB, Hkv, kvbs, D]: a page lookup per row, each row copied as it comes (holding every
+  // row's page, as the sm80 prefill does with PagedRows, spilled the decode kernel's main loop at
+  // head dim 256).
 #pragma unroll
   for (int u = 0; u < kCopies; ++u) {
     const int row = row0 + u * kRowStep;

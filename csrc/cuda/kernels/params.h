@@ -67,6 +67,72 @@ struct KeyValueSource {
   }
 };
 
+// The cache pages of one thread's rows of a key tile: rows row0 + u * kRowStep (u < kRows) of the tile
+// at key position pos0, each page's table entry read once (with kv blocks of 16, the four rows a
+// thread copies of a 32-key tile lie in two pages). `lookup` issues the table reads and nothing
+// waits for them until `for_each_row`, so a kernel can look a tile's pages up an iteration before its
+// copy and let the reads' latency pass under other work. Host and device:
+// tests/cpp/paged_rows_check.cpp checks the offsets against the table, row by row.
+template <int kRows, int kRowStep>
+struct PagedRows {
+  static_assert(kRows <= 32, "one bit a row");
+  // Rows share what the first of them holds: page[u] is set where bit u of `starts` is (the row
+  // starts a run of rows in one page, or the run of rows past rows_end, whose id is -1), -1 elsewhere.
+  int page[kRows];
+  unsigned starts;
+
+  // rows_end: rows at positions >= rows_end read zeros and not even their table entry (k_len, or 0
+  // for a tile or a column that reads zeros).
+  BSA_HOST_DEVICE void lookup(const KeyValueSource& kv, const int32_t* table_row, int pos0, int row0, int rows_end) {
+    const int first = pos0 + row0;
+    int index[kRows];
+    if (kv.kv_block_shift >= 0) {  // one test for all rows (page_index tests per call)
+#pragma unroll
+      for (int u = 0; u < kRows; ++u) index[u] = (first + u * kRowStep) >> kv.kv_block_shift;
+    } else {
+#pragma unroll
+      for (int u = 0; u < kRows; ++u) index[u] = (first + u * kRowStep) / kv.kv_block_size;
+    }
+    starts = 1;
+    const int live_rows = first < rows_end ? (rows_end - first + kRowStep - 1) / kRowStep : 0;
+#pragma unroll
+    for (int u = 1; u < kRows; ++u)
+      if (u < live_rows ? index[u] != index[u - 1] : u == live_rows) starts |= 1u << u;
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) page[u] = (starts >> u & 1) && u < live_rows ? table_row[index[u]] : -1;
+  }
+
+  // Calls visit(u, offset, reads) for each row u in order: its element offset for column col of kv
+  // head kv_head (head_size: a page row's elements), and whether it reads at all. A row past rows_end
+  // or in a page whose id lies outside [0, NB) reads zeros and never touches memory (its offset lies
+  // in page 0). Row by row, so a copy can issue each row as it comes (decode's 16 rows a lane).
+  template <typename Visit>
+  BSA_HOST_DEVICE void for_each_row(const KeyValueSource& kv, int kv_head, int pos0, int row0, int col, int head_size,
+                                    Visit visit) const {
+    if (kv.kv_block_shift >= 0) {
+      rows_in_pages<true>(kv, kv_head, pos0 + row0, col, head_size, visit);
+    } else {
+      rows_in_pages<false>(kv, kv_head, pos0 + row0, col, head_size, visit);
+    }
+  }
+
+ private:
+  template <bool kPowerOfTwo, typename Visit>
+  BSA_HOST_DEVICE void rows_in_pages(const KeyValueSource& kv, int kv_head, int first, int col, int head_size,
+                                     Visit& visit) const {
+    int id = -1;
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) {
+      if (starts >> u & 1) id = page[u];
+      const int pos = first + u * kRowStep;
+      const int in_page = kPowerOfTwo ? pos & (kv.kv_block_size - 1) : pos % kv.kv_block_size;
+      const bool valid = id >= 0 && id < kv.num_cache_blocks;
+      // A row that reads nothing gets page 0's address: no branch, and no address outside the cache.
+      visit(u, kv.page_offset(valid ? id : 0, kv_head) + (in_page * head_size + col), valid);
+    }
+  }
+};
+
 // One item of the plan's work list (a sequence's query tile) with its sequence's lengths and offsets
 // copied in, so that a kernel resolves a work unit from one 32-byte load instead of a chain of two
 // (the list, then the sequence's cu_seqlens): short prompts' units are that chain's length apart.

@@ -38,6 +38,13 @@ constexpr int kPrefillThreads = kPrefillWarps * 32;
 #ifndef BSA_PREFILL_STAGES
 #define BSA_PREFILL_STAGES 3
 #endif
+// Build knob BSA_PREFILL_PAGES_AHEAD=1: over a paged cache, a key tile's pages are read from the
+// table an iteration before its copy (the copy's addresses wait for those loads; read early, their
+// latency passes under the current tile's products). Off by default until a device session times it
+// (experiment).
+#ifndef BSA_PREFILL_PAGES_AHEAD
+#define BSA_PREFILL_PAGES_AHEAD 0
+#endif
 
 
 // Q, then the K/V ring as the source stores it (Cache), then, for an fp8 cache, the current tile's K
@@ -160,14 +167,29 @@ prefill_sm80_kernel(const PrefillParams params) {
   // and are converted once the tile is there.
   auto swizzled = [](int row, int col) { return swizzle<kHeadDimPad>(row, col) * static_cast<int>(sizeof(Element)); };
   auto fp8_row_major = [](int row, int col) { return row * kHeadDimPad + col; };
+  constexpr int kChunkElems = 16 / sizeof(Cache);
+  constexpr int kCacheChunksPerRow = kHeadDimPad / kChunkElems;
+  constexpr int kRowsPerCopy = kPrefillThreads / kCacheChunksPerRow;
+  constexpr int kCopies = kPrefillBlockN * kCacheChunksPerRow / kPrefillThreads;
+  const int copy_row0 = tid / kCacheChunksPerRow, copy_col = (tid % kCacheChunksPerRow) * kChunkElems;
+  auto landed = [swizzled, fp8_row_major](int row, int col) { return Smem::kFp8 ? fp8_row_major(row, col) : swizzled(row, col); };
+  // A paged tile's rows come from the pages `pages` holds (PagedRows::lookup, done here or ahead).
+  auto load_paged_kv = [&](int key_tile, int stage, const PagedRows<kCopies, kRowsPerCopy>& pages) {
+    copy_paged_kv_rows<Cache>(kv, pages, kv_head, key_tile * kPrefillBlockN, copy_row0, copy_col, head_size,
+                              s_k + stage * Smem::kKeyTileBytes, s_v + stage * Smem::kKeyTileBytes, landed, landed);
+  };
+  const int32_t* table_row = kv.paged() ? kv.table_row(seq, kv_head) : nullptr;
+  const int copy_rows_end = copy_col < head_size ? k_len : 0;
   auto load_kv = [&](int key_tile, int stage) {
-    constexpr int kChunkElems = 16 / sizeof(Cache);
-    constexpr int kCacheChunksPerRow = kHeadDimPad / kChunkElems;
-    constexpr int kRowsPerCopy = kPrefillThreads / kCacheChunksPerRow;
-    auto landed = [swizzled, fp8_row_major](int row, int col) { return Smem::kFp8 ? fp8_row_major(row, col) : swizzled(row, col); };
-    copy_kv_rows<Cache, kPrefillBlockN * kCacheChunksPerRow / kPrefillThreads, kRowsPerCopy>(
-        kv, seq, kv_head, key_tile * kPrefillBlockN, tid / kCacheChunksPerRow, (tid % kCacheChunksPerRow) * kChunkElems,
-        k_len, head_size, true, s_k + stage * Smem::kKeyTileBytes, s_v + stage * Smem::kKeyTileBytes, landed);
+    if (table_row != nullptr) {
+      PagedRows<kCopies, kRowsPerCopy> pages;
+      pages.lookup(kv, table_row, key_tile * kPrefillBlockN, copy_row0, copy_rows_end);
+      load_paged_kv(key_tile, stage, pages);
+    } else {
+      copy_contiguous_kv_rows<Cache, kCopies, kRowsPerCopy>(
+          kv, seq, kv_head, key_tile * kPrefillBlockN, copy_row0, copy_col, k_len, copy_col < head_size,
+          s_k + stage * Smem::kKeyTileBytes, s_v + stage * Smem::kKeyTileBytes, landed, landed);
+    }
   };
   // An fp8 cache's scales: k_scale joins the softmax scale, v_scale multiplies the finished O.
   const float scale_log2 = params.scale_log2 * cache_scale(kv.k_scale);
@@ -182,6 +204,33 @@ prefill_sm80_kernel(const PrefillParams params) {
   KeyTileCursor cursor;
   cursor.init(params.pattern, head, q_tile, valid_begin, valid_end - 1);
   int issued = 0;
+#if BSA_PREFILL_PAGES_AHEAD
+  // The tile after the one being issued is walked, and its pages looked up, an iteration ahead.
+  PagedRows<kCopies, kRowsPerCopy> next_pages;
+  int next_tile;
+  bool next_masked;
+  bool has_next = cursor.next(next_tile, next_masked);
+  auto look_ahead = [&] {
+    if (has_next && table_row != nullptr)
+      next_pages.lookup(kv, table_row, next_tile * kPrefillBlockN, copy_row0, copy_rows_end);
+  };
+  look_ahead();
+  auto issue_next = [&](int stage) {
+    if (!has_next) return;
+    if (table_row != nullptr) {
+      load_paged_kv(next_tile, stage, next_pages);
+    } else {
+      load_kv(next_tile, stage);
+    }
+    if (tid == 0) {
+      s_stage_tile[stage] = next_tile;
+      s_stage_masked[stage] = next_masked;
+    }
+    ++issued;
+    has_next = cursor.next(next_tile, next_masked);
+    look_ahead();
+  };
+#else
   bool exhausted = false;
   auto issue_next = [&](int stage) {
     int key_tile;
@@ -197,6 +246,7 @@ prefill_sm80_kernel(const PrefillParams params) {
     }
     ++issued;
   };
+#endif
 #pragma unroll
   for (int st = 0; st < kStages - 1; ++st) {
     issue_next(st);

@@ -1,0 +1,126 @@
+// PagedRows (csrc/cuda/kernels/params.h), the paged K/V row addressing the kernels' cp.async copies
+// use, against the table read row by row: for kv block sizes that are powers of two and multiples of a
+// sparse block, tables with bad ids (negative, NB and beyond), tile positions, thread rows, row ends
+// and column offsets at random, and the kernels' row shapes (kRows x kRowStep). Per row: whether it
+// reads, its element offset where it reads, an offset inside the cache where it does not; per tile:
+// one table read per page the live rows touch. The table is sized to the entries the live rows
+// address (built with AddressSanitizer where the compiler has it, a read past them fails).
+// Built and run by tests/test_cpp_checks.py; prints the first mismatch and exits 1, else the number of
+// checks.
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <set>
+#include <vector>
+
+#include "cuda/kernels/params.h"
+
+using blocksparse_attn::KeyValueSource;
+using blocksparse_attn::PagedRows;
+
+namespace {
+
+std::mt19937_64 rng(20261204);
+int64_t checks = 0;
+
+int uniform(int lo, int hi) { return lo + static_cast<int>(rng() % static_cast<uint64_t>(hi - lo + 1)); }
+
+template <int kRows, int kRowStep>
+bool check_case(int kv_block_size, bool head_major_pages) {
+  const int head_size = 8 * uniform(1, 32), num_kv_heads = uniform(1, 4), num_blocks = uniform(1, 40);
+  KeyValueSource kv{};
+  kv.kv_block_size = kv_block_size;
+  kv.kv_block_shift = (kv_block_size & (kv_block_size - 1)) == 0 ? __builtin_ctz(kv_block_size) : -1;
+  kv.num_cache_blocks = num_blocks;
+  // Either layout (common/attention_args.h): pages of every kv head, or pages of one kv head.
+  kv.cache_head_stride = head_major_pages ? 0 : int64_t{kv_block_size} * head_size;
+  kv.cache_block_stride = int64_t{kv_block_size} * head_size * (head_major_pages ? 1 : num_kv_heads);
+  const int64_t cache_elems = kv.cache_block_stride * num_blocks;
+  const int kv_head = head_major_pages ? 0 : uniform(0, num_kv_heads - 1);
+  const int pos0 = uniform(0, 4096), row0 = uniform(0, kRowStep - 1), col = uniform(0, head_size / 8 - 1) * 8;
+  const int first = pos0 + row0, last = first + (kRows - 1) * kRowStep;
+  // rows_end: before the first row, inside the rows, past them, or 0 (a tile that reads nothing).
+  const int choice = uniform(0, 3);
+  const int rows_end = choice == 0 ? 0 : choice == 1 ? uniform(first, last + 1) : choice == 2 ? last + uniform(1, 100)
+                                                                                               : uniform(0, first);
+  int entries = 0;  // what the live rows address
+  for (int u = 0; u < kRows; ++u)
+    if (first + u * kRowStep < rows_end) entries = (first + u * kRowStep) / kv_block_size + 1;
+  std::vector<int32_t> table(entries > 0 ? entries : 1);
+  for (int32_t& id : table) {
+    const int kind = uniform(0, 9);
+    id = kind == 0 ? -uniform(1, 3) : kind == 1 ? num_blocks + uniform(0, 2) : uniform(0, num_blocks - 1);
+  }
+
+  PagedRows<kRows, kRowStep> rows;
+  rows.lookup(kv, table.data(), pos0, row0, rows_end);
+  int64_t offset[kRows];
+  bool valid[kRows];
+  int visits = 0;
+  rows.for_each_row(kv, kv_head, pos0, row0, col, head_size, [&](int u, int64_t row_offset, bool reads) {
+    if (u != visits++) std::printf("PagedRows<%d, %d>: row %d visited out of order\n", kRows, kRowStep, u);
+    offset[u] = row_offset;
+    valid[u] = reads;
+  });
+  if (visits != kRows) {
+    std::printf("PagedRows<%d, %d>: %d rows visited\n", kRows, kRowStep, visits);
+    return false;
+  }
+
+  std::set<int> pages_touched;
+  for (int u = 0; u < kRows; ++u) {
+    ++checks;
+    const int pos = first + u * kRowStep;
+    bool want_valid = false;
+    int64_t want_offset = 0;
+    if (pos < rows_end) {
+      pages_touched.insert(pos / kv_block_size);
+      const int id = table[pos / kv_block_size];
+      want_valid = id >= 0 && id < num_blocks;
+      want_offset = int64_t{id} * kv.cache_block_stride + kv_head * kv.cache_head_stride +
+                    int64_t{pos % kv_block_size} * head_size + col;
+    }
+    const bool inside = offset[u] >= 0 && offset[u] + 8 <= cache_elems;
+    if (valid[u] != want_valid || (want_valid && offset[u] != want_offset) || !inside) {
+      std::printf("PagedRows<%d, %d>: kvbs %d, head-major pages %d, pos0 %d, row0 %d, rows_end %d, row %d: valid %d "
+                  "offset %lld (want %d, %lld; cache %lld elements)\n",
+                  kRows, kRowStep, kv_block_size, head_major_pages, pos0, row0, rows_end, u, valid[u],
+                  static_cast<long long>(offset[u]), want_valid, static_cast<long long>(want_offset),
+                  static_cast<long long>(cache_elems));
+      return false;
+    }
+  }
+  unsigned live = 0;  // the rows that read their table entry: the live ones that start a run
+  for (int u = 0; u < kRows; ++u)
+    if (first + u * kRowStep < rows_end) live |= 1u << u;
+  const size_t table_reads = __builtin_popcount(rows.starts & live);
+  if (table_reads != pages_touched.size()) {
+    std::printf("PagedRows<%d, %d>: kvbs %d, pos0 %d, row0 %d, rows_end %d: %zu table reads for %zu pages\n", kRows,
+                kRowStep, kv_block_size, pos0, row0, rows_end, table_reads, pages_touched.size());
+    return false;
+  }
+  return true;
+}
+
+template <int kRows, int kRowStep>
+bool check_shape() {
+  // Powers of two (vLLM's 8 .. 256 and below) and multiples of a sparse block that are not.
+  for (const int kv_block_size : {1, 2, 4, 8, 16, 32, 64, 128, 256, 48, 96, 192, 320})
+    for (int i = 0; i < 2000; ++i)
+      if (!check_case<kRows, kRowStep>(kv_block_size, i % 2 == 1)) return false;
+  return true;
+}
+
+}  // namespace
+
+int main() {
+  // The kernels' shapes: sm80 prefill (32-key tiles: 4 x 8 at head dim 128, 8 x 4 at 256, 2 x 16 at
+  // 64 and for fp8), Hopper cp.async tiles (64 keys: 8 x 8, 4 x 16, 16 x 4), decode's 16-row slices
+  // (8 x 2, 4 x 4, 16 x 1).
+  const bool ok = check_shape<4, 8>() && check_shape<8, 4>() && check_shape<2, 16>() && check_shape<8, 8>() &&
+                  check_shape<4, 16>() && check_shape<16, 4>() && check_shape<8, 2>() && check_shape<4, 4>() &&
+                  check_shape<16, 1>();
+  if (!ok) return 1;
+  std::printf("%lld checks\n", static_cast<long long>(checks));
+  return 0;
+}
