@@ -2,8 +2,8 @@
 # A/B of the paged prefill in one device call: the extension built from BASE_DIR (another tree, e.g.
 # `mkdir -p ab/main && git archive main | tar -x -C ab/main` here first: untracked plain files travel)
 # against this tree's, each benchmark in a fresh process, ROUNDS alternated rounds of
-# bench_paged_prefill.py (BENCH_ARGS), this tree's TESTS (-k TEST_K) first. The benchmark always runs
-# this tree's Python package with the variant's extension. BASE_NVCC_FLAGS / NEW_NVCC_FLAGS build
+# bench_paged_prefill.py (BENCH_ARGS), this tree's TESTS (-k TEST_K) first, on each variant of this
+# tree. The benchmark always runs this tree's Python package with the variant's extension. BASE_NVCC_FLAGS / NEW_NVCC_FLAGS build
 # either with extra NVCC flags (e.g. NEW_NVCC_FLAGS=-DBSA_SM90_STAGES=5 with BASE_DIR=. compares a
 # build knob on one tree: the base is built in a copy); NEW_NVCC_FLAGS of several lines builds one
 # variant a line (new, new1, new2, ...). Every build has BSA_HEAD_DIMS=$BASE_HEAD_DIMS (default 128),
@@ -31,9 +31,12 @@ for i in "${!names[@]}"; do
 done
 wait
 for v in "${names[@]}"; do check_build "$v" "$v" || exit 1; done
-if [ -n "${TESTS:-}" ]; then
-  cp "$so/new"/_C*.so blocksparse_attn/
-  DEVICE=cuda timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider $TESTS ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -4
+if [ -n "${TESTS:-}" ]; then  # every variant of this tree: a knob's first run is its tests' first run
+  for v in "${names[@]:1}"; do
+    cp "$so/$v"/_C*.so blocksparse_attn/
+    echo "== tests $v"
+    DEVICE=cuda timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider $TESTS ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -4
+  done
 fi
 for r in $(seq 1 ${ROUNDS:-3}); do
   for v in "${names[@]}"; do

@@ -120,4 +120,6 @@ def test_device_ab_paged_times_several_new_variants_against_one_base(tree, tmp_p
     assert rounds == ["== round 1 base", "== round 1 new", "== round 1 new1"], run.stdout
     extensions = [line.split("extension: ")[1] for line in run.stdout.splitlines() if line.startswith("extension:")]
     assert [e.split("|")[0] for e in extensions] == ["-DBASE=1", "", "-DTURNS=1"], extensions
-    assert "1 passed" in run.stdout, run.stdout
+    tested = [line for line in run.stdout.splitlines() if line.startswith("== tests")]
+    assert tested == ["== tests new", "== tests new1"], run.stdout  # each variant of this tree, not the base
+    assert run.stdout.count("1 passed") == 2, run.stdout

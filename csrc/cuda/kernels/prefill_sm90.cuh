@@ -98,6 +98,15 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8 && BSA_SM90_FP8_
 #define BSA_SM90_PAGED_WALK_AFTER_ISSUE 1
 #endif
 
+// Build knob BSA_SM90_PAGED_BOX_WARPS=1: paged TMA fills issue their pages' boxes from all four producer
+// warps (box b from lane b / 4 of warp b % 4, each issuing lane expecting its own boxes' bytes)
+// instead of lanes of the first warp, whose box issues queue behind each other (the TMA instruction
+// takes uniform registers: one lane at a time) while warps 1-3 wait for it at the next unit's claim.
+// Off by default until a device session times it (experiment).
+#ifndef BSA_SM90_PAGED_BOX_WARPS
+#define BSA_SM90_PAGED_BOX_WARPS 0
+#endif
+
 // 128-key fills walk their tiles a fill ahead (kTilesAhead, below); build knob
 // BSA_SM90_TILES_AHEAD=0: at issue, for A/Bs.
 #ifndef BSA_SM90_TILES_AHEAD
@@ -149,12 +158,15 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   constexpr int kFp8Chunks = kHeadDim / 32;
   const int fp8_row = tid / 2, fp8_col0 = (tid % 2) * 16;
   static_assert(!kPagesAhead || (kSlots == 1 && !kFp8Pages), "page ids ahead: TMA pages with 64-key fills");
-  // Paged TMA fills: lane t of the first warp issues the box of rows box_row .. box_row + rows - 1 of
-  // a tile (by column block: of column block box_block); box_row >= 64: no box. A shift, not a
-  // division by the column blocks a box takes (1 or 2).
+  // Paged TMA fills: box b of a tile, rows box_row .. box_row + rows - 1 (by column block: of column
+  // block box_block), is issued by lane b of the first warp (BSA_SM90_PAGED_BOX_WARPS: lane b / 4 of
+  // warp b % 4); box_row >= 64: no box. At most 8 boxes (pages of 16 rows or more, 2 column blocks).
+  // A shift, not a division by the column blocks a box takes (1 or 2).
+  constexpr bool kBoxWarps = BSA_SM90_PAGED_BOX_WARPS;
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
-  const int box_row = tid < 32 ? (tid >> box_shift) * maps.kv_page_rows : 64;
-  const int box_block = tid & ((1 << box_shift) - 1);
+  const int box = kBoxWarps ? ((tid & 31) < 2 ? (tid >> 5) + 4 * (tid & 31) : 64) : tid;
+  const int box_row = box < 32 ? (box >> box_shift) * maps.kv_page_rows : 64;
+  const int box_block = box & ((1 << box_shift) - 1);
 
   // Fill n is published (fence for the wgmma reads, then arrive) at the top of fill n + L, BEFORE
   // the wait for free slots: publication never waits on the consumers, so a consumer never idles
@@ -352,10 +364,15 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       // sequence's end would read the next sequence's keys or unwritten cache slots, which may hold
       // anything: the last partial tile and empty slots take the zero-filling copies.
       if (tma_tile(key_tile)) {
-        if (tid < 32) {
+        // kBoxWarps: every lane with a box issues in the paged case, each expecting its own boxes'
+        // bytes first (the fill's barrier counts every producer thread's arrival, made after this, so
+        // it cannot complete between one warp's boxes and another's expectation).
+        const bool own_expect = kBoxWarps && kv.paged();
+        if (own_expect ? box_row < 64 : tid < 32) {
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
-          if (tid == 0) ptx::mbarrier_expect_tx(landed, (kKeys + kValues) * (kHeadDim / 64) * kBoxBytes);
+          if (tid == 0 && !own_expect)
+            ptx::mbarrier_expect_tx(landed, (kKeys + kValues) * (kHeadDim / 64) * kBoxBytes);
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
             if (tid == 0) {
@@ -385,6 +402,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
                                  : -1;
             const int in_page = kv.row_in_page(pos);
             const int dst = tile_dst + sm90_kv_offset(layout, box_row, box_block * 64);
+            if (own_expect) {  // kv_page_rows rows of 128-byte column blocks: kHeadDim / 64 of them, or one
+              const uint32_t box_bytes = maps.kv_page_rows * 128 * ((kHeadDim / 64) >> box_shift);
+              ptx::mbarrier_expect_tx(landed, (kKeys + kValues) * box_bytes);
+            }
             if (maps.kv_row_groups) {
               if (kKeys) ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
               if (kValues) ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
