@@ -8,7 +8,7 @@ block. Each unit is a list of fills (its key tiles, then its end record), each m
 carries cp.async copies (published L fills later) or not (published at issue), and which of its
 tiles' values come through cp.async (with the fill) or the TMA. Configurations: key slots, value
 slots (equal and released together for shared stages, main's 64-key shape; separate rings for its
-128-key shape), Q buffers, fills in flight L, turns, values behind.
+128-key shape), Q buffers, fills in flight L, turns, values behind, Q buffers freed a unit late.
 
 Values behind (BSA_SM90_VALUES_BEHIND, 128-key fills): fill n brings the values of fill n - 1's TMA
 tiles into fill n - 1's value slot; values through cp.async still come with their own fill. The
@@ -39,12 +39,15 @@ depend on the interleaving: each trial runs the processes in a random order, pre
 
 It found the Q-buffer hang fixed on 2026-11-26: with two Q buffers, units without key tiles in a
 row and Q through cp.async (`fix=False`: ~10 % of random sequences deadlock; with the fix, none).
+With Q buffers freed a unit late (deferred_q), the producer must also publish the first fill of the
+unit whose consumers free the buffer it waits for: without it 8 % (three buffers) and 29 % (two) of
+the sequences hung.
 The self-test at the end breaks the turn protocol on purpose and checks that the model notices.
 """
 import random
 
 
-def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, behind=False):
+def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, behind=False, deferred_q=False):
     """SK / SV: key / value slots; QB: Q buffers; L: fills in flight; split: a key slot is released
     after S, not with its value slot; fix: the producer publishes unit k - QB's fills before it waits
     for unit k's Q buffer (main since 2026-11-26), instead of assuming them out; turns: the consumer
@@ -53,7 +56,9 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
     or 'no end wait' (values behind: a fill writes values through cp.async, or an end record is
     issued, without waiting for its value slot), for the self-test;
     sched: a random.Random for the order the processes run in and for preemption (None: fixed order,
-    each process runs until it blocks); behind: values behind (above)."""
+    each process runs until it blocks); behind: values behind (above); deferred_q: a group frees unit
+    k's Q buffer after the wait for unit k + 1's first fill (BSA_SM90_STORE_READ_DEFERRED: the thread
+    that stored O through the TMA waits for its reads there)."""
     cnt, errors = {}, []
     preempted = [False]
     c = lambda b: cnt.get(b, 0)
@@ -108,7 +113,9 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                 return
             if k >= QB:
                 if fix:
-                    needed = st['n'] if QB == 1 else st['firsts'][k - QB + 1]  # unit k - QB's fills
+                    # unit k - QB's fills; deferred_q: and unit k - QB + 1's first, which the late
+                    # release waits for
+                    needed = st['n'] if QB == 1 else st['firsts'][k - QB + 1] + deferred_q
                 else:
                     needed = st['n'] if (QB == 1 or L > 2) else 0
                 while st['pub'] < needed:
@@ -157,6 +164,8 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
             end_turn(1)  # group 0 goes first
         for k, fills in enumerate(units + [None]):
             yield from wait(lambda: ready(('full', n % SK), n // SK + 1))
+            if deferred_q and k > 0:
+                arrive(('qempty', (k - 1) % QB), g)  # the previous unit's, freed late
             if fills is None:
                 if turns and g == 0 and mutant != 'no final sync':
                     yield from begin_turn(0)  # group 1's last hand-over
@@ -176,7 +185,8 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                     pending = n
             rv(n)  # the end record's slots
             n += 1
-            arrive(('qempty', k % QB), g)
+            if not deferred_q:
+                arrive(('qempty', k % QB), g)
 
     alive = [producer(), consumer(0), consumer(1)]
     while alive:
@@ -221,6 +231,8 @@ if __name__ == "__main__":
         "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True, False),
         "main 128-key, turns": (2, 3, 2, 2, True, True),
         "128-key, turns, values behind": (2, 3, 2, 2, True, True, True),
+        "64-key, Q freed a unit late (deferred)": (4, 4, 3, 2, False, False, False, True),
+        "64-key, 2 Q, Q freed a unit late": (4, 4, 2, 2, False, False, False, True),
         "64-key, turns (BSA_SM90_TURNS=2)": (4, 4, 2, 2, False, True),
         "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False, False),
         "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False),
@@ -231,11 +243,12 @@ if __name__ == "__main__":
     samples = [random_units(rng, rng.randint(1, 12), rng.choice([0, 0.3, 0.8]), rng.choice([0, 0.2, 1]),
                             rng.random() < 0.3) for _ in range(trials)]
     for fix in (False, True):
-        for name, (SK, SV, QB, L, split, turns, *behind) in configs.items():
+        for name, (SK, SV, QB, L, split, turns, *extra) in configs.items():
+            behind, deferred_q = (list(extra) + [False, False])[:2]
             results = {}
             for trial, units in enumerate(samples):
                 key = outcome(run(units, SK, SV, QB, L, split, fix, turns, sched=random.Random(trial),
-                                  behind=bool(behind)))
+                                  behind=behind, deferred_q=deferred_q))
                 results[key] = results.get(key, 0) + 1
             print(f"fix={fix!s:5} {name:40} {results}")
 
@@ -252,6 +265,16 @@ if __name__ == "__main__":
             assert results == {expect: 300}, f"the model misses a broken turn protocol ({mutant})"
     # ... and values behind without a fill's wait for its own value slot must overwrite values in use,
     # without an end record's, mix the groups' phases.
+    # ... and a Q buffer freed a unit late with a single Q buffer (which the kernel rules out) must hang:
+    # the next unit's Q waits for the buffer, the late release for the next unit's first fill (two
+    # units or more).
+    results = {}
+    several = [units for units in samples if len(units) >= 2][:300]
+    for trial, units in enumerate(several):
+        key = outcome(run(units, 4, 4, 1, 2, False, True, sched=random.Random(trial), deferred_q=True))
+        results[key] = results.get(key, 0) + 1
+    print(f"self-test one Q buffer, freed late  {results}")
+    assert results == {"deadlock": len(several)}, "the model misses a late Q release with one buffer"
     SK, SV, QB, L, split, turns, behind = configs["128-key, turns, values behind"]
     for mutant, error in (("no own-values wait", "overwrite"), ("no end wait", "phase mix")):
         results = {}

@@ -107,6 +107,15 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8 && BSA_SM90_FP8_
 #define BSA_SM90_PAGED_BOX_WARPS 0
 #endif
 
+// Build knob BSA_SM90_STORE_READ_DEFERRED=1: the thread that stores a group's staged O through the TMA
+// waits for the TMA's reads of it (and frees the Q buffer) once the next unit's first fill has
+// landed, not right after the store, so its warp does not hold the group's next products back (two
+// or more Q buffers: with one, the next unit's Q waits for that buffer; 64-key fills). Off by default
+// until a device session times it (experiment).
+#ifndef BSA_SM90_STORE_READ_DEFERRED
+#define BSA_SM90_STORE_READ_DEFERRED 0
+#endif
+
 // 128-key fills walk their tiles a fill ahead (kTilesAhead, below); build knob
 // BSA_SM90_TILES_AHEAD=0: at issue, for A/Bs.
 #ifndef BSA_SM90_TILES_AHEAD
@@ -120,6 +129,15 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8 && BSA_SM90_FP8_
 #ifndef BSA_SM90_VALUES_BEHIND
 #define BSA_SM90_VALUES_BEHIND 0
 #endif
+
+// BSA_SM90_STORE_READ_DEFERRED where it applies: two or more Q buffers, 64-key fills (the 128-key
+// kernel spilled 4 B more with it). The producer then also publishes the first fill of the unit
+// whose consumers free the Q buffer it waits for (scripts/sm90_protocol_model.py found the hang
+// without that: the late release waits for that fill).
+template <typename Tiling>
+constexpr bool sm90_store_read_deferred() {
+  return BSA_SM90_STORE_READ_DEFERRED && Tiling::kQBuffers >= 2 && Tiling::kTilesPerStage == 1;
+}
 
 // What a whole tile brings through the TMA in one fill (sm90_producer's load_kv): its keys, its
 // values or both.
@@ -274,10 +292,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // be published first: with one buffer that is every fill so far; with B > 1, the fills before
     // unit k - B + 1's first. Those are normally out already (L fills back), but not when unit k - 1
     // has fewer than L fills and unit k - 2's last one carries cp.async copies (units without
-    // key tiles, Q through cp.async), so the wait below would never end.
+    // key tiles, Q through cp.async), so the wait below would never end. With the store's reads
+    // waited for late (sm90_store_read_deferred), unit k - B + 1's first fill too.
     const int buf = k % Tiling::kQBuffers;
     if (k >= Tiling::kQBuffers) {
-      const int needed = Tiling::kQBuffers == 1 ? n : Tiling::kQBuffers == 2 ? first_fill_back1 : first_fill_back2;
+      const int needed = Tiling::kQBuffers == 1 ? n
+                         : (Tiling::kQBuffers == 2 ? first_fill_back1 : first_fill_back2) +
+                               sm90_store_read_deferred<Tiling>();
       if (next_publish < needed) {
         ptx::cp_async_wait<0>();
         while (next_publish < needed) publish(next_publish++);
@@ -721,9 +742,17 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   };
   if (group == 1) end_turn();
 
+  // kDeferStoreRead: the Q buffer whose staged O thread 0 stored last and has not freed yet (-1: none).
+  constexpr bool kDeferStoreRead = sm90_store_read_deferred<Tiling>();
+  int stored_buf = -1;
   int n = 0;
   for (int k = 0;; ++k) {
     StageInfo info = read_record(wait_fill(n));  // the unit's first fill, which also brought its Q
+    if (kDeferStoreRead && stored_buf >= 0) {
+      ptx::bulk_wait_group_read<0>();
+      ptx::mbarrier_arrive(&shared.q_empty[stored_buf]);
+      stored_buf = -1;
+    }
     if (info.unit < 0) {
       if (group == 0) begin_turn();
       if (t == 0) ptx::bulk_wait_group<0>();  // the group's last TMA stores of O have landed
@@ -927,6 +956,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         for (int block = 0; block < kHeadDim / 64; ++block)
           ptx::tma_store_3d(&maps.out, s_q + block * 64 * 128, block * 64, it.head, token);
         ptx::bulk_commit_group();
+        if constexpr (kDeferStoreRead) {
+          stored_buf = buf;  // waited for and freed after the next unit's first fill
+          continue;
+        }
         ptx::bulk_wait_group_read<0>();
       }
       ptx::mbarrier_arrive(&shared.q_empty[buf]);
