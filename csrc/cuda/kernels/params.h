@@ -105,7 +105,7 @@ struct PagedRows {
   // Calls visit(u, offset, reads) for each row u in order: its element offset for column col of kv
   // head kv_head (head_size: a page row's elements), and whether it reads at all. A row past rows_end
   // or in a page whose id lies outside [0, NB) reads zeros and never touches memory (its offset lies
-  // in page 0). Row by row, so a copy can issue each row as it comes (decode's 16 rows a lane).
+  // in page 0). Row by row, so a copy issues each row as soon as its offset is known.
   template <typename Visit>
   BSA_HOST_DEVICE void for_each_row(const KeyValueSource& kv, int kv_head, int pos0, int row0, int col, int head_size,
                                     Visit visit) const {
