@@ -135,9 +135,8 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8 && BSA_SM90_FP8_
 // whose consumers free the Q buffer it waits for (scripts/sm90_protocol_model.py found the hang
 // without that: the late release waits for that fill).
 template <typename Tiling>
-constexpr bool sm90_store_read_deferred() {
-  return BSA_SM90_STORE_READ_DEFERRED && Tiling::kQBuffers >= 2 && Tiling::kTilesPerStage == 1;
-}
+constexpr bool kSm90StoreReadDeferred =
+    BSA_SM90_STORE_READ_DEFERRED && Tiling::kQBuffers >= 2 && Tiling::kTilesPerStage == 1;
 
 // What a whole tile brings through the TMA in one fill (sm90_producer's load_kv): its keys, its
 // values or both.
@@ -293,12 +292,12 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // unit k - B + 1's first. Those are normally out already (L fills back), but not when unit k - 1
     // has fewer than L fills and unit k - 2's last one carries cp.async copies (units without
     // key tiles, Q through cp.async), so the wait below would never end. With the store's reads
-    // waited for late (sm90_store_read_deferred), unit k - B + 1's first fill too.
+    // waited for late (kSm90StoreReadDeferred), unit k - B + 1's first fill too.
     const int buf = k % Tiling::kQBuffers;
     if (k >= Tiling::kQBuffers) {
       const int needed = Tiling::kQBuffers == 1 ? n
                          : (Tiling::kQBuffers == 2 ? first_fill_back1 : first_fill_back2) +
-                               sm90_store_read_deferred<Tiling>();
+                               kSm90StoreReadDeferred<Tiling>;
       if (next_publish < needed) {
         ptx::cp_async_wait<0>();
         while (next_publish < needed) publish(next_publish++);
@@ -743,7 +742,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   if (group == 1) end_turn();
 
   // kDeferStoreRead: the Q buffer whose staged O thread 0 stored last and has not freed yet (-1: none).
-  constexpr bool kDeferStoreRead = sm90_store_read_deferred<Tiling>();
+  constexpr bool kDeferStoreRead = kSm90StoreReadDeferred<Tiling>;
   int stored_buf = -1;
   int n = 0;
   for (int k = 0;; ++k) {
