@@ -233,6 +233,7 @@ if __name__ == "__main__":
         "128-key, turns, values behind": (2, 3, 2, 2, True, True, True),
         "64-key, Q freed a unit late (deferred)": (4, 4, 3, 2, False, False, False, True),
         "64-key, 2 Q, Q freed a unit late": (4, 4, 2, 2, False, False, False, True),
+        "64-key, turns, Q freed a unit late": (4, 4, 3, 2, False, True, False, True),
         "64-key, turns (BSA_SM90_TURNS=2)": (4, 4, 2, 2, False, True),
         "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False, False),
         "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False),
