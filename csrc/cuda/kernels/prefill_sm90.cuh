@@ -116,6 +116,15 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8 && BSA_SM90_FP8_
 #define BSA_SM90_STORE_READ_DEFERRED 0
 #endif
 
+// Build knob BSA_SM90_END_HINT=1: a consumer of a unit with packed heads (short prompts) reads the
+// record of the fill it expects to be the unit's end record before issuing that fill's products, and
+// issues only the last P.V there instead of an S on stale keys whose scores it drops (at S = 128 one
+// S product in 2.5). A hint only: the record decides. Off by default until a device session times it
+// (experiment).
+#ifndef BSA_SM90_END_HINT
+#define BSA_SM90_END_HINT 0
+#endif
+
 // 128-key fills walk their tiles a fill ahead (kTilesAhead, below); build knob
 // BSA_SM90_TILES_AHEAD=0: at issue, for A/Bs.
 #ifndef BSA_SM90_TILES_AHEAD
@@ -741,6 +750,8 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   };
   if (group == 1) end_turn();
 
+  // kEndHint (BSA_SM90_END_HINT, 64-key fills): see the fill loop below.
+  constexpr bool kEndHint = BSA_SM90_END_HINT && kSlots == 1;
   // kDeferStoreRead: the Q buffer whose staged O thread 0 stored last and has not freed yet (-1: none).
   constexpr bool kDeferStoreRead = kSm90StoreReadDeferred<Tiling>;
   int stored_buf = -1;
@@ -864,6 +875,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // Every tile of the list goes through both groups (one a group does not see is fully masked):
     // skipping it would put the wgmma issue in data-dependent branches, where ptxas serialises
     // them.
+    // BSA_SM90_END_HINT: with packed heads every causal key tile up to the unit's last query is one
+    // of its fills, so its end record is expected that many fills after its first.
+    const int expected_end =
+        kEndHint && sm90_pack_shift<Tiling>(params) > 0 ? n + ((it.valid_end - 1) >> 6) + 1 : -1;
     if (!info.end) {
       {
         float s[kSRegs], row_alpha[2];
@@ -880,13 +895,28 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
       while (true) {
         // Both products are issued before the fill's record is read (its load and broadcast
         // would delay them): an end record's key slot holds stale keys, whose scores are dropped.
+        // kEndHint: the fill expected to be the end record has its record read first, and if it
+        // is one, only the last P.V is issued.
         const Sm90Fill fill = wait_fill(++n);
         float s[kSRegs], row_alpha[2];
+        if (kEndHint && n == expected_end) {
+          info = read_record(fill);
+          if (info.end) {
+            begin_turn();
+            issue_pv(pending);
+            end_turn();
+            release_key(fill);
+            ptx::wgmma_wait<0>();
+            ptx::fence_registers(acc_o);
+            release_value(pending);
+            break;
+          }
+        }
         begin_turn();
         issue_s(s, fill);
         issue_pv(pending);
         end_turn();
-        info = read_record(fill);
+        if (!kEndHint || n != expected_end) info = read_record(fill);
         ptx::wgmma_wait<1>();  // S is done; P.V may still run
         ptx::fence_registers(s);
         release_key(fill);
