@@ -56,10 +56,19 @@ struct KeyValueSource {
   // of two (an integer division by a run-time divisor is ~20 instructions, paid per row by the
   // prefill producers' page lookups).
   BSA_HOST_DEVICE int page_index(int pos) const {
-    return kv_block_shift >= 0 ? pos >> kv_block_shift : pos / kv_block_size;
+    return kv_block_shift >= 0 ? page_index_as<true>(pos) : page_index_as<false>(pos);
   }
   BSA_HOST_DEVICE int row_in_page(int pos) const {
-    return kv_block_shift >= 0 ? pos & (kv_block_size - 1) : pos % kv_block_size;
+    return kv_block_shift >= 0 ? row_in_page_as<true>(pos) : row_in_page_as<false>(pos);
+  }
+  // The same with kPowerOfTwo (kv_block_shift >= 0) known, for a caller that tests it once for many rows.
+  template <bool kPowerOfTwo>
+  BSA_HOST_DEVICE int page_index_as(int pos) const {
+    return kPowerOfTwo ? pos >> kv_block_shift : pos / kv_block_size;
+  }
+  template <bool kPowerOfTwo>
+  BSA_HOST_DEVICE int row_in_page_as(int pos) const {
+    return kPowerOfTwo ? pos & (kv_block_size - 1) : pos % kv_block_size;
   }
   // Element offset of kv head kv_head's first row in cache block `page`.
   BSA_HOST_DEVICE int64_t page_offset(int page, int kv_head) const {
@@ -87,11 +96,9 @@ struct PagedRows {
     const int first = pos0 + row0;
     int index[kRows];
     if (kv.kv_block_shift >= 0) {  // one test for all rows (page_index tests per call)
-#pragma unroll
-      for (int u = 0; u < kRows; ++u) index[u] = (first + u * kRowStep) >> kv.kv_block_shift;
+      page_indices<true>(kv, first, index);
     } else {
-#pragma unroll
-      for (int u = 0; u < kRows; ++u) index[u] = (first + u * kRowStep) / kv.kv_block_size;
+      page_indices<false>(kv, first, index);
     }
     starts = 1;
     const int live_rows = first < rows_end ? (rows_end - first + kRowStep - 1) / kRowStep : 0;
@@ -117,6 +124,11 @@ struct PagedRows {
   }
 
  private:
+  template <bool kPowerOfTwo>
+  BSA_HOST_DEVICE static void page_indices(const KeyValueSource& kv, int first, int (&index)[kRows]) {
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) index[u] = kv.page_index_as<kPowerOfTwo>(first + u * kRowStep);
+  }
   template <bool kPowerOfTwo, typename Visit>
   BSA_HOST_DEVICE void rows_in_pages(const KeyValueSource& kv, int kv_head, int first, int col, int head_size,
                                      Visit& visit) const {
@@ -125,7 +137,7 @@ struct PagedRows {
     for (int u = 0; u < kRows; ++u) {
       if (starts >> u & 1) id = page[u];
       const int pos = first + u * kRowStep;
-      const int in_page = kPowerOfTwo ? pos & (kv.kv_block_size - 1) : pos % kv.kv_block_size;
+      const int in_page = kv.row_in_page_as<kPowerOfTwo>(pos);
       const bool valid = id >= 0 && id < kv.num_cache_blocks;
       // A row that reads nothing gets page 0's address: no branch, and no address outside the cache.
       visit(u, kv.page_offset(valid ? id : 0, kv_head) + (in_page * head_size + col), valid);
