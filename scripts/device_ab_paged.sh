@@ -3,11 +3,12 @@
 # `mkdir -p ab/main && git archive main | tar -x -C ab/main` here first: untracked plain files travel)
 # against this tree's, each benchmark in a fresh process, ROUNDS alternated rounds of
 # bench_paged_prefill.py (BENCH_ARGS), this tree's TESTS (-k TEST_K) first, on each variant of this
-# tree. The benchmark always runs this tree's Python package with the variant's extension. BASE_NVCC_FLAGS / NEW_NVCC_FLAGS build
-# either with extra NVCC flags (e.g. NEW_NVCC_FLAGS=-DBSA_SM90_STAGES=5 with BASE_DIR=. compares a
-# build knob on one tree: the base is built in a copy); NEW_NVCC_FLAGS of several lines builds one
-# variant a line (new, new1, new2, ...). Every build has BSA_HEAD_DIMS=$BASE_HEAD_DIMS (default 128),
-# so TESTS of other head sizes fail as "not compiled". Logs in $OUT (default ./out).
+# tree. The benchmark always runs this tree's Python package with the variant's extension.
+# BASE_NVCC_FLAGS / NEW_NVCC_FLAGS build either with extra NVCC flags (e.g.
+# NEW_NVCC_FLAGS=-DBSA_SM90_STAGES=5 with BASE_DIR=. compares a build knob on one tree: the base is
+# built in a copy); NEW_NVCC_FLAGS of several lines builds one variant a line (new, new1, new2, ...).
+# Every build has BSA_HEAD_DIMS=$BASE_HEAD_DIMS (default 128), so TESTS of other head sizes fail as
+# "not compiled". Logs in $OUT (default ./out).
 #   BASE_DIR=ab/main TESTS="tests/test_prefill_kernels.py tests/test_fp8_cache.py" TEST_K="fp8 or bad_page" \
 #     bash scripts/device_ab_paged.sh
 set -uo pipefail

@@ -264,8 +264,6 @@ if __name__ == "__main__":
                 results[key] = results.get(key, 0) + 1
             print(f"self-test {mutant:14} {name:40} {results}")
             assert results == {expect: 300}, f"the model misses a broken turn protocol ({mutant})"
-    # ... and values behind without a fill's wait for its own value slot must overwrite values in use,
-    # without an end record's, mix the groups' phases.
     # ... and a Q buffer freed a unit late with a single Q buffer (which the kernel rules out) must hang:
     # the next unit's Q waits for the buffer, the late release for the next unit's first fill (two
     # units or more).
@@ -276,6 +274,8 @@ if __name__ == "__main__":
         results[key] = results.get(key, 0) + 1
     print(f"self-test one Q buffer, freed late  {results}")
     assert results == {"deadlock": len(several)}, "the model misses a late Q release with one buffer"
+    # ... and values behind without a fill's wait for its own value slot must overwrite values in use,
+    # without an end record's, mix the groups' phases.
     SK, SV, QB, L, split, turns, behind = configs["128-key, turns, values behind"]
     for mutant, error in (("no own-values wait", "overwrite"), ("no end wait", "phase mix")):
         results = {}

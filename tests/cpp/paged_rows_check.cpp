@@ -57,13 +57,14 @@ bool check_case(int kv_block_size, bool head_major_pages) {
   int64_t offset[kRows];
   bool valid[kRows];
   int visits = 0;
+  bool in_order = true;
   rows.for_each_row(kv, kv_head, pos0, row0, col, head_size, [&](int u, int64_t row_offset, bool reads) {
-    if (u != visits++) std::printf("PagedRows<%d, %d>: row %d visited out of order\n", kRows, kRowStep, u);
+    in_order = in_order && u == visits++;
     offset[u] = row_offset;
     valid[u] = reads;
   });
-  if (visits != kRows) {
-    std::printf("PagedRows<%d, %d>: %d rows visited\n", kRows, kRowStep, visits);
+  if (visits != kRows || !in_order) {
+    std::printf("PagedRows<%d, %d>: %d rows visited, in order: %d\n", kRows, kRowStep, visits, in_order);
     return false;
   }
 
