@@ -95,13 +95,19 @@ def _inputs(case, dtype, lengths, gen):
     return pattern, keys, values
 
 
+@pytest.mark.parametrize("paged_path", ["direct", "gather"])
 @pytest.mark.parametrize("how", ["poison", "reuse"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=[DTYPE_IDS[t] for t in DTYPES])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_chunked_prefill_and_decodes_after_release(device, case, dtype, how, gen):
+def test_chunked_prefill_and_decodes_after_release(device, case, dtype, how, paged_path, gen, monkeypatch):
     """One paged_prefill over a batch of whole prompts, chunks with context and single-token rows (decodes
-    batched into the prefill), every page the rule releases at each sequence's first new position gone."""
+    batched into the prefill), every page the rule releases at each sequence's first new position gone;
+    on CUDA also with the K/V gathered into contiguous tensors first (BSA_PAGED_PREFILL=gather: released
+    pages' ids are -1 and read as zeros there, never used)."""
     skip_unsupported(device, dtype)
+    if paged_path == "gather" and device != "cuda":
+        pytest.skip("BSA_PAGED_PREFILL is a CUDA setting (the CPU kernel gathers every sequence anyway)")
+    monkeypatch.setenv("BSA_PAGED_PREFILL", paged_path)
     mode, hq, hkv, d, b, local, vert, kvbs = case
     u = b // 16  # lengths in units of 16-token sparse blocks, so 64-blocks reach past the band too
     contexts_and_new = [(0, 37 * u), (257 * u, 100 * u), (511 * u, 1), (40 * u + 3, 67 * u), (700 * u, 1)]

@@ -41,6 +41,14 @@ def kernel(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=("direct", "gather"))
+def paged_path(request, monkeypatch):
+    """How a paged prefill reads the cache (BSA_PAGED_PREFILL): its pages, or K/V gathered into
+    contiguous tensors first (caches in the model's dtype; fp8 caches read their pages either way)."""
+    monkeypatch.setenv("BSA_PAGED_PREFILL", request.param)
+    return request.param
+
+
 def tile_edge_lengths(block_size: int) -> list[tuple[int, int]]:
     """(q_len, k_len) pairs around the 64- and 128-row tile edges and the sparse block edges."""
     b = block_size
@@ -118,7 +126,7 @@ def test_varlen_explicit_layout(kernel, block_size, diagonal, gen):
 
 @pytest.mark.parametrize("kv_block_size", (8, 16, 32, 64, 128), ids=lambda x: f"kvbs{x}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=("fp16", "bf16"))
-def test_paged_chunked(kernel, dtype, kv_block_size, gen):
+def test_paged_chunked(kernel, paged_path, dtype, kv_block_size, gen):
     """Chunked prefill: new tokens at positions context_len.. read the context from a shuffled paged
     cache whose unowned slots are NaN (the Hopper kernel's whole 64-key tiles through the TMA, one box
     per page, for pages of 16 rows or more; the rest through cp.async)."""
@@ -143,7 +151,7 @@ def test_paged_chunked_fp8(kernel, kv_block_size, head_dim, fp8, gen):
 
 @pytest.mark.parametrize("cache_dtype", (torch.bfloat16, torch.float8_e4m3fn), ids=("bf16", "e4m3"))
 @pytest.mark.parametrize("kv_block_size", (16, 64), ids=lambda x: f"kvbs{x}")
-def test_paged_bad_page_ids_read_zeros(kernel, kv_block_size, cache_dtype, gen):
+def test_paged_bad_page_ids_read_zeros(kernel, paged_path, kv_block_size, cache_dtype, gen):
     """Without BSA_CHECK_INPUTS the GPU does not validate block ids; one outside [0, NB) must read as
     zero keys and values (never memory out of bounds), in whole tiles (the TMA's boxes) and in the last
     partial one (cp.async or registers) alike, from a bf16 cache and an fp8 one (scale 1)."""
@@ -169,7 +177,8 @@ def test_paged_bad_page_ids_read_zeros(kernel, kv_block_size, cache_dtype, gen):
     torch.ops.blocksparse_attn.paged_prefill(out, q.cuda(), key_cache, value_cache, tables, cu_seqlens([n], "cuda"),
                                              torch.tensor([n], dtype=torch.int32, device="cuda"), d ** -0.5,
                                              *pattern.op_args(), None, None, None)
-    assert_close_to_ref(out, ref, torch.bfloat16, f"{kernel} {cache_dtype} kvbs={kv_block_size} bad pages {bad}")
+    assert_close_to_ref(out, ref, torch.bfloat16,
+                        f"{kernel} {paged_path} {cache_dtype} kvbs={kv_block_size} bad pages {bad}")
 
 
 @pytest.mark.parametrize("order", ("tile", "kv_head"))

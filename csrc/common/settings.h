@@ -21,6 +21,7 @@ enum class PrefillKernelChoice { kAuto, kSm80, kSm90 };
 enum class UnitOrderChoice { kAuto, kTile, kKvHead };
 enum class PackGqaChoice { kAuto, kOff, kOn };
 enum class DecodeMergeChoice { kAuto, kKernel, kCluster };
+enum class PagedPrefillChoice { kDirect, kGather };
 
 struct Settings {
   bool check_inputs = false;  // BSA_CHECK_INPUTS=0|1: value checks on CUDA calls (a device->host copy)
@@ -32,13 +33,17 @@ struct Settings {
   int sm90_grid = 0;          // BSA_SM90_GRID=auto|n: the Hopper kernel's persistent CTAs (0 = one per SM)
   bool sm90_tma = true;       // BSA_SM90_TMA=0|1: the Hopper kernel's loads through the TMA where possible
   int sm90_stage_keys = 0;    // BSA_SM90_STAGE_KEYS=auto|64|128: its K/V fill shape (0 = auto)
+  // BSA_PAGED_PREFILL=direct|gather: a CUDA paged prefill reads the pages (direct), or copies the
+  // sequences' keys and values into contiguous tensors first and runs the contiguous path (gather;
+  // caches in the model's dtype, an experiment until a device session times it).
+  PagedPrefillChoice paged_prefill = PagedPrefillChoice::kDirect;
 };
 
 namespace detail {
 // The run-time knobs' raw values ("" when unset), from one pass over the environment.
 struct RawSettings {
   std::string_view check_inputs, decode_splits, decode_merge, prefill_kernel, unit_order, pack_gqa, sm90_grid, sm90_tma,
-      sm90_stage_keys;
+      sm90_stage_keys, paged_prefill;
 };
 
 inline RawSettings raw_settings() {
@@ -49,7 +54,7 @@ inline RawSettings raw_settings() {
       {"BSA_PREFILL_KERNEL", &RawSettings::prefill_kernel}, {"BSA_PREFILL_UNIT_ORDER", &RawSettings::unit_order},
       {"BSA_PREFILL_PACK_GQA", &RawSettings::pack_gqa},
       {"BSA_SM90_GRID", &RawSettings::sm90_grid},         {"BSA_SM90_TMA", &RawSettings::sm90_tma},
-      {"BSA_SM90_STAGE_KEYS", &RawSettings::sm90_stage_keys}};
+      {"BSA_SM90_STAGE_KEYS", &RawSettings::sm90_stage_keys}, {"BSA_PAGED_PREFILL", &RawSettings::paged_prefill}};
   for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
     if (std::strncmp(*entry, "BSA_", 4) != 0) continue;
     const std::string_view text(*entry);
@@ -111,6 +116,11 @@ inline Settings read_settings() {
   if (pack == "0" || pack == "1") s.pack_gqa = pack == "1" ? PackGqaChoice::kOn : PackGqaChoice::kOff;
   else BSA_CHECK(pack.empty() || pack == "auto", "BSA_PREFILL_PACK_GQA must be auto, 0 or 1, got '", std::string(pack),
                  "'");
+
+  const std::string_view paged = raw.paged_prefill;
+  if (paged == "gather") s.paged_prefill = PagedPrefillChoice::kGather;
+  else BSA_CHECK(paged.empty() || paged == "direct", "BSA_PAGED_PREFILL must be direct or gather, got '",
+                 std::string(paged), "'");
 
   const std::string_view keys = raw.sm90_stage_keys;
   if (keys == "64" || keys == "128") s.sm90_stage_keys = keys == "64" ? 64 : 128;

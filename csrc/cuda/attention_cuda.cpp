@@ -22,6 +22,7 @@
 #include "common/attention_args.h"
 #include "common/settings.h"
 #include "cuda/dispatch.h"
+#include "cuda/kv_cache_launch.h"
 
 namespace blocksparse_attn {
 
@@ -174,7 +175,7 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
   PlanParams plan{};
   plan.cu_seqlens_q = params.cu_seqlens_q;
   plan.cu_seqlens_k = params.kv.cu_seqlens_k;
-  plan.seq_lens = params.kv.paged() ? params.kv.seq_lens : nullptr;
+  plan.seq_lens = params.kv.seq_lens;  // paged, or gathered (BSA_PAGED_PREFILL=gather); null: cu_seqlens_k
   plan.num_seqs = params.num_seqs;
   plan.block_m = block_m;
   plan.items = reinterpret_cast<PlanItem*>(ws);
@@ -347,7 +348,40 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
   PrefillParams params = query_params(out, q, args, scale, lse);
   params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale);
-  run_prefill(params, q, key_cache.scalar_type(), settings);
+  // BSA_PAGED_PREFILL=gather (caches in the model's dtype): the sequences' keys and values are copied
+  // into contiguous tensors first, sequence s's at rows s * capacity ..., capacity the block table's
+  // width times kvbs (known on the host: no device-to-host copy of seq_lens), and the prefill runs the
+  // contiguous path over them. The tensors live until the stream has used them (stream-ordered frees).
+  at::Tensor gathered_k, gathered_v, gathered_starts;
+  const int64_t capacity = block_tables.size(-1) * key_cache.size(2);
+  if (settings.paged_prefill == PagedPrefillChoice::kGather && !is_fp8(key_cache.scalar_type()) &&
+      args.shape.num_seqs * capacity <= INT_MAX) {
+    const int64_t num_seqs = args.shape.num_seqs, rows = num_seqs * capacity;
+    gathered_k = at::empty({rows, params.num_kv_heads, params.head_size}, q.options());
+    gathered_v = at::empty_like(gathered_k);
+    GatherParams gather{};
+    gather.kv = params.kv;
+    gather.key_out = gathered_k.data_ptr();
+    gather.value_out = gathered_v.data_ptr();
+    gather.capacity = static_cast<int>(capacity);
+    gather.num_kv_heads = params.num_kv_heads;
+    gather.head_size = params.head_size;
+    gather.chunks_per_token = FastDivisor(params.num_kv_heads * params.head_size / 8);
+    gather.chunks_per_row = FastDivisor(params.head_size / 8);
+    launch_gather_paged_kv(gather, static_cast<int>(num_seqs), at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gathered_starts = at::arange(0, rows + 1, capacity, seq_lens.options());
+    KeyValueSource kv{};
+    kv.key = gathered_k.data_ptr();
+    kv.value = gathered_v.data_ptr();
+    kv.row_stride = gathered_k.stride(0);
+    kv.head_stride = gathered_k.stride(1);
+    kv.num_rows = rows;
+    kv.cu_seqlens_k = gathered_starts.data_ptr<int32_t>();
+    kv.seq_lens = params.kv.seq_lens;  // each sequence's length (its rows start at cu_seqlens_k)
+    params.kv = kv;
+  }
+  run_prefill(params, q, params.kv.paged() ? key_cache.scalar_type() : q.scalar_type(), settings);
 }
 
 // How many CTAs share one sequence's key blocks. Host-known integers only (batch size, kv heads,

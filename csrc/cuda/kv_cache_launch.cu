@@ -2,6 +2,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/kernels/kv_cache.cuh"
+#include "cuda/kernels/kv_gather.cuh"
 #include "cuda/kv_cache_launch.h"
 
 namespace blocksparse_attn {
@@ -56,6 +57,13 @@ void launch_write_kv_cache_fp8(const void* key, const void* value, void* key_cac
     case KvInput::kHalf: return launch(__half{});
     case KvInput::kBFloat16: return launch(__nv_bfloat16{});
   }
+}
+
+void launch_gather_paged_kv(const GatherParams& params, int num_seqs, cudaStream_t stream) {
+  if (num_seqs == 0 || params.capacity == 0) return;
+  const dim3 grid(static_cast<unsigned>((params.capacity + kGatherTokens - 1) / kGatherTokens),
+                  static_cast<unsigned>(num_seqs));
+  gather_paged_kv_kernel<<<grid, kGatherThreads, 0, stream>>>(params);
 }
 
 void launch_copy_blocks(const int64_t* cache_ptrs, const int64_t* mapping, int64_t num_pairs, int num_layers,

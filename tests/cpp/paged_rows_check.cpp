@@ -5,8 +5,9 @@
 // reads, its element offset where it reads, an offset inside the cache where it does not; per tile:
 // one table read per page the live rows touch. The table is sized to the entries the live rows
 // address (built with AddressSanitizer where the compiler has it, a read past them fails).
-// Built and run by tests/test_cpp_checks.py; prints the first mismatch and exits 1, else the number of
-// checks.
+// Also GatherParams::chunk_offsets, the gather of BSA_PAGED_PREFILL=gather: every chunk of every live
+// token once, at its row, from its page. Built and run by tests/test_cpp_checks.py; prints the first
+// mismatch and exits 1, else the number of checks.
 #include <cstdint>
 #include <cstdio>
 #include <random>
@@ -16,6 +17,7 @@
 #include "cuda/kernels/params.h"
 
 using blocksparse_attn::KeyValueSource;
+using blocksparse_attn::GatherParams;
 using blocksparse_attn::PagedRows;
 
 namespace {
@@ -112,6 +114,61 @@ bool check_shape() {
   return true;
 }
 
+// GatherParams::chunk_offsets (BSA_PAGED_PREFILL=gather) against the table: every chunk of every
+// token below its sequence's length lands once, at row s * capacity + t, read from its page (or
+// zeros for a bad id), for both cache layouts.
+bool check_gather(bool head_major_pages) {
+  const int kv_block_size = std::vector<int>{1, 8, 16, 48, 64, 256}[uniform(0, 5)];
+  const int head_size = 8 * uniform(1, 32), num_kv_heads = uniform(1, 4), num_blocks = uniform(1, 60);
+  const int num_seqs = uniform(1, 4), width = uniform(1, 6), capacity = width * kv_block_size;
+  KeyValueSource kv{};
+  kv.kv_block_size = kv_block_size;
+  kv.kv_block_shift = (kv_block_size & (kv_block_size - 1)) == 0 ? __builtin_ctz(kv_block_size) : -1;
+  kv.num_cache_blocks = num_blocks;
+  kv.cache_head_stride = head_major_pages ? 0 : int64_t{kv_block_size} * head_size;
+  kv.cache_block_stride = int64_t{kv_block_size} * head_size * (head_major_pages ? 1 : num_kv_heads);
+  const int rows_per_seq = head_major_pages ? num_kv_heads : 1;  // table rows of a sequence
+  std::vector<int32_t> tables(static_cast<size_t>(num_seqs) * rows_per_seq * width), lens(num_seqs);
+  for (int32_t& id : tables) id = uniform(0, 9) == 0 ? num_blocks + uniform(0, 2) : uniform(0, num_blocks - 1);
+  for (int32_t& len : lens) len = uniform(0, capacity);
+  kv.block_tables = tables.data();
+  kv.block_table_stride = int64_t{rows_per_seq} * width;
+  kv.block_table_head_stride = head_major_pages ? width : 0;
+  kv.block_table_width = width;
+  kv.seq_lens = lens.data();
+  GatherParams g{};
+  g.kv = kv;
+  g.capacity = capacity;
+  g.num_kv_heads = num_kv_heads;
+  g.head_size = head_size;
+  g.chunks_per_token = blocksparse_attn::FastDivisor(num_kv_heads * head_size / 8);
+  g.chunks_per_row = blocksparse_attn::FastDivisor(head_size / 8);
+  std::vector<char> written(static_cast<size_t>(num_seqs) * capacity * num_kv_heads * head_size / 8, 0);
+  for (int seq = 0; seq < num_seqs; ++seq)
+    for (int t = 0; t < lens[seq]; ++t)
+      for (int c = 0; c < num_kv_heads * head_size / 8; ++c) {
+        ++checks;
+        int64_t src = 0, dst = 0;
+        bool valid = false;
+        g.chunk_offsets(seq, t, c, src, dst, valid);
+        const int head = c / (head_size / 8), col = c % (head_size / 8) * 8;
+        const int id = tables[(static_cast<size_t>(seq) * rows_per_seq + (head_major_pages ? head : 0)) * width +
+                              t / kv_block_size];
+        const bool want_valid = id >= 0 && id < num_blocks;
+        const int64_t want_src = int64_t{id} * kv.cache_block_stride + head * kv.cache_head_stride +
+                                 int64_t{t % kv_block_size} * head_size + col;
+        const int64_t want_dst = ((int64_t{seq} * capacity + t) * num_kv_heads + head) * head_size + col;
+        if (valid != want_valid || (valid && src != want_src) || dst != want_dst || dst % 8 != 0 ||
+            written[dst / 8]++ != 0) {
+          std::printf("gather: kvbs %d, seq %d, token %d, chunk %d: valid %d src %lld dst %lld (want %d, %lld, %lld)\n",
+                      kv_block_size, seq, t, c, valid, static_cast<long long>(src), static_cast<long long>(dst),
+                      want_valid, static_cast<long long>(want_src), static_cast<long long>(want_dst));
+          return false;
+        }
+      }
+  return true;
+}
+
 }  // namespace
 
 int main() {
@@ -122,6 +179,8 @@ int main() {
                   check_shape<4, 16>() && check_shape<16, 4>() && check_shape<8, 2>() && check_shape<4, 4>() &&
                   check_shape<16, 1>();
   if (!ok) return 1;
+  for (int i = 0; i < 400; ++i)
+    if (!check_gather(i % 2 == 1)) return 1;
   std::printf("%lld checks\n", static_cast<long long>(checks));
   return 0;
 }

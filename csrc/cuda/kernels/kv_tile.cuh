@@ -93,18 +93,6 @@ __device__ __forceinline__ void convert_fp8_tile(const unsigned char* src, void*
   }
 }
 
-// Element offset of column col of key position pos (of sequence seq, kv head kv_head) in a paged cache
-// (either layout); clears `valid` where the row reads zeros instead: past k_len, or a page id out
-// of range (a bad id never reaches memory).
-__device__ __forceinline__ int64_t paged_row_offset(const KeyValueSource& kv, int seq, int kv_head, int pos, int k_len,
-                                                    int col, int head_size, bool& valid) {
-  valid = valid && pos < k_len;
-  if (!valid) return 0;
-  const int page = kv.table_row(seq, kv_head)[kv.page_index(pos)];
-  valid = page >= 0 && page < kv.num_cache_blocks;
-  return kv.page_offset(page, kv_head) + static_cast<int64_t>(kv.row_in_page(pos)) * head_size + col;
-}
-
 // Copies a paged tile's rows whose pages `rows` holds (looked up for the same pos0, row0 and
 // kRowStep; a row without a page reads zeros) into shared memory with 16-byte cp.async, as
 // copy_kv_rows below does.
@@ -177,7 +165,7 @@ __device__ __forceinline__ void copy_kv_rows(const KeyValueSource& kv, int seq, 
   for (int u = 0; u < kCopies; ++u) {
     const int row = row0 + u * kRowStep;
     bool valid = col_valid;
-    const int64_t offset = paged_row_offset(kv, seq, kv_head, pos0 + row, k_len, col, head_size, valid);
+    const int64_t offset = kv.paged_row_offset(seq, kv_head, pos0 + row, k_len, col, head_size, valid);
     ptx::cp_async_16(to_k + dst_offset(row, col), valid ? key + offset : key, valid);
     ptx::cp_async_16(to_v + value_offset(row, col), valid ? value + offset : value, valid);
   }

@@ -74,6 +74,17 @@ struct KeyValueSource {
   BSA_HOST_DEVICE int64_t page_offset(int page, int kv_head) const {
     return page * cache_block_stride + kv_head * cache_head_stride;
   }
+  // Element offset of column col of key position pos (of sequence seq, kv head kv_head) in a paged
+  // cache (either layout); clears `valid` where the row reads zeros instead: past k_len, or a page id
+  // out of range (a bad id never reaches memory).
+  BSA_HOST_DEVICE int64_t paged_row_offset(int seq, int kv_head, int pos, int k_len, int col, int head_size,
+                                           bool& valid) const {
+    valid = valid && pos < k_len;
+    if (!valid) return 0;
+    const int page = table_row(seq, kv_head)[page_index(pos)];
+    valid = page >= 0 && page < num_cache_blocks;
+    return page_offset(page, kv_head) + static_cast<int64_t>(row_in_page(pos)) * head_size + col;
+  }
 };
 
 // The cache pages of one thread's rows of a key tile: rows row0 + u * kRowStep (u < kRows) of the tile
@@ -142,6 +153,30 @@ struct PagedRows {
       // A row that reads nothing gets page 0's address: no branch, and no address outside the cache.
       visit(u, kv.page_offset(valid ? id : 0, kv_head) + (in_page * head_size + col), valid);
     }
+  }
+};
+
+// The gather of a batch's keys and values out of the paged cache into contiguous tensors
+// (cuda/kernels/kv_gather.cuh, BSA_PAGED_PREFILL=gather).
+struct GatherParams {
+  KeyValueSource kv;  // paged (either layout), in the model's dtype
+  void* key_out;      // [num_seqs * capacity, Hkv, D] contiguous
+  void* value_out;
+  int capacity;       // rows a sequence may take: the block table's width times kvbs
+  int num_kv_heads;
+  int head_size;      // a multiple of 8 (16-byte chunks of 2-byte elements)
+  FastDivisor chunks_per_token;  // Hkv * head_size / 8
+  FastDivisor chunks_per_row;    // head_size / 8
+
+  // 8-element chunk c (c < chunks_per_token: kv head, then column) of token t of sequence seq (t <
+  // its length): its element offsets in the cache (src, where valid) and in the gathered tensors
+  // (dst); valid is false where the page id is out of range (the chunk reads zeros). Host and device:
+  // tests/cpp/paged_rows_check.cpp checks it against the table.
+  BSA_HOST_DEVICE void chunk_offsets(int seq, int t, int c, int64_t& src, int64_t& dst, bool& valid) const {
+    const int head = chunks_per_row.div(c), col = (c - head * chunks_per_row.divisor()) * 8;
+    valid = true;
+    src = kv.paged_row_offset(seq, head, t, kv.seq_lens[seq], col, head_size, valid);
+    dst = ((static_cast<int64_t>(seq) * capacity + t) * chunks_per_token.divisor() + c) * 8;
   }
 };
 

@@ -75,7 +75,9 @@ __global__ void __launch_bounds__(kPlanThreads) plan_prefill_kernel(const PlanPa
     item.seq = seq;
     item.q_begin = p.cu_seqlens_q[seq];
     item.q_len = p.cu_seqlens_q[seq + 1] - item.q_begin;
-    item.k_begin = p.seq_lens ? 0 : p.cu_seqlens_k[seq];
+    // Contiguous K/V start at cu_seqlens_k (paged: none); seq_lens, where given, is the length (the
+    // paged cache, and gathered K/V, whose sequences take rows of a fixed capacity).
+    item.k_begin = p.cu_seqlens_k ? p.cu_seqlens_k[seq] : 0;
     item.k_len = p.seq_lens ? p.seq_lens[seq] : p.cu_seqlens_k[seq + 1] - item.k_begin;
     for (int t = last; t >= first; --t, ++slot) {
       item.tile_index = t;
