@@ -79,11 +79,19 @@ PrefillKernel choose_prefill_kernel(const PrefillParams& params, const Settings&
   return PrefillKernel::kSm80;
 }
 
-// Keys of a typical sequence, from host-known sizes only (the host never reads the lengths): the
-// mean of the batch for contiguous keys, the block table's capacity for the paged cache.
-int64_t typical_sequence_keys(const PrefillParams& params) {
+// The keys a sequence may hold where every sequence has the same room, from host-known sizes only
+// (the host never reads the lengths): the block table's capacity for the paged cache, the rows a
+// sequence takes in gathered K/V (BSA_PAGED_PREFILL=gather: the same capacity); 0 for contiguous keys.
+int64_t sequence_capacity(const PrefillParams& params) {
   const KeyValueSource& kv = params.kv;
-  return kv.paged() ? kv.block_table_width * kv.kv_block_size : kv.num_rows / std::max(params.num_seqs, 1);
+  if (kv.paged()) return kv.block_table_width * kv.kv_block_size;
+  return kv.seq_lens != nullptr ? kv.num_rows / std::max(params.num_seqs, 1) : 0;
+}
+
+// Keys of a typical sequence: the capacity above, or the mean of the batch for contiguous keys.
+int64_t typical_sequence_keys(const PrefillParams& params) {
+  const int64_t capacity = sequence_capacity(params);
+  return capacity > 0 ? capacity : params.kv.num_rows / std::max(params.num_seqs, 1);
 }
 
 // Keys per fill of the Hopper kernel (see Sm90Tiling). 128-key fills win where every causal block
@@ -99,8 +107,8 @@ int64_t typical_sequence_keys(const PrefillParams& params) {
 bool every_causal_block_visible(const PrefillParams& params) {
   const SparsePattern& p = params.pattern;
   if (p.has_layout()) return false;
-  const KeyValueSource& kv = params.kv;
-  const int64_t longest_keys = kv.paged() ? kv.block_table_width * kv.kv_block_size : kv.num_rows;
+  const int64_t capacity = sequence_capacity(params);
+  const int64_t longest_keys = capacity > 0 ? capacity : params.kv.num_rows;
   return p.vert_stride == 1 || static_cast<int64_t>(p.local_blocks) * p.block_size >= longest_keys;
 }
 
