@@ -363,9 +363,9 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
   at::Tensor gathered_k, gathered_v, gathered_starts;
   const int64_t capacity = block_tables.size(-1) * key_cache.size(2);
   if (settings.paged_prefill == PagedPrefillChoice::kGather && !is_fp8(key_cache.scalar_type()) &&
-      args.shape.num_seqs * capacity <= INT_MAX) {
+      args.shape.num_q_tokens > 0 && capacity > 0 && args.shape.num_seqs * capacity <= INT_MAX) {
     const int64_t num_seqs = args.shape.num_seqs, rows = num_seqs * capacity;
-    gathered_k = at::empty({rows, params.num_kv_heads, params.head_size}, q.options());
+    gathered_k = at::empty({rows, params.num_kv_heads, params.head_size}, key_cache.options());
     gathered_v = at::empty_like(gathered_k);
     GatherParams gather{};
     gather.kv = params.kv;

@@ -21,7 +21,9 @@ constexpr int kGatherThreads = 256;
 // kv head, column chunk) in turn; blockIdx.x * kGatherTokens past the sequence's length: nothing.
 __global__ void __launch_bounds__(kGatherThreads) gather_paged_kv_kernel(const GatherParams p) {
   const int seq = blockIdx.y;
-  const int len = p.kv.seq_lens[seq];
+  // A length past the capacity (invalid input, unchecked without BSA_CHECK_INPUTS) never writes
+  // outside the sequence's rows.
+  const int len = min(p.kv.seq_lens[seq], p.capacity);
   const int token0 = blockIdx.x * kGatherTokens;
   if (token0 >= len) return;
   const int tokens = min(kGatherTokens, len - token0);
