@@ -170,12 +170,13 @@ struct GatherParams {
 
   // 8-element chunk c (c < chunks_per_token: kv head, then column) of token t of sequence seq (t <
   // its length): its element offsets in the cache (src, where valid) and in the gathered tensors
-  // (dst); valid is false where the page id is out of range (the chunk reads zeros). Host and device:
-  // tests/cpp/paged_rows_check.cpp checks it against the table.
+  // (dst); valid is false where the page id is out of range (the chunk reads zeros; src 0). Host
+  // and device: tests/cpp/paged_rows_check.cpp checks it against the table.
   BSA_HOST_DEVICE void chunk_offsets(int seq, int t, int c, int64_t& src, int64_t& dst, bool& valid) const {
     const int head = chunks_per_row.div(c), col = (c - head * chunks_per_row.divisor()) * 8;
     valid = true;
     src = kv.paged_row_offset(seq, head, t, kv.seq_lens[seq], col, head_size, valid);
+    src = valid ? src : 0;  // a bad id's offset never becomes an address, even speculatively
     dst = ((static_cast<int64_t>(seq) * capacity + t) * chunks_per_token.divisor() + c) * 8;
   }
 };
