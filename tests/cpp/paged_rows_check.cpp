@@ -27,16 +27,22 @@ int64_t checks = 0;
 
 int uniform(int lo, int hi) { return lo + static_cast<int>(rng() % static_cast<uint64_t>(hi - lo + 1)); }
 
-template <int kRows, int kRowStep>
-bool check_case(int kv_block_size, bool head_major_pages) {
-  const int head_size = 8 * uniform(1, 32), num_kv_heads = uniform(1, 4), num_blocks = uniform(1, 40);
+// A paged cache's sizes in either layout (common/attention_args.h): pages of every kv head, or
+// (head_major_pages) pages of one kv head each.
+KeyValueSource paged_cache(int kv_block_size, int head_size, int num_kv_heads, int num_blocks, bool head_major_pages) {
   KeyValueSource kv{};
   kv.kv_block_size = kv_block_size;
   kv.kv_block_shift = (kv_block_size & (kv_block_size - 1)) == 0 ? __builtin_ctz(kv_block_size) : -1;
   kv.num_cache_blocks = num_blocks;
-  // Either layout (common/attention_args.h): pages of every kv head, or pages of one kv head.
   kv.cache_head_stride = head_major_pages ? 0 : int64_t{kv_block_size} * head_size;
   kv.cache_block_stride = int64_t{kv_block_size} * head_size * (head_major_pages ? 1 : num_kv_heads);
+  return kv;
+}
+
+template <int kRows, int kRowStep>
+bool check_case(int kv_block_size, bool head_major_pages) {
+  const int head_size = 8 * uniform(1, 32), num_kv_heads = uniform(1, 4), num_blocks = uniform(1, 40);
+  KeyValueSource kv = paged_cache(kv_block_size, head_size, num_kv_heads, num_blocks, head_major_pages);
   const int64_t cache_elems = kv.cache_block_stride * num_blocks;
   const int kv_head = head_major_pages ? 0 : uniform(0, num_kv_heads - 1);
   const int pos0 = uniform(0, 4096), row0 = uniform(0, kRowStep - 1), col = uniform(0, head_size / 8 - 1) * 8;
@@ -121,12 +127,7 @@ bool check_gather(bool head_major_pages) {
   const int kv_block_size = std::vector<int>{1, 8, 16, 48, 64, 256}[uniform(0, 5)];
   const int head_size = 8 * uniform(1, 32), num_kv_heads = uniform(1, 4), num_blocks = uniform(1, 60);
   const int num_seqs = uniform(1, 4), width = uniform(1, 6), capacity = width * kv_block_size;
-  KeyValueSource kv{};
-  kv.kv_block_size = kv_block_size;
-  kv.kv_block_shift = (kv_block_size & (kv_block_size - 1)) == 0 ? __builtin_ctz(kv_block_size) : -1;
-  kv.num_cache_blocks = num_blocks;
-  kv.cache_head_stride = head_major_pages ? 0 : int64_t{kv_block_size} * head_size;
-  kv.cache_block_stride = int64_t{kv_block_size} * head_size * (head_major_pages ? 1 : num_kv_heads);
+  KeyValueSource kv = paged_cache(kv_block_size, head_size, num_kv_heads, num_blocks, head_major_pages);
   const int rows_per_seq = head_major_pages ? num_kv_heads : 1;  // table rows of a sequence
   std::vector<int32_t> tables(static_cast<size_t>(num_seqs) * rows_per_seq * width), lens(num_seqs);
   for (int32_t& id : tables) id = uniform(0, 9) == 0 ? num_blocks + uniform(0, 2) : uniform(0, num_blocks - 1);
