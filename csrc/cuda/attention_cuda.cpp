@@ -333,6 +333,48 @@ void varlen_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at
   run_prefill(params, q, q.scalar_type(), settings);
 }
 
+// BSA_PAGED_PREFILL=gather (caches in the model's dtype): the sequences' keys and values copied out
+// of the pages into contiguous tensors, sequence s's at rows s * capacity ..., capacity the block
+// table's width times kvbs (known on the host: no device-to-host copy of seq_lens), and params.kv
+// pointed at them, so that the prefill runs the contiguous path. The tensors are freed stream-ordered
+// when the caller drops them. Leaves params.kv (the pages) where the gather does not apply.
+struct GatheredKeyValues {
+  at::Tensor key, value, starts;
+};
+GatheredKeyValues gather_paged_source(PrefillParams& params, const at::Tensor& key_cache,
+                                      const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                                      const AttentionShape& shape) {
+  const int64_t capacity = block_tables.size(-1) * key_cache.size(2);
+  if (is_fp8(key_cache.scalar_type()) || shape.num_q_tokens == 0 || capacity == 0 ||
+      shape.num_seqs * capacity > INT_MAX)
+    return {};
+  const int64_t rows = shape.num_seqs * capacity;
+  GatheredKeyValues g;
+  g.key = at::empty({rows, params.num_kv_heads, params.head_size}, key_cache.options());
+  g.value = at::empty_like(g.key);
+  g.starts = at::arange(0, rows + 1, capacity, seq_lens.options());
+  GatherParams gather{};
+  gather.kv = params.kv;
+  gather.key_out = g.key.data_ptr();
+  gather.value_out = g.value.data_ptr();
+  gather.capacity = static_cast<int>(capacity);
+  gather.head_size = params.head_size;
+  gather.chunks_per_token = FastDivisor(params.num_kv_heads * params.head_size / 8);
+  gather.chunks_per_row = FastDivisor(params.head_size / 8);
+  launch_gather_paged_kv(gather, static_cast<int>(shape.num_seqs), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  KeyValueSource kv{};
+  kv.key = g.key.data_ptr();
+  kv.value = g.value.data_ptr();
+  kv.row_stride = g.key.stride(0);
+  kv.head_stride = g.key.stride(1);
+  kv.num_rows = rows;
+  kv.cu_seqlens_k = g.starts.data_ptr<int32_t>();
+  kv.seq_lens = params.kv.seq_lens;  // each sequence's length (its rows start at cu_seqlens_k)
+  params.kv = kv;
+  return g;
+}
+
 void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
                         const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q,
                         const at::Tensor& seq_lens, double scale, c10::IntArrayRef pattern,
@@ -356,39 +398,9 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
   PrefillParams params = query_params(out, q, args, scale, lse);
   params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale);
-  // BSA_PAGED_PREFILL=gather (caches in the model's dtype): the sequences' keys and values are copied
-  // into contiguous tensors first, sequence s's at rows s * capacity ..., capacity the block table's
-  // width times kvbs (known on the host: no device-to-host copy of seq_lens), and the prefill runs the
-  // contiguous path over them. The tensors live until the stream has used them (stream-ordered frees).
-  at::Tensor gathered_k, gathered_v, gathered_starts;
-  const int64_t capacity = block_tables.size(-1) * key_cache.size(2);
-  if (settings.paged_prefill == PagedPrefillChoice::kGather && !is_fp8(key_cache.scalar_type()) &&
-      args.shape.num_q_tokens > 0 && capacity > 0 && args.shape.num_seqs * capacity <= INT_MAX) {
-    const int64_t num_seqs = args.shape.num_seqs, rows = num_seqs * capacity;
-    gathered_k = at::empty({rows, params.num_kv_heads, params.head_size}, key_cache.options());
-    gathered_v = at::empty_like(gathered_k);
-    GatherParams gather{};
-    gather.kv = params.kv;
-    gather.key_out = gathered_k.data_ptr();
-    gather.value_out = gathered_v.data_ptr();
-    gather.capacity = static_cast<int>(capacity);
-    gather.num_kv_heads = params.num_kv_heads;
-    gather.head_size = params.head_size;
-    gather.chunks_per_token = FastDivisor(params.num_kv_heads * params.head_size / 8);
-    gather.chunks_per_row = FastDivisor(params.head_size / 8);
-    launch_gather_paged_kv(gather, static_cast<int>(num_seqs), at::cuda::getCurrentCUDAStream());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    gathered_starts = at::arange(0, rows + 1, capacity, seq_lens.options());
-    KeyValueSource kv{};
-    kv.key = gathered_k.data_ptr();
-    kv.value = gathered_v.data_ptr();
-    kv.row_stride = gathered_k.stride(0);
-    kv.head_stride = gathered_k.stride(1);
-    kv.num_rows = rows;
-    kv.cu_seqlens_k = gathered_starts.data_ptr<int32_t>();
-    kv.seq_lens = params.kv.seq_lens;  // each sequence's length (its rows start at cu_seqlens_k)
-    params.kv = kv;
-  }
+  GatheredKeyValues gathered;  // BSA_PAGED_PREFILL=gather: lives until the stream has used it
+  if (settings.paged_prefill == PagedPrefillChoice::kGather)
+    gathered = gather_paged_source(params, key_cache, block_tables, seq_lens, args.shape);
   run_prefill(params, q, params.kv.paged() ? key_cache.scalar_type() : q.scalar_type(), settings);
 }
 

@@ -140,7 +140,6 @@ bool check_gather(bool head_major_pages) {
   GatherParams g{};
   g.kv = kv;
   g.capacity = capacity;
-  g.num_kv_heads = num_kv_heads;
   g.head_size = head_size;
   g.chunks_per_token = blocksparse_attn::FastDivisor(num_kv_heads * head_size / 8);
   g.chunks_per_row = blocksparse_attn::FastDivisor(head_size / 8);

@@ -163,7 +163,6 @@ struct GatherParams {
   void* key_out;      // [num_seqs * capacity, Hkv, D] contiguous
   void* value_out;
   int capacity;       // rows a sequence may take: the block table's width times kvbs
-  int num_kv_heads;
   int head_size;      // a multiple of 8 (16-byte chunks of 2-byte elements)
   FastDivisor chunks_per_token;  // Hkv * head_size / 8
   FastDivisor chunks_per_row;    // head_size / 8
