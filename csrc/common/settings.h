@@ -21,7 +21,7 @@ enum class PrefillKernelChoice { kAuto, kSm80, kSm90 };
 enum class UnitOrderChoice { kAuto, kTile, kKvHead };
 enum class PackGqaChoice { kAuto, kOff, kOn };
 enum class DecodeMergeChoice { kAuto, kKernel, kCluster };
-enum class PagedPrefillChoice { kDirect, kGather };
+enum class PagedPrefillChoice { kDirect, kGather, kAuto };
 
 struct Settings {
   bool check_inputs = false;  // BSA_CHECK_INPUTS=0|1: value checks on CUDA calls (a device->host copy)
@@ -33,9 +33,10 @@ struct Settings {
   int sm90_grid = 0;          // BSA_SM90_GRID=auto|n: the Hopper kernel's persistent CTAs (0 = one per SM)
   bool sm90_tma = true;       // BSA_SM90_TMA=0|1: the Hopper kernel's loads through the TMA where possible
   int sm90_stage_keys = 0;    // BSA_SM90_STAGE_KEYS=auto|64|128: its K/V fill shape (0 = auto)
-  // BSA_PAGED_PREFILL=direct|gather: a CUDA paged prefill reads the pages (direct), or copies the
+  // BSA_PAGED_PREFILL=direct|gather|auto: a CUDA paged prefill reads the pages (direct), or copies the
   // sequences' keys and values into contiguous tensors first and runs the contiguous path (gather;
-  // caches in the model's dtype, an experiment until a device session times it).
+  // caches in the model's dtype), or gathers where the queries cover at least half of the gathered
+  // rows (auto). Direct stays the default until a device session times the other two.
   PagedPrefillChoice paged_prefill = PagedPrefillChoice::kDirect;
 };
 
@@ -119,7 +120,8 @@ inline Settings read_settings() {
 
   const std::string_view paged = raw.paged_prefill;
   if (paged == "gather") s.paged_prefill = PagedPrefillChoice::kGather;
-  else BSA_CHECK(paged.empty() || paged == "direct", "BSA_PAGED_PREFILL must be direct or gather, got '",
+  else if (paged == "auto") s.paged_prefill = PagedPrefillChoice::kAuto;
+  else BSA_CHECK(paged.empty() || paged == "direct", "BSA_PAGED_PREFILL must be direct, gather or auto, got '",
                  std::string(paged), "'");
 
   const std::string_view keys = raw.sm90_stage_keys;
