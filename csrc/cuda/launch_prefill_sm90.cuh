@@ -79,9 +79,8 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
   const int packed_heads = 1 << params.pack_gqa_shift;
   maps.query_enabled = make(&maps.query, params.q, params.num_q_heads, params.num_q_tokens, params.q_head_stride,
                             params.q_row_stride, packed_heads, 64 / packed_heads);
-  maps.out_enabled = BSA_SM90_TMA_STORE && make(&maps.out, params.out, params.num_q_heads, params.num_q_tokens,
-                                                params.out_head_stride, params.out_row_stride, packed_heads,
-                                                64 / packed_heads);
+  maps.out_enabled = make(&maps.out, params.out, params.num_q_heads, params.num_q_tokens, params.out_head_stride,
+                          params.out_row_stride, packed_heads, 64 / packed_heads);
   const KeyValueSource& kv = params.kv;
   // K and V by row group (head dim 128, the padded one: every column of a row lies in the map):
   // 5-D maps (64 columns, row in a group of 8, column block, row group, outer) read in boxes of

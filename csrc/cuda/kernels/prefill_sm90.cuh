@@ -80,23 +80,8 @@ __device__ __forceinline__ int sm90_pack_shift(const PrefillParams& params) {
 // The tensor-core operand type: the model's, but fp16 over fp8 pages (e4m3 and e5m2 widen to fp16
 // exactly in one instruction a pair, to bf16 in four: the widening was most of the fp8 producer's
 // work). A bf16 model's Q is then scaled into fp16's range by the consumers (sm90_query_to_fp16).
-// Build knob BSA_SM90_FP8_FP16=0: the model's type throughout (the widening to bf16), for A/Bs.
-#ifndef BSA_SM90_FP8_FP16
-#define BSA_SM90_FP8_FP16 1
-#endif
 template <typename Element, typename Cache>
-using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8 && BSA_SM90_FP8_FP16, __half, Element>;
-
-// Paged TMA fills look their boxes' page ids up a fill ahead (kPagesAhead, below); build knob
-// BSA_SM90_PAGES_AHEAD=0: at issue, for A/Bs.
-#ifndef BSA_SM90_PAGES_AHEAD
-#define BSA_SM90_PAGES_AHEAD 1
-#endif
-// ... and walk the next tile after this fill's issue; build knob BSA_SM90_PAGED_WALK_AFTER_ISSUE=0:
-// before it (the order before 2026-12-04, fourteenth session), for A/Bs.
-#ifndef BSA_SM90_PAGED_WALK_AFTER_ISSUE
-#define BSA_SM90_PAGED_WALK_AFTER_ISSUE 1
-#endif
+using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element>;
 
 // Build knob BSA_SM90_PAGED_BOX_WARPS=1: paged TMA fills issue their pages' boxes from all four producer
 // warps (box b from lane b / 4 of warp b % 4, each issuing lane expecting its own boxes' bytes)
@@ -125,11 +110,6 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8 && BSA_SM90_FP8_
 #define BSA_SM90_END_HINT 0
 #endif
 
-// 128-key fills walk their tiles a fill ahead (kTilesAhead, below); build knob
-// BSA_SM90_TILES_AHEAD=0: at issue, for A/Bs.
-#ifndef BSA_SM90_TILES_AHEAD
-#define BSA_SM90_TILES_AHEAD 1
-#endif
 // Build knob BSA_SM90_VALUES_BEHIND=1: 128-key fills bring the keys of their own tiles and the values
 // of the previous fill's (FA3's and FA4's load order), so that a consumer's wait for fill n (S of
 // fill n, P.V of fill n - 1) does not also wait for values it reads one fill later, and the value
@@ -340,7 +320,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // this lane's box; H200, 8k x 4: paged kv block 64 1.74 -> 1.66 ms, kv block 16 2.03 -> 1.93).
     // -1 past k_len, for no tile and for lanes without a box.
     constexpr bool kLookAhead = kFp8Pages || kPagesAhead;
-    constexpr bool kTilesAhead = kSlots > 1 && BSA_SM90_TILES_AHEAD;
+    constexpr bool kTilesAhead = kSlots > 1;  // 128-key fills: a whole fill's tiles walked ahead
     const int32_t* table = kv.paged() ? kv.table_row(seq, kv_head) : nullptr;
     auto look_up_page = [&](int key_tile) {
       if constexpr (kFp8Pages) {
@@ -596,7 +576,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           page = ahead_page;
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = ahead_flags[g];
-          if constexpr (kFp8Pages || !BSA_SM90_PAGED_WALK_AFTER_ISSUE) walk_ahead(key_tile);
+          if constexpr (kFp8Pages) walk_ahead(key_tile);
         } else {
           if (more) more = next_tile(key_tile, flags);
         }
@@ -625,7 +605,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         early |= 1u << (n % kKeySlots);
       }
       copies = false;
-      if constexpr (kPagesAhead && BSA_SM90_PAGED_WALK_AFTER_ISSUE) walk_ahead(first_tile);  // one tile a fill
+      if constexpr (kPagesAhead) walk_ahead(first_tile);  // one tile a fill
       if (first_tile < 0) {
         ++n;
         break;
@@ -974,8 +954,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // other), one thread stores the staged rows through the TMA (Q's boxes) and waits only until the
     // TMA has read them, so the Q buffer may be refilled; the group's threads skip the copy-out.
     const int shift = sm90_pack_shift<Tiling>(params);
-    const bool tma_store =
-        BSA_SM90_TMA_STORE && maps.out_enabled && group_pos >= it.valid_begin && group_pos + (64 >> shift) <= it.valid_end;
+    const bool tma_store = maps.out_enabled && group_pos >= it.valid_begin && group_pos + (64 >> shift) <= it.valid_end;
     if (tma_store) ptx::fence_proxy_async_shared();  // this thread's staged O, for the TMA's reads
     ptx::named_barrier_sync(kSm90EpilogueBarrier + group, 128);
     if (tma_store) {
@@ -1065,8 +1044,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   // the records. Units differ in length (sparse rows, varlen), so claiming beats a static split.
   if (threadIdx.x < 128) {
     ptx::setmaxnreg_dec<kSm90ProducerRegisters>();
-    constexpr bool kMayLookAhead =
-        BSA_SM90_PAGES_AHEAD && Tiling::kTilesPerStage == 1 && !CacheFormat<Cache>::kFp8;
+    constexpr bool kMayLookAhead = Tiling::kTilesPerStage == 1 && !CacheFormat<Cache>::kFp8;
     if (kMayLookAhead && params.kv.paged() && maps.kv_enabled)
       sm90_producer<Element, kHeadDim, Tiling, Cache, kMayLookAhead>(params, maps, shared);
     else

@@ -197,12 +197,6 @@ __device__ __forceinline__ int sm90_kv_offset(const Sm90KvLayout& layout, int ro
          ((((col & 63) >> 3) ^ (row & 7)) << 4) + (col & 7) * 2;
 }
 
-// The consumer groups store O through the TMA (a group's 64 staged rows as Q's boxes) where every
-// row of the group is a query of the unit's sequence and the map exists; otherwise, and with 0, with
-// 16-byte stores from their threads.
-#ifndef BSA_SM90_TMA_STORE
-#define BSA_SM90_TMA_STORE 1
-#endif
 
 // TMA descriptors of Q ([T, Hq, D]) and of K and V, with the 128-byte swizzle wgmma reads.
 // Q: a 3-D map (head dim, head, token) read in boxes of 64 x 1 x 64, one 64-column block of a 64-row
