@@ -8,7 +8,8 @@
 # NEW_NVCC_FLAGS=-DBSA_SM90_STAGES=5 with BASE_DIR=. compares a build knob on one tree: the base is
 # built in a copy); NEW_NVCC_FLAGS of several lines builds one variant a line (new, new1, new2, ...).
 # Every build has BSA_HEAD_DIMS=$BASE_HEAD_DIMS (default 128), so TESTS of other head sizes fail as
-# "not compiled". Logs in $OUT (default ./out).
+# "not compiled". KERNELS="sm90 sm80" times each variant on each prefill kernel (BSA_PREFILL_KERNEL),
+# so both kernels' paged ratios come from one call's builds. Logs in $OUT (default ./out).
 #   BASE_DIR=ab/main TESTS="tests/test_prefill_kernels.py tests/test_fp8_cache.py" TEST_K="fp8 or bad_page" \
 #     bash scripts/device_ab_paged.sh
 set -uo pipefail
@@ -39,12 +40,16 @@ if [ -n "${TESTS:-}" ]; then  # every variant of this tree: a knob's first run i
     DEVICE=cuda timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider $TESTS ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -4
   done
 fi
+read -ra kernels <<< "${KERNELS:-auto}"
 for r in $(seq 1 ${ROUNDS:-3}); do
   for v in "${names[@]}"; do
     cp "$so/$v"/_C*.so blocksparse_attn/
-    python3 benchmarks/bench_paged_prefill.py ${BENCH_ARGS:---seq-lens 8192,32768 --fp8 e4m3,e5m2} \
-      > "$OUT/bench_r${r}_$v.log" 2>&1
-    echo "== round $r $v"; tail -3 "$OUT/bench_r${r}_$v.log"
+    for k in "${kernels[@]}"; do
+      label=$v${KERNELS:+ $k}
+      BSA_PREFILL_KERNEL=$k python3 benchmarks/bench_paged_prefill.py \
+        ${BENCH_ARGS:---seq-lens 8192,32768 --fp8 e4m3,e5m2} > "$OUT/bench_r${r}_${label// /_}.log" 2>&1
+      echo "== round $r $label"; tail -3 "$OUT/bench_r${r}_${label// /_}.log"
+    done
   done
 done
 cp "$so/new"/_C*.so blocksparse_attn/

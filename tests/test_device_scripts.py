@@ -38,8 +38,8 @@ with open(os.path.join(out, "bench_prefill_cuda_bfloat16.csv"), "w") as f:
 """
 
 FAKE_BENCH_PAGED = """\
-import glob
-print("extension:", open(glob.glob("blocksparse_attn/_C*.so")[0]).read())
+import glob, os
+print("extension:", open(glob.glob("blocksparse_attn/_C*.so")[0]).read(), "kernel:", os.environ["BSA_PREFILL_KERNEL"])
 """
 
 FAKE_TEST = """\
@@ -120,6 +120,21 @@ def test_device_ab_paged_times_several_new_variants_against_one_base(tree, tmp_p
     assert rounds == ["== round 1 base", "== round 1 new", "== round 1 new1"], run.stdout
     extensions = [line.split("extension: ")[1] for line in run.stdout.splitlines() if line.startswith("extension:")]
     assert [e.split("|")[0] for e in extensions] == ["-DBASE=1", "", "-DTURNS=1"], extensions
+    assert all(e.endswith("kernel: auto") for e in extensions), extensions
     tested = [line for line in run.stdout.splitlines() if line.startswith("== tests")]
     assert tested == ["== tests new", "== tests new1"], run.stdout  # each variant of this tree, not the base
     assert run.stdout.count("1 passed") == 2, run.stdout
+
+
+def test_device_ab_paged_times_each_kernel(tree, tmp_path):
+    run = run_script(tree, "device_ab_paged.sh", tmp_path, BASE_DIR=".", NEW_NVCC_FLAGS="-DNEW=1", ROUNDS="1",
+                     KERNELS="sm90 sm80")
+    assert run.returncode == 0, run.stdout + run.stderr
+    rounds = [line for line in run.stdout.splitlines() if line.startswith("== round")]
+    assert rounds == ["== round 1 base sm90", "== round 1 base sm80", "== round 1 new sm90", "== round 1 new sm80"], \
+        run.stdout
+    ran = [line.split("extension: ")[1] for line in run.stdout.splitlines() if line.startswith("extension:")]
+    assert [(e.split("|")[0], e.split("kernel: ")[1]) for e in ran] == \
+        [("", "sm90"), ("", "sm80"), ("-DNEW=1", "sm90"), ("-DNEW=1", "sm80")], ran
+    assert sorted(p.name for p in (tmp_path / "out").glob("bench_r1_*")) == \
+        ["bench_r1_base_sm80.log", "bench_r1_base_sm90.log", "bench_r1_new_sm80.log", "bench_r1_new_sm90.log"]
