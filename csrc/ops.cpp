@@ -1,5 +1,5 @@
 // The schema of every blocksparse_attn op, in one place. Backends register implementations at the
-// end of their own files (csrc/cpu/*.cpp, csrc/cuda/*.cu); fake kernels live in blocksparse_attn/ops.py.
+// end of their own files (csrc/cpu/*.cpp, csrc/cuda/*.cpp); fake kernels live in blocksparse_attn/ops.py.
 //
 // Conventions (shapes are in the comments of each op):
 //   T   packed query tokens            Tk  packed key tokens           S   sequences in the batch

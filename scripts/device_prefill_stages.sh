@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Experiment: prefill tile shape and K/V ring depth. Builds each variant (nvcc reads NVCC_APPEND_FLAGS:
-# BSA_PREFILL_BLOCK_N, BSA_PREFILL_STAGES for the sm80 kernel; BSA_SM90_KEY_TILES_PER_STAGE,
-# BSA_SM90_STAGES, BSA_SM90_LOADS_IN_FLIGHT, BSA_SM90_Q_BUFFERS for the Hopper kernel), runs the
+# BSA_PREFILL_BLOCK_N, BSA_PREFILL_STAGES for the sm80 kernel; BSA_SM90_STAGES, BSA_SM90_LOADS_IN_FLIGHT, BSA_SM90_Q_BUFFERS for the Hopper kernel), runs the
 # prefill tests (TEST_FILE, TEST_K; TEST_VARIANTS=all or the one variant number to test) and the
 # benchmark (SEQ_LENS, METHODS) for each, once per run-time setting in BENCH_ENVS (';'-separated
 # lists of VAR=value, e.g. 'BSA_SM90_GRID=100000;' for one CTA per unit, then the default); NCU=i
