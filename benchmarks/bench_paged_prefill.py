@@ -11,10 +11,11 @@ tables shuffled as after allocator churn, or in allocation order with --in-order
   varlen-hm      the same over k/v stored kv head by kv head ([Hkv, T, D] viewed as [T, Hkv, D]):
                  each head's rows contiguous, as in a page, without the pages
   chunk-varlen   the same chunk's queries over the contiguous k/v (the chunk's reference)
-  paged-gather, chunk-gather  (--gather) paged and chunk from the model-dtype cache with
-                 BSA_PAGED_PREFILL=gather: the K/V copied out of the pages first, then the contiguous path
+  paged-<cache>-gather, chunk-<cache>-gather  (--gather) paged and chunk from each cache with
+                 BSA_PAGED_PREFILL=gather: the K/V copied out of the pages (fp8 widened) first, then the
+                 contiguous path
 The ratio columns are paged / varlen, chunk / chunk-varlen (model-dtype cache; with --gather also
-the gather's) and fp8 / model-dtype cache (1.00 = as fast).
+the gather's, each cache) and fp8 / model-dtype cache (1.00 = as fast).
 
     python benchmarks/bench_paged_prefill.py --seq-lens 8192,32768 --chunk 2048
 """
@@ -109,7 +110,8 @@ def main():
     ap.add_argument("--in-order-tables", action="store_true",
                     help="block tables in allocation order (default: shuffled, as after allocator churn)")
     ap.add_argument("--gather", action="store_true",
-                    help="also time the model-dtype cache with BSA_PAGED_PREFILL=gather (paged-gather, chunk-gather)")
+                    help="also time each cache with BSA_PAGED_PREFILL=gather (paged-<cache>-gather, "
+                         "chunk-<cache>-gather)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
@@ -152,26 +154,27 @@ def main():
             t[f"chunk-{name}"] = timed_ms(lambda: ops.paged_prefill(
                 q_chunk, key_cache, value_cache, tables, cu_chunk, seq_lens, scale, pattern, out=out_chunk,
                 k_scale=s, v_scale=s), args.warmup, args.repeats)
-            if name == "bf16" and args.gather:
+            if args.gather:
                 with paged_prefill_path("gather"):
-                    t["paged-gather"] = timed_ms(lambda: ops.paged_prefill(
-                        q, key_cache, value_cache, tables, cu, seq_lens, scale, pattern, out=out),
-                        args.warmup, args.repeats)
-                    t["chunk-gather"] = timed_ms(lambda: ops.paged_prefill(
-                        q_chunk, key_cache, value_cache, tables, cu_chunk, seq_lens, scale, pattern, out=out_chunk),
-                        args.warmup, args.repeats)
+                    t[f"paged-{name}-gather"] = timed_ms(lambda: ops.paged_prefill(
+                        q, key_cache, value_cache, tables, cu, seq_lens, scale, pattern, out=out, k_scale=s,
+                        v_scale=s), args.warmup, args.repeats)
+                    t[f"chunk-{name}-gather"] = timed_ms(lambda: ops.paged_prefill(
+                        q_chunk, key_cache, value_cache, tables, cu_chunk, seq_lens, scale, pattern, out=out_chunk,
+                        k_scale=s, v_scale=s), args.warmup, args.repeats)
             del key_cache, value_cache
         rows.append((seq_len, batch, t))
         torch.cuda.empty_cache()
     names = list(rows[0][2])
-    gather = "".join(f" {n:>13}" for n in ("gather/varlen", "chunk-g/varlen")) if args.gather else ""
+    gathered = ["bf16", *fp8s] if args.gather else []
+    gather = "".join(f" {c + ' g/varlen':>15} {c + ' chunk-g/varlen':>21}" for c in gathered)
     print(f"\n{'S x batch':>12} " + " ".join(f"{n + ' ms':>14}" for n in names) + f" {'paged/varlen':>13}"
           + f" {'chunk/varlen':>13}" + gather + "".join(f" {f + '/bf16 (chunk)':>17}" for f in fp8s))
     for seq_len, batch, t in rows:
         line = f"{f'{seq_len} x {batch}':>12} " + " ".join(f"{t[n]:>14.3f}" for n in names)
         line += f" {t['paged-bf16'] / t['varlen']:>13.2f} {t['chunk-bf16'] / t['chunk-varlen']:>13.2f}"
-        if args.gather:
-            line += f" {t['paged-gather'] / t['varlen']:>13.2f} {t['chunk-gather'] / t['chunk-varlen']:>13.2f}"
+        for c in gathered:
+            line += f" {t[f'paged-{c}-gather'] / t['varlen']:>15.2f} {t[f'chunk-{c}-gather'] / t['chunk-varlen']:>21.2f}"
         line += "".join(f" {t[f'chunk-{f}'] / t['chunk-bf16']:>17.2f}" for f in fp8s)
         print(line)
 

@@ -44,7 +44,8 @@ def kernel(request, monkeypatch):
 @pytest.fixture(params=("direct", "gather"))
 def paged_path(request, monkeypatch):
     """How a paged prefill reads the cache (BSA_PAGED_PREFILL): its pages, or K/V gathered into
-    contiguous tensors first (caches in the model's dtype; fp8 caches read their pages either way)."""
+    contiguous tensors in the model's dtype first (fp8 pages widened, their scales folded in by the
+    contiguous path)."""
     monkeypatch.setenv("BSA_PAGED_PREFILL", request.param)
     return request.param
 
@@ -138,15 +139,16 @@ def test_paged_chunked(kernel, paged_path, dtype, kv_block_size, gen):
 @pytest.mark.parametrize("fp8", (torch.float8_e4m3fn, torch.float8_e5m2), ids=("e4m3", "e5m2"))
 @pytest.mark.parametrize("head_dim", (64, 128), ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("kv_block_size", (8, 16, 32, 64, 128), ids=lambda x: f"kvbs{x}")
-def test_paged_chunked_fp8(kernel, kv_block_size, head_dim, fp8, gen):
-    """Chunked prefill over an fp8 cache written by write_kv_cache (unowned slots NaN), against the
-    reference over the dequantized cache: pages of every size, the last partial tile, both formats
-    (the Hopper kernel's producer loads fp8 rows into registers and widens them to the model's type)."""
-    if kernel.endswith("k128"):
-        pytest.skip("fp8 caches take the Hopper kernel's 64-key fills only")
+def test_paged_chunked_fp8(kernel, paged_path, kv_block_size, head_dim, fp8, gen):
+    """Chunked prefill over an fp8 cache written by write_kv_cache (unowned slots NaN, scales not 1),
+    against the reference over the dequantized cache: pages of every size, the last partial tile, both
+    formats (direct: the Hopper kernel's producer loads fp8 rows into registers and widens them;
+    gather: the pages widened into contiguous K/V, the scales folded in by the contiguous path)."""
+    if kernel.endswith("k128") and paged_path == "direct":
+        pytest.skip("the Hopper kernel reads fp8 pages with 64-key fills only")
     out, ref, _, seqs = run_prefill_fp8("cuda", torch.bfloat16, fp8, 8, 2, head_dim, kv_block_size, "phi3", gen)
-    assert_close_to_ref(out, ref, torch.bfloat16,
-                        f"{kernel} paged_prefill fp8 {fp8} D={head_dim} kvbs={kv_block_size} (context, new)={seqs}")
+    assert_close_to_ref(out, ref, torch.bfloat16, f"{kernel} {paged_path} paged_prefill fp8 {fp8} D={head_dim} "
+                                                  f"kvbs={kv_block_size} (context, new)={seqs}")
 
 
 @pytest.mark.parametrize("cache_dtype", (torch.bfloat16, torch.float8_e4m3fn), ids=("bf16", "e4m3"))
@@ -155,8 +157,8 @@ def test_paged_bad_page_ids_read_zeros(kernel, paged_path, kv_block_size, cache_
     """Without BSA_CHECK_INPUTS the GPU does not validate block ids; one outside [0, NB) must read as
     zero keys and values (never memory out of bounds), in whole tiles (the TMA's boxes) and in the last
     partial one (cp.async or registers) alike, from a bf16 cache and an fp8 one (scale 1)."""
-    if kernel.endswith("k128") and cache_dtype != torch.bfloat16:
-        pytest.skip("fp8 caches take the Hopper kernel's 64-key fills only")
+    if kernel.endswith("k128") and cache_dtype != torch.bfloat16 and paged_path == "direct":
+        pytest.skip("the Hopper kernel reads fp8 pages with 64-key fills only")
     hq, hkv, d, n = 4, 2, 128, 300
     pattern = SparsePattern(64, 16, 8, 1)  # every causal block visible at this length
     # keys and values as the cache holds them (fp8 values are exact in bf16)

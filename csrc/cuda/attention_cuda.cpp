@@ -333,24 +333,24 @@ void varlen_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at
   run_prefill(params, q, q.scalar_type(), settings);
 }
 
-// BSA_PAGED_PREFILL=gather (caches in the model's dtype): the sequences' keys and values copied out
-// of the pages into contiguous tensors, sequence s's at rows s * capacity ..., capacity the block
-// table's width times kvbs (known on the host: no device-to-host copy of seq_lens), and params.kv
-// pointed at them, so that the prefill runs the contiguous path. The tensors are freed stream-ordered
-// when the caller drops them. Leaves params.kv (the pages) where the gather does not apply.
+// BSA_PAGED_PREFILL=gather|auto: the sequences' keys and values copied out of the pages into
+// contiguous tensors in the model's dtype (fp8 pages widened, exactly), sequence s's at rows
+// s * capacity ..., capacity the block table's width times kvbs (known on the host: no device-to-host
+// copy of seq_lens), and params.kv pointed at them, so that the prefill runs the contiguous path. An
+// fp8 cache's scales go with them: both prefill kernels fold k_scale into the softmax scale and
+// v_scale into O wherever they are given, as for the pages. The tensors are freed stream-ordered when
+// the caller drops them. Leaves params.kv (the pages) where the gather does not apply.
 struct GatheredKeyValues {
   at::Tensor key, value, starts;
 };
-GatheredKeyValues gather_paged_source(PrefillParams& params, const at::Tensor& key_cache,
+GatheredKeyValues gather_paged_source(PrefillParams& params, const at::Tensor& q, const at::Tensor& key_cache,
                                       const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                       const AttentionShape& shape) {
   const int64_t capacity = block_tables.size(-1) * key_cache.size(2);
-  if (is_fp8(key_cache.scalar_type()) || shape.num_q_tokens == 0 || capacity == 0 ||
-      shape.num_seqs * capacity > INT_MAX)
-    return {};
+  if (shape.num_q_tokens == 0 || capacity == 0 || shape.num_seqs * capacity > INT_MAX) return {};
   const int64_t rows = shape.num_seqs * capacity;
   GatheredKeyValues g;
-  g.key = at::empty({rows, params.num_kv_heads, params.head_size}, key_cache.options());
+  g.key = at::empty({rows, params.num_kv_heads, params.head_size}, key_cache.options().dtype(q.scalar_type()));
   g.value = at::empty_like(g.key);
   g.starts = at::arange(0, rows + 1, capacity, seq_lens.options());
   GatherParams gather{};
@@ -361,7 +361,12 @@ GatheredKeyValues gather_paged_source(PrefillParams& params, const at::Tensor& k
   gather.head_size = params.head_size;
   gather.chunks_per_token = FastDivisor(params.num_kv_heads * params.head_size / 8);
   gather.chunks_per_row = FastDivisor(params.head_size / 8);
-  launch_gather_paged_kv(gather, static_cast<int>(shape.num_seqs), at::cuda::getCurrentCUDAStream());
+  const at::ScalarType stored = key_cache.scalar_type();
+  const GatherCache cache = stored == at::kFloat8_e4m3fn ? GatherCache::kE4m3
+                            : stored == at::kFloat8_e5m2 ? GatherCache::kE5m2
+                                                         : GatherCache::kModelDtype;
+  launch_gather_paged_kv(gather, static_cast<int>(shape.num_seqs), cache, q.scalar_type() == at::kBFloat16,
+                         at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   KeyValueSource kv{};
   kv.key = g.key.data_ptr();
@@ -371,6 +376,8 @@ GatheredKeyValues gather_paged_source(PrefillParams& params, const at::Tensor& k
   kv.num_rows = rows;
   kv.cu_seqlens_k = g.starts.data_ptr<int32_t>();
   kv.seq_lens = params.kv.seq_lens;  // each sequence's length (its rows start at cu_seqlens_k)
+  kv.k_scale = params.kv.k_scale;    // an fp8 cache's, else null
+  kv.v_scale = params.kv.v_scale;
   params.kv = kv;
   return g;
 }
@@ -416,7 +423,7 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
   params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale);
   GatheredKeyValues gathered;  // BSA_PAGED_PREFILL=gather: lives until the stream has used it
   if (choose_paged_gather(params, settings))
-    gathered = gather_paged_source(params, key_cache, block_tables, seq_lens, args.shape);
+    gathered = gather_paged_source(params, q, key_cache, block_tables, seq_lens, args.shape);
   run_prefill(params, q, params.kv.paged() ? key_cache.scalar_type() : q.scalar_type(), settings);
 }
 

@@ -59,11 +59,19 @@ void launch_write_kv_cache_fp8(const void* key, const void* value, void* key_cac
   }
 }
 
-void launch_gather_paged_kv(const GatherParams& params, int num_seqs, cudaStream_t stream) {
+void launch_gather_paged_kv(const GatherParams& params, int num_seqs, GatherCache cache, bool bf16,
+                            cudaStream_t stream) {
   if (num_seqs == 0 || params.capacity == 0) return;
   const dim3 grid(static_cast<unsigned>((params.capacity + kGatherTokens - 1) / kGatherTokens),
                   static_cast<unsigned>(num_seqs));
-  gather_paged_kv_kernel<<<grid, kGatherThreads, 0, stream>>>(params);
+  auto launch = [&](auto element, auto stored) {
+    gather_paged_kv_kernel<decltype(element), decltype(stored)><<<grid, kGatherThreads, 0, stream>>>(params);
+  };
+  switch (cache) {
+    case GatherCache::kModelDtype: return launch(__half{}, __half{});  // bytes copied: fp16 stands for both
+    case GatherCache::kE4m3: return bf16 ? launch(__nv_bfloat16{}, __nv_fp8_e4m3{}) : launch(__half{}, __nv_fp8_e4m3{});
+    case GatherCache::kE5m2: return bf16 ? launch(__nv_bfloat16{}, __nv_fp8_e5m2{}) : launch(__half{}, __nv_fp8_e5m2{});
+  }
 }
 
 void launch_copy_blocks(const int64_t* cache_ptrs, const int64_t* mapping, int64_t num_pairs, int num_layers,

@@ -157,13 +157,13 @@ struct PagedRows {
 };
 
 // The gather of a batch's keys and values out of the paged cache into contiguous tensors
-// (cuda/kernels/kv_gather.cuh, BSA_PAGED_PREFILL=gather).
+// (cuda/kernels/kv_gather.cuh, BSA_PAGED_PREFILL=gather|auto).
 struct GatherParams {
-  KeyValueSource kv;  // paged (either layout), in the model's dtype
-  void* key_out;      // [num_seqs * capacity, Hkv, D] contiguous
+  KeyValueSource kv;  // paged (either layout), in the model's dtype or fp8
+  void* key_out;      // [num_seqs * capacity, Hkv, D] contiguous, in the model's dtype
   void* value_out;
   int capacity;       // rows a sequence may take: the block table's width times kvbs
-  int head_size;      // a multiple of 8 (16-byte chunks of 2-byte elements)
+  int head_size;      // a multiple of 8 (chunks of 8 elements)
   FastDivisor chunks_per_token;  // Hkv * head_size / 8
   FastDivisor chunks_per_row;    // head_size / 8
 
