@@ -151,6 +151,26 @@ def test_paged_chunked_fp8(kernel, paged_path, kv_block_size, head_dim, fp8, gen
                                                   f"kvbs={kv_block_size} (context, new)={seqs}")
 
 
+@pytest.mark.parametrize("fp8", (torch.float8_e4m3fn, torch.float8_e5m2), ids=("e4m3", "e5m2"))
+def test_paged_gather_fp16_model_over_fp8(kernel, monkeypatch, fp8, gen):
+    """The gather widening fp8 pages to fp16 (the other tests' models are bf16), scales not 1, against
+    the reference over the dequantized cache."""
+    monkeypatch.setenv("BSA_PAGED_PREFILL", "gather")
+    out, ref, _, seqs = run_prefill_fp8("cuda", torch.float16, fp8, 8, 2, 128, 16, "phi3", gen)
+    assert_close_to_ref(out, ref, torch.float16, f"{kernel} gather fp16 over {fp8} (context, new)={seqs}")
+
+
+@pytest.mark.parametrize("head_dim", (80, 96, 256), ids=lambda d: f"D{d}")
+def test_paged_gather_head_sizes(kernel, monkeypatch, head_dim, gen):
+    """Gathered K/V of head sizes below their family's padded width (the Hopper kernel's maps then read
+    columns past the row, as zeros) and head dim 256 (the portable kernel only)."""
+    if head_dim > 128 and kernel != "sm80":
+        pytest.skip("head dim 256 runs on the portable kernel only")
+    monkeypatch.setenv("BSA_PAGED_PREFILL", "gather")
+    pattern = make_pattern("qslide", 64, LOCAL, VERT, 8, 2)
+    run_paged_prefill("cuda", torch.bfloat16, 8, 2, head_dim, 16, [(0, 129), (1000, 300), (63, 2)], pattern, gen)
+
+
 @pytest.mark.parametrize("cache_dtype", (torch.bfloat16, torch.float8_e4m3fn), ids=("bf16", "e4m3"))
 @pytest.mark.parametrize("kv_block_size", (16, 64), ids=lambda x: f"kvbs{x}")
 def test_paged_bad_page_ids_read_zeros(kernel, paged_path, kv_block_size, cache_dtype, gen):

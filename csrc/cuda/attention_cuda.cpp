@@ -184,6 +184,8 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
   plan.cu_seqlens_q = params.cu_seqlens_q;
   plan.cu_seqlens_k = params.kv.cu_seqlens_k;
   plan.seq_lens = params.kv.seq_lens;  // paged, or gathered (BSA_PAGED_PREFILL=gather); null: cu_seqlens_k
+  const int64_t capacity = sequence_capacity(params);
+  plan.max_k_len = capacity > 0 ? static_cast<int>(std::min<int64_t>(capacity, INT_MAX)) : INT_MAX;
   plan.num_seqs = params.num_seqs;
   plan.block_m = block_m;
   plan.items = reinterpret_cast<PlanItem*>(ws);
@@ -347,7 +349,9 @@ GatheredKeyValues gather_paged_source(PrefillParams& params, const at::Tensor& q
                                       const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                       const AttentionShape& shape) {
   const int64_t capacity = block_tables.size(-1) * key_cache.size(2);
-  if (shape.num_q_tokens == 0 || capacity == 0 || shape.num_seqs * capacity > INT_MAX) return {};
+  // (gridDim.y of the gather takes the sequences: at most 65,535)
+  if (shape.num_q_tokens == 0 || capacity == 0 || shape.num_seqs * capacity > INT_MAX || shape.num_seqs > 65535)
+    return {};
   const int64_t rows = shape.num_seqs * capacity;
   GatheredKeyValues g;
   g.key = at::empty({rows, params.num_kv_heads, params.head_size}, key_cache.options().dtype(q.scalar_type()));

@@ -8,6 +8,7 @@
 // Also GatherParams::chunk_offsets, the gather of BSA_PAGED_PREFILL=gather: every chunk of every live
 // token once, at its row, from its page. Built and run by tests/test_cpp_checks.py; prints the first
 // mismatch and exits 1, else the number of checks.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <random>
@@ -121,8 +122,8 @@ bool check_shape() {
 }
 
 // GatherParams::chunk_offsets (BSA_PAGED_PREFILL=gather) against the table: every chunk of every
-// token below its sequence's length lands once, at row s * capacity + t, read from its page (or
-// zeros for a bad id), for both cache layouts.
+// token below its sequence's length (cut to the capacity: GatherParams::rows) lands once, at row
+// s * capacity + t, read from its page (or zeros for a bad or released id), for both cache layouts.
 bool check_gather(bool head_major_pages) {
   const int kv_block_size = std::vector<int>{1, 8, 16, 48, 64, 256}[uniform(0, 5)];
   const int head_size = 8 * uniform(1, 32), num_kv_heads = uniform(1, 4), num_blocks = uniform(1, 60);
@@ -130,8 +131,12 @@ bool check_gather(bool head_major_pages) {
   KeyValueSource kv = paged_cache(kv_block_size, head_size, num_kv_heads, num_blocks, head_major_pages);
   const int rows_per_seq = head_major_pages ? num_kv_heads : 1;  // table rows of a sequence
   std::vector<int32_t> tables(static_cast<size_t>(num_seqs) * rows_per_seq * width), lens(num_seqs);
-  for (int32_t& id : tables) id = uniform(0, 9) == 0 ? num_blocks + uniform(0, 2) : uniform(0, num_blocks - 1);
-  for (int32_t& len : lens) len = uniform(0, capacity);
+  for (int32_t& id : tables) {
+    const int kind = uniform(0, 9);
+    id = kind == 0 ? -uniform(1, 3) : kind == 1 ? num_blocks + uniform(0, 2) : uniform(0, num_blocks - 1);
+  }
+  // lengths past the capacity too (invalid input): the rows copied stop at it
+  for (int32_t& len : lens) len = uniform(0, 7) == 0 ? capacity + uniform(1, 50) : uniform(0, capacity);
   kv.block_tables = tables.data();
   kv.block_table_stride = int64_t{rows_per_seq} * width;
   kv.block_table_head_stride = head_major_pages ? width : 0;
@@ -144,8 +149,12 @@ bool check_gather(bool head_major_pages) {
   g.chunks_per_token = blocksparse_attn::FastDivisor(num_kv_heads * head_size / 8);
   g.chunks_per_row = blocksparse_attn::FastDivisor(head_size / 8);
   std::vector<char> written(static_cast<size_t>(num_seqs) * capacity * num_kv_heads * head_size / 8, 0);
-  for (int seq = 0; seq < num_seqs; ++seq)
-    for (int t = 0; t < lens[seq]; ++t)
+  for (int seq = 0; seq < num_seqs; ++seq) {
+    if (g.rows(seq) != std::min(lens[seq], capacity)) {
+      std::printf("gather: seq %d of length %d copies %d rows (capacity %d)\n", seq, lens[seq], g.rows(seq), capacity);
+      return false;
+    }
+    for (int t = 0; t < g.rows(seq); ++t)
       for (int c = 0; c < num_kv_heads * head_size / 8; ++c) {
         ++checks;
         int64_t src = 0, dst = 0;
@@ -166,6 +175,7 @@ bool check_gather(bool head_major_pages) {
           return false;
         }
       }
+  }
   return true;
 }
 

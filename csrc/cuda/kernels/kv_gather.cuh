@@ -38,9 +38,7 @@ __device__ __forceinline__ uint4 widen_fp8_chunk(const uint2& in) {
 template <typename Element, typename Cache>
 __global__ void __launch_bounds__(kGatherThreads) gather_paged_kv_kernel(const GatherParams p) {
   const int seq = blockIdx.y;
-  // A length past the capacity (invalid input, unchecked without BSA_CHECK_INPUTS) never writes
-  // outside the sequence's rows.
-  const int len = min(p.kv.seq_lens[seq], p.capacity);
+  const int len = p.rows(seq);
   const int token0 = blockIdx.x * kGatherTokens;
   if (token0 >= len) return;
   const int tokens = min(kGatherTokens, len - token0);

@@ -167,8 +167,12 @@ struct GatherParams {
   FastDivisor chunks_per_token;  // Hkv * head_size / 8
   FastDivisor chunks_per_row;    // head_size / 8
 
+  // The rows of sequence seq that are copied: its length, cut to the capacity (a length past it is
+  // invalid input, unchecked without BSA_CHECK_INPUTS, and never writes outside the sequence's rows).
+  BSA_HOST_DEVICE int rows(int seq) const { return kv.seq_lens[seq] < capacity ? kv.seq_lens[seq] : capacity; }
+
   // 8-element chunk c (c < chunks_per_token: kv head, then column) of token t of sequence seq (t <
-  // its length): its element offsets in the cache (src, where valid) and in the gathered tensors
+  // rows(seq)): its element offsets in the cache (src, where valid) and in the gathered tensors
   // (dst); valid is false where the page id is out of range (the chunk reads zeros; src 0). Host
   // and device: tests/cpp/paged_rows_check.cpp checks it against the table.
   BSA_HOST_DEVICE void chunk_offsets(int seq, int t, int c, int64_t& src, int64_t& dst, bool& valid) const {
@@ -277,6 +281,10 @@ struct PlanParams {
   const int32_t* cu_seqlens_q;  // [S + 1]
   const int32_t* cu_seqlens_k;  // [S + 1] or null
   const int32_t* seq_lens;      // [S] or null (then cu_seqlens_k)
+  // The most keys a sequence can hold: the block table's capacity for the paged cache and gathered
+  // K/V, INT_MAX for contiguous K/V. A length past it (invalid input, unchecked without
+  // BSA_CHECK_INPUTS) is cut to it, so no kernel reads past a sequence's table row or gathered rows.
+  int max_k_len;
   int num_seqs;
   int block_m;
   PlanItem* items;       // [max_tiles]

@@ -19,9 +19,15 @@ namespace blocksparse_attn {
 
 constexpr int kPlanThreads = 1024;
 
+// A sequence's keys: seq_lens where given (the paged cache, gathered K/V), else from cu_seqlens_k; cut to
+// max_k_len.
+__device__ __forceinline__ int plan_key_length(const PlanParams& p, int seq) {
+  return min(p.seq_lens ? p.seq_lens[seq] : p.cu_seqlens_k[seq + 1] - p.cu_seqlens_k[seq], p.max_k_len);
+}
+
 __device__ __forceinline__ void plan_tile_range(const PlanParams& p, int seq, int& first, int& last) {
   const int q_len = p.cu_seqlens_q[seq + 1] - p.cu_seqlens_q[seq];
-  const int k_len = p.seq_lens ? p.seq_lens[seq] : p.cu_seqlens_k[seq + 1] - p.cu_seqlens_k[seq];
+  const int k_len = plan_key_length(p, seq);
   if (q_len <= 0 || k_len <= 0 || q_len > k_len) {  // nothing to do (or invalid: never index with it)
     first = 0;
     last = -1;
@@ -78,7 +84,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_prefill_kernel(const PlanPa
     // Contiguous K/V start at cu_seqlens_k (paged: none); seq_lens, where given, is the length (the
     // paged cache, and gathered K/V, whose sequences take rows of a fixed capacity).
     item.k_begin = p.cu_seqlens_k ? p.cu_seqlens_k[seq] : 0;
-    item.k_len = p.seq_lens ? p.seq_lens[seq] : p.cu_seqlens_k[seq + 1] - item.k_begin;
+    item.k_len = plan_key_length(p, seq);
     for (int t = last; t >= first; --t, ++slot) {
       item.tile_index = t;
       p.items[slot] = item;
