@@ -161,12 +161,13 @@ def test_paged_gather_fp16_model_over_fp8(kernel, monkeypatch, fp8, gen):
 
 
 @pytest.mark.parametrize("head_dim", (80, 96, 256), ids=lambda d: f"D{d}")
-def test_paged_gather_head_sizes(kernel, monkeypatch, head_dim, gen):
-    """Gathered K/V of head sizes below their family's padded width (the Hopper kernel's maps then read
-    columns past the row, as zeros) and head dim 256 (the portable kernel only)."""
+def test_paged_head_sizes(kernel, paged_path, head_dim, gen):
+    """Head sizes below their family's padded width, from the pages (the Hopper kernel's paged TMA boxes
+    by 64-column block: eight a 64-key tile at kv block 16, where head dim 128 takes row groups) and
+    gathered (its maps read the columns past the row as zeros), and head dim 256 (the portable kernel
+    only)."""
     if head_dim > 128 and kernel != "sm80":
         pytest.skip("head dim 256 runs on the portable kernel only")
-    monkeypatch.setenv("BSA_PAGED_PREFILL", "gather")
     pattern = make_pattern("qslide", 64, LOCAL, VERT, 8, 2)
     run_paged_prefill("cuda", torch.bfloat16, 8, 2, head_dim, 16, [(0, 129), (1000, 300), (63, 2)], pattern, gen)
 
