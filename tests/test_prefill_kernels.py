@@ -236,6 +236,15 @@ def test_paged_auto_gathers_where_queries_cover_the_context(kernel, monkeypatch,
     assert_close_to_ref(out, ref, torch.bfloat16, f"{kernel} paged auto (context, new)={seqs}")
 
 
+def test_sm80_mask_with_a_sliding_step_near_int_max(kernel, gen):
+    """The portable kernel's element mask (sparse blocks of 16) tells a vertical block by its residue,
+    never forming j + off(h): the last head's offset here is 2^31 - 1, so the sum would overflow."""
+    if kernel != "sm80":
+        pytest.skip("sparse blocks of 16 run on the portable kernel only")
+    pattern = SparsePattern(16, 2, 3, 715827882)  # offsets 1, s + 1, 2s + 1, 3s + 1 = 2^31 - 1
+    run_varlen("cuda", torch.bfloat16, 4, 4, 128, [(300, 300), (77, 77)], pattern, gen)
+
+
 @pytest.mark.parametrize("order", ("tile", "kv_head"))
 @pytest.mark.parametrize("hq, hkv", ((8, 2), (6, 3), (4, 4)), ids=("gqa4", "gqa2", "mha"))
 def test_unit_orders(kernel, monkeypatch, order, hq, hkv, gen):

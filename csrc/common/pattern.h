@@ -156,7 +156,8 @@ BSA_HOST_DEVICE int band_start(const SparsePattern& p, int i) { return i - p.loc
 BSA_HOST_DEVICE bool block_visible(const SparsePattern& p, int h, int i, int j) {
   if (j > i) return false;
   if (!p.has_layout())
-    return i - j < p.local_blocks || p.vert_stride_divisor.mod(j + vertical_offset(p, h)) == 0;
+    // j + off(h) is a multiple of V, without forming the sum (which can pass 2^31 - 1)
+    return i - j < p.local_blocks || p.vert_stride_divisor.mod(j) == vertical_residue(p, h);
   if (i >= p.layout_rows) return false;
   const int32_t* crow = p.layout_crow + static_cast<int64_t>(h) * (p.layout_rows + 1);
   const int32_t* col = p.layout_col + static_cast<int64_t>(h) * p.layout_col_stride;

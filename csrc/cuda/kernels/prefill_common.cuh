@@ -57,6 +57,8 @@ __device__ __forceinline__ void resolve_prefill_item(const PrefillParams& params
     it.head = it.kv_head * heads_per_kv.divisor() + rest - tiles_back * heads_per_kv.divisor();
     it.tile_pos = (last_tile - tiles_back) * block_m;
   } else {
+    // units_per_item is Hq >> params.pack_gqa_shift, pack_shift the kernel's: the host packs heads
+    // only with 64-key fills (run_prefill), so the two shifts agree.
     it.head = (unit - anchor * params.units_per_item.divisor()) << pack_shift;
     it.kv_head = params.pattern.q_heads_per_kv_divisor.div(it.head);
     it.tile_pos = item.tile_index * block_m;
