@@ -178,12 +178,16 @@ prefill_sm80_kernel(const PrefillParams params) {
     copy_paged_kv_rows<Cache>(kv, pages, kv_head, key_tile * kPrefillBlockN, copy_row0, copy_col, head_size,
                               s_k + stage * Smem::kKeyTileBytes, s_v + stage * Smem::kKeyTileBytes, landed, landed);
   };
-  const int32_t* table_row = kv.paged() ? kv.table_row(seq, kv_head) : nullptr;
-  const int copy_rows_end = copy_col < head_size ? k_len : 0;
+  // The table row and the rows' end are worked out per lookup, not held across the main loop: held,
+  // they pushed the kernel past its 168 registers at sm_80 (24 bytes spilled, reloaded in the loop).
+  auto look_up_pages = [&](PagedRows<kCopies, kRowsPerCopy>& pages, int key_tile) {
+    pages.lookup(kv, kv.table_row(seq, kv_head), key_tile * kPrefillBlockN, copy_row0,
+                 copy_col < head_size ? k_len : 0);
+  };
   auto load_kv = [&](int key_tile, int stage) {
-    if (table_row != nullptr) {
+    if (kv.paged()) {
       PagedRows<kCopies, kRowsPerCopy> pages;
-      pages.lookup(kv, table_row, key_tile * kPrefillBlockN, copy_row0, copy_rows_end);
+      look_up_pages(pages, key_tile);
       load_paged_kv(key_tile, stage, pages);
     } else {
       copy_contiguous_kv_rows<Cache, kCopies, kRowsPerCopy>(
@@ -211,13 +215,12 @@ prefill_sm80_kernel(const PrefillParams params) {
   bool next_masked;
   bool has_next = cursor.next(next_tile, next_masked);
   auto look_ahead = [&] {
-    if (has_next && table_row != nullptr)
-      next_pages.lookup(kv, table_row, next_tile * kPrefillBlockN, copy_row0, copy_rows_end);
+    if (has_next && kv.paged()) look_up_pages(next_pages, next_tile);
   };
   look_ahead();
   auto issue_next = [&](int stage) {
     if (!has_next) return;
-    if (table_row != nullptr) {
+    if (kv.paged()) {
       load_paged_kv(next_tile, stage, next_pages);
     } else {
       load_kv(next_tile, stage);
