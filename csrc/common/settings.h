@@ -34,8 +34,8 @@ struct Settings {
   bool sm90_tma = true;       // BSA_SM90_TMA=0|1: the Hopper kernel's loads through the TMA where possible
   int sm90_stage_keys = 0;    // BSA_SM90_STAGE_KEYS=auto|64|128: its K/V fill shape (0 = auto)
   // BSA_PAGED_PREFILL=direct|gather|auto: a CUDA paged prefill reads the pages (direct), or copies the
-  // sequences' keys and values into contiguous tensors first and runs the contiguous path (gather;
-  // caches in the model's dtype), or gathers where the queries cover at least half of the gathered
+  // sequences' keys and values into contiguous tensors in the model's dtype first (fp8 pages widened)
+  // and runs the contiguous path (gather), or gathers where the queries cover at least half of the gathered
   // rows (auto). Direct stays the default until a device session times the other two.
   PagedPrefillChoice paged_prefill = PagedPrefillChoice::kDirect;
 };

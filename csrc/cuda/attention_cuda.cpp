@@ -346,9 +346,8 @@ struct GatheredKeyValues {
   at::Tensor key, value, starts;
 };
 GatheredKeyValues gather_paged_source(PrefillParams& params, const at::Tensor& q, const at::Tensor& key_cache,
-                                      const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                      const AttentionShape& shape) {
-  const int64_t capacity = block_tables.size(-1) * key_cache.size(2);
+                                      const at::Tensor& seq_lens, const AttentionShape& shape) {
+  const int64_t capacity = sequence_capacity(params);  // params.kv: the pages
   // (gridDim.y of the gather takes the sequences: at most 65,535)
   if (shape.num_q_tokens == 0 || capacity == 0 || shape.num_seqs * capacity > INT_MAX || shape.num_seqs > 65535)
     return {};
@@ -425,9 +424,9 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
   PrefillParams params = query_params(out, q, args, scale, lse);
   params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale);
-  GatheredKeyValues gathered;  // BSA_PAGED_PREFILL=gather: lives until the stream has used it
+  GatheredKeyValues gathered;  // BSA_PAGED_PREFILL=gather|auto: lives until the stream has used it
   if (choose_paged_gather(params, settings))
-    gathered = gather_paged_source(params, q, key_cache, block_tables, seq_lens, args.shape);
+    gathered = gather_paged_source(params, q, key_cache, seq_lens, args.shape);
   run_prefill(params, q, params.kv.paged() ? key_cache.scalar_type() : q.scalar_type(), settings);
 }
 
