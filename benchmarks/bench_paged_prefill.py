@@ -148,12 +148,13 @@ def main():
                                                                  out=out_chunk), args.warmup, args.repeats)}
         for name, (cache_dtype, s) in caches.items():
             key_cache, value_cache = filled_cache(k, v, tables, slots, args.kv_block, cache_dtype, s)
-            t[f"paged-{name}"] = timed_ms(lambda: ops.paged_prefill(
-                q, key_cache, value_cache, tables, cu, seq_lens, scale, pattern, out=out, k_scale=s, v_scale=s),
-                args.warmup, args.repeats)
-            t[f"chunk-{name}"] = timed_ms(lambda: ops.paged_prefill(
-                q_chunk, key_cache, value_cache, tables, cu_chunk, seq_lens, scale, pattern, out=out_chunk,
-                k_scale=s, v_scale=s), args.warmup, args.repeats)
+            with paged_prefill_path("direct"):
+                t[f"paged-{name}"] = timed_ms(lambda: ops.paged_prefill(
+                    q, key_cache, value_cache, tables, cu, seq_lens, scale, pattern, out=out, k_scale=s,
+                    v_scale=s), args.warmup, args.repeats)
+                t[f"chunk-{name}"] = timed_ms(lambda: ops.paged_prefill(
+                    q_chunk, key_cache, value_cache, tables, cu_chunk, seq_lens, scale, pattern, out=out_chunk,
+                    k_scale=s, v_scale=s), args.warmup, args.repeats)
             if args.gather:
                 with paged_prefill_path("gather"):
                     t[f"paged-{name}-gather"] = timed_ms(lambda: ops.paged_prefill(

@@ -112,13 +112,6 @@ constexpr int kSm90TurnBarrier = 4;       // + group: the group's turn to issue 
 #ifndef BSA_SM90_TURNS
 #define BSA_SM90_TURNS 1
 #endif
-// Build knob BSA_SM90_PAGED_TURNS=1: 64-key fills take turns on the paged TMA path only, where both
-// groups often wait for the same late fill and then contend for the MUFU and the tensor cores in
-// lockstep (ncu: `mio` stalls on the exponentials 5x those of contiguous K/V at kv block 16; turns
-// cost 7.6 % on contiguous K/V). Off until a device session times it (experiment).
-#ifndef BSA_SM90_PAGED_TURNS
-#define BSA_SM90_PAGED_TURNS 0
-#endif
 template <typename Tiling>
 __host__ __device__ constexpr bool sm90_turns() {
   return BSA_SM90_TURNS == 2 || (BSA_SM90_TURNS == 1 && Tiling::kTilesPerStage == 2);
