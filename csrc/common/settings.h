@@ -36,9 +36,10 @@ struct Settings {
   // BSA_PAGED_PREFILL=direct|gather|auto: a CUDA paged prefill reads the pages (direct), or copies the
   // sequences' keys and values into contiguous tensors in the model's dtype first (fp8 pages widened)
   // and runs the contiguous path (gather), or gathers where the queries cover at least half of the gathered
-  // rows (auto, the default: whole prompts gather, chunks over a longer context read the pages; on an
-  // H100 the gather took paged/varlen at 8k x 4 from 1.36 to 1.15x and at 32k from 1.22 to 1.01x, and
-  // lost on 2k chunks, 1.16-1.33x against direct's 1.16-1.22x).
+  // rows (auto, the default: whole prompts gather, chunks over a longer context read the pages, so the
+  // transient stays bounded by the batch). H100, kv block 16, paged/varlen of whole prompts at 8k x 4:
+  // e4m3 pages 1.08-1.10x gathered against 1.19-1.68x direct; bf16 pages 1.15-1.17x against 1.14-1.26x,
+  // a tie within the card's drift.
   PagedPrefillChoice paged_prefill = PagedPrefillChoice::kAuto;
 };
 
