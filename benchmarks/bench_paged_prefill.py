@@ -14,6 +14,9 @@ tables shuffled as after allocator churn, or in allocation order with --in-order
   paged-<cache>-gather, chunk-<cache>-gather  (--gather) paged and chunk from each cache with
                  BSA_PAGED_PREFILL=gather: the K/V copied out of the pages (fp8 widened) first, then the
                  contiguous path
+With --kernel-times, the kernels each of varlen, paged (direct) and paged-gather launches at every
+size, and their device time a call (torch.profiler): where a path's time goes (the gather's copy, the
+prefill on gathered K/V).
 The ratio columns are paged / varlen, chunk / chunk-varlen (model-dtype cache; with --gather also
 the gather's, each cache) and fp8 / model-dtype cache (1.00 = as fast).
 
@@ -47,6 +50,18 @@ def timed_ms(fn, warmup: int, repeats: int) -> float:
         e.record()
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def kernel_times(fn, runs: int = 5) -> list[tuple[str, float]]:
+    """The CUDA kernels one call of fn launches and their device time a call, us (torch.profiler)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]
+    return [(e.key, e.self_device_time_total / runs) for e in kernels]
 
 
 @contextlib.contextmanager
@@ -112,6 +127,9 @@ def main():
     ap.add_argument("--gather", action="store_true",
                     help="also time each cache with BSA_PAGED_PREFILL=gather (paged-<cache>-gather, "
                          "chunk-<cache>-gather)")
+    ap.add_argument("--kernel-times", action="store_true",
+                    help="also print the kernels of varlen, paged and paged-gather (bf16 cache) and their "
+                         "device time a call (torch.profiler)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
@@ -163,6 +181,16 @@ def main():
                     t[f"chunk-{name}-gather"] = timed_ms(lambda: ops.paged_prefill(
                         q_chunk, key_cache, value_cache, tables, cu_chunk, seq_lens, scale, pattern, out=out_chunk,
                         k_scale=s, v_scale=s), args.warmup, args.repeats)
+            if args.kernel_times and name == "bf16":
+                print(f"\n{seq_len} x {batch}, kernels a call (us):")
+                calls = {"varlen": ("direct", lambda: ops.varlen_prefill(q, k, v, cu, cu, scale, pattern, out=out))}
+                for path in ("direct", "gather"):
+                    calls[f"paged-{path}"] = (path, lambda: ops.paged_prefill(
+                        q, key_cache, value_cache, tables, cu, seq_lens, scale, pattern, out=out))
+                for label, (path, fn) in calls.items():
+                    with paged_prefill_path(path):
+                        for kernel, us in kernel_times(fn):
+                            print(f"  {label:>13}  {us:9.1f}  {kernel[:90]}")
             del key_cache, value_cache
         rows.append((seq_len, batch, t))
         torch.cuda.empty_cache()
