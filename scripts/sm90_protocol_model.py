@@ -5,18 +5,9 @@ GPU time.
 The producer and the two consumer groups run as generators that yield while a barrier wait blocks;
 barriers are counters. cp.async copies always land, so only program order and the barriers can
 block. Each unit is a list of fills (its key tiles, then its end record), each marked by whether it
-carries cp.async copies (published L fills later) or not (published at issue), and which of its
-tiles' values come through cp.async (with the fill) or the TMA. Configurations: key slots, value
-slots (equal and released together for shared stages, main's 64-key shape; separate rings for its
-128-key shape), Q buffers, fills in flight L, turns, values behind, Q buffers freed a unit late.
-
-Values behind (BSA_SM90_VALUES_BEHIND, 128-key fills): fill n brings the values of fill n - 1's TMA
-tiles into fill n - 1's value slot; values through cp.async still come with their own fill. The
-producer waits for value slot n - 1 when it brings such values and for slot n when the fill writes
-values of its own, or is an end record: the consumers release an end record's value slot as soon as
-they read it, so without that wait one group could release it while the other still reads the
-slot's previous fill (a phase mix, which the model found). The consumers are unchanged: P.V of fill
-n - 1 is issued after the wait for fill n.
+carries cp.async copies (published L fills later) or not (published at issue). Configurations: key
+slots, value slots (equal and released together for shared stages, main's 64-key shape; separate
+rings for its 128-key shape), Q buffers, fills in flight L, turns, Q buffers freed a unit late.
 
 The empties (key, value, Q) complete on both groups' arrivals (the kernel counts 2 x 128 threads):
 an arrival of one group for a phase the other has not finished would complete that phase early.
@@ -40,25 +31,25 @@ depend on the interleaving: each trial runs the processes in a random order, pre
 It found the Q-buffer hang fixed on 2026-11-26: with two Q buffers, units without key tiles in a
 row and Q through cp.async (`fix=False`: ~10 % of random sequences deadlock; with the fix, none).
 With Q buffers freed a unit late (deferred_q), the producer must also publish the first fill of the
-unit whose consumers free the buffer it waits for: without it 8 % (three buffers) and 29 % (two) of
+unit whose consumers free the buffer it waits for: without it 10 % (three buffers) and 30 % (two) of
 the sequences hung.
-The self-test at the end breaks the turn protocol on purpose and checks that the model notices.
+The self-tests at the end break the protocol on purpose (the turns, a late Q release with one
+buffer, a value slot's wait) and check that the model notices.
 """
 import random
 
 
-def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, behind=False, deferred_q=False):
+def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, deferred_q=False):
     """SK / SV: key / value slots; QB: Q buffers; L: fills in flight; split: a key slot is released
     after S, not with its value slot; fix: the producer publishes unit k - QB's fills before it waits
     for unit k's Q buffer (main since 2026-11-26), instead of assuming them out; turns: the consumer
     groups issue their products in turns; mutant: 'no bootstrap' (group 1 never hands group 0 its
-    first turn), 'no final sync' (group 0 never takes group 1's last hand-over) or 'no own-values wait'
-    or 'no end wait' (values behind: a fill writes values through cp.async, or an end record is
-    issued, without waiting for its value slot), for the self-test;
+    first turn), 'no final sync' (group 0 never takes group 1's last hand-over) or 'no value wait' (a
+    fill does not wait for its value slot), for the self-test;
     sched: a random.Random for the order the processes run in and for preemption (None: fixed order,
-    each process runs until it blocks); behind: values behind (above); deferred_q: a group frees unit
-    k's Q buffer after the wait for unit k + 1's first fill (BSA_SM90_STORE_READ_DEFERRED: the thread
-    that stored O through the TMA waits for its reads there)."""
+    each process runs until it blocks); deferred_q: a group frees unit k's Q buffer after the wait for
+    unit k + 1's first fill (BSA_SM90_STORE_READ_DEFERRED: the thread that stored O through the TMA
+    waits for its reads there)."""
     cnt, errors = {}, []
     preempted = [False]
     c = lambda b: cnt.get(b, 0)
@@ -93,15 +84,13 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
         def write(kind, slots, m):
             if not released(kind, slots, m):
                 errors.append(f"overwrite on {kind}: fill {m}'s slot before the consumers released it")
-        def begin_fill(own_values=True, previous_values=False):
+        def begin_fill():
             n = st['n']
             if n - L >= st['pub']:
                 publish(st['pub']); st['pub'] += 1
             if n >= SK:
                 yield from wait(lambda: ready(('kempty', n % SK), n // SK, 2))
-            if previous_values and n - 1 >= SV:
-                yield from wait(lambda: ready(('vempty', (n - 1) % SV), (n - 1) // SV, 2))
-            if own_values and n >= SV:
+            if n >= SV and mutant != 'no value wait':
                 yield from wait(lambda: ready(('vempty', n % SV), n // SV, 2))
             write('kempty' if split else 'vempty', SK if split else SV, n)
         for k, fills in enumerate(units + [None]):
@@ -122,19 +111,11 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                     publish(st['pub']); st['pub'] += 1
                 yield from wait(lambda: ready(('qempty', k % QB), k // QB, 2))
             st['firsts'].append(st['n'])
-            previous_tma = False  # the previous fill's TMA values, which this fill brings (behind)
-            for i, (copies, own_values, tma_values) in enumerate(fills):
+            for i, copies in enumerate(fills):
                 n = st['n']
-                if behind:
-                    end = i == len(fills) - 1
-                    own_wait = (own_values and mutant != 'no own-values wait') or (end and mutant != 'no end wait')
-                    yield from begin_fill(own_wait, previous_tma)
-                    if own_values: write('vempty', SV, n)
-                    if previous_tma: write('vempty', SV, n - 1)
-                    previous_tma = tma_values
-                else:
-                    yield from begin_fill()
-                    if own_values or tma_values: write('vempty', SV, n)
+                yield from begin_fill()
+                if i < len(fills) - 1:  # a tile fill's values (an end record has none)
+                    write('vempty', SV, n)
                 if not copies:
                     arrive(('full', n % SK)); early.add(n)
                 st['n'] += 1
@@ -209,12 +190,11 @@ def random_units(rng, n_units, p_zero, p_copies, q_cp_async):
     for _ in range(n_units):
         tiles = 0 if rng.random() < p_zero else rng.randint(1, 6)
         fills = []
-        for i in range(tiles + 1):  # tile fills, then the end record: (copies, own values, TMA values)
+        for i in range(tiles + 1):  # tile fills, then the end record: whether each carries copies
             first = i == 0
             end = i == tiles
-            own_values = not end and rng.random() < p_copies  # a tile through cp.async
-            tma_values = not end and (not own_values or rng.random() < 0.5)  # a 128-key fill may mix both
-            fills.append(((first and q_cp_async) or own_values, own_values, tma_values))
+            copies = (first and q_cp_async) or (not end and rng.random() < p_copies)  # Q or a tile through cp.async
+            fills.append(copies)
         units.append(fills)
     return units
 
@@ -230,10 +210,9 @@ if __name__ == "__main__":
         "64-key, 2 Q (BSA_SM90_Q_BUFFERS=2)": (4, 4, 2, 2, False, False),
         "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True, False),
         "main 128-key, turns": (2, 3, 2, 2, True, True),
-        "128-key, turns, values behind": (2, 3, 2, 2, True, True, True),
-        "64-key, Q freed a unit late (deferred)": (4, 4, 3, 2, False, False, False, True),
-        "64-key, 2 Q, Q freed a unit late": (4, 4, 2, 2, False, False, False, True),
-        "64-key, turns, Q freed a unit late": (4, 4, 3, 2, False, True, False, True),
+        "64-key, Q freed a unit late (deferred)": (4, 4, 3, 2, False, False, True),
+        "64-key, 2 Q, Q freed a unit late": (4, 4, 2, 2, False, False, True),
+        "64-key, turns, Q freed a unit late": (4, 4, 3, 2, False, True, True),
         "64-key, turns (BSA_SM90_TURNS=2)": (4, 4, 2, 2, False, True),
         "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False, False),
         "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False),
@@ -244,12 +223,12 @@ if __name__ == "__main__":
     samples = [random_units(rng, rng.randint(1, 12), rng.choice([0, 0.3, 0.8]), rng.choice([0, 0.2, 1]),
                             rng.random() < 0.3) for _ in range(trials)]
     for fix in (False, True):
-        for name, (SK, SV, QB, L, split, turns, *extra) in configs.items():
-            behind, deferred_q = (list(extra) + [False, False])[:2]
+        for name, (SK, SV, QB, L, split, turns, *deferred) in configs.items():
+            deferred_q = bool(deferred and deferred[0])
             results = {}
             for trial, units in enumerate(samples):
                 key = outcome(run(units, SK, SV, QB, L, split, fix, turns, sched=random.Random(trial),
-                                  behind=behind, deferred_q=deferred_q))
+                                  deferred_q=deferred_q))
                 results[key] = results.get(key, 0) + 1
             print(f"fix={fix!s:5} {name:40} {results}")
 
@@ -274,13 +253,12 @@ if __name__ == "__main__":
         results[key] = results.get(key, 0) + 1
     print(f"self-test one Q buffer, freed late  {results}")
     assert results == {"deadlock": len(several)}, "the model misses a late Q release with one buffer"
-    # ... and values behind without a fill's wait for its own value slot must overwrite values in use,
-    # without an end record's, mix the groups' phases.
-    SK, SV, QB, L, split, turns, behind = configs["128-key, turns, values behind"]
-    for mutant, error in (("no own-values wait", "overwrite"), ("no end wait", "phase mix")):
-        results = {}
-        for trial, units in enumerate(samples[:300]):
-            key = outcome(run(units, SK, SV, QB, L, split, True, turns, mutant, random.Random(trial), behind))
-            results[key] = results.get(key, 0) + 1
-        print(f"self-test {mutant:18} 128-key, turns, values behind  {results}")
-        assert any(error in key for key in results), f"the model misses a broken values-behind protocol ({mutant})"
+    # ... and a fill that does not wait for its value slot (split rings: the key slot's wait does not
+    # cover it) must overwrite values in use: the overwrite check's own test.
+    SK, SV, QB, L, split, turns = configs["main 128-key (2 + 3 split rings, 2 Q)"]
+    results = {}
+    for trial, units in enumerate(samples[:300]):
+        key = outcome(run(units, SK, SV, QB, L, split, True, turns, "no value wait", random.Random(trial)))
+        results[key] = results.get(key, 0) + 1
+    print(f"self-test no value wait  main 128-key (2 + 3 split rings, 2 Q)    {results}")
+    assert any("overwrite" in key for key in results), "the model misses an overwritten value slot"

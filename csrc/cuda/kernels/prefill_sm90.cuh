@@ -111,15 +111,6 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 #define BSA_SM90_END_HINT 0
 #endif
 
-// Build knob BSA_SM90_VALUES_BEHIND=1: 128-key fills bring the keys of their own tiles and the values
-// of the previous fill's (FA3's and FA4's load order), so that a consumer's wait for fill n (S of
-// fill n, P.V of fill n - 1) does not also wait for values it reads one fill later, and the value
-// ring gates the producer a P.V later. Values through cp.async still come with their own fill.
-// Off by default until a device session times it (experiment).
-#ifndef BSA_SM90_VALUES_BEHIND
-#define BSA_SM90_VALUES_BEHIND 0
-#endif
-
 // BSA_SM90_STORE_READ_DEFERRED where it applies: two or more Q buffers, 64-key fills (the 128-key
 // kernel spilled 4 B more with it). The producer then also publishes the first fill of the unit
 // whose consumers free the Q buffer it waits for (scripts/sm90_protocol_model.py found the hang
@@ -127,12 +118,6 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 template <typename Tiling>
 constexpr bool kSm90StoreReadDeferred =
     BSA_SM90_STORE_READ_DEFERRED && Tiling::kQBuffers >= 2 && Tiling::kTilesPerStage == 1;
-
-// What a whole tile brings through the TMA in one fill (sm90_producer's load_kv): its keys, its
-// values or both.
-constexpr int kKeyBoxes = 1, kValueBoxes = 2;
-template <int kBoxes>
-using Sm90Boxes = std::integral_constant<int, kBoxes>;
 
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
@@ -192,12 +177,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     ptx::fence_proxy_async_shared();
     ptx::mbarrier_arrive(&shared.full[fill % kKeySlots]);
   };
-  // Waits for the slots fill n writes: its key slot, and the value slots of fill n (own_values) and
-  // of fill n - 1 (previous_values: values behind, BSA_SM90_VALUES_BEHIND). Value slot m is waited
-  // for at fill m or m + 1, before any group can release the slot's next fill (it needs fill m + 1
-  // or, for an end record, fill m itself, published): no wait sees two phases pass, and no group's
-  // release joins the other group's phase (scripts/sm90_protocol_model.py checks both).
-  auto begin_fill = [&](bool own_values = true, bool previous_values = false) {
+  // Waits for the slots fill n writes (an end record's too): its key slot (split rings) and its value
+  // slot, before fill n is published, so before any group can release them again: no wait sees two
+  // phases pass, and no group's release joins the other group's phase (scripts/sm90_protocol_model.py
+  // checks both).
+  auto begin_fill = [&] {
     if (n - Tiling::kLoadsInFlight >= next_publish) {
       ptx::cp_async_wait<Tiling::kLoadsInFlight - 1>();  // fills up to n - kLoadsInFlight have landed
       publish(next_publish++);
@@ -206,11 +190,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     if constexpr (Tiling::kSplitRings) {
       if (n >= kKeySlots) ptx::mbarrier_wait(&shared.key_empty[fill.key_slot], ((n / kKeySlots) + 1) & 1);
     }
-    const int previous = n - 1;
-    if (previous_values && previous >= kValueSlots)
-      ptx::mbarrier_wait(&shared.value_empty[previous % kValueSlots], ((previous / kValueSlots) + 1) & 1);
-    if (own_values && n >= kValueSlots)
-      ptx::mbarrier_wait(&shared.value_empty[fill.value_slot], ((n / kValueSlots) + 1) & 1);
+    if (n >= kValueSlots) ptx::mbarrier_wait(&shared.value_empty[fill.value_slot], ((n / kValueSlots) + 1) & 1);
     return fill;
   };
 
@@ -360,12 +340,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     };
     // The stage layout (fp8 pages never come through the TMA: by column block, known at compile time).
     const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(!kFp8Pages && maps.kv_row_groups);
-    // box_page: this lane's page, looked up a fill ahead (kPagesAhead). boxes (kKeyBoxes,
-    // kValueBoxes or both): what a whole tile brings through the TMA (values behind: its keys, then
-    // with the next fill its values, fill.value_slot naming the earlier fill's slot); a tile through
-    // cp.async always brings both.
-    auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot, int box_page, auto boxes) -> bool {
-      constexpr bool kKeys = decltype(boxes)::value & kKeyBoxes, kValues = decltype(boxes)::value & kValueBoxes;
+    // box_page: this lane's page, looked up a fill ahead (kPagesAhead).
+    auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot, int box_page) -> bool {
       const int pos0 = key_tile * 64;
       unsigned char* dst_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
       unsigned char* dst_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
@@ -382,20 +358,20 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
           if (tid == 0 && !own_expect)
-            ptx::mbarrier_expect_tx(landed, (kKeys + kValues) * (kHeadDim / 64) * kBoxBytes);
+            ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
             if (tid == 0) {
               const int token = k_begin + pos0;
               if (maps.kv_row_groups) {
-                if (kKeys) ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
-                if (kValues) ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
+                ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
+                ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
               } else {
 #pragma unroll
                 for (int block = 0; block < kHeadDim / 64; ++block) {
                   const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
-                  if (kKeys) ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
-                  if (kValues) ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
+                  ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
+                  ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
                 }
               }
             }
@@ -414,14 +390,14 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             const int dst = tile_dst + sm90_kv_offset(layout, box_row, box_block * 64);
             if (own_expect) {  // kv_page_rows rows of 128-byte column blocks: kHeadDim / 64 of them, or one
               const uint32_t box_bytes = maps.kv_page_rows * 128 * ((kHeadDim / 64) >> box_shift);
-              ptx::mbarrier_expect_tx(landed, (kKeys + kValues) * box_bytes);
+              ptx::mbarrier_expect_tx(landed, 2 * box_bytes);
             }
             if (maps.kv_row_groups) {
-              if (kKeys) ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
-              if (kValues) ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
+              ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
+              ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
             } else {
-              if (kKeys) ptx::tma_load_3d(dst_k + dst, &maps.key, box_block * 64, in_page, slab, landed);
-              if (kValues) ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
+              ptx::tma_load_3d(dst_k + dst, &maps.key, box_block * 64, in_page, slab, landed);
+              ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
             }
           }
         }
@@ -511,13 +487,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       }
     };
     if constexpr (kTilesAhead) walk_fill();
-    // kValuesBehind (BSA_SM90_VALUES_BEHIND): the previous fill's tiles through the TMA, whose values
-    // this fill brings (-1: none; a unit's first fill follows an end record, which has no tiles).
-    constexpr bool kValuesBehind = kTilesAhead && BSA_SM90_VALUES_BEHIND;
-    constexpr int kOwnBoxes = kValuesBehind ? kKeyBoxes : kKeyBoxes | kValueBoxes;  // a TMA tile's, with its fill
-    int behind_tiles[kSlots];
-#pragma unroll
-    for (int slot = 0; slot < kSlots; ++slot) behind_tiles[slot] = -1;
     // kLookAhead: the tile after key_tile walked and its page ids looked up. TMA pages do it once
     // key_tile's fill is issued and published, so a freed slot is refilled without the walk and the
     // lookup in between (ncu, paged 8k x 4 at kv block 8192: the consumers waited for fills 2.5x as
@@ -533,22 +502,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     };
     for (;; ++n) {
       if constexpr (kFp8Pages) load_fp8_rows(ahead_tile, ahead_page);
-      bool own_values = true, previous_values = false;
-      if constexpr (kValuesBehind) {
-        // This fill's value slot takes the values of its tiles through cp.async (a partial tile, or
-        // zeros for an empty second slot); the previous fill's value slot those of its TMA tiles. An
-        // end record writes none, but waits for its slot: the consumers release it as soon as they
-        // read the record, which one group could otherwise do while the other still reads the slot's
-        // previous fill (its arrivals would complete that phase).
-        own_values = fill_tiles[0] < 0;
-#pragma unroll
-        for (int slot = 0; slot < kSlots; ++slot) {
-          const bool loads = fill_tiles[slot] >= 0 || (slot > 0 && fill_tiles[0] >= 0);
-          own_values |= loads && !tma_tile(fill_tiles[slot]);
-          previous_values |= behind_tiles[slot] >= 0;
-        }
-      }
-      const Sm90Fill fill = begin_fill(own_values, previous_values);
+      const Sm90Fill fill = begin_fill();
       const int key_slot = fill.key_slot;  // the fill's full barrier and record
       if (query_pending) {
         query_pending = false;
@@ -583,20 +537,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         }
         if (slot == 0) first_tile = key_tile;
         if (key_tile >= 0 || (slot > 0 && first_tile >= 0))  // an empty second slot: zeros
-          copies |= load_kv(key_tile, fill, slot, page, Sm90Boxes<kOwnBoxes>{});
+          copies |= load_kv(key_tile, fill, slot, page);
         if (tid == 0) {
           shared.records[key_slot].key_tile[slot] = key_tile;
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) shared.records[key_slot].flags[g][slot] = flags[g];
-        }
-      }
-      if constexpr (kValuesBehind) {
-        // fill n - 1's value slot, this fill's barrier
-        const Sm90Fill behind = {key_slot, (n + kValueSlots - 1) % kValueSlots};
-#pragma unroll
-        for (int slot = 0; slot < kSlots; ++slot) {
-          if (behind_tiles[slot] >= 0) load_kv(behind_tiles[slot], behind, slot, -1, Sm90Boxes<kValueBoxes>{});
-          behind_tiles[slot] = tma_tile(fill_tiles[slot]) ? fill_tiles[slot] : -1;
         }
       }
       if (tid == 0) shared.records[key_slot].unit = unit;
