@@ -3,7 +3,8 @@
 Contiguous K/V (varlen_prefill) by default; --paged reads them from a paged cache (kv block
 --kv-block, shuffled block tables as in bench_paged_prefill.py, --cache-dtype auto|e4m3|e5m2), and
 --chunk N makes the call the last N queries of each prompt against the whole context (a chunked
-prefill; with --paged, the context in the cache, read directly unless --paged-path says otherwise). Phi-3-small layer and pattern (--dense-pattern: dense causal, as bench_prefill.py's), bf16.
+prefill; with --paged, the context in the cache, read directly unless --paged-path says otherwise).
+Phi-3-small layer and pattern (--dense-pattern: dense causal, as bench_prefill.py's), bf16.
 
     ncu --kernel-name regex:prefill_sm90 --launch-skip 1 --launch-count 1 python3 benchmarks/profile_prefill.py
     ncu ... python3 benchmarks/profile_prefill.py --paged --kv-block 16 --cache-dtype e4m3 --chunk 2048
