@@ -173,14 +173,29 @@ struct GatherParams {
 
   // 8-element chunk c (c < chunks_per_token: kv head, then column) of token t of sequence seq (t <
   // rows(seq)): its element offsets in the cache (src, where valid) and in the gathered tensors
-  // (dst); valid is false where the page id is out of range (the chunk reads zeros; src 0). Host
-  // and device: tests/cpp/paged_rows_check.cpp checks it against the table.
-  BSA_HOST_DEVICE void chunk_offsets(int seq, int t, int c, int64_t& src, int64_t& dst, bool& valid) const {
+  // (dst); valid is false where the page id is out of range (the chunk reads zeros; src 0). Two
+  // steps, so that a kernel can issue the table reads of many chunks before it waits for one: the
+  // table entry that holds the chunk's page id (inside the row, as t < capacity), then the offsets
+  // from that id. Host and device: tests/cpp/paged_rows_check.cpp checks both against the table.
+  template <bool kPowerOfTwo>
+  BSA_HOST_DEVICE const int32_t* chunk_page_entry(int seq, int t, int c) const {
+    return kv.table_row(seq, chunks_per_row.div(c)) + kv.page_index_as<kPowerOfTwo>(t);
+  }
+  template <bool kPowerOfTwo>
+  BSA_HOST_DEVICE void chunk_offsets(int page, int seq, int t, int c, int64_t& src, int64_t& dst, bool& valid) const {
     const int head = chunks_per_row.div(c), col = (c - head * chunks_per_row.divisor()) * 8;
-    valid = true;
-    src = kv.paged_row_offset(seq, head, t, kv.seq_lens[seq], col, head_size, valid);
-    src = valid ? src : 0;  // a bad id's offset never becomes an address, even speculatively
+    valid = page >= 0 && page < kv.num_cache_blocks;
+    // a bad id's offset never becomes an address, even speculatively
+    src = valid ? kv.page_offset(page, head) + static_cast<int64_t>(kv.row_in_page_as<kPowerOfTwo>(t)) * head_size + col
+                : 0;
     dst = ((static_cast<int64_t>(seq) * capacity + t) * chunks_per_token.divisor() + c) * 8;
+  }
+  BSA_HOST_DEVICE void chunk_offsets(int seq, int t, int c, int64_t& src, int64_t& dst, bool& valid) const {
+    if (kv.kv_block_shift >= 0) {
+      chunk_offsets<true>(*chunk_page_entry<true>(seq, t, c), seq, t, c, src, dst, valid);
+    } else {
+      chunk_offsets<false>(*chunk_page_entry<false>(seq, t, c), seq, t, c, src, dst, valid);
+    }
   }
 };
 
