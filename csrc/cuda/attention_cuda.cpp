@@ -277,12 +277,6 @@ KeyValueSource paged_source(const at::Tensor& key_cache, const at::Tensor& value
   // The kernels form a page's offset as one 32 x 32-bit product (KeyValueSource::page_offset).
   TORCH_CHECK(key_cache.stride(0) <= INT32_MAX && key_cache.stride(1) <= INT32_MAX,
               "key_cache: a cache block's stride must be below 2^31 elements, got strides ", key_cache.strides());
-  // ... and a table row's address in 32 bits (KeyValueSource::table_row).
-  int64_t last_entry = 0;
-  for (int64_t d = 0; d < block_tables.dim(); ++d) last_entry += (block_tables.size(d) - 1) * block_tables.stride(d);
-  TORCH_CHECK(block_tables.numel() == 0 || last_entry <= INT32_MAX,
-              "block_tables: its entries must lie within 2^31 elements, got sizes ", block_tables.sizes(),
-              " and strides ", block_tables.strides());
   if (per_kv_head_tables(block_tables)) {  // a row per (sequence, kv head), one kv head per page
     kv.block_table_head_stride = block_tables.stride(1);
     kv.cache_head_stride = 0;

@@ -1,11 +1,9 @@
 // PagedRows (csrc/cuda/kernels/params.h), the paged K/V row addressing the kernels' cp.async copies
 // use, against the table read row by row: for kv block sizes that are powers of two and multiples of a
-// sparse block, tables with bad ids (negative, NB and beyond), tile positions (multiples of the rows'
-// span, as the kernels' tiles), thread rows, row ends and column offsets at random, and the kernels'
-// row shapes (kRows x kRowStep), through the row groups with_layout picks. Per row: whether it reads,
-// its element offset where it reads, an offset inside the cache where it does not; per tile: one
-// table read a page the live rows touch (a live row where kvbs is not a power of two). The table is
-// sized to the entries the live rows
+// sparse block, tables with bad ids (negative, NB and beyond), tile positions, thread rows, row ends
+// and column offsets at random, and the kernels' row shapes (kRows x kRowStep). Per row: whether it
+// reads, its element offset where it reads, an offset inside the cache where it does not; per tile:
+// one table read per page the live rows touch. The table is sized to the entries the live rows
 // address (built with AddressSanitizer where the compiler has it, a read past them fails).
 // Also GatherParams::chunk_offsets, the gather of BSA_PAGED_PREFILL=gather: every chunk of every live
 // token once, at its row, from its page. Built and run by tests/test_cpp_checks.py; prints the first
@@ -48,8 +46,7 @@ bool check_case(int kv_block_size, bool head_major_pages) {
   KeyValueSource kv = paged_cache(kv_block_size, head_size, num_kv_heads, num_blocks, head_major_pages);
   const int64_t cache_elems = kv.cache_block_stride * num_blocks;
   const int kv_head = head_major_pages ? 0 : uniform(0, num_kv_heads - 1);
-  // the kernels' tiles start at multiples of their rows' span
-  const int pos0 = uniform(0, 4096 / (kRows * kRowStep)) * kRows * kRowStep, row0 = uniform(0, kRowStep - 1), col = uniform(0, head_size / 8 - 1) * 8;
+  const int pos0 = uniform(0, 4096), row0 = uniform(0, kRowStep - 1), col = uniform(0, head_size / 8 - 1) * 8;
   const int first = pos0 + row0, last = first + (kRows - 1) * kRowStep;
   // rows_end: before the first row, inside the rows, past them, or 0 (a tile that reads nothing).
   const int choice = uniform(0, 3);
@@ -65,21 +62,15 @@ bool check_case(int kv_block_size, bool head_major_pages) {
   }
 
   PagedRows<kRows, kRowStep> rows;
+  rows.lookup(kv, table.data(), pos0, row0, rows_end);
   int64_t offset[kRows];
   bool valid[kRows];
-  int visits = 0, group = 0;
+  int visits = 0;
   bool in_order = true;
-  PagedRows<kRows, kRowStep>::with_layout(kv, [&](auto group_size, auto power_of_two) {
-    constexpr int kGroup = decltype(group_size)::value;
-    constexpr bool kPowerOfTwo = decltype(power_of_two)::value;
-    group = kGroup;
-    rows.template lookup<kGroup, kPowerOfTwo>(kv, table.data(), pos0, row0, rows_end);
-    rows.template for_each_row<kGroup, kPowerOfTwo>(kv, kv_head, pos0, row0, col, head_size,
-                                                    [&](int u, int64_t row_offset, bool reads) {
-                                                      in_order = in_order && u == visits++;
-                                                      offset[u] = row_offset;
-                                                      valid[u] = reads;
-                                                    });
+  rows.for_each_row(kv, kv_head, pos0, row0, col, head_size, [&](int u, int64_t row_offset, bool reads) {
+    in_order = in_order && u == visits++;
+    offset[u] = row_offset;
+    valid[u] = reads;
   });
   if (visits != kRows || !in_order) {
     std::printf("PagedRows<%d, %d>: %d rows visited, in order: %d\n", kRows, kRowStep, visits, in_order);
@@ -109,19 +100,13 @@ bool check_case(int kv_block_size, bool head_major_pages) {
       return false;
     }
   }
-  // One table read a group whose first row is live; as many as the pages the live rows touch where
-  // kvbs is a power of two (the groups are as large as the pages allow), one a live row elsewhere.
-  size_t table_reads = 0, live_rows = 0;
-  for (int u = 0; u < kRows; ++u) {
-    const bool live = first + u * kRowStep < rows_end;
-    live_rows += live;
-    table_reads += live && u % group == 0;
-  }
-  const bool power_of_two = (kv_block_size & (kv_block_size - 1)) == 0;
-  if (table_reads != (power_of_two ? pages_touched.size() : live_rows)) {
-    std::printf("PagedRows<%d, %d>: kvbs %d, pos0 %d, row0 %d, rows_end %d: groups of %d, %zu table reads for %zu "
-                "pages\n",
-                kRows, kRowStep, kv_block_size, pos0, row0, rows_end, group, table_reads, pages_touched.size());
+  unsigned live = 0;  // the rows that read their table entry: the live ones that start a run
+  for (int u = 0; u < kRows; ++u)
+    if (first + u * kRowStep < rows_end) live |= 1u << u;
+  const size_t table_reads = __builtin_popcount(rows.starts & live);
+  if (table_reads != pages_touched.size()) {
+    std::printf("PagedRows<%d, %d>: kvbs %d, pos0 %d, row0 %d, rows_end %d: %zu table reads for %zu pages\n", kRows,
+                kRowStep, kv_block_size, pos0, row0, rows_end, table_reads, pages_touched.size());
     return false;
   }
   return true;

@@ -93,11 +93,10 @@ __device__ __forceinline__ void convert_fp8_tile(const unsigned char* src, void*
   }
 }
 
-// Copies a paged tile's rows whose pages `rows` holds (looked up with the same kGroup, kPowerOfTwo,
-// pos0, row0 and kRowStep; a row without a page reads zeros) into shared memory with 16-byte cp.async,
-// as copy_kv_rows below does.
-template <typename Cache, int kGroup, bool kPowerOfTwo, int kCopies, int kRowStep, typename DstOffset,
-          typename ValueOffset>
+// Copies a paged tile's rows whose pages `rows` holds (looked up for the same pos0, row0 and
+// kRowStep; a row without a page reads zeros) into shared memory with 16-byte cp.async, as
+// copy_kv_rows below does.
+template <typename Cache, int kCopies, int kRowStep, typename DstOffset, typename ValueOffset>
 __device__ __forceinline__ void copy_paged_kv_rows(const KeyValueSource& kv, const PagedRows<kCopies, kRowStep>& rows,
                                                    int kv_head, int pos0, int row0, int col, int head_size,
                                                    void* dst_k, void* dst_v, DstOffset dst_offset,
@@ -106,13 +105,11 @@ __device__ __forceinline__ void copy_paged_kv_rows(const KeyValueSource& kv, con
   const Cache* value = static_cast<const Cache*>(kv.value);
   unsigned char* to_k = static_cast<unsigned char*>(dst_k);
   unsigned char* to_v = static_cast<unsigned char*>(dst_v);
-  rows.template for_each_row<kGroup, kPowerOfTwo>(kv, kv_head, pos0, row0, col, head_size,
-                                                  [&](int u, int64_t offset, bool valid) {
-                                                    const int row = row0 + u * kRowStep;
-                                                    ptx::cp_async_16(to_k + dst_offset(row, col), key + offset, valid);
-                                                    ptx::cp_async_16(to_v + value_offset(row, col), value + offset,
-                                                                     valid);
-                                                  });
+  rows.for_each_row(kv, kv_head, pos0, row0, col, head_size, [&](int u, int64_t offset, bool valid) {
+    const int row = row0 + u * kRowStep;
+    ptx::cp_async_16(to_k + dst_offset(row, col), key + offset, valid);
+    ptx::cp_async_16(to_v + value_offset(row, col), value + offset, valid);
+  });
 }
 
 // Copies rows of contiguous keys and values into shared memory, as copy_kv_rows below does (col_valid:

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "common/pattern.h"
 
@@ -50,11 +49,8 @@ struct KeyValueSource {
   const float* v_scale;
   BSA_HOST_DEVICE bool paged() const { return block_tables != nullptr; }
   // The table row kv head kv_head of sequence seq reads its pages from.
-  // In 32 bits: a table's entries lie within 2^31 elements (the host checks it), where the 64-bit
-  // products cost the portable prefill ~10 instructions a tile.
   BSA_HOST_DEVICE const int32_t* table_row(int seq, int kv_head) const {
-    return block_tables +
-           (seq * static_cast<int>(block_table_stride) + kv_head * static_cast<int>(block_table_head_stride));
+    return block_tables + seq * block_table_stride + kv_head * block_table_head_stride;
   }
   // A key position's entry in its table row and its row in that page: shifts where kvbs is a power
   // of two (an integer division by a run-time divisor is ~20 instructions, paid per row by the
@@ -96,78 +92,75 @@ struct KeyValueSource {
   }
 };
 
-// The cache pages of one thread's rows of a key tile: rows row0 + u * kRowStep (u < kRows, row0 <
-// kRowStep) of the tile at key position pos0, a multiple of kRows * kRowStep (the kernels' tiles are
-// aligned). Where kv blocks are powers of two, rows of a thread share pages in aligned groups of
-// kGroup = kvbs / kRowStep (at most kRows: with kv blocks of 16, the four rows a thread copies of a
-// 32-key tile are two pairs): one table read and one page offset a group, then a fixed step a row.
-// The group is a template argument (with_layout picks it per call from the cache, a uniform branch):
-// as run-time per-row bits, the portable prefill paid ~140 SASS instructions a tile more than over
-// contiguous K/V. `lookup` issues the table reads and nothing waits for them until `for_each_row`, so a
-// kernel can look a tile's pages up an iteration before its copy and let the reads' latency pass under
-// other work. Host and device: tests/cpp/paged_rows_check.cpp checks the offsets against the table, row
-// by row, and one table read a page.
+// The cache pages of one thread's rows of a key tile: rows row0 + u * kRowStep (u < kRows) of the tile
+// at key position pos0, each page's table entry read once (with kv blocks of 16, the four rows a
+// thread copies of a 32-key tile lie in two pages). `lookup` issues the table reads and nothing
+// waits for them until `for_each_row`, so a kernel can look a tile's pages up an iteration before its
+// copy and let the reads' latency pass under other work. Host and device:
+// tests/cpp/paged_rows_check.cpp checks the offsets against the table, row by row.
 template <int kRows, int kRowStep>
 struct PagedRows {
-  static_assert(kRows > 0 && (kRows & (kRows - 1)) == 0, "rows in groups of powers of two");
-  // page[g * kGroup]: the page id of group g's rows (-1 where none of them is live); other entries unused.
+  static_assert(kRows <= 32, "one bit a row");
+  // Rows share what the first of them holds: page[u] is set where bit u of `starts` is (the row
+  // starts a run of rows in one page, or the run of rows past rows_end, whose id is -1), -1 elsewhere.
   int page[kRows];
-  int live_rows;  // rows u < live_rows lie before rows_end; the others read zeros
+  unsigned starts;
 
-  // Calls f(std::integral_constant<int, kGroup>, std::bool_constant<kPowerOfTwo>) with this cache's
-  // group (1 where kvbs is not a power of two; at most kGroup, the template argument, a power of two
-  // up to kRows) and whether kvbs is a power of two; lookup and for_each_row take the same two.
-  template <int kGroup = kRows, typename F>
-  BSA_HOST_DEVICE static void with_layout(const KeyValueSource& kv, F&& f) {
-    static_assert(kGroup > 0 && kGroup <= kRows && (kGroup & (kGroup - 1)) == 0, "a power of two up to kRows");
-    if constexpr (kGroup == 1) {
-      if (kv.kv_block_shift >= 0) {
-        f(std::integral_constant<int, 1>{}, std::true_type{});
-      } else {
-        f(std::integral_constant<int, 1>{}, std::false_type{});
-      }
-    } else if (kv.kv_block_shift >= 0 && kv.kv_block_size >= kGroup * kRowStep) {
-      f(std::integral_constant<int, kGroup>{}, std::true_type{});
-    } else {
-      with_layout<kGroup / 2>(kv, f);
-    }
-  }
-
-  // rows_end: rows at positions >= rows_end read zeros, and a group of them not even its table entry
-  // (k_len, or 0 for a tile or a column that reads zeros).
-  template <int kGroup, bool kPowerOfTwo>
+  // rows_end: rows at positions >= rows_end read zeros and not even their table entry (k_len, or 0
+  // for a tile or a column that reads zeros).
   BSA_HOST_DEVICE void lookup(const KeyValueSource& kv, const int32_t* table_row, int pos0, int row0, int rows_end) {
     const int first = pos0 + row0;
-    const unsigned rows_left = first < rows_end ? static_cast<unsigned>(rows_end - first + kRowStep - 1) / kRowStep : 0u;
-    live_rows = rows_left < kRows ? static_cast<int>(rows_left) : kRows;
-#pragma unroll
-    for (int g = 0; g < kRows / kGroup; ++g) {
-      const int pos = first + g * kGroup * kRowStep;
-      page[g * kGroup] = pos < rows_end ? table_row[kv.page_index_as<kPowerOfTwo>(pos)] : -1;
+    int index[kRows];
+    if (kv.kv_block_shift >= 0) {  // one test for all rows (page_index tests per call)
+      page_indices<true>(kv, first, index);
+    } else {
+      page_indices<false>(kv, first, index);
     }
+    const int rows_left = first < rows_end ? (rows_end - first + kRowStep - 1) / kRowStep : 0;
+    const int live_rows = rows_left < kRows ? rows_left : kRows;
+    // Bit u (0 < u < live_rows) where row u's page differs from row u - 1's, and bit live_rows (the
+    // dead rows' run): masks, not branches (the per-row tests compiled to 7 branches a tile).
+    unsigned changed = 0;
+#pragma unroll
+    for (int u = 1; u < kRows; ++u) changed |= static_cast<unsigned>(index[u] != index[u - 1]) << u;
+    const unsigned live = static_cast<unsigned>((uint64_t{1} << live_rows) - 1);  // live_rows ones
+    starts = 1u | (changed & live) | (live_rows < kRows ? 1u << live_rows : 0u);
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) page[u] = (starts >> u & 1) && u < live_rows ? table_row[index[u]] : -1;
   }
 
   // Calls visit(u, offset, reads) for each row u in order: its element offset for column col of kv
   // head kv_head (head_size: a page row's elements), and whether it reads at all. A row past rows_end
   // or in a page whose id lies outside [0, NB) reads zeros and never touches memory (its offset lies
-  // in its group's page where that id is valid, else in page 0). Row by row, so a copy issues each
-  // row as soon as its offset is known.
-  template <int kGroup, bool kPowerOfTwo, typename Visit>
+  // in page 0). Row by row, so a copy issues each row as soon as its offset is known.
+  template <typename Visit>
   BSA_HOST_DEVICE void for_each_row(const KeyValueSource& kv, int kv_head, int pos0, int row0, int col, int head_size,
-                                    Visit&& visit) const {
-    const int first = pos0 + row0;
+                                    Visit visit) const {
+    if (kv.kv_block_shift >= 0) {
+      rows_in_pages<true>(kv, kv_head, pos0 + row0, col, head_size, visit);
+    } else {
+      rows_in_pages<false>(kv, kv_head, pos0 + row0, col, head_size, visit);
+    }
+  }
+
+ private:
+  template <bool kPowerOfTwo>
+  BSA_HOST_DEVICE static void page_indices(const KeyValueSource& kv, int first, int (&index)[kRows]) {
 #pragma unroll
-    for (int g = 0; g < kRows / kGroup; ++g) {
-      const int id = page[g * kGroup];
-      const bool page_valid = id >= 0 && id < kv.num_cache_blocks;
-      const int in_page = kv.row_in_page_as<kPowerOfTwo>(first + g * kGroup * kRowStep);
-      // A bad id's rows get page 0's address: no branch, and no address outside the cache.
-      const int64_t base = kv.page_offset(page_valid ? id : 0, kv_head, in_page * head_size + col);
+    for (int u = 0; u < kRows; ++u) index[u] = kv.page_index_as<kPowerOfTwo>(first + u * kRowStep);
+  }
+  template <bool kPowerOfTwo, typename Visit>
+  BSA_HOST_DEVICE void rows_in_pages(const KeyValueSource& kv, int kv_head, int first, int col, int head_size,
+                                     Visit& visit) const {
+    int id = -1;
 #pragma unroll
-      for (int j = 0; j < kGroup; ++j) {
-        const int u = g * kGroup + j;
-        visit(u, base + j * kRowStep * head_size, page_valid && u < live_rows);
-      }
+    for (int u = 0; u < kRows; ++u) {
+      if (starts >> u & 1) id = page[u];
+      const int pos = first + u * kRowStep;
+      const int in_page = kv.row_in_page_as<kPowerOfTwo>(pos);
+      const bool valid = id >= 0 && id < kv.num_cache_blocks;
+      // A row that reads nothing gets page 0's address: no branch, and no address outside the cache.
+      visit(u, kv.page_offset(valid ? id : 0, kv_head, in_page * head_size + col), valid);
     }
   }
 };

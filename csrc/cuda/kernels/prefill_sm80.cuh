@@ -166,28 +166,19 @@ prefill_sm80_kernel(const PrefillParams params) {
   const int copy_row0 = tid / kCacheChunksPerRow, copy_col = (tid % kCacheChunksPerRow) * kChunkElems;
   auto landed = [swizzled, fp8_row_major](int row, int col) { return Smem::kFp8 ? fp8_row_major(row, col) : swizzled(row, col); };
   // A paged tile's rows come from the pages `pages` holds (PagedRows::lookup, done here or ahead).
-  using Pages = PagedRows<kCopies, kRowsPerCopy>;
-  // Rows share a page in groups of up to two (kv blocks of 16 and more, at head dim 128): a third
-  // variant of the copy, groups of four, spilled 20 bytes inside the main loop at sm_90a.
-  constexpr int kMaxPageGroup = kCopies < 2 ? kCopies : 2;
-  auto load_paged_kv = [&](int key_tile, int stage, const Pages& pages) {
-    Pages::template with_layout<kMaxPageGroup>(kv, [&](auto group, auto power_of_two) {
-      copy_paged_kv_rows<Cache, decltype(group)::value, decltype(power_of_two)::value>(
-          kv, pages, kv_head, key_tile * kPrefillBlockN, copy_row0, copy_col, head_size,
-          s_k + stage * Smem::kKeyTileBytes, s_v + stage * Smem::kKeyTileBytes, landed, landed);
-    });
+  auto load_paged_kv = [&](int key_tile, int stage, const PagedRows<kCopies, kRowsPerCopy>& pages) {
+    copy_paged_kv_rows<Cache>(kv, pages, kv_head, key_tile * kPrefillBlockN, copy_row0, copy_col, head_size,
+                              s_k + stage * Smem::kKeyTileBytes, s_v + stage * Smem::kKeyTileBytes, landed, landed);
   };
   // The table row and the rows' end are worked out per lookup, not held across the main loop: held,
   // they pushed the kernel past its 168 registers at sm_80 (24 bytes spilled, reloaded in the loop).
-  auto look_up_pages = [&](Pages& pages, int key_tile) {
-    Pages::template with_layout<kMaxPageGroup>(kv, [&](auto group, auto power_of_two) {
-      pages.template lookup<decltype(group)::value, decltype(power_of_two)::value>(
-          kv, kv.table_row(seq, kv_head), key_tile * kPrefillBlockN, copy_row0, copy_col < head_size ? k_len : 0);
-    });
+  auto look_up_pages = [&](PagedRows<kCopies, kRowsPerCopy>& pages, int key_tile) {
+    pages.lookup(kv, kv.table_row(seq, kv_head), key_tile * kPrefillBlockN, copy_row0,
+                 copy_col < head_size ? k_len : 0);
   };
   auto load_kv = [&](int key_tile, int stage) {
     if (kv.paged()) {
-      Pages pages;
+      PagedRows<kCopies, kRowsPerCopy> pages;
       look_up_pages(pages, key_tile);
       load_paged_kv(key_tile, stage, pages);
     } else {
@@ -213,7 +204,7 @@ prefill_sm80_kernel(const PrefillParams params) {
   // iteration ahead: the copy's addresses would wait for those table loads, whose latency now passes
   // under the current tile's products. H100, kv block 16, against walking at issue: paged 2k chunks
   // -5 to -8 %, contiguous varlen -2.5 to -4.5 % (the walk's own latency hidden too).
-  Pages next_pages;
+  PagedRows<kCopies, kRowsPerCopy> next_pages;
   int next_tile;
   bool next_masked;
   bool has_next = cursor.next(next_tile, next_masked);
