@@ -223,7 +223,7 @@ def test_paged_path_gathers_as_its_setting_says(kernel, monkeypatch, path, seqs,
     values = [torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16) for n in seq_lens]
     key_cache, value_cache, tables = build_paged_cache(keys, values, kvbs, gen, "cuda")
     gathered_bytes = 2 * tables.shape[0] * tables.shape[1] * kvbs * hkv * d * key_cache.element_size()
-    assert (2 * sum(q_lens) >= tables.shape[0] * tables.shape[1] * kvbs) == gathers, "test setup: the rule's sides"
+    assert (2 * sum(q_lens) >= tables.shape[0] * tables.shape[1] * kvbs) == covered, "test setup: the rule's sides"
     ref, _ = reference.varlen_prefill_ref(q, torch.cat(keys), torch.cat(values), cu_seqlens(q_lens, "cpu"),
                                           cu_seqlens(seq_lens, "cpu"), d ** -0.5, pattern)
     args = (q.cuda(), key_cache, value_cache, tables, cu_seqlens(q_lens, "cuda"),
