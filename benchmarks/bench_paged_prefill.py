@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 
@@ -132,6 +133,8 @@ def main():
                          "device time a call (torch.profiler)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds over all methods, interleaved (each a median of --repeats calls); the median round")
     args = ap.parse_args()
     device, dtype = "cuda", torch.bfloat16
     pattern = SparsePattern.phi3_small(NUM_HEADS)
@@ -157,41 +160,41 @@ def main():
         chunk_rows, cu_chunk = last_rows(batch, seq_len, min(args.chunk, seq_len), device)
         q_chunk, out_chunk = q[chunk_rows].contiguous(), torch.empty_like(q[chunk_rows])
         k_hm, v_hm = head_major(k), head_major(v)
-        t = {"varlen": timed_ms(lambda: ops.varlen_prefill(q, k, v, cu, cu, scale, pattern, out=out),
-                                args.warmup, args.repeats),
-             "varlen-hm": timed_ms(lambda: ops.varlen_prefill(q, k_hm, v_hm, cu, cu, scale, pattern, out=out),
-                                   args.warmup, args.repeats),
-             # the same chunk's queries over contiguous keys: the chunk's reference
-             "chunk-varlen": timed_ms(lambda: ops.varlen_prefill(q_chunk, k, v, cu_chunk, cu, scale, pattern,
-                                                                 out=out_chunk), args.warmup, args.repeats)}
+        # Every method's call, then timed in interleaved rounds: the card's clocks drift by up to ~10 %
+        # over a run (H100, 2026-12-05: varlen 1.31 -> 1.47 ms within one process), so a method timed
+        # after another in a block was charged the drift in their ratio.
+        calls = {"varlen": ("direct", lambda: ops.varlen_prefill(q, k, v, cu, cu, scale, pattern, out=out)),
+                 "varlen-hm": ("direct", lambda: ops.varlen_prefill(q, k_hm, v_hm, cu, cu, scale, pattern, out=out)),
+                 # the same chunk's queries over contiguous keys: the chunk's reference
+                 "chunk-varlen": ("direct", lambda: ops.varlen_prefill(q_chunk, k, v, cu_chunk, cu, scale, pattern,
+                                                                       out=out_chunk))}
+        filled = {}
         for name, (cache_dtype, s) in caches.items():
-            key_cache, value_cache = filled_cache(k, v, tables, slots, args.kv_block, cache_dtype, s)
-            with paged_prefill_path("direct"):
-                t[f"paged-{name}"] = timed_ms(lambda: ops.paged_prefill(
-                    q, key_cache, value_cache, tables, cu, seq_lens, scale, pattern, out=out, k_scale=s,
-                    v_scale=s), args.warmup, args.repeats)
-                t[f"chunk-{name}"] = timed_ms(lambda: ops.paged_prefill(
-                    q_chunk, key_cache, value_cache, tables, cu_chunk, seq_lens, scale, pattern, out=out_chunk,
-                    k_scale=s, v_scale=s), args.warmup, args.repeats)
-            if args.gather:
-                with paged_prefill_path("gather"):
-                    t[f"paged-{name}-gather"] = timed_ms(lambda: ops.paged_prefill(
-                        q, key_cache, value_cache, tables, cu, seq_lens, scale, pattern, out=out, k_scale=s,
-                        v_scale=s), args.warmup, args.repeats)
-                    t[f"chunk-{name}-gather"] = timed_ms(lambda: ops.paged_prefill(
-                        q_chunk, key_cache, value_cache, tables, cu_chunk, seq_lens, scale, pattern, out=out_chunk,
-                        k_scale=s, v_scale=s), args.warmup, args.repeats)
-            if args.kernel_times and name == "bf16":
-                print(f"\n{seq_len} x {batch}, kernels a call (us):")
-                calls = {"varlen": ("direct", lambda: ops.varlen_prefill(q, k, v, cu, cu, scale, pattern, out=out))}
-                for path in ("direct", "gather"):
-                    calls[f"paged-{path}"] = (path, lambda: ops.paged_prefill(
-                        q, key_cache, value_cache, tables, cu, seq_lens, scale, pattern, out=out))
-                for label, (path, fn) in calls.items():
-                    with paged_prefill_path(path):
-                        for kernel, us in kernel_times(fn):
-                            print(f"  {label:>13}  {us:9.1f}  {kernel[:90]}")
-            del key_cache, value_cache
+            key_cache, value_cache = filled[name] = filled_cache(k, v, tables, slots, args.kv_block, cache_dtype, s)
+            for path in ("direct", "gather") if args.gather else ("direct",):
+                suffix = "-gather" if path == "gather" else ""
+                calls[f"paged-{name}{suffix}"] = (path, functools.partial(
+                    ops.paged_prefill, q, key_cache, value_cache, tables, cu, seq_lens, scale, pattern, out=out,
+                    k_scale=s, v_scale=s))
+                calls[f"chunk-{name}{suffix}"] = (path, functools.partial(
+                    ops.paged_prefill, q_chunk, key_cache, value_cache, tables, cu_chunk, seq_lens, scale, pattern,
+                    out=out_chunk, k_scale=s, v_scale=s))
+        times = {name: [] for name in calls}
+        for _ in range(args.rounds):
+            for name, (path, fn) in calls.items():
+                with paged_prefill_path(path):
+                    times[name].append(timed_ms(fn, args.warmup, args.repeats))
+        t = {name: statistics.median(ms) for name, ms in times.items()}
+        if args.kernel_times:
+            print(f"\n{seq_len} x {batch}, kernels a call (us):")
+            for label in ("varlen", "paged-bf16", "paged-bf16-gather", *(f"paged-{f}-gather" for f in fp8s)):
+                if label not in calls:
+                    continue
+                path, fn = calls[label]
+                with paged_prefill_path(path):
+                    for kernel, us in kernel_times(fn):
+                        print(f"  {label:>17}  {us:9.1f}  {kernel[:90]}")
+        del filled, calls
         rows.append((seq_len, batch, t))
         torch.cuda.empty_cache()
     names = list(rows[0][2])

@@ -25,6 +25,8 @@ for ((i = 1; i < ${#new_flags[@]}; ++i)); do
   [ -n "${new_flags[$i]}" ] || continue
   names+=("new$i"); dirs+=(.); flags+=("${new_flags[$i]}")
 done
+# EXTRA_DIRS: more trees timed as variants (named by their folder), built as the base is; not tested.
+for d in ${EXTRA_DIRS:-}; do names+=("$(basename "$d")"); dirs+=("$d"); flags+=(""); done
 nvidia-smi --query-gpu=name --format=csv,noheader
 so=$(mktemp -d)
 for i in "${!names[@]}"; do
@@ -34,7 +36,9 @@ done
 wait
 for v in "${names[@]}"; do check_build "$v" "$v" || exit 1; done
 if [ -n "${TESTS:-}" ]; then  # every variant of this tree: a knob's first run is its tests' first run
-  for v in "${names[@]:1}"; do
+  for i in "${!names[@]}"; do
+    [ "$i" -gt 0 ] && [ "${dirs[$i]}" = . ] || continue
+    v=${names[$i]}
     cp "$so/$v"/_C*.so blocksparse_attn/
     echo "== tests $v"
     DEVICE=cuda timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider $TESTS ${TEST_K:+-k "$TEST_K"} 2>&1 | tail -4

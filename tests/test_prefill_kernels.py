@@ -204,13 +204,17 @@ def test_paged_bad_page_ids_read_zeros(kernel, paged_path, kv_block_size, cache_
                         f"{kernel} {paged_path} {cache_dtype} kvbs={kv_block_size} bad pages {bad}")
 
 
-@pytest.mark.parametrize("seqs, gathers", (([(0, 1000), (0, 700), (0, 1000)], True),
+@pytest.mark.parametrize("path", ("auto", "direct", "gather"))
+@pytest.mark.parametrize("seqs, covered", (([(0, 1000), (0, 700), (0, 1000)], True),
                                            ([(4000, 97), (3000, 300)], False)), ids=("prompts", "chunks"))
-def test_paged_auto_gathers_where_queries_cover_the_context(kernel, monkeypatch, seqs, gathers, gen):
+def test_paged_path_gathers_as_its_setting_says(kernel, monkeypatch, path, seqs, covered, gen):
     """BSA_PAGED_PREFILL=auto gathers where the queries cover at least half of the rows the gather
     would copy (whole prompts: the gathered K/V show in the call's peak memory) and reads the pages
-    otherwise (chunks over longer contexts: no such transient); both against the reference."""
-    monkeypatch.setenv("BSA_PAGED_PREFILL", "auto")
+    otherwise (chunks over longer contexts: no such transient); direct never gathers, gather always
+    (direct once fell through to auto, so that whole prompts tested as direct ran the gather). All
+    against the reference."""
+    gathers = {"auto": covered, "direct": False, "gather": True}[path]
+    monkeypatch.setenv("BSA_PAGED_PREFILL", path)
     hq, hkv, d, kvbs = 8, 2, 128, 16
     pattern = make_pattern("qslide", 64, LOCAL, VERT, hq, hkv)
     seq_lens, q_lens = [c + n for c, n in seqs], [n for _, n in seqs]
@@ -219,7 +223,7 @@ def test_paged_auto_gathers_where_queries_cover_the_context(kernel, monkeypatch,
     values = [torch.randn(n, hkv, d, generator=gen).to(torch.bfloat16) for n in seq_lens]
     key_cache, value_cache, tables = build_paged_cache(keys, values, kvbs, gen, "cuda")
     gathered_bytes = 2 * tables.shape[0] * tables.shape[1] * kvbs * hkv * d * key_cache.element_size()
-    assert (2 * sum(q_lens) >= tables.shape[0] * tables.shape[1] * kvbs) == gathers, "test setup: the rule's sides"
+    assert (2 * sum(q_lens) >= tables.shape[0] * tables.shape[1] * kvbs) == covered, "test setup: the rule's sides"
     ref, _ = reference.varlen_prefill_ref(q, torch.cat(keys), torch.cat(values), cu_seqlens(q_lens, "cpu"),
                                           cu_seqlens(seq_lens, "cpu"), d ** -0.5, pattern)
     args = (q.cuda(), key_cache, value_cache, tables, cu_seqlens(q_lens, "cuda"),
@@ -232,8 +236,8 @@ def test_paged_auto_gathers_where_queries_cover_the_context(kernel, monkeypatch,
     torch.cuda.synchronize()
     transient = torch.cuda.max_memory_allocated() - before
     assert (transient >= gathered_bytes if gathers else transient < gathered_bytes // 2), \
-        f"{kernel} auto {seqs}: peak {transient} bytes over the inputs, the gather takes {gathered_bytes}"
-    assert_close_to_ref(out, ref, torch.bfloat16, f"{kernel} paged auto (context, new)={seqs}")
+        f"{kernel} {path} {seqs}: peak {transient} bytes over the inputs, the gather takes {gathered_bytes}"
+    assert_close_to_ref(out, ref, torch.bfloat16, f"{kernel} paged {path} (context, new)={seqs}")
 
 
 def test_sm80_mask_with_a_sliding_step_near_int_max(kernel, gen):

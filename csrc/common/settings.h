@@ -123,8 +123,8 @@ inline Settings read_settings() {
 
   const std::string_view paged = raw.paged_prefill;
   if (paged == "gather") s.paged_prefill = PagedPrefillChoice::kGather;
-  else if (paged == "auto") s.paged_prefill = PagedPrefillChoice::kAuto;
-  else BSA_CHECK(paged.empty() || paged == "direct", "BSA_PAGED_PREFILL must be direct, gather or auto, got '",
+  else if (paged == "direct") s.paged_prefill = PagedPrefillChoice::kDirect;
+  else BSA_CHECK(paged.empty() || paged == "auto", "BSA_PAGED_PREFILL must be direct, gather or auto, got '",
                  std::string(paged), "'");
 
   const std::string_view keys = raw.sm90_stage_keys;

@@ -274,6 +274,9 @@ KeyValueSource paged_source(const at::Tensor& key_cache, const at::Tensor& value
   kv.block_table_width = block_tables.size(-1);
   kv.seq_lens = seq_lens.data_ptr<int32_t>();
   kv.cache_block_stride = key_cache.stride(0);
+  // The kernels form a page's offset as one 32 x 32-bit product (KeyValueSource::page_offset).
+  TORCH_CHECK(key_cache.stride(0) <= INT32_MAX && key_cache.stride(1) <= INT32_MAX,
+              "key_cache: a cache block's stride must be below 2^31 elements, got strides ", key_cache.strides());
   if (per_kv_head_tables(block_tables)) {  // a row per (sequence, kv head), one kv head per page
     kv.block_table_head_stride = block_tables.stride(1);
     kv.cache_head_stride = 0;

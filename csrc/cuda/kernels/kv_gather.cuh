@@ -11,6 +11,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda/kernels/kv_tile.cuh"
 #include "cuda/kernels/params.h"
@@ -35,34 +36,66 @@ __device__ __forceinline__ uint4 widen_fp8_chunk(const uint2& in) {
 // One CTA: kGatherTokens tokens of sequence blockIdx.y, its threads taking 8-element chunks (token,
 // kv head, column chunk) in turn; blockIdx.x * kGatherTokens past the sequence's length: nothing.
 // Cache = Element: pages in the model's dtype (any 2-byte type: the chunks are copied as bytes).
+// A thread takes kGatherChunksAtOnce chunks at a time in passes: their table reads, then all their
+// K and V loads, then the stores. Written chunk by chunk, each load waited for the table read
+// before it and each store for its load, and the next chunk's reads for the store (the output may
+// alias the cache for all the compiler knows): a chain of round trips to memory a thread.
+constexpr int kGatherChunksAtOnce = 8;
+template <typename Element, typename Cache, bool kPowerOfTwo>
+__device__ __forceinline__ void gather_tokens(const GatherParams& p, int seq, int token0, int chunks) {
+  constexpr bool kFp8 = CacheFormat<Cache>::kFp8;
+  using Stored = std::conditional_t<kFp8, uint2, uint4>;  // 8 stored elements: 8 bytes in fp8, else 16
+  const Stored* key = static_cast<const Stored*>(p.kv.key);
+  const Stored* value = static_cast<const Stored*>(p.kv.value);
+  uint4* key_out = static_cast<uint4*>(p.key_out);
+  uint4* value_out = static_cast<uint4*>(p.value_out);
+  const int per_token = p.chunks_per_token.divisor();
+  for (int c0 = threadIdx.x; c0 < chunks; c0 += kGatherThreads * kGatherChunksAtOnce) {
+    int page[kGatherChunksAtOnce];
+#pragma unroll
+    for (int i = 0; i < kGatherChunksAtOnce; ++i) {
+      const int c = min(c0 + i * kGatherThreads, chunks - 1);  // past the CTA's chunks: a duplicate read
+      const int t = p.chunks_per_token.div(c);
+      page[i] = *p.chunk_page_entry<kPowerOfTwo>(seq, token0 + t, c - t * per_token);
+    }
+    int64_t src[kGatherChunksAtOnce], dst[kGatherChunksAtOnce];
+    Stored k[kGatherChunksAtOnce], v[kGatherChunksAtOnce];
+#pragma unroll
+    for (int i = 0; i < kGatherChunksAtOnce; ++i) {
+      const int c = c0 + i * kGatherThreads;
+      const int t = p.chunks_per_token.div(c);
+      bool valid;
+      p.chunk_offsets<kPowerOfTwo>(page[i], seq, token0 + t, c - t * per_token, src[i], dst[i], valid);
+      valid = valid && c < chunks;
+      // element offsets of 8-element chunks; a chunk that reads zeros loads nothing
+      k[i] = valid ? key[src[i] / 8] : Stored{};
+      v[i] = valid ? value[src[i] / 8] : Stored{};
+    }
+#pragma unroll
+    for (int i = 0; i < kGatherChunksAtOnce; ++i) {
+      if (c0 + i * kGatherThreads >= chunks) break;
+      if constexpr (kFp8) {
+        key_out[dst[i] / 8] = widen_fp8_chunk<Element, Cache>(k[i]);
+        value_out[dst[i] / 8] = widen_fp8_chunk<Element, Cache>(v[i]);
+      } else {
+        key_out[dst[i] / 8] = k[i];
+        value_out[dst[i] / 8] = v[i];
+      }
+    }
+  }
+}
+
 template <typename Element, typename Cache>
 __global__ void __launch_bounds__(kGatherThreads) gather_paged_kv_kernel(const GatherParams p) {
   const int seq = blockIdx.y;
   const int len = p.rows(seq);
   const int token0 = blockIdx.x * kGatherTokens;
   if (token0 >= len) return;
-  const int tokens = min(kGatherTokens, len - token0);
-  const int chunks = tokens * p.chunks_per_token.divisor();
-  uint4* key_out = static_cast<uint4*>(p.key_out);
-  uint4* value_out = static_cast<uint4*>(p.value_out);
-  for (int c = threadIdx.x; c < chunks; c += kGatherThreads) {
-    const int t = p.chunks_per_token.div(c);
-    int64_t src, dst;
-    bool valid;
-    p.chunk_offsets(seq, token0 + t, c - t * p.chunks_per_token.divisor(), src, dst, valid);
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    // element offsets of 8-element chunks: 16 bytes in the model's dtype, 8 in fp8
-    if constexpr (CacheFormat<Cache>::kFp8) {
-      const uint2* key = static_cast<const uint2*>(p.kv.key);
-      const uint2* value = static_cast<const uint2*>(p.kv.value);
-      key_out[dst / 8] = valid ? widen_fp8_chunk<Element, Cache>(key[src / 8]) : zero;
-      value_out[dst / 8] = valid ? widen_fp8_chunk<Element, Cache>(value[src / 8]) : zero;
-    } else {
-      const uint4* key = static_cast<const uint4*>(p.kv.key);
-      const uint4* value = static_cast<const uint4*>(p.kv.value);
-      key_out[dst / 8] = valid ? key[src / 8] : zero;
-      value_out[dst / 8] = valid ? value[src / 8] : zero;
-    }
+  const int chunks = min(kGatherTokens, len - token0) * p.chunks_per_token.divisor();
+  if (p.kv.kv_block_shift >= 0) {
+    gather_tokens<Element, Cache, true>(p, seq, token0, chunks);
+  } else {
+    gather_tokens<Element, Cache, false>(p, seq, token0, chunks);
   }
 }
 

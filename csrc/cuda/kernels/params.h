@@ -70,9 +70,14 @@ struct KeyValueSource {
   BSA_HOST_DEVICE int row_in_page_as(int pos) const {
     return kPowerOfTwo ? pos & (kv_block_size - 1) : pos % kv_block_size;
   }
-  // Element offset of kv head kv_head's first row in cache block `page`.
-  BSA_HOST_DEVICE int64_t page_offset(int page, int kv_head) const {
-    return page * cache_block_stride + kv_head * cache_head_stride;
+  // Element offset of kv head kv_head's first row in cache block `page` (>= 0), plus `within` (an
+  // offset inside the block). One widening 32 x 32-bit product: a block's stride is below 2^31
+  // elements (the host checks it), where the 64-bit product took ~6 instructions a row in the paged
+  // copies.
+  BSA_HOST_DEVICE int64_t page_offset(int page, int kv_head, int within = 0) const {
+    return static_cast<int64_t>(static_cast<uint64_t>(static_cast<uint32_t>(page)) *
+                                    static_cast<uint32_t>(cache_block_stride) +
+                                static_cast<uint32_t>(kv_head * static_cast<int>(cache_head_stride) + within));
   }
   // Element offset of column col of key position pos (of sequence seq, kv head kv_head) in a paged
   // cache (either layout); clears `valid` where the row reads zeros instead: past k_len, or a page id
@@ -111,11 +116,15 @@ struct PagedRows {
     } else {
       page_indices<false>(kv, first, index);
     }
-    starts = 1;
-    const int live_rows = first < rows_end ? (rows_end - first + kRowStep - 1) / kRowStep : 0;
+    const int rows_left = first < rows_end ? (rows_end - first + kRowStep - 1) / kRowStep : 0;
+    const int live_rows = rows_left < kRows ? rows_left : kRows;
+    // Bit u (0 < u < live_rows) where row u's page differs from row u - 1's, and bit live_rows (the
+    // dead rows' run): masks, not branches (the per-row tests compiled to 7 branches a tile).
+    unsigned changed = 0;
 #pragma unroll
-    for (int u = 1; u < kRows; ++u)
-      if (u < live_rows ? index[u] != index[u - 1] : u == live_rows) starts |= 1u << u;
+    for (int u = 1; u < kRows; ++u) changed |= static_cast<unsigned>(index[u] != index[u - 1]) << u;
+    const unsigned live = static_cast<unsigned>((uint64_t{1} << live_rows) - 1);  // live_rows ones
+    starts = 1u | (changed & live) | (live_rows < kRows ? 1u << live_rows : 0u);
 #pragma unroll
     for (int u = 0; u < kRows; ++u) page[u] = (starts >> u & 1) && u < live_rows ? table_row[index[u]] : -1;
   }
@@ -151,7 +160,7 @@ struct PagedRows {
       const int in_page = kv.row_in_page_as<kPowerOfTwo>(pos);
       const bool valid = id >= 0 && id < kv.num_cache_blocks;
       // A row that reads nothing gets page 0's address: no branch, and no address outside the cache.
-      visit(u, kv.page_offset(valid ? id : 0, kv_head) + (in_page * head_size + col), valid);
+      visit(u, kv.page_offset(valid ? id : 0, kv_head, in_page * head_size + col), valid);
     }
   }
 };
@@ -173,14 +182,29 @@ struct GatherParams {
 
   // 8-element chunk c (c < chunks_per_token: kv head, then column) of token t of sequence seq (t <
   // rows(seq)): its element offsets in the cache (src, where valid) and in the gathered tensors
-  // (dst); valid is false where the page id is out of range (the chunk reads zeros; src 0). Host
-  // and device: tests/cpp/paged_rows_check.cpp checks it against the table.
-  BSA_HOST_DEVICE void chunk_offsets(int seq, int t, int c, int64_t& src, int64_t& dst, bool& valid) const {
+  // (dst); valid is false where the page id is out of range (the chunk reads zeros; src 0). Two
+  // steps, so that a kernel can issue the table reads of many chunks before it waits for one: the
+  // table entry that holds the chunk's page id (inside the row, as t < capacity), then the offsets
+  // from that id. Host and device: tests/cpp/paged_rows_check.cpp checks both against the table.
+  template <bool kPowerOfTwo>
+  BSA_HOST_DEVICE const int32_t* chunk_page_entry(int seq, int t, int c) const {
+    return kv.table_row(seq, chunks_per_row.div(c)) + kv.page_index_as<kPowerOfTwo>(t);
+  }
+  template <bool kPowerOfTwo>
+  BSA_HOST_DEVICE void chunk_offsets(int page, int seq, int t, int c, int64_t& src, int64_t& dst, bool& valid) const {
     const int head = chunks_per_row.div(c), col = (c - head * chunks_per_row.divisor()) * 8;
-    valid = true;
-    src = kv.paged_row_offset(seq, head, t, kv.seq_lens[seq], col, head_size, valid);
-    src = valid ? src : 0;  // a bad id's offset never becomes an address, even speculatively
+    valid = page >= 0 && page < kv.num_cache_blocks;
+    // a bad id's offset never becomes an address, even speculatively
+    src = valid ? kv.page_offset(page, head) + static_cast<int64_t>(kv.row_in_page_as<kPowerOfTwo>(t)) * head_size + col
+                : 0;
     dst = ((static_cast<int64_t>(seq) * capacity + t) * chunks_per_token.divisor() + c) * 8;
+  }
+  BSA_HOST_DEVICE void chunk_offsets(int seq, int t, int c, int64_t& src, int64_t& dst, bool& valid) const {
+    if (kv.kv_block_shift >= 0) {
+      chunk_offsets<true>(*chunk_page_entry<true>(seq, t, c), seq, t, c, src, dst, valid);
+    } else {
+      chunk_offsets<false>(*chunk_page_entry<false>(seq, t, c), seq, t, c, src, dst, valid);
+    }
   }
 };
 
