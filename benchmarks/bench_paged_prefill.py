@@ -17,6 +17,8 @@ tables shuffled as after allocator churn, or in allocation order with --in-order
 With --kernel-times, the kernels each of varlen, paged (direct) and paged-gather launches at every
 size, and their device time a call (torch.profiler): where a path's time goes (the gather's copy, the
 prefill on gathered K/V).
+Every method is timed in --rounds interleaved rounds (each a median of --repeats calls; the table
+shows each method's median over the rounds), so the card's clock drift over a run falls on all methods alike.
 The ratio columns are paged / varlen, chunk / chunk-varlen (model-dtype cache; with --gather also
 the gather's, each cache) and fp8 / model-dtype cache (1.00 = as fast).
 
