@@ -56,15 +56,28 @@ def timed_ms(fn, warmup: int, repeats: int) -> float:
 
 
 def kernel_times(fn, runs: int = 5) -> list[tuple[str, float]]:
-    """The CUDA kernels one call of fn launches and their device time a call, us (torch.profiler)."""
+    """The CUDA kernels one call of fn launches and their device time a call, us (torch.profiler), then
+    the CUDA runtime calls that took the host over 5 us a call (an allocation or a synchronisation
+    inside a call leaves the GPU idle between its kernels), prefixed "host:"."""
     fn()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
         for _ in range(runs):
             fn()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if str(e.device_type).endswith("CUDA")]
-    return [(e.key, e.self_device_time_total / runs) for e in kernels]
+    events = prof.key_averages()
+    kernels = [(e.key, e.self_device_time_total / runs) for e in events if str(e.device_type).endswith("CUDA")]
+    runtime = [(f"host: {e.key} x{e.count // runs}", e.cpu_time_total / runs) for e in events
+               if e.key.startswith("cuda") and e.key != "cudaDeviceSynchronize" and e.cpu_time_total / runs > 5]
+    # the GPU's idle time between the first kernel and the last, a call (calls back to back, no sync)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if str(e.device_type).endswith("CUDA"))
+    idle, reach = 0.0, spans[0][1] if spans else 0.0
+    for start, end in spans[1:]:
+        idle += max(0.0, start - reach)
+        reach = max(reach, end)
+    return kernels + runtime + [("GPU idle between kernels", idle / runs)]
 
 
 @contextlib.contextmanager
