@@ -38,7 +38,7 @@ struct Settings {
   // and runs the contiguous path (gather), or gathers where the queries cover at least half of the gathered
   // rows (auto, the default: whole prompts gather, chunks over a longer context read the pages, so the
   // transient stays bounded by the batch). H100, kv block 16, paged/varlen of whole prompts at 8k x 4:
-  // e4m3 pages 1.04-1.07x gathered against 1.58-1.62x direct; bf16 pages 1.16-1.18x against 1.27-1.30x
+  // e4m3 pages 1.01-1.07x gathered against 1.52-1.62x direct; bf16 pages 1.11-1.18x against 1.21-1.30x
   // (methods interleaved; until 2026-12-05 `direct` fell through to auto, so earlier "direct" whole
   // prompts were gathered).
   PagedPrefillChoice paged_prefill = PagedPrefillChoice::kAuto;
