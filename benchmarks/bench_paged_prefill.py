@@ -18,7 +18,9 @@ With --kernel-times, the kernels each of varlen, paged (direct) and paged-gather
 size, and their device time a call (torch.profiler): where a path's time goes (the gather's copy, the
 prefill on gathered K/V).
 Every method is timed in --rounds interleaved rounds (each a median of --repeats calls; the table
-shows each method's median over the rounds), so the card's clock drift over a run falls on all methods alike.
+shows each method's median over the rounds), so the card's clock drift over a run falls on all methods
+alike. With --clocks, nvidia-smi samples the SM clock and the power every 50 ms meanwhile, and a second
+table gives each method's means over its timing (is a path slower because the card clocks it lower?).
 The ratio columns are paged / varlen, chunk / chunk-varlen (model-dtype cache; with --gather also
 the gather's, each cache) and fp8 / model-dtype cache (1.00 = as fast).
 
@@ -31,6 +33,10 @@ import contextlib
 import functools
 import os
 import statistics
+import subprocess
+import threading
+import time
+from datetime import datetime
 
 import torch
 
@@ -78,6 +84,40 @@ def kernel_times(fn, runs: int = 5) -> list[tuple[str, float]]:
         idle += max(0.0, start - reach)
         reach = max(reach, end)
     return kernels + runtime + [("GPU idle between kernels", idle / runs)]
+
+
+class ClockSampler:
+    """nvidia-smi's SM clock (MHz) and power draw (W) of the current GPU every 50 ms, in the background,
+    stamped with nvidia-smi's own time (its output may reach the pipe in bursts)."""
+
+    def __init__(self):
+        query = ["nvidia-smi", "--query-gpu=timestamp,clocks.sm,power.draw", "--format=csv,noheader,nounits",
+                 "-lms", "50", "-i", str(torch.cuda.current_device())]
+        self.samples: list[tuple[float, float, float]] = []
+        self.proc = subprocess.Popen(query, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                stamp, clock, power = (field.strip() for field in line.split(","))
+                when = datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                self.samples.append((when, float(clock), float(power)))
+            except ValueError:  # a line that is not a sample ([N/A], a header)
+                continue
+
+    def means(self, start: float, end: float) -> tuple[float, float, int]:
+        """Mean clock and power of the samples between two time.time() stamps, and their count."""
+        inside = [(c, w) for t, c, w in self.samples if start <= t <= end]
+        if not inside:
+            return float("nan"), float("nan"), 0
+        return (statistics.fmean(c for c, _ in inside), statistics.fmean(w for _, w in inside), len(inside))
+
+    def close(self):
+        time.sleep(0.2)  # the last window's samples
+        self.proc.terminate()
+        self.proc.wait()
 
 
 @contextlib.contextmanager
@@ -150,6 +190,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds over all methods, interleaved (each a median of --repeats calls); the median round")
+    ap.add_argument("--clocks", action="store_true",
+                    help="also each method's mean SM clock and power while it was timed (nvidia-smi, every 50 ms)")
     args = ap.parse_args()
     device, dtype = "cuda", torch.bfloat16
     pattern = SparsePattern.phi3_small(NUM_HEADS)
@@ -195,11 +237,24 @@ def main():
                     ops.paged_prefill, q_chunk, key_cache, value_cache, tables, cu_chunk, seq_lens, scale, pattern,
                     out=out_chunk, k_scale=s, v_scale=s))
         times = {name: [] for name in calls}
+        windows = {name: [] for name in calls}  # time.time() around each timing, for --clocks
+        sampler = ClockSampler() if args.clocks else None
         for _ in range(args.rounds):
             for name, (path, fn) in calls.items():
                 with paged_prefill_path(path):
+                    start = time.time()
                     times[name].append(timed_ms(fn, args.warmup, args.repeats))
+                    windows[name].append((start, time.time()))
         t = {name: statistics.median(ms) for name, ms in times.items()}
+        if sampler is not None:
+            sampler.close()
+            print(f"\n{seq_len} x {batch}, while timed (nvidia-smi every 50 ms): SM clock MHz, power W, samples")
+            for name, spans in windows.items():
+                means = [sampler.means(a, b) for a, b in spans]
+                n = sum(m[2] for m in means)
+                clock = sum(m[0] * m[2] for m in means if m[2]) / n if n else float("nan")
+                power = sum(m[1] * m[2] for m in means if m[2]) / n if n else float("nan")
+                print(f"  {name:>20}  {clock:7.0f}  {power:6.0f}  {n:4d}")
         if args.kernel_times:
             print(f"\n{seq_len} x {batch}, kernels a call (us):")
             for label in ("varlen", "paged-bf16", "paged-bf16-gather", *(f"paged-{f}-gather" for f in fp8s)):
