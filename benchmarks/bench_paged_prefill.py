@@ -107,12 +107,13 @@ class ClockSampler:
             except ValueError:  # a line that is not a sample ([N/A], a header)
                 continue
 
-    def means(self, start: float, end: float) -> tuple[float, float, int]:
-        """Mean clock and power of the samples between two time.time() stamps, and their count."""
-        inside = [(c, w) for t, c, w in self.samples if start <= t <= end]
+    def means(self, windows: list[tuple[float, float]]) -> tuple[float, float, int]:
+        """Mean clock and power of the samples inside any of the (start, end) time.time() windows, and
+        their count."""
+        inside = [(c, w) for t, c, w in self.samples if any(a <= t <= b for a, b in windows)]
         if not inside:
             return float("nan"), float("nan"), 0
-        return (statistics.fmean(c for c, _ in inside), statistics.fmean(w for _, w in inside), len(inside))
+        return statistics.fmean(c for c, _ in inside), statistics.fmean(w for _, w in inside), len(inside)
 
     def close(self):
         time.sleep(0.2)  # the last window's samples
@@ -189,7 +190,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3,
-                    help="rounds over all methods, interleaved (each a median of --repeats calls); the median round")
+                    help="rounds over all methods, interleaved (each a median of --repeats calls); each method's "
+                         "median over them")
     ap.add_argument("--clocks", action="store_true",
                     help="also each method's mean SM clock and power while it was timed (nvidia-smi, every 50 ms)")
     args = ap.parse_args()
@@ -250,10 +252,7 @@ def main():
             sampler.close()
             print(f"\n{seq_len} x {batch}, while timed (nvidia-smi every 50 ms): SM clock MHz, power W, samples")
             for name, spans in windows.items():
-                means = [sampler.means(a, b) for a, b in spans]
-                n = sum(m[2] for m in means)
-                clock = sum(m[0] * m[2] for m in means if m[2]) / n if n else float("nan")
-                power = sum(m[1] * m[2] for m in means if m[2]) / n if n else float("nan")
+                clock, power, n = sampler.means(spans)
                 print(f"  {name:>20}  {clock:7.0f}  {power:6.0f}  {n:4d}")
         if args.kernel_times:
             print(f"\n{seq_len} x {batch}, kernels a call (us):")
