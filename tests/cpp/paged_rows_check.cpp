@@ -159,7 +159,11 @@ bool check_gather(bool head_major_pages) {
         ++checks;
         int64_t src = 0, dst = 0;
         bool valid = false;
-        g.chunk_offsets(seq, t, c, src, dst, valid);
+        if (kv.kv_block_shift >= 0) {  // the kernel's two steps: the table entry, then the offsets
+          g.chunk_offsets<true>(*g.chunk_page_entry<true>(seq, t, c), seq, t, c, src, dst, valid);
+        } else {
+          g.chunk_offsets<false>(*g.chunk_page_entry<false>(seq, t, c), seq, t, c, src, dst, valid);
+        }
         const int head = c / (head_size / 8), col = c % (head_size / 8) * 8;
         const int id = tables[(static_cast<size_t>(seq) * rows_per_seq + (head_major_pages ? head : 0)) * width +
                               t / kv_block_size];

@@ -199,13 +199,6 @@ struct GatherParams {
                 : 0;
     dst = ((static_cast<int64_t>(seq) * capacity + t) * chunks_per_token.divisor() + c) * 8;
   }
-  BSA_HOST_DEVICE void chunk_offsets(int seq, int t, int c, int64_t& src, int64_t& dst, bool& valid) const {
-    if (kv.kv_block_shift >= 0) {
-      chunk_offsets<true>(*chunk_page_entry<true>(seq, t, c), seq, t, c, src, dst, valid);
-    } else {
-      chunk_offsets<false>(*chunk_page_entry<false>(seq, t, c), seq, t, c, src, dst, valid);
-    }
-  }
 };
 
 // One item of the plan's work list (a sequence's query tile) with its sequence's lengths and offsets
