@@ -262,6 +262,19 @@ def test_unit_orders(kernel, monkeypatch, order, hq, hkv, gen):
     run_paged_prefill("cuda", torch.float16, hq, hkv, 128, 16, [(1000, 300), (0, 129), (63, 2)], pattern, gen)
 
 
+@pytest.mark.parametrize("kv_group", ("2", "3", "8"))
+@pytest.mark.parametrize("hq, hkv", ((8, 4), (12, 6)), ids=("gqa2", "gqa2-kv6"))
+def test_kv_head_groups(kernel, monkeypatch, kv_group, hq, hkv, gen):
+    """Numbered kv head by kv head, a sequence's units go through its kv heads in groups of
+    BSA_PREFILL_KV_GROUP (cut to a divisor of the kv heads: 3 of 4 is 2, 8 is all of them): every
+    (tile, head) still exactly once, contiguous and paged."""
+    monkeypatch.setenv("BSA_PREFILL_UNIT_ORDER", "kv_head")
+    monkeypatch.setenv("BSA_PREFILL_KV_GROUP", kv_group)
+    pattern = make_pattern("qslide", 64, LOCAL, VERT, hq, hkv)
+    run_varlen("cuda", torch.bfloat16, hq, hkv, 128, [(700, 700), (1, 1), (130, 260), (385, 385)], pattern, gen)
+    run_paged_prefill("cuda", torch.float16, hq, hkv, 128, 16, [(1000, 300), (63, 2)], pattern, gen)
+
+
 def test_unit_order_chosen_per_sequence(kernel, monkeypatch, gen):
     """`auto` numbers the units of a sequence whose K/V outgrow the L2 kv head by kv head and those of
     the batch's other sequences tile by tile (each decides by its own length): every (tile, head)
@@ -411,6 +424,7 @@ def test_forced_packed_heads_outside_their_domain_is_an_error(monkeypatch, case,
 
 # Every run-time knob (csrc/common/settings.h, docs/settings.md) rejects a value it does not know.
 BAD_KNOB_VALUES = (("BSA_PREFILL_KERNEL", "fastest"), ("BSA_PREFILL_UNIT_ORDER", "head"),
+                   ("BSA_PREFILL_KV_GROUP", "0"),
                    ("BSA_SM90_STAGE_KEYS", "96"), ("BSA_SM90_GRID", "-1"), ("BSA_SM90_GRID", "many"),
                    ("BSA_SM90_TMA", "yes"), ("BSA_CHECK_INPUTS", "true"), ("BSA_DECODE_SPLITS", "4x"),
                    ("BSA_DECODE_SPLITS", "0"), ("BSA_PREFILL_PACK_GQA", "yes"),

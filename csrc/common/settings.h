@@ -29,6 +29,7 @@ struct Settings {
   DecodeMergeChoice decode_merge = DecodeMergeChoice::kAuto;        // BSA_DECODE_MERGE=auto|kernel|cluster
   PrefillKernelChoice prefill_kernel = PrefillKernelChoice::kAuto;  // BSA_PREFILL_KERNEL=auto|sm80|sm90
   UnitOrderChoice unit_order = UnitOrderChoice::kAuto;              // BSA_PREFILL_UNIT_ORDER=auto|tile|kv_head
+  int kv_group = 0;  // BSA_PREFILL_KV_GROUP=auto|n: kv heads numbered together kv head by kv head (0 = auto: 1)
   PackGqaChoice pack_gqa = PackGqaChoice::kAuto;                    // BSA_PREFILL_PACK_GQA=auto|0|1
   int sm90_grid = 0;          // BSA_SM90_GRID=auto|n: the Hopper kernel's persistent CTAs (0 = one per SM)
   bool sm90_tma = true;       // BSA_SM90_TMA=0|1: the Hopper kernel's loads through the TMA where possible
@@ -47,8 +48,8 @@ struct Settings {
 namespace detail {
 // The run-time knobs' raw values ("" when unset), from one pass over the environment.
 struct RawSettings {
-  std::string_view check_inputs, decode_splits, decode_merge, prefill_kernel, unit_order, pack_gqa, sm90_grid, sm90_tma,
-      sm90_stage_keys, paged_prefill;
+  std::string_view check_inputs, decode_splits, decode_merge, prefill_kernel, unit_order, kv_group, pack_gqa, sm90_grid,
+      sm90_tma, sm90_stage_keys, paged_prefill;
 };
 
 inline RawSettings raw_settings() {
@@ -57,7 +58,7 @@ inline RawSettings raw_settings() {
       {"BSA_CHECK_INPUTS", &RawSettings::check_inputs},   {"BSA_DECODE_SPLITS", &RawSettings::decode_splits},
       {"BSA_DECODE_MERGE", &RawSettings::decode_merge},
       {"BSA_PREFILL_KERNEL", &RawSettings::prefill_kernel}, {"BSA_PREFILL_UNIT_ORDER", &RawSettings::unit_order},
-      {"BSA_PREFILL_PACK_GQA", &RawSettings::pack_gqa},
+      {"BSA_PREFILL_KV_GROUP", &RawSettings::kv_group},     {"BSA_PREFILL_PACK_GQA", &RawSettings::pack_gqa},
       {"BSA_SM90_GRID", &RawSettings::sm90_grid},         {"BSA_SM90_TMA", &RawSettings::sm90_tma},
       {"BSA_SM90_STAGE_KEYS", &RawSettings::sm90_stage_keys}, {"BSA_PAGED_PREFILL", &RawSettings::paged_prefill}};
   for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
@@ -96,6 +97,7 @@ inline Settings read_settings() {
   Settings s;
   s.check_inputs = detail::parse_flag("BSA_CHECK_INPUTS", raw.check_inputs, false);
   s.decode_splits = detail::parse_count("BSA_DECODE_SPLITS", raw.decode_splits);
+  s.kv_group = detail::parse_count("BSA_PREFILL_KV_GROUP", raw.kv_group);
   s.sm90_grid = detail::parse_count("BSA_SM90_GRID", raw.sm90_grid);
   s.sm90_tma = detail::parse_flag("BSA_SM90_TMA", raw.sm90_tma, true);
 

@@ -240,6 +240,10 @@ struct PrefillParams {
   // by side, or kv head by kv head for a sequence of more than kv_head_major_keys keys (its K/V
   // outgrows the L2; decided per sequence from its own length; 0: every sequence, INT_MAX: none).
   int kv_head_major_keys;
+  // Numbered kv head by kv head, a sequence's units go through its kv heads in groups of G (a divisor
+  // of num_kv_heads; BSA_PREFILL_KV_GROUP, 1 by default): each group's tiles from the longest rows,
+  // the group's G x (q heads per kv head) q heads side by side. This divides by those q heads.
+  FastDivisor kv_group_q_heads;
   // Hopper kernel only: log2 of the q heads one work unit computes together (0: one). With s > 0 a
   // unit is (query tile of kPrefillSm90BlockM >> s tokens, kv head) and its 128 rows are the tile's
   // tokens times the kv group's 2^s q heads, row = token * 2^s + head in the group: the group's K/V

@@ -14,9 +14,9 @@ namespace blocksparse_attn {
 // items own units [first item * Hq, (first item + tiles) * Hq), numbered either tile by tile (unit =
 // item * Hq + head: the q heads of one tile side by side) or, for a sequence of more than
 // params.kv_head_major_keys keys, kv head by kv head (each kv head's tiles from the longest rows, its
-// q heads side by side). The vertical columns of all heads together touch every key block, so tile
-// by tile the CTAs in flight read the whole sequence's K/V: at 32k (134 MB) more than the L2 holds,
-// where one kv head's is 17 MB.
+// q heads side by side; in groups of kv heads, params.kv_group_q_heads). The vertical columns of all
+// heads together touch every key block, so tile by tile the CTAs in flight read the whole sequence's
+// K/V: at 32k (134 MB) more than the L2 holds, where one kv head's is 17 MB.
 struct PrefillItem {
   int seq, head, kv_head;
   int q_begin;      // the sequence's first row in the packed q / out
@@ -48,13 +48,14 @@ __device__ __forceinline__ void resolve_prefill_item(const PrefillParams& params
     const int last_tile = (it.k_len - 1) / block_m;
     const int tiles = last_tile - it.first_pos / block_m + 1;
     const int first_item = anchor - (last_tile - item.tile_index);
-    const FastDivisor& heads_per_kv = params.pattern.q_heads_per_kv_divisor;
+    const FastDivisor& group_heads = params.kv_group_q_heads;
     const int local = unit - first_item * num_q_heads;  // [0, tiles * Hq)
-    const int kv_head_units = tiles * heads_per_kv.divisor();
-    it.kv_head = local / kv_head_units;
-    const int rest = local - it.kv_head * kv_head_units;
-    const int tiles_back = heads_per_kv.div(rest);  // from the last tile (the kv head's q heads side by side)
-    it.head = it.kv_head * heads_per_kv.divisor() + rest - tiles_back * heads_per_kv.divisor();
+    const int group_units = tiles * group_heads.divisor();
+    const int group = local / group_units;
+    const int rest = local - group * group_units;
+    const int tiles_back = group_heads.div(rest);  // from the last tile (the group's q heads side by side)
+    it.head = (group - tiles_back) * group_heads.divisor() + rest;
+    it.kv_head = params.pattern.q_heads_per_kv_divisor.div(it.head);
     it.tile_pos = (last_tile - tiles_back) * block_m;
   } else {
     // units_per_item is Hq >> params.pack_gqa_shift, pack_shift the kernel's: the host packs heads
