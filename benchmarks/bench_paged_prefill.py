@@ -21,6 +21,8 @@ Every method is timed in --rounds interleaved rounds (each a median of --repeats
 shows each method's median over the rounds), so the card's clock drift over a run falls on all methods
 alike. With --clocks, nvidia-smi samples the SM clock and the power every 50 ms meanwhile, and a second
 table gives each method's means over its timing (is a path slower because the card clocks it lower?).
+A method's window is only --repeats calls a round (~35 ms at 8k x 4 with the default 20, two or three
+samples): use --repeats 400 or so with --clocks; rows of fewer than 10 samples are marked.
 The ratio columns are paged / varlen, chunk / chunk-varlen (model-dtype cache; with --gather also
 the gather's, each cache) and fp8 / model-dtype cache (1.00 = as fast).
 
@@ -253,7 +255,7 @@ def main():
             print(f"\n{seq_len} x {batch}, while timed (nvidia-smi every 50 ms): SM clock MHz, power W, samples")
             for name, spans in windows.items():
                 clock, power, n = sampler.means(spans)
-                print(f"  {name:>20}  {clock:7.0f}  {power:6.0f}  {n:4d}")
+                print(f"  {name:>20}  {clock:7.0f}  {power:6.0f}  {n:4d}{'  (few samples)' if n < 10 else ''}")
         if args.kernel_times:
             print(f"\n{seq_len} x {batch}, kernels a call (us):")
             for label in ("varlen", "paged-bf16", "paged-bf16-gather", *(f"paged-{f}-gather" for f in fp8s)):

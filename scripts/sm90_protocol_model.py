@@ -7,7 +7,7 @@ barriers are counters. cp.async copies always land, so only program order and th
 block. Each unit is a list of fills (its key tiles, then its end record), each marked by whether it
 carries cp.async copies (published L fills later) or not (published at issue). Configurations: key
 slots, value slots (equal and released together for shared stages, main's 64-key shape; separate
-rings for its 128-key shape), Q buffers, fills in flight L, turns, Q buffers freed a unit late.
+rings for its 128-key shape), Q buffers, fills in flight L, turns.
 
 The empties (key, value, Q) complete on both groups' arrivals (the kernel counts 2 x 128 threads):
 an arrival of one group for a phase the other has not finished would complete that phase early.
@@ -30,16 +30,14 @@ depend on the interleaving: each trial runs the processes in a random order, pre
 
 It found the Q-buffer hang fixed on 2026-11-26: with two Q buffers, units without key tiles in a
 row and Q through cp.async (`fix=False`: ~10 % of random sequences deadlock; with the fix, none).
-With Q buffers freed a unit late (deferred_q), the producer must also publish the first fill of the
-unit whose consumers free the buffer it waits for: without it 10 % (three buffers) and 30 % (two) of
-the sequences hung.
-The self-tests at the end break the protocol on purpose (the turns, a late Q release with one
-buffer, a value slot's wait) and check that the model notices.
+The self-tests at the end break the protocol on purpose (the turns, a value slot's wait) and check
+that the model notices. (Q buffers freed a unit late, an experiment measured no faster and removed
+on 2026-12-05, needed the producer to publish one fill more: the model found that hang too.)
 """
 import random
 
 
-def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, deferred_q=False):
+def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
     """SK / SV: key / value slots; QB: Q buffers; L: fills in flight; split: a key slot is released
     after S, not with its value slot; fix: the producer publishes unit k - QB's fills before it waits
     for unit k's Q buffer (main since 2026-11-26), instead of assuming them out; turns: the consumer
@@ -47,9 +45,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
     first turn), 'no final sync' (group 0 never takes group 1's last hand-over) or 'no value wait' (a
     fill does not wait for its value slot), for the self-test;
     sched: a random.Random for the order the processes run in and for preemption (None: fixed order,
-    each process runs until it blocks); deferred_q: a group frees unit k's Q buffer after the wait for
-    unit k + 1's first fill (BSA_SM90_STORE_READ_DEFERRED: the thread that stored O through the TMA
-    waits for its reads there)."""
+    each process runs until it blocks)."""
     cnt, errors = {}, []
     preempted = [False]
     c = lambda b: cnt.get(b, 0)
@@ -102,9 +98,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                 return
             if k >= QB:
                 if fix:
-                    # unit k - QB's fills; deferred_q: and unit k - QB + 1's first, which the late
-                    # release waits for
-                    needed = st['n'] if QB == 1 else st['firsts'][k - QB + 1] + deferred_q
+                    needed = st['n'] if QB == 1 else st['firsts'][k - QB + 1]  # unit k - QB's fills
                 else:
                     needed = st['n'] if (QB == 1 or L > 2) else 0
                 while st['pub'] < needed:
@@ -145,8 +139,6 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
             end_turn(1)  # group 0 goes first
         for k, fills in enumerate(units + [None]):
             yield from wait(lambda: ready(('full', n % SK), n // SK + 1))
-            if deferred_q and k > 0:
-                arrive(('qempty', (k - 1) % QB), g)  # the previous unit's, freed late
             if fills is None:
                 if turns and g == 0 and mutant != 'no final sync':
                     yield from begin_turn(0)  # group 1's last hand-over
@@ -166,8 +158,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                     pending = n
             rv(n)  # the end record's slots
             n += 1
-            if not deferred_q:
-                arrive(('qempty', k % QB), g)
+            arrive(('qempty', k % QB), g)
 
     alive = [producer(), consumer(0), consumer(1)]
     while alive:
@@ -210,9 +201,6 @@ if __name__ == "__main__":
         "64-key, 2 Q (BSA_SM90_Q_BUFFERS=2)": (4, 4, 2, 2, False, False),
         "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True, False),
         "main 128-key, turns": (2, 3, 2, 2, True, True),
-        "64-key, Q freed a unit late (deferred)": (4, 4, 3, 2, False, False, True),
-        "64-key, 2 Q, Q freed a unit late": (4, 4, 2, 2, False, False, True),
-        "64-key, turns, Q freed a unit late": (4, 4, 3, 2, False, True, True),
         "64-key, turns (BSA_SM90_TURNS=2)": (4, 4, 2, 2, False, True),
         "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False, False),
         "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False),
@@ -223,12 +211,10 @@ if __name__ == "__main__":
     samples = [random_units(rng, rng.randint(1, 12), rng.choice([0, 0.3, 0.8]), rng.choice([0, 0.2, 1]),
                             rng.random() < 0.3) for _ in range(trials)]
     for fix in (False, True):
-        for name, (SK, SV, QB, L, split, turns, *deferred) in configs.items():
-            deferred_q = bool(deferred and deferred[0])
+        for name, (SK, SV, QB, L, split, turns) in configs.items():
             results = {}
             for trial, units in enumerate(samples):
-                key = outcome(run(units, SK, SV, QB, L, split, fix, turns, sched=random.Random(trial),
-                                  deferred_q=deferred_q))
+                key = outcome(run(units, SK, SV, QB, L, split, fix, turns, sched=random.Random(trial)))
                 results[key] = results.get(key, 0) + 1
             print(f"fix={fix!s:5} {name:40} {results}")
 
@@ -243,16 +229,6 @@ if __name__ == "__main__":
                 results[key] = results.get(key, 0) + 1
             print(f"self-test {mutant:14} {name:40} {results}")
             assert results == {expect: 300}, f"the model misses a broken turn protocol ({mutant})"
-    # ... and a Q buffer freed a unit late with a single Q buffer (which the kernel rules out) must hang:
-    # the next unit's Q waits for the buffer, the late release for the next unit's first fill (two
-    # units or more).
-    results = {}
-    several = [units for units in samples if len(units) >= 2][:300]
-    for trial, units in enumerate(several):
-        key = outcome(run(units, 4, 4, 1, 2, False, True, sched=random.Random(trial), deferred_q=True))
-        results[key] = results.get(key, 0) + 1
-    print(f"self-test one Q buffer, freed late  {results}")
-    assert results == {"deadlock": len(several)}, "the model misses a late Q release with one buffer"
     # ... and a fill that does not wait for its value slot (split rings: the key slot's wait does not
     # cover it) must overwrite values in use: the overwrite check's own test.
     SK, SV, QB, L, split, turns = configs["main 128-key (2 + 3 split rings, 2 Q)"]

@@ -17,7 +17,7 @@ def test_protocol_model_finds_main_clean_and_catches_broken_protocols():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr  # the self-tests assert
     with_fix = [line for line in run.stdout.splitlines() if line.startswith("fix=True")]
-    assert len(with_fix) >= 10, run.stdout
+    assert len(with_fix) >= 8, run.stdout
     for line in with_fix:
         results = ast.literal_eval(line[line.index("{"):])
         assert results == {"ok": 2000}, line

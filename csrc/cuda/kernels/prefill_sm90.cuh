@@ -93,32 +93,6 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 #define BSA_SM90_PAGED_BOX_WARPS 1
 #endif
 
-// Build knob BSA_SM90_STORE_READ_DEFERRED=1: the thread that stores a group's staged O through the TMA
-// waits for the TMA's reads of it (and frees the Q buffer) once the next unit's first fill has
-// landed, not right after the store, so its warp does not hold the group's next products back (two
-// or more Q buffers: with one, the next unit's Q waits for that buffer; 64-key fills). Off by default
-// until a device session times it (experiment).
-#ifndef BSA_SM90_STORE_READ_DEFERRED
-#define BSA_SM90_STORE_READ_DEFERRED 0
-#endif
-
-// Build knob BSA_SM90_END_HINT=1: a consumer of a unit with packed heads (short prompts) reads the
-// record of the fill it expects to be the unit's end record before issuing that fill's products, and
-// issues only the last P.V there instead of an S on stale keys whose scores it drops (at S = 128 one
-// S product in 2.5). A hint only: the record decides. Off by default until a device session times it
-// (experiment).
-#ifndef BSA_SM90_END_HINT
-#define BSA_SM90_END_HINT 0
-#endif
-
-// BSA_SM90_STORE_READ_DEFERRED where it applies: two or more Q buffers, 64-key fills (the 128-key
-// kernel spilled 4 B more with it). The producer then also publishes the first fill of the unit
-// whose consumers free the Q buffer it waits for (scripts/sm90_protocol_model.py found the hang
-// without that: the late release waits for that fill).
-template <typename Tiling>
-constexpr bool kSm90StoreReadDeferred =
-    BSA_SM90_STORE_READ_DEFERRED && Tiling::kQBuffers >= 2 && Tiling::kTilesPerStage == 1;
-
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
 // through the TMA with 64-key fills, whose boxes' page ids are looked up a fill ahead (its own
@@ -261,13 +235,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // be published first: with one buffer that is every fill so far; with B > 1, the fills before
     // unit k - B + 1's first. Those are normally out already (L fills back), but not when unit k - 1
     // has fewer than L fills and unit k - 2's last one carries cp.async copies (units without
-    // key tiles, Q through cp.async), so the wait below would never end. With the store's reads
-    // waited for late (kSm90StoreReadDeferred), unit k - B + 1's first fill too.
+    // key tiles, Q through cp.async), so the wait below would never end.
     const int buf = k % Tiling::kQBuffers;
     if (k >= Tiling::kQBuffers) {
-      const int needed = Tiling::kQBuffers == 1 ? n
-                         : (Tiling::kQBuffers == 2 ? first_fill_back1 : first_fill_back2) +
-                               kSm90StoreReadDeferred<Tiling>;
+      const int needed = Tiling::kQBuffers == 1 ? n : (Tiling::kQBuffers == 2 ? first_fill_back1 : first_fill_back2);
       if (next_publish < needed) {
         ptx::cp_async_wait<0>();
         while (next_publish < needed) publish(next_publish++);
@@ -676,19 +647,9 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   };
   if (group == 1) end_turn();
 
-  // kEndHint (BSA_SM90_END_HINT, 64-key fills): see the fill loop below.
-  constexpr bool kEndHint = BSA_SM90_END_HINT && kSlots == 1;
-  // kDeferStoreRead: the Q buffer whose staged O thread 0 stored last and has not freed yet (-1: none).
-  constexpr bool kDeferStoreRead = kSm90StoreReadDeferred<Tiling>;
-  int stored_buf = -1;
   int n = 0;
   for (int k = 0;; ++k) {
     StageInfo info = read_record(wait_fill(n));  // the unit's first fill, which also brought its Q
-    if (kDeferStoreRead && stored_buf >= 0) {
-      ptx::bulk_wait_group_read<0>();
-      ptx::mbarrier_arrive(&shared.q_empty[stored_buf]);
-      stored_buf = -1;
-    }
     if (info.unit < 0) {
       if (group == 0) begin_turn();
       if (t == 0) ptx::bulk_wait_group<0>();  // the group's last TMA stores of O have landed
@@ -801,10 +762,6 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // Every tile of the list goes through both groups (one a group does not see is fully masked):
     // skipping it would put the wgmma issue in data-dependent branches, where ptxas serialises
     // them.
-    // BSA_SM90_END_HINT: with packed heads every causal key tile up to the unit's last query is one
-    // of its fills, so its end record is expected that many fills after its first.
-    const int expected_end =
-        kEndHint && sm90_pack_shift<Tiling>(params) > 0 ? n + ((it.valid_end - 1) >> 6) + 1 : -1;
     if (!info.end) {
       {
         float s[kSRegs], row_alpha[2];
@@ -820,29 +777,16 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
       Sm90Fill pending = info.fill;
       while (true) {
         // Both products are issued before the fill's record is read (its load and broadcast
-        // would delay them): an end record's key slot holds stale keys, whose scores are dropped.
-        // kEndHint: the fill expected to be the end record has its record read first, and if it
-        // is one, only the last P.V is issued.
+        // would delay them): an end record's key slot holds stale keys, whose scores are dropped
+        // (at S = 128 one S product in 2.5; reading the expected end record first measured no
+        // faster there, H100, 2026-12-05).
         const Sm90Fill fill = wait_fill(++n);
         float s[kSRegs], row_alpha[2];
-        if (kEndHint && n == expected_end) {
-          info = read_record(fill);
-          if (info.end) {
-            begin_turn();
-            issue_pv(pending);
-            end_turn();
-            release_key(fill);
-            ptx::wgmma_wait<0>();
-            ptx::fence_registers(acc_o);
-            release_value(pending);
-            break;
-          }
-        }
         begin_turn();
         issue_s(s, fill);
         issue_pv(pending);
         end_turn();
-        if (!kEndHint || n != expected_end) info = read_record(fill);
+        info = read_record(fill);
         ptx::wgmma_wait<1>();  // S is done; P.V may still run
         ptx::fence_registers(s);
         release_key(fill);
@@ -910,10 +854,6 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         for (int block = 0; block < kHeadDim / 64; ++block)
           ptx::tma_store_3d(&maps.out, s_q + block * 64 * 128, block * 64, it.head, token);
         ptx::bulk_commit_group();
-        if constexpr (kDeferStoreRead) {
-          stored_buf = buf;  // waited for and freed after the next unit's first fill
-          continue;
-        }
         ptx::bulk_wait_group_read<0>();
       }
       ptx::mbarrier_arrive(&shared.q_empty[buf]);
