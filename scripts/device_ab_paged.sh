@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A/B of the paged prefill in one device call: the extension built from BASE_DIR (another tree, e.g.
 # `mkdir -p ab/main && git archive main | tar -x -C ab/main` here first: untracked plain files travel)
-# against this tree's, each benchmark in a fresh process, ROUNDS alternated rounds of
+# against this tree's, each benchmark in a fresh process, ROUNDS rounds (each starting with the next variant) of
 # bench_paged_prefill.py (BENCH_ARGS), this tree's TESTS (-k TEST_K) first, on each variant of this
 # tree. The benchmark always runs this tree's Python package with the variant's extension.
 # BASE_NVCC_FLAGS / NEW_NVCC_FLAGS build either with extra NVCC flags (e.g.
@@ -45,8 +45,12 @@ if [ -n "${TESTS:-}" ]; then  # every variant of this tree: a knob's first run i
   done
 fi
 read -ra kernels <<< "${KERNELS:-auto}"
+nv=${#names[@]}
 for r in $(seq 1 ${ROUNDS:-3}); do
-  for v in "${names[@]}"; do
+  # Each round starts with the next variant: in a fixed order the card's warming would fall on the
+  # later ones (the H100 drifted ~10 % over one benchmark process, 2026-12-05).
+  for j in $(seq 0 $((nv - 1))); do
+    v=${names[$(( (j + r - 1) % nv ))]}
     cp "$so/$v"/_C*.so blocksparse_attn/
     for k in "${kernels[@]}"; do
       label=$v${KERNELS:+ $k}

@@ -138,3 +138,11 @@ def test_device_ab_paged_times_each_kernel(tree, tmp_path):
         [("", "sm90"), ("", "sm80"), ("-DNEW=1", "sm90"), ("-DNEW=1", "sm80")], ran
     assert sorted(p.name for p in (tmp_path / "out").glob("bench_r1_*")) == \
         ["bench_r1_base_sm80.log", "bench_r1_base_sm90.log", "bench_r1_new_sm80.log", "bench_r1_new_sm90.log"]
+
+
+def test_device_ab_paged_rounds_start_with_the_next_variant(tree, tmp_path):
+    """The card warms over a call: no variant may always run first."""
+    run = run_script(tree, "device_ab_paged.sh", tmp_path, BASE_DIR=".", NEW_NVCC_FLAGS="-DNEW=1", ROUNDS="2")
+    assert run.returncode == 0, run.stdout + run.stderr
+    rounds = [line for line in run.stdout.splitlines() if line.startswith("== round")]
+    assert rounds == ["== round 1 base", "== round 1 new", "== round 2 new", "== round 2 base"], run.stdout
