@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A/B of the paged prefill in one device call: the extension built from BASE_DIR (another tree, e.g.
 # `mkdir -p ab/main && git archive main | tar -x -C ab/main` here first: untracked plain files travel)
-# against this tree's, each benchmark in a fresh process, ROUNDS rounds (each starting with the next variant) of
-# bench_paged_prefill.py (BENCH_ARGS), this tree's TESTS (-k TEST_K) first, on each variant of this
-# tree. The benchmark always runs this tree's Python package with the variant's extension.
+# against this tree's, each benchmark in a fresh process, ROUNDS rounds (each starting with the next
+# variant) of bench_paged_prefill.py (BENCH_ARGS), this tree's TESTS (-k TEST_K) first, on each variant
+# of this tree. The benchmark always runs this tree's Python package with the variant's extension.
 # BASE_NVCC_FLAGS / NEW_NVCC_FLAGS build either with extra NVCC flags (e.g.
 # NEW_NVCC_FLAGS=-DBSA_SM90_STAGES=5 with BASE_DIR=. compares a build knob on one tree: the base is
 # built in a copy); NEW_NVCC_FLAGS of several lines builds one variant a line (new, new1, new2, ...).

@@ -163,7 +163,7 @@ int kv_head_major_keys(const PrefillParams& params, int64_t kv_element_size, con
 }
 
 // The q heads of the kv heads numbered together kv head by kv head (PrefillParams::kv_group_q_heads):
-// BSA_PREFILL_KV_GROUP kv heads (1 unless set), cut to the largest divisor of num_kv_heads below it.
+// BSA_PREFILL_KV_GROUP kv heads (1 unless set), cut to the largest divisor of num_kv_heads not above it.
 FastDivisor kv_group_q_heads(const PrefillParams& params, const Settings& settings) {
   int group = std::clamp(settings.kv_group, 1, params.num_kv_heads);
   while (params.num_kv_heads % group != 0) --group;
