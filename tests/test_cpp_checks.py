@@ -6,7 +6,10 @@
   divisor / dividend pairs). Every pattern test then runs the walk through it.
 - tests/cpp/paged_rows_check.cpp: PagedRows (csrc/cuda/kernels/params.h), the paged K/V row addressing
   of the kernels' cp.async copies, against the table read row by row (which rows read, their offsets, one
-  table read per page, no read past the live rows' entries)."""
+  table read per page, no read past the live rows' entries).
+- tests/cpp/unit_numbering_check.cpp: kv_major_unit and kv_group_size (csrc/cuda/kernels/params.h), the
+  kv-head-major numbering of a long sequence's work units in groups of kv heads (BSA_PREFILL_KV_GROUP):
+  every (q head, tile) once, in the order the kernels rely on."""
 from __future__ import annotations
 
 import os
@@ -27,7 +30,8 @@ def _sanitizers_work(compiler: str, tmp: str) -> bool:
     return built.returncode == 0 and subprocess.run([str(Path(tmp) / "probe")], capture_output=True).returncode == 0
 
 
-@pytest.mark.parametrize("check, least", [("fast_divisor_check", 1_000_000), ("paged_rows_check", 1_000_000)])
+@pytest.mark.parametrize("check, least", [("fast_divisor_check", 1_000_000), ("paged_rows_check", 1_000_000),
+                                          ("unit_numbering_check", 1_000_000)])
 def test_cpp_check(check, least, tmp_path):
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:

@@ -162,14 +162,6 @@ int kv_head_major_keys(const PrefillParams& params, int64_t kv_element_size, con
   return static_cast<int>(std::min<int64_t>(l2_bytes / bytes_per_key, INT_MAX));
 }
 
-// The q heads of the kv heads numbered together kv head by kv head (PrefillParams::kv_group_q_heads):
-// BSA_PREFILL_KV_GROUP kv heads (1 unless set), cut to the largest divisor of num_kv_heads not above it.
-FastDivisor kv_group_q_heads(const PrefillParams& params, const Settings& settings) {
-  int group = std::clamp(settings.kv_group, 1, params.num_kv_heads);
-  while (params.num_kv_heads % group != 0) --group;
-  return FastDivisor(group * params.pattern.q_heads_per_kv);
-}
-
 // CTAs of the persistent Hopper kernel: one per SM; BSA_SM90_GRID=<n> sets another count (experiments:
 // a count at least the number of work units gives one CTA per unit).
 int sm90_ctas(const Settings& settings) {
@@ -205,7 +197,8 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
   params.work_counter = plan.work_counter;
   params.kv_head_major_keys =
       params.pack_gqa_shift == 0 ? kv_head_major_keys(params, c10::elementSize(cache_dtype), settings) : INT_MAX;
-  params.kv_group_q_heads = kv_group_q_heads(params, settings);
+  params.kv_group_q_heads =
+      FastDivisor(kv_group_size(settings.kv_group, params.num_kv_heads) * params.pattern.q_heads_per_kv);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -214,6 +214,29 @@ struct alignas(16) PlanItem {
   int32_t unused[2];
 };
 
+// Kv-head-major numbering (PrefillParams::kv_head_major_keys): a sequence's units in groups of kv
+// heads (group_heads: the group's q heads, PrefillParams::kv_group_q_heads), each group's tiles from
+// the sequence's last one back, the group's q heads side by side. The local-th unit of the sequence
+// ([0, tiles * Hq)) is q head `head` of the tile `tiles_back` before the last.
+struct KvMajorUnit {
+  int head, tiles_back;
+};
+BSA_HOST_DEVICE KvMajorUnit kv_major_unit(int local, int tiles, const FastDivisor& group_heads) {
+  const int group_units = tiles * group_heads.divisor();
+  const int group = local / group_units;
+  const int rest = local - group * group_units;
+  const int tiles_back = group_heads.div(rest);
+  return {(group - tiles_back) * group_heads.divisor() + rest, tiles_back};
+}
+
+// The kv heads a group of that numbering takes: `requested` (BSA_PREFILL_KV_GROUP, at least 1) cut to
+// the largest divisor of num_kv_heads not above it, so that every group is whole.
+BSA_HOST_DEVICE int kv_group_size(int requested, int num_kv_heads) {
+  int group = requested < 1 ? 1 : (requested > num_kv_heads ? num_kv_heads : requested);
+  while (num_kv_heads % group != 0) --group;
+  return group;
+}
+
 struct PrefillParams {
   const void* q;  // [T, Hq, D], element strides below
   void* out;      // [T, Hq, D] contiguous
@@ -240,9 +263,9 @@ struct PrefillParams {
   // by side, or kv head by kv head for a sequence of more than kv_head_major_keys keys (its K/V
   // outgrows the L2; decided per sequence from its own length; 0: every sequence, INT_MAX: none).
   int kv_head_major_keys;
-  // Numbered kv head by kv head, a sequence's units go through its kv heads in groups of G (a divisor
-  // of num_kv_heads; BSA_PREFILL_KV_GROUP, 1 by default): each group's tiles from the longest rows,
-  // the group's G x (q heads per kv head) q heads side by side. This divides by those q heads.
+  // Numbered kv head by kv head, a sequence's units go through its kv heads in groups of G
+  // (kv_group_size of BSA_PREFILL_KV_GROUP, 1 by default; kv_major_unit): this divides by the group's
+  // G x (q heads per kv head) q heads.
   FastDivisor kv_group_q_heads;
   // Hopper kernel only: log2 of the q heads one work unit computes together (0: one). With s > 0 a
   // unit is (query tile of kPrefillSm90BlockM >> s tokens, kv head) and its 128 rows are the tile's

@@ -48,15 +48,10 @@ __device__ __forceinline__ void resolve_prefill_item(const PrefillParams& params
     const int last_tile = (it.k_len - 1) / block_m;
     const int tiles = last_tile - it.first_pos / block_m + 1;
     const int first_item = anchor - (last_tile - item.tile_index);
-    const FastDivisor& group_heads = params.kv_group_q_heads;
-    const int local = unit - first_item * num_q_heads;  // [0, tiles * Hq)
-    const int group_units = tiles * group_heads.divisor();
-    const int group = local / group_units;
-    const int rest = local - group * group_units;
-    const int tiles_back = group_heads.div(rest);  // from the last tile (the group's q heads side by side)
-    it.head = (group - tiles_back) * group_heads.divisor() + rest;
+    const KvMajorUnit u = kv_major_unit(unit - first_item * num_q_heads, tiles, params.kv_group_q_heads);
+    it.head = u.head;
     it.kv_head = params.pattern.q_heads_per_kv_divisor.div(it.head);
-    it.tile_pos = (last_tile - tiles_back) * block_m;
+    it.tile_pos = (last_tile - u.tiles_back) * block_m;
   } else {
     // units_per_item is Hq >> params.pack_gqa_shift, pack_shift the kernel's: the host packs heads
     // only with 64-key fills (run_prefill), so the two shifts agree.
