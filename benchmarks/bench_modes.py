@@ -6,7 +6,8 @@ or 3.62-3.76 ms, cuDNN 3.33-3.34 or 3.59-3.85 ms in the same six processes, the 
 This script allocates --sets input sets (q, k, v) and --outs output buffers up front, then, in
 --rounds interleaved rounds within one process, times ours on every (input set, output buffer) pair
 and the dense peers (cuDNN's SDPA on CUDA, FA4 where installed; plain SDPA on the CPU) on every input
-set, and prints each buffer's address.
+set, and prints each buffer's address. Unlike bench_prefill.py, each timing repeats one input set
+(each set is far larger than the L2).
 
 - One input set or output buffer slow in every round: where the data lies decides (compare processes
   by buffer, not by method).
@@ -36,12 +37,14 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--pattern", action="store_true", help="Phi-3-small's pattern instead of dense causal")
-    ap.add_argument("--sets", type=int, default=3, help="input sets (q, k, v)")
+    ap.add_argument("--sets", type=int, default=3, help="input sets (q, k, v), each timed on its own")
     ap.add_argument("--outs", type=int, default=3, help="output buffers of ours")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args(argv)
+    if min(args.sets, args.outs, args.rounds, args.repeats) < 1:
+        ap.error("--sets, --outs, --rounds and --repeats take at least 1")
     cuda = args.device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     timer = bp.time_cuda if cuda else bp.time_cpu
@@ -54,13 +57,14 @@ def main(argv=None):
         return lambda: ops.varlen_prefill(x["q"], x["k"], x["v"], x["cu"], x["cu"], scale, pattern, out=out)
 
     calls = {f"ours set {i} out {j}": ours(x, out) for i, x in enumerate(inputs) for j, out in enumerate(outs)}
-    if not args.pattern:
+    if not args.pattern:  # the dense peers, each skipped with a note where it does not run here
         sdpa = "sdpa-cudnn" if cuda else "sdpa"
         backend = torch.nn.attention.SDPBackend.CUDNN_ATTENTION if cuda else None
-        calls.update({f"{sdpa} set {i}": bp.sdpa_fn(x, scale, backend) for i, x in enumerate(inputs)})
-        fa4 = bp.fa4_fns(inputs, scale) if cuda else None
-        if fa4 is not None:
-            calls.update({f"fa4 set {i}": fn for i, fn in enumerate(fa4)})
+        peers = {sdpa: bp.first_call_or_note(sdpa, [bp.sdpa_fn(x, scale, backend) for x in inputs])}
+        if cuda:
+            peers["fa4"] = bp.first_call_or_note("fa4", bp.fa4_fns(inputs, scale))
+        for peer, fns in peers.items():
+            calls.update({f"{peer} set {i}": fn for i, fn in enumerate(fns or [])})
     times = {name: [] for name in calls}
     for r in range(args.rounds):
         names = list(calls)
@@ -71,8 +75,9 @@ def main(argv=None):
     layout = "the pattern" if args.pattern else "dense causal"
     print(f"{torch.cuda.get_device_name() if cuda else 'cpu'}, {dtype}, {layout}, {args.seq_len} x {args.batch}, "
           f"{args.rounds} rounds of {args.repeats} calls (ms: median over rounds, then each round)")
-    for i, x in enumerate(inputs):
-        print(f"  set {i}: q at {at(x['q'])}, k at {at(x['k'])}, v at {at(x['v'])}")
+    for i, x in enumerate(inputs):  # ours and FA4 read q, k, v; SDPA its [B, H, S, D] copies
+        print(f"  set {i}: q at {at(x['q'])}, k at {at(x['k'])}, v at {at(x['v'])}; "
+              f"SDPA's q at {at(x['q4'])}, k at {at(x['k4'])}, v at {at(x['v4'])}")
     for j, out in enumerate(outs):
         print(f"  out {j}: at {at(out)}")
     for name, ms in times.items():

@@ -426,6 +426,7 @@ def test_forced_packed_heads_outside_their_domain_is_an_error(monkeypatch, case,
 BAD_KNOB_VALUES = (("BSA_PREFILL_KERNEL", "fastest"), ("BSA_PREFILL_UNIT_ORDER", "head"),
                    ("BSA_PREFILL_KV_GROUP", "0"),
                    ("BSA_SM90_STAGE_KEYS", "96"), ("BSA_SM90_GRID", "-1"), ("BSA_SM90_GRID", "many"),
+                   ("BSA_SM90_GRID", "9" * 25),
                    ("BSA_SM90_TMA", "yes"), ("BSA_CHECK_INPUTS", "true"), ("BSA_DECODE_SPLITS", "4x"),
                    ("BSA_DECODE_SPLITS", "0"), ("BSA_PREFILL_PACK_GQA", "yes"),
                    ("BSA_DECODE_MERGE", "dsmem"))

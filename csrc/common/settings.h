@@ -82,10 +82,10 @@ inline bool parse_flag(const char* name, std::string_view v, bool unset) {
 inline int parse_count(const char* name, std::string_view v) {
   if (v.empty() || v == "auto") return 0;
   long n = 0;
-  bool digits = v.size() <= 9;
-  for (char c : v) {
-    digits = digits && c >= '0' && c <= '9';
-    n = n * 10 + (c - '0');
+  bool digits = v.size() <= 9;  // at most 9 digits: n stays far inside a long
+  for (size_t i = 0; digits && i < v.size(); ++i) {
+    digits = v[i] >= '0' && v[i] <= '9';
+    n = n * 10 + (v[i] - '0');
   }
   BSA_CHECK(digits && n > 0, name, " must be auto or a positive integer, got '", std::string(v), "'");
   return static_cast<int>(n);
