@@ -262,12 +262,13 @@ def test_unit_orders(kernel, monkeypatch, order, hq, hkv, gen):
     run_paged_prefill("cuda", torch.float16, hq, hkv, 128, 16, [(1000, 300), (0, 129), (63, 2)], pattern, gen)
 
 
-@pytest.mark.parametrize("kv_group", ("2", "3", "8"))
+@pytest.mark.parametrize("kv_group", ("2", "3", "8", "l2"))
 @pytest.mark.parametrize("hq, hkv", ((8, 4), (12, 6)), ids=("gqa2", "gqa2-kv6"))
 def test_kv_head_groups(kernel, monkeypatch, kv_group, hq, hkv, gen):
     """Numbered kv head by kv head, a sequence's units go through its kv heads in groups of
-    BSA_PREFILL_KV_GROUP (cut to a divisor of the kv heads: 3 of 4 is 2, 8 is all of them): every
-    (tile, head) still exactly once, contiguous and paged."""
+    BSA_PREFILL_KV_GROUP (cut to a divisor of the kv heads: 3 of 4 is 2, 8 is all of them; `l2`: per
+    sequence, here the largest power of two dividing the kv heads, 4 and 2): every (tile, head) still
+    exactly once, contiguous and paged."""
     monkeypatch.setenv("BSA_PREFILL_UNIT_ORDER", "kv_head")
     monkeypatch.setenv("BSA_PREFILL_KV_GROUP", kv_group)
     pattern = make_pattern("qslide", 64, LOCAL, VERT, hq, hkv)

@@ -22,6 +22,7 @@ enum class UnitOrderChoice { kAuto, kTile, kKvHead };
 enum class PackGqaChoice { kAuto, kOff, kOn };
 enum class DecodeMergeChoice { kAuto, kKernel, kCluster };
 enum class PagedPrefillChoice { kDirect, kGather, kAuto };
+constexpr int kKvGroupByL2 = -1;  // Settings::kv_group of BSA_PREFILL_KV_GROUP=l2
 
 struct Settings {
   bool check_inputs = false;  // BSA_CHECK_INPUTS=0|1: value checks on CUDA calls (a device->host copy)
@@ -29,7 +30,8 @@ struct Settings {
   DecodeMergeChoice decode_merge = DecodeMergeChoice::kAuto;        // BSA_DECODE_MERGE=auto|kernel|cluster
   PrefillKernelChoice prefill_kernel = PrefillKernelChoice::kAuto;  // BSA_PREFILL_KERNEL=auto|sm80|sm90
   UnitOrderChoice unit_order = UnitOrderChoice::kAuto;              // BSA_PREFILL_UNIT_ORDER=auto|tile|kv_head
-  int kv_group = 0;  // BSA_PREFILL_KV_GROUP=auto|n: kv heads numbered together kv head by kv head (0 = auto: 1)
+  int kv_group = 0;  // BSA_PREFILL_KV_GROUP=auto|l2|n: kv heads numbered together kv head by kv head
+                     // (0 = auto: 1; kKvGroupByL2: per sequence, as many as the L2 holds)
   PackGqaChoice pack_gqa = PackGqaChoice::kAuto;                    // BSA_PREFILL_PACK_GQA=auto|0|1
   int sm90_grid = 0;          // BSA_SM90_GRID=auto|n: the Hopper kernel's persistent CTAs (0 = one per SM)
   bool sm90_tma = true;       // BSA_SM90_TMA=0|1: the Hopper kernel's loads through the TMA where possible
@@ -78,8 +80,8 @@ inline bool parse_flag(const char* name, std::string_view v, bool unset) {
   return v == "1";
 }
 
-// auto (or unset) -> 0; otherwise a positive integer.
-inline int parse_count(const char* name, std::string_view v) {
+// auto (or unset) -> 0; otherwise a positive integer (`expected` names the values the knob takes).
+inline int parse_count(const char* name, std::string_view v, const char* expected = "auto or a positive integer") {
   if (v.empty() || v == "auto") return 0;
   long n = 0;
   bool digits = v.size() <= 9;  // at most 9 digits: n stays far inside a long
@@ -87,7 +89,7 @@ inline int parse_count(const char* name, std::string_view v) {
     digits = v[i] >= '0' && v[i] <= '9';
     n = n * 10 + (v[i] - '0');
   }
-  BSA_CHECK(digits && n > 0, name, " must be auto or a positive integer, got '", std::string(v), "'");
+  BSA_CHECK(digits && n > 0, name, " must be ", expected, ", got '", std::string(v), "'");
   return static_cast<int>(n);
 }
 }  // namespace detail
@@ -97,7 +99,9 @@ inline Settings read_settings() {
   Settings s;
   s.check_inputs = detail::parse_flag("BSA_CHECK_INPUTS", raw.check_inputs, false);
   s.decode_splits = detail::parse_count("BSA_DECODE_SPLITS", raw.decode_splits);
-  s.kv_group = detail::parse_count("BSA_PREFILL_KV_GROUP", raw.kv_group);
+  s.kv_group = raw.kv_group == "l2" ? kKvGroupByL2
+                                     : detail::parse_count("BSA_PREFILL_KV_GROUP", raw.kv_group,
+                                                           "auto, l2 or a positive integer");
   s.sm90_grid = detail::parse_count("BSA_SM90_GRID", raw.sm90_grid);
   s.sm90_tma = detail::parse_flag("BSA_SM90_TMA", raw.sm90_tma, true);
 

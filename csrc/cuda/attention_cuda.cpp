@@ -146,6 +146,13 @@ int choose_pack_gqa_shift(const PrefillParams& params, PrefillKernel kernel, con
   return __builtin_ctz(group);
 }
 
+// Keys of one kv head's K and V that the L2 holds (PrefillParams::kv_head_l2_keys).
+int kv_head_l2_keys(const PrefillParams& params, int64_t kv_element_size) {
+  const int64_t bytes_per_key = 2 * int64_t{params.head_size} * kv_element_size;
+  const int64_t l2_bytes = at::cuda::getCurrentDeviceProperties()->l2CacheSize;
+  return static_cast<int>(std::min<int64_t>(l2_bytes / bytes_per_key, INT_MAX));
+}
+
 // The length above which a sequence's work units go kv head by kv head
 // (PrefillParams::kv_head_major_keys): where its keys and values outgrow the L2, since tile by tile the
 // CTAs in flight read all of them. Phi-3-small on the H100 (50 MB L2; a 32k sequence's K/V is 134
@@ -157,9 +164,7 @@ int choose_pack_gqa_shift(const PrefillParams& params, PrefillKernel kernel, con
 int kv_head_major_keys(const PrefillParams& params, int64_t kv_element_size, const Settings& settings) {
   if (settings.unit_order == UnitOrderChoice::kTile) return INT_MAX;
   if (settings.unit_order == UnitOrderChoice::kKvHead) return 0;
-  const int64_t bytes_per_key = 2 * int64_t{params.num_kv_heads} * params.head_size * kv_element_size;
-  const int64_t l2_bytes = at::cuda::getCurrentDeviceProperties()->l2CacheSize;
-  return static_cast<int>(std::min<int64_t>(l2_bytes / bytes_per_key, INT_MAX));
+  return kv_head_l2_keys(params, kv_element_size) / params.num_kv_heads;
 }
 
 // CTAs of the persistent Hopper kernel: one per SM; BSA_SM90_GRID=<n> sets another count (experiments:
@@ -197,8 +202,8 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
   params.work_counter = plan.work_counter;
   params.kv_head_major_keys =
       params.pack_gqa_shift == 0 ? kv_head_major_keys(params, c10::elementSize(cache_dtype), settings) : INT_MAX;
-  params.kv_group_q_heads =
-      FastDivisor(kv_group_size(settings.kv_group, params.num_kv_heads) * params.pattern.q_heads_per_kv);
+  params.kv_group = settings.kv_group == kKvGroupByL2 ? 0 : kv_group_size(settings.kv_group, params.num_kv_heads);
+  params.kv_head_l2_keys = kv_head_l2_keys(params, c10::elementSize(cache_dtype));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

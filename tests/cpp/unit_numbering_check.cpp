@@ -1,9 +1,10 @@
-// The kv-head-major numbering of a sequence's work units (kv_major_unit, kv_group_size in
-// csrc/cuda/kernels/params.h): for every kv head count, q heads per kv head, requested group size and
-// tile count below, every (q head, tile) exactly once; the units of a group of kv heads contiguous and
-// in group order; each group's tiles from the last one back, its q heads side by side; groups of one
-// kv head as numbered before groups existed, and a group of all kv heads as tile by tile. Built and
-// run by tests/test_cpp_checks.py; prints the first mismatch and exits 1, else the number of checks.
+// The kv-head-major numbering of a sequence's work units (kv_major_unit, kv_group_size,
+// kv_group_for_l2 in csrc/cuda/kernels/params.h): for every kv head count, q heads per kv head,
+// requested group size and tile count below, every (q head, tile) exactly once; the units of a group
+// of kv heads contiguous and in group order; each group's tiles from the last one back, its q heads
+// side by side; groups of one kv head as numbered before groups existed, and a group of all kv heads
+// as tile by tile. The L2's group: the largest power of two dividing the kv heads whose K/V fit. Built
+// and run by tests/test_cpp_checks.py; prints the first mismatch and exits 1, else the number of checks.
 #include <cstdint>
 #include <cstdio>
 #include <vector>
@@ -11,6 +12,7 @@
 #include "cuda/kernels/params.h"
 
 using blocksparse_attn::FastDivisor;
+using blocksparse_attn::kv_group_for_l2;
 using blocksparse_attn::kv_group_size;
 using blocksparse_attn::kv_major_unit;
 using blocksparse_attn::KvMajorUnit;
@@ -33,12 +35,12 @@ int main() {
       if (g != want) return fail("kv_group_size", hkv, 0, requested, 0, 0);
       for (const int hpk : {1, 2, 3, 4, 8}) {
         const int hq = hkv * hpk, group_heads = g * hpk;
-        const FastDivisor divisor(group_heads);
+        const FastDivisor heads_per_kv(hpk);
         for (const int tiles : tile_counts) {
           std::vector<char> seen(static_cast<size_t>(hq) * tiles, 0);
           const int group_units = tiles * group_heads;
           for (int local = 0; local < tiles * hq; ++local) {
-            const KvMajorUnit u = kv_major_unit(local, tiles, divisor);
+            const KvMajorUnit u = kv_major_unit(local, tiles, g, heads_per_kv);
             ++checks;
             if (u.head < 0 || u.head >= hq || u.tiles_back < 0 || u.tiles_back >= tiles)
               return fail("out of range", hkv, hpk, g, tiles, local);
@@ -57,6 +59,26 @@ int main() {
               return fail("a group of every kv head", hkv, hpk, g, tiles, local);
           }
         }
+      }
+    }
+  }
+  // The L2's group: Phi-3-small's layer (8 kv heads, one kv head's K/V 512 bytes a key, a 50 MB L2:
+  // 102,400 keys) takes 8 at 8k, 4 at 16k, 2 at 32k and 1 from 64k, as FA4's scheduler does.
+  const int l2_keys = 50 * 1024 * 1024 / 512;
+  const int phi3[][2] = {{8192, 8}, {16384, 4}, {32768, 2}, {65536, 1}, {131072, 1}, {1, 8}, {0, 8}};
+  for (const auto& [k_len, want] : phi3) {
+    ++checks;
+    if (kv_group_for_l2(l2_keys, k_len, 8) != want) return fail("kv_group_for_l2 (Phi-3-small)", 8, 4, want, 0, k_len);
+  }
+  for (int hkv = 1; hkv <= 48; ++hkv) {
+    for (int k_len = 0; k_len <= 4096; k_len += 7) {
+      for (const int l2 : {0, 1, 100, 4096, 100000}) {
+        const int g = kv_group_for_l2(l2, k_len, hkv);
+        int want = 1;  // the largest power of two dividing hkv with want * k_len <= l2
+        for (int p = 1; p <= hkv; p *= 2)
+          if (hkv % p == 0 && (k_len == 0 || static_cast<int64_t>(p) * k_len <= l2)) want = p;
+        ++checks;
+        if (g != want) return fail("kv_group_for_l2", hkv, 0, l2, 0, k_len);
       }
     }
   }

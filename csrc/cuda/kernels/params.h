@@ -214,26 +214,39 @@ struct alignas(16) PlanItem {
   int32_t unused[2];
 };
 
-// Kv-head-major numbering (PrefillParams::kv_head_major_keys): a sequence's units in groups of kv
-// heads (group_heads: the group's q heads, PrefillParams::kv_group_q_heads), each group's tiles from
-// the sequence's last one back, the group's q heads side by side. The local-th unit of the sequence
-// ([0, tiles * Hq)) is q head `head` of the tile `tiles_back` before the last.
+// Kv-head-major numbering (PrefillParams::kv_head_major_keys): a sequence's units in groups of `group`
+// kv heads (a divisor of the kv heads), each group's tiles from the sequence's last one back, the
+// group's group x (q heads per kv head) q heads side by side. The local-th unit of the sequence
+// ([0, tiles * Hq)) is q head `head` of the tile `tiles_back` before the last. heads_per_kv: the q
+// heads per kv head (SparsePattern::q_heads_per_kv_divisor).
 struct KvMajorUnit {
   int head, tiles_back;
 };
-BSA_HOST_DEVICE KvMajorUnit kv_major_unit(int local, int tiles, const FastDivisor& group_heads) {
-  const int group_units = tiles * group_heads.divisor();
-  const int group = local / group_units;
-  const int rest = local - group * group_units;
-  const int tiles_back = group_heads.div(rest);
-  return {(group - tiles_back) * group_heads.divisor() + rest, tiles_back};
+BSA_HOST_DEVICE KvMajorUnit kv_major_unit(int local, int tiles, int group, const FastDivisor& heads_per_kv) {
+  const int group_heads = group * heads_per_kv.divisor();
+  const int group_units = tiles * group_heads;
+  const int group_index = local / group_units;
+  const int rest = local - group_index * group_units;  // tiles_back * group_heads + the head in the group
+  const int kv_rows = heads_per_kv.div(rest);           // tiles_back * group + the kv head in the group
+  const int tiles_back = kv_rows / group;
+  return {group_index * group_heads + rest - tiles_back * group_heads, tiles_back};
 }
 
-// The kv heads a group of that numbering takes: `requested` (BSA_PREFILL_KV_GROUP, at least 1) cut to
-// the largest divisor of num_kv_heads not above it, so that every group is whole.
+// The kv heads a group of that numbering takes: `requested` (at least 1) cut to the largest divisor
+// of num_kv_heads not above it, so that every group is whole (BSA_PREFILL_KV_GROUP=n).
 BSA_HOST_DEVICE int kv_group_size(int requested, int num_kv_heads) {
   int group = requested < 1 ? 1 : (requested > num_kv_heads ? num_kv_heads : requested);
   while (num_kv_heads % group != 0) --group;
+  return group;
+}
+
+// BSA_PREFILL_KV_GROUP=l2, per sequence: the most kv heads whose K/V of k_len keys fit the L2 together
+// (l2_keys: keys of one kv head's K/V that the L2 holds), a power of two that divides the kv heads,
+// at least 1. FlashAttention-4's forward scheduler sections its (batch, kv head) pairs by this rule.
+BSA_HOST_DEVICE int kv_group_for_l2(int l2_keys, int k_len, int num_kv_heads) {
+  const int fit = k_len > 0 ? l2_keys / k_len : num_kv_heads;
+  int group = num_kv_heads & -num_kv_heads;  // the largest power of two dividing the kv heads
+  while (group > 1 && group > fit) group >>= 1;
   return group;
 }
 
@@ -263,10 +276,11 @@ struct PrefillParams {
   // by side, or kv head by kv head for a sequence of more than kv_head_major_keys keys (its K/V
   // outgrows the L2; decided per sequence from its own length; 0: every sequence, INT_MAX: none).
   int kv_head_major_keys;
-  // Numbered kv head by kv head, a sequence's units go through its kv heads in groups of G
-  // (kv_group_size of BSA_PREFILL_KV_GROUP, 1 by default; kv_major_unit): this divides by the group's
-  // G x (q heads per kv head) q heads.
-  FastDivisor kv_group_q_heads;
+  // Numbered kv head by kv head, a sequence's units go through its kv heads in groups of kv_group
+  // (kv_major_unit; BSA_PREFILL_KV_GROUP, 1 by default), or, where kv_group is 0, of
+  // kv_group_for_l2(kv_head_l2_keys, its length) kv heads (BSA_PREFILL_KV_GROUP=l2).
+  int kv_group;
+  int kv_head_l2_keys;  // keys of one kv head's K and V that the L2 holds
   // Hopper kernel only: log2 of the q heads one work unit computes together (0: one). With s > 0 a
   // unit is (query tile of kPrefillSm90BlockM >> s tokens, kv head) and its 128 rows are the tile's
   // tokens times the kv group's 2^s q heads, row = token * 2^s + head in the group: the group's K/V
