@@ -161,10 +161,11 @@ int kv_head_l2_keys(const PrefillParams& params, int64_t kv_element_size) {
 // kernels compare each sequence's own length (on the device), so neither a block table wider than
 // the batch (an engine's max_model_len columns) nor one long sequence among short ones misleads the
 // choice. BSA_PREFILL_UNIT_ORDER=tile or =kv_head forces one (tests, benchmarks).
-int kv_head_major_keys(const PrefillParams& params, int64_t kv_element_size, const Settings& settings) {
+// l2_keys: kv_head_l2_keys.
+int kv_head_major_keys(const PrefillParams& params, int l2_keys, const Settings& settings) {
   if (settings.unit_order == UnitOrderChoice::kTile) return INT_MAX;
   if (settings.unit_order == UnitOrderChoice::kKvHead) return 0;
-  return kv_head_l2_keys(params, kv_element_size) / params.num_kv_heads;
+  return l2_keys / params.num_kv_heads;
 }
 
 // CTAs of the persistent Hopper kernel: one per SM; BSA_SM90_GRID=<n> sets another count (experiments:
@@ -200,10 +201,10 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
   params.max_items = max_tiles;
   params.num_tiles = plan.num_tiles;
   params.work_counter = plan.work_counter;
-  params.kv_head_major_keys =
-      params.pack_gqa_shift == 0 ? kv_head_major_keys(params, c10::elementSize(cache_dtype), settings) : INT_MAX;
-  params.kv_group = settings.kv_group == kKvGroupByL2 ? 0 : kv_group_size(settings.kv_group, params.num_kv_heads);
   params.kv_head_l2_keys = kv_head_l2_keys(params, c10::elementSize(cache_dtype));
+  params.kv_head_major_keys =
+      params.pack_gqa_shift == 0 ? kv_head_major_keys(params, params.kv_head_l2_keys, settings) : INT_MAX;
+  params.kv_group = settings.kv_group == kKvGroupByL2 ? 0 : kv_group_size(settings.kv_group, params.num_kv_heads);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
