@@ -8,8 +8,9 @@
   of the kernels' cp.async copies, against the table read row by row (which rows read, their offsets, one
   table read per page, no read past the live rows' entries).
 - tests/cpp/unit_numbering_check.cpp: kv_major_unit and kv_group_size (csrc/cuda/kernels/params.h), the
-  kv-head-major numbering of a long sequence's work units in groups of kv heads (BSA_PREFILL_KV_GROUP):
-  every (q head, tile) once, in the order the kernels rely on."""
+  kv-head-major numbering of a long sequence's work units in groups of kv heads (BSA_PREFILL_KV_GROUP),
+  its first tiles last and tile by tile (BSA_PREFILL_KV_TAIL): every (q head, tile) once, in the order
+  the kernels rely on."""
 from __future__ import annotations
 
 import os

@@ -249,13 +249,17 @@ def test_sm80_mask_with_a_sliding_step_near_int_max(kernel, gen):
     run_varlen("cuda", torch.bfloat16, 4, 4, 128, [(300, 300), (77, 77)], pattern, gen)
 
 
-@pytest.mark.parametrize("order", ("tile", "kv_head"))
+@pytest.mark.parametrize("order, tail", (("tile", "auto"), ("kv_head", "256"), ("kv_head", "off")),
+                         ids=("tile", "kv_head", "kv_head-no-tail"))
 @pytest.mark.parametrize("hq, hkv", ((8, 2), (6, 3), (4, 4)), ids=("gqa4", "gqa2", "mha"))
-def test_unit_orders(kernel, monkeypatch, order, hq, hkv, gen):
+def test_unit_orders(kernel, monkeypatch, order, tail, hq, hkv, gen):
     """Both numberings of a sequence's work units, forced (BSA_PREFILL_UNIT_ORDER; `auto`: the next
-    test): every (tile, head) exactly once, for sequences of one tile, many tiles, and queries that
-    start mid-tile (chunked prefill)."""
+    test), kv head by kv head with and without the tail of the first tiles tile by tile
+    (BSA_PREFILL_KV_TAIL; 256 keys: one or two of the tiles here, none of a chunk past them): every
+    (tile, head) exactly once, for sequences of one tile, many tiles, and queries that start mid-tile
+    (chunked prefill)."""
     monkeypatch.setenv("BSA_PREFILL_UNIT_ORDER", order)
+    monkeypatch.setenv("BSA_PREFILL_KV_TAIL", tail)
     pattern = make_pattern("qslide", 64, LOCAL, VERT, hq, hkv)
     run_varlen("cuda", torch.bfloat16, hq, hkv, 128, [(700, 700), (1, 1), (130, 260), (64, 64), (385, 385)],
                pattern, gen)
@@ -268,9 +272,10 @@ def test_kv_head_groups(kernel, monkeypatch, kv_group, hq, hkv, gen):
     """Numbered kv head by kv head, a sequence's units go through its kv heads in groups of
     BSA_PREFILL_KV_GROUP (cut to a divisor of the kv heads: 3 of 4 is 2, 8 is all of them; `l2`: per
     sequence, here the largest power of two dividing the kv heads, 4 and 2): every (tile, head) still
-    exactly once, contiguous and paged."""
+    exactly once, contiguous and paged, with a tail of tiles below 256 keys tile by tile."""
     monkeypatch.setenv("BSA_PREFILL_UNIT_ORDER", "kv_head")
     monkeypatch.setenv("BSA_PREFILL_KV_GROUP", kv_group)
+    monkeypatch.setenv("BSA_PREFILL_KV_TAIL", "256")
     pattern = make_pattern("qslide", 64, LOCAL, VERT, hq, hkv)
     run_varlen("cuda", torch.bfloat16, hq, hkv, 128, [(700, 700), (1, 1), (130, 260), (385, 385)], pattern, gen)
     run_paged_prefill("cuda", torch.float16, hq, hkv, 128, 16, [(1000, 300), (63, 2)], pattern, gen)
@@ -425,7 +430,7 @@ def test_forced_packed_heads_outside_their_domain_is_an_error(monkeypatch, case,
 
 # Every run-time knob (csrc/common/settings.h, docs/settings.md) rejects a value it does not know.
 BAD_KNOB_VALUES = (("BSA_PREFILL_KERNEL", "fastest"), ("BSA_PREFILL_UNIT_ORDER", "head"),
-                   ("BSA_PREFILL_KV_GROUP", "0"),
+                   ("BSA_PREFILL_KV_GROUP", "0"), ("BSA_PREFILL_KV_TAIL", "0"), ("BSA_PREFILL_KV_TAIL", "none"),
                    ("BSA_SM90_STAGE_KEYS", "96"), ("BSA_SM90_GRID", "-1"), ("BSA_SM90_GRID", "many"),
                    ("BSA_SM90_GRID", "9" * 25),
                    ("BSA_SM90_TMA", "yes"), ("BSA_CHECK_INPUTS", "true"), ("BSA_DECODE_SPLITS", "4x"),

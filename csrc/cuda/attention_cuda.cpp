@@ -168,6 +168,13 @@ int kv_head_major_keys(const PrefillParams& params, int l2_keys, const Settings&
   return l2_keys / params.num_kv_heads;
 }
 
+// Keys below which a sequence numbered kv head by kv head takes its tiles last, tile by tile
+// (PrefillParams::kv_tail_keys): by default those whose K/V of every kv head take half the L2, so
+// that the tail, all kv heads at once, still reads from the L2. l2_keys: kv_head_l2_keys.
+int kv_tail_keys(const PrefillParams& params, int l2_keys, const Settings& settings) {
+  return settings.kv_tail_keys == kKvTailAuto ? l2_keys / (2 * params.num_kv_heads) : settings.kv_tail_keys;
+}
+
 // CTAs of the persistent Hopper kernel: one per SM; BSA_SM90_GRID=<n> sets another count (experiments:
 // a count at least the number of work units gives one CTA per unit).
 int sm90_ctas(const Settings& settings) {
@@ -205,6 +212,7 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
   params.kv_head_major_keys =
       params.pack_gqa_shift == 0 ? kv_head_major_keys(params, params.kv_head_l2_keys, settings) : INT_MAX;
   params.kv_group = settings.kv_group == kKvGroupByL2 ? 0 : kv_group_size(settings.kv_group, params.num_kv_heads);
+  params.kv_tail_keys = kv_tail_keys(params, params.kv_head_l2_keys, settings);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

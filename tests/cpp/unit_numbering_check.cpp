@@ -3,7 +3,7 @@
 // requested group size and tile count below, every (q head, tile) exactly once; the units of a group
 // of kv heads contiguous and in group order; each group's tiles from the last one back, its q heads
 // side by side; groups of one kv head as numbered before groups existed, and a group of all kv heads
-// as tile by tile. The L2's group: the largest power of two dividing the kv heads whose K/V fit. Built
+// as tile by tile; the tail's tiles (the sequence's first ones) last, tile by tile. The L2's group: the largest power of two dividing the kv heads whose K/V fit. Built
 // and run by tests/test_cpp_checks.py; prints the first mismatch and exits 1, else the number of checks.
 #include <cstdint>
 #include <cstdio>
@@ -37,26 +37,35 @@ int main() {
         const int hq = hkv * hpk, group_heads = g * hpk;
         const FastDivisor heads_per_kv(hpk);
         for (const int tiles : tile_counts) {
-          std::vector<char> seen(static_cast<size_t>(hq) * tiles, 0);
-          const int group_units = tiles * group_heads;
-          for (int local = 0; local < tiles * hq; ++local) {
-            const KvMajorUnit u = kv_major_unit(local, tiles, g, heads_per_kv);
-            ++checks;
-            if (u.head < 0 || u.head >= hq || u.tiles_back < 0 || u.tiles_back >= tiles)
-              return fail("out of range", hkv, hpk, g, tiles, local);
-            char& once = seen[static_cast<size_t>(u.head) * tiles + u.tiles_back];
-            if (once++) return fail("a (head, tile) twice", hkv, hpk, g, tiles, local);
-            const int rest = local % group_units;
-            if (u.head / hpk / g != local / group_units) return fail("group order", hkv, hpk, g, tiles, local);
-            if (u.tiles_back != rest / group_heads || u.head % group_heads != rest % group_heads)
-              return fail("tiles from the last, heads side by side", hkv, hpk, g, tiles, local);
-            if (g == 1) {  // the numbering before groups: kv head by kv head
-              const int kv_head = local / (tiles * hpk), r = local - kv_head * tiles * hpk;
-              if (u.tiles_back != r / hpk || u.head != kv_head * hpk + r % hpk)
-                return fail("groups of one kv head", hkv, hpk, g, tiles, local);
+          for (const int tail : {0, 1, tiles / 3, tiles - 1, tiles}) {
+            if (tail < 0) continue;
+            std::vector<char> seen(static_cast<size_t>(hq) * tiles, 0);
+            const int group_tiles = tiles - tail, group_units = group_tiles * group_heads;
+            for (int local = 0; local < tiles * hq; ++local) {
+              const KvMajorUnit u = kv_major_unit(local, tiles, tail, g, hkv, heads_per_kv);
+              ++checks;
+              if (u.head < 0 || u.head >= hq || u.tiles_back < 0 || u.tiles_back >= tiles)
+                return fail("out of range", hkv, hpk, g, tiles, local);
+              char& once = seen[static_cast<size_t>(u.head) * tiles + u.tiles_back];
+              if (once++) return fail("a (head, tile) twice", hkv, hpk, g, tiles, local);
+              if (local >= group_tiles * hq) {  // the tail: tile by tile, from its last tile back
+                const int r = local - group_tiles * hq;
+                if (u.tiles_back != group_tiles + r / hq || u.head != r % hq)
+                  return fail("the tail tile by tile", hkv, hpk, g, tiles, local);
+                continue;
+              }
+              const int rest = local % group_units;
+              if (u.head / hpk / g != local / group_units) return fail("group order", hkv, hpk, g, tiles, local);
+              if (u.tiles_back != rest / group_heads || u.head % group_heads != rest % group_heads)
+                return fail("tiles from the last, heads side by side", hkv, hpk, g, tiles, local);
+              if (g == 1) {  // the numbering before groups: kv head by kv head
+                const int kv_head = local / (group_tiles * hpk), r = local - kv_head * group_tiles * hpk;
+                if (u.tiles_back != r / hpk || u.head != kv_head * hpk + r % hpk)
+                  return fail("groups of one kv head", hkv, hpk, g, tiles, local);
+              }
+              if (g == hkv && (u.tiles_back != local / hq || u.head != local % hq))  // tile by tile
+                return fail("a group of every kv head", hkv, hpk, g, tiles, local);
             }
-            if (g == hkv && (u.tiles_back != local / hq || u.head != local % hq))  // tile by tile
-              return fail("a group of every kv head", hkv, hpk, g, tiles, local);
           }
         }
       }

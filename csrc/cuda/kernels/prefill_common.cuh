@@ -14,7 +14,8 @@ namespace blocksparse_attn {
 // items own units [first item * Hq, (first item + tiles) * Hq), numbered either tile by tile (unit =
 // item * Hq + head: the q heads of one tile side by side) or, for a sequence of more than
 // params.kv_head_major_keys keys, kv head by kv head (each kv head's tiles from the longest rows, its
-// q heads side by side; in groups of kv heads, params.kv_group). The vertical columns of all
+// q heads side by side; in groups of kv heads, params.kv_group; the first tiles, below
+// params.kv_tail_keys, last and tile by tile). The vertical columns of all
 // heads together touch every key block, so tile by tile the CTAs in flight read the whole sequence's
 // K/V: at 32k (134 MB) more than the L2 holds, where one kv head's is 17 MB.
 struct PrefillItem {
@@ -45,13 +46,15 @@ __device__ __forceinline__ void resolve_prefill_item(const PrefillParams& params
   if (it.k_len > params.kv_head_major_keys) {
     // The plan lists a sequence's tiles from the last one (last_tile) down to the first.
     const int num_q_heads = params.num_q_heads;
-    const int last_tile = (it.k_len - 1) / block_m;
-    const int tiles = last_tile - it.first_pos / block_m + 1;
+    const int last_tile = (it.k_len - 1) / block_m, first_tile = it.first_pos / block_m;
+    const int tiles = last_tile - first_tile + 1;
     const int first_item = anchor - (last_tile - item.tile_index);
     const int group =
         params.kv_group > 0 ? params.kv_group : kv_group_for_l2(params.kv_head_l2_keys, it.k_len, params.num_kv_heads);
-    const KvMajorUnit u =
-        kv_major_unit(unit - first_item * num_q_heads, tiles, group, params.pattern.q_heads_per_kv_divisor);
+    // the tiles [first_tile, params.kv_tail_keys / block_m): every key they see lies below kv_tail_keys
+    const int tail_tiles = min(tiles, max(0, params.kv_tail_keys / block_m - first_tile));
+    const KvMajorUnit u = kv_major_unit(unit - first_item * num_q_heads, tiles, tail_tiles, group,
+                                        params.num_kv_heads, params.pattern.q_heads_per_kv_divisor);
     it.head = u.head;
     it.kv_head = params.pattern.q_heads_per_kv_divisor.div(it.head);
     it.tile_pos = (last_tile - u.tiles_back) * block_m;
