@@ -49,7 +49,7 @@ def work_list(seq_len: int, batch: int, order: str, tail_tiles: int, group: int,
 
 def replay(units: list[float], ctas: int, ahead: int) -> tuple[float, float]:
     """(idle share at the end, spread of the finishing times / makespan): each CTA holds `ahead`
-    claimed units and claims the next one when it starts a unit."""
+    claimed units and claims the next one when it starts a unit (ahead = 0: a CTA claims when free)."""
     claims = iter(units)
     queues: list[list[float]] = [[] for _ in range(ctas)]
     for _ in range(ahead):
@@ -61,11 +61,11 @@ def replay(units: list[float], ctas: int, ahead: int) -> tuple[float, float]:
     finished = [0.0] * ctas
     while ready:
         now, c = heapq.heappop(ready)
-        if not queues[c]:
+        unit = queues[c].pop(0) if queues[c] else next(claims, None)  # ahead = 0: claimed when free
+        if unit is None:
             finished[c] = now
             continue
-        unit = queues[c].pop(0)
-        claimed = next(claims, None)
+        claimed = next(claims, None) if ahead > 0 else None
         if claimed is not None:
             queues[c].append(claimed)
         heapq.heappush(ready, (now + unit, c))
