@@ -10,7 +10,10 @@
 - tests/cpp/unit_numbering_check.cpp: kv_major_unit and kv_group_size (csrc/cuda/kernels/params.h), the
   kv-head-major numbering of a long sequence's work units in groups of kv heads (BSA_PREFILL_KV_GROUP),
   its first tiles last and tile by tile (BSA_PREFILL_KV_TAIL): every (q head, tile) once, in the order
-  the kernels rely on."""
+  the kernels rely on.
+- tests/cpp/key_tiles_check.cpp: BlockKeyTiles (csrc/common/pattern.h), the prefill kernels' key tiles
+  and the rows that see them, counted where every block is visible and walked elsewhere, against
+  block_visible."""
 from __future__ import annotations
 
 import os
@@ -32,7 +35,7 @@ def _sanitizers_work(compiler: str, tmp: str) -> bool:
 
 
 @pytest.mark.parametrize("check, least", [("fast_divisor_check", 1_000_000), ("paged_rows_check", 1_000_000),
-                                          ("unit_numbering_check", 1_000_000)])
+                                          ("unit_numbering_check", 1_000_000), ("key_tiles_check", 1_000_000)])
 def test_cpp_check(check, least, tmp_path):
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:

@@ -82,44 +82,6 @@ __device__ __forceinline__ bool load_prefill_item(const PrefillParams& params, i
   return true;
 }
 
-// The kTileKeys-key tiles that a walk's key blocks (common/pattern.h) split into, in order, for sparse
-// blocks of at least kTileKeys tokens; tiles that start after last_key (the query tile's last
-// position) are skipped: they hold no key its queries can see. `rows`: the query blocks that see the
-// current tile's block.
-template <int kTileKeys, int kMaxRows>
-struct BlockKeyTiles {
-  VisibleBlocks<kMaxRows> walk;
-  int tiles_per_block;  // B / kTileKeys
-  int block, sub;       // the current block and its next tile
-  int last_key;
-  unsigned rows;
-
-  __device__ void init(const SparsePattern& pattern, int h, int qb_first, int qb_last, int last_key_pos) {
-    walk.init(pattern, h, qb_first, qb_last);
-    tiles_per_block = pattern.block_size / kTileKeys;
-    sub = tiles_per_block;
-    last_key = last_key_pos;
-  }
-
-  // The next key tile (absolute keys key_tile * kTileKeys ...), or false at the end.
-  __device__ bool next(int& key_tile) {
-    while (true) {
-      if (sub == tiles_per_block) {
-        block = walk.next(rows);
-        sub = 0;
-        if (block < 0) return false;
-      }
-      const int tile = block * tiles_per_block + sub++;
-      if (tile * kTileKeys > last_key) {  // the rest of this block lies after every query of the tile
-        sub = tiles_per_block;
-        continue;
-      }
-      key_tile = tile;
-      return true;
-    }
-  }
-};
-
 // The end of a query row's online softmax in both prefill kernels: the quad's sum, the row's lse
 // written from the quad's first thread (tig 0) when the row, q head `head` at absolute position
 // `pos`, is one of the item's queries, and the factor that normalises O.
