@@ -1,4 +1,4 @@
-"""The device A/B scripts (scripts/device_ab.sh, scripts/device_ab_paged.sh) on a fake tree: a setup.py
+"""The device A/B scripts (scripts/device_ab.sh, scripts/device_ab_paged.sh, scripts/device_cycles.sh) on a fake tree: a setup.py
 that writes its NVCC flags into the extension, a benchmark that reports them, and a fake nvidia-smi.
 A broken script costs minutes of the scarce device time before it says so; here it costs a second.
 Checks: every variant runs its own build (run-time variants share one), each build comes from its
@@ -59,7 +59,7 @@ def fake_tree(path: Path) -> Path:
     (path / "benchmarks" / "bench_prefill.py").write_text(FAKE_BENCH_PREFILL)
     (path / "benchmarks" / "bench_paged_prefill.py").write_text(FAKE_BENCH_PAGED)
     (path / "tests" / "test_prefill_kernels.py").write_text(FAKE_TEST)
-    for script in ("device_ab.sh", "device_ab_paged.sh", "device_builds.sh"):
+    for script in ("device_ab.sh", "device_ab_paged.sh", "device_builds.sh", "device_cycles.sh"):
         shutil.copy(ROOT / "scripts" / script, path / "scripts" / script)
     return path
 
@@ -146,3 +146,36 @@ def test_device_ab_paged_rounds_start_with_the_next_variant(tree, tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     rounds = [line for line in run.stdout.splitlines() if line.startswith("== round")]
     assert rounds == ["== round 1 base", "== round 1 new", "== round 2 new", "== round 2 base"], run.stdout
+
+
+# ncu as device_cycles.sh calls it (--csv --print-units base): the profiled build's flags and the
+# environment show in the cycles.
+FAKE_NCU = """\
+import glob, os, sys
+flags = open(glob.glob("blocksparse_attn/_C*.so")[0]).read().split("|")[0]
+cycles = 1_000_000 + 10_000 * flags.count("-D") + 20_000 * (os.environ.get("X") == "1")
+print("==PROF== Connected to process 1")
+print('"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"')
+for name, unit, value in (("gpc__cycles_elapsed.max", "cycle", cycles), ("sm__cycles_active.avg", "cycle", cycles * 0.99),
+                          ("sm__cycles_active.min", "cycle", cycles * 0.98), ("sm__cycles_active.max", "cycle", cycles),
+                          ("smsp__inst_executed.sum", "inst", 5e9), ("gpu__time_duration.sum", "nsecond", cycles / 1.5)):
+    print(f'"0","prefill_sm90_kernel","{name}","{unit}","{value:,.0f}"')
+"""
+
+
+def test_device_cycles_profiles_each_set_on_its_build_and_environment(tree, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ncu = bin_dir / "ncu"
+    ncu.write_text(f"#!{sys.executable}\n" + FAKE_NCU)
+    ncu.chmod(ncu.stat().st_mode | stat.S_IEXEC)
+    args = "--seq-len 16384 --batch 2"
+    run = run_script(tree, "device_cycles.sh", tmp_path, BUILDS="\n-DA=1", ROUNDS="2",
+                     CYCLE_SETS=f"base|0||{args}\nflagged|1||{args}\nenv|0|X=1|{args}")
+    assert run.returncode == 0, run.stdout + run.stderr
+    medians = {line.split(":")[0]: line.split("median ")[1] for line in run.stdout.splitlines() if "median" in line}
+    assert medians == {"base": "1,000,000 cycles (+0.00 % against base)",
+                       "flagged": "1,010,000 cycles (+1.00 % against base)",
+                       "env": "1,020,000 cycles (+2.00 % against base)"}, run.stdout
+    assert " 1.00 " in run.stdout  # the idle share: 1 - 0.99
+    assert sorted(p.name for p in (tmp_path / "out").glob("build_*.log")) == ["build_0.log", "build_1.log"]

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Clock cycles of one warm prefill call under Nsight Compute, whose locked clock takes the card's
+# clock and power state out of an A/B that wall time cannot settle (the H100's medians moved 2-5 %
+# between rounds of one variant in 2026-12-05's runs; the two profiles of dense 16k x 2 before and after
+# the kv-major tail differed by 1.35 % in cycles, as the model predicted). Per profile: elapsed cycles,
+# the SMs' active cycles (mean, min, max; 1 - mean / elapsed is the SM time idle at the end), warp
+# instructions, duration and the clock (cycles / duration). A handful of metrics: one pass, seconds a profile.
+#
+# BUILDS: lines of NVCC flags, one build each (default: one build, no flags), all at the same time in
+# copies of this tree. CYCLE_SETS: lines "<label>|<build index>|<environment>|<profile_prefill.py
+# arguments>", e.g.
+#   $'tail|0||--seq-len 16384 --batch 2 --dense-pattern\nno-tail|0|BSA_PREFILL_KV_TAIL=off|--seq-len 16384 --batch 2 --dense-pattern'
+# ROUNDS (default 2): every set profiled once a round, in turn. NCU_KERNEL: the kernel name regex
+# (default prefill_sm90). BSA_HEAD_DIMS: the builds' head dims (default 128). Everything lands in
+# $OUT/cycles.log and $OUT/<label>_r<round>.csv.
+set -uo pipefail
+OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD
+source "$(dirname "$0")/device_builds.sh"
+mapfile -t builds < <(printf '%s\n' "${BUILDS:-}")
+[[ ${#builds[@]} -gt 0 ]] || builds=("")
+ext=$(mktemp -d)
+for i in "${!builds[@]}"; do start_build "$i" . "${builds[$i]}" "${BSA_HEAD_DIMS:-128}" "$ext/$i"; done
+wait
+for i in "${!builds[@]}"; do check_build "$i" "build $i (${builds[$i]:-no flags})" || exit 1; done
+mapfile -t sets < <(printf '%s\n' "${CYCLE_SETS:?lines of label|build|environment|arguments}" | sed '/^$/d')
+metrics=gpc__cycles_elapsed.max,sm__cycles_active.avg,sm__cycles_active.min,sm__cycles_active.max
+metrics=$metrics,smsp__inst_executed.sum,gpu__time_duration.sum
+for r in $(seq 1 "${ROUNDS:-2}"); do
+  for line in "${sets[@]}"; do
+    IFS='|' read -r label build envs args <<< "$line"
+    cp "$ext/${build:-0}"/_C*.so blocksparse_attn/ || { echo "$label: no build ${build:-0}"; exit 1; }
+    # shellcheck disable=SC2086
+    env $envs timeout "${NCU_TIMEOUT:-120}" ncu --kernel-name "regex:${NCU_KERNEL:-prefill_sm90}" --launch-skip 1 \
+      --launch-count 1 --metrics "$metrics" --csv --print-units base python3 benchmarks/profile_prefill.py $args \
+      > "$OUT/${label}_r$r.csv" 2> "$OUT/${label}_r$r.err" || echo "$label round $r: ncu failed ($(tail -1 "$OUT/${label}_r$r.err"))"
+  done
+done
+python3 - "$OUT" "${ROUNDS:-2}" "${sets[@]}" <<'PY' | tee "$OUT/cycles.log"
+import csv, io, statistics, sys
+out, rounds, sets = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+
+def metrics(path):
+    text = open(path).read()
+    start = text.find('"ID"')
+    if start < 0:
+        return None
+    values = {}
+    for row in csv.DictReader(io.StringIO(text[start:])):
+        values[row["Metric Name"]] = float(row["Metric Value"].replace(",", ""))
+    return values
+
+print(f"{'set':>16} {'round':>5} {'elapsed cycles':>15} {'SM active mean':>15} {'min':>12} {'max':>12} "
+      f"{'idle %':>7} {'warp instr':>11} {'ms':>7} {'MHz':>6}")
+elapsed = {}
+for line in sets:
+    label = line.split("|", 1)[0]
+    for r in range(1, rounds + 1):
+        m = metrics(f"{out}/{label}_r{r}.csv")
+        if m is None:
+            print(f"{label:>16} {r:>5} (no metrics)")
+            continue
+        cycles, active = m["gpc__cycles_elapsed.max"], m["sm__cycles_active.avg"]
+        elapsed.setdefault(label, []).append(cycles)
+        print(f"{label:>16} {r:>5} {cycles:>15,.0f} {active:>15,.0f} {m['sm__cycles_active.min']:>12,.0f} "
+              f"{m['sm__cycles_active.max']:>12,.0f} {100 * (1 - active / cycles):>7.2f} "
+              f"{m['smsp__inst_executed.sum']:>11.4g} {m['gpu__time_duration.sum'] / 1e6:>7.3f} "
+              f"{cycles / m['gpu__time_duration.sum'] * 1e3:>6.0f}")  # base units: nanoseconds
+base = None
+for label, values in elapsed.items():
+    median = statistics.median(values)
+    base = base or median
+    print(f"{label}: median {median:,.0f} cycles ({100 * (median / base - 1):+.2f} % against {sets[0].split('|')[0]})")
+PY
