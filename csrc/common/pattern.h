@@ -3,10 +3,10 @@
 //
 // Torch-free and usable from host and device code alike: the CPU kernels, the three CUDA kernels and
 // the argument checks all read the pattern through this header, so there is one definition of "key
-// block j is visible to query block i of head h" and one enumeration of the visible blocks. Each
-// kernel keeps only its own tile splitting. A new pattern parameter is a field here (plus its place
-// in PatternArgs and its check), in blocksparse_attn/layout.py (which writes the ops' argument) and in
-// blocksparse_attn/reference.py.
+// block j is visible to query block i of head h" and one enumeration of the visible blocks (and the
+// prefill kernels' split of it into key tiles, BlockKeyTiles); the other kernels keep their own tile
+// splitting. A new pattern parameter is a field here (plus its place in PatternArgs and its check), in
+// blocksparse_attn/layout.py (which writes the ops' argument) and in blocksparse_attn/reference.py.
 #pragma once
 
 #include <cstdint>

@@ -222,8 +222,9 @@ struct alignas(16) PlanItem {
 // before the last. heads_per_kv: the q heads per kv head (SparsePattern::q_heads_per_kv_divisor).
 // Why the tail: the CTAs claim their units two ahead, so a list that ends with a kv head's tiles
 // (four units a tile for Phi-3-small, the last 264 claims reaching 66 tiles back at 16k) ends on
-// long units committed behind long units. A model of the claims put 1.4 % of dense 16k x 2's SM time
-// idle at the end, tile by tile 0.1 %; Nsight Compute measured 1.5 % (H100, 2026-12-05).
+// long units committed behind long units. A model of the claims (scripts/claims_model.py) put 1.4 %
+// of dense 16k x 2's SM time idle at the end, with the tail 0.1 %; Nsight Compute measured 1.5 % and
+// 0.15 % (H100, 2026-12-05).
 struct KvMajorUnit {
   int head, tiles_back;
 };
