@@ -3,8 +3,9 @@
 // requested group size and tile count below, every (q head, tile) exactly once; the units of a group
 // of kv heads contiguous and in group order; each group's tiles from the last one back, its q heads
 // side by side; groups of one kv head as numbered before groups existed, and a group of all kv heads
-// as tile by tile; the tail's tiles (the sequence's first ones) last, tile by tile. The L2's group: the largest power of two dividing the kv heads whose K/V fit. Built
-// and run by tests/test_cpp_checks.py; prints the first mismatch and exits 1, else the number of checks.
+// as tile by tile; the tail's tiles (the sequence's first ones) last, tile by tile. The L2's group: the
+// largest power of two dividing the kv heads whose K/V fit. Built and run by tests/test_cpp_checks.py;
+// prints the first mismatch and exits 1, else the number of checks.
 #include <cstdint>
 #include <cstdio>
 #include <vector>
@@ -38,7 +39,6 @@ int main() {
         const FastDivisor heads_per_kv(hpk);
         for (const int tiles : tile_counts) {
           for (const int tail : {0, 1, tiles / 3, tiles - 1, tiles}) {
-            if (tail < 0) continue;
             std::vector<char> seen(static_cast<size_t>(hq) * tiles, 0);
             const int group_tiles = tiles - tail, group_units = group_tiles * group_heads;
             for (int local = 0; local < tiles * hq; ++local) {
