@@ -155,6 +155,21 @@ void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, 
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   const int64_t max_units = static_cast<int64_t>(launch.max_tiles) * (params.num_q_heads >> params.pack_gqa_shift);
   const int grid = static_cast<int>(std::min<int64_t>(launch.num_ctas, max_units));
-  kernel<<<grid, kSm90Threads, kSmemBytes, stream>>>(params, sm90_tensor_maps<Element, Cache>(params, launch.use_tma));
+  const Sm90TensorMaps maps = sm90_tensor_maps<Element, Cache>(params, launch.use_tma);
+  if constexpr (BSA_SM90_PROGRAMMATIC_LAUNCH) {  // a programmatic dependent of the plan kernel (params.h)
+    cudaLaunchAttribute attribute{};
+    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attribute.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(grid);
+    config.blockDim = dim3(kSm90Threads);
+    config.dynamicSmemBytes = kSmemBytes;
+    config.stream = stream;
+    config.attrs = &attribute;
+    config.numAttrs = 1;
+    cudaLaunchKernelEx(&config, kernel, params, maps);
+  } else {
+    kernel<<<grid, kSm90Threads, kSmemBytes, stream>>>(params, maps);
+  }
 }
 }  // namespace blocksparse_attn

@@ -355,6 +355,16 @@ struct DecodeParams {
   int small_grid_build;
 };
 
+// Build knob BSA_SM90_PROGRAMMATIC_LAUNCH (default 0 until timed on a GPU; benchmarks/RESULTS.md's
+// plan): 1 launches the Hopper prefill kernel as a programmatic dependent of the plan kernel, which
+// lets it be scheduled from its start. The prefill's CTAs then take their SMs, carve the shared memory
+// and set up their barriers while the plan runs, and wait for it (griddepcontrol.wait) before the
+// first global read; the launch gap between the two (~1 us of a 240 us call at 256 prompts of 128
+// tokens, with the plan's ~2.4 us) leaves the path of short prompts. The decode kernels launch so.
+#ifndef BSA_SM90_PROGRAMMATIC_LAUNCH
+#define BSA_SM90_PROGRAMMATIC_LAUNCH 0
+#endif
+
 // The plan kernel's inputs and outputs (cuda/kernels/plan.cuh).
 struct PlanParams {
   const int32_t* cu_seqlens_q;  // [S + 1]

@@ -38,6 +38,11 @@ __device__ __forceinline__ void plan_tile_range(const PlanParams& p, int seq, in
 }
 
 __global__ void __launch_bounds__(kPlanThreads) plan_prefill_kernel(const PlanParams p) {
+#if BSA_SM90_PROGRAMMATIC_LAUNCH && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The prefill kernel after it (a programmatic dependent) may be scheduled now; it waits for this
+  // grid to finish before it reads the list.
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
   __shared__ int32_t warp_totals[kPlanThreads / 32];
   const int tid = threadIdx.x;
   // Each thread owns a contiguous chunk of sequences: count their tiles, scan the chunk sums across

@@ -924,6 +924,11 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     ptx::mbarrier_init_fence();
   }
   __syncthreads();
+#if BSA_SM90_PROGRAMMATIC_LAUNCH
+  // Launched as a programmatic dependent of the plan kernel: the list, the counter and (transitively)
+  // the inputs are only read after it has finished. A plain launch makes this a no-op.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 
   // The CTA is persistent: its producer claims work units (plan item * Hq + head) from a counter
   // until none is left, and streams each unit's fills through the same ring; the consumers follow
