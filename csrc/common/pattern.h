@@ -323,9 +323,11 @@ struct BlockKeyTiles {
   int block, sub;       // the current block and its next tile
   int last_key;
   unsigned rows;
-  bool all_visible;  // every block up to the last row visible to every row: counted, not walked
-  int tile;          // all_visible: the current tile
-  int last_tile;     // all_visible: the last tile (of the last row's block, and at most last_key's)
+  bool every_visible;  // every block up to the last row visible to every row
+  bool all_visible;    // every_visible and counted (kCountAllVisible, BSA_ALL_VISIBLE_WALK), not walked
+  int tile;            // all_visible: the current tile
+  int last_tile;       // every_visible: the last tile (of the last row's block, at most last_key's); the
+                       // tiles are then 0 .. last_tile
   int tile_shift;    // all_visible: log2(tiles_per_block)
   int qb_first;
 
@@ -336,7 +338,8 @@ struct BlockKeyTiles {
     last_key = last_key_pos;
     qb_first = first;
     const int last_row = first + walk.num_rows - 1;
-    all_visible = kCountAllVisible && BSA_ALL_VISIBLE_WALK && !pattern.has_layout() && band_start(pattern, last_row) == 0;
+    every_visible = !pattern.has_layout() && band_start(pattern, last_row) == 0;
+    all_visible = kCountAllVisible && BSA_ALL_VISIBLE_WALK && every_visible;
     tile = -1;
     tile_shift = 0;
     while ((kTileKeys << tile_shift) < pattern.block_size) ++tile_shift;

@@ -44,9 +44,11 @@ int check_span(const SparsePattern& p, int h, int qb_first, int qb_last, int las
   tiles.init(p, h, qb_first, qb_last, last_key);
   const int rows_in_walk = qb_last - qb_first + 1 < kMaxRows ? qb_last - qb_first + 1 : kMaxRows;
   const bool want_counted = BSA_ALL_VISIBLE_WALK && band_start(p, qb_first + rows_in_walk - 1) == 0;
+  const bool every_visible = band_start(p, qb_first + rows_in_walk - 1) == 0;
   ++checks;
-  if (tiles.all_visible != want_counted) return 1;
+  if (tiles.all_visible != want_counted || tiles.every_visible != every_visible) return 1;
   if (stepped) tiles.all_visible = false;
+  int tiles_seen = 0;
   const int tiles_per_block = p.block_size / kTileKeys;
   int expect = 0;  // the next tile the walk should give
   auto visible_rows = [&](int block) {
@@ -65,11 +67,14 @@ int check_span(const SparsePattern& p, int h, int qb_first, int qb_last, int las
   while (tiles.next(key_tile)) {
     ++checks;
     if (key_tile != expect) return 2;
+    ++tiles_seen;
     if (tiles.rows != visible_rows(key_tile / tiles_per_block)) return 3;
     expect = next_expected(key_tile + 1);
   }
   ++checks;
-  return expect == -1 ? 0 : 4;
+  if (expect != -1) return 4;
+  // every_visible: the tiles are 0 .. last_tile (the Hopper producer's lead-warp units count on it)
+  return every_visible && tiles_seen != tiles.last_tile + 1 ? 5 : 0;
 }
 
 }  // namespace
@@ -78,7 +83,8 @@ int main() {
   std::mt19937 rng(2026);
   auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   int64_t checks = 0;
-  const char* what[] = {"ok", "all_visible chosen wrongly", "wrong tile", "wrong rows", "tiles missing at the end"};
+  const char* what[] = {"ok",         "all_visible chosen wrongly", "wrong tile",
+                        "wrong rows", "tiles missing at the end",   "every_visible: not tiles 0 .. last_tile"};
   for (int trial = 0; trial < 60000; ++trial) {
     const int block_size = pick(0, 1) ? 64 : 128;
     // bands from 1 block to past the span (dense), strides from 1 (every block a column)
