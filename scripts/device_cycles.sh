@@ -10,7 +10,8 @@
 # copies of this tree. CYCLE_SETS: lines "<label>|<build index>|<environment>|<profile_prefill.py
 # arguments>", e.g.
 #   $'tail|0||--seq-len 16384 --batch 2 --dense-pattern\nno-tail|0|BSA_PREFILL_KV_TAIL=off|--seq-len 16384 --batch 2 --dense-pattern'
-# ROUNDS (default 2): every set profiled once a round, in turn. NCU_KERNEL: the kernel name regex
+# ROUNDS (default 2): every set profiled once a round, in turn. Each set's median is compared with the
+# first set of its group (labels "<group>-<variant>", e.g. d16-0, d16-1). NCU_KERNEL: the kernel name regex
 # (default prefill_sm90). BSA_HEAD_DIMS: the builds' head dims (default 128). Everything lands in
 # $OUT/cycles.log and $OUT/<label>_r<round>.csv.
 set -uo pipefail
@@ -66,9 +67,12 @@ for line in sets:
               f"{m['sm__cycles_active.max']:>12,.0f} {100 * (1 - active / cycles):>7.2f} "
               f"{m['smsp__inst_executed.sum']:>11.4g} {m['gpu__time_duration.sum'] / 1e6:>7.3f} "
               f"{cycles / m['gpu__time_duration.sum'] * 1e3:>6.0f}")  # base units: nanoseconds
-base = None
+# Each set against the first set of its group: labels "<group>-<variant>" (d16-0, d16-1, ...) group by
+# the part before the last "-"; a label without one is its own group.
+bases = {}
 for label, values in elapsed.items():
     median = statistics.median(values)
-    base = base or median
-    print(f"{label}: median {median:,.0f} cycles ({100 * (median / base - 1):+.2f} % against {sets[0].split('|')[0]})")
+    group = label.rsplit("-", 1)[0] if "-" in label else label
+    base_label, base = bases.setdefault(group, (label, median))
+    print(f"{label}: median {median:,.0f} cycles ({100 * (median / base - 1):+.2f} % against {base_label})")
 PY

@@ -171,11 +171,12 @@ def test_device_cycles_profiles_each_set_on_its_build_and_environment(tree, tmp_
     ncu.chmod(ncu.stat().st_mode | stat.S_IEXEC)
     args = "--seq-len 16384 --batch 2"
     run = run_script(tree, "device_cycles.sh", tmp_path, BUILDS="\n-DA=1", ROUNDS="2",
-                     CYCLE_SETS=f"base|0||{args}\nflagged|1||{args}\nenv|0|X=1|{args}")
+                     CYCLE_SETS=f"d16-0|0||{args}\nd16-1|1||{args}\nd16-env|0|X=1|{args}\np8-1|1||{args}")
     assert run.returncode == 0, run.stdout + run.stderr
     medians = {line.split(":")[0]: line.split("median ")[1] for line in run.stdout.splitlines() if "median" in line}
-    assert medians == {"base": "1,000,000 cycles (+0.00 % against base)",
-                       "flagged": "1,010,000 cycles (+1.00 % against base)",
-                       "env": "1,020,000 cycles (+2.00 % against base)"}, run.stdout
+    assert medians == {"d16-0": "1,000,000 cycles (+0.00 % against d16-0)",
+                       "d16-1": "1,010,000 cycles (+1.00 % against d16-0)",
+                       "d16-env": "1,020,000 cycles (+2.00 % against d16-0)",
+                       "p8-1": "1,010,000 cycles (+0.00 % against p8-1)"}, run.stdout
     assert " 1.00 " in run.stdout  # the idle share: 1 - 0.99
     assert sorted(p.name for p in (tmp_path / "out").glob("build_*.log")) == ["build_0.log", "build_1.log"]
