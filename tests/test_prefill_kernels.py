@@ -281,6 +281,22 @@ def test_kv_head_groups(kernel, monkeypatch, kv_group, hq, hkv, gen):
     run_paged_prefill("cuda", torch.float16, hq, hkv, 128, 16, [(1000, 300), (63, 2)], pattern, gen)
 
 
+@pytest.mark.parametrize("sections", ("3", "l2"))
+def test_plan_sections(kernel, monkeypatch, sections, gen):
+    """BSA_PREFILL_SECTIONS: the plan lists sections of equal sequences tile by tile across them (3 a
+    section, or as many as half the L2 holds); a section with a sequence of other tiles (a chunk, one
+    of another length) or one numbered kv head by kv head lists sequence by sequence. Every (tile,
+    head) still exactly once, contiguous and paged."""
+    monkeypatch.setenv("BSA_PREFILL_SECTIONS", sections)
+    pattern = make_pattern("qslide", 64, LOCAL, VERT, 8, 2)
+    run_varlen("cuda", torch.bfloat16, 8, 2, 128, [(300, 300)] * 6, pattern, gen)  # sections tile by tile
+    run_varlen("cuda", torch.bfloat16, 8, 2, 128, [(300, 300)] * 7 + [(130, 260), (300, 300), (1, 1), (64, 64)],
+               pattern, gen)
+    run_paged_prefill("cuda", torch.float16, 8, 2, 128, 16, [(0, 200)] * 5 + [(100, 200)], pattern, gen)
+    monkeypatch.setenv("BSA_PREFILL_UNIT_ORDER", "kv_head")  # such sequences keep their items together
+    run_varlen("cuda", torch.bfloat16, 8, 2, 128, [(257, 257)] * 4, pattern, gen)
+
+
 def test_unit_order_chosen_per_sequence(kernel, monkeypatch, gen):
     """`auto` numbers the units of a sequence whose K/V outgrow the L2 kv head by kv head and those of
     the batch's other sequences tile by tile (each decides by its own length): every (tile, head)
@@ -431,6 +447,7 @@ def test_forced_packed_heads_outside_their_domain_is_an_error(monkeypatch, case,
 # Every run-time knob (csrc/common/settings.h, docs/settings.md) rejects a value it does not know.
 BAD_KNOB_VALUES = (("BSA_PREFILL_KERNEL", "fastest"), ("BSA_PREFILL_UNIT_ORDER", "head"),
                    ("BSA_PREFILL_KV_GROUP", "0"), ("BSA_PREFILL_KV_TAIL", "0"), ("BSA_PREFILL_KV_TAIL", "none"),
+                   ("BSA_PREFILL_SECTIONS", "0"), ("BSA_PREFILL_SECTIONS", "all"),
                    ("BSA_SM90_STAGE_KEYS", "96"), ("BSA_SM90_GRID", "-1"), ("BSA_SM90_GRID", "many"),
                    ("BSA_SM90_GRID", "9" * 25),
                    ("BSA_SM90_TMA", "yes"), ("BSA_CHECK_INPUTS", "true"), ("BSA_DECODE_SPLITS", "4x"),

@@ -175,6 +175,20 @@ int kv_tail_keys(const PrefillParams& params, int l2_keys, const Settings& setti
   return settings.kv_tail_keys == kKvTailAuto ? l2_keys / (2 * params.num_kv_heads) : settings.kv_tail_keys;
 }
 
+// Sequences a section of the plan's list (PlanParams::section_seqs): BSA_PREFILL_SECTIONS=n, or (l2)
+// as many typical sequences as half the L2 holds the keys and values of (every kv head; the sections
+// stream their K/V from the L2 as one sequence does sequence by sequence), at most 64 (the plan kernel
+// compares each sequence with its section's). 1: sequence by sequence (off, the default until timed).
+int plan_section_seqs(const PrefillParams& params, const Settings& settings) {
+  constexpr int kMaxSection = 64;
+  if (settings.prefill_sections == 0) return 1;
+  const int64_t wanted = settings.prefill_sections > 0
+                             ? settings.prefill_sections
+                             : params.kv_head_l2_keys / (2 * int64_t{params.num_kv_heads}) /
+                                   std::max<int64_t>(typical_sequence_keys(params), 1);
+  return static_cast<int>(std::clamp<int64_t>(wanted, 1, kMaxSection));
+}
+
 // CTAs of the persistent Hopper kernel: one per SM; BSA_SM90_GRID=<n> sets another count (experiments:
 // a count at least the number of work units gives one CTA per unit).
 int sm90_ctas(const Settings& settings) {
@@ -213,6 +227,8 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
       params.pack_gqa_shift == 0 ? kv_head_major_keys(params, params.kv_head_l2_keys, settings) : INT_MAX;
   params.kv_group = settings.kv_group == kKvGroupByL2 ? 0 : kv_group_size(settings.kv_group, params.num_kv_heads);
   params.kv_tail_keys = kv_tail_keys(params, params.kv_head_l2_keys, settings);
+  plan.section_seqs = plan_section_seqs(params, settings);
+  plan.kv_head_major_keys = params.kv_head_major_keys;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
