@@ -112,9 +112,9 @@ inline Settings read_settings() {
   s.kv_group = raw.kv_group == "l2" ? kKvGroupByL2
                                      : detail::parse_count("BSA_PREFILL_KV_GROUP", raw.kv_group,
                                                            "auto, l2 or a positive integer");
-  const int tail = raw.kv_tail == "off" ? 0 : detail::parse_count("BSA_PREFILL_KV_TAIL", raw.kv_tail,
-                                                                    "auto, off or a positive integer");
-  s.kv_tail_keys = raw.kv_tail == "off" ? 0 : (tail == 0 ? kKvTailAuto : tail);
+  if (raw.kv_tail == "off") s.kv_tail_keys = 0;
+  else if (const int keys = detail::parse_count("BSA_PREFILL_KV_TAIL", raw.kv_tail, "auto, off or a positive integer"))
+    s.kv_tail_keys = keys;
   s.prefill_sections = raw.sections == "l2"    ? kSectionsByL2
                        : raw.sections == "off" ? 0
                                                : detail::parse_count("BSA_PREFILL_SECTIONS", raw.sections,

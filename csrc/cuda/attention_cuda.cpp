@@ -168,11 +168,17 @@ int kv_head_major_keys(const PrefillParams& params, int l2_keys, const Settings&
   return l2_keys / params.num_kv_heads;
 }
 
+// Keys whose K and V of every kv head take half the L2 (params.kv_head_l2_keys set): what the
+// kv-head-major tail and a section of the plan's list may span, so that they still read from the L2.
+int half_l2_keys_of_every_kv_head(const PrefillParams& params) {
+  return params.kv_head_l2_keys / (2 * params.num_kv_heads);
+}
+
 // Keys below which a sequence numbered kv head by kv head takes its tiles last, tile by tile
-// (PrefillParams::kv_tail_keys): by default those whose K/V of every kv head take half the L2, so
-// that the tail, all kv heads at once, still reads from the L2. l2_keys: kv_head_l2_keys.
-int kv_tail_keys(const PrefillParams& params, int l2_keys, const Settings& settings) {
-  return settings.kv_tail_keys == kKvTailAuto ? l2_keys / (2 * params.num_kv_heads) : settings.kv_tail_keys;
+// (PrefillParams::kv_tail_keys): by default half the L2's worth, so that the tail, all kv heads at
+// once, still reads from the L2.
+int kv_tail_keys(const PrefillParams& params, const Settings& settings) {
+  return settings.kv_tail_keys == kKvTailAuto ? half_l2_keys_of_every_kv_head(params) : settings.kv_tail_keys;
 }
 
 // Sequences a section of the plan's list (PlanParams::section_seqs): BSA_PREFILL_SECTIONS=n, or (l2)
@@ -182,10 +188,9 @@ int kv_tail_keys(const PrefillParams& params, int l2_keys, const Settings& setti
 int plan_section_seqs(const PrefillParams& params, const Settings& settings) {
   constexpr int kMaxSection = 64;
   if (settings.prefill_sections == 0) return 1;
-  const int64_t wanted = settings.prefill_sections > 0
-                             ? settings.prefill_sections
-                             : params.kv_head_l2_keys / (2 * int64_t{params.num_kv_heads}) /
-                                   std::max<int64_t>(typical_sequence_keys(params), 1);
+  const int64_t wanted = settings.prefill_sections > 0 ? settings.prefill_sections
+                                                       : half_l2_keys_of_every_kv_head(params) /
+                                                             std::max<int64_t>(typical_sequence_keys(params), 1);
   return static_cast<int>(std::clamp<int64_t>(wanted, 1, kMaxSection));
 }
 
@@ -226,7 +231,7 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
   params.kv_head_major_keys =
       params.pack_gqa_shift == 0 ? kv_head_major_keys(params, params.kv_head_l2_keys, settings) : INT_MAX;
   params.kv_group = settings.kv_group == kKvGroupByL2 ? 0 : kv_group_size(settings.kv_group, params.num_kv_heads);
-  params.kv_tail_keys = kv_tail_keys(params, params.kv_head_l2_keys, settings);
+  params.kv_tail_keys = kv_tail_keys(params, settings);
   plan.section_seqs = plan_section_seqs(params, settings);
   plan.kv_head_major_keys = params.kv_head_major_keys;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
