@@ -329,20 +329,18 @@ struct BlockKeyTiles {
   int last_tile;       // every_visible: the last tile (of the last row's block, at most last_key's); the
                        // tiles are then 0 .. last_tile
   int tile_shift;    // all_visible: log2(tiles_per_block)
-  int qb_first;
 
   BSA_HOST_DEVICE void init(const SparsePattern& pattern, int h, int first, int qb_last, int last_key_pos) {
     walk.init(pattern, h, first, qb_last);
     tiles_per_block = pattern.block_size / kTileKeys;
     sub = tiles_per_block;
     last_key = last_key_pos;
-    qb_first = first;
     const int last_row = first + walk.num_rows - 1;
     every_visible = !pattern.has_layout() && band_start(pattern, last_row) == 0;
     all_visible = kCountAllVisible && BSA_ALL_VISIBLE_WALK && every_visible;
     tile = -1;
     tile_shift = 0;
-    while ((kTileKeys << tile_shift) < pattern.block_size) ++tile_shift;
+    while ((1 << tile_shift) < tiles_per_block) ++tile_shift;  // both B and kTileKeys are powers of two
     const int row_end_tile = ((last_row + 1) << tile_shift) - 1;
     last_tile = last_key < 0 ? -1 : (last_key / kTileKeys < row_end_tile ? last_key / kTileKeys : row_end_tile);
   }
@@ -351,7 +349,7 @@ struct BlockKeyTiles {
   BSA_HOST_DEVICE bool next(int& key_tile) {
     if (all_visible) {
       if (++tile > last_tile) return false;
-      const int behind = (tile >> tile_shift) - qb_first;  // rows before the tile's block do not see it
+      const int behind = (tile >> tile_shift) - walk.qb_first;  // rows before the tile's block do not see it
       rows = ((walk.num_rows == 32 ? 0u : 1u << walk.num_rows) - 1u) & (~0u << (behind > 0 ? behind : 0));
       key_tile = tile;
       return true;
