@@ -12,11 +12,7 @@
   its first tiles last and tile by tile (BSA_PREFILL_KV_TAIL): every (q head, tile) once, in the order
   the kernels rely on.
 - tests/cpp/key_tiles_check.cpp: BlockKeyTiles (csrc/common/pattern.h), the prefill kernels' key tiles
-  and the rows that see them, counted where every block is visible and walked elsewhere, against
-  block_visible.
-- tests/cpp/plan_sections_check.cpp: the plan's work list (plan_write_sequence, csrc/cuda/kernels/plan.cuh)
-  with sections of equal sequences listed tile by tile (BSA_PREFILL_SECTIONS): every item once, in the
-  order the kernels rely on."""
+  and the rows that see them, against block_visible."""
 from __future__ import annotations
 
 import os
@@ -38,8 +34,7 @@ def _sanitizers_work(compiler: str, tmp: str) -> bool:
 
 
 @pytest.mark.parametrize("check, least", [("fast_divisor_check", 1_000_000), ("paged_rows_check", 1_000_000),
-                                          ("unit_numbering_check", 1_000_000), ("key_tiles_check", 1_000_000),
-                                          ("plan_sections_check", 1_000_000)])
+                                          ("unit_numbering_check", 1_000_000), ("key_tiles_check", 1_000_000)])
 def test_cpp_check(check, least, tmp_path):
     compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if compiler is None:

@@ -299,61 +299,29 @@ inline void for_each_visible_run(const SparsePattern& p, int h, int i, Visit&& v
   if (run_len > 0) visit(run_start, run_len);
 }
 
-// Build knob BSA_ALL_VISIBLE_WALK (default 0 until timed on a GPU; the plan in benchmarks/RESULTS.md):
-// 1 lets BlockKeyTiles count its tiles where every block is visible, instead of stepping the walk.
-#ifndef BSA_ALL_VISIBLE_WALK
-#define BSA_ALL_VISIBLE_WALK 0
-#endif
-
 // The prefill kernels' split of THE walk into kTileKeys-key tiles, in order, for sparse blocks of at
 // least kTileKeys tokens (a power of two, as B is); tiles that start after last_key (the query tile's
 // last position) are skipped: they hold no key its queries can see. `rows`: the query blocks that see
-// the current tile's block.
-// Where every block up to the walk's last row is visible to every row (a parametric pattern whose last
-// row's band reaches block 0: dense layers, a sequence's first blocks), the walk is blocks 0, 1, ...,
-// each seen by the rows at or past it, and next() can count tiles instead of stepping the walk: in the
-// Hopper producer the walk was ~47 of a warp's instructions a 64-key tile, 7.6 % of the kernel's at
-// dense 16k x 2 (Nsight Compute, H100, 2026-12-05). kCountAllVisible = false keeps the walk
-// everywhere (the portable kernel: the count's state cost it a spill, ptxas 4 B).
-// tests/cpp/key_tiles_check.cpp checks both ways against block_visible.
-template <int kTileKeys, int kMaxRows, bool kCountAllVisible = true>
+// the current tile's block. tests/cpp/key_tiles_check.cpp checks it against block_visible.
+// (Counting the tiles where every block is visible, instead of stepping the walk, ran 6-7 % more
+// cycles on dense layers in the Hopper kernel: benchmarks/RESULTS.md, twenty-third session.)
+template <int kTileKeys, int kMaxRows>
 struct BlockKeyTiles {
   VisibleBlocks<kMaxRows> walk;
   int tiles_per_block;  // B / kTileKeys
   int block, sub;       // the current block and its next tile
   int last_key;
   unsigned rows;
-  bool every_visible;  // every block up to the last row visible to every row
-  bool all_visible;    // every_visible and counted (kCountAllVisible, BSA_ALL_VISIBLE_WALK), not walked
-  int tile;            // all_visible: the current tile
-  int last_tile;       // every_visible: the last tile (of the last row's block, at most last_key's); the
-                       // tiles are then 0 .. last_tile
-  int tile_shift;    // all_visible: log2(tiles_per_block)
 
   BSA_HOST_DEVICE void init(const SparsePattern& pattern, int h, int first, int qb_last, int last_key_pos) {
     walk.init(pattern, h, first, qb_last);
     tiles_per_block = pattern.block_size / kTileKeys;
     sub = tiles_per_block;
     last_key = last_key_pos;
-    const int last_row = first + walk.num_rows - 1;
-    every_visible = !pattern.has_layout() && band_start(pattern, last_row) == 0;
-    all_visible = kCountAllVisible && BSA_ALL_VISIBLE_WALK && every_visible;
-    tile = -1;
-    tile_shift = 0;
-    while ((1 << tile_shift) < tiles_per_block) ++tile_shift;  // both B and kTileKeys are powers of two
-    const int row_end_tile = ((last_row + 1) << tile_shift) - 1;
-    last_tile = last_key < 0 ? -1 : (last_key / kTileKeys < row_end_tile ? last_key / kTileKeys : row_end_tile);
   }
 
   // The next key tile (absolute keys key_tile * kTileKeys ...), or false at the end.
   BSA_HOST_DEVICE bool next(int& key_tile) {
-    if (all_visible) {
-      if (++tile > last_tile) return false;
-      const int behind = (tile >> tile_shift) - walk.qb_first;  // rows before the tile's block do not see it
-      rows = ((walk.num_rows == 32 ? 0u : 1u << walk.num_rows) - 1u) & (~0u << (behind > 0 ? behind : 0));
-      key_tile = tile;
-      return true;
-    }
     while (true) {
       if (sub == tiles_per_block) {
         block = walk.next(rows);

@@ -24,7 +24,6 @@ enum class DecodeMergeChoice { kAuto, kKernel, kCluster };
 enum class PagedPrefillChoice { kDirect, kGather, kAuto };
 constexpr int kKvGroupByL2 = -1;  // Settings::kv_group of BSA_PREFILL_KV_GROUP=l2
 constexpr int kKvTailAuto = -1;   // Settings::kv_tail_keys of BSA_PREFILL_KV_TAIL=auto (unset)
-constexpr int kSectionsByL2 = -1;  // Settings::prefill_sections of BSA_PREFILL_SECTIONS=l2
 
 struct Settings {
   bool check_inputs = false;  // BSA_CHECK_INPUTS=0|1: value checks on CUDA calls (a device->host copy)
@@ -37,10 +36,6 @@ struct Settings {
   // BSA_PREFILL_KV_TAIL=auto|off|n: numbered kv head by kv head, a sequence's tiles below n keys go last,
   // tile by tile (kKvTailAuto: those whose K/V of every kv head take half the L2; off: 0, none)
   int kv_tail_keys = kKvTailAuto;
-  // BSA_PREFILL_SECTIONS=auto|off|l2|n: the plan lists equal sequences in sections of n, tile by tile
-  // across them (PlanParams::section_seqs; l2: as many as half the L2 holds the keys of; auto and
-  // off: none, until timed on a GPU)
-  int prefill_sections = 0;
   PackGqaChoice pack_gqa = PackGqaChoice::kAuto;                    // BSA_PREFILL_PACK_GQA=auto|0|1
   int sm90_grid = 0;          // BSA_SM90_GRID=auto|n: the Hopper kernel's persistent CTAs (0 = one per SM)
   bool sm90_tma = true;       // BSA_SM90_TMA=0|1: the Hopper kernel's loads through the TMA where possible
@@ -59,8 +54,8 @@ struct Settings {
 namespace detail {
 // The run-time knobs' raw values ("" when unset), from one pass over the environment.
 struct RawSettings {
-  std::string_view check_inputs, decode_splits, decode_merge, prefill_kernel, unit_order, kv_group, kv_tail, sections,
-      pack_gqa, sm90_grid, sm90_tma, sm90_stage_keys, paged_prefill;
+  std::string_view check_inputs, decode_splits, decode_merge, prefill_kernel, unit_order, kv_group, kv_tail, pack_gqa,
+      sm90_grid, sm90_tma, sm90_stage_keys, paged_prefill;
 };
 
 inline RawSettings raw_settings() {
@@ -70,7 +65,7 @@ inline RawSettings raw_settings() {
       {"BSA_DECODE_MERGE", &RawSettings::decode_merge},
       {"BSA_PREFILL_KERNEL", &RawSettings::prefill_kernel}, {"BSA_PREFILL_UNIT_ORDER", &RawSettings::unit_order},
       {"BSA_PREFILL_KV_GROUP", &RawSettings::kv_group},     {"BSA_PREFILL_KV_TAIL", &RawSettings::kv_tail},
-      {"BSA_PREFILL_SECTIONS", &RawSettings::sections},   {"BSA_PREFILL_PACK_GQA", &RawSettings::pack_gqa},
+      {"BSA_PREFILL_PACK_GQA", &RawSettings::pack_gqa},
       {"BSA_SM90_GRID", &RawSettings::sm90_grid},         {"BSA_SM90_TMA", &RawSettings::sm90_tma},
       {"BSA_SM90_STAGE_KEYS", &RawSettings::sm90_stage_keys}, {"BSA_PAGED_PREFILL", &RawSettings::paged_prefill}};
   for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
@@ -115,10 +110,6 @@ inline Settings read_settings() {
   if (raw.kv_tail == "off") s.kv_tail_keys = 0;
   else if (const int keys = detail::parse_count("BSA_PREFILL_KV_TAIL", raw.kv_tail, "auto, off or a positive integer"))
     s.kv_tail_keys = keys;
-  s.prefill_sections = raw.sections == "l2"    ? kSectionsByL2
-                       : raw.sections == "off" ? 0
-                                               : detail::parse_count("BSA_PREFILL_SECTIONS", raw.sections,
-                                                                     "auto, off, l2 or a positive integer");
   s.sm90_grid = detail::parse_count("BSA_SM90_GRID", raw.sm90_grid);
   s.sm90_tma = detail::parse_flag("BSA_SM90_TMA", raw.sm90_tma, true);
 

@@ -168,30 +168,12 @@ int kv_head_major_keys(const PrefillParams& params, int l2_keys, const Settings&
   return l2_keys / params.num_kv_heads;
 }
 
-// Keys whose K and V of every kv head take half the L2 (params.kv_head_l2_keys set): what the
-// kv-head-major tail and a section of the plan's list may span, so that they still read from the L2.
-int half_l2_keys_of_every_kv_head(const PrefillParams& params) {
-  return params.kv_head_l2_keys / (2 * params.num_kv_heads);
-}
-
 // Keys below which a sequence numbered kv head by kv head takes its tiles last, tile by tile
-// (PrefillParams::kv_tail_keys): by default half the L2's worth, so that the tail, all kv heads at
-// once, still reads from the L2.
+// (PrefillParams::kv_tail_keys): by default those whose K and V of every kv head take half the L2
+// (params.kv_head_l2_keys set), so that the tail, all kv heads at once, still reads from the L2.
 int kv_tail_keys(const PrefillParams& params, const Settings& settings) {
-  return settings.kv_tail_keys == kKvTailAuto ? half_l2_keys_of_every_kv_head(params) : settings.kv_tail_keys;
-}
-
-// Sequences a section of the plan's list (PlanParams::section_seqs): BSA_PREFILL_SECTIONS=n, or (l2)
-// as many typical sequences as half the L2 holds the keys and values of (every kv head; the sections
-// stream their K/V from the L2 as one sequence does sequence by sequence), at most 64 (the plan kernel
-// compares each sequence with its section's). 1: sequence by sequence (off, the default until timed).
-int plan_section_seqs(const PrefillParams& params, const Settings& settings) {
-  constexpr int kMaxSection = 64;
-  if (settings.prefill_sections == 0) return 1;
-  const int64_t wanted = settings.prefill_sections > 0 ? settings.prefill_sections
-                                                       : half_l2_keys_of_every_kv_head(params) /
-                                                             std::max<int64_t>(typical_sequence_keys(params), 1);
-  return static_cast<int>(std::clamp<int64_t>(wanted, 1, kMaxSection));
+  return settings.kv_tail_keys == kKvTailAuto ? params.kv_head_l2_keys / (2 * params.num_kv_heads)
+                                              : settings.kv_tail_keys;
 }
 
 // CTAs of the persistent Hopper kernel: one per SM; BSA_SM90_GRID=<n> sets another count (experiments:
@@ -232,8 +214,6 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
       params.pack_gqa_shift == 0 ? kv_head_major_keys(params, params.kv_head_l2_keys, settings) : INT_MAX;
   params.kv_group = settings.kv_group == kKvGroupByL2 ? 0 : kv_group_size(settings.kv_group, params.num_kv_heads);
   params.kv_tail_keys = kv_tail_keys(params, settings);
-  plan.section_seqs = plan_section_seqs(params, settings);
-  plan.kv_head_major_keys = params.kv_head_major_keys;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   launch_plan_prefill(plan, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -426,19 +406,23 @@ GatheredKeyValues gather_paged_source(PrefillParams& params, const at::Tensor& q
 }
 
 // BSA_PAGED_PREFILL: whether this paged prefill gathers. auto gathers where the queries cover at least
-// half of the rows it would gather (whole prompts, or chunks that are most of their context), from
-// host-known sizes only. There the copy is a small part of the prefill (whole prompts at 8k x 4: ~0.1
-// ms against the ~0.5 ms the pages cost the direct path, kv block 16, H200) and the transient is at most
-// twice the queries' rows of K and V, no larger than q itself with 4 or more q heads a kv head. A
-// chunk over a longer context keeps the direct path, which reads only the tiles the pattern shows it
-// where the gather would copy the whole context.
-bool choose_paged_gather(const PrefillParams& params, const Settings& settings) {
+// half of the rows it would gather (whole prompts, or chunks that are most of their context), or a
+// quarter of them from an fp8 cache, from host-known sizes only. There the copy is a small part of the
+// prefill (whole prompts at 8k x 4: ~0.1 ms against the ~0.5 ms the pages cost the direct path, kv
+// block 16, H200). fp8 pages cost the direct path more, their widening being in its fills: 2k chunks
+// of 8k prompts from an e4m3 cache ran 1.33x the contiguous time direct and 1.05x gathered, while bf16
+// pages ran 1.10x direct and 1.13x gathered (H200, 2026-12-05). The transient is at most two
+// (four) times the queries' rows of K and V, no larger than q itself (twice q) with 4 or more q
+// heads a kv head. A chunk over a longer context keeps the direct path, which reads only the tiles
+// the pattern shows it where the gather would copy the whole context.
+bool choose_paged_gather(const PrefillParams& params, bool fp8_cache, const Settings& settings) {
   switch (settings.paged_prefill) {
     case PagedPrefillChoice::kDirect: return false;
     case PagedPrefillChoice::kGather: return true;
     case PagedPrefillChoice::kAuto: break;
   }
-  return 2 * int64_t{params.num_q_tokens} >= params.num_seqs * sequence_capacity(params);
+  const int64_t covered_share = fp8_cache ? 4 : 2;  // the queries cover 1 / covered_share of the rows or more
+  return covered_share * params.num_q_tokens >= params.num_seqs * sequence_capacity(params);
 }
 
 void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at::Tensor& key_cache,
@@ -465,7 +449,7 @@ void paged_prefill_cuda(const at::Tensor& out, const at::Tensor& q_in, const at:
   params.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   params.kv = paged_source(key_cache, value_cache, block_tables, seq_lens, k_scale, v_scale);
   GatheredKeyValues gathered;  // BSA_PAGED_PREFILL=gather|auto: lives until the stream has used it
-  if (choose_paged_gather(params, settings))
+  if (choose_paged_gather(params, is_fp8(key_cache.scalar_type()), settings))
     gathered = gather_paged_source(params, q, key_cache, seq_lens, args.shape);
   run_prefill(params, q, params.kv.paged() ? key_cache.scalar_type() : q.scalar_type(), settings);
 }

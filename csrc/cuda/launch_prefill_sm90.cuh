@@ -156,20 +156,20 @@ void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, 
   const int64_t max_units = static_cast<int64_t>(launch.max_tiles) * (params.num_q_heads >> params.pack_gqa_shift);
   const int grid = static_cast<int>(std::min<int64_t>(launch.num_ctas, max_units));
   const Sm90TensorMaps maps = sm90_tensor_maps<Element, Cache>(params, launch.use_tma);
-  if constexpr (BSA_SM90_PROGRAMMATIC_LAUNCH) {  // a programmatic dependent of the plan kernel (params.h)
-    cudaLaunchAttribute attribute{};
-    attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attribute.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(grid);
-    config.blockDim = dim3(kSm90Threads);
-    config.dynamicSmemBytes = kSmemBytes;
-    config.stream = stream;
-    config.attrs = &attribute;
-    config.numAttrs = 1;
-    cudaLaunchKernelEx(&config, kernel, params, maps);
-  } else {
-    kernel<<<grid, kSm90Threads, kSmemBytes, stream>>>(params, maps);
-  }
+  // A programmatic dependent of the plan kernel before it: the CTAs take their SMs, carve the shared
+  // memory and set up their barriers while the plan runs, and wait for it (griddepcontrol.wait) before
+  // their first global read. The launch gap leaves the path of short prompts: 256 x 128 tokens -0.5 %,
+  // 64 x 512 -0.55 % (H200, 5 rounds, benchmarks/RESULTS.md). The decode kernels launch so too.
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(grid);
+  config.blockDim = dim3(kSm90Threads);
+  config.dynamicSmemBytes = kSmemBytes;
+  config.stream = stream;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, kernel, params, maps);
 }
 }  // namespace blocksparse_attn

@@ -2,19 +2,14 @@
 // random parametric patterns (blocks of 64 and 128 tokens, bands and strides from 1 up, sliding heads)
 // and random query spans of one and two blocks with a random last key, the tiles come out ascending,
 // exactly those of a block some row of the span sees that start at or before the last key, each with
-// the rows that see its block. Checked with the all-visible count (built in here) and with the walk stepped
-// everywhere (all_visible cleared after init), and that the count is taken where it should be. Built
-// and run by tests/test_cpp_checks.py; prints the first mismatch and exits 1, else the number of checks.
+// the rows that see its block. Built and run by tests/test_cpp_checks.py; prints the first mismatch and
+// exits 1, else the number of checks.
 #include <cstdint>
 #include <cstdio>
 #include <random>
 
-#ifndef BSA_ALL_VISIBLE_WALK
-#define BSA_ALL_VISIBLE_WALK 1  // the count is what this checks (the kernels' default is the build's)
-#endif
 #include "common/pattern.h"
 
-using blocksparse_attn::band_start;
 using blocksparse_attn::BlockKeyTiles;
 using blocksparse_attn::block_visible;
 using blocksparse_attn::FastDivisor;
@@ -38,17 +33,10 @@ SparsePattern make_pattern(int block_size, int local, int vert, int step, int q_
 }
 
 template <int kTileKeys, int kMaxRows>
-int check_span(const SparsePattern& p, int h, int qb_first, int qb_last, int last_key, bool stepped,
-               int64_t& checks) {
+int check_span(const SparsePattern& p, int h, int qb_first, int qb_last, int last_key, int64_t& checks) {
   BlockKeyTiles<kTileKeys, kMaxRows> tiles;
   tiles.init(p, h, qb_first, qb_last, last_key);
   const int rows_in_walk = qb_last - qb_first + 1 < kMaxRows ? qb_last - qb_first + 1 : kMaxRows;
-  const bool want_counted = BSA_ALL_VISIBLE_WALK && band_start(p, qb_first + rows_in_walk - 1) == 0;
-  const bool every_visible = band_start(p, qb_first + rows_in_walk - 1) == 0;
-  ++checks;
-  if (tiles.all_visible != want_counted || tiles.every_visible != every_visible) return 1;
-  if (stepped) tiles.all_visible = false;
-  int tiles_seen = 0;
   const int tiles_per_block = p.block_size / kTileKeys;
   int expect = 0;  // the next tile the walk should give
   auto visible_rows = [&](int block) {
@@ -66,15 +54,12 @@ int check_span(const SparsePattern& p, int h, int qb_first, int qb_last, int las
   int key_tile = -1;
   while (tiles.next(key_tile)) {
     ++checks;
-    if (key_tile != expect) return 2;
-    ++tiles_seen;
-    if (tiles.rows != visible_rows(key_tile / tiles_per_block)) return 3;
+    if (key_tile != expect) return 1;
+    if (tiles.rows != visible_rows(key_tile / tiles_per_block)) return 2;
     expect = next_expected(key_tile + 1);
   }
   ++checks;
-  if (expect != -1) return 4;
-  // every_visible: the tiles are 0 .. last_tile (the Hopper producer's lead-warp units count on it)
-  return every_visible && tiles_seen != tiles.last_tile + 1 ? 5 : 0;
+  return expect != -1 ? 3 : 0;
 }
 
 }  // namespace
@@ -83,8 +68,7 @@ int main() {
   std::mt19937 rng(2026);
   auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   int64_t checks = 0;
-  const char* what[] = {"ok",         "all_visible chosen wrongly", "wrong tile",
-                        "wrong rows", "tiles missing at the end",   "every_visible: not tiles 0 .. last_tile"};
+  const char* what[] = {"ok", "wrong tile", "wrong rows", "tiles missing at the end"};
   for (int trial = 0; trial < 60000; ++trial) {
     const int block_size = pick(0, 1) ? 64 : 128;
     // bands from 1 block to past the span (dense), strides from 1 (every block a column)
@@ -96,16 +80,12 @@ int main() {
     const int qb_last = qb_first + span - 1;
     // the last key: anywhere from the first row's block to the last row's block's end
     const int last_key = pick(qb_first * block_size, (qb_last + 1) * block_size - 1) - (pick(0, 40) == 0 ? 100000 : 0);
-    for (const bool stepped : {false, true}) {
-      int bad = span == 1 || pick(0, 1) ? check_span<64, 1>(p, h, qb_first, qb_first, last_key, stepped, checks)
-                                        : 0;
-      if (!bad) bad = check_span<64, 2>(p, h, qb_first, qb_last, last_key, stepped, checks);
-      if (bad) {
-        std::printf("%s: B %d, local %d, vert %d, step %d, head %d, rows %d..%d, last key %d, %s\n", what[bad],
-                    block_size, local, p.vert_stride, p.head_sliding_step, h, qb_first, qb_last, last_key,
-                    stepped ? "stepped" : "default");
-        return 1;
-      }
+    int bad = span == 1 || pick(0, 1) ? check_span<64, 1>(p, h, qb_first, qb_first, last_key, checks) : 0;
+    if (!bad) bad = check_span<64, 2>(p, h, qb_first, qb_last, last_key, checks);
+    if (bad) {
+      std::printf("%s: B %d, local %d, vert %d, step %d, head %d, rows %d..%d, last key %d\n", what[bad], block_size,
+                  local, p.vert_stride, p.head_sliding_step, h, qb_first, qb_last, last_key);
+      return 1;
     }
   }
   std::printf("%lld checks\n", static_cast<long long>(checks));

@@ -355,30 +355,6 @@ struct DecodeParams {
   int small_grid_build;
 };
 
-// Build knob BSA_SM90_PROGRAMMATIC_LAUNCH (default 0 until timed on a GPU; benchmarks/RESULTS.md's
-// plan): 1 launches the Hopper prefill kernel as a programmatic dependent of the plan kernel, which
-// lets it be scheduled from its start. The prefill's CTAs then take their SMs, carve the shared memory
-// and set up their barriers while the plan runs, and wait for it (griddepcontrol.wait) before the
-// first global read; the launch gap between the two (~1 us of a 240 us call at 256 prompts of 128
-// tokens, with the plan's ~2.4 us) leaves the path of short prompts. The decode kernels launch so.
-#ifndef BSA_SM90_PROGRAMMATIC_LAUNCH
-#define BSA_SM90_PROGRAMMATIC_LAUNCH 0
-#endif
-
-// Sections of the plan's list (PlanParams::section_seqs, BSA_PREFILL_SECTIONS): the sequences go
-// in groups of section_seqs consecutive ones, and a group whose sequences all span the same query
-// tiles (and are numbered tile by tile) lists its items tile by tile across them, longest rows first,
-// instead of sequence by sequence. A list of equal short prompts then ends on the shortest tiles of
-// a whole group, not of one sequence: the CTAs claim units two ahead, and a model of the claims
-// (scripts/claims_model.py) idles 1.2-1.5 % of the SM time at the end of 64 x 512, 256 x 128 or
-// 16 x 2k sequence by sequence, 0.3-0.7 % in groups of 4-16 whose keys and values fit half the L2.
-// The slot of item `tiles_back` (tiles before the sequence's last) of the i-th sequence of a group
-// of `group` sequences of `tiles` tiles each, whose own items start at seq_offset in the sequence-by-
-// sequence order.
-BSA_HOST_DEVICE int section_item_slot(int seq_offset, int i, int group, int tiles, int tiles_back) {
-  return seq_offset - i * tiles + tiles_back * group + i;
-}
-
 // The plan kernel's inputs and outputs (cuda/kernels/plan.cuh).
 struct PlanParams {
   const int32_t* cu_seqlens_q;  // [S + 1]
@@ -393,8 +369,6 @@ struct PlanParams {
   PlanItem* items;       // [max_tiles]
   int32_t* num_tiles;    // [1]
   int32_t* work_counter;  // [1]: set to 0
-  int section_seqs;        // sequences a section (section_item_slot); 1: sequence by sequence
-  int kv_head_major_keys;  // PrefillParams::kv_head_major_keys: such sequences stay sequence by sequence
 };
 
 }  // namespace blocksparse_attn

@@ -7,9 +7,8 @@
 // working set of the CTAs in flight: the vertical columns of all heads together touch every key
 // block of a sequence, so interleaving sequences (sorting all tiles by length) made every wave
 // stream the whole batch's K/V from DRAM (3 GB per call at 4 x 8k, measured with ncu on an H100).
-// Within a sequence, longest rows first is longest-processing-time scheduling; sections of equal
-// short sequences (PlanParams::section_seqs) extend it across a few sequences. One CTA does it all:
-// per-sequence tile counts, an exclusive scan, then each sequence writes its items.
+// Within a sequence, longest rows first is longest-processing-time scheduling. One CTA does it
+// all: per-sequence tile counts, an exclusive scan, then each sequence writes its items.
 #pragma once
 
 #include <cstdint>
@@ -22,12 +21,11 @@ constexpr int kPlanThreads = 1024;
 
 // A sequence's keys: seq_lens where given (the paged cache, gathered K/V), else from cu_seqlens_k; cut to
 // max_k_len.
-BSA_HOST_DEVICE int plan_key_length(const PlanParams& p, int seq) {
-  const int k_len = p.seq_lens ? p.seq_lens[seq] : p.cu_seqlens_k[seq + 1] - p.cu_seqlens_k[seq];
-  return k_len < p.max_k_len ? k_len : p.max_k_len;
+__device__ __forceinline__ int plan_key_length(const PlanParams& p, int seq) {
+  return min(p.seq_lens ? p.seq_lens[seq] : p.cu_seqlens_k[seq + 1] - p.cu_seqlens_k[seq], p.max_k_len);
 }
 
-BSA_HOST_DEVICE void plan_tile_range(const PlanParams& p, int seq, int& first, int& last) {
+__device__ __forceinline__ void plan_tile_range(const PlanParams& p, int seq, int& first, int& last) {
   const int q_len = p.cu_seqlens_q[seq + 1] - p.cu_seqlens_q[seq];
   const int k_len = plan_key_length(p, seq);
   if (q_len <= 0 || k_len <= 0 || q_len > k_len) {  // nothing to do (or invalid: never index with it)
@@ -39,54 +37,10 @@ BSA_HOST_DEVICE void plan_tile_range(const PlanParams& p, int seq, int& first, i
   last = (k_len - 1) / p.block_m;
 }
 
-// The size of seq's section, where its items go tile by tile across the section (section_item_slot),
-// with seq's place in it; 0 where they go sequence by sequence: sections of one, or a section whose
-// sequences do not all span the tiles [first, last], or one of which is numbered kv head by kv head
-// (load_prefill_item needs such a sequence's items together). Every sequence of a section decides
-// alike.
-BSA_HOST_DEVICE int plan_section_size(const PlanParams& p, int seq, int first, int last, int& place) {
-  const int begin = seq - seq % p.section_seqs;
-  const int end = begin + p.section_seqs < p.num_seqs ? begin + p.section_seqs : p.num_seqs;
-  place = seq - begin;
-  if (end - begin < 2) return 0;
-  for (int other = begin; other < end; ++other) {
-    int other_first, other_last;
-    plan_tile_range(p, other, other_first, other_last);
-    if (other_first != first || other_last != last || plan_key_length(p, other) > p.kv_head_major_keys) return 0;
-  }
-  return end - begin;
-}
-
-// Writes sequence seq's items (none for a sequence without queries) and returns their count. In the
-// sequence-by-sequence order they take the list's slots from `offset`, its last tile first; in a
-// section, the section's slots tile by tile (section_item_slot).
-BSA_HOST_DEVICE int plan_write_sequence(const PlanParams& p, int seq, int offset) {
-  int first, last;
-  plan_tile_range(p, seq, first, last);
-  if (first > last) return 0;
-  PlanItem item{};
-  item.seq = seq;
-  item.q_begin = p.cu_seqlens_q[seq];
-  item.q_len = p.cu_seqlens_q[seq + 1] - item.q_begin;
-  // Contiguous K/V start at cu_seqlens_k (paged: none); seq_lens, where given, is the length (the
-  // paged cache, and gathered K/V, whose sequences take rows of a fixed capacity).
-  item.k_begin = p.cu_seqlens_k ? p.cu_seqlens_k[seq] : 0;
-  item.k_len = plan_key_length(p, seq);
-  int place = 0;
-  const int section = p.section_seqs > 1 ? plan_section_size(p, seq, first, last, place) : 0;
-  const int tiles = last - first + 1;
-  for (int t = last; t >= first; --t) {
-    item.tile_index = t;
-    p.items[section > 0 ? section_item_slot(offset, place, section, tiles, last - t) : offset + last - t] = item;
-  }
-  return tiles;
-}
-
-#if defined(__CUDACC__)
 __global__ void __launch_bounds__(kPlanThreads) plan_prefill_kernel(const PlanParams p) {
-#if BSA_SM90_PROGRAMMATIC_LAUNCH && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // The prefill kernel after it (a programmatic dependent) may be scheduled now; it waits for this
-  // grid to finish before it reads the list.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The Hopper prefill kernel after it (a programmatic dependent, launch_prefill_sm90.cuh) may be
+  // scheduled now; it waits for this grid to finish before it reads the list.
   asm volatile("griddepcontrol.launch_dependents;");
 #endif
   __shared__ int32_t warp_totals[kPlanThreads / 32];
@@ -124,8 +78,23 @@ __global__ void __launch_bounds__(kPlanThreads) plan_prefill_kernel(const PlanPa
   }
   __syncthreads();
   int slot = warp_totals[warp] + inclusive - local;
-  for (int seq = begin; seq < end; ++seq) slot += plan_write_sequence(p, seq, slot);
+  for (int seq = begin; seq < end; ++seq) {
+    int first, last;
+    plan_tile_range(p, seq, first, last);
+    if (first > last) continue;
+    PlanItem item{};
+    item.seq = seq;
+    item.q_begin = p.cu_seqlens_q[seq];
+    item.q_len = p.cu_seqlens_q[seq + 1] - item.q_begin;
+    // Contiguous K/V start at cu_seqlens_k (paged: none); seq_lens, where given, is the length (the
+    // paged cache, and gathered K/V, whose sequences take rows of a fixed capacity).
+    item.k_begin = p.cu_seqlens_k ? p.cu_seqlens_k[seq] : 0;
+    item.k_len = plan_key_length(p, seq);
+    for (int t = last; t >= first; --t, ++slot) {
+      item.tile_index = t;
+      p.items[slot] = item;
+    }
+  }
 }
-#endif
 
 }  // namespace blocksparse_attn

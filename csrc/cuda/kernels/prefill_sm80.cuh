@@ -68,7 +68,7 @@ struct KeyTileCursor {
   int block_size;
   int q_tile;         // query tile index (positions q_tile * 64 ...)
   bool multi;         // B < 64: several query blocks per tile
-  BlockKeyTiles<kPrefillBlockN, 1, false> tiles;  // B >= 64
+  BlockKeyTiles<kPrefillBlockN, 1> tiles;  // B >= 64
   // B < 64
   VisibleBlocks<kMaxQueryBlocks> multi_walk;
   unsigned all_rows;  // bits of the tile's query blocks

@@ -93,18 +93,6 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 #define BSA_SM90_PAGED_BOX_WARPS 1
 #endif
 
-// Build knob BSA_SM90_LEAD_WARP_FILLS (default 0 until timed on a GPU; benchmarks/RESULTS.md's plan):
-// with 128-key fills, one producer warp a unit, in turn (unit k: warp k % 4), issues the TMA loads
-// and writes the records (0: thread 0 always), and where a unit's fills are all TMA (Q and contiguous
-// K/V through the TMA, every block visible, its tiles whole and filling every slot) the other three
-// warps skip the walk and the fills' work: each only waits for the slots and arrives on each fill's
-// full barrier, as every producer thread does, so the protocol is unchanged. At dense 16k x 2 the
-// four warps' walk and bookkeeping were 26 % of the kernel's instructions, each warp's on a scheduler
-// it shares with two consumer warps (Nsight Compute, H100, 2026-12-05).
-#ifndef BSA_SM90_LEAD_WARP_FILLS
-#define BSA_SM90_LEAD_WARP_FILLS 0
-#endif
-
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
 // through the TMA with 64-key fills, whose boxes' page ids are looked up a fill ahead (its own
@@ -240,11 +228,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     }
     const int seq = it.seq, head = it.head, kv_head = it.kv_head, k_begin = it.k_begin, k_len = it.k_len;
     const int tile_pos = it.tile_pos, valid_begin = it.valid_begin, valid_end = it.valid_end;
-    // The thread that issues this unit's TMA loads (but the paged boxes) and writes its records
-    // (BSA_SM90_LEAD_WARP_FILLS: 128-key fills, the dense layers' shape, only; with 64-key fills it
-    // cost the kernel a 4-byte spill).
-    constexpr bool kLeadWarps = BSA_SM90_LEAD_WARP_FILLS && kSlots > 1;
-    const int lead_tid = kLeadWarps ? 32 * (k & 3) : 0;
 
     // Q: 128 rows; rows outside [valid_begin, valid_end) are zeros (never stored). The loads join
     // the unit's first fill, whose publication covers them. The buffer was last read by unit
@@ -342,15 +325,14 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         // bytes first (the fill's barrier counts every producer thread's arrival, made after this, so
         // it cannot complete between one warp's boxes and another's expectation).
         const bool own_expect = kBoxWarps && kv.paged();
-        const int issuer = kv.paged() ? 0 : lead_tid;  // paged boxes without kBoxWarps: the first warp's lanes
-        if (own_expect ? box_row < 64 : (tid & ~31) == issuer) {
+        if (own_expect ? box_row < 64 : tid < 32) {
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
-          if (tid == issuer && !own_expect)
+          if (tid == 0 && !own_expect)
             ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
-            if (tid == issuer) {
+            if (tid == 0) {
               const int token = k_begin + pos0;
               if (maps.kv_row_groups) {
                 ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
@@ -431,25 +413,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     BlockKeyTiles<64, 2> tiles;
     tiles.init(pattern, head, valid_begin >> pattern.block_shift, (valid_end - 1) >> pattern.block_shift,
                valid_end - 1);
-    // BSA_SM90_LEAD_WARP_FILLS: a unit whose fills are all TMA, with no copies for the other warps. Its
-    // tiles are 0 .. last_tile (every block visible; the last consumer group with rows sees each of
-    // them), in whole fills, then the unit's end fill. The other warps wait for each fill's slots and
-    // arrive on its full barrier (publishing their earlier fills in order, as begin_fill does), and
-    // go on to the next unit.
-    if constexpr (kLeadWarps && !kFp8Pages) {
-      const int unit_tiles = tiles.last_tile + 1;
-      const bool tma_only = tiles.every_visible && maps.query_enabled && maps.kv_enabled && !kv.paged() &&
-                            unit_tiles % kSlots == 0 && unit_tiles * 64 <= k_len;
-      if (tma_only && (tid & ~31) != lead_tid) {
-        for (int fill = 0; fill <= unit_tiles / kSlots; ++fill, ++n) {
-          const Sm90Fill slots = begin_fill();
-          ptx::cp_async_commit();  // no copies: the group count stays the lead warp's
-          ptx::mbarrier_arrive(&shared.full[slots.key_slot]);
-          early |= 1u << (n % kKeySlots);
-        }
-        continue;
-      }
-    }
     // The next key tile some consumer group sees, with the groups' flags; false at the end.
     auto next_tile = [&](int& key_tile, uint8_t (&flags)[kSm90ConsumerGroups]) {
       while (tiles.next(key_tile)) {
@@ -514,7 +477,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       const int key_slot = fill.key_slot;  // the fill's full barrier and record
       if (query_pending) {
         query_pending = false;
-        if (tid == lead_tid) {
+        if (tid == 0) {
           ptx::mbarrier_expect_tx(&shared.full[key_slot], kPrefillSm90BlockM * kHeadDim * sizeof(Element));
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g)
@@ -546,13 +509,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         if (slot == 0) first_tile = key_tile;
         if (key_tile >= 0 || (slot > 0 && first_tile >= 0))  // an empty second slot: zeros
           copies |= load_kv(key_tile, fill, slot, page);
-        if (tid == lead_tid) {
+        if (tid == 0) {
           shared.records[key_slot].key_tile[slot] = key_tile;
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) shared.records[key_slot].flags[g][slot] = flags[g];
         }
       }
-      if (tid == lead_tid) shared.records[key_slot].unit = unit;
+      if (tid == 0) shared.records[key_slot].unit = unit;
       ptx::cp_async_commit();
       if (!copies) {
         ptx::mbarrier_arrive(&shared.full[key_slot]);
@@ -961,11 +924,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     ptx::mbarrier_init_fence();
   }
   __syncthreads();
-#if BSA_SM90_PROGRAMMATIC_LAUNCH
-  // Launched as a programmatic dependent of the plan kernel: the list, the counter and (transitively)
-  // the inputs are only read after it has finished. A plain launch makes this a no-op.
+  // Launched as a programmatic dependent of the plan kernel (launch_prefill_sm90.cuh): the list, the
+  // counter and (transitively) the inputs are only read after it has finished.
   asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 
   // The CTA is persistent: its producer claims work units (plan item * Hq + head) from a counter
   // until none is left, and streams each unit's fills through the same ring; the consumers follow
