@@ -93,6 +93,20 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 #define BSA_SM90_PAGED_BOX_WARPS 1
 #endif
 
+// Build knobs BSA_SM90_PRODUCER_SUSPEND_NS and BSA_SM90_CONSUMER_SUSPEND_NS (default 0 until timed on
+// a GPU; benchmarks/RESULTS.md's plan): the producer's waits for free slots and Q buffers, and the
+// consumers' waits for a fill, as try_waits with this suspend-time hint (ptx::mbarrier_wait_suspending).
+// Hypothesis: polling waits take issue slots from the consumer warps on the same schedulers. In the
+// twenty-third session a producer that walked less (the all-visible count) executed 5 % more warp
+// instructions and took 6-7 % more cycles, and three producer warps left to wait and arrive alone (the
+// lead-warp fills) took 2-3 % more again: what the walk stopped taking, the waits' polling took.
+#ifndef BSA_SM90_PRODUCER_SUSPEND_NS
+#define BSA_SM90_PRODUCER_SUSPEND_NS 0
+#endif
+#ifndef BSA_SM90_CONSUMER_SUSPEND_NS
+#define BSA_SM90_CONSUMER_SUSPEND_NS 0
+#endif
+
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
 // through the TMA with 64-key fills, whose boxes' page ids are looked up a fill ahead (its own
@@ -162,9 +176,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     }
     const Sm90Fill fill = Tiling::fill(n);
     if constexpr (Tiling::kSplitRings) {
-      if (n >= kKeySlots) ptx::mbarrier_wait(&shared.key_empty[fill.key_slot], ((n / kKeySlots) + 1) & 1);
+      if (n >= kKeySlots)
+        ptx::mbarrier_wait_suspending<BSA_SM90_PRODUCER_SUSPEND_NS>(&shared.key_empty[fill.key_slot],
+                                                                    ((n / kKeySlots) + 1) & 1);
     }
-    if (n >= kValueSlots) ptx::mbarrier_wait(&shared.value_empty[fill.value_slot], ((n / kValueSlots) + 1) & 1);
+    if (n >= kValueSlots)
+      ptx::mbarrier_wait_suspending<BSA_SM90_PRODUCER_SUSPEND_NS>(&shared.value_empty[fill.value_slot],
+                                                                  ((n / kValueSlots) + 1) & 1);
     return fill;
   };
 
@@ -243,7 +261,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         ptx::cp_async_wait<0>();
         while (next_publish < needed) publish(next_publish++);
       }
-      ptx::mbarrier_wait(&shared.q_empty[buf], ((k / Tiling::kQBuffers) + 1) & 1);
+      ptx::mbarrier_wait_suspending<BSA_SM90_PRODUCER_SUSPEND_NS>(&shared.q_empty[buf], ((k / Tiling::kQBuffers) + 1) & 1);
     }
     first_fill_back2 = first_fill_back1;
     first_fill_back1 = n;
@@ -609,7 +627,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   };
   auto wait_fill = [&](int n) {
     const Sm90Fill fill = Tiling::fill(n);
-    ptx::mbarrier_wait(&shared.full[fill.key_slot], (n / kKeySlots) & 1);
+    ptx::mbarrier_wait_suspending<BSA_SM90_CONSUMER_SUSPEND_NS>(&shared.full[fill.key_slot], (n / kKeySlots) & 1);
     return fill;
   };
   auto read_record = [&](const Sm90Fill& fill) {
