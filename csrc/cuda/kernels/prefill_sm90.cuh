@@ -106,6 +106,15 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 #ifndef BSA_SM90_CONSUMER_SUSPEND_NS
 #define BSA_SM90_CONSUMER_SUSPEND_NS 0
 #endif
+// Build knob BSA_SM90_PRODUCER_POLL_WARPS=4|1 (default 4 until timed on a GPU): the producer warps that
+// poll a fill's slot barriers. 1: warp 0 waits for them and passes them on to the other three over a
+// named barrier (bar.sync: a wait in hardware that issues nothing), where all four polled; the same
+// hypothesis as the suspend hint above, with a quarter of the producer's polling left.
+#ifndef BSA_SM90_PRODUCER_POLL_WARPS
+#define BSA_SM90_PRODUCER_POLL_WARPS 4
+#endif
+static_assert(BSA_SM90_PRODUCER_POLL_WARPS == 4 || BSA_SM90_PRODUCER_POLL_WARPS == 1,
+              "BSA_SM90_PRODUCER_POLL_WARPS is 4 or 1");
 
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
@@ -175,14 +184,21 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       publish(next_publish++);
     }
     const Sm90Fill fill = Tiling::fill(n);
-    if constexpr (Tiling::kSplitRings) {
-      if (n >= kKeySlots)
-        ptx::mbarrier_wait_suspending<BSA_SM90_PRODUCER_SUSPEND_NS>(&shared.key_empty[fill.key_slot],
-                                                                    ((n / kKeySlots) + 1) & 1);
+    // n is the same in every producer thread, so all of them pass the named barrier or none.
+    const bool slots_used_before = (Tiling::kSplitRings && n >= kKeySlots) || n >= kValueSlots;
+    if (BSA_SM90_PRODUCER_POLL_WARPS == 4 || tid < 32) {
+      if constexpr (Tiling::kSplitRings) {
+        if (n >= kKeySlots)
+          ptx::mbarrier_wait_suspending<BSA_SM90_PRODUCER_SUSPEND_NS>(&shared.key_empty[fill.key_slot],
+                                                                      ((n / kKeySlots) + 1) & 1);
+      }
+      if (n >= kValueSlots)
+        ptx::mbarrier_wait_suspending<BSA_SM90_PRODUCER_SUSPEND_NS>(&shared.value_empty[fill.value_slot],
+                                                                    ((n / kValueSlots) + 1) & 1);
     }
-    if (n >= kValueSlots)
-      ptx::mbarrier_wait_suspending<BSA_SM90_PRODUCER_SUSPEND_NS>(&shared.value_empty[fill.value_slot],
-                                                                  ((n / kValueSlots) + 1) & 1);
+    // Warp 0 has seen the consumers release the slots (acquire); the barrier orders its view before
+    // the other warps' writes into them.
+    if (BSA_SM90_PRODUCER_POLL_WARPS == 1 && slots_used_before) ptx::named_barrier_sync(kSm90SlotWaitBarrier, 128);
     return fill;
   };
 

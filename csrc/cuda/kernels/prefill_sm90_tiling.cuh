@@ -105,6 +105,7 @@ static_assert(kSm90ProducerRegisters % 8 == 0 && kSm90ProducerRegisters >= 24 &&
 constexpr int kSm90EpilogueBarrier = 1;   // + group
 constexpr int kSm90ClaimBarrier = 3;
 constexpr int kSm90TurnBarrier = 4;       // + group: the group's turn to issue its products
+constexpr int kSm90SlotWaitBarrier = 6;   // BSA_SM90_PRODUCER_POLL_WARPS=1: warp 0's slot wait, passed on
 // The consumer groups issue their products in turns (FA3's warp-scheduler barrier): group 0 issues a
 // fill's S and P.V, then group 1, and so on, so one group's softmax runs while the other group's
 // products keep the tensor cores busy, and a group's four warps meet before their first wgmma.
