@@ -7,7 +7,8 @@
 # instructions, duration and the clock (cycles / duration). A handful of metrics: one pass, seconds a profile.
 #
 # BUILDS: lines of NVCC flags, one build each (default: one build, no flags), all at the same time in
-# copies of this tree. CYCLE_SETS: lines "<label>|<build index>|<environment>|<profile_prefill.py
+# copies of this tree; a line "@DIR flags" builds a copy of the tree DIR instead (e.g. a branch's
+# checkout at ab/<name>, git-ignored: carried to the device with the run's carry). CYCLE_SETS: lines "<label>|<build index>|<environment>|<profile_prefill.py
 # arguments>", e.g.
 #   $'tail|0||--seq-len 16384 --batch 2 --dense-pattern\nno-tail|0|BSA_PREFILL_KV_TAIL=off|--seq-len 16384 --batch 2 --dense-pattern'
 # ROUNDS (default 2): every set profiled once a round, in turn. Each set's median is compared with the
@@ -21,7 +22,15 @@ source "$(dirname "$0")/device_builds.sh"
 mapfile -t builds < <(printf '%s\n' "${BUILDS:-}")
 [[ ${#builds[@]} -gt 0 ]] || builds=("")
 ext=$(mktemp -d)
-for i in "${!builds[@]}"; do start_build "$i" . "${builds[$i]}" "${BSA_HEAD_DIMS:-128}" "$ext/$i"; done
+for i in "${!builds[@]}"; do
+  src=. flags=${builds[$i]}
+  if [[ $flags == @* ]]; then
+    src=${flags%% *} && src=${src#@}
+    [[ $flags == *" "* ]] && flags=${flags#* } || flags=""
+    [[ -f $src/setup.py ]] || { echo "build $i: no source tree at $src"; exit 1; }
+  fi
+  start_build "$i" "$src" "$flags" "${BSA_HEAD_DIMS:-128}" "$ext/$i"
+done
 wait
 for i in "${!builds[@]}"; do check_build "$i" "build $i (${builds[$i]:-no flags})" || exit 1; done
 mapfile -t sets < <(printf '%s\n' "${CYCLE_SETS:?lines of label|build|environment|arguments}" | sed '/^$/d')

@@ -105,6 +105,27 @@ def test_device_ab_builds_from_variant_dirs(tree, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("build_*.log")) == ["build_0.log", "build_1.log"]
 
 
+def test_device_cycles_builds_a_line_from_another_tree(tree, tmp_path):
+    """A build line "@DIR flags" builds the tree DIR (a branch's checkout) with those flags."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    ncu = bin_dir / "ncu"
+    ncu.write_text(f"#!{sys.executable}\n" + FAKE_NCU)
+    ncu.chmod(ncu.stat().st_mode | stat.S_IEXEC)
+    other = fake_tree(tree / "ab" / "other")  # its setup.py adds a flag of its own: it shows in the cycles
+    (other / "setup.py").write_text(FAKE_SETUP.replace('os.environ.get("NVCC_APPEND_FLAGS", "")',
+                                                       '"-DOTHER=1 " + os.environ.get("NVCC_APPEND_FLAGS", "")'))
+    run = run_script(tree, "device_cycles.sh", tmp_path, BUILDS="\n@ab/other -DA=1\n@ab/other", ROUNDS="1",
+                     CYCLE_SETS="d-0|0||\nd-1|1||\nd-2|2||")
+    assert run.returncode == 0, run.stdout + run.stderr
+    medians = {line.split(":")[0]: line.split("median ")[1] for line in run.stdout.splitlines() if "median" in line}
+    assert medians == {"d-0": "1,000,000 cycles (+0.00 % against d-0)",
+                       "d-1": "1,020,000 cycles (+2.00 % against d-0)",
+                       "d-2": "1,010,000 cycles (+1.00 % against d-0)"}, run.stdout
+    missing = run_script(tree, "device_cycles.sh", tmp_path, BUILDS="@ab/none", CYCLE_SETS="d-0|0||")
+    assert missing.returncode != 0 and "no source tree at ab/none" in missing.stdout
+
+
 def test_device_ab_stops_at_a_failed_build(tree, tmp_path):
     run = run_script(tree, "device_ab.sh", tmp_path, VARIANTS="-DA=1\n-DFAIL=1", ROUNDS="1")
     assert run.returncode != 0
