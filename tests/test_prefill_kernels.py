@@ -204,7 +204,7 @@ def test_paged_bad_page_ids_read_zeros(kernel, paged_path, kv_block_size, cache_
                         f"{kernel} {paged_path} {cache_dtype} kvbs={kv_block_size} bad pages {bad}")
 
 
-# (context, new) a sequence, and whether auto gathers from a bf16 cache, from an fp8 one
+# (context, new) a sequence, and whether the queries cover half of the gathered rows, a quarter
 GATHER_CASES = {"prompts": ([(0, 1000), (0, 700), (0, 1000)], True, True),
                 "quarter": ([(1500, 700), (1000, 500)], False, True),
                 "chunks": ([(4000, 97), (3000, 300)], False, False)}
@@ -215,13 +215,15 @@ GATHER_CASES = {"prompts": ([(0, 1000), (0, 700), (0, 1000)], True, True),
 @pytest.mark.parametrize("case", GATHER_CASES)
 def test_paged_path_gathers_as_its_setting_says(kernel, monkeypatch, path, case, cache_dtype, gen):
     """BSA_PAGED_PREFILL=auto gathers where the queries cover at least half of the rows the gather
-    would copy, a quarter from an fp8 cache (whole prompts, chunks that are most of their context: the
-    gathered K/V show in the call's peak memory) and reads the pages otherwise (chunks over longer
-    contexts: no such transient); direct never gathers, gather always (direct once fell through to
-    auto, so that whole prompts tested as direct ran the gather). All against the reference."""
-    seqs, covered_bf16, covered_fp8 = GATHER_CASES[case]
+    would copy, a quarter from an fp8 cache or on the portable kernel (whole prompts, chunks that are
+    most of their context: the gathered K/V show in the call's peak memory) and reads the pages
+    otherwise (chunks over longer contexts: no such transient); direct never gathers, gather always
+    (direct once fell through to auto, so that whole prompts tested as direct ran the gather). All
+    against the reference."""
+    seqs, covered_half, covered_quarter = GATHER_CASES[case]
     fp8 = cache_dtype != torch.bfloat16
-    gathers = {"auto": covered_fp8 if fp8 else covered_bf16, "direct": False, "gather": True}[path]
+    auto_gathers = covered_quarter if fp8 or kernel == "sm80" else covered_half
+    gathers = {"auto": auto_gathers, "direct": False, "gather": True}[path]
     if kernel.endswith("k128") and fp8 and not gathers:
         pytest.skip("the Hopper kernel reads fp8 pages with 64-key fills only")
     monkeypatch.setenv("BSA_PAGED_PREFILL", path)
@@ -236,7 +238,7 @@ def test_paged_path_gathers_as_its_setting_says(kernel, monkeypatch, path, case,
     key_cache, value_cache = key_cache.to(cache_dtype), value_cache.to(cache_dtype)
     rows = tables.shape[0] * tables.shape[1] * kvbs
     gathered_bytes = 2 * rows * hkv * d * q.element_size()  # fp8 pages gather widened to the model's dtype
-    for share, covered in ((2, covered_bf16), (4, covered_fp8)):
+    for share, covered in ((2, covered_half), (4, covered_quarter)):
         assert (share * sum(q_lens) >= rows) == covered, f"test setup: the rule's sides, 1/{share} of the rows"
     ref, _ = reference.varlen_prefill_ref(q, torch.cat(keys), torch.cat(values), cu_seqlens(q_lens, "cpu"),
                                           cu_seqlens(seq_lens, "cpu"), d ** -0.5, pattern)
