@@ -115,6 +115,15 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 #endif
 static_assert(BSA_SM90_PRODUCER_POLL_WARPS == 4 || BSA_SM90_PRODUCER_POLL_WARPS == 1,
               "BSA_SM90_PRODUCER_POLL_WARPS is 4 or 1");
+// Build knob BSA_SM90_WARP_ARRIVALS=0|1 (default 0 until timed on a GPU): 1 makes the fills' and the
+// slot releases' arrivals one per warp (lane 0 for its warp, after __syncwarp) instead of one per
+// thread: 20 arrive instructions of 32 threads each a 128-key fill become 20 of one thread. The
+// barriers still count threads. compute-sanitizer's racecheck does not follow the __syncwarp
+// ordering and reports the per-warp release as a hazard (the per-thread arrivals were made for it,
+// 2026-11-26; their cost was never timed).
+#ifndef BSA_SM90_WARP_ARRIVALS
+#define BSA_SM90_WARP_ARRIVALS 0
+#endif
 
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
@@ -172,7 +181,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       return;
     }
     ptx::fence_proxy_async_shared();
-    ptx::mbarrier_arrive(&shared.full[fill % kKeySlots]);
+    ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.full[fill % kKeySlots]);
   };
   // Waits for the slots fill n writes (an end record's too): its key slot (split rings) and its value
   // slot, before fill n is published, so before any group can release them again: no wait sees two
@@ -552,7 +561,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       if (tid == 0) shared.records[key_slot].unit = unit;
       ptx::cp_async_commit();
       if (!copies) {
-        ptx::mbarrier_arrive(&shared.full[key_slot]);
+        ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.full[key_slot]);
         early |= 1u << (n % kKeySlots);
       }
       copies = false;
@@ -660,13 +669,16 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     return info;
   };
   // Every thread arrives after its own reads of the slot (a key slot's record included): one
-  // arrival per warp after __syncwarp is also correct, but compute-sanitizer's racecheck cannot
-  // see it. With split rings a key slot is freed once S is done; a value slot (with shared stages,
+  // arrival per warp after __syncwarp is also correct (BSA_SM90_WARP_ARRIVALS), but compute-sanitizer's
+  // racecheck cannot see it. With split rings a key slot is freed once S is done; a value slot (with shared stages,
   // the whole stage) after P.V.
   auto release_key = [&](const Sm90Fill& fill) {
-    if constexpr (Tiling::kSplitRings) ptx::mbarrier_arrive(&shared.key_empty[fill.key_slot]);
+    if constexpr (Tiling::kSplitRings)
+      ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.key_empty[fill.key_slot]);
   };
-  auto release_value = [&](const Sm90Fill& fill) { ptx::mbarrier_arrive(&shared.value_empty[fill.value_slot]); };
+  auto release_value = [&](const Sm90Fill& fill) {
+    ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.value_empty[fill.value_slot]);
+  };
 
   // Turns (kTurns, see sm90_turns): group g waits for its turn before it issues a fill's products and
   // hands the turn on after them; group 1 hands group 0 its first turn, and group 0 takes group 1's

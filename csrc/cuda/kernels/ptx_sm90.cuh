@@ -41,6 +41,26 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
       : "memory");
 }
 
+// Arrives `count` times at once (one thread on behalf of several).
+__device__ __forceinline__ void mbarrier_arrive_count(uint64_t* bar, uint32_t count) {
+  asm volatile(
+      "{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(smem_addr(bar)), "r"(count)
+      : "memory");
+}
+
+// This thread's arrival on a barrier that counts every thread of the warp: kPerWarp, lane 0 arrives
+// for the whole warp after __syncwarp (which orders the other lanes' earlier accesses before its
+// release; every lane must reach it); otherwise each thread arrives.
+template <bool kPerWarp>
+__device__ __forceinline__ void mbarrier_arrive_warp(uint64_t* bar) {
+  if constexpr (kPerWarp) {
+    __syncwarp();
+    if ((threadIdx.x & 31) == 0) mbarrier_arrive_count(bar, 32);
+  } else {
+    mbarrier_arrive(bar);
+  }
+}
+
 // mbarrier_wait with a suspend-time hint (kSuspendNs > 0): each try_wait may hold the thread up to that
 // long (instead of the system's own limit) until the phase completes, so a warp that waits long polls
 // less, and its scheduler's issue slots go to the warps beside it. kSuspendNs = 0: mbarrier_wait.
