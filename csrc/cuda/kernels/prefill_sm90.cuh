@@ -50,6 +50,7 @@ struct Sm90Shared {
   uint64_t* value_empty;  // [value slots]: freed after P.V (with shared stages: the whole stage)
   uint64_t* key_empty;    // [key slots]: freed once S is done (split rings only)
   uint64_t* q_empty;      // [Q buffers]
+  uint64_t* value_full;   // [value slots]: a fill's V has landed (BSA_SM90_VALUE_BARRIERS, split rings)
   int32_t* claimed;       // the producer's claimed units (two slots)
   // The producer resolves each unit (a chain of dependent global loads) and leaves it next to the
   // unit's Q buffer, published with the unit's first fill: the consumers start without the loads.
@@ -62,6 +63,7 @@ struct Sm90Shared {
         value_empty(full + Tiling::kKeySlots),
         key_empty(value_empty + Tiling::kValueSlots),
         q_empty(key_empty + Smem::kKeyEmptyBarriers),
+        value_full(q_empty + Tiling::kQBuffers),
         claimed(reinterpret_cast<int32_t*>(base + Smem::kClaimOffset)),
         items(reinterpret_cast<PrefillItem*>(base + Smem::kItemOffset)),
         records(reinterpret_cast<StageRecord*>(base + Smem::kRecordOffset)) {}
@@ -134,6 +136,7 @@ template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool 
 __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
+  constexpr bool kValueBarriers = Smem::kValueFullBarriers > 0;  // BSA_SM90_VALUE_BARRIERS
   constexpr int kKeySlots = Tiling::kKeySlots;
   constexpr int kValueSlots = Tiling::kValueSlots;
   constexpr int kSlots = Tiling::kTilesPerStage;
@@ -182,6 +185,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     }
     ptx::fence_proxy_async_shared();
     ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.full[fill % kKeySlots]);
+    if constexpr (kValueBarriers)
+      ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.value_full[fill % kValueSlots]);
   };
   // Waits for the slots fill n writes (an end record's too): its key slot (split rings) and its value
   // slot, before fill n is published, so before any group can release them again: no wait sees two
@@ -370,22 +375,29 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         const bool own_expect = kBoxWarps && kv.paged();
         if (own_expect ? box_row < 64 : tid < 32) {
           uint64_t* const landed = &shared.full[fill.key_slot];
+          uint64_t* const landed_v = kValueBarriers ? &shared.value_full[fill.value_slot] : landed;  // V's
           constexpr uint32_t kBoxBytes = 64 * 128;
-          if (tid == 0 && !own_expect)
-            ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
+          if (tid == 0 && !own_expect) {
+            if constexpr (kValueBarriers) {
+              ptx::mbarrier_expect_tx(landed, (kHeadDim / 64) * kBoxBytes);
+              ptx::mbarrier_expect_tx(landed_v, (kHeadDim / 64) * kBoxBytes);
+            } else {
+              ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
+            }
+          }
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
             if (tid == 0) {
               const int token = k_begin + pos0;
               if (maps.kv_row_groups) {
                 ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
-                ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
+                ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed_v);
               } else {
 #pragma unroll
                 for (int block = 0; block < kHeadDim / 64; ++block) {
                   const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
                   ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
-                  ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
+                  ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed_v);
                 }
               }
             }
@@ -404,14 +416,19 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             const int dst = tile_dst + sm90_kv_offset(layout, box_row, box_block * 64);
             if (own_expect) {  // kv_page_rows rows of 128-byte column blocks: kHeadDim / 64 of them, or one
               const uint32_t box_bytes = maps.kv_page_rows * 128 * ((kHeadDim / 64) >> box_shift);
-              ptx::mbarrier_expect_tx(landed, 2 * box_bytes);
+              if constexpr (kValueBarriers) {
+                ptx::mbarrier_expect_tx(landed, box_bytes);
+                ptx::mbarrier_expect_tx(landed_v, box_bytes);
+              } else {
+                ptx::mbarrier_expect_tx(landed, 2 * box_bytes);
+              }
             }
             if (maps.kv_row_groups) {
               ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
-              ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
+              ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed_v);
             } else {
               ptx::tma_load_3d(dst_k + dst, &maps.key, box_block * 64, in_page, slab, landed);
-              ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
+              ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed_v);
             }
           }
         }
@@ -562,6 +579,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       ptx::cp_async_commit();
       if (!copies) {
         ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.full[key_slot]);
+        if constexpr (kValueBarriers)
+          ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.value_full[fill.value_slot]);
         early |= 1u << (n % kKeySlots);
       }
       copies = false;
@@ -616,6 +635,7 @@ template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool 
 __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared, bool kv_row_groups) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
+  constexpr bool kValueBarriers = Smem::kValueFullBarriers > 0;  // BSA_SM90_VALUE_BARRIERS
   using StageRecord = Sm90StageRecord<Tiling::kTilesPerStage>;
   constexpr int kKeySlots = Tiling::kKeySlots;
   constexpr int kSlots = Tiling::kTilesPerStage;
@@ -827,6 +847,8 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         // (at S = 128 one S product in 2.5; reading the expected end record first measured no
         // faster there, H100, 2026-12-05).
         const Sm90Fill fill = wait_fill(++n);
+        if constexpr (kValueBarriers)  // fill n - 1's V, for its P.V below (outside the turn)
+          ptx::mbarrier_wait(&shared.value_full[pending.value_slot], ((n - 1) / Tiling::kValueSlots) & 1);
         float s[kSRegs], row_alpha[2];
         begin_turn();
         issue_s(s, fill);
@@ -967,6 +989,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     for (int s = 0; s < Smem::kKeyEmptyBarriers; ++s)
       ptx::mbarrier_init(&shared.key_empty[s], 128 * kSm90ConsumerGroups);
     for (int b = 0; b < Tiling::kQBuffers; ++b) ptx::mbarrier_init(&shared.q_empty[b], 128 * kSm90ConsumerGroups);
+    for (int s = 0; s < Smem::kValueFullBarriers; ++s) ptx::mbarrier_init(&shared.value_full[s], 128);
     ptx::mbarrier_init_fence();
   }
   __syncthreads();

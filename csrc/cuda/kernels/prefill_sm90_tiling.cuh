@@ -100,6 +100,17 @@ constexpr int kSm90ProducerRegisters = BSA_SM90_PRODUCER_REGISTERS;
 constexpr int kSm90ConsumerRegisters = (kSm90RegisterPool - kSm90ProducerRegisters) / kSm90ConsumerGroups / 8 * 8;
 static_assert(kSm90ProducerRegisters % 8 == 0 && kSm90ProducerRegisters >= 24 && kSm90ConsumerRegisters <= 256,
               "setmaxnreg takes multiples of 8 from 24 to 256");
+// Build knob BSA_SM90_VALUE_BARRIERS=0|1 (default 0 until timed on a GPU): with split rings (128-key
+// fills), a fill's V completes on a barrier of its own value slot (value_full) instead of the fill's
+// full barrier, and the consumers wait for it just before that fill's P.V, a fill after its S: FA3 and
+// FA4 wait for K before S and for V before P.V on separate barriers. A fill's barrier completed when
+// its V had landed, issued after its K, so the consumers' wait for K also waited for V. In the twenty-
+// second session's profile of dense 16k x 2 the consumers' fill wait held 3.4 % of all stall samples
+// (and the fourteenth session's "values behind", which issued V a fill later, ran 14-21 % slower).
+#ifndef BSA_SM90_VALUE_BARRIERS
+#define BSA_SM90_VALUE_BARRIERS 0
+#endif
+
 // Named barriers (0 is __syncthreads): each consumer group's epilogue, the producer's broadcast of
 // a claimed unit.
 constexpr int kSm90EpilogueBarrier = 1;   // + group
@@ -145,8 +156,11 @@ struct Sm90Smem {
   // q_empty[Q buffers]; then the producer's claimed units (two slots), each Q buffer's resolved work
   // unit, the fill records (one per key slot)
   static constexpr int kKeyEmptyBarriers = Tiling::kSplitRings ? Tiling::kKeySlots : 0;
+  // value_full[value slots] (BSA_SM90_VALUE_BARRIERS, split rings only): a fill's V has landed
+  static constexpr int kValueFullBarriers = BSA_SM90_VALUE_BARRIERS && Tiling::kSplitRings ? Tiling::kValueSlots : 0;
   static constexpr int kClaimOffset =
-      kBarrierOffset + 8 * (Tiling::kKeySlots + Tiling::kValueSlots + kKeyEmptyBarriers + Tiling::kQBuffers);
+      kBarrierOffset +
+      8 * (Tiling::kKeySlots + Tiling::kValueSlots + kKeyEmptyBarriers + Tiling::kQBuffers + kValueFullBarriers);
   static constexpr int kItemOffset = kClaimOffset + 8;
   static constexpr int kRecordOffset = (kItemOffset + Tiling::kQBuffers * sizeof(PrefillItem) + 15) / 16 * 16;
   static constexpr int kBytes = kRecordOffset + 16 * Tiling::kKeySlots + 1024;  // + slack to align the base
