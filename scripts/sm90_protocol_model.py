@@ -7,7 +7,8 @@ barriers are counters. cp.async copies always land, so only program order and th
 block. Each unit is a list of fills (its key tiles, then its end record), each marked by whether it
 carries cp.async copies (published L fills later) or not (published at issue). Configurations: key
 slots, value slots (equal and released together for shared stages, main's 64-key shape; separate
-rings for its 128-key shape), Q buffers, fills in flight L, turns.
+rings for its 128-key shape), Q buffers, fills in flight L, turns, and value barriers
+(BSA_SM90_VALUE_BARRIERS: a fill's V waited for on a barrier of its own value slot, before its P.V).
 
 The empties (key, value, Q) complete on both groups' arrivals (the kernel counts 2 x 128 threads):
 an arrival of one group for a phase the other has not finished would complete that phase early.
@@ -37,13 +38,16 @@ on 2026-12-05, needed the producer to publish one fill more: the model found tha
 import random
 
 
-def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
+def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, value_barriers=False):
     """SK / SV: key / value slots; QB: Q buffers; L: fills in flight; split: a key slot is released
     after S, not with its value slot; fix: the producer publishes unit k - QB's fills before it waits
     for unit k's Q buffer (main since 2026-11-26), instead of assuming them out; turns: the consumer
     groups issue their products in turns; mutant: 'no bootstrap' (group 1 never hands group 0 its
-    first turn), 'no final sync' (group 0 never takes group 1's last hand-over) or 'no value wait' (a
-    fill does not wait for its value slot), for the self-test;
+    first turn), 'no final sync' (group 0 never takes group 1's last hand-over), 'no value wait' (a
+    fill does not wait for its value slot) or 'no early value arrival' (value_barriers: a fill without
+    copies never arrives on its value barrier), for the self-test;
+    value_barriers: BSA_SM90_VALUE_BARRIERS, a fill's V on a barrier of its value slot ('vfull'),
+    arrived wherever the fill's own barrier is, and waited for by the consumers before the fill's P.V;
     sched: a random.Random for the order the processes run in and for preemption (None: fixed order,
     each process runs until it blocks)."""
     cnt, errors = {}, []
@@ -70,11 +74,15 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
     def producer():
         st = dict(n=0, pub=0, firsts=[])  # firsts: each unit's first fill
         early = set()
+        def land(m, early_arrival=False):  # the producer's arrivals for fill m
+            arrive(('full', m % SK))
+            if value_barriers and not (early_arrival and mutant == 'no early value arrival'):
+                arrive(('vfull', m % SV))
         def publish(m):
             if m in early:
                 early.discard(m)
             else:
-                arrive(('full', m % SK))
+                land(m)
         def released(kind, slots, m):  # the consumers have released the slot's fill before fill m
             return m < slots or c((kind, m % slots)) >= 2 * (m // slots)
         def write(kind, slots, m):
@@ -92,7 +100,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
         for k, fills in enumerate(units + [None]):
             if fills is None:  # end of work: a record without copies, then publish everything
                 yield from begin_fill()
-                early.add(st['n']); arrive(('full', st['n'] % SK))
+                early.add(st['n']); land(st['n'], True)
                 while st['pub'] <= st['n']:
                     publish(st['pub']); st['pub'] += 1
                 return
@@ -111,7 +119,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
                 if i < len(fills) - 1:  # a tile fill's values (an end record has none)
                     write('vempty', SV, n)
                 if not copies:
-                    arrive(('full', n % SK)); early.add(n)
+                    land(n, True); early.add(n)
                 st['n'] += 1
 
     def begin_turn(g):  # bar.sync on Tg: completes with the other group's matching arrival
@@ -151,6 +159,8 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
                 for _ in range(1, len(fills)):
                     n += 1
                     yield from wait(lambda: ready(('full', n % SK), n // SK + 1))
+                    if value_barriers:  # fill n - 1's V, before its P.V (outside the turn)
+                        yield from wait(lambda: ready(('vfull', pending % SV), pending // SV + 1))
                     yield from turn()  # S of fill n, P.V of fill n - 1
                     rk(n)
                     yield from wait(lambda: True)  # the softmax: P.V n - 1 completes after S n
@@ -201,6 +211,7 @@ if __name__ == "__main__":
         "64-key, 2 Q (BSA_SM90_Q_BUFFERS=2)": (4, 4, 2, 2, False, False),
         "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True, False),
         "main 128-key, turns": (2, 3, 2, 2, True, True),
+        "128-key, turns, value barriers": (2, 3, 2, 2, True, True, True),
         "64-key, turns (BSA_SM90_TURNS=2)": (4, 4, 2, 2, False, True),
         "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False, False),
         "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False),
@@ -211,10 +222,11 @@ if __name__ == "__main__":
     samples = [random_units(rng, rng.randint(1, 12), rng.choice([0, 0.3, 0.8]), rng.choice([0, 0.2, 1]),
                             rng.random() < 0.3) for _ in range(trials)]
     for fix in (False, True):
-        for name, (SK, SV, QB, L, split, turns) in configs.items():
+        for name, (SK, SV, QB, L, split, turns, *vb) in configs.items():
             results = {}
             for trial, units in enumerate(samples):
-                key = outcome(run(units, SK, SV, QB, L, split, fix, turns, sched=random.Random(trial)))
+                key = outcome(run(units, SK, SV, QB, L, split, fix, turns, sched=random.Random(trial),
+                                  value_barriers=bool(vb)))
                 results[key] = results.get(key, 0) + 1
             print(f"fix={fix!s:5} {name:40} {results}")
 
@@ -238,3 +250,13 @@ if __name__ == "__main__":
         results[key] = results.get(key, 0) + 1
     print(f"self-test no value wait  main 128-key (2 + 3 split rings, 2 Q)    {results}")
     assert any("overwrite" in key for key in results), "the model misses an overwritten value slot"
+    # ... and with value barriers, a fill issued without copies that never arrives on its value barrier
+    # must hang the consumers at that fill's P.V.
+    SK, SV, QB, L, split, turns, _ = configs["128-key, turns, value barriers"]
+    results = {}
+    for trial, units in enumerate(samples[:300]):
+        key = outcome(run(units, SK, SV, QB, L, split, True, turns, "no early value arrival", random.Random(trial),
+                          value_barriers=True))
+        results[key] = results.get(key, 0) + 1
+    print(f"self-test no early value arrival  128-key, turns, value barriers  {results}")
+    assert any(key.startswith("deadlock") for key in results), "the model misses a missing value arrival"
