@@ -47,44 +47,7 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
     env $envs timeout "${NCU_TIMEOUT:-120}" ncu --kernel-name "regex:${NCU_KERNEL:-prefill_sm90}" --launch-skip 1 \
       --launch-count 1 --metrics "$metrics" --csv --print-units base python3 benchmarks/profile_prefill.py $args \
       > "$OUT/${label}_r$r.csv" 2> "$OUT/${label}_r$r.err" || echo "$label round $r: ncu failed ($(tail -1 "$OUT/${label}_r$r.err"))"
+    python3 "$(dirname "$0")/cycles_summary.py" "$OUT" "$r" --row "$label"
   done
 done
-python3 - "$OUT" "${ROUNDS:-2}" "${sets[@]}" <<'PY' | tee "$OUT/cycles.log"
-import csv, io, statistics, sys
-out, rounds, sets = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-
-def metrics(path):
-    text = open(path).read()
-    start = text.find('"ID"')
-    if start < 0:
-        return None
-    values = {}
-    for row in csv.DictReader(io.StringIO(text[start:])):
-        values[row["Metric Name"]] = float(row["Metric Value"].replace(",", ""))
-    return values
-
-print(f"{'set':>16} {'round':>5} {'elapsed cycles':>15} {'SM active mean':>15} {'min':>12} {'max':>12} "
-      f"{'idle %':>7} {'warp instr':>11} {'ms':>7} {'MHz':>6}")
-elapsed = {}
-for line in sets:
-    label = line.split("|", 1)[0]
-    for r in range(1, rounds + 1):
-        m = metrics(f"{out}/{label}_r{r}.csv")
-        if m is None:
-            print(f"{label:>16} {r:>5} (no metrics)")
-            continue
-        cycles, active = m["gpc__cycles_elapsed.max"], m["sm__cycles_active.avg"]
-        elapsed.setdefault(label, []).append(cycles)
-        print(f"{label:>16} {r:>5} {cycles:>15,.0f} {active:>15,.0f} {m['sm__cycles_active.min']:>12,.0f} "
-              f"{m['sm__cycles_active.max']:>12,.0f} {100 * (1 - active / cycles):>7.2f} "
-              f"{m['smsp__inst_executed.sum']:>11.4g} {m['gpu__time_duration.sum'] / 1e6:>7.3f} "
-              f"{cycles / m['gpu__time_duration.sum'] * 1e3:>6.0f}")  # base units: nanoseconds
-# Each set against the first set of its group: labels "<group>-<variant>" (d16-0, d16-1, ...) group by
-# the part before the last "-"; a label without one is its own group.
-bases = {}
-for label, values in elapsed.items():
-    median = statistics.median(values)
-    group = label.rsplit("-", 1)[0] if "-" in label else label
-    base_label, base = bases.setdefault(group, (label, median))
-    print(f"{label}: median {median:,.0f} cycles ({100 * (median / base - 1):+.2f} % against {base_label})")
-PY
+python3 "$(dirname "$0")/cycles_summary.py" "$OUT" "${ROUNDS:-2}" "${sets[@]}" | tee "$OUT/cycles.log"

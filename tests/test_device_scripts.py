@@ -59,7 +59,7 @@ def fake_tree(path: Path) -> Path:
     (path / "benchmarks" / "bench_prefill.py").write_text(FAKE_BENCH_PREFILL)
     (path / "benchmarks" / "bench_paged_prefill.py").write_text(FAKE_BENCH_PAGED)
     (path / "tests" / "test_prefill_kernels.py").write_text(FAKE_TEST)
-    for script in ("device_ab.sh", "device_ab_paged.sh", "device_builds.sh", "device_cycles.sh"):
+    for script in ("device_ab.sh", "device_ab_paged.sh", "device_builds.sh", "device_cycles.sh", "cycles_summary.py"):
         shutil.copy(ROOT / "scripts" / script, path / "scripts" / script)
     return path
 
