@@ -374,6 +374,18 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     };
     // The stage layout (fp8 pages never come through the TMA: by column block, known at compile time).
     const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(!kFp8Pages && maps.kv_row_groups);
+    // One 64-key tile of contiguous K or V (`map`) through the TMA, issued by one thread, at tile_dst of
+    // a stage; the bytes complete on `landed`.
+    auto tma_contiguous_tile = [&](unsigned char* stage, const void* map, int tile_dst, int token, uint64_t* landed) {
+      if (maps.kv_row_groups) {
+        ptx::tma_load_5d(stage + tile_dst, map, 0, token, 0, 0, kv_head, landed);
+      } else {
+#pragma unroll
+        for (int block = 0; block < kHeadDim / 64; ++block)
+          ptx::tma_load_3d(stage + block * Smem::kStageColumnBlockBytes + tile_dst, map, block * 64, kv_head, token,
+                           landed);
+      }
+    };
     // box_page: this lane's page, looked up a fill ahead (kPagesAhead).
     auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot, int box_page, bool values = true) -> bool {
       const int pos0 = key_tile * 64;
@@ -403,18 +415,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
             if (tid == 0) {
-              const int token = k_begin + pos0;
-              if (maps.kv_row_groups) {
-                ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
-                if (values) ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed_v);
-              } else {
-#pragma unroll
-                for (int block = 0; block < kHeadDim / 64; ++block) {
-                  const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
-                  ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
-                  if (values) ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed_v);
-                }
-              }
+              tma_contiguous_tile(dst_k, &maps.key, tile_dst, k_begin + pos0, landed);
+              if (values) tma_contiguous_tile(dst_v, &maps.value, tile_dst, k_begin + pos0, landed_v);
             }
           } else if (box_row < 64) {
             // Pages: one box of kv_page_rows rows per page (and 64-column block, by column block),
@@ -567,19 +569,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       uint64_t* const landed_v = &shared.value_full[fill.value_slot];
       ptx::mbarrier_expect_tx(landed_v, (fill_tiles[kSlots - 1] >= 0 ? kSlots : 1) * (kHeadDim / 64) * 64 * 128);
 #pragma unroll
-      for (int slot = 0; slot < kSlots; ++slot) {
-        if (fill_tiles[slot] < 0) continue;
-        const int token = k_begin + fill_tiles[slot] * 64;
-        const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
-        if (maps.kv_row_groups) {
-          ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed_v);
-        } else {
-#pragma unroll
-          for (int block = 0; block < kHeadDim / 64; ++block)
-            ptx::tma_load_3d(dst_v + block * Smem::kStageColumnBlockBytes + tile_dst, &maps.value, block * 64, kv_head,
-                             token, landed_v);
-        }
-      }
+      for (int slot = 0; slot < kSlots; ++slot)
+        if (fill_tiles[slot] >= 0)
+          tma_contiguous_tile(dst_v, &maps.value, sm90_kv_offset(layout, slot * 64, 0), k_begin + fill_tiles[slot] * 64,
+                              landed_v);
     };
     for (;; ++n) {
       if constexpr (kFp8Pages) load_fp8_rows(ahead_tile, ahead_page);
