@@ -105,27 +105,6 @@ def test_device_ab_builds_from_variant_dirs(tree, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").glob("build_*.log")) == ["build_0.log", "build_1.log"]
 
 
-def test_device_cycles_builds_a_line_from_another_tree(tree, tmp_path):
-    """A build line "@DIR flags" builds the tree DIR (a branch's checkout) with those flags."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    ncu = bin_dir / "ncu"
-    ncu.write_text(f"#!{sys.executable}\n" + FAKE_NCU)
-    ncu.chmod(ncu.stat().st_mode | stat.S_IEXEC)
-    other = fake_tree(tree / "ab" / "other")  # its setup.py adds a flag of its own: it shows in the cycles
-    (other / "setup.py").write_text(FAKE_SETUP.replace('os.environ.get("NVCC_APPEND_FLAGS", "")',
-                                                       '"-DOTHER=1 " + os.environ.get("NVCC_APPEND_FLAGS", "")'))
-    run = run_script(tree, "device_cycles.sh", tmp_path, BUILDS="\n@ab/other -DA=1\n@ab/other", ROUNDS="1",
-                     CYCLE_SETS="d-0|0||\nd-1|1||\nd-2|2||")
-    assert run.returncode == 0, run.stdout + run.stderr
-    medians = {line.split(":")[0]: line.split("median ")[1] for line in run.stdout.splitlines() if "median" in line}
-    assert medians == {"d-0": "1,000,000 cycles (+0.00 % against d-0)",
-                       "d-1": "1,020,000 cycles (+2.00 % against d-0)",
-                       "d-2": "1,010,000 cycles (+1.00 % against d-0)"}, run.stdout
-    missing = run_script(tree, "device_cycles.sh", tmp_path, BUILDS="@ab/none", CYCLE_SETS="d-0|0||")
-    assert missing.returncode != 0 and "no source tree at ab/none" in missing.stdout
-
-
 def test_device_ab_stops_at_a_failed_build(tree, tmp_path):
     run = run_script(tree, "device_ab.sh", tmp_path, VARIANTS="-DA=1\n-DFAIL=1", ROUNDS="1")
     assert run.returncode != 0
@@ -184,12 +163,17 @@ for name, unit, value in (("gpc__cycles_elapsed.max", "cycle", cycles), ("sm__cy
 """
 
 
-def test_device_cycles_profiles_each_set_on_its_build_and_environment(tree, tmp_path):
+@pytest.fixture
+def fake_ncu(tmp_path):
+    """An ncu on the PATH (run_script's bin folder) that reports cycles from the extension's flags."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     ncu = bin_dir / "ncu"
     ncu.write_text(f"#!{sys.executable}\n" + FAKE_NCU)
     ncu.chmod(ncu.stat().st_mode | stat.S_IEXEC)
+
+
+def test_device_cycles_profiles_each_set_on_its_build_and_environment(tree, tmp_path, fake_ncu):
     args = "--seq-len 16384 --batch 2"
     run = run_script(tree, "device_cycles.sh", tmp_path, BUILDS="\n-DA=1", ROUNDS="2",
                      CYCLE_SETS=f"d16-0|0||{args}\nd16-1|1||{args}\nd16-env|0|X=1|{args}\np8-1|1||{args}")
@@ -201,3 +185,19 @@ def test_device_cycles_profiles_each_set_on_its_build_and_environment(tree, tmp_
                        "p8-1": "1,010,000 cycles (+0.00 % against p8-1)"}, run.stdout
     assert " 1.00 " in run.stdout  # the idle share: 1 - 0.99
     assert sorted(p.name for p in (tmp_path / "out").glob("build_*.log")) == ["build_0.log", "build_1.log"]
+
+
+def test_device_cycles_builds_a_line_from_another_tree(tree, tmp_path, fake_ncu):
+    """A build line "@DIR flags" builds the tree DIR (a branch's checkout) with those flags."""
+    other = fake_tree(tree / "ab" / "other")  # its setup.py adds a flag of its own: it shows in the cycles
+    (other / "setup.py").write_text(FAKE_SETUP.replace('os.environ.get("NVCC_APPEND_FLAGS", "")',
+                                                       '"-DOTHER=1 " + os.environ.get("NVCC_APPEND_FLAGS", "")'))
+    run = run_script(tree, "device_cycles.sh", tmp_path, BUILDS="\n@ab/other -DA=1\n@ab/other", ROUNDS="1",
+                     CYCLE_SETS="d-0|0||\nd-1|1||\nd-2|2||")
+    assert run.returncode == 0, run.stdout + run.stderr
+    medians = {line.split(":")[0]: line.split("median ")[1] for line in run.stdout.splitlines() if "median" in line}
+    assert medians == {"d-0": "1,000,000 cycles (+0.00 % against d-0)",
+                       "d-1": "1,020,000 cycles (+2.00 % against d-0)",
+                       "d-2": "1,010,000 cycles (+1.00 % against d-0)"}, run.stdout
+    missing = run_script(tree, "device_cycles.sh", tmp_path, BUILDS="@ab/none", CYCLE_SETS="d-0|0||")
+    assert missing.returncode != 0 and "no source tree at ab/none" in missing.stdout
