@@ -186,6 +186,12 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // fill % kKeySlots, see Sm90TilingShape) so the in-order publication skips them.
   int n = 0, next_publish = 0;
   uint32_t early = 0;
+  // This thread's arrivals for fill `fill`: its barrier, and its value slot's (BSA_SM90_VALUE_BARRIERS).
+  auto arrive_filled = [&](int fill) {
+    ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.full[fill % kKeySlots]);
+    if constexpr (kValueBarriers)
+      ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.value_full[fill % kValueSlots]);
+  };
   auto publish = [&](int fill) {
     const uint32_t bit = 1u << (fill % kKeySlots);
     if (early & bit) {
@@ -193,9 +199,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       return;
     }
     ptx::fence_proxy_async_shared();
-    ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.full[fill % kKeySlots]);
-    if constexpr (kValueBarriers)
-      ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.value_full[fill % kValueSlots]);
+    arrive_filled(fill);
   };
   // Waits for the slots fill n writes (an end record's too): its key slot (split rings) and its value
   // slot, before fill n is published, so before any group can release them again: no wait sees two
@@ -623,9 +627,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       if (keys_first) issue_values(fill);
       ptx::cp_async_commit();
       if (!copies) {
-        ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.full[key_slot]);
-        if constexpr (kValueBarriers)
-          ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.value_full[fill.value_slot]);
+        arrive_filled(n);
         early |= 1u << (n % kKeySlots);
       }
       copies = false;
