@@ -7,10 +7,7 @@ barriers are counters. cp.async copies always land, so only program order and th
 block. Each unit is a list of fills (its key tiles, then its end record), each marked by whether it
 carries cp.async copies (published L fills later) or not (published at issue). Configurations: key
 slots, value slots (equal and released together for shared stages, main's 64-key shape; separate
-rings for its 128-key shape), Q buffers, fills in flight L, turns, and value barriers
-(BSA_SM90_VALUE_BARRIERS: a fill's V waited for on a barrier of its own value slot, before its P.V),
-with or without keys first (BSA_SM90_KEYS_FIRST: a fill without copies waits for its value slot after
-its keys are written).
+rings for its 128-key shape), Q buffers, fills in flight L, turns.
 
 The empties (key, value, Q) complete on both groups' arrivals (the kernel counts 2 x 128 threads):
 an arrival of one group for a phase the other has not finished would complete that phase early.
@@ -40,19 +37,13 @@ on 2026-12-05, needed the producer to publish one fill more: the model found tha
 import random
 
 
-def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, value_barriers=False,
-        keys_first=False):
+def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
     """SK / SV: key / value slots; QB: Q buffers; L: fills in flight; split: a key slot is released
     after S, not with its value slot; fix: the producer publishes unit k - QB's fills before it waits
     for unit k's Q buffer (main since 2026-11-26), instead of assuming them out; turns: the consumer
     groups issue their products in turns; mutant: 'no bootstrap' (group 1 never hands group 0 its
-    first turn), 'no final sync' (group 0 never takes group 1's last hand-over), 'no value wait' (a
-    fill does not wait for its value slot) or 'no early value arrival' (value_barriers: a fill without
-    copies never arrives on its value barrier), for the self-test;
-    value_barriers: BSA_SM90_VALUE_BARRIERS, a fill's V on a barrier of its value slot ('vfull'),
-    arrived wherever the fill's own barrier is, and waited for by the consumers before the fill's P.V;
-    keys_first: BSA_SM90_KEYS_FIRST (with value barriers and split rings), a fill without copies waits
-    for its value slot after its keys are written, before its values and its arrivals;
+    first turn), 'no final sync' (group 0 never takes group 1's last hand-over) or 'no value wait' (a
+    fill does not wait for its value slot), for the self-test;
     sched: a random.Random for the order the processes run in and for preemption (None: fixed order,
     each process runs until it blocks)."""
     cnt, errors = {}, []
@@ -79,40 +70,29 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
     def producer():
         st = dict(n=0, pub=0, firsts=[])  # firsts: each unit's first fill
         early = set()
-        def land(m, early_arrival=False):  # the producer's arrivals for fill m
-            arrive(('full', m % SK))
-            if value_barriers and not (early_arrival and mutant == 'no early value arrival'):
-                arrive(('vfull', m % SV))
         def publish(m):
             if m in early:
                 early.discard(m)
             else:
-                land(m)
+                arrive(('full', m % SK))
         def released(kind, slots, m):  # the consumers have released the slot's fill before fill m
             return m < slots or c((kind, m % slots)) >= 2 * (m // slots)
         def write(kind, slots, m):
             if not released(kind, slots, m):
                 errors.append(f"overwrite on {kind}: fill {m}'s slot before the consumers released it")
-        def wait_value_slot(n):
-            if n >= SV and mutant != 'no value wait':
-                yield from wait(lambda: ready(('vempty', n % SV), n // SV, 2))
-        def begin_fill(values=True):
+        def begin_fill():
             n = st['n']
             if n - L >= st['pub']:
                 publish(st['pub']); st['pub'] += 1
             if n >= SK:
                 yield from wait(lambda: ready(('kempty', n % SK), n // SK, 2))
-            if values:
-                yield from wait_value_slot(n)
+            if n >= SV and mutant != 'no value wait':
+                yield from wait(lambda: ready(('vempty', n % SV), n // SV, 2))
             write('kempty' if split else 'vempty', SK if split else SV, n)
         for k, fills in enumerate(units + [None]):
             if fills is None:  # end of work: a record without copies, then publish everything
-                if keys_first:  # an end record without copies: its value slot's wait after its record
-                    yield from begin_fill(False)
-                    yield from wait_value_slot(st['n'])
-                else:
-                    yield from begin_fill()
-                early.add(st['n']); land(st['n'], True)
+                yield from begin_fill()
+                early.add(st['n']); arrive(('full', st['n'] % SK))
                 while st['pub'] <= st['n']:
                     publish(st['pub']); st['pub'] += 1
                 return
@@ -127,14 +107,11 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
             st['firsts'].append(st['n'])
             for i, copies in enumerate(fills):
                 n = st['n']
-                first = keys_first and not copies  # keys written, then the value slot's wait
-                yield from begin_fill(not first)
-                if first:
-                    yield from wait_value_slot(n)
+                yield from begin_fill()
                 if i < len(fills) - 1:  # a tile fill's values (an end record has none)
                     write('vempty', SV, n)
                 if not copies:
-                    land(n, True); early.add(n)
+                    arrive(('full', n % SK)); early.add(n)
                 st['n'] += 1
 
     def begin_turn(g):  # bar.sync on Tg: completes with the other group's matching arrival
@@ -174,8 +151,6 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                 for _ in range(1, len(fills)):
                     n += 1
                     yield from wait(lambda: ready(('full', n % SK), n // SK + 1))
-                    if value_barriers:  # fill n - 1's V, before its P.V (outside the turn)
-                        yield from wait(lambda: ready(('vfull', pending % SV), pending // SV + 1))
                     yield from turn()  # S of fill n, P.V of fill n - 1
                     rk(n)
                     yield from wait(lambda: True)  # the softmax: P.V n - 1 completes after S n
@@ -226,8 +201,6 @@ if __name__ == "__main__":
         "64-key, 2 Q (BSA_SM90_Q_BUFFERS=2)": (4, 4, 2, 2, False, False),
         "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True, False),
         "main 128-key, turns": (2, 3, 2, 2, True, True),
-        "128-key, turns, value barriers": (2, 3, 2, 2, True, True, True),
-        "128-key, turns, value barriers, keys first": (2, 3, 2, 2, True, True, True, True),
         "64-key, turns (BSA_SM90_TURNS=2)": (4, 4, 2, 2, False, True),
         "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False, False),
         "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False),
@@ -238,11 +211,10 @@ if __name__ == "__main__":
     samples = [random_units(rng, rng.randint(1, 12), rng.choice([0, 0.3, 0.8]), rng.choice([0, 0.2, 1]),
                             rng.random() < 0.3) for _ in range(trials)]
     for fix in (False, True):
-        for name, (SK, SV, QB, L, split, turns, *extra) in configs.items():
+        for name, (SK, SV, QB, L, split, turns) in configs.items():
             results = {}
             for trial, units in enumerate(samples):
-                key = outcome(run(units, SK, SV, QB, L, split, fix, turns, sched=random.Random(trial),
-                                  value_barriers=len(extra) > 0, keys_first=len(extra) > 1))
+                key = outcome(run(units, SK, SV, QB, L, split, fix, turns, sched=random.Random(trial)))
                 results[key] = results.get(key, 0) + 1
             print(f"fix={fix!s:5} {name:40} {results}")
 
@@ -266,20 +238,3 @@ if __name__ == "__main__":
         results[key] = results.get(key, 0) + 1
     print(f"self-test no value wait  main 128-key (2 + 3 split rings, 2 Q)    {results}")
     assert any("overwrite" in key for key in results), "the model misses an overwritten value slot"
-    results = {}  # the same with keys first, whose value slot's wait comes after the keys
-    for trial, units in enumerate(samples[:300]):
-        key = outcome(run(units, SK, SV, QB, L, split, True, True, "no value wait", random.Random(trial),
-                          value_barriers=True, keys_first=True))
-        results[key] = results.get(key, 0) + 1
-    print(f"self-test no value wait  128-key, value barriers, keys first      {results}")
-    assert any("overwrite" in key for key in results), "the model misses an overwritten value slot (keys first)"
-    # ... and with value barriers, a fill issued without copies that never arrives on its value barrier
-    # must hang the consumers at that fill's P.V.
-    SK, SV, QB, L, split, turns, _ = configs["128-key, turns, value barriers"]
-    results = {}
-    for trial, units in enumerate(samples[:300]):
-        key = outcome(run(units, SK, SV, QB, L, split, True, turns, "no early value arrival", random.Random(trial),
-                          value_barriers=True))
-        results[key] = results.get(key, 0) + 1
-    print(f"self-test no early value arrival  128-key, turns, value barriers  {results}")
-    assert any(key.startswith("deadlock") for key in results), "the model misses a missing value arrival"

@@ -50,7 +50,6 @@ struct Sm90Shared {
   uint64_t* value_empty;  // [value slots]: freed after P.V (with shared stages: the whole stage)
   uint64_t* key_empty;    // [key slots]: freed once S is done (split rings only)
   uint64_t* q_empty;      // [Q buffers]
-  uint64_t* value_full;   // [value slots]: a fill's V has landed (BSA_SM90_VALUE_BARRIERS, split rings)
   int32_t* claimed;       // the producer's claimed units (two slots)
   // The producer resolves each unit (a chain of dependent global loads) and leaves it next to the
   // unit's Q buffer, published with the unit's first fill: the consumers start without the loads.
@@ -63,7 +62,6 @@ struct Sm90Shared {
         value_empty(full + Tiling::kKeySlots),
         key_empty(value_empty + Tiling::kValueSlots),
         q_empty(key_empty + Smem::kKeyEmptyBarriers),
-        value_full(q_empty + Tiling::kQBuffers),
         claimed(reinterpret_cast<int32_t*>(base + Smem::kClaimOffset)),
         items(reinterpret_cast<PrefillItem*>(base + Smem::kItemOffset)),
         records(reinterpret_cast<StageRecord*>(base + Smem::kRecordOffset)) {}
@@ -95,46 +93,6 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 #define BSA_SM90_PAGED_BOX_WARPS 1
 #endif
 
-// Build knobs BSA_SM90_PRODUCER_SUSPEND_NS and BSA_SM90_CONSUMER_SUSPEND_NS (default 0 until timed on
-// a GPU; benchmarks/RESULTS.md's plan): the producer's waits for free slots and Q buffers, and the
-// consumers' waits for a fill, as try_waits with this suspend-time hint (ptx::mbarrier_wait_suspending).
-// Hypothesis: polling waits take issue slots from the consumer warps on the same schedulers. In the
-// twenty-third session a producer that walked less (the all-visible count) executed 5 % more warp
-// instructions and took 6-7 % more cycles, and three producer warps left to wait and arrive alone (the
-// lead-warp fills) took 2-3 % more again: what the walk stopped taking, the waits' polling took.
-#ifndef BSA_SM90_PRODUCER_SUSPEND_NS
-#define BSA_SM90_PRODUCER_SUSPEND_NS 0
-#endif
-#ifndef BSA_SM90_CONSUMER_SUSPEND_NS
-#define BSA_SM90_CONSUMER_SUSPEND_NS 0
-#endif
-// Build knob BSA_SM90_PRODUCER_POLL_WARPS=4|1 (default 4 until timed on a GPU): the producer warps that
-// poll a fill's slot barriers. 1: warp 0 waits for them and passes them on to the other three over a
-// named barrier (bar.sync: a wait in hardware that issues nothing), where all four polled; the same
-// hypothesis as the suspend hint above, with a quarter of the producer's polling left.
-#ifndef BSA_SM90_PRODUCER_POLL_WARPS
-#define BSA_SM90_PRODUCER_POLL_WARPS 4
-#endif
-static_assert(BSA_SM90_PRODUCER_POLL_WARPS == 4 || BSA_SM90_PRODUCER_POLL_WARPS == 1,
-              "BSA_SM90_PRODUCER_POLL_WARPS is 4 or 1");
-// Build knob BSA_SM90_WARP_ARRIVALS=0|1 (default 0 until timed on a GPU): 1 makes the fills' and the
-// slot releases' arrivals one per warp (lane 0 for its warp, after __syncwarp) instead of one per
-// thread: 20 arrive instructions of 32 threads each a 128-key fill become 20 of one thread. The
-// barriers still count threads. compute-sanitizer's racecheck does not follow the __syncwarp
-// ordering and reports the per-warp release as a hazard (the per-thread arrivals were made for it,
-// 2026-11-26; their cost was never timed).
-#ifndef BSA_SM90_WARP_ARRIVALS
-#define BSA_SM90_WARP_ARRIVALS 0
-#endif
-// Build knob BSA_SM90_KEYS_FIRST=0|1 (default 0 until timed on a GPU; with BSA_SM90_VALUE_BARRIERS=1):
-// a fill whose tiles all come through the TMA from contiguous K/V issues its K as soon as its key
-// slot is free, then waits for its value slot and issues its V (FA3's producer), where both waited
-// for both slots first. The producer waits for value slots mostly (4.9 % of the stall samples at
-// dense 16k x 2, against 1.6 % for key slots), so K goes out about a softmax earlier.
-#ifndef BSA_SM90_KEYS_FIRST
-#define BSA_SM90_KEYS_FIRST 0
-#endif
-
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
 // through the TMA with 64-key fills, whose boxes' page ids are looked up a fill ahead (its own
@@ -144,8 +102,6 @@ template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool 
 __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
-  constexpr bool kValueBarriers = Smem::kValueFullBarriers > 0;  // BSA_SM90_VALUE_BARRIERS
-  constexpr bool kKeysFirst = BSA_SM90_KEYS_FIRST && kValueBarriers;
   constexpr int kKeySlots = Tiling::kKeySlots;
   constexpr int kValueSlots = Tiling::kValueSlots;
   constexpr int kSlots = Tiling::kTilesPerStage;
@@ -153,7 +109,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   const int head_size = params.head_size;
   const KeyValueSource& kv = params.kv;
   constexpr int kChunksPerRow = kHeadDim / 8;
-  constexpr int kRowStep = 128 / kChunksPerRow;
+  constexpr int kProducerThreads = Tiling::kProducerThreads;
+  constexpr int kRowStep = kProducerThreads / kChunksPerRow;
   const int chunk = tid % kChunksPerRow, col = chunk * 8;
   const int row0 = tid / kChunksPerRow;
   const bool col_valid = col < head_size;
@@ -164,7 +121,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // so it looks up one page id and works out one address a fill (with a 16-byte chunk of 4 rows, a
   // thread made 4 lookups and addresses: chunk e4m3 8k 0.78 -> 0.74 ms on the H200).
   constexpr bool kFp8Pages = CacheFormat<Cache>::kFp8;
-  static_assert(!kFp8Pages || kSlots == 1, "fp8 pages take 64-key fills");
+  static_assert(!kFp8Pages || (kSlots == 1 && kProducerThreads == 128), "fp8 pages take 64-key fills, 128 threads");
   constexpr int kFp8Chunks = kHeadDim / 32;
   const int fp8_row = tid / 2, fp8_col0 = (tid % 2) * 16;
   static_assert(!kPagesAhead || (kSlots == 1 && !kFp8Pages), "page ids ahead: TMA pages with 64-key fills");
@@ -172,7 +129,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // block box_block), is issued by lane b / 4 of warp b % 4 (BSA_SM90_PAGED_BOX_WARPS=0: lane b of the
   // first warp); box_row >= 64: no box. At most 8 boxes (pages of 16 rows or more, 2 column blocks).
   // A shift, not a division by the column blocks a box takes (1 or 2).
-  constexpr bool kBoxWarps = BSA_SM90_PAGED_BOX_WARPS;
+  constexpr bool kBoxWarps = BSA_SM90_PAGED_BOX_WARPS && kProducerThreads == 128;
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
   const int box = kBoxWarps ? ((tid & 31) < 2 ? (tid >> 5) + 4 * (tid & 31) : 64) : tid;
   const int box_row = box < 32 ? (box >> box_shift) * maps.kv_page_rows : 64;
@@ -186,12 +143,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // fill % kKeySlots, see Sm90TilingShape) so the in-order publication skips them.
   int n = 0, next_publish = 0;
   uint32_t early = 0;
-  // This thread's arrivals for fill `fill`: its barrier, and its value slot's (BSA_SM90_VALUE_BARRIERS).
-  auto arrive_filled = [&](int fill) {
-    ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.full[fill % kKeySlots]);
-    if constexpr (kValueBarriers)
-      ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.value_full[fill % kValueSlots]);
-  };
   auto publish = [&](int fill) {
     const uint32_t bit = 1u << (fill % kKeySlots);
     if (early & bit) {
@@ -199,39 +150,22 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       return;
     }
     ptx::fence_proxy_async_shared();
-    arrive_filled(fill);
+    ptx::mbarrier_arrive(&shared.full[fill % kKeySlots]);
   };
   // Waits for the slots fill n writes (an end record's too): its key slot (split rings) and its value
   // slot, before fill n is published, so before any group can release them again: no wait sees two
   // phases pass, and no group's release joins the other group's phase (scripts/sm90_protocol_model.py
   // checks both).
-  // wait_slots(fill, keys, values): the waits for fill n's key slot (split rings) and value slot.
-  auto wait_slots = [&](const Sm90Fill& fill, bool keys, bool values) {
-    // n is the same in every producer thread, so all of them pass the named barrier or none.
-    const bool waits = (keys && Tiling::kSplitRings && n >= kKeySlots) || (values && n >= kValueSlots);
-    if (BSA_SM90_PRODUCER_POLL_WARPS == 4 || tid < 32) {
-      if constexpr (Tiling::kSplitRings) {
-        if (keys && n >= kKeySlots)
-          ptx::mbarrier_wait_suspending<BSA_SM90_PRODUCER_SUSPEND_NS>(&shared.key_empty[fill.key_slot],
-                                                                      ((n / kKeySlots) + 1) & 1);
-      }
-      if (values && n >= kValueSlots)
-        ptx::mbarrier_wait_suspending<BSA_SM90_PRODUCER_SUSPEND_NS>(&shared.value_empty[fill.value_slot],
-                                                                    ((n / kValueSlots) + 1) & 1);
-    }
-    // Warp 0 has seen the consumers release the slots (acquire); the barrier orders its view before
-    // the other warps' writes into them.
-    if (BSA_SM90_PRODUCER_POLL_WARPS == 1 && waits) ptx::named_barrier_sync(kSm90SlotWaitBarrier, 128);
-  };
-  // values = false (BSA_SM90_KEYS_FIRST): the value slot's wait is left to the caller, before the
-  // fill's V and before the fill is published.
-  auto begin_fill = [&](bool values = true) {
+  auto begin_fill = [&] {
     if (n - Tiling::kLoadsInFlight >= next_publish) {
       ptx::cp_async_wait<Tiling::kLoadsInFlight - 1>();  // fills up to n - kLoadsInFlight have landed
       publish(next_publish++);
     }
     const Sm90Fill fill = Tiling::fill(n);
-    wait_slots(fill, true, values);
+    if constexpr (Tiling::kSplitRings) {
+      if (n >= kKeySlots) ptx::mbarrier_wait(&shared.key_empty[fill.key_slot], ((n / kKeySlots) + 1) & 1);
+    }
+    if (n >= kValueSlots) ptx::mbarrier_wait(&shared.value_empty[fill.value_slot], ((n / kValueSlots) + 1) & 1);
     return fill;
   };
 
@@ -262,7 +196,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     shared.claimed[0] = atomicAdd(params.work_counter, 1);
     claim_ahead = atomicAdd(params.work_counter, 1);
   }
-  ptx::named_barrier_sync(kSm90ClaimBarrier, 128);
+  ptx::named_barrier_sync(kSm90ClaimBarrier, kProducerThreads);
   int next_word = unit_word(shared.claimed[0]);
   int first_fill_back1 = 0, first_fill_back2 = 0;  // the first fills of units k - 1 and k - 2 (kQBuffers <= 3)
   for (int k = 0;; ++k) {
@@ -270,7 +204,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // Slot (k + 1) & 1 was last read at unit k - 2 (or before the loop), before every thread's
     // barrier of unit k - 1, which thread 0 has passed.
     if (tid == 0) shared.claimed[(k + 1) & 1] = claim_ahead;
-    ptx::named_barrier_sync(kSm90ClaimBarrier, 128);
+    ptx::named_barrier_sync(kSm90ClaimBarrier, kProducerThreads);
     next_word = unit_word(shared.claimed[(k + 1) & 1]);
     if (tid == 0) claim_ahead = atomicAdd(params.work_counter, 1);
     const int unit = __shfl_sync(0xffffffffu, word, kUnitWord);
@@ -310,7 +244,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         ptx::cp_async_wait<0>();
         while (next_publish < needed) publish(next_publish++);
       }
-      ptx::mbarrier_wait_suspending<BSA_SM90_PRODUCER_SUSPEND_NS>(&shared.q_empty[buf], ((k / Tiling::kQBuffers) + 1) & 1);
+      ptx::mbarrier_wait(&shared.q_empty[buf], ((k / Tiling::kQBuffers) + 1) & 1);
     }
     first_fill_back2 = first_fill_back1;
     first_fill_back1 = n;
@@ -378,20 +312,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     };
     // The stage layout (fp8 pages never come through the TMA: by column block, known at compile time).
     const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(!kFp8Pages && maps.kv_row_groups);
-    // One 64-key tile of contiguous K or V (`map`) through the TMA, issued by one thread, at tile_dst of
-    // a stage; the bytes complete on `landed`.
-    auto tma_contiguous_tile = [&](unsigned char* stage, const void* map, int tile_dst, int token, uint64_t* landed) {
-      if (maps.kv_row_groups) {
-        ptx::tma_load_5d(stage + tile_dst, map, 0, token, 0, 0, kv_head, landed);
-      } else {
-#pragma unroll
-        for (int block = 0; block < kHeadDim / 64; ++block)
-          ptx::tma_load_3d(stage + block * Smem::kStageColumnBlockBytes + tile_dst, map, block * 64, kv_head, token,
-                           landed);
-      }
-    };
     // box_page: this lane's page, looked up a fill ahead (kPagesAhead).
-    auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot, int box_page, bool values = true) -> bool {
+    auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot, int box_page) -> bool {
       const int pos0 = key_tile * 64;
       unsigned char* dst_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
       unsigned char* dst_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
@@ -406,21 +328,24 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         const bool own_expect = kBoxWarps && kv.paged();
         if (own_expect ? box_row < 64 : tid < 32) {
           uint64_t* const landed = &shared.full[fill.key_slot];
-          uint64_t* const landed_v = kValueBarriers ? &shared.value_full[fill.value_slot] : landed;  // V's
           constexpr uint32_t kBoxBytes = 64 * 128;
-          if (tid == 0 && !own_expect) {
-            if constexpr (kValueBarriers) {
-              ptx::mbarrier_expect_tx(landed, (kHeadDim / 64) * kBoxBytes);
-              if (values) ptx::mbarrier_expect_tx(landed_v, (kHeadDim / 64) * kBoxBytes);
-            } else {
-              ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
-            }
-          }
+          if (tid == 0 && !own_expect)
+            ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
             if (tid == 0) {
-              tma_contiguous_tile(dst_k, &maps.key, tile_dst, k_begin + pos0, landed);
-              if (values) tma_contiguous_tile(dst_v, &maps.value, tile_dst, k_begin + pos0, landed_v);
+              const int token = k_begin + pos0;
+              if (maps.kv_row_groups) {
+                ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
+                ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
+              } else {
+#pragma unroll
+                for (int block = 0; block < kHeadDim / 64; ++block) {
+                  const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
+                  ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
+                  ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
+                }
+              }
             }
           } else if (box_row < 64) {
             // Pages: one box of kv_page_rows rows per page (and 64-column block, by column block),
@@ -437,19 +362,14 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             const int dst = tile_dst + sm90_kv_offset(layout, box_row, box_block * 64);
             if (own_expect) {  // kv_page_rows rows of 128-byte column blocks: kHeadDim / 64 of them, or one
               const uint32_t box_bytes = maps.kv_page_rows * 128 * ((kHeadDim / 64) >> box_shift);
-              if constexpr (kValueBarriers) {
-                ptx::mbarrier_expect_tx(landed, box_bytes);
-                ptx::mbarrier_expect_tx(landed_v, box_bytes);
-              } else {
-                ptx::mbarrier_expect_tx(landed, 2 * box_bytes);
-              }
+              ptx::mbarrier_expect_tx(landed, 2 * box_bytes);
             }
             if (maps.kv_row_groups) {
               ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
-              ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed_v);
+              ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
             } else {
               ptx::tma_load_3d(dst_k + dst, &maps.key, box_block * 64, in_page, slab, landed);
-              ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed_v);
+              ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
             }
           }
         }
@@ -471,8 +391,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           *reinterpret_cast<uint4*>(dst_v + stage_layout(fp8_row, col + 8)) = elements[1];
         }
       } else {
-        copy_kv_rows<Cache, 64 / kRowStep, kRowStep>(kv, seq, kv_head, pos0, row0, col, k_len, head_size,
-                                                     key_tile >= 0, dst_k, dst_v, stage_layout);
+        // In passes of at most 8 rows a thread: fewer producer threads (BSA_SM90_PRODUCER_WARPS) copy
+        // more rows each, and 32 page lookups in flight spilled the producer.
+        constexpr int kCopies = 64 / kRowStep, kPassCopies = kCopies < 8 ? kCopies : 8;
+#pragma unroll 1
+        for (int pass = 0; pass < kCopies / kPassCopies; ++pass)
+          copy_kv_rows<Cache, kPassCopies, kRowStep>(kv, seq, kv_head, pos0, row0 + pass * kPassCopies * kRowStep, col,
+                                                     k_len, head_size, key_tile >= 0, dst_k, dst_v, stage_layout);
       }
       return true;
     };
@@ -552,36 +477,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       if (more) more = next_tile(ahead_tile, ahead_flags);
       ahead_page = look_up_page(ahead_tile);
     };
-    // BSA_SM90_KEYS_FIRST: this fill's tiles, walked ahead, all whole tiles of contiguous K/V through
-    // the TMA (an end record has none): its V waits for its value slot after its K is issued.
-    auto keys_first_fill = [&] {
-      if constexpr (!(kKeysFirst && kTilesAhead)) {
-        return false;
-      } else {
-        bool all_tma = maps.kv_enabled && !kv.paged();
-#pragma unroll
-        for (int slot = 0; slot < kSlots; ++slot)
-          all_tma = all_tma && (fill_tiles[slot] >= 0 ? tma_tile(fill_tiles[slot]) : fill_tiles[0] < 0);
-        return all_tma;
-      }
-    };
-    // Its V: the value slot's wait, then one thread's loads, completing on the value barrier.
-    auto issue_values = [&](const Sm90Fill& fill) {
-      wait_slots(fill, false, true);
-      if (tid != 0 || fill_tiles[0] < 0) return;
-      unsigned char* dst_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
-      uint64_t* const landed_v = &shared.value_full[fill.value_slot];
-      ptx::mbarrier_expect_tx(landed_v, (fill_tiles[kSlots - 1] >= 0 ? kSlots : 1) * (kHeadDim / 64) * 64 * 128);
-#pragma unroll
-      for (int slot = 0; slot < kSlots; ++slot)
-        if (fill_tiles[slot] >= 0)
-          tma_contiguous_tile(dst_v, &maps.value, sm90_kv_offset(layout, slot * 64, 0), k_begin + fill_tiles[slot] * 64,
-                              landed_v);
-    };
     for (;; ++n) {
       if constexpr (kFp8Pages) load_fp8_rows(ahead_tile, ahead_page);
-      const bool keys_first = keys_first_fill();
-      const Sm90Fill fill = begin_fill(!keys_first);
+      const Sm90Fill fill = begin_fill();
       const int key_slot = fill.key_slot;  // the fill's full barrier and record
       if (query_pending) {
         query_pending = false;
@@ -616,7 +514,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         }
         if (slot == 0) first_tile = key_tile;
         if (key_tile >= 0 || (slot > 0 && first_tile >= 0))  // an empty second slot: zeros
-          copies |= load_kv(key_tile, fill, slot, page, !keys_first);
+          copies |= load_kv(key_tile, fill, slot, page);
         if (tid == 0) {
           shared.records[key_slot].key_tile[slot] = key_tile;
 #pragma unroll
@@ -624,10 +522,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         }
       }
       if (tid == 0) shared.records[key_slot].unit = unit;
-      if (keys_first) issue_values(fill);
       ptx::cp_async_commit();
       if (!copies) {
-        arrive_filled(n);
+        ptx::mbarrier_arrive(&shared.full[key_slot]);
         early |= 1u << (n % kKeySlots);
       }
       copies = false;
@@ -682,7 +579,6 @@ template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool 
 __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared, bool kv_row_groups) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
-  constexpr bool kValueBarriers = Smem::kValueFullBarriers > 0;  // BSA_SM90_VALUE_BARRIERS
   using StageRecord = Sm90StageRecord<Tiling::kTilesPerStage>;
   constexpr int kKeySlots = Tiling::kKeySlots;
   constexpr int kSlots = Tiling::kTilesPerStage;
@@ -719,7 +615,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   };
   auto wait_fill = [&](int n) {
     const Sm90Fill fill = Tiling::fill(n);
-    ptx::mbarrier_wait_suspending<BSA_SM90_CONSUMER_SUSPEND_NS>(&shared.full[fill.key_slot], (n / kKeySlots) & 1);
+    ptx::mbarrier_wait(&shared.full[fill.key_slot], (n / kKeySlots) & 1);
     return fill;
   };
   auto read_record = [&](const Sm90Fill& fill) {
@@ -736,16 +632,13 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     return info;
   };
   // Every thread arrives after its own reads of the slot (a key slot's record included): one
-  // arrival per warp after __syncwarp is also correct (BSA_SM90_WARP_ARRIVALS), but compute-sanitizer's
-  // racecheck cannot see it. With split rings a key slot is freed once S is done; a value slot (with shared stages,
+  // arrival per warp after __syncwarp is also correct, but compute-sanitizer's racecheck cannot
+  // see it. With split rings a key slot is freed once S is done; a value slot (with shared stages,
   // the whole stage) after P.V.
   auto release_key = [&](const Sm90Fill& fill) {
-    if constexpr (Tiling::kSplitRings)
-      ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.key_empty[fill.key_slot]);
+    if constexpr (Tiling::kSplitRings) ptx::mbarrier_arrive(&shared.key_empty[fill.key_slot]);
   };
-  auto release_value = [&](const Sm90Fill& fill) {
-    ptx::mbarrier_arrive_warp<BSA_SM90_WARP_ARRIVALS>(&shared.value_empty[fill.value_slot]);
-  };
+  auto release_value = [&](const Sm90Fill& fill) { ptx::mbarrier_arrive(&shared.value_empty[fill.value_slot]); };
 
   // Turns (kTurns, see sm90_turns): group g waits for its turn before it issues a fill's products and
   // hands the turn on after them; group 1 hands group 0 its first turn, and group 0 takes group 1's
@@ -894,8 +787,6 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         // (at S = 128 one S product in 2.5; reading the expected end record first measured no
         // faster there, H100, 2026-12-05).
         const Sm90Fill fill = wait_fill(++n);
-        if constexpr (kValueBarriers)  // fill n - 1's V, for its P.V below (outside the turn)
-          ptx::mbarrier_wait(&shared.value_full[pending.value_slot], ((n - 1) / Tiling::kValueSlots) & 1);
         float s[kSRegs], row_alpha[2];
         begin_turn();
         issue_s(s, fill);
@@ -1030,13 +921,12 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   const Sm90Shared<kHeadDim, Tiling> shared(
       smem_unaligned + ((1024u - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned)) & 1023u)) & 1023u));
   if (threadIdx.x == 0) {
-    // every producer thread arrives on full; every consumer thread on the empties
-    for (int s = 0; s < Tiling::kKeySlots; ++s) ptx::mbarrier_init(&shared.full[s], 128);
+    // every working producer thread arrives on full; every consumer thread on the empties
+    for (int s = 0; s < Tiling::kKeySlots; ++s) ptx::mbarrier_init(&shared.full[s], Tiling::kProducerThreads);
     for (int s = 0; s < Tiling::kValueSlots; ++s) ptx::mbarrier_init(&shared.value_empty[s], 128 * kSm90ConsumerGroups);
     for (int s = 0; s < Smem::kKeyEmptyBarriers; ++s)
       ptx::mbarrier_init(&shared.key_empty[s], 128 * kSm90ConsumerGroups);
     for (int b = 0; b < Tiling::kQBuffers; ++b) ptx::mbarrier_init(&shared.q_empty[b], 128 * kSm90ConsumerGroups);
-    for (int s = 0; s < Smem::kValueFullBarriers; ++s) ptx::mbarrier_init(&shared.value_full[s], 128);
     ptx::mbarrier_init_fence();
   }
   __syncthreads();
@@ -1049,6 +939,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   // the records. Units differ in length (sparse rows, varlen), so claiming beats a static split.
   if (threadIdx.x < 128) {
     ptx::setmaxnreg_dec<kSm90ProducerRegisters>();
+    if (threadIdx.x >= Tiling::kProducerThreads) return;  // BSA_SM90_PRODUCER_WARPS
     constexpr bool kMayLookAhead = Tiling::kTilesPerStage == 1 && !CacheFormat<Cache>::kFp8;
     if (kMayLookAhead && params.kv.paged() && maps.kv_enabled)
       sm90_producer<Element, kHeadDim, Tiling, Cache, kMayLookAhead>(params, maps, shared);

@@ -46,6 +46,16 @@ namespace blocksparse_attn {
 #ifndef BSA_SM90_K128_Q_BUFFERS
 #define BSA_SM90_K128_Q_BUFFERS 2
 #endif
+// Build knob BSA_SM90_PRODUCER_WARPS=4|1 (default 4 until timed on a GPU): the producer warps that
+// work in the 128-key kernels; the others leave once they have given up their registers, as FA3's
+// producer warp group does. Every working producer thread walks the tiles and arrives on the fill
+// barriers, and the walk is ~10 % of the kernel's warp instructions at dense 16k x 2 (Nsight Compute,
+// H200, 2026-12-05), issued four times over; at 4 warps ours issues 1.25x FA4's warp instructions
+// there, for 1.14x its cycles (H100, locked clocks). The 64-key kernels keep four (their fp8 pages
+// take a row per thread pair of 128).
+#ifndef BSA_SM90_PRODUCER_WARPS
+#define BSA_SM90_PRODUCER_WARPS 4
+#endif
 // The key and value slots of one fill.
 struct Sm90Fill {
   int key_slot;
@@ -62,6 +72,8 @@ struct Sm90TilingShape {
   static constexpr bool kSplitRings = kKeySlots != kValueSlots;
   static constexpr int kQBuffers = kQBuffers_;
   static constexpr int kLoadsInFlight = kLoadsInFlight_;  // cp.async groups the producer keeps outstanding
+  // The working producer threads (BSA_SM90_PRODUCER_WARPS): each arrives on every fill barrier.
+  static constexpr int kProducerThreads = kTilesPerStage > 1 ? 32 * BSA_SM90_PRODUCER_WARPS : 128;
   static_assert(kQBuffers >= 1 && kQBuffers <= 3, "one to three Q buffers");
   // The producer publishes fill m (cp.async path) at the top of fill m + L, before it waits for the
   // slots of fill m + L. A consumer frees value slot m after P.V m, which it issues once fill m + 1
@@ -100,23 +112,11 @@ constexpr int kSm90ProducerRegisters = BSA_SM90_PRODUCER_REGISTERS;
 constexpr int kSm90ConsumerRegisters = (kSm90RegisterPool - kSm90ProducerRegisters) / kSm90ConsumerGroups / 8 * 8;
 static_assert(kSm90ProducerRegisters % 8 == 0 && kSm90ProducerRegisters >= 24 && kSm90ConsumerRegisters <= 256,
               "setmaxnreg takes multiples of 8 from 24 to 256");
-// Build knob BSA_SM90_VALUE_BARRIERS=0|1 (default 0 until timed on a GPU): with split rings (128-key
-// fills), a fill's V completes on a barrier of its own value slot (value_full) instead of the fill's
-// full barrier, and the consumers wait for it just before that fill's P.V, a fill after its S: FA3 and
-// FA4 wait for K before S and for V before P.V on separate barriers. A fill's barrier completed when
-// its V had landed, issued after its K, so the consumers' wait for K also waited for V. In the twenty-
-// second session's profile of dense 16k x 2 the consumers' fill wait held 3.4 % of all stall samples
-// (and the fourteenth session's "values behind", which issued V a fill later, ran 14-21 % slower).
-#ifndef BSA_SM90_VALUE_BARRIERS
-#define BSA_SM90_VALUE_BARRIERS 0
-#endif
-
 // Named barriers (0 is __syncthreads): each consumer group's epilogue, the producer's broadcast of
 // a claimed unit.
 constexpr int kSm90EpilogueBarrier = 1;   // + group
 constexpr int kSm90ClaimBarrier = 3;
 constexpr int kSm90TurnBarrier = 4;       // + group: the group's turn to issue its products
-constexpr int kSm90SlotWaitBarrier = 6;   // BSA_SM90_PRODUCER_POLL_WARPS=1: warp 0's slot wait, passed on
 // The consumer groups issue their products in turns (FA3's warp-scheduler barrier): group 0 issues a
 // fill's S and P.V, then group 1, and so on, so one group's softmax runs while the other group's
 // products keep the tensor cores busy, and a group's four warps meet before their first wgmma.
@@ -156,11 +156,8 @@ struct Sm90Smem {
   // q_empty[Q buffers]; then the producer's claimed units (two slots), each Q buffer's resolved work
   // unit, the fill records (one per key slot)
   static constexpr int kKeyEmptyBarriers = Tiling::kSplitRings ? Tiling::kKeySlots : 0;
-  // value_full[value slots] (BSA_SM90_VALUE_BARRIERS, split rings only): a fill's V has landed
-  static constexpr int kValueFullBarriers = BSA_SM90_VALUE_BARRIERS && Tiling::kSplitRings ? Tiling::kValueSlots : 0;
   static constexpr int kClaimOffset =
-      kBarrierOffset +
-      8 * (Tiling::kKeySlots + Tiling::kValueSlots + kKeyEmptyBarriers + Tiling::kQBuffers + kValueFullBarriers);
+      kBarrierOffset + 8 * (Tiling::kKeySlots + Tiling::kValueSlots + kKeyEmptyBarriers + Tiling::kQBuffers);
   static constexpr int kItemOffset = kClaimOffset + 8;
   static constexpr int kRecordOffset = (kItemOffset + Tiling::kQBuffers * sizeof(PrefillItem) + 15) / 16 * 16;
   static constexpr int kBytes = kRecordOffset + 16 * Tiling::kKeySlots + 1024;  // + slack to align the base

@@ -41,44 +41,6 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
       : "memory");
 }
 
-// Arrives `count` times at once (one thread on behalf of several).
-__device__ __forceinline__ void mbarrier_arrive_count(uint64_t* bar, uint32_t count) {
-  asm volatile(
-      "{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(smem_addr(bar)), "r"(count)
-      : "memory");
-}
-
-// This thread's arrival on a barrier that counts every thread of the warp: kPerWarp, lane 0 arrives
-// for the whole warp after __syncwarp (which orders the other lanes' earlier accesses before its
-// release; every lane must reach it); otherwise each thread arrives.
-template <bool kPerWarp>
-__device__ __forceinline__ void mbarrier_arrive_warp(uint64_t* bar) {
-  if constexpr (kPerWarp) {
-    __syncwarp();
-    if ((threadIdx.x & 31) == 0) mbarrier_arrive_count(bar, 32);
-  } else {
-    mbarrier_arrive(bar);
-  }
-}
-
-// mbarrier_wait with a suspend-time hint (kSuspendNs > 0): each try_wait may hold the thread up to that
-// long (instead of the system's own limit) until the phase completes, so a warp that waits long polls
-// less, and its scheduler's issue slots go to the warps beside it. kSuspendNs = 0: mbarrier_wait.
-template <uint32_t kSuspendNs>
-__device__ __forceinline__ void mbarrier_wait_suspending(uint64_t* bar, int parity) {
-  if constexpr (kSuspendNs == 0) {
-    mbarrier_wait(bar, parity);
-  } else {
-    asm volatile(
-        "{\n.reg .pred done;\n"
-        "WAIT_%=:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1, %2;\n"
-        "@!done bra WAIT_%=;\n}\n" ::"r"(smem_addr(bar)),
-        "r"(parity), "n"(kSuspendNs)
-        : "memory");
-  }
-}
-
 // Adds `bytes` to the transactions the barrier's current phase waits for (bulk copies that complete
 // on it), without an arrival.
 __device__ __forceinline__ void mbarrier_expect_tx(uint64_t* bar, uint32_t bytes) {
