@@ -46,16 +46,6 @@ namespace blocksparse_attn {
 #ifndef BSA_SM90_K128_Q_BUFFERS
 #define BSA_SM90_K128_Q_BUFFERS 2
 #endif
-// Build knob BSA_SM90_PRODUCER_WARPS=4|1 (default 4 until timed on a GPU): the producer warps that
-// work in the 128-key kernels; the others leave once they have given up their registers, as FA3's
-// producer warp group does. Every working producer thread walks the tiles and arrives on the fill
-// barriers, and the walk is ~10 % of the kernel's warp instructions at dense 16k x 2 (Nsight Compute,
-// H200, 2026-12-05), issued four times over; at 4 warps ours issues 1.25x FA4's warp instructions
-// there, for 1.14x its cycles (H100, locked clocks). The 64-key kernels keep four (their fp8 pages
-// take a row per thread pair of 128).
-#ifndef BSA_SM90_PRODUCER_WARPS
-#define BSA_SM90_PRODUCER_WARPS 4
-#endif
 // The key and value slots of one fill.
 struct Sm90Fill {
   int key_slot;
@@ -72,8 +62,6 @@ struct Sm90TilingShape {
   static constexpr bool kSplitRings = kKeySlots != kValueSlots;
   static constexpr int kQBuffers = kQBuffers_;
   static constexpr int kLoadsInFlight = kLoadsInFlight_;  // cp.async groups the producer keeps outstanding
-  // The working producer threads (BSA_SM90_PRODUCER_WARPS): each arrives on every fill barrier.
-  static constexpr int kProducerThreads = kTilesPerStage > 1 ? 32 * BSA_SM90_PRODUCER_WARPS : 128;
   static_assert(kQBuffers >= 1 && kQBuffers <= 3, "one to three Q buffers");
   // The producer publishes fill m (cp.async path) at the top of fill m + L, before it waits for the
   // slots of fill m + L. A consumer frees value slot m after P.V m, which it issues once fill m + 1
