@@ -14,7 +14,9 @@
 # ROUNDS (default 2): every set profiled once a round, in turn. Each set's median is compared with the
 # first set of its group (labels "<group>-<variant>", e.g. d16-0, d16-1). NCU_KERNEL: the kernel name regex
 # (default prefill_sm90). BSA_HEAD_DIMS: the builds' head dims (default 128). Everything lands in
-# $OUT/cycles.log and $OUT/<label>_r<round>.csv.
+# $OUT/cycles.log and $OUT/<label>_r<round>.csv. TEST_BUILDS="i j ...": before any profile, TEST_FILE
+# (default tests/test_prefill_kernels.py, -k TEST_K, default "not D256") runs on those builds, and
+# the sets of a build whose tests fail are not profiled (an untested build's cycles mean nothing).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a PYTHONPATH=$PWD
@@ -37,11 +39,19 @@ done
 wait
 for i in "${!builds[@]}"; do check_build "$i" "build $i (${builds[$i]:-no flags})" || exit 1; done
 mapfile -t sets < <(printf '%s\n' "${CYCLE_SETS:?lines of label|build|environment|arguments}" | sed '/^$/d')
+failed=" "
+for i in ${TEST_BUILDS:-}; do
+  cp "$ext/$i"/_C*.so blocksparse_attn/ || { echo "tests: no build $i"; exit 1; }
+  DEVICE=cuda timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider \
+    "${TEST_FILE:-tests/test_prefill_kernels.py}" -k "${TEST_K:-not D256}" > "$OUT/test_$i.log" 2>&1 || failed+="$i "
+  echo "build $i tests: $(tail -1 "$OUT/test_$i.log")"
+done
 metrics=gpc__cycles_elapsed.max,sm__cycles_active.avg,sm__cycles_active.min,sm__cycles_active.max
 metrics=$metrics,smsp__inst_executed.sum,gpu__time_duration.sum
 for r in $(seq 1 "${ROUNDS:-2}"); do
   for line in "${sets[@]}"; do
     IFS='|' read -r label build envs args <<< "$line"
+    [[ $failed == *" ${build:-0} "* ]] && continue  # its tests failed
     cp "$ext/${build:-0}"/_C*.so blocksparse_attn/ || { echo "$label: no build ${build:-0}"; exit 1; }
     # shellcheck disable=SC2086
     env $envs timeout "${NCU_TIMEOUT:-120}" ncu --kernel-name "regex:${NCU_KERNEL:-prefill_sm90}" --launch-skip 1 \

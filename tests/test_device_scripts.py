@@ -201,3 +201,20 @@ def test_device_cycles_builds_a_line_from_another_tree(tree, tmp_path, fake_ncu)
                        "d-2": "1,010,000 cycles (+1.00 % against d-0)"}, run.stdout
     missing = run_script(tree, "device_cycles.sh", tmp_path, BUILDS="@ab/none", CYCLE_SETS="d-0|0||")
     assert missing.returncode != 0 and "no source tree at ab/none" in missing.stdout
+
+
+def test_device_cycles_tests_builds_first_and_skips_the_sets_of_a_failing_one(tree, tmp_path, fake_ncu):
+    """TEST_BUILDS: the prefill tests run on those builds before any profile; a failing build is not profiled."""
+    (tree / "tests" / "test_prefill_kernels.py").write_text(FAKE_TEST + """
+def test_not_the_broken_build():
+    assert "-DBROKEN" not in open(glob.glob("blocksparse_attn/_C*.so")[0]).read()
+""")
+    run = run_script(tree, "device_cycles.sh", tmp_path, BUILDS="\n-DA=1\n-DBROKEN=1", ROUNDS="1",
+                     TEST_BUILDS="1 2", CYCLE_SETS="d-0|0||\nd-1|1||\nd-2|2||")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "build 1 tests: 2 passed" in run.stdout and "build 2 tests: 1 failed, 1 passed" in run.stdout, run.stdout
+    assert run.stdout.index("build 2 tests") < run.stdout.index("d-0")  # tests before the profiles
+    medians = {line.split(":")[0]: line.split("median ")[1] for line in run.stdout.splitlines() if "median" in line}
+    assert medians == {"d-0": "1,000,000 cycles (+0.00 % against d-0)",
+                       "d-1": "1,010,000 cycles (+1.00 % against d-0)"}, run.stdout
+    assert not list((tmp_path / "out").glob("d-2_r*.csv"))
