@@ -151,11 +151,16 @@ void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, 
   static_assert(kHeadDim == 64 || kHeadDim == 128, "the Hopper prefill kernel takes padded head dims 64 and 128");
   using Tiling = Sm90Tiling<kStageKeys>;
   constexpr int kSmemBytes = Sm90Smem<kHeadDim, Tiling>::kBytes;
-  auto kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling, Cache>;
+  const Sm90TensorMaps maps = sm90_tensor_maps<Element, Cache>(params, launch.use_tma);
+  auto kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling, Cache, 128>;
+  if constexpr (BSA_SM90_PRODUCER_WARPS == 1 && !CacheFormat<Cache>::kFp8) {
+    // Contiguous K/V with Q and K/V through the TMA: a producer of one warp (prefill_sm90.cuh).
+    if (!params.kv.paged() && maps.kv_enabled && maps.query_enabled)
+      kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling, Cache, 32>;
+  }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   const int64_t max_units = static_cast<int64_t>(launch.max_tiles) * (params.num_q_heads >> params.pack_gqa_shift);
   const int grid = static_cast<int>(std::min<int64_t>(launch.num_ctas, max_units));
-  const Sm90TensorMaps maps = sm90_tensor_maps<Element, Cache>(params, launch.use_tma);
   // A programmatic dependent of the plan kernel before it: the CTAs take their SMs, carve the shared
   // memory and set up their barriers while the plan runs, and wait for it (griddepcontrol.wait) before
   // their first global read. The launch gap leaves the path of short prompts: 256 x 128 tokens -0.5 %,

@@ -92,29 +92,26 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 #ifndef BSA_SM90_PAGED_BOX_WARPS
 #define BSA_SM90_PAGED_BOX_WARPS 1
 #endif
-// Build knob BSA_SM90_PRODUCER_WARPS=4|1 (default 4 until timed on a GPU): 1 lets one producer warp
-// work (fp8 pages excepted: a row per thread pair of 128) while the other three leave once they have
-// given up their registers, as FA3's producer warp group does. Every working producer thread walks
-// the tiles and arrives on the fill barriers: at dense 16k x 2 the walk alone is ~10 % of the
-// kernel's warp instructions, issued by four warps (Nsight Compute, H200, 2026-12-05), and ours
-// issues 1.25x FA4's warp instructions there for 1.14x its cycles (H100, locked clocks). Contiguous
-// K/V need one thread's TMA issue a tile; paged boxes then issue from one warp's lanes, as with
-// BSA_SM90_PAGED_BOX_WARPS=0. A choice made at compile time: a run-time choice between the two
-// producers (contiguous one warp, paged four) spilled 52 bytes in the 128-key kernel (ptxas).
+// Build knob BSA_SM90_PRODUCER_WARPS=4|1 (default 4 until timed on a GPU): 1 gives launches over
+// contiguous K/V with Q and K/V through the TMA (one thread's issue a tile) a kernel whose producer
+// works in one warp, while the other three leave once they have given up their registers, as FA3's
+// producer warp group does (launch_prefill_sm90 picks it). Every working producer thread walks the
+// tiles and arrives on the fill barriers: at dense 16k x 2 the walk alone is ~10 % of the kernel's
+// warp instructions, issued by four warps (Nsight Compute, H200, 2026-12-05), and ours issues 1.25x
+// FA4's warp instructions there for 1.14x its cycles (H100, locked clocks). Paged fills keep four
+// warps (their boxes issue from every warp: BSA_SM90_PAGED_BOX_WARPS), and so do fp8 pages (a row per
+// thread pair of 128). Two kernels, not a run-time choice inside one: that spilled 52 bytes in the
+// 128-key kernel (ptxas).
 #ifndef BSA_SM90_PRODUCER_WARPS
 #define BSA_SM90_PRODUCER_WARPS 4
 #endif
-template <typename Cache>
-__host__ __device__ constexpr int sm90_producer_threads() {
-  return BSA_SM90_PRODUCER_WARPS == 1 && !CacheFormat<Cache>::kFp8 ? 32 : 128;
-}
 
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
 // through the TMA with 64-key fills, whose boxes' page ids are looked up a fill ahead (its own
 // instantiation, so that contiguous K/V run the code they ran without it: a run-time switch cost
 // them 2.7 %).
-template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool kPagesAhead>
+template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool kPagesAhead, int kProducerThreads>
 __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
@@ -125,7 +122,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   const int head_size = params.head_size;
   const KeyValueSource& kv = params.kv;
   constexpr int kChunksPerRow = kHeadDim / 8;
-  constexpr int kProducerThreads = sm90_producer_threads<Cache>();
   constexpr int kRowStep = kProducerThreads / kChunksPerRow;
   const int chunk = tid % kChunksPerRow, col = chunk * 8;
   const int row0 = tid / kChunksPerRow;
@@ -407,8 +403,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           *reinterpret_cast<uint4*>(dst_v + stage_layout(fp8_row, col + 8)) = elements[1];
         }
       } else {
-        // In passes of at most 8 rows a thread: fewer producer threads (BSA_SM90_PRODUCER_WARPS) copy
-        // more rows each, and 32 page lookups in flight spilled the producer.
+        // In passes of at most 8 rows a thread: a one-warp producer (BSA_SM90_PRODUCER_WARPS) copies 32
+        // rows a thread, and all 32 at once spilled it (232 bytes at 128 keys, ptxas).
         constexpr int kCopies = 64 / kRowStep, kPassCopies = kCopies < 8 ? kCopies : 8;
 #pragma unroll 1
         for (int pass = 0; pass < kCopies / kPassCopies; ++pass)
@@ -926,7 +922,8 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
 
 #endif
 
-template <typename Element, int kHeadDim, typename Tiling, typename Cache>
+// kProducerThreads: 128, or 32 (BSA_SM90_PRODUCER_WARPS=1, contiguous K/V through the TMA).
+template <typename Element, int kHeadDim, typename Tiling, typename Cache, int kProducerThreads>
 __global__ void __launch_bounds__(kSm90Threads, 1)
     prefill_sm90_kernel(const PrefillParams params, const __grid_constant__ Sm90TensorMaps maps) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -938,7 +935,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       smem_unaligned + ((1024u - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned)) & 1023u)) & 1023u));
   if (threadIdx.x == 0) {
     // every working producer thread arrives on full; every consumer thread on the empties
-    for (int s = 0; s < Tiling::kKeySlots; ++s) ptx::mbarrier_init(&shared.full[s], sm90_producer_threads<Cache>());
+    for (int s = 0; s < Tiling::kKeySlots; ++s) ptx::mbarrier_init(&shared.full[s], kProducerThreads);
     for (int s = 0; s < Tiling::kValueSlots; ++s) ptx::mbarrier_init(&shared.value_empty[s], 128 * kSm90ConsumerGroups);
     for (int s = 0; s < Smem::kKeyEmptyBarriers; ++s)
       ptx::mbarrier_init(&shared.key_empty[s], 128 * kSm90ConsumerGroups);
@@ -955,12 +952,12 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   // the records. Units differ in length (sparse rows, varlen), so claiming beats a static split.
   if (threadIdx.x < 128) {
     ptx::setmaxnreg_dec<kSm90ProducerRegisters>();
-    if (threadIdx.x >= sm90_producer_threads<Cache>()) return;  // BSA_SM90_PRODUCER_WARPS
-    constexpr bool kMayLookAhead = Tiling::kTilesPerStage == 1 && !CacheFormat<Cache>::kFp8;
+    if (threadIdx.x >= kProducerThreads) return;  // BSA_SM90_PRODUCER_WARPS
+    constexpr bool kMayLookAhead = Tiling::kTilesPerStage == 1 && !CacheFormat<Cache>::kFp8 && kProducerThreads == 128;
     if (kMayLookAhead && params.kv.paged() && maps.kv_enabled)
-      sm90_producer<Element, kHeadDim, Tiling, Cache, kMayLookAhead>(params, maps, shared);
+      sm90_producer<Element, kHeadDim, Tiling, Cache, kMayLookAhead, kProducerThreads>(params, maps, shared);
     else
-      sm90_producer<Element, kHeadDim, Tiling, Cache, false>(params, maps, shared);
+      sm90_producer<Element, kHeadDim, Tiling, Cache, false, kProducerThreads>(params, maps, shared);
   } else {
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
     const bool kv_row_groups = !CacheFormat<Cache>::kFp8 && maps.kv_row_groups;
