@@ -13,15 +13,17 @@
 # one per variant, default none) sets environment variables for that variant's tests and benchmark,
 # e.g. $'\nBSA_SM90_STAGE_KEYS=128' to time a run-time choice. BENCH_ARGS go to every benchmark run, e.g.
 # "--dense-pattern --methods ours,sdpa-cudnn" (a later --methods wins): baselines are reported per variant.
-# BENCH_SETS (lines of benchmark arguments, default BENCH_ARGS) runs every set in every round, e.g. the
+# BENCH_SETS (lines of benchmark arguments, each after BENCH_ARGS; default one set, BENCH_ARGS alone) runs every set in every round, e.g. the
 # sparse and the dense pattern from the same builds.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name --format=csv,noheader
 ext=$(mktemp -d)
-mapfile -t variants < <(printf '%s\n' "${VARIANTS:?lines of NVCC flags}" | sed '/^$/d')
-mapfile -t dirs < <(printf '%s\n' "${VARIANT_DIRS:-}" | sed '/^$/d')
+# Empty lines kept in all three: an empty line of VARIANTS is the build without flags (dropping it
+# made $'\n-DX=1' one variant, and shifted VARIANT_ENVS against the variants), of VARIANT_DIRS this tree.
+mapfile -t variants < <(printf '%s\n' "${VARIANTS?lines of NVCC flags}")
+mapfile -t dirs < <(printf '%s\n' "${VARIANT_DIRS:-}")
 mapfile -t envs < <(printf '%s\n' "${VARIANT_ENVS:-}")  # empty lines kept: a variant without variables
 root=$PWD
 source "$(dirname "$0")/device_builds.sh"
@@ -52,7 +54,7 @@ for i in "${!variants[@]}"; do
   fi
 done
 cd "$root"
-mapfile -t sets < <(printf '%s\n' "${BENCH_SETS:-${BENCH_ARGS:-}}")
+mapfile -t sets < <(printf '%s\n' "${BENCH_SETS:-}")  # one set (BENCH_ARGS alone) if none
 nv=${#variants[@]}
 for r in $(seq 1 ${ROUNDS:-3}); do
   for b in "${!sets[@]}"; do
@@ -62,7 +64,7 @@ for r in $(seq 1 ${ROUNDS:-3}); do
       run="$OUT/r${r}_s${b}_v$i"
       mkdir -p "$run"
       env ${envs[$i]:-} timeout ${BENCH_TIMEOUT:-120} python3 benchmarks/bench_prefill.py --device cuda --seq-lens ${SEQ_LENS:-8192} \
-        --methods ours --out-dir "$run" ${sets[$b]} > "$run/bench.log" 2>&1 \
+        --methods ours --out-dir "$run" ${BENCH_ARGS:-} ${sets[$b]} > "$run/bench.log" 2>&1 \
         || { echo "round $r set $b variant $i: benchmark failed"; tail -2 "$run/bench.log"; }
     done
   done

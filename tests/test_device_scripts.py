@@ -31,6 +31,7 @@ import csv, glob, os, sys
 out = sys.argv[sys.argv.index("--out-dir") + 1]
 flags = open(glob.glob("blocksparse_attn/_C*.so")[0]).read().split("|")[0]
 ms = 1.0 + 0.5 * flags.count("-D")  # the variant shows in its time
+open(os.path.join(out, "args.txt"), "w").write(" ".join(sys.argv[1:]))
 with open(os.path.join(out, "bench_prefill_cuda_bfloat16.csv"), "w") as f:
     w = csv.writer(f)
     w.writerow(["S", "ms", "method"])
@@ -95,6 +96,20 @@ def test_device_ab_builds_each_variant_and_shares_run_time_ones(tree, tmp_path):
     assert medians == {"0": "1.500", "1": "2.000", "2": "1.500"}, run.stdout  # variant 2 runs variant 0's build
     built = sorted(p.name for p in (tmp_path / "out").glob("build_*.log"))
     assert built == ["build_0.log", "build_1.log"], built
+
+
+def test_device_ab_keeps_the_build_without_flags_and_passes_bench_args_to_every_set(tree, tmp_path):
+    # An empty line is the build without flags (it was dropped, leaving one variant), and BENCH_ARGS
+    # go before each set's arguments (they were ignored once BENCH_SETS was given).
+    run = run_script(tree, "device_ab.sh", tmp_path, VARIANTS="\n-DA=1", VARIANT_ENVS="\nX=1",
+                     BENCH_ARGS="--no-sanity-check", BENCH_SETS="--set-a\n--set-b", ROUNDS="1")
+    assert run.returncode == 0, run.stdout + run.stderr
+    medians = {(line.split()[1], line.split()[3]): line.split("median ")[1].split()[0]
+               for line in run.stdout.splitlines() if line.startswith("set") and "median" in line}
+    assert medians == {("0", "0"): "1.000", ("0", "1"): "1.500", ("1", "0"): "1.000", ("1", "1"): "1.500"}, run.stdout
+    for b, name in ((0, "--set-a"), (1, "--set-b")):
+        args = (tmp_path / "out" / f"r1_s{b}_v0" / "args.txt").read_text().split()
+        assert args[-2:] == ["--no-sanity-check", name], args
 
 
 def test_device_ab_builds_from_variant_dirs(tree, tmp_path):
