@@ -46,18 +46,19 @@ namespace blocksparse_attn {
 #ifndef BSA_SM90_K128_Q_BUFFERS
 #define BSA_SM90_K128_Q_BUFFERS 2
 #endif
-// Build knob BSA_SM90_PRODUCER_WARPS=4|1 (default 4 until timed on a GPU): 1 gives launches over
-// contiguous K/V with Q and K/V through the TMA (one thread's issue a tile) a kernel whose producer
-// works in one warp, while the other three leave once they have given up their registers, as FA3's
-// producer warp group does (launch_prefill_sm90 picks it). Every working producer thread walks the
-// tiles and arrives on the fill barriers: at dense 16k x 2 the walk alone is ~10 % of the kernel's
-// warp instructions, issued by four warps (Nsight Compute, H200, 2026-12-05), and ours issues 1.25x
-// FA4's warp instructions there for 1.14x its cycles (H100, locked clocks). Paged fills keep four
-// warps (their boxes issue from every warp: BSA_SM90_PAGED_BOX_WARPS), and so do fp8 pages (a row per
-// thread pair of 128). Two kernels, not a run-time choice inside one: that spilled 52 bytes in the
-// 128-key kernel (ptxas).
+// Build knob BSA_SM90_PRODUCER_WARPS=1|4 (default 1): launches over contiguous K/V with Q and K/V
+// through the TMA (one thread's issue a tile) take a kernel whose producer works in one warp, while
+// the other three leave once they have given up their registers, as FA3's producer warp group does
+// (launch_prefill_sm90 picks it); 4 keeps four working producer warps everywhere. Every working
+// producer thread walks the tiles and arrives on the fill barriers: with four, the producer issued
+// 0.70e9 of the 2.55e9 warp instructions at dense 16k x 2 (Nsight Compute, H200), and ours issued
+// 1.25x FA4's warp instructions there for 1.14x its cycles (H100, locked clocks). One warp: 2.05e9
+// warp instructions and 3.9 % fewer cycles at dense 16k x 2, 3.8 % at 32k, 0.4-1.1 % on the pattern
+// (H100, locked clocks, 2026-12-05). Paged fills keep four warps (their boxes issue from every warp:
+// BSA_SM90_PAGED_BOX_WARPS), and so do fp8 pages (a row per thread pair of 128). Two kernels, not a
+// run-time choice inside one: that spilled 52 bytes in the 128-key kernel (ptxas).
 #ifndef BSA_SM90_PRODUCER_WARPS
-#define BSA_SM90_PRODUCER_WARPS 4
+#define BSA_SM90_PRODUCER_WARPS 1
 #endif
 // The key and value slots of one fill.
 struct Sm90Fill {
