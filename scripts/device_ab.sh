@@ -13,8 +13,8 @@
 # one per variant, default none) sets environment variables for that variant's tests and benchmark,
 # e.g. $'\nBSA_SM90_STAGE_KEYS=128' to time a run-time choice. BENCH_ARGS go to every benchmark run, e.g.
 # "--dense-pattern --methods ours,sdpa-cudnn" (a later --methods wins): baselines are reported per variant.
-# BENCH_SETS (lines of benchmark arguments, each after BENCH_ARGS; default one set, BENCH_ARGS alone) runs every set in every round, e.g. the
-# sparse and the dense pattern from the same builds.
+# BENCH_SETS (lines of benchmark arguments, each after BENCH_ARGS; default one set, BENCH_ARGS alone)
+# runs every set in every round, e.g. the sparse and the dense pattern from the same builds.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 PYTHONPATH=$PWD

@@ -5,10 +5,11 @@
 // heads (PrefillParams::pack_gqa_shift) one (sequence, tile of 128 / G tokens, kv head) whose rows
 // are the tokens times the kv group's G q heads; the grid is
 // persistent (one CTA per SM) and each CTA's producer claims units from a counter. Warp group 0
-// (over contiguous K/V, one warp of it: BSA_SM90_PRODUCER_WARPS) brings Q and the K/V tiles: through the TMA for Q and whole tiles of contiguous K/V or of pages in
-// the model's dtype, with cp.async for a sequence's last partial tile (zero-filled past the sequence,
-// so unwritten cache slots never reach P.V), and through registers for fp8 pages (widened on the
-// way); warp groups 1 and 2 each own 64 query rows. Sparse blocks are
+// (over contiguous K/V, one warp of it: BSA_SM90_PRODUCER_WARPS) brings Q and the K/V tiles:
+// through the TMA for Q and whole tiles of contiguous K/V or of pages in the model's dtype, with
+// cp.async for a sequence's last partial tile (zero-filled past the sequence, so unwritten cache
+// slots never reach P.V), and through registers for fp8 pages (widened on the way); warp groups 1
+// and 2 each own 64 query rows. Sparse blocks are
 // multiples of 64 tokens, so each consumer's rows lie in one query block: the producer walks the
 // union of the two blocks' visible key tiles and tells each consumer, per stage, whether it sees the
 // tile and whether it needs the element mask.
