@@ -47,9 +47,8 @@ for i in "${!variants[@]}"; do
   first=${built["$dir|${variants[$i]}"]}
   [[ "$first" == "$i" ]] || cp "$ext/$first"/_C*.so "$ext/$i/"
   if [[ " ${TEST_VARIANT:-} " == *" $i "* ]]; then
-    cp "$ext/$i"/_C*.so "$dir"/blocksparse_attn/
-    (cd "$dir" && env ${envs[$i]:-} DEVICE=cuda PYTHONPATH=$PWD timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider \
-      ${TEST_FILE:-tests/test_prefill_kernels.py} -k "${TEST_K:-not D256}") > "$OUT/test_$i.log" 2>&1
+    # shellcheck disable=SC2086
+    test_build "$ext/$i" "$dir" "$OUT/test_$i.log" ${envs[$i]:-}
     echo "variant $i tests: $(tail -1 "$OUT/test_$i.log")"
   fi
 done

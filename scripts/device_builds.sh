@@ -1,5 +1,5 @@
-# Build helpers of the device A/B scripts (sourced by device_ab.sh and device_ab_paged.sh, which set
-# OUT): every variant builds in its own copy of its source tree, all at the same time, so a stale
+# Build helpers of the device A/B scripts (sourced by device_ab.sh, device_ab_paged.sh and
+# device_cycles.sh, which set OUT): every variant builds in its own copy of its source tree, all at the same time, so a stale
 # extension in a tree can never stand in for a failed build.
 
 # A fresh copy of DIR without build outputs; prints its path.
@@ -26,4 +26,15 @@ check_build() {
   [[ "$(cat "$OUT/build_$1.rc" 2>/dev/null)" == 0 ]] && return 0
   echo "$2: build failed"; grep -i error "$OUT/build_$1.log" | head
   return 1
+}
+
+# test_build EXT TREE LOG [VAR=value ...]: the extension built into EXT goes into TREE, whose
+# TEST_FILE (default tests/test_prefill_kernels.py; several, space-separated; -k TEST_K, default
+# "not D256") then runs there with those variables, its output in LOG; false if the tests failed.
+test_build() {
+  local ext=$1 tree=$2 log=$3; shift 3
+  cp "$ext"/_C*.so "$tree"/blocksparse_attn/ || { echo "tests: no build in $ext" > "$log"; return 1; }
+  # shellcheck disable=SC2086
+  (cd "$tree" && env "$@" DEVICE=cuda PYTHONPATH="$PWD" timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q \
+     -p no:cacheprovider ${TEST_FILE:-tests/test_prefill_kernels.py} -k "${TEST_K:-not D256}") > "$log" 2>&1
 }

@@ -8,8 +8,8 @@
 #
 # BUILDS: lines of NVCC flags, one build each (default: one build, no flags), all at the same time in
 # copies of this tree; a line "@DIR flags" builds a copy of the tree DIR instead (e.g. a branch's
-# checkout at ab/<name>, git-ignored: carried to the device with the run's carry). CYCLE_SETS: lines "<label>|<build index>|<environment>|<profile_prefill.py
-# arguments>", e.g.
+# checkout at ab/<name>, git-ignored: carried to the device with the run's carry). CYCLE_SETS: lines
+# "<label>|<build index>|<environment>|<profile_prefill.py arguments>", e.g.
 #   $'tail|0||--seq-len 16384 --batch 2 --dense-pattern\nno-tail|0|BSA_PREFILL_KV_TAIL=off|--seq-len 16384 --batch 2 --dense-pattern'
 # ROUNDS (default 2): every set profiled once a round, in turn. Each set's median is compared with the
 # first set of its group (labels "<group>-<variant>", e.g. d16-0, d16-1). NCU_KERNEL: the kernel name regex
@@ -41,9 +41,7 @@ for i in "${!builds[@]}"; do check_build "$i" "build $i (${builds[$i]:-no flags}
 mapfile -t sets < <(printf '%s\n' "${CYCLE_SETS:?lines of label|build|environment|arguments}" | sed '/^$/d')
 failed=" "
 for i in ${TEST_BUILDS:-}; do
-  cp "$ext/$i"/_C*.so blocksparse_attn/ || { echo "tests: no build $i"; exit 1; }
-  DEVICE=cuda timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider \
-    "${TEST_FILE:-tests/test_prefill_kernels.py}" -k "${TEST_K:-not D256}" > "$OUT/test_$i.log" 2>&1 || failed+="$i "
+  test_build "$ext/$i" . "$OUT/test_$i.log" || failed+="$i "
   echo "build $i tests: $(tail -1 "$OUT/test_$i.log")"
 done
 metrics=gpc__cycles_elapsed.max,sm__cycles_active.avg,sm__cycles_active.min,sm__cycles_active.max
