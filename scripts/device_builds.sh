@@ -38,3 +38,14 @@ test_build() {
   (cd "$tree" && env "$@" DEVICE=cuda PYTHONPATH="$PWD" timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q \
      -p no:cacheprovider ${TEST_FILE:-tests/test_prefill_kernels.py} -k "${TEST_K:-not D256}") > "$log" 2>&1
 }
+
+# sanitize_build EXT TREE TOOL LOG: as test_build, under compute-sanitizer --tool TOOL (-k SANITIZE_K,
+# default TEST_K), its output in LOG; false on a reported error or a failed test.
+sanitize_build() {
+  local ext=$1 tree=$2 tool=$3 log=$4
+  cp "$ext"/_C*.so "$tree"/blocksparse_attn/ || { echo "sanitizer: no build in $ext" > "$log"; return 1; }
+  # shellcheck disable=SC2086
+  (cd "$tree" && DEVICE=cuda PYTHONPATH="$PWD" timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" \
+     --error-exitcode 99 --print-limit 20 python3 -m pytest -q -p no:cacheprovider \
+     ${TEST_FILE:-tests/test_prefill_kernels.py} -k "${SANITIZE_K:-${TEST_K:-not D256}}") > "$log" 2>&1
+}

@@ -17,6 +17,8 @@
 # $OUT/cycles.log and $OUT/<label>_r<round>.csv. TEST_BUILDS="i j ...": before any profile, TEST_FILE
 # (default tests/test_prefill_kernels.py, -k TEST_K, default "not D256") runs on those builds, and
 # the sets of a build whose tests fail are not profiled (an untested build's cycles mean nothing).
+# SANITIZE="racecheck synccheck memcheck": then each tool runs those tests (-k SANITIZE_K, default
+# TEST_K) on each tested build under compute-sanitizer; a reported error fails the build like a test.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a PYTHONPATH=$PWD
@@ -43,6 +45,11 @@ failed=" "
 for i in ${TEST_BUILDS:-}; do
   test_build "$ext/$i" . "$OUT/test_$i.log" || failed+="$i "
   echo "build $i tests: $(tail -1 "$OUT/test_$i.log")"
+  for tool in ${SANITIZE:-}; do  # after tests that passed
+    [[ $failed == *" $i "* ]] && break
+    sanitize_build "$ext/$i" . "$tool" "$OUT/sanitize_${i}_$tool.log" || failed+="$i "
+    echo "build $i $tool: $(grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_${i}_$tool.log" | tail -2 | tr '\n' ' ')"
+  done
 done
 metrics=gpc__cycles_elapsed.max,sm__cycles_active.avg,sm__cycles_active.min,sm__cycles_active.max
 metrics=$metrics,smsp__inst_executed.sum,gpu__time_duration.sum

@@ -2,8 +2,8 @@
 that writes its NVCC flags into the extension, a benchmark that reports them, and a fake nvidia-smi.
 A broken script costs minutes of the scarce device time before it says so; here it costs a second.
 Checks: every variant runs its own build (run-time variants share one), each build comes from its
-own tree (VARIANT_DIRS, BASE_DIR), a failed build stops the script with the variant named, and the
-tests of TEST_VARIANT run."""
+own tree (VARIANT_DIRS, BASE_DIR), a failed build stops the script with the variant named, the
+tests of TEST_VARIANT run, and device_cycles.sh's tests and sanitizers run before its profiles."""
 from __future__ import annotations
 
 import os
@@ -233,3 +233,35 @@ def test_not_the_broken_build():
     assert medians == {"d-0": "1,000,000 cycles (+0.00 % against d-0)",
                        "d-1": "1,010,000 cycles (+1.00 % against d-0)"}, run.stdout
     assert not list((tmp_path / "out").glob("d-2_r*.csv"))
+
+
+# compute-sanitizer as device_builds.sh's sanitize_build calls it: runs the command after its options
+# and reports one error for racecheck on a build made with -DRACY (exit code 99, as asked).
+FAKE_SANITIZER = """\
+import glob, subprocess, sys
+args = sys.argv[1:]
+tool = args[args.index("--tool") + 1]
+command = args[args.index("--print-limit") + 2:]
+code = subprocess.run(command).returncode
+racy = tool == "racecheck" and "-DRACY" in open(glob.glob("blocksparse_attn/_C*.so")[0]).read()
+print(f"========= ERROR SUMMARY: {int(racy)} error{'' if racy else 's'}")
+sys.exit(99 if racy else code)
+"""
+
+
+def test_device_cycles_sanitizes_tested_builds_and_skips_the_sets_of_a_flagged_one(tree, tmp_path, fake_ncu):
+    """SANITIZE: each tool runs the tests of each TEST_BUILDS build; a reported error keeps it from the profiles."""
+    sanitizer = tmp_path / "bin" / "compute-sanitizer"
+    sanitizer.write_text(f"#!{sys.executable}\n" + FAKE_SANITIZER)
+    sanitizer.chmod(sanitizer.stat().st_mode | stat.S_IEXEC)
+    run = run_script(tree, "device_cycles.sh", tmp_path, BUILDS="\n-DA=1\n-DRACY=1", ROUNDS="1", TEST_BUILDS="1 2",
+                     SANITIZE="synccheck racecheck", CYCLE_SETS="d-0|0||\nd-1|1||\nd-2|2||")
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = {line.split(":")[0]: line for line in run.stdout.splitlines() if line.startswith("build ")}
+    assert "1 passed" in lines["build 1 racecheck"] and "SUMMARY: 0 errors" in lines["build 1 racecheck"], run.stdout
+    assert "SUMMARY: 0 errors" in lines["build 2 synccheck"], run.stdout
+    assert "SUMMARY: 1 error" in lines["build 2 racecheck"], run.stdout
+    assert run.stdout.index("build 2 racecheck") < run.stdout.index("d-0")  # before the profiles
+    medians = {line.split(":")[0] for line in run.stdout.splitlines() if "median" in line}
+    assert medians == {"d-0", "d-1"}, run.stdout
+    assert (tmp_path / "out" / "sanitize_1_synccheck.log").exists()
