@@ -1,6 +1,6 @@
 # Build helpers of the device A/B scripts (sourced by device_ab.sh, device_ab_paged.sh and
-# device_cycles.sh, which set OUT): every variant builds in its own copy of its source tree, all at the same time, so a stale
-# extension in a tree can never stand in for a failed build.
+# device_cycles.sh, which set OUT): every variant builds in its own copy of its source tree, all at
+# the same time, so a stale extension in a tree can never stand in for a failed build.
 
 # A fresh copy of DIR without build outputs; prints its path.
 copy_tree() {
@@ -30,22 +30,21 @@ check_build() {
 
 # test_build EXT TREE LOG [VAR=value ...]: the extension built into EXT goes into TREE, whose
 # TEST_FILE (default tests/test_prefill_kernels.py; several, space-separated; -k TEST_K, default
-# "not D256") then runs there with those variables, its output in LOG; false if the tests failed.
+# "not D256") then runs there with those variables (under TEST_RUNNER, if set), its output in LOG;
+# false if the tests failed.
 test_build() {
   local ext=$1 tree=$2 log=$3; shift 3
   cp "$ext"/_C*.so "$tree"/blocksparse_attn/ || { echo "tests: no build in $ext" > "$log"; return 1; }
   # shellcheck disable=SC2086
-  (cd "$tree" && env "$@" DEVICE=cuda PYTHONPATH="$PWD" timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q \
-     -p no:cacheprovider ${TEST_FILE:-tests/test_prefill_kernels.py} -k "${TEST_K:-not D256}") > "$log" 2>&1
+  (cd "$tree" && env "$@" DEVICE=cuda PYTHONPATH="$PWD" timeout "${TEST_TIMEOUT:-300}" ${TEST_RUNNER:-} \
+     python3 -m pytest -q -p no:cacheprovider ${TEST_FILE:-tests/test_prefill_kernels.py} \
+     -k "${TEST_K:-not D256}") > "$log" 2>&1
 }
 
-# sanitize_build EXT TREE TOOL LOG: as test_build, under compute-sanitizer --tool TOOL (-k SANITIZE_K,
-# default TEST_K), its output in LOG; false on a reported error or a failed test.
+# sanitize_build TOOL EXT TREE LOG: test_build under compute-sanitizer --tool TOOL, with -k
+# SANITIZE_K (default TEST_K); false on a reported error or a failed test.
 sanitize_build() {
-  local ext=$1 tree=$2 tool=$3 log=$4
-  cp "$ext"/_C*.so "$tree"/blocksparse_attn/ || { echo "sanitizer: no build in $ext" > "$log"; return 1; }
-  # shellcheck disable=SC2086
-  (cd "$tree" && DEVICE=cuda PYTHONPATH="$PWD" timeout "${SANITIZE_TIMEOUT:-300}" compute-sanitizer --tool "$tool" \
-     --error-exitcode 99 --print-limit 20 python3 -m pytest -q -p no:cacheprovider \
-     ${TEST_FILE:-tests/test_prefill_kernels.py} -k "${SANITIZE_K:-${TEST_K:-not D256}}") > "$log" 2>&1
+  local tool=$1; shift
+  TEST_RUNNER="compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20" \
+    TEST_K="${SANITIZE_K:-${TEST_K:-not D256}}" test_build "$@"
 }

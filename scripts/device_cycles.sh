@@ -47,7 +47,7 @@ for i in ${TEST_BUILDS:-}; do
   echo "build $i tests: $(tail -1 "$OUT/test_$i.log")"
   for tool in ${SANITIZE:-}; do  # after tests that passed
     [[ $failed == *" $i "* ]] && break
-    sanitize_build "$ext/$i" . "$tool" "$OUT/sanitize_${i}_$tool.log" || failed+="$i "
+    sanitize_build "$tool" "$ext/$i" . "$OUT/sanitize_${i}_$tool.log" || failed+="$i "
     echo "build $i $tool: $(grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_${i}_$tool.log" | tail -2 | tr '\n' ' ')"
   done
 done
