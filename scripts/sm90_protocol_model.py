@@ -4,8 +4,12 @@ GPU time.
 
 The producer and the two consumer groups run as generators that yield while a barrier wait blocks;
 barriers are counters. cp.async copies always land, so only program order and the barriers can
-block. Each unit is a list of fills (its key tiles, then its end record), each marked by whether it
-carries cp.async copies (published L fills later) or not (published at issue). Configurations: key
+block. Each unit is a list of fills, each marked by whether it carries cp.async copies (published L
+fills later) or not (published at issue), and whether it ends in an end record (a fill without
+values after its key tiles; a unit without key tiles is one) or in a marked last tile fill
+(kFillLast: the consumers issue that fill's P.V on its own and then release its slots; 64-key fills
+of contiguous K/V and fp8 pages with BSA_SM90_MARK_LAST=1, so the 64-key configurations mix both
+endings, which covers the default's end records too). Configurations: key
 slots, value slots (equal and released together for shared stages, main's 64-key shape; separate
 rings for its 128-key shape), Q buffers, fills in flight L, turns.
 
@@ -38,12 +42,14 @@ import random
 
 
 def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
-    """SK / SV: key / value slots; QB: Q buffers; L: fills in flight; split: a key slot is released
+    """units: (fills, marked) pairs, marked for a unit whose last fill is marked (no end record);
+    SK / SV: key / value slots; QB: Q buffers; L: fills in flight; split: a key slot is released
     after S, not with its value slot; fix: the producer publishes unit k - QB's fills before it waits
     for unit k's Q buffer (main since 2026-11-26), instead of assuming them out; turns: the consumer
     groups issue their products in turns; mutant: 'no bootstrap' (group 1 never hands group 0 its
-    first turn), 'no final sync' (group 0 never takes group 1's last hand-over) or 'no value wait' (a
-    fill does not wait for its value slot), for the self-test;
+    first turn), 'no final sync' (group 0 never takes group 1's last hand-over), 'no value wait' (a
+    fill does not wait for its value slot) or 'no marked release' (the consumers keep a marked last
+    fill's value slot, as if an end record were still to come), for the self-test;
     sched: a random.Random for the order the processes run in and for preemption (None: fixed order,
     each process runs until it blocks)."""
     cnt, errors = {}, []
@@ -89,8 +95,8 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
             if n >= SV and mutant != 'no value wait':
                 yield from wait(lambda: ready(('vempty', n % SV), n // SV, 2))
             write('kempty' if split else 'vempty', SK if split else SV, n)
-        for k, fills in enumerate(units + [None]):
-            if fills is None:  # end of work: a record without copies, then publish everything
+        for k, unit in enumerate(units + [None]):
+            if unit is None:  # end of work: a record without copies, then publish everything
                 yield from begin_fill()
                 early.add(st['n']); arrive(('full', st['n'] % SK))
                 while st['pub'] <= st['n']:
@@ -104,11 +110,12 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
                 while st['pub'] < needed:
                     publish(st['pub']); st['pub'] += 1
                 yield from wait(lambda: ready(('qempty', k % QB), k // QB, 2))
+            fills, marked = unit
             st['firsts'].append(st['n'])
             for i, copies in enumerate(fills):
                 n = st['n']
                 yield from begin_fill()
-                if i < len(fills) - 1:  # a tile fill's values (an end record has none)
+                if marked or i < len(fills) - 1:  # a tile fill's values (an end record has none)
                     write('vempty', SV, n)
                 if not copies:
                     arrive(('full', n % SK)); early.add(n)
@@ -137,18 +144,20 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
                 end_turn(g)
         if turns and g == 1 and mutant != 'no bootstrap':
             end_turn(1)  # group 0 goes first
-        for k, fills in enumerate(units + [None]):
+        for k, unit in enumerate(units + [None]):
             yield from wait(lambda: ready(('full', n % SK), n // SK + 1))
-            if fills is None:
+            if unit is None:
                 if turns and g == 0 and mutant != 'no final sync':
                     yield from begin_turn(0)  # group 1's last hand-over
                 return
-            if len(fills) > 1:
+            fills, marked = unit
+            tiles = len(fills) if marked else len(fills) - 1
+            if tiles:
                 yield from turn()  # the peeled first S
             rk(n)  # after the first fill's S (or at once: a unit without key tiles)
-            if len(fills) > 1:
+            if tiles:
                 pending = n
-                for _ in range(1, len(fills)):
+                for _ in range(1, len(fills)):  # the further tile fills, then the end record if any
                     n += 1
                     yield from wait(lambda: ready(('full', n % SK), n // SK + 1))
                     yield from turn()  # S of fill n, P.V of fill n - 1
@@ -156,7 +165,10 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
                     yield from wait(lambda: True)  # the softmax: P.V n - 1 completes after S n
                     rv(pending)
                     pending = n
-            rv(n)  # the end record's slots
+                if marked:
+                    yield from turn()  # the last fill's P.V on its own
+            if not (marked and mutant == 'no marked release'):
+                rv(n)  # the end record's slots, or the marked last fill's value slot
             n += 1
             arrive(('qempty', k % QB), g)
 
@@ -176,17 +188,19 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
     return "ok", sorted(set(errors))
 
 
-def random_units(rng, n_units, p_zero, p_copies, q_cp_async):
+def random_units(rng, n_units, p_zero, p_copies, q_cp_async, p_marked):
+    """p_marked: the chance that a unit with key tiles ends in a marked last fill."""
     units = []
     for _ in range(n_units):
         tiles = 0 if rng.random() < p_zero else rng.randint(1, 6)
+        marked = tiles > 0 and rng.random() < p_marked
         fills = []
-        for i in range(tiles + 1):  # tile fills, then the end record: whether each carries copies
+        for i in range(tiles if marked else tiles + 1):  # tile fills, then the end record if any
             first = i == 0
             end = i == tiles
             copies = (first and q_cp_async) or (not end and rng.random() < p_copies)  # Q or a tile through cp.async
             fills.append(copies)
-        units.append(fills)
+        units.append((fills, marked))
     return units
 
 
@@ -196,24 +210,29 @@ def outcome(result):  # "ok", "deadlock", plus the kinds of error seen
 
 
 if __name__ == "__main__":
+    # SK, SV, QB, L, split, turns, and the share of units with key tiles whose last fill is marked
+    # (64-key fills with BSA_SM90_MARK_LAST=1: contiguous K/V and fp8 pages mark it, kPagesAhead's paged
+    # fills do not).
     configs = {
-        "main 64-key (4 shared stages, 3 Q)": (4, 4, 3, 2, False, False),
-        "64-key, 2 Q (BSA_SM90_Q_BUFFERS=2)": (4, 4, 2, 2, False, False),
-        "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True, False),
-        "main 128-key, turns": (2, 3, 2, 2, True, True),
-        "64-key, turns (BSA_SM90_TURNS=2)": (4, 4, 2, 2, False, True),
-        "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False, False),
-        "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False),
-        "split control (3 + 3, 1 Q)": (3, 3, 1, 2, True, False),
+        "main 64-key (4 shared stages, 3 Q)": (4, 4, 3, 2, False, False, 0.5),
+        "64-key, 2 Q (BSA_SM90_Q_BUFFERS=2)": (4, 4, 2, 2, False, False, 0.5),
+        "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True, False, 0),
+        "main 128-key, turns": (2, 3, 2, 2, True, True, 0),
+        "64-key, turns (BSA_SM90_TURNS=2)": (4, 4, 2, 2, False, True, 0.5),
+        "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False, False, 0),
+        "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False, 0.5),
+        "split control (3 + 3, 1 Q)": (3, 3, 1, 2, True, False, 0),
     }
-    rng = random.Random(0)
     trials = 2000
-    samples = [random_units(rng, rng.randint(1, 12), rng.choice([0, 0.3, 0.8]), rng.choice([0, 0.2, 1]),
-                            rng.random() < 0.3) for _ in range(trials)]
+    def sample(p_marked):
+        rng = random.Random(0)
+        return [random_units(rng, rng.randint(1, 12), rng.choice([0, 0.3, 0.8]), rng.choice([0, 0.2, 1]),
+                             rng.random() < 0.3, p_marked) for _ in range(trials)]
+    samples = {p: sample(p) for p in {config[-1] for config in configs.values()}}
     for fix in (False, True):
-        for name, (SK, SV, QB, L, split, turns) in configs.items():
+        for name, (SK, SV, QB, L, split, turns, p_marked) in configs.items():
             results = {}
-            for trial, units in enumerate(samples):
+            for trial, units in enumerate(samples[p_marked]):
                 key = outcome(run(units, SK, SV, QB, L, split, fix, turns, sched=random.Random(trial)))
                 results[key] = results.get(key, 0) + 1
             print(f"fix={fix!s:5} {name:40} {results}")
@@ -222,19 +241,28 @@ if __name__ == "__main__":
     # a turn (nor its final sync); without group 0's final sync group 1's last hand-over dangles.
     for mutant, expect in (("no bootstrap", "deadlock"), ("no final sync", "ok +dangling turn arrival")):
         for name in ("main 128-key, turns", "64-key, turns (BSA_SM90_TURNS=2)"):
-            SK, SV, QB, L, split, turns = configs[name]
+            SK, SV, QB, L, split, turns, p_marked = configs[name]
             results = {}
-            for trial, units in enumerate(samples[:300]):
+            for trial, units in enumerate(samples[p_marked][:300]):
                 key = outcome(run(units, SK, SV, QB, L, split, True, turns, mutant, random.Random(trial)))
                 results[key] = results.get(key, 0) + 1
             print(f"self-test {mutant:14} {name:40} {results}")
             assert results == {expect: 300}, f"the model misses a broken turn protocol ({mutant})"
     # ... and a fill that does not wait for its value slot (split rings: the key slot's wait does not
     # cover it) must overwrite values in use: the overwrite check's own test.
-    SK, SV, QB, L, split, turns = configs["main 128-key (2 + 3 split rings, 2 Q)"]
+    SK, SV, QB, L, split, turns, p_marked = configs["main 128-key (2 + 3 split rings, 2 Q)"]
     results = {}
-    for trial, units in enumerate(samples[:300]):
+    for trial, units in enumerate(samples[p_marked][:300]):
         key = outcome(run(units, SK, SV, QB, L, split, True, turns, "no value wait", random.Random(trial)))
         results[key] = results.get(key, 0) + 1
     print(f"self-test no value wait  main 128-key (2 + 3 split rings, 2 Q)    {results}")
     assert any("overwrite" in key for key in results), "the model misses an overwritten value slot"
+    # ... and consumers that keep a marked last fill's slots (as they would if they waited for an end
+    # record) must hang the ring once it wraps.
+    SK, SV, QB, L, split, turns, p_marked = configs["main 64-key (4 shared stages, 3 Q)"]
+    results = {}
+    for trial, units in enumerate(samples[p_marked][:300]):
+        key = outcome(run(units, SK, SV, QB, L, split, True, turns, "no marked release", random.Random(trial)))
+        results[key] = results.get(key, 0) + 1
+    print(f"self-test no marked release main 64-key (4 shared stages, 3 Q) {results}")
+    assert "deadlock" in results, "the model misses a marked last fill's slots never released"

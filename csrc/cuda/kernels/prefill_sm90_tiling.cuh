@@ -138,6 +138,24 @@ constexpr float kSm90MaxSlack = 8.f;
 // Per-stage flags for one consumer warp group.
 constexpr uint8_t kTileVisible = 1;  // the group's query block sees this key tile
 constexpr uint8_t kTileMasked = 2;   // ... and some (row, key) pairs are causal or past the keys
+// The unit's last fill (both groups' flags of its first slot): no end record follows
+// (sm90_marks_last_fill).
+constexpr uint8_t kFillLast = 4;
+// Build knob BSA_SM90_MARK_LAST (default 0; 1: an experiment awaiting the card): 64-key fills mark a
+// unit's last fill (kFillLast) instead of following it with an end record, a fill that carries no
+// values and whose S product the consumers issue on stale keys (at 128 x 256 one S product in three).
+// The producers of contiguous K/V and of fp8 pages mark it; the paged TMA producer that looks page
+// ids up ahead does not (the consumers take either ending). 128-key fills never do: with every
+// producer marking it, their producer's slot arithmetic left the uniform datapath and dense 8k and
+// 16k took 4.7-5.4 % more cycles (H100, twenty-sixth session), against -4.5 % at 128 x 256, -6.3 %
+// at 512 x 64 and -3.5 % on an e4m3 chunk.
+#ifndef BSA_SM90_MARK_LAST
+#define BSA_SM90_MARK_LAST 0
+#endif
+template <typename Tiling>
+__host__ __device__ constexpr bool sm90_marks_last_fill() {
+  return BSA_SM90_MARK_LAST && Tiling::kTilesPerStage == 1;
+}
 
 // Shared memory: operand tiles of kRows rows x kHeadDim, stored as 64-column blocks of kRows rows x
 // 128 B with the 128-byte swizzle (the layout wgmma reads), every tile 1024-byte aligned. Q has
