@@ -7,9 +7,10 @@ barriers are counters. cp.async copies always land, so only program order and th
 block. Each unit is a list of fills, each marked by whether it carries cp.async copies (published L
 fills later) or not (published at issue), and whether it ends in an end record (a fill without
 values after its key tiles; a unit without key tiles is one) or in a marked last tile fill
-(kFillLast: the consumers issue that fill's P.V on its own and then release its slots; 64-key fills
-of contiguous K/V and fp8 pages with BSA_SM90_MARK_LAST=1, so the 64-key configurations mix both
-endings, which covers the default's end records too). Configurations: key
+(kFillLast: the consumers issue that fill's P.V on its own and then release its slots; the one-warp
+producer's 64-key fills, sm90_marks_last_fill; units without key tiles still send their end record.
+The 64-key configurations mix both endings, which covers the four-warp kernels' end records too).
+Configurations: key
 slots, value slots (equal and released together for shared stages, main's 64-key shape; separate
 rings for its 128-key shape), Q buffers, fills in flight L, turns.
 
@@ -211,8 +212,7 @@ def outcome(result):  # "ok", "deadlock", plus the kinds of error seen
 
 if __name__ == "__main__":
     # SK, SV, QB, L, split, turns, and the share of units with key tiles whose last fill is marked
-    # (64-key fills with BSA_SM90_MARK_LAST=1: contiguous K/V and fp8 pages mark it, kPagesAhead's paged
-    # fills do not).
+    # (64-key fills: the one-warp producer marks it, the four-warp ones do not).
     configs = {
         "main 64-key (4 shared stages, 3 Q)": (4, 4, 3, 2, False, False, 0.5),
         "64-key, 2 Q (BSA_SM90_Q_BUFFERS=2)": (4, 4, 2, 2, False, False, 0.5),

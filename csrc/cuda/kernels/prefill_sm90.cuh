@@ -275,11 +275,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     constexpr bool kLookAhead = kFp8Pages || kPagesAhead;
     constexpr bool kTilesAhead = kSlots > 1;  // 128-key fills: a whole fill's tiles walked ahead
     // The unit's last fill marked in its record (sm90_marks_last_fill) instead of followed by an end
-    // record: the consumers issue its P.V on its own and the ring carries one fill less a unit. It
-    // needs the next tile walked before the record is written: contiguous K/V walk it after the
-    // loads, fp8 pages have walked it already; kPagesAhead's producer, which walks it after the
-    // fill's publication, took 4.9 % more cycles marking it.
-    constexpr bool kMarksLast = sm90_marks_last_fill<Tiling>() && !kPagesAhead;
+    // record: the consumers issue its P.V on its own and the ring carries one fill less a unit. The
+    // next tile is walked before the record is written, after the fill's loads.
+    constexpr bool kMarksLast = sm90_marks_last_fill<Tiling, kProducerThreads>();
+    static_assert(!kMarksLast || !kLookAhead, "the mark: contiguous K/V");
     constexpr bool kWalkAhead = kLookAhead || kMarksLast;
     const int32_t* table = kv.paged() ? kv.table_row(seq, kv_head) : nullptr;
     auto look_up_page = [&](int key_tile) {
@@ -525,7 +524,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         if (key_tile >= 0 || (slot > 0 && first_tile >= 0))  // an empty second slot: zeros
           copies |= load_kv(key_tile, fill, slot, page);
         if constexpr (kMarksLast) {
-          if constexpr (!kFp8Pages) walk_ahead(key_tile);  // after the loads: they wait for no walk
+          walk_ahead(key_tile);  // after the loads: they wait for no walk
           last = key_tile >= 0 && ahead_tile < 0;
           if (last) {
 #pragma unroll
@@ -592,7 +591,10 @@ __device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp
 
 // Warp groups 1 and 2: 64 query rows each; per fill, S = Q K^T, the online softmax, O += P V, then
 // each unit's epilogue.
-template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool kTurns>
+// kLastMarked: the producer marks each unit's last fill (sm90_marks_last_fill), except in units
+// without key tiles, whose end record brings their Q; without it every unit ends with an end record
+// and the code has no test for the mark.
+template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool kTurns, bool kLastMarked>
 __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared, bool kv_row_groups) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
@@ -631,9 +633,6 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     bool end;   // an end record: no tiles
     bool last;  // the unit's last fill (kFillLast): no end record follows
   };
-  // Where fills may be marked last (sm90_marks_last_fill) a unit ends either way (the paged
-  // producer with page ids ahead still sends end records); elsewhere the code has no test for it.
-  constexpr bool kLastMarked = sm90_marks_last_fill<Tiling>();
   auto wait_fill = [&](int n) {
     const Sm90Fill fill = Tiling::fill(n);
     ptx::mbarrier_wait(&shared.full[fill.key_slot], (n / kKeySlots) & 1);
@@ -983,7 +982,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   } else {
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
     const bool kv_row_groups = !CacheFormat<Cache>::kFp8 && maps.kv_row_groups;
-    sm90_consumer<Element, kHeadDim, Tiling, Cache, sm90_turns<Tiling>()>(params, maps, shared, kv_row_groups);
+    sm90_consumer<Element, kHeadDim, Tiling, Cache, sm90_turns<Tiling>(), sm90_marks_last_fill<Tiling, kProducerThreads>()>(
+        params, maps, shared, kv_row_groups);
   }
 #else
   __trap();  // built for a target without wgmma: the host never launches it there

@@ -141,20 +141,23 @@ constexpr uint8_t kTileMasked = 2;   // ... and some (row, key) pairs are causal
 // The unit's last fill (both groups' flags of its first slot): no end record follows
 // (sm90_marks_last_fill).
 constexpr uint8_t kFillLast = 4;
-// Build knob BSA_SM90_MARK_LAST (default 0; 1: an experiment awaiting the card): 64-key fills mark a
-// unit's last fill (kFillLast) instead of following it with an end record, a fill that carries no
-// values and whose S product the consumers issue on stale keys (at 128 x 256 one S product in three).
-// The producers of contiguous K/V and of fp8 pages mark it; the paged TMA producer that looks page
-// ids up ahead does not (the consumers take either ending). 128-key fills never do: with every
-// producer marking it, their producer's slot arithmetic left the uniform datapath and dense 8k and
-// 16k took 4.7-5.4 % more cycles (H100, twenty-sixth session), against -4.5 % at 128 x 256, -6.3 %
-// at 512 x 64 and -3.5 % on an e4m3 chunk.
+// Build knob BSA_SM90_MARK_LAST (default 1; 0: end records everywhere): the one-warp producer's
+// 64-key fills (contiguous K/V through the TMA, BSA_SM90_PRODUCER_WARPS) mark a unit's last fill
+// (kFillLast) instead of following it with an end record, a fill that carries no values and whose S
+// product the consumers issue on stale keys (at 128 x 256 one S product in three). H100, Nsight
+// Compute cycles (2026-12-06): 128 x 256 -4.8 %, 512 x 64 -5.2 % (wall time 0.359 -> 0.341 ms), the
+// pattern 8k x 4 +0.1 %. Not elsewhere: the fp8 producer marking it took 5.9 % more cycles on an
+// e4m3 chunk (the same consumers; the twenty-sixth session's first build measured -3.5 % there: not
+// understood), the paged producer that looks page ids up ahead 4.9 % more and the consumers' test of
+// the mark alone cost paged fills 0.4 %, and 128-key fills 4.7-5.4 % more (their producer's slot
+// arithmetic left the uniform datapath). A compile-time choice per kernel: the other kernels' code
+// is what it was without it.
 #ifndef BSA_SM90_MARK_LAST
-#define BSA_SM90_MARK_LAST 0
+#define BSA_SM90_MARK_LAST 1
 #endif
-template <typename Tiling>
+template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_marks_last_fill() {
-  return BSA_SM90_MARK_LAST && Tiling::kTilesPerStage == 1;
+  return BSA_SM90_MARK_LAST && Tiling::kTilesPerStage == 1 && kProducerThreads == 32;
 }
 
 // Shared memory: operand tiles of kRows rows x kHeadDim, stored as 64-column blocks of kRows rows x
