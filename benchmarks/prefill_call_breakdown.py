@@ -1,22 +1,68 @@
-"""Where a prefill call's time goes on the GPU: the CUDA-event time of a whole `varlen_prefill`
-call against the device time of each kernel it launches (torch.profiler), and the gaps between
-them. Phi-3-small's layer (32 q / 8 kv heads, D = 128, bf16), 32k tokens a batch.
+"""Where a prefill call's time goes: the CUDA-event time of a whole `varlen_prefill` call against the
+device time of each kernel it launches (torch.profiler) and the gaps between them, the host's time to
+issue one call (no synchronisation: where it exceeds the device time, the events time the host), and
+the call replayed from a CUDA graph (device time only, when the call can be captured). Phi-3-small's
+layer (32 q / 8 kv heads, D = 128, bf16), its pattern or dense causal (--dense-pattern, as in
+bench_prefill.py).
 
-    PYTHONPATH=$PWD python3 benchmarks/prefill_call_breakdown.py
+    PYTHONPATH=$PWD python3 benchmarks/prefill_call_breakdown.py [--shapes 128x256,512x64] [--dense-pattern]
 """
+import argparse
 import statistics
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from blocksparse_attn import ops
-from blocksparse_attn.layout import SparsePattern
+from bench_prefill import layer_pattern  # this script's folder
 
 CALLS = 20
 
 
+def event_ms(fn, calls=CALLS):
+    """Median CUDA-event time (ms) of fn, called back to back without synchronisation."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
+    for i in range(calls):
+        starts[i].record()
+        fn(i)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def graph_ms(call):
+    """Median event time (ms) of one captured call replayed (inputs alternating as in the other
+    timings), or the reason it cannot be captured."""
+    graphs = []
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for i in range(3):
+                call(i)
+        torch.cuda.current_stream().wait_stream(stream)
+        for i in range(2):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                call(i)
+            graphs.append(graph)
+    except RuntimeError as error:
+        return f"not capturable ({str(error).splitlines()[0][:100]})"
+    for i in range(10):
+        graphs[i % 2].replay()
+    torch.cuda.synchronize()
+    return f"{event_ms(lambda i: graphs[i % 2].replay()) * 1000:.1f} us"
+
+
 def main():
-    for seq_len, batch in ((8192, 4), (32768, 1)):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="8192x4,32768x1", help="comma-separated SEQ_LENxBATCH")
+    ap.add_argument("--dense-pattern", action="store_true", help="dense causal: every causal block visible")
+    args = ap.parse_args()
+    for shape in args.shapes.split(","):
+        seq_len, batch = (int(x) for x in shape.split("x"))
         torch.manual_seed(0)
         tokens = seq_len * batch
         inputs = []
@@ -24,22 +70,22 @@ def main():
             k = torch.randn(tokens, 8, 128, device="cuda", dtype=torch.bfloat16)
             inputs.append((torch.randn(tokens, 32, 128, device="cuda", dtype=torch.bfloat16), k, torch.randn_like(k)))
         cu = torch.arange(0, tokens + 1, seq_len, device="cuda", dtype=torch.int32)
-        pattern = SparsePattern.phi3_small(32)
+        pattern = layer_pattern(args.dense_pattern)
+        out = torch.empty_like(inputs[0][0])  # as bench_prefill.py calls it
 
         def call(i):
-            ops.varlen_prefill(*inputs[i % 2], cu, cu, 1 / 128, pattern)
+            ops.varlen_prefill(*inputs[i % 2], cu, cu, 1 / 128, pattern, out=out)
 
         for i in range(10):
             call(i)
         torch.cuda.synchronize()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(CALLS)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(CALLS)]
-        for i in range(CALLS):
-            starts[i].record()
+        call_ms = event_ms(call)
+        host = []
+        for i in range(CALLS):  # issue only: the queue ahead of the device absorbs it
+            t0 = time.perf_counter()
             call(i)
-            ends[i].record()
+            host.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
-        event_ms = statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for i in range(CALLS):
                 call(i)
@@ -48,7 +94,8 @@ def main():
         by_name = {}
         for e in kernels:
             by_name.setdefault(e.name.split("(")[0][:70], []).append(e.time_range.end - e.time_range.start)
-        print(f"S={seq_len} x {batch}: one call {event_ms * 1000:.1f} us (CUDA events, median of {CALLS})")
+        print(f"S={seq_len} x {batch}: one call {call_ms * 1000:.1f} us (CUDA events, median of {CALLS}); "
+              f"host issue {statistics.median(host) * 1e6:.1f} us; from a CUDA graph {graph_ms(call)}")
         for name, times in by_name.items():
             print(f"  {name}: {statistics.median(times):.1f} us (median of {len(times)})")
         spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
