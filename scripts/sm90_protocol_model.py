@@ -229,40 +229,35 @@ if __name__ == "__main__":
         return [random_units(rng, rng.randint(1, 12), rng.choice([0, 0.3, 0.8]), rng.choice([0, 0.2, 1]),
                              rng.random() < 0.3, p_marked) for _ in range(trials)]
     samples = {p: sample(p) for p in {config[-1] for config in configs.values()}}
+    def tally(name, fix=True, mutant=None, trials=None):
+        """Outcome counts of a configuration over the samples (the first `trials` of them)."""
+        SK, SV, QB, L, split, turns, p_marked = configs[name]
+        results = {}
+        for trial, units in enumerate(samples[p_marked][:trials]):
+            key = outcome(run(units, SK, SV, QB, L, split, fix, turns, mutant, random.Random(trial)))
+            results[key] = results.get(key, 0) + 1
+        return results
+
     for fix in (False, True):
-        for name, (SK, SV, QB, L, split, turns, p_marked) in configs.items():
-            results = {}
-            for trial, units in enumerate(samples[p_marked]):
-                key = outcome(run(units, SK, SV, QB, L, split, fix, turns, sched=random.Random(trial)))
-                results[key] = results.get(key, 0) + 1
-            print(f"fix={fix!s:5} {name:40} {results}")
+        for name in configs:
+            print(f"fix={fix!s:5} {name:40} {tally(name, fix)}")
 
     # Self-test: a broken turn protocol must show. Without group 1's first hand-over group 0 never gets
     # a turn (nor its final sync); without group 0's final sync group 1's last hand-over dangles.
     for mutant, expect in (("no bootstrap", "deadlock"), ("no final sync", "ok +dangling turn arrival")):
         for name in ("main 128-key, turns", "64-key, turns (BSA_SM90_TURNS=2)"):
-            SK, SV, QB, L, split, turns, p_marked = configs[name]
-            results = {}
-            for trial, units in enumerate(samples[p_marked][:300]):
-                key = outcome(run(units, SK, SV, QB, L, split, True, turns, mutant, random.Random(trial)))
-                results[key] = results.get(key, 0) + 1
-            print(f"self-test {mutant:14} {name:40} {results}")
+            results = tally(name, mutant=mutant, trials=300)
+            print(f"self-test {mutant:17} {name:40} {results}")
             assert results == {expect: 300}, f"the model misses a broken turn protocol ({mutant})"
     # ... and a fill that does not wait for its value slot (split rings: the key slot's wait does not
     # cover it) must overwrite values in use: the overwrite check's own test.
-    SK, SV, QB, L, split, turns, p_marked = configs["main 128-key (2 + 3 split rings, 2 Q)"]
-    results = {}
-    for trial, units in enumerate(samples[p_marked][:300]):
-        key = outcome(run(units, SK, SV, QB, L, split, True, turns, "no value wait", random.Random(trial)))
-        results[key] = results.get(key, 0) + 1
-    print(f"self-test no value wait  main 128-key (2 + 3 split rings, 2 Q)    {results}")
+    name = "main 128-key (2 + 3 split rings, 2 Q)"
+    results = tally(name, mutant="no value wait", trials=300)
+    print(f"self-test no value wait     {name:40} {results}")
     assert any("overwrite" in key for key in results), "the model misses an overwritten value slot"
     # ... and consumers that keep a marked last fill's slots (as they would if they waited for an end
     # record) must hang the ring once it wraps.
-    SK, SV, QB, L, split, turns, p_marked = configs["main 64-key (4 shared stages, 3 Q)"]
-    results = {}
-    for trial, units in enumerate(samples[p_marked][:300]):
-        key = outcome(run(units, SK, SV, QB, L, split, True, turns, "no marked release", random.Random(trial)))
-        results[key] = results.get(key, 0) + 1
-    print(f"self-test no marked release main 64-key (4 shared stages, 3 Q) {results}")
+    name = "main 64-key (4 shared stages, 3 Q)"
+    results = tally(name, mutant="no marked release", trials=300)
+    print(f"self-test no marked release {name:40} {results}")
     assert "deadlock" in results, "the model misses a marked last fill's slots never released"
