@@ -15,45 +15,20 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from blocksparse_attn import ops
-from bench_prefill import layer_pattern  # this script's folder
+from bench_decode import graphed  # this script's folder
+from bench_prefill import layer_pattern, time_cuda
 
 CALLS = 20
-
-
-def event_ms(fn, calls=CALLS):
-    """Median CUDA-event time (ms) of fn, called back to back without synchronisation."""
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(calls)]
-    for i in range(calls):
-        starts[i].record()
-        fn(i)
-        ends[i].record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
 def graph_ms(call):
     """Median event time (ms) of one captured call replayed (inputs alternating as in the other
     timings), or the reason it cannot be captured."""
-    graphs = []
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for i in range(3):
-                call(i)
-        torch.cuda.current_stream().wait_stream(stream)
-        for i in range(2):
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                call(i)
-            graphs.append(graph)
+        replays = [graphed(lambda: call(0)), graphed(lambda: call(1))]
     except RuntimeError as error:
         return f"not capturable ({str(error).splitlines()[0][:100]})"
-    for i in range(10):
-        graphs[i % 2].replay()
-    torch.cuda.synchronize()
-    return f"{event_ms(lambda i: graphs[i % 2].replay()) * 1000:.1f} us"
+    return f"{time_cuda(replays, 10, CALLS) * 1000:.1f} us"
 
 
 def main():
@@ -76,10 +51,7 @@ def main():
         def call(i):
             ops.varlen_prefill(*inputs[i % 2], cu, cu, 1 / 128, pattern, out=out)
 
-        for i in range(10):
-            call(i)
-        torch.cuda.synchronize()
-        call_ms = event_ms(call)
+        call_ms = time_cuda([lambda: call(0), lambda: call(1)], 10, CALLS)
         host = []
         for i in range(CALLS):  # issue only: the queue ahead of the device absorbs it
             t0 = time.perf_counter()
