@@ -612,6 +612,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   const float value_scale = cache_scale(params.kv.v_scale);
   constexpr int kSRegs = Tiling::kBlockN / 2;  // S accumulators per thread: 64 rows x kBlockN keys / 128
   constexpr int kORegs = kHeadDim / 2;
+  constexpr bool kPvWaitBeforeExp = sm90_pv_wait_before_exp<Tiling>();
   // Values the compiler can prove warp-uniform (a lane-0 broadcast) keep the slot indices and the
   // wgmma descriptors in uniform registers: otherwise every wgmma is preceded by register-to-
   // uniform moves and address arithmetic (SASS: ~70 instructions per tile).
@@ -738,9 +739,9 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // diagonal, the sequence's last, those a group does not see) select -inf by one limit per slot
     // and row, without branches (select, never add: garbage K rows may hold NaN; per-element tests
     // with branches made a masked 128-key tile 1188 SASS instructions against 457 unmasked).
-    // Returns the O rescale factors in row_alpha.
+    // mask_scores returns the multiplier the softmax applies to the scores.
     const bool scale_first = !(scale_log2 > 0.f);
-    auto scores_to_p = [&](float (&s)[kSRegs], const StageInfo& stage_info, float (&row_alpha)[2]) {
+    auto mask_scores = [&](float (&s)[kSRegs], const StageInfo& stage_info) {
       bool plain = !scale_first;
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) plain &= stage_info.flags[slot] == kTileVisible;
@@ -770,7 +771,11 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         if (scale_first) mask(std::true_type{});
         else mask(std::false_type{});
       }
-      softmax.update(s, scale_first ? 1.f : scale_log2, kSm90MaxSlack, row_alpha);
+      return scale_first ? 1.f : scale_log2;
+    };
+    // Scores -> P; returns the O rescale factors in row_alpha.
+    auto scores_to_p = [&](float (&s)[kSRegs], const StageInfo& stage_info, float (&row_alpha)[2]) {
+      softmax.update(s, mask_scores(s, stage_info), kSm90MaxSlack, row_alpha);
     };
     // P as A fragments (16 keys per P.V k-step; two 8-key accumulator blocks form one fragment).
     auto pack_p = [&](const float (&s)[kSRegs]) {
@@ -787,9 +792,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // V_{n-1}, wait for S_n, free K_n, softmax, wait for P.V, free V_{n-1}, rescale O. ptxas moves
     // a wgmma wait up to the top of its basic block: written after the softmax in the same block,
     // the P.V wait sat before the row maxima's shuffles (P.V overlapped the masking only). It now
-    // sits in both arms of the rescale vote, a block boundary after the exponentials (SASS: after
-    // all of them). Earlier pins there (a barrier wait, or a shared store of the row sums, which
-    // ptxas keeps ahead of the wgmma wait) measured slower: 2 % at 8k x 4, 5-8 % on dense layouts.
+    // sits in both arms of the rescale vote, a block boundary: after the exponentials, or with
+    // sm90_pv_wait_before_exp between the row maxima and the exponentials, which P then packs
+    // beside. Earlier pins (a barrier wait, or a shared store of the row sums, which ptxas keeps
+    // ahead of the wgmma wait) measured slower: 2 % at 8k x 4, 5-8 % on dense layouts.
     // Every tile of the list goes through both groups (one a group does not see is fully masked):
     // skipping it would put the wgmma issue in data-dependent branches, where ptxas serialises
     // them.
@@ -827,17 +833,27 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           release_value(pending);
           break;
         }
-        scores_to_p(s, info, row_alpha);
         // O scaled by the change of the row maxima, skipped while they hold (the common case).
-        if (__any_sync(0xffffffffu, row_alpha[0] != 1.f || row_alpha[1] != 1.f)) {
-          ptx::wgmma_wait<0>();
-          ptx::fence_registers(acc_o);
-          release_value(pending);
-          scale_rows(acc_o, row_alpha);
+        auto finish_pv = [&](const float (&alpha)[2]) {
+          if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+            ptx::wgmma_wait<0>();
+            ptx::fence_registers(acc_o);
+            release_value(pending);
+            scale_rows(acc_o, alpha);
+          } else {
+            ptx::wgmma_wait<0>();
+            ptx::fence_registers(acc_o);
+            release_value(pending);
+          }
+        };
+        if constexpr (kPvWaitBeforeExp) {  // sm90_pv_wait_before_exp
+          const float multiplier = mask_scores(s, info);
+          softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
+          finish_pv(row_alpha);
+          softmax.exponentiate(s, multiplier, row_alpha);
         } else {
-          ptx::wgmma_wait<0>();
-          ptx::fence_registers(acc_o);
-          release_value(pending);
+          scores_to_p(s, info, row_alpha);
+          finish_pv(row_alpha);
         }
         pack_p(s);
         pending = fill;

@@ -135,6 +135,22 @@ __host__ __device__ constexpr bool sm90_turns() {
 // bf16, and O and the row sum stay far from overflow in fp32.
 constexpr float kSm90MaxSlack = 8.f;
 
+// Build knob BSA_SM90_PV_WAIT_BEFORE_EXP (0 never, 1 128-key fills, 2 both shapes; default 1): a
+// consumer waits for the previous fill's P.V between the row maxima and the exponentials
+// (FlashAttention-4's order) instead of after the exponentials. P then packs in the exponentials'
+// basic block, where ptxas interleaves its F2FP conversions with the MUFU.EX2s; after the wait they
+// ran as a block of 32 behind them (H100, dense 16k x 2: 36k of 688k stall samples on them, FA4's
+// 13k of 631k). H100, Nsight Compute cycles (2026-12-06): dense 16k x 2 -0.50 %, 32k x 1 -0.38 %,
+// 128 x 256 -0.60 %, the pattern 8k x 4 +0.29 %: predicted -3 %, so the block was not what sets the
+// pace. Off for 64-key fills, which carry the pattern.
+#ifndef BSA_SM90_PV_WAIT_BEFORE_EXP
+#define BSA_SM90_PV_WAIT_BEFORE_EXP 1
+#endif
+template <typename Tiling>
+__host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
+  return BSA_SM90_PV_WAIT_BEFORE_EXP == 2 || (BSA_SM90_PV_WAIT_BEFORE_EXP == 1 && Tiling::kTilesPerStage == 2);
+}
+
 // Per-stage flags for one consumer warp group.
 constexpr uint8_t kTileVisible = 1;  // the group's query block sees this key tile
 constexpr uint8_t kTileMasked = 2;   // ... and some (row, key) pairs are causal or past the keys

@@ -59,29 +59,65 @@ struct OnlineSoftmax {
   // score leaves the reference alone and propagates through P.
   template <int kRegs>
   __device__ __forceinline__ void update(float (&s)[kRegs], float multiplier, float slack, float (&alpha)[2]) {
-    static_assert(kRegs % 8 == 0, "two or more 8-column tiles");
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float part[kRegs / 4];
-#pragma unroll
-      for (int j = 0; j < kRegs / 4; ++j) part[j] = fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
-      float mx = reduce_tree(part, [](float a, float b) { return fmaxf(a, b); });
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      mx *= multiplier;
-      const bool grow = mx > row_max[r] + slack;
-      const float new_max = grow ? mx : row_max[r];
-      const float ref = new_max == -INFINITY ? 0.f : new_max;  // nothing visible yet: avoid inf - inf
-      alpha[r] = grow ? ptx::exp2_approx(row_max[r] - ref) : 1.f;
-      row_max[r] = new_max;
-#pragma unroll
-      for (int j = 0; j < kRegs / 4; ++j) {
-        s[4 * j + 2 * r] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r], multiplier, -ref));
-        s[4 * j + 2 * r + 1] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r + 1], multiplier, -ref));
-        part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * alpha[r] + reduce_tree(part, [](float a, float b) { return a + b; });
+      const float ref = row_reference(s, r, multiplier, slack, alpha[r]);
+      row_exponentiate(s, r, multiplier, ref, alpha[r]);
     }
+  }
+
+  // update() in two halves, for a caller that waits for something between them (the Hopper
+  // consumer waits there for the previous P.V, whose P registers the new P overwrites):
+  // new_reference moves each row's reference and returns alpha; exponentiate turns the scores into
+  // P against the references and adds them to the row sums.
+  template <int kRegs>
+  __device__ __forceinline__ void new_reference(const float (&s)[kRegs], float multiplier, float slack,
+                                                float (&alpha)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_reference(s, r, multiplier, slack, alpha[r]);
+  }
+  template <int kRegs>
+  __device__ __forceinline__ void exponentiate(float (&s)[kRegs], float multiplier, const float (&alpha)[2]) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_exponentiate(s, r, multiplier, reference(row_max[r]), alpha[r]);
+  }
+
+  // One row (r: the thread's first or second) of new_reference, which returns the row's reference,
+  // and of exponentiate.
+  template <int kRegs>
+  __device__ __forceinline__ float row_reference(const float (&s)[kRegs], int r, float multiplier, float slack,
+                                                float& alpha) {
+    static_assert(kRegs % 8 == 0, "two or more 8-column tiles");
+    float part[kRegs / 4];
+#pragma unroll
+    for (int j = 0; j < kRegs / 4; ++j) part[j] = fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
+    float mx = reduce_tree(part, [](float a, float b) { return fmaxf(a, b); });
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    mx *= multiplier;
+    const bool grow = mx > row_max[r] + slack;
+    const float new_max = grow ? mx : row_max[r];
+    const float ref = reference(new_max);
+    alpha = grow ? ptx::exp2_approx(row_max[r] - ref) : 1.f;
+    row_max[r] = new_max;
+    return ref;
+  }
+  template <int kRegs>
+  __device__ __forceinline__ void row_exponentiate(float (&s)[kRegs], int r, float multiplier, float ref,
+                                                   float alpha) {
+    float part[kRegs / 4];
+#pragma unroll
+    for (int j = 0; j < kRegs / 4; ++j) {
+      s[4 * j + 2 * r] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r], multiplier, -ref));
+      s[4 * j + 2 * r + 1] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r + 1], multiplier, -ref));
+      part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
+    }
+    row_sum[r] = row_sum[r] * alpha + reduce_tree(part, [](float a, float b) { return a + b; });
+  }
+  // What a row's exponentials are taken against: its maximum, or 0 while it has seen nothing
+  // (avoids inf - inf).
+  __device__ __forceinline__ static float reference(float row_maximum) {
+    return row_maximum == -INFINITY ? 0.f : row_maximum;
   }
 
   // Each row's sum over the quad (every thread of the quad gets it).
