@@ -146,6 +146,14 @@ constexpr float kSm90MaxSlack = 8.f;
 #ifndef BSA_SM90_PV_WAIT_BEFORE_EXP
 #define BSA_SM90_PV_WAIT_BEFORE_EXP 1
 #endif
+// Build knob BSA_SM90_EXP_SUM_CHAINS (default 0; where sm90_pv_wait_before_exp): the row sums
+// added up in chains between the exponentials (OnlineSoftmax::exponentiate_chained) instead of in
+// trees. Not yet measured. The trees' adds took 52.9k of the consumers' 608k loop samples at dense
+// 16k x 2 (18.0k of them waiting on the add before), FA4's chains 28.0k of 531k, none waiting
+// (H100, 2026-12-06).
+#ifndef BSA_SM90_EXP_SUM_CHAINS
+#define BSA_SM90_EXP_SUM_CHAINS 0
+#endif
 template <typename Tiling>
 __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
   return BSA_SM90_PV_WAIT_BEFORE_EXP == 2 || (BSA_SM90_PV_WAIT_BEFORE_EXP == 1 && Tiling::kTilesPerStage == 2);
