@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import collections
 import csv
-import gzip
 import io
+import sys
 
 from ncu_digest import opcode, read_text  # this script's folder
 
@@ -25,19 +25,30 @@ from ncu_digest import opcode, read_text  # this script's folder
 def read_rows(path: str):
     """[(offset from the first instruction, opcode, executed, samples, {reason: samples})]"""
     rows = list(csv.reader(io.StringIO(read_text(path))))
-    head = next(i for i, r in enumerate(rows) if "Address" in r and "Source" in r)
-    cols = rows[head]
-    at = {c: i for i, c in enumerate(cols)}
-    reasons = [c for c in cols if c.startswith("stall_") and "Not Issued" not in c]
+    head = next((i for i, r in enumerate(rows) if any("Address" in c for c in r) and any("Source" in c for c in r)),
+                None)
+    if head is None:
+        sys.exit(f"{path}: no header row with 'Address' and 'Source' columns")
+    names = [c.strip().strip("#").strip() for c in rows[head]]
+    at = {c: i for i, c in enumerate(names)}
+    reasons = [c for c in names if c.startswith("stall_") and "Not Issued" not in c]
+
+    def number(r, name):
+        i = at.get(name)
+        try:
+            return int(float(r[i].replace(",", "") or 0)) if i is not None and i < len(r) else 0
+        except ValueError:
+            return 0
+
     out, base = [], None
     for r in rows[head + 1:]:
-        if len(r) < len(cols) or not r[at["Address"]].startswith("0x"):
+        try:
+            address = int(r[at["Address"]], 16)
+        except (IndexError, ValueError):
             continue
-        address = int(r[at["Address"]], 16)
         base = address if base is None else base
-        number = lambda c: int(r[at[c]] or 0)  # noqa: E731
-        out.append((address - base, opcode(r[at["Source"]]), number("Instructions Executed"),
-                    number("Warp Stall Sampling (All Samples)"), {c[6:]: number(c) for c in reasons}))
+        out.append((address - base, opcode(r[at["Source"]]), number(r, "Instructions Executed"),
+                    number(r, "Warp Stall Sampling (All Samples)"), {c[6:]: number(r, c) for c in reasons}))
     return out
 
 
