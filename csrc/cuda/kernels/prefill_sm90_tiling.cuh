@@ -140,9 +140,10 @@ constexpr float kSm90MaxSlack = 8.f;
 // (FlashAttention-4's order) instead of after the exponentials. P then packs in the exponentials'
 // basic block, where ptxas interleaves its F2FP conversions with the MUFU.EX2s; after the wait they
 // ran as a block of 32 behind them (H100, dense 16k x 2: 36k of 688k stall samples on them, FA4's
-// 13k of 631k). H100, Nsight Compute cycles (2026-12-06): dense 16k x 2 -0.50 %, 32k x 1 -0.38 %,
-// 128 x 256 -0.60 %, the pattern 8k x 4 +0.29 %: predicted -3 %, so the block was not what sets the
-// pace. Off for 64-key fills, which carry the pattern.
+// 13k of 631k). H100, Nsight Compute cycles (2026-12-06), both shapes: dense 16k x 2 -0.50 %, 32k
+// x 1 -0.38 %, 128 x 256 -0.60 %, the pattern 8k x 4 +0.29 %; 128-key fills only (the default):
+// dense 16k -0.78 %, 32k -0.54 %. Predicted -3 %: the block was not what sets the pace. Off for
+// 64-key fills, which carry the pattern.
 #ifndef BSA_SM90_PV_WAIT_BEFORE_EXP
 #define BSA_SM90_PV_WAIT_BEFORE_EXP 1
 #endif
