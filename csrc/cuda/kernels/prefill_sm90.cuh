@@ -634,9 +634,24 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     bool end;   // an end record: no tiles
     bool last;  // the unit's last fill (kFillLast): no end record follows
   };
-  auto wait_fill = [&](int n) {
-    const Sm90Fill fill = Tiling::fill(n);
-    ptx::mbarrier_wait(&shared.full[fill.key_slot], (n / kKeySlots) & 1);
+  // Fill n's slots and its key slot's phase parity: Tiling::fill(n) and (n / kKeySlots) & 1, or
+  // (BSA_SM90_FILL_CURSOR) a cursor advanced fill by fill, without the divisions.
+  int n = 0;
+  Sm90Fill cursor{0, 0};
+  int cursor_parity = 0;
+  auto advance = [&] {
+    ++n;
+    if constexpr (BSA_SM90_FILL_CURSOR) {
+      if (++cursor.key_slot == kKeySlots) {
+        cursor.key_slot = 0;
+        cursor_parity ^= 1;
+      }
+      if (++cursor.value_slot == Tiling::kValueSlots) cursor.value_slot = 0;
+    }
+  };
+  auto wait_fill = [&] {
+    const Sm90Fill fill = BSA_SM90_FILL_CURSOR ? cursor : Tiling::fill(n);
+    ptx::mbarrier_wait(&shared.full[fill.key_slot], BSA_SM90_FILL_CURSOR ? cursor_parity : (n / kKeySlots) & 1);
     return fill;
   };
   auto read_record = [&](const Sm90Fill& fill) {
@@ -679,9 +694,8 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   };
   if (group == 1) end_turn();
 
-  int n = 0;
   for (int k = 0;; ++k) {
-    StageInfo info = read_record(wait_fill(n));  // the unit's first fill, which also brought its Q
+    StageInfo info = read_record(wait_fill());  // the unit's first fill, which also brought its Q
     if (info.unit < 0) {
       if (group == 0) begin_turn();
       if (t == 0) ptx::bulk_wait_group<0>();  // the group's last TMA stores of O have landed
@@ -817,7 +831,8 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         // would delay them): an end record's key slot holds stale keys, whose scores are dropped
         // (at S = 128 one S product in 2.5; reading the expected end record first measured no
         // faster there, H100, 2026-12-05).
-        const Sm90Fill fill = wait_fill(++n);
+        advance();
+        const Sm90Fill fill = wait_fill();
         float s[kSRegs], row_alpha[2];
         begin_turn();
         issue_s(s, fill);
@@ -871,7 +886,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
       release_key(info.fill);  // a unit without key tiles: its first fill is the end record
     }
     if (!info.last) release_value(info.fill);  // the end record's value slot (it carries no values)
-    ++n;
+    advance();
 
     // Epilogue: normalise, write lse, stage O through this group's Q tile for 16-byte stores.
     float inv_sum[2];

@@ -155,6 +155,14 @@ constexpr float kSm90MaxSlack = 8.f;
 #ifndef BSA_SM90_EXP_SUM_CHAINS
 #define BSA_SM90_EXP_SUM_CHAINS 0
 #endif
+// Build knob BSA_SM90_FILL_CURSOR (default 0): the consumers follow the fills' slots and key phase
+// parity with a cursor advanced fill by fill instead of dividing the fill count by the ring sizes
+// (with 128-key fills n % 3 for the value slot: a multiply-high and fix-ups on the uniform
+// datapath). Not yet measured; ~17 uniform instructions sit between a fill's end and the next
+// fill's wait (SASS, dense 16k x 2).
+#ifndef BSA_SM90_FILL_CURSOR
+#define BSA_SM90_FILL_CURSOR 0
+#endif
 template <typename Tiling>
 __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
   return BSA_SM90_PV_WAIT_BEFORE_EXP == 2 || (BSA_SM90_PV_WAIT_BEFORE_EXP == 1 && Tiling::kTilesPerStage == 2);
