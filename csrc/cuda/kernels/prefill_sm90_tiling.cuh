@@ -126,9 +126,14 @@ constexpr int kSm90TurnBarrier = 4;       // + group: the group's turn to issue 
 #ifndef BSA_SM90_TURNS
 #define BSA_SM90_TURNS 1
 #endif
+// A knob set by fill shape: 0 never, 1 with 128-key fills, 2 with both shapes.
+template <typename Tiling>
+__host__ __device__ constexpr bool sm90_by_fill_shape(int setting) {
+  return setting == 2 || (setting == 1 && Tiling::kTilesPerStage == 2);
+}
 template <typename Tiling>
 __host__ __device__ constexpr bool sm90_turns() {
-  return BSA_SM90_TURNS == 2 || (BSA_SM90_TURNS == 1 && Tiling::kTilesPerStage == 2);
+  return sm90_by_fill_shape<Tiling>(BSA_SM90_TURNS);
 }
 
 // How far (log2 units) a row's running maximum may lag the true one: P <= 2^8, exact in fp16 and
@@ -165,7 +170,7 @@ constexpr float kSm90MaxSlack = 8.f;
 #endif
 template <typename Tiling>
 __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
-  return BSA_SM90_PV_WAIT_BEFORE_EXP == 2 || (BSA_SM90_PV_WAIT_BEFORE_EXP == 1 && Tiling::kTilesPerStage == 2);
+  return sm90_by_fill_shape<Tiling>(BSA_SM90_PV_WAIT_BEFORE_EXP);
 }
 
 // Per-stage flags for one consumer warp group.
