@@ -152,22 +152,6 @@ constexpr float kSm90MaxSlack = 8.f;
 #ifndef BSA_SM90_PV_WAIT_BEFORE_EXP
 #define BSA_SM90_PV_WAIT_BEFORE_EXP 1
 #endif
-// Build knob BSA_SM90_EXP_SUM_CHAINS (default 0; where sm90_pv_wait_before_exp): the row sums
-// added up in chains between the exponentials (OnlineSoftmax::exponentiate_chained) instead of in
-// trees. Not yet measured. The trees' adds took 52.9k of the consumers' 608k loop samples at dense
-// 16k x 2 (18.0k of them waiting on the add before), FA4's chains 28.0k of 531k, none waiting
-// (H100, 2026-12-06).
-#ifndef BSA_SM90_EXP_SUM_CHAINS
-#define BSA_SM90_EXP_SUM_CHAINS 0
-#endif
-// Build knob BSA_SM90_FILL_CURSOR (default 0): the consumers follow the fills' slots and key phase
-// parity with a cursor advanced fill by fill instead of dividing the fill count by the ring sizes
-// (with 128-key fills n % 3 for the value slot: a multiply-high and fix-ups on the uniform
-// datapath). Not yet measured; ~17 uniform instructions sit between a fill's end and the next
-// fill's wait (SASS, dense 16k x 2).
-#ifndef BSA_SM90_FILL_CURSOR
-#define BSA_SM90_FILL_CURSOR 0
-#endif
 template <typename Tiling>
 __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
   return sm90_by_fill_shape<Tiling>(BSA_SM90_PV_WAIT_BEFORE_EXP);

@@ -82,24 +82,6 @@ struct OnlineSoftmax {
     for (int r = 0; r < 2; ++r) row_exponentiate(s, r, multiplier, reference(row_max[r]), alpha[r]);
   }
 
-  // exponentiate with each row's sum added up in two chains, one add after each exponential and the
-  // two rows interleaved, as FlashAttention-4's Hopper forward does, instead of a tree of adds per
-  // row (whose last levels wait on each other between the MUFU.EX2s: BSA_SM90_EXP_SUM_CHAINS).
-  template <int kRegs>
-  __device__ __forceinline__ void exponentiate_chained(float (&s)[kRegs], float multiplier, const float (&alpha)[2]) {
-    const float ref[2] = {reference(row_max[0]), reference(row_max[1])};
-    float sum[2][2] = {{row_sum[0] * alpha[0], 0.f}, {row_sum[1] * alpha[1], 0.f}};
-#pragma unroll
-    for (int j = 0; j < kRegs / 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {  // s[4j + e]: row e / 2
-        s[4 * j + e] = ptx::exp2_approx(fmaf(s[4 * j + e], multiplier, -ref[e >> 1]));
-        sum[e >> 1][e & 1] += s[4 * j + e];
-      }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) row_sum[r] = sum[r][0] + sum[r][1];
-  }
-
   // One row (r: the thread's first or second) of new_reference, which returns the row's reference,
   // and of exponentiate.
   template <int kRegs>
