@@ -30,9 +30,11 @@ inline PFN_cuTensorMapEncodeTiled_v12000 sm90_tensor_map_encoder() {
 }
 
 // Build knobs (A/B): K and V staged by row group (Sm90KvLayout; =0: by column block, the layout
-// before 2026-12-04); the L2 promotion of every map's reads (128 or 256 bytes: a 256-byte K/V row
-// read as two 128-byte column blocks by separate boxes may be fetched whole; 256 measured no faster
-// at kv block 64 on the H200, 2026-12-04).
+// before 2026-12-04, took 5.1 % more cycles at dense 16k x 2 and 32k x 1 and 2.7 % more on the
+// pattern at 8k x 4: H100, Nsight Compute, 2026-12-06); the L2 promotion of every map's reads (128
+// or 256 bytes: a 256-byte K/V row read as two 128-byte column blocks by separate boxes may be
+// fetched whole; 256 measured no faster at kv block 64 on the H200, 2026-12-04, and within 0.1 % of
+// 128 in cycles at dense 16k, 32k and the pattern 8k, H100, 2026-12-06).
 #ifndef BSA_SM90_KV_ROW_GROUPS
 #define BSA_SM90_KV_ROW_GROUPS 1
 #endif
