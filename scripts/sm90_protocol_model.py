@@ -42,17 +42,20 @@ on 2026-12-05, needed the producer to publish one fill more: the model found tha
 import random
 
 
-def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
+def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, vfull=False):
     """units: (fills, marked) pairs, marked for a unit whose last fill is marked (no end record);
     SK / SV: key / value slots; QB: Q buffers; L: fills in flight; split: a key slot is released
     after S, not with its value slot; fix: the producer publishes unit k - QB's fills before it waits
     for unit k's Q buffer (main since 2026-11-26), instead of assuming them out; turns: the consumer
     groups issue their products in turns; mutant: 'no bootstrap' (group 1 never hands group 0 its
     first turn), 'no final sync' (group 0 never takes group 1's last hand-over), 'no value wait' (a
-    fill does not wait for its value slot) or 'no marked release' (the consumers keep a marked last
+    fill does not wait for its value slot), 'no end-record value arrival' (value barriers: the producer
+    skips an end record's arrival) or 'no marked release' (the consumers keep a marked last
     fill's value slot, as if an end record were still to come), for the self-test;
     sched: a random.Random for the order the processes run in and for preemption (None: fixed order,
-    each process runs until it blocks)."""
+    each process runs until it blocks); vfull: value barriers (BSA_SM90_VALUE_BARRIERS), one arrival
+    a fill on its value slot's full barrier (end records included), which a consumer waits for before
+    the fill's P.V."""
     cnt, errors = {}, []
     preempted = [False]
     c = lambda b: cnt.get(b, 0)
@@ -100,6 +103,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
             if unit is None:  # end of work: a record without copies, then publish everything
                 yield from begin_fill()
                 early.add(st['n']); arrive(('full', st['n'] % SK))
+                if vfull: arrive(('vfull', st['n'] % SV))
                 while st['pub'] <= st['n']:
                     publish(st['pub']); st['pub'] += 1
                 return
@@ -120,6 +124,9 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
                     write('vempty', SV, n)
                 if not copies:
                     arrive(('full', n % SK)); early.add(n)
+                end_record = not (marked or i < len(fills) - 1)
+                if vfull and not (end_record and mutant == 'no end-record value arrival'):
+                    arrive(('vfull', n % SV))  # the values' own barrier: every fill
                 st['n'] += 1
 
     def begin_turn(g):  # bar.sync on Tg: completes with the other group's matching arrival
@@ -139,9 +146,12 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
         def rv(m):
             arrive(('vempty', m % SV), g)
             if not split: arrive(('kempty', m % SK), g)
-        def turn():  # begin_turn, issue the products, end_turn
+        def turn(pv=None):  # begin_turn, issue the products (P.V of fill pv), end_turn
             if turns:
                 yield from begin_turn(g)
+            if vfull and pv is not None:  # the values of fill pv, waited for inside the turn
+                yield from wait(lambda: ready(('vfull', pv % SV), pv // SV + 1))
+            if turns:
                 end_turn(g)
         if turns and g == 1 and mutant != 'no bootstrap':
             end_turn(1)  # group 0 goes first
@@ -161,13 +171,13 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None):
                 for _ in range(1, len(fills)):  # the further tile fills, then the end record if any
                     n += 1
                     yield from wait(lambda: ready(('full', n % SK), n // SK + 1))
-                    yield from turn()  # S of fill n, P.V of fill n - 1
+                    yield from turn(pending)  # S of fill n, P.V of fill n - 1
                     rk(n)
                     yield from wait(lambda: True)  # the softmax: P.V n - 1 completes after S n
                     rv(pending)
                     pending = n
                 if marked:
-                    yield from turn()  # the last fill's P.V on its own
+                    yield from turn(pending)  # the last fill's P.V on its own
             if not (marked and mutant == 'no marked release'):
                 rv(n)  # the end record's slots, or the marked last fill's value slot
             n += 1
@@ -218,6 +228,7 @@ if __name__ == "__main__":
         "64-key, 2 Q (BSA_SM90_Q_BUFFERS=2)": (4, 4, 2, 2, False, False, 0.5),
         "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True, False, 0),
         "main 128-key, turns": (2, 3, 2, 2, True, True, 0),
+        "128-key, turns, value barriers": (2, 3, 2, 2, True, True, 0),
         "64-key, turns (BSA_SM90_TURNS=2)": (4, 4, 2, 2, False, True, 0.5),
         "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False, False, 0),
         "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False, 0.5),
@@ -233,8 +244,9 @@ if __name__ == "__main__":
         """Outcome counts of a configuration over the samples (the first `trials` of them)."""
         SK, SV, QB, L, split, turns, p_marked = configs[name]
         results = {}
+        vfull = "value barriers" in name
         for trial, units in enumerate(samples[p_marked][:trials]):
-            key = outcome(run(units, SK, SV, QB, L, split, fix, turns, mutant, random.Random(trial)))
+            key = outcome(run(units, SK, SV, QB, L, split, fix, turns, mutant, random.Random(trial), vfull))
             results[key] = results.get(key, 0) + 1
         return results
 
@@ -255,6 +267,12 @@ if __name__ == "__main__":
     results = tally(name, mutant="no value wait", trials=300)
     print(f"self-test no value wait     {name:40} {results}")
     assert any("overwrite" in key for key in results), "the model misses an overwritten value slot"
+    # ... and with value barriers, a producer that skips an end record's arrival on its value slot
+    # leaves the slot's phases behind the fills: a later P.V waits for a phase that never completes.
+    name = "128-key, turns, value barriers"
+    results = tally(name, mutant="no end-record value arrival", trials=300)
+    print(f"self-test no end-record value arrival {name:30} {results}")
+    assert "deadlock" in results, "the model misses value barriers' phases out of step"
     # ... and consumers that keep a marked last fill's slots (as they would if they waited for an end
     # record) must hang the ring once it wraps.
     name = "main 64-key (4 shared stages, 3 Q)"

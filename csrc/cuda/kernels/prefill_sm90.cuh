@@ -51,6 +51,7 @@ struct Sm90Shared {
   uint64_t* value_empty;  // [value slots]: freed after P.V (with shared stages: the whole stage)
   uint64_t* key_empty;    // [key slots]: freed once S is done (split rings only)
   uint64_t* q_empty;      // [Q buffers]
+  uint64_t* value_full;   // [value slots]: a fill's values have landed (sm90_value_barriers)
   int32_t* claimed;       // the producer's claimed units (two slots)
   // The producer resolves each unit (a chain of dependent global loads) and leaves it next to the
   // unit's Q buffer, published with the unit's first fill: the consumers start without the loads.
@@ -63,6 +64,7 @@ struct Sm90Shared {
         value_empty(full + Tiling::kKeySlots),
         key_empty(value_empty + Tiling::kValueSlots),
         q_empty(key_empty + Smem::kKeyEmptyBarriers),
+        value_full(q_empty + Tiling::kQBuffers),
         claimed(reinterpret_cast<int32_t*>(base + Smem::kClaimOffset)),
         items(reinterpret_cast<PrefillItem*>(base + Smem::kItemOffset)),
         records(reinterpret_cast<StageRecord*>(base + Smem::kRecordOffset)) {}
@@ -222,6 +224,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       if (tid == 0) {
         shared.records[fill.key_slot].unit = -1;
         shared.records[fill.key_slot].key_tile[0] = -1;
+        if constexpr (sm90_value_barriers<Tiling, kProducerThreads>()) ptx::mbarrier_arrive(&shared.value_full[fill.value_slot]);
       }
       ptx::cp_async_wait<0>();
       while (next_publish <= n) publish(next_publish++);
@@ -316,6 +319,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     auto tma_tile = [&](int key_tile) {
       return !CacheFormat<Cache>::kFp8 && maps.kv_enabled && key_tile >= 0 && key_tile * 64 + 64 <= k_len;
     };
+    // sm90_value_barriers: contiguous values through the TMA complete on the value slot's own barrier,
+    // issued after the fill's keys (load_values); cp.async copies stay on the fill's full barrier.
+    constexpr bool kValueBarriers = sm90_value_barriers<Tiling, kProducerThreads>();
+    const bool values_apart = kValueBarriers && !kv.paged();
     // The stage layout (fp8 pages never come through the TMA: by column block, known at compile time).
     const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(!kFp8Pages && maps.kv_row_groups);
     // box_page: this lane's page, looked up a fill ahead (kPagesAhead).
@@ -336,20 +343,20 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
           if (tid == 0 && !own_expect)
-            ptx::mbarrier_expect_tx(landed, 2 * (kHeadDim / 64) * kBoxBytes);
+            ptx::mbarrier_expect_tx(landed, (values_apart ? 1 : 2) * (kHeadDim / 64) * kBoxBytes);
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
             if (tid == 0) {
               const int token = k_begin + pos0;
               if (maps.kv_row_groups) {
                 ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
-                ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
+                if (!values_apart) ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
               } else {
 #pragma unroll
                 for (int block = 0; block < kHeadDim / 64; ++block) {
                   const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
                   ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
-                  ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
+                  if (!values_apart) ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
                 }
               }
             }
@@ -406,6 +413,34 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
                                                      k_len, head_size, key_tile >= 0, dst_k, dst_v, stage_layout);
       }
       return true;
+    };
+    // values_apart: the values of a fill's whole tiles (fill_tiles), after all of its keys, on the value
+    // slot's barrier; thread 0 arrives on it for every fill (with no bytes for an end record or a
+    // paged fill) so that its phases follow the fills.
+    auto load_values = [&](const int (&key_tiles)[kSlots], const Sm90Fill& fill) {
+      if (tid != 0) return;
+      uint32_t bytes = 0;
+#pragma unroll
+      for (int slot = 0; slot < kSlots; ++slot)
+        if (values_apart && tma_tile(key_tiles[slot])) bytes += kHeadDim / 64 * 64 * 128;
+      uint64_t* const landed = &shared.value_full[fill.value_slot];
+      ptx::mbarrier_arrive_expect_tx(landed, bytes);
+      if (bytes == 0) return;
+      unsigned char* dst_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
+#pragma unroll
+      for (int slot = 0; slot < kSlots; ++slot) {
+        if (!tma_tile(key_tiles[slot])) continue;
+        const int token = k_begin + key_tiles[slot] * 64;
+        const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
+        if (maps.kv_row_groups) {
+          ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
+        } else {
+#pragma unroll
+          for (int block = 0; block < kHeadDim / 64; ++block)
+            ptx::tma_load_3d(dst_v + block * Smem::kStageColumnBlockBytes + tile_dst, &maps.value, block * 64, kv_head,
+                             token, landed);
+        }
+      }
     };
 
     // Each consumer group's valid rows (absolute positions) and its query block's bit among the
@@ -538,6 +573,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         }
       }
       if (tid == 0) shared.records[key_slot].unit = unit;
+      if constexpr (kValueBarriers) load_values(fill_tiles, fill);
       ptx::cp_async_commit();
       if (!copies) {
         ptx::mbarrier_arrive(&shared.full[key_slot]);
@@ -594,7 +630,10 @@ __device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp
 // kLastMarked: the producer marks each unit's last fill (sm90_marks_last_fill), except in units
 // without key tiles, whose end record brings their Q; without it every unit ends with an end record
 // and the code has no test for the mark.
-template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool kTurns, bool kLastMarked>
+// kValueBarriers: a fill's values complete on their value slot's own barrier (sm90_value_barriers),
+// waited for just before the fill's P.V.
+template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool kTurns, bool kLastMarked,
+          bool kValueBarriers>
 __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared, bool kv_row_groups) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
@@ -641,13 +680,16 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   // dense 16k x 2 -1.17 %, 32k x 1 -1.30 %, the pattern 8k x 4 -1.07 %, 32k x 1 -1.36 %, 128 x 256
   // -0.37 % with the cursor).
   Sm90Fill cursor{0, 0};
-  int cursor_parity = 0;
+  int cursor_parity = 0, cursor_value_parity = 0;  // the latter: the value slot's (kValueBarriers)
   auto advance = [&] {
     if (++cursor.key_slot == kKeySlots) {
       cursor.key_slot = 0;
       cursor_parity ^= 1;
     }
-    if (++cursor.value_slot == Tiling::kValueSlots) cursor.value_slot = 0;
+    if (++cursor.value_slot == Tiling::kValueSlots) {
+      cursor.value_slot = 0;
+      cursor_value_parity ^= 1;
+    }
   };
   auto wait_fill = [&] {
     ptx::mbarrier_wait(&shared.full[cursor.key_slot], cursor_parity);
@@ -732,7 +774,9 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
       for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q.at(q_step(ks)), desc_k.at(k_step(ks)), ks > 0);
       ptx::wgmma_commit();
     };
-    auto issue_pv = [&](const Sm90Fill& fill) {
+    // kValueBarriers: waits for the fill's values (its value slot's phase `parity`) first.
+    auto issue_pv = [&](const Sm90Fill& fill, int parity) {
+      if constexpr (kValueBarriers) ptx::mbarrier_wait(&shared.value_full[fill.value_slot], parity);
       const unsigned char* s_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
       // V (MN-major): the 64-column blocks column_block_bytes apart, the 8-key groups row_group_bytes.
       const ptx::SmemDescriptor desc_v =
@@ -825,6 +869,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         pack_p(s);
       }
       Sm90Fill pending = info.fill;
+      int pending_parity = cursor_value_parity;
       while (!info.last) {
         // Both products are issued before the fill's record is read (its load and broadcast
         // would delay them): an end record's key slot holds stale keys, whose scores are dropped
@@ -835,7 +880,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         float s[kSRegs], row_alpha[2];
         begin_turn();
         issue_s(s, fill);
-        issue_pv(pending);
+        issue_pv(pending, pending_parity);
         end_turn();
         info = read_record(fill);
         ptx::wgmma_wait<1>();  // S is done; P.V may still run
@@ -871,10 +916,11 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         }
         pack_p(s);
         pending = fill;
+        pending_parity = cursor_value_parity;
       }
       if (info.last) {  // the marked last fill's P.V, on its own
         begin_turn();
-        issue_pv(pending);
+        issue_pv(pending, pending_parity);
         end_turn();
         ptx::wgmma_wait<0>();
         ptx::fence_registers(acc_o);
@@ -991,6 +1037,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     for (int s = 0; s < Smem::kKeyEmptyBarriers; ++s)
       ptx::mbarrier_init(&shared.key_empty[s], 128 * kSm90ConsumerGroups);
     for (int b = 0; b < Tiling::kQBuffers; ++b) ptx::mbarrier_init(&shared.q_empty[b], 128 * kSm90ConsumerGroups);
+    if constexpr (sm90_value_barriers<Tiling, kProducerThreads>())
+      for (int s = 0; s < Tiling::kValueSlots; ++s) ptx::mbarrier_init(&shared.value_full[s], 1);  // the producer's thread 0
     ptx::mbarrier_init_fence();
   }
   __syncthreads();
@@ -1012,8 +1060,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   } else {
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
     const bool kv_row_groups = !CacheFormat<Cache>::kFp8 && maps.kv_row_groups;
-    sm90_consumer<Element, kHeadDim, Tiling, Cache, sm90_turns<Tiling>(), sm90_marks_last_fill<Tiling, kProducerThreads>()>(
-        params, maps, shared, kv_row_groups);
+    sm90_consumer<Element, kHeadDim, Tiling, Cache, sm90_turns<Tiling>(), sm90_marks_last_fill<Tiling, kProducerThreads>(),
+                  sm90_value_barriers<Tiling, kProducerThreads>()>(params, maps, shared, kv_row_groups);
   }
 #else
   __trap();  // built for a target without wgmma: the host never launches it there

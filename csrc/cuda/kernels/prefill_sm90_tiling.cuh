@@ -152,6 +152,23 @@ constexpr float kSm90MaxSlack = 8.f;
 #ifndef BSA_SM90_PV_WAIT_BEFORE_EXP
 #define BSA_SM90_PV_WAIT_BEFORE_EXP 1
 #endif
+// Build knob BSA_SM90_VALUE_BARRIERS (default 0; an experiment kept for its diagnosis): with split
+// rings and the one-warp producer, a fill's values complete on a barrier of their own (value_full,
+// per value slot, one arrival a fill from the producer's thread 0), their TMA issued after the
+// fill's keys; a consumer waits for the keys (and the record) before S and for the previous fill's
+// values inside its turn, just before its P.V, as FlashAttention-4's Hopper forward does. Predicted
+// -1.5 to -3 % (our wait for a fill's keys and values: 36k of the consumers' 607k loop samples at
+// dense 16k x 2, FA4's for K and for V 8k and 11k of 549k). Measured +13.8 % cycles at dense 16k and
+// 32k, with 4.9 % more warp instructions: the consumers spin on the value wait (H100, Nsight
+// Compute, 2026-12-06). Not understood: those values were issued before the keys the group had
+// already waited for.
+#ifndef BSA_SM90_VALUE_BARRIERS
+#define BSA_SM90_VALUE_BARRIERS 0
+#endif
+template <typename Tiling, int kProducerThreads>
+__host__ __device__ constexpr bool sm90_value_barriers() {
+  return BSA_SM90_VALUE_BARRIERS && Tiling::kSplitRings && kProducerThreads == 32;
+}
 template <typename Tiling>
 __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
   return sm90_by_fill_shape<Tiling>(BSA_SM90_PV_WAIT_BEFORE_EXP);
@@ -198,11 +215,13 @@ struct Sm90Smem {
   static constexpr int kBarrierOffset = kVOffset + Tiling::kValueSlots * kStageBytes;
   // full[key slots] (a fill's K, V, record and Q complete on its key slot's), value_empty[value
   // slots] (with shared stages: each stage's release), key_empty[key slots] (split rings only),
-  // q_empty[Q buffers]; then the producer's claimed units (two slots), each Q buffer's resolved work
+  // q_empty[Q buffers], value_full[value slots] (sm90_value_barriers); then the producer's claimed units (two slots), each Q buffer's resolved work
   // unit, the fill records (one per key slot)
   static constexpr int kKeyEmptyBarriers = Tiling::kSplitRings ? Tiling::kKeySlots : 0;
+  static constexpr int kValueFullBarriers = BSA_SM90_VALUE_BARRIERS && Tiling::kSplitRings ? Tiling::kValueSlots : 0;
   static constexpr int kClaimOffset =
-      kBarrierOffset + 8 * (Tiling::kKeySlots + Tiling::kValueSlots + kKeyEmptyBarriers + Tiling::kQBuffers);
+      kBarrierOffset +
+      8 * (Tiling::kKeySlots + Tiling::kValueSlots + kKeyEmptyBarriers + Tiling::kQBuffers + kValueFullBarriers);
   static constexpr int kItemOffset = kClaimOffset + 8;
   static constexpr int kRecordOffset = (kItemOffset + Tiling::kQBuffers * sizeof(PrefillItem) + 15) / 16 * 16;
   static constexpr int kBytes = kRecordOffset + 16 * Tiling::kKeySlots + 1024;  // + slack to align the base

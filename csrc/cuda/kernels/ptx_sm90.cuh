@@ -48,6 +48,15 @@ __device__ __forceinline__ void mbarrier_expect_tx(uint64_t* bar, uint32_t bytes
                : "memory");
 }
 
+// One arrival that also adds `bytes` to the transactions of the barrier's current phase (bulk copies
+// issued after it complete on it): the phase completes once they have landed.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile(
+      "{\n.reg .b64 state;\nmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(bytes)
+      : "memory");
+}
+
 // ---- the tensor memory accelerator (TMA) ----------------------------------------------------------
 
 // One box of a 3-D tensor map (a __grid_constant__ kernel parameter) at coordinates (c0, c1, c2),
