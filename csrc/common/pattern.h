@@ -150,6 +150,14 @@ BSA_HOST_DEVICE int vertical_residue(const SparsePattern& p, int h) {
 // First key block of query block i's local band.
 BSA_HOST_DEVICE int band_start(const SparsePattern& p, int i) { return i - p.local_blocks + 1 > 0 ? i - p.local_blocks + 1 : 0; }
 
+// Does every query block up to qb_last see every key block at or before it, for every q head? True
+// for a parametric pattern whose vertical stride is 1 (every block is a vertical column) or whose
+// local band reaches back past block 0 from qb_last (block_visible: i - j < local_blocks). An explicit
+// layout would need its rows: false.
+BSA_HOST_DEVICE bool every_block_visible_up_to(const SparsePattern& p, int64_t qb_last) {
+  return !p.has_layout() && (p.vert_stride == 1 || qb_last < p.local_blocks);
+}
+
 // Is key block j visible to query block i of local q head h? An explicit layout's row is searched
 // (rows are ascending); query blocks past the layout's rows see nothing (the CPU path rejects such
 // calls; the GPU path cannot without a device->host sync).
@@ -304,7 +312,8 @@ inline void for_each_visible_run(const SparsePattern& p, int h, int i, Visit&& v
 // last position) are skipped: they hold no key its queries can see. `rows`: the query blocks that see
 // the current tile's block. tests/cpp/key_tiles_check.cpp checks it against block_visible.
 // (Counting the tiles where every block is visible, instead of stepping the walk, ran 6-7 % more
-// cycles on dense layers in the Hopper kernel: benchmarks/RESULTS.md, twenty-third session.)
+// cycles on dense layers in the four-warp Hopper producer: benchmarks/RESULTS.md, twenty-third
+// session. The one-warp producer's 128-key fills count them behind BSA_SM90_COUNT_TILES.)
 template <int kTileKeys, int kMaxRows>
 struct BlockKeyTiles {
   VisibleBlocks<kMaxRows> walk;

@@ -105,11 +105,9 @@ int64_t typical_sequence_keys(const PrefillParams& params) {
 // a pattern whose vertical stride is 1, or whose local band spans the longest possible sequence (the
 // batch's keys, or the block table's capacity). An explicit layout would need its device data: false.
 bool every_causal_block_visible(const PrefillParams& params) {
-  const SparsePattern& p = params.pattern;
-  if (p.has_layout()) return false;
   const int64_t capacity = sequence_capacity(params);
   const int64_t longest_keys = capacity > 0 ? capacity : params.kv.num_rows;
-  return p.vert_stride == 1 || static_cast<int64_t>(p.local_blocks) * p.block_size >= longest_keys;
+  return every_block_visible_up_to(params.pattern, (std::max<int64_t>(longest_keys, 1) - 1) >> params.pattern.block_shift);
 }
 
 int choose_sm90_stage_keys(const PrefillParams& params, const Settings& settings) {

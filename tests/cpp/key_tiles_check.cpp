@@ -4,6 +4,7 @@
 // exactly those of a block some row of the span sees that start at or before the last key, each with
 // the rows that see its block. Built and run by tests/test_cpp_checks.py; prints the first mismatch and
 // exits 1, else the number of checks.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <random>
@@ -12,6 +13,7 @@
 
 using blocksparse_attn::BlockKeyTiles;
 using blocksparse_attn::block_visible;
+using blocksparse_attn::every_block_visible_up_to;
 using blocksparse_attn::FastDivisor;
 using blocksparse_attn::SparsePattern;
 
@@ -52,13 +54,27 @@ int check_span(const SparsePattern& p, int h, int qb_first, int qb_last, int las
   };
   expect = next_expected(0);
   int key_tile = -1;
+  // Where every block up to qb_last is visible (every_block_visible_up_to), the Hopper producer counts
+  // the tiles instead (BSA_SM90_COUNT_TILES): 0, 1, ... up to last_key, block j seen by the rows at or
+  // past it. The walk must give exactly those.
+  const bool counted = every_block_visible_up_to(p, qb_last);
+  int count = 0;
   while (tiles.next(key_tile)) {
     ++checks;
     if (key_tile != expect) return 1;
     if (tiles.rows != visible_rows(key_tile / tiles_per_block)) return 2;
+    if (counted) {
+      unsigned rows = 0;
+      for (int r = 0; r < rows_in_walk; ++r)
+        if (key_tile / tiles_per_block <= qb_first + r) rows |= 1u << r;
+      if (key_tile != count++ || tiles.rows != rows) return 4;
+    }
     expect = next_expected(key_tile + 1);
   }
   ++checks;
+  // (the kernel's last key lies in its last row's block; here it may lie past the walk's rows)
+  const int last_tile = std::min(last_key / kTileKeys, (qb_first + rows_in_walk) * tiles_per_block - 1);
+  if (counted && count != (last_key < 0 ? 0 : last_tile + 1)) return 4;
   return expect != -1 ? 3 : 0;
 }
 
@@ -68,7 +84,8 @@ int main() {
   std::mt19937 rng(2026);
   auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   int64_t checks = 0;
-  const char* what[] = {"ok", "wrong tile", "wrong rows", "tiles missing at the end"};
+  const char* what[] = {"ok", "wrong tile", "wrong rows", "tiles missing at the end",
+                        "every block visible, but the walk is not the count"};
   for (int trial = 0; trial < 60000; ++trial) {
     const int block_size = pick(0, 1) ? 64 : 128;
     // bands from 1 block to past the span (dense), strides from 1 (every block a column)

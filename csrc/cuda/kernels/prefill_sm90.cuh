@@ -460,8 +460,27 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     BlockKeyTiles<64, 2> tiles;
     tiles.init(pattern, head, valid_begin >> pattern.block_shift, (valid_end - 1) >> pattern.block_shift,
                valid_end - 1);
+    // sm90_counts_tiles: where every causal block up to the unit's last row is visible, its key tiles
+    // are 0, 1, ... up to its last key (valid_end - 1), and a group sees a tile unless the tile starts
+    // past its last row: the walk's result without the walk (tests/cpp/key_tiles_check.cpp checks that
+    // BlockKeyTiles gives those tiles there; the group holding the unit's last row sees each of them,
+    // so none is skipped).
+    const bool count_tiles = sm90_counts_tiles<Tiling, kProducerThreads>() &&
+                             every_block_visible_up_to(pattern, (valid_end - 1) >> pattern.block_shift);
+    int counted_tile = 0;
+    const int last_counted_tile = (valid_end - 1) >> 6;
     // The next key tile some consumer group sees, with the groups' flags; false at the end.
     auto next_tile = [&](int& key_tile, uint8_t (&flags)[kSm90ConsumerGroups]) {
+      if (count_tiles) {
+        key_tile = counted_tile <= last_counted_tile ? counted_tile++ : -1;
+        const int key_first = key_tile * 64, key_last = key_first + 63;
+#pragma unroll
+        for (int g = 0; g < kSm90ConsumerGroups; ++g)
+          flags[g] = key_tile < 0 || group_lo[g] > group_hi[g] || key_first > group_hi[g]
+                         ? 0
+                         : kTileVisible | (key_last > group_lo[g] || key_last >= k_len ? kTileMasked : 0);
+        return key_tile >= 0;
+      }
       while (tiles.next(key_tile)) {
         const int key_first = key_tile * 64, key_last = key_first + 63;
         bool any = false;
