@@ -107,7 +107,8 @@ int64_t typical_sequence_keys(const PrefillParams& params) {
 bool every_causal_block_visible(const PrefillParams& params) {
   const int64_t capacity = sequence_capacity(params);
   const int64_t longest_keys = capacity > 0 ? capacity : params.kv.num_rows;
-  return every_block_visible_up_to(params.pattern, (std::max<int64_t>(longest_keys, 1) - 1) >> params.pattern.block_shift);
+  const int64_t last_block = (std::max<int64_t>(longest_keys, 1) - 1) >> params.pattern.block_shift;
+  return every_block_visible_up_to(params.pattern, last_block);
 }
 
 int choose_sm90_stage_keys(const PrefillParams& params, const Settings& settings) {

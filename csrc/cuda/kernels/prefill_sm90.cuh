@@ -692,12 +692,12 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     bool end;   // an end record: no tiles
     bool last;  // the unit's last fill (kFillLast): no end record follows
   };
-  // The next fill's slots (Tiling::fill) and its key slot's phase parity, advanced fill by fill:
-  // the fill count divided by the ring sizes (n % 3 for 128-key value slots: a multiply-high and
-  // fix-ups on the uniform datapath, ~17 instructions between a fill's end and the next fill's wait)
-  // took 1.1-1.4 % more cycles on dense and pattern layouts (H100, Nsight Compute, 2026-12-06:
+  // The next fill's slots (Tiling::fill) and phase parities, advanced fill by fill rather than
+  // derived from the fill count: dividing it by the ring sizes (n % 3 for 128-key value slots, a
+  // multiply-high and fix-ups on the uniform datapath) put ~17 instructions between a fill's end and
+  // the next fill's wait. The cursor took 1.1-1.4 % fewer cycles (H100, Nsight Compute, 2026-12-06:
   // dense 16k x 2 -1.17 %, 32k x 1 -1.30 %, the pattern 8k x 4 -1.07 %, 32k x 1 -1.36 %, 128 x 256
-  // -0.37 % with the cursor).
+  // -0.37 %).
   Sm90Fill cursor{0, 0};
   int cursor_parity = 0, cursor_value_parity = 0;  // the latter: the value slot's (kValueBarriers)
   auto advance = [&] {

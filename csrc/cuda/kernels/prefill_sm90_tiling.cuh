@@ -230,8 +230,8 @@ struct Sm90Smem {
   static constexpr int kBarrierOffset = kVOffset + Tiling::kValueSlots * kStageBytes;
   // full[key slots] (a fill's K, V, record and Q complete on its key slot's), value_empty[value
   // slots] (with shared stages: each stage's release), key_empty[key slots] (split rings only),
-  // q_empty[Q buffers], value_full[value slots] (sm90_value_barriers); then the producer's claimed units (two slots), each Q buffer's resolved work
-  // unit, the fill records (one per key slot)
+  // q_empty[Q buffers], value_full[value slots] (sm90_value_barriers); then the producer's claimed
+  // units (two slots), each Q buffer's resolved work unit, the fill records (one per key slot)
   static constexpr int kKeyEmptyBarriers = Tiling::kSplitRings ? Tiling::kKeySlots : 0;
   static constexpr int kValueFullBarriers = BSA_SM90_VALUE_BARRIERS && Tiling::kSplitRings ? Tiling::kValueSlots : 0;
   static constexpr int kClaimOffset =
