@@ -325,6 +325,24 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     const bool values_apart = kValueBarriers && !kv.paged();
     // The stage layout (fp8 pages never come through the TMA: by column block, known at compile time).
     const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(!kFp8Pages && maps.kv_row_groups);
+    // One whole tile of contiguous K and/or V (keys, values) from `token` into tile offset tile_dst of
+    // the fill's slots, through the TMA, completing on `landed`; K and V of a column block together.
+    auto tma_contiguous_tile = [&](const Sm90Fill& fill, int tile_dst, int token, uint64_t* landed, bool keys,
+                                   bool values) {
+      unsigned char* dst_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
+      unsigned char* dst_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
+      if (maps.kv_row_groups) {
+        if (keys) ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
+        if (values) ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
+      } else {
+#pragma unroll
+        for (int block = 0; block < kHeadDim / 64; ++block) {
+          const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
+          if (keys) ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
+          if (values) ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
+        }
+      }
+    };
     // box_page: this lane's page, looked up a fill ahead (kPagesAhead).
     auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot, int box_page) -> bool {
       const int pos0 = key_tile * 64;
@@ -346,20 +364,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             ptx::mbarrier_expect_tx(landed, (values_apart ? 1 : 2) * (kHeadDim / 64) * kBoxBytes);
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
-            if (tid == 0) {
-              const int token = k_begin + pos0;
-              if (maps.kv_row_groups) {
-                ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
-                if (!values_apart) ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
-              } else {
-#pragma unroll
-                for (int block = 0; block < kHeadDim / 64; ++block) {
-                  const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
-                  ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
-                  if (!values_apart) ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
-                }
-              }
-            }
+            if (tid == 0) tma_contiguous_tile(fill, tile_dst, k_begin + pos0, landed, true, !values_apart);
           } else if (box_row < 64) {
             // Pages: one box of kv_page_rows rows per page (and 64-column block, by column block),
             // each issued by its own lane of the first warp (kvbs 16: 4 lanes by row group; from one
@@ -426,21 +431,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       uint64_t* const landed = &shared.value_full[fill.value_slot];
       ptx::mbarrier_arrive_expect_tx(landed, bytes);
       if (bytes == 0) return;
-      unsigned char* dst_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
 #pragma unroll
-      for (int slot = 0; slot < kSlots; ++slot) {
-        if (!tma_tile(key_tiles[slot])) continue;
-        const int token = k_begin + key_tiles[slot] * 64;
-        const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
-        if (maps.kv_row_groups) {
-          ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
-        } else {
-#pragma unroll
-          for (int block = 0; block < kHeadDim / 64; ++block)
-            ptx::tma_load_3d(dst_v + block * Smem::kStageColumnBlockBytes + tile_dst, &maps.value, block * 64, kv_head,
-                             token, landed);
-        }
-      }
+      for (int slot = 0; slot < kSlots; ++slot)
+        if (tma_tile(key_tiles[slot]))
+          tma_contiguous_tile(fill, sm90_kv_offset(layout, slot * 64, 0), k_begin + key_tiles[slot] * 64, landed, false,
+                              true);
     };
 
     // Each consumer group's valid rows (absolute positions) and its query block's bit among the
