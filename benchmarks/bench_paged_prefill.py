@@ -17,12 +17,15 @@ tables shuffled as after allocator churn, or in allocation order with --in-order
 With --kernel-times, the kernels each of varlen, paged (direct) and paged-gather launches at every
 size, and their device time a call (torch.profiler): where a path's time goes (the gather's copy, the
 prefill on gathered K/V).
-Every method is timed in --rounds interleaved rounds (each a median of --repeats calls; the table
-shows each method's median over the rounds), so the card's clock drift over a run falls on all methods
-alike. With --clocks, nvidia-smi samples the SM clock and the power every 50 ms meanwhile, and a second
-table gives each method's means over its timing (is a path slower because the card clocks it lower?).
-A method's window is only --repeats calls a round (~35 ms at 8k x 4 with the default 20, two or three
-samples): use --repeats 400 or so with --clocks; rows of fewer than 10 samples are marked.
+Every method is timed in --rounds rounds (each a median of --repeats calls; the table shows each
+method's median over the rounds). Within a round the methods' calls take turns, call by call (`--timing
+turns`, the default: bench_prefill.time_cuda_interleaved), so every method sees the same clock of a
+power-capped card; `--timing blocks` times each method's --repeats calls as one block, as before
+2026-12-06. With --clocks, nvidia-smi samples the SM clock and the power every 50 ms meanwhile, and a
+second table gives each method's means over its timing (is a path slower because the card clocks it
+lower? With turns every method has the same windows; ask it of blocks). A method's block is only
+--repeats calls a round (~35 ms at 8k x 4 with the default 20, two or three samples): use --repeats 400
+or so with --clocks; rows of fewer than 10 samples are marked.
 The ratio columns are paged / varlen, chunk / chunk-varlen (model-dtype cache; with --gather also
 the gather's, each cache) and fp8 / model-dtype cache (1.00 = as fast).
 
@@ -44,6 +47,7 @@ import torch
 
 from blocksparse_attn import ops
 from blocksparse_attn.layout import SparsePattern
+from bench_prefill import time_cuda_interleaved  # this script's folder
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128  # Phi-3-small
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
@@ -194,6 +198,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=3,
                     help="rounds over all methods, interleaved (each a median of --repeats calls); each method's "
                          "median over them")
+    ap.add_argument("--timing", choices=["turns", "blocks"], default="turns",
+                    help="within a round, the methods' calls take turns (default) or each method's calls run as "
+                         "one block")
     ap.add_argument("--clocks", action="store_true",
                     help="also each method's mean SM clock and power while it was timed (nvidia-smi, every 50 ms)")
     args = ap.parse_args()
@@ -243,7 +250,22 @@ def main():
         times = {name: [] for name in calls}
         windows = {name: [] for name in calls}  # time.time() around each timing, for --clocks
         sampler = ClockSampler() if args.clocks else None
+        def on_path(path, fn):
+            def call():
+                with paged_prefill_path(path):
+                    return fn()
+            return [call]
         for _ in range(args.rounds):
+            if args.timing == "turns":
+                start = time.time()
+                round_ms, errors = time_cuda_interleaved(
+                    {name: on_path(path, fn) for name, (path, fn) in calls.items()}, args.warmup, args.repeats)
+                if errors:
+                    raise next(iter(errors.values()))
+                for name, ms in round_ms.items():
+                    times[name].append(ms)
+                    windows[name].append((start, time.time()))
+                continue
             for name, (path, fn) in calls.items():
                 with paged_prefill_path(path):
                     start = time.time()
