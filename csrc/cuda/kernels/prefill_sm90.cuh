@@ -888,7 +888,11 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         // Both products are issued before the fill's record is read (its load and broadcast
         // would delay them): an end record's key slot holds stale keys, whose scores are dropped
         // (at S = 128 one S product in 2.5; reading the expected end record first measured no
-        // faster there, H100, 2026-12-05).
+        // faster there, H100, 2026-12-05). ptxas puts the record's loads and the end test between
+        // the last two P.V wgmmas, where the test waits on the loads (the pattern's 32k x 1: 16.5k
+        // of 297k stall samples), but the tensor pipe is busy meanwhile: reading the record before
+        // the products cost 0.7-0.8 % more cycles (dense 16k, the pattern 8k and 32k; 128 x 256
+        // -0.5 %, H100, Nsight Compute, 2026-12-06).
         advance();
         const Sm90Fill fill = wait_fill();
         StageInfo next{};
