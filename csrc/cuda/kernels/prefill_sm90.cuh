@@ -895,14 +895,12 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         // -0.5 %, H100, Nsight Compute, 2026-12-06).
         advance();
         const Sm90Fill fill = wait_fill();
-        StageInfo next{};
-        if constexpr (sm90_record_first<Tiling>()) next = read_record(fill);
         float s[kSRegs], row_alpha[2];
         begin_turn();
         issue_s(s, fill);
         issue_pv(pending, pending_parity);
         end_turn();
-        info = sm90_record_first<Tiling>() ? next : read_record(fill);
+        info = read_record(fill);
         ptx::wgmma_wait<1>();  // S is done; P.V may still run
         ptx::fence_registers(s);
         release_key(fill);

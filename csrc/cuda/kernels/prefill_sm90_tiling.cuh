@@ -174,21 +174,6 @@ __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
   return sm90_by_fill_shape<Tiling>(BSA_SM90_PV_WAIT_BEFORE_EXP);
 }
 
-// Build knob BSA_SM90_RECORD_FIRST (0 never, 1 128-key fills, 2 both shapes; default 0 until timed):
-// a consumer reads a fill's record (its tiles and flags, from shared memory) as soon as the fill has
-// landed, before it issues the fill's products, instead of after them. After them, ptxas put the
-// loads and the end-record test between the last two P.V wgmmas, and the loads queue behind the
-// wgmmas for the shared-memory pipe: at the pattern's 32k x 1 the test waited 16.5k of 297k stall
-// samples (short scoreboard) with the last P.V wgmma not yet issued (H100, Nsight Compute,
-// 2026-12-06; dense 16k x 2: 6.4k of 661k).
-#ifndef BSA_SM90_RECORD_FIRST
-#define BSA_SM90_RECORD_FIRST 0
-#endif
-template <typename Tiling>
-__host__ __device__ constexpr bool sm90_record_first() {
-  return sm90_by_fill_shape<Tiling>(BSA_SM90_RECORD_FIRST);
-}
-
 // Per-stage flags for one consumer warp group.
 constexpr uint8_t kTileVisible = 1;  // the group's query block sees this key tile
 constexpr uint8_t kTileMasked = 2;   // ... and some (row, key) pairs are causal or past the keys
