@@ -40,3 +40,42 @@ def test_missing_or_failing_peer_is_a_note(bench, capsys):
     calls = []
     fns = [lambda: calls.append(1)]
     assert bench.first_call_or_note("fa4", fns) is fns and calls == [1]
+
+
+def test_interleaved_timing_takes_turns(bench, monkeypatch):
+    """time_cuda_interleaved (CUDA timing, checked here with fake events): call r of every method runs
+    before call r + 1 of any, consecutive calls read different input sets, and a method whose warm-up
+    raises is reported instead of timed."""
+    clock = [0.0]
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            self.at = None
+
+        def record(self):
+            self.at = clock[0]
+
+        def elapsed_time(self, end):
+            return end.at - self.at
+
+    monkeypatch.setattr(bench.torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(bench.torch.cuda, "synchronize", lambda *a: None)
+    log = []
+
+    def method(name, cost):
+        def run(input_set):
+            def call():
+                log.append((name, input_set))
+                clock[0] += cost
+            return call
+        return [run(0), run(1)]
+
+    def broken():
+        raise RuntimeError("refused")
+    times, errors = bench.time_cuda_interleaved(
+        {"a": method("a", 1.0), "b": method("b", 2.0), "c": method("c", 3.0), "bad": [broken]}, warmup=2, repeats=4)
+    assert times == {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert list(errors) == ["bad"] and "refused" in str(errors["bad"])
+    timed = log[6:]  # after each method's two warm-up calls
+    assert [name for name, _ in timed] == ["a", "b", "c"] * 4
+    assert all(x[1] != y[1] for x, y in zip(timed, timed[1:])), timed
