@@ -250,6 +250,7 @@ def main():
         times = {name: [] for name in calls}
         windows = {name: [] for name in calls}  # time.time() around each timing, for --clocks
         sampler = ClockSampler() if args.clocks else None
+
         def on_path(path, fn):
             def call():
                 with paged_prefill_path(path):

@@ -362,19 +362,19 @@ def main(argv=None):
             print("sanity: vs SDPA with the same mask at S=%d, max abs error: %s" % (
                 seq_len, ", ".join(f"{m} {e:.2e}" for m, e in errors.items()) or "nothing to check"))
 
-        times, errors = {}, {}
+        times, failures = {}, {}
         if cuda and args.timing == "turns":
-            times, errors = time_cuda_interleaved(
+            times, failures = time_cuda_interleaved(
                 {name: fns for name, fns in methods.items() if wanted(name) and name != "reference"}, warmup, repeats)
         for name, fns in methods.items():
-            if not wanted(name) or name in times or name in errors:
+            if not wanted(name) or name in times or name in failures:
                 continue
             slow = name == "reference"
             try:
                 times[name] = timer(fns, warmup=0 if slow else warmup, repeats=1 if slow else repeats)
             except Exception as e:  # a pinned SDPA backend may refuse these shapes; report, go on
-                errors[name] = e
-        for name, e in errors.items():
+                failures[name] = e
+        for name, e in failures.items():
             print(f"  S={seq_len}: {name} unavailable ({type(e).__name__}: {str(e).splitlines()[0][:90]})")
         for name, ms in times.items():
             rows.append({"S": seq_len, "batch": batch, "method": name, "ms": ms,
