@@ -19,7 +19,7 @@ useful work and the column compares directly with the times. Speed-up = baseline
 On CUDA it first times a dense bf16 matmul (8192^3) and reports every method's rate as a fraction
 of it. `--dense-pattern` replaces the pattern by dense causal attention (every block visible) to
 compare the kernels with cuDNN on the same work. On CUDA the methods' calls take turns (`--timing
-turns`, the default: every method sees the card's clock at the same point of its power-cap swing);
+turns`, the default: every method sees the same clock of the power-capped card);
 `--timing blocks` times each method's calls as one block, as before 2026-12-06.
 
 Example (CPU, the run recorded in benchmarks/RESULTS.md):
@@ -77,10 +77,11 @@ def time_cuda(fns, warmup: int, repeats: int) -> float:
 def time_cuda_interleaved(methods: dict, warmup: int, repeats: int) -> tuple[dict, dict]:
     """Median times (ms) of several methods whose calls take turns: call r of every method runs before
     call r + 1 of any, each timed by its own CUDA events. The H100s and H200s we measure on run at
-    their power cap (clock-limit reason: software power cap), where the SM clock swings 1330-1560 MHz
-    with the last half second's power draw (benchmarks/probe_clocks.py, 2026-12-06): timed one after
-    the other, each method got whatever clock its place in that swing gave it (dense 8k x 4: 3.3-3.9 ms
-    by process for our build, FA4 3.44-3.79). Taking turns, every method sees the same clock. Each call
+    their power cap (clock-limit reason: software power cap), where the SM clock of a block of calls
+    moved 1330-1560 MHz (benchmarks/probe_clocks.py, 2026-12-06): timed one after the other, each
+    method got its block's clock (dense 8k x 4: 3.3-3.9 ms by process for our build, FA4 3.44-3.79).
+    Taking turns, every method sees the same clock, and the ratios are those of the cycles at that
+    clock; if a kernel's own power draw sets its clock when it runs alone, turns do not show it. Each call
     reads the other input set than the call before it (a global count picks the set), so none finds
     its inputs left in L2. Methods whose first call raises are left out (their error is returned)."""
     errors, live = {}, {}

@@ -5,9 +5,10 @@ Dense 8k x 4 took 3.3 to 3.9 ms by process with the same build (benchmarks/RESUL
 placement allocates a pad of random size first, then fresh inputs; every method then runs --block
 calls as one block (bench_prefill's --timing blocks), timed by CUDA events, twice, while nvidia-smi
 samples the card (bench_paged_prefill.ClockSampler). What it showed on an H100 (2026-12-06): the card
-sat at its power cap (nvidia-smi's clock-limit reason 0x4, software power cap; ~700 W) and the clock
-a block ran at, 1330-1560 MHz, followed its place in the controller's swing, not the method or the
-placement.
+sat at its power cap (nvidia-smi's clock-limit reason 0x4, software power cap; ~700 W), the clock of a
+block moved 1330-1560 MHz, and the placement changed nothing. Ours ran most blocks at 1474-1549 MHz and
+FA4 at 1323-1370, but one round in each process the other way round: whether a kernel's own power
+draw or its place in the sequence sets its clock, the run does not settle.
 
     python3 benchmarks/probe_clocks.py [--seq-len 8192 --batch 4] [--placements 4] [--methods ours,fa4]
 """
@@ -18,7 +19,7 @@ import time
 import torch
 
 from bench_paged_prefill import ClockSampler, timed_ms  # this script's folder
-from bench_prefill import fa4_fns, layer_pattern, make_inputs, ours_fn  # this script's folder
+from bench_prefill import HEAD_DIM, fa4_fns, layer_pattern, make_inputs, ours_fn  # this script's folder
 
 
 def main():
@@ -31,7 +32,7 @@ def main():
     args = ap.parse_args()
     dev = torch.device("cuda")
     pattern = layer_pattern(dense=True)
-    scale = 128 ** -0.5
+    scale = 1.0 / HEAD_DIM  # Phi-3-small's, as bench_prefill's
     sampler = ClockSampler()
     rng = random.Random(0)
     rows = []
