@@ -25,8 +25,9 @@ run dense --dense-pattern --seq-lens 2048,4096,8192,16384,32768 --methods ours,f
 run short --dense-pattern --seq-lens 32,128,512,2048 --methods ours,sdpa-cudnn,fa4
 # Timed one method after another, dense 8k x 4 ran at 3.3-3.9 ms by process (the same build: at the
 # power cap the clock moved up to 15 % between blocks of calls); bench_prefill.py's methods now take
-# turns call by call, and the ratios held within 0.01 over three processes (2026-12-06). REPEATS=n more processes
-# of dense 8k and 16k, ours and FA4 only (~20 s each), so that the bar is still read over processes.
+# turns call by call, and the ratios held within 0.01 over three processes (2026-12-06). REPEATS=n
+# more processes of dense 8k and 16k, ours and FA4 only (~20 s each), so that the bar is still read
+# over processes.
 for i in $(seq 1 "${REPEATS:-0}"); do
   run "dense_again$i" --dense-pattern --seq-lens 8192,16384 --methods ours,fa4 --no-sanity-check
 done
