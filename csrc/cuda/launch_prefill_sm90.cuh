@@ -156,8 +156,9 @@ void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, 
   const Sm90TensorMaps maps = sm90_tensor_maps<Element, Cache>(params, launch.use_tma);
   auto kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling, Cache, 128>;
   if constexpr (BSA_SM90_PRODUCER_WARPS == 1 && !CacheFormat<Cache>::kFp8) {
-    // Contiguous K/V with Q and K/V through the TMA: a producer of one warp (prefill_sm90.cuh).
-    if (!params.kv.paged() && maps.kv_enabled && maps.query_enabled)
+    // Contiguous K/V with Q and K/V through the TMA: a producer of one warp (prefill_sm90.cuh); TMA
+    // pages too with BSA_SM90_PAGED_ONE_WARP (its lanes issue the pages' boxes).
+    if ((!params.kv.paged() || launch.paged_one_warp) && maps.kv_enabled && maps.query_enabled)
       kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling, Cache, 32>;
   }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);

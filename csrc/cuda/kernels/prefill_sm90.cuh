@@ -128,8 +128,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   const int fp8_row = tid / 2, fp8_col0 = (tid % 2) * 16;
   static_assert(!kPagesAhead || (kSlots == 1 && !kFp8Pages), "page ids ahead: TMA pages with 64-key fills");
   // Paged TMA fills: box b of a tile, rows box_row .. box_row + rows - 1 (by column block: of column
-  // block box_block), is issued by lane b / 4 of warp b % 4 (BSA_SM90_PAGED_BOX_WARPS=0: lane b of the
-  // first warp); box_row >= 64: no box. At most 8 boxes (pages of 16 rows or more, 2 column blocks).
+  // block box_block), is issued by lane b / 4 of warp b % 4 (BSA_SM90_PAGED_BOX_WARPS=0, and the
+  // one-warp producer: lane b of the first warp); box_row >= 64: no box. At most 8 boxes (pages of 16 rows or more, 2 column blocks).
   // A shift, not a division by the column blocks a box takes (1 or 2).
   constexpr bool kBoxWarps = BSA_SM90_PAGED_BOX_WARPS && kProducerThreads == 128;
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
@@ -1037,7 +1037,8 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
 
 #endif
 
-// kProducerThreads: 128, or 32 (BSA_SM90_PRODUCER_WARPS=1, contiguous K/V through the TMA).
+// kProducerThreads: 128, or 32 (BSA_SM90_PRODUCER_WARPS=1, contiguous K/V through the TMA; TMA pages
+// too with the run-time setting BSA_SM90_PAGED_ONE_WARP=1).
 template <typename Element, int kHeadDim, typename Tiling, typename Cache, int kProducerThreads>
 __global__ void __launch_bounds__(kSm90Threads, 1)
     prefill_sm90_kernel(const PrefillParams params, const __grid_constant__ Sm90TensorMaps maps) {
