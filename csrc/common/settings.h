@@ -41,9 +41,9 @@ struct Settings {
   bool sm90_tma = true;       // BSA_SM90_TMA=0|1: the Hopper kernel's loads through the TMA where possible
   int sm90_stage_keys = 0;    // BSA_SM90_STAGE_KEYS=auto|64|128: its K/V fill shape (0 = auto)
   // BSA_SM90_PAGED_ONE_WARP=0|1: pages of a cache in the model's dtype read through the TMA by the
-  // producer of one warp (the contiguous path's; page ids looked up in the fill, not a fill ahead)
-  // instead of four warps (the default until timed: the paged chunks ran 1.13-1.15x their contiguous
-  // time against the bar's 1.10x, H100, 2026-12-06)
+  // producer of one warp (the contiguous path's, which marks a unit's last fill) instead of four
+  // warps (the default until timed: the paged chunks ran 1.13-1.15x their contiguous time against the
+  // bar's 1.10x, H100, 2026-12-06)
   bool sm90_paged_one_warp = false;
   // BSA_PAGED_PREFILL=direct|gather|auto: a CUDA paged prefill reads the pages (direct), or copies the
   // sequences' keys and values into contiguous tensors in the model's dtype first (fp8 pages widened)

@@ -281,7 +281,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // record: the consumers issue its P.V on its own and the ring carries one fill less a unit. The
     // next tile is walked before the record is written, after the fill's loads.
     constexpr bool kMarksLast = sm90_marks_last_fill<Tiling, kProducerThreads>();
-    static_assert(!kMarksLast || !kLookAhead, "the mark: contiguous K/V");
+    static_assert(!kMarksLast || !kFp8Pages, "fp8 pages take the four-warp producer");
     constexpr bool kWalkAhead = kLookAhead || kMarksLast;
     const int32_t* table = kv.paged() ? kv.table_row(seq, kv_head) : nullptr;
     auto look_up_page = [&](int key_tile) {
@@ -594,7 +594,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         early |= 1u << (n % kKeySlots);
       }
       copies = false;
-      if constexpr (kPagesAhead) walk_ahead(first_tile);  // one tile a fill
+      // One tile a fill; with kMarksLast (the one-warp producer over TMA pages) the slot loop walked it
+      // and looked its page ids up, after the fill's loads.
+      if constexpr (kPagesAhead && !kMarksLast) walk_ahead(first_tile);
       if (first_tile < 0 || last) {
         ++n;
         break;
@@ -1038,8 +1040,11 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
 #endif
 
 // kProducerThreads: 128, or 32 (BSA_SM90_PRODUCER_WARPS=1, contiguous K/V through the TMA; TMA pages
-// too with the run-time setting BSA_SM90_PAGED_ONE_WARP=1).
-template <typename Element, int kHeadDim, typename Tiling, typename Cache, int kProducerThreads>
+// too with the run-time setting BSA_SM90_PAGED_ONE_WARP=1). kOneWarpPages: the one-warp kernel of
+// 64-key fills over TMA pages, which looks page ids up a fill ahead; a kernel of its own, so that the
+// contiguous one-warp kernel's code stays as it was (ptxas allocates the registers kernel-wide).
+template <typename Element, int kHeadDim, typename Tiling, typename Cache, int kProducerThreads,
+          bool kOneWarpPages = false>
 __global__ void __launch_bounds__(kSm90Threads, 1)
     prefill_sm90_kernel(const PrefillParams params, const __grid_constant__ Sm90TensorMaps maps) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1071,7 +1076,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   if (threadIdx.x < 128) {
     ptx::setmaxnreg_dec<kSm90ProducerRegisters>();
     if (threadIdx.x >= kProducerThreads) return;  // BSA_SM90_PRODUCER_WARPS
-    constexpr bool kMayLookAhead = Tiling::kTilesPerStage == 1 && !CacheFormat<Cache>::kFp8 && kProducerThreads == 128;
+    constexpr bool kMayLookAhead =
+        Tiling::kTilesPerStage == 1 && !CacheFormat<Cache>::kFp8 && (kProducerThreads == 128 || kOneWarpPages);
     if (kMayLookAhead && params.kv.paged() && maps.kv_enabled)
       sm90_producer<Element, kHeadDim, Tiling, Cache, kMayLookAhead, kProducerThreads>(params, maps, shared);
     else
