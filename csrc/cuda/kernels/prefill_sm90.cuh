@@ -129,7 +129,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   static_assert(!kPagesAhead || (kSlots == 1 && !kFp8Pages), "page ids ahead: TMA pages with 64-key fills");
   // Paged TMA fills: box b of a tile, rows box_row .. box_row + rows - 1 (by column block: of column
   // block box_block), is issued by lane b / 4 of warp b % 4 (BSA_SM90_PAGED_BOX_WARPS=0, and the
-  // one-warp producer: lane b of the first warp); box_row >= 64: no box. At most 8 boxes (pages of 16 rows or more, 2 column blocks).
+  // one-warp producer: lane b of the first warp); box_row >= 64: no box. At most 8 boxes (pages of 16
+  // rows or more, 2 column blocks).
   // A shift, not a division by the column blocks a box takes (1 or 2).
   constexpr bool kBoxWarps = BSA_SM90_PAGED_BOX_WARPS && kProducerThreads == 128;
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
