@@ -47,24 +47,10 @@ import torch
 
 from blocksparse_attn import ops
 from blocksparse_attn.layout import SparsePattern
-from bench_prefill import time_cuda_interleaved  # this script's folder
+from bench_prefill import time_cuda, time_cuda_interleaved  # this script's folder
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128  # Phi-3-small
 FP8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
-
-
-def timed_ms(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    for s, e in zip(starts, ends):
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
 def kernel_times(fn, runs: int = 5) -> list[tuple[str, float]]:
@@ -270,7 +256,7 @@ def main():
             for name, (path, fn) in calls.items():
                 with paged_prefill_path(path):
                     start = time.time()
-                    times[name].append(timed_ms(fn, args.warmup, args.repeats))
+                    times[name].append(time_cuda([fn], args.warmup, args.repeats))
                     windows[name].append((start, time.time()))
         t = {name: statistics.median(ms) for name, ms in times.items()}
         if sampler is not None:

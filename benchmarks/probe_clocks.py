@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from bench_paged_prefill import ClockSampler, timed_ms  # this script's folder
-from bench_prefill import HEAD_DIM, fa4_fns, layer_pattern, make_inputs, ours_fn  # this script's folder
+from bench_paged_prefill import ClockSampler  # this script's folder
+from bench_prefill import HEAD_DIM, fa4_fns, layer_pattern, make_inputs, ours_fn, time_cuda  # this script's folder
 
 
 def main():
@@ -50,7 +50,7 @@ def main():
         for rnd in range(2):
             for name in (m for m in args.methods.split(",") if m in fns):
                 start = time.time()
-                ms = timed_ms(fns[name], 5, args.block)
+                ms = time_cuda([fns[name]], 5, args.block)
                 window = (start + 0.1 * (time.time() - start), time.time())  # past the first calls' ramp
                 rows.append((placement, pad_mb, rnd, name, ms, window))
         del pad, x, fns
