@@ -2,7 +2,7 @@
 
 `auto` picks the Hopper kernel (wgmma, 128-row tiles) on compute capability 9.x for head sizes up to
 128 and sparse blocks that are multiples of 64, the sm80 kernel elsewhere; the Hopper kernel has two
-K/V ring shapes, 64-key stages (sparse patterns) and 128-key stages (every causal block visible),
+K/V ring shapes, 64-key stages (short sequences) and 128-key stages (2k keys or more),
 forced by BSA_SM90_STAGE_KEYS. The rest of the suite runs whatever `auto` picks; this file runs the
 sm80 kernel and both Hopper shapes over the Hopper kernel's domain (sparse blocks of 64 and 128
 tokens: two query blocks per 128-row tile, or one), with the lengths around tile and block edges,
@@ -473,9 +473,8 @@ def test_bad_knob_value_is_an_error(monkeypatch, knob, value, gen):
 
 @pytest.mark.parametrize("local_blocks, vert_stride", ((1, 1), (300, 8), (2, 3)), ids=("dense", "wide-band", "sparse"))
 def test_sm90_auto_stage_keys(monkeypatch, local_blocks, vert_stride, gen):
-    """`auto` takes 128-key stages where every causal block is visible (a vertical column at every
-    block, or a band as long as the keys) and the sequences are not short (2k keys or more), 64-key
-    stages otherwise: short and long sequences under each pattern, every choice right."""
+    """`auto` takes 128-key stages where the sequences are not short (2k keys or more), dense or
+    sparse, 64-key stages otherwise: short and long sequences under each pattern, every choice right."""
     if not _is_hopper():
         pytest.skip("the Hopper prefill kernel needs a compute capability 9.x GPU")
     monkeypatch.setenv("BSA_PREFILL_KERNEL", "sm90")

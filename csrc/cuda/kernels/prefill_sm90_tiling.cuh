@@ -17,16 +17,16 @@ namespace blocksparse_attn {
 // shapes; the host picks one per call (choose_sm90_stage_keys):
 // - 64-key fills in 4 shared stages (K and V of a fill in slots of the same index, freed together
 //   after P.V) and three Q buffers (the producer loads the Q of the unit after next while the
-//   consumers finish the current one; 224 KB in all at head dim 128): the best for sparse patterns,
-//   whose units are short (8k x 4, Phi-3-small: 1.45 ms; 1.50 ms with the 128-key shape below).
-//   The third buffer took 256 prompts x 128 tokens from 0.210 to 0.203 ms on the H200 (2026-12-04),
+//   consumers finish the current one; 224 KB in all at head dim 128): the shape of short sequences,
+//   fp8 pages and packed heads, whose units are short. The third buffer took 256 prompts x 128 tokens from 0.210 to 0.203 ms on the H200 (2026-12-04),
 //   whose units of one or two fills waited for their first fill's Q and K/V.
 // - 128-key fills with rings of their own for K (2 slots, each freed once S is done) and V (3
 //   slots, freed after P.V), as FA3 pipelines them: the producer runs as far ahead as with 3 shared
 //   stages, and the 64 KB saved hold a second Q buffer (224 KB in all at head dim 128). Half the
-//   per-tile bookkeeping and n = 128 wgmmas for S: the better shape when every causal block is
-//   visible (dense 2k x 16: 1.12 ms against 1.15 ms; with 3 shared stages and one Q buffer it lost
-//   there, 1.25 ms, and on Phi-3-small, 1.60 ms).
+//   per-tile bookkeeping and n = 128 wgmmas for S: the better shape for sequences of 2k keys or
+//   more (dense 2k x 16: 1.12 ms against 1.15 ms; Phi-3-small's pattern, once the consumers took
+//   turns and the producer worked in one warp: 7.6 % fewer cycles at 32k x 1, 2.6 % at 8k x 4,
+//   H100, 2026-12-06; with 3 shared stages and one Q buffer it had lost, 1.25 ms and 1.60 ms).
 // Build-time knobs for experiments.
 #ifndef BSA_SM90_STAGES
 #define BSA_SM90_STAGES 4
