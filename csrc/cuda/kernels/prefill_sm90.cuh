@@ -96,17 +96,11 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 #define BSA_SM90_PAGED_BOX_WARPS 1
 #endif
 
-// Build knob BSA_SM90_FILL_PAGES_AHEAD (default 1): 128-key fills over TMA pages look their boxes'
-// page ids up with the fill's tiles, before the wait for its slots (sm90_producer's walk_fill); 0
-// looks them up at the issue, after it.
-#ifndef BSA_SM90_FILL_PAGES_AHEAD
-#define BSA_SM90_FILL_PAGES_AHEAD 1
-#endif
-
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
-// through the TMA, whose boxes' page ids are looked up a fill ahead (its own instantiation, so that
-// contiguous K/V run the code they ran without it: a run-time switch cost them 2.7 %).
+// through the TMA with 64-key fills, whose boxes' page ids are looked up a fill ahead (its own
+// instantiation, so that contiguous K/V run the code they ran without it: a run-time switch cost
+// them 2.7 %).
 template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool kPagesAhead, int kProducerThreads>
 __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared) {
@@ -132,7 +126,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   static_assert(!kFp8Pages || (kSlots == 1 && kProducerThreads == 128), "fp8 pages take 64-key fills, 128 threads");
   constexpr int kFp8Chunks = kHeadDim / 32;
   const int fp8_row = tid / 2, fp8_col0 = (tid % 2) * 16;
-  static_assert(!kPagesAhead || !kFp8Pages, "page ids ahead: TMA pages");
+  static_assert(!kPagesAhead || (kSlots == 1 && !kFp8Pages), "page ids ahead: TMA pages with 64-key fills");
   // Paged TMA fills: box b of a tile, rows box_row .. box_row + rows - 1 (by column block: of column
   // block box_block), is issued by lane b / 4 of warp b % 4 (BSA_SM90_PAGED_BOX_WARPS=0, and the
   // one-warp producer: lane b of the first warp); box_row >= 64: no box. At most 8 boxes (pages of 16
@@ -282,9 +276,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // kept the producer waiting on two round trips a fill) and kPagesAhead's TMA boxes (the page of
     // this lane's box; H200, 8k x 4: paged kv block 64 1.74 -> 1.66 ms, kv block 16 2.03 -> 1.93).
     // -1 past k_len, for no tile and for lanes without a box.
+    constexpr bool kLookAhead = kFp8Pages || kPagesAhead;
     constexpr bool kTilesAhead = kSlots > 1;  // 128-key fills: a whole fill's tiles walked ahead
-    constexpr bool kLookAhead = kFp8Pages || (kPagesAhead && !kTilesAhead);  // with the next tile
-    constexpr bool kFillPagesAhead = kPagesAhead && kTilesAhead;              // with the fill's tiles
     // The unit's last fill marked in its record (sm90_marks_last_fill) instead of followed by an end
     // record: the consumers issue its P.V on its own and the ring carries one fill less a unit. The
     // next tile is walked before the record is written, after the fill's loads.
@@ -516,10 +509,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // wait for this fill's slots, so that the walk (tens of dependent instructions a tile) is not
     // between a slot's release and its loads (H200, dense 32k x 1: 15.26 -> 14.46 ms; with 64-key
     // fills, whose ring runs four fills ahead, the pattern was slower: 32k 2.66 -> 2.80).
-    // kFillPagesAhead: the tiles' page ids are looked up with them, so the wait for the fill's slots
-    // covers the lookups' round trips (looked up at the issue, after that wait, each fill waited for
-    // them: the paged chunk of 8k x 4 at kv block 16 took 15 % more cycles than contiguous K/V).
-    int fill_tiles[kSlots], fill_pages[kSlots];
+    int fill_tiles[kSlots];
     uint8_t fill_flags[kSlots][kSm90ConsumerGroups];
     auto walk_fill = [&] {
 #pragma unroll
@@ -528,7 +518,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
 #pragma unroll
         for (int g = 0; g < kSm90ConsumerGroups; ++g) fill_flags[slot][g] = 0;
         if (more) more = next_tile(fill_tiles[slot], fill_flags[slot]);
-        if constexpr (kFillPagesAhead) fill_pages[slot] = look_up_page(fill_tiles[slot]);
       }
     };
     if constexpr (kTilesAhead) walk_fill();
@@ -570,7 +559,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         uint8_t flags[kSm90ConsumerGroups] = {};
         if constexpr (kTilesAhead) {
           key_tile = fill_tiles[slot];
-          if constexpr (kFillPagesAhead) page = fill_pages[slot];
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = fill_flags[slot][g];
         } else if constexpr (kWalkAhead) {
@@ -609,7 +597,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       copies = false;
       // One tile a fill; with kMarksLast (the one-warp producer over TMA pages) the slot loop walked it
       // and looked its page ids up, after the fill's loads.
-      if constexpr (kPagesAhead && !kTilesAhead && !kMarksLast) walk_ahead(first_tile);
+      if constexpr (kPagesAhead && !kMarksLast) walk_ahead(first_tile);
       if (first_tile < 0 || last) {
         ++n;
         break;
@@ -1089,8 +1077,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   if (threadIdx.x < 128) {
     ptx::setmaxnreg_dec<kSm90ProducerRegisters>();
     if (threadIdx.x >= kProducerThreads) return;  // BSA_SM90_PRODUCER_WARPS
-    constexpr bool kMayLookAhead = !CacheFormat<Cache>::kFp8 && (kProducerThreads == 128 || kOneWarpPages) &&
-                                   (Tiling::kTilesPerStage == 1 || BSA_SM90_FILL_PAGES_AHEAD);
+    constexpr bool kMayLookAhead =
+        Tiling::kTilesPerStage == 1 && !CacheFormat<Cache>::kFp8 && (kProducerThreads == 128 || kOneWarpPages);
     if (kMayLookAhead && params.kv.paged() && maps.kv_enabled)
       sm90_producer<Element, kHeadDim, Tiling, Cache, kMayLookAhead, kProducerThreads>(params, maps, shared);
     else
