@@ -509,6 +509,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // wait for this fill's slots, so that the walk (tens of dependent instructions a tile) is not
     // between a slot's release and its loads (H200, dense 32k x 1: 15.26 -> 14.46 ms; with 64-key
     // fills, whose ring runs four fills ahead, the pattern was slower: 32k 2.66 -> 2.80).
+    // Looking the tiles' page ids up here too (TMA pages) was measured and dropped: 6-7 % more cycles
+    // on the paged prefill at kv block 16 (8k x 4, whole prompts and 2k chunks, H100, 2026-12-06;
+    // predicted 5-10 % fewer), with 52 bytes of spills in the four-warp kernel (4 before).
     int fill_tiles[kSlots];
     uint8_t fill_flags[kSlots][kSm90ConsumerGroups];
     auto walk_fill = [&] {
