@@ -96,18 +96,11 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 #define BSA_SM90_PAGED_BOX_WARPS 1
 #endif
 
-// Build knob BSA_SM90_FILL_PAGES_TOGETHER (default 1): 128-key fills over TMA pages look all their
-// boxes' page ids up at once, once the fill's slots are free, so the lookups' round trips overlap;
-// 2: with the fill's tiles, before the wait for its slots; 0: each tile's lookup in front of its
-// boxes, behind the previous tile's issue.
-#ifndef BSA_SM90_FILL_PAGES_TOGETHER
-#define BSA_SM90_FILL_PAGES_TOGETHER 1
-#endif
-
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
-// through the TMA, whose boxes' page ids are looked up a fill ahead (its own instantiation, so that
-// contiguous K/V run the code they ran without it: a run-time switch cost them 2.7 %).
+// through the TMA with 64-key fills, whose boxes' page ids are looked up a fill ahead (its own
+// instantiation, so that contiguous K/V run the code they ran without it: a run-time switch cost
+// them 2.7 %).
 template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool kPagesAhead, int kProducerThreads>
 __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared) {
@@ -133,7 +126,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   static_assert(!kFp8Pages || (kSlots == 1 && kProducerThreads == 128), "fp8 pages take 64-key fills, 128 threads");
   constexpr int kFp8Chunks = kHeadDim / 32;
   const int fp8_row = tid / 2, fp8_col0 = (tid % 2) * 16;
-  static_assert(!kPagesAhead || !kFp8Pages, "page ids ahead: TMA pages");
+  static_assert(!kPagesAhead || (kSlots == 1 && !kFp8Pages), "page ids ahead: TMA pages with 64-key fills");
   // Paged TMA fills: box b of a tile, rows box_row .. box_row + rows - 1 (by column block: of column
   // block box_block), is issued by lane b / 4 of warp b % 4 (BSA_SM90_PAGED_BOX_WARPS=0, and the
   // one-warp producer: lane b of the first warp); box_row >= 64: no box. At most 8 boxes (pages of 16
@@ -283,9 +276,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // kept the producer waiting on two round trips a fill) and kPagesAhead's TMA boxes (the page of
     // this lane's box; H200, 8k x 4: paged kv block 64 1.74 -> 1.66 ms, kv block 16 2.03 -> 1.93).
     // -1 past k_len, for no tile and for lanes without a box.
+    constexpr bool kLookAhead = kFp8Pages || kPagesAhead;
     constexpr bool kTilesAhead = kSlots > 1;  // 128-key fills: a whole fill's tiles walked ahead
-    constexpr bool kLookAhead = kFp8Pages || (kPagesAhead && !kTilesAhead);  // with the next tile
-    constexpr bool kFillPages = kPagesAhead && kTilesAhead;                   // a fill's at once
     // The unit's last fill marked in its record (sm90_marks_last_fill) instead of followed by an end
     // record: the consumers issue its P.V on its own and the ring carries one fill less a unit. The
     // next tile is walked before the record is written, after the fill's loads.
@@ -520,13 +512,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // Looking the tiles' page ids up here too (TMA pages) was measured and dropped: 6-7 % more cycles
     // on the paged prefill at kv block 16 (8k x 4, whole prompts and 2k chunks, H100, 2026-12-06;
     // predicted 5-10 % fewer), with 52 bytes of spills in the four-warp kernel (4 before).
-    int fill_tiles[kSlots], fill_pages[kSlots];
+    int fill_tiles[kSlots];
     uint8_t fill_flags[kSlots][kSm90ConsumerGroups];
-    auto look_up_fill_pages = [&] {
-#pragma unroll
-      for (int slot = 0; slot < kSlots; ++slot)
-        fill_pages[slot] = kv.paged() && maps.kv_enabled ? look_up_page(fill_tiles[slot]) : -1;
-    };
     auto walk_fill = [&] {
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) {
@@ -535,7 +522,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         for (int g = 0; g < kSm90ConsumerGroups; ++g) fill_flags[slot][g] = 0;
         if (more) more = next_tile(fill_tiles[slot], fill_flags[slot]);
       }
-      if constexpr (kFillPages && BSA_SM90_FILL_PAGES_TOGETHER == 2) look_up_fill_pages();
     };
     if constexpr (kTilesAhead) walk_fill();
     // kLookAhead: the tile after key_tile walked and its page ids looked up. TMA pages do it once
@@ -568,9 +554,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
                                &shared.full[key_slot]);
         }
       }
-      // kFillPages: the fill's page ids, looked up together (the wait above is over, so no register
-      // holds them across it: looked up before it, the lookups spilled and cost 6-7 % more cycles).
-      if constexpr (kFillPages && BSA_SM90_FILL_PAGES_TOGETHER == 1) look_up_fill_pages();
       int first_tile = -1;
       bool last = false;  // kMarksLast: this fill is the unit's last
 #pragma unroll
@@ -579,7 +562,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         uint8_t flags[kSm90ConsumerGroups] = {};
         if constexpr (kTilesAhead) {
           key_tile = fill_tiles[slot];
-          if constexpr (kFillPages) page = fill_pages[slot];
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = fill_flags[slot][g];
         } else if constexpr (kWalkAhead) {
@@ -618,7 +600,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       copies = false;
       // One tile a fill; with kMarksLast (the one-warp producer over TMA pages) the slot loop walked it
       // and looked its page ids up, after the fill's loads.
-      if constexpr (kPagesAhead && !kTilesAhead && !kMarksLast) walk_ahead(first_tile);
+      if constexpr (kPagesAhead && !kMarksLast) walk_ahead(first_tile);
       if (first_tile < 0 || last) {
         ++n;
         break;
@@ -1100,13 +1082,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     if (threadIdx.x >= kProducerThreads) return;  // BSA_SM90_PRODUCER_WARPS
     constexpr bool kMayLookAhead =
         Tiling::kTilesPerStage == 1 && !CacheFormat<Cache>::kFp8 && (kProducerThreads == 128 || kOneWarpPages);
-    // 128-key fills of four producer warps: one producer, which looks a fill's page ids up together
-    // where TMA pages need them (a second instantiation beside it made the consumers spill, ptxas).
-    constexpr bool kFillPages = Tiling::kTilesPerStage > 1 && !CacheFormat<Cache>::kFp8 && kProducerThreads == 128 &&
-                                BSA_SM90_FILL_PAGES_TOGETHER;
-    if constexpr (kFillPages)
-      sm90_producer<Element, kHeadDim, Tiling, Cache, true, kProducerThreads>(params, maps, shared);
-    else if (kMayLookAhead && params.kv.paged() && maps.kv_enabled)
+    if (kMayLookAhead && params.kv.paged() && maps.kv_enabled)
       sm90_producer<Element, kHeadDim, Tiling, Cache, kMayLookAhead, kProducerThreads>(params, maps, shared);
     else
       sm90_producer<Element, kHeadDim, Tiling, Cache, false, kProducerThreads>(params, maps, shared);
