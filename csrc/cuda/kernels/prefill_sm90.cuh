@@ -509,9 +509,14 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // wait for this fill's slots, so that the walk (tens of dependent instructions a tile) is not
     // between a slot's release and its loads (H200, dense 32k x 1: 15.26 -> 14.46 ms; with 64-key
     // fills, whose ring runs four fills ahead, the pattern was slower: 32k 2.66 -> 2.80).
-    // Looking the tiles' page ids up here too (TMA pages) was measured and dropped: 6-7 % more cycles
-    // on the paged prefill at kv block 16 (8k x 4, whole prompts and 2k chunks, H100, 2026-12-06;
-    // predicted 5-10 % fewer), with 52 bytes of spills in the four-warp kernel (4 before).
+    // Looking a fill's page ids up ahead was measured and dropped (paged prefill at kv block 16, 8k x 4,
+    // 2k chunks / whole prompts, Nsight Compute cycles, H100, 2026-12-06; predicted 3-10 % fewer): here,
+    // before the wait for the fill's slots, +5.5 / +7.2 %; together once the wait is over, +2.9 /
+    // +4.3 % (a single producer instantiation each: a second one beside the walk's made the consumers
+    // spill 52 bytes, ptxas). The consumers do wait for paged fills (17 % of their samples against 10 %
+    // over contiguous K/V), but the four producer warps issue 5x the one-warp producer's instructions
+    // (6.3e7 against 1.3e7; the pattern's walk in every warp a fifth of them): the lookups' latency
+    // is not what holds them, their instructions are.
     int fill_tiles[kSlots];
     uint8_t fill_flags[kSlots][kSm90ConsumerGroups];
     auto walk_fill = [&] {
