@@ -41,17 +41,12 @@ def kernel(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=("direct", "direct-one-warp", "gather"))
-def paged_path(request, monkeypatch, kernel):
+@pytest.fixture(params=("direct", "gather"))
+def paged_path(request, monkeypatch):
     """How a paged prefill reads the cache (BSA_PAGED_PREFILL): its pages, or K/V gathered into
     contiguous tensors in the model's dtype first (fp8 pages widened, their scales folded in by the
-    contiguous path). direct-one-warp: the pages, on the Hopper kernel with the one-warp producer
-    (BSA_SM90_PAGED_ONE_WARP=1; pages in the model's dtype, through the TMA)."""
-    path, _, producer = request.param.partition("-")
-    if producer and kernel == "sm80":
-        pytest.skip("BSA_SM90_PAGED_ONE_WARP is the Hopper kernel's")
-    monkeypatch.setenv("BSA_PAGED_PREFILL", path)
-    monkeypatch.setenv("BSA_SM90_PAGED_ONE_WARP", "1" if producer else "0")
+    contiguous path)."""
+    monkeypatch.setenv("BSA_PAGED_PREFILL", request.param)
     return request.param
 
 
@@ -149,10 +144,8 @@ def test_paged_chunked_fp8(kernel, paged_path, kv_block_size, head_dim, fp8, gen
     against the reference over the dequantized cache: pages of every size, the last partial tile, both
     formats (direct: the Hopper kernel's producer loads fp8 rows into registers and widens them;
     gather: the pages widened into contiguous K/V, the scales folded in by the contiguous path)."""
-    if kernel.endswith("k128") and paged_path.startswith("direct"):
+    if kernel.endswith("k128") and paged_path == "direct":
         pytest.skip("the Hopper kernel reads fp8 pages with 64-key fills only")
-    if paged_path == "direct-one-warp":
-        pytest.skip("fp8 pages take the four-warp producer (they come through registers)")
     out, ref, _, seqs = run_prefill_fp8("cuda", torch.bfloat16, fp8, 8, 2, head_dim, kv_block_size, "phi3", gen)
     assert_close_to_ref(out, ref, torch.bfloat16, f"{kernel} {paged_path} paged_prefill fp8 {fp8} D={head_dim} "
                                                   f"kvbs={kv_block_size} (context, new)={seqs}")
@@ -185,7 +178,7 @@ def test_paged_bad_page_ids_read_zeros(kernel, paged_path, kv_block_size, cache_
     """Without BSA_CHECK_INPUTS the GPU does not validate block ids; one outside [0, NB) must read as
     zero keys and values (never memory out of bounds), in whole tiles (the TMA's boxes) and in the last
     partial one (cp.async or registers) alike, from a bf16 cache and an fp8 one (scale 1)."""
-    if kernel.endswith("k128") and cache_dtype != torch.bfloat16 and paged_path.startswith("direct"):
+    if kernel.endswith("k128") and cache_dtype != torch.bfloat16 and paged_path == "direct":
         pytest.skip("the Hopper kernel reads fp8 pages with 64-key fills only")
     hq, hkv, d, n = 4, 2, 128, 300
     pattern = SparsePattern(64, 16, 8, 1)  # every causal block visible at this length
@@ -458,7 +451,7 @@ BAD_KNOB_VALUES = (("BSA_PREFILL_KERNEL", "fastest"), ("BSA_PREFILL_UNIT_ORDER",
                    ("BSA_SM90_GRID", "9" * 25),
                    ("BSA_SM90_TMA", "yes"), ("BSA_CHECK_INPUTS", "true"), ("BSA_DECODE_SPLITS", "4x"),
                    ("BSA_DECODE_SPLITS", "0"), ("BSA_PREFILL_PACK_GQA", "yes"),
-                   ("BSA_DECODE_MERGE", "dsmem"), ("BSA_SM90_PAGED_ONE_WARP", "yes"))
+                   ("BSA_DECODE_MERGE", "dsmem"))
 
 
 @pytest.mark.parametrize("knob, value", BAD_KNOB_VALUES, ids=lambda x: str(x))

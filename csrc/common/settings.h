@@ -40,11 +40,6 @@ struct Settings {
   int sm90_grid = 0;          // BSA_SM90_GRID=auto|n: the Hopper kernel's persistent CTAs (0 = one per SM)
   bool sm90_tma = true;       // BSA_SM90_TMA=0|1: the Hopper kernel's loads through the TMA where possible
   int sm90_stage_keys = 0;    // BSA_SM90_STAGE_KEYS=auto|64|128: its K/V fill shape (0 = auto)
-  // BSA_SM90_PAGED_ONE_WARP=0|1: pages of a cache in the model's dtype read through the TMA by the
-  // producer of one warp (the contiguous path's, which marks a unit's last fill) instead of four
-  // warps (the default until timed: the paged chunks ran 1.13-1.15x their contiguous time against the
-  // bar's 1.10x, H100, 2026-12-06)
-  bool sm90_paged_one_warp = false;
   // BSA_PAGED_PREFILL=direct|gather|auto: a CUDA paged prefill reads the pages (direct), or copies the
   // sequences' keys and values into contiguous tensors in the model's dtype first (fp8 pages widened)
   // and runs the contiguous path (gather), or gathers where the queries cover at least half of the gathered
@@ -60,7 +55,7 @@ namespace detail {
 // The run-time knobs' raw values ("" when unset), from one pass over the environment.
 struct RawSettings {
   std::string_view check_inputs, decode_splits, decode_merge, prefill_kernel, unit_order, kv_group, kv_tail, pack_gqa,
-      sm90_grid, sm90_tma, sm90_stage_keys, sm90_paged_one_warp, paged_prefill;
+      sm90_grid, sm90_tma, sm90_stage_keys, paged_prefill;
 };
 
 inline RawSettings raw_settings() {
@@ -72,9 +67,7 @@ inline RawSettings raw_settings() {
       {"BSA_PREFILL_KV_GROUP", &RawSettings::kv_group},     {"BSA_PREFILL_KV_TAIL", &RawSettings::kv_tail},
       {"BSA_PREFILL_PACK_GQA", &RawSettings::pack_gqa},
       {"BSA_SM90_GRID", &RawSettings::sm90_grid},         {"BSA_SM90_TMA", &RawSettings::sm90_tma},
-      {"BSA_SM90_STAGE_KEYS", &RawSettings::sm90_stage_keys},
-      {"BSA_SM90_PAGED_ONE_WARP", &RawSettings::sm90_paged_one_warp},
-      {"BSA_PAGED_PREFILL", &RawSettings::paged_prefill}};
+      {"BSA_SM90_STAGE_KEYS", &RawSettings::sm90_stage_keys}, {"BSA_PAGED_PREFILL", &RawSettings::paged_prefill}};
   for (char** entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
     if (std::strncmp(*entry, "BSA_", 4) != 0) continue;
     const std::string_view text(*entry);
@@ -119,7 +112,6 @@ inline Settings read_settings() {
     s.kv_tail_keys = keys;
   s.sm90_grid = detail::parse_count("BSA_SM90_GRID", raw.sm90_grid);
   s.sm90_tma = detail::parse_flag("BSA_SM90_TMA", raw.sm90_tma, true);
-  s.sm90_paged_one_warp = detail::parse_flag("BSA_SM90_PAGED_ONE_WARP", raw.sm90_paged_one_warp, false);
 
   const std::string_view merge = raw.decode_merge;
   if (merge == "kernel") s.decode_merge = DecodeMergeChoice::kKernel;

@@ -225,7 +225,7 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
       using Cache = decltype(cache);
       if constexpr (kPad == 64 || kPad == 128) {
         if (kernel == PrefillKernel::kSm90) {
-          const Sm90Launch launch{max_tiles, sm90_ctas(settings), settings.sm90_tma, settings.sm90_paged_one_warp};
+          const Sm90Launch launch{max_tiles, sm90_ctas(settings), settings.sm90_tma};
           // fp8 caches take 64-key fills only (their producer converts each tile in registers).
           const bool fp8 = !std::is_same_v<Cache, Element>;
           BSA_CHECK(!fp8 || settings.sm90_stage_keys != 128, "BSA_SM90_STAGE_KEYS=128, but the Hopper kernel reads ",

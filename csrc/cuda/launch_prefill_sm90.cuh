@@ -156,15 +156,9 @@ void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, 
   const Sm90TensorMaps maps = sm90_tensor_maps<Element, Cache>(params, launch.use_tma);
   auto kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling, Cache, 128>;
   if constexpr (BSA_SM90_PRODUCER_WARPS == 1 && !CacheFormat<Cache>::kFp8) {
-    // Contiguous K/V with Q and K/V through the TMA: a producer of one warp (prefill_sm90.cuh); TMA
-    // pages too with BSA_SM90_PAGED_ONE_WARP (its lanes issue the pages' boxes; with 64-key fills a
-    // kernel of its own, which looks page ids up a fill ahead).
-    if (maps.kv_enabled && maps.query_enabled) {
-      if (!params.kv.paged())
-        kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling, Cache, 32>;
-      else if (launch.paged_one_warp)
-        kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling, Cache, 32, Tiling::kTilesPerStage == 1>;
-    }
+    // Contiguous K/V with Q and K/V through the TMA: a producer of one warp (prefill_sm90.cuh).
+    if (!params.kv.paged() && maps.kv_enabled && maps.query_enabled)
+      kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling, Cache, 32>;
   }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   const int64_t max_units = static_cast<int64_t>(launch.max_tiles) * (params.num_q_heads >> params.pack_gqa_shift);

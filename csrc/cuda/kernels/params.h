@@ -317,7 +317,6 @@ struct Sm90Launch {
   int max_tiles;  // the plan's bound on (sequence, query tile) items
   int num_ctas;   // persistent CTAs (one per SM unless BSA_SM90_GRID says otherwise)
   bool use_tma;   // Q and contiguous K/V through the TMA where the tensors allow it (BSA_SM90_TMA)
-  bool paged_one_warp;  // TMA pages by the one-warp producer too (BSA_SM90_PAGED_ONE_WARP)
 };
 
 // Query heads of one kv group computed together by a decode CTA: the rows of one m16n8k16 tile.

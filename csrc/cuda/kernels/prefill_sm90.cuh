@@ -128,9 +128,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   const int fp8_row = tid / 2, fp8_col0 = (tid % 2) * 16;
   static_assert(!kPagesAhead || (kSlots == 1 && !kFp8Pages), "page ids ahead: TMA pages with 64-key fills");
   // Paged TMA fills: box b of a tile, rows box_row .. box_row + rows - 1 (by column block: of column
-  // block box_block), is issued by lane b / 4 of warp b % 4 (BSA_SM90_PAGED_BOX_WARPS=0, and the
-  // one-warp producer: lane b of the first warp); box_row >= 64: no box. At most 8 boxes (pages of 16
-  // rows or more, 2 column blocks).
+  // block box_block), is issued by lane b / 4 of warp b % 4 (BSA_SM90_PAGED_BOX_WARPS=0: lane b of the
+  // first warp); box_row >= 64: no box. At most 8 boxes (pages of 16 rows or more, 2 column blocks).
   // A shift, not a division by the column blocks a box takes (1 or 2).
   constexpr bool kBoxWarps = BSA_SM90_PAGED_BOX_WARPS && kProducerThreads == 128;
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
@@ -282,7 +281,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // record: the consumers issue its P.V on its own and the ring carries one fill less a unit. The
     // next tile is walked before the record is written, after the fill's loads.
     constexpr bool kMarksLast = sm90_marks_last_fill<Tiling, kProducerThreads>();
-    static_assert(!kMarksLast || !kFp8Pages, "fp8 pages take the four-warp producer");
+    static_assert(!kMarksLast || !kLookAhead, "the mark: contiguous K/V");
     constexpr bool kWalkAhead = kLookAhead || kMarksLast;
     const int32_t* table = kv.paged() ? kv.table_row(seq, kv_head) : nullptr;
     auto look_up_page = [&](int key_tile) {
@@ -603,9 +602,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         early |= 1u << (n % kKeySlots);
       }
       copies = false;
-      // One tile a fill; with kMarksLast (the one-warp producer over TMA pages) the slot loop walked it
-      // and looked its page ids up, after the fill's loads.
-      if constexpr (kPagesAhead && !kMarksLast) walk_ahead(first_tile);
+      if constexpr (kPagesAhead) walk_ahead(first_tile);  // one tile a fill
       if (first_tile < 0 || last) {
         ++n;
         break;
@@ -1048,12 +1045,12 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
 
 #endif
 
-// kProducerThreads: 128, or 32 (BSA_SM90_PRODUCER_WARPS=1, contiguous K/V through the TMA; TMA pages
-// too with the run-time setting BSA_SM90_PAGED_ONE_WARP=1). kOneWarpPages: the one-warp kernel of
-// 64-key fills over TMA pages, which looks page ids up a fill ahead; a kernel of its own, so that the
-// contiguous one-warp kernel's code stays as it was (ptxas allocates the registers kernel-wide).
-template <typename Element, int kHeadDim, typename Tiling, typename Cache, int kProducerThreads,
-          bool kOneWarpPages = false>
+// kProducerThreads: 128, or 32 (BSA_SM90_PRODUCER_WARPS=1, contiguous K/V through the TMA). Over TMA
+// pages the one-warp producer took 16 % more cycles with 64-key fills (its lanes issue the boxes one
+// after another, the TMA instruction taking uniform registers; page ids looked up a fill ahead and
+// the last fill marked) and 20 % more with 128-key fills (paged prefill at kv block 16, 2k chunks of
+// 8k x 4; whole prompts +15 %; H100, Nsight Compute, 2026-12-06): pages keep four warps.
+template <typename Element, int kHeadDim, typename Tiling, typename Cache, int kProducerThreads>
 __global__ void __launch_bounds__(kSm90Threads, 1)
     prefill_sm90_kernel(const PrefillParams params, const __grid_constant__ Sm90TensorMaps maps) {
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1085,8 +1082,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   if (threadIdx.x < 128) {
     ptx::setmaxnreg_dec<kSm90ProducerRegisters>();
     if (threadIdx.x >= kProducerThreads) return;  // BSA_SM90_PRODUCER_WARPS
-    constexpr bool kMayLookAhead =
-        Tiling::kTilesPerStage == 1 && !CacheFormat<Cache>::kFp8 && (kProducerThreads == 128 || kOneWarpPages);
+    constexpr bool kMayLookAhead = Tiling::kTilesPerStage == 1 && !CacheFormat<Cache>::kFp8 && kProducerThreads == 128;
     if (kMayLookAhead && params.kv.paged() && maps.kv_enabled)
       sm90_producer<Element, kHeadDim, Tiling, Cache, kMayLookAhead, kProducerThreads>(params, maps, shared);
     else
