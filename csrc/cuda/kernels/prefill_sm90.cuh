@@ -128,12 +128,15 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   const int fp8_row = tid / 2, fp8_col0 = (tid % 2) * 16;
   static_assert(!kPagesAhead || (kSlots == 1 && !kFp8Pages), "page ids ahead: TMA pages with 64-key fills");
   // Paged TMA fills: box b of a tile, rows box_row .. box_row + rows - 1 (by column block: of column
-  // block box_block), is issued by lane b / 4 of warp b % 4 (BSA_SM90_PAGED_BOX_WARPS=0: lane b of the
-  // first warp); box_row >= 64: no box. At most 8 boxes (pages of 16 rows or more, 2 column blocks).
+  // block box_block), is issued by lane b / W of warp b % W, W the producer's warps (4, or 2 with
+  // BSA_SM90_PAGED_PRODUCER_WARPS=2; BSA_SM90_PAGED_BOX_WARPS=0: lane b of the first warp); box_row >=
+  // 64: no box. At most 8 boxes (pages of 16 rows or more, 2 column blocks).
   // A shift, not a division by the column blocks a box takes (1 or 2).
-  constexpr bool kBoxWarps = BSA_SM90_PAGED_BOX_WARPS && kProducerThreads == 128;
+  constexpr int kProducerWarps = kProducerThreads / 32;
+  constexpr bool kBoxWarps = BSA_SM90_PAGED_BOX_WARPS && kProducerWarps >= 2;
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
-  const int box = kBoxWarps ? ((tid & 31) < 2 ? (tid >> 5) + 4 * (tid & 31) : 64) : tid;
+  const int box =
+      kBoxWarps ? ((tid & 31) < 8 / kProducerWarps ? (tid >> 5) + kProducerWarps * (tid & 31) : 64) : tid;
   const int box_row = box < 32 ? (box >> box_shift) * maps.kv_page_rows : 64;
   const int box_block = box & ((1 << box_shift) - 1);
 
@@ -1045,7 +1048,8 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
 
 #endif
 
-// kProducerThreads: 128, or 32 (BSA_SM90_PRODUCER_WARPS=1, contiguous K/V through the TMA). Over TMA
+// kProducerThreads: 128, or 32 (BSA_SM90_PRODUCER_WARPS=1, contiguous K/V through the TMA), or 64
+// (BSA_SM90_PAGED_PRODUCER_WARPS=2, 128-key fills over TMA pages). Over TMA
 // pages the one-warp producer took 16 % more cycles with 64-key fills (its lanes issue the boxes one
 // after another, the TMA instruction taking uniform registers; page ids looked up a fill ahead and
 // the last fill marked) and 20 % more with 128-key fills (paged prefill at kv block 16, 2k chunks of

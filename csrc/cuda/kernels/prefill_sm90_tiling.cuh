@@ -60,6 +60,17 @@ namespace blocksparse_attn {
 #ifndef BSA_SM90_PRODUCER_WARPS
 #define BSA_SM90_PRODUCER_WARPS 1
 #endif
+// Build knob BSA_SM90_PAGED_PRODUCER_WARPS=4|2 (default 4): the producer warps of 128-key fills over
+// TMA pages in the model's dtype. Four warps each walk the pattern and issue one page's boxes a
+// 64-key tile (kv block 16), and issued 6.3e7 of the paged chunk's instructions against the one-warp
+// producer's 1.3e7 over contiguous K/V (H100, 2k chunks of 8k x 4, 2026-12-06); the one-warp
+// producer, whose lanes issue the boxes one after another, was 20 % slower there. 2: the walk in two
+// warps, two pages' boxes a warp (an experiment, not yet timed).
+#ifndef BSA_SM90_PAGED_PRODUCER_WARPS
+#define BSA_SM90_PAGED_PRODUCER_WARPS 4
+#endif
+static_assert(BSA_SM90_PAGED_PRODUCER_WARPS == 4 || BSA_SM90_PAGED_PRODUCER_WARPS == 2,
+              "BSA_SM90_PAGED_PRODUCER_WARPS is 4 or 2");
 // The key and value slots of one fill.
 struct Sm90Fill {
   int key_slot;
