@@ -516,9 +516,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // before the wait for the fill's slots, +5.5 / +7.2 %; together once the wait is over, +2.9 /
     // +4.3 % (a single producer instantiation each: a second one beside the walk's made the consumers
     // spill 52 bytes, ptxas). The consumers do wait for paged fills (17 % of their samples against 10 %
-    // over contiguous K/V), but the four producer warps issue 5x the one-warp producer's instructions
-    // (6.3e7 against 1.3e7; the pattern's walk in every warp a fifth of them): the lookups' latency
-    // is not what holds them, their instructions are.
+    // over contiguous K/V), but the table's lookups hit the L1 (86 %), so their latency is not what
+    // holds the fills; the four producer warps issue 5x the one-warp producer's instructions (6.3e7
+    // against 1.3e7; the pattern's walk in every warp a fifth of them).
     int fill_tiles[kSlots];
     uint8_t fill_flags[kSlots][kSm90ConsumerGroups];
     auto walk_fill = [&] {
@@ -1049,11 +1049,11 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
 #endif
 
 // kProducerThreads: 128, or 32 (BSA_SM90_PRODUCER_WARPS=1, contiguous K/V through the TMA), or 64
-// (BSA_SM90_PAGED_PRODUCER_WARPS=2, 128-key fills over TMA pages). Over TMA
-// pages the one-warp producer took 16 % more cycles with 64-key fills (its lanes issue the boxes one
-// after another, the TMA instruction taking uniform registers; page ids looked up a fill ahead and
-// the last fill marked) and 20 % more with 128-key fills (paged prefill at kv block 16, 2k chunks of
-// 8k x 4; whole prompts +15 %; H100, Nsight Compute, 2026-12-06): pages keep four warps.
+// (BSA_SM90_PAGED_PRODUCER_WARPS=2, 128-key fills over TMA pages). Over TMA pages the one-warp
+// producer took 16 % more cycles with 64-key fills (its lanes issue the boxes one after another, the
+// TMA instruction taking uniform registers; page ids looked up a fill ahead and the last fill marked)
+// and 20 % more with 128-key fills (paged prefill at kv block 16, 2k chunks of 8k x 4; whole prompts
+// +15 %; H100, Nsight Compute, 2026-12-06): pages keep four warps.
 template <typename Element, int kHeadDim, typename Tiling, typename Cache, int kProducerThreads>
 __global__ void __launch_bounds__(kSm90Threads, 1)
     prefill_sm90_kernel(const PrefillParams params, const __grid_constant__ Sm90TensorMaps maps) {

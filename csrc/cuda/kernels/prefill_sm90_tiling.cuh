@@ -18,8 +18,9 @@ namespace blocksparse_attn {
 // - 64-key fills in 4 shared stages (K and V of a fill in slots of the same index, freed together
 //   after P.V) and three Q buffers (the producer loads the Q of the unit after next while the
 //   consumers finish the current one; 224 KB in all at head dim 128): the shape of short sequences,
-//   fp8 pages and packed heads, whose units are short. The third buffer took 256 prompts x 128 tokens from 0.210 to 0.203 ms on the H200 (2026-12-04),
-//   whose units of one or two fills waited for their first fill's Q and K/V.
+//   fp8 pages and packed heads, whose units are short. The third buffer took 256 prompts x 128
+//   tokens from 0.210 to 0.203 ms on the H200 (2026-12-04), whose units of one or two fills waited
+//   for their first fill's Q and K/V.
 // - 128-key fills with rings of their own for K (2 slots, each freed once S is done) and V (3
 //   slots, freed after P.V), as FA3 pipelines them: the producer runs as far ahead as with 3 shared
 //   stages, and the 64 KB saved hold a second Q buffer (224 KB in all at head dim 128). Half the
