@@ -94,15 +94,6 @@ int64_t typical_sequence_keys(const PrefillParams& params) {
   return capacity > 0 ? capacity : params.kv.num_rows / std::max(params.num_seqs, 1);
 }
 
-// Keys per fill of the Hopper kernel (see Sm90Tiling). 128-key fills win wherever the sequences are
-// not short, sparse patterns included (a fill takes any two visible 64-key tiles, so only a row's
-// last odd tile fills half a stage); 64-key fills for short sequences. Dense causal on the H100, ms
-// per call with 64- / 128-key fills (32k tokens a batch, processes interleaved, 2026-11-26): 1k
-// 0.677 / 0.680, 2k 1.130 / 1.116, 4k 2.046 / 1.990, 8k 4.10 / 4.03, 16k 8.31 / 8.04. Phi-3-small's
-// pattern, Nsight Compute cycles on the H100 (2026-12-06, after the turns, the one-warp producer and
-// the count): 8k x 4 -2.6 %, 32k x 1 -7.6 %, paged at kv block 16 -4 to -5 %. An explicit layout
-// takes 64 (unmeasured: its rows may hold a tile or two). BSA_SM90_STAGE_KEYS=64 or =128 forces one
-// (tests, benchmarks).
 // True when every q head sees every causal key block of every sequence, from host-known sizes only:
 // a pattern whose vertical stride is 1, or whose local band spans the longest possible sequence (the
 // batch's keys, or the block table's capacity). An explicit layout would need its device data: false.
@@ -113,6 +104,15 @@ bool every_causal_block_visible(const PrefillParams& params) {
   return every_block_visible_up_to(params.pattern, last_block);
 }
 
+// Keys per fill of the Hopper kernel (see Sm90Tiling). 128-key fills win wherever the sequences are
+// not short, sparse patterns included (a fill takes any two visible 64-key tiles, so only a row's
+// last odd tile fills half a stage); 64-key fills for short sequences. Dense causal on the H100, ms
+// per call with 64- / 128-key fills (32k tokens a batch, processes interleaved, 2026-11-26): 1k
+// 0.677 / 0.680, 2k 1.130 / 1.116, 4k 2.046 / 1.990, 8k 4.10 / 4.03, 16k 8.31 / 8.04. Phi-3-small's
+// pattern, Nsight Compute cycles on the H100 (2026-12-06, after the turns, the one-warp producer and
+// the count): 8k x 4 -2.6 %, 32k x 1 -7.6 %, paged at kv block 16 -4 to -5 %. An explicit layout
+// takes 64 (unmeasured: its rows may hold a tile or two). BSA_SM90_STAGE_KEYS=64 or =128 forces one
+// (tests, benchmarks).
 int choose_sm90_stage_keys(const PrefillParams& params, const Settings& settings) {
   if (settings.sm90_stage_keys != 0) return settings.sm90_stage_keys;
   constexpr int64_t kLongSequence = 2048;  // below it the two shapes measure the same

@@ -63,10 +63,9 @@ namespace blocksparse_attn {
 #endif
 // Build knob BSA_SM90_PAGED_PRODUCER_WARPS=4|2 (default 4): the producer warps of 128-key fills over
 // TMA pages in the model's dtype. Four warps each walk the pattern and issue one page's boxes a
-// 64-key tile (kv block 16), and issued 6.3e7 of the paged chunk's instructions against the one-warp
-// producer's 1.3e7 over contiguous K/V (H100, 2k chunks of 8k x 4, 2026-12-06); the one-warp
-// producer, whose lanes issue the boxes one after another, was 20 % slower there. 2: the walk in two
-// warps, two pages' boxes a warp (an experiment, not yet timed).
+// 64-key tile (kv block 16); their instruction count and the one-warp producer's loss over pages are
+// in sm90_producer's and prefill_sm90_kernel's comments. 2: the walk in two warps, two pages' boxes a
+// warp (an experiment, not yet timed).
 #ifndef BSA_SM90_PAGED_PRODUCER_WARPS
 #define BSA_SM90_PAGED_PRODUCER_WARPS 4
 #endif
