@@ -348,6 +348,53 @@ struct BlockKeyTiles {
   }
 };
 
+// BlockKeyTiles' tiles of a parametric pattern in closed form: tile(k) is the walk's k-th tile (the
+// verticals below the first row's band, then the band up to the last row, each block split into
+// kTileKeys-key tiles and cut at last_key), so that the 32 lanes of a warp can find 32 tiles at once
+// instead of stepping the walk tile by tile (tests/cpp/key_tiles_check.cpp checks it against
+// BlockKeyTiles). Not for an explicit layout.
+template <int kTileKeys, int kMaxRows>
+struct ClosedKeyTiles {
+  static constexpr int kTileShift = kTileKeys == 64 ? 6 : kTileKeys == 32 ? 5 : kTileKeys == 16 ? 4 : -1;
+  static_assert(kTileShift > 0, "tiles of 16, 32 or 64 keys");
+  // Only what the unit sets: the pattern's fields are read from it (the kernels' parameters), so that
+  // a producer keeps no copy of them in registers.
+  int first, last;          // the walk's query blocks
+  int start, residue;       // the first row's band start, the head's vertical residue
+  int num_far, num_blocks;  // the columns below the band; all the walk's blocks
+  int last_key;
+
+  BSA_HOST_DEVICE void init(const SparsePattern& p, int h, int qb_first, int qb_last, int last_key_pos) {
+    first = qb_first;
+    last = qb_last - qb_first + 1 < kMaxRows ? qb_last : qb_first + kMaxRows - 1;
+    start = band_start(p, qb_first);
+    residue = vertical_residue(p, h);
+    // the columns residue, residue + V, ... below the band
+    num_far = residue < start ? p.vert_stride_divisor.div(start - 1 - residue) + 1 : 0;
+    num_blocks = num_far + last + 1 - start;
+    last_key = last_key_pos;
+  }
+  // The walk's tile k (k >= 0) with the rows that see its block (bit r: query block first + r), or
+  // -1 past the walk's end (every later k is past it too).
+  BSA_HOST_DEVICE int tile(const SparsePattern& p, int k, unsigned& rows) const {
+    const int tile_shift = p.block_shift - kTileShift;  // tiles a block: 2^tile_shift
+    const int blk = k >> tile_shift;
+    if (blk >= num_blocks) return -1;
+    const int j = blk < num_far ? residue + blk * p.vert_stride : start + (blk - num_far);
+    const int t = (j << tile_shift) + (k & ((1 << tile_shift) - 1));
+    // the walk's blocks ascend, so the first tile past the last key ends it
+    if (static_cast<int64_t>(t) * kTileKeys > last_key) return -1;
+    const bool vertical = p.vert_stride_divisor.mod(j) == residue;
+    rows = 0;
+#pragma unroll
+    for (int r = 0; r < kMaxRows; ++r) {
+      const int i = first + r;
+      if (i <= last && j <= i && (i - j < p.local_blocks || vertical)) rows |= 1u << r;
+    }
+    return t;
+  }
+};
+
 // The same union for a set of q heads at one query block i (decode: the heads of one kv group), in
 // closed form for the parametric pattern: the far blocks below the band whose residue belongs to some
 // head, then the band, seen by every head. block(k) is O(1), so a split of the list starts anywhere

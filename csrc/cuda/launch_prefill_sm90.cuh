@@ -160,10 +160,6 @@ void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, 
     if (!params.kv.paged() && maps.kv_enabled && maps.query_enabled)
       kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling, Cache, 32>;
   }
-  if constexpr (BSA_SM90_PAGED_PRODUCER_WARPS == 2 && Tiling::kTilesPerStage == 2 && !CacheFormat<Cache>::kFp8) {
-    if (params.kv.paged() && maps.kv_enabled && maps.query_enabled)
-      kernel = prefill_sm90_kernel<Element, kHeadDim, Tiling, Cache, 64>;
-  }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
   const int64_t max_units = static_cast<int64_t>(launch.max_tiles) * (params.num_q_heads >> params.pack_gqa_shift);
   const int grid = static_cast<int>(std::min<int64_t>(launch.num_ctas, max_units));

@@ -2,7 +2,7 @@
 // random parametric patterns (blocks of 64 and 128 tokens, bands and strides from 1 up, sliding heads)
 // and random query spans of one and two blocks with a random last key, the tiles come out ascending,
 // exactly those of a block some row of the span sees that start at or before the last key, each with
-// the rows that see its block. Built and run by tests/test_cpp_checks.py; prints the first mismatch and
+// the rows that see its block; ClosedKeyTiles gives the same tiles and rows in closed form. Built and run by tests/test_cpp_checks.py; prints the first mismatch and
 // exits 1, else the number of checks.
 #include <algorithm>
 #include <cstdint>
@@ -13,6 +13,7 @@
 
 using blocksparse_attn::BlockKeyTiles;
 using blocksparse_attn::block_visible;
+using blocksparse_attn::ClosedKeyTiles;
 using blocksparse_attn::every_block_visible_up_to;
 using blocksparse_attn::FastDivisor;
 using blocksparse_attn::SparsePattern;
@@ -54,6 +55,9 @@ int check_span(const SparsePattern& p, int h, int qb_first, int qb_last, int las
   };
   expect = next_expected(0);
   int key_tile = -1;
+  ClosedKeyTiles<kTileKeys, kMaxRows> closed;
+  closed.init(p, h, qb_first, qb_last, last_key);
+  int closed_k = 0;  // the closed form's index of the walk's next tile
   // Where every block up to qb_last is visible (every_block_visible_up_to), the Hopper producer counts
   // the tiles instead (BSA_SM90_COUNT_TILES): 0, 1, ... up to last_key, block j seen by the rows at or
   // past it. The walk must give exactly those.
@@ -63,6 +67,8 @@ int check_span(const SparsePattern& p, int h, int qb_first, int qb_last, int las
     ++checks;
     if (key_tile != expect) return 1;
     if (tiles.rows != visible_rows(key_tile / tiles_per_block)) return 2;
+    unsigned closed_rows = 0;
+    if (closed.tile(p, closed_k++, closed_rows) != key_tile || closed_rows != tiles.rows) return 5;
     if (counted) {
       unsigned rows = 0;
       for (int r = 0; r < rows_in_walk; ++r)
@@ -72,6 +78,9 @@ int check_span(const SparsePattern& p, int h, int qb_first, int qb_last, int las
     expect = next_expected(key_tile + 1);
   }
   ++checks;
+  unsigned unused_rows = 0;
+  for (int k = closed_k; k < closed_k + 40; ++k)
+    if (closed.tile(p, k, unused_rows) != -1) return 5;
   // (the kernel's last key lies in its last row's block; here it may lie past the walk's rows)
   const int last_tile = std::min(last_key / kTileKeys, (qb_first + rows_in_walk) * tiles_per_block - 1);
   if (counted && count != (last_key < 0 ? 0 : last_tile + 1)) return 4;
@@ -85,7 +94,8 @@ int main() {
   auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   int64_t checks = 0;
   const char* what[] = {"ok", "wrong tile", "wrong rows", "tiles missing at the end",
-                        "every block visible, but the walk is not the count"};
+                        "every block visible, but the walk is not the count",
+                        "the closed form is not the walk"};
   for (int trial = 0; trial < 60000; ++trial) {
     const int block_size = pick(0, 1) ? 64 : 128;
     // bands from 1 block to past the span (dense), strides from 1 (every block a column)

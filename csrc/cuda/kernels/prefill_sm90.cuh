@@ -128,9 +128,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   const int fp8_row = tid / 2, fp8_col0 = (tid % 2) * 16;
   static_assert(!kPagesAhead || (kSlots == 1 && !kFp8Pages), "page ids ahead: TMA pages with 64-key fills");
   // Paged TMA fills: box b of a tile, rows box_row .. box_row + rows - 1 (by column block: of column
-  // block box_block), is issued by lane b / W of warp b % W, W the producer's warps (4, or 2 with
-  // BSA_SM90_PAGED_PRODUCER_WARPS=2; BSA_SM90_PAGED_BOX_WARPS=0: lane b of the first warp); box_row >=
-  // 64: no box. At most 8 boxes (pages of 16 rows or more, 2 column blocks).
+  // block box_block), is issued by lane b / W of warp b % W, W the producer's warps (4;
+  // BSA_SM90_PAGED_BOX_WARPS=0: lane b of the first warp); box_row >= 64: no box. At most 8 boxes (pages of 16 rows or more, 2 column blocks).
   // A shift, not a division by the column blocks a box takes (1 or 2).
   constexpr int kProducerWarps = kProducerThreads / 32;
   constexpr bool kBoxWarps = BSA_SM90_PAGED_BOX_WARPS && kProducerWarps >= 2;
@@ -453,11 +452,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       group_hi[g] = min(valid_end, tile_pos + group_tokens * (g + 1)) - 1;
       group_row[g] = 1u << ((group_lo[g] >> pattern.block_shift) - (valid_begin >> pattern.block_shift));
     }
-    // The 64-key tiles of the blocks the query blocks of this 128-row tile see (one or two: sparse
-    // blocks are multiples of 64 tokens), identically in every producer thread.
-    BlockKeyTiles<64, 2> tiles;
-    tiles.init(pattern, head, valid_begin >> pattern.block_shift, (valid_end - 1) >> pattern.block_shift,
-               valid_end - 1);
     // sm90_counts_tiles: where every causal block up to the unit's last row is visible, its key tiles
     // are 0, 1, ... up to its last key (valid_end - 1), and a group sees a tile unless the tile starts
     // past its last row: the walk's result without the walk (tests/cpp/key_tiles_check.cpp checks that
@@ -467,6 +461,34 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
                              every_block_visible_up_to(pattern, (valid_end - 1) >> pattern.block_shift);
     int counted_tile = 0;
     const int last_counted_tile = (valid_end - 1) >> 6;
+    // Otherwise the 64-key tiles of the blocks the query blocks of this 128-row tile see (one or two:
+    // sparse blocks are multiples of 64 tokens), identically in every producer warp: a parametric
+    // pattern's 32 at a time, one a lane (BSA_SM90_LANE_WALK), an explicit layout's by the walk.
+    const bool lane_walk = BSA_SM90_LANE_WALK && !kPagesAhead && !count_tiles && !pattern.has_layout();
+    const int qb_first = valid_begin >> pattern.block_shift, qb_last = (valid_end - 1) >> pattern.block_shift;
+    BlockKeyTiles<64, 2> tiles;
+    ClosedKeyTiles<64, 2> closed;
+    if (lane_walk) closed.init(pattern, head, qb_first, qb_last, valid_end - 1);
+    else if (!count_tiles) tiles.init(pattern, head, qb_first, qb_last, valid_end - 1);
+    // Each group's flags for key_tile, whose block the query blocks `rows` see; false: no group sees it.
+    auto group_flags = [&](int key_tile, unsigned rows, uint8_t (&flags)[kSm90ConsumerGroups]) {
+      const int key_first = key_tile * 64, key_last = key_first + 63;
+      bool any = false;
+#pragma unroll
+      for (int g = 0; g < kSm90ConsumerGroups; ++g) {
+        flags[g] = 0;
+        if (group_lo[g] > group_hi[g] || key_first > group_hi[g] || !(rows & group_row[g])) continue;
+        flags[g] = kTileVisible | (key_last > group_lo[g] || key_last >= k_len ? kTileMasked : 0);
+        any = true;
+      }
+      return any;
+    };
+    // The lane walk's batch: the closed form's tiles lane_next + lane, this lane's as
+    // lane_word = tile << 4 | group 1's flags << 2 | group 0's; lane_seen: the batch's lanes whose tile
+    // some group sees, not yet handed out; lane_next < 0: the batch reached the walk's end.
+    static_assert(kSm90ConsumerGroups == 2 && (kTileVisible | kTileMasked) < 4, "two groups' flags in 4 bits");
+    int lane_next = 0, lane_word = 0;
+    unsigned lane_seen = 0;
     // The next key tile some consumer group sees, with the groups' flags; false at the end.
     auto next_tile = [&](int& key_tile, uint8_t (&flags)[kSm90ConsumerGroups]) {
       if (count_tiles) {
@@ -479,17 +501,29 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
                          : kTileVisible | (key_last > group_lo[g] || key_last >= k_len ? kTileMasked : 0);
         return key_tile >= 0;
       }
-      while (tiles.next(key_tile)) {
-        const int key_first = key_tile * 64, key_last = key_first + 63;
-        bool any = false;
-#pragma unroll
-        for (int g = 0; g < kSm90ConsumerGroups; ++g) {
-          flags[g] = 0;
-          if (group_lo[g] > group_hi[g] || key_first > group_hi[g] || !(tiles.rows & group_row[g])) continue;
-          flags[g] = kTileVisible | (key_last > group_lo[g] || key_last >= k_len ? kTileMasked : 0);
-          any = true;
+      if (lane_walk) {
+        while (lane_seen == 0) {
+          if (lane_next < 0) {
+            key_tile = -1;
+            return false;
+          }
+          unsigned rows = 0;
+          const int tile = closed.tile(pattern, lane_next + lane, rows);
+          uint8_t lane_flags[kSm90ConsumerGroups] = {};
+          const bool seen = tile >= 0 && group_flags(tile, rows, lane_flags);
+          lane_word = tile << 4 | lane_flags[1] << 2 | lane_flags[0];
+          lane_seen = __ballot_sync(0xffffffffu, seen);
+          lane_next = __any_sync(0xffffffffu, tile < 0) ? -1 : lane_next + 32;
         }
-        if (any) return true;
+        const int word = __shfl_sync(0xffffffffu, lane_word, __ffs(lane_seen) - 1);
+        lane_seen &= lane_seen - 1;
+        key_tile = word >> 4;
+#pragma unroll
+        for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = (word >> (2 * g)) & 3;
+        return true;
+      }
+      while (tiles.next(key_tile)) {
+        if (group_flags(key_tile, tiles.rows, flags)) return true;
       }
       key_tile = -1;
       return false;
@@ -1048,12 +1082,12 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
 
 #endif
 
-// kProducerThreads: 128, or 32 (BSA_SM90_PRODUCER_WARPS=1, contiguous K/V through the TMA), or 64
-// (BSA_SM90_PAGED_PRODUCER_WARPS=2, 128-key fills over TMA pages). Over TMA pages the one-warp
-// producer took 16 % more cycles with 64-key fills (its lanes issue the boxes one after another, the
-// TMA instruction taking uniform registers; page ids looked up a fill ahead and the last fill marked)
-// and 20 % more with 128-key fills (paged prefill at kv block 16, 2k chunks of 8k x 4; whole prompts
-// +15 %; H100, Nsight Compute, 2026-12-06): pages keep four warps.
+// kProducerThreads: 128, or 32 (BSA_SM90_PRODUCER_WARPS=1, contiguous K/V through the TMA). Over TMA
+// pages the one-warp producer took 16 % more cycles with 64-key fills (its lanes issue the boxes one
+// after another, the TMA instruction taking uniform registers; page ids looked up a fill ahead and the
+// last fill marked) and 20 % more with 128-key fills (paged prefill at kv block 16, 2k chunks of 8k x
+// 4; whole prompts +15 %), and two warps (two pages' boxes a warp, the walk in two) 9.0 % more on
+// those chunks and 8.4 % on whole prompts (H100, Nsight Compute, 2026-12-06): pages keep four warps.
 template <typename Element, int kHeadDim, typename Tiling, typename Cache, int kProducerThreads>
 __global__ void __launch_bounds__(kSm90Threads, 1)
     prefill_sm90_kernel(const PrefillParams params, const __grid_constant__ Sm90TensorMaps maps) {

@@ -61,16 +61,6 @@ namespace blocksparse_attn {
 #ifndef BSA_SM90_PRODUCER_WARPS
 #define BSA_SM90_PRODUCER_WARPS 1
 #endif
-// Build knob BSA_SM90_PAGED_PRODUCER_WARPS=4|2 (default 4): the producer warps of 128-key fills over
-// TMA pages in the model's dtype. Four warps each walk the pattern and issue one page's boxes a
-// 64-key tile (kv block 16); their instruction count and the one-warp producer's loss over pages are
-// in sm90_producer's and prefill_sm90_kernel's comments. 2: the walk in two warps, two pages' boxes a
-// warp (an experiment, not yet timed).
-#ifndef BSA_SM90_PAGED_PRODUCER_WARPS
-#define BSA_SM90_PAGED_PRODUCER_WARPS 4
-#endif
-static_assert(BSA_SM90_PAGED_PRODUCER_WARPS == 4 || BSA_SM90_PAGED_PRODUCER_WARPS == 2,
-              "BSA_SM90_PAGED_PRODUCER_WARPS is 4 or 2");
 // The key and value slots of one fill.
 struct Sm90Fill {
   int key_slot;
@@ -218,6 +208,18 @@ constexpr uint8_t kFillLast = 4;
 // the pattern 8k x 4 -0.20 %; 2.4 % fewer warp instructions on dense layers.
 #ifndef BSA_SM90_COUNT_TILES
 #define BSA_SM90_COUNT_TILES 2
+#endif
+// Build knob BSA_SM90_LANE_WALK (default 0 until measured; 0: the walk tile by tile): where the producer would walk
+// a parametric pattern (sparse units; dense ones under the four-warp producer), each warp finds 32 of
+// the unit's tiles at once, one a lane in closed form (ClosedKeyTiles), with each group's flags, and
+// hands out those some group sees from a ballot: a few instructions a tile instead of the walk's ~50
+// dependent ones. Over TMA pages the producer's instructions set the fills' pace (ncu, H100,
+// 2026-12-06, 2k chunks of 8k x 4 at kv block 16: the consumers wait for fills 17 % of their time
+// against 11 % over contiguous K/V, and each producer warp waits for free slots in 8 % of its own).
+// Not in the producer that looks page ids up a fill ahead (64-key fills over TMA pages): there ptxas
+// spilled 24-40 bytes.
+#ifndef BSA_SM90_LANE_WALK
+#define BSA_SM90_LANE_WALK 0
 #endif
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_marks_last_fill() {
