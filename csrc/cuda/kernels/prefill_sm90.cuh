@@ -511,7 +511,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           const int tile = closed.tile(pattern, lane_next + lane, rows);
           uint8_t lane_flags[kSm90ConsumerGroups] = {};
           const bool seen = tile >= 0 && group_flags(tile, rows, lane_flags);
-          lane_word = tile << 4 | lane_flags[1] << 2 | lane_flags[0];
+          lane_word = seen ? tile << 4 | lane_flags[1] << 2 | lane_flags[0] : 0;  // tile >= 0 where seen
           lane_seen = __ballot_sync(0xffffffffu, seen);
           lane_next = __any_sync(0xffffffffu, tile < 0) ? -1 : lane_next + 32;
         }
