@@ -2,8 +2,8 @@
 // random parametric patterns (blocks of 64 and 128 tokens, bands and strides from 1 up, sliding heads)
 // and random query spans of one and two blocks with a random last key, the tiles come out ascending,
 // exactly those of a block some row of the span sees that start at or before the last key, each with
-// the rows that see its block; ClosedKeyTiles gives the same tiles and rows in closed form. Built and run by tests/test_cpp_checks.py; prints the first mismatch and
-// exits 1, else the number of checks.
+// the rows that see its block; ClosedKeyTiles gives the same tiles and rows in closed form. Built and
+// run by tests/test_cpp_checks.py; prints the first mismatch and exits 1, else the number of checks.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>

@@ -129,7 +129,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   static_assert(!kPagesAhead || (kSlots == 1 && !kFp8Pages), "page ids ahead: TMA pages with 64-key fills");
   // Paged TMA fills: box b of a tile, rows box_row .. box_row + rows - 1 (by column block: of column
   // block box_block), is issued by lane b / W of warp b % W, W the producer's warps (4;
-  // BSA_SM90_PAGED_BOX_WARPS=0: lane b of the first warp); box_row >= 64: no box. At most 8 boxes (pages of 16 rows or more, 2 column blocks).
+  // BSA_SM90_PAGED_BOX_WARPS=0: lane b of the first warp); box_row >= 64: no box. At most 8 boxes
+  // (pages of 16 rows or more, 2 column blocks).
   // A shift, not a division by the column blocks a box takes (1 or 2).
   constexpr int kProducerWarps = kProducerThreads / 32;
   constexpr bool kBoxWarps = BSA_SM90_PAGED_BOX_WARPS && kProducerWarps >= 2;
