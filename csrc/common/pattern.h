@@ -385,7 +385,7 @@ struct ClosedKeyTiles {
     // the walk's blocks ascend, so the first tile past the last key ends it
     if (static_cast<int64_t>(t) * kTileKeys > last_key) return -1;
     const bool vertical = p.vert_stride_divisor.mod(j) == residue;
-    rows = 0;
+    rows = 0;  // VisibleBlocks::next's test (block_visible's), row by row
 #pragma unroll
     for (int r = 0; r < kMaxRows; ++r) {
       const int i = first + r;
