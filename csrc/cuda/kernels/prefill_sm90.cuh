@@ -468,7 +468,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     int counted_tile = 0;
     const int last_counted_tile = (valid_end - 1) >> 6;
     // BSA_SM90_LANE_WALK: a parametric pattern's tiles 32 at a time, one a lane, in closed form
-    // (an explicit layout's by the walk).
+    // (an explicit layout's by the walk). The walk is still set up above: skipping it under the lane
+    // walk moved the default kernels' code (8 instructions), which is not what was measured.
     const bool lane_walk = BSA_SM90_LANE_WALK && !kPagesAhead && !count_tiles && !pattern.has_layout();
     ClosedKeyTiles<64, 2> closed;
     if (lane_walk)
