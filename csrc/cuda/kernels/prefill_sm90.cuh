@@ -456,8 +456,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // The 64-key tiles of the blocks the query blocks of this 128-row tile see (one or two: sparse
     // blocks are multiples of 64 tokens), identically in every producer thread.
     BlockKeyTiles<64, 2> tiles;
-    tiles.init(pattern, head, valid_begin >> pattern.block_shift, (valid_end - 1) >> pattern.block_shift,
-               valid_end - 1);
     // sm90_counts_tiles: where every causal block up to the unit's last row is visible, its key tiles
     // are 0, 1, ... up to its last key (valid_end - 1), and a group sees a tile unless the tile starts
     // past its last row: the walk's result without the walk (tests/cpp/key_tiles_check.cpp checks that
@@ -467,14 +465,15 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
                              every_block_visible_up_to(pattern, (valid_end - 1) >> pattern.block_shift);
     int counted_tile = 0;
     const int last_counted_tile = (valid_end - 1) >> 6;
-    // BSA_SM90_LANE_WALK: a parametric pattern's tiles 32 at a time, one a lane, in closed form
-    // (an explicit layout's by the walk). The walk is still set up above: skipping it under the lane
-    // walk moved the default kernels' code (8 instructions), which is not what was measured.
+    // BSA_SM90_LANE_WALK: a parametric pattern's tiles 32 at a time, one a lane, in closed form;
+    // an explicit layout's, and those of the producer that looks page ids up ahead, by the walk.
     const bool lane_walk = BSA_SM90_LANE_WALK && !kPagesAhead && !count_tiles && !pattern.has_layout();
     ClosedKeyTiles<64, 2> closed;
+    const int first_row_block = valid_begin >> pattern.block_shift, last_row_block = (valid_end - 1) >> pattern.block_shift;
     if (lane_walk)
-      closed.init(pattern, head, valid_begin >> pattern.block_shift, (valid_end - 1) >> pattern.block_shift,
-                  valid_end - 1);
+      closed.init(pattern, head, first_row_block, last_row_block, valid_end - 1);
+    else
+      tiles.init(pattern, head, first_row_block, last_row_block, valid_end - 1);
     // Each group's flags for key_tile, whose block the query blocks `rows` see; false: no group sees it.
     auto group_flags = [&](int key_tile, unsigned rows, uint8_t (&flags)[kSm90ConsumerGroups]) {
       const int key_first = key_tile * 64, key_last = key_first + 63;

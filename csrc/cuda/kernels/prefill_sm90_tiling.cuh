@@ -209,17 +209,17 @@ constexpr uint8_t kFillLast = 4;
 #ifndef BSA_SM90_COUNT_TILES
 #define BSA_SM90_COUNT_TILES 2
 #endif
-// Build knob BSA_SM90_LANE_WALK (default 0 until measured: the walk tile by tile): where the producer
-// would walk a parametric pattern (sparse units; dense ones under the four-warp producer), each warp
-// finds 32 of the unit's tiles at once, one a lane in closed form (ClosedKeyTiles), with each group's
-// flags, and hands out those some group sees from a ballot: a few instructions a tile instead of the
-// walk's ~50 dependent ones. Over TMA pages the producer's instructions set the fills' pace (ncu,
-// H100, 2026-12-06, 2k chunks of 8k x 4 at kv block 16: the consumers wait for fills 17 % of their
-// time against 11 % over contiguous K/V, and each producer warp waits for free slots in 8 % of its
-// own). Not in the producer that looks page ids up a fill ahead (64-key fills over TMA pages): there
-// ptxas spilled 24-40 bytes.
+// Build knob BSA_SM90_LANE_WALK (default 1; 0: the walk tile by tile): where the producer would walk
+// a parametric pattern (sparse units; dense ones under the four-warp producer), each warp finds 32 of
+// the unit's tiles at once, one a lane in closed form (ClosedKeyTiles), with each group's flags, and
+// hands out those some group sees from a ballot: a few instructions a tile instead of the walk's ~50
+// dependent ones. Nsight Compute cycles (H100, 2026-12-06, 2 rounds; predicted -1 to -3 % contiguous,
+// -3 to -6 % paged): the pattern 8k x 4 -1.57 %, 32k x 1 -2.57 %, 2k chunks of 8k x 4 -1.56 %; over
+// TMA pages at kv block 16 5.5 % fewer warp instructions but the same cycles (chunks -0.10 %, whole
+// prompts -0.20 %): there the walk is not what sets the fills' pace. Not in the producer that looks
+// page ids up a fill ahead (64-key fills over TMA pages): there ptxas spilled 24-40 bytes.
 #ifndef BSA_SM90_LANE_WALK
-#define BSA_SM90_LANE_WALK 0
+#define BSA_SM90_LANE_WALK 1
 #endif
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_marks_last_fill() {
