@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdint>
 #include <type_traits>
 
@@ -145,6 +146,33 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
   return maps;
 }
 
+#if BSA_SM90_TRACE
+// The BSA_SM90_TRACE-th launch of this instantiation (prefill_sm90_trace.cuh): waits for it and prints
+// its trace to stderr, one line per fill ("sm90_trace <fill> <event clocks>", 0: not recorded). The
+// launch before it clears the buffer (a module's device variables start zeroed).
+inline void print_sm90_trace(cudaStream_t stream) {
+  static int launches = 0;
+  ++launches;
+  if (launches == BSA_SM90_TRACE) {
+    static long long clocks[kSm90TraceFills * kSm90TraceEvents];
+    cudaStreamSynchronize(stream);
+    cudaMemcpyFromSymbol(clocks, sm90_trace_clock, sizeof(clocks));
+    std::fprintf(stderr, "sm90_trace fills %d events %d\n", kSm90TraceFills, kSm90TraceEvents);
+    for (int fill = 0; fill < kSm90TraceFills; ++fill) {
+      std::fprintf(stderr, "sm90_trace %d", fill);
+      for (int event = 0; event < kSm90TraceEvents; ++event)
+        std::fprintf(stderr, " %lld", clocks[fill * kSm90TraceEvents + event]);
+      std::fprintf(stderr, "\n");
+    }
+  }
+  if (launches + 1 == BSA_SM90_TRACE) {
+    void* buffer = nullptr;
+    cudaGetSymbolAddress(&buffer, sm90_trace_clock);
+    cudaMemsetAsync(buffer, 0, sizeof(long long) * kSm90TraceFills * kSm90TraceEvents, stream);
+  }
+}
+#endif
+
 // Persistent grid of num_ctas CTAs (one per SM: the ring and the Q buffers take most of the shared
 // memory), at most one per work unit; fills of kStageKeys keys (64 or 128, see Sm90Tiling); K/V stored
 // as Cache (Element, or fp8 in the paged cache).
@@ -178,5 +206,8 @@ void launch_prefill_sm90(const PrefillParams& params, const Sm90Launch& launch, 
   config.attrs = &attribute;
   config.numAttrs = 1;
   cudaLaunchKernelEx(&config, kernel, params, maps);
+#if BSA_SM90_TRACE
+  print_sm90_trace(stream);
+#endif
 }
 }  // namespace blocksparse_attn

@@ -36,6 +36,7 @@
 #include "cuda/kernels/params.h"
 #include "cuda/kernels/prefill_common.cuh"
 #include "cuda/kernels/prefill_sm90_tiling.cuh"
+#include "cuda/kernels/prefill_sm90_trace.cuh"
 #include "cuda/kernels/ptx_sm90.cuh"
 #include "cuda/kernels/softmax.cuh"
 
@@ -167,10 +168,12 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       publish(next_publish++);
     }
     const Sm90Fill fill = Tiling::fill(n);
+    sm90_trace(n, kTraceSlotWait + tid / 32);
     if constexpr (Tiling::kSplitRings) {
       if (n >= kKeySlots) ptx::mbarrier_wait(&shared.key_empty[fill.key_slot], ((n / kKeySlots) + 1) & 1);
     }
     if (n >= kValueSlots) ptx::mbarrier_wait(&shared.value_empty[fill.value_slot], ((n / kValueSlots) + 1) & 1);
+    sm90_trace(n, kTraceSlotFree + tid / 32);
     return fill;
   };
 
@@ -642,6 +645,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         ptx::mbarrier_arrive(&shared.full[key_slot]);
         early |= 1u << (n % kKeySlots);
       }
+      sm90_trace(n, kTraceIssued + tid / 32);
       copies = false;
       if constexpr (kPagesAhead) walk_ahead(first_tile);  // one tile a fill
       if (first_tile < 0 || last) {
@@ -754,8 +758,11 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
       cursor_value_parity ^= 1;
     }
   };
+  int trace_fill = 0;  // BSA_SM90_TRACE: the fills waited for so far
   auto wait_fill = [&] {
+    if (t < 32) sm90_trace(trace_fill, kTraceFillWait + group);
     ptx::mbarrier_wait(&shared.full[cursor.key_slot], cursor_parity);
+    if (t < 32) sm90_trace(trace_fill++, kTraceFillLanded + group);
     return cursor;
   };
   auto read_record = [&](const Sm90Fill& fill) {
@@ -781,6 +788,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   // see it. With split rings a key slot is freed once S is done; a value slot (with shared stages,
   // the whole stage) after P.V.
   auto release_key = [&](const Sm90Fill& fill) {
+    if (t < 32) sm90_trace(trace_fill - 1, kTraceKeyReleased + group);
     if constexpr (Tiling::kSplitRings) ptx::mbarrier_arrive(&shared.key_empty[fill.key_slot]);
   };
   auto release_value = [&](const Sm90Fill& fill) { ptx::mbarrier_arrive(&shared.value_empty[fill.value_slot]); };

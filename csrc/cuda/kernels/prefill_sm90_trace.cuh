@@ -1,0 +1,45 @@
+// Build knob BSA_SM90_TRACE=k (default 0: nothing is compiled in): the Hopper prefill kernel's k-th
+// launch in the process records, in CTA 0, when each of its first kSm90TraceFills fills passed each
+// step of the ring, on the SM's clock, and the launcher prints the table to stderr
+// (launch_prefill_sm90.cuh; scripts/sm90_trace_summary.py reads it). Nsight Compute's samples say
+// where warps wait on average; the trace says, fill by fill, how long after a slot was freed its fill
+// was issued and how long after that it landed, which the averages could not separate (the paged
+// producer's late fills, issue 20). The recording stores from lane 0 of each recording warp perturb
+// the timing a little; compare traces of one build.
+#pragma once
+
+#include <cstdint>
+
+#ifndef BSA_SM90_TRACE
+#define BSA_SM90_TRACE 0
+#endif
+
+namespace blocksparse_attn {
+
+constexpr int kSm90TraceFills = 1024;
+// Events of fill n: producer warp w (up to 4) starts waiting for the fill's free slots, has them,
+// and has issued the fill and arrived on its barrier; consumer group g starts waiting for the fill,
+// sees it landed, and frees its key slot (S done).
+enum Sm90TraceEvent : int {
+  kTraceSlotWait = 0,      // + producer warp
+  kTraceSlotFree = 4,      // + producer warp
+  kTraceIssued = 8,        // + producer warp
+  kTraceFillWait = 12,     // + consumer group
+  kTraceFillLanded = 14,   // + consumer group
+  kTraceKeyReleased = 16,  // + consumer group
+  kSm90TraceEvents = 18,
+};
+
+#if BSA_SM90_TRACE
+__device__ long long sm90_trace_clock[kSm90TraceFills * kSm90TraceEvents];
+#endif
+
+// Records event `event` of fill `fill` (lane 0 of a warp; CTA 0 only).
+__device__ __forceinline__ void sm90_trace(int fill, int event) {
+#if BSA_SM90_TRACE
+  if (blockIdx.x == 0 && fill < kSm90TraceFills && (threadIdx.x & 31) == 0)
+    sm90_trace_clock[fill * kSm90TraceEvents + event] = clock64();
+#endif
+}
+
+}  // namespace blocksparse_attn

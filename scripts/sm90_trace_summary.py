@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Summarises BSA_SM90_TRACE output (csrc/cuda/kernels/prefill_sm90_trace.cuh): the stderr of a run of
+a trace build, one "sm90_trace <fill> <clocks>" line per fill of CTA 0. Prints, in SM clock cycles
+(median, mean, 90th percentile over the fills that recorded every event used):
+  slot wait    producer warp's wait for the fill's free slots (per warp, then the slowest warp)
+  issue        from the slots seen free to the fill issued and arrived on (slowest warp)
+  warp spread  the last warp's arrival minus the first's
+  fill wait    a consumer group's wait for the fill (group 0, group 1)
+  landing      the fill seen landed minus its last producer arrival (the copies' flight, where the
+               consumer was already waiting)
+  wake         the slots seen free minus both groups' release of the key slot the fill reuses
+               (--key-slots fills earlier; the value slot's release is not traced)
+  period       consecutive fills seen landed by group 0
+Usage: python3 scripts/sm90_trace_summary.py LOG [LOG ...] [--key-slots 2] [--warps 4]
+"""
+import argparse
+import statistics
+
+SLOT_WAIT, SLOT_FREE, ISSUED, FILL_WAIT, FILL_LANDED, KEY_RELEASED = 0, 4, 8, 12, 14, 16
+
+
+def read(path):
+    rows = {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) > 2 and parts[0] == "sm90_trace" and parts[1].isdigit():
+                rows[int(parts[1])] = [int(x) for x in parts[2:]]
+    return rows
+
+
+def stats(values):
+    if not values:
+        return "-"
+    values = sorted(values)
+    p90 = values[min(len(values) - 1, int(0.9 * len(values)))]
+    return f"{statistics.median(values):8.0f} {statistics.fmean(values):8.0f} {p90:8.0f}   (n={len(values)})"
+
+
+def summarise(rows, key_slots, warps):
+    out = {k: [] for k in ("slot wait", "issue", "warp spread", "fill wait g0", "fill wait g1", "landing", "wake",
+                           "period")}
+    for n, e in sorted(rows.items()):
+        w = range(warps)
+        if any(e[SLOT_FREE + i] == 0 or e[ISSUED + i] == 0 or e[SLOT_WAIT + i] == 0 for i in w):
+            continue
+        out["slot wait"].append(max(e[SLOT_FREE + i] - e[SLOT_WAIT + i] for i in w))
+        out["issue"].append(max(e[ISSUED + i] for i in w) - max(e[SLOT_FREE + i] for i in w))
+        out["warp spread"].append(max(e[ISSUED + i] for i in w) - min(e[ISSUED + i] for i in w))
+        for g in range(2):
+            if e[FILL_LANDED + g] and e[FILL_WAIT + g]:
+                out[f"fill wait g{g}"].append(e[FILL_LANDED + g] - e[FILL_WAIT + g])
+        issued = max(e[ISSUED + i] for i in w)
+        if e[FILL_LANDED] and e[FILL_WAIT] and e[FILL_WAIT] < issued:
+            out["landing"].append(e[FILL_LANDED] - issued)
+        before = rows.get(n - key_slots)
+        if before and before[KEY_RELEASED] and before[KEY_RELEASED + 1]:
+            out["wake"].append(max(e[SLOT_FREE + i] for i in w) - max(before[KEY_RELEASED], before[KEY_RELEASED + 1]))
+        prev = rows.get(n - 1)
+        if prev and prev[FILL_LANDED] and e[FILL_LANDED]:
+            out["period"].append(e[FILL_LANDED] - prev[FILL_LANDED])
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("logs", nargs="+")
+    ap.add_argument("--key-slots", type=int, default=2, help="key slots of the ring (128-key fills: 2)")
+    ap.add_argument("--warps", type=int, nargs="+", default=[4],
+                    help="producer warps, one number per log or one for all (the one-warp producer: 1)")
+    args = ap.parse_args()
+    warps = args.warps * len(args.logs) if len(args.warps) == 1 else args.warps
+    for path, nw in zip(args.logs, warps):
+        rows = read(path)
+        print(f"== {path}: {len(rows)} fills traced, {nw} producer warp(s); cycles: median, mean, p90")
+        for name, values in summarise(rows, args.key_slots, nw).items():
+            print(f"  {name:13s} {stats(values)}")
+
+
+if __name__ == "__main__":
+    main()
