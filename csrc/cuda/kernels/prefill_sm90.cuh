@@ -472,7 +472,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // an explicit layout's, and those of the producer that looks page ids up ahead, by the walk.
     const bool lane_walk = BSA_SM90_LANE_WALK && !kPagesAhead && !count_tiles && !pattern.has_layout();
     ClosedKeyTiles<64, 2> closed;
-    const int first_row_block = valid_begin >> pattern.block_shift, last_row_block = (valid_end - 1) >> pattern.block_shift;
+    const int first_row_block = valid_begin >> pattern.block_shift;
+    const int last_row_block = (valid_end - 1) >> pattern.block_shift;
     if (lane_walk)
       closed.init(pattern, head, first_row_block, last_row_block, valid_end - 1);
     else
