@@ -1,0 +1,58 @@
+"""scripts/sm90_trace_summary.py reads a BSA_SM90_TRACE build's stderr (one line per fill of CTA 0,
+csrc/cuda/kernels/prefill_sm90_trace.cuh's events) and reports, fill by fill, the producer's slot
+wait and issue, the spread of its warps, the consumers' wait, the copies' landing, the slot's wake
+and the fills' period: checked on a synthetic trace whose intervals are known."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "sm90_trace_summary.py"
+EVENTS = 18
+
+
+def trace_line(fill, t, warps, slow_warp_extra):
+    e = [0] * EVENTS
+    for w in range(warps):
+        e[0 + w] = t                       # slot wait begins
+        e[4 + w] = t + 100                 # slots free
+        e[8 + w] = t + 300 + (slow_warp_extra if w == warps - 1 else 0)  # issued
+    e[12], e[13] = t + 200, t + 210        # consumers start waiting
+    e[14], e[15] = t + 900, t + 905        # and see the fill landed
+    e[16], e[17] = t + 1500, t + 1600      # key slot released
+    return f"sm90_trace {fill} " + " ".join(map(str, e))
+
+
+def run(tmp_path, lines, *args):
+    log = tmp_path / "trace.log"
+    log.write_text("unrelated output\nsm90_trace fills 1024 events 18\n" + "\n".join(lines) + "\n")
+    out = subprocess.run([sys.executable, str(SCRIPT), str(log), *args], capture_output=True, text=True,
+                         check=True).stdout
+    rows = [l.split() for l in out.splitlines()[1:]]  # name words, median, mean, p90, (n=...)
+    return {" ".join(r[:-4]): [float(x) for x in r[-4:-1]] for r in rows}, out
+
+
+def test_intervals_of_a_known_trace(tmp_path):
+    lines = [trace_line(n, 1000 + 2000 * n, 4, 40) for n in range(50)]
+    stats, out = run(tmp_path, lines)
+    assert "50 fills traced, 4 producer warp(s)" in out
+    assert stats["slot wait"] == [100, 100, 100]
+    assert stats["issue"] == [240, 240, 240]          # the slowest warp's issue
+    assert stats["warp spread"] == [40, 40, 40]              # spread
+    assert stats["fill wait g0"] == [700, 700, 700]
+    assert stats["fill wait g1"] == [695, 695, 695]
+    assert stats["landing"] == [560, 560, 560]        # landed - last warp's arrival
+    assert stats["wake"] == [2500, 2500, 2500]        # free(n) - release(n - 2): 4000 + 100 - 1600
+    assert stats["period"] == [2000, 2000, 2000]
+
+
+def test_one_warp_and_unrecorded_fills(tmp_path):
+    lines = [trace_line(n, 1000 + 2000 * n, 1, 0) for n in range(10)]
+    lines.append("sm90_trace 10 " + " ".join(["0"] * EVENTS))  # past the kernel's last fill
+    stats, out = run(tmp_path, lines, "--warps", "1", "--key-slots", "3")
+    assert "11 fills traced, 1 producer warp(s)" in out
+    assert stats["issue"] == [200, 200, 200]
+    assert stats["warp spread"] == [0, 0, 0]
+    assert stats["wake"] == [4500, 4500, 4500]        # three fills back
+    assert "(n=10)" in out and "(n=11)" not in out
