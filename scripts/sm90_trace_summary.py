@@ -11,12 +11,16 @@ a trace build, one "sm90_trace <fill> <clocks>" line per fill of CTA 0. Prints, 
   wake         the slots seen free minus both groups' release of the key slot the fill reuses
                (--key-slots fills earlier; the value slot's release is not traced)
   period       consecutive fills seen landed by group 0
+  page wait    from the slots seen free to the warp's first page id of the fill loaded (TMA pages;
+               the slowest warp that recorded it)
+  box issue    from then (or from the slots, over contiguous K/V) to the warp's last box issued
+  after boxes  from the last box issued to the warp's arrival (records, arrival)
 Usage: python3 scripts/sm90_trace_summary.py LOG [LOG ...] [--key-slots 2] [--warps 4]
 """
 import argparse
 import statistics
 
-SLOT_WAIT, SLOT_FREE, ISSUED, FILL_WAIT, FILL_LANDED, KEY_RELEASED = 0, 4, 8, 12, 14, 16
+SLOT_WAIT, SLOT_FREE, ISSUED, FILL_WAIT, FILL_LANDED, KEY_RELEASED, PAGE_KNOWN, BOXES_ISSUED = 0, 4, 8, 12, 14, 16, 18, 22
 
 
 def read(path):
@@ -39,7 +43,7 @@ def stats(values):
 
 def summarise(rows, key_slots, warps):
     out = {k: [] for k in ("slot wait", "issue", "warp spread", "fill wait g0", "fill wait g1", "landing", "wake",
-                           "period")}
+                           "period", "page wait", "box issue", "after boxes")}
     for n, e in sorted(rows.items()):
         w = range(warps)
         if any(e[SLOT_FREE + i] == 0 or e[ISSUED + i] == 0 or e[SLOT_WAIT + i] == 0 for i in w):
@@ -56,6 +60,14 @@ def summarise(rows, key_slots, warps):
         before = rows.get(n - key_slots)
         if before and before[KEY_RELEASED] and before[KEY_RELEASED + 1]:
             out["wake"].append(max(e[SLOT_FREE + i] for i in w) - max(before[KEY_RELEASED], before[KEY_RELEASED + 1]))
+        known = [i for i in w if len(e) > PAGE_KNOWN + i and e[PAGE_KNOWN + i]]
+        if known:
+            out["page wait"].append(max(e[PAGE_KNOWN + i] - e[SLOT_FREE + i] for i in known))
+        boxes = [i for i in w if len(e) > BOXES_ISSUED + i and e[BOXES_ISSUED + i]]
+        if boxes:
+            out["box issue"].append(max(e[BOXES_ISSUED + i] - (e[PAGE_KNOWN + i] if i in known else e[SLOT_FREE + i])
+                                        for i in boxes))
+            out["after boxes"].append(max(e[ISSUED + i] - e[BOXES_ISSUED + i] for i in boxes))
         prev = rows.get(n - 1)
         if prev and prev[FILL_LANDED] and e[FILL_LANDED]:
             out["period"].append(e[FILL_LANDED] - prev[FILL_LANDED])

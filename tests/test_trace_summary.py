@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "sm90_trace_summary.py"
-EVENTS = 18
+EVENTS = 26
 
 
 def trace_line(fill, t, warps, slow_warp_extra):
@@ -21,16 +21,20 @@ def trace_line(fill, t, warps, slow_warp_extra):
     e[12], e[13] = t + 200, t + 210        # consumers start waiting
     e[14], e[15] = t + 900, t + 905        # and see the fill landed
     e[16], e[17] = t + 1500, t + 1600      # key slot released
+    for w in range(warps):
+        e[18 + w] = t + 150 if warps > 1 else 0  # page id known (TMA pages only)
+        e[22 + w] = t + 250                      # last box issued
     return f"sm90_trace {fill} " + " ".join(map(str, e))
 
 
 def run(tmp_path, lines, *args):
     log = tmp_path / "trace.log"
-    log.write_text("unrelated output\nsm90_trace fills 1024 events 18\n" + "\n".join(lines) + "\n")
+    log.write_text("unrelated output\nsm90_trace fills 1024 events 26\n" + "\n".join(lines) + "\n")
     out = subprocess.run([sys.executable, str(SCRIPT), str(log), *args], capture_output=True, text=True,
                          check=True).stdout
     rows = [l.split() for l in out.splitlines()[1:]]  # name words, median, mean, p90, (n=...)
-    return {" ".join(r[:-4]): [float(x) for x in r[-4:-1]] for r in rows}, out
+    return {" ".join(r[:-1]) if r[-1] == "-" else " ".join(r[:-4]): None if r[-1] == "-" else
+            [float(x) for x in r[-4:-1]] for r in rows}, out
 
 
 def test_intervals_of_a_known_trace(tmp_path):
@@ -45,6 +49,9 @@ def test_intervals_of_a_known_trace(tmp_path):
     assert stats["landing"] == [560, 560, 560]        # landed - last warp's arrival
     assert stats["wake"] == [2500, 2500, 2500]        # free(n) - release(n - 2): 4000 + 100 - 1600
     assert stats["period"] == [2000, 2000, 2000]
+    assert stats["page wait"] == [50, 50, 50]
+    assert stats["box issue"] == [100, 100, 100]      # from the page id
+    assert stats["after boxes"] == [90, 90, 90]       # the slow warp: 340 - 250
 
 
 def test_one_warp_and_unrecorded_fills(tmp_path):
@@ -55,4 +62,5 @@ def test_one_warp_and_unrecorded_fills(tmp_path):
     assert stats["issue"] == [200, 200, 200]
     assert stats["warp spread"] == [0, 0, 0]
     assert stats["wake"] == [4500, 4500, 4500]        # three fills back
+    assert stats["page wait"] is None and stats["box issue"] == [150, 150, 150]  # no page ids: from the slots
     assert "(n=10)" in out and "(n=11)" not in out

@@ -27,6 +27,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <climits>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
@@ -283,6 +284,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // -1 past k_len, for no tile and for lanes without a box.
     constexpr bool kLookAhead = kFp8Pages || kPagesAhead;
     constexpr bool kTilesAhead = kSlots > 1;  // 128-key fills: a whole fill's tiles walked ahead
+    // BSA_SM90_PAGES_BEFORE_WAIT: and their page ids looked up with them (fill_pages).
+    constexpr bool kFillPagesAhead = BSA_SM90_PAGES_BEFORE_WAIT && kTilesAhead && !kFp8Pages;
     // The unit's last fill marked in its record (sm90_marks_last_fill) instead of followed by an end
     // record: the consumers issue its P.V on its own and the ring carries one fill less a unit. The
     // next tile is walked before the record is written, after the fill's loads.
@@ -378,7 +381,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             // ahead (kPagesAhead) or here (one lookup round trip for all lanes). A page id outside
             // [0, NB) is a box outside the map: zeros.
             const int pos = pos0 + box_row;
-            const int page = kPagesAhead ? box_page : kv.table_row(seq, kv_head)[kv.page_index(pos)];
+            const int page =
+                kPagesAhead || kFillPagesAhead ? box_page : kv.table_row(seq, kv_head)[kv.page_index(pos)];
+            if (slot == 0 && page != INT_MAX) sm90_trace(n, kTracePageKnown + tid / 32);  // waits for the id
             const int slab = page >= 0 && page < kv.num_cache_blocks
                                  ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1)
                                  : -1;
@@ -396,6 +401,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
               ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
             }
           }
+          if (slot == kSlots - 1) sm90_trace(n, kTraceBoxesIssued + tid / 32);
         }
         return false;
       }
@@ -561,7 +567,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // over contiguous K/V), but the table's lookups hit the L1 (86 %), so their latency is not what
     // holds the fills; the four producer warps issue 5x the one-warp producer's instructions (6.3e7
     // against 1.3e7; the pattern's walk in every warp a fifth of them).
-    int fill_tiles[kSlots];
+    int fill_tiles[kSlots], fill_pages[kSlots];
     uint8_t fill_flags[kSlots][kSm90ConsumerGroups];
     auto walk_fill = [&] {
 #pragma unroll
@@ -570,6 +576,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
 #pragma unroll
         for (int g = 0; g < kSm90ConsumerGroups; ++g) fill_flags[slot][g] = 0;
         if (more) more = next_tile(fill_tiles[slot], fill_flags[slot]);
+      }
+      if constexpr (kFillPagesAhead) {
+#pragma unroll
+        for (int slot = 0; slot < kSlots; ++slot) fill_pages[slot] = kv.paged() ? look_up_page(fill_tiles[slot]) : -1;
       }
     };
     if constexpr (kTilesAhead) walk_fill();
@@ -611,6 +621,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         uint8_t flags[kSm90ConsumerGroups] = {};
         if constexpr (kTilesAhead) {
           key_tile = fill_tiles[slot];
+          if constexpr (kFillPagesAhead) page = fill_pages[slot];
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = fill_flags[slot][g];
         } else if constexpr (kWalkAhead) {

@@ -19,7 +19,8 @@ namespace blocksparse_attn {
 constexpr int kSm90TraceFills = 1024;
 // Events of fill n: producer warp w (up to 4) starts waiting for the fill's free slots, has them,
 // and has issued the fill and arrived on its barrier; consumer group g starts waiting for the fill,
-// sees it landed, and frees its key slot (S done).
+// sees it landed, and frees its key slot (S done). Within warp w's issue: its lane 0's first page
+// id of the fill loaded (TMA pages) and its last box issued (TMA fills).
 enum Sm90TraceEvent : int {
   kTraceSlotWait = 0,      // + producer warp
   kTraceSlotFree = 4,      // + producer warp
@@ -27,7 +28,9 @@ enum Sm90TraceEvent : int {
   kTraceFillWait = 12,     // + consumer group
   kTraceFillLanded = 14,   // + consumer group
   kTraceKeyReleased = 16,  // + consumer group
-  kSm90TraceEvents = 18,
+  kTracePageKnown = 18,    // + producer warp: its first page id of the fill loaded (TMA pages)
+  kTraceBoxesIssued = 22,  // + producer warp: its last TMA box of the fill issued
+  kSm90TraceEvents = 26,
 };
 
 #if BSA_SM90_TRACE
