@@ -284,8 +284,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // -1 past k_len, for no tile and for lanes without a box.
     constexpr bool kLookAhead = kFp8Pages || kPagesAhead;
     constexpr bool kTilesAhead = kSlots > 1;  // 128-key fills: a whole fill's tiles walked ahead
-    // BSA_SM90_PAGES_BEFORE_WAIT: and their page ids looked up with them (fill_pages).
-    constexpr bool kFillPagesAhead = BSA_SM90_PAGES_BEFORE_WAIT && kTilesAhead && !kFp8Pages;
     // The unit's last fill marked in its record (sm90_marks_last_fill) instead of followed by an end
     // record: the consumers issue its P.V on its own and the ring carries one fill less a unit. The
     // next tile is walked before the record is written, after the fill's loads.
@@ -381,8 +379,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             // ahead (kPagesAhead) or here (one lookup round trip for all lanes). A page id outside
             // [0, NB) is a box outside the map: zeros.
             const int pos = pos0 + box_row;
-            const int page =
-                kPagesAhead || kFillPagesAhead ? box_page : kv.table_row(seq, kv_head)[kv.page_index(pos)];
+            const int page = kPagesAhead ? box_page : kv.table_row(seq, kv_head)[kv.page_index(pos)];
             if (slot == 0 && page != INT_MAX) sm90_trace(n, kTracePageKnown + tid / 32);  // waits for the id
             const int slab = page >= 0 && page < kv.num_cache_blocks
                                  ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1)
@@ -563,11 +560,17 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // 2k chunks / whole prompts, Nsight Compute cycles, H100, 2026-12-06; predicted 3-10 % fewer): here,
     // before the wait for the fill's slots, +5.5 / +7.2 %; together once the wait is over, +2.9 /
     // +4.3 % (a single producer instantiation each: a second one beside the walk's made the consumers
-    // spill 52 bytes, ptxas). The consumers do wait for paged fills (17 % of their samples against 10 %
-    // over contiguous K/V), but the table's lookups hit the L1 (86 %), so their latency is not what
-    // holds the fills; the four producer warps issue 5x the one-warp producer's instructions (6.3e7
-    // against 1.3e7; the pattern's walk in every warp a fifth of them).
-    int fill_tiles[kSlots], fill_pages[kSlots];
+    // spill 52 bytes, ptxas); rebuilt with the tiles' walk (2026-12-06, thirty-third session): -0.7 %
+    // on the chunks, +1.3 % on whole prompts. BSA_SM90_TRACE says why (H100, 2k chunks of 8k x 4, kv
+    // block 16 and 64 alike): after its slots are free each producer warp waits ~800 cycles for its
+    // page id and then ~1,700 for its four TMA issues to go out (~400 cycles an issue instruction: held,
+    // it seems, while the TMA is busy); with the ids looked up ahead the wait for them fell to ~500 (a
+    // lookup issued before the slot wait still took longer than it) and the warps' issue to
+    // ~2,050, yet a fill still landed every ~3,430 cycles, against ~2,800 over contiguous K/V (one
+    // warp, ~1,280 from its slots to its arrival). Neither the lookups nor the instructions set the
+    // paged fills' pace: the TMA takes paged boxes more slowly, at kv block 64 with the contiguous
+    // path's box count and shape.
+    int fill_tiles[kSlots];
     uint8_t fill_flags[kSlots][kSm90ConsumerGroups];
     auto walk_fill = [&] {
 #pragma unroll
@@ -576,10 +579,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
 #pragma unroll
         for (int g = 0; g < kSm90ConsumerGroups; ++g) fill_flags[slot][g] = 0;
         if (more) more = next_tile(fill_tiles[slot], fill_flags[slot]);
-      }
-      if constexpr (kFillPagesAhead) {
-#pragma unroll
-        for (int slot = 0; slot < kSlots; ++slot) fill_pages[slot] = kv.paged() ? look_up_page(fill_tiles[slot]) : -1;
       }
     };
     if constexpr (kTilesAhead) walk_fill();
@@ -621,7 +620,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         uint8_t flags[kSm90ConsumerGroups] = {};
         if constexpr (kTilesAhead) {
           key_tile = fill_tiles[slot];
-          if constexpr (kFillPagesAhead) page = fill_pages[slot];
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = fill_flags[slot][g];
         } else if constexpr (kWalkAhead) {

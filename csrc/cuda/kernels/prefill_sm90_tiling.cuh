@@ -218,15 +218,6 @@ constexpr uint8_t kFillLast = 4;
 // TMA pages at kv block 16 5.5 % fewer warp instructions but the same cycles (chunks -0.10 %, whole
 // prompts -0.20 %): there the walk is not what sets the fills' pace. Not in the producer that looks
 // page ids up a fill ahead (64-key fills over TMA pages): there ptxas spilled 24-40 bytes.
-// Build knob BSA_SM90_PAGES_BEFORE_WAIT (default 0, an experiment): 128-key fills over TMA pages look
-// their page ids up when their tiles are walked, after the previous fill's issue and before the wait
-// for their slots, instead of after it. BSA_SM90_TRACE's traces (H100, 2026-12-06, 2k chunks of 8k x
-// 4) showed each producer warp ~2,500 cycles from its slots' release to its arrival over TMA pages,
-// at kv block 16 and 64 alike, against ~1,300 over contiguous K/V; the lookups are the paged-only
-// work on that path.
-#ifndef BSA_SM90_PAGES_BEFORE_WAIT
-#define BSA_SM90_PAGES_BEFORE_WAIT 0
-#endif
 #ifndef BSA_SM90_LANE_WALK
 #define BSA_SM90_LANE_WALK 1
 #endif
