@@ -18,9 +18,16 @@ a trace build, one "sm90_trace <fill> <clocks>" line per fill of CTA 0. Prints, 
 Usage: python3 scripts/sm90_trace_summary.py LOG [LOG ...] [--key-slots 2] [--warps 4]
 """
 import argparse
+import re
 import statistics
+from pathlib import Path
 
-SLOT_WAIT, SLOT_FREE, ISSUED, FILL_WAIT, FILL_LANDED, KEY_RELEASED, PAGE_KNOWN, BOXES_ISSUED = 0, 4, 8, 12, 14, 16, 18, 22
+# The events' offsets, from the kernel's own list (Sm90TraceEvent).
+HEADER = Path(__file__).resolve().parent.parent / "csrc" / "cuda" / "kernels" / "prefill_sm90_trace.cuh"
+EVENTS = {name: int(value) for name, value in re.findall(r"\bkTrace(\w+) = (\d+)", HEADER.read_text())}
+SLOT_WAIT, SLOT_FREE, ISSUED = EVENTS["SlotWait"], EVENTS["SlotFree"], EVENTS["Issued"]
+FILL_WAIT, FILL_LANDED, KEY_RELEASED = EVENTS["FillWait"], EVENTS["FillLanded"], EVENTS["KeyReleased"]
+PAGE_KNOWN, BOXES_ISSUED = EVENTS["PageKnown"], EVENTS["BoxesIssued"]
 
 
 def read(path):

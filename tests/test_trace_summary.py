@@ -9,27 +9,28 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "sm90_trace_summary.py"
-EVENTS = 26
+sys.path.insert(0, str(SCRIPT.parent))
+from sm90_trace_summary import EVENTS as E  # noqa: E402  (the kernel's event offsets)
+
+EVENTS = max(E.values()) + 4  # the last event has one per producer warp
 
 
 def trace_line(fill, t, warps, slow_warp_extra):
     e = [0] * EVENTS
     for w in range(warps):
-        e[0 + w] = t                       # slot wait begins
-        e[4 + w] = t + 100                 # slots free
-        e[8 + w] = t + 300 + (slow_warp_extra if w == warps - 1 else 0)  # issued
-    e[12], e[13] = t + 200, t + 210        # consumers start waiting
-    e[14], e[15] = t + 900, t + 905        # and see the fill landed
-    e[16], e[17] = t + 1500, t + 1600      # key slot released
-    for w in range(warps):
-        e[18 + w] = t + 150 if warps > 1 else 0  # page id known (TMA pages only)
-        e[22 + w] = t + 250                      # last box issued
+        e[E["SlotWait"] + w] = t
+        e[E["SlotFree"] + w] = t + 100
+        e[E["Issued"] + w] = t + 300 + (slow_warp_extra if w == warps - 1 else 0)
+        e[E["PageKnown"] + w] = t + 150 if warps > 1 else 0  # TMA pages only
+        e[E["BoxesIssued"] + w] = t + 250
+    for g, (wait, landed, released) in enumerate([(200, 900, 1500), (210, 905, 1600)]):
+        e[E["FillWait"] + g], e[E["FillLanded"] + g], e[E["KeyReleased"] + g] = t + wait, t + landed, t + released
     return f"sm90_trace {fill} " + " ".join(map(str, e))
 
 
 def run(tmp_path, lines, *args):
     log = tmp_path / "trace.log"
-    log.write_text("unrelated output\nsm90_trace fills 1024 events 26\n" + "\n".join(lines) + "\n")
+    log.write_text("unrelated output\nsm90_trace fills 1024 events %d\n" % EVENTS + "\n".join(lines) + "\n")
     out = subprocess.run([sys.executable, str(SCRIPT), str(log), *args], capture_output=True, text=True,
                          check=True).stdout
     rows = [l.split() for l in out.splitlines()[1:]]  # name words, median, mean, p90, (n=...)
