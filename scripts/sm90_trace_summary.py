@@ -15,7 +15,10 @@ a trace build, one "sm90_trace <fill> <clocks>" line per fill of CTA 0. Prints, 
                the slowest warp that recorded it)
   box issue    from then (or from the slots, over contiguous K/V) to the warp's last box issued
   after boxes  from the last box issued to the warp's arrival (records, arrival)
-Usage: python3 scripts/sm90_trace_summary.py LOG [LOG ...] [--key-slots 2] [--warps 4]
+With --fills a:b, also fills a..b-1 one by one: each warp's (slots free, first page id, last box,
+arrival), then group 0's wait and landing and both groups' release of the key slot the fill reuses,
+in cycles from the fill's first slot release (-: not recorded).
+Usage: python3 scripts/sm90_trace_summary.py LOG [LOG ...] [--key-slots 2] [--warps 4] [--fills a:b]
 """
 import argparse
 import re
@@ -81,12 +84,32 @@ def summarise(rows, key_slots, warps):
     return out
 
 
+def fill_lines(rows, key_slots, warps, first, last):
+    """Fills first..last-1 one by one, relative to each fill's first slot release."""
+    lines = []
+    for n in range(first, last):
+        e = rows.get(n)
+        frees = [e[SLOT_FREE + i] for i in range(warps) if e and e[SLOT_FREE + i]] if e else []
+        if not frees:
+            continue
+        base = min(frees)
+        rel = lambda x: str(x - base) if x else "-"  # noqa: E731
+        per_warp = " ".join(f"({rel(e[SLOT_FREE + i])},{rel(e[PAGE_KNOWN + i] if len(e) > PAGE_KNOWN + i else 0)},"
+                            f"{rel(e[BOXES_ISSUED + i] if len(e) > BOXES_ISSUED + i else 0)},{rel(e[ISSUED + i])})"
+                            for i in range(warps))
+        before = rows.get(n - key_slots) or [0] * len(e)
+        lines.append(f"  {n:5d} {per_warp}  g0 {rel(e[FILL_WAIT])},{rel(e[FILL_LANDED])}  released "
+                     f"{rel(before[KEY_RELEASED])},{rel(before[KEY_RELEASED + 1])}")
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("logs", nargs="+")
     ap.add_argument("--key-slots", type=int, default=2, help="key slots of the ring (128-key fills: 2)")
     ap.add_argument("--warps", type=int, nargs="+", default=[4],
                     help="producer warps, one number per log or one for all (the one-warp producer: 1)")
+    ap.add_argument("--fills", help="a:b: also list fills a..b-1 one by one")
     args = ap.parse_args()
     warps = args.warps * len(args.logs) if len(args.warps) == 1 else args.warps
     for path, nw in zip(args.logs, warps):
@@ -94,6 +117,11 @@ def main():
         print(f"== {path}: {len(rows)} fills traced, {nw} producer warp(s); cycles: median, mean, p90")
         for name, values in summarise(rows, args.key_slots, nw).items():
             print(f"  {name:13s} {stats(values)}")
+        if args.fills:
+            first, last = (int(x) for x in args.fills.split(":"))
+            print("  fill  per warp (slots free, page id, last box, arrival)  group 0 (wait, landed)  "
+                  f"key slot released by groups 0, 1 (fill n - {args.key_slots})")
+            print("\n".join(fill_lines(rows, args.key_slots, nw, first, last)))
 
 
 if __name__ == "__main__":

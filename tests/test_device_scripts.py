@@ -1,4 +1,5 @@
-"""The device A/B scripts (scripts/device_ab.sh, scripts/device_ab_paged.sh, scripts/device_cycles.sh) on a fake tree: a setup.py
+"""The device A/B scripts (scripts/device_ab.sh, scripts/device_ab_paged.sh, scripts/device_cycles.sh,
+scripts/device_traces.sh) on a fake tree: a setup.py
 that writes its NVCC flags into the extension, a benchmark that reports them, and a fake nvidia-smi.
 A broken script costs minutes of the scarce device time before it says so; here it costs a second.
 Checks: every variant runs its own build (run-time variants share one), each build comes from its
@@ -60,8 +61,12 @@ def fake_tree(path: Path) -> Path:
     (path / "benchmarks" / "bench_prefill.py").write_text(FAKE_BENCH_PREFILL)
     (path / "benchmarks" / "bench_paged_prefill.py").write_text(FAKE_BENCH_PAGED)
     (path / "tests" / "test_prefill_kernels.py").write_text(FAKE_TEST)
-    for script in ("device_ab.sh", "device_ab_paged.sh", "device_builds.sh", "device_cycles.sh", "cycles_summary.py"):
+    for script in ("device_ab.sh", "device_ab_paged.sh", "device_builds.sh", "device_cycles.sh", "cycles_summary.py",
+                   "device_traces.sh", "sm90_trace_summary.py"):
         shutil.copy(ROOT / "scripts" / script, path / "scripts" / script)
+    trace_header = Path("csrc") / "cuda" / "kernels" / "prefill_sm90_trace.cuh"  # the summary's event offsets
+    (path / trace_header).parent.mkdir(parents=True)
+    shutil.copy(ROOT / trace_header, path / trace_header)
     return path
 
 
@@ -265,3 +270,40 @@ def test_device_cycles_sanitizes_tested_builds_and_skips_the_sets_of_a_flagged_o
     medians = {line.split(":")[0] for line in run.stdout.splitlines() if "median" in line}
     assert medians == {"d-0", "d-1"}, run.stdout
     assert (tmp_path / "out" / "sanitize_1_synccheck.log").exists()
+
+
+# profile_prefill.py under a BSA_SM90_TRACE build: the trace lines on stderr, one fill landing every
+# 2,000 cycles, or 3,000 on a build made with -DSLOW; the arguments it got go to stdout.
+FAKE_PROFILE_TRACE = """\
+import glob, sys
+sys.path.insert(0, "scripts")
+from sm90_trace_summary import EVENTS as E
+flags = open(glob.glob("blocksparse_attn/_C*.so")[0]).read().split("|")[0]
+assert "-DBSA_SM90_TRACE=2" in flags, flags
+period = 3000 if "-DSLOW" in flags else 2000
+print("args", *sys.argv[1:])
+for n in range(20):
+    e, t = [0] * (max(E.values()) + 4), 1000 + period * n
+    for w in range(4):
+        e[E["SlotWait"] + w], e[E["SlotFree"] + w], e[E["Issued"] + w] = t, t + 100, t + 300
+    e[E["FillWait"]], e[E["FillLanded"]] = t + 200, t + 900
+    print("sm90_trace", n, *e, file=sys.stderr)
+"""
+
+
+def test_device_traces_traces_each_set_on_its_trace_build(tree, tmp_path):
+    (tree / "benchmarks" / "profile_prefill.py").write_text(FAKE_PROFILE_TRACE)
+    run = run_script(tree, "device_traces.sh", tmp_path, BUILDS="\n-DSLOW=1", TEST_BUILDS="1", FILLS="3:5",
+                     TRACE_SETS="fast|0|4|--paged --chunk 2048\nslow|1|1|--chunk 2048")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "build 1 tests: 1 passed" in run.stdout, run.stdout
+    periods = [line.split()[1] for line in run.stdout.splitlines() if line.strip().startswith("period")]
+    assert periods == ["2000", "3000"], run.stdout
+    assert "fast.trace: 20 fills traced, 4 producer warp(s)" in run.stdout
+    assert "slow.trace: 20 fills traced, 1 producer warp(s)" in run.stdout
+    assert run.stdout.count("(0,-,-,200)") == 2 * 4 + 2, run.stdout  # fills 3 and 4: four warps, then one
+    assert run.stdout.count("g0 100,800") == 4, run.stdout  # from the first slot release
+    assert (tmp_path / "out" / "traces.log").read_text() in run.stdout
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.trace")) == ["fast.trace", "slow.trace"]
+    flags = [p.read_text() for p in sorted((tmp_path / "out").glob("build_*.log"))]
+    assert len(flags) == 2
