@@ -14,6 +14,7 @@ a trace build, one "sm90_trace <fill> <clocks>" line per fill of CTA 0. Prints, 
   page wait    from the slots seen free to the warp's first page id of the fill loaded (TMA pages;
                the slowest warp that recorded it)
   box issue    from then (or from the slots, over contiguous K/V) to the warp's last box issued
+  first tile   the part of it up to the warp's boxes of the fill's first tile issued (128-key fills)
   after boxes  from the last box issued to the warp's arrival (records, arrival)
 With --fills a:b, also fills a..b-1 one by one: each warp's (slots free, first page id, last box,
 arrival), then group 0's wait and landing and both groups' release of the key slot the fill reuses,
@@ -30,7 +31,7 @@ HEADER = Path(__file__).resolve().parent.parent / "csrc" / "cuda" / "kernels" / 
 EVENTS = {name: int(value) for name, value in re.findall(r"\bkTrace(\w+) = (\d+)", HEADER.read_text())}
 SLOT_WAIT, SLOT_FREE, ISSUED = EVENTS["SlotWait"], EVENTS["SlotFree"], EVENTS["Issued"]
 FILL_WAIT, FILL_LANDED, KEY_RELEASED = EVENTS["FillWait"], EVENTS["FillLanded"], EVENTS["KeyReleased"]
-PAGE_KNOWN, BOXES_ISSUED = EVENTS["PageKnown"], EVENTS["BoxesIssued"]
+PAGE_KNOWN, BOXES_ISSUED, FIRST_TILE = EVENTS["PageKnown"], EVENTS["BoxesIssued"], EVENTS["FirstTileIssued"]
 
 
 def read(path):
@@ -53,7 +54,7 @@ def stats(values):
 
 def summarise(rows, key_slots, warps):
     out = {k: [] for k in ("slot wait", "issue", "warp spread", "fill wait g0", "fill wait g1", "landing", "wake",
-                           "period", "page wait", "box issue", "after boxes")}
+                           "period", "page wait", "box issue", "first tile", "after boxes")}
     for n, e in sorted(rows.items()):
         w = range(warps)
         if any(e[SLOT_FREE + i] == 0 or e[ISSUED + i] == 0 or e[SLOT_WAIT + i] == 0 for i in w):
@@ -75,8 +76,11 @@ def summarise(rows, key_slots, warps):
             out["page wait"].append(max(e[PAGE_KNOWN + i] - e[SLOT_FREE + i] for i in known))
         boxes = [i for i in w if len(e) > BOXES_ISSUED + i and e[BOXES_ISSUED + i]]
         if boxes:
-            out["box issue"].append(max(e[BOXES_ISSUED + i] - (e[PAGE_KNOWN + i] if i in known else e[SLOT_FREE + i])
-                                        for i in boxes))
+            start = {i: e[PAGE_KNOWN + i] if i in known else e[SLOT_FREE + i] for i in boxes}
+            out["box issue"].append(max(e[BOXES_ISSUED + i] - start[i] for i in boxes))
+            first = [i for i in boxes if len(e) > FIRST_TILE + i and e[FIRST_TILE + i]]
+            if first:
+                out["first tile"].append(max(e[FIRST_TILE + i] - start[i] for i in first))
             out["after boxes"].append(max(e[ISSUED + i] - e[BOXES_ISSUED + i] for i in boxes))
         prev = rows.get(n - 1)
         if prev and prev[FILL_LANDED] and e[FILL_LANDED]:

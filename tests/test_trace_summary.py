@@ -23,6 +23,7 @@ def trace_line(fill, t, warps, slow_warp_extra):
         e[E["Issued"] + w] = t + 300 + (slow_warp_extra if w == warps - 1 else 0)
         e[E["PageKnown"] + w] = t + 150 if warps > 1 else 0  # TMA pages only
         e[E["BoxesIssued"] + w] = t + 250
+        e[E["FirstTileIssued"] + w] = t + 180
     for g, (wait, landed, released) in enumerate([(200, 900, 1500), (210, 905, 1600)]):
         e[E["FillWait"] + g], e[E["FillLanded"] + g], e[E["KeyReleased"] + g] = t + wait, t + landed, t + released
     return f"sm90_trace {fill} " + " ".join(map(str, e))
@@ -52,6 +53,7 @@ def test_intervals_of_a_known_trace(tmp_path):
     assert stats["period"] == [2000, 2000, 2000]
     assert stats["page wait"] == [50, 50, 50]
     assert stats["box issue"] == [100, 100, 100]      # from the page id
+    assert stats["first tile"] == [30, 30, 30]
     assert stats["after boxes"] == [90, 90, 90]       # the slow warp: 340 - 250
 
 
@@ -64,4 +66,5 @@ def test_one_warp_and_unrecorded_fills(tmp_path):
     assert stats["warp spread"] == [0, 0, 0]
     assert stats["wake"] == [4500, 4500, 4500]        # three fills back
     assert stats["page wait"] is None and stats["box issue"] == [150, 150, 150]  # no page ids: from the slots
+    assert stats["first tile"] == [80, 80, 80]
     assert "(n=10)" in out and "(n=11)" not in out

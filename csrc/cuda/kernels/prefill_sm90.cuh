@@ -399,6 +399,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             }
           }
           if (slot == kSlots - 1) sm90_trace(n, kTraceBoxesIssued + tid / 32);
+          if (slot == 0 && kSlots > 1) sm90_trace(n, kTraceFirstTileIssued + tid / 32);
         }
         return false;
       }

@@ -20,7 +20,8 @@ constexpr int kSm90TraceFills = 1024;
 // Events of fill n: producer warp w (up to 4) starts waiting for the fill's free slots, has them,
 // and has issued the fill and arrived on its barrier; consumer group g starts waiting for the fill,
 // sees it landed, and frees its key slot (S done). Within warp w's issue: its lane 0's first page
-// id of the fill loaded (TMA pages) and its last box issued (TMA fills).
+// id of the fill loaded (TMA pages), its boxes of the first tile issued and its last box issued
+// (TMA fills).
 enum Sm90TraceEvent : int {
   kTraceSlotWait = 0,      // + producer warp
   kTraceSlotFree = 4,      // + producer warp
@@ -30,7 +31,8 @@ enum Sm90TraceEvent : int {
   kTraceKeyReleased = 16,  // + consumer group
   kTracePageKnown = 18,    // + producer warp: its first page id of the fill loaded (TMA pages)
   kTraceBoxesIssued = 22,  // + producer warp: its last TMA box of the fill issued
-  kSm90TraceEvents = 26,
+  kTraceFirstTileIssued = 26,  // + producer warp: its boxes of the fill's first tile issued (128-key fills)
+  kSm90TraceEvents = 30,
 };
 
 #if BSA_SM90_TRACE
