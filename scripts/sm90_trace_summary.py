@@ -11,6 +11,7 @@ a trace build, one "sm90_trace <fill> <clocks>" line per fill of CTA 0. Prints, 
   wake         the slots seen free minus both groups' release of the key slot the fill reuses
                (--key-slots fills earlier; the value slot's release is not traced)
   period       consecutive fills seen landed by group 0
+  lookup start from the slots seen free to the warp's first page id's lookup (TMA pages)
   page wait    from the slots seen free to the warp's first page id of the fill loaded (TMA pages;
                the slowest warp that recorded it)
   box issue    from then (or from the slots, over contiguous K/V) to the warp's last box issued
@@ -32,6 +33,7 @@ EVENTS = {name: int(value) for name, value in re.findall(r"\bkTrace(\w+) = (\d+)
 SLOT_WAIT, SLOT_FREE, ISSUED = EVENTS["SlotWait"], EVENTS["SlotFree"], EVENTS["Issued"]
 FILL_WAIT, FILL_LANDED, KEY_RELEASED = EVENTS["FillWait"], EVENTS["FillLanded"], EVENTS["KeyReleased"]
 PAGE_KNOWN, BOXES_ISSUED, FIRST_TILE = EVENTS["PageKnown"], EVENTS["BoxesIssued"], EVENTS["FirstTileIssued"]
+LOOKUP_START = EVENTS["LookupStart"]
 
 
 def read(path):
@@ -54,7 +56,7 @@ def stats(values):
 
 def summarise(rows, key_slots, warps):
     out = {k: [] for k in ("slot wait", "issue", "warp spread", "fill wait g0", "fill wait g1", "landing", "wake",
-                           "period", "page wait", "box issue", "first tile", "after boxes")}
+                           "period", "lookup start", "page wait", "box issue", "first tile", "after boxes")}
     for n, e in sorted(rows.items()):
         w = range(warps)
         if any(e[SLOT_FREE + i] == 0 or e[ISSUED + i] == 0 or e[SLOT_WAIT + i] == 0 for i in w):
@@ -71,6 +73,9 @@ def summarise(rows, key_slots, warps):
         before = rows.get(n - key_slots)
         if before and before[KEY_RELEASED] and before[KEY_RELEASED + 1]:
             out["wake"].append(max(e[SLOT_FREE + i] for i in w) - max(before[KEY_RELEASED], before[KEY_RELEASED + 1]))
+        looking = [i for i in w if len(e) > LOOKUP_START + i and e[LOOKUP_START + i]]
+        if looking:
+            out["lookup start"].append(max(e[LOOKUP_START + i] - e[SLOT_FREE + i] for i in looking))
         known = [i for i in w if len(e) > PAGE_KNOWN + i and e[PAGE_KNOWN + i]]
         if known:
             out["page wait"].append(max(e[PAGE_KNOWN + i] - e[SLOT_FREE + i] for i in known))

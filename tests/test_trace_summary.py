@@ -22,6 +22,7 @@ def trace_line(fill, t, warps, slow_warp_extra):
         e[E["SlotFree"] + w] = t + 100
         e[E["Issued"] + w] = t + 300 + (slow_warp_extra if w == warps - 1 else 0)
         e[E["PageKnown"] + w] = t + 150 if warps > 1 else 0  # TMA pages only
+        e[E["LookupStart"] + w] = t + 120 if warps > 1 else 0
         e[E["BoxesIssued"] + w] = t + 250
         e[E["FirstTileIssued"] + w] = t + 180
     for g, (wait, landed, released) in enumerate([(200, 900, 1500), (210, 905, 1600)]):
@@ -51,6 +52,7 @@ def test_intervals_of_a_known_trace(tmp_path):
     assert stats["landing"] == [560, 560, 560]        # landed - last warp's arrival
     assert stats["wake"] == [2500, 2500, 2500]        # free(n) - release(n - 2): 4000 + 100 - 1600
     assert stats["period"] == [2000, 2000, 2000]
+    assert stats["lookup start"] == [20, 20, 20]
     assert stats["page wait"] == [50, 50, 50]
     assert stats["box issue"] == [100, 100, 100]      # from the page id
     assert stats["first tile"] == [30, 30, 30]
@@ -65,6 +67,6 @@ def test_one_warp_and_unrecorded_fills(tmp_path):
     assert stats["issue"] == [200, 200, 200]
     assert stats["warp spread"] == [0, 0, 0]
     assert stats["wake"] == [4500, 4500, 4500]        # three fills back
-    assert stats["page wait"] is None and stats["box issue"] == [150, 150, 150]  # no page ids: from the slots
+    assert stats["page wait"] is None and stats["lookup start"] is None and stats["box issue"] == [150, 150, 150]  # no page ids: from the slots
     assert stats["first tile"] == [80, 80, 80]
     assert "(n=10)" in out and "(n=11)" not in out

@@ -379,6 +379,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             // ahead (kPagesAhead) or here (one lookup round trip for all lanes). A page id outside
             // [0, NB) is a box outside the map: zeros.
             const int pos = pos0 + box_row;
+            if (slot == 0) sm90_trace(n, kTraceLookupStart + tid / 32);
             const int page = kPagesAhead ? box_page : kv.table_row(seq, kv_head)[kv.page_index(pos)];
             if (slot == 0 && page != INT_MAX) sm90_trace(n, kTracePageKnown + tid / 32);  // waits for the id
             const int slab = page >= 0 && page < kv.num_cache_blocks

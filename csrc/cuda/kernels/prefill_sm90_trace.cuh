@@ -19,9 +19,9 @@ namespace blocksparse_attn {
 constexpr int kSm90TraceFills = 1024;
 // Events of fill n: producer warp w (up to 4) starts waiting for the fill's free slots, has them,
 // and has issued the fill and arrived on its barrier; consumer group g starts waiting for the fill,
-// sees it landed, and frees its key slot (S done). Within warp w's issue: its lane 0's first page
-// id of the fill loaded (TMA pages), its boxes of the first tile issued and its last box issued
-// (TMA fills).
+// sees it landed, and frees its key slot (S done). Within warp w's issue: its lane 0 about to look
+// its first page id of the fill up and that id loaded (TMA pages), its boxes of the first tile
+// issued and its last box issued (TMA fills).
 enum Sm90TraceEvent : int {
   kTraceSlotWait = 0,      // + producer warp
   kTraceSlotFree = 4,      // + producer warp
@@ -32,18 +32,27 @@ enum Sm90TraceEvent : int {
   kTracePageKnown = 18,    // + producer warp: its first page id of the fill loaded (TMA pages)
   kTraceBoxesIssued = 22,  // + producer warp: its last TMA box of the fill issued
   kTraceFirstTileIssued = 26,  // + producer warp: its boxes of the fill's first tile issued (128-key fills)
-  kSm90TraceEvents = 30,
+  kTraceLookupStart = 30,      // + producer warp: about to look its first page id of the fill up (TMA pages)
+  kSm90TraceEvents = 34,
 };
 
 #if BSA_SM90_TRACE
 __device__ long long sm90_trace_clock[kSm90TraceFills * kSm90TraceEvents];
 #endif
 
+// The SM's clock, read in program order with the memory operations around it (clock64() may move
+// past an independent load, which would blur "about to look up" against "looked up").
+__device__ __forceinline__ long long sm90_trace_now() {
+  long long now;
+  asm volatile("mov.u64 %0, %%clock64;" : "=l"(now)::"memory");
+  return now;
+}
+
 // Records event `event` of fill `fill` (lane 0 of a warp; CTA 0 only).
 __device__ __forceinline__ void sm90_trace(int fill, int event) {
 #if BSA_SM90_TRACE
   if (blockIdx.x == 0 && fill < kSm90TraceFills && (threadIdx.x & 31) == 0)
-    sm90_trace_clock[fill * kSm90TraceEvents + event] = clock64();
+    sm90_trace_clock[fill * kSm90TraceEvents + event] = sm90_trace_now();
 #endif
 }
 
