@@ -1,5 +1,5 @@
-# Build helpers of the device A/B scripts (sourced by device_ab.sh, device_ab_paged.sh and
-# device_cycles.sh, which set OUT): every variant builds in its own copy of its source tree, all at
+# Build helpers of the device A/B scripts (sourced by device_ab.sh, device_ab_paged.sh,
+# device_cycles.sh and device_traces.sh, which set OUT): every variant builds in its own copy of its source tree, all at
 # the same time, so a stale extension in a tree can never stand in for a failed build.
 
 # A fresh copy of DIR without build outputs; prints its path.
@@ -47,4 +47,28 @@ sanitize_build() {
   local tool=$1; shift
   TEST_RUNNER="compute-sanitizer --tool $tool --error-exitcode 99 --print-limit 20" \
     TEST_K="${SANITIZE_K:-${TEST_K:-not D256}}" test_build "$@"
+}
+
+# build_lines EXT EXTRA_FLAGS: builds every line of BUILDS (default one line, no flags) into
+# EXT/<line index>, all at once, with EXTRA_FLAGS after each line's NVCC flags and
+# BSA_HEAD_DIMS (default 128); a line "@DIR flags" builds a copy of the tree DIR (e.g. a branch's
+# checkout at ab/<name>). About 48 compilers at once in all (three builds of 16 each ran fine on the
+# 16-core, 128 GB machine). Sets the array `builds`; false, with the line named, if a build failed.
+build_lines() {
+  local ext=$1 extra=$2 i src flags jobs
+  mapfile -t builds < <(printf '%s\n' "${BUILDS:-}")
+  [[ ${#builds[@]} -gt 0 ]] || builds=("")
+  jobs=$(( 48 / ${#builds[@]} )); (( jobs > 16 )) && jobs=16; (( jobs < 2 )) && jobs=2
+  export MAX_JOBS=${MAX_JOBS:-$jobs}
+  for i in "${!builds[@]}"; do
+    src=. flags=${builds[$i]}
+    if [[ $flags == @* ]]; then
+      src=${flags%% *} && src=${src#@}
+      [[ $flags == *" "* ]] && flags=${flags#* } || flags=""
+      [[ -f $src/setup.py ]] || { echo "build $i: no source tree at $src"; return 1; }
+    fi
+    start_build "$i" "$src" "$flags${extra:+ $extra}" "${BSA_HEAD_DIMS:-128}" "$ext/$i"
+  done
+  wait
+  for i in "${!builds[@]}"; do check_build "$i" "build $i (${builds[$i]:-no flags})" || return 1; done
 }

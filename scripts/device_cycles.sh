@@ -23,23 +23,8 @@ set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a PYTHONPATH=$PWD
 source "$(dirname "$0")/device_builds.sh"
-mapfile -t builds < <(printf '%s\n' "${BUILDS:-}")
-[[ ${#builds[@]} -gt 0 ]] || builds=("")
-# About 48 compilers at once in all (three builds of 16 each ran fine on the 16-core, 128 GB machine).
-jobs=$(( 48 / ${#builds[@]} )); (( jobs > 16 )) && jobs=16; (( jobs < 2 )) && jobs=2
-export MAX_JOBS=${MAX_JOBS:-$jobs}
 ext=$(mktemp -d)
-for i in "${!builds[@]}"; do
-  src=. flags=${builds[$i]}
-  if [[ $flags == @* ]]; then
-    src=${flags%% *} && src=${src#@}
-    [[ $flags == *" "* ]] && flags=${flags#* } || flags=""
-    [[ -f $src/setup.py ]] || { echo "build $i: no source tree at $src"; exit 1; }
-  fi
-  start_build "$i" "$src" "$flags" "${BSA_HEAD_DIMS:-128}" "$ext/$i"
-done
-wait
-for i in "${!builds[@]}"; do check_build "$i" "build $i (${builds[$i]:-no flags})" || exit 1; done
+build_lines "$ext" "" || exit 1
 mapfile -t sets < <(printf '%s\n' "${CYCLE_SETS:?lines of label|build|environment|arguments}" | sed '/^$/d')
 failed=" "
 for i in ${TEST_BUILDS:-}; do
