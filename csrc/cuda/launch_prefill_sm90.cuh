@@ -154,7 +154,7 @@ inline void print_sm90_trace(cudaStream_t stream) {
   static int launches = 0;
   ++launches;
   if (launches == BSA_SM90_TRACE) {
-    static long long clocks[kSm90TraceFills * kSm90TraceEvents];
+    static long long clocks[sizeof(sm90_trace_clock) / sizeof(long long)];
     cudaStreamSynchronize(stream);
     cudaMemcpyFromSymbol(clocks, sm90_trace_clock, sizeof(clocks));
     std::fprintf(stderr, "sm90_trace fills %d events %d\n", kSm90TraceFills, kSm90TraceEvents);
@@ -168,7 +168,7 @@ inline void print_sm90_trace(cudaStream_t stream) {
   if (launches + 1 == BSA_SM90_TRACE) {
     void* buffer = nullptr;
     cudaGetSymbolAddress(&buffer, sm90_trace_clock);
-    cudaMemsetAsync(buffer, 0, sizeof(long long) * kSm90TraceFills * kSm90TraceEvents, stream);
+    cudaMemsetAsync(buffer, 0, sizeof(sm90_trace_clock), stream);
   }
 }
 #endif
