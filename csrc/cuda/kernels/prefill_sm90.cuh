@@ -284,10 +284,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // -1 past k_len, for no tile and for lanes without a box.
     constexpr bool kLookAhead = kFp8Pages || kPagesAhead;
     constexpr bool kTilesAhead = kSlots > 1;  // 128-key fills: a whole fill's tiles walked ahead
-    // BSA_SM90_PAGES_TWO_AHEAD: TMA pages with 128-key fills walk two fills ahead and look the
-    // second one's page ids up there (fill_after), so that a lookup is issued a whole fill before the
-    // boxes it feeds, ahead of the fill whose data would queue in front of it.
-    constexpr bool kTwoAhead = BSA_SM90_PAGES_TWO_AHEAD && kTilesAhead && !kFp8Pages && kProducerThreads == 128;
     // The unit's last fill marked in its record (sm90_marks_last_fill) instead of followed by an end
     // record: the consumers issue its P.V on its own and the ring carries one fill less a unit. The
     // next tile is walked before the record is written, after the fill's loads.
@@ -384,7 +380,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             // [0, NB) is a box outside the map: zeros.
             const int pos = pos0 + box_row;
             if (slot == 0) sm90_trace(n, kTraceLookupStart + tid / 32);
-            const int page = kPagesAhead || kTwoAhead ? box_page : kv.table_row(seq, kv_head)[kv.page_index(pos)];
+            const int page = kPagesAhead ? box_page : kv.table_row(seq, kv_head)[kv.page_index(pos)];
             if (slot == 0 && page != INT_MAX) sm90_trace(n, kTracePageKnown + tid / 32);  // waits for the id
             const int slab = page >= 0 && page < kv.num_cache_blocks
                                  ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1)
@@ -578,32 +574,15 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // path's box count and shape.
     int fill_tiles[kSlots];
     uint8_t fill_flags[kSlots][kSm90ConsumerGroups];
-    // kTwoAhead: the fill after, walked and its page ids looked up; fill_pages: the next fill's.
-    int after_tiles[kSlots], fill_pages[kSlots], after_pages[kSlots];
-    uint8_t after_flags[kSlots][kSm90ConsumerGroups];
     auto walk_fill = [&] {
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) {
-        int(&tile)[kSlots] = kTwoAhead ? after_tiles : fill_tiles;
-        uint8_t(&flags)[kSlots][kSm90ConsumerGroups] = kTwoAhead ? after_flags : fill_flags;
-        if constexpr (kTwoAhead) {
-          fill_tiles[slot] = after_tiles[slot];
-          fill_pages[slot] = after_pages[slot];
+        fill_tiles[slot] = -1;
 #pragma unroll
-          for (int g = 0; g < kSm90ConsumerGroups; ++g) fill_flags[slot][g] = after_flags[slot][g];
-        }
-        tile[slot] = -1;
-#pragma unroll
-        for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[slot][g] = 0;
-        if (more) more = next_tile(tile[slot], flags[slot]);
-        if constexpr (kTwoAhead) after_pages[slot] = kv.paged() ? look_up_page(tile[slot]) : -1;
+        for (int g = 0; g < kSm90ConsumerGroups; ++g) fill_flags[slot][g] = 0;
+        if (more) more = next_tile(fill_tiles[slot], fill_flags[slot]);
       }
     };
-    if constexpr (kTwoAhead) {
-#pragma unroll
-      for (int slot = 0; slot < kSlots; ++slot) after_tiles[slot] = after_pages[slot] = -1;
-      walk_fill();
-    }
     if constexpr (kTilesAhead) walk_fill();
     // kLookAhead: the tile after key_tile walked and its page ids looked up. TMA pages do it once
     // key_tile's fill is issued and published, so a freed slot is refilled without the walk and the
@@ -643,7 +622,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         uint8_t flags[kSm90ConsumerGroups] = {};
         if constexpr (kTilesAhead) {
           key_tile = fill_tiles[slot];
-          if constexpr (kTwoAhead) page = fill_pages[slot];
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = fill_flags[slot][g];
         } else if constexpr (kWalkAhead) {

@@ -218,13 +218,6 @@ constexpr uint8_t kFillLast = 4;
 // TMA pages at kv block 16 5.5 % fewer warp instructions but the same cycles (chunks -0.10 %, whole
 // prompts -0.20 %): there the walk is not what sets the fills' pace. Not in the producer that looks
 // page ids up a fill ahead (64-key fills over TMA pages): there ptxas spilled 24-40 bytes.
-// Build knob BSA_SM90_PAGES_TWO_AHEAD (default 0; an experiment): TMA pages with 128-key fills look
-// their page ids up two fills ahead (sm90_producer). The trace (BSA_SM90_TRACE) had a page id
-// arriving ~800 cycles after its fill's slots were free, and ~500 when looked up one fill ahead,
-// issued after the previous fill's boxes (2026-12-06).
-#ifndef BSA_SM90_PAGES_TWO_AHEAD
-#define BSA_SM90_PAGES_TWO_AHEAD 0
-#endif
 #ifndef BSA_SM90_LANE_WALK
 #define BSA_SM90_LANE_WALK 1
 #endif
