@@ -132,14 +132,21 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // Paged TMA fills: box b of a tile, rows box_row .. box_row + rows - 1 (by column block: of column
   // block box_block), is issued by lane b / W of warp b % W, W the producer's warps (4;
   // BSA_SM90_PAGED_BOX_WARPS=0: lane b of the first warp); box_row >= 64: no box. At most 8 boxes
-  // (pages of 16 rows or more, 2 column blocks).
+  // (pages of 16 rows or more, 2 column blocks); kFillBoxes: 16 over the fill's two tiles, box_row
+  // >= 128 none.
   // A shift, not a division by the column blocks a box takes (1 or 2).
   constexpr int kProducerWarps = kProducerThreads / 32;
   constexpr bool kBoxWarps = BSA_SM90_PAGED_BOX_WARPS && kProducerWarps >= 2;
+  // BSA_SM90_PAGED_FILL_BOXES: 128-key fills number their boxes over the whole fill (box_row = 64 slot
+  // + the row in the tile), so that each lane holds one box of the fill, looks its page id up with
+  // the other lanes of its warp in one load at the top of the fill, and its boxes are spread over
+  // the warps (page blocks of 64: the two tiles' boxes from two warps, not both from the first).
+  constexpr bool kFillBoxes = BSA_SM90_PAGED_FILL_BOXES && kSlots > 1 && kBoxWarps && !kFp8Pages;
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
   const int box =
-      kBoxWarps ? ((tid & 31) < 8 / kProducerWarps ? (tid >> 5) + kProducerWarps * (tid & 31) : 64) : tid;
-  const int box_row = box < 32 ? (box >> box_shift) * maps.kv_page_rows : 64;
+      kBoxWarps ? ((tid & 31) < (kFillBoxes ? 16 : 8) / kProducerWarps ? (tid >> 5) + kProducerWarps * (tid & 31) : 64)
+                : tid;
+  const int box_row = box < 32 ? (box >> box_shift) * maps.kv_page_rows : 64 * (kFillBoxes ? kSlots : 1);
   const int box_block = box & ((1 << box_shift) - 1);
 
   // Fill n is published (fence for the wgmma reads, then arrive) at the top of fill n + L, BEFORE
@@ -364,7 +371,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         // bytes first (the fill's barrier counts every producer thread's arrival, made after this, so
         // it cannot complete between one warp's boxes and another's expectation).
         const bool own_expect = kBoxWarps && kv.paged();
-        if (own_expect ? box_row < 64 : tid < 32) {
+        const bool has_box = kFillBoxes ? box_row >> 6 == slot : box_row < 64;  // in this tile
+        if (own_expect ? has_box : tid < 32) {
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
           if (tid == 0 && !own_expect)
@@ -372,21 +380,23 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
             if (tid == 0) tma_contiguous_tile(fill, tile_dst, k_begin + pos0, landed, true, !values_apart);
-          } else if (box_row < 64) {
+          } else if (has_box) {
             // Pages: one box of kv_page_rows rows per page (and 64-column block, by column block),
             // each issued by its own lane of the first warp (kvbs 16: 4 lanes by row group; from one
             // thread the box issues queued behind each other), with its page id looked up a fill
             // ahead (kPagesAhead) or here (one lookup round trip for all lanes). A page id outside
             // [0, NB) is a box outside the map: zeros.
-            const int pos = pos0 + box_row;
+            const int tile_row = kFillBoxes ? box_row & 63 : box_row;
+            const int pos = pos0 + tile_row;
             if (slot == 0) sm90_trace(n, kTraceLookupStart + tid / 32);
-            const int page = kPagesAhead ? box_page : kv.table_row(seq, kv_head)[kv.page_index(pos)];
+            const int page =
+                kPagesAhead || kFillBoxes ? box_page : kv.table_row(seq, kv_head)[kv.page_index(pos)];
             if (slot == 0 && page != INT_MAX) sm90_trace(n, kTracePageKnown + tid / 32);  // waits for the id
             const int slab = page >= 0 && page < kv.num_cache_blocks
                                  ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1)
                                  : -1;
             const int in_page = kv.row_in_page(pos);
-            const int dst = tile_dst + sm90_kv_offset(layout, box_row, box_block * 64);
+            const int dst = tile_dst + sm90_kv_offset(layout, tile_row, box_block * 64);
             if (own_expect) {  // kv_page_rows rows of 128-byte column blocks: kHeadDim / 64 of them, or one
               const uint32_t box_bytes = maps.kv_page_rows * 128 * ((kHeadDim / 64) >> box_shift);
               ptx::mbarrier_expect_tx(landed, 2 * box_bytes);
@@ -616,12 +626,21 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       }
       int first_tile = -1;
       bool last = false;  // kMarksLast: this fill is the unit's last
+      // kFillBoxes: this lane's box's page id, every lane of the warp in one load.
+      int fill_page = -1;
+      if constexpr (kFillBoxes) {
+        const int box_slot = box_row >> 6;
+        const int tile = box_slot == 0 ? fill_tiles[0] : box_slot == 1 ? fill_tiles[1] : -1;
+        const int pos = tile * 64 + (box_row & 63);
+        if (kv.paged() && tile >= 0 && pos < k_len) fill_page = kv.table_row(seq, kv_head)[kv.page_index(pos)];
+      }
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) {
         int key_tile = -1, page = -1;
         uint8_t flags[kSm90ConsumerGroups] = {};
         if constexpr (kTilesAhead) {
           key_tile = fill_tiles[slot];
+          if constexpr (kFillBoxes) page = fill_page;
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = fill_flags[slot][g];
         } else if constexpr (kWalkAhead) {

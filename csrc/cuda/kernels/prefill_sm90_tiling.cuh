@@ -218,6 +218,15 @@ constexpr uint8_t kFillLast = 4;
 // TMA pages at kv block 16 5.5 % fewer warp instructions but the same cycles (chunks -0.10 %, whole
 // prompts -0.20 %): there the walk is not what sets the fills' pace. Not in the producer that looks
 // page ids up a fill ahead (64-key fills over TMA pages): there ptxas spilled 24-40 bytes.
+// Build knob BSA_SM90_PAGED_FILL_BOXES (default 0; an experiment): 128-key fills over TMA pages
+// give each producer lane one box of the whole fill and look the fill's page ids up in one load a
+// warp (sm90_producer). The trace (BSA_SM90_TRACE, H100, 2k chunks of 8k x 4) has each warp looking
+// its two tiles' page ids up one after the other, and at kv block 64 the first warp alone issuing
+// both tiles' boxes and looking both up: its chain set the fills' pace (a fill every ~3,520 cycles,
+// against ~3,000 for contiguous K/V issued by the first of four warps).
+#ifndef BSA_SM90_PAGED_FILL_BOXES
+#define BSA_SM90_PAGED_FILL_BOXES 0
+#endif
 #ifndef BSA_SM90_LANE_WALK
 #define BSA_SM90_LANE_WALK 1
 #endif
