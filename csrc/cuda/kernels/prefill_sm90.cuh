@@ -581,7 +581,12 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // ~2,050, yet a fill still landed every ~3,430 cycles, against ~2,800 over contiguous K/V (one
     // warp, ~1,280 from its slots to its arrival). Neither the lookups nor the instructions set the
     // paged fills' pace: the TMA takes paged boxes more slowly, at kv block 64 with the contiguous
-    // path's box count and shape.
+    // path's box count and shape. Two fills ahead (thirty-fourth session, H100, 2k chunks of 8k x 4,
+    // kv block 16): the warps' issue fell from ~2,750 to ~2,120 cycles, the time from their arrival
+    // to the next slot wait grew by as much, and a fill still landed every ~3,580; Nsight Compute
+    // cycles +2.4 % on the chunks, +4.3 % on whole prompts. In the same traces contiguous K/V on four
+    // producer warps (the first issuing everything, as over pages at kv block 64) landed a fill every
+    // ~3,000 cycles against ~2,920 on one: the four-warp structure is not the paged gap.
     int fill_tiles[kSlots];
     uint8_t fill_flags[kSlots][kSm90ConsumerGroups];
     auto walk_fill = [&] {
