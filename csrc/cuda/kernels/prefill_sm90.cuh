@@ -142,6 +142,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // the other lanes of its warp in one load at the top of the fill, and its boxes are spread over
   // the warps (page blocks of 64: the two tiles' boxes from two warps, not both from the first).
   constexpr bool kFillBoxes = BSA_SM90_PAGED_FILL_BOXES && kSlots > 1 && kBoxWarps && !kFp8Pages;
+  static_assert(!kFillBoxes || kSlots == 2, "fill boxes: two tiles a fill");
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
   const int box =
       kBoxWarps ? ((tid & 31) < (kFillBoxes ? 16 : 8) / kProducerWarps ? (tid >> 5) + kProducerWarps * (tid & 31) : 64)
@@ -579,9 +580,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // it seems, while the TMA is busy); with the ids looked up ahead the wait for them fell to ~500 (a
     // lookup issued before the slot wait still took longer than it) and the warps' issue to
     // ~2,050, yet a fill still landed every ~3,430 cycles, against ~2,800 over contiguous K/V (one
-    // warp, ~1,280 from its slots to its arrival). Neither the lookups nor the instructions set the
-    // paged fills' pace: the TMA takes paged boxes more slowly, at kv block 64 with the contiguous
-    // path's box count and shape. Two fills ahead (thirty-fourth session, H100, 2k chunks of 8k x 4,
+    // warp, ~1,280 from its slots to its arrival). Moving the lookups did not set the paged fills'
+    // pace; having fewer of them on one warp's chain did (BSA_SM90_PAGED_FILL_BOXES: one load a warp
+    // and fill, the two tiles' boxes from two warps at kv block 64). Two fills ahead (thirty-fourth session, H100, 2k chunks of 8k x 4,
     // kv block 16): the warps' issue fell from ~2,750 to ~2,120 cycles, the time from their arrival
     // to the next slot wait grew by as much, and a fill still landed every ~3,580; Nsight Compute
     // cycles +2.4 % on the chunks, +4.3 % on whole prompts. In the same traces contiguous K/V on four

@@ -218,6 +218,9 @@ constexpr uint8_t kFillLast = 4;
 // TMA pages at kv block 16 5.5 % fewer warp instructions but the same cycles (chunks -0.10 %, whole
 // prompts -0.20 %): there the walk is not what sets the fills' pace. Not in the producer that looks
 // page ids up a fill ahead (64-key fills over TMA pages): there ptxas spilled 24-40 bytes.
+#ifndef BSA_SM90_LANE_WALK
+#define BSA_SM90_LANE_WALK 1
+#endif
 // Build knob BSA_SM90_PAGED_FILL_BOXES (default 0; an experiment): 128-key fills over TMA pages
 // give each producer lane one box of the whole fill and look the fill's page ids up in one load a
 // warp (sm90_producer). The trace (BSA_SM90_TRACE, H100, 2k chunks of 8k x 4) has each warp looking
@@ -229,9 +232,6 @@ constexpr uint8_t kFillLast = 4;
 // tests and the sanitizers have run on it on the card (benchmarks/RESULTS.md).
 #ifndef BSA_SM90_PAGED_FILL_BOXES
 #define BSA_SM90_PAGED_FILL_BOXES 0
-#endif
-#ifndef BSA_SM90_LANE_WALK
-#define BSA_SM90_LANE_WALK 1
 #endif
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_marks_last_fill() {
