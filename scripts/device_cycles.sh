@@ -23,8 +23,7 @@ set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a PYTHONPATH=$PWD
 source "$(dirname "$0")/device_builds.sh"
-ext=$(mktemp -d)
-build_lines "$ext" "" || exit 1
+build_lines "" || exit 1
 mapfile -t sets < <(printf '%s\n' "${CYCLE_SETS:?lines of label|build|environment|arguments}" | sed '/^$/d')
 failed=" "
 for i in ${TEST_BUILDS:-}; do

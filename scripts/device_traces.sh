@@ -15,8 +15,7 @@ set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a PYTHONPATH=$PWD
 source "$(dirname "$0")/device_builds.sh"
-ext=$(mktemp -d)
-build_lines "$ext" "-DBSA_SM90_TRACE=2" || exit 1
+build_lines "-DBSA_SM90_TRACE=2" || exit 1
 failed=" "
 for i in ${TEST_BUILDS:-}; do
   test_build "$ext/$i" . "$OUT/test_$i.log" || failed+="$i "

@@ -383,9 +383,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             if (tid == 0) tma_contiguous_tile(fill, tile_dst, k_begin + pos0, landed, true, !values_apart);
           } else if (has_box) {
             // Pages: one box of kv_page_rows rows per page (and 64-column block, by column block),
-            // each issued by its own lane of the first warp (kvbs 16: 4 lanes by row group; from one
-            // thread the box issues queued behind each other), with its page id looked up a fill
-            // ahead (kPagesAhead) or here (one lookup round trip for all lanes). A page id outside
+            // each issued by its own lane (`box`: from one thread the box issues queued behind each
+            // other), with its page id looked up a fill ahead (kPagesAhead), at the top of the fill
+            // (kFillBoxes) or here (one lookup round trip for all lanes). A page id outside
             // [0, NB) is a box outside the map: zeros.
             const int tile_row = kFillBoxes ? box_row & 63 : box_row;
             const int pos = pos0 + tile_row;
@@ -580,14 +580,15 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // it seems, while the TMA is busy); with the ids looked up ahead the wait for them fell to ~500 (a
     // lookup issued before the slot wait still took longer than it) and the warps' issue to
     // ~2,050, yet a fill still landed every ~3,430 cycles, against ~2,800 over contiguous K/V (one
-    // warp, ~1,280 from its slots to its arrival). Moving the lookups did not set the paged fills'
-    // pace; having fewer of them on one warp's chain did (BSA_SM90_PAGED_FILL_BOXES: one load a warp
-    // and fill, the two tiles' boxes from two warps at kv block 64). Two fills ahead (thirty-fourth session, H100, 2k chunks of 8k x 4,
-    // kv block 16): the warps' issue fell from ~2,750 to ~2,120 cycles, the time from their arrival
-    // to the next slot wait grew by as much, and a fill still landed every ~3,580; Nsight Compute
-    // cycles +2.4 % on the chunks, +4.3 % on whole prompts. In the same traces contiguous K/V on four
-    // producer warps (the first issuing everything, as over pages at kv block 64) landed a fill every
-    // ~3,000 cycles against ~2,920 on one: the four-warp structure is not the paged gap.
+    // warp, ~1,280 from its slots to its arrival). Two fills ahead (thirty-fourth session, H100, 2k
+    // chunks of 8k x 4, kv block 16): the warps' issue fell from ~2,750 to ~2,120 cycles, the time
+    // from their arrival to the next slot wait grew by as much, and a fill still landed every
+    // ~3,580; Nsight Compute cycles +2.4 % on the chunks, +4.3 % on whole prompts. Moving the lookups
+    // did not set the paged fills' pace; having fewer of them on one warp's chain did
+    // (BSA_SM90_PAGED_FILL_BOXES: one load a warp and fill, the two tiles' boxes from two warps at kv
+    // block 64). In the same traces contiguous K/V on four producer warps (the first issuing
+    // everything, as over pages at kv block 64) landed a fill every ~3,000 cycles against ~2,920 on
+    // one: the four-warp structure is not the paged gap.
     int fill_tiles[kSlots];
     uint8_t fill_flags[kSlots][kSm90ConsumerGroups];
     auto walk_fill = [&] {
