@@ -141,7 +141,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // + the row in the tile), so that each lane holds one box of the fill, looks its page id up with
   // the other lanes of its warp in one load at the top of the fill, and its boxes are spread over
   // the warps (page blocks of 64: the two tiles' boxes from two warps, not both from the first).
-  constexpr bool kFillBoxes = BSA_SM90_PAGED_FILL_BOXES && kSlots > 1 && kBoxWarps && !kFp8Pages;
+  constexpr bool kFillBoxes = BSA_SM90_PAGED_FILL_BOXES >= 1 && kSlots > 1 && kBoxWarps && !kFp8Pages;
+  // BSA_SM90_PAGED_FILL_BOXES=2: thread 0 expects each tile's bytes, as over contiguous K/V, and the box
+  // lanes only issue (a box landing before the expectation takes the tx-count below zero, which the
+  // mbarrier allows: thread 0's arrival, after its expectation, still holds the phase open).
+  constexpr bool kFillExpect = BSA_SM90_PAGED_FILL_BOXES == 2 && kFillBoxes;
   static_assert(!kFillBoxes || kSlots == 2, "fill boxes: two tiles a fill");
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
   const int box =
@@ -371,9 +375,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         // kBoxWarps: every lane with a box issues in the paged case, each expecting its own boxes'
         // bytes first (the fill's barrier counts every producer thread's arrival, made after this, so
         // it cannot complete between one warp's boxes and another's expectation).
-        const bool own_expect = kBoxWarps && kv.paged();
+        const bool own_expect = kBoxWarps && kv.paged() && !kFillExpect;
         const bool has_box = kFillBoxes ? box_row >> 6 == slot : box_row < 64;  // in this tile
-        if (own_expect ? has_box : tid < 32) {
+        if (kBoxWarps && kv.paged() ? has_box || (kFillExpect && tid == 0) : tid < 32) {
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
           if (tid == 0 && !own_expect)

@@ -229,7 +229,8 @@ constexpr uint8_t kFillLast = 4;
 // against ~3,000 for contiguous K/V issued by the first of four warps). Nsight Compute cycles
 // (H200, 2026-12-06, 2 rounds): paged 2k chunks of 8k x 4 -4.29 % at kv block 16 and -10.63 % at
 // kv block 64, whole 8k x 4 -2.46 % (predicted -2 to -6 % and -5 to -12 %). Off until the head dim 64
-// tests and the sanitizers have run on it on the card (benchmarks/RESULTS.md).
+// tests and the sanitizers have run on it on the card (benchmarks/RESULTS.md). 2 (an experiment on
+// top): thread 0 expects the fill's bytes once a tile instead of each box lane its own.
 #ifndef BSA_SM90_PAGED_FILL_BOXES
 #define BSA_SM90_PAGED_FILL_BOXES 0
 #endif
