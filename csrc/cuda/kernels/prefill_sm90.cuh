@@ -143,8 +143,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // the warps (page blocks of 64: the two tiles' boxes from two warps, not both from the first).
   constexpr bool kFillBoxes = BSA_SM90_PAGED_FILL_BOXES >= 1 && kSlots > 1 && kBoxWarps && !kFp8Pages;
   // BSA_SM90_PAGED_FILL_BOXES=2: thread 0 expects each tile's bytes, as over contiguous K/V, and the box
-  // lanes only issue (a box landing before the expectation takes the tx-count below zero, which the
-  // mbarrier allows: thread 0's arrival, after its expectation, still holds the phase open).
+  // lanes only issue. A box landing before the expectation takes the tx-count below zero, within its
+  // signed range (PTX ISA: -(2^20 - 1) to 2^20 - 1); thread 0's arrival, after its expectation, still
+  // holds the phase open.
   constexpr bool kFillExpect = BSA_SM90_PAGED_FILL_BOXES == 2 && kFillBoxes;
   static_assert(!kFillBoxes || kSlots == 2, "fill boxes: two tiles a fill");
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
