@@ -375,7 +375,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       if (tma_tile(key_tile)) {
         // kBoxWarps: every lane with a box issues in the paged case, each expecting its own boxes'
         // bytes first (the fill's barrier counts every producer thread's arrival, made after this, so
-        // it cannot complete between one warp's boxes and another's expectation).
+        // it cannot complete between one warp's boxes and another's expectation); with kFillExpect,
+        // thread 0 expects the tile's bytes for all of them and the other box lanes only issue.
         const bool own_expect = kBoxWarps && kv.paged() && !kFillExpect;
         const bool has_box = kFillBoxes ? box_row >> 6 == slot : box_row < 64;  // in this tile
         if (kBoxWarps && kv.paged() ? has_box || (kFillExpect && tid == 0) : tid < 32) {
