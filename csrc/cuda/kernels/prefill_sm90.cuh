@@ -377,9 +377,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         // bytes first (the fill's barrier counts every producer thread's arrival, made after this, so
         // it cannot complete between one warp's boxes and another's expectation); with kFillExpect,
         // thread 0 expects the tile's bytes for all of them and the other box lanes only issue.
-        const bool own_expect = kBoxWarps && kv.paged() && !kFillExpect;
+        const bool box_lanes = kBoxWarps && kv.paged();
+        const bool own_expect = box_lanes && !kFillExpect;
         const bool has_box = kFillBoxes ? box_row >> 6 == slot : box_row < 64;  // in this tile
-        if (kBoxWarps && kv.paged() ? has_box || (kFillExpect && tid == 0) : tid < 32) {
+        if (box_lanes ? has_box || (kFillExpect && tid == 0) : tid < 32) {
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
           if (tid == 0 && !own_expect)
