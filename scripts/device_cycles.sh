@@ -19,11 +19,14 @@
 # the sets of a build whose tests fail are not profiled (an untested build's cycles mean nothing).
 # SANITIZE="racecheck synccheck memcheck": then each tool runs those tests (-k SANITIZE_K, default
 # TEST_K) on each tested build under compute-sanitizer; a reported error fails the build like a test.
+# The builds stay in the directory $OUT/builds_dir names (<index>/_C*.so), for a caller's wall-time
+# runs after the profiles.
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a PYTHONPATH=$PWD
 source "$(dirname "$0")/device_builds.sh"
 build_lines "" || exit 1
+echo "$ext" > "$OUT/builds_dir"
 mapfile -t sets < <(printf '%s\n' "${CYCLE_SETS:?lines of label|build|environment|arguments}" | sed '/^$/d')
 failed=" "
 for i in ${TEST_BUILDS:-}; do

@@ -221,18 +221,21 @@ constexpr uint8_t kFillLast = 4;
 #ifndef BSA_SM90_LANE_WALK
 #define BSA_SM90_LANE_WALK 1
 #endif
-// Build knob BSA_SM90_PAGED_FILL_BOXES (default 0; an experiment): 128-key fills over TMA pages
-// give each producer lane one box of the whole fill and look the fill's page ids up in one load a
-// warp (sm90_producer). The trace (BSA_SM90_TRACE, H100, 2k chunks of 8k x 4) has each warp looking
+// Build knob BSA_SM90_PAGED_FILL_BOXES (default 2; 0 restores the walk below): 128-key fills over TMA
+// pages give each producer lane one box of the whole fill and look the fill's page ids up in one load
+// a warp (sm90_producer). The trace (BSA_SM90_TRACE, H100, 2k chunks of 8k x 4) had each warp looking
 // its two tiles' page ids up one after the other, and at kv block 64 the first warp alone issuing
 // both tiles' boxes and looking both up: its chain set the fills' pace (a fill every ~3,520 cycles,
-// against ~3,000 for contiguous K/V issued by the first of four warps). Nsight Compute cycles
-// (H200, 2026-12-06, 2 rounds): paged 2k chunks of 8k x 4 -4.29 % at kv block 16 and -10.63 % at
-// kv block 64, whole 8k x 4 -2.46 % (predicted -2 to -6 % and -5 to -12 %). Off until the head dim 64
-// tests and the sanitizers have run on it on the card (benchmarks/RESULTS.md). 2 (an experiment on
-// top): thread 0 expects the fill's bytes once a tile instead of each box lane its own.
+// against ~3,000 for contiguous K/V issued by the first of four warps). With 2, thread 0 expects each
+// tile's bytes once, as over contiguous K/V, and the box lanes only issue (with 1, each box lane
+// expects its own boxes' bytes first): a box landing before that expectation takes the tx-count below
+// zero, and the phase cannot complete before thread 0 has expected and arrived. Nsight Compute cycles
+// (H100, 2026-12-06, 2 rounds each, against 0): paged 2k chunks of 8k x 4 at kv block 16 -4.30 % with
+// 1 and -5.81 % with 2 (2 against 1 again in a second run: -1.66 %), at kv block 64 -10.95 % and
+// -10.37 %, whole 8k x 4 prompts at kv block 16 -2.62 % with 1; the head dim 64 and 128 paged and
+// chunk tests, racecheck and synccheck passed on 1 and 2 alike.
 #ifndef BSA_SM90_PAGED_FILL_BOXES
-#define BSA_SM90_PAGED_FILL_BOXES 0
+#define BSA_SM90_PAGED_FILL_BOXES 2
 #endif
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_marks_last_fill() {
