@@ -144,8 +144,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   constexpr bool kFillBoxes = BSA_SM90_PAGED_FILL_BOXES >= 1 && kSlots > 1 && kBoxWarps && !kFp8Pages;
   // BSA_SM90_PAGED_FILL_BOXES=2: thread 0 expects each tile's bytes, as over contiguous K/V, and the box
   // lanes only issue. A box landing before the expectation takes the tx-count below zero, within its
-  // signed range (PTX ISA: -(2^20 - 1) to 2^20 - 1); thread 0's arrival, after its expectation, still
-  // holds the phase open.
+  // signed range (-(2^20 - 1) to 2^20 - 1, recalled from the PTX ISA's mbarrier contents; the paged
+  // tests, racecheck and synccheck passed on an H100); thread 0's arrival, after its expectation,
+  // still holds the phase open.
   constexpr bool kFillExpect = BSA_SM90_PAGED_FILL_BOXES == 2 && kFillBoxes;
   static_assert(!kFillBoxes || kSlots == 2, "fill boxes: two tiles a fill");
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
