@@ -153,7 +153,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // loads (a K and a V box a page), twice what pages of 32 take, and only there did the pages cost
   // more than 4 % (H100: chunks 1.11x contiguous at kv block 16, 1.04x at 32 and 64): the TMA's
   // issue sets the pace. The values then come through cp.async from the four producer warps (a
-  // thread half a row of each tile, its page looked up at the top of the fill), the keys still one
+  // thread half a row of each tile, its page looked up just before its copies), the keys still one
   // box a page; such a fill is published like any fill with copies (fence, then arrive, at the top of
   // the fill kLoadsInFlight later).
   constexpr bool kValueCopies = BSA_SM90_PAGED_VALUE_COPIES && kFillExpect && kHeadDim == 128;
