@@ -233,14 +233,14 @@ constexpr uint8_t kFillLast = 4;
 // (H100, 2026-12-06, 2 rounds each, against 0): paged 2k chunks of 8k x 4 at kv block 16 -4.30 % with
 // 1 and -5.81 % with 2 (2 against 1 again in a second run: -1.66 %), at kv block 64 -10.95 % and
 // -10.37 %, whole 8k x 4 prompts at kv block 16 -2.62 % with 1; the head dim 64 and 128 paged and
-// chunk tests, racecheck and synccheck passed on 1 and 2 alike.
+// chunk tests, racecheck and synccheck passed on 1 and 2 alike. At kv block 16 (16 TMA loads a
+// fill, chunks 1.11x contiguous in wall time; kv blocks 32 and 64: 8 and 4 loads, 1.04x) the values
+// through cp.async beside the keys' boxes were measured and dropped (H100, 2026-12-06): correct and
+// clean under racecheck and synccheck, but +85 % cycles on the chunks (2.04x contiguous in wall time):
+// a fill with copies is published only at the top of the fill two later, which with two key slots
+// seems to leave the consumers one fill at a time (not traced).
 #ifndef BSA_SM90_PAGED_FILL_BOXES
 #define BSA_SM90_PAGED_FILL_BOXES 2
-#endif
-// Build knob BSA_SM90_PAGED_VALUE_COPIES (default 0; an experiment, sm90_producer): with the fill
-// boxes, pages of 16 rows bring their values through cp.async and only their keys through the TMA.
-#ifndef BSA_SM90_PAGED_VALUE_COPIES
-#define BSA_SM90_PAGED_VALUE_COPIES 0
 #endif
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_marks_last_fill() {
