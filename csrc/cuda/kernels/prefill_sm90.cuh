@@ -149,6 +149,18 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // still holds the phase open.
   constexpr bool kFillExpect = BSA_SM90_PAGED_FILL_BOXES == 2 && kFillBoxes;
   static_assert(!kFillBoxes || kSlots == 2, "fill boxes: two tiles a fill");
+  // BSA_SM90_PAGED_VALUE_COPIES (an experiment): at pages of 16 rows a 128-key fill takes 16 TMA
+  // loads (a K and a V box a page), twice what pages of 32 take, and only there did the pages cost
+  // more than 4 % (H100: chunks 1.11x contiguous at kv block 16, 1.04x at 32 and 64): the TMA's
+  // issue sets the pace. The values then come through cp.async from the four producer warps (a
+  // thread half a row of each tile, its page looked up just before its copies), the keys still one
+  // box a page. Each thread's arrival for such a fill is made by its copies landing
+  // (cp.async.mbarrier.arrive.noinc), as FA3's cp.async paged loads arrive: published like other
+  // cp.async fills (fence and arrival at the top of the fill kLoadsInFlight later), the values took
+  // +85 % cycles on these chunks (H100, 2026-12-06), the consumers waiting a fill's issue each fill.
+  // No proxy fence between the copies and the wgmma reads, as in FA3 (the generic-proxy writes are
+  // acquired through the barrier; to be confirmed by the tests on the card).
+  constexpr bool kValueCopies = BSA_SM90_PAGED_VALUE_COPIES && kFillExpect && kHeadDim == 128;
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
   const int box =
       kBoxWarps ? ((tid & 31) < (kFillBoxes ? 16 : 8) / kProducerWarps ? (tid >> 5) + kProducerWarps * (tid & 31) : 64)
@@ -344,6 +356,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // issued after the fill's keys (load_values); cp.async copies stay on the fill's full barrier.
     constexpr bool kValueBarriers = sm90_value_barriers<Tiling, kProducerThreads>();
     const bool values_apart = kValueBarriers && !kv.paged();
+    // kValueCopies: values through cp.async (pages of 16 rows staged by row group, boxes by the TMA).
+    const bool value_copies = kValueCopies && kv.paged() && maps.kv_row_groups && maps.kv_page_rows == 16 &&
+                              kv.kv_block_shift == 4;
+    bool value_copied = false;  // this fill's values came through cp.async (kValueCopies)
     // The stage layout (fp8 pages never come through the TMA: by column block, known at compile time).
     const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(!kFp8Pages && maps.kv_row_groups);
     // One whole tile of contiguous K and/or V (keys, values) from `token` into tile offset tile_dst of
@@ -385,7 +401,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
           if (tid == 0 && !own_expect)
-            ptx::mbarrier_expect_tx(landed, (values_apart ? 1 : 2) * (kHeadDim / 64) * kBoxBytes);
+            ptx::mbarrier_expect_tx(landed, (values_apart || value_copies ? 1 : 2) * (kHeadDim / 64) * kBoxBytes);
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
             if (tid == 0) tma_contiguous_tile(fill, tile_dst, k_begin + pos0, landed, true, !values_apart);
@@ -412,7 +428,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             }
             if (maps.kv_row_groups) {
               ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
-              ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
+              if (!value_copies) ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
             } else {
               ptx::tma_load_3d(dst_k + dst, &maps.key, box_block * 64, in_page, slab, landed);
               ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
@@ -420,6 +436,22 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           }
           if (slot == kSlots - 1) sm90_trace(n, kTraceBoxesIssued + tid / 32);
           if (slot == 0 && kSlots > 1) sm90_trace(n, kTraceFirstTileIssued + tid / 32);
+        }
+        if constexpr (kValueCopies) {
+          if (value_copies) {  // row tid / 2 of the tile, columns 64 (tid % 2) .. + 63; zeros for a bad page
+            // (its page looked up here: the fill is published a fill later, so the lookup's latency
+            // delays no consumer; looked up at the top of the fill the ids made the producer spill)
+            const int row = tid >> 1, col0 = (tid & 1) * 64;
+            const int value_page = table[kv.page_index_as<true>(pos0 + row)];
+            const bool valid = value_page >= 0 && value_page < kv.num_cache_blocks;
+            const Element* src = static_cast<const Element*>(kv.value) +
+                                 (valid ? kv.page_offset(value_page, kv_head, kv.row_in_page_as<true>(pos0 + row) * kHeadDim + col0)
+                                        : 0);
+#pragma unroll
+            for (int j = 0; j < 8; ++j)
+              ptx::cp_async_16(dst_v + sm90_kv_offset(layout, slot * 64 + row, col0 + 8 * j), src + 8 * j, valid);
+          }
+          value_copied |= value_copies;
         }
         return false;
       }
@@ -641,6 +673,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       }
       int first_tile = -1;
       bool last = false;  // kMarksLast: this fill is the unit's last
+      value_copied = false;
       // kFillBoxes: this lane's box's page id, every lane of the warp in one load.
       int fill_page = -1;
       if constexpr (kFillBoxes) {
@@ -649,6 +682,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         const int pos = tile * 64 + (box_row & 63);
         if (kv.paged() && tile >= 0 && pos < k_len) fill_page = kv.table_row(seq, kv_head)[kv.page_index(pos)];
       }
+
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) {
         int key_tile = -1, page = -1;
@@ -688,7 +722,12 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       if constexpr (kValueBarriers) load_values(fill_tiles, fill);
       ptx::cp_async_commit();
       if (!copies) {
-        ptx::mbarrier_arrive(&shared.full[key_slot]);
+        // kValueCopies: the arrival made by the values' copies landing (cp.async copies of other
+        // tiles of the fill, `copies`, publish it at the top of the fill kLoadsInFlight later).
+        if (kValueCopies && value_copied)
+          ptx::cp_async_mbarrier_arrive_noinc(&shared.full[key_slot]);
+        else
+          ptx::mbarrier_arrive(&shared.full[key_slot]);
         early |= 1u << (n % kKeySlots);
       }
       sm90_trace(n, kTraceIssued + tid / 32);

@@ -242,6 +242,12 @@ constexpr uint8_t kFillLast = 4;
 #ifndef BSA_SM90_PAGED_FILL_BOXES
 #define BSA_SM90_PAGED_FILL_BOXES 2
 #endif
+// Build knob BSA_SM90_PAGED_VALUE_COPIES (default 0; an experiment, sm90_producer): with the fill
+// boxes, pages of 16 rows bring their values through cp.async, each thread's copies arriving on the
+// fill's barrier as they land, and only their keys through the TMA.
+#ifndef BSA_SM90_PAGED_VALUE_COPIES
+#define BSA_SM90_PAGED_VALUE_COPIES 0
+#endif
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_marks_last_fill() {
   return BSA_SM90_MARK_LAST && Tiling::kTilesPerStage == 1 && kProducerThreads == 32;
