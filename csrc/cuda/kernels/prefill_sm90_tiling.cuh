@@ -235,10 +235,11 @@ constexpr uint8_t kFillLast = 4;
 // -10.37 %, whole 8k x 4 prompts at kv block 16 -2.62 % with 1; the head dim 64 and 128 paged and
 // chunk tests, racecheck and synccheck passed on 1 and 2 alike. At kv block 16 (16 TMA loads a
 // fill, chunks 1.11x contiguous in wall time; kv blocks 32 and 64: 8 and 4 loads, 1.04x) the values
-// through cp.async beside the keys' boxes were measured and dropped (H100, 2026-12-06): correct and
-// clean under racecheck and synccheck, but +85 % cycles on the chunks (2.04x contiguous in wall time):
-// a fill with copies is published only at the top of the fill two later, which with two key slots
-// seems to leave the consumers one fill at a time (not traced).
+// through cp.async beside the keys' boxes, published like other cp.async fills, were measured (H100,
+// 2026-12-06): correct and clean under racecheck and synccheck, but +85 % cycles on the chunks (2.04x
+// contiguous in wall time): such a fill is published only at the top of the fill two later, which
+// with two key slots seems to leave the consumers one fill at a time (not traced).
+// BSA_SM90_PAGED_VALUE_COPIES tries them arriving as they land instead.
 #ifndef BSA_SM90_PAGED_FILL_BOXES
 #define BSA_SM90_PAGED_FILL_BOXES 2
 #endif
