@@ -439,14 +439,14 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         }
         if constexpr (kValueCopies) {
           if (value_copies) {  // row tid / 2 of the tile, columns 64 (tid % 2) .. + 63; zeros for a bad page
-            // (its page looked up here: the fill is published a fill later, so the lookup's latency
-            // delays no consumer; looked up at the top of the fill the ids made the producer spill)
-            const int row = tid >> 1, col0 = (tid & 1) * 64;
-            const int value_page = table[kv.page_index_as<true>(pos0 + row)];
+            // (its page looked up here, after the keys' boxes have gone out: looked up at the top of
+            // the fill with the boxes' ids, the two ids a thread made the kernel spill 68 bytes)
+            const int row = tid >> 1, col0 = (tid & 1) * 64, pos = pos0 + row;
+            const int value_page = table[kv.page_index_as<true>(pos)];
             const bool valid = value_page >= 0 && value_page < kv.num_cache_blocks;
-            const Element* src = static_cast<const Element*>(kv.value) +
-                                 (valid ? kv.page_offset(value_page, kv_head, kv.row_in_page_as<true>(pos0 + row) * kHeadDim + col0)
-                                        : 0);
+            const int within = kv.row_in_page_as<true>(pos) * kHeadDim + col0;
+            const Element* src =
+                static_cast<const Element*>(kv.value) + (valid ? kv.page_offset(value_page, kv_head, within) : 0);
 #pragma unroll
             for (int j = 0; j < 8; ++j)
               ptx::cp_async_16(dst_v + sm90_kv_offset(layout, slot * 64 + row, col0 + 8 * j), src + 8 * j, valid);
@@ -682,7 +682,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         const int pos = tile * 64 + (box_row & 63);
         if (kv.paged() && tile >= 0 && pos < k_len) fill_page = kv.table_row(seq, kv_head)[kv.page_index(pos)];
       }
-
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) {
         int key_tile = -1, page = -1;
