@@ -19,8 +19,10 @@
 # the sets of a build whose tests fail are not profiled (an untested build's cycles mean nothing).
 # SANITIZE="racecheck synccheck memcheck": then each tool runs those tests (-k SANITIZE_K, default
 # TEST_K) on each tested build under compute-sanitizer; a reported error fails the build like a test.
-# The builds stay in the directory $OUT/builds_dir names (<index>/_C*.so), for a caller's wall-time
-# runs after the profiles.
+# WALL_BUILDS="i j ..." with WALL_ARGS (a script and its arguments, e.g. "benchmarks/bench_paged_prefill.py
+# --seq-lens 8192 --fp8= --kv-block 16"): after the profiles, each of those builds (not a failed one)
+# runs it once, into $OUT/wall_<i>.log, its last WALL_TAIL lines (default 4) printed: wall time in the
+# same call, build by build. The builds stay in the directory $OUT/builds_dir names (<index>/_C*.so).
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"; OUT=$(cd "$OUT" && pwd)
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0a PYTHONPATH=$PWD
@@ -53,3 +55,11 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
   done
 done
 python3 "$(dirname "$0")/cycles_summary.py" "$OUT" "${ROUNDS:-2}" "${sets[@]}" | tee "$OUT/cycles.log"
+for i in ${WALL_BUILDS:-}; do
+  [[ $failed == *" $i "* ]] && { echo "build $i wall: skipped (its tests failed)"; continue; }
+  cp "$ext/$i"/_C*.so blocksparse_attn/ || { echo "build $i wall: no build $i"; continue; }
+  # shellcheck disable=SC2086
+  timeout "${WALL_TIMEOUT:-180}" python3 ${WALL_ARGS:?a script and its arguments} > "$OUT/wall_$i.log" 2>&1 ||
+    echo "build $i wall: failed ($(tail -1 "$OUT/wall_$i.log"))"
+  echo "== build $i wall"; tail -n "${WALL_TAIL:-4}" "$OUT/wall_$i.log"
+done

@@ -240,6 +240,24 @@ def test_not_the_broken_build():
     assert not list((tmp_path / "out").glob("d-2_r*.csv"))
 
 
+def test_device_cycles_times_wall_builds_after_the_profiles(tree, tmp_path, fake_ncu):
+    """WALL_BUILDS: each named build runs WALL_ARGS after the profiles; a build whose tests failed does not."""
+    (tree / "tests" / "test_prefill_kernels.py").write_text(FAKE_TEST + """
+def test_not_the_broken_build():
+    assert "-DBROKEN" not in open(glob.glob("blocksparse_attn/_C*.so")[0]).read()
+""")
+    run = run_script(tree, "device_cycles.sh", tmp_path, BUILDS="\n-DA=1\n-DBROKEN=1", ROUNDS="1",
+                     TEST_BUILDS="2", CYCLE_SETS="d-0|0||", WALL_BUILDS="1 0 2", BSA_PREFILL_KERNEL="auto",
+                     WALL_ARGS="benchmarks/bench_paged_prefill.py --seq-lens 8192")
+    assert run.returncode == 0, run.stdout + run.stderr
+    walls = [line.split("extension: ")[1].split("|")[0] for line in run.stdout.splitlines()
+             if line.startswith("extension:")]
+    assert walls == ["-DA=1", ""], run.stdout  # build 1, then build 0, each its own extension
+    assert run.stdout.index("d-0: median") < run.stdout.index("== build 1 wall"), run.stdout
+    assert "build 2 wall: skipped (its tests failed)" in run.stdout, run.stdout
+    assert (tmp_path / "out" / "builds_dir").read_text().strip(), "the builds' directory is written"
+
+
 # compute-sanitizer as device_builds.sh's sanitize_build calls it: runs the command after its options
 # and reports one error for racecheck on a build made with -DRACY (exit code 99, as asked).
 FAKE_SANITIZER = """\
