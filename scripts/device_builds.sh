@@ -51,9 +51,10 @@ sanitize_build() {
 
 # build_lines EXTRA_FLAGS: builds every line of BUILDS (default one line, no flags) into
 # $ext/<line index> (ext: a fresh directory it makes), all at once, with EXTRA_FLAGS after each
-# line's NVCC flags and BSA_HEAD_DIMS (default 128); a line "@DIR flags" builds a copy of the tree DIR (e.g. a branch's
-# checkout at ab/<name>). About 48 compilers at once in all (three builds of 16 each ran fine on the
-# 16-core, 128 GB machine). Sets the array `builds`; false, with the line named, if a build failed.
+# line's NVCC flags and BSA_HEAD_DIMS (default 128); a line "@DIR flags" builds a copy of the tree
+# DIR (e.g. a branch's checkout at ab/<name>). About 48 compilers at once in all (three builds of 16
+# each ran fine on the 16-core, 128 GB machine). Sets the array `builds`; false, with the line named,
+# if a build failed.
 build_lines() {
   local extra=$1 i src flags jobs
   ext=$(mktemp -d)

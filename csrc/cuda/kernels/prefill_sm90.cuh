@@ -149,17 +149,12 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // still holds the phase open.
   constexpr bool kFillExpect = BSA_SM90_PAGED_FILL_BOXES == 2 && kFillBoxes;
   static_assert(!kFillBoxes || kSlots == 2, "fill boxes: two tiles a fill");
-  // BSA_SM90_PAGED_VALUE_COPIES (an experiment): at pages of 16 rows a 128-key fill takes 16 TMA
-  // loads (a K and a V box a page), twice what pages of 32 take, and only there did the pages cost
-  // more than 4 % (H100: chunks 1.11x contiguous at kv block 16, 1.04x at 32 and 64): the TMA's
-  // issue sets the pace. The values then come through cp.async from the four producer warps (a
-  // thread half a row of each tile, its page looked up just before its copies), the keys still one
-  // box a page. Each thread's arrival for such a fill is made by its copies landing
-  // (cp.async.mbarrier.arrive.noinc), as FA3's cp.async paged loads arrive: published like other
-  // cp.async fills (fence and arrival at the top of the fill kLoadsInFlight later), the values took
-  // +85 % cycles on these chunks (H100, 2026-12-06), the consumers waiting a fill's issue each fill.
-  // No proxy fence between the copies and the wgmma reads, as in FA3 (the generic-proxy writes are
-  // acquired through the barrier; to be confirmed by the tests on the card).
+  // BSA_SM90_PAGED_VALUE_COPIES (an experiment; why and what was measured: prefill_sm90_tiling.cuh):
+  // at pages of 16 rows (16 TMA loads a 128-key fill) the values come through cp.async from the four
+  // producer warps (a thread half a row of each tile, its page looked up just before its copies),
+  // the keys still one box a page, and each thread's arrival for such a fill is made by its copies
+  // landing (cp.async.mbarrier.arrive.noinc), as FA3's cp.async paged loads arrive. No proxy fence
+  // between the copies and the wgmma reads, as in FA3 (to be confirmed by the tests on the card).
   constexpr bool kValueCopies = BSA_SM90_PAGED_VALUE_COPIES && kFillExpect && kHeadDim == 128;
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
   const int box =
@@ -357,8 +352,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     constexpr bool kValueBarriers = sm90_value_barriers<Tiling, kProducerThreads>();
     const bool values_apart = kValueBarriers && !kv.paged();
     // kValueCopies: values through cp.async (pages of 16 rows staged by row group, boxes by the TMA).
-    const bool value_copies = kValueCopies && kv.paged() && maps.kv_row_groups && maps.kv_page_rows == 16 &&
-                              kv.kv_block_shift == 4;
+    // kv_page_rows = min(kvbs, 64) = 16: kvbs is 16, a power of two (page_index_as<true>).
+    const bool value_copies = kValueCopies && kv.paged() && maps.kv_row_groups && maps.kv_page_rows == 16;
     bool value_copied = false;  // this fill's values came through cp.async (kValueCopies)
     // The stage layout (fp8 pages never come through the TMA: by column block, known at compile time).
     const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(!kFp8Pages && maps.kv_row_groups);
