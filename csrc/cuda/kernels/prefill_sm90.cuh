@@ -151,11 +151,12 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   static_assert(!kFillBoxes || kSlots == 2, "fill boxes: two tiles a fill");
   // BSA_SM90_PAGED_VALUE_COPIES (an experiment; why and what was measured: prefill_sm90_tiling.cuh):
   // at pages of 16 rows (16 TMA loads a 128-key fill) the values come through cp.async from the four
-  // producer warps (a thread half a row of each tile, its page looked up just before its copies),
+  // producer warps (each warp's copy two whole rows, its pages looked up just before its copies),
   // the keys still one box a page, and each thread's arrival for such a fill is made by its copies
   // landing (cp.async.mbarrier.arrive.noinc), as FA3's cp.async paged loads arrive. No proxy fence
-  // between the copies and the wgmma reads, as in FA3 (to be confirmed by the tests on the card).
-  constexpr bool kValueCopies = BSA_SM90_PAGED_VALUE_COPIES && kFillExpect && kHeadDim == 128;
+  // between the copies and the wgmma reads, as in FA3 (the tests on the card passed without one).
+  constexpr bool kValueCopies =
+      BSA_SM90_PAGED_VALUE_COPIES && kFillExpect && kHeadDim == 128 && kProducerThreads == 128;
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
   const int box =
       kBoxWarps ? ((tid & 31) < (kFillBoxes ? 16 : 8) / kProducerWarps ? (tid >> 5) + kProducerWarps * (tid & 31) : 64)
@@ -433,18 +434,24 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           if (slot == 0 && kSlots > 1) sm90_trace(n, kTraceFirstTileIssued + tid / 32);
         }
         if constexpr (kValueCopies) {
-          if (value_copies) {  // row tid / 2 of the tile, columns 64 (tid % 2) .. + 63; zeros for a bad page
-            // (its page looked up here, after the keys' boxes have gone out: looked up at the top of
-            // the fill with the boxes' ids, the two ids a thread made the kernel spill 68 bytes)
-            const int row = tid >> 1, col0 = (tid & 1) * 64, pos = pos0 + row;
-            const int value_page = table[kv.page_index_as<true>(pos)];
-            const bool valid = value_page >= 0 && value_page < kv.num_cache_blocks;
-            const int within = kv.row_in_page_as<true>(pos) * kHeadDim + col0;
-            const Element* src =
-                static_cast<const Element*>(kv.value) + (valid ? kv.page_offset(value_page, kv_head, within) : 0);
+          if (value_copies) {
+            // A warp's copy reads 512 contiguous bytes, four 128-byte lines (row tid / 16 of an 8-row
+            // group, 16 bytes from byte 16 (tid % 16)); with half a row a thread one copy read 32 lines
+            // (+32 % cycles on the chunks). A page's id is looked up here, after the keys' boxes have
+            // gone out, once for its two groups; zeros for a bad page.
+            const int group_row = tid >> 4, col = (tid & 15) * 8;
 #pragma unroll
-            for (int j = 0; j < 8; ++j)
-              ptx::cp_async_16(dst_v + sm90_kv_offset(layout, slot * 64 + row, col0 + 8 * j), src + 8 * j, valid);
+            for (int p = 0; p < 4; ++p) {  // the tile's four 16-row pages
+              const int value_page = table[kv.page_index_as<true>(pos0 + 16 * p)];
+              const bool valid = value_page >= 0 && value_page < kv.num_cache_blocks;
+#pragma unroll
+              for (int group = 0; group < 2; ++group) {
+                const int in_page = 8 * group + group_row;
+                const Element* src = static_cast<const Element*>(kv.value) +
+                                     (valid ? kv.page_offset(value_page, kv_head, in_page * kHeadDim + col) : 0);
+                ptx::cp_async_16(dst_v + sm90_kv_offset(layout, slot * 64 + 16 * p + in_page, col), src, valid);
+              }
+            }
           }
           value_copied |= value_copies;
         }
