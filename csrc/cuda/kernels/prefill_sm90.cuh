@@ -149,14 +149,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // still holds the phase open.
   constexpr bool kFillExpect = BSA_SM90_PAGED_FILL_BOXES == 2 && kFillBoxes;
   static_assert(!kFillBoxes || kSlots == 2, "fill boxes: two tiles a fill");
-  // BSA_SM90_PAGED_VALUE_COPIES (an experiment; why and what was measured: prefill_sm90_tiling.cuh):
-  // at pages of 16 rows (16 TMA loads a 128-key fill) the values come through cp.async from the four
-  // producer warps (each warp's copy two whole rows, its pages looked up just before its copies),
-  // the keys still one box a page, and each thread's arrival for such a fill is made by its copies
-  // landing (cp.async.mbarrier.arrive.noinc), as FA3's cp.async paged loads arrive. No proxy fence
-  // between the copies and the wgmma reads, as in FA3 (the tests on the card passed without one).
-  constexpr bool kValueCopies =
-      BSA_SM90_PAGED_VALUE_COPIES && kFillExpect && kHeadDim == 128 && kProducerThreads == 128;
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
   const int box =
       kBoxWarps ? ((tid & 31) < (kFillBoxes ? 16 : 8) / kProducerWarps ? (tid >> 5) + kProducerWarps * (tid & 31) : 64)
@@ -352,10 +344,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // issued after the fill's keys (load_values); cp.async copies stay on the fill's full barrier.
     constexpr bool kValueBarriers = sm90_value_barriers<Tiling, kProducerThreads>();
     const bool values_apart = kValueBarriers && !kv.paged();
-    // kValueCopies: values through cp.async (pages of 16 rows staged by row group, boxes by the TMA).
-    // kv_page_rows = min(kvbs, 64) = 16: kvbs is 16, a power of two (page_index_as<true>).
-    const bool value_copies = kValueCopies && kv.paged() && maps.kv_row_groups && maps.kv_page_rows == 16;
-    bool value_copied = false;  // this fill's values came through cp.async (kValueCopies)
     // The stage layout (fp8 pages never come through the TMA: by column block, known at compile time).
     const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(!kFp8Pages && maps.kv_row_groups);
     // One whole tile of contiguous K and/or V (keys, values) from `token` into tile offset tile_dst of
@@ -397,7 +385,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
           if (tid == 0 && !own_expect)
-            ptx::mbarrier_expect_tx(landed, (values_apart || value_copies ? 1 : 2) * (kHeadDim / 64) * kBoxBytes);
+            ptx::mbarrier_expect_tx(landed, (values_apart ? 1 : 2) * (kHeadDim / 64) * kBoxBytes);
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
             if (tid == 0) tma_contiguous_tile(fill, tile_dst, k_begin + pos0, landed, true, !values_apart);
@@ -424,7 +412,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             }
             if (maps.kv_row_groups) {
               ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
-              if (!value_copies) ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
+              ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
             } else {
               ptx::tma_load_3d(dst_k + dst, &maps.key, box_block * 64, in_page, slab, landed);
               ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
@@ -432,28 +420,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           }
           if (slot == kSlots - 1) sm90_trace(n, kTraceBoxesIssued + tid / 32);
           if (slot == 0 && kSlots > 1) sm90_trace(n, kTraceFirstTileIssued + tid / 32);
-        }
-        if constexpr (kValueCopies) {
-          if (value_copies) {
-            // A warp's copy reads 512 contiguous bytes, four 128-byte lines (row tid / 16 of an 8-row
-            // group, 16 bytes from byte 16 (tid % 16)); with half a row a thread one copy read 32 lines
-            // (+32 % cycles on the chunks). A page's id is looked up here, after the keys' boxes have
-            // gone out, once for its two groups; zeros for a bad page.
-            const int group_row = tid >> 4, col = (tid & 15) * 8;
-#pragma unroll
-            for (int p = 0; p < 4; ++p) {  // the tile's four 16-row pages
-              const int value_page = table[kv.page_index_as<true>(pos0 + 16 * p)];
-              const bool valid = value_page >= 0 && value_page < kv.num_cache_blocks;
-#pragma unroll
-              for (int group = 0; group < 2; ++group) {
-                const int in_page = 8 * group + group_row;
-                const Element* src = static_cast<const Element*>(kv.value) +
-                                     (valid ? kv.page_offset(value_page, kv_head, in_page * kHeadDim + col) : 0);
-                ptx::cp_async_16(dst_v + sm90_kv_offset(layout, slot * 64 + 16 * p + in_page, col), src, valid);
-              }
-            }
-          }
-          value_copied |= value_copies;
         }
         return false;
       }
@@ -675,7 +641,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       }
       int first_tile = -1;
       bool last = false;  // kMarksLast: this fill is the unit's last
-      value_copied = false;
       // kFillBoxes: this lane's box's page id, every lane of the warp in one load.
       int fill_page = -1;
       if constexpr (kFillBoxes) {
@@ -723,12 +688,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       if constexpr (kValueBarriers) load_values(fill_tiles, fill);
       ptx::cp_async_commit();
       if (!copies) {
-        // kValueCopies: the arrival made by the values' copies landing (cp.async copies of other
-        // tiles of the fill, `copies`, publish it at the top of the fill kLoadsInFlight later).
-        if (kValueCopies && value_copied)
-          ptx::cp_async_mbarrier_arrive_noinc(&shared.full[key_slot]);
-        else
-          ptx::mbarrier_arrive(&shared.full[key_slot]);
+        ptx::mbarrier_arrive(&shared.full[key_slot]);
         early |= 1u << (n % kKeySlots);
       }
       sm90_trace(n, kTraceIssued + tid / 32);

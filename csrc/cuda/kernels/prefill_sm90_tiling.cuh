@@ -235,19 +235,16 @@ constexpr uint8_t kFillLast = 4;
 // -10.37 %, whole 8k x 4 prompts at kv block 16 -2.62 % with 1; the head dim 64 and 128 paged and
 // chunk tests, racecheck and synccheck passed on 1 and 2 alike. At kv block 16 (16 TMA loads a
 // fill, chunks 1.11x contiguous in wall time; kv blocks 32 and 64: 8 and 4 loads, 1.04x) the values
-// through cp.async beside the keys' boxes, published like other cp.async fills, were measured (H100,
-// 2026-12-06): correct and clean under racecheck and synccheck, but +85 % cycles on the chunks (2.04x
-// contiguous in wall time): such a fill is published only at the top of the fill two later, which
-// with two key slots seems to leave the consumers one fill at a time (not traced).
-// BSA_SM90_PAGED_VALUE_COPIES tries them arriving as they land instead (predicted -3 to -6 %).
+// through cp.async from the four producer warps, the keys one box a page, were measured three ways
+// and dropped (H100, Nsight Compute cycles on those chunks, 2 rounds; each form passed the paged and
+// chunk tests, racecheck and synccheck, the last two without a proxy fence): published like other
+// cp.async fills, at the top of the fill two later, +85 % (2026-12-06); each thread's copies arriving
+// on the fill's barrier as they land (cp.async.mbarrier.arrive.noinc), a thread half a row, +32 %
+// (1.46x contiguous in wall time); the same with a warp's copy two whole rows (four 128-byte lines a
+// copy, not 32) and each thread looking up all four page ids of a tile, +46 % (2026-12-07). Neither
+// the publication nor the reads' coalescing is the whole cost; not traced.
 #ifndef BSA_SM90_PAGED_FILL_BOXES
 #define BSA_SM90_PAGED_FILL_BOXES 2
-#endif
-// Build knob BSA_SM90_PAGED_VALUE_COPIES (default 0; an experiment, sm90_producer): with the fill
-// boxes, pages of 16 rows bring their values through cp.async, each thread's copies arriving on the
-// fill's barrier as they land, and only their keys through the TMA.
-#ifndef BSA_SM90_PAGED_VALUE_COPIES
-#define BSA_SM90_PAGED_VALUE_COPIES 0
 #endif
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_marks_last_fill() {

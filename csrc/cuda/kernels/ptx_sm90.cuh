@@ -29,12 +29,6 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
       : "memory");
 }
 
-// An arrival on `bar` made when this thread's cp.async copies issued so far have landed, counted as
-// one of the phase's expected arrivals (.noinc): the thread makes no other arrival for that phase.
-__device__ __forceinline__ void cp_async_mbarrier_arrive_noinc(uint64_t* bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
-}
-
 // Waits (acquire) until the phase of the given parity has completed: phase k of a barrier completes
 // with parity k & 1, so a consumer of the k-th fill waits for parity k & 1.
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
