@@ -17,6 +17,14 @@ a trace build, one "sm90_trace <fill> <clocks>" line per fill of CTA 0. Prints, 
   box issue    from then (or from the slots, over contiguous K/V) to the warp's last box issued
   first tile   the part of it up to the warp's boxes of the fill's first tile issued (128-key fills)
   after boxes  from the last box issued to the warp's arrival (records, arrival)
+The consumer groups' loop, per group g (fills whose events g recorded):
+  turn wait    from the fill seen landed to g's turn taken (the other group's hand-over)
+  S done       from g's turn to its S seen done (the S product behind whatever the tensor pipe held)
+  to P.V done  from S done to the previous fill's P.V seen done (row maxima, rescale vote, the wait)
+  softmax      from P.V done to P packed (exponentials, row sums, the pack)
+  to next turn from P packed to g's next turn (record, fill wait, turn wait)
+  turn period  g's consecutive turns
+  hand-over    group 1's turn minus group 0's (same fill), group 0's next turn minus group 1's
 With --fills a:b, also fills a..b-1 one by one: each warp's (slots free, first page id, last box,
 arrival), then group 0's wait and landing and both groups' release of the key slot the fill reuses,
 in cycles from the fill's first slot release (-: not recorded).
@@ -34,6 +42,7 @@ SLOT_WAIT, SLOT_FREE, ISSUED = EVENTS["SlotWait"], EVENTS["SlotFree"], EVENTS["I
 FILL_WAIT, FILL_LANDED, KEY_RELEASED = EVENTS["FillWait"], EVENTS["FillLanded"], EVENTS["KeyReleased"]
 PAGE_KNOWN, BOXES_ISSUED, FIRST_TILE = EVENTS["PageKnown"], EVENTS["BoxesIssued"], EVENTS["FirstTileIssued"]
 LOOKUP_START = EVENTS["LookupStart"]
+TURN, PV_DONE, READY = EVENTS["Turn"], EVENTS["PvDone"], EVENTS["Ready"]
 
 
 def read(path):
@@ -93,6 +102,58 @@ def summarise(rows, key_slots, warps):
     return out
 
 
+def event(e, index):
+    return e[index] if len(e) > index else 0
+
+
+def summarise_consumers(rows):
+    """The consumer groups' loop (events recorded by traces since the thirty-eighth session)."""
+    out = {}
+    for g in range(2):
+        for k in ("turn wait", "S done", "to P.V done", "softmax", "to next turn", "turn period"):
+            out[f"{k} g{g}"] = []
+    out["hand-over 0->1"] = []
+    out["hand-over 1->0"] = []
+    for n, e in sorted(rows.items()):
+        nxt = rows.get(n + 1)
+        for g in range(2):
+            landed, turn = event(e, FILL_LANDED + g), event(e, TURN + g)
+            s_done, pv, ready = event(e, KEY_RELEASED + g), event(e, PV_DONE + g), event(e, READY + g)
+            if landed and turn:
+                out[f"turn wait g{g}"].append(turn - landed)
+            if turn and s_done:
+                out[f"S done g{g}"].append(s_done - turn)
+            if s_done and pv:
+                out[f"to P.V done g{g}"].append(pv - s_done)
+            if pv and ready:
+                out[f"softmax g{g}"].append(ready - pv)
+            if nxt and ready and event(nxt, TURN + g) > ready:
+                out[f"to next turn g{g}"].append(event(nxt, TURN + g) - ready)
+            if nxt and turn and event(nxt, TURN + g) > turn:
+                out[f"turn period g{g}"].append(event(nxt, TURN + g) - turn)
+        if event(e, TURN) and event(e, TURN + 1):
+            out["hand-over 0->1"].append(event(e, TURN + 1) - event(e, TURN))
+            if nxt and event(nxt, TURN):
+                out["hand-over 1->0"].append(event(nxt, TURN) - event(e, TURN + 1))
+    return {k: v for k, v in out.items() if v}
+
+
+def consumer_lines(rows, first, last):
+    """Fills first..last-1: each group's (landed, turn, S done, P.V done, packed), cycles from group
+    0's turn of the fill."""
+    lines = []
+    for n in range(first, last):
+        e = rows.get(n)
+        if not e or not event(e, TURN):
+            continue
+        base = event(e, TURN)
+        rel = lambda x: str(x - base) if x else "-"  # noqa: E731
+        groups = "  ".join(f"g{g} ({','.join(rel(event(e, i + g)) for i in (FILL_LANDED, TURN, KEY_RELEASED, PV_DONE, READY))})"
+                           for g in range(2))
+        lines.append(f"  {n:5d} {groups}")
+    return lines
+
+
 def fill_lines(rows, key_slots, warps, first, last):
     """Fills first..last-1 one by one, relative to each fill's first slot release."""
     lines = []
@@ -126,11 +187,15 @@ def main():
         print(f"== {path}: {len(rows)} fills traced, {nw} producer warp(s); cycles: median, mean, p90")
         for name, values in summarise(rows, args.key_slots, nw).items():
             print(f"  {name:13s} {stats(values)}")
+        for name, values in summarise_consumers(rows).items():
+            print(f"  {name:16s} {stats(values)}")
         if args.fills:
             first, last = (int(x) for x in args.fills.split(":"))
             print("  fill  per warp (slots free, page id, last box, arrival)  group 0 (wait, landed)  "
                   f"key slot released by groups 0, 1 (fill n - {args.key_slots})")
             print("\n".join(fill_lines(rows, args.key_slots, nw, first, last)))
+            print("  fill  per group (landed, turn, S done, P.V done, packed), from group 0's turn")
+            print("\n".join(consumer_lines(rows, first, last)))
 
 
 if __name__ == "__main__":

@@ -846,6 +846,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   // from a group's own flags (scripts/sm90_protocol_model.py checks the protocol).
   auto begin_turn = [&] {
     if constexpr (kTurns) ptx::named_barrier_sync(kSm90TurnBarrier + group, 2 * 128);
+    if (t < 32) sm90_trace(trace_fill - 1, kTraceTurn + group);
   };
   auto end_turn = [&] {
     if constexpr (kTurns) ptx::named_barrier_arrive(kSm90TurnBarrier + (group ^ 1), 2 * 128);
@@ -984,6 +985,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         release_key(info.fill);
         scores_to_p(s, info, row_alpha);  // O is still zero: nothing to rescale (SASS: ~70 instructions)
         pack_p(s);
+        if (t < 32) sm90_trace(trace_fill - 1, kTraceReady + group);
       }
       Sm90Fill pending = info.fill;
       int pending_parity = cursor_value_parity;
@@ -1030,12 +1032,15 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           const float multiplier = mask_scores(s, info);
           softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
           finish_pv(row_alpha);
+          if (t < 32) sm90_trace(trace_fill - 1, kTracePvDone + group);
           softmax.exponentiate(s, multiplier, row_alpha);
         } else {
           scores_to_p(s, info, row_alpha);
           finish_pv(row_alpha);
+          if (t < 32) sm90_trace(trace_fill - 1, kTracePvDone + group);
         }
         pack_p(s);
+        if (t < 32) sm90_trace(trace_fill - 1, kTraceReady + group);
         pending = fill;
         pending_parity = cursor_value_parity;
       }

@@ -21,7 +21,8 @@ constexpr int kSm90TraceFills = 1024;
 // and has issued the fill and arrived on its barrier; consumer group g starts waiting for the fill,
 // sees it landed, and frees its key slot (S done). Within warp w's issue: its lane 0 about to look
 // its first page id of the fill up and that id loaded (TMA pages), its boxes of the first tile
-// issued and its last box issued (TMA fills).
+// issued and its last box issued (TMA fills). Within consumer group g's fill: its turn taken (its
+// products about to issue), the previous fill's P.V seen done, and P packed (the fill's softmax done).
 enum Sm90TraceEvent : int {
   kTraceSlotWait = 0,      // + producer warp
   kTraceSlotFree = 4,      // + producer warp
@@ -33,7 +34,10 @@ enum Sm90TraceEvent : int {
   kTraceBoxesIssued = 22,  // + producer warp: its last TMA box of the fill issued
   kTraceFirstTileIssued = 26,  // + producer warp: its boxes of the fill's first tile issued (128-key fills)
   kTraceLookupStart = 30,      // + producer warp: about to look its first page id of the fill up (TMA pages)
-  kSm90TraceEvents = 34,
+  kTraceTurn = 34,             // + consumer group: its turn taken, S and the previous P.V about to issue
+  kTracePvDone = 36,           // + consumer group: the previous fill's P.V seen done
+  kTraceReady = 38,            // + consumer group: the fill's P packed
+  kSm90TraceEvents = 40,
 };
 
 #if BSA_SM90_TRACE
