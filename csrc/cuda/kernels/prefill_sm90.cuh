@@ -147,7 +147,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // signed range (-(2^20 - 1) to 2^20 - 1, recalled from the PTX ISA's mbarrier contents; the paged
   // tests, racecheck and synccheck passed on an H100); thread 0's arrival, after its expectation,
   // still holds the phase open.
-  constexpr bool kFillExpect = BSA_SM90_PAGED_FILL_BOXES == 2 && kFillBoxes;
+  constexpr bool kFillExpect = BSA_SM90_PAGED_FILL_BOXES >= 2 && kFillBoxes;
+  // BSA_SM90_PAGED_FILL_BOXES=3: each box lane issues its box once a fill, after the fill's tiles (one
+  // pass with both tiles' box lanes, not one pass a tile in which half of them idle).
+  constexpr bool kBoxPass = BSA_SM90_PAGED_FILL_BOXES == 3 && kFillBoxes;
   static_assert(!kFillBoxes || kSlots == 2, "fill boxes: two tiles a fill");
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
   const int box =
@@ -364,6 +367,38 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         }
       }
     };
+    // Pages: one box of kv_page_rows rows per page (and 64-column block, by column block), each issued
+    // by its own lane (`box`: from one thread the box issues queued behind each other), with its page
+    // id looked up a fill ahead (kPagesAhead), at the top of the fill (kFillBoxes) or here (one lookup
+    // round trip for all lanes). A page id outside [0, NB) is a box outside the map: zeros. This
+    // lane's box of tile `slot` of the fill (key tile key_tile, a whole TMA tile; the tile at offset
+    // tile_dst of the slots); own_expect: the lane expects its box's bytes first.
+    auto issue_page_box = [&](const Sm90Fill& fill, int slot, int tile_dst, int key_tile, int box_page,
+                              bool own_expect) {
+      unsigned char* dst_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
+      unsigned char* dst_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
+      uint64_t* const landed = &shared.full[fill.key_slot];
+      const int tile_row = kFillBoxes ? box_row & 63 : box_row;
+      const int pos = key_tile * 64 + tile_row;
+      if (slot == 0) sm90_trace(n, kTraceLookupStart + tid / 32);
+      const int page = kPagesAhead || kFillBoxes ? box_page : kv.table_row(seq, kv_head)[kv.page_index(pos)];
+      if (slot == 0 && page != INT_MAX) sm90_trace(n, kTracePageKnown + tid / 32);  // waits for the id
+      const int slab =
+          page >= 0 && page < kv.num_cache_blocks ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1) : -1;
+      const int in_page = kv.row_in_page(pos);
+      const int dst = tile_dst + sm90_kv_offset(layout, tile_row, box_block * 64);
+      if (own_expect) {  // kv_page_rows rows of 128-byte column blocks: kHeadDim / 64 of them, or one
+        const uint32_t box_bytes = maps.kv_page_rows * 128 * ((kHeadDim / 64) >> box_shift);
+        ptx::mbarrier_expect_tx(landed, 2 * box_bytes);
+      }
+      if (maps.kv_row_groups) {
+        ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
+        ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
+      } else {
+        ptx::tma_load_3d(dst_k + dst, &maps.key, box_block * 64, in_page, slab, landed);
+        ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
+      }
+    };
     // box_page: this lane's page, looked up a fill ahead (kPagesAhead).
     auto load_kv = [&](int key_tile, const Sm90Fill& fill, int slot, int box_page) -> bool {
       const int pos0 = key_tile * 64;
@@ -377,10 +412,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         // kBoxWarps: every lane with a box issues in the paged case, each expecting its own boxes'
         // bytes first (the fill's barrier counts every producer thread's arrival, made after this, so
         // it cannot complete between one warp's boxes and another's expectation); with kFillExpect,
-        // thread 0 expects the tile's bytes for all of them and the other box lanes only issue.
+        // thread 0 expects the tile's bytes for all of them and the other box lanes only issue
+        // (kBoxPass: after the fill's tiles, issue_page_box below).
         const bool box_lanes = kBoxWarps && kv.paged();
         const bool own_expect = box_lanes && !kFillExpect;
-        const bool has_box = kFillBoxes ? box_row >> 6 == slot : box_row < 64;  // in this tile
+        const bool has_box = !kBoxPass && (kFillBoxes ? box_row >> 6 == slot : box_row < 64);  // in this tile
         if (box_lanes ? has_box || (kFillExpect && tid == 0) : tid < 32) {
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
@@ -390,33 +426,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           if (!kv.paged()) {
             if (tid == 0) tma_contiguous_tile(fill, tile_dst, k_begin + pos0, landed, true, !values_apart);
           } else if (has_box) {
-            // Pages: one box of kv_page_rows rows per page (and 64-column block, by column block),
-            // each issued by its own lane (`box`: from one thread the box issues queued behind each
-            // other), with its page id looked up a fill ahead (kPagesAhead), at the top of the fill
-            // (kFillBoxes) or here (one lookup round trip for all lanes). A page id outside
-            // [0, NB) is a box outside the map: zeros.
-            const int tile_row = kFillBoxes ? box_row & 63 : box_row;
-            const int pos = pos0 + tile_row;
-            if (slot == 0) sm90_trace(n, kTraceLookupStart + tid / 32);
-            const int page =
-                kPagesAhead || kFillBoxes ? box_page : kv.table_row(seq, kv_head)[kv.page_index(pos)];
-            if (slot == 0 && page != INT_MAX) sm90_trace(n, kTracePageKnown + tid / 32);  // waits for the id
-            const int slab = page >= 0 && page < kv.num_cache_blocks
-                                 ? page * maps.kv_page_heads + kv_head * (maps.kv_page_heads > 1)
-                                 : -1;
-            const int in_page = kv.row_in_page(pos);
-            const int dst = tile_dst + sm90_kv_offset(layout, tile_row, box_block * 64);
-            if (own_expect) {  // kv_page_rows rows of 128-byte column blocks: kHeadDim / 64 of them, or one
-              const uint32_t box_bytes = maps.kv_page_rows * 128 * ((kHeadDim / 64) >> box_shift);
-              ptx::mbarrier_expect_tx(landed, 2 * box_bytes);
-            }
-            if (maps.kv_row_groups) {
-              ptx::tma_load_5d(dst_k + dst, &maps.key, 0, 0, 0, in_page >> 3, slab, landed);
-              ptx::tma_load_5d(dst_v + dst, &maps.value, 0, 0, 0, in_page >> 3, slab, landed);
-            } else {
-              ptx::tma_load_3d(dst_k + dst, &maps.key, box_block * 64, in_page, slab, landed);
-              ptx::tma_load_3d(dst_v + dst, &maps.value, box_block * 64, in_page, slab, landed);
-            }
+            issue_page_box(fill, slot, tile_dst, key_tile, box_page, own_expect);
           }
           if (slot == kSlots - 1) sm90_trace(n, kTraceBoxesIssued + tid / 32);
           if (slot == 0 && kSlots > 1) sm90_trace(n, kTraceFirstTileIssued + tid / 32);
@@ -685,6 +695,14 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         }
       }
       if (tid == 0) shared.records[key_slot].unit = unit;
+      if constexpr (kBoxPass) {
+        const int box_slot = box_row >> 6;  // kSlots or more: no box
+        if (kv.paged() && box_slot < kSlots) {
+          const int key_tile = box_slot == 0 ? fill_tiles[0] : fill_tiles[1];
+          if (tma_tile(key_tile))
+            issue_page_box(fill, box_slot, sm90_kv_offset(layout, box_slot * 64, 0), key_tile, fill_page, false);
+        }
+      }
       if constexpr (kValueBarriers) load_values(fill_tiles, fill);
       ptx::cp_async_commit();
       if (!copies) {
