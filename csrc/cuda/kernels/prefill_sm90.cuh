@@ -98,6 +98,24 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 #define BSA_SM90_PAGED_BOX_WARPS 1
 #endif
 
+// Build knob BSA_SM90_PAGED_PAIRS (default 0; an experiment): 128-key fills over TMA pages in the model's
+// dtype (with Q through the TMA) are issued by two pairs of producer warps in turn, warps 0-1 the even
+// fills and 2-3 the odd ones, each pair's lanes one box of the fill's 16 or fewer, so that one pair
+// walks and looks up its next fill while the other's boxes go out. The traces (H100, 2k chunks of
+// 8k x 4 at kv block 16, thirty-eighth session) had the four warps spend ~950 cycles a fill between
+// their slots' release and their first box, and ~1,350 issuing 16 boxes, while the TMA idled in the
+// first part: the fills' pace was the producer's (a fill every ~3,500 cycles against ~3,260 over
+// contiguous K/V), and both consumer groups waited for each fill and took their turns together.
+#ifndef BSA_SM90_PAGED_PAIRS
+#define BSA_SM90_PAGED_PAIRS 0
+#endif
+template <typename Tiling, typename Cache, int kProducerThreads>
+__device__ __forceinline__ bool sm90_paged_pairs(const PrefillParams& params, const Sm90TensorMaps& maps) {
+  return BSA_SM90_PAGED_PAIRS && BSA_SM90_PAGED_BOX_WARPS && BSA_SM90_PAGED_FILL_BOXES >= 1 &&
+         Tiling::kTilesPerStage == 2 && kProducerThreads == 128 && !CacheFormat<Cache>::kFp8 && params.kv.paged() &&
+         maps.kv_enabled && maps.query_enabled;
+}
+
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
 // through the ring, with one stage record per fill. kPagesAhead: a paged cache in the model's dtype
 // through the TMA with 64-key fills, whose boxes' page ids are looked up a fill ahead (its own
@@ -153,8 +171,14 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   constexpr bool kBoxPass = BSA_SM90_PAGED_FILL_BOXES == 3 && kFillBoxes;
   static_assert(!kFillBoxes || kSlots == 2, "fill boxes: two tiles a fill");
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;
+  // sm90_paged_pairs: fill n comes from warps 2 (n % 2) and 2 (n % 2) + 1, box b from lane b / 2 of
+  // the pair's warp b % 2; fill_leader is the pair's first thread (thread 0 without pairs), which
+  // expects the fill's bytes and writes its record, its unit's item and issues its unit's Q.
+  const bool pairs = sm90_paged_pairs<Tiling, Cache, kProducerThreads>(params, maps);
+  const int pair = tid >> 6;
+  const int box_warps = pairs ? 2 : kProducerWarps;
   const int box =
-      kBoxWarps ? ((tid & 31) < (kFillBoxes ? 16 : 8) / kProducerWarps ? (tid >> 5) + kProducerWarps * (tid & 31) : 64)
+      kBoxWarps ? ((tid & 31) < (kFillBoxes ? 16 : 8) / box_warps ? ((tid >> 5) & (box_warps - 1)) + box_warps * (tid & 31) : 64)
                 : tid;
   const int box_row = box < 32 ? (box >> box_shift) * maps.kv_page_rows : 64 * (kFillBoxes ? kSlots : 1);
   const int box_block = box & ((1 << box_shift) - 1);
@@ -165,7 +189,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // A fill without cp.async copies (TMA only, or an end record) is published as soon as it is
   // issued: the TMA's bytes complete on the barrier by themselves. `early` marks such fills (bit
   // fill % kKeySlots, see Sm90TilingShape) so the in-order publication skips them.
-  int n = 0, next_publish = 0;
+  int n = 0, next_publish = pairs ? pair : 0;
+  const int publish_step = pairs ? 2 : 1;  // a pair publishes its own fills
+  int fill_leader = 0;
+  auto owns = [&](int fill) { return !pairs || (fill & 1) == pair; };
   uint32_t early = 0;
   auto publish = [&](int fill) {
     const uint32_t bit = 1u << (fill % kKeySlots);
@@ -181,7 +208,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // phases pass, and no group's release joins the other group's phase (scripts/sm90_protocol_model.py
   // checks both).
   auto begin_fill = [&] {
-    if (n - Tiling::kLoadsInFlight >= next_publish) {
+    if (pairs) {  // the pair's previous fill, n - 2, at the top of this one: its copies are the last pending
+      if (n - 2 >= next_publish) {
+        ptx::cp_async_wait<0>();
+        publish(next_publish);
+        next_publish += 2;
+      }
+    } else if (n - Tiling::kLoadsInFlight >= next_publish) {
       ptx::cp_async_wait<Tiling::kLoadsInFlight - 1>();  // fills up to n - kLoadsInFlight have landed
       publish(next_publish++);
     }
@@ -244,14 +277,16 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     PrefillItem it;
     if (anchor >= 0) resolve_prefill_item(params, kPrefillSm90BlockM >> pack_shift, pack_shift, unit, anchor, item, it);
     else {
-      const Sm90Fill fill = begin_fill();  // the last fill: a record without work
-      if (tid == 0) {
-        shared.records[fill.key_slot].unit = -1;
-        shared.records[fill.key_slot].key_tile[0] = -1;
-        if constexpr (sm90_value_barriers<Tiling, kProducerThreads>()) ptx::mbarrier_arrive(&shared.value_full[fill.value_slot]);
+      if (owns(n)) {
+        const Sm90Fill fill = begin_fill();  // the last fill: a record without work
+        if (tid == (pairs ? 64 * (n & 1) : 0)) {
+          shared.records[fill.key_slot].unit = -1;
+          shared.records[fill.key_slot].key_tile[0] = -1;
+          if constexpr (sm90_value_barriers<Tiling, kProducerThreads>()) ptx::mbarrier_arrive(&shared.value_full[fill.value_slot]);
+        }
       }
       ptx::cp_async_wait<0>();
-      while (next_publish <= n) publish(next_publish++);
+      for (; next_publish <= n; next_publish += publish_step) publish(next_publish);
       break;
     }
     const int seq = it.seq, head = it.head, kv_head = it.kv_head, k_begin = it.k_begin, k_len = it.k_len;
@@ -269,13 +304,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       const int needed = Tiling::kQBuffers == 1 ? n : (Tiling::kQBuffers == 2 ? first_fill_back1 : first_fill_back2);
       if (next_publish < needed) {
         ptx::cp_async_wait<0>();
-        while (next_publish < needed) publish(next_publish++);
+        for (; next_publish < needed; next_publish += publish_step) publish(next_publish);
       }
       ptx::mbarrier_wait(&shared.q_empty[buf], ((k / Tiling::kQBuffers) + 1) & 1);
     }
     first_fill_back2 = first_fill_back1;
     first_fill_back1 = n;
-    if (tid == 0) shared.items[buf] = it;
+    if (tid == (pairs ? 64 * (n & 1) : 0)) shared.items[buf] = it;  // by the thread that publishes its first fill
     // Through the TMA (one thread, issued with the unit's first fill below), Q rows outside the
     // item are other rows of the tensor or zeros: they only ever feed their own, unstored output
     // rows. The cp.async path zero-fills them.
@@ -417,10 +452,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         const bool box_lanes = kBoxWarps && kv.paged();
         const bool own_expect = box_lanes && !kFillExpect;
         const bool has_box = !kBoxPass && (kFillBoxes ? box_row >> 6 == slot : box_row < 64);  // in this tile
-        if (box_lanes ? has_box || (kFillExpect && tid == 0) : tid < 32) {
+        if (box_lanes ? has_box || (kFillExpect && tid == fill_leader) : tid < 32) {
           uint64_t* const landed = &shared.full[fill.key_slot];
           constexpr uint32_t kBoxBytes = 64 * 128;
-          if (tid == 0 && !own_expect)
+          if (tid == fill_leader && !own_expect)
             ptx::mbarrier_expect_tx(landed, (values_apart ? 1 : 2) * (kHeadDim / 64) * kBoxBytes);
           const int tile_dst = sm90_kv_offset(layout, slot * 64, 0);
           if (!kv.paged()) {
@@ -452,6 +487,18 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         // In passes of at most 8 rows a thread: a one-warp producer (BSA_SM90_PRODUCER_WARPS) copies 32
         // rows a thread, and all 32 at once spilled it (232 bytes at 128 keys, ptxas).
         constexpr int kCopies = 64 / kRowStep, kPassCopies = kCopies < 8 ? kCopies : 8;
+        if constexpr (BSA_SM90_PAGED_PAIRS && kProducerThreads == 128 && kSlots == 2 && !kFp8Pages) {
+          if (pairs) {  // the fill's pair alone: 64 threads, rows (tid % 64) / kChunksPerRow + kRowStep / 2 i
+            constexpr int kPairRowStep = kRowStep / 2, kPairCopies = 64 / kPairRowStep;
+            constexpr int kPairPass = kPairCopies < 8 ? kPairCopies : 8;
+#pragma unroll 1
+            for (int pass = 0; pass < kPairCopies / kPairPass; ++pass)
+              copy_kv_rows<Cache, kPairPass, kPairRowStep>(kv, seq, kv_head, pos0,
+                                                           (tid & 63) / kChunksPerRow + pass * kPairPass * kPairRowStep,
+                                                           col, k_len, head_size, key_tile >= 0, dst_k, dst_v, stage_layout);
+            return true;
+          }
+        }
 #pragma unroll 1
         for (int pass = 0; pass < kCopies / kPassCopies; ++pass)
           copy_kv_rows<Cache, kPassCopies, kRowStep>(kv, seq, kv_head, pos0, row0 + pass * kPassCopies * kRowStep, col,
@@ -633,12 +680,22 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       if constexpr (kLookAhead) ahead_page = look_up_page(ahead_tile);
     };
     for (;; ++n) {
+      if (!owns(n)) {  // sm90_paged_pairs: the other pair's fill, whose tiles this pair walked too
+        query_pending = false;
+        if (fill_tiles[0] < 0) {
+          ++n;
+          break;
+        }
+        walk_fill();
+        continue;
+      }
+      fill_leader = pairs ? 64 * (n & 1) : 0;
       if constexpr (kFp8Pages) load_fp8_rows(ahead_tile, ahead_page);
       const Sm90Fill fill = begin_fill();
       const int key_slot = fill.key_slot;  // the fill's full barrier and record
       if (query_pending) {
         query_pending = false;
-        if (tid == 0) {
+        if (tid == fill_leader) {
           ptx::mbarrier_expect_tx(&shared.full[key_slot], kPrefillSm90BlockM * kHeadDim * sizeof(Element));
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g)
@@ -688,13 +745,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] |= kFillLast;
           }
         }
-        if (tid == 0) {
+        if (tid == fill_leader) {
           shared.records[key_slot].key_tile[slot] = key_tile;
 #pragma unroll
           for (int g = 0; g < kSm90ConsumerGroups; ++g) shared.records[key_slot].flags[g][slot] = flags[g];
         }
       }
-      if (tid == 0) shared.records[key_slot].unit = unit;
+      if (tid == fill_leader) shared.records[key_slot].unit = unit;
       if constexpr (kBoxPass) {
         const int box_slot = box_row >> 6;  // kSlots or more: no box
         if (kv.paged() && box_slot < kSlots) {
@@ -1181,7 +1238,9 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       smem_unaligned + ((1024u - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned)) & 1023u)) & 1023u));
   if (threadIdx.x == 0) {
     // every working producer thread arrives on full; every consumer thread on the empties
-    for (int s = 0; s < Tiling::kKeySlots; ++s) ptx::mbarrier_init(&shared.full[s], kProducerThreads);
+    const int fill_arrivals =
+        sm90_paged_pairs<Tiling, Cache, kProducerThreads>(params, maps) ? kProducerThreads / 2 : kProducerThreads;
+    for (int s = 0; s < Tiling::kKeySlots; ++s) ptx::mbarrier_init(&shared.full[s], fill_arrivals);
     for (int s = 0; s < Tiling::kValueSlots; ++s) ptx::mbarrier_init(&shared.value_empty[s], 128 * kSm90ConsumerGroups);
     for (int s = 0; s < Smem::kKeyEmptyBarriers; ++s)
       ptx::mbarrier_init(&shared.key_empty[s], 128 * kSm90ConsumerGroups);
