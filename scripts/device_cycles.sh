@@ -18,7 +18,8 @@
 # (default tests/test_prefill_kernels.py, -k TEST_K, default "not D256") runs on those builds, and
 # the sets of a build whose tests fail are not profiled (an untested build's cycles mean nothing).
 # SANITIZE="racecheck synccheck memcheck": then each tool runs those tests (-k SANITIZE_K, default
-# TEST_K) on each tested build under compute-sanitizer; a reported error fails the build like a test.
+# TEST_K) on each tested build (SANITIZE_BUILDS: only those) under compute-sanitizer; a reported error
+# fails the build like a test.
 # WALL_BUILDS="i j ..." with WALL_ARGS (a script and its arguments, e.g. "benchmarks/bench_paged_prefill.py
 # --seq-lens 8192 --fp8= --kv-block 16"): after the profiles, each of those builds (not a failed one)
 # runs it once, into $OUT/wall_<i>.log, its last WALL_TAIL lines (default 4) printed: wall time in the
@@ -36,6 +37,7 @@ for i in ${TEST_BUILDS:-}; do
   echo "build $i tests: $(tail -1 "$OUT/test_$i.log")"
   for tool in ${SANITIZE:-}; do  # after tests that passed
     [[ $failed == *" $i "* ]] && break
+    [[ -n ${SANITIZE_BUILDS:-} && " $SANITIZE_BUILDS " != *" $i "* ]] && break
     sanitize_build "$tool" "$ext/$i" . "$OUT/sanitize_${i}_$tool.log" || failed+="$i "
     echo "build $i $tool: $(grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_${i}_$tool.log" | tail -2 | tr '\n' ' ')"
   done
