@@ -98,16 +98,22 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 #define BSA_SM90_PAGED_BOX_WARPS 1
 #endif
 
-// Build knob BSA_SM90_PAGED_PAIRS (default 0; an experiment): 128-key fills over TMA pages in the model's
-// dtype (with Q through the TMA) are issued by two pairs of producer warps in turn, warps 0-1 the even
-// fills and 2-3 the odd ones, each pair's lanes one box of the fill's 16 or fewer, so that one pair
-// walks and looks up its next fill while the other's boxes go out. The traces (H100, 2k chunks of
-// 8k x 4 at kv block 16, thirty-eighth session) had the four warps spend ~950 cycles a fill between
-// their slots' release and their first box, and ~1,350 issuing 16 boxes, while the TMA idled in the
-// first part: the fills' pace was the producer's (a fill every ~3,500 cycles against ~3,260 over
-// contiguous K/V), and both consumer groups waited for each fill and took their turns together.
+// Build knob BSA_SM90_PAGED_PAIRS (default 1; 0: the four producer warps issue every fill together):
+// 128-key fills over TMA pages in the model's dtype (with Q through the TMA) are issued by two pairs
+// of producer warps in turn, warps 0-1 the even fills and 2-3 the odd ones, each pair's lanes one box
+// of the fill, so that one pair walks and looks up its next fill while the other's boxes go out. The
+// traces (H100, 2k chunks of 8k x 4 at kv block 16, 2026-12-07) had the four warps take ~720 cycles a
+// fill from their slots' release to their page ids with no box in flight, then ~1,570 to issue their
+// boxes: the fills came every ~3,500 cycles against ~3,260 over contiguous K/V, and both consumer
+// groups waited for each fill and took their turns together (81 % of fills, 8 % at kv block 32).
+// Nsight Compute cycles (H100, 2 rounds, with BSA_SM90_PAGED_FILL_BOXES=3 under both; predicted: the
+// chunks about as fast as kv block 32's, 1.04x contiguous): paged 2k chunks at kv block 16 -4.4 %
+// (794,724 -> 759,494; 1.036x the contiguous chunks' 733,088), whole 8k x 4 prompts -4.1 %; wall time
+// chunk / contiguous chunk 1.09 -> 1.05 at 8k x 4 and 1.13 -> 1.05 at 32k x 1. A pair's cp.async
+// fills (a sequence's last partial tile) are copied by its 64 threads and published at the top of its
+// next fill; each fill barrier counts the 64 arrivals of its pair.
 #ifndef BSA_SM90_PAGED_PAIRS
-#define BSA_SM90_PAGED_PAIRS 0
+#define BSA_SM90_PAGED_PAIRS 1
 #endif
 template <typename Tiling, typename Cache, int kProducerThreads>
 __device__ __forceinline__ bool sm90_paged_pairs(const PrefillParams& params, const Sm90TensorMaps& maps) {
@@ -166,8 +172,8 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // tests, racecheck and synccheck passed on an H100); thread 0's arrival, after its expectation,
   // still holds the phase open.
   constexpr bool kFillExpect = BSA_SM90_PAGED_FILL_BOXES >= 2 && kFillBoxes;
-  // BSA_SM90_PAGED_FILL_BOXES=3: each box lane issues its box once a fill, after the fill's tiles (one
-  // pass with both tiles' box lanes, not one pass a tile in which half of them idle).
+  // BSA_SM90_PAGED_FILL_BOXES=3 (the default): each box lane issues its box once a fill, after the
+  // fill's tiles (one pass with both tiles' box lanes, not one pass a tile in which half of them idle).
   constexpr bool kBoxPass = BSA_SM90_PAGED_FILL_BOXES == 3 && kFillBoxes;
   static_assert(!kFillBoxes || kSlots == 2, "fill boxes: two tiles a fill");
   const int box_shift = maps.kv_row_groups || kHeadDim == 64 ? 0 : 1;

@@ -221,7 +221,7 @@ constexpr uint8_t kFillLast = 4;
 #ifndef BSA_SM90_LANE_WALK
 #define BSA_SM90_LANE_WALK 1
 #endif
-// Build knob BSA_SM90_PAGED_FILL_BOXES (default 2; 0 restores the walk below): 128-key fills over TMA
+// Build knob BSA_SM90_PAGED_FILL_BOXES (default 3; 0 restores the walk below): 128-key fills over TMA
 // pages give each producer lane one box of the whole fill and look the fill's page ids up in one load
 // a warp (sm90_producer). The trace (BSA_SM90_TRACE, H100, 2k chunks of 8k x 4) had each warp looking
 // its two tiles' page ids up one after the other, and at kv block 64 the first warp alone issuing
@@ -242,9 +242,13 @@ constexpr uint8_t kFillLast = 4;
 // on the fill's barrier as they land (cp.async.mbarrier.arrive.noinc), a thread half a row, +32 %
 // (1.46x contiguous in wall time); the same with a warp's copy two whole rows (four 128-byte lines a
 // copy, not 32) and each thread looking up all four page ids of a tile, +46 % (2026-12-07). Neither
-// the publication nor the reads' coalescing is the whole cost; not traced.
+// the publication nor the reads' coalescing is the whole cost; not traced. With 3, each box lane
+// issues its box once a fill, after the fill's tiles, instead of in one pass a tile (H100, Nsight
+// Compute, 2026-12-07: paged chunks at kv block 16 -1.18 %, whole prompts -0.96 %, 3 % fewer warp
+// instructions; predicted -1 to -4 %); the fills' pace then came from the warp pairs
+// (BSA_SM90_PAGED_PAIRS, prefill_sm90.cuh), measured on top of it.
 #ifndef BSA_SM90_PAGED_FILL_BOXES
-#define BSA_SM90_PAGED_FILL_BOXES 2
+#define BSA_SM90_PAGED_FILL_BOXES 3
 #endif
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_marks_last_fill() {
