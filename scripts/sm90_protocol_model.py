@@ -42,7 +42,7 @@ on 2026-12-05, needed the producer to publish one fill more: the model found tha
 import random
 
 
-def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, vfull=False):
+def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, vfull=False, pairs=False):
     """units: (fills, marked) pairs, marked for a unit whose last fill is marked (no end record);
     SK / SV: key / value slots; QB: Q buffers; L: fills in flight; split: a key slot is released
     after S, not with its value slot; fix: the producer publishes unit k - QB's fills before it waits
@@ -55,7 +55,12 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
     sched: a random.Random for the order the processes run in and for preemption (None: fixed order,
     each process runs until it blocks); vfull: value barriers (BSA_SM90_VALUE_BARRIERS), one arrival
     a fill on its value slot's full barrier (end records included), which a consumer waits for before
-    the fill's P.V."""
+    the fill's P.V.; pairs: two producers (BSA_SM90_PAGED_PAIRS, 128-key fills over TMA pages) issue the
+    even and the odd fills, each publishing its own cp.async fills at the top of its next fill (two
+    fills later) and the fills before a Q buffer's reuse, both meeting at every unit's claim; mutant
+    'pairs publish late' has each pair publish its copies a fill of its own later (four fills), and
+    'pairs both wait for Q' has both pairs wait for a unit's Q buffer, not only the one that loads its
+    Q (the other may then look for a phase that has passed twice), for the self-test."""
     cnt, errors = {}, []
     preempted = [False]
     c = lambda b: cnt.get(b, 0)
@@ -77,9 +82,12 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                 preempted[0] = True  # could go on: let the others run first
             yield
 
-    def producer():
-        st = dict(n=0, pub=0, firsts=[])  # firsts: each unit's first fill
+    def producer(pair=0):
+        step = 2 if pairs else 1  # a pair issues and publishes every other fill
+        lag = (4 if mutant == 'pairs publish late' else 2) if pairs else L
+        st = dict(n=0, pub=pair if pairs else 0, firsts=[])  # firsts: each unit's first fill
         early = set()
+        owns = lambda m: not pairs or m % 2 == pair
         def publish(m):
             if m in early:
                 early.discard(m)
@@ -92,20 +100,24 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                 errors.append(f"overwrite on {kind}: fill {m}'s slot before the consumers released it")
         def begin_fill():
             n = st['n']
-            if n - L >= st['pub']:
-                publish(st['pub']); st['pub'] += 1
+            if n - lag >= st['pub']:
+                publish(st['pub']); st['pub'] += step
             if n >= SK:
                 yield from wait(lambda: ready(('kempty', n % SK), n // SK, 2))
             if n >= SV and mutant != 'no value wait':
                 yield from wait(lambda: ready(('vempty', n % SV), n // SV, 2))
             write('kempty' if split else 'vempty', SK if split else SV, n)
         for k, unit in enumerate(units + [None]):
+            if pairs:  # the unit's claim: both pairs meet (a named barrier of all producer threads)
+                arrive(('claim', k))
+                yield from wait(lambda: c(('claim', k)) >= 2)
             if unit is None:  # end of work: a record without copies, then publish everything
-                yield from begin_fill()
-                early.add(st['n']); arrive(('full', st['n'] % SK))
-                if vfull: arrive(('vfull', st['n'] % SV))
+                if owns(st['n']):
+                    yield from begin_fill()
+                    early.add(st['n']); arrive(('full', st['n'] % SK))
+                    if vfull: arrive(('vfull', st['n'] % SV))
                 while st['pub'] <= st['n']:
-                    publish(st['pub']); st['pub'] += 1
+                    publish(st['pub']); st['pub'] += step
                 return
             if k >= QB:
                 if fix:
@@ -113,12 +125,16 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                 else:
                     needed = st['n'] if (QB == 1 or L > 2) else 0
                 while st['pub'] < needed:
-                    publish(st['pub']); st['pub'] += 1
-                yield from wait(lambda: ready(('qempty', k % QB), k // QB, 2))
+                    publish(st['pub']); st['pub'] += step
+                if owns(st['n']) or mutant == 'pairs both wait for Q':  # the pair that loads the unit's Q
+                    yield from wait(lambda: ready(('qempty', k % QB), k // QB, 2))
             fills, marked = unit
             st['firsts'].append(st['n'])
             for i, copies in enumerate(fills):
                 n = st['n']
+                if not owns(n):  # the other pair's fill: walked, not issued
+                    st['n'] += 1
+                    continue
                 yield from begin_fill()
                 if marked or i < len(fills) - 1:  # a tile fill's values (an end record has none)
                     write('vempty', SV, n)
@@ -183,7 +199,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
             n += 1
             arrive(('qempty', k % QB), g)
 
-    alive = [producer(), consumer(0), consumer(1)]
+    alive = ([producer(0), producer(1)] if pairs else [producer()]) + [consumer(0), consumer(1)]
     while alive:
         before, finished, preempted[0] = dict(cnt), False, False
         for p in (sched.sample(alive, len(alive)) if sched else list(alive)):
@@ -233,6 +249,7 @@ if __name__ == "__main__":
         "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False, False, 0),
         "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False, 0.5),
         "split control (3 + 3, 1 Q)": (3, 3, 1, 2, True, False, 0),
+        "main 128-key, turns, paged pairs": (2, 3, 2, 2, True, True, 0),
     }
     trials = 2000
     def sample(p_marked):
@@ -245,8 +262,9 @@ if __name__ == "__main__":
         SK, SV, QB, L, split, turns, p_marked = configs[name]
         results = {}
         vfull = "value barriers" in name
+        pairs = "pairs" in name
         for trial, units in enumerate(samples[p_marked][:trials]):
-            key = outcome(run(units, SK, SV, QB, L, split, fix, turns, mutant, random.Random(trial), vfull))
+            key = outcome(run(units, SK, SV, QB, L, split, fix, turns, mutant, random.Random(trial), vfull, pairs))
             results[key] = results.get(key, 0) + 1
         return results
 
@@ -279,3 +297,12 @@ if __name__ == "__main__":
     results = tally(name, mutant="no marked release", trials=300)
     print(f"self-test no marked release {name:40} {results}")
     assert "deadlock" in results, "the model misses a marked last fill's slots never released"
+    # ... and warp pairs that publish their cp.async fills a fill of their own too late (four fills
+    # back: the key slot's next fill waits for an S that waits for that publication) must hang.
+    name = "main 128-key, turns, paged pairs"
+    results = tally(name, mutant="pairs publish late", trials=300)
+    print(f"self-test pairs publish late {name:39} {results}")
+    assert "deadlock" in results, "the model misses warp pairs publishing their copies too late"
+    results = tally(name, mutant="pairs both wait for Q", trials=2000)
+    print(f"self-test pairs both wait for Q {name:36} {results}")
+    assert any("parity alias" in key for key in results), "the model misses a pair waiting for a Q buffer it does not load"

@@ -312,7 +312,10 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         ptx::cp_async_wait<0>();
         for (; next_publish < needed; next_publish += publish_step) publish(next_publish);
       }
-      ptx::mbarrier_wait(&shared.q_empty[buf], ((k / Tiling::kQBuffers) + 1) & 1);
+      // With pairs only the pair that loads the unit's Q (and writes its item) waits: the other could
+      // reach this wait after the consumers had freed the buffer a second time, and wait for a phase
+      // that would not come (scripts/sm90_protocol_model.py, "paged pairs").
+      if (owns(n)) ptx::mbarrier_wait(&shared.q_empty[buf], ((k / Tiling::kQBuffers) + 1) & 1);
     }
     first_fill_back2 = first_fill_back1;
     first_fill_back1 = n;
