@@ -197,8 +197,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // fill % kKeySlots, see Sm90TilingShape) so the in-order publication skips them.
   int n = 0, next_publish = pairs ? pair : 0;
   const int publish_step = pairs ? 2 : 1;  // a pair publishes its own fills
-  int fill_leader = 0;
   auto owns = [&](int fill) { return !pairs || (fill & 1) == pair; };
+  auto leader_of = [&](int fill) { return pairs ? 64 * (fill & 1) : 0; };
+  int fill_leader = 0;  // leader_of(the fill being issued)
   uint32_t early = 0;
   auto publish = [&](int fill) {
     const uint32_t bit = 1u << (fill % kKeySlots);
@@ -285,7 +286,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     else {
       if (owns(n)) {
         const Sm90Fill fill = begin_fill();  // the last fill: a record without work
-        if (tid == (pairs ? 64 * (n & 1) : 0)) {
+        if (tid == leader_of(n)) {
           shared.records[fill.key_slot].unit = -1;
           shared.records[fill.key_slot].key_tile[0] = -1;
           if constexpr (sm90_value_barriers<Tiling, kProducerThreads>()) ptx::mbarrier_arrive(&shared.value_full[fill.value_slot]);
@@ -319,7 +320,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     }
     first_fill_back2 = first_fill_back1;
     first_fill_back1 = n;
-    if (tid == (pairs ? 64 * (n & 1) : 0)) shared.items[buf] = it;  // by the thread that publishes its first fill
+    if (tid == leader_of(n)) shared.items[buf] = it;  // by the leader of the unit's first fill
     // Through the TMA (one thread, issued with the unit's first fill below), Q rows outside the
     // item are other rows of the tensor or zeros: they only ever feed their own, unstored output
     // rows. The cp.async path zero-fills them.
@@ -698,7 +699,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         walk_fill();
         continue;
       }
-      fill_leader = pairs ? 64 * (n & 1) : 0;
+      fill_leader = leader_of(n);
       if constexpr (kFp8Pages) load_fp8_rows(ahead_tile, ahead_page);
       const Sm90Fill fill = begin_fill();
       const int key_slot = fill.key_slot;  // the fill's full barrier and record
@@ -1246,7 +1247,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   const Sm90Shared<kHeadDim, Tiling> shared(
       smem_unaligned + ((1024u - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_unaligned)) & 1023u)) & 1023u));
   if (threadIdx.x == 0) {
-    // every working producer thread arrives on full; every consumer thread on the empties
+    // every working producer thread arrives on full (with sm90_paged_pairs, the fill's pair's); every
+    // consumer thread on the empties
     const int fill_arrivals =
         sm90_paged_pairs<Tiling, Cache, kProducerThreads>(params, maps) ? kProducerThreads / 2 : kProducerThreads;
     for (int s = 0; s < Tiling::kKeySlots; ++s) ptx::mbarrier_init(&shared.full[s], fill_arrivals);
