@@ -1,7 +1,7 @@
 """scripts/sm90_trace_summary.py reads a BSA_SM90_TRACE build's stderr (one line per fill of CTA 0,
 csrc/cuda/kernels/prefill_sm90_trace.cuh's events) and reports, fill by fill, the producer's slot
-wait and issue, the spread of its warps, the consumers' wait, the copies' landing, the slot's wake
-and the fills' period: checked on a synthetic trace whose intervals are known."""
+wait and issue, the spread of its warps, the consumers' wait, the copies' landing, the slot's wake,
+the fills' period and the consumer groups' loop: checked on synthetic traces whose intervals are known."""
 from __future__ import annotations
 
 import subprocess
@@ -70,3 +70,33 @@ def test_one_warp_and_unrecorded_fills(tmp_path):
     assert stats["page wait"] is None and stats["lookup start"] is None and stats["box issue"] == [150, 150, 150]  # no page ids: from the slots
     assert stats["first tile"] == [80, 80, 80]
     assert "(n=10)" in out and "(n=11)" not in out
+
+
+def test_consumer_groups_loop(tmp_path):
+    """Each group's turn, S done (its key slot's release), previous P.V done and P packed, and the
+    hand-overs between the groups, on a trace with known intervals (a fill every 2000 cycles)."""
+    lines = []
+    for n in range(20):
+        t = 1000 + 2000 * n
+        e = trace_line(n, t, 1, 0).split()[2:]
+        e = [int(x) for x in e]
+        for g, offset in enumerate((0, 700)):  # group 1 takes its turn 700 cycles after group 0
+            base = t + 900 + offset  # the fill lands at t + 900 (group 0) / t + 905 (group 1)
+            e[E["Turn"] + g] = base + 50
+            e[E["KeyReleased"] + g] = base + 50 + 400
+            e[E["PvDone"] + g] = base + 50 + 400 + 300
+            e[E["Ready"] + g] = base + 50 + 400 + 300 + 500
+        lines.append(f"sm90_trace {n} " + " ".join(map(str, e)))
+    stats, _ = run(tmp_path, lines, "--warps", "1")
+    assert stats["turn wait g0"] == [50, 50, 50]      # turn - landed (t + 900)
+    assert stats["turn wait g1"] == [745, 745, 745]   # t + 1650 - (t + 905)
+    assert stats["S done g0"] == [400, 400, 400]
+    assert stats["to P.V done g1"] == [300, 300, 300]
+    assert stats["softmax g0"] == [500, 500, 500]
+    assert stats["to next turn g0"] == [800, 800, 800]  # ready t + 2150, next turn t + 2950
+    assert stats["turn period g1"] == [2000, 2000, 2000]
+    assert stats["hand-over 0->1"] == [700, 700, 700]
+    assert stats["hand-over 1->0"] == [1300, 1300, 1300]
+    listing = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "trace.log"), "--warps", "1", "--fills", "3:5"],
+                             capture_output=True, text=True, check=True).stdout
+    assert " 3 g0 (-50,0,400,700,1200)  g1 (-45,700,1100,1400,1900)" in listing  # from group 0's turn
