@@ -125,15 +125,17 @@ def test_varlen_explicit_layout(kernel, block_size, diagonal, gen):
         assert (ref_lse == float("-inf")).any(), "test setup: no query row without keys"
 
 
+@pytest.mark.parametrize("head_dim", (64, 128), ids=lambda d: f"D{d}")
 @pytest.mark.parametrize("kv_block_size", (8, 16, 32, 64, 128), ids=lambda x: f"kvbs{x}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=("fp16", "bf16"))
-def test_paged_chunked(kernel, paged_path, dtype, kv_block_size, gen):
+def test_paged_chunked(kernel, paged_path, dtype, kv_block_size, head_dim, gen):
     """Chunked prefill: new tokens at positions context_len.. read the context from a shuffled paged
     cache whose unowned slots are NaN (the Hopper kernel's whole 64-key tiles through the TMA, one box
-    per page, for pages of 16 rows or more; the rest through cp.async)."""
+    per page, for pages of 16 rows or more, issued by the producer's warp pairs with 128-key fills;
+    the rest through cp.async). Both head dims: each has its own producer (its box and copy shapes)."""
     pattern = make_pattern("qslide", 64, LOCAL, VERT, 8, 2)
     seqs = [(0, 129), (1, 1), (63, 2), (64, 64), (65, 127), (1000, 300), (4000, 97), (130, 0)]
-    run_paged_prefill("cuda", dtype, 8, 2, 128, kv_block_size, seqs, pattern, gen)
+    run_paged_prefill("cuda", dtype, 8, 2, head_dim, kv_block_size, seqs, pattern, gen)
 
 
 @pytest.mark.parametrize("fp8", (torch.float8_e4m3fn, torch.float8_e5m2), ids=("e4m3", "e5m2"))
