@@ -496,23 +496,21 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       } else {
         // In passes of at most 8 rows a thread: a one-warp producer (BSA_SM90_PRODUCER_WARPS) copies 32
         // rows a thread, and all 32 at once spilled it (232 bytes at 128 keys, ptxas).
-        constexpr int kCopies = 64 / kRowStep, kPassCopies = kCopies < 8 ? kCopies : 8;
-        if constexpr (BSA_SM90_PAGED_PAIRS && kProducerThreads == 128 && kSlots == 2 && !kFp8Pages) {
-          if (pairs) {  // the fill's pair alone: 64 threads, rows (tid % 64) / kChunksPerRow + kRowStep / 2 i
-            constexpr int kPairRowStep = kRowStep / 2, kPairCopies = 64 / kPairRowStep;
-            constexpr int kPairPass = kPairCopies < 8 ? kPairCopies : 8;
+        // The tile's 64 rows, kStep rows apart from first_row (the copying threads / kChunksPerRow).
+        auto copy_tile = [&](auto step, int first_row) {
+          constexpr int kStep = decltype(step)::value, kCopies = 64 / kStep, kPassCopies = kCopies < 8 ? kCopies : 8;
 #pragma unroll 1
-            for (int pass = 0; pass < kPairCopies / kPairPass; ++pass)
-              copy_kv_rows<Cache, kPairPass, kPairRowStep>(kv, seq, kv_head, pos0,
-                                                           (tid & 63) / kChunksPerRow + pass * kPairPass * kPairRowStep,
-                                                           col, k_len, head_size, key_tile >= 0, dst_k, dst_v, stage_layout);
+          for (int pass = 0; pass < kCopies / kPassCopies; ++pass)
+            copy_kv_rows<Cache, kPassCopies, kStep>(kv, seq, kv_head, pos0, first_row + pass * kPassCopies * kStep, col,
+                                                    k_len, head_size, key_tile >= 0, dst_k, dst_v, stage_layout);
+        };
+        if constexpr (BSA_SM90_PAGED_PAIRS && kProducerThreads == 128 && kSlots == 2 && !kFp8Pages) {
+          if (pairs) {  // the fill's pair alone: its 64 threads
+            copy_tile(std::integral_constant<int, kRowStep / 2>{}, (tid & 63) / kChunksPerRow);
             return true;
           }
         }
-#pragma unroll 1
-        for (int pass = 0; pass < kCopies / kPassCopies; ++pass)
-          copy_kv_rows<Cache, kPassCopies, kRowStep>(kv, seq, kv_head, pos0, row0 + pass * kPassCopies * kRowStep, col,
-                                                     k_len, head_size, key_tile >= 0, dst_k, dst_v, stage_layout);
+        copy_tile(std::integral_constant<int, kRowStep>{}, row0);
       }
       return true;
     };
