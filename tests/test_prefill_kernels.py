@@ -216,15 +216,19 @@ GATHER_CASES = {"prompts": ([(0, 1000), (0, 700), (0, 1000)], True, True),
 @pytest.mark.parametrize("path", ("auto", "direct", "gather"))
 @pytest.mark.parametrize("case", GATHER_CASES)
 def test_paged_path_gathers_as_its_setting_says(kernel, monkeypatch, path, case, cache_dtype, gen):
-    """BSA_PAGED_PREFILL=auto gathers where the queries cover at least half of the rows the gather
-    would copy, a quarter from an fp8 cache or on the portable kernel (whole prompts, chunks that are
-    most of their context: the gathered K/V show in the call's peak memory) and reads the pages
-    otherwise (chunks over longer contexts: no such transient); direct never gathers, gather always
-    (direct once fell through to auto, so that whole prompts tested as direct ran the gather). All
-    against the reference."""
+    """BSA_PAGED_PREFILL=auto never gathers where the Hopper kernel reads bf16 pages with 128-key
+    fills (through the TMA, at kv block 16 here); elsewhere it gathers where the queries cover at least
+    half of the rows the gather would copy, a quarter from an fp8 cache or on the portable kernel
+    (whole prompts, chunks that are most of their context: the gathered K/V show in the call's peak
+    memory) and reads the pages otherwise (chunks over longer contexts: no such transient); direct
+    never gathers, gather always (direct once fell through to auto, so that whole prompts tested as
+    direct ran the gather). All against the reference."""
     seqs, covered_half, covered_quarter = GATHER_CASES[case]
     fp8 = cache_dtype != torch.bfloat16
-    auto_gathers = covered_quarter if fp8 or kernel == "sm80" else covered_half
+    if kernel == "sm90-k128" and not fp8:
+        auto_gathers = False
+    else:
+        auto_gathers = covered_quarter if fp8 or kernel == "sm80" else covered_half
     gathers = {"auto": auto_gathers, "direct": False, "gather": True}[path]
     if kernel.endswith("k128") and fp8 and not gathers:
         pytest.skip("the Hopper kernel reads fp8 pages with 64-key fills only")

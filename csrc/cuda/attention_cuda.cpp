@@ -406,25 +406,33 @@ GatheredKeyValues gather_paged_source(PrefillParams& params, const at::Tensor& q
   return g;
 }
 
-// BSA_PAGED_PREFILL: whether this paged prefill gathers. auto gathers where the queries cover at least
-// half of the rows it would gather (whole prompts, or chunks that are most of their context), or a
-// quarter of them where the direct path reads pages dearly (an fp8 cache, or the portable kernel),
-// from host-known sizes only. There the copy is a small part of the prefill (whole prompts at 8k x 4:
-// ~0.1 ms against the ~0.5 ms the pages cost the direct path, kv block 16, H200). 2k chunks of 8k
-// prompts (a quarter), as x the contiguous time, direct against gathered: Hopper kernel, bf16 pages
-// 1.10x against 1.13x, e4m3 pages 1.33x against 1.05x (their widening is in the direct path's fills);
-// portable kernel, bf16 pages 1.12x against 1.07x (H200, 2026-12-05; 1.13x against 1.10x on an H100).
-// The transient is at most two (four) times the queries' rows of K and V, no larger than q itself
-// (twice q) with 4 or more q heads a kv head. A chunk over a longer context keeps the direct path,
-// which reads only the tiles the pattern shows it where the gather would copy the whole context
-// (2k chunks of 32k, portable kernel: 1.06x direct, 1.27x gathered, H100).
+// BSA_PAGED_PREFILL: whether this paged prefill gathers, from host-known sizes only. auto never gathers
+// where the Hopper kernel reads the pages with 128-key fills through the TMA in the model's dtype (the
+// two warp pairs of BSA_SM90_PAGED_PAIRS): there the pages cost about what contiguous K/V do, and the
+// gather only adds its copy and its transient. As x the contiguous time, direct against gathered, bf16
+// pages at kv block 16 (H200, 2026-12-07): whole prompts 1.05x against 1.06x at 8k x 4, 1.03x against
+// 1.03x at 32k x 1; 2k chunks 1.05x against 1.18x and 1.27x. Elsewhere it gathers where the queries
+// cover at least half of the rows it would gather (whole prompts, or chunks that are most of their
+// context), or a quarter of them where the direct path reads pages dearly (an fp8 cache, or the
+// portable kernel): 2k chunks of 8k prompts (a quarter), direct against gathered, Hopper kernel, e4m3
+// pages 1.33x against 1.05x (their widening is in the direct path's 64-key fills); portable kernel,
+// bf16 pages 1.12x against 1.07x (H200, 2026-12-05; 1.13x against 1.10x on an H100). The transient is
+// at most two (four) times the queries' rows of K and V, no larger than q itself (twice q) with 4 or
+// more q heads a kv head. A chunk over a longer context keeps the direct path, which reads only the
+// tiles the pattern shows it where the gather would copy the whole context (2k chunks of 32k, portable
+// kernel: 1.06x direct, 1.27x gathered, H100).
 bool choose_paged_gather(const PrefillParams& params, bool fp8_cache, const Settings& settings) {
   switch (settings.paged_prefill) {
     case PagedPrefillChoice::kDirect: return false;
     case PagedPrefillChoice::kGather: return true;
     case PagedPrefillChoice::kAuto: break;
   }
-  const bool dear_pages = fp8_cache || choose_prefill_kernel(params, settings) == PrefillKernel::kSm80;
+  const PrefillKernel kernel = choose_prefill_kernel(params, settings);
+  const bool hopper_page_fills = kernel == PrefillKernel::kSm90 && !fp8_cache && settings.sm90_tma &&
+                                 params.kv.sm90_tma_pages() && choose_pack_gqa_shift(params, kernel, settings) == 0 &&
+                                 choose_sm90_stage_keys(params, settings) == 128;
+  if (hopper_page_fills) return false;
+  const bool dear_pages = fp8_cache || kernel == PrefillKernel::kSm80;
   const int64_t covered_share = dear_pages ? 4 : 2;  // the queries cover 1 / covered_share of the rows or more
   return covered_share * params.num_q_tokens >= params.num_seqs * sequence_capacity(params);
 }

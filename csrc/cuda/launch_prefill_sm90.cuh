@@ -127,7 +127,7 @@ Sm90TensorMaps sm90_tensor_maps(const PrefillParams& params, bool use_tma) {
   // each starting at a multiple of 8 rows (the swizzle's period); slabs of kvbs * D elements, one
   // (block, kv head in the block) each.
   const int kvbs = kv.kv_block_size;
-  if (!std::is_same<Cache, Element>::value || kvbs % 16 != 0 || (kvbs > 64 && kvbs % 64 != 0)) return maps;
+  if (!std::is_same<Cache, Element>::value || !kv.sm90_tma_pages()) return maps;
   const int64_t slab_elements = static_cast<int64_t>(kvbs) * params.head_size;
   maps.kv_page_heads = static_cast<int>(kv.cache_block_stride / slab_elements);
   const int64_t slabs = static_cast<int64_t>(kv.num_cache_blocks) * maps.kv_page_heads;

@@ -48,6 +48,12 @@ struct KeyValueSource {
   const float* k_scale;
   const float* v_scale;
   BSA_HOST_DEVICE bool paged() const { return block_tables != nullptr; }
+  // Whether the Hopper kernel can read pages of this many rows through the TMA (the model's dtype
+  // only): boxes of min(kvbs, 64) rows inside one page, each starting at a multiple of 8 rows, at most
+  // 4 a 64-key tile. Other sizes take cp.async copies (launch_prefill_sm90.cuh, sm90_tensor_maps).
+  BSA_HOST_DEVICE bool sm90_tma_pages() const {
+    return kv_block_size % 16 == 0 && (kv_block_size <= 64 || kv_block_size % 64 == 0);
+  }
   // The table row kv head kv_head of sequence seq reads its pages from.
   BSA_HOST_DEVICE const int32_t* table_row(int seq, int kv_head) const {
     return block_tables + seq * block_table_stride + kv_head * block_table_head_stride;
