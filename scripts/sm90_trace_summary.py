@@ -20,6 +20,8 @@ a trace build, one "sm90_trace <fill> <clocks>" line per fill of CTA 0. Prints, 
 The consumer groups' loop, per group g (fills whose events g recorded):
   turn wait    from the fill seen landed to g's turn taken (the other group's hand-over)
   S done       from g's turn to its S seen done (the S product behind whatever the tensor pipe held)
+  value wait   from g's turn to the previous fill's values seen landed (BSA_SM90_VALUE_BARRIERS
+               builds: the values' own barrier, waited for between S's issue and P.V's)
   to P.V done  from S done to the previous fill's P.V seen done (row maxima, rescale vote, the wait)
   softmax      from P.V done to P packed (exponentials, row sums, the pack)
   to next turn from P packed to g's next turn (record, fill wait, turn wait)
@@ -42,7 +44,7 @@ SLOT_WAIT, SLOT_FREE, ISSUED = EVENTS["SlotWait"], EVENTS["SlotFree"], EVENTS["I
 FILL_WAIT, FILL_LANDED, KEY_RELEASED = EVENTS["FillWait"], EVENTS["FillLanded"], EVENTS["KeyReleased"]
 PAGE_KNOWN, BOXES_ISSUED, FIRST_TILE = EVENTS["PageKnown"], EVENTS["BoxesIssued"], EVENTS["FirstTileIssued"]
 LOOKUP_START = EVENTS["LookupStart"]
-TURN, PV_DONE, READY = EVENTS["Turn"], EVENTS["PvDone"], EVENTS["Ready"]
+TURN, PV_DONE, READY, VALUES_SEEN = EVENTS["Turn"], EVENTS["PvDone"], EVENTS["Ready"], EVENTS["ValuesSeen"]
 
 
 def read(path):
@@ -110,7 +112,7 @@ def summarise_consumers(rows):
     """The consumer groups' loop (events recorded by traces since the thirty-eighth session)."""
     out = {}
     for g in range(2):
-        for k in ("turn wait", "S done", "to P.V done", "softmax", "to next turn", "turn period"):
+        for k in ("turn wait", "S done", "value wait", "to P.V done", "softmax", "to next turn", "turn period"):
             out[f"{k} g{g}"] = []
     out["hand-over 0->1"] = []
     out["hand-over 1->0"] = []
@@ -123,6 +125,8 @@ def summarise_consumers(rows):
                 out[f"turn wait g{g}"].append(turn - landed)
             if turn and s_done:
                 out[f"S done g{g}"].append(s_done - turn)
+            if turn and event(e, VALUES_SEEN + g):
+                out[f"value wait g{g}"].append(event(e, VALUES_SEEN + g) - turn)
             if s_done and pv:
                 out[f"to P.V done g{g}"].append(pv - s_done)
             if pv and ready:

@@ -86,11 +86,14 @@ def test_consumer_groups_loop(tmp_path):
             e[E["KeyReleased"] + g] = base + 50 + 400
             e[E["PvDone"] + g] = base + 50 + 400 + 300
             e[E["Ready"] + g] = base + 50 + 400 + 300 + 500
+            if n % 2:  # value barriers: the previous fill's values seen 120 cycles into the turn
+                e[E["ValuesSeen"] + g] = base + 50 + 120
         lines.append(f"sm90_trace {n} " + " ".join(map(str, e)))
-    stats, _ = run(tmp_path, lines, "--warps", "1")
+    stats, out = run(tmp_path, lines, "--warps", "1")
     assert stats["turn wait g0"] == [50, 50, 50]      # turn - landed (t + 900)
     assert stats["turn wait g1"] == [745, 745, 745]   # t + 1650 - (t + 905)
     assert stats["S done g0"] == [400, 400, 400]
+    assert stats["value wait g1"] == [120, 120, 120] and "(n=10)" in out  # only the fills that recorded it
     assert stats["to P.V done g1"] == [300, 300, 300]
     assert stats["softmax g0"] == [500, 500, 500]
     assert stats["to next turn g0"] == [800, 800, 800]  # ready t + 2150, next turn t + 2950

@@ -977,7 +977,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     };
     // kValueBarriers: waits for the fill's values (its value slot's phase `parity`) first.
     auto issue_pv = [&](const Sm90Fill& fill, int parity) {
-      if constexpr (kValueBarriers) ptx::mbarrier_wait(&shared.value_full[fill.value_slot], parity);
+      if constexpr (kValueBarriers) {
+        ptx::mbarrier_wait(&shared.value_full[fill.value_slot], parity);
+        if (t < 32) sm90_trace(trace_fill - 1, kTraceValuesSeen + group);
+      }
       const unsigned char* s_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
       // V (MN-major): the 64-column blocks column_block_bytes apart, the 8-key groups row_group_bytes.
       const ptx::SmemDescriptor desc_v =

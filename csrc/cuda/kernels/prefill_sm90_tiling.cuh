@@ -162,7 +162,7 @@ constexpr float kSm90MaxSlack = 8.f;
 // dense 16k x 2, FA4's for K and for V 8k and 11k of 549k). Measured +13.8 % cycles at dense 16k and
 // 32k, with 4.9 % more warp instructions: the consumers spin on the value wait (H100, Nsight
 // Compute, 2026-12-06). Not understood: those values were issued before the keys the group had
-// already waited for.
+// already waited for. A trace build records when each group sees them land (kTraceValuesSeen).
 #ifndef BSA_SM90_VALUE_BARRIERS
 #define BSA_SM90_VALUE_BARRIERS 0
 #endif

@@ -22,7 +22,8 @@ constexpr int kSm90TraceFills = 1024;
 // sees it landed, and frees its key slot (S done). Within warp w's issue: its lane 0 about to look
 // its first page id of the fill up and that id loaded (TMA pages), its boxes of the first tile
 // issued and its last box issued (TMA fills). Within consumer group g's fill: its turn taken (its
-// products about to issue), the previous fill's P.V seen done, and P packed (the fill's softmax done).
+// products about to issue), the previous fill's values seen landed (value barriers), the previous
+// fill's P.V seen done, and P packed (the fill's softmax done).
 enum Sm90TraceEvent : int {
   kTraceSlotWait = 0,      // + producer warp
   kTraceSlotFree = 4,      // + producer warp
@@ -37,7 +38,9 @@ enum Sm90TraceEvent : int {
   kTraceTurn = 34,             // + consumer group: its turn taken, S and the previous P.V about to issue
   kTracePvDone = 36,           // + consumer group: the previous fill's P.V seen done
   kTraceReady = 38,            // + consumer group: the fill's P packed
-  kSm90TraceEvents = 40,
+  kTraceValuesSeen = 40,       // + consumer group: in its turn, the previous fill's values seen landed
+                               // (BSA_SM90_VALUE_BARRIERS only: their own barrier, waited for before P.V)
+  kSm90TraceEvents = 42,
 };
 
 #if BSA_SM90_TRACE
