@@ -115,11 +115,16 @@ using Sm90Compute = std::conditional_t<CacheFormat<Cache>::kFp8, __half, Element
 #ifndef BSA_SM90_PAGED_PAIRS
 #define BSA_SM90_PAGED_PAIRS 1
 #endif
+// Whether this instantiation can pair its warps (compile time), and whether this launch does.
+template <typename Tiling, typename Cache, int kProducerThreads>
+__host__ __device__ constexpr bool sm90_may_pair() {
+  return BSA_SM90_PAGED_PAIRS && BSA_SM90_PAGED_BOX_WARPS && BSA_SM90_PAGED_FILL_BOXES >= 1 &&
+         Tiling::kTilesPerStage == 2 && kProducerThreads == 128 && !CacheFormat<Cache>::kFp8;
+}
 template <typename Tiling, typename Cache, int kProducerThreads>
 __device__ __forceinline__ bool sm90_paged_pairs(const PrefillParams& params, const Sm90TensorMaps& maps) {
-  return BSA_SM90_PAGED_PAIRS && BSA_SM90_PAGED_BOX_WARPS && BSA_SM90_PAGED_FILL_BOXES >= 1 &&
-         Tiling::kTilesPerStage == 2 && kProducerThreads == 128 && !CacheFormat<Cache>::kFp8 && params.kv.paged() &&
-         maps.kv_enabled && maps.query_enabled;
+  return sm90_may_pair<Tiling, Cache, kProducerThreads>() && params.kv.paged() && maps.kv_enabled &&
+         maps.query_enabled;
 }
 
 // Warp group 0: claims work units, resolves them, and streams each unit's Q and visible K/V tiles
@@ -504,7 +509,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             copy_kv_rows<Cache, kPassCopies, kStep>(kv, seq, kv_head, pos0, first_row + pass * kPassCopies * kStep, col,
                                                     k_len, head_size, key_tile >= 0, dst_k, dst_v, stage_layout);
         };
-        if constexpr (BSA_SM90_PAGED_PAIRS && kProducerThreads == 128 && kSlots == 2 && !kFp8Pages) {
+        if constexpr (sm90_may_pair<Tiling, Cache, kProducerThreads>()) {
           if (pairs) {  // the fill's pair alone: its 64 threads
             copy_tile(std::integral_constant<int, kRowStep / 2>{}, (tid & 63) / kChunksPerRow);
             return true;
@@ -888,10 +893,15 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     }
   };
   int trace_fill = 0;  // BSA_SM90_TRACE: the fills waited for so far
+  // BSA_SM90_TRACE: this group's event `event` (a per-group offset) of the fill it last waited for.
+  auto trace_group = [&](int event) {
+    if (t < 32) sm90_trace(trace_fill - 1, event + group);
+  };
   auto wait_fill = [&] {
     if (t < 32) sm90_trace(trace_fill, kTraceFillWait + group);
     ptx::mbarrier_wait(&shared.full[cursor.key_slot], cursor_parity);
-    if (t < 32) sm90_trace(trace_fill++, kTraceFillLanded + group);
+    ++trace_fill;
+    trace_group(kTraceFillLanded);
     return cursor;
   };
   auto read_record = [&](const Sm90Fill& fill) {
@@ -917,7 +927,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   // see it. With split rings a key slot is freed once S is done; a value slot (with shared stages,
   // the whole stage) after P.V.
   auto release_key = [&](const Sm90Fill& fill) {
-    if (t < 32) sm90_trace(trace_fill - 1, kTraceKeyReleased + group);
+    trace_group(kTraceKeyReleased);
     if constexpr (Tiling::kSplitRings) ptx::mbarrier_arrive(&shared.key_empty[fill.key_slot]);
   };
   auto release_value = [&](const Sm90Fill& fill) { ptx::mbarrier_arrive(&shared.value_empty[fill.value_slot]); };
@@ -929,7 +939,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   // from a group's own flags (scripts/sm90_protocol_model.py checks the protocol).
   auto begin_turn = [&] {
     if constexpr (kTurns) ptx::named_barrier_sync(kSm90TurnBarrier + group, 2 * 128);
-    if (t < 32) sm90_trace(trace_fill - 1, kTraceTurn + group);
+    trace_group(kTraceTurn);
   };
   auto end_turn = [&] {
     if constexpr (kTurns) ptx::named_barrier_arrive(kSm90TurnBarrier + (group ^ 1), 2 * 128);
@@ -979,7 +989,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     auto issue_pv = [&](const Sm90Fill& fill, int parity) {
       if constexpr (kValueBarriers) {
         ptx::mbarrier_wait(&shared.value_full[fill.value_slot], parity);
-        if (t < 32) sm90_trace(trace_fill - 1, kTraceValuesSeen + group);
+        trace_group(kTraceValuesSeen);
       }
       const unsigned char* s_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
       // V (MN-major): the 64-column blocks column_block_bytes apart, the 8-key groups row_group_bytes.
@@ -1071,7 +1081,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         release_key(info.fill);
         scores_to_p(s, info, row_alpha);  // O is still zero: nothing to rescale (SASS: ~70 instructions)
         pack_p(s);
-        if (t < 32) sm90_trace(trace_fill - 1, kTraceReady + group);
+        trace_group(kTraceReady);
       }
       Sm90Fill pending = info.fill;
       int pending_parity = cursor_value_parity;
@@ -1113,20 +1123,19 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
             ptx::fence_registers(acc_o);
             release_value(pending);
           }
+          trace_group(kTracePvDone);
         };
         if constexpr (kPvWaitBeforeExp) {  // sm90_pv_wait_before_exp
           const float multiplier = mask_scores(s, info);
           softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
           finish_pv(row_alpha);
-          if (t < 32) sm90_trace(trace_fill - 1, kTracePvDone + group);
           softmax.exponentiate(s, multiplier, row_alpha);
         } else {
           scores_to_p(s, info, row_alpha);
           finish_pv(row_alpha);
-          if (t < 32) sm90_trace(trace_fill - 1, kTracePvDone + group);
         }
         pack_p(s);
-        if (t < 32) sm90_trace(trace_fill - 1, kTraceReady + group);
+        trace_group(kTraceReady);
         pending = fill;
         pending_parity = cursor_value_parity;
       }
