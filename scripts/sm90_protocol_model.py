@@ -42,8 +42,7 @@ on 2026-12-05, needed the producer to publish one fill more: the model found tha
 import random
 
 
-def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, vfull=False, pairs=False,
-        keys_first=False):
+def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, vfull=False, pairs=False):
     """units: (fills, marked) pairs, marked for a unit whose last fill is marked (no end record);
     SK / SV: key / value slots; QB: Q buffers; L: fills in flight; split: a key slot is released
     after S, not with its value slot; fix: the producer publishes unit k - QB's fills before it waits
@@ -61,9 +60,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
     fills later) and the fills before a Q buffer's reuse, both meeting at every unit's claim; mutant
     'pairs publish late' has each pair publish its copies a fill of its own later (four fills), and
     'pairs both wait for Q' has both pairs wait for a unit's Q buffer, not only the one that loads its
-    Q (the other may then look for a phase that has passed twice), for the self-test; keys_first
-    (BSA_SM90_VALUE_BARRIERS=2, with vfull): a fill of TMA tiles only (no copies) waits for its value
-    slot after its keys are published, just before its values' arrival."""
+    Q (the other may then look for a phase that has passed twice), for the self-test."""
     cnt, errors = {}, []
     preempted = [False]
     c = lambda b: cnt.get(b, 0)
@@ -101,13 +98,13 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
         def write(kind, slots, m):
             if not released(kind, slots, m):
                 errors.append(f"overwrite on {kind}: fill {m}'s slot before the consumers released it")
-        def begin_fill(value_wait=True):
+        def begin_fill():
             n = st['n']
             if n - lag >= st['pub']:
                 publish(st['pub']); st['pub'] += step
             if n >= SK:
                 yield from wait(lambda: ready(('kempty', n % SK), n // SK, 2))
-            if value_wait and n >= SV and mutant != 'no value wait':
+            if n >= SV and mutant != 'no value wait':
                 yield from wait(lambda: ready(('vempty', n % SV), n // SV, 2))
             write('kempty' if split else 'vempty', SK if split else SV, n)
         for k, unit in enumerate(units + [None]):
@@ -138,17 +135,12 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                 if not owns(n):  # the other pair's fill: walked, not issued
                     st['n'] += 1
                     continue
-                end_record = not (marked or i < len(fills) - 1)
-                values_later = keys_first and not end_record and not copies
-                yield from begin_fill(not values_later)
-                if not end_record and not values_later:  # a tile fill's values (an end record has none)
+                yield from begin_fill()
+                if marked or i < len(fills) - 1:  # a tile fill's values (an end record has none)
                     write('vempty', SV, n)
                 if not copies:
                     arrive(('full', n % SK)); early.add(n)
-                if values_later:  # the keys are out: now the value slot
-                    if n >= SV and mutant != 'no value wait':
-                        yield from wait(lambda: ready(('vempty', n % SV), n // SV, 2))
-                    write('vempty', SV, n)
+                end_record = not (marked or i < len(fills) - 1)
                 if vfull and not (end_record and mutant == 'no end-record value arrival'):
                     arrive(('vfull', n % SV))  # the values' own barrier: every fill
                 st['n'] += 1
@@ -253,7 +245,6 @@ if __name__ == "__main__":
         "main 128-key (2 + 3 split rings, 2 Q)": (2, 3, 2, 2, True, False, 0),
         "main 128-key, turns": (2, 3, 2, 2, True, True, 0),
         "128-key, turns, value barriers": (2, 3, 2, 2, True, True, 0),
-        "128-key, turns, value barriers, keys first": (2, 3, 2, 2, True, True, 0),
         "64-key, turns (BSA_SM90_TURNS=2)": (4, 4, 2, 2, False, True, 0.5),
         "old 128-key (3 shared stages, 1 Q)": (3, 3, 1, 2, False, False, 0),
         "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False, 0.5),
@@ -272,10 +263,8 @@ if __name__ == "__main__":
         results = {}
         vfull = "value barriers" in name
         pairs = "pairs" in name
-        keys_first = "keys first" in name
         for trial, units in enumerate(samples[p_marked][:trials]):
-            key = outcome(run(units, SK, SV, QB, L, split, fix, turns, mutant, random.Random(trial), vfull, pairs,
-                              keys_first))
+            key = outcome(run(units, SK, SV, QB, L, split, fix, turns, mutant, random.Random(trial), vfull, pairs))
             results[key] = results.get(key, 0) + 1
         return results
 
@@ -302,11 +291,6 @@ if __name__ == "__main__":
     results = tally(name, mutant="no end-record value arrival", trials=300)
     print(f"self-test no end-record value arrival {name:30} {results}")
     assert "deadlock" in results, "the model misses value barriers' phases out of step"
-    # ... and keys first without the deferred wait for the value slot must overwrite values in use.
-    name = "128-key, turns, value barriers, keys first"
-    results = tally(name, mutant="no value wait", trials=300)
-    print(f"self-test no value wait     {name:40} {results}")
-    assert any("overwrite" in key for key in results), "the model misses keys first's value slot unwaited"
     # ... and consumers that keep a marked last fill's slots (as they would if they waited for an end
     # record) must hang the ring once it wraps.
     name = "main 64-key (4 shared stages, 3 Q)"

@@ -219,8 +219,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
   // slot, before fill n is published, so before any group can release them again: no wait sees two
   // phases pass, and no group's release joins the other group's phase (scripts/sm90_protocol_model.py
   // checks both).
-  // value_wait false (sm90_keys_first): the caller waits for the value slot itself, after the keys.
-  auto begin_fill = [&](bool value_wait = true) {
+  auto begin_fill = [&] {
     if (pairs) {  // the pair's previous fill, n - 2, at the top of this one: its copies are the last pending
       if (n - 2 >= next_publish) {
         ptx::cp_async_wait<0>();
@@ -236,8 +235,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     if constexpr (Tiling::kSplitRings) {
       if (n >= kKeySlots) ptx::mbarrier_wait(&shared.key_empty[fill.key_slot], ((n / kKeySlots) + 1) & 1);
     }
-    if (value_wait && n >= kValueSlots)
-      ptx::mbarrier_wait(&shared.value_empty[fill.value_slot], ((n / kValueSlots) + 1) & 1);
+    if (n >= kValueSlots) ptx::mbarrier_wait(&shared.value_empty[fill.value_slot], ((n / kValueSlots) + 1) & 1);
     sm90_trace(n, kTraceSlotFree + tid / 32);
     return fill;
   };
@@ -398,7 +396,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // sm90_value_barriers: contiguous values through the TMA complete on the value slot's own barrier,
     // issued after the fill's keys (load_values); cp.async copies stay on the fill's full barrier.
     constexpr bool kValueBarriers = sm90_value_barriers<Tiling, kProducerThreads>();
-    constexpr bool kKeysFirst = sm90_keys_first<Tiling, kProducerThreads>();
     const bool values_apart = kValueBarriers && !kv.paged();
     // The stage layout (fp8 pages never come through the TMA: by column block, known at compile time).
     const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(!kFp8Pages && maps.kv_row_groups);
@@ -707,11 +704,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       }
       fill_leader = leader_of(n);
       if constexpr (kFp8Pages) load_fp8_rows(ahead_tile, ahead_page);
-      // sm90_keys_first: a fill of two whole TMA tiles writes its value slot only through load_values
-      // (partial and empty tiles' copies write it with the keys), so its keys need not wait for it.
-      bool values_later = false;
-      if constexpr (kKeysFirst) values_later = values_apart && tma_tile(fill_tiles[0]) && tma_tile(fill_tiles[1]);
-      const Sm90Fill fill = begin_fill(!values_later);
+      const Sm90Fill fill = begin_fill();
       const int key_slot = fill.key_slot;  // the fill's full barrier and record
       if (query_pending) {
         query_pending = false;
@@ -780,16 +773,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             issue_page_box(fill, box_slot, sm90_kv_offset(layout, box_slot * 64, 0), key_tile, fill_page, false);
         }
       }
-      if constexpr (kValueBarriers && !kKeysFirst) load_values(fill_tiles, fill);
+      if constexpr (kValueBarriers) load_values(fill_tiles, fill);
       ptx::cp_async_commit();
       if (!copies) {
         ptx::mbarrier_arrive(&shared.full[key_slot]);
         early |= 1u << (n % kKeySlots);
-      }
-      if constexpr (kKeysFirst) {  // the keys are out (and, TMA only, published): now the values
-        if (values_later && n >= kValueSlots)
-          ptx::mbarrier_wait(&shared.value_empty[fill.value_slot], ((n / kValueSlots) + 1) & 1);
-        load_values(fill_tiles, fill);
       }
       sm90_trace(n, kTraceIssued + tid / 32);
       copies = false;

@@ -163,23 +163,21 @@ constexpr float kSm90MaxSlack = 8.f;
 // 32k, with 4.9 % more warp instructions: the consumers spin on the value wait (H100, Nsight
 // Compute, 2026-12-06). Not understood: those values were issued before the keys the group had
 // already waited for. A trace build records when each group sees them land (kTraceValuesSeen).
-// BSA_SM90_VALUE_BARRIERS=2 (keys first): the trace (H100, dense 16k x 2, 2026-12-07) had the fill
-// period unchanged (3,185 cycles against main's 3,174) but group 0 waiting for the keys in 77 % of
-// the fills: the keys' barrier completed only after thread 0 had also issued the values (the
-// producer's slots-free-to-arrival 2,143 cycles against 1,406), and both waited for the value slot,
-// freed ~1,000 cycles after the key slot. With 2 the producer arrives on the fill's barrier before it
-// issues the values, and a fill of two whole TMA tiles waits for its value slot only after its keys
-// are out (FlashAttention-4's producer also waits for the key slot before the value slot).
+// Traced (H100, dense 16k x 2, 2026-12-07): the trace build's fill period is main's (3,185 cycles
+// against 3,174; the trace build is slower than the default, ~2,560): the cost does not show there.
+// It showed group 0 waiting for keys in 77 % of the fills, their barrier completing only after
+// thread 0 had also waited for the value slot and issued the values. Two fixes, measured in Nsight
+// Compute cycles at dense 16k x 2 against main in the same call, and dropped (the first is commit
+// a541813): keys first (arrive before the values' issue, wait for the value
+// slot after the keys) +13.9 % (1 in that call: +10.6 %; 32k x 1 +14.1 %), and with it the values'
+// phase tested before the turn (mbarrier.test_wait, so no phase check between S's wgmmas and P.V's)
+// +13.4 % (1 with the test: +9.8 %). Warp instructions +1-1.5 %: the cost is stall, not spinning.
 #ifndef BSA_SM90_VALUE_BARRIERS
 #define BSA_SM90_VALUE_BARRIERS 0
 #endif
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_value_barriers() {
   return BSA_SM90_VALUE_BARRIERS && Tiling::kSplitRings && kProducerThreads == 32;
-}
-template <typename Tiling, int kProducerThreads>
-__host__ __device__ constexpr bool sm90_keys_first() {
-  return BSA_SM90_VALUE_BARRIERS == 2 && sm90_value_barriers<Tiling, kProducerThreads>();
 }
 template <typename Tiling>
 __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
