@@ -172,6 +172,11 @@ constexpr float kSm90MaxSlack = 8.f;
 // slot after the keys) +13.9 % (1 in that call: +10.6 %; 32k x 1 +14.1 %), and with it the values'
 // phase tested before the turn (mbarrier.test_wait, so no phase check between S's wgmmas and P.V's)
 // +13.4 % (1 with the test: +9.8 %). Warp instructions +1-1.5 %: the cost is stall, not spinning.
+// Why (source-level profile, same card and shape): the consumers' wait for the fill grew from 6.4k to
+// 69.3k stall samples, the producer's wait for free slots fell from 25 % of its samples to 7.6 %:
+// the producer holds the pace. Its chain from free slots to arrival (~1,400 cycles for four TMA
+// loads from one thread in main's trace) grows by ~740 with the values apart. Worth another try
+// only once that chain is shorter.
 #ifndef BSA_SM90_VALUE_BARRIERS
 #define BSA_SM90_VALUE_BARRIERS 0
 #endif
