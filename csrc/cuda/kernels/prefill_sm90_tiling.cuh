@@ -160,17 +160,17 @@ constexpr float kSm90MaxSlack = 8.f;
 // values inside its turn, just before its P.V, as FlashAttention-4's Hopper forward does. Predicted
 // -1.5 to -3 % (our wait for a fill's keys and values: 36k of the consumers' 607k loop samples at
 // dense 16k x 2, FA4's for K and for V 8k and 11k of 549k). Measured +13.8 % cycles at dense 16k and
-// 32k, with 4.9 % more warp instructions: the consumers spin on the value wait (H100, Nsight
-// Compute, 2026-12-06). Not understood: those values were issued before the keys the group had
-// already waited for. A trace build records when each group sees them land (kTraceValuesSeen).
+// 32k, with 4.9 % more warp instructions (H100, Nsight Compute, 2026-12-06; read then as the
+// consumers spinning on the value wait, which the profile below does not bear out). A trace build
+// records when each group sees the values land (kTraceValuesSeen).
 // Traced (H100, dense 16k x 2, 2026-12-07): the trace build's fill period is main's (3,185 cycles
 // against 3,174; the trace build is slower than the default, ~2,560): the cost does not show there.
 // It showed group 0 waiting for keys in 77 % of the fills, their barrier completing only after
 // thread 0 had also waited for the value slot and issued the values. Two fixes, measured in Nsight
 // Compute cycles at dense 16k x 2 against main in the same call, and dropped (the first is commit
-// a541813): keys first (arrive before the values' issue, wait for the value
-// slot after the keys) +13.9 % (1 in that call: +10.6 %; 32k x 1 +14.1 %), and with it the values'
-// phase tested before the turn (mbarrier.test_wait, so no phase check between S's wgmmas and P.V's)
+// a541813): keys first (arrive before the values' issue, wait for the value slot after the keys)
+// +13.9 % (1 in that call: +10.6 %; 32k x 1 +14.1 %), and with it the values' phase tested before
+// the turn (mbarrier.test_wait, so no phase check between S's wgmmas and P.V's)
 // +13.4 % (1 with the test: +9.8 %). Warp instructions +1-1.5 %: the cost is stall, not spinning.
 // Why (source-level profile, same card and shape): the consumers' wait for the fill grew from 6.4k to
 // 69.3k stall samples, the producer's wait for free slots fell from 25 % of its samples to 7.6 %:
