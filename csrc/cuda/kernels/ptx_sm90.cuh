@@ -30,8 +30,25 @@ __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 }
 
 // Waits (acquire) until the phase of the given parity has completed: phase k of a barrier completes
-// with parity k & 1, so a consumer of the k-th fill waits for parity k & 1.
+// with parity k & 1, so a consumer of the k-th fill waits for parity k & 1. BSA_MBARRIER_SUSPEND_NS (default
+// 10 ms, the value CUTLASS's barriers pass; 0: none) is try_wait's suspend-time hint: a waiting warp
+// sleeps on the barrier (SASS: NANOSLEEP.SYNCS) until the phase completes or the hint runs out,
+// instead of retrying after the hardware's own short limit (YIELD and a branch back). H100, Nsight
+// Compute cycles (2026-12-07): dense 16k x 2 -0.46 %, 32k x 1 -0.50 %; the pattern 8k x 4, 128 x 256
+// and paged 2k chunks within their rounds' spread (+0.1 to +0.4 %); warp instructions unchanged.
+#ifndef BSA_MBARRIER_SUSPEND_NS
+#define BSA_MBARRIER_SUSPEND_NS 10000000
+#endif
 __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
+#if BSA_MBARRIER_SUSPEND_NS
+  asm volatile(
+      "{\n.reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1, %2;\n"
+      "@!done bra WAIT_%=;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(parity), "n"(BSA_MBARRIER_SUSPEND_NS)
+      : "memory");
+#else
   asm volatile(
       "{\n.reg .pred done;\n"
       "WAIT_%=:\n"
@@ -39,6 +56,7 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, int parity) {
       "@!done bra WAIT_%=;\n}\n" ::"r"(smem_addr(bar)),
       "r"(parity)
       : "memory");
+#endif
 }
 
 // Adds `bytes` to the transactions the barrier's current phase waits for (bulk copies that complete
