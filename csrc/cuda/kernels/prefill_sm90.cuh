@@ -193,8 +193,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
                 : tid;
   const int box_row = box < 32 ? (box >> box_shift) * maps.kv_page_rows : 64 * (kFillBoxes ? kSlots : 1);
   const int box_block = box & ((1 << box_shift) - 1);
-  // The shared window's address of the aligned base, the same in every lane (see tma_contiguous_tile).
-  const uint32_t smem_window = __shfl_sync(0xffffffffu, ptx::smem_addr(shared.smem), 0);
 
   // Fill n is published (fence for the wgmma reads, then arrive) at the top of fill n + L, BEFORE
   // the wait for free slots: publication never waits on the consumers, so a consumer never idles
@@ -403,23 +401,19 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     const Sm90KvLayout layout = sm90_kv_layout<Tiling::kBlockN, kHeadDim>(!kFp8Pages && maps.kv_row_groups);
     // One whole tile of contiguous K and/or V (keys, values) from `token` into tile offset tile_dst of
     // the fill's slots, through the TMA, completing on `landed`; K and V of a column block together.
-    // The addresses are offsets from smem_window, the shared window's base as a lane-0 broadcast, so
-    // that ptxas holds them in uniform registers (else each TMA went out in a loop over the lanes'
-    // values: ~20 instructions a load, a quarter of the one-warp producer's at dense 16k x 2).
     auto tma_contiguous_tile = [&](const Sm90Fill& fill, int tile_dst, int token, uint64_t* landed, bool keys,
                                    bool values) {
-      const uint32_t dst_k = smem_window + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
-      const uint32_t dst_v = smem_window + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
-      const uint32_t bar = smem_window + static_cast<uint32_t>(reinterpret_cast<unsigned char*>(landed) - shared.smem);
+      unsigned char* dst_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
+      unsigned char* dst_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
       if (maps.kv_row_groups) {
-        if (keys) ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, bar);
-        if (values) ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, bar);
+        if (keys) ptx::tma_load_5d(dst_k + tile_dst, &maps.key, 0, token, 0, 0, kv_head, landed);
+        if (values) ptx::tma_load_5d(dst_v + tile_dst, &maps.value, 0, token, 0, 0, kv_head, landed);
       } else {
 #pragma unroll
         for (int block = 0; block < kHeadDim / 64; ++block) {
           const int dst = block * Smem::kStageColumnBlockBytes + tile_dst;
-          if (keys) ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, bar);
-          if (values) ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, bar);
+          if (keys) ptx::tma_load_3d(dst_k + dst, &maps.key, block * 64, kv_head, token, landed);
+          if (values) ptx::tma_load_3d(dst_v + dst, &maps.value, block * 64, kv_head, token, landed);
         }
       }
     };
@@ -568,15 +562,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
                              every_block_visible_up_to(pattern, (valid_end - 1) >> pattern.block_shift);
     int counted_tile = 0;
     const int last_counted_tile = (valid_end - 1) >> 6;
-    // The counted tiles' flags by two thresholds a group, worked out once a unit: a group sees tile t
-    // while 64 t <= its last row (t <= counted_last), and t is masked where its last key passes the
-    // group's first row or the keys' end (64 t + 63 > group_lo or >= k_len: t >= counted_masked).
-    int counted_last[kSm90ConsumerGroups], counted_masked[kSm90ConsumerGroups];
-#pragma unroll
-    for (int g = 0; g < kSm90ConsumerGroups; ++g) {
-      counted_last[g] = group_lo[g] > group_hi[g] ? -1 : group_hi[g] >> 6;
-      counted_masked[g] = min((group_lo[g] + 1) >> 6, k_len >> 6);
-    }
     // BSA_SM90_LANE_WALK: a parametric pattern's tiles 32 at a time, one a lane, in closed form;
     // an explicit layout's, and those of the producer that looks page ids up ahead, by the walk.
     const bool lane_walk = BSA_SM90_LANE_WALK && !kPagesAhead && !count_tiles && !pattern.has_layout();
@@ -610,11 +595,12 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     auto next_tile = [&](int& key_tile, uint8_t (&flags)[kSm90ConsumerGroups]) {
       if (count_tiles) {
         key_tile = counted_tile <= last_counted_tile ? counted_tile++ : -1;
+        const int key_first = key_tile * 64, key_last = key_first + 63;
 #pragma unroll
         for (int g = 0; g < kSm90ConsumerGroups; ++g)
-          flags[g] = key_tile < 0 || key_tile > counted_last[g] ? 0
-                     : key_tile >= counted_masked[g]            ? kTileVisible | kTileMasked
-                                                                : kTileVisible;
+          flags[g] = key_tile < 0 || group_lo[g] > group_hi[g] || key_first > group_hi[g]
+                         ? 0
+                         : kTileVisible | (key_last > group_lo[g] || key_last >= k_len ? kTileMasked : 0);
         return key_tile >= 0;
       }
       if (lane_walk) {
@@ -743,8 +729,6 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         const int pos = tile * 64 + (box_row & 63);
         if (kv.paged() && tile >= 0 && pos < k_len) fill_page = kv.table_row(seq, kv_head)[kv.page_index(pos)];
       }
-      int record_tiles[kSlots];  // the fill's record, stored at once (sm90_store_record)
-      uint32_t record_flags = 0;
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) {
         int key_tile = -1, page = -1;
@@ -774,11 +758,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
             for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] |= kFillLast;
           }
         }
-        record_tiles[slot] = key_tile;
+        if (tid == fill_leader) {
+          shared.records[key_slot].key_tile[slot] = key_tile;
 #pragma unroll
-        for (int g = 0; g < kSm90ConsumerGroups; ++g) record_flags |= static_cast<uint32_t>(flags[g]) << (8 * (g * kSlots + slot));
+          for (int g = 0; g < kSm90ConsumerGroups; ++g) shared.records[key_slot].flags[g][slot] = flags[g];
+        }
       }
-      if (tid == fill_leader) sm90_store_record(shared.records[key_slot], unit, record_tiles, record_flags);
+      if (tid == fill_leader) shared.records[key_slot].unit = unit;
       if constexpr (kBoxPass) {
         const int box_slot = box_row >> 6;  // kSlots or more: no box
         if (kv.paged() && box_slot < kSlots) {

@@ -5,7 +5,6 @@
 
 #include <cuda.h>  // CUtensorMap (the types only: the encoder is fetched through the runtime)
 
-#include <cstddef>
 #include <cstdint>
 
 #include "cuda/kernels/params.h"
@@ -308,25 +307,12 @@ struct Sm90Smem {
 // -1 for an empty slot) and each consumer group's flags. A record whose first slot is empty ends
 // the unit's list; the first fill of a unit also carries its Q.
 template <int kTilesPerStage>
-struct alignas(16) Sm90StageRecord {
+struct Sm90StageRecord {
   int32_t unit;
   int32_t key_tile[kTilesPerStage];
   uint8_t flags[kSm90ConsumerGroups][kTilesPerStage];
 };
-static_assert(sizeof(Sm90StageRecord<1>) == 16 && sizeof(Sm90StageRecord<2>) == 16, "stage records have 16 bytes each");
-static_assert(offsetof(Sm90StageRecord<1>, flags) == 8 && offsetof(Sm90StageRecord<2>, flags) == 12,
-              "the flags follow the tiles (sm90_store_record)");
-// A whole record in one 16-byte shared store (the producer wrote it field by field: 7 stores a
-// 128-key fill and their byte packing); flags_word holds flags[g][slot] in byte g * kTilesPerStage + slot.
-template <int kTilesPerStage>
-__device__ __forceinline__ void sm90_store_record(Sm90StageRecord<kTilesPerStage>& record, int unit,
-                                                  const int (&key_tiles)[kTilesPerStage], uint32_t flags_word) {
-  uint32_t words[4] = {static_cast<uint32_t>(unit), 0u, 0u, 0u};
-#pragma unroll
-  for (int slot = 0; slot < kTilesPerStage; ++slot) words[1 + slot] = static_cast<uint32_t>(key_tiles[slot]);
-  words[1 + kTilesPerStage] = flags_word;
-  *reinterpret_cast<uint4*>(&record) = make_uint4(words[0], words[1], words[2], words[3]);
-}
+static_assert(sizeof(Sm90StageRecord<2>) <= 16, "stage records have 16 bytes each");
 
 // Byte offset of (row, col) in a swizzled tile of kRows rows.
 template <int kRows>

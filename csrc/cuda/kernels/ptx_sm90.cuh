@@ -89,18 +89,6 @@ __device__ __forceinline__ void tma_load_3d(void* smem_dst, const void* tensor_m
       : "memory");
 }
 
-// The same with the destination and the barrier as shared-window addresses: a caller that passes
-// warp-uniform ones (a lane-0 broadcast) has ptxas keep them in uniform registers, as the TMA
-// instruction takes them, instead of issuing the load in a loop over the lanes' values.
-__device__ __forceinline__ void tma_load_3d(uint32_t smem_dst, const void* tensor_map, int c0, int c1, int c2,
-                                            uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::
-          "r"(smem_dst),
-      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
-      : "memory");
-}
-
 // The same for a 4-D tensor map at (c0, c1, c2, c3).
 __device__ __forceinline__ void tma_load_4d(void* smem_dst, const void* tensor_map, int c0, int c1, int c2, int c3,
                                             uint64_t* bar) {
@@ -118,16 +106,6 @@ __device__ __forceinline__ void tma_load_5d(void* smem_dst, const void* tensor_m
       "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::
           "r"(smem_addr(smem_dst)),
       "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(smem_addr(bar))
-      : "memory");
-}
-
-// The same with shared-window addresses (see the 3-D overload).
-__device__ __forceinline__ void tma_load_5d(uint32_t smem_dst, const void* tensor_map, int c0, int c1, int c2, int c3,
-                                            int c4, uint32_t bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, %6}], [%7];\n" ::
-          "r"(smem_dst),
-      "l"(reinterpret_cast<uint64_t>(tensor_map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(c4), "r"(bar)
       : "memory");
 }
 
