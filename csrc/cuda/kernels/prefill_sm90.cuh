@@ -794,7 +794,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       // Nsight Compute cycles (2026-12-07): 64 a fill +2.1 % at dense 16k x 2, 128 +7.7 %, 256 +20.7 %
       // (32k x 1 +20.6 %). Not the producer's issue slots as such: the same day, 65 fewer producer
       // instructions a fill (uniform TMA operands, the counted tiles' flags by thresholds, one record
-      // store; commit in RESULTS.md) measured +0.4 % at dense 16k and 32k.
+      // store; commit 0db9f34) measured +0.4 % at dense 16k and 32k.
       if constexpr (kProducerThreads == 32) {
         uint32_t pad[4] = {static_cast<uint32_t>(n), static_cast<uint32_t>(tid), static_cast<uint32_t>(k), 7u};
         const uint32_t mul = static_cast<uint32_t>(unit) | 1u, add = static_cast<uint32_t>(seq);

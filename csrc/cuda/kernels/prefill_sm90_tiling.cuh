@@ -149,7 +149,9 @@ constexpr float kSm90MaxSlack = 8.f;
 // 13k of 631k). H100, Nsight Compute cycles (2026-12-06), both shapes: dense 16k x 2 -0.50 %, 32k
 // x 1 -0.38 %, 128 x 256 -0.60 %, the pattern 8k x 4 +0.29 %; 128-key fills only (the default):
 // dense 16k -0.78 %, 32k -0.54 %. Predicted -3 %: the block was not what sets the pace. Off for
-// 64-key fills, which carry the pattern.
+// 64-key fills, which carry the pattern. P.V committed in two halves, the first half of the next P
+// packed once the first half of P.V had read it (~250 cycles off each group's chain), measured +0.2
+// to +0.5 % (H100, 2026-12-07): the consumers' chain does not set the pace either.
 #ifndef BSA_SM90_PV_WAIT_BEFORE_EXP
 #define BSA_SM90_PV_WAIT_BEFORE_EXP 1
 #endif
