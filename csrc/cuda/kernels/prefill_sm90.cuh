@@ -871,6 +871,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   constexpr int kSRegs = Tiling::kBlockN / 2;  // S accumulators per thread: 64 rows x kBlockN keys / 128
   constexpr int kORegs = kHeadDim / 2;
   constexpr bool kPvWaitBeforeExp = sm90_pv_wait_before_exp<Tiling>();
+  constexpr bool kScaleBeforePvWait = sm90_scale_before_pv_wait<Tiling>();
   // Values the compiler can prove warp-uniform (a lane-0 broadcast) keep the slot indices and the
   // wgmma descriptors in uniform registers: otherwise every wgmma is preceded by register-to-
   // uniform moves and address arithmetic (SASS: ~70 instructions per tile).
@@ -1030,10 +1031,15 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // with branches made a masked 128-key tile 1188 SASS instructions against 457 unmasked).
     // mask_scores returns the multiplier the softmax applies to the scores.
     const bool scale_first = !(scale_log2 > 0.f);
-    auto mask_scores = [&](float (&s)[kSRegs], const StageInfo& stage_info) {
+    // No mask, and the scale folded into the exponentials.
+    auto plain_scores = [&](const StageInfo& stage_info) {
       bool plain = !scale_first;
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) plain &= stage_info.flags[slot] == kTileVisible;
+      return plain;
+    };
+    auto mask_scores = [&](float (&s)[kSRegs], const StageInfo& stage_info) {
+      const bool plain = plain_scores(stage_info);
       auto mask = [&](auto scale) {  // std::true_type: scale the visible scores too
         constexpr bool kScale = decltype(scale)::value;
 #pragma unroll
@@ -1143,7 +1149,22 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           }
           trace_group(kTracePvDone);
         };
-        if constexpr (kPvWaitBeforeExp) {  // sm90_pv_wait_before_exp
+        if constexpr (kScaleBeforePvWait) {  // sm90_scale_before_pv_wait: O rescaled every fill
+          if (plain_scores(info)) {  // the maxima and the shift in both arms: the wait stays after them
+            softmax.new_reference(s, scale_log2, kSm90MaxSlack, row_alpha);
+            softmax.shift_scores(s, scale_log2);
+          } else {
+            const float multiplier = mask_scores(s, info);
+            softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
+            softmax.shift_scores(s, multiplier);
+          }
+          ptx::wgmma_wait<0>();
+          ptx::fence_registers(acc_o);
+          release_value(pending);
+          scale_rows(acc_o, row_alpha);
+          trace_group(kTracePvDone);
+          softmax.exponentiate_shifted(s, row_alpha);
+        } else if constexpr (kPvWaitBeforeExp) {  // sm90_pv_wait_before_exp
           const float multiplier = mask_scores(s, info);
           softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
           finish_pv(row_alpha);
