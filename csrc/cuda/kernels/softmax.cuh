@@ -126,7 +126,7 @@ struct OnlineSoftmax {
     row_max[r] = new_max;
     return ref;
   }
-  // kShifted (std::true_type): the scores are already exponents (shift_scores); multiplier and ref
+  // Shifted = std::true_type: the scores are already exponents (shift_scores); multiplier and ref
   // are unused.
   template <int kRegs, typename Shifted = std::false_type>
   __device__ __forceinline__ void row_exponentiate(float (&s)[kRegs], int r, float multiplier, float ref,
