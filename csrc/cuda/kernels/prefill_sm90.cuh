@@ -1163,7 +1163,8 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           release_value(pending);
           scale_rows(acc_o, row_alpha);
           trace_group(kTracePvDone);
-          softmax.exponentiate_shifted(s, row_alpha);
+          if constexpr (BSA_SM90_SCALE_BEFORE_PV_WAIT == 2) softmax.exponentiate_shifted_chained(s, row_alpha);
+          else softmax.exponentiate_shifted(s, row_alpha);
         } else if constexpr (kPvWaitBeforeExp) {  // sm90_pv_wait_before_exp
           const float multiplier = mask_scores(s, info);
           softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);

@@ -199,7 +199,8 @@ __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
 // block; with the vote kept, it sank the FFMAs below the vote's branch). SASS: the wait after both
 // arms' FFMAs, the FMULs between the MUFU.EX2s; the one-warp kernel spills 48 bytes outside the loop.
 // Ours against FA4 at dense 16k x 2: 4.6 % more cycles, the turn's wait +31k stall samples, MUFU.EX2
-// `wait` +14k.
+// `wait` +14k. 2: also each row's sum in one chain, an FADD after each exponential, as in FA4's SASS
+// (ours: trees, whose FADDs waited 15.9k samples against FA4's ~0).
 #ifndef BSA_SM90_SCALE_BEFORE_PV_WAIT
 #define BSA_SM90_SCALE_BEFORE_PV_WAIT 0
 #endif

@@ -105,6 +105,22 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_exponentiate(s, r, 1.f, 0.f, alpha[r], std::true_type{});
   }
+  // The same with each row's sum in one chain, both rows' exponentials interleaved (one FADD after
+  // each MUFU.EX2, as in FlashAttention-4's loop, where the chains never wait: a warp issues an
+  // exponential every 8 cycles, an FADD takes 4). Sums in another order than the trees'.
+  template <int kRegs>
+  __device__ __forceinline__ void exponentiate_shifted_chained(float (&s)[kRegs], const float (&alpha)[2]) {
+    float sum[2] = {row_sum[0] * alpha[0], row_sum[1] * alpha[1]};
+#pragma unroll
+    for (int j = 0; j < kRegs / 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[4 * j + e] = ptx::exp2_approx(s[4 * j + e]);
+        sum[e >> 1] += s[4 * j + e];
+      }
+    row_sum[0] = sum[0];
+    row_sum[1] = sum[1];
+  }
 
   // One row (r: the thread's first or second) of new_reference, which returns the row's reference,
   // and of exponentiate.
