@@ -1109,6 +1109,12 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
       }
       Sm90Fill pending = info.fill;
       int pending_parity = cursor_value_parity;
+      // The previous fill's P.V done, O readable and its value slot freed.
+      auto finish_pending_pv = [&] {
+        ptx::wgmma_wait<0>();
+        ptx::fence_registers(acc_o);
+        release_value(pending);
+      };
       while (!info.last) {
         // Both products are issued before the fill's record is read (its load and broadcast
         // would delay them): an end record's key slot holds stale keys, whose scores are dropped
@@ -1130,22 +1136,16 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         ptx::fence_registers(s);
         release_key(fill);
         if (info.end) {
-          ptx::wgmma_wait<0>();
-          ptx::fence_registers(acc_o);
-          release_value(pending);
+          finish_pending_pv();
           break;
         }
         // O scaled by the change of the row maxima, skipped while they hold (the common case).
         auto finish_pv = [&](const float (&alpha)[2]) {
           if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
-            ptx::wgmma_wait<0>();
-            ptx::fence_registers(acc_o);
-            release_value(pending);
+            finish_pending_pv();
             scale_rows(acc_o, alpha);
           } else {
-            ptx::wgmma_wait<0>();
-            ptx::fence_registers(acc_o);
-            release_value(pending);
+            finish_pending_pv();
           }
           trace_group(kTracePvDone);
         };
@@ -1158,9 +1158,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
             softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
             softmax.shift_scores(s, multiplier);
           }
-          ptx::wgmma_wait<0>();
-          ptx::fence_registers(acc_o);
-          release_value(pending);
+          finish_pending_pv();
           scale_rows(acc_o, row_alpha);
           trace_group(kTracePvDone);
           if constexpr (BSA_SM90_SCALE_BEFORE_PV_WAIT == 2) softmax.exponentiate_shifted_chained(s, row_alpha);
@@ -1183,9 +1181,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         begin_turn();
         issue_pv(pending, pending_parity);
         end_turn();
-        ptx::wgmma_wait<0>();
-        ptx::fence_registers(acc_o);
-        release_value(pending);
+        finish_pending_pv();
       }
     } else {
       release_key(info.fill);  // a unit without key tiles: its first fill is the end record
