@@ -190,24 +190,6 @@ template <typename Tiling>
 __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
   return sm90_by_fill_shape<Tiling>(BSA_SM90_PV_WAIT_BEFORE_EXP);
 }
-// Build knob BSA_SM90_SCALE_BEFORE_PV_WAIT (default 0; an experiment, built and compiled, not yet run on
-// a GPU): with sm90_pv_wait_before_exp, FlashAttention-4's Hopper loop order (from its SASS, H100,
-// 2026-12-07): the row maxima and the 64 FFMAs of s * scale - reference before the wait for the
-// previous P.V, then O rescaled every fill (64 FMULs among the exponentials, no vote), the
-// exponentials, the row sums and the packs. The maxima and the FFMAs are taken in both arms of the
-// mask test, so that ptxas keeps the wait after them (it moves a wgmma wait to the top of its basic
-// block; with the vote kept, it sank the FFMAs below the vote's branch). SASS: the wait after both
-// arms' FFMAs, the FMULs between the MUFU.EX2s; the one-warp kernel spills 48 bytes outside the loop.
-// Ours against FA4 at dense 16k x 2: 4.6 % more cycles, the turn's wait +31k stall samples, MUFU.EX2
-// `wait` +14k. 2: also each row's sum in one chain, an FADD after each exponential, as in FA4's SASS
-// (ours: trees, whose FADDs waited 15.9k samples against FA4's ~0).
-#ifndef BSA_SM90_SCALE_BEFORE_PV_WAIT
-#define BSA_SM90_SCALE_BEFORE_PV_WAIT 0
-#endif
-template <typename Tiling>
-__host__ __device__ constexpr bool sm90_scale_before_pv_wait() {
-  return BSA_SM90_SCALE_BEFORE_PV_WAIT && Tiling::kTilesPerStage == 2 && sm90_pv_wait_before_exp<Tiling>();
-}
 
 // Per-stage flags for one consumer warp group.
 constexpr uint8_t kTileVisible = 1;  // the group's query block sees this key tile

@@ -9,7 +9,6 @@
 #pragma once
 
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda/kernels/ptx.cuh"
 
@@ -83,45 +82,6 @@ struct OnlineSoftmax {
     for (int r = 0; r < 2; ++r) row_exponentiate(s, r, multiplier, reference(row_max[r]), alpha[r]);
   }
 
-  // exponentiate() in two steps, for a caller that waits for something between them (the Hopper
-  // consumer, BSA_SM90_SCALE_BEFORE_PV_WAIT: the FFMAs before its wait for the previous P.V, as
-  // FlashAttention-4's loop has them): shift_scores turns the scores into their exponents,
-  // s * multiplier - reference, in place; exponentiate_shifted takes 2^ of them and adds them to the
-  // row sums. The same operations as exponentiate(), in the same order per element.
-  template <int kRegs>
-  __device__ __forceinline__ void shift_scores(float (&s)[kRegs], float multiplier) const {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float ref = reference(row_max[r]);
-#pragma unroll
-      for (int j = 0; j < kRegs / 4; ++j) {
-        s[4 * j + 2 * r] = fmaf(s[4 * j + 2 * r], multiplier, -ref);
-        s[4 * j + 2 * r + 1] = fmaf(s[4 * j + 2 * r + 1], multiplier, -ref);
-      }
-    }
-  }
-  template <int kRegs>
-  __device__ __forceinline__ void exponentiate_shifted(float (&s)[kRegs], const float (&alpha)[2]) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) row_exponentiate(s, r, 1.f, 0.f, alpha[r], std::true_type{});
-  }
-  // The same with each row's sum in one chain, both rows' exponentials interleaved (one FADD after
-  // each MUFU.EX2, as in FlashAttention-4's loop, where the chains never wait: a warp issues an
-  // exponential every 8 cycles, an FADD takes 4). Sums in another order than the trees'.
-  template <int kRegs>
-  __device__ __forceinline__ void exponentiate_shifted_chained(float (&s)[kRegs], const float (&alpha)[2]) {
-    float sum[2] = {row_sum[0] * alpha[0], row_sum[1] * alpha[1]};
-#pragma unroll
-    for (int j = 0; j < kRegs / 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[4 * j + e] = ptx::exp2_approx(s[4 * j + e]);
-        sum[e >> 1] += s[4 * j + e];
-      }
-    row_sum[0] = sum[0];
-    row_sum[1] = sum[1];
-  }
-
   // One row (r: the thread's first or second) of new_reference, which returns the row's reference,
   // and of exponentiate.
   template <int kRegs>
@@ -142,16 +102,14 @@ struct OnlineSoftmax {
     row_max[r] = new_max;
     return ref;
   }
-  // Shifted = std::true_type: the scores are already exponents (shift_scores); multiplier and ref
-  // are unused.
-  template <int kRegs, typename Shifted = std::false_type>
+  template <int kRegs>
   __device__ __forceinline__ void row_exponentiate(float (&s)[kRegs], int r, float multiplier, float ref,
-                                                   float alpha, Shifted = {}) {
+                                                   float alpha) {
     float part[kRegs / 4];
 #pragma unroll
     for (int j = 0; j < kRegs / 4; ++j) {
-      const float x0 = Shifted::value ? s[4 * j + 2 * r] : fmaf(s[4 * j + 2 * r], multiplier, -ref);
-      const float x1 = Shifted::value ? s[4 * j + 2 * r + 1] : fmaf(s[4 * j + 2 * r + 1], multiplier, -ref);
+      const float x0 = fmaf(s[4 * j + 2 * r], multiplier, -ref);
+      const float x1 = fmaf(s[4 * j + 2 * r + 1], multiplier, -ref);
       s[4 * j + 2 * r] = ptx::exp2_approx(x0);
       s[4 * j + 2 * r + 1] = ptx::exp2_approx(x1);
       part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
