@@ -787,23 +787,33 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
         break;
       }
       if constexpr (kTilesAhead) walk_fill();
-#if BSA_SM90_PRODUCER_PAD
-      // Experiment (a diagnostic): BSA_SM90_PRODUCER_PAD integer multiply-adds a fill in four
-      // independent chains, after the fill is out and before the wait for the next one's slots, on
-      // the SM sub-partition the one-warp producer shares with a consumer warp of each group. H100,
-      // Nsight Compute cycles (2026-12-07): 64 a fill +2.1 % at dense 16k x 2, 128 +7.7 %, 256 +20.7 %
-      // (32k x 1 +20.6 %). Not the producer's issue slots as such: the same day, 65 fewer producer
-      // instructions a fill (uniform TMA operands, the counted tiles' flags by thresholds, one record
-      // store; commit 0db9f34) measured +0.4 % at dense 16k and 32k.
+#if BSA_SM90_PRODUCER_PAD || BSA_SM90_PRODUCER_PAD_ALU
+      // Diagnostics: the one-warp producer made late after a fill is out, before the wait for the
+      // next one's slots, on the SM sub-partition it shares with a consumer warp of each group.
+      // BSA_SM90_PRODUCER_PAD=n: n integer multiply-adds in four chains; BSA_SM90_PRODUCER_PAD_ALU=n:
+      // n rotates and XORs instead (ALU pipe, not FMA). BSA_SM90_PRODUCER_SLEEP_NS=t: a sleep,
+      // no issue slots (nanosleep: 0 to 2t). H100, Nsight Compute cycles, dense 16k x 2 (2026-12-07):
+      // IMAD 64 +2.1 %, 128 +7.7 / +8.3 %, 256 +20.7 % (a threshold near 42 a fill, then ~2.5
+      // cycles each); ALU 128 +5.1 %; sleep 100 ns +0.0 %, 300 ns +5.2 %. So the producer has ~100-300
+      // cycles of slack a fill (of ~2,570) and sets no pace: 65 fewer of its instructions a fill
+      // (commit 0db9f34) measured +0.4 %.
       if constexpr (kProducerThreads == 32) {
         uint32_t pad[4] = {static_cast<uint32_t>(n), static_cast<uint32_t>(tid), static_cast<uint32_t>(k), 7u};
         const uint32_t mul = static_cast<uint32_t>(unit) | 1u, add = static_cast<uint32_t>(seq);
 #pragma unroll
-        for (int i = 0; i < BSA_SM90_PRODUCER_PAD / 4; ++i)
+        for (int i = 0; i < (BSA_SM90_PRODUCER_PAD + BSA_SM90_PRODUCER_PAD_ALU) / 4; ++i)
 #pragma unroll
-          for (int c = 0; c < 4; ++c) asm volatile("mad.lo.u32 %0, %0, %1, %2;" : "+r"(pad[c]) : "r"(mul), "r"(add));
+          for (int c = 0; c < 4; ++c) {
+            if (BSA_SM90_PRODUCER_PAD_ALU == 0)
+              asm volatile("mad.lo.u32 %0, %0, %1, %2;" : "+r"(pad[c]) : "r"(mul), "r"(add));
+            else if (i % 2 == 0)  // two instructions a step, half the steps
+              asm volatile("{ shf.l.wrap.b32 %0, %0, %0, 5; xor.b32 %0, %0, %1; }" : "+r"(pad[c]) : "r"(mul));
+          }
         if ((pad[0] ^ pad[1] ^ pad[2] ^ pad[3]) == 0x9e3779b9u) shared.records[0].unit = -2;  // keeps them
       }
+#endif
+#if BSA_SM90_PRODUCER_SLEEP_NS
+      if constexpr (kProducerThreads == 32) __nanosleep(BSA_SM90_PRODUCER_SLEEP_NS);
 #endif
     }
   }

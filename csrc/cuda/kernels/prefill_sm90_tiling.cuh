@@ -191,6 +191,18 @@ __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
   return sm90_by_fill_shape<Tiling>(BSA_SM90_PV_WAIT_BEFORE_EXP);
 }
 
+// Diagnostic knobs that make the one-warp producer late (their results: at their use in
+// prefill_sm90.cuh). Default off.
+#ifndef BSA_SM90_PRODUCER_PAD
+#define BSA_SM90_PRODUCER_PAD 0
+#endif
+#ifndef BSA_SM90_PRODUCER_PAD_ALU
+#define BSA_SM90_PRODUCER_PAD_ALU 0
+#endif
+#ifndef BSA_SM90_PRODUCER_SLEEP_NS
+#define BSA_SM90_PRODUCER_SLEEP_NS 0
+#endif
+
 // Per-stage flags for one consumer warp group.
 constexpr uint8_t kTileVisible = 1;  // the group's query block sees this key tile
 constexpr uint8_t kTileMasked = 2;   // ... and some (row, key) pairs are causal or past the keys
