@@ -1160,11 +1160,14 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         };
         // FlashAttention-4's order (the maxima and the FFMAs of s * scale - max before this P.V wait),
         // with O rescaled every fill or on the vote, measured 0.4-3.4 % more cycles (H100, 2026-12-07).
-        if constexpr (kPvWaitBeforeExp) {  // sm90_pv_wait_before_exp
+        if constexpr (BSA_SM90_SKIP_SOFTMAX == 1) {  // diagnostic, wrong output: P = the raw scores
+          finish_pending_pv();
+          trace_group(kTracePvDone);
+        } else if constexpr (kPvWaitBeforeExp) {  // sm90_pv_wait_before_exp
           const float multiplier = mask_scores(s, info);
           softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
           finish_pv(row_alpha);
-          softmax.exponentiate(s, multiplier, row_alpha);
+          if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate(s, multiplier, row_alpha);
         } else {
           scores_to_p(s, info, row_alpha);
           finish_pv(row_alpha);
