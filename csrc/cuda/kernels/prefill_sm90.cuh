@@ -1158,12 +1158,12 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           }
           trace_group(kTracePvDone);
         };
-        // FlashAttention-4's order (the maxima and the FFMAs of s * scale - max before this P.V wait),
-        // with O rescaled every fill or on the vote, measured 0.4-3.4 % more cycles (H100, 2026-12-07).
         if constexpr (BSA_SM90_SKIP_SOFTMAX == 1) {  // diagnostic, wrong output: P = the raw scores
           finish_pending_pv();
           trace_group(kTracePvDone);
         } else if constexpr (kPvWaitBeforeExp) {  // sm90_pv_wait_before_exp
+          // FlashAttention-4's order (the maxima and the FFMAs of s * scale - max before this P.V
+          // wait), O rescaled every fill or on the vote: 0.4-3.4 % more cycles (H100, 2026-12-07).
           const float multiplier = mask_scores(s, info);
           softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
           finish_pv(row_alpha);

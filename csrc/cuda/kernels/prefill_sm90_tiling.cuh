@@ -203,7 +203,7 @@ __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
 #define BSA_SM90_PRODUCER_SLEEP_NS 0
 #endif
 // Diagnostic knob BSA_SM90_SKIP_SOFTMAX (default 0; its outputs are wrong, for timing only): the
-// consumers' 128-key loop with P = the raw scores. 1: no mask, maxima or exponentials (the loop's
+// consumers' fill loop with P = the raw scores. 1: no mask, maxima or exponentials (the loop's
 // floor without its softmax: products, fills, turns); 2: the exponentials (and row sums) only
 // skipped. Against main and FA4 in the same call, it says how much of the gap the softmax's
 // overlap with the products holds.
