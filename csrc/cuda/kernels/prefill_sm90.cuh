@@ -1040,15 +1040,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // with branches made a masked 128-key tile 1188 SASS instructions against 457 unmasked).
     // mask_scores returns the multiplier the softmax applies to the scores.
     const bool scale_first = !(scale_log2 > 0.f);
-    // No mask, and the scale folded into the exponentials.
-    auto plain_scores = [&](const StageInfo& stage_info) {
+    auto mask_scores = [&](float (&s)[kSRegs], const StageInfo& stage_info) {
       bool plain = !scale_first;
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) plain &= stage_info.flags[slot] == kTileVisible;
-      return plain;
-    };
-    auto mask_scores = [&](float (&s)[kSRegs], const StageInfo& stage_info) {
-      const bool plain = plain_scores(stage_info);
       auto mask = [&](auto scale) {  // std::true_type: scale the visible scores too
         constexpr bool kScale = decltype(scale)::value;
 #pragma unroll

@@ -108,10 +108,8 @@ struct OnlineSoftmax {
     float part[kRegs / 4];
 #pragma unroll
     for (int j = 0; j < kRegs / 4; ++j) {
-      const float x0 = fmaf(s[4 * j + 2 * r], multiplier, -ref);
-      const float x1 = fmaf(s[4 * j + 2 * r + 1], multiplier, -ref);
-      s[4 * j + 2 * r] = ptx::exp2_approx(x0);
-      s[4 * j + 2 * r + 1] = ptx::exp2_approx(x1);
+      s[4 * j + 2 * r] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r], multiplier, -ref));
+      s[4 * j + 2 * r + 1] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r + 1], multiplier, -ref));
       part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
     }
     row_sum[r] = row_sum[r] * alpha + reduce_tree(part, [](float a, float b) { return a + b; });
