@@ -1169,6 +1169,9 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         }
         pack_p(s);
         trace_group(kTraceReady);
+#if BSA_SM90_CONSUMER_SLEEP_NS
+        __nanosleep(BSA_SM90_CONSUMER_SLEEP_NS);  // diagnostic (prefill_sm90_tiling.cuh)
+#endif
         pending = fill;
         pending_parity = cursor_value_parity;
       }

@@ -210,6 +210,13 @@ __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
 #ifndef BSA_SM90_SKIP_SOFTMAX
 #define BSA_SM90_SKIP_SOFTMAX 0
 #endif
+// Diagnostic knob BSA_SM90_CONSUMER_SLEEP_NS=t (default 0): each consumer warp sleeps t ns after it
+// packs a fill's P, before its next turn: its own chain made longer by a known time, taking no issue
+// slots. If a group's chain (S done, softmax, turn) sets the pace, the cycles grow by about that much
+// a fill; if the products or the fills do, they do not.
+#ifndef BSA_SM90_CONSUMER_SLEEP_NS
+#define BSA_SM90_CONSUMER_SLEEP_NS 0
+#endif
 
 // Per-stage flags for one consumer warp group.
 constexpr uint8_t kTileVisible = 1;  // the group's query block sees this key tile
