@@ -1162,7 +1162,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           const float multiplier = mask_scores(s, info);
           softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
           finish_pv(row_alpha);
-          if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate(s, multiplier, row_alpha);
+          if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate<BSA_SM90_POLY_EXP>(s, multiplier, row_alpha);
         } else {
           scores_to_p(s, info, row_alpha);
           finish_pv(row_alpha);

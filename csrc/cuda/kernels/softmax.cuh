@@ -76,10 +76,11 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_reference(s, r, multiplier, slack, alpha[r]);
   }
-  template <int kRegs>
+  // kPolyEvery > 0: every kPolyEvery-th pair of a row's exponentials on the FMA pipe (ptx::exp2_poly).
+  template <int kPolyEvery = 0, int kRegs>
   __device__ __forceinline__ void exponentiate(float (&s)[kRegs], float multiplier, const float (&alpha)[2]) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) row_exponentiate(s, r, multiplier, reference(row_max[r]), alpha[r]);
+    for (int r = 0; r < 2; ++r) row_exponentiate<kPolyEvery>(s, r, multiplier, reference(row_max[r]), alpha[r]);
   }
 
   // One row (r: the thread's first or second) of new_reference, which returns the row's reference,
@@ -102,14 +103,21 @@ struct OnlineSoftmax {
     row_max[r] = new_max;
     return ref;
   }
-  template <int kRegs>
+  template <int kPolyEvery = 0, int kRegs>
   __device__ __forceinline__ void row_exponentiate(float (&s)[kRegs], int r, float multiplier, float ref,
                                                    float alpha) {
+    constexpr int kEvery = kPolyEvery > 0 ? kPolyEvery : 1;
     float part[kRegs / 4];
 #pragma unroll
     for (int j = 0; j < kRegs / 4; ++j) {
-      s[4 * j + 2 * r] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r], multiplier, -ref));
-      s[4 * j + 2 * r + 1] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r + 1], multiplier, -ref));
+      const float x0 = fmaf(s[4 * j + 2 * r], multiplier, -ref), x1 = fmaf(s[4 * j + 2 * r + 1], multiplier, -ref);
+      if (kPolyEvery > 0 && j % kEvery == kEvery - 1) {
+        s[4 * j + 2 * r] = ptx::exp2_poly(x0);
+        s[4 * j + 2 * r + 1] = ptx::exp2_poly(x1);
+      } else {
+        s[4 * j + 2 * r] = ptx::exp2_approx(x0);
+        s[4 * j + 2 * r + 1] = ptx::exp2_approx(x1);
+      }
       part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
     }
     row_sum[r] = row_sum[r] * alpha + reduce_tree(part, [](float a, float b) { return a + b; });
