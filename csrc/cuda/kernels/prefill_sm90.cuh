@@ -1074,7 +1074,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     };
     // Scores -> P; returns the O rescale factors in row_alpha.
     auto scores_to_p = [&](float (&s)[kSRegs], const StageInfo& stage_info, float (&row_alpha)[2]) {
-      softmax.update(s, mask_scores(s, stage_info), kSm90MaxSlack, row_alpha);
+      softmax.update<BSA_SM90_POLY_EXP>(s, mask_scores(s, stage_info), kSm90MaxSlack, row_alpha);
     };
     // P as A fragments (16 keys per P.V k-step; two 8-key accumulator blocks form one fragment).
     auto pack_p = [&](const float (&s)[kSRegs]) {

@@ -57,12 +57,13 @@ struct OnlineSoftmax {
   // enough in fp16 / bf16, and O is rescaled a few times per row instead of at most tiles); slack 0
   // keeps the exact running maximum. A row that has seen nothing yet takes any finite maximum; a NaN
   // score leaves the reference alone and propagates through P.
-  template <int kRegs>
+  // kPolyEvery: as in exponentiate below.
+  template <int kPolyEvery = 0, int kRegs>
   __device__ __forceinline__ void update(float (&s)[kRegs], float multiplier, float slack, float (&alpha)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float ref = row_reference(s, r, multiplier, slack, alpha[r]);
-      row_exponentiate(s, r, multiplier, ref, alpha[r]);
+      row_exponentiate<kPolyEvery>(s, r, multiplier, ref, alpha[r]);
     }
   }
 
