@@ -27,6 +27,8 @@ The consumer groups' loop, per group g (fills whose events g recorded):
   to next turn from P packed to g's next turn (record, fill wait, turn wait)
   turn period  g's consecutive turns
   hand-over    group 1's turn minus group 0's (same fill), group 0's next turn minus group 1's
+  softmax overlap  cycles of group 0's softmax (fill n) during group 1's (fills n - 1 and n): the
+               time the two groups' exponentials share a sub-partition's MUFU unit
 With --fills a:b, also fills a..b-1 one by one: each warp's (slots free, first page id, last box,
 arrival), then group 0's wait and landing and both groups' release of the key slot the fill reuses,
 in cycles from the fill's first slot release (-: not recorded).
@@ -116,6 +118,8 @@ def summarise_consumers(rows):
             out[f"{k} g{g}"] = []
     out["hand-over 0->1"] = []
     out["hand-over 1->0"] = []
+    out["softmax overlap"] = []
+    window = lambda e, g: (event(e, PV_DONE + g), event(e, READY + g)) if e else (0, 0)  # noqa: E731
     for n, e in sorted(rows.items()):
         nxt = rows.get(n + 1)
         for g in range(2):
@@ -135,6 +139,9 @@ def summarise_consumers(rows):
                 out[f"to next turn g{g}"].append(event(nxt, TURN + g) - ready)
             if nxt and turn and event(nxt, TURN + g) > turn:
                 out[f"turn period g{g}"].append(event(nxt, TURN + g) - turn)
+        own, others = window(e, 0), [window(rows.get(n - 1), 1), window(e, 1)]
+        if all(own) and all(all(w) for w in others):
+            out["softmax overlap"].append(sum(max(0, min(own[1], w[1]) - max(own[0], w[0])) for w in others))
         if event(e, TURN) and event(e, TURN + 1):
             out["hand-over 0->1"].append(event(e, TURN + 1) - event(e, TURN))
             if nxt and event(nxt, TURN):

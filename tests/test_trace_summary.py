@@ -72,15 +72,15 @@ def test_one_warp_and_unrecorded_fills(tmp_path):
     assert "(n=10)" in out and "(n=11)" not in out
 
 
-def test_consumer_groups_loop(tmp_path):
-    """Each group's turn, S done (its key slot's release), previous P.V done and P packed, and the
-    hand-overs between the groups, on a trace with known intervals (a fill every 2000 cycles)."""
+def consumer_trace(group1_offset):
+    """20 fills, one every 2000 cycles; group 1 takes its turn group1_offset cycles after group 0,
+    and each group's steps take known times."""
     lines = []
     for n in range(20):
         t = 1000 + 2000 * n
         e = trace_line(n, t, 1, 0).split()[2:]
         e = [int(x) for x in e]
-        for g, offset in enumerate((0, 700)):  # group 1 takes its turn 700 cycles after group 0
+        for g, offset in enumerate((0, group1_offset)):
             base = t + 900 + offset  # the fill lands at t + 900 (group 0) / t + 905 (group 1)
             e[E["Turn"] + g] = base + 50
             e[E["KeyReleased"] + g] = base + 50 + 400
@@ -89,7 +89,13 @@ def test_consumer_groups_loop(tmp_path):
             if n % 2:  # value barriers: the previous fill's values seen 120 cycles into the turn
                 e[E["ValuesSeen"] + g] = base + 50 + 120
         lines.append(f"sm90_trace {n} " + " ".join(map(str, e)))
-    stats, out = run(tmp_path, lines, "--warps", "1")
+    return lines
+
+
+def test_consumer_groups_loop(tmp_path):
+    """Each group's turn, S done (its key slot's release), previous P.V done and P packed, and the
+    hand-overs between the groups, on a trace with known intervals (a fill every 2000 cycles)."""
+    stats, out = run(tmp_path, consumer_trace(700), "--warps", "1")  # group 1 700 cycles after group 0
     assert stats["turn wait g0"] == [50, 50, 50]      # turn - landed (t + 900)
     assert stats["turn wait g1"] == [745, 745, 745]   # t + 1650 - (t + 905)
     assert stats["S done g0"] == [400, 400, 400]
@@ -100,6 +106,16 @@ def test_consumer_groups_loop(tmp_path):
     assert stats["turn period g1"] == [2000, 2000, 2000]
     assert stats["hand-over 0->1"] == [700, 700, 700]
     assert stats["hand-over 1->0"] == [1300, 1300, 1300]
+    assert stats["softmax overlap"] == [0, 0, 0] and "(n=19)" in out  # windows 700 apart, 500 long; fill 0 has no n - 1
     listing = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "trace.log"), "--warps", "1", "--fills", "3:5"],
                              capture_output=True, text=True, check=True).stdout
     assert " 3 g0 (-50,0,400,700,1200)  g1 (-45,700,1100,1400,1900)" in listing  # from group 0's turn
+
+
+def test_softmax_overlap(tmp_path):
+    """Group 1 300 cycles behind group 0: each group's 500-cycle softmax window overlaps the other's
+    by 200 cycles (group 0's of fill n against group 1's of the same fill; fill n - 1's ended 1700
+    cycles earlier)."""
+    stats, _ = run(tmp_path, consumer_trace(300), "--warps", "1")
+    assert stats["softmax overlap"] == [200, 200, 200]
+    assert stats["hand-over 0->1"] == [300, 300, 300]
