@@ -213,8 +213,9 @@ __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
 #endif
 // Build knob BSA_SM90_POLY_EXP=n (default 0): in the Hopper consumers (both fill shapes), every n-th
 // pair of a row's exponentials is a polynomial on the FMA pipe (ptx::exp2_poly) instead of
-// MUFU.EX2, whose unit takes 8 cycles a warp instruction. Dense 16k x 2 without the exponentials took 8.58M cycles
-// against main's 10.28M (H100, 2026-12-07): they are the loop's gap to the tensor pipe.
+// MUFU.EX2, whose unit takes 8 cycles a warp instruction. Dense 16k x 2 without the exponentials
+// took 8.58M cycles against main's 10.28M (H100, 2026-12-07): they are the loop's gap to the tensor
+// pipe. Compiled, not yet run on a GPU.
 #ifndef BSA_SM90_POLY_EXP
 #define BSA_SM90_POLY_EXP 0
 #endif

@@ -77,9 +77,9 @@ __device__ __forceinline__ float exp2_approx(float x) {
 
 // 2^x on the FMA pipe, for a kernel whose MUFU unit sets its softmax's pace: round(x) by the 1.5 *
 // 2^23 trick, a degree-3 polynomial of the rest (in [-0.5, 0.5]; relative error 7.5e-5, a 50th of a
-// bf16 ulp), the integer part added to the result's exponent. Eight instructions (four FADD-class,
-// three FFMA, one IMAD) against MUFU.EX2's one, which holds the unit 8 cycles a warp (16 lanes a
-// cycle an SM). x is clamped below at -126 with NaN kept (max.NaN), so -inf gives a denormal that
+// bf16 ulp), the integer part added to the result's exponent. Eight instructions (SASS: FMNMX, three
+// FADD, three FFMA, one IMAD) against MUFU.EX2's one, which holds the unit 8 cycles a warp (16 lanes
+// a cycle an SM). x is clamped below at -126 with NaN kept (max.NaN), so -inf gives a denormal that
 // stands for 0 and NaN stays NaN.
 __device__ __forceinline__ float exp2_poly(float x) {
   asm("max.NaN.f32 %0, %0, 0fC2FC0000;\n" : "+f"(x));  // -126
