@@ -1161,8 +1161,16 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           // wait), O rescaled every fill or on the vote: 0.4-3.4 % more cycles (H100, 2026-12-07).
           const float multiplier = mask_scores(s, info);
           softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
-          finish_pv(row_alpha);
-          if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate<BSA_SM90_POLY_EXP>(s, multiplier, row_alpha);
+          if constexpr (BSA_SM90_EXP_BEFORE_WAIT > 0) {  // prefill_sm90_tiling.cuh
+            constexpr int kPairs = kSRegs / 4, kBefore = BSA_SM90_EXP_BEFORE_WAIT < kPairs ? BSA_SM90_EXP_BEFORE_WAIT : kPairs;
+            softmax.exponentiate_pairs<BSA_SM90_POLY_EXP, 0, kBefore>(s, multiplier);
+            finish_pv(row_alpha);
+            softmax.exponentiate_pairs<BSA_SM90_POLY_EXP, kBefore, kPairs>(s, multiplier);
+            softmax.add_row_sums(s, row_alpha);
+          } else {
+            finish_pv(row_alpha);
+            if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate<BSA_SM90_POLY_EXP>(s, multiplier, row_alpha);
+          }
         } else {
           scores_to_p(s, info, row_alpha);
           finish_pv(row_alpha);
