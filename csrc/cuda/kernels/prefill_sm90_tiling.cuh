@@ -224,7 +224,7 @@ __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
 // the rest after it. They write the scores' registers, not P's, which that P.V still reads. The
 // consumers' chain sets the pace (BSA_SM90_CONSUMER_SLEEP_NS) and its exponentials hold the gap
 // (BSA_SM90_SKIP_SOFTMAX); k exponential pairs in the wait's shadow take them off the chain if
-// the wait has slack. All 16 before it (the order without sm90_pv_wait_before_exp) measured 0.5-0.8 %
+// the wait has slack. All 16 before it (the order without sm90_pv_wait_before_exp) measured 0.4-0.8 %
 // slower (2026-12-06). Compiled, not yet run on a GPU.
 #ifndef BSA_SM90_EXP_BEFORE_WAIT
 #define BSA_SM90_EXP_BEFORE_WAIT 0
