@@ -93,12 +93,7 @@ struct OnlineSoftmax {
     for (int r = 0; r < 2; ++r) {
       const float ref = reference(row_max[r]);
 #pragma unroll
-      for (int j = kFirst; j < kLast; ++j) {
-        const float x0 = fmaf(s[4 * j + 2 * r], multiplier, -ref), x1 = fmaf(s[4 * j + 2 * r + 1], multiplier, -ref);
-        const bool poly = kPolyEvery > 0 && j % (kPolyEvery > 0 ? kPolyEvery : 1) == kPolyEvery - 1;
-        s[4 * j + 2 * r] = poly ? ptx::exp2_poly(x0) : ptx::exp2_approx(x0);
-        s[4 * j + 2 * r + 1] = poly ? ptx::exp2_poly(x1) : ptx::exp2_approx(x1);
-      }
+      for (int j = kFirst; j < kLast; ++j) exponentiate_pair<kPolyEvery>(s, r, j, multiplier, ref);
     }
   }
   template <int kRegs>
@@ -135,22 +130,26 @@ struct OnlineSoftmax {
   template <int kPolyEvery = 0, int kRegs>
   __device__ __forceinline__ void row_exponentiate(float (&s)[kRegs], int r, float multiplier, float ref,
                                                    float alpha) {
-    constexpr int kEvery = kPolyEvery > 0 ? kPolyEvery : 1;
     float part[kRegs / 4];
 #pragma unroll
     for (int j = 0; j < kRegs / 4; ++j) {
-      const float x0 = fmaf(s[4 * j + 2 * r], multiplier, -ref), x1 = fmaf(s[4 * j + 2 * r + 1], multiplier, -ref);
-      if (kPolyEvery > 0 && j % kEvery == kEvery - 1) {
-        s[4 * j + 2 * r] = ptx::exp2_poly(x0);
-        s[4 * j + 2 * r + 1] = ptx::exp2_poly(x1);
-      } else {
-        s[4 * j + 2 * r] = ptx::exp2_approx(x0);
-        s[4 * j + 2 * r + 1] = ptx::exp2_approx(x1);
-      }
+      exponentiate_pair<kPolyEvery>(s, r, j, multiplier, ref);
       part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
     }
     row_sum[r] = row_sum[r] * alpha + reduce_tree(part, [](float a, float b) { return a + b; });
   }
+  // Row r's pair j (columns 8j + 2 tig and + 1) of scores turned into P against ref; every
+  // kPolyEvery-th pair (kPolyEvery > 0) on the FMA pipe (ptx::exp2_poly), the rest on the MUFU unit.
+  template <int kPolyEvery, int kRegs>
+  __device__ __forceinline__ static void exponentiate_pair(float (&s)[kRegs], int r, int j, float multiplier,
+                                                           float ref) {
+    constexpr int kEvery = kPolyEvery > 0 ? kPolyEvery : 1;
+    const bool poly = kPolyEvery > 0 && j % kEvery == kEvery - 1;
+    const float x0 = fmaf(s[4 * j + 2 * r], multiplier, -ref), x1 = fmaf(s[4 * j + 2 * r + 1], multiplier, -ref);
+    s[4 * j + 2 * r] = poly ? ptx::exp2_poly(x0) : ptx::exp2_approx(x0);
+    s[4 * j + 2 * r + 1] = poly ? ptx::exp2_poly(x1) : ptx::exp2_approx(x1);
+  }
+
   // What a row's exponentials are taken against: its maximum, or 0 while it has seen nothing
   // (avoids inf - inf).
   __device__ __forceinline__ static float reference(float row_maximum) {
