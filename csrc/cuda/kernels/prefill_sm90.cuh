@@ -1074,7 +1074,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     };
     // Scores -> P; returns the O rescale factors in row_alpha.
     auto scores_to_p = [&](float (&s)[kSRegs], const StageInfo& stage_info, float (&row_alpha)[2]) {
-      softmax.update<BSA_SM90_POLY_EXP>(s, mask_scores(s, stage_info), kSm90MaxSlack, row_alpha);
+      softmax.update(s, mask_scores(s, stage_info), kSm90MaxSlack, row_alpha);
     };
     // P as A fragments (16 keys per P.V k-step; two 8-key accumulator blocks form one fragment).
     auto pack_p = [&](const float (&s)[kSRegs]) {
@@ -1163,13 +1163,13 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
           if constexpr (BSA_SM90_EXP_BEFORE_WAIT > 0) {  // prefill_sm90_tiling.cuh
             constexpr int kPairs = kSRegs / 4, kBefore = BSA_SM90_EXP_BEFORE_WAIT < kPairs ? BSA_SM90_EXP_BEFORE_WAIT : kPairs;
-            softmax.exponentiate_pairs<BSA_SM90_POLY_EXP, 0, kBefore>(s, multiplier);
+            softmax.exponentiate_pairs<0, kBefore>(s, multiplier);
             finish_pv(row_alpha);
-            softmax.exponentiate_pairs<BSA_SM90_POLY_EXP, kBefore, kPairs>(s, multiplier);
+            softmax.exponentiate_pairs<kBefore, kPairs>(s, multiplier);
             softmax.add_row_sums(s, row_alpha);
           } else {
             finish_pv(row_alpha);
-            if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate<BSA_SM90_POLY_EXP>(s, multiplier, row_alpha);
+            if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate(s, multiplier, row_alpha);
           }
         } else {
           scores_to_p(s, info, row_alpha);

@@ -211,14 +211,6 @@ __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
 #ifndef BSA_SM90_SKIP_SOFTMAX
 #define BSA_SM90_SKIP_SOFTMAX 0
 #endif
-// Build knob BSA_SM90_POLY_EXP=n (default 0): in the Hopper consumers (both fill shapes), every n-th
-// pair of a row's exponentials is a polynomial on the FMA pipe (ptx::exp2_poly) instead of
-// MUFU.EX2, whose unit takes 8 cycles a warp instruction. Dense 16k x 2 without the exponentials
-// took 8.58M cycles against main's 10.28M (H100, 2026-12-07): they are the loop's gap to the tensor
-// pipe. Compiled, not yet run on a GPU.
-#ifndef BSA_SM90_POLY_EXP
-#define BSA_SM90_POLY_EXP 0
-#endif
 // Build knob BSA_SM90_EXP_BEFORE_WAIT=k (default 0): in the 128-key loop (sm90_pv_wait_before_exp),
 // the first k of a row's 16 pairs of exponentials are taken before the wait for the previous P.V,
 // the rest after it. They write the scores' registers, not P's, which that P.V still reads. The

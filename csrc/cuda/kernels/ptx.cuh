@@ -75,20 +75,6 @@ __device__ __forceinline__ float exp2_approx(float x) {
   return y;
 }
 
-// 2^x on the FMA pipe, for a kernel whose MUFU unit sets its softmax's pace: round(x) by the 1.5 *
-// 2^23 trick, a degree-3 polynomial of the rest (in [-0.5, 0.5]; relative error 7.5e-5, a 50th of a
-// bf16 ulp), the integer part added to the result's exponent. Eight instructions (SASS: FMNMX, three
-// FADD, three FFMA, one IMAD) against MUFU.EX2's one, which holds the unit 8 cycles a warp (16 lanes
-// a cycle an SM). x is clamped below at -126 with NaN kept (max.NaN), so -inf gives a denormal that
-// stands for 0 and NaN stays NaN.
-__device__ __forceinline__ float exp2_poly(float x) {
-  asm("max.NaN.f32 %0, %0, 0fC2FC0000;\n" : "+f"(x));  // -126
-  const float t = __fadd_rn(x, 12582912.f);           // low bits: round(x), two's complement
-  const float f = __fadd_rn(x, -__fadd_rn(t, -12582912.f));
-  const float p = fmaf(fmaf(fmaf(0.05517132f, f, 0.24261054f), f, 0.69326099f), f, 0.99992811f);
-  return __int_as_float(__float_as_int(p) + (__float_as_int(t) << 23));
-}
-
 // 1 / x with the MUFU unit (one instruction, within 1 ulp; IEEE division adds a slow-path call with
 // branches). For the softmax's row sums, which are 0 or >= 1.
 __device__ __forceinline__ float reciprocal_approx(float x) {

@@ -57,13 +57,12 @@ struct OnlineSoftmax {
   // enough in fp16 / bf16, and O is rescaled a few times per row instead of at most tiles); slack 0
   // keeps the exact running maximum. A row that has seen nothing yet takes any finite maximum; a NaN
   // score leaves the reference alone and propagates through P.
-  // kPolyEvery: as in exponentiate below.
-  template <int kPolyEvery = 0, int kRegs>
+  template <int kRegs>
   __device__ __forceinline__ void update(float (&s)[kRegs], float multiplier, float slack, float (&alpha)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float ref = row_reference(s, r, multiplier, slack, alpha[r]);
-      row_exponentiate<kPolyEvery>(s, r, multiplier, ref, alpha[r]);
+      row_exponentiate(s, r, multiplier, ref, alpha[r]);
     }
   }
 
@@ -77,23 +76,22 @@ struct OnlineSoftmax {
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_reference(s, r, multiplier, slack, alpha[r]);
   }
-  // kPolyEvery > 0: every kPolyEvery-th pair of a row's exponentials on the FMA pipe (ptx::exp2_poly).
-  template <int kPolyEvery = 0, int kRegs>
+  template <int kRegs>
   __device__ __forceinline__ void exponentiate(float (&s)[kRegs], float multiplier, const float (&alpha)[2]) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) row_exponentiate<kPolyEvery>(s, r, multiplier, reference(row_max[r]), alpha[r]);
+    for (int r = 0; r < 2; ++r) row_exponentiate(s, r, multiplier, reference(row_max[r]), alpha[r]);
   }
 
   // exponentiate in pieces, for a caller that splits the exponentials around a wait: pairs
   // [kFirst, kLast) of each row's 8-column blocks turned into P, without the row sums, which
   // add_row_sums then adds once every pair is done.
-  template <int kPolyEvery, int kFirst, int kLast, int kRegs>
+  template <int kFirst, int kLast, int kRegs>
   __device__ __forceinline__ void exponentiate_pairs(float (&s)[kRegs], float multiplier) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const float ref = reference(row_max[r]);
 #pragma unroll
-      for (int j = kFirst; j < kLast; ++j) exponentiate_pair<kPolyEvery>(s, r, j, multiplier, ref);
+      for (int j = kFirst; j < kLast; ++j) exponentiate_pair(s, r, j, multiplier, ref);
     }
   }
   template <int kRegs>
@@ -127,27 +125,23 @@ struct OnlineSoftmax {
     row_max[r] = new_max;
     return ref;
   }
-  template <int kPolyEvery = 0, int kRegs>
+  template <int kRegs>
   __device__ __forceinline__ void row_exponentiate(float (&s)[kRegs], int r, float multiplier, float ref,
                                                    float alpha) {
     float part[kRegs / 4];
 #pragma unroll
     for (int j = 0; j < kRegs / 4; ++j) {
-      exponentiate_pair<kPolyEvery>(s, r, j, multiplier, ref);
+      exponentiate_pair(s, r, j, multiplier, ref);
       part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
     }
     row_sum[r] = row_sum[r] * alpha + reduce_tree(part, [](float a, float b) { return a + b; });
   }
-  // Row r's pair j (columns 8j + 2 tig and + 1) of scores turned into P against ref; every
-  // kPolyEvery-th pair (kPolyEvery > 0) on the FMA pipe (ptx::exp2_poly), the rest on the MUFU unit.
-  template <int kPolyEvery, int kRegs>
+  // Row r's pair j (columns 8j + 2 tig and + 1) of scores turned into P against ref.
+  template <int kRegs>
   __device__ __forceinline__ static void exponentiate_pair(float (&s)[kRegs], int r, int j, float multiplier,
                                                            float ref) {
-    constexpr int kEvery = kPolyEvery > 0 ? kPolyEvery : 1;
-    const bool poly = kPolyEvery > 0 && j % kEvery == kEvery - 1;
-    const float x0 = fmaf(s[4 * j + 2 * r], multiplier, -ref), x1 = fmaf(s[4 * j + 2 * r + 1], multiplier, -ref);
-    s[4 * j + 2 * r] = poly ? ptx::exp2_poly(x0) : ptx::exp2_approx(x0);
-    s[4 * j + 2 * r + 1] = poly ? ptx::exp2_poly(x1) : ptx::exp2_approx(x1);
+    s[4 * j + 2 * r] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r], multiplier, -ref));
+    s[4 * j + 2 * r + 1] = ptx::exp2_approx(fmaf(s[4 * j + 2 * r + 1], multiplier, -ref));
   }
 
   // What a row's exponentials are taken against: its maximum, or 0 while it has seen nothing
