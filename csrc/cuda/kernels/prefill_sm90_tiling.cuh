@@ -217,7 +217,9 @@ __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
 // consumers' chain sets the pace (BSA_SM90_CONSUMER_SLEEP_NS) and its exponentials hold the gap
 // (BSA_SM90_SKIP_SOFTMAX); k exponential pairs in the wait's shadow take them off the chain if
 // the wait has slack. All 16 before it (the order without sm90_pv_wait_before_exp) measured 0.4-0.8 %
-// slower (2026-12-06). Compiled, not yet run on a GPU.
+// slower (2026-12-06). It moves no instruction off the chain, and the chain pays for instructions,
+// not for MUFU time: a quarter of the exponentials as polynomials on the FMA pipe cost 10.4 % more
+// cycles (H100, 2026-12-07), so 0 to +1 % is expected. Compiled, not yet run on a GPU.
 #ifndef BSA_SM90_EXP_BEFORE_WAIT
 #define BSA_SM90_EXP_BEFORE_WAIT 0
 #endif
