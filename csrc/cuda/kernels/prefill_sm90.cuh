@@ -861,8 +861,9 @@ __device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp
 // and the code has no test for the mark.
 // kValueBarriers: a fill's values complete on their value slot's own barrier (sm90_value_barriers),
 // waited for just before the fill's P.V.
+// kDescriptorCursor: the K and V descriptors advance with the fill cursor (sm90_descriptor_cursor).
 template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool kTurns, bool kLastMarked,
-          bool kValueBarriers>
+          bool kValueBarriers, bool kDescriptorCursor>
 __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared, bool kv_row_groups) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
@@ -894,8 +895,12 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   auto q_step = [](int ks) { return static_cast<uint32_t>((ks & 3) * 32 + (ks >> 2) * 64 * 128); };
   auto k_step = [&layout](int ks) { return static_cast<uint32_t>((ks & 3) * 32 + (ks >> 2) * layout.column_block_bytes); };
 
+  // A fill's slots and, with kDescriptorCursor, the low words of their K and V descriptors.
+  struct Fill : Sm90Fill {
+    uint32_t key_desc_lo, value_desc_lo;
+  };
   struct StageInfo {
-    Sm90Fill fill;
+    Fill fill;
     int unit;
     int tile[kSlots];
     uint8_t flags[kSlots];
@@ -910,6 +915,15 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   // -0.37 %).
   Sm90Fill cursor{0, 0};
   int cursor_parity = 0, cursor_value_parity = 0;  // the latter: the value slot's (kValueBarriers)
+  // kDescriptorCursor: the slots' K and V descriptors advanced with them. A slot's start address is
+  // its descriptor's low word (bits 0-13): the next slot's is one add, or the first slot's on a wrap.
+  const ptx::SmemDescriptor key_desc0 =
+      ptx::smem_descriptor_sw128(shared.smem + Smem::kKOffset, 16, layout.row_group_bytes);
+  const ptx::SmemDescriptor value_desc0 =
+      ptx::smem_descriptor_sw128(shared.smem + Smem::kVOffset, layout.column_block_bytes, layout.row_group_bytes);
+  uint32_t cursor_key_lo = kDescriptorCursor ? uniform(key_desc0.lo) : 0u;
+  uint32_t cursor_value_lo = kDescriptorCursor ? uniform(value_desc0.lo) : 0u;
+  constexpr uint32_t kStageStep = Smem::kStageBytes >> 4;
   auto advance = [&] {
     if (++cursor.key_slot == kKeySlots) {
       cursor.key_slot = 0;
@@ -918,6 +932,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     if (++cursor.value_slot == Tiling::kValueSlots) {
       cursor.value_slot = 0;
       cursor_value_parity ^= 1;
+    }
+    if constexpr (kDescriptorCursor) {
+      cursor_key_lo = cursor.key_slot == 0 ? uniform(key_desc0.lo) : cursor_key_lo + kStageStep;
+      cursor_value_lo = cursor.value_slot == 0 ? uniform(value_desc0.lo) : cursor_value_lo + kStageStep;
     }
   };
   int trace_fill = 0;  // BSA_SM90_TRACE: the fills waited for so far
@@ -930,9 +948,9 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     ptx::mbarrier_wait(&shared.full[cursor.key_slot], cursor_parity);
     ++trace_fill;
     trace_group(kTraceFillLanded);
-    return cursor;
+    return Fill{cursor, cursor_key_lo, cursor_value_lo};
   };
-  auto read_record = [&](const Sm90Fill& fill) {
+  auto read_record = [&](const Fill& fill) {
     StageInfo info;
     info.fill = fill;
     const StageRecord& record = shared.records[fill.key_slot];
@@ -1005,24 +1023,27 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     softmax.init(acc_o);
     uint32_t p_frag[Tiling::kBlockN / 16][4];
 
-    auto issue_s = [&](float (&s)[kSRegs], const Sm90Fill& fill) {
-      const unsigned char* s_k = shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes;
-      const ptx::SmemDescriptor desc_k = ptx::smem_descriptor_sw128(s_k, 16, layout.row_group_bytes);
+    auto issue_s = [&](float (&s)[kSRegs], const Fill& fill) {
+      const ptx::SmemDescriptor desc_k =
+          kDescriptorCursor ? ptx::SmemDescriptor{fill.key_desc_lo, key_desc0.hi}
+                            : ptx::smem_descriptor_sw128(shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes,
+                                                         16, layout.row_group_bytes);
       ptx::wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q.at(q_step(ks)), desc_k.at(k_step(ks)), ks > 0);
       ptx::wgmma_commit();
     };
     // kValueBarriers: waits for the fill's values (its value slot's phase `parity`) first.
-    auto issue_pv = [&](const Sm90Fill& fill, int parity) {
+    auto issue_pv = [&](const Fill& fill, int parity) {
       if constexpr (kValueBarriers) {
         ptx::mbarrier_wait(&shared.value_full[fill.value_slot], parity);
         trace_group(kTraceValuesSeen);
       }
-      const unsigned char* s_v = shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes;
       // V (MN-major): the 64-column blocks column_block_bytes apart, the 8-key groups row_group_bytes.
       const ptx::SmemDescriptor desc_v =
-          ptx::smem_descriptor_sw128(s_v, layout.column_block_bytes, layout.row_group_bytes);
+          kDescriptorCursor ? ptx::SmemDescriptor{fill.value_desc_lo, value_desc0.hi}
+                            : ptx::smem_descriptor_sw128(shared.smem + Smem::kVOffset + fill.value_slot * Smem::kStageBytes,
+                                                         layout.column_block_bytes, layout.row_group_bytes);
       ptx::fence_registers(acc_o);
       ptx::wgmma_fence();
 #pragma unroll
@@ -1111,7 +1132,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         pack_p(s);
         trace_group(kTraceReady);
       }
-      Sm90Fill pending = info.fill;
+      Fill pending = info.fill;
       int pending_parity = cursor_value_parity;
       // The previous fill's P.V done, O readable and its value slot freed.
       auto finish_pending_pv = [&] {
@@ -1129,7 +1150,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         // the products cost 0.7-0.8 % more cycles (dense 16k, the pattern 8k and 32k; 128 x 256
         // -0.5 %, H100, Nsight Compute, 2026-12-06).
         advance();
-        const Sm90Fill fill = wait_fill();
+        const Fill fill = wait_fill();
         float s[kSRegs], row_alpha[2];
         begin_turn();
         issue_s(s, fill);
@@ -1161,16 +1182,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           // wait), O rescaled every fill or on the vote: 0.4-3.4 % more cycles (H100, 2026-12-07).
           const float multiplier = mask_scores(s, info);
           softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
-          if constexpr (BSA_SM90_EXP_BEFORE_WAIT > 0) {  // prefill_sm90_tiling.cuh
-            constexpr int kPairs = kSRegs / 4, kBefore = BSA_SM90_EXP_BEFORE_WAIT < kPairs ? BSA_SM90_EXP_BEFORE_WAIT : kPairs;
-            softmax.exponentiate_pairs<0, kBefore>(s, multiplier);
-            finish_pv(row_alpha);
-            softmax.exponentiate_pairs<kBefore, kPairs>(s, multiplier);
-            softmax.add_row_sums(s, row_alpha);
-          } else {
-            finish_pv(row_alpha);
-            if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate(s, multiplier, row_alpha);
-          }
+          // Half the exponentials before this wait (in its shadow) measured 0.1 % (dense 16k) and
+          // 2.3 % (the pattern 8k) more cycles (H100, 2026-12-07).
+          finish_pv(row_alpha);
+          if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate(s, multiplier, row_alpha);
         } else {
           scores_to_p(s, info, row_alpha);
           finish_pv(row_alpha);
@@ -1332,7 +1347,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
     const bool kv_row_groups = !CacheFormat<Cache>::kFp8 && maps.kv_row_groups;
     sm90_consumer<Element, kHeadDim, Tiling, Cache, sm90_turns<Tiling>(), sm90_marks_last_fill<Tiling, kProducerThreads>(),
-                  sm90_value_barriers<Tiling, kProducerThreads>()>(params, maps, shared, kv_row_groups);
+                  sm90_value_barriers<Tiling, kProducerThreads>(), sm90_descriptor_cursor<kProducerThreads>()>(
+        params, maps, shared, kv_row_groups);
   }
 #else
   __trap();  // built for a target without wgmma: the host never launches it there

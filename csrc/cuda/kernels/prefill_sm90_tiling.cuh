@@ -211,24 +211,13 @@ __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
 #ifndef BSA_SM90_SKIP_SOFTMAX
 #define BSA_SM90_SKIP_SOFTMAX 0
 #endif
-// Build knob BSA_SM90_EXP_BEFORE_WAIT=k (default 0): in the 128-key loop (sm90_pv_wait_before_exp),
-// the first k of a row's 16 pairs of exponentials are taken before the wait for the previous P.V,
-// the rest after it. They write the scores' registers, not P's, which that P.V still reads. The
-// consumers' chain sets the pace (BSA_SM90_CONSUMER_SLEEP_NS) and its exponentials hold the gap
-// (BSA_SM90_SKIP_SOFTMAX); k exponential pairs in the wait's shadow take them off the chain if
-// the wait has slack. All 16 before it (the order without sm90_pv_wait_before_exp) measured 0.4-0.8 %
-// slower (2026-12-06). It moves no instruction off the chain, and the chain pays for instructions,
-// not for MUFU time: a quarter of the exponentials as polynomials on the FMA pipe cost 10.4 % more
-// cycles (H100, 2026-12-07), so 0 to +1 % is expected. Compiled, not yet run on a GPU.
-#ifndef BSA_SM90_EXP_BEFORE_WAIT
-#define BSA_SM90_EXP_BEFORE_WAIT 0
-#endif
 // Diagnostic knob BSA_SM90_CONSUMER_SLEEP_NS=t (default 0): each consumer warp sleeps t ns after it
 // packs a fill's P, before its next turn: its own chain made longer by a known time, taking no issue
 // slots. If a group's chain (S done, softmax, turn) sets the pace, the cycles grow by about that much
 // a fill; if the products or the fills do, they do not. H100, Nsight Compute cycles, dense 16k x 2
 // (2026-12-07): 100 ns (~145 cycles at the locked clock) +3.97 %, ~102 cycles a fill: the chain
-// sets most of the pace.
+// sets most of the pace (+2.66 % in a later call; the same sleep at the start of the turn, with the
+// turn held, +2.92 %: the hand-over is no more on the pace than the rest of the chain).
 #ifndef BSA_SM90_CONSUMER_SLEEP_NS
 #define BSA_SM90_CONSUMER_SLEEP_NS 0
 #endif
@@ -311,6 +300,15 @@ constexpr uint8_t kFillLast = 4;
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_marks_last_fill() {
   return BSA_SM90_MARK_LAST && Tiling::kTilesPerStage == 1 && kProducerThreads == 32;
+}
+// The consumers advance their slots' K and V wgmma descriptors with the fill cursor (one add a fill)
+// instead of building them from the slot index after the turn's barrier (five dependent uniform
+// instructions each). H100, Nsight Compute cycles (2026-12-07): under the one-warp producer dense
+// 16k x 2 -0.6 and -1.0 % (two calls), the pattern 8k x 4 -0.1 %; over pages (four producer warps,
+// 2k chunks at kv block 16) +1.2 %, so those kernels keep the slot index.
+template <int kProducerThreads>
+__host__ __device__ constexpr bool sm90_descriptor_cursor() {
+  return kProducerThreads == 32;
 }
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_counts_tiles() {

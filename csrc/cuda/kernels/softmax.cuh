@@ -82,29 +82,6 @@ struct OnlineSoftmax {
     for (int r = 0; r < 2; ++r) row_exponentiate(s, r, multiplier, reference(row_max[r]), alpha[r]);
   }
 
-  // exponentiate in pieces, for a caller that splits the exponentials around a wait: pairs
-  // [kFirst, kLast) of each row's 8-column blocks turned into P, without the row sums, which
-  // add_row_sums then adds once every pair is done.
-  template <int kFirst, int kLast, int kRegs>
-  __device__ __forceinline__ void exponentiate_pairs(float (&s)[kRegs], float multiplier) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float ref = reference(row_max[r]);
-#pragma unroll
-      for (int j = kFirst; j < kLast; ++j) exponentiate_pair(s, r, j, multiplier, ref);
-    }
-  }
-  template <int kRegs>
-  __device__ __forceinline__ void add_row_sums(const float (&s)[kRegs], const float (&alpha)[2]) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float part[kRegs / 4];
-#pragma unroll
-      for (int j = 0; j < kRegs / 4; ++j) part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
-      row_sum[r] = row_sum[r] * alpha[r] + reduce_tree(part, [](float a, float b) { return a + b; });
-    }
-  }
-
   // One row (r: the thread's first or second) of new_reference, which returns the row's reference,
   // and of exponentiate.
   template <int kRegs>
