@@ -68,12 +68,16 @@ def kv_views(k, v, layout, device):
     return fused[:, :, 0], fused[:, :, 1]
 
 
-def run_varlen(device, dtype, hq, hkv, d, seqs, pattern, gen, scale=None, kv_layout="contiguous"):
+def run_varlen(device, dtype, hq, hkv, d, seqs, pattern, gen, scale=None, kv_layout="contiguous", key_scale=None):
     """seqs: [(q_len, k_len)]; the queries are each sequence's last q_len positions; kv_layout: how k
-    and v are stored (kv_views)."""
+    and v are stored (kv_views); key_scale: a function of a key's position in its sequence (a
+    float32 tensor of them) giving the factor its row of k is multiplied by."""
     q_lens, k_lens = [s[0] for s in seqs], [s[1] for s in seqs]
     q = randn((sum(q_lens), hq, d), dtype, gen)
     k, v = randn((sum(k_lens), hkv, d), dtype, gen), randn((sum(k_lens), hkv, d), dtype, gen)
+    if key_scale is not None:
+        pos = torch.cat([torch.arange(n, dtype=torch.float32) for n in k_lens])
+        k = (k.float() * key_scale(pos)[:, None, None]).to(dtype)
     cu_q, cu_k = cu_seqlens(q_lens, "cpu"), cu_seqlens(k_lens, "cpu")
     scale = d ** -0.5 if scale is None else scale
     config = (f"varlen_prefill {device} {dtype_ids(dtype)} D={d} Hq={hq} Hkv={hkv} seqs={seqs} {describe(pattern)} "

@@ -101,6 +101,22 @@ def test_varlen_phi3_small(kernel, gen):
                scale=1 / 128)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=("fp16", "bf16"))
+def test_varlen_scores_outgrow_the_running_maximum(kernel, dtype, gen):
+    """Keys scaled up by 128-key runs (x1, x1, x6, x1, x50, x0.5, x400, x1), so that a row's scores
+    outgrow its running maximum mid-row: by a few units of log2 (the conditional rescale), by more
+    than 2^14 (BSA_SM90_SETTLED_MAX's fall-back to the exact path), and by more than 2^128, where an
+    exponential against the old reference is infinite. Dense causal rows, every one seeing the jumps
+    from its own position on."""
+    factors = torch.tensor([1.0, 1.0, 6.0, 1.0, 50.0, 0.5, 400.0, 1.0])
+
+    def key_scale(pos: torch.Tensor) -> torch.Tensor:
+        return factors[(pos.long() // 128).clamp(max=len(factors) - 1)]
+
+    pattern = make_pattern("qslide", 64, 40, 1, 8, 2)  # vertical stride 1: every causal block
+    run_varlen("cuda", dtype, 8, 2, 128, [(1000, 1000), (130, 1020), (1, 900)], pattern, gen, key_scale=key_scale)
+
+
 @pytest.mark.parametrize("local_blocks, vert_stride", ((1, 3), (2, 1), (3, 2), (5, 4), (40, 8)),
                          ids=lambda x: str(x))
 def test_varlen_band_widths(kernel, local_blocks, vert_stride, gen):
