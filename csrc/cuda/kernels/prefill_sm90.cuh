@@ -854,6 +854,36 @@ __device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp
   return exp2f(static_cast<float>(-exponent));
 }
 
+// A consumer warp's 16 rows of S = Q K^T again, by mma.sync from the staged Q tile of its group (s_q)
+// and a key stage (s_k): a warp's own product (wgmma would need the whole group), in S's layout
+// (s[4j + e]: row e / 2, column 8j + 2 tig + e % 2 of m16n8 tiles). BSA_SM90_SETTLED_MAX's rare path.
+template <typename Compute, int kHeadDim, int kBlockN>
+__device__ __forceinline__ void sm90_warp_scores(float (&s)[kBlockN / 2], const unsigned char* s_q,
+                                              const unsigned char* s_k, Sm90KvLayout layout, int warp, int lane) {
+  // Accumulated apart and copied: mma.sync accumulating in S's registers made ptxas serialise every
+  // wgmma of the kernel (C7514).
+  float t[kBlockN / 2];
+#pragma unroll
+  for (int i = 0; i < kBlockN / 2; ++i) t[i] = 0.f;
+  // ldmatrix x4: A's four 8 x 8 blocks (rows 0-7 / 8-15, columns 0-7 / 8-15); B's for two 8-key tiles
+  const int a_row = warp * 16 + (lane & 15), a_col = (lane >> 4) * 8;
+  const int b_key = ((lane >> 4) << 3) + (lane & 7), b_col = ((lane >> 3) & 1) * 8;
+#pragma unroll 1
+  for (int ks = 0; ks < kHeadDim / 16; ++ks) {
+    uint32_t a[4];
+    ptx::ldmatrix_x4(a, s_q + sm90_tile_offset<64>(a_row, ks * 16 + a_col));
+#pragma unroll
+    for (int n = 0; n < kBlockN / 16; ++n) {
+      uint32_t b[4];
+      ptx::ldmatrix_x4(b, s_k + sm90_kv_offset(layout, n * 16 + b_key, ks * 16 + b_col));
+      ptx::mma_16816<Compute>(*reinterpret_cast<float(*)[4]>(&t[8 * n]), a, b[0], b[1]);
+      ptx::mma_16816<Compute>(*reinterpret_cast<float(*)[4]>(&t[8 * n + 4]), a, b[2], b[3]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kBlockN / 2; ++i) s[i] = t[i];
+}
+
 // Warp groups 1 and 2: 64 query rows each; per fill, S = Q K^T, the online softmax, O += P V, then
 // each unit's epilogue.
 // kLastMarked: the producer marks each unit's last fill (sm90_marks_last_fill), except in units
@@ -862,8 +892,9 @@ __device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp
 // kValueBarriers: a fill's values complete on their value slot's own barrier (sm90_value_barriers),
 // waited for just before the fill's P.V.
 // kDescriptorCursor: the K and V descriptors advance with the fill cursor (sm90_descriptor_cursor).
+// kSettledMax: exponentials against the standing references where they hold (sm90_settled_max).
 template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool kTurns, bool kLastMarked,
-          bool kValueBarriers, bool kDescriptorCursor>
+          bool kValueBarriers, bool kDescriptorCursor, bool kSettledMax>
 __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared, bool kv_row_groups) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
@@ -1132,6 +1163,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         pack_p(s);
         trace_group(kTraceReady);
       }
+      bool settled = kSettledMax && softmax.warp_settled();  // kSettledMax: the warp's rows all have a reference
       Fill pending = info.fill;
       int pending_parity = cursor_value_parity;
       // The previous fill's P.V done, O readable and its value slot freed.
@@ -1159,7 +1191,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         info = read_record(fill);
         ptx::wgmma_wait<1>();  // S is done; P.V may still run
         ptx::fence_registers(s);
-        release_key(fill);
+        if (!kSettledMax || info.end) release_key(fill);  // kSettledMax: once P is accepted
         if (info.end) {
           finish_pending_pv();
           break;
@@ -1178,14 +1210,37 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           finish_pending_pv();
           trace_group(kTracePvDone);
         } else if constexpr (kPvWaitBeforeExp) {  // sm90_pv_wait_before_exp
-          // FlashAttention-4's order (the maxima and the FFMAs of s * scale - max before this P.V
-          // wait), O rescaled every fill or on the vote: 0.4-3.4 % more cycles (H100, 2026-12-07).
-          const float multiplier = mask_scores(s, info);
-          softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
-          // Half the exponentials before this wait (in its shadow) measured 0.1 % (dense 16k) and
-          // 2.3 % (the pattern 8k) more cycles (H100, 2026-12-07).
-          finish_pv(row_alpha);
-          if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate(s, multiplier, row_alpha);
+          bool exact = true;
+          if constexpr (kSettledMax) {  // BSA_SM90_SETTLED_MAX
+            exact = !settled;
+            if (settled) {
+              const float multiplier = mask_scores(s, info);
+              float tile_sum[2];
+              softmax.exponentiate_settled(s, multiplier, tile_sum);
+              if (__any_sync(0xffffffffu, tile_sum[0] > kSm90SettledSumLimit || tile_sum[1] > kSm90SettledSumLimit)) {
+                // the scores again, from the key slot the warp still holds
+                sm90_warp_scores<Compute, kHeadDim, Tiling::kBlockN>(
+                    s, s_q, shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes, layout, warp, lane);
+                exact = true;
+              } else {
+                softmax.add_sums(tile_sum);
+                finish_pending_pv();
+                trace_group(kTracePvDone);
+              }
+            }
+          }
+          if (exact) {
+            // FlashAttention-4's order (the maxima and the FFMAs of s * scale - max before this P.V
+            // wait), O rescaled every fill or on the vote: 0.4-3.4 % more cycles (H100, 2026-12-07).
+            const float multiplier = mask_scores(s, info);
+            softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
+            // Half the exponentials before this wait (in its shadow) measured 0.1 % (dense 16k) and
+            // 2.3 % (the pattern 8k) more cycles (H100, 2026-12-07).
+            finish_pv(row_alpha);
+            if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate(s, multiplier, row_alpha);
+            if constexpr (kSettledMax) settled = softmax.warp_settled();  // per warp: this path issues no wgmma
+          }
+          if constexpr (kSettledMax) release_key(fill);
         } else {
           scores_to_p(s, info, row_alpha);
           finish_pv(row_alpha);
@@ -1347,7 +1402,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
     const bool kv_row_groups = !CacheFormat<Cache>::kFp8 && maps.kv_row_groups;
     sm90_consumer<Element, kHeadDim, Tiling, Cache, sm90_turns<Tiling>(), sm90_marks_last_fill<Tiling, kProducerThreads>(),
-                  sm90_value_barriers<Tiling, kProducerThreads>(), sm90_descriptor_cursor<kProducerThreads>()>(
+                  sm90_value_barriers<Tiling, kProducerThreads>(), sm90_descriptor_cursor<kProducerThreads>(),
+                  sm90_settled_max<Tiling, kProducerThreads>()>(
         params, maps, shared, kv_row_groups);
   }
 #else

@@ -141,6 +141,24 @@ __host__ __device__ constexpr bool sm90_turns() {
 // bf16, and O and the row sum stay far from overflow in fp32.
 constexpr float kSm90MaxSlack = 8.f;
 
+// Build knob BSA_SM90_SETTLED_MAX (default 0; built and SASS-checked, not yet timed): once every row
+// of a consumer warp has a reference, a fill's exponentials are taken against the references as
+// they stand, without the fill's row maxima (66 FMNMX, 4 shuffles and the reference update a thread
+// a fill), and the fill is accepted when no thread's share of a row's sum of it exceeds
+// kSm90SettledSumLimit (one compare a row and a vote; every P <= that share). Otherwise (a row's
+// scores outgrew its reference by ~2^14, or past 2^128 to infinity) the warp computes its 16 rows
+// of S again by mma.sync from the staged Q and the fill's key slot, which the group holds until
+// then (sm90_warp_scores: a group-wide wgmma would need the four warps to agree, and a named-barrier
+// vote for that spilled 156 bytes in the loop), and takes the exact path: maxima, rescale,
+// exponentials. SASS (bf16 hd128 k128, one-warp producer): the unmasked fill's path 440 -> ~369
+// instructions. Predicted -2 to -4 % cycles at dense 16k x 2 (a chain instruction has cost ~1.2-1.7
+// cycles), unless holding the key slot ~500 cycles longer makes the producer late.
+#ifndef BSA_SM90_SETTLED_MAX
+#define BSA_SM90_SETTLED_MAX 0
+#endif
+// P <= 2^14 on the fast path: exact in fp16 (at most 65504) and bf16, with room in fp32 for O.
+constexpr float kSm90SettledSumLimit = 16384.f;
+
 // Build knob BSA_SM90_PV_WAIT_BEFORE_EXP (0 never, 1 128-key fills, 2 both shapes; default 1): a
 // consumer waits for the previous fill's P.V between the row maxima and the exponentials
 // (FlashAttention-4's order) instead of after the exponentials. P then packs in the exponentials'
@@ -309,6 +327,13 @@ __host__ __device__ constexpr bool sm90_marks_last_fill() {
 template <int kProducerThreads>
 __host__ __device__ constexpr bool sm90_descriptor_cursor() {
   return kProducerThreads == 32;
+}
+// BSA_SM90_SETTLED_MAX (above): 128-key fills waiting for P.V between the maxima and the
+// exponentials, under the one-warp producer (the four-warp kernel spilled 272 bytes with it, ptxas).
+template <typename Tiling, int kProducerThreads>
+__host__ __device__ constexpr bool sm90_settled_max() {
+  return BSA_SM90_SETTLED_MAX && Tiling::kTilesPerStage == 2 && sm90_pv_wait_before_exp<Tiling>() &&
+         kProducerThreads == 32;
 }
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_counts_tiles() {
