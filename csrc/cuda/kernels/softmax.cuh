@@ -89,15 +89,7 @@ struct OnlineSoftmax {
   template <int kRegs>
   __device__ __forceinline__ void exponentiate_settled(float (&s)[kRegs], float multiplier, float (&tile_sum)[2]) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float part[kRegs / 4];
-#pragma unroll
-      for (int j = 0; j < kRegs / 4; ++j) {
-        exponentiate_pair(s, r, j, multiplier, row_max[r]);
-        part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
-      }
-      tile_sum[r] = reduce_tree(part, [](float a, float b) { return a + b; });
-    }
+    for (int r = 0; r < 2; ++r) tile_sum[r] = exponentiate_row(s, r, multiplier, row_max[r]);
   }
   __device__ __forceinline__ void add_sums(const float (&tile_sum)[2]) {
     row_sum[0] += tile_sum[0];
@@ -131,13 +123,18 @@ struct OnlineSoftmax {
   template <int kRegs>
   __device__ __forceinline__ void row_exponentiate(float (&s)[kRegs], int r, float multiplier, float ref,
                                                    float alpha) {
+    row_sum[r] = row_sum[r] * alpha + exponentiate_row(s, r, multiplier, ref);
+  }
+  // Row r's scores turned into P against ref; returns this thread's share of their sum.
+  template <int kRegs>
+  __device__ __forceinline__ static float exponentiate_row(float (&s)[kRegs], int r, float multiplier, float ref) {
     float part[kRegs / 4];
 #pragma unroll
     for (int j = 0; j < kRegs / 4; ++j) {
       exponentiate_pair(s, r, j, multiplier, ref);
       part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
     }
-    row_sum[r] = row_sum[r] * alpha + reduce_tree(part, [](float a, float b) { return a + b; });
+    return reduce_tree(part, [](float a, float b) { return a + b; });
   }
   // Row r's pair j (columns 8j + 2 tig and + 1) of scores turned into P against ref.
   template <int kRegs>
