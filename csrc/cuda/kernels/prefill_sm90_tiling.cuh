@@ -329,11 +329,12 @@ __host__ __device__ constexpr bool sm90_descriptor_cursor() {
   return kProducerThreads == 32;
 }
 // BSA_SM90_SETTLED_MAX (above): 128-key fills waiting for P.V between the maxima and the
-// exponentials, under the one-warp producer (the four-warp kernel spilled 272 bytes with it, ptxas).
+// exponentials, under the one-warp producer (the four-warp kernel spilled 272 bytes with it, ptxas),
+// not with the BSA_SM90_SKIP_SOFTMAX diagnostics (their loop never takes the path that frees the key).
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_settled_max() {
   return BSA_SM90_SETTLED_MAX && Tiling::kTilesPerStage == 2 && sm90_pv_wait_before_exp<Tiling>() &&
-         kProducerThreads == 32;
+         kProducerThreads == 32 && BSA_SM90_SKIP_SOFTMAX == 0;
 }
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_counts_tiles() {
