@@ -860,11 +860,8 @@ __device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp
 template <typename Compute, int kHeadDim, int kBlockN>
 __device__ __forceinline__ void sm90_warp_scores(float (&s)[kBlockN / 2], const unsigned char* s_q,
                                               const unsigned char* s_k, Sm90KvLayout layout, int warp, int lane) {
-  // Accumulated apart and copied: mma.sync accumulating in S's registers made ptxas serialise every
-  // wgmma of the kernel (C7514).
-  float t[kBlockN / 2];
 #pragma unroll
-  for (int i = 0; i < kBlockN / 2; ++i) t[i] = 0.f;
+  for (int i = 0; i < kBlockN / 2; ++i) s[i] = 0.f;
   // ldmatrix x4: A's four 8 x 8 blocks (rows 0-7 / 8-15, columns 0-7 / 8-15); B's for two 8-key tiles
   const int a_row = warp * 16 + (lane & 15), a_col = (lane >> 4) * 8;
   const int b_key = ((lane >> 4) << 3) + (lane & 7), b_col = ((lane >> 3) & 1) * 8;
@@ -876,12 +873,10 @@ __device__ __forceinline__ void sm90_warp_scores(float (&s)[kBlockN / 2], const 
     for (int n = 0; n < kBlockN / 16; ++n) {
       uint32_t b[4];
       ptx::ldmatrix_x4(b, s_k + sm90_kv_offset(layout, n * 16 + b_key, ks * 16 + b_col));
-      ptx::mma_16816<Compute>(*reinterpret_cast<float(*)[4]>(&t[8 * n]), a, b[0], b[1]);
-      ptx::mma_16816<Compute>(*reinterpret_cast<float(*)[4]>(&t[8 * n + 4]), a, b[2], b[3]);
+      ptx::mma_16816<Compute>(*reinterpret_cast<float(*)[4]>(&s[8 * n]), a, b[0], b[1]);
+      ptx::mma_16816<Compute>(*reinterpret_cast<float(*)[4]>(&s[8 * n + 4]), a, b[2], b[3]);
     }
   }
-#pragma unroll
-  for (int i = 0; i < kBlockN / 2; ++i) s[i] = t[i];
 }
 
 // Warp groups 1 and 2: 64 query rows each; per fill, S = Q K^T, the online softmax, O += P V, then
