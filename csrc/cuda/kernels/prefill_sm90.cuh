@@ -550,9 +550,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       group_hi[g] = min(valid_end, tile_pos + group_tokens * (g + 1)) - 1;
       group_row[g] = 1u << ((group_lo[g] >> pattern.block_shift) - (valid_begin >> pattern.block_shift));
     }
-    // The 64-key tiles of the blocks the query blocks of this 128-row tile see (one or two: sparse
-    // blocks are multiples of 64 tokens), identically in every producer thread.
-    BlockKeyTiles<64, 2> tiles;
+    // The 64-key tiles of the blocks the query blocks of this unit's rows see (one per 64 rows at
+    // most: sparse blocks are multiples of 64 tokens), identically in every producer thread.
+    BlockKeyTiles<64, kSm90ConsumerGroups> tiles;
     // sm90_counts_tiles: where every causal block up to the unit's last row is visible, its key tiles
     // are 0, 1, ... up to its last key (valid_end - 1), and a group sees a tile unless the tile starts
     // past its last row: the walk's result without the walk (tests/cpp/key_tiles_check.cpp checks that
@@ -565,7 +565,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // BSA_SM90_LANE_WALK: a parametric pattern's tiles 32 at a time, one a lane, in closed form;
     // an explicit layout's, and those of the producer that looks page ids up ahead, by the walk.
     const bool lane_walk = BSA_SM90_LANE_WALK && !kPagesAhead && !count_tiles && !pattern.has_layout();
-    ClosedKeyTiles<64, 2> closed;
+    ClosedKeyTiles<64, kSm90ConsumerGroups> closed;
     const int first_row_block = valid_begin >> pattern.block_shift;
     const int last_row_block = (valid_end - 1) >> pattern.block_shift;
     if (lane_walk)
@@ -586,9 +586,11 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       return any;
     };
     // The lane walk's batch: the closed form's tiles lane_next + lane, this lane's as
-    // lane_word = tile << 4 | group 1's flags << 2 | group 0's; lane_seen: the batch's lanes whose tile
+    // lane_word = tile << kFlagBits | group g's flags << 2 g ...; lane_seen: the batch's lanes whose tile
     // some group sees, not yet handed out; lane_next < 0: the batch reached the walk's end.
-    static_assert(kSm90ConsumerGroups == 2 && (kTileVisible | kTileMasked) < 4, "two groups' flags in 4 bits");
+    static_assert((kTileVisible | kTileMasked) < 4 && (kSm90ConsumerGroups == 2 || kSm90ConsumerGroups == 3),
+                  "a group's flags in 2 bits, two or three groups");
+    constexpr int kFlagBits = 2 * kSm90ConsumerGroups;
     int lane_next = 0, lane_word = 0;
     unsigned lane_seen = 0;
     // The next key tile some consumer group sees, with the groups' flags; false at the end.
@@ -613,13 +615,17 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           const int tile = closed.tile(pattern, lane_next + lane, rows);
           uint8_t lane_flags[kSm90ConsumerGroups] = {};
           const bool seen = tile >= 0 && group_flags(tile, rows, lane_flags);
-          lane_word = seen ? tile << 4 | lane_flags[1] << 2 | lane_flags[0] : 0;  // tile >= 0 where seen
+          if constexpr (kSm90ConsumerGroups == 2) {  // written out: a loop over the groups changed the SASS
+            lane_word = seen ? tile << 4 | lane_flags[1] << 2 | lane_flags[0] : 0;  // tile >= 0 where seen
+          } else {
+            lane_word = seen ? tile << 6 | lane_flags[2] << 4 | lane_flags[1] << 2 | lane_flags[0] : 0;
+          }
           lane_seen = __ballot_sync(0xffffffffu, seen);
           lane_next = __any_sync(0xffffffffu, tile < 0) ? -1 : lane_next + 32;
         }
         const int word = __shfl_sync(0xffffffffu, lane_word, __ffs(lane_seen) - 1);
         lane_seen &= lane_seen - 1;
-        key_tile = word >> 4;
+        key_tile = word >> kFlagBits;
 #pragma unroll
         for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = (word >> (2 * g)) & 3;
         return true;
@@ -908,6 +914,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   constexpr int kSRegs = Tiling::kBlockN / 2;  // S accumulators per thread: 64 rows x kBlockN keys / 128
   constexpr int kORegs = kHeadDim / 2;
   constexpr bool kPvWaitBeforeExp = sm90_pv_wait_before_exp<Tiling>();
+  constexpr bool kSerialGroups = kSm90ConsumerGroups == 3;
   // Values the compiler can prove warp-uniform (a lane-0 broadcast) keep the slot indices and the
   // wgmma descriptors in uniform registers: otherwise every wgmma is preceded by register-to-
   // uniform moves and address arithmetic (SASS: ~70 instructions per tile).
@@ -1014,9 +1021,11 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     trace_group(kTraceTurn);
   };
   auto end_turn = [&] {
-    if constexpr (kTurns) ptx::named_barrier_arrive(kSm90TurnBarrier + (group ^ 1), 2 * 128);
+    if constexpr (kTurns)
+      ptx::named_barrier_arrive(kSm90TurnBarrier + (kSm90ConsumerGroups == 2 ? group ^ 1 : (group + 1) % kSm90ConsumerGroups),
+                                2 * 128);
   };
-  if (group == 1) end_turn();
+  if (group == kSm90ConsumerGroups - 1) end_turn();
 
   for (int k = 0;; ++k) {
     StageInfo info = read_record(wait_fill());  // the unit's first fill, which also brought its Q
@@ -1142,10 +1151,48 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // sm90_pv_wait_before_exp between the row maxima and the exponentials, which P then packs
     // beside. Earlier pins (a barrier wait, or a shared store of the row sums, which ptxas keeps
     // ahead of the wgmma wait) measured slower: 2 % at 8k x 4, 5-8 % on dense layouts.
-    // Every tile of the list goes through both groups (one a group does not see is fully masked):
+    // Every tile of the list goes through every group (one a group does not see is fully masked):
     // skipping it would put the wgmma issue in data-dependent branches, where ptxas serialises
     // them.
-    if (!info.end) {
+    if constexpr (kSerialGroups) {
+      // BSA_SM90_BLOCK_M=192: three groups at 160 registers cannot hold the next fill's S beside
+      // P and O (the pipelined loop below spilled inside the fill loop, and its wgmmas were
+      // serialised; ptxas: 862 bytes in all, against 474 in this order, nearly all of them the
+      // producer's at 32 registers): a group takes each fill's S, softmax and P.V in order, while
+      // the other two groups' products keep the tensor cores busy (ThunderKittens' Hopper forward
+      // also takes 192-row query blocks at head dims 64 and 128).
+      if (!info.end) {
+        Fill fill = info.fill;
+        while (true) {
+          float s[kSRegs], row_alpha[2];
+          begin_turn();
+          issue_s(s, fill);
+          end_turn();
+          ptx::wgmma_wait<0>();
+          ptx::fence_registers(s);
+          release_key(fill);
+          scores_to_p(s, info, row_alpha);
+          if (__any_sync(0xffffffffu, row_alpha[0] != 1.f || row_alpha[1] != 1.f)) scale_rows(acc_o, row_alpha);
+          pack_p(s);
+          begin_turn();
+          issue_pv(fill, cursor_value_parity);
+          end_turn();
+          ptx::wgmma_wait<0>();
+          ptx::fence_registers(acc_o);
+          release_value(fill);
+          if (info.last) break;
+          advance();
+          fill = wait_fill();
+          info = read_record(fill);
+          if (info.end) {
+            release_key(fill);
+            break;
+          }
+        }
+      } else {
+        release_key(info.fill);
+      }
+    } else if (!info.end) {
       {
         float s[kSRegs], row_alpha[2];
         begin_turn();
