@@ -1021,9 +1021,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     trace_group(kTraceTurn);
   };
   auto end_turn = [&] {
-    if constexpr (kTurns)
-      ptx::named_barrier_arrive(kSm90TurnBarrier + (kSm90ConsumerGroups == 2 ? group ^ 1 : (group + 1) % kSm90ConsumerGroups),
-                                2 * 128);
+    if constexpr (kTurns) {
+      const int next = kSm90ConsumerGroups == 2 ? group ^ 1 : (group + 1) % kSm90ConsumerGroups;  // a ring
+      ptx::named_barrier_arrive(kSm90TurnBarrier + next, 2 * 128);
+    }
   };
   if (group == kSm90ConsumerGroups - 1) end_turn();
 
