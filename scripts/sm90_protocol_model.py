@@ -274,6 +274,7 @@ if __name__ == "__main__":
         "split control (3 + 3, 1 Q)": (3, 3, 1, 2, True, False, 0),
         "main 128-key, turns, paged pairs": (2, 3, 2, 2, True, True, 0),
         "3 groups 128-key (2 + 3, 1 Q), turns, serial": (2, 3, 1, 2, True, True, 0),
+        "3 groups 128-key (2 + 3, 1 Q), serial": (2, 3, 1, 2, True, False, 0),
         "3 groups 64-key (4 shared, 2 Q), serial": (4, 4, 2, 2, False, False, 0.5),
     }
     trials = 2000
