@@ -1158,7 +1158,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     if constexpr (kSerialGroups) {
       // BSA_SM90_BLOCK_M=192: three groups at 160 registers cannot hold the next fill's S beside
       // P and O (the pipelined loop below spilled inside the fill loop, and its wgmmas were
-      // serialised; ptxas: 862 bytes in all, against 474 in this order, nearly all of them the
+      // serialised; ptxas: 862 bytes in all, against 494 in this order, nearly all of them the
       // producer's at 32 registers): a group takes each fill's S, softmax and P.V in order, while
       // the other two groups' products keep the tensor cores busy (ThunderKittens' Hopper forward
       // also takes 192-row query blocks at head dims 64 and 128).
