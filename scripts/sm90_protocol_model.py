@@ -2,8 +2,8 @@
 to check a change to it for deadlocks, mbarrier parity aliasing and unbalanced turns before it costs
 GPU time.
 
-The producer and the consumer groups (two; three with BSA_SM90_BLOCK_M=192) run as generators
-that yield while a barrier wait blocks; barriers are counters. cp.async copies always land, so only program order and the barriers can
+The producer and the two consumer groups run as generators that yield while a barrier wait blocks;
+barriers are counters. cp.async copies always land, so only program order and the barriers can
 block. Each unit is a list of fills, each marked by whether it carries cp.async copies (published L
 fills later) or not (published at issue), and whether it ends in an end record (a fill without
 values after its key tiles; a unit without key tiles is one) or in a marked last tile fill
@@ -14,8 +14,8 @@ Configurations: key
 slots, value slots (equal and released together for shared stages, main's 64-key shape; separate
 rings for its 128-key shape), Q buffers, fills in flight L, turns.
 
-The empties (key, value, Q) complete on every group's arrivals (the kernel counts 128 threads a
-group): an arrival of one group for a phase another has not finished would complete that phase early.
+The empties (key, value, Q) complete on both groups' arrivals (the kernel counts 2 x 128 threads):
+an arrival of one group for a phase the other has not finished would complete that phase early.
 Turns (sm90_turns; 128-key fills, both shapes with BSA_SM90_TURNS=2): the groups issue their
 products (the peeled first S of a unit with key tiles; each further fill's S and previous P.V, the
 end record's included) alternately through named barriers T0 and T1. Group g's begin_turn is a
@@ -42,8 +42,7 @@ on 2026-12-05, needed the producer to publish one fill more: the model found tha
 import random
 
 
-def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, vfull=False, pairs=False, groups=2,
-        serial=False):
+def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, vfull=False, pairs=False):
     """units: (fills, marked) pairs, marked for a unit whose last fill is marked (no end record);
     SK / SV: key / value slots; QB: Q buffers; L: fills in flight; split: a key slot is released
     after S, not with its value slot; fix: the producer publishes unit k - QB's fills before it waits
@@ -61,10 +60,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
     fills later) and the fills before a Q buffer's reuse, both meeting at every unit's claim; mutant
     'pairs publish late' has each pair publish its copies a fill of its own later (four fills), and
     'pairs both wait for Q' has both pairs wait for a unit's Q buffer, not only the one that loads its
-    Q (the other may then look for a phase that has passed twice), for the self-test; groups: consumer
-    groups (3: BSA_SM90_BLOCK_M=192), the empties completing on all of them and the turns passed round
-    the ring (group g hands over to g + 1 mod groups); serial: each group takes a fill's S and its
-    P.V in turns of their own, in order (the three-group loop), instead of S n with P.V n - 1."""
+    Q (the other may then look for a phase that has passed twice), for the self-test."""
     cnt, errors = {}, []
     preempted = [False]
     c = lambda b: cnt.get(b, 0)
@@ -72,9 +68,8 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
         cnt[b] = c(b) + 1
         if g is not None:  # a consumer group's arrival on a barrier that both groups complete
             cnt[b, g] = c((b, g)) + 1
-            behind = min(c((b, o)) for o in range(groups) if o != g)
-            if c((b, g)) > behind + 1:
-                errors.append(f"phase mix on {b}: group {g} at {c((b, g))} arrivals, another at {behind}")
+            if c((b, g)) > c((b, 1 - g)) + 1:
+                errors.append(f"phase mix on {b}: group {g} at {c((b, g))} arrivals, the other at {c((b, 1 - g))}")
     def ready(b, need, per=1):  # the need-th completion (1-based, `per` arrivals each) of barrier b has happened
         if c(b) // per > need:
             errors.append(f"parity alias on {b}: {c(b) // per} completions, waiting for {need}")
@@ -99,7 +94,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
             else:
                 arrive(('full', m % SK))
         def released(kind, slots, m):  # the consumers have released the slot's fill before fill m
-            return m < slots or c((kind, m % slots)) >= groups * (m // slots)
+            return m < slots or c((kind, m % slots)) >= 2 * (m // slots)
         def write(kind, slots, m):
             if not released(kind, slots, m):
                 errors.append(f"overwrite on {kind}: fill {m}'s slot before the consumers released it")
@@ -108,9 +103,9 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
             if n - lag >= st['pub']:
                 publish(st['pub']); st['pub'] += step
             if n >= SK:
-                yield from wait(lambda: ready(('kempty', n % SK), n // SK, groups))
+                yield from wait(lambda: ready(('kempty', n % SK), n // SK, 2))
             if n >= SV and mutant != 'no value wait':
-                yield from wait(lambda: ready(('vempty', n % SV), n // SV, groups))
+                yield from wait(lambda: ready(('vempty', n % SV), n // SV, 2))
             write('kempty' if split else 'vempty', SK if split else SV, n)
         for k, unit in enumerate(units + [None]):
             if pairs:  # the unit's claim: both pairs meet (a named barrier of all producer threads)
@@ -132,7 +127,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                 while st['pub'] < needed:
                     publish(st['pub']); st['pub'] += step
                 if owns(st['n']) or mutant == 'pairs both wait for Q':  # the pair that loads the unit's Q
-                    yield from wait(lambda: ready(('qempty', k % QB), k // QB, groups))
+                    yield from wait(lambda: ready(('qempty', k % QB), k // QB, 2))
             fills, marked = unit
             st['firsts'].append(st['n'])
             for i, copies in enumerate(fills):
@@ -154,8 +149,8 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
         arrive(('sync', g))
         k = c(('sync', g))
         yield from wait(lambda: c(('turn', g)) >= k)  # arrivals past k are the next generation's: no alias
-    def end_turn(g):  # bar.arrive on T(g + 1 mod groups): does not block
-        o = (g + 1) % groups
+    def end_turn(g):  # bar.arrive on T(1-g): does not block
+        o = 1 - g
         if c(('turn', o)) > c(('sync', o)):
             errors.append(f"turn overrun on T{o}: group {g} arrives again before group {o} synced")
         arrive(('turn', o))
@@ -174,8 +169,8 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                 yield from wait(lambda: ready(('vfull', pv % SV), pv // SV + 1))
             if turns:
                 end_turn(g)
-        if turns and g == groups - 1 and mutant != 'no bootstrap':
-            end_turn(g)  # group 0 goes first
+        if turns and g == 1 and mutant != 'no bootstrap':
+            end_turn(1)  # group 0 goes first
         for k, unit in enumerate(units + [None]):
             yield from wait(lambda: ready(('full', n % SK), n // SK + 1))
             if unit is None:
@@ -184,24 +179,6 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                 return
             fills, marked = unit
             tiles = len(fills) if marked else len(fills) - 1
-            if serial:  # each fill's S, then its P.V, each in a turn of its own
-                for i in range(tiles):
-                    if i:
-                        n += 1
-                        yield from wait(lambda: ready(('full', n % SK), n // SK + 1))
-                    yield from turn()  # S of fill n
-                    rk(n)
-                    yield from turn(n)  # its P.V, waited for before the next fill
-                    rv(n)
-                if tiles and not marked:  # the end record
-                    n += 1
-                    yield from wait(lambda: ready(('full', n % SK), n // SK + 1))
-                if not tiles or not marked:
-                    rk(n)
-                    rv(n)  # the end record's slots
-                n += 1
-                arrive(('qempty', k % QB), g)
-                continue
             if tiles:
                 yield from turn()  # the peeled first S
             rk(n)  # after the first fill's S (or at once: a unit without key tiles)
@@ -222,7 +199,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
             n += 1
             arrive(('qempty', k % QB), g)
 
-    alive = ([producer(0), producer(1)] if pairs else [producer()]) + [consumer(g) for g in range(groups)]
+    alive = ([producer(0), producer(1)] if pairs else [producer()]) + [consumer(0), consumer(1)]
     while alive:
         before, finished, preempted[0] = dict(cnt), False, False
         for p in (sched.sample(alive, len(alive)) if sched else list(alive)):
@@ -232,7 +209,7 @@ def run(units, SK, SV, QB, L, split, fix, turns=False, mutant=None, sched=None, 
                 alive.remove(p); finished = True
         if cnt == before and not finished and not preempted[0] and alive:
             return "deadlock", sorted(set(errors))
-    for g in range(groups):  # every hand-over taken
+    for g in (0, 1):  # every hand-over taken
         if c(('turn', g)) != c(('sync', g)):
             errors.append(f"dangling turn arrival on T{g}: {c(('turn', g))} arrivals, {c(('sync', g))} syncs")
     return "ok", sorted(set(errors))
@@ -273,9 +250,6 @@ if __name__ == "__main__":
         "split 64-key (4 + 4, 2 Q)": (4, 4, 2, 2, True, False, 0.5),
         "split control (3 + 3, 1 Q)": (3, 3, 1, 2, True, False, 0),
         "main 128-key, turns, paged pairs": (2, 3, 2, 2, True, True, 0),
-        "3 groups 128-key (2 + 3, 1 Q), turns, serial": (2, 3, 1, 2, True, True, 0),
-        "3 groups 128-key (2 + 3, 1 Q), serial": (2, 3, 1, 2, True, False, 0),
-        "3 groups 64-key (4 shared, 2 Q), serial": (4, 4, 2, 2, False, False, 0.5),
     }
     trials = 2000
     def sample(p_marked):
@@ -289,10 +263,8 @@ if __name__ == "__main__":
         results = {}
         vfull = "value barriers" in name
         pairs = "pairs" in name
-        groups, serial = (3, True) if name.startswith("3 groups") else (2, False)
         for trial, units in enumerate(samples[p_marked][:trials]):
-            key = outcome(run(units, SK, SV, QB, L, split, fix, turns, mutant, random.Random(trial), vfull, pairs, groups,
-                              serial))
+            key = outcome(run(units, SK, SV, QB, L, split, fix, turns, mutant, random.Random(trial), vfull, pairs))
             results[key] = results.get(key, 0) + 1
         return results
 
@@ -303,8 +275,7 @@ if __name__ == "__main__":
     # Self-test: a broken turn protocol must show. Without group 1's first hand-over group 0 never gets
     # a turn (nor its final sync); without group 0's final sync group 1's last hand-over dangles.
     for mutant, expect in (("no bootstrap", "deadlock"), ("no final sync", "ok +dangling turn arrival")):
-        for name in ("main 128-key, turns", "64-key, turns (BSA_SM90_TURNS=2)",
-                     "3 groups 128-key (2 + 3, 1 Q), turns, serial"):
+        for name in ("main 128-key, turns", "64-key, turns (BSA_SM90_TURNS=2)"):
             results = tally(name, mutant=mutant, trials=300)
             print(f"self-test {mutant:17} {name:40} {results}")
             assert results == {expect: 300}, f"the model misses a broken turn protocol ({mutant})"

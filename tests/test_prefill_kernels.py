@@ -105,8 +105,8 @@ def test_varlen_phi3_small(kernel, gen):
 def test_varlen_scores_outgrow_the_running_maximum(kernel, dtype, gen):
     """Keys scaled up by 128-key runs (x1, x1, x6, x1, x50, x0.5, x400, x1), so that a row's scores
     outgrow its running maximum mid-row: by a few units of log2 (the conditional rescale), by more
-    than 2^14 (BSA_SM90_SETTLED_MAX's fall-back to the exact path), and by more than 2^128, where an
-    exponential against the old reference is infinite. Dense causal rows, every one seeing the jumps
+    than 2^14 (past what a row sum taken against a stale maximum could hold), and by more than 2^128,
+    where an exponential against the old reference is infinite. Dense causal rows, every one seeing the jumps
     from its own position on."""
     factors = torch.tensor([1.0, 1.0, 6.0, 1.0, 50.0, 0.5, 400.0, 1.0])
 

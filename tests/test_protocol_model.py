@@ -1,7 +1,7 @@
 """scripts/sm90_protocol_model.py, the model of the Hopper prefill kernel's producer/consumer barrier
 protocol: every configuration main builds (and each experiment knob's) runs 2,000 random unit
 sequences without a deadlock, parity alias, overwrite, phase mix or unbalanced turn, and the model's
-self-tests (broken protocols it must catch) pass. About 50 s on one core."""
+self-tests (broken protocols it must catch) pass. About 15 s on one core."""
 from __future__ import annotations
 
 import ast

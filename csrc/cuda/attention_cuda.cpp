@@ -27,7 +27,6 @@
 namespace blocksparse_attn {
 
 void launch_plan_prefill(const PlanParams& params, cudaStream_t stream);
-int prefill_sm90_block_m();
 
 namespace {
 
@@ -191,7 +190,7 @@ void run_prefill(PrefillParams& params, const at::Tensor& q, at::ScalarType cach
   const PrefillKernel kernel = choose_prefill_kernel(params, settings);
   params.pack_gqa_shift = choose_pack_gqa_shift(params, kernel, settings);
   params.units_per_item = FastDivisor(params.num_q_heads >> params.pack_gqa_shift);
-  const int block_m = kernel == PrefillKernel::kSm90 ? prefill_sm90_block_m() >> params.pack_gqa_shift : kPrefillBlockM;
+  const int block_m = kernel == PrefillKernel::kSm90 ? kPrefillSm90BlockM >> params.pack_gqa_shift : kPrefillBlockM;
   const int max_tiles = static_cast<int>(params.num_q_tokens / block_m + 2 * params.num_seqs + 1);
   constexpr int kItemInts = sizeof(PlanItem) / sizeof(int32_t);
   at::Tensor workspace = at::empty({kItemInts * max_tiles + 2}, q.options().dtype(at::kInt));

@@ -17,16 +17,8 @@ constexpr int kPrefillBlockM = 64;
 #define BSA_PREFILL_BLOCK_N 32
 #endif
 constexpr int kPrefillBlockN = BSA_PREFILL_BLOCK_N;  // 32 or 64
-// Query rows per work unit of the Hopper prefill kernel: a consumer warp group per 64 rows. Build
-// knob BSA_SM90_BLOCK_M=192 (an experiment, not yet run on a GPU): three consumer groups at 160
-// registers, which cannot keep the next fill's S in flight beside P and O, so each group takes its
-// fills' products in order (prefill_sm90.cuh); the producer then has 32 registers, and the Q
-// buffers shrink to fit shared memory (prefill_sm90_tiling.cuh). The host reads the value from a
-// file nvcc compiles (plan.cu), so setting it through NVCC_APPEND_FLAGS is enough.
-#ifndef BSA_SM90_BLOCK_M
-#define BSA_SM90_BLOCK_M 128
-#endif
-constexpr int kPrefillSm90BlockM = BSA_SM90_BLOCK_M;
+// Query rows per CTA of the Hopper prefill kernel: two consumer warp groups of 64 rows.
+constexpr int kPrefillSm90BlockM = 128;
 
 // Where a sequence's keys and values live: packed contiguous tensors or the paged cache.
 struct KeyValueSource {

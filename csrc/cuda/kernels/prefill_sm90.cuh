@@ -550,9 +550,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       group_hi[g] = min(valid_end, tile_pos + group_tokens * (g + 1)) - 1;
       group_row[g] = 1u << ((group_lo[g] >> pattern.block_shift) - (valid_begin >> pattern.block_shift));
     }
-    // The 64-key tiles of the blocks the query blocks of this unit's rows see (one per 64 rows at
-    // most: sparse blocks are multiples of 64 tokens), identically in every producer thread.
-    BlockKeyTiles<64, kSm90ConsumerGroups> tiles;
+    // The 64-key tiles of the blocks the query blocks of this 128-row tile see (one or two: sparse
+    // blocks are multiples of 64 tokens), identically in every producer thread.
+    BlockKeyTiles<64, 2> tiles;
     // sm90_counts_tiles: where every causal block up to the unit's last row is visible, its key tiles
     // are 0, 1, ... up to its last key (valid_end - 1), and a group sees a tile unless the tile starts
     // past its last row: the walk's result without the walk (tests/cpp/key_tiles_check.cpp checks that
@@ -565,7 +565,7 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
     // BSA_SM90_LANE_WALK: a parametric pattern's tiles 32 at a time, one a lane, in closed form;
     // an explicit layout's, and those of the producer that looks page ids up ahead, by the walk.
     const bool lane_walk = BSA_SM90_LANE_WALK && !kPagesAhead && !count_tiles && !pattern.has_layout();
-    ClosedKeyTiles<64, kSm90ConsumerGroups> closed;
+    ClosedKeyTiles<64, 2> closed;
     const int first_row_block = valid_begin >> pattern.block_shift;
     const int last_row_block = (valid_end - 1) >> pattern.block_shift;
     if (lane_walk)
@@ -586,11 +586,9 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
       return any;
     };
     // The lane walk's batch: the closed form's tiles lane_next + lane, this lane's as
-    // lane_word = tile << kFlagBits | group g's flags << 2 g ...; lane_seen: the batch's lanes whose tile
+    // lane_word = tile << 4 | group 1's flags << 2 | group 0's; lane_seen: the batch's lanes whose tile
     // some group sees, not yet handed out; lane_next < 0: the batch reached the walk's end.
-    static_assert((kTileVisible | kTileMasked) < 4 && (kSm90ConsumerGroups == 2 || kSm90ConsumerGroups == 3),
-                  "a group's flags in 2 bits, two or three groups");
-    constexpr int kFlagBits = 2 * kSm90ConsumerGroups;
+    static_assert(kSm90ConsumerGroups == 2 && (kTileVisible | kTileMasked) < 4, "two groups' flags in 4 bits");
     int lane_next = 0, lane_word = 0;
     unsigned lane_seen = 0;
     // The next key tile some consumer group sees, with the groups' flags; false at the end.
@@ -615,17 +613,13 @@ __device__ __forceinline__ void sm90_producer(const PrefillParams& params, const
           const int tile = closed.tile(pattern, lane_next + lane, rows);
           uint8_t lane_flags[kSm90ConsumerGroups] = {};
           const bool seen = tile >= 0 && group_flags(tile, rows, lane_flags);
-          if constexpr (kSm90ConsumerGroups == 2) {  // written out: a loop over the groups changed the SASS
-            lane_word = seen ? tile << 4 | lane_flags[1] << 2 | lane_flags[0] : 0;  // tile >= 0 where seen
-          } else {
-            lane_word = seen ? tile << 6 | lane_flags[2] << 4 | lane_flags[1] << 2 | lane_flags[0] : 0;
-          }
+          lane_word = seen ? tile << 4 | lane_flags[1] << 2 | lane_flags[0] : 0;  // tile >= 0 where seen
           lane_seen = __ballot_sync(0xffffffffu, seen);
           lane_next = __any_sync(0xffffffffu, tile < 0) ? -1 : lane_next + 32;
         }
         const int word = __shfl_sync(0xffffffffu, lane_word, __ffs(lane_seen) - 1);
         lane_seen &= lane_seen - 1;
-        key_tile = word >> kFlagBits;
+        key_tile = word >> 4;
 #pragma unroll
         for (int g = 0; g < kSm90ConsumerGroups; ++g) flags[g] = (word >> (2 * g)) & 3;
         return true;
@@ -860,31 +854,6 @@ __device__ __forceinline__ float sm90_query_to_fp16(unsigned char* s_q, int warp
   return exp2f(static_cast<float>(-exponent));
 }
 
-// A consumer warp's 16 rows of S = Q K^T again, by mma.sync from the staged Q tile of its group (s_q)
-// and a key stage (s_k): a warp's own product (wgmma would need the whole group), in S's layout
-// (s[4j + e]: row e / 2, column 8j + 2 tig + e % 2 of m16n8 tiles). BSA_SM90_SETTLED_MAX's rare path.
-template <typename Compute, int kHeadDim, int kBlockN>
-__device__ __forceinline__ void sm90_warp_scores(float (&s)[kBlockN / 2], const unsigned char* s_q,
-                                              const unsigned char* s_k, Sm90KvLayout layout, int warp, int lane) {
-#pragma unroll
-  for (int i = 0; i < kBlockN / 2; ++i) s[i] = 0.f;
-  // ldmatrix x4: A's four 8 x 8 blocks (rows 0-7 / 8-15, columns 0-7 / 8-15); B's for two 8-key tiles
-  const int a_row = warp * 16 + (lane & 15), a_col = (lane >> 4) * 8;
-  const int b_key = ((lane >> 4) << 3) + (lane & 7), b_col = ((lane >> 3) & 1) * 8;
-#pragma unroll 1
-  for (int ks = 0; ks < kHeadDim / 16; ++ks) {
-    uint32_t a[4];
-    ptx::ldmatrix_x4(a, s_q + sm90_tile_offset<64>(a_row, ks * 16 + a_col));
-#pragma unroll
-    for (int n = 0; n < kBlockN / 16; ++n) {
-      uint32_t b[4];
-      ptx::ldmatrix_x4(b, s_k + sm90_kv_offset(layout, n * 16 + b_key, ks * 16 + b_col));
-      ptx::mma_16816<Compute>(*reinterpret_cast<float(*)[4]>(&s[8 * n]), a, b[0], b[1]);
-      ptx::mma_16816<Compute>(*reinterpret_cast<float(*)[4]>(&s[8 * n + 4]), a, b[2], b[3]);
-    }
-  }
-}
-
 // Warp groups 1 and 2: 64 query rows each; per fill, S = Q K^T, the online softmax, O += P V, then
 // each unit's epilogue.
 // kLastMarked: the producer marks each unit's last fill (sm90_marks_last_fill), except in units
@@ -893,9 +862,8 @@ __device__ __forceinline__ void sm90_warp_scores(float (&s)[kBlockN / 2], const 
 // kValueBarriers: a fill's values complete on their value slot's own barrier (sm90_value_barriers),
 // waited for just before the fill's P.V.
 // kDescriptorCursor: the K and V descriptors advance with the fill cursor (sm90_descriptor_cursor).
-// kSettledMax: exponentials against the standing references where they hold (sm90_settled_max).
 template <typename Element, int kHeadDim, typename Tiling, typename Cache, bool kTurns, bool kLastMarked,
-          bool kValueBarriers, bool kDescriptorCursor, bool kSettledMax>
+          bool kValueBarriers, bool kDescriptorCursor>
 __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const Sm90TensorMaps& maps,
                                               const Sm90Shared<kHeadDim, Tiling>& shared, bool kv_row_groups) {
   using Smem = Sm90Smem<kHeadDim, Tiling>;
@@ -914,7 +882,6 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   constexpr int kSRegs = Tiling::kBlockN / 2;  // S accumulators per thread: 64 rows x kBlockN keys / 128
   constexpr int kORegs = kHeadDim / 2;
   constexpr bool kPvWaitBeforeExp = sm90_pv_wait_before_exp<Tiling>();
-  constexpr bool kSerialGroups = kSm90ConsumerGroups == 3;
   // Values the compiler can prove warp-uniform (a lane-0 broadcast) keep the slot indices and the
   // wgmma descriptors in uniform registers: otherwise every wgmma is preceded by register-to-
   // uniform moves and address arithmetic (SASS: ~70 instructions per tile).
@@ -1021,12 +988,9 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     trace_group(kTraceTurn);
   };
   auto end_turn = [&] {
-    if constexpr (kTurns) {
-      const int next = kSm90ConsumerGroups == 2 ? group ^ 1 : (group + 1) % kSm90ConsumerGroups;  // a ring
-      ptx::named_barrier_arrive(kSm90TurnBarrier + next, 2 * 128);
-    }
+    if constexpr (kTurns) ptx::named_barrier_arrive(kSm90TurnBarrier + (group ^ 1), 2 * 128);
   };
-  if (group == kSm90ConsumerGroups - 1) end_turn();
+  if (group == 1) end_turn();
 
   for (int k = 0;; ++k) {
     StageInfo info = read_record(wait_fill());  // the unit's first fill, which also brought its Q
@@ -1152,48 +1116,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // sm90_pv_wait_before_exp between the row maxima and the exponentials, which P then packs
     // beside. Earlier pins (a barrier wait, or a shared store of the row sums, which ptxas keeps
     // ahead of the wgmma wait) measured slower: 2 % at 8k x 4, 5-8 % on dense layouts.
-    // Every tile of the list goes through every group (one a group does not see is fully masked):
+    // Every tile of the list goes through both groups (one a group does not see is fully masked):
     // skipping it would put the wgmma issue in data-dependent branches, where ptxas serialises
     // them.
-    if constexpr (kSerialGroups) {
-      // BSA_SM90_BLOCK_M=192: three groups at 160 registers cannot hold the next fill's S beside
-      // P and O (the pipelined loop below spilled inside the fill loop, and its wgmmas were
-      // serialised; ptxas: 862 bytes in all, against 494 in this order, nearly all of them the
-      // producer's at 32 registers): a group takes each fill's S, softmax and P.V in order, while
-      // the other two groups' products keep the tensor cores busy (ThunderKittens' Hopper forward
-      // also takes 192-row query blocks at head dims 64 and 128).
-      if (!info.end) {
-        Fill fill = info.fill;
-        while (true) {
-          float s[kSRegs], row_alpha[2];
-          begin_turn();
-          issue_s(s, fill);
-          end_turn();
-          ptx::wgmma_wait<0>();
-          ptx::fence_registers(s);
-          release_key(fill);
-          scores_to_p(s, info, row_alpha);
-          if (__any_sync(0xffffffffu, row_alpha[0] != 1.f || row_alpha[1] != 1.f)) scale_rows(acc_o, row_alpha);
-          pack_p(s);
-          begin_turn();
-          issue_pv(fill, cursor_value_parity);
-          end_turn();
-          ptx::wgmma_wait<0>();
-          ptx::fence_registers(acc_o);
-          release_value(fill);
-          if (info.last) break;
-          advance();
-          fill = wait_fill();
-          info = read_record(fill);
-          if (info.end) {
-            release_key(fill);
-            break;
-          }
-        }
-      } else {
-        release_key(info.fill);
-      }
-    } else if (!info.end) {
+    if (!info.end) {
       {
         float s[kSRegs], row_alpha[2];
         begin_turn();
@@ -1206,7 +1132,6 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         pack_p(s);
         trace_group(kTraceReady);
       }
-      bool settled = kSettledMax && softmax.warp_settled();  // kSettledMax: the warp's rows all have a reference
       Fill pending = info.fill;
       int pending_parity = cursor_value_parity;
       // The previous fill's P.V done, O readable and its value slot freed.
@@ -1234,7 +1159,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         info = read_record(fill);
         ptx::wgmma_wait<1>();  // S is done; P.V may still run
         ptx::fence_registers(s);
-        if (!kSettledMax || info.end) release_key(fill);  // kSettledMax: once P is accepted
+        release_key(fill);
         if (info.end) {
           finish_pending_pv();
           break;
@@ -1253,37 +1178,14 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           finish_pending_pv();
           trace_group(kTracePvDone);
         } else if constexpr (kPvWaitBeforeExp) {  // sm90_pv_wait_before_exp
-          bool exact = true;
-          if constexpr (kSettledMax) {  // BSA_SM90_SETTLED_MAX
-            exact = !settled;
-            if (settled) {
-              const float multiplier = mask_scores(s, info);
-              float tile_sum[2];
-              softmax.exponentiate_settled(s, multiplier, tile_sum);
-              if (__any_sync(0xffffffffu, tile_sum[0] > kSm90SettledSumLimit || tile_sum[1] > kSm90SettledSumLimit)) {
-                // the scores again, from the key slot the warp still holds
-                sm90_warp_scores<Compute, kHeadDim, Tiling::kBlockN>(
-                    s, s_q, shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes, layout, warp, lane);
-                exact = true;
-              } else {
-                softmax.add_sums(tile_sum);
-                finish_pending_pv();
-                trace_group(kTracePvDone);
-              }
-            }
-          }
-          if (exact) {
-            // FlashAttention-4's order (the maxima and the FFMAs of s * scale - max before this P.V
-            // wait), O rescaled every fill or on the vote: 0.4-3.4 % more cycles (H100, 2026-12-07).
-            const float multiplier = mask_scores(s, info);
-            softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
-            // Half the exponentials before this wait (in its shadow) measured 0.1 % (dense 16k) and
-            // 2.3 % (the pattern 8k) more cycles (H100, 2026-12-07).
-            finish_pv(row_alpha);
-            if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate(s, multiplier, row_alpha);
-            if constexpr (kSettledMax) settled = softmax.warp_settled();  // per warp: this path issues no wgmma
-          }
-          if constexpr (kSettledMax) release_key(fill);
+          // FlashAttention-4's order (the maxima and the FFMAs of s * scale - max before this P.V
+          // wait), O rescaled every fill or on the vote: 0.4-3.4 % more cycles (H100, 2026-12-07).
+          const float multiplier = mask_scores(s, info);
+          softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
+          // Half the exponentials before this wait (in its shadow) measured 0.1 % (dense 16k) and
+          // 2.3 % (the pattern 8k) more cycles (H100, 2026-12-07).
+          finish_pv(row_alpha);
+          if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate(s, multiplier, row_alpha);
         } else {
           scores_to_p(s, info, row_alpha);
           finish_pv(row_alpha);
@@ -1445,8 +1347,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     ptx::setmaxnreg_inc<kSm90ConsumerRegisters>();
     const bool kv_row_groups = !CacheFormat<Cache>::kFp8 && maps.kv_row_groups;
     sm90_consumer<Element, kHeadDim, Tiling, Cache, sm90_turns<Tiling>(), sm90_marks_last_fill<Tiling, kProducerThreads>(),
-                  sm90_value_barriers<Tiling, kProducerThreads>(), sm90_descriptor_cursor<kProducerThreads>(),
-                  sm90_settled_max<Tiling, kProducerThreads>()>(
+                  sm90_value_barriers<Tiling, kProducerThreads>(), sm90_descriptor_cursor<kProducerThreads>()>(
         params, maps, shared, kv_row_groups);
   }
 #else

@@ -36,7 +36,7 @@ namespace blocksparse_attn {
 #define BSA_SM90_LOADS_IN_FLIGHT 2
 #endif
 #ifndef BSA_SM90_Q_BUFFERS
-#define BSA_SM90_Q_BUFFERS (BSA_SM90_BLOCK_M == 128 ? 3 : 2)
+#define BSA_SM90_Q_BUFFERS 3
 #endif
 #ifndef BSA_SM90_K128_KEY_SLOTS
 #define BSA_SM90_K128_KEY_SLOTS 2
@@ -45,7 +45,7 @@ namespace blocksparse_attn {
 #define BSA_SM90_K128_VALUE_SLOTS 3
 #endif
 #ifndef BSA_SM90_K128_Q_BUFFERS
-#define BSA_SM90_K128_Q_BUFFERS (BSA_SM90_BLOCK_M == 128 ? 2 : 1)
+#define BSA_SM90_K128_Q_BUFFERS 2
 #endif
 // Build knob BSA_SM90_PRODUCER_WARPS=1|4 (default 1): launches over contiguous K/V with Q and K/V
 // through the TMA (one thread's issue a tile) take a kernel whose producer works in one warp, while
@@ -108,7 +108,7 @@ constexpr int kSm90Threads = 128 * (1 + kSm90ConsumerGroups);
 // BSA_SM90_PRODUCER_REGISTERS (a multiple of 8; the consumers take the rest of the pool) for A/Bs:
 // FA4's Hopper forward runs a one-warp producer on 24 and its two MMA groups on 240.
 #ifndef BSA_SM90_PRODUCER_REGISTERS
-#define BSA_SM90_PRODUCER_REGISTERS (BSA_SM90_BLOCK_M == 128 ? 104 : 32)
+#define BSA_SM90_PRODUCER_REGISTERS 104
 #endif
 constexpr int kSm90RegisterPool = (1 + kSm90ConsumerGroups) * (65536 / kSm90Threads / 8 * 8);
 constexpr int kSm90ProducerRegisters = BSA_SM90_PRODUCER_REGISTERS;
@@ -118,8 +118,8 @@ static_assert(kSm90ProducerRegisters % 8 == 0 && kSm90ProducerRegisters >= 24 &&
 // Named barriers (0 is __syncthreads): each consumer group's epilogue, the producer's broadcast of
 // a claimed unit.
 constexpr int kSm90EpilogueBarrier = 1;   // + group
-constexpr int kSm90ClaimBarrier = 1 + kSm90ConsumerGroups;
-constexpr int kSm90TurnBarrier = 2 + kSm90ConsumerGroups;  // + group: the group's turn to issue its products
+constexpr int kSm90ClaimBarrier = 3;
+constexpr int kSm90TurnBarrier = 4;       // + group: the group's turn to issue its products
 // The consumer groups issue their products in turns (FA3's warp-scheduler barrier): group 0 issues a
 // fill's S and P.V, then group 1, and so on, so one group's softmax runs while the other group's
 // products keep the tensor cores busy, and a group's four warps meet before their first wgmma.
@@ -140,24 +140,6 @@ __host__ __device__ constexpr bool sm90_turns() {
 // How far (log2 units) a row's running maximum may lag the true one: P <= 2^8, exact in fp16 and
 // bf16, and O and the row sum stay far from overflow in fp32.
 constexpr float kSm90MaxSlack = 8.f;
-
-// Build knob BSA_SM90_SETTLED_MAX (default 0; built and SASS-checked, not yet timed): once every row
-// of a consumer warp has a reference, a fill's exponentials are taken against the references as
-// they stand, without the fill's row maxima (66 FMNMX, 4 shuffles and the reference update a thread
-// a fill), and the fill is accepted when no thread's share of a row's sum of it exceeds
-// kSm90SettledSumLimit (one compare a row and a vote; every P <= that share). Otherwise (a row's
-// scores outgrew its reference by ~2^14, or past 2^128 to infinity) the warp computes its 16 rows
-// of S again by mma.sync from the staged Q and the fill's key slot, which the group holds until
-// then (sm90_warp_scores: a group-wide wgmma would need the four warps to agree, and a named-barrier
-// vote for that spilled 156 bytes in the loop), and takes the exact path: maxima, rescale,
-// exponentials. SASS (bf16 hd128 k128, one-warp producer): the unmasked fill's path 440 -> ~369
-// instructions. Predicted -2 to -4 % cycles at dense 16k x 2 (a chain instruction has cost ~1.2-1.7
-// cycles), unless holding the key slot ~500 cycles longer makes the producer late.
-#ifndef BSA_SM90_SETTLED_MAX
-#define BSA_SM90_SETTLED_MAX 0
-#endif
-// P <= 2^14 on the fast path: exact in fp16 (at most 65504) and bf16, with room in fp32 for O.
-constexpr float kSm90SettledSumLimit = 16384.f;
 
 // Build knob BSA_SM90_PV_WAIT_BEFORE_EXP (0 never, 1 128-key fills, 2 both shapes; default 1): a
 // consumer waits for the previous fill's P.V between the row maxima and the exponentials
@@ -328,30 +310,10 @@ template <int kProducerThreads>
 __host__ __device__ constexpr bool sm90_descriptor_cursor() {
   return kProducerThreads == 32;
 }
-// BSA_SM90_SETTLED_MAX (above): 128-key fills waiting for P.V between the maxima and the
-// exponentials, under the one-warp producer (the four-warp kernel spilled 272 bytes with it, ptxas),
-// not with the BSA_SM90_SKIP_SOFTMAX diagnostics (their loop never takes the path that frees the key).
-template <typename Tiling, int kProducerThreads>
-__host__ __device__ constexpr bool sm90_settled_max() {
-  return BSA_SM90_SETTLED_MAX && Tiling::kTilesPerStage == 2 && sm90_pv_wait_before_exp<Tiling>() &&
-         kProducerThreads == 32 && BSA_SM90_SKIP_SOFTMAX == 0;
-}
 template <typename Tiling, int kProducerThreads>
 __host__ __device__ constexpr bool sm90_counts_tiles() {
   return sm90_by_fill_shape<Tiling>(BSA_SM90_COUNT_TILES) && kProducerThreads == 32;
 }
-
-// What the producer tells the consumers about a filled stage: the work unit it belongs to (-1: no
-// more work, the CTA's last fill), per 64-key slot the key tile (absolute positions key_tile * 64 ...;
-// -1 for an empty slot) and each consumer group's flags. A record whose first slot is empty ends
-// the unit's list; the first fill of a unit also carries its Q.
-template <int kTilesPerStage>
-struct Sm90StageRecord {
-  int32_t unit;
-  int32_t key_tile[kTilesPerStage];
-  uint8_t flags[kSm90ConsumerGroups][kTilesPerStage];
-};
-constexpr int kSm90RecordBytes = (sizeof(Sm90StageRecord<2>) + 15) / 16 * 16;  // 16 with two groups
 
 // Shared memory: operand tiles of kRows rows x kHeadDim, stored as 64-column blocks of kRows rows x
 // 128 B with the 128-byte swizzle (the layout wgmma reads), every tile 1024-byte aligned. Q has
@@ -378,10 +340,21 @@ struct Sm90Smem {
       8 * (Tiling::kKeySlots + Tiling::kValueSlots + kKeyEmptyBarriers + Tiling::kQBuffers + kValueFullBarriers);
   static constexpr int kItemOffset = kClaimOffset + 8;
   static constexpr int kRecordOffset = (kItemOffset + Tiling::kQBuffers * sizeof(PrefillItem) + 15) / 16 * 16;
-  // + slack to align the base
-  static constexpr int kBytes = kRecordOffset + kSm90RecordBytes * Tiling::kKeySlots + 1024;
+  static constexpr int kBytes = kRecordOffset + 16 * Tiling::kKeySlots + 1024;  // + slack to align the base
   static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA may have");
 };
+
+// What the producer tells the consumers about a filled stage: the work unit it belongs to (-1: no
+// more work, the CTA's last fill), per 64-key slot the key tile (absolute positions key_tile * 64 ...;
+// -1 for an empty slot) and each consumer group's flags. A record whose first slot is empty ends
+// the unit's list; the first fill of a unit also carries its Q.
+template <int kTilesPerStage>
+struct Sm90StageRecord {
+  int32_t unit;
+  int32_t key_tile[kTilesPerStage];
+  uint8_t flags[kSm90ConsumerGroups][kTilesPerStage];
+};
+static_assert(sizeof(Sm90StageRecord<2>) <= 16, "stage records have 16 bytes each");
 
 // Byte offset of (row, col) in a swizzled tile of kRows rows.
 template <int kRows>

@@ -82,24 +82,6 @@ struct OnlineSoftmax {
     for (int r = 0; r < 2; ++r) row_exponentiate(s, r, multiplier, reference(row_max[r]), alpha[r]);
   }
 
-  // P against the references as they stand (every row of the caller's has one: row_max finite), no
-  // rescale: the scores turned into P in place and this thread's share of each row's sum of them
-  // returned in tile_sum, for the caller to check and then add_sums (or to discard, with the scores
-  // computed again, where a share came out too large).
-  template <int kRegs>
-  __device__ __forceinline__ void exponentiate_settled(float (&s)[kRegs], float multiplier, float (&tile_sum)[2]) {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) tile_sum[r] = exponentiate_row(s, r, multiplier, row_max[r]);
-  }
-  __device__ __forceinline__ void add_sums(const float (&tile_sum)[2]) {
-    row_sum[0] += tile_sum[0];
-    row_sum[1] += tile_sum[1];
-  }
-  // Whether every row of the warp has a reference (a finite running maximum).
-  __device__ __forceinline__ bool warp_settled() const {
-    return !__any_sync(0xffffffffu, row_max[0] == -INFINITY || row_max[1] == -INFINITY);
-  }
-
   // One row (r: the thread's first or second) of new_reference, which returns the row's reference,
   // and of exponentiate.
   template <int kRegs>
@@ -123,18 +105,13 @@ struct OnlineSoftmax {
   template <int kRegs>
   __device__ __forceinline__ void row_exponentiate(float (&s)[kRegs], int r, float multiplier, float ref,
                                                    float alpha) {
-    row_sum[r] = row_sum[r] * alpha + exponentiate_row(s, r, multiplier, ref);
-  }
-  // Row r's scores turned into P against ref; returns this thread's share of their sum.
-  template <int kRegs>
-  __device__ __forceinline__ static float exponentiate_row(float (&s)[kRegs], int r, float multiplier, float ref) {
     float part[kRegs / 4];
 #pragma unroll
     for (int j = 0; j < kRegs / 4; ++j) {
       exponentiate_pair(s, r, j, multiplier, ref);
       part[j] = s[4 * j + 2 * r] + s[4 * j + 2 * r + 1];
     }
-    return reduce_tree(part, [](float a, float b) { return a + b; });
+    row_sum[r] = row_sum[r] * alpha + reduce_tree(part, [](float a, float b) { return a + b; });
   }
   // Row r's pair j (columns 8j + 2 tig and + 1) of scores turned into P against ref.
   template <int kRegs>
