@@ -1164,9 +1164,13 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           finish_pending_pv();
           break;
         }
-        // O scaled by the change of the row maxima, skipped while they hold (the common case).
+        // O scaled by the change of the row maxima, skipped while they hold (the common case). The
+        // group decides as one: wgmma.wait_group is .aligned over the warp group, so its four warps
+        // must run the same wait instruction, and a warp's own vote put them in different arms
+        // (compute-sanitizer synccheck: "Mismatching warpgroup instruction pc between warps").
         auto finish_pv = [&](const float (&alpha)[2]) {
-          if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+          const bool any = ptx::named_barrier_any(kSm90EpilogueBarrier + group, 128, alpha[0] != 1.f || alpha[1] != 1.f);
+          if (__any_sync(0xffffffffu, any)) {  // the same in every lane; the vote says so to the compiler
             finish_pending_pv();
             scale_rows(acc_o, alpha);
           } else {
