@@ -1112,7 +1112,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // V_{n-1}, wait for S_n, free K_n, softmax, wait for P.V, free V_{n-1}, rescale O. ptxas moves
     // a wgmma wait up to the top of its basic block: written after the softmax in the same block,
     // the P.V wait sat before the row maxima's shuffles (P.V overlapped the masking only). It now
-    // sits in both arms of the rescale vote, a block boundary: after the exponentials, or with
+    // sits in both arms of the group's rescale vote, a block boundary: after the exponentials, or with
     // sm90_pv_wait_before_exp between the row maxima and the exponentials, which P then packs
     // beside. Earlier pins (a barrier wait, or a shared store of the row sums, which ptxas keeps
     // ahead of the wgmma wait) measured slower: 2 % at 8k x 4, 5-8 % on dense layouts.
