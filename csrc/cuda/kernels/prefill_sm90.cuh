@@ -1169,8 +1169,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         // must run the same wait instruction, and a warp's own vote put them in different arms
         // (compute-sanitizer synccheck: "Mismatching warpgroup instruction pc between warps").
         auto finish_pv = [&](const float (&alpha)[2]) {
-          const bool any = ptx::named_barrier_any(kSm90EpilogueBarrier + group, 128, alpha[0] != 1.f || alpha[1] != 1.f);
-          if (__any_sync(0xffffffffu, any)) {  // the same in every lane; the vote says so to the compiler
+          if (ptx::named_barrier_any(kSm90EpilogueBarrier + group, 128, alpha[0] != 1.f || alpha[1] != 1.f)) {
             finish_pending_pv();
             scale_rows(acc_o, alpha);
           } else {
