@@ -1112,7 +1112,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // V_{n-1}, wait for S_n, free K_n, softmax, wait for P.V, free V_{n-1}, rescale O. ptxas moves
     // a wgmma wait up to the top of its basic block: written after the softmax in the same block,
     // the P.V wait sat before the row maxima's shuffles (P.V overlapped the masking only). It now
-    // sits in both arms of the group's rescale vote, a block boundary: after the exponentials, or with
+    // sits at a block boundary (BSA_SM90_GROUP_VOTE): after the exponentials, or with
     // sm90_pv_wait_before_exp between the row maxima and the exponentials, which P then packs
     // beside. Earlier pins (a barrier wait, or a shared store of the row sums, which ptxas keeps
     // ahead of the wgmma wait) measured slower: 2 % at 8k x 4, 5-8 % on dense layouts.
@@ -1165,15 +1165,23 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           break;
         }
         // O scaled by the change of the row maxima, skipped while they hold (the common case). The
-        // group decides as one: wgmma.wait_group is .aligned over the warp group, so its four warps
-        // must run the same wait instruction, and a warp's own vote put them in different arms
-        // (compute-sanitizer synccheck: "Mismatching warpgroup instruction pc between warps").
+        // P.V wait sits at a block boundary, so that ptxas keeps it after the maxima, and every warp
+        // of the group runs the same wait instruction (BSA_SM90_GROUP_VOTE).
         auto finish_pv = [&](const float (&alpha)[2]) {
-          if (ptx::named_barrier_any(kSm90EpilogueBarrier + group, 128, alpha[0] != 1.f || alpha[1] != 1.f)) {
-            finish_pending_pv();
-            scale_rows(acc_o, alpha);
+          const bool moved = alpha[0] != 1.f || alpha[1] != 1.f;
+          if constexpr (BSA_SM90_GROUP_VOTE) {
+            if (ptx::named_barrier_any(kSm90EpilogueBarrier + group, 128, moved)) {
+              finish_pending_pv();
+              scale_rows(acc_o, alpha);
+            } else {
+              finish_pending_pv();
+            }
           } else {
-            finish_pending_pv();
+            const bool rescale = __any_sync(0xffffffffu, moved);
+            ptx::wgmma_wait_in_own_block<0>(info.tile[0] & 1);  // the shared record's: the group's alike
+            ptx::fence_registers(acc_o);
+            release_value(pending);
+            if (rescale) scale_rows(acc_o, alpha);
           }
           trace_group(kTracePvDone);
         };

@@ -183,6 +183,16 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 }
 
+// wgmma_wait, at the top of a basic block of its own: ptxas moves a wgmma wait up to the top of its
+// basic block, so this one waits in both arms of a branch on `group_uniform`, which must be equal
+// across the warp group (wgmma.wait_group is .aligned over it) and whose value does not matter. The
+// arms' asm differs so that no compiler merges them into the block before.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait_in_own_block(bool group_uniform) {
+  if (group_uniform) asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+  else asm volatile("wgmma.wait_group.sync.aligned %0; // other arm\n" ::"n"(kPending) : "memory");
+}
+
 // Keeps the compiler from moving reads or writes of an accumulator across wgmma issue and wait
 // (the asm statements above do not name the registers the hardware writes asynchronously).
 template <int kCount>
