@@ -1135,10 +1135,13 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
       Fill pending = info.fill;
       int pending_parity = cursor_value_parity;
       // The previous fill's P.V done, O readable and its value slot freed.
-      auto finish_pending_pv = [&] {
-        ptx::wgmma_wait<0>();
+      auto pending_pv_waited = [&] {  // after the wait for it
         ptx::fence_registers(acc_o);
         release_value(pending);
+      };
+      auto finish_pending_pv = [&] {
+        ptx::wgmma_wait<0>();
+        pending_pv_waited();
       };
       while (!info.last) {
         // Both products are issued before the fill's record is read (its load and broadcast
@@ -1179,8 +1182,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           } else {
             const bool rescale = __any_sync(0xffffffffu, moved);
             ptx::wgmma_wait_in_own_block<0>(info.tile[0] & 1);  // the shared record's: the group's alike
-            ptx::fence_registers(acc_o);
-            release_value(pending);
+            pending_pv_waited();
             if (rescale) scale_rows(acc_o, alpha);
           }
           trace_group(kTracePvDone);
