@@ -1112,7 +1112,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // V_{n-1}, wait for S_n, free K_n, softmax, wait for P.V, free V_{n-1}, rescale O. ptxas moves
     // a wgmma wait up to the top of its basic block: written after the softmax in the same block,
     // the P.V wait sat before the row maxima's shuffles (P.V overlapped the masking only). It now
-    // sits at a block boundary (BSA_SM90_GROUP_VOTE): after the exponentials, or with
+    // sits at a block boundary (finish_pv below): after the exponentials, or with
     // sm90_pv_wait_before_exp between the row maxima and the exponentials, which P then packs
     // beside. Earlier pins (a barrier wait, or a shared store of the row sums, which ptxas keeps
     // ahead of the wgmma wait) measured slower: 2 % at 8k x 4, 5-8 % on dense layouts.
@@ -1167,24 +1167,18 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           finish_pending_pv();
           break;
         }
-        // O scaled by the change of the row maxima, skipped while they hold (the common case). The
-        // P.V wait sits at a block boundary, so that ptxas keeps it after the maxima, and every warp
-        // of the group runs the same wait instruction (BSA_SM90_GROUP_VOTE).
+        // O scaled by the change of the row maxima, skipped while they hold (the common case); each
+        // warp votes for its own rows. The P.V wait begins a block of its own on a branch the group
+        // takes alike, so that ptxas keeps it after the maxima and the group's four warps run the
+        // same wait instruction (wgmma.wait_group is .aligned over the warp group). A wait in each
+        // arm of the warp's vote failed compute-sanitizer synccheck; the group voting as one
+        // (bar.red.or) passed at 2.6 % more cycles at dense 16k x 2; this way passes at 0.8 % more
+        // than the warp's arms (H100, 2026-12-07/08).
         auto finish_pv = [&](const float (&alpha)[2]) {
-          const bool moved = alpha[0] != 1.f || alpha[1] != 1.f;
-          if constexpr (BSA_SM90_GROUP_VOTE) {
-            if (ptx::named_barrier_any(kSm90EpilogueBarrier + group, 128, moved)) {
-              finish_pending_pv();
-              scale_rows(acc_o, alpha);
-            } else {
-              finish_pending_pv();
-            }
-          } else {
-            const bool rescale = __any_sync(0xffffffffu, moved);
-            ptx::wgmma_wait_in_own_block<0>(info.tile[0] & 1);  // the shared record's: the group's alike
-            pending_pv_waited();
-            if (rescale) scale_rows(acc_o, alpha);
-          }
+          const bool rescale = __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f);
+          ptx::wgmma_wait_in_own_block<0>(info.tile[0] & 1);  // the shared record's: the group's alike
+          pending_pv_waited();
+          if (rescale) scale_rows(acc_o, alpha);
           trace_group(kTracePvDone);
         };
         if constexpr (BSA_SM90_SKIP_SOFTMAX == 1) {  // diagnostic, wrong output: P = the raw scores

@@ -191,19 +191,6 @@ __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
   return sm90_by_fill_shape<Tiling>(BSA_SM90_PV_WAIT_BEFORE_EXP);
 }
 
-// Build knob BSA_SM90_GROUP_VOTE (default 1): how a consumer group decides to rescale O and keeps its
-// four warps on one P.V wait instruction (wgmma.wait_group is .aligned over the warp group; waits
-// in both arms of a warp's own vote failed compute-sanitizer synccheck, H100, 2026-12-07).
-// 1: the group votes as one (bar.red.or on its own barrier) and waits in both arms; synccheck clean
-// over 251 Hopper tests, +2.6 % cycles at dense 16k x 2 and +1.2 % on the pattern 8k x 4 against the
-// warp's vote (H100, 2026-12-07). 0: each warp votes for its own rows and rescales alone; the wait
-// begins a block of its own on a branch the group takes alike (ptx::wgmma_wait_in_own_block), ~3
-// SASS instructions a fill and no barrier. Built and SASS-checked, not yet run on a GPU; predicted
-// within +0.3 % of the warp's vote.
-#ifndef BSA_SM90_GROUP_VOTE
-#define BSA_SM90_GROUP_VOTE 1
-#endif
-
 // Diagnostic knobs that make the one-warp producer late (their results: at their use in
 // prefill_sm90.cuh). Default off.
 #ifndef BSA_SM90_PRODUCER_PAD

@@ -141,19 +141,6 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// Waits on a named barrier like named_barrier_sync and returns whether `predicate` held in any of
-// the `threads` threads (bar.red.or): one decision that every warp taking part takes alike. Full
-// warps only: the closing vote tells the compiler the result is warp-uniform (without it, code after
-// a branch on the result left the uniform registers: ~80 more SASS instructions in the Hopper fill loop).
-__device__ __forceinline__ bool named_barrier_any(int id, int threads, bool predicate) {
-  int any;
-  asm volatile(
-      "{\n\t.reg .pred p, q;\n\tsetp.ne.b32 p, %1, 0;\n\tbar.red.or.pred q, %2, %3, p;\n\tselp.b32 %0, 1, 0, q;\n}\n"
-      : "=r"(any)
-      : "r"(static_cast<int>(predicate)), "r"(id), "r"(threads));
-  return __any_sync(0xffffffffu, any != 0);
-}
-
 // Arrives on a named barrier without waiting (the arrival counts toward `threads`).
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
