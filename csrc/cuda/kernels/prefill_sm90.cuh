@@ -882,6 +882,8 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   constexpr int kSRegs = Tiling::kBlockN / 2;  // S accumulators per thread: 64 rows x kBlockN keys / 128
   constexpr int kORegs = kHeadDim / 2;
   constexpr bool kPvWaitBeforeExp = sm90_pv_wait_before_exp<Tiling>();
+  constexpr bool kSHalves = sm90_s_halves<Tiling>();  // BSA_SM90_S_HALVES
+  using MmaSHalf = ptx::Wgmma<Compute, (kSHalves ? Tiling::kBlockN / 2 : Tiling::kBlockN)>;  // kSHalves only
   // Values the compiler can prove warp-uniform (a lane-0 broadcast) keep the slot indices and the
   // wgmma descriptors in uniform registers: otherwise every wgmma is preceded by register-to-
   // uniform moves and address arithmetic (SASS: ~70 instructions per tile).
@@ -1033,6 +1035,27 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
       for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q.at(q_step(ks)), desc_k.at(k_step(ks)), ks > 0);
       ptx::wgmma_commit();
     };
+    // kSHalves: S as two commit groups, keys 0-63 (slot 0) into s[0, 32) and keys 64-127 (slot 1,
+    // 8 row groups on) into s[32, 64): the m64n128 accumulators' layout, block of 8 keys by block.
+    auto issue_s_halves = [&](float (&s)[kSRegs], const Fill& fill) {
+      const ptx::SmemDescriptor desc_k =
+          kDescriptorCursor ? ptx::SmemDescriptor{fill.key_desc_lo, key_desc0.hi}
+                            : ptx::smem_descriptor_sw128(shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes,
+                                                         16, layout.row_group_bytes);
+      if constexpr (kSHalves) {
+        const ptx::SmemDescriptor desc_k_hi{static_cast<uint32_t>(uniform(desc_k.lo + ((8 * layout.row_group_bytes) >> 4))),
+                                            desc_k.hi};
+        float(&s_lo)[kSRegs / 2] = *reinterpret_cast<float(*)[kSRegs / 2]>(&s[0]);
+        float(&s_hi)[kSRegs / 2] = *reinterpret_cast<float(*)[kSRegs / 2]>(&s[kSRegs / 2]);
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaSHalf::ss(s_lo, desc_q.at(q_step(ks)), desc_k.at(k_step(ks)), ks > 0);
+        ptx::wgmma_commit();
+#pragma unroll
+        for (int ks = 0; ks < kHeadDim / 16; ++ks)
+          MmaSHalf::ss(s_hi, desc_q.at(q_step(ks)), desc_k_hi.at(k_step(ks)), ks > 0);
+      }
+    };
     // kValueBarriers: waits for the fill's values (its value slot's phase `parity`) first.
     auto issue_pv = [&](const Fill& fill, int parity) {
       if constexpr (kValueBarriers) {
@@ -1061,14 +1084,15 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     // with branches made a masked 128-key tile 1188 SASS instructions against 457 unmasked).
     // mask_scores returns the multiplier the softmax applies to the scores.
     const bool scale_first = !(scale_log2 > 0.f);
-    auto mask_scores = [&](float (&s)[kSRegs], const StageInfo& stage_info) {
+    auto mask_scores = [&](float (&s)[kSRegs], const StageInfo& stage_info, int first_slot = 0,
+                           int end_slot = Tiling::kTilesPerStage) {  // the slots [first_slot, end_slot) (kSHalves: one)
       bool plain = !scale_first;
 #pragma unroll
       for (int slot = 0; slot < kSlots; ++slot) plain &= stage_info.flags[slot] == kTileVisible;
       auto mask = [&](auto scale) {  // std::true_type: scale the visible scores too
         constexpr bool kScale = decltype(scale)::value;
 #pragma unroll
-        for (int slot = 0; slot < kSlots; ++slot) {
+        for (int slot = first_slot; slot < end_slot; ++slot) {
           const uint8_t flags = stage_info.flags[slot];
           const int key_pos0 = stage_info.tile[slot] * 64 + 2 * tig;
           int limit[2];  // each row's last visible column, as an offset from key_pos0
@@ -1155,17 +1179,41 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         advance();
         const Fill fill = wait_fill();
         float s[kSRegs], row_alpha[2];
+        float(&s_lo)[kSRegs / 2] = *reinterpret_cast<float(*)[kSRegs / 2]>(&s[0]);
+        float(&s_hi)[kSRegs / 2] = *reinterpret_cast<float(*)[kSRegs / 2]>(&s[kSRegs / 2]);
         begin_turn();
-        issue_s(s, fill);
+        if constexpr (kSHalves) issue_s_halves(s, fill);
+        else issue_s(s, fill);
         issue_pv(pending, pending_parity);
         end_turn();
         info = read_record(fill);
-        ptx::wgmma_wait<1>();  // S is done; P.V may still run
-        ptx::fence_registers(s);
-        release_key(fill);
-        if (info.end) {
-          finish_pending_pv();
-          break;
+        float multiplier = 1.f;  // kSHalves: the softmax's, from the first half's mask
+        if constexpr (kSHalves) {
+          ptx::wgmma_wait<1>();  // S's first 64 keys are done; its other 64 and P.V may still run
+          ptx::fence_registers(s_lo);
+          if (info.end) {
+            finish_pending_pv();
+            release_key(fill);
+            break;
+          }
+          multiplier = mask_scores(s, info, 0, 1);
+          softmax.new_reference(s_lo, multiplier, kSm90MaxSlack, row_alpha);
+          softmax.exponentiate(s_lo, multiplier, row_alpha);
+          // S's second half and P.V (one commit group), in a block of its own so that ptxas keeps
+          // the wait after the first half's exponentials.
+          ptx::wgmma_wait_in_own_block<0>(info.tile[0] & 1);
+          ptx::fence_registers(s_hi);
+          release_key(fill);
+          pending_pv_waited();
+          trace_group(kTracePvDone);
+        } else {
+          ptx::wgmma_wait<1>();  // S is done; P.V may still run
+          ptx::fence_registers(s);
+          release_key(fill);
+          if (info.end) {
+            finish_pending_pv();
+            break;
+          }
         }
         // O scaled by the change of the row maxima, skipped while they hold (the common case); each
         // warp votes for its own rows. The P.V wait begins a block of its own on a branch the group
@@ -1184,6 +1232,17 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         if constexpr (BSA_SM90_SKIP_SOFTMAX == 1) {  // diagnostic, wrong output: P = the raw scores
           finish_pending_pv();
           trace_group(kTracePvDone);
+        } else if constexpr (kSHalves) {
+          // The second half's maxima; where they move a row's reference, the first half's P (taken
+          // against the old one) and O follow it, and the row sums take it in exponentiate.
+          mask_scores(s, info, 1, 2);
+          float alpha_hi[2];
+          softmax.new_reference(s_hi, multiplier, kSm90MaxSlack, alpha_hi);
+          if (__any_sync(0xffffffffu, alpha_hi[0] != 1.f || alpha_hi[1] != 1.f)) scale_rows(s_lo, alpha_hi);
+          row_alpha[0] *= alpha_hi[0];
+          row_alpha[1] *= alpha_hi[1];
+          if (__any_sync(0xffffffffu, row_alpha[0] != 1.f || row_alpha[1] != 1.f)) scale_rows(acc_o, row_alpha);
+          softmax.exponentiate(s_hi, multiplier, alpha_hi);
         } else if constexpr (kPvWaitBeforeExp) {  // sm90_pv_wait_before_exp
           // FlashAttention-4's order (the maxima and the FFMAs of s * scale - max before this P.V
           // wait), O rescaled every fill or on the vote: 0.4-3.4 % more cycles (H100, 2026-12-07).

@@ -155,6 +155,15 @@ constexpr float kSm90MaxSlack = 8.f;
 #ifndef BSA_SM90_PV_WAIT_BEFORE_EXP
 #define BSA_SM90_PV_WAIT_BEFORE_EXP 1
 #endif
+// Build knob BSA_SM90_S_HALVES (default 0; an experiment): with 128-key fills in the steady-state
+// loop, S is issued as two products of 64 keys (m64n64, one commit group each), and a consumer takes
+// the first half's maxima and exponentials while the second half and the previous fill's P.V run:
+// the softmax starts ~256 tensor cycles after S starts instead of ~512. Where the second half moves a
+// row's reference, the first half's P is rescaled (a warp's vote, rare once the maxima settle).
+#ifndef BSA_SM90_S_HALVES
+#define BSA_SM90_S_HALVES 0
+#endif
+
 // Build knob BSA_SM90_VALUE_BARRIERS (default 0; an experiment kept for its diagnosis): with split
 // rings and the one-warp producer, a fill's values complete on a barrier of their own (value_full,
 // per value slot, one arrival a fill from the producer's thread 0), their TMA issued after the
@@ -189,6 +198,10 @@ __host__ __device__ constexpr bool sm90_value_barriers() {
 template <typename Tiling>
 __host__ __device__ constexpr bool sm90_pv_wait_before_exp() {
   return sm90_by_fill_shape<Tiling>(BSA_SM90_PV_WAIT_BEFORE_EXP);
+}
+template <typename Tiling>
+__host__ __device__ constexpr bool sm90_s_halves() {
+  return BSA_SM90_S_HALVES && Tiling::kTilesPerStage == 2 && sm90_pv_wait_before_exp<Tiling>();
 }
 
 // Diagnostic knobs that make the one-warp producer late (their results: at their use in
