@@ -1025,28 +1025,27 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     softmax.init(acc_o);
     uint32_t p_frag[Tiling::kBlockN / 16][4];
 
+    auto key_descriptor = [&](const Fill& fill) {
+      return kDescriptorCursor ? ptx::SmemDescriptor{fill.key_desc_lo, key_desc0.hi}
+                               : ptx::smem_descriptor_sw128(shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes,
+                                                            16, layout.row_group_bytes);
+    };
     auto issue_s = [&](float (&s)[kSRegs], const Fill& fill) {
-      const ptx::SmemDescriptor desc_k =
-          kDescriptorCursor ? ptx::SmemDescriptor{fill.key_desc_lo, key_desc0.hi}
-                            : ptx::smem_descriptor_sw128(shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes,
-                                                         16, layout.row_group_bytes);
+      const ptx::SmemDescriptor desc_k = key_descriptor(fill);
       ptx::wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaS::ss(s, desc_q.at(q_step(ks)), desc_k.at(k_step(ks)), ks > 0);
       ptx::wgmma_commit();
     };
-    // kSHalves: S as two commit groups, keys 0-63 (slot 0) into s[0, 32) and keys 64-127 (slot 1,
-    // 8 row groups on) into s[32, 64): the m64n128 accumulators' layout, block of 8 keys by block.
-    auto issue_s_halves = [&](float (&s)[kSRegs], const Fill& fill) {
-      const ptx::SmemDescriptor desc_k =
-          kDescriptorCursor ? ptx::SmemDescriptor{fill.key_desc_lo, key_desc0.hi}
-                            : ptx::smem_descriptor_sw128(shared.smem + Smem::kKOffset + fill.key_slot * Smem::kStageBytes,
-                                                         16, layout.row_group_bytes);
+    // kSHalves: S's keys 0-63 (slot 0) into s_lo = s[0, 32), committed, and keys 64-127 (slot 1, 8
+    // row groups on) into s_hi = s[32, 64), left for P.V's commit group: the m64n128 accumulators'
+    // layout, 8-key block by block. The second descriptor goes through a lane-0 broadcast: computed
+    // from the layout alone, it took the loop's slot state out of the uniform registers.
+    auto issue_s_halves = [&](float (&s_lo)[kSRegs / 2], float (&s_hi)[kSRegs / 2], const Fill& fill) {
+      const ptx::SmemDescriptor desc_k = key_descriptor(fill);
       if constexpr (kSHalves) {
         const ptx::SmemDescriptor desc_k_hi{static_cast<uint32_t>(uniform(desc_k.lo + ((8 * layout.row_group_bytes) >> 4))),
                                             desc_k.hi};
-        float(&s_lo)[kSRegs / 2] = *reinterpret_cast<float(*)[kSRegs / 2]>(&s[0]);
-        float(&s_hi)[kSRegs / 2] = *reinterpret_cast<float(*)[kSRegs / 2]>(&s[kSRegs / 2]);
         ptx::wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < kHeadDim / 16; ++ks) MmaSHalf::ss(s_lo, desc_q.at(q_step(ks)), desc_k.at(k_step(ks)), ks > 0);
@@ -1182,7 +1181,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         float(&s_lo)[kSRegs / 2] = *reinterpret_cast<float(*)[kSRegs / 2]>(&s[0]);
         float(&s_hi)[kSRegs / 2] = *reinterpret_cast<float(*)[kSRegs / 2]>(&s[kSRegs / 2]);
         begin_turn();
-        if constexpr (kSHalves) issue_s_halves(s, fill);
+        if constexpr (kSHalves) issue_s_halves(s_lo, s_hi, fill);
         else issue_s(s, fill);
         issue_pv(pending, pending_parity);
         end_turn();

@@ -162,11 +162,9 @@ constexpr float kSm90MaxSlack = 8.f;
 // starts instead of ~512, and after the P.V wait half the exponentials are left. Where the second
 // half moves a row's reference, the first half's P is rescaled (a warp's vote, rare once the maxima
 // settle). Three commit groups (the first half retired by wait_group 2) made ptxas serialise every
-// wgmma (C7514) wherever the end record's test sat; the second half's K descriptor goes through a
-// lane-0 broadcast, or the loop's slot and descriptor state left the uniform registers (SASS: fill
-// loop 994 against 966 instructions). SASS (bf16 hd128 k128, one-warp producer): fill loop 966
-// against 861, the turn 22 / 102 instructions to the first HGMMA / BAR.ARV against 21 / 66; spills 52
-// bytes as the default, the four-warp producer's kernel 20 against 12.
+// wgmma (C7514) wherever the end record's test sat. SASS (bf16 hd128 k128, one-warp producer): fill
+// loop 966 against 861, the turn 22 / 102 instructions to the first HGMMA / BAR.ARV against 21 / 66;
+// spills 52 bytes as the default, the four-warp producer's kernel 20 against 12. Not yet run on a GPU.
 #ifndef BSA_SM90_S_HALVES
 #define BSA_SM90_S_HALVES 0
 #endif
