@@ -1237,10 +1237,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           mask_scores(s, info, 1, 2);
           float alpha_hi[2];
           softmax.new_reference(s_hi, multiplier, kSm90MaxSlack, alpha_hi);
-          if (__any_sync(0xffffffffu, alpha_hi[0] != 1.f || alpha_hi[1] != 1.f)) scale_rows(s_lo, alpha_hi);
+          rescale_rows(s_lo, alpha_hi);
           row_alpha[0] *= alpha_hi[0];
           row_alpha[1] *= alpha_hi[1];
-          if (__any_sync(0xffffffffu, row_alpha[0] != 1.f || row_alpha[1] != 1.f)) scale_rows(acc_o, row_alpha);
+          rescale_rows(acc_o, row_alpha);
           softmax.exponentiate(s_hi, multiplier, alpha_hi);
         } else if constexpr (kPvWaitBeforeExp) {  // sm90_pv_wait_before_exp
           // FlashAttention-4's order (the maxima and the FFMAs of s * scale - max before this P.V

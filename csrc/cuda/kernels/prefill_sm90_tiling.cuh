@@ -115,8 +115,8 @@ constexpr int kSm90ProducerRegisters = BSA_SM90_PRODUCER_REGISTERS;
 constexpr int kSm90ConsumerRegisters = (kSm90RegisterPool - kSm90ProducerRegisters) / kSm90ConsumerGroups / 8 * 8;
 static_assert(kSm90ProducerRegisters % 8 == 0 && kSm90ProducerRegisters >= 24 && kSm90ConsumerRegisters <= 256,
               "setmaxnreg takes multiples of 8 from 24 to 256");
-// Named barriers (0 is __syncthreads): each consumer group's own (its epilogue, its rescale vote),
-// the producer's broadcast of a claimed unit.
+// Named barriers (0 is __syncthreads): each consumer group's epilogue, the producer's broadcast of
+// a claimed unit.
 constexpr int kSm90EpilogueBarrier = 1;   // + group
 constexpr int kSm90ClaimBarrier = 3;
 constexpr int kSm90TurnBarrier = 4;       // + group: the group's turn to issue its products
