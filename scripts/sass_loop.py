@@ -12,6 +12,16 @@ names, or different. The SASS-first step before any device call (benchmarks/RESU
 An object (.o / .cubin) goes through cuobjdump (CUOBJDUMP, or the one on the PATH); a text file is
 read as cuobjdump -sass output. --which k picks the k-th anchor in the function (default 1: the
 first is the unit's first fill, outside the loop).
+
+--stalls adds ptxas's own schedule: each instruction's stall count (the cycles its warp waits before
+it issues the next one, from the control bits in the instruction's second 64-bit word), summed as
+static cycles over the loop's basic blocks and along one path through the loop: the loop less the
+--skip ranges (hex offsets a-b, b excluded: the arms a steady fill does not take, such as the mask
+and the rescale), cut at the turn's landmarks (the loop's top, BAR.SYNC, the first HGMMA, BAR.ARV,
+the S wait `DEPBAR.LE gsb0, 0x1`, the P.V wait `0x0`, the loop's end). Waits on variable-latency
+results (shared loads, shuffles, MUFU, wgmma, barriers) are not in the counts: static cycles are a
+floor of a warp's time, for comparing two loops' issue schedules segment by segment, not a timing.
+FlashAttention-4's loop (scripts/fa4_sass.sh's listing) takes --function kernel --which 2.
 """
 from __future__ import annotations
 
@@ -21,21 +31,37 @@ import os
 import re
 import subprocess
 import sys
+from typing import NamedTuple
 
 INSTRUCTION = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+CONTROL_WORD = re.compile(r"^\s*/\* 0x([0-9a-f]{16}) \*/\s*$")  # an instruction's second (high) word
 BRANCH = re.compile(r"BRA\s+(?:`?\(?[!U]?P\w+\)?,\s*)*0x([0-9a-f]+)")
 PREDICATE = re.compile(r"^@!?U?P\w+\s+")
+LANDMARKS = (("BAR.SYNC", None), ("first HGMMA", r"HGMMA"), ("BAR.ARV", r"BAR\.ARV"),
+             ("S wait", r"DEPBAR\.LE gsb0, 0x1"), ("P.V wait", r"DEPBAR\.LE gsb0, 0x0"))
 
 
-def listing(path: str) -> dict[str, list[tuple[int, str]]]:
-    """Function name -> [(offset, instruction text)] of a cuobjdump -sass listing."""
+class Instruction(NamedTuple):
+    offset: int
+    text: str
+    stall: int | None  # None: the listing has no control word for it
+
+
+def stall_count(high_word: int) -> int:
+    """The stall field of the control bits (Volta and later): bits 105-108 of the 128-bit
+    instruction, 41-44 of its high word. Then yield, write and read barriers, wait mask, reuse."""
+    return (high_word >> 41) & 0xF
+
+
+def listing(path: str) -> dict[str, list[Instruction]]:
+    """Function name -> its instructions, from a cuobjdump -sass listing."""
     if path.endswith((".o", ".cubin")):
         tool = os.environ.get("CUOBJDUMP", "cuobjdump")
         text = subprocess.run([tool, "-sass", path], capture_output=True, text=True, check=True).stdout
     else:
         with open(path) as f:
             text = f.read()
-    functions: dict[str, list[tuple[int, str]]] = {}
+    functions: dict[str, list[Instruction]] = {}
     name = None
     for line in text.splitlines():
         m = re.match(r"\s*Function : (\S+)", line)
@@ -43,9 +69,15 @@ def listing(path: str) -> dict[str, list[tuple[int, str]]]:
             name = m.group(1)
             functions[name] = []
             continue
+        if name is None:
+            continue
         m = INSTRUCTION.match(line)
-        if name and m:
-            functions[name].append((int(m.group(1), 16), m.group(2)))
+        if m:
+            functions[name].append(Instruction(int(m.group(1), 16), m.group(2), None))
+            continue
+        m = CONTROL_WORD.match(line)
+        if m and functions[name] and functions[name][-1].stall is None:
+            functions[name][-1] = functions[name][-1]._replace(stall=stall_count(int(m.group(1), 16)))
     return functions
 
 
@@ -53,33 +85,90 @@ def opcode(text: str) -> str:
     return PREDICATE.sub("", text).split()[0].split(".")[0]
 
 
-def fill_loop(code: list[tuple[int, str]], anchor: str, which: int):
+def fill_loop(code: list[Instruction], anchor: str, which: int):
     """The innermost loop (a backward branch's span) around the which-th anchor, or None."""
-    anchors = [a for a, t in code if re.search(anchor, t)]
+    anchors = [i.offset for i in code if re.search(anchor, i.text)]
     if len(anchors) <= which:
         return None
     at = anchors[which]
     best = None
-    for a, t in code:
-        m = BRANCH.search(t)
-        if m and int(m.group(1), 16) <= at <= a:
-            span = (int(m.group(1), 16), a)
+    for i in code:
+        m = BRANCH.search(i.text)
+        if m and int(m.group(1), 16) <= at <= i.offset:
+            span = (int(m.group(1), 16), i.offset)
             if best is None or span[1] - span[0] < best[1] - best[0]:
                 best = span
     if best is None:
         return None
-    return at, [(a, t) for a, t in code if best[0] <= a <= best[1]]
+    return at, [i for i in code if best[0] <= i.offset <= best[1]]
 
 
-def turn(body: list[tuple[int, str]], at: int):
+def turn(body: list[Instruction], at: int):
     """Instructions from the turn's BAR.SYNC to the first HGMMA and to BAR.ARV."""
-    after = [t for a, t in body if a > at]
-    first = next((i for i, t in enumerate(after) if "HGMMA" in t), None)
-    arrive = next((i for i, t in enumerate(after) if "BAR.ARV" in t), None)
+    after = [i.text for i in body if i.offset > at]
+    first = next((k for k, t in enumerate(after) if "HGMMA" in t), None)
+    arrive = next((k for k, t in enumerate(after) if "BAR.ARV" in t), None)
     return first, arrive
 
 
-def report(path: str, args) -> dict[str, list[tuple[int, str]]]:
+def static_cycles(instructions: list[Instruction]) -> int:
+    return sum(i.stall or 0 for i in instructions)
+
+
+def basic_blocks(body: list[Instruction]) -> list[list[Instruction]]:
+    """The loop cut before each branch target and after each branch."""
+    targets = {int(m.group(1), 16) for i in body if (m := BRANCH.search(i.text))}
+    blocks: list[list[Instruction]] = []
+    for i in body:
+        if not blocks or i.offset in targets or BRANCH.search(blocks[-1][-1].text):
+            blocks.append([])
+        blocks[-1].append(i)
+    return blocks
+
+
+def parse_ranges(text: str) -> list[tuple[int, int]]:
+    ranges = []
+    for part in filter(None, text.split(",")):
+        a, b = part.split("-")
+        ranges.append((int(a, 16), int(b, 16)))
+    return ranges
+
+
+def path_segments(body: list[Instruction], at: int, skip: list[tuple[int, int]]):
+    """(segment name, instructions, static cycles) along the loop less the skipped ranges, cut at the
+    landmarks found in order after the anchor; the first segment is the loop's top to the anchor."""
+    path = [i for i in body if not any(a <= i.offset < b for a, b in skip)]
+    cuts = [("loop top", path[0].offset), ("BAR.SYNC", at)]
+    for name, pattern in LANDMARKS[1:]:
+        hit = next((i.offset for i in path if i.offset > cuts[-1][1] and re.search(pattern, i.text)), None)
+        if hit is not None:
+            cuts.append((name, hit))
+    cuts.append(("loop end", path[-1].offset + 1))
+    segments = []
+    for (name, start), (next_name, end) in zip(cuts, cuts[1:]):
+        part = [i for i in path if start <= i.offset < end]
+        segments.append((f"{name} -> {next_name}", len(part), static_cycles(part)))
+    return path, segments
+
+
+def report_stalls(body: list[Instruction], at: int, args) -> None:
+    if any(i.stall is None for i in body):
+        print("   --stalls: the listing has no control words (cuobjdump -sass prints them)")
+        return
+    print(f"   static cycles of the whole loop: {static_cycles(body)}")
+    if args.blocks:
+        for block in basic_blocks(body):
+            ops = collections.Counter(opcode(i.text) for i in block)
+            print(f"     block {block[0].offset:#07x}-{block[-1].offset:#07x}: {len(block):4d} instructions, "
+                  f"{static_cycles(block):5d} cycles; " + ", ".join(f"{k} {v}" for k, v in ops.most_common(4)))
+    path, segments = path_segments(body, at, parse_ranges(args.skip))
+    print(f"   path ({len(path)} instructions, {static_cycles(path)} static cycles"
+          + (f", skipping {args.skip}" if args.skip else "") + "):")
+    for name, count, cycles in segments:
+        print(f"     {name}: {count} instructions, {cycles} cycles")
+
+
+def report(path: str, args) -> dict[str, list[Instruction]]:
     functions = {n: c for n, c in listing(path).items() if args.function in n}
     print(f"== {path}")
     for name, code in functions.items():
@@ -90,10 +179,12 @@ def report(path: str, args) -> dict[str, list[tuple[int, str]]]:
             continue
         at, body = found
         first, arrive = turn(body, at)
-        print(f"   fill loop {body[0][0]:#x}-{body[-1][0]:#x}: {len(body)} instructions; "
+        print(f"   fill loop {body[0].offset:#x}-{body[-1].offset:#x}: {len(body)} instructions; "
               f"anchor to the first HGMMA {first}, to BAR.ARV {arrive}")
-        counts = collections.Counter(opcode(t) for _, t in body)
+        counts = collections.Counter(opcode(i.text) for i in body)
         print("   " + ", ".join(f"{k} {v}" for k, v in counts.most_common(args.top)))
+        if args.stalls:
+            report_stalls(body, at, args)
     return functions
 
 
@@ -105,6 +196,9 @@ def main() -> int:
     parser.add_argument("--anchor", default=r"BAR\.SYNC.*0x100", help="regex of the instruction the loop holds")
     parser.add_argument("--which", type=int, default=1, help="the anchor's index in the function")
     parser.add_argument("--top", type=int, default=16, help="opcodes listed per loop")
+    parser.add_argument("--stalls", action="store_true", help="static cycles from ptxas's stall counts")
+    parser.add_argument("--blocks", action="store_true", help="with --stalls: each basic block's static cycles")
+    parser.add_argument("--skip", default="", help="with --stalls: hex ranges a-b,c-d left off the path")
     args = parser.parse_args()
     a = report(args.sass, args)
     if not args.against:
@@ -116,7 +210,7 @@ def main() -> int:
         if name not in a or name not in b:
             print(f"{name[-60:]}: only in {'the first' if name in a else 'the second'}")
             continue
-        ta, tb = [t for _, t in a[name]], [t for _, t in b[name]]
+        ta, tb = [i.text for i in a[name]], [i.text for i in b[name]]
         if ta == tb:
             verdict = "identical"
         elif [registers.sub("R", t) for t in ta] == [registers.sub("R", t) for t in tb]:

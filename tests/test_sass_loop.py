@@ -1,6 +1,7 @@
 """scripts/sass_loop.py reads cuobjdump listings: the innermost loop around a turn's BAR.SYNC, the
-turn's distances to the first HGMMA and to BAR.ARV, and whether two builds' functions are identical,
-identical up to register names, or different."""
+turn's distances to the first HGMMA and to BAR.ARV, whether two builds' functions are identical,
+identical up to register names, or different, and (--stalls) ptxas's stall counts summed along the
+loop's segments."""
 from __future__ import annotations
 
 import subprocess
@@ -10,10 +11,14 @@ from pathlib import Path
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "sass_loop.py"
 
 
-def listing(path, name, body):
-    """A cuobjdump -sass style listing of one function; body: instruction texts, 16 bytes apart."""
+def listing(path, name, body, stalls=None):
+    """A cuobjdump -sass style listing of one function; body: instruction texts, 16 bytes apart;
+    stalls: each instruction's stall count, written into its control word (none: no control words)."""
     lines = ["", f"\tFunction : {name}", "\t.headerflags\t@\"EF_CUDA_SM90\""]
-    lines += [f"        /*{16 * i:04x}*/                   {text} ;  /* 0x0 */" for i, text in enumerate(body)]
+    for i, text in enumerate(body):
+        lines.append(f"        /*{16 * i:04x}*/                   {text} ;  /* 0x0000000000000000 */")
+        if stalls is not None:  # bits 41-44 of the high word; set the yield and barrier bits around them
+            lines.append(f"                                                 /* 0x{(stalls[i] << 41) | (0x7f1 << 41 & ~(0xf << 41)):016x} */")
     path.write_text("\n".join(lines) + "\n")
     return str(path)
 
@@ -61,3 +66,30 @@ def test_two_builds_compared(tmp_path):
         b = listing(tmp_path / "b.sass", "prefill_sm90_kernel_one", other)
         out = run(a, "--against", b)
         assert out.splitlines()[-1] == f"prefill_sm90_kernel_one: {verdict}"
+
+
+# Stall counts for BODY: the loop (0x20-0xa0) has top 0x20-0x30 (3 + 5), the turn's barrier to the
+# HGMMA 0x40-0x50 (1 + 2), the HGMMA to BAR.ARV (4), then 0x70-0xa0 (6 + 8 + 8 + 5).
+STALLS = [1, 2, 3, 5, 1, 2, 4, 6, 8, 8, 5, 7]
+
+
+def test_static_cycles_along_the_turns_landmarks(tmp_path):
+    out = run(listing(tmp_path / "a.sass", "prefill_sm90_kernel_one", BODY, STALLS), "--stalls", "--blocks")
+    assert "static cycles of the whole loop: 42" in out
+    assert "block 0x00020-0x00030:    2 instructions,     8 cycles" in out
+    assert "path (9 instructions, 42 static cycles):" in out
+    assert "loop top -> BAR.SYNC: 2 instructions, 8 cycles" in out
+    assert "BAR.SYNC -> first HGMMA: 2 instructions, 3 cycles" in out
+    assert "first HGMMA -> BAR.ARV: 1 instructions, 4 cycles" in out
+    assert "BAR.ARV -> loop end: 4 instructions, 27 cycles" in out
+
+
+def test_skipped_ranges_leave_the_path(tmp_path):
+    out = run(listing(tmp_path / "a.sass", "prefill_sm90_kernel_one", BODY, STALLS), "--stalls", "--skip", "80-a0")
+    assert "path (7 instructions, 26 static cycles, skipping 80-a0):" in out
+    assert "BAR.ARV -> loop end: 2 instructions, 11 cycles" in out
+
+
+def test_stalls_need_control_words(tmp_path):
+    out = run(listing(tmp_path / "a.sass", "prefill_sm90_kernel_one", BODY), "--stalls")
+    assert "the listing has no control words" in out
