@@ -15,9 +15,9 @@ first is the unit's first fill, outside the loop).
 
 --stalls adds ptxas's own schedule: each instruction's stall count (the cycles its warp waits before
 it issues the next one, from the control bits in the instruction's second 64-bit word), summed as
-static cycles over the loop's basic blocks and along one path through the loop: the loop less the
---skip ranges (hex offsets a-b, b excluded: the arms a steady fill does not take, such as the mask
-and the rescale), cut at the turn's landmarks (the loop's top, BAR.SYNC, the first HGMMA, BAR.ARV,
+static cycles over the loop's basic blocks and along one path through the loop, its shortest from
+top to back branch (a steady fill's: the mask, the rescale and a wait's retry are the longer arms),
+or the loop less the --skip ranges (hex offsets a-b, b excluded), cut at the turn's landmarks (the loop's top, BAR.SYNC, the first HGMMA, BAR.ARV,
 the S wait `DEPBAR.LE gsb0, 0x1`, the P.V wait `0x0`, the loop's end). Waits on variable-latency
 results (shared loads, shuffles, MUFU, wgmma, barriers) are not in the counts: static cycles are a
 floor of a warp's time, for comparing two loops' issue schedules segment by segment, not a timing.
@@ -134,10 +134,38 @@ def parse_ranges(text: str) -> list[tuple[int, int]]:
     return ranges
 
 
+def shortest_path(body: list[Instruction]) -> list[Instruction]:
+    """The loop's shortest path in static cycles from its top to its back branch: from each block on
+    to the next one unless it ends in an unpredicated branch, and to a branch's target further on in
+    the loop. A steady fill takes it where the arms it skips (mask, rescale, a wait's retry) are the
+    longer ways; a branch out of the loop (a unit's end) leads nowhere."""
+    blocks = basic_blocks(body)
+    start = {block[0].offset: k for k, block in enumerate(blocks)}
+    end = len(blocks)  # past the last block, whose back branch ends the path
+    best: dict[int, tuple[int, list[int]]] = {0: (0, [])}  # block -> (cycles before it, route to it)
+    for k, block in enumerate(blocks):
+        if k not in best:
+            continue
+        cycles, route = best[k][0] + static_cycles(block), best[k][1] + [k]
+        m = BRANCH.search(block[-1].text)
+        successors = [end] if k + 1 == end else []
+        if m and start.get(int(m.group(1), 16), -1) > k:
+            successors.append(start[int(m.group(1), 16)])
+        if (not m or PREDICATE.match(block[-1].text)) and k + 1 < end:
+            successors.append(k + 1)
+        for n in successors:
+            if n not in best or best[n][0] > cycles:
+                best[n] = (cycles, route)
+    return [i for k in best[end][1] for i in blocks[k]] if end in best else []
+
+
 def path_segments(body: list[Instruction], at: int, skip: list[tuple[int, int]]):
-    """(segment name, instructions, static cycles) along the loop less the skipped ranges, cut at the
-    landmarks found in order after the anchor; the first segment is the loop's top to the anchor."""
-    path = [i for i in body if not any(a <= i.offset < b for a, b in skip)]
+    """(segment name, instructions, static cycles) along the loop less the skipped ranges (without
+    any: its shortest path), cut at the landmarks found in order after the anchor; the first
+    segment is the loop's top to the anchor."""
+    path = [i for i in body if not any(a <= i.offset < b for a, b in skip)] if skip else shortest_path(body)
+    if not path:
+        return path, []
     cuts = [("loop top", path[0].offset), ("BAR.SYNC", at)]
     for name, pattern in LANDMARKS[1:]:
         hit = next((i.offset for i in path if i.offset > cuts[-1][1] and re.search(pattern, i.text)), None)
@@ -198,7 +226,7 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=16, help="opcodes listed per loop")
     parser.add_argument("--stalls", action="store_true", help="static cycles from ptxas's stall counts")
     parser.add_argument("--blocks", action="store_true", help="with --stalls: each basic block's static cycles")
-    parser.add_argument("--skip", default="", help="with --stalls: hex ranges a-b,c-d left off the path")
+    parser.add_argument("--skip", default="", help="with --stalls: the path is the loop less these hex ranges a-b,c-d")
     args = parser.parse_args()
     a = report(args.sass, args)
     if not args.against:

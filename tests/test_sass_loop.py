@@ -93,3 +93,16 @@ def test_skipped_ranges_leave_the_path(tmp_path):
 def test_stalls_need_control_words(tmp_path):
     out = run(listing(tmp_path / "a.sass", "prefill_sm90_kernel_one", BODY), "--stalls")
     assert "the listing has no control words" in out
+
+
+def test_the_default_path_is_the_loops_shortest(tmp_path):
+    # A fill loop (0x10-0x90) whose arm 0x60-0x70 (two MUFUs) a predicated branch skips.
+    body = ["BAR.SYNC.DEFER_BLOCKING R0, 0x100", "SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR16], R15",
+            "BAR.SYNC.DEFER_BLOCKING R0, 0x100", "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16], RZ, !UPT",
+            "BAR.ARV R19, 0x100", "@P1 BRA 0x80", "MUFU.EX2 R3, R3", "MUFU.EX2 R4, R4", "FADD R5, R3, R4",
+            "@P0 BRA 0x10"]
+    stalls = [1, 2, 1, 4, 6, 5, 8, 8, 1, 5]
+    out = run(listing(tmp_path / "a.sass", "prefill_sm90_kernel_one", body, stalls), "--stalls")
+    assert "static cycles of the whole loop: 40" in out
+    assert "path (7 instructions, 24 static cycles):" in out
+    assert "BAR.ARV -> loop end: 4 instructions, 17 cycles" in out
