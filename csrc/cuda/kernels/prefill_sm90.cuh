@@ -883,6 +883,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   constexpr int kORegs = kHeadDim / 2;
   constexpr bool kPvWaitBeforeExp = sm90_pv_wait_before_exp<Tiling>();
   constexpr bool kSHalves = sm90_s_halves<Tiling>();  // BSA_SM90_S_HALVES
+  constexpr bool kVoteOnGrowth = BSA_SM90_VOTE_ON_GROWTH;
   using MmaSHalf = ptx::Wgmma<Compute, (kSHalves ? Tiling::kBlockN / 2 : Tiling::kBlockN)>;  // kSHalves only
   // Values the compiler can prove warp-uniform (a lane-0 broadcast) keep the slot indices and the
   // wgmma descriptors in uniform registers: otherwise every wgmma is preceded by register-to-
@@ -1116,9 +1117,9 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
       }
       return scale_first ? 1.f : scale_log2;
     };
-    // Scores -> P; returns the O rescale factors in row_alpha.
+    // Scores -> P; returns the O rescale factors in row_alpha, and whether a row's reference moved.
     auto scores_to_p = [&](float (&s)[kSRegs], const StageInfo& stage_info, float (&row_alpha)[2]) {
-      softmax.update(s, mask_scores(s, stage_info), kSm90MaxSlack, row_alpha);
+      return softmax.update(s, mask_scores(s, stage_info), kSm90MaxSlack, row_alpha);
     };
     // P as A fragments (16 keys per P.V k-step; two 8-key accumulator blocks form one fragment).
     auto pack_p = [&](const float (&s)[kSRegs]) {
@@ -1221,8 +1222,11 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         // arm of the warp's vote failed compute-sanitizer synccheck; the group voting as one
         // (bar.red.or) passed at 2.6 % more cycles at dense 16k x 2; this way passes at 0.8 % more
         // than the warp's arms (H100, 2026-12-07/08).
-        auto finish_pv = [&](const float (&alpha)[2]) {
-          const bool rescale = __any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f);
+        // kVoteOnGrowth: the vote takes whether a row's reference moved, which the maxima give
+        // before the exponential of alpha (the same rows: alpha is 1 exactly where it did not).
+        auto finish_pv = [&](const float (&alpha)[2], bool moved) {
+          const bool rescale =
+              __any_sync(0xffffffffu, kVoteOnGrowth ? moved : (alpha[0] != 1.f || alpha[1] != 1.f));
           ptx::wgmma_wait_in_own_block<0>(info.tile[0] & 1);  // the shared record's: the group's alike
           pending_pv_waited();
           if (rescale) scale_rows(acc_o, alpha);
@@ -1246,14 +1250,14 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           // FlashAttention-4's order (the maxima and the FFMAs of s * scale - max before this P.V
           // wait), O rescaled every fill or on the vote: 0.4-3.4 % more cycles (H100, 2026-12-07).
           const float multiplier = mask_scores(s, info);
-          softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
+          const bool moved = softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
           // Half the exponentials before this wait (in its shadow) measured 0.1 % (dense 16k) and
           // 2.3 % (the pattern 8k) more cycles (H100, 2026-12-07).
-          finish_pv(row_alpha);
+          finish_pv(row_alpha, moved);
           if constexpr (BSA_SM90_SKIP_SOFTMAX != 2) softmax.exponentiate(s, multiplier, row_alpha);
         } else {
-          scores_to_p(s, info, row_alpha);
-          finish_pv(row_alpha);
+          const bool moved = scores_to_p(s, info, row_alpha);
+          finish_pv(row_alpha, moved);
         }
         pack_p(s);
         trace_group(kTraceReady);

@@ -168,6 +168,14 @@ constexpr float kSm90MaxSlack = 8.f;
 #ifndef BSA_SM90_S_HALVES
 #define BSA_SM90_S_HALVES 0
 #endif
+// Build knob BSA_SM90_VOTE_ON_GROWTH (default 0; an experiment): a warp's vote on O's rescale takes
+// whether its rows' references moved (the maxima's comparison) instead of whether their factors,
+// exp2 of the moves, are not 1: the same rows, so the same outputs, but the vote and the P.V wait
+// after it no longer wait for two MUFU.EX2 results, whose unit the other group's exponentials may
+// hold. Not yet run on a GPU.
+#ifndef BSA_SM90_VOTE_ON_GROWTH
+#define BSA_SM90_VOTE_ON_GROWTH 0
+#endif
 
 // Build knob BSA_SM90_VALUE_BARRIERS (default 0; an experiment kept for its diagnosis): with split
 // rings and the one-warp producer, a fill's values complete on a barrier of their own (value_full,

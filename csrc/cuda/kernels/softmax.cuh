@@ -57,13 +57,16 @@ struct OnlineSoftmax {
   // enough in fp16 / bf16, and O is rescaled a few times per row instead of at most tiles); slack 0
   // keeps the exact running maximum. A row that has seen nothing yet takes any finite maximum; a NaN
   // score leaves the reference alone and propagates through P.
+  // Returns whether a row's reference moved (exactly where its alpha is not 1).
   template <int kRegs>
-  __device__ __forceinline__ void update(float (&s)[kRegs], float multiplier, float slack, float (&alpha)[2]) {
+  __device__ __forceinline__ bool update(float (&s)[kRegs], float multiplier, float slack, float (&alpha)[2]) {
+    bool moved = false;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float ref = row_reference(s, r, multiplier, slack, alpha[r]);
+      const float ref = row_reference(s, r, multiplier, slack, alpha[r], moved);
       row_exponentiate(s, r, multiplier, ref, alpha[r]);
     }
+    return moved;
   }
 
   // update() in two halves, for a caller that waits for something between them (the Hopper
@@ -71,10 +74,12 @@ struct OnlineSoftmax {
   // new_reference moves each row's reference and returns alpha; exponentiate turns the scores into
   // P against the references and adds them to the row sums.
   template <int kRegs>
-  __device__ __forceinline__ void new_reference(const float (&s)[kRegs], float multiplier, float slack,
+  __device__ __forceinline__ bool new_reference(const float (&s)[kRegs], float multiplier, float slack,
                                                 float (&alpha)[2]) {
+    bool moved = false;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) row_reference(s, r, multiplier, slack, alpha[r]);
+    for (int r = 0; r < 2; ++r) row_reference(s, r, multiplier, slack, alpha[r], moved);
+    return moved;
   }
   template <int kRegs>
   __device__ __forceinline__ void exponentiate(float (&s)[kRegs], float multiplier, const float (&alpha)[2]) {
@@ -82,11 +87,11 @@ struct OnlineSoftmax {
     for (int r = 0; r < 2; ++r) row_exponentiate(s, r, multiplier, reference(row_max[r]), alpha[r]);
   }
 
-  // One row (r: the thread's first or second) of new_reference, which returns the row's reference,
-  // and of exponentiate.
+  // One row (r: the thread's first or second) of new_reference, which returns the row's reference
+  // (moved |= whether it moved: alpha < 2^-slack then, never 1), and of exponentiate.
   template <int kRegs>
   __device__ __forceinline__ float row_reference(const float (&s)[kRegs], int r, float multiplier, float slack,
-                                                float& alpha) {
+                                                float& alpha, bool& moved) {
     static_assert(kRegs % 8 == 0, "two or more 8-column tiles");
     float part[kRegs / 4];
 #pragma unroll
@@ -99,6 +104,7 @@ struct OnlineSoftmax {
     const float new_max = grow ? mx : row_max[r];
     const float ref = reference(new_max);
     alpha = grow ? ptx::exp2_approx(row_max[r] - ref) : 1.f;
+    moved |= grow;
     row_max[r] = new_max;
     return ref;
   }
