@@ -71,8 +71,8 @@ struct OnlineSoftmax {
 
   // update() in two halves, for a caller that waits for something between them (the Hopper
   // consumer waits there for the previous P.V, whose P registers the new P overwrites):
-  // new_reference moves each row's reference and returns alpha; exponentiate turns the scores into
-  // P against the references and adds them to the row sums.
+  // new_reference moves each row's reference, returns alpha and whether a reference moved;
+  // exponentiate turns the scores into P against the references and adds them to the row sums.
   template <int kRegs>
   __device__ __forceinline__ bool new_reference(const float (&s)[kRegs], float multiplier, float slack,
                                                 float (&alpha)[2]) {
