@@ -23,6 +23,8 @@ The consumer groups' loop, per group g (fills whose events g recorded):
   value wait   from g's turn to the previous fill's values seen landed (BSA_SM90_VALUE_BARRIERS
                builds: the values' own barrier, waited for between S's issue and P.V's)
   to P.V done  from S done to the previous fill's P.V seen done (row maxima, rescale vote, the wait)
+  to vote      the part of it before the wait (traces since the fifty-first session)
+  P.V wait     the wait itself: about 0 where the work before it, not the P.V, sets the chain
   softmax      from P.V done to P packed (exponentials, row sums, the pack)
   to next turn from P packed to g's next turn (record, fill wait, turn wait)
   turn period  g's consecutive turns
@@ -47,6 +49,7 @@ FILL_WAIT, FILL_LANDED, KEY_RELEASED = EVENTS["FillWait"], EVENTS["FillLanded"],
 PAGE_KNOWN, BOXES_ISSUED, FIRST_TILE = EVENTS["PageKnown"], EVENTS["BoxesIssued"], EVENTS["FirstTileIssued"]
 LOOKUP_START = EVENTS["LookupStart"]
 TURN, PV_DONE, READY, VALUES_SEEN = EVENTS["Turn"], EVENTS["PvDone"], EVENTS["Ready"], EVENTS["ValuesSeen"]
+VOTED = EVENTS["Voted"]
 
 
 def read(path):
@@ -114,7 +117,8 @@ def summarise_consumers(rows):
     """The consumer groups' loop (events recorded by traces since the thirty-eighth session)."""
     out = {}
     for g in range(2):
-        for k in ("turn wait", "S done", "value wait", "to P.V done", "softmax", "to next turn", "turn period"):
+        for k in ("turn wait", "S done", "value wait", "to P.V done", "to vote", "P.V wait", "softmax", "to next turn",
+                  "turn period"):
             out[f"{k} g{g}"] = []
     out["hand-over 0->1"] = []
     out["hand-over 1->0"] = []
@@ -133,6 +137,10 @@ def summarise_consumers(rows):
                 out[f"value wait g{g}"].append(event(e, VALUES_SEEN + g) - turn)
             if s_done and pv:
                 out[f"to P.V done g{g}"].append(pv - s_done)
+                voted = event(e, VOTED + g)
+                if voted:
+                    out[f"to vote g{g}"].append(voted - s_done)
+                    out[f"P.V wait g{g}"].append(pv - voted)
             if pv and ready:
                 out[f"softmax g{g}"].append(ready - pv)
             if nxt and ready and event(nxt, TURN + g) > ready:

@@ -84,6 +84,7 @@ def consumer_trace(group1_offset):
             base = t + 900 + offset  # the fill lands at t + 900 (group 0) / t + 905 (group 1)
             e[E["Turn"] + g] = base + 50
             e[E["KeyReleased"] + g] = base + 50 + 400
+            e[E["Voted"] + g] = base + 50 + 400 + 220 if n < 15 else 0  # traces before it: none
             e[E["PvDone"] + g] = base + 50 + 400 + 300
             e[E["Ready"] + g] = base + 50 + 400 + 300 + 500
             if n % 2:  # value barriers: the previous fill's values seen 120 cycles into the turn
@@ -101,6 +102,7 @@ def test_consumer_groups_loop(tmp_path):
     assert stats["S done g0"] == [400, 400, 400]
     assert stats["value wait g1"] == [120, 120, 120] and "(n=10)" in out  # only the fills that recorded it
     assert stats["to P.V done g1"] == [300, 300, 300]
+    assert stats["to vote g1"] == [220, 220, 220] and stats["P.V wait g1"] == [80, 80, 80] and "(n=15)" in out
     assert stats["softmax g0"] == [500, 500, 500]
     assert stats["to next turn g0"] == [800, 800, 800]  # ready t + 2150, next turn t + 2950
     assert stats["turn period g1"] == [2000, 2000, 2000]

@@ -1201,6 +1201,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           softmax.exponentiate(s_lo, multiplier, row_alpha);
           // S's second half and P.V (one commit group), in a block of its own so that ptxas keeps
           // the wait after the first half's exponentials.
+          trace_group(kTraceVoted);
           ptx::wgmma_wait_in_own_block<0>(info.tile[0] & 1);
           ptx::fence_registers(s_hi);
           release_key(fill);
@@ -1227,6 +1228,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         auto finish_pv = [&](const float (&alpha)[2], bool moved) {
           const bool rescale =
               __any_sync(0xffffffffu, kVoteOnGrowth ? moved : (alpha[0] != 1.f || alpha[1] != 1.f));
+          trace_group(kTraceVoted);
           ptx::wgmma_wait_in_own_block<0>(info.tile[0] & 1);  // the shared record's: the group's alike
           pending_pv_waited();
           if (rescale) scale_rows(acc_o, alpha);

@@ -23,7 +23,7 @@ constexpr int kSm90TraceFills = 1024;
 // its first page id of the fill up and that id loaded (TMA pages), its boxes of the first tile
 // issued and its last box issued (TMA fills). Within consumer group g's fill: its turn taken (its
 // products about to issue), the previous fill's values seen landed (value barriers), the previous
-// fill's P.V seen done, and P packed (the fill's softmax done).
+// fill's P.V about to be waited for and seen done, and P packed (the fill's softmax done).
 enum Sm90TraceEvent : int {
   kTraceSlotWait = 0,      // + producer warp
   kTraceSlotFree = 4,      // + producer warp
@@ -40,7 +40,9 @@ enum Sm90TraceEvent : int {
   kTraceReady = 38,            // + consumer group: the fill's P packed
   kTraceValuesSeen = 40,       // + consumer group: in its turn, the previous fill's values seen landed
                                // (BSA_SM90_VALUE_BARRIERS only: their own barrier, waited for before P.V)
-  kSm90TraceEvents = 42,
+  kTraceVoted = 42,            // + consumer group: about to wait for the previous fill's P.V, the
+                               // work before that wait done (128-key fills: the maxima and the vote)
+  kSm90TraceEvents = 44,
 };
 
 #if BSA_SM90_TRACE
