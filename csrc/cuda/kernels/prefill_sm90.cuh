@@ -884,6 +884,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
   constexpr bool kPvWaitBeforeExp = sm90_pv_wait_before_exp<Tiling>();
   constexpr bool kSHalves = sm90_s_halves<Tiling>();  // BSA_SM90_S_HALVES
   constexpr bool kVoteOnGrowth = BSA_SM90_VOTE_ON_GROWTH;
+  constexpr bool kMaxVote = BSA_SM90_MAX_VOTE;
   using MmaSHalf = ptx::Wgmma<Compute, (kSHalves ? Tiling::kBlockN / 2 : Tiling::kBlockN)>;  // kSHalves only
   // Values the compiler can prove warp-uniform (a lane-0 broadcast) keep the slot indices and the
   // wgmma descriptors in uniform registers: otherwise every wgmma is preceded by register-to-
@@ -1119,7 +1120,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
     };
     // Scores -> P; returns the O rescale factors in row_alpha, and whether a row's reference moved.
     auto scores_to_p = [&](float (&s)[kSRegs], const StageInfo& stage_info, float (&row_alpha)[2]) {
-      return softmax.update(s, mask_scores(s, stage_info), kSm90MaxSlack, row_alpha);
+      return softmax.update<kMaxVote>(s, mask_scores(s, stage_info), kSm90MaxSlack, row_alpha);
     };
     // P as A fragments (16 keys per P.V k-step; two 8-key accumulator blocks form one fragment).
     auto pack_p = [&](const float (&s)[kSRegs]) {
@@ -1225,9 +1226,10 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
         // than the warp's arms (H100, 2026-12-07/08).
         // kVoteOnGrowth: the vote takes whether a row's reference moved, which the maxima give
         // before the exponential of alpha (the same rows: alpha is 1 exactly where it did not).
+        // kMaxVote: the softmax has voted already (moved is the warp's).
         auto finish_pv = [&](const float (&alpha)[2], bool moved) {
           const bool rescale =
-              __any_sync(0xffffffffu, kVoteOnGrowth ? moved : (alpha[0] != 1.f || alpha[1] != 1.f));
+              kMaxVote ? moved : __any_sync(0xffffffffu, kVoteOnGrowth ? moved : (alpha[0] != 1.f || alpha[1] != 1.f));
           trace_group(kTraceVoted);
           ptx::wgmma_wait_in_own_block<0>(info.tile[0] & 1);  // the shared record's: the group's alike
           pending_pv_waited();
@@ -1252,7 +1254,7 @@ __device__ __forceinline__ void sm90_consumer(const PrefillParams& params, const
           // FlashAttention-4's order (the maxima and the FFMAs of s * scale - max before this P.V
           // wait), O rescaled every fill or on the vote: 0.4-3.4 % more cycles (H100, 2026-12-07).
           const float multiplier = mask_scores(s, info);
-          const bool moved = softmax.new_reference(s, multiplier, kSm90MaxSlack, row_alpha);
+          const bool moved = softmax.new_reference<kMaxVote>(s, multiplier, kSm90MaxSlack, row_alpha);
           // Half the exponentials before this wait (in its shadow) measured 0.1 % (dense 16k) and
           // 2.3 % (the pattern 8k) more cycles (H100, 2026-12-07).
           finish_pv(row_alpha, moved);

@@ -176,6 +176,15 @@ constexpr float kSm90MaxSlack = 8.f;
 #ifndef BSA_SM90_VOTE_ON_GROWTH
 #define BSA_SM90_VOTE_ON_GROWTH 0
 #endif
+// Build knob BSA_SM90_MAX_VOTE (default 0; an experiment): a consumer warp takes its rows' maxima over
+// the quad (two rounds of shuffles, ~50-60 cycles of latency before the rescale vote and the P.V
+// wait) only where a vote of its threads' own shares says a row's reference may move
+// (OnlineSoftmax::new_reference<true>, which then also gives the rescale's vote): the same references
+// and factors, and once the maxima settle the common fill skips the shuffles, the factors'
+// exponentials, the reference updates and the second vote. Not yet run on a GPU.
+#ifndef BSA_SM90_MAX_VOTE
+#define BSA_SM90_MAX_VOTE 0
+#endif
 
 // Build knob BSA_SM90_VALUE_BARRIERS (default 0; an experiment kept for its diagnosis): with split
 // rings and the one-warp producer, a fill's values complete on a barrier of their own (value_full,

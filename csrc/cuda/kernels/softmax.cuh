@@ -57,9 +57,15 @@ struct OnlineSoftmax {
   // enough in fp16 / bf16, and O is rescaled a few times per row instead of at most tiles); slack 0
   // keeps the exact running maximum. A row that has seen nothing yet takes any finite maximum; a NaN
   // score leaves the reference alone and propagates through P.
-  // Returns whether a row's reference moved (exactly where its alpha is not 1).
-  template <int kRegs>
+  // Returns whether a row's reference moved (exactly where its alpha is not 1); kVoteFirst: whether a
+  // row of the warp's moved, the same in every lane (see new_reference).
+  template <bool kVoteFirst = false, int kRegs>
   __device__ __forceinline__ bool update(float (&s)[kRegs], float multiplier, float slack, float (&alpha)[2]) {
+    if constexpr (kVoteFirst) {
+      const bool moved = new_reference<true>(s, multiplier, slack, alpha);
+      exponentiate(s, multiplier, alpha);
+      return moved;
+    }
     bool moved = false;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -73,10 +79,25 @@ struct OnlineSoftmax {
   // consumer waits there for the previous P.V, whose P registers the new P overwrites):
   // new_reference moves each row's reference, returns alpha and whether a reference moved;
   // exponentiate turns the scores into P against the references and adds them to the row sums.
-  template <int kRegs>
+  // kVoteFirst: the quad's shuffles only where the warp's vote says a row may move. No thread's share
+  // of its row above the reference + slack means no row moves (the maximum commutes with a positive
+  // multiplier, rounding included), which is what the shuffles would find: alpha 1, nothing moved.
+  // Returns then whether a row of the warp's moved, the same in every lane: the rescale's vote.
+  template <bool kVoteFirst = false, int kRegs>
   __device__ __forceinline__ bool new_reference(const float (&s)[kRegs], float multiplier, float slack,
                                                 float (&alpha)[2]) {
     bool moved = false;
+    if constexpr (kVoteFirst) {
+      const float share[2] = {thread_max(s, 0), thread_max(s, 1)};
+      const bool may_move = share[0] * multiplier > row_max[0] + slack || share[1] * multiplier > row_max[1] + slack;
+      if (!__any_sync(0xffffffffu, may_move)) {
+        alpha[0] = alpha[1] = 1.f;
+        return false;
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) quad_reference(share[r], r, multiplier, slack, alpha[r], moved);
+      return __any_sync(0xffffffffu, moved);
+    }
 #pragma unroll
     for (int r = 0; r < 2; ++r) row_reference(s, r, multiplier, slack, alpha[r], moved);
     return moved;
@@ -92,11 +113,20 @@ struct OnlineSoftmax {
   template <int kRegs>
   __device__ __forceinline__ float row_reference(const float (&s)[kRegs], int r, float multiplier, float slack,
                                                 float& alpha, bool& moved) {
+    return quad_reference(thread_max(s, r), r, multiplier, slack, alpha, moved);
+  }
+  // This thread's share of row r's maximum (its columns, unscaled).
+  template <int kRegs>
+  __device__ __forceinline__ static float thread_max(const float (&s)[kRegs], int r) {
     static_assert(kRegs % 8 == 0, "two or more 8-column tiles");
     float part[kRegs / 4];
 #pragma unroll
     for (int j = 0; j < kRegs / 4; ++j) part[j] = fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]);
-    float mx = reduce_tree(part, [](float a, float b) { return fmaxf(a, b); });
+    return reduce_tree(part, [](float a, float b) { return fmaxf(a, b); });
+  }
+  // row_reference from the thread's share: the quad's maximum, then the reference.
+  __device__ __forceinline__ float quad_reference(float mx, int r, float multiplier, float slack, float& alpha,
+                                                 bool& moved) {
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     mx *= multiplier;
