@@ -57,8 +57,9 @@ struct OnlineSoftmax {
   // enough in fp16 / bf16, and O is rescaled a few times per row instead of at most tiles); slack 0
   // keeps the exact running maximum. A row that has seen nothing yet takes any finite maximum; a NaN
   // score leaves the reference alone and propagates through P.
-  // Returns whether a row's reference moved (exactly where its alpha is not 1); kVoteFirst: whether a
-  // row of the warp's moved, the same in every lane (see new_reference).
+  // Returns whether a row's reference moved (its alpha then at most 2^-slack: with slack > 0 exactly
+  // where alpha is not 1; with 0 it may round to 1, a rescale that changes nothing); kVoteFirst:
+  // whether a row of the warp's moved, the same in every lane (see new_reference).
   template <bool kVoteFirst = false, int kRegs>
   __device__ __forceinline__ bool update(float (&s)[kRegs], float multiplier, float slack, float (&alpha)[2]) {
     if constexpr (kVoteFirst) {
@@ -109,7 +110,7 @@ struct OnlineSoftmax {
   }
 
   // One row (r: the thread's first or second) of new_reference, which returns the row's reference
-  // (moved |= whether it moved: alpha < 2^-slack then, never 1), and of exponentiate.
+  // (moved |= whether it moved), and of exponentiate.
   template <int kRegs>
   __device__ __forceinline__ float row_reference(const float (&s)[kRegs], int r, float multiplier, float slack,
                                                 float& alpha, bool& moved) {
