@@ -17,8 +17,8 @@ def listing(path, name, body, stalls=None):
     lines = ["", f"\tFunction : {name}", "\t.headerflags\t@\"EF_CUDA_SM90\""]
     for i, text in enumerate(body):
         lines.append(f"        /*{16 * i:04x}*/                   {text} ;  /* 0x0000000000000000 */")
-        if stalls is not None:  # bits 41-44 of the high word; set the yield and barrier bits around them
-            lines.append(f"                                                 /* 0x{(stalls[i] << 41) | (0x7f1 << 41 & ~(0xf << 41)):016x} */")
+        if stalls is not None:  # the stall in bits 41-44 of the high word, the yield and barrier bits above it set
+            lines.append(f"                                                 /* 0x{(0x7f0 | stalls[i]) << 41:016x} */")
     path.write_text("\n".join(lines) + "\n")
     return str(path)
 
